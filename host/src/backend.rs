@@ -1,0 +1,468 @@
+//! Connections to backend Redis servers.
+//!
+//! A [`BackendConn`] is a handle to one TCP connection owned by a task on the
+//! worker's thread. Sessions send it requests (raw RESP bytes plus a one-shot
+//! reply slot); the task appends everything queued since it last ran to one
+//! write buffer and writes it with one syscall, so a pipelined batch from many
+//! clients costs one write. Replies are matched to requests first-in,
+//! first-out and handed back as zero-copy slices of the read buffer.
+//!
+//! Shared connections (one per node, database and protocol version, per
+//! worker, a few at most) carry the traffic of every session. Exclusive
+//! connections are checked out by one session for state that cannot be
+//! shared (transactions, blocking commands) and returned only when clean.
+//!
+//! A shared connection reconnects by itself with exponential backoff and
+//! jitter; while its node is unreachable, requests fail at once with a clear
+//! error rather than queueing without bound.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use thiserror::Error;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, sleep_until, timeout};
+use tracing::{debug, info, warn};
+
+use crate::protocol::{self, Value, reply_len};
+
+/// Why a request got no reply from its backend.
+#[derive(Debug, Error, Clone)]
+pub enum BackendError {
+    /// The node could not be reached; the request was never sent.
+    #[error("ERR respire: backend {addr} is unavailable ({reason})")]
+    Unavailable {
+        /// The node.
+        addr: Arc<str>,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The connection broke after the request was sent: it may or may not have run.
+    #[error("ERR respire: connection to backend {addr} was lost ({reason}); the command may or may not have run")]
+    Lost {
+        /// The node.
+        addr: Arc<str>,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// A reply: the complete RESP frame from the backend, or why there is none.
+pub type Reply = Result<Bytes, BackendError>;
+
+/// What a session hands a backend connection.
+pub struct Request {
+    /// One or more RESP commands.
+    pub data: Bytes,
+    /// How many replies to drop before the one that answers this request (for prefixes such as `ASKING`).
+    pub skip: u8,
+    /// Blocking commands are exempt from the command timeout.
+    pub blocking: bool,
+    /// Where the reply goes.
+    pub reply: oneshot::Sender<Reply>,
+}
+
+/// How to reach and log in to one backend node.
+#[derive(Debug)]
+pub struct NodeSettings {
+    /// "host:port"
+    pub addr: Arc<str>,
+    /// ACL user for `HELLO … AUTH`.
+    pub username: Option<String>,
+    /// Password for `HELLO … AUTH`.
+    pub password: Option<String>,
+    /// TCP connect plus handshake deadline.
+    pub connect_timeout: Duration,
+    /// Deadline for a non-blocking command's reply.
+    pub command_timeout: Duration,
+    /// First reconnect delay.
+    pub reconnect_min: Duration,
+    /// Longest reconnect delay.
+    pub reconnect_max: Duration,
+}
+
+/// Which logical connection state a backend connection carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    /// Selected database.
+    pub db: u32,
+    /// RESP version negotiated with `HELLO`.
+    pub proto: u8,
+}
+
+/// The version the backend reported in its `HELLO` reply, for respire's own `HELLO` replies.
+static BACKEND_VERSION: Mutex<Option<String>> = Mutex::new(None);
+
+/// The Redis version of the backend, once a connection has learnt it.
+pub fn backend_version() -> String {
+    BACKEND_VERSION.lock().ok().and_then(|v| v.clone()).unwrap_or_else(|| "7.0.0".to_string())
+}
+
+/// Opens a connection and performs the handshake: `HELLO proto [AUTH …]`, `CLIENT SETNAME respire`, `SELECT db`.
+pub async fn connect(node: &NodeSettings, key: ConnKey) -> Result<TcpStream, String> {
+    let fut = async {
+        let mut stream = TcpStream::connect(&*node.addr).await.map_err(|e| e.to_string())?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        let mut out = BytesMut::new();
+        let proto = key.proto.to_string();
+        match &node.password {
+            Some(pass) => {
+                let user = node.username.as_deref().unwrap_or("default");
+                protocol::encode_args(&mut out, &["HELLO", &proto, "AUTH", user, pass]);
+            }
+            None => protocol::encode_args(&mut out, &["HELLO", &proto]),
+        }
+        protocol::encode_args(&mut out, &["CLIENT", "SETNAME", "respire"]);
+        let mut expected = 2;
+        if key.db != 0 {
+            protocol::encode_args(&mut out, &["SELECT", &key.db.to_string()]);
+            expected += 1;
+        }
+        stream.write_all(&out).await.map_err(|e| e.to_string())?;
+        let mut buf = BytesMut::with_capacity(1024);
+        for i in 0..expected {
+            let frame = read_frame(&mut stream, &mut buf).await?;
+            match Value::parse(&frame).map_err(|e| e.to_string())? {
+                Value::Error(e) => return Err(String::from_utf8_lossy(&e).into_owned()),
+                hello if i == 0 => {
+                    if let Some(v) = hello.get("version").and_then(|v| v.as_bytes()) {
+                        if let Ok(mut slot) = BACKEND_VERSION.lock() {
+                            *slot = Some(String::from_utf8_lossy(v).into_owned());
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !buf.is_empty() {
+            return Err("unexpected data after handshake".into());
+        }
+        Ok(stream)
+    };
+    match timeout(node.connect_timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {:?}", node.connect_timeout)),
+    }
+}
+
+/// Reads one complete reply frame.
+pub async fn read_frame(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Bytes, String> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if let Some(n) = reply_len(buf).map_err(|e| e.to_string())? {
+            return Ok(buf.split_to(n).freeze());
+        }
+        buf.reserve(4096);
+        if stream.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
+            return Err("connection closed by the server".into());
+        }
+    }
+}
+
+/// Whether a connection is shared by many sessions or owned by one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Reconnects by itself; lives as long as the worker.
+    Shared,
+    /// Owned by one session; ends when it breaks or its handle is dropped.
+    Exclusive,
+}
+
+struct ConnState {
+    /// The task is running (an exclusive connection that broke is not).
+    alive: Cell<bool>,
+    /// A TCP connection is established and handshaken.
+    connected: Cell<bool>,
+}
+
+/// A handle to one pipelined backend connection.
+#[derive(Clone)]
+pub struct BackendConn {
+    tx: mpsc::UnboundedSender<Request>,
+    state: Rc<ConnState>,
+    node: Rc<NodeSettings>,
+}
+
+impl BackendConn {
+    /// Starts the connection's task on the current worker (connects on first use).
+    pub fn spawn(node: Rc<NodeSettings>, key: ConnKey, mode: Mode) -> BackendConn {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let state = Rc::new(ConnState { alive: Cell::new(true), connected: Cell::new(false) });
+        tokio::task::spawn_local(run(node.clone(), key, mode, rx, state.clone()));
+        BackendConn { tx, state, node }
+    }
+
+    /// Queues a request; the reply arrives on the returned receiver.
+    pub fn send(&self, data: Bytes, skip: u8, blocking: bool) -> oneshot::Receiver<Reply> {
+        let (reply, rx) = oneshot::channel();
+        if let Err(mpsc::error::SendError(req)) = self.tx.send(Request { data, skip, blocking, reply }) {
+            let _ = req.reply.send(Err(BackendError::Unavailable {
+                addr: self.node.addr.clone(),
+                reason: "connection closed".into(),
+            }));
+        }
+        rx
+    }
+
+    /// The task is still running.
+    pub fn is_alive(&self) -> bool {
+        self.state.alive.get()
+    }
+
+    /// The connection is established.
+    pub fn is_connected(&self) -> bool {
+        self.state.connected.get()
+    }
+}
+
+async fn run(node: Rc<NodeSettings>, key: ConnKey, mode: Mode, mut rx: mpsc::UnboundedReceiver<Request>, state: Rc<ConnState>) {
+    let mut backoff = node.reconnect_min;
+    let mut failures = 0u32;
+    // Connect lazily: wait for the first request.
+    let mut first: Option<Request> = match rx.recv().await {
+        Some(r) => Some(r),
+        None => {
+            state.alive.set(false);
+            return;
+        }
+    };
+    loop {
+        match connect(&node, key).await {
+            Ok(stream) => {
+                if failures > 0 {
+                    info!(backend = %node.addr, "backend reachable again");
+                }
+                failures = 0;
+                backoff = node.reconnect_min;
+                state.connected.set(true);
+                let end = serve(&node, stream, &mut rx, first.take()).await;
+                state.connected.set(false);
+                match end {
+                    End::HandleDropped => break,
+                    End::Failed(reason) => {
+                        warn!(backend = %node.addr, db = key.db, %reason, "backend connection lost");
+                        if mode == Mode::Exclusive {
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(reason) => {
+                failures += 1;
+                if failures == 1 {
+                    warn!(backend = %node.addr, %reason, "cannot connect to backend");
+                } else {
+                    debug!(backend = %node.addr, %reason, failures, "reconnect failed");
+                }
+                let err = BackendError::Unavailable { addr: node.addr.clone(), reason };
+                if let Some(req) = first.take() {
+                    let _ = req.reply.send(Err(err.clone()));
+                }
+                if mode == Mode::Exclusive {
+                    break;
+                }
+                // Back off with jitter; meanwhile fail requests at once instead of piling them up.
+                let delay = backoff.mul_f64(0.5 + fastrand::f64());
+                backoff = (backoff * 2).min(node.reconnect_max);
+                let deadline = Instant::now() + delay;
+                loop {
+                    tokio::select! {
+                        _ = sleep_until(deadline) => break,
+                        req = rx.recv() => match req {
+                            Some(req) => { let _ = req.reply.send(Err(err.clone())); }
+                            None => { state.alive.set(false); return; }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    state.alive.set(false);
+    rx.close();
+    while let Ok(req) = rx.try_recv() {
+        let _ = req.reply.send(Err(BackendError::Unavailable { addr: node.addr.clone(), reason: "connection closed".into() }));
+    }
+}
+
+enum End {
+    HandleDropped,
+    Failed(String),
+}
+
+struct InFlight {
+    reply: oneshot::Sender<Reply>,
+    skip: u8,
+    /// Deadline for the reply, if the command is not a blocking one.
+    deadline: Option<Instant>,
+}
+
+/// Write buffer size above which no more requests are taken until the socket drains.
+const HIGH_WATER: usize = 4 * 1024 * 1024;
+
+async fn serve(
+    node: &NodeSettings,
+    stream: TcpStream,
+    rx: &mut mpsc::UnboundedReceiver<Request>,
+    first: Option<Request>,
+) -> End {
+    let mut wbuf = BytesMut::with_capacity(16 * 1024);
+    let mut rbuf = BytesMut::with_capacity(16 * 1024);
+    let mut inflight: VecDeque<InFlight> = VecDeque::new();
+    let mut pending = first;
+    let end = loop {
+        // Take everything queued since we last ran: one write per batch.
+        let now = Instant::now();
+        let deadline = now + node.command_timeout;
+        loop {
+            let req = match pending.take() {
+                Some(r) => r,
+                None => match rx.try_recv() {
+                    Ok(r) => r,
+                    Err(_) => break,
+                },
+            };
+            wbuf.extend_from_slice(&req.data);
+            inflight.push_back(InFlight { reply: req.reply, skip: req.skip, deadline: (!req.blocking).then_some(deadline) });
+            if wbuf.len() >= HIGH_WATER {
+                break;
+            }
+        }
+        if !wbuf.is_empty() {
+            match stream.try_write(&wbuf) {
+                Ok(n) => {
+                    let _ = wbuf.split_to(n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => break End::Failed(e.to_string()),
+            }
+        }
+        let timer = inflight.front().and_then(|f| f.deadline);
+        tokio::select! {
+            biased;
+            r = stream.readable() => {
+                if let Err(e) = r {
+                    break End::Failed(e.to_string());
+                }
+                rbuf.reserve(16 * 1024);
+                match stream.try_read_buf(&mut rbuf) {
+                    Ok(0) => break End::Failed("connection closed by the server".into()),
+                    Ok(_) => {
+                        if let Err(e) = dispatch_replies(&mut rbuf, &mut inflight) {
+                            break End::Failed(e);
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => break End::Failed(e.to_string()),
+                }
+            }
+            req = rx.recv(), if wbuf.len() < HIGH_WATER && pending.is_none() => match req {
+                Some(r) => pending = Some(r),
+                None => break End::HandleDropped,
+            },
+            r = stream.writable(), if !wbuf.is_empty() => {
+                if let Err(e) = r {
+                    break End::Failed(e.to_string());
+                }
+            }
+            _ = sleep_until(timer.unwrap_or(now)), if timer.is_some() => {
+                break End::Failed(format!("no reply within {:?}", node.command_timeout));
+            }
+        }
+    };
+    if let End::Failed(reason) = &end {
+        for f in inflight.drain(..) {
+            let _ = f.reply.send(Err(BackendError::Lost { addr: node.addr.clone(), reason: reason.clone() }));
+        }
+        if let Some(req) = pending.take() {
+            // Taken from the queue but never written: it did not reach Redis.
+            let _ = req.reply.send(Err(BackendError::Unavailable { addr: node.addr.clone(), reason: reason.clone() }));
+        }
+    }
+    end
+}
+
+fn dispatch_replies(rbuf: &mut BytesMut, inflight: &mut VecDeque<InFlight>) -> Result<(), String> {
+    loop {
+        let n = match reply_len(rbuf) {
+            Ok(Some(n)) => n,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(e.to_string()),
+        };
+        let frame = rbuf.split_to(n).freeze();
+        if frame.first() == Some(&b'>') {
+            // Out-of-band push on a shared connection (never subscribed here): not a reply.
+            continue;
+        }
+        let Some(front) = inflight.front_mut() else {
+            return Err("reply without a request".into());
+        };
+        if front.skip > 0 {
+            front.skip -= 1;
+            continue;
+        }
+        if let Some(f) = inflight.pop_front() {
+            let _ = f.reply.send(Ok(frame));
+        }
+    }
+}
+
+/// A worker's backend connections to one node.
+pub struct Pool {
+    node: Rc<NodeSettings>,
+    per_key: usize,
+    max_idle: usize,
+    shared: RefCell<HashMap<ConnKey, Vec<BackendConn>>>,
+    idle: RefCell<HashMap<ConnKey, Vec<BackendConn>>>,
+}
+
+impl Pool {
+    /// A pool for `node` with `per_key` shared connections per key and up to `max_idle` idle exclusive ones.
+    pub fn new(node: Rc<NodeSettings>, per_key: usize, max_idle: usize) -> Pool {
+        Pool { node, per_key: per_key.max(1), max_idle, shared: RefCell::default(), idle: RefCell::default() }
+    }
+
+    /// The node this pool connects to.
+    pub fn node(&self) -> &Rc<NodeSettings> {
+        &self.node
+    }
+
+    /// The shared connection for `key` that session `sid` uses (always the same one, so its commands stay ordered).
+    pub fn shared(&self, key: ConnKey, sid: u64) -> BackendConn {
+        let mut map = self.shared.borrow_mut();
+        let conns = map.entry(key).or_insert_with(|| {
+            (0..self.per_key).map(|_| BackendConn::spawn(self.node.clone(), key, Mode::Shared)).collect()
+        });
+        let i = (sid % conns.len() as u64) as usize;
+        conns[i].clone()
+    }
+
+    /// An exclusive connection for `key`: an idle one if a healthy one is kept, else a new one.
+    pub fn checkout(&self, key: ConnKey) -> BackendConn {
+        if let Some(list) = self.idle.borrow_mut().get_mut(&key) {
+            while let Some(c) = list.pop() {
+                if c.is_alive() && c.is_connected() {
+                    return c;
+                }
+            }
+        }
+        BackendConn::spawn(self.node.clone(), key, Mode::Exclusive)
+    }
+
+    /// Returns a clean exclusive connection (nothing in flight, no transaction or watch) for reuse.
+    pub fn checkin(&self, key: ConnKey, conn: BackendConn) {
+        if !(conn.is_alive() && conn.is_connected()) {
+            return;
+        }
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.entry(key).or_default();
+        if list.len() < self.max_idle {
+            list.push(conn);
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! The process-wide list of client connections, for `CLIENT LIST`, `CLIENT KILL`
+//! and connection limits. Touched when a client connects, disconnects or asks
+//! about clients; the per-command path only stores into atomics of its own entry.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+/// What respire knows about one client connection.
+#[derive(Debug)]
+pub struct ClientInfo {
+    /// Unique id (as `CLIENT ID`).
+    pub id: u64,
+    /// The client's address.
+    pub addr: SocketAddr,
+    /// respire's address for this connection.
+    pub laddr: SocketAddr,
+    /// The socket's file descriptor.
+    pub fd: i32,
+    /// When the connection was accepted.
+    pub created: Instant,
+    /// Milliseconds after `created` of the last command.
+    pub last_active_ms: AtomicU64,
+    /// Name set with `CLIENT SETNAME` / `HELLO … SETNAME`.
+    pub name: Mutex<Bytes>,
+    /// `CLIENT SETINFO LIB-NAME`.
+    pub lib_name: Mutex<Bytes>,
+    /// `CLIENT SETINFO LIB-VER`.
+    pub lib_ver: Mutex<Bytes>,
+    /// Authenticated user.
+    pub user: Mutex<String>,
+    /// Last command name, lower case.
+    pub last_cmd: Mutex<String>,
+    /// Selected database.
+    pub db: AtomicU32,
+    /// RESP version.
+    pub resp: AtomicU8,
+    /// Flags as `CLIENT LIST` prints them: see [`flag`].
+    pub flags: AtomicU8,
+    /// Set by `CLIENT KILL`.
+    pub killed: AtomicBool,
+    /// Wakes the session when killed.
+    pub kill: Notify,
+}
+
+/// Bits of [`ClientInfo::flags`].
+pub mod flag {
+    /// In a transaction (`x`).
+    pub const MULTI: u8 = 1;
+    /// Subscribed or monitoring (`P`).
+    pub const PUBSUB: u8 = 2;
+    /// Waiting on a blocking command (`b`).
+    pub const BLOCKED: u8 = 4;
+}
+
+impl ClientInfo {
+    /// Sets or clears a flag bit.
+    pub fn set_flag(&self, bit: u8, on: bool) {
+        if on {
+            self.flags.fetch_or(bit, Ordering::Relaxed);
+        } else {
+            self.flags.fetch_and(!bit, Ordering::Relaxed);
+        }
+    }
+
+    /// Asks the session to close.
+    pub fn kill(&self) {
+        self.killed.store(true, Ordering::Relaxed);
+        self.kill.notify_one();
+    }
+
+    /// The `CLIENT LIST` / `CLIENT INFO` line for this client (without newline).
+    pub fn line(&self) -> String {
+        let now = Instant::now();
+        let age = now.duration_since(self.created).as_secs();
+        let idle_ms = (now.duration_since(self.created).as_millis() as u64).saturating_sub(self.last_active_ms.load(Ordering::Relaxed));
+        let f = self.flags.load(Ordering::Relaxed);
+        let mut flags = String::new();
+        if f & flag::MULTI != 0 {
+            flags.push('x');
+        }
+        if f & flag::BLOCKED != 0 {
+            flags.push('b');
+        }
+        if f & flag::PUBSUB != 0 {
+            flags.push('P');
+        }
+        if flags.is_empty() {
+            flags.push('N');
+        }
+        let text = |m: &Mutex<Bytes>| m.lock().map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+        let user = self.user.lock().map(|u| u.clone()).unwrap_or_default();
+        let cmd = self.last_cmd.lock().map(|c| if c.is_empty() { "NULL".to_string() } else { c.clone() }).unwrap_or_default();
+        format!(
+            "id={} addr={} laddr={} fd={} name={} age={} idle={} flags={} db={} sub=0 psub=0 ssub=0 multi={} qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 events=r cmd={} user={} redir=-1 resp={} lib-name={} lib-ver={}",
+            self.id,
+            self.addr,
+            self.laddr,
+            self.fd,
+            text(&self.name),
+            age,
+            idle_ms / 1000,
+            flags,
+            self.db.load(Ordering::Relaxed),
+            if f & flag::MULTI != 0 { 0 } else { -1 },
+            cmd,
+            user,
+            self.resp.load(Ordering::Relaxed),
+            text(&self.lib_name),
+            text(&self.lib_ver),
+        )
+    }
+}
+
+/// All client connections of the process.
+#[derive(Debug, Default)]
+pub struct Clients {
+    next_id: AtomicU64,
+    count: AtomicUsize,
+    all: Mutex<BTreeMap<u64, Arc<ClientInfo>>>,
+}
+
+impl Clients {
+    /// Reserves a connection slot; `false` when `max` are connected already.
+    pub fn try_reserve(&self, max: usize) -> bool {
+        self.count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| if n < max { Some(n + 1) } else { None })
+            .is_ok()
+    }
+
+    /// Gives a reserved slot back (for connections that never registered).
+    pub fn release(&self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Connected clients.
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// Registers a connection that holds a reserved slot.
+    pub fn register(&self, addr: SocketAddr, laddr: SocketAddr, fd: i32) -> Arc<ClientInfo> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let info = Arc::new(ClientInfo {
+            id,
+            addr,
+            laddr,
+            fd,
+            created: Instant::now(),
+            last_active_ms: AtomicU64::new(0),
+            name: Mutex::new(Bytes::new()),
+            lib_name: Mutex::new(Bytes::new()),
+            lib_ver: Mutex::new(Bytes::new()),
+            user: Mutex::new("default".into()),
+            last_cmd: Mutex::new(String::new()),
+            db: AtomicU32::new(0),
+            resp: AtomicU8::new(2),
+            flags: AtomicU8::new(0),
+            killed: AtomicBool::new(false),
+            kill: Notify::new(),
+        });
+        if let Ok(mut all) = self.all.lock() {
+            all.insert(id, info.clone());
+        }
+        info
+    }
+
+    /// Removes a connection and frees its slot.
+    pub fn unregister(&self, id: u64) {
+        if let Ok(mut all) = self.all.lock() {
+            all.remove(&id);
+        }
+        self.release();
+    }
+
+    /// A snapshot of all clients, by id.
+    pub fn snapshot(&self) -> Vec<Arc<ClientInfo>> {
+        self.all.lock().map(|all| all.values().cloned().collect()).unwrap_or_default()
+    }
+}

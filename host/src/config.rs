@@ -1,0 +1,273 @@
+//! Configuration: a TOML file with units in values ("200ms", "16MiB"),
+//! overridden by command-line flags. Every field's doc comment is its user
+//! documentation and states its default; `examples/respire.toml` shows them all.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::Deserialize;
+use thiserror::Error;
+
+/// Why a configuration was rejected.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown or mistyped keys.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said, with the line and column.
+        message: String,
+    },
+    /// A value is out of range or values contradict each other.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address clients connect to. Default: "127.0.0.1:6380".
+    pub listen: String,
+    /// Worker threads, each owning its client and backend connections. 0 means one per core. Default: 0.
+    pub workers: usize,
+    /// Most client connections at once; more are answered `-ERR max number of clients reached`. Default: 10000.
+    pub max_clients: usize,
+    /// Password clients must give with `AUTH` (the `default` user). Default: none (no authentication).
+    pub requirepass: Option<String>,
+    /// Named users with passwords, for `AUTH user pass` and `HELLO 3 AUTH user pass`. Default: none.
+    pub users: Vec<User>,
+    /// Close client connections idle for this long; "0s" never closes them. Default: "0s".
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Most arguments in one command. Default: 1048576.
+    pub max_args: usize,
+    /// Largest single argument (Redis's `proto-max-bulk-len`). Default: "512MiB".
+    pub max_bulk: ByteSize,
+    /// Number of databases clients may `SELECT` (as the backend's `databases`). Default: 16.
+    pub databases: u32,
+    /// How long a graceful shutdown waits for owed replies before closing connections. Default: "10s".
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// The Redis servers behind respire.
+    pub backend: Backend,
+}
+
+/// A named user at respire.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    /// User name.
+    pub name: String,
+    /// Password.
+    pub password: String,
+}
+
+/// The Redis servers behind respire.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Backend {
+    /// One standalone Redis, "host:port". Default: none.
+    pub address: Option<String>,
+    /// Redis Cluster seed nodes. Default: none.
+    pub cluster: Vec<String>,
+    /// Standalone Redis shards. Default: none.
+    pub shards: Vec<String>,
+    /// ACL user respire authenticates as on the backends. Default: none (`default`).
+    pub username: Option<String>,
+    /// Password respire authenticates with on the backends. Default: none.
+    pub password: Option<String>,
+    /// Shared pipelined connections per worker, per backend node, database and protocol version. Default: 1.
+    pub connections: usize,
+    /// Idle exclusive connections (transactions, blocking commands) kept per worker for reuse. Default: 8.
+    pub idle_exclusive: usize,
+    /// How long to wait for a TCP connection and handshake. Default: "1s".
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long a command may wait for its reply before the connection is declared broken
+    /// (not applied to blocking commands). Default: "10s".
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// First delay before reconnecting to a failed backend; doubles up to `reconnect_max`, with jitter. Default: "50ms".
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    /// Longest delay between reconnection attempts. Default: "2s".
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:6380".into(),
+            workers: 0,
+            max_clients: 10_000,
+            requirepass: None,
+            users: Vec::new(),
+            timeout: Duration::ZERO,
+            max_args: 1024 * 1024,
+            max_bulk: ByteSize::mib(512),
+            databases: 16,
+            shutdown_timeout: Duration::from_secs(10),
+            backend: Backend::default(),
+        }
+    }
+}
+
+impl Default for Backend {
+    fn default() -> Self {
+        Backend {
+            address: None,
+            cluster: Vec::new(),
+            shards: Vec::new(),
+            username: None,
+            password: None,
+            connections: 1,
+            idle_exclusive: 8,
+            connect_timeout: Duration::from_secs(1),
+            command_timeout: Duration::from_secs(10),
+            reconnect_min: Duration::from_millis(50),
+            reconnect_max: Duration::from_secs(2),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and parses a file (not yet validated).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.into(), message },
+            other => other,
+        })
+    }
+
+    /// Parses TOML text (not yet validated).
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse { path: PathBuf::new(), message: e.to_string().trim_end().to_string() })
+    }
+
+    /// Checks values and their combinations.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.listen.parse::<SocketAddr>().is_err() {
+            return bad(format!("listen: {:?} is not an address like \"127.0.0.1:6380\"", self.listen));
+        }
+        if self.workers > 1024 {
+            return bad(format!("workers: {} is more than 1024", self.workers));
+        }
+        if self.max_clients == 0 {
+            return bad("max_clients must be at least 1".into());
+        }
+        if self.max_args == 0 {
+            return bad("max_args must be at least 1".into());
+        }
+        if self.max_bulk.as_u64() == 0 || self.max_bulk.as_u64() > i64::MAX as u64 {
+            return bad("max_bulk must be between 1B and 8EiB".into());
+        }
+        if self.databases == 0 {
+            return bad("databases must be at least 1".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for u in &self.users {
+            if u.name.is_empty() || u.name.contains(char::is_whitespace) {
+                return bad(format!("users: invalid user name {:?}", u.name));
+            }
+            if u.name == "default" && self.requirepass.is_some() {
+                return bad("users: \"default\" is set by requirepass; use one or the other".into());
+            }
+            if !seen.insert(&u.name) {
+                return bad(format!("users: {:?} is listed twice", u.name));
+            }
+        }
+        let b = &self.backend;
+        let modes = usize::from(b.address.is_some()) + usize::from(!b.cluster.is_empty()) + usize::from(!b.shards.is_empty());
+        if modes != 1 {
+            return bad("backend: give exactly one of --backend, --cluster or --shards (backend.address, backend.cluster or backend.shards in the file)".into());
+        }
+        if !b.cluster.is_empty() {
+            return bad("backend.cluster: Redis Cluster backends are not supported yet; use backend.address".into());
+        }
+        if !b.shards.is_empty() {
+            return bad("backend.shards: sharded backends are not supported yet; use backend.address".into());
+        }
+        for addr in b.address.iter() {
+            check_host_port(addr)?;
+        }
+        if b.connections == 0 || b.connections > 64 {
+            return bad("backend.connections must be between 1 and 64".into());
+        }
+        if b.connect_timeout.is_zero() || b.command_timeout.is_zero() {
+            return bad("backend.connect_timeout and backend.command_timeout must be more than 0s".into());
+        }
+        if b.reconnect_min.is_zero() || b.reconnect_max < b.reconnect_min {
+            return bad("backend: reconnect_min must be more than 0s and at most reconnect_max".into());
+        }
+        Ok(())
+    }
+
+    /// The number of worker threads to start.
+    pub fn worker_count(&self) -> usize {
+        if self.workers > 0 {
+            self.workers
+        } else {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        }
+    }
+
+    /// Whether clients must authenticate.
+    pub fn auth_required(&self) -> bool {
+        self.requirepass.is_some() || !self.users.is_empty()
+    }
+}
+
+fn check_host_port(addr: &str) -> Result<(), ConfigError> {
+    match addr.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => Ok(()),
+        _ => Err(ConfigError::Invalid(format!("backend: {addr:?} is not \"host:port\""))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn units_and_defaults() {
+        let c = Config::parse(
+            "listen = \"127.0.0.1:7777\"\nmax_bulk = \"16MiB\"\n[backend]\naddress = \"127.0.0.1:6379\"\ncommand_timeout = \"250ms\"\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.max_bulk.as_u64(), 16 * 1024 * 1024);
+        assert_eq!(c.backend.command_timeout, Duration::from_millis(250));
+        assert_eq!(c.backend.connections, 1);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_location() {
+        let e = Config::parse("listen = \"127.0.0.1:1\"\nlisten_adress = 1\n").unwrap_err().to_string();
+        assert!(e.contains("listen_adress"), "{e}");
+        assert!(e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn contradictions_are_rejected() {
+        let c = Config::parse("[backend]\n").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("exactly one"));
+        let c = Config::parse("[backend]\naddress = \"nohost\"\n").unwrap();
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,35 @@
+//! respire: a Redis proxy programmable with WebAssembly plugins.
+//!
+//! Applications talk to one endpoint; respire hides what is behind it.
+//!
+//! # Layout
+//! - [`config`]: the TOML configuration, with units in values.
+//! - [`protocol`]: RESP framing — client requests parsed like Redis parses them
+//!   (zero-copy arguments), backend replies measured and passed through.
+//! - [`commands`]: the command table: what is answered locally, what needs an
+//!   exclusive connection, what is forwarded unchanged.
+//! - [`backend`]: pipelined, multiplexed backend connections with batched
+//!   writes and FIFO reply matching; the per-worker connection pool.
+//! - [`session`]: one client connection: batches, in-order replies, local
+//!   commands, transactions, blocking commands, subscriptions.
+//! - [`clients`]: the process-wide client list (`CLIENT LIST`/`KILL`, limits).
+//! - [`server`]: the listener, worker threads and graceful shutdown.
+//!
+//! # Life of a command
+//! ```text
+//! socket → read batch → parse frames (arguments are slices of the read buffer)
+//!   → table lookup → local? answer in the session
+//!   → otherwise queue on the session's backend connection (one per db and RESP version,
+//!     shared by all sessions of the worker; an exclusive one for MULTI/WATCH/blocking)
+//!   → after the batch: one write per touched backend connection
+//! backend reply → FIFO match → reply slot filled → replies written in request order
+//! ```
+//! Replies pass through as raw bytes.
+
+pub mod backend;
+pub mod clients;
+pub mod commands;
+pub mod config;
+pub mod protocol;
+pub mod server;
+pub mod session;

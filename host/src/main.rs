@@ -1,0 +1,126 @@
+//! The `respire` command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use respire::config::Config;
+use respire::server::Server;
+
+/// A Redis proxy programmable with WebAssembly plugins.
+#[derive(Parser, Debug)]
+#[command(name = "respire", version, about, args_conflicts_with_subcommands = false)]
+struct Cli {
+    #[command(flatten)]
+    opts: Opts,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Args, Debug, Clone)]
+struct Opts {
+    /// Configuration file (TOML). Flags override its values.
+    #[arg(long, short = 'c', global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address to listen on for clients, e.g. 127.0.0.1:6380.
+    #[arg(long, global = true, value_name = "ADDR")]
+    listen: Option<String>,
+    /// One standalone Redis server, host:port.
+    #[arg(long, global = true, value_name = "ADDR", conflicts_with_all = ["cluster", "shards"])]
+    backend: Option<String>,
+    /// Redis Cluster seed nodes, comma-separated.
+    #[arg(long, global = true, value_name = "ADDRS", value_delimiter = ',', conflicts_with = "shards")]
+    cluster: Option<Vec<String>>,
+    /// Standalone Redis shards, comma-separated.
+    #[arg(long, global = true, value_name = "ADDRS", value_delimiter = ',')]
+    shards: Option<Vec<String>>,
+    /// Folder of Wasm plugins to load and watch.
+    #[arg(long, global = true, value_name = "DIR")]
+    plugins: Option<PathBuf>,
+    /// Address for the Prometheus metrics endpoint, e.g. 127.0.0.1:9379.
+    #[arg(long, global = true, value_name = "ADDR")]
+    metrics: Option<String>,
+    /// Worker threads (0: one per core).
+    #[arg(long, global = true, value_name = "N")]
+    workers: Option<usize>,
+    /// Password clients must give with AUTH.
+    #[arg(long, global = true, value_name = "PASS", env = "RESPIRE_REQUIREPASS", hide_env_values = true)]
+    requirepass: Option<String>,
+    /// Password respire uses to authenticate to the backends.
+    #[arg(long, global = true, value_name = "PASS", env = "RESPIRE_BACKEND_PASSWORD", hide_env_values = true)]
+    backend_password: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Validate the configuration and exit (non-zero with the reason when invalid).
+    Check,
+}
+
+fn build_config(o: &Opts) -> Result<Config, String> {
+    let mut c = match &o.config {
+        Some(p) => Config::load(p).map_err(|e| e.to_string())?,
+        None => Config::default(),
+    };
+    if let Some(v) = &o.listen {
+        c.listen = v.clone();
+    }
+    if o.backend.is_some() || o.cluster.is_some() || o.shards.is_some() {
+        c.backend.address = o.backend.clone();
+        c.backend.cluster = o.cluster.clone().unwrap_or_default();
+        c.backend.shards = o.shards.clone().unwrap_or_default();
+    }
+    if let Some(v) = o.workers {
+        c.workers = v;
+    }
+    if let Some(v) = &o.requirepass {
+        c.requirepass = Some(v.clone());
+    }
+    if let Some(v) = &o.backend_password {
+        c.backend.password = Some(v.clone());
+    }
+    if o.plugins.is_some() {
+        return Err("--plugins: Wasm plugins are not available in this version yet".into());
+    }
+    if o.metrics.is_some() {
+        return Err("--metrics: the metrics endpoint is not available in this version yet".into());
+    }
+    c.validate().map_err(|e| e.to_string())?;
+    Ok(c)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let config = match build_config(&cli.opts) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("respire: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(Cmd::Check) = cli.command {
+        println!("configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+    let server = match Server::start(config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("respire: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match server.run_until_signal() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("respire: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

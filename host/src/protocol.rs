@@ -1,0 +1,826 @@
+//! RESP framing: client requests in, replies out.
+//!
+//! Requests are parsed the way Redis parses them (`processMultibulkBuffer` and
+//! `processInlineBuffer`): arrays of bulk strings or inline commands, with the
+//! same limits and the same `Protocol error: …` messages, so a client sees
+//! exactly what it would see talking to Redis. Parsing is check-then-slice:
+//! a complete frame is split off the read buffer and its arguments are
+//! `Bytes` views into it (no copy); an incomplete frame is a normal outcome
+//! and its progress is remembered, so a frame arriving in many reads is never
+//! rescanned from the start.
+//!
+//! Replies from backends are only *measured* ([`reply_len`]): their bytes pass
+//! through untouched. [`Value`] parses a reply when respire itself needs to
+//! read one (handshakes, topology, merges).
+//!
+//! We chose a hand-written parser over `redis-protocol` here because the client
+//! side must reproduce Redis's exact error texts and limits (unauthenticated
+//! limits, inline quoting rules), and the reply side only needs a frame's
+//! length, which is cheaper than building frames.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use thiserror::Error;
+
+/// Longest inline command or header line accepted, as in Redis (`PROTO_INLINE_MAX_SIZE`).
+pub const MAX_INLINE: usize = 64 * 1024;
+/// Bulk length above which Redis pre-allocates the argument (`PROTO_MBULK_BIG_ARG`).
+const BIG_ARG: usize = 32 * 1024;
+/// Limits that apply before a client has authenticated (as in Redis).
+const UNAUTH_MAX_ARGS: i64 = 10;
+const UNAUTH_MAX_BULK: i64 = 16 * 1024;
+
+/// A malformed request: the client gets `-ERR Protocol error: …` and the connection is closed.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ProtocolError {
+    /// A request line longer than [`MAX_INLINE`] without a newline.
+    #[error("too big inline request")]
+    TooBigInline,
+    /// A `*N` header line longer than [`MAX_INLINE`].
+    #[error("too big mbulk count string")]
+    TooBigMbulkCount,
+    /// A `$N` header line longer than [`MAX_INLINE`].
+    #[error("too big bulk count string")]
+    TooBigBulkCount,
+    /// The `*N` count is not a number or exceeds the argument limit.
+    #[error("invalid multibulk length")]
+    InvalidMultibulkLength,
+    /// More than 10 arguments before authentication.
+    #[error("unauthenticated multibulk length")]
+    UnauthMultibulkLength,
+    /// The `$N` length is not a number, negative, or over the bulk limit.
+    #[error("invalid bulk length")]
+    InvalidBulkLength,
+    /// A bulk over 16 KiB before authentication.
+    #[error("unauthenticated bulk length")]
+    UnauthBulkLength,
+    /// An array element that is not a bulk string.
+    #[error("expected '$', got '{0}'")]
+    ExpectedBulk(char),
+    /// Inline command with an unterminated quote.
+    #[error("unbalanced quotes in request")]
+    UnbalancedQuotes,
+    /// A reply from a backend that is not valid RESP.
+    #[error("invalid reply from backend")]
+    InvalidReply,
+}
+
+impl ProtocolError {
+    /// The error reply Redis sends for this error (without the leading `-`).
+    pub fn reply_text(&self) -> String {
+        format!("ERR Protocol error: {self}")
+    }
+}
+
+/// Limits on what a request may contain.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLimits {
+    /// Maximum number of arguments in one command.
+    pub max_args: usize,
+    /// Maximum length of one argument in bytes (`proto-max-bulk-len`).
+    pub max_bulk: usize,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        RequestLimits { max_args: 1024 * 1024, max_bulk: 512 * 1024 * 1024 }
+    }
+}
+
+/// One client command: its arguments as zero-copy views, and the frame as received.
+#[derive(Debug, Clone)]
+pub struct Command {
+    /// The command's arguments; `args[0]` is the command name as the client spelled it.
+    pub args: Vec<Bytes>,
+    /// The complete RESP frame as the client sent it; `None` for inline commands.
+    pub raw: Option<Bytes>,
+}
+
+impl Command {
+    /// Builds a command from arguments (encoded on demand).
+    pub fn from_args(args: Vec<Bytes>) -> Self {
+        Command { args, raw: None }
+    }
+
+    /// The command name, as sent.
+    pub fn name(&self) -> &[u8] {
+        self.args.first().map(|a| a.as_ref()).unwrap_or_default()
+    }
+
+    /// Argument `i` (0 is the name), if present.
+    pub fn arg(&self, i: usize) -> Option<&Bytes> {
+        self.args.get(i)
+    }
+
+    /// Writes the command as a RESP array of bulk strings.
+    pub fn encode_into(&self, out: &mut BytesMut) {
+        match &self.raw {
+            Some(raw) => out.extend_from_slice(raw),
+            None => encode_args(out, &self.args),
+        }
+    }
+
+    /// The command as RESP bytes, reusing the received frame when there is one.
+    pub fn to_resp(&self) -> Bytes {
+        match &self.raw {
+            Some(raw) => raw.clone(),
+            None => {
+                let mut out = BytesMut::new();
+                encode_args(&mut out, &self.args);
+                out.freeze()
+            }
+        }
+    }
+}
+
+/// Writes arguments as a RESP array of bulk strings.
+pub fn encode_args<A: AsRef<[u8]>>(out: &mut BytesMut, args: &[A]) {
+    array_header(out, args.len());
+    for a in args {
+        bulk(out, a.as_ref());
+    }
+}
+
+/// Progress through a multibulk request that has not fully arrived yet.
+#[derive(Debug, Default)]
+pub struct RequestParser {
+    /// Arguments still expected (0 when no multibulk is in progress).
+    remaining: usize,
+    /// Offset in the buffer where the next unparsed header starts.
+    pos: usize,
+    /// Argument ranges found so far, as (start, end) offsets into the buffer.
+    ranges: Vec<(usize, usize)>,
+    /// Bulk length announced by a header whose payload has not fully arrived.
+    pending_bulk: Option<usize>,
+}
+
+impl RequestParser {
+    /// Creates a parser with no request in progress.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bytes of the buffer the parser still needs before a pending bulk completes (a hint for reads).
+    pub fn wanted(&self, buf_len: usize) -> usize {
+        match self.pending_bulk {
+            Some(len) => (self.pos + len + 2).saturating_sub(buf_len),
+            None => 0,
+        }
+    }
+
+    /// Parses the next complete command from `buf`, splitting it off.
+    ///
+    /// Returns `Ok(None)` when more bytes are needed. Empty requests (`*0`,
+    /// blank inline lines) are consumed silently, as Redis does.
+    pub fn parse(
+        &mut self,
+        buf: &mut BytesMut,
+        limits: &RequestLimits,
+        authenticated: bool,
+    ) -> Result<Option<Command>, ProtocolError> {
+        loop {
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            if self.remaining == 0 && self.ranges.is_empty() && self.pos == 0 {
+                if buf[0] != b'*' {
+                    match parse_inline(buf)? {
+                        Inline::Incomplete => return Ok(None),
+                        Inline::Empty => continue,
+                        Inline::Command(cmd) => return Ok(Some(cmd)),
+                    }
+                }
+                // Multibulk header.
+                let Some(eol) = find_crlf(buf, 0) else {
+                    if buf.len() > MAX_INLINE {
+                        return Err(ProtocolError::TooBigMbulkCount);
+                    }
+                    return Ok(None);
+                };
+                let count = parse_i64(&buf[1..eol]).ok_or(ProtocolError::InvalidMultibulkLength)?;
+                if count > i64::from(i32::MAX) || count > limits.max_args as i64 {
+                    return Err(ProtocolError::InvalidMultibulkLength);
+                }
+                if count > UNAUTH_MAX_ARGS && !authenticated {
+                    return Err(ProtocolError::UnauthMultibulkLength);
+                }
+                if count <= 0 {
+                    let _ = buf.split_to(eol + 2);
+                    continue;
+                }
+                self.remaining = count as usize;
+                self.pos = eol + 2;
+                self.ranges.reserve(self.remaining.min(1024));
+            }
+            while self.remaining > 0 {
+                let len = match self.pending_bulk {
+                    Some(len) => len,
+                    None => {
+                        if self.pos >= buf.len() {
+                            return Ok(None);
+                        }
+                        let Some(eol) = find_crlf(buf, self.pos) else {
+                            if buf.len() - self.pos > MAX_INLINE {
+                                return Err(ProtocolError::TooBigBulkCount);
+                            }
+                            return Ok(None);
+                        };
+                        if buf[self.pos] != b'$' {
+                            return Err(ProtocolError::ExpectedBulk(buf[self.pos] as char));
+                        }
+                        let len = parse_i64(&buf[self.pos + 1..eol]).ok_or(ProtocolError::InvalidBulkLength)?;
+                        if len < 0 || len as u64 > limits.max_bulk as u64 {
+                            return Err(ProtocolError::InvalidBulkLength);
+                        }
+                        if len > UNAUTH_MAX_BULK && !authenticated {
+                            return Err(ProtocolError::UnauthBulkLength);
+                        }
+                        self.pos = eol + 2;
+                        let len = len as usize;
+                        self.pending_bulk = Some(len);
+                        if len >= BIG_ARG {
+                            // Make room for the whole argument once instead of growing repeatedly.
+                            let need = (self.pos + len + 2).saturating_sub(buf.len());
+                            buf.reserve(need);
+                        }
+                        len
+                    }
+                };
+                if buf.len() < self.pos + len + 2 {
+                    return Ok(None);
+                }
+                self.ranges.push((self.pos, self.pos + len));
+                // Like Redis, the two bytes after the payload are skipped unchecked.
+                self.pos += len + 2;
+                self.pending_bulk = None;
+                self.remaining -= 1;
+            }
+            let frame = buf.split_to(self.pos).freeze();
+            let args = self.ranges.drain(..).map(|(s, e)| frame.slice(s..e)).collect();
+            self.pos = 0;
+            return Ok(Some(Command { args, raw: Some(frame) }));
+        }
+    }
+}
+
+enum Inline {
+    Incomplete,
+    Empty,
+    Command(Command),
+}
+
+fn parse_inline(buf: &mut BytesMut) -> Result<Inline, ProtocolError> {
+    let Some(nl) = memchr(b'\n', buf) else {
+        if buf.len() > MAX_INLINE {
+            return Err(ProtocolError::TooBigInline);
+        }
+        return Ok(Inline::Incomplete);
+    };
+    let line = buf.split_to(nl + 1).freeze();
+    let mut end = nl;
+    if end > 0 && line[end - 1] == b'\r' {
+        end -= 1;
+    }
+    let args = split_args(&line[..end]).ok_or(ProtocolError::UnbalancedQuotes)?;
+    if args.is_empty() {
+        return Ok(Inline::Empty);
+    }
+    Ok(Inline::Command(Command { args, raw: None }))
+}
+
+/// Splits an inline command line the way Redis's `sdssplitargs` does:
+/// whitespace separates arguments; double quotes allow `\n \r \t \b \a \\ \" \xHH`
+/// escapes; single quotes allow `\'`; a closing quote must be followed by
+/// whitespace or the end. Returns `None` on unbalanced quotes.
+pub fn split_args(line: &[u8]) -> Option<Vec<Bytes>> {
+    let mut args = Vec::new();
+    let mut i = 0;
+    let n = line.len();
+    loop {
+        while i < n && is_space(line[i]) {
+            i += 1;
+        }
+        if i >= n {
+            return Some(args);
+        }
+        let mut cur = Vec::new();
+        let mut in_dq = false;
+        let mut in_sq = false;
+        loop {
+            if in_dq {
+                if i >= n {
+                    return None;
+                }
+                let c = line[i];
+                if c == b'\\' && i + 3 < n && line[i + 1] == b'x' && is_hex(line[i + 2]) && is_hex(line[i + 3]) {
+                    cur.push(hex_val(line[i + 2]) * 16 + hex_val(line[i + 3]));
+                    i += 3;
+                } else if c == b'\\' && i + 1 < n {
+                    i += 1;
+                    cur.push(match line[i] {
+                        b'n' => b'\n',
+                        b'r' => b'\r',
+                        b't' => b'\t',
+                        b'b' => 8,
+                        b'a' => 7,
+                        other => other,
+                    });
+                } else if c == b'"' {
+                    if i + 1 < n && !is_space(line[i + 1]) {
+                        return None;
+                    }
+                    i += 1;
+                    break;
+                } else {
+                    cur.push(c);
+                }
+            } else if in_sq {
+                if i >= n {
+                    return None;
+                }
+                let c = line[i];
+                if c == b'\\' && i + 1 < n && line[i + 1] == b'\'' {
+                    i += 1;
+                    cur.push(b'\'');
+                } else if c == b'\'' {
+                    if i + 1 < n && !is_space(line[i + 1]) {
+                        return None;
+                    }
+                    i += 1;
+                    break;
+                } else {
+                    cur.push(c);
+                }
+            } else {
+                if i >= n {
+                    break;
+                }
+                match line[i] {
+                    b' ' | b'\n' | b'\r' | b'\t' | 0 => break,
+                    b'"' => in_dq = true,
+                    b'\'' => in_sq = true,
+                    c => cur.push(c),
+                }
+            }
+            i += 1;
+        }
+        args.push(Bytes::from(cur));
+    }
+}
+
+fn is_space(c: u8) -> bool {
+    matches!(c, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c)
+}
+
+fn is_hex(c: u8) -> bool {
+    c.is_ascii_hexdigit()
+}
+
+fn hex_val(c: u8) -> u8 {
+    match c {
+        b'0'..=b'9' => c - b'0',
+        b'a'..=b'f' => c - b'a' + 10,
+        b'A'..=b'F' => c - b'A' + 10,
+        _ => 0,
+    }
+}
+
+fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
+    hay.iter().position(|&b| b == needle)
+}
+
+/// Position of the `\r` of the first `\r\n` at or after `from`.
+fn find_crlf(buf: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    while i + 1 < buf.len() {
+        match memchr(b'\r', &buf[i..buf.len() - 1]) {
+            Some(p) => {
+                let at = i + p;
+                if buf[at + 1] == b'\n' {
+                    return Some(at);
+                }
+                i = at + 1;
+            }
+            None => return None,
+        }
+    }
+    None
+}
+
+/// Parses a decimal integer strictly (like Redis's `string2ll`): optional `-`, no `+`, no spaces, no leading zeros.
+pub fn parse_i64(s: &[u8]) -> Option<i64> {
+    if s.is_empty() || s.len() > 20 {
+        return None;
+    }
+    if s == b"0" {
+        return Some(0);
+    }
+    let (neg, digits) = if s[0] == b'-' { (true, &s[1..]) } else { (false, s) };
+    if digits.is_empty() || digits[0] == b'0' {
+        return None;
+    }
+    let mut v: i64 = 0;
+    for &c in digits {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        let d = i64::from(c - b'0');
+        v = if neg { v.checked_mul(10)?.checked_sub(d)? } else { v.checked_mul(10)?.checked_add(d)? };
+    }
+    Some(v)
+}
+
+/// Length of the complete RESP2/RESP3 reply frame starting at `buf[0]`, or
+/// `Ok(None)` if it has not fully arrived. Attributes (`|`) are counted with
+/// the reply they precede.
+pub fn reply_len(buf: &[u8]) -> Result<Option<usize>, ProtocolError> {
+    let mut pos = 0usize;
+    let mut remaining: usize = 1;
+    while remaining > 0 {
+        if pos >= buf.len() {
+            return Ok(None);
+        }
+        let Some(eol) = find_crlf(buf, pos) else {
+            return Ok(None);
+        };
+        let kind = buf[pos];
+        let header = &buf[pos + 1..eol];
+        pos = eol + 2;
+        remaining -= 1;
+        match kind {
+            b'+' | b'-' | b':' | b'_' | b',' | b'#' | b'(' => {}
+            b'$' | b'!' | b'=' => {
+                let n = parse_i64(header).ok_or(ProtocolError::InvalidReply)?;
+                if n >= 0 {
+                    pos += n as usize + 2;
+                    if pos > buf.len() {
+                        return Ok(None);
+                    }
+                } else if n != -1 {
+                    return Err(ProtocolError::InvalidReply);
+                }
+            }
+            b'*' | b'~' | b'>' => {
+                let n = parse_i64(header).ok_or(ProtocolError::InvalidReply)?;
+                if n > 0 {
+                    remaining += n as usize;
+                } else if n < -1 {
+                    return Err(ProtocolError::InvalidReply);
+                }
+            }
+            b'%' => {
+                let n = parse_i64(header).ok_or(ProtocolError::InvalidReply)?;
+                if n < 0 {
+                    return Err(ProtocolError::InvalidReply);
+                }
+                remaining += 2 * n as usize;
+            }
+            b'|' => {
+                let n = parse_i64(header).ok_or(ProtocolError::InvalidReply)?;
+                if n < 0 {
+                    return Err(ProtocolError::InvalidReply);
+                }
+                // The attribute map, then the reply it annotates.
+                remaining += 2 * n as usize + 1;
+            }
+            _ => return Err(ProtocolError::InvalidReply),
+        }
+    }
+    Ok(Some(pos))
+}
+
+/// A parsed reply, for the few places where respire reads a reply itself.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// `+OK`
+    Simple(Bytes),
+    /// `-ERR …`
+    Error(Bytes),
+    /// `:1`
+    Int(i64),
+    /// `$3\r\nfoo` (also verbatim strings, without their format prefix)
+    Bulk(Bytes),
+    /// `$-1`, `*-1`, `_`
+    Nil,
+    /// `*`, `~`, `>` — arrays, sets and pushes.
+    Array(Vec<Value>),
+    /// `%` — a map, as key/value pairs.
+    Map(Vec<(Value, Value)>),
+    /// `,`, `#`, `(` — doubles, booleans and big numbers, as their text.
+    Other(Bytes),
+}
+
+impl Value {
+    /// Parses one complete frame (as measured by [`reply_len`]).
+    pub fn parse(frame: &Bytes) -> Result<Value, ProtocolError> {
+        let mut pos = 0;
+        parse_value(frame, &mut pos, 0)
+    }
+
+    /// The value as bytes, for simple and bulk strings.
+    pub fn as_bytes(&self) -> Option<&Bytes> {
+        match self {
+            Value::Simple(b) | Value::Bulk(b) | Value::Other(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// The value as an integer, for integers and numeric strings.
+    pub fn as_int(&self) -> Option<i64> {
+        match self {
+            Value::Int(i) => Some(*i),
+            Value::Simple(b) | Value::Bulk(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+            _ => None,
+        }
+    }
+
+    /// Looks a key up in a map, or in a flat array of alternating keys and values (RESP2 maps).
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        match self {
+            Value::Map(pairs) => pairs.iter().find(|(k, _)| k.as_bytes().is_some_and(|b| b == key.as_bytes())).map(|(_, v)| v),
+            Value::Array(items) => items
+                .chunks(2)
+                .find(|c| c.len() == 2 && c[0].as_bytes().is_some_and(|b| b == key.as_bytes()))
+                .map(|c| &c[1]),
+            _ => None,
+        }
+    }
+}
+
+const MAX_DEPTH: usize = 64;
+
+fn parse_value(buf: &Bytes, pos: &mut usize, depth: usize) -> Result<Value, ProtocolError> {
+    if depth > MAX_DEPTH {
+        return Err(ProtocolError::InvalidReply);
+    }
+    let start = *pos;
+    let eol = find_crlf(buf, start).ok_or(ProtocolError::InvalidReply)?;
+    let kind = *buf.get(start).ok_or(ProtocolError::InvalidReply)?;
+    let header = buf.slice(start + 1..eol);
+    *pos = eol + 2;
+    let count = |h: &Bytes| parse_i64(h).ok_or(ProtocolError::InvalidReply);
+    Ok(match kind {
+        b'+' => Value::Simple(header),
+        b'-' => Value::Error(header),
+        b':' => Value::Int(count(&header)?),
+        b'_' => Value::Nil,
+        b',' | b'#' | b'(' => Value::Other(header),
+        b'$' | b'!' | b'=' => {
+            let n = count(&header)?;
+            if n < 0 {
+                return Ok(Value::Nil);
+            }
+            let s = *pos;
+            let e = s + n as usize;
+            if e + 2 > buf.len() {
+                return Err(ProtocolError::InvalidReply);
+            }
+            *pos = e + 2;
+            let body = buf.slice(s..e);
+            match kind {
+                b'!' => Value::Error(body),
+                b'=' if body.len() >= 4 => Value::Bulk(body.slice(4..)),
+                _ => Value::Bulk(body),
+            }
+        }
+        b'*' | b'~' | b'>' => {
+            let n = count(&header)?;
+            if n < 0 {
+                return Ok(Value::Nil);
+            }
+            let mut items = Vec::with_capacity((n as usize).min(1024));
+            for _ in 0..n {
+                items.push(parse_value(buf, pos, depth + 1)?);
+            }
+            Value::Array(items)
+        }
+        b'%' => {
+            let n = count(&header)?;
+            let mut pairs = Vec::with_capacity((n.max(0) as usize).min(1024));
+            for _ in 0..n {
+                let k = parse_value(buf, pos, depth + 1)?;
+                let v = parse_value(buf, pos, depth + 1)?;
+                pairs.push((k, v));
+            }
+            Value::Map(pairs)
+        }
+        b'|' => {
+            let n = count(&header)?;
+            for _ in 0..2 * n.max(0) {
+                parse_value(buf, pos, depth + 1)?;
+            }
+            parse_value(buf, pos, depth + 1)?
+        }
+        _ => return Err(ProtocolError::InvalidReply),
+    })
+}
+
+// ---- Reply encoders -------------------------------------------------------
+
+/// `+s\r\n`
+pub fn simple(out: &mut BytesMut, s: &str) {
+    out.reserve(s.len() + 3);
+    out.put_u8(b'+');
+    out.extend_from_slice(s.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `-msg\r\n`; `msg` starts with the error code (`ERR`, `NOAUTH`, …). Newlines are replaced by spaces.
+pub fn error(out: &mut BytesMut, msg: &str) {
+    out.reserve(msg.len() + 3);
+    out.put_u8(b'-');
+    for &b in msg.as_bytes() {
+        out.put_u8(if b == b'\r' || b == b'\n' { b' ' } else { b });
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `:n\r\n`
+pub fn int(out: &mut BytesMut, n: i64) {
+    header(out, b':', n);
+}
+
+/// `$len\r\ndata\r\n`
+pub fn bulk(out: &mut BytesMut, data: &[u8]) {
+    out.reserve(data.len() + 16);
+    header(out, b'$', data.len() as i64);
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A null: `$-1` in RESP2, `_` in RESP3.
+pub fn null(out: &mut BytesMut, proto: u8) {
+    if proto >= 3 {
+        out.extend_from_slice(b"_\r\n");
+    } else {
+        out.extend_from_slice(b"$-1\r\n");
+    }
+}
+
+/// `*n\r\n`
+pub fn array_header(out: &mut BytesMut, n: usize) {
+    header(out, b'*', n as i64);
+}
+
+/// A map of `n` pairs: `%n` in RESP3, a flat `*2n` array in RESP2.
+pub fn map_header(out: &mut BytesMut, n: usize, proto: u8) {
+    if proto >= 3 {
+        header(out, b'%', n as i64);
+    } else {
+        header(out, b'*', 2 * n as i64);
+    }
+}
+
+/// A push frame header: `>n` in RESP3, `*n` in RESP2.
+pub fn push_header(out: &mut BytesMut, n: usize, proto: u8) {
+    header(out, if proto >= 3 { b'>' } else { b'*' }, n as i64);
+}
+
+/// A verbatim text string in RESP3 (`=len\r\ntxt:…`), a bulk string in RESP2.
+pub fn verbatim(out: &mut BytesMut, text: &[u8], proto: u8) {
+    if proto >= 3 {
+        header(out, b'=', text.len() as i64 + 4);
+        out.extend_from_slice(b"txt:");
+        out.extend_from_slice(text);
+        out.extend_from_slice(b"\r\n");
+    } else {
+        bulk(out, text);
+    }
+}
+
+fn header(out: &mut BytesMut, kind: u8, n: i64) {
+    let mut tmp = [0u8; 24];
+    let s = fmt_i64(&mut tmp, n);
+    out.reserve(s.len() + 3);
+    out.put_u8(kind);
+    out.extend_from_slice(s);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn fmt_i64(tmp: &mut [u8; 24], n: i64) -> &[u8] {
+    let mut i = tmp.len();
+    let neg = n < 0;
+    let mut v = n.unsigned_abs();
+    loop {
+        i -= 1;
+        tmp[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    if neg {
+        i -= 1;
+        tmp[i] = b'-';
+    }
+    &tmp[i..]
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn parse_all(input: &[u8], authed: bool) -> (Vec<Vec<Bytes>>, Result<(), ProtocolError>) {
+        let mut p = RequestParser::new();
+        let mut buf = BytesMut::from(input);
+        let mut out = Vec::new();
+        loop {
+            match p.parse(&mut buf, &RequestLimits::default(), authed) {
+                Ok(Some(c)) => out.push(c.args),
+                Ok(None) => return (out, Ok(())),
+                Err(e) => return (out, Err(e)),
+            }
+        }
+    }
+
+    #[test]
+    fn multibulk_and_inline() {
+        let (cmds, r) = parse_all(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\nPING\r\n  set  \"a b\" 'c\\'d'\r\n\r\n*0\r\n", true);
+        assert!(r.is_ok());
+        assert_eq!(cmds.len(), 3);
+        assert_eq!(cmds[0], vec![Bytes::from("GET"), Bytes::from("k")]);
+        assert_eq!(cmds[1], vec![Bytes::from("PING")]);
+        assert_eq!(cmds[2], vec![Bytes::from("set"), Bytes::from("a b"), Bytes::from("c'd")]);
+    }
+
+    #[test]
+    fn byte_by_byte_is_same_as_whole() {
+        let input = b"*3\r\n$3\r\nSET\r\n$5\r\nhello\r\n$10\r\n0123456789\r\nPING\r\n";
+        let mut p = RequestParser::new();
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        for &b in input.iter() {
+            buf.put_u8(b);
+            while let Some(c) = p.parse(&mut buf, &RequestLimits::default(), true).unwrap() {
+                got.push(c);
+            }
+        }
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].args[2], Bytes::from("0123456789"));
+        assert_eq!(got[0].raw.as_deref(), Some(&input[..input.len() - 6]));
+    }
+
+    #[test]
+    fn redis_error_texts() {
+        assert_eq!(parse_all(b"*x\r\n", true).1, Err(ProtocolError::InvalidMultibulkLength));
+        assert_eq!(parse_all(b"*1\r\n:1\r\n", true).1, Err(ProtocolError::ExpectedBulk(':')));
+        assert_eq!(parse_all(b"*1\r\n$-5\r\n", true).1, Err(ProtocolError::InvalidBulkLength));
+        assert_eq!(parse_all(b"*20\r\n", false).1, Err(ProtocolError::UnauthMultibulkLength));
+        assert_eq!(parse_all(b"*1\r\n$20000\r\n", false).1, Err(ProtocolError::UnauthBulkLength));
+        assert_eq!(parse_all(b"*1\r\n$10000000000\r\n", true).1, Err(ProtocolError::InvalidBulkLength));
+        assert_eq!(parse_all(b"set \"a\r\n", true).1, Err(ProtocolError::UnbalancedQuotes));
+        assert_eq!(parse_all(b"set \"a\"b\r\n", true).1, Err(ProtocolError::UnbalancedQuotes));
+        assert_eq!(parse_all(&[b'a'; MAX_INLINE + 1], true).1, Err(ProtocolError::TooBigInline));
+        assert_eq!(
+            ProtocolError::ExpectedBulk('x').reply_text(),
+            "ERR Protocol error: expected '$', got 'x'"
+        );
+    }
+
+    #[test]
+    fn inline_escapes() {
+        let args = split_args(b"\"\\x41\\n\" b").unwrap();
+        assert_eq!(args, vec![Bytes::from("A\n"), Bytes::from("b")]);
+    }
+
+    #[test]
+    fn reply_lengths() {
+        for frame in [
+            &b"+OK\r\n"[..],
+            b"$-1\r\n",
+            b"$3\r\nfoo\r\n",
+            b"*2\r\n$1\r\na\r\n*1\r\n:1\r\n",
+            b"%1\r\n+a\r\n,1.5\r\n",
+            b"|1\r\n+k\r\n+v\r\n:3\r\n",
+            b">3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$1\r\nm\r\n",
+            b"=8\r\ntxt:abcd\r\n",
+            b"*-1\r\n",
+            b"_\r\n",
+        ] {
+            assert_eq!(reply_len(frame).unwrap(), Some(frame.len()), "{:?}", String::from_utf8_lossy(frame));
+            for cut in 0..frame.len() {
+                assert_eq!(reply_len(&frame[..cut]).unwrap(), None);
+            }
+        }
+        assert!(reply_len(b"?\r\n").is_err());
+    }
+
+    #[test]
+    fn values() {
+        let v = Value::parse(&Bytes::from_static(b"%2\r\n+server\r\n+redis\r\n+version\r\n$5\r\n7.0.1\r\n")).unwrap();
+        assert_eq!(v.get("version").and_then(|v| v.as_bytes()).unwrap(), &Bytes::from("7.0.1"));
+        let v = Value::parse(&Bytes::from_static(b"*2\r\n$5\r\nproto\r\n:2\r\n")).unwrap();
+        assert_eq!(v.get("proto").and_then(|v| v.as_int()), Some(2));
+    }
+
+    #[test]
+    fn integers() {
+        assert_eq!(parse_i64(b"-12"), Some(-12));
+        assert_eq!(parse_i64(b"012"), None);
+        assert_eq!(parse_i64(b"+1"), None);
+        assert_eq!(parse_i64(b"9223372036854775808"), None);
+        let mut b = BytesMut::new();
+        int(&mut b, i64::MIN);
+        assert_eq!(&b[..], b":-9223372036854775808\r\n");
+    }
+}

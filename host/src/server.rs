@@ -1,0 +1,279 @@
+//! Listener, workers and shutdown.
+//!
+//! One acceptor thread takes connections and hands them round-robin to
+//! `workers` threads. Each worker runs a single-threaded tokio runtime and
+//! owns its sessions and backend connections outright (`Rc`, no locks on the
+//! request path). Process-wide state (configuration, the client list) is
+//! shared read-mostly through [`Shared`].
+//!
+//! Shutdown (SIGINT, SIGTERM or [`Server::shutdown`]): stop accepting, let
+//! every session deliver the replies it owes, then close; connections still
+//! open after `shutdown_timeout` are closed.
+
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+
+use crate::backend::{NodeSettings, Pool};
+use crate::clients::Clients;
+use crate::config::Config;
+use crate::protocol::RequestLimits;
+use crate::session;
+
+/// Why the server could not start.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A thread or runtime could not be created.
+    #[error("cannot start: {0}")]
+    Start(std::io::Error),
+}
+
+/// State shared by all workers.
+pub struct Shared {
+    /// The configuration in force.
+    pub config: Config,
+    /// All client connections.
+    pub clients: Clients,
+    /// Request limits derived from the configuration.
+    pub limits: RequestLimits,
+    /// Becomes `true` when shutdown starts.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// What one worker thread owns.
+pub struct Worker {
+    /// Process-wide state.
+    pub shared: Arc<Shared>,
+    /// This worker's backend connections.
+    pub pool: Pool,
+    /// Sessions running on this worker.
+    pub sessions: Cell<usize>,
+}
+
+/// A running server.
+pub struct Server {
+    addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Validates the configuration, binds the listener and starts the acceptor and worker threads.
+    pub fn start(config: Config) -> Result<Server, ServerError> {
+        config.validate()?;
+        let addr: SocketAddr = config
+            .listen
+            .parse()
+            .map_err(|_| ServerError::Bind { addr: config.listen.clone(), source: std::io::ErrorKind::InvalidInput.into() })?;
+        let std_listener = bind(addr).map_err(|source| ServerError::Bind { addr: config.listen.clone(), source })?;
+        let local = std_listener.local_addr().map_err(ServerError::Start)?;
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            limits: RequestLimits { max_args: config.max_args, max_bulk: config.max_bulk.as_u64() as usize },
+            clients: Clients::default(),
+            shutdown: shutdown_rx,
+            config,
+        });
+        let mut threads = Vec::new();
+        let mut senders = Vec::new();
+        for i in 0..shared.config.worker_count() {
+            let (tx, rx) = mpsc::unbounded_channel();
+            senders.push(tx);
+            let shared = shared.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("respire-worker-{i}"))
+                .spawn(move || worker_main(shared, rx))
+                .map_err(ServerError::Start)?;
+            threads.push(t);
+        }
+        let acceptor_shared = shared.clone();
+        let t = std::thread::Builder::new()
+            .name("respire-accept".into())
+            .spawn(move || acceptor_main(acceptor_shared, std_listener, senders))
+            .map_err(ServerError::Start)?;
+        threads.push(t);
+        info!(listen = %local, workers = shared.config.worker_count(), "respire listening");
+        Ok(Server { addr: local, shutdown: shutdown_tx, threads })
+    }
+
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Starts a graceful shutdown.
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Waits until every thread has stopped.
+    pub fn join(self) {
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+
+    /// Runs until SIGINT or SIGTERM, then shuts down gracefully.
+    pub fn run_until_signal(self) -> Result<(), ServerError> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ServerError::Start)?;
+        rt.block_on(async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => info!("SIGINT received, shutting down"),
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {
+                    info!("SIGTERM received, shutting down");
+                }
+            }
+        });
+        self.shutdown();
+        self.join();
+        info!("respire stopped");
+        Ok(())
+    }
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(511)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+type NewConn = (std::net::TcpStream, SocketAddr);
+
+fn acceptor_main(shared: Arc<Shared>, listener: std::net::TcpListener, workers: Vec<mpsc::UnboundedSender<NewConn>>) {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "cannot start the acceptor");
+            return;
+        }
+    };
+    rt.block_on(async move {
+        let listener = match TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                error!(error = %e, "cannot use the listener");
+                return;
+            }
+        };
+        let mut shutdown = shared.shutdown.clone();
+        let mut next = 0usize;
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                r = listener.accept() => match r {
+                    Ok((stream, peer)) => {
+                        if !shared.clients.try_reserve(shared.config.max_clients) {
+                            let _ = stream.try_write(b"-ERR max number of clients reached\r\n");
+                            continue;
+                        }
+                        let _ = stream.set_nodelay(true);
+                        match stream.into_std() {
+                            Ok(s) => {
+                                let w = &workers[next % workers.len()];
+                                next = next.wrapping_add(1);
+                                if w.send((s, peer)).is_err() {
+                                    shared.clients.release();
+                                }
+                            }
+                            Err(_) => shared.clients.release(),
+                        }
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off briefly instead of spinning.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }
+    });
+}
+
+fn worker_main(shared: Arc<Shared>, mut conns: mpsc::UnboundedReceiver<NewConn>) {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "cannot start a worker");
+            return;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let node = {
+            let b = &shared.config.backend;
+            Rc::new(NodeSettings {
+                addr: b.address.clone().unwrap_or_default().into(),
+                username: b.username.clone(),
+                password: b.password.clone(),
+                connect_timeout: b.connect_timeout,
+                command_timeout: b.command_timeout,
+                reconnect_min: b.reconnect_min,
+                reconnect_max: b.reconnect_max,
+            })
+        };
+        let pool = Pool::new(node, shared.config.backend.connections, shared.config.backend.idle_exclusive);
+        let worker = Rc::new(Worker { shared: shared.clone(), pool, sessions: Cell::new(0) });
+        let mut shutdown = shared.shutdown.clone();
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                c = conns.recv() => match c {
+                    Some((std_stream, peer)) => start_session(&worker, std_stream, peer),
+                    None => break,
+                }
+            }
+        }
+        let deadline = Instant::now() + shared.config.shutdown_timeout;
+        while worker.sessions.get() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if worker.sessions.get() > 0 {
+            warn!(open = worker.sessions.get(), "closing connections still open after the shutdown timeout");
+        }
+    });
+}
+
+fn start_session(worker: &Rc<Worker>, std_stream: std::net::TcpStream, peer: SocketAddr) {
+    use std::os::fd::AsRawFd;
+    let shared = &worker.shared;
+    let stream = match TcpStream::from_std(std_stream) {
+        Ok(s) => s,
+        Err(_) => {
+            shared.clients.release();
+            return;
+        }
+    };
+    let laddr = stream.local_addr().unwrap_or(peer);
+    let info = shared.clients.register(peer, laddr, stream.as_raw_fd());
+    worker.sessions.set(worker.sessions.get() + 1);
+    let w = worker.clone();
+    tokio::task::spawn_local(async move {
+        session::run(w.clone(), stream, info).await;
+        w.sessions.set(w.sessions.get().saturating_sub(1));
+    });
+}

@@ -1,0 +1,1 @@
+//! Fixtures: real redis-server processes and respire on free loopback ports.
