@@ -150,6 +150,15 @@ pub fn has_block_option(cmd: &Command) -> bool {
     false
 }
 
+/// Whether a command has subcommands (`CLIENT LIST` is reported as `client|list`).
+pub fn is_container(name: &[u8]) -> bool {
+    const CONTAINERS: &[&[u8]] = &[
+        b"acl", b"client", b"cluster", b"command", b"config", b"function", b"latency", b"memory", b"module", b"object",
+        b"pubsub", b"script", b"slowlog", b"xgroup", b"xinfo",
+    ];
+    CONTAINERS.iter().any(|c| c.eq_ignore_ascii_case(name))
+}
+
 /// The command name in lower case for error messages (`'foo'`), lossy for non-UTF-8 names.
 pub fn display_name(name: &[u8]) -> String {
     String::from_utf8_lossy(name).to_lowercase()

@@ -93,7 +93,8 @@ pub struct Session {
     reply_mode: ReplyMode,
     /// Stop reading; close once every owed reply is written.
     closing: bool,
-    last_name: Bytes,
+    /// Name of the last command (with its subcommand for container commands), for `CLIENT LIST`.
+    last_name: (Bytes, Option<Bytes>),
 }
 
 /// Serves one client connection until it closes.
@@ -121,7 +122,7 @@ pub async fn run(worker: Rc<Worker>, stream: TcpStream, info: Arc<ClientInfo>) {
         watching: false,
         reply_mode: ReplyMode::On,
         closing: false,
-        last_name: Bytes::new(),
+        last_name: (Bytes::new(), None),
     };
     s.serve().await;
     s.release_exclusive(true);
@@ -241,10 +242,15 @@ impl Session {
     fn note_activity(&mut self) {
         let ms = self.info.created.elapsed().as_millis() as u64;
         self.info.last_active_ms.store(ms, Ordering::Relaxed);
-        if !self.last_name.is_empty() {
+        let (name, sub) = &self.last_name;
+        if !name.is_empty() {
             if let Ok(mut c) = self.info.last_cmd.lock() {
                 c.clear();
-                c.push_str(&commands::display_name(&self.last_name));
+                c.push_str(&commands::display_name(name));
+                if let Some(sub) = sub {
+                    c.push('|');
+                    c.push_str(&commands::display_name(sub));
+                }
             }
         }
     }
@@ -346,7 +352,9 @@ impl Session {
 
     fn handle(&mut self, cmd: Command) {
         let spec = commands::lookup(cmd.name());
-        self.last_name = cmd.args.first().cloned().unwrap_or_default();
+        let name = cmd.args.first().cloned().unwrap_or_default();
+        let sub = if commands::is_container(&name) { cmd.args.get(1).cloned() } else { None };
+        self.last_name = (name, sub);
         if !self.authenticated && !spec.no_auth {
             self.reply_error("NOAUTH Authentication required.");
             return;

@@ -1,0 +1,684 @@
+//! End-to-end tests of the core proxy in front of one standalone Redis.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::{Duration, Instant};
+
+use redis::{Commands, Value};
+use respire_tests::{Raw, RedisServer, Respire, resp};
+
+/// Runs the same commands on a direct connection to one Redis and through respire
+/// in front of another (identical) Redis, and asserts byte-identical replies.
+fn assert_same_replies(script: &[&[&str]], respire_flags: &[&str]) {
+    let direct = RedisServer::start();
+    let behind = RedisServer::start();
+    let proxy = Respire::start(&behind.addr(), respire_flags);
+    let mut d = Raw::connect(direct.port);
+    let mut p = Raw::connect(proxy.port);
+    for (i, cmd) in script.iter().enumerate() {
+        let args: Vec<&[u8]> = cmd.iter().map(|s| s.as_bytes()).collect();
+        let req = resp(&args);
+        let want = d.roundtrip(&req, 1);
+        let got = p.roundtrip(&req, 1);
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&want),
+            "command #{i} {cmd:?}: respire (left) differs from direct Redis (right)"
+        );
+    }
+}
+
+const DATA_TYPES: &[&[&str]] = &[
+    &["SET", "s", "hello"],
+    &["APPEND", "s", " world"],
+    &["GET", "s"],
+    &["GETRANGE", "s", "0", "4"],
+    &["INCRBY", "n", "41"],
+    &["INCRBYFLOAT", "f", "1.5"],
+    &["SET", "s2", "x", "NX", "PX", "100000"],
+    &["SET", "s2", "y", "NX"],
+    &["MSET", "a", "1", "b", "2"],
+    &["MGET", "a", "b", "missing"],
+    &["GETDEL", "a"],
+    &["STRLEN", "s"],
+    &["HSET", "h", "f1", "v1", "f2", "v2"],
+    &["HGET", "h", "f1"],
+    &["HGETALL", "h"],
+    &["HINCRBY", "h", "c", "3"],
+    &["HMGET", "h", "f1", "nope"],
+    &["HKEYS", "h"],
+    &["HDEL", "h", "f2"],
+    &["LPUSH", "l", "a", "b", "c"],
+    &["RPUSH", "l", "d"],
+    &["LRANGE", "l", "0", "-1"],
+    &["LPOP", "l", "2"],
+    &["LINDEX", "l", "0"],
+    &["LPOS", "l", "d"],
+    &["SADD", "set", "1", "2", "3"],
+    &["SISMEMBER", "set", "2"],
+    &["SMEMBERS", "set"],
+    &["SINTER", "set", "set"],
+    &["SCARD", "set"],
+    &["ZADD", "z", "1", "one", "2", "two", "3.5", "three"],
+    &["ZRANGE", "z", "0", "-1", "WITHSCORES"],
+    &["ZSCORE", "z", "three"],
+    &["ZINCRBY", "z", "2", "one"],
+    &["ZREVRANK", "z", "one"],
+    &["ZRANGEBYSCORE", "z", "-inf", "+inf", "LIMIT", "0", "2"],
+    &["ZPOPMIN", "z"],
+    &["XADD", "st", "1-1", "k", "v1"],
+    &["XADD", "st", "2-1", "k", "v2"],
+    &["XLEN", "st"],
+    &["XRANGE", "st", "-", "+"],
+    &["XGROUP", "CREATE", "st", "g", "0"],
+    &["XREADGROUP", "GROUP", "g", "c1", "COUNT", "1", "STREAMS", "st", ">"],
+    &["XACK", "st", "g", "1-1"],
+    &["XPENDING", "st", "g"],
+    &["XREAD", "COUNT", "5", "STREAMS", "st", "0"],
+    &["XINFO", "GROUPS", "st"],
+    &["PFADD", "hll", "a", "b", "c", "a"],
+    &["PFCOUNT", "hll"],
+    &["SETBIT", "bits", "7", "1"],
+    &["GETBIT", "bits", "7"],
+    &["BITCOUNT", "bits"],
+    &["BITPOS", "bits", "1"],
+    &["EVAL", "return {KEYS[1], ARGV[1], redis.call('INCR', KEYS[1])}", "1", "counter", "arg"],
+    &["SCRIPT", "LOAD", "return 42"],
+    &["EVALSHA", "1fa00e76656cc152ad327c13fe365858fd7be306", "0"],
+    &["EVAL", "return redis.error_reply('boom')", "0"],
+    &["TYPE", "z"],
+    &["EXISTS", "s", "h", "nope"],
+    &["EXPIRE", "s", "1000"],
+    &["TTL", "s"],
+    &["PERSIST", "s"],
+    &["DEL", "s", "h"],
+    &["DBSIZE"],
+    &["ECHO", "echo me"],
+    &["PING"],
+    &["PING", "pong me"],
+    &["NOSUCHCOMMAND", "x"],
+    &["GET"],
+    &["SELECT", "2"],
+    &["SET", "in2", "v"],
+    &["GET", "in2"],
+    &["SELECT", "99"],
+    &["SELECT", "x"],
+    &["SELECT", "0"],
+    &["GET", "in2"],
+    &["HELLO", "4"],
+    &["HELLO", "x"],
+    &["UNSUBSCRIBE"],
+    &["PUNSUBSCRIBE", "a", "b"],
+    &["EXEC"],
+    &["DISCARD"],
+    &["CLIENT", "SETNAME", "bad name"],
+    &["CLIENT", "SETNAME", "good"],
+    &["CLIENT", "GETNAME"],
+    &["CLIENT", "NOSUCH"],
+    &["CLIENT", "GETNAME", "extra"],
+    &["AUTH", "pass"],
+];
+
+#[test]
+fn data_types_resp2_match_direct_redis() {
+    assert_same_replies(DATA_TYPES, &[]);
+}
+
+#[test]
+fn data_types_resp3_match_direct_redis() {
+    let mut script: Vec<&[&str]> = vec![&["HELLO", "3", "SETNAME", "r3"]];
+    // HELLO's reply carries the client id, which differs; compare from the next command on.
+    script.extend_from_slice(DATA_TYPES);
+    let direct = RedisServer::start();
+    let behind = RedisServer::start();
+    let proxy = Respire::start(&behind.addr(), &[]);
+    let mut d = Raw::connect(direct.port);
+    let mut p = Raw::connect(proxy.port);
+    for (i, cmd) in script.iter().enumerate() {
+        let args: Vec<&[u8]> = cmd.iter().map(|s| s.as_bytes()).collect();
+        let req = resp(&args);
+        let want = d.roundtrip(&req, 1);
+        let got = p.roundtrip(&req, 1);
+        if i == 0 {
+            let got = String::from_utf8_lossy(&got);
+            assert!(got.starts_with("%7\r\n$6\r\nserver\r\n$5\r\nredis\r\n$7\r\nversion\r\n"), "{got}");
+            assert!(got.contains("$5\r\nproto\r\n:3\r\n"), "{got}");
+            continue;
+        }
+        assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&want), "command #{i} {cmd:?}");
+    }
+}
+
+#[test]
+fn inline_commands_work_like_redis() {
+    let redis = RedisServer::start();
+    let proxy = Respire::start(&redis.addr(), &[]);
+    let mut p = Raw::connect(proxy.port);
+    let got = p.roundtrip(b"PING\r\nset k \"a b\\n\"\r\n\r\nGET k\nget 'it''s'\r\n", 4);
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "+PONG\r\n+OK\r\n$4\r\na b\n\r\n-ERR Protocol error: unbalanced quotes in request\r\n"
+    );
+    assert!(p.closed(), "a protocol error closes the connection");
+}
+
+#[test]
+fn malformed_input_closes_only_that_connection() {
+    let redis = RedisServer::start();
+    let proxy = Respire::start(&redis.addr(), &[]);
+    let mut good = proxy.conn();
+    let _: () = good.set("k", "v").unwrap();
+    for (bad, err) in [
+        (&b"*1\r\n:5\r\n"[..], "-ERR Protocol error: expected '$', got ':'\r\n"),
+        (b"*abc\r\n", "-ERR Protocol error: invalid multibulk length\r\n"),
+        (b"*1\r\n$-3\r\n", "-ERR Protocol error: invalid bulk length\r\n"),
+        (b"*1\r\n$999999999999\r\n", "-ERR Protocol error: invalid bulk length\r\n"),
+    ] {
+        let mut p = Raw::connect(proxy.port);
+        // A good command first: it is answered before the error.
+        let got = p.roundtrip(&[&b"PING\r\n"[..], bad].concat(), 2);
+        assert_eq!(String::from_utf8_lossy(&got), format!("+PONG\r\n{err}"));
+        assert!(p.closed());
+        let v: String = good.get("k").unwrap();
+        assert_eq!(v, "v", "other clients keep working");
+    }
+}
+
+#[test]
+fn pipeline_of_ten_thousand_commands_keeps_order() {
+    let redis = RedisServer::start();
+    let proxy = Respire::start(&redis.addr(), &[]);
+    let mut con = proxy.conn();
+    let mut pipe = redis::pipe();
+    for i in 0..10_000 {
+        if i % 2 == 0 {
+            pipe.cmd("SET").arg(format!("k{i}")).arg(i);
+        } else {
+            pipe.cmd("INCR").arg("counter");
+        }
+    }
+    let replies: Vec<Value> = pipe.query(&mut con).unwrap();
+    assert_eq!(replies.len(), 10_000);
+    for (i, r) in replies.iter().enumerate() {
+        if i % 2 == 0 {
+            assert_eq!(*r, Value::Okay, "reply {i}");
+        } else {
+            assert_eq!(*r, Value::Int((i as i64 + 1) / 2), "reply {i} out of order");
+        }
+    }
+    // Read them back in one pipeline too.
+    let mut pipe = redis::pipe();
+    for i in (0..10_000).step_by(2) {
+        pipe.cmd("GET").arg(format!("k{i}"));
+    }
+    let values: Vec<i64> = pipe.query(&mut con).unwrap();
+    assert_eq!(values, (0..10_000).step_by(2).collect::<Vec<i64>>());
+}
+
+#[test]
+fn raw_pipeline_is_sent_before_any_reply_is_read() {
+    let redis = RedisServer::start();
+    let proxy = Respire::start(&redis.addr(), &[]);
+    let mut p = Raw::connect(proxy.port);
+    let mut req = Vec::new();
+    for i in 0..2000 {
+        req.extend_from_slice(&resp(&[b"RPUSH", b"list", i.to_string().as_bytes()]));
+    }
+    let got = p.roundtrip(&req, 2000);
+    let want: String = (1..=2000).map(|i| format!(":{i}\r\n")).collect();
+    assert_eq!(String::from_utf8_lossy(&got), want);
+}
+
+#[test]
+fn select_is_isolated_between_clients_sharing_backend_connections() {
+    let redis = RedisServer::start();
+    // One worker and one shared connection per database: both clients share it.
+    let proxy = Respire::start(&redis.addr(), &["--workers", "1"]);
+    let mut a = proxy.conn();
+    let mut b = proxy.conn();
+    redis::cmd("SELECT").arg(1).query::<()>(&mut a).unwrap();
+    let _: () = a.set("k", "db1").unwrap();
+    let _: () = b.set("k", "db0").unwrap();
+    for _ in 0..50 {
+        let va: String = a.get("k").unwrap();
+        let vb: String = b.get("k").unwrap();
+        assert_eq!((va.as_str(), vb.as_str()), ("db1", "db0"));
+    }
+    let mut direct = redis.client().get_connection().unwrap();
+    redis::cmd("SELECT").arg(1).query::<()>(&mut direct).unwrap();
+    let v: String = direct.get("k").unwrap();
+    assert_eq!(v, "db1");
+    // Pipelined switch: SELECT then GET in one batch sees the new database.
+    let mut p = Raw::connect(proxy.port);
+    let got = p.roundtrip(&[resp(&[b"SET", b"k", b"x"]), resp(&[b"SELECT", b"1"]), resp(&[b"GET", b"k"])].concat(), 3);
+    assert_eq!(String::from_utf8_lossy(&got), "+OK\r\n+OK\r\n$3\r\ndb1\r\n");
+}
+
+#[test]
+fn transactions_and_watch() {
+    let redis = RedisServer::start();
+    let proxy = Respire::start(&redis.addr(), &["--workers", "1"]);
+    let mut a = proxy.conn();
+    let mut other = proxy.conn();
+    // A committed transaction.
+    let (x, y): (i64, i64) = redis::pipe().atomic().incr("x", 1).incr("y", 2).query(&mut a).unwrap();
+    assert_eq!((x, y), (1, 2));
+    // An aborted one: the watched key changes before EXEC.
+    redis::cmd("WATCH").arg("x").query::<()>(&mut a).unwrap();
+    let _: () = other.set("x", 100).unwrap();
+    redis::cmd("MULTI").query::<()>(&mut a).unwrap();
+    let q: String = redis::cmd("INCR").arg("x").query(&mut a).unwrap();
+    assert_eq!(q, "QUEUED");
+    let r: Value = redis::cmd("EXEC").query(&mut a).unwrap();
+    assert_eq!(r, Value::Nil, "EXEC after a WATCHed key changed returns nil");
+    let x: i64 = a.get("x").unwrap();
+    assert_eq!(x, 100);
+    // Commands of another client are not swallowed by a transaction in progress.
+    redis::cmd("MULTI").query::<()>(&mut a).unwrap();
+    let _: String = redis::cmd("SET").arg("t").arg("in-tx").query(&mut a).unwrap();
+    let t: Option<String> = other.get("t").unwrap();
+    assert_eq!(t, None, "queued command must not run before EXEC");
+    let _: () = other.set("u", 1).unwrap();
+    let r: Vec<String> = redis::cmd("EXEC").query(&mut a).unwrap();
+    assert_eq!(r, vec!["OK"]);
+    let t: String = other.get("t").unwrap();
+    assert_eq!(t, "in-tx");
+    // Errors inside MULTI behave as in Redis.
+    let mut p = Raw::connect(proxy.port);
+    let got = p.roundtrip(
+        &[resp(&[b"MULTI"]), resp(&[b"SET", b"k"]), resp(&[b"EXEC"]), resp(&[b"DISCARD"]), resp(&[b"GET", b"t"])].concat(),
+        5,
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "+OK\r\n-ERR wrong number of arguments for 'set' command\r\n-EXECABORT Transaction discarded because of previous errors.\r\n-ERR DISCARD without MULTI\r\n$5\r\nin-tx\r\n"
+    );
+}
+
+#[test]
+fn blpop_is_released_by_a_producer_and_does_not_block_others() {
+    let redis = RedisServer::start();
+    let proxy = Respire::start(&redis.addr(), &["--workers", "1"]);
+    let client = proxy.client();
+    let waiter = std::thread::spawn(move || {
+        let mut c = client.get_connection().unwrap();
+        let start = Instant::now();
+        let v: (String, String) = redis::cmd("BLPOP").arg("jobs").arg(10).query(&mut c).unwrap();
+        (v, start.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // Other clients on the same worker are not blocked meanwhile.
+    let mut other = proxy.conn();
+    for i in 0..20 {
+        let _: () = other.set("free", i).unwrap();
+    }
+    let _: () = other.rpush("jobs", "job-1").unwrap();
+    let ((list, job), waited) = waiter.join().unwrap();
+    assert_eq!((list.as_str(), job.as_str()), ("jobs", "job-1"));
+    assert!(waited >= Duration::from_millis(250), "BLPOP returned before the push");
+}
+
+#[test]
+fn client_disconnecting_mid_block_releases_the_backend() {
+    let redis = RedisServer::start();
+    let proxy = Respire::start(&redis.addr(), &["--workers", "1"]);
+    {
+        let mut p = Raw::connect(proxy.port);
+        p.send(&resp(&[b"BLPOP", b"q", b"0"]));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // The abandoned BLPOP must not consume the next element.
+    let mut direct = redis.client().get_connection().unwrap();
+    let _: () = direct.rpush("q", "item").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let len: i64 = direct.llen("q").unwrap();
+    assert_eq!(len, 1, "an element was popped for a client that was gone");
+    let blocked: String = redis::cmd("INFO").arg("clients").query(&mut direct).unwrap();
+    assert!(blocked.contains("blocked_clients:0"), "{blocked}");
+}
+
+#[test]
+fn pubsub_with_a_publisher_on_another_connection() {
+    let redis = RedisServer::start();
+    let proxy = Respire::start(&redis.addr(), &[]);
+    let mut sub_con = proxy.conn();
+    let mut sub = sub_con.as_pubsub();
+    sub.subscribe("news").unwrap();
+    sub.psubscribe("ev:*").unwrap();
+    sub.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut publisher = proxy.conn();
+    let mut receivers = 0;
+    for _ in 0..50 {
+        receivers = redis::cmd("PUBLISH").arg("news").arg("m0").query::<i64>(&mut publisher).unwrap();
+        if receivers == 1 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(receivers, 1);
+    let msg = sub.get_message().unwrap();
+    assert_eq!(msg.get_channel_name(), "news");
+    assert_eq!(msg.get_payload::<String>().unwrap(), "m0");
+    for i in 1..=20 {
+        let _: i64 = redis::cmd("PUBLISH").arg(if i % 2 == 0 { "news" } else { "ev:x" }).arg(format!("m{i}")).query(&mut publisher).unwrap();
+    }
+    for i in 1..=20 {
+        let msg = sub.get_message().unwrap();
+        assert_eq!(msg.get_payload::<String>().unwrap(), format!("m{i}"), "messages arrive in order");
+    }
+}
+
+#[test]
+fn resp3_client_gets_push_messages() {
+    let redis = RedisServer::start();
+    let proxy = Respire::start(&redis.addr(), &[]);
+    let mut p = Raw::connect(proxy.port);
+    let hello = p.roundtrip(&resp(&[b"HELLO", b"3"]), 1);
+    assert!(hello.starts_with(b"%7\r\n"));
+    let got = p.roundtrip(&resp(&[b"SUBSCRIBE", b"c"]), 1);
+    assert_eq!(String::from_utf8_lossy(&got), ">3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n");
+    let mut publisher = proxy.conn();
+    let _: i64 = redis::cmd("PUBLISH").arg("c").arg("hi").query(&mut publisher).unwrap();
+    let got = p.read_replies(1);
+    assert_eq!(String::from_utf8_lossy(&got), ">3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$2\r\nhi\r\n");
+    // RESP3 allows ordinary commands on a subscribed connection.
+    let got = p.roundtrip(&resp(&[b"SET", b"k", b"v"]), 1);
+    assert_eq!(String::from_utf8_lossy(&got), "+OK\r\n");
+    let got = p.roundtrip(&resp(&[b"RESET"]), 1);
+    assert_eq!(String::from_utf8_lossy(&got), "+RESET\r\n");
+    let got = p.roundtrip(&resp(&[b"GET", b"k"]), 1);
+    assert_eq!(String::from_utf8_lossy(&got), "$1\r\nv\r\n");
+}
+
+#[test]
+fn large_and_binary_values() {
+    let redis = RedisServer::start();
+    let proxy = Respire::start(&redis.addr(), &[]);
+    let mut con = proxy.conn();
+    let big: Vec<u8> = (0..10 * 1024 * 1024).map(|i| (i * 7 % 251) as u8).collect();
+    let _: () = con.set("big", &big).unwrap();
+    let back: Vec<u8> = con.get("big").unwrap();
+    assert!(back == big, "10 MB value round-trips");
+    let key: Vec<u8> = vec![0, 255, b'\r', b'\n', b'$', 1, 2, 3];
+    let val: Vec<u8> = vec![b'*', b'\r', b'\n', 0, 0, 200];
+    let _: () = con.set(&key, &val).unwrap();
+    let back: Vec<u8> = con.get(&key).unwrap();
+    assert_eq!(back, val);
+    let mut direct = redis.client().get_connection().unwrap();
+    let back: Vec<u8> = direct.get(&key).unwrap();
+    assert_eq!(back, val, "binary key stored as sent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_concurrent_clients() {
+    let redis = RedisServer::start();
+    let proxy = Respire::start(&redis.addr(), &[]);
+    let mut tasks = Vec::new();
+    for c in 0..500 {
+        let client = proxy.client();
+        tasks.push(tokio::spawn(async move {
+            let mut con = client.get_multiplexed_async_connection().await.unwrap();
+            for i in 0..20 {
+                let key = format!("c{c}:k{i}");
+                let _: () = redis::AsyncCommands::set(&mut con, &key, format!("{c}-{i}")).await.unwrap();
+                let v: String = redis::AsyncCommands::get(&mut con, &key).await.unwrap();
+                assert_eq!(v, format!("{c}-{i}"));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // 500 clients share a handful of backend connections.
+    let mut direct = redis.client().get_connection().unwrap();
+    let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut direct).unwrap();
+    let from_respire = list.lines().filter(|l| l.contains("name=respire")).count();
+    assert!(from_respire <= 8, "{from_respire} backend connections for 500 clients:\n{list}");
+    let dbsize: i64 = redis::cmd("DBSIZE").query(&mut direct).unwrap();
+    assert_eq!(dbsize, 10_000);
+}
+
+#[test]
+fn authentication_at_respire() {
+    let redis = RedisServer::start();
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = cfg_dir.path().join("respire.toml");
+    std::fs::write(
+        &cfg,
+        format!("requirepass = \"s3cret\"\n[[users]]\nname = \"alice\"\npassword = \"wonder\"\n[backend]\naddress = \"{}\"\n", redis.addr()),
+    )
+    .unwrap();
+    let proxy = Respire::start_args(&["--config", cfg.to_str().unwrap()]);
+    let mut p = Raw::connect(proxy.port);
+    let got = p.roundtrip(
+        &[
+            resp(&[b"GET", b"k"]),
+            resp(&[b"HELLO", b"3"]),
+            resp(&[b"AUTH", b"wrong"]),
+            resp(&[b"AUTH", b"alice", b"nope"]),
+            resp(&[b"AUTH", b"s3cret"]),
+            resp(&[b"SET", b"k", b"v"]),
+            resp(&[b"AUTH", b"alice", b"wonder"]),
+            resp(&[b"GET", b"k"]),
+        ]
+        .concat(),
+        8,
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "-NOAUTH Authentication required.\r\n\
+         -NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time\r\n\
+         -WRONGPASS invalid username-password pair or user is disabled.\r\n\
+         -WRONGPASS invalid username-password pair or user is disabled.\r\n\
+         +OK\r\n+OK\r\n+OK\r\n$1\r\nv\r\n"
+    );
+    // HELLO with AUTH authenticates and switches protocol in one step.
+    let mut q = Raw::connect(proxy.port);
+    let got = q.roundtrip(&resp(&[b"HELLO", b"3", b"AUTH", b"alice", b"wonder"]), 1);
+    assert!(got.starts_with(b"%7\r\n"), "{}", String::from_utf8_lossy(&got));
+    // Unauthenticated clients cannot send big requests (as in Redis).
+    let mut r = Raw::connect(proxy.port);
+    let got = r.roundtrip(b"*20\r\n", 1);
+    assert_eq!(String::from_utf8_lossy(&got), "-ERR Protocol error: unauthenticated multibulk length\r\n");
+    // The redis crate's own AUTH path works.
+    let c = redis::Client::open(format!("redis://alice:wonder@127.0.0.1:{}/", proxy.port)).unwrap();
+    let mut con = c.get_connection().unwrap();
+    let v: String = con.get("k").unwrap();
+    assert_eq!(v, "v");
+}
+
+#[test]
+fn backend_password_is_separate_from_client_auth() {
+    let redis = RedisServer::start_with(&["--requirepass", "backendpw"]);
+    let proxy = Respire::start(&redis.addr(), &["--backend-password", "backendpw"]);
+    let mut con = proxy.conn();
+    let _: () = con.set("k", "v").unwrap();
+    let v: String = con.get("k").unwrap();
+    assert_eq!(v, "v");
+    // Clients need no password here: respire has none configured.
+    let mut p = Raw::connect(proxy.port);
+    assert_eq!(p.roundtrip(&resp(&[b"GET", b"k"]), 1), b"$1\r\nv\r\n");
+}
+
+#[test]
+fn client_commands_are_about_respire_clients() {
+    let redis = RedisServer::start();
+    let proxy = Respire::start(&redis.addr(), &[]);
+    let mut a = proxy.conn();
+    let mut b = proxy.conn();
+    redis::cmd("CLIENT").arg("SETNAME").arg("alpha").query::<()>(&mut a).unwrap();
+    let name: String = redis::cmd("CLIENT").arg("GETNAME").query(&mut a).unwrap();
+    assert_eq!(name, "alpha");
+    let id_b: i64 = redis::cmd("CLIENT").arg("ID").query(&mut b).unwrap();
+    let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut a).unwrap();
+    assert!(list.lines().any(|l| l.contains("name=alpha") && l.contains("cmd=client|list")), "{list}");
+    assert!(list.lines().any(|l| l.starts_with(&format!("id={id_b} "))), "{list}");
+    assert!(!list.contains("name=respire"), "backend connections are not respire's clients");
+    let info: String = redis::cmd("CLIENT").arg("INFO").query(&mut a).unwrap();
+    assert!(info.contains("name=alpha") && info.ends_with('\n'), "{info}");
+    let killed: i64 = redis::cmd("CLIENT").arg("KILL").arg("ID").arg(id_b).query(&mut a).unwrap();
+    assert_eq!(killed, 1);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(redis::cmd("PING").query::<String>(&mut b).is_err(), "killed client is disconnected");
+    let pong: String = redis::cmd("PING").query(&mut a).unwrap();
+    assert_eq!(pong, "PONG");
+}
+
+#[test]
+fn client_reply_off_and_skip() {
+    let redis = RedisServer::start();
+    let proxy = Respire::start(&redis.addr(), &[]);
+    let mut p = Raw::connect(proxy.port);
+    let got = p.roundtrip(
+        &[
+            resp(&[b"CLIENT", b"REPLY", b"OFF"]),
+            resp(&[b"SET", b"a", b"1"]),
+            resp(&[b"PING"]),
+            resp(&[b"CLIENT", b"REPLY", b"ON"]),
+            resp(&[b"CLIENT", b"REPLY", b"SKIP"]),
+            resp(&[b"GET", b"a"]),
+            resp(&[b"INCR", b"a"]),
+        ]
+        .concat(),
+        2,
+    );
+    assert_eq!(String::from_utf8_lossy(&got), "+OK\r\n:2\r\n");
+}
+
+#[test]
+fn quit_answers_ok_and_closes() {
+    let redis = RedisServer::start();
+    let proxy = Respire::start(&redis.addr(), &[]);
+    let mut p = Raw::connect(proxy.port);
+    let got = p.roundtrip(&[resp(&[b"SET", b"q", b"1"]), resp(&[b"QUIT"]), resp(&[b"SET", b"q", b"2"])].concat(), 2);
+    assert_eq!(String::from_utf8_lossy(&got), "+OK\r\n+OK\r\n");
+    assert!(p.closed());
+    let v: String = redis.client().get_connection().unwrap().get("q").unwrap();
+    assert_eq!(v, "1", "nothing after QUIT runs");
+}
+
+#[test]
+fn redis_cli_through_respire() {
+    let redis = RedisServer::start();
+    let proxy = Respire::start(&redis.addr(), &[]);
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("redis-cli").args(["-p", &proxy.port.to_string()]).args(args).output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+    };
+    assert_eq!(run(&["SET", "cli", "value"]), "OK");
+    assert_eq!(run(&["GET", "cli"]), "value");
+    assert_eq!(run(&["--no-raw", "-3", "HSET", "h", "a", "1"]), "(integer) 1");
+    assert_eq!(run(&["--no-raw", "LRANGE", "nolist", "0", "-1"]), "(empty array)");
+    assert!(run(&["INFO", "server"]).contains("redis_version:"));
+    assert!(run(&["COMMAND", "COUNT"]).parse::<u32>().unwrap() > 200);
+}
+
+#[test]
+fn backend_down_at_start_then_up() {
+    let port = respire_tests::free_port();
+    let proxy = Respire::start(&format!("127.0.0.1:{port}"), &[]);
+    let mut p = Raw::connect(proxy.port);
+    let got = p.roundtrip(&resp(&[b"GET", b"k"]), 1);
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with(&format!("-ERR respire: backend 127.0.0.1:{port} is unavailable")), "{text}");
+    // Local commands still work.
+    assert_eq!(p.roundtrip(&resp(&[b"PING"]), 1), b"+PONG\r\n");
+    // Once Redis is there, the same connection works (after the reconnect backoff).
+    let _redis = RedisServer::start_on(port);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = p.roundtrip(&resp(&[b"SET", b"k", b"v"]), 1);
+        if got == b"+OK\r\n" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never reconnected: {}", String::from_utf8_lossy(&got));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn backend_restarted_under_load() {
+    let mut redis = RedisServer::start();
+    let proxy = Respire::start(&redis.addr(), &[]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..8 {
+        let client = proxy.client();
+        let stop = stop.clone();
+        workers.push(std::thread::spawn(move || {
+            let mut con = client.get_connection().unwrap();
+            let (mut ok, mut errors) = (0u64, 0u64);
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 1_000_000 {
+                i += 1;
+                match con.set::<_, _, ()>(format!("w{w}"), i) {
+                    Ok(()) => ok += 1,
+                    Err(e) => {
+                        assert!(e.to_string().contains("respire"), "unexpected error: {e}");
+                        errors += 1;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            }
+            (ok, errors)
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    redis.restart();
+    std::thread::sleep(Duration::from_millis(1500));
+    // After the restart every client works again.
+    let mut after = Vec::new();
+    for _ in 0..8 {
+        let mut con = proxy.conn();
+        let r: redis::RedisResult<()> = con.set("after", 1);
+        after.push(r.is_ok());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total_ok = 0;
+    for w in workers {
+        let (ok, _errors) = w.join().unwrap();
+        total_ok += ok;
+    }
+    assert!(after.iter().all(|ok| *ok), "clients fail after the backend came back: {after:?}");
+    assert!(total_ok > 100);
+}
+
+#[test]
+fn graceful_shutdown_delivers_owed_replies() {
+    let redis = RedisServer::start();
+    let mut proxy = Respire::start(&redis.addr(), &[]);
+    let mut p = Raw::connect(proxy.port);
+    // A slow command is in flight when SIGTERM arrives.
+    p.send(&[resp(&[b"DEBUG", b"SLEEP", b"0.5"]), resp(&[b"SET", b"after-sleep", b"1"])].concat());
+    std::thread::sleep(Duration::from_millis(100));
+    let status = proxy.terminate(Duration::from_secs(10)).expect("respire exits");
+    assert!(status.success(), "exit status {status:?}");
+    let got = p.read_replies(2);
+    assert_eq!(String::from_utf8_lossy(&got), "+OK\r\n+OK\r\n");
+    assert!(p.closed());
+    // New connections are refused.
+    assert!(std::net::TcpStream::connect(proxy.addr()).is_err());
+}
+
+#[test]
+fn max_clients_is_enforced() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("r.toml");
+    std::fs::write(&cfg, format!("max_clients = 3\n[backend]\naddress = \"{}\"\n", redis.addr())).unwrap();
+    let proxy = Respire::start_args(&["--config", cfg.to_str().unwrap()]);
+    std::thread::sleep(Duration::from_millis(100));
+    let mut held: Vec<Raw> = (0..3).map(|_| Raw::connect(proxy.port)).collect();
+    for h in held.iter_mut() {
+        assert_eq!(h.roundtrip(b"PING\r\n", 1), b"+PONG\r\n");
+    }
+    let mut extra = Raw::connect(proxy.port);
+    assert_eq!(extra.read_replies(1), b"-ERR max number of clients reached\r\n");
+    assert!(extra.closed());
+    drop(held.pop());
+    std::thread::sleep(Duration::from_millis(200));
+    let mut again = Raw::connect(proxy.port);
+    assert_eq!(again.roundtrip(b"PING\r\n", 1), b"+PONG\r\n");
+}
