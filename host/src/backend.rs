@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, info, warn};
 
+use crate::io::{IoEvent, poll_io, write_now};
 use crate::protocol::{self, Value, reply_len};
 
 /// Why a request got no reply from its backend.
@@ -307,7 +308,7 @@ const HIGH_WATER: usize = 4 * 1024 * 1024;
 
 async fn serve(
     node: &NodeSettings,
-    stream: TcpStream,
+    mut stream: TcpStream,
     rx: &mut mpsc::UnboundedReceiver<Request>,
     first: Option<Request>,
 ) -> End {
@@ -315,6 +316,10 @@ async fn serve(
     let mut rbuf = BytesMut::with_capacity(16 * 1024);
     let mut inflight: VecDeque<InFlight> = VecDeque::new();
     let mut pending = first;
+    // One timer for the oldest request's deadline, re-armed only when that deadline changes.
+    let timer = tokio::time::sleep(node.command_timeout);
+    tokio::pin!(timer);
+    let mut armed: Option<Instant> = None;
     let end = loop {
         // Take everything queued since we last ran: one write per batch.
         let now = Instant::now();
@@ -333,44 +338,37 @@ async fn serve(
                 break;
             }
         }
-        if !wbuf.is_empty() {
-            match stream.try_write(&wbuf) {
-                Ok(n) => {
-                    let _ = wbuf.split_to(n);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => break End::Failed(e.to_string()),
-            }
+        if let Err(e) = write_now(&stream, &mut wbuf) {
+            break End::Failed(e.to_string());
         }
-        let timer = inflight.front().and_then(|f| f.deadline);
+        let due = inflight.front().and_then(|f| f.deadline);
+        if due != armed {
+            if let Some(d) = due {
+                timer.as_mut().reset(d);
+            }
+            armed = due;
+        }
+        let taking = wbuf.len() < HIGH_WATER && pending.is_none();
+        let (stream_ref, w, r) = (&mut stream, &mut wbuf, &mut rbuf);
+        let io = std::future::poll_fn(|cx| poll_io(stream_ref, cx, w, r, true));
         tokio::select! {
             biased;
-            r = stream.readable() => {
-                if let Err(e) = r {
-                    break End::Failed(e.to_string());
-                }
-                rbuf.reserve(16 * 1024);
-                match stream.try_read_buf(&mut rbuf) {
-                    Ok(0) => break End::Failed("connection closed by the server".into()),
-                    Ok(_) => {
-                        if let Err(e) = dispatch_replies(&mut rbuf, &mut inflight) {
-                            break End::Failed(e);
-                        }
+            ev = io => match ev {
+                IoEvent::Read => {
+                    if let Err(e) = dispatch_replies(&mut rbuf, &mut inflight) {
+                        break End::Failed(e);
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => break End::Failed(e.to_string()),
                 }
-            }
-            req = rx.recv(), if wbuf.len() < HIGH_WATER && pending.is_none() => match req {
+                IoEvent::Wrote => {}
+                IoEvent::Closed(e) => {
+                    break End::Failed(e.map(|e| e.to_string()).unwrap_or_else(|| "connection closed by the server".into()));
+                }
+            },
+            req = rx.recv(), if taking => match req {
                 Some(r) => pending = Some(r),
                 None => break End::HandleDropped,
             },
-            r = stream.writable(), if !wbuf.is_empty() => {
-                if let Err(e) = r {
-                    break End::Failed(e.to_string());
-                }
-            }
-            _ = sleep_until(timer.unwrap_or(now)), if timer.is_some() => {
+            _ = &mut timer, if armed.is_some() => {
                 break End::Failed(format!("no reply within {:?}", node.command_timeout));
             }
         }

@@ -12,6 +12,7 @@
 //!   writes and FIFO reply matching; the per-worker connection pool.
 //! - [`session`]: one client connection: batches, in-order replies, local
 //!   commands, transactions, blocking commands, subscriptions.
+//! - [`io`]: socket reads and writes shared by both sides.
 //! - [`clients`]: the process-wide client list (`CLIENT LIST`/`KILL`, limits).
 //! - [`server`]: the listener, worker threads and graceful shutdown.
 //!
@@ -30,6 +31,7 @@ pub mod backend;
 pub mod clients;
 pub mod commands;
 pub mod config;
+pub mod io;
 pub mod protocol;
 pub mod server;
 pub mod session;

@@ -33,6 +33,7 @@ use tracing::debug;
 use crate::backend::{self, BackendConn, BackendError, ConnKey, Reply};
 use crate::clients::{ClientInfo, flag};
 use crate::commands::{self, Kind, Local};
+use crate::io::{IoEvent, poll_io, write_now};
 use crate::protocol::{self as resp, Command, RequestParser, parse_i64, reply_len};
 use crate::server::Worker;
 
@@ -174,37 +175,28 @@ impl Session {
                 return;
             }
             let reading = !self.closing && self.stalled.is_none() && self.stream_start.is_none();
+            let queue = &mut self.queue;
             let front = async {
-                match self.queue.front_mut() {
+                match queue.front_mut() {
                     Some(Slot::Waiting { rx, .. }) => rx.await,
                     _ => std::future::pending().await,
                 }
             };
+            let (stream, out, inbuf) = (&mut self.stream, &mut self.out, &mut self.inbuf);
+            let io = std::future::poll_fn(|cx| poll_io(stream, cx, out, inbuf, reading));
             tokio::select! {
                 biased;
                 _ = self.info.kill.notified() => return,
                 r = front => self.complete_front(r),
-                r = self.stream.writable(), if !self.out.is_empty() => {
-                    if r.is_err() {
-                        return;
+                ev = io => match ev {
+                    IoEvent::Read => {
+                        self.process_input();
+                        self.note_activity();
+                        idle_deadline = Instant::now() + idle;
                     }
-                }
-                r = self.stream.readable(), if reading => {
-                    if r.is_err() {
-                        return;
-                    }
-                    self.inbuf.reserve(16 * 1024);
-                    match self.stream.try_read_buf(&mut self.inbuf) {
-                        Ok(0) => return,
-                        Ok(_) => {
-                            self.process_input();
-                            self.note_activity();
-                            idle_deadline = Instant::now() + idle;
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(_) => return,
-                    }
-                }
+                    IoEvent::Wrote => {}
+                    IoEvent::Closed(_) => return,
+                },
                 _ = shutdown.changed(), if !self.closing => self.closing = true,
                 _ = sleep_until(idle_deadline), if !idle.is_zero() && self.waiting == 0 && !self.in_multi && !self.watching => return,
             }
@@ -213,14 +205,11 @@ impl Session {
 
     /// Writes as much of the output as the socket takes now; `false` if the client is gone.
     fn try_flush(&mut self) -> bool {
-        while !self.out.is_empty() {
-            match self.stream.try_write(&self.out) {
-                Ok(n) => {
-                    let _ = self.out.split_to(n);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
-                Err(_) => return false,
-            }
+        if write_now(&self.stream, &mut self.out).is_err() {
+            return false;
+        }
+        if !self.out.is_empty() {
+            return true;
         }
         // Keep a modest buffer around instead of a huge one after a big reply.
         if self.out.capacity() > 1024 * 1024 {

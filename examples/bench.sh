@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Side-by-side throughput: direct Redis, respire and twemproxy (nutcracker) in
+# one run, alternating, with redis-benchmark (SET and GET, 50 clients, 32-byte
+# values, pipeline 1 and 16). Prints ops/s (median of ROUNDS) and ratios to
+# direct Redis. Everything runs on 127.0.0.1 and stops at the end.
+#
+#   bash examples/bench.sh            # ROUNDS=3 REQUESTS=200000 by default
+#   ROUNDS=5 REQUESTS=500000 WORKERS=1 bash examples/bench.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-3}
+REQUESTS=${REQUESTS:-200000}
+CLIENTS=${CLIENTS:-50}
+WORKERS=${WORKERS:-1}
+TESTS=${TESTS:-set,get}
+PIPELINES=${PIPELINES:-"1 16"}
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v redis-benchmark >/dev/null 2>&1 || missing+=(redis-tools)
+command -v nutcracker >/dev/null 2>&1 || missing+=(nutcracker)
+if [ ${#missing[@]} -gt 0 ]; then
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+cargo build --release --locked -p respire >/dev/null
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 100); do redis-cli -p "$1" ping >/dev/null 2>&1 && return 0; sleep 0.05; done; echo "port $1 did not come up" >&2; return 1; }
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+# PIN=1: Redis on core 0, the proxy on core 1 (the benchmark client floats).
+# PIN=0 (default): the scheduler places everything.
+PIN=${PIN:-0}
+if [ "$PIN" = 1 ] && [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then
+  PIN_REDIS="taskset -c 0"; PIN_PROXY="taskset -c 1"
+else
+  PIN_REDIS=""; PIN_PROXY=""
+fi
+
+redis_port=$(free_port)
+$PIN_REDIS redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no --dir "$work" --logfile "$work/redis.log" &
+pids+=($!)
+wait_port "$redis_port"
+
+respire_port=$(free_port)
+RUST_LOG=warn $PIN_PROXY target/release/respire --listen "127.0.0.1:$respire_port" --backend "127.0.0.1:$redis_port" --workers "$WORKERS" 2>"$work/respire.log" &
+pids+=($!)
+wait_port "$respire_port"
+
+twem_port=$(free_port)
+cat > "$work/nutcracker.yml" <<YML
+bench:
+  listen: 127.0.0.1:$twem_port
+  hash: fnv1a_64
+  distribution: ketama
+  redis: true
+  servers:
+   - 127.0.0.1:$redis_port:1
+YML
+$PIN_PROXY nutcracker -c "$work/nutcracker.yml" -s "$(free_port)" -a 127.0.0.1 -o "$work/nutcracker.log" &
+pids+=($!)
+wait_port "$twem_port"
+
+declare -A results
+run() { # target port test pipeline
+  redis-benchmark -p "$2" -t "$3" -n "$REQUESTS" -c "$CLIENTS" -d 32 -P "$4" -r 100000 --csv 2>/dev/null \
+    | awk -F'","' 'NR>1 { gsub(/"/, "", $2); print $2; exit }'
+}
+targets="direct:$redis_port respire:$respire_port twemproxy:$twem_port"
+for round in $(seq "$ROUNDS"); do
+  for p in $PIPELINES; do
+    for t in ${TESTS//,/ }; do
+      for target in $targets; do
+        name=${target%%:*}; port=${target##*:}
+        results["$name,$t,$p"]+="$(run "$name" "$port" "$t" "$p") "
+      done
+    done
+  done
+  echo "round $round of $ROUNDS done" >&2
+done
+
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END { if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
+printf '\n%-5s %-3s %12s %12s %12s %9s %9s\n' test P direct respire twemproxy respire/d twem/d
+for p in $PIPELINES; do
+  for t in ${TESTS//,/ }; do
+    d=$(echo "${results["direct,$t,$p"]}" | median)
+    r=$(echo "${results["respire,$t,$p"]}" | median)
+    w=$(echo "${results["twemproxy,$t,$p"]}" | median)
+    printf '%-5s %-3s %12.0f %12.0f %12.0f %9.2f %9.2f\n' "$t" "$p" "$d" "$r" "$w" \
+      "$(echo "$r / $d" | bc -l)" "$(echo "$w / $d" | bc -l)"
+  done
+done
+echo
+echo "machine: $(nproc) cores; $REQUESTS requests x $ROUNDS rounds, $CLIENTS clients, 32-byte values; respire workers=$WORKERS; PIN=$PIN"

@@ -1,0 +1,70 @@
+//! Socket I/O shared by client sessions and backend connections.
+//!
+//! Both sides wait on one future that writes pending output and reads input.
+//! It goes through tokio's `poll_write`/`poll_read`, which clear the
+//! socket's readiness after a short read or write, so a drained socket costs
+//! no extra `EAGAIN` system call before the task sleeps (measured: one third
+//! of all syscalls at pipeline depth 1 before this).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::AsyncWrite;
+use tokio::net::TcpStream;
+
+/// Smallest free space offered to a read.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// What happened on the socket.
+#[derive(Debug)]
+pub enum IoEvent {
+    /// Bytes were appended to the input buffer.
+    Read,
+    /// Some output was written (the rest, if any, waits for the socket).
+    Wrote,
+    /// The peer closed the connection or it failed.
+    Closed(Option<std::io::Error>),
+}
+
+/// Writes from `out` while the socket accepts it, and reads into `input` when `reading`;
+/// ready when either made progress.
+pub fn poll_io(stream: &mut TcpStream, cx: &mut Context<'_>, out: &mut BytesMut, input: &mut BytesMut, reading: bool) -> Poll<IoEvent> {
+    let mut wrote = false;
+    while !out.is_empty() {
+        match Pin::new(&mut *stream).poll_write(cx, out) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(IoEvent::Closed(None)),
+            Poll::Ready(Ok(n)) => {
+                out.advance(n);
+                wrote = true;
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(IoEvent::Closed(Some(e))),
+            Poll::Pending => break,
+        }
+    }
+    if reading {
+        if input.capacity() - input.len() < READ_CHUNK / 4 {
+            input.reserve(READ_CHUNK);
+        }
+        match tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, input) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(IoEvent::Closed(None)),
+            Poll::Ready(Ok(_)) => return Poll::Ready(IoEvent::Read),
+            Poll::Ready(Err(e)) => return Poll::Ready(IoEvent::Closed(Some(e))),
+            Poll::Pending => {}
+        }
+    }
+    if wrote { Poll::Ready(IoEvent::Wrote) } else { Poll::Pending }
+}
+
+/// Writes as much of `out` as the socket takes without waiting; `Err` if the connection failed.
+pub fn write_now(stream: &TcpStream, out: &mut BytesMut) -> std::io::Result<()> {
+    while !out.is_empty() {
+        match stream.try_write(out) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => out.advance(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
