@@ -34,8 +34,8 @@ pub struct ClientInfo {
     pub lib_ver: Mutex<Bytes>,
     /// Authenticated user.
     pub user: Mutex<String>,
-    /// Last command name, lower case.
-    pub last_cmd: Mutex<String>,
+    /// Name and first argument of the last command (formatted only when listed).
+    pub last_cmd: Mutex<(Bytes, Option<Bytes>)>,
     /// Selected database.
     pub db: AtomicU32,
     /// RESP version.
@@ -95,7 +95,17 @@ impl ClientInfo {
         }
         let text = |m: &Mutex<Bytes>| m.lock().map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
         let user = self.user.lock().map(|u| u.clone()).unwrap_or_default();
-        let cmd = self.last_cmd.lock().map(|c| if c.is_empty() { "NULL".to_string() } else { c.clone() }).unwrap_or_default();
+        let cmd = self
+            .last_cmd
+            .lock()
+            .map(|c| match &*c {
+                (name, _) if name.is_empty() => "NULL".to_string(),
+                (name, Some(sub)) if crate::commands::is_container(name) => {
+                    format!("{}|{}", crate::commands::display_name(name), crate::commands::display_name(sub))
+                }
+                (name, _) => crate::commands::display_name(name),
+            })
+            .unwrap_or_default();
         format!(
             "id={} addr={} laddr={} fd={} name={} age={} idle={} flags={} db={} sub=0 psub=0 ssub=0 multi={} qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 events=r cmd={} user={} redir=-1 resp={} lib-name={} lib-ver={}",
             self.id,
@@ -157,7 +167,7 @@ impl Clients {
             lib_name: Mutex::new(Bytes::new()),
             lib_ver: Mutex::new(Bytes::new()),
             user: Mutex::new("default".into()),
-            last_cmd: Mutex::new(String::new()),
+            last_cmd: Mutex::new((Bytes::new(), None)),
             db: AtomicU32::new(0),
             resp: AtomicU8::new(2),
             flags: AtomicU8::new(0),

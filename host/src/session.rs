@@ -94,7 +94,7 @@ pub struct Session {
     reply_mode: ReplyMode,
     /// Stop reading; close once every owed reply is written.
     closing: bool,
-    /// Name of the last command (with its subcommand for container commands), for `CLIENT LIST`.
+    /// Name and first argument of the last command, for `CLIENT LIST`.
     last_name: (Bytes, Option<Bytes>),
 }
 
@@ -231,15 +231,9 @@ impl Session {
     fn note_activity(&mut self) {
         let ms = self.info.created.elapsed().as_millis() as u64;
         self.info.last_active_ms.store(ms, Ordering::Relaxed);
-        let (name, sub) = &self.last_name;
-        if !name.is_empty() {
+        if !self.last_name.0.is_empty() {
             if let Ok(mut c) = self.info.last_cmd.lock() {
-                c.clear();
-                c.push_str(&commands::display_name(name));
-                if let Some(sub) = sub {
-                    c.push('|');
-                    c.push_str(&commands::display_name(sub));
-                }
+                *c = self.last_name.clone();
             }
         }
     }
@@ -341,9 +335,7 @@ impl Session {
 
     fn handle(&mut self, cmd: Command) {
         let spec = commands::lookup(cmd.name());
-        let name = cmd.args.first().cloned().unwrap_or_default();
-        let sub = if commands::is_container(&name) { cmd.args.get(1).cloned() } else { None };
-        self.last_name = (name, sub);
+        self.last_name = (cmd.args.first().cloned().unwrap_or_default(), cmd.args.get(1).cloned());
         if !self.authenticated && !spec.no_auth {
             self.reply_error("NOAUTH Authentication required.");
             return;
@@ -455,6 +447,13 @@ impl Session {
             }
             Target::Exclusive => {
                 let key = self.key();
+                let pinned = self.in_multi || self.watching;
+                if !pinned && self.exclusive.as_ref().is_some_and(|(k, c)| *k != key || !c.is_alive()) {
+                    // Held over from an earlier blocking command but for another database or
+                    // protocol, or broken: nothing is owed on it (we only get here with
+                    // waiting == 0 or the same target), so swap it for a fitting one.
+                    self.release_exclusive(false);
+                }
                 match &self.exclusive {
                     Some((_, c)) => c.clone(),
                     None => {

@@ -682,3 +682,47 @@ fn max_clients_is_enforced() {
     let mut again = Raw::connect(proxy.port);
     assert_eq!(again.roundtrip(b"PING\r\n", 1), b"+PONG\r\n");
 }
+
+#[test]
+fn slow_backend_replies_time_out_with_a_clear_error() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("r.toml");
+    std::fs::write(&cfg, format!("[backend]\naddress = \"{}\"\ncommand_timeout = \"300ms\"\n", redis.addr())).unwrap();
+    let proxy = Respire::start_args(&["--config", cfg.to_str().unwrap()]);
+    let mut p = Raw::connect(proxy.port);
+    let start = Instant::now();
+    let got = p.roundtrip(&resp(&[b"DEBUG", b"SLEEP", b"1"]), 1);
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("-ERR respire: connection to backend") && text.contains("no reply within 300ms"), "{text}");
+    assert!(start.elapsed() < Duration::from_millis(900), "timed out after {:?}", start.elapsed());
+    // Blocking commands are exempt: a 1 s BLPOP is not cut short.
+    let got = p.roundtrip(&resp(&[b"BLPOP", b"nothing", b"1"]), 1);
+    assert_eq!(String::from_utf8_lossy(&got), "*-1\r\n");
+    // And the connection recovers for later commands.
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(p.roundtrip(&resp(&[b"SET", b"k", b"v"]), 1), b"+OK\r\n");
+}
+
+#[test]
+fn blocking_commands_follow_select() {
+    let redis = RedisServer::start();
+    let proxy = Respire::start(&redis.addr(), &["--workers", "1"]);
+    let mut p = Raw::connect(proxy.port);
+    let got = p.roundtrip(
+        &[
+            resp(&[b"RPUSH", b"q", b"db0"]),
+            resp(&[b"BLPOP", b"q", b"1"]),
+            resp(&[b"SELECT", b"3"]),
+            resp(&[b"RPUSH", b"q", b"db3"]),
+            resp(&[b"BLPOP", b"q", b"1"]),
+            resp(&[b"BLPOP", b"q", b"0.1"]),
+        ]
+        .concat(),
+        6,
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        ":1\r\n*2\r\n$1\r\nq\r\n$3\r\ndb0\r\n+OK\r\n:1\r\n*2\r\n$1\r\nq\r\n$3\r\ndb3\r\n*-1\r\n"
+    );
+}
