@@ -70,7 +70,7 @@ pub struct Request {
 }
 
 /// How to reach and log in to one backend node.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct NodeSettings {
     /// "host:port"
     pub addr: Arc<str>,

@@ -7,7 +7,12 @@
 //! itself, commands that need a connection of their own (transactions,
 //! blocking commands, subscriptions), and commands that are refused.
 
-use crate::protocol::Command;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::protocol::{Command, Value, parse_i64, reply_len};
 
 /// How respire handles a command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +39,10 @@ pub enum Kind {
     Unsubscribe,
     /// Refused with the given reason.
     Refused(&'static str),
+    /// `CLUSTER …`: answered by respire over shards (it presents itself as one node), forwarded otherwise.
+    Cluster,
+    /// `READONLY`, `READWRITE`, `ASKING`: accepted by respire over shards, forwarded otherwise.
+    ClusterConnection,
 }
 
 /// Commands answered by respire.
@@ -81,6 +90,7 @@ const REPLICATION: &str = "ERR respire: replication commands cannot be sent thro
 
 /// The table, sorted by name (checked by a test).
 static TABLE: &[Spec] = &[
+    spec("asking", Kind::ClusterConnection),
     no_auth("auth", Kind::Local(Local::Auth)),
     spec("blmove", Kind::Blocking),
     spec("blmpop", Kind::Blocking),
@@ -91,6 +101,7 @@ static TABLE: &[Spec] = &[
     spec("bzpopmax", Kind::Blocking),
     spec("bzpopmin", Kind::Blocking),
     spec("client", Kind::Local(Local::Client)),
+    spec("cluster", Kind::Cluster),
     spec("discard", Kind::EndTransaction),
     spec("echo", Kind::Local(Local::Echo)),
     spec("exec", Kind::EndTransaction),
@@ -102,6 +113,8 @@ static TABLE: &[Spec] = &[
     spec("psync", Kind::Refused(REPLICATION)),
     spec("punsubscribe", Kind::Unsubscribe),
     no_auth("quit", Kind::Local(Local::Quit)),
+    spec("readonly", Kind::ClusterConnection),
+    spec("readwrite", Kind::ClusterConnection),
     spec("replconf", Kind::Refused(REPLICATION)),
     no_auth("reset", Kind::Local(Local::Reset)),
     spec("select", Kind::Local(Local::Select)),
@@ -164,9 +177,329 @@ pub fn display_name(name: &[u8]) -> String {
     String::from_utf8_lossy(name).to_lowercase()
 }
 
+/// Bits of [`CommandInfo::flags`], from Redis's command flags.
+pub mod flags {
+    /// May modify data.
+    pub const WRITE: u32 = 1;
+    /// Only reads data.
+    pub const READONLY: u32 = 1 << 1;
+    /// Administrative.
+    pub const ADMIN: u32 = 1 << 2;
+    /// Pub/Sub related.
+    pub const PUBSUB: u32 = 1 << 3;
+    /// May block the client.
+    pub const BLOCKING: u32 = 1 << 4;
+    /// Key positions depend on the arguments.
+    pub const MOVABLEKEYS: u32 = 1 << 5;
+    /// Not allowed in scripts.
+    pub const NOSCRIPT: u32 = 1 << 6;
+    /// O(1) or O(log N).
+    pub const FAST: u32 = 1 << 7;
+    /// Allowed before authentication.
+    pub const NO_AUTH: u32 = 1 << 8;
+    /// Output may differ between calls with the same input.
+    pub const RANDOM: u32 = 1 << 9;
+
+    pub(super) fn from_name(name: &[u8]) -> u32 {
+        match name {
+            b"write" => WRITE,
+            b"readonly" => READONLY,
+            b"admin" => ADMIN,
+            b"pubsub" => PUBSUB,
+            b"blocking" => BLOCKING,
+            b"movablekeys" => MOVABLEKEYS,
+            b"noscript" => NOSCRIPT,
+            b"fast" => FAST,
+            b"no_auth" => NO_AUTH,
+            b"random" => RANDOM,
+            _ => 0,
+        }
+    }
+}
+
+/// Where the search for a key specification's first key begins.
+#[derive(Debug, Clone, PartialEq)]
+enum BeginSearch {
+    /// At this argument index.
+    Index(i64),
+    /// After this keyword, searched from `startfrom` (negative: from the end, backwards).
+    Keyword { keyword: Bytes, startfrom: i64 },
+    /// Not described: keys cannot be found from this spec.
+    Unknown,
+}
+
+/// How the keys continue after the first one.
+#[derive(Debug, Clone, PartialEq)]
+enum FindKeys {
+    /// Up to `lastkey` (relative to the first key; negative counts from the end, divided by `limit` when set).
+    Range { lastkey: i64, keystep: i64, limit: i64 },
+    /// A count of keys at `keynumidx` (relative), keys from `firstkey` (relative).
+    Keynum { keynumidx: i64, firstkey: i64, keystep: i64 },
+    /// Not described.
+    Unknown,
+}
+
+/// One of a command's key specifications (Redis 7 `COMMAND` "key specs").
+#[derive(Debug, Clone, PartialEq)]
+struct KeySpec {
+    begin: BeginSearch,
+    find: FindKeys,
+}
+
+/// What Redis says about a command: arity, flags, categories and where its keys are.
+#[derive(Debug, Clone)]
+pub struct CommandInfo {
+    /// Lower-case name (`get`, `client|list`).
+    pub name: String,
+    /// Redis arity: N exactly, or -N for at least N arguments (name included).
+    pub arity: i64,
+    /// See [`flags`].
+    pub flags: u32,
+    /// ACL categories without the `@` (`read`, `string`, `fast`, …).
+    pub categories: Vec<String>,
+    key_specs: Vec<KeySpec>,
+    /// (first, last, step) key positions from before key specs existed.
+    legacy: (i64, i64, i64),
+    subcommands: HashMap<Vec<u8>, Arc<CommandInfo>>,
+}
+
+impl CommandInfo {
+    /// Whether a flag bit is set.
+    pub fn has(&self, flag: u32) -> bool {
+        self.flags & flag != 0
+    }
+
+    /// Appends the positions of the keys in `args` to `out`, as Redis finds them.
+    pub fn key_positions(&self, args: &[Bytes], out: &mut Vec<usize>) {
+        let argc = args.len() as i64;
+        if self.key_specs.is_empty() {
+            let (first, last, step) = self.legacy;
+            if first <= 0 || step <= 0 {
+                return;
+            }
+            let last = if last < 0 { argc + last } else { last };
+            let mut i = first;
+            while i <= last && i < argc {
+                out.push(i as usize);
+                i += step;
+            }
+            return;
+        }
+        for spec in &self.key_specs {
+            let first = match &spec.begin {
+                BeginSearch::Index(i) => *i,
+                BeginSearch::Keyword { keyword, startfrom } => {
+                    let (start, end, dir) = if *startfrom >= 0 { (*startfrom, argc - 1, 1) } else { (argc + startfrom, 1, -1) };
+                    let mut found = None;
+                    let mut i = start;
+                    loop {
+                        if i < 1 || i >= argc {
+                            break;
+                        }
+                        if args[i as usize].eq_ignore_ascii_case(keyword) {
+                            found = Some(i + 1);
+                            break;
+                        }
+                        if i == end {
+                            break;
+                        }
+                        i += dir;
+                    }
+                    match found {
+                        Some(f) => f,
+                        None => continue,
+                    }
+                }
+                BeginSearch::Unknown => continue,
+            };
+            let (first, last, step) = match &spec.find {
+                FindKeys::Range { lastkey, keystep, limit } => {
+                    let last = if *lastkey >= 0 {
+                        first + lastkey
+                    } else if *limit <= 1 {
+                        argc + lastkey
+                    } else {
+                        first + ((argc - first) / limit + lastkey)
+                    };
+                    (first, last, *keystep)
+                }
+                FindKeys::Keynum { keynumidx, firstkey, keystep } => {
+                    let idx = first + keynumidx;
+                    let Some(n) = args.get(idx.max(0) as usize).and_then(|a| parse_i64(a)).filter(|n| *n >= 0) else {
+                        continue;
+                    };
+                    let first = first + firstkey;
+                    (first, first + n * keystep.max(&1) - 1, *keystep)
+                }
+                FindKeys::Unknown => continue,
+            };
+            if step <= 0 {
+                continue;
+            }
+            let mut i = first;
+            while i <= last && i < argc {
+                if i >= 1 {
+                    out.push(i as usize);
+                }
+                i += step;
+            }
+        }
+    }
+}
+
+/// Every command Redis describes, by lower-case name.
+#[derive(Debug, Clone, Default)]
+pub struct CommandTable {
+    map: HashMap<Vec<u8>, Arc<CommandInfo>>,
+}
+
+/// The `COMMAND` reply of Redis 7.0, used until a backend tells us its own.
+static BUILTIN: &[u8] = include_bytes!("commands.resp");
+
+impl CommandTable {
+    /// The table of Redis 7.0 commands built into respire.
+    pub fn builtin() -> CommandTable {
+        CommandTable::from_reply(&Bytes::from_static(BUILTIN)).unwrap_or_default()
+    }
+
+    /// Builds a table from a `COMMAND` (or `COMMAND INFO`) reply.
+    pub fn from_reply(frame: &Bytes) -> Option<CommandTable> {
+        if reply_len(frame).ok()?? != frame.len() {
+            return None;
+        }
+        let Value::Array(entries) = Value::parse(frame).ok()? else {
+            return None;
+        };
+        let mut map = HashMap::new();
+        for e in &entries {
+            if let Some(info) = parse_info(e) {
+                map.insert(info.name.as_bytes().to_vec(), Arc::new(info));
+            }
+        }
+        Some(CommandTable { map })
+    }
+
+    /// Adds or replaces the commands of `other` (the backend's own description wins).
+    pub fn merge(&mut self, other: CommandTable) {
+        self.map.extend(other.map);
+    }
+
+    /// Number of top-level commands.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// The description of the command in `args` (its subcommand's, for container commands).
+    pub fn get(&self, args: &[Bytes]) -> Option<&CommandInfo> {
+        let info = self.map.get(lower(args.first()?)?.as_slice())?;
+        if !info.subcommands.is_empty() {
+            if let Some(sub) = args.get(1).and_then(|s| lower(s)) {
+                if let Some(s) = info.subcommands.get(sub.as_slice()) {
+                    return Some(s);
+                }
+            }
+        }
+        Some(info)
+    }
+}
+
+/// Lower-cases a short name into a stack buffer (`None` if longer than any command name).
+fn lower(name: &[u8]) -> Option<LowerName> {
+    if name.len() > 48 {
+        return None;
+    }
+    let mut buf = [0u8; 48];
+    for (d, s) in buf.iter_mut().zip(name) {
+        *d = s.to_ascii_lowercase();
+    }
+    Some(LowerName { buf, len: name.len() })
+}
+
+struct LowerName {
+    buf: [u8; 48],
+    len: usize,
+}
+
+impl LowerName {
+    fn as_slice(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+fn parse_info(v: &Value) -> Option<CommandInfo> {
+    let Value::Array(f) = v else { return None };
+    let name = String::from_utf8_lossy(f.first()?.as_bytes()?).to_lowercase();
+    let arity = f.get(1)?.as_int()?;
+    let mut fl = 0;
+    if let Some(Value::Array(items)) = f.get(2) {
+        for i in items {
+            if let Some(b) = i.as_bytes() {
+                fl |= flags::from_name(&b.to_ascii_lowercase());
+            }
+        }
+    }
+    let legacy = (f.get(3).and_then(Value::as_int).unwrap_or(0), f.get(4).and_then(Value::as_int).unwrap_or(0), f.get(5).and_then(Value::as_int).unwrap_or(0));
+    let mut categories = Vec::new();
+    if let Some(Value::Array(items)) = f.get(6) {
+        for i in items {
+            if let Some(b) = i.as_bytes() {
+                categories.push(String::from_utf8_lossy(b).trim_start_matches('@').to_lowercase());
+            }
+        }
+    }
+    let mut key_specs = Vec::new();
+    if let Some(Value::Array(specs)) = f.get(8) {
+        for spec in specs {
+            key_specs.push(parse_key_spec(spec));
+        }
+    }
+    let mut subcommands = HashMap::new();
+    if let Some(Value::Array(subs)) = f.get(9) {
+        for s in subs {
+            if let Some(info) = parse_info(s) {
+                let short = info.name.rsplit('|').next().unwrap_or(&info.name).as_bytes().to_vec();
+                subcommands.insert(short, Arc::new(info));
+            }
+        }
+    }
+    Some(CommandInfo { name, arity, flags: fl, categories, key_specs, legacy, subcommands })
+}
+
+fn parse_key_spec(spec: &Value) -> KeySpec {
+    let int = |v: Option<&Value>, k: &str| v.and_then(|v| v.get(k)).and_then(Value::as_int).unwrap_or(0);
+    let kind = |v: Option<&Value>| v.and_then(|v| v.get("type")).and_then(|t| t.as_bytes()).map(|b| b.to_ascii_lowercase()).unwrap_or_default();
+    let bs = spec.get("begin_search");
+    let bs_spec = bs.and_then(|b| b.get("spec"));
+    let begin = match kind(bs).as_slice() {
+        b"index" => BeginSearch::Index(int(bs_spec, "index")),
+        b"keyword" => match bs_spec.and_then(|s| s.get("keyword")).and_then(|k| k.as_bytes()) {
+            Some(kw) => BeginSearch::Keyword { keyword: kw.clone(), startfrom: int(bs_spec, "startfrom") },
+            None => BeginSearch::Unknown,
+        },
+        _ => BeginSearch::Unknown,
+    };
+    let fk = spec.get("find_keys");
+    let fk_spec = fk.and_then(|f| f.get("spec"));
+    let find = match kind(fk).as_slice() {
+        b"range" => FindKeys::Range { lastkey: int(fk_spec, "lastkey"), keystep: int(fk_spec, "keystep"), limit: int(fk_spec, "limit") },
+        b"keynum" => FindKeys::Keynum {
+            keynumidx: int(fk_spec, "keynumidx"),
+            firstkey: int(fk_spec, "firstkey"),
+            keystep: int(fk_spec, "keystep"),
+        },
+        _ => FindKeys::Unknown,
+    };
+    KeySpec { begin, find }
+}
+
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
     use bytes::Bytes;
 
@@ -177,6 +510,37 @@ mod tests {
         assert_eq!(lookup(b"get").kind, Kind::Forward);
         assert_eq!(lookup(b"averyveryverylongcommandname").kind, Kind::Forward);
         assert!(lookup(b"AUTH").no_auth);
+    }
+
+    fn keys(table: &CommandTable, cmd: &str) -> Vec<String> {
+        let args: Vec<Bytes> = cmd.split(' ').map(|a| Bytes::copy_from_slice(a.as_bytes())).collect();
+        let mut pos = Vec::new();
+        table.get(&args).unwrap().key_positions(&args, &mut pos);
+        pos.iter().map(|&i| String::from_utf8_lossy(&args[i]).into_owned()).collect()
+    }
+
+    #[test]
+    fn key_positions_follow_redis_key_specs() {
+        let t = CommandTable::builtin();
+        assert!(t.len() > 200, "{}", t.len());
+        assert_eq!(keys(&t, "GET k"), ["k"]);
+        assert_eq!(keys(&t, "MSET a 1 b 2"), ["a", "b"]);
+        assert_eq!(keys(&t, "DEL a b c"), ["a", "b", "c"]);
+        assert_eq!(keys(&t, "EVAL s 2 k1 k2 arg"), ["k1", "k2"]);
+        assert_eq!(keys(&t, "EVAL s 0 arg"), Vec::<String>::new());
+        assert_eq!(keys(&t, "XREAD COUNT 1 STREAMS s1 s2 0 0"), ["s1", "s2"]);
+        assert_eq!(keys(&t, "XREADGROUP GROUP g c STREAMS s1 >"), ["s1"]);
+        assert_eq!(keys(&t, "ZUNIONSTORE dst 2 a b WEIGHTS 1 2"), ["dst", "a", "b"]);
+        assert_eq!(keys(&t, "BLMPOP 0 2 a b LEFT"), ["a", "b"]);
+        assert_eq!(keys(&t, "OBJECT ENCODING k"), ["k"]);
+        assert_eq!(keys(&t, "XINFO STREAM s"), ["s"]);
+        assert_eq!(keys(&t, "LMOVE a b LEFT RIGHT"), ["a", "b"]);
+        assert_eq!(keys(&t, "SET k v EX 10"), ["k"]);
+        assert_eq!(keys(&t, "PING"), Vec::<String>::new());
+        let get = t.get(&[Bytes::from("GeT")]).unwrap();
+        assert!(get.has(flags::READONLY) && !get.has(flags::WRITE));
+        assert!(get.categories.iter().any(|c| c == "read"));
+        assert_eq!(t.get(&[Bytes::from("client"), Bytes::from("LIST")]).unwrap().name, "client|list");
     }
 
     #[test]

@@ -64,6 +64,48 @@ pub struct Config {
     pub backend: Backend,
 }
 
+/// One standalone shard.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ShardSpec {
+    /// Just the master's address.
+    Address(String),
+    /// A master with replicas and, optionally, its slot ranges.
+    Full {
+        /// "host:port" of the master.
+        master: String,
+        /// "host:port" of its replicas.
+        #[serde(default)]
+        replicas: Vec<String>,
+        /// Slot ranges such as "0-5460" or single slots such as "7000".
+        #[serde(default)]
+        slots: Vec<String>,
+    },
+}
+
+impl ShardSpec {
+    /// The master's address, replicas and parsed slot ranges.
+    pub fn parts(&self) -> Result<crate::topology::ShardParts, ConfigError> {
+        match self {
+            ShardSpec::Address(a) => Ok((a.clone(), Vec::new(), Vec::new())),
+            ShardSpec::Full { master, replicas, slots } => {
+                let mut ranges = Vec::new();
+                for r in slots {
+                    let (a, b) = r.split_once('-').unwrap_or((r, r));
+                    let (Ok(a), Ok(b)) = (a.trim().parse::<u16>(), b.trim().parse::<u16>()) else {
+                        return Err(ConfigError::Invalid(format!("shards: {r:?} is not a slot range like \"0-5460\"")));
+                    };
+                    if a > b || b >= 16384 {
+                        return Err(ConfigError::Invalid(format!("shards: slot range {r:?} is outside 0-16383")));
+                    }
+                    ranges.push((a, b));
+                }
+                Ok((master.clone(), replicas.clone(), ranges))
+            }
+        }
+    }
+}
+
 /// A named user at respire.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -82,8 +124,13 @@ pub struct Backend {
     pub address: Option<String>,
     /// Redis Cluster seed nodes. Default: none.
     pub cluster: Vec<String>,
-    /// Standalone Redis shards. Default: none.
-    pub shards: Vec<String>,
+    /// Standalone Redis shards, keys placed by hash slot: "host:port" strings, or tables
+    /// `{ master = "host:port", replicas = ["host:port"], slots = ["0-8191"] }`.
+    /// Shards without `slots` share the slots evenly. Default: none.
+    pub shards: Vec<ShardSpec>,
+    /// How often the Redis Cluster topology is refreshed when nothing prompts it. Default: "10s".
+    #[serde(with = "humantime_serde")]
+    pub topology_refresh: Duration,
     /// ACL user respire authenticates as on the backends. Default: none (`default`).
     pub username: Option<String>,
     /// Password respire authenticates with on the backends. Default: none.
@@ -131,6 +178,7 @@ impl Default for Backend {
             address: None,
             cluster: Vec::new(),
             shards: Vec::new(),
+            topology_refresh: Duration::from_secs(10),
             username: None,
             password: None,
             connections: 1,
@@ -196,14 +244,26 @@ impl Config {
         if modes != 1 {
             return bad("backend: give exactly one of --backend, --cluster or --shards (backend.address, backend.cluster or backend.shards in the file)".into());
         }
-        if !b.cluster.is_empty() {
-            return bad("backend.cluster: Redis Cluster backends are not supported yet; use backend.address".into());
-        }
-        if !b.shards.is_empty() {
-            return bad("backend.shards: sharded backends are not supported yet; use backend.address".into());
-        }
-        for addr in b.address.iter() {
+        for addr in b.address.iter().chain(b.cluster.iter()) {
             check_host_port(addr)?;
+        }
+        let mut with_slots = 0;
+        for s in &b.shards {
+            let (master, replicas, ranges) = s.parts()?;
+            for a in std::iter::once(&master).chain(replicas.iter()) {
+                check_host_port(a)?;
+            }
+            with_slots += usize::from(!ranges.is_empty());
+        }
+        if with_slots != 0 && with_slots != b.shards.len() {
+            return bad("backend.shards: give slots for every shard or for none".into());
+        }
+        if with_slots > 0 {
+            let specs: Vec<_> = b.shards.iter().filter_map(|s| s.parts().ok()).collect();
+            crate::topology::Topology::shards(&specs).map_err(|e| ConfigError::Invalid(format!("backend.shards: {e}")))?;
+        }
+        if b.topology_refresh.is_zero() {
+            return bad("backend.topology_refresh must be more than 0s".into());
         }
         if b.connections == 0 || b.connections > 64 {
             return bad("backend.connections must be between 1 and 64".into());
@@ -241,7 +301,7 @@ fn check_host_port(addr: &str) -> Result<(), ConfigError> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
 
     #[test]

@@ -8,6 +8,8 @@
 //!   (zero-copy arguments), backend replies measured and passed through.
 //! - [`commands`]: the command table: what is answered locally, what needs an
 //!   exclusive connection, what is forwarded unchanged.
+//! - [`topology`]: hash slots, the slot map, cluster discovery and refresh.
+//! - [`router`]: where a command goes over several shards; split and merge.
 //! - [`backend`]: pipelined, multiplexed backend connections with batched
 //!   writes and FIFO reply matching; the per-worker connection pool.
 //! - [`session`]: one client connection: batches, in-order replies, local
@@ -33,5 +35,7 @@ pub mod commands;
 pub mod config;
 pub mod io;
 pub mod protocol;
+pub mod router;
 pub mod server;
 pub mod session;
+pub mod topology;

@@ -68,7 +68,7 @@ fn build_config(o: &Opts) -> Result<Config, String> {
     if o.backend.is_some() || o.cluster.is_some() || o.shards.is_some() {
         c.backend.address = o.backend.clone();
         c.backend.cluster = o.cluster.clone().unwrap_or_default();
-        c.backend.shards = o.shards.clone().unwrap_or_default();
+        c.backend.shards = o.shards.clone().unwrap_or_default().into_iter().map(respire::config::ShardSpec::Address).collect();
     }
     if let Some(v) = o.workers {
         c.workers = v;

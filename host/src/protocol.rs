@@ -717,7 +717,7 @@ fn fmt_i64(tmp: &mut [u8; 24], n: i64) -> &[u8] {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
 
     fn parse_all(input: &[u8], authed: bool) -> (Vec<Vec<Bytes>>, Result<(), ProtocolError>) {

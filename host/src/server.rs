@@ -23,11 +23,16 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use crate::backend::{NodeSettings, Pool};
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use crate::backend::{self, ConnKey, NodeSettings, Pool};
 use crate::clients::Clients;
+use crate::commands::CommandTable;
 use crate::config::Config;
-use crate::protocol::RequestLimits;
+use crate::protocol::{self, RequestLimits, Value};
 use crate::session;
+use crate::topology::{BackendKind, NO_SHARD, SLOTS, Topology, TopologyState};
 
 /// Why the server could not start.
 #[derive(Debug, Error)]
@@ -58,16 +63,38 @@ pub struct Shared {
     pub limits: RequestLimits,
     /// Becomes `true` when shutdown starts.
     pub shutdown: watch::Receiver<bool>,
+    /// Where keys live.
+    pub topology: TopologyState,
+    /// What respire knows about every command (built in, merged with the backend's `COMMAND`).
+    pub commands: CommandTable,
+    /// How to connect to backend nodes (the address is filled in per node).
+    pub node_settings: NodeSettings,
+    /// The node id respire reports in `CLUSTER` replies.
+    pub node_id: String,
 }
 
 /// What one worker thread owns.
 pub struct Worker {
     /// Process-wide state.
     pub shared: Arc<Shared>,
-    /// This worker's backend connections.
-    pub pool: Pool,
+    /// This worker's backend connections, per node address.
+    pools: RefCell<HashMap<Arc<str>, Rc<Pool>>>,
     /// Sessions running on this worker.
     pub sessions: Cell<usize>,
+}
+
+impl Worker {
+    /// This worker's connections to the node at `addr`.
+    pub fn pool(&self, addr: &Arc<str>) -> Rc<Pool> {
+        if let Some(p) = self.pools.borrow().get(addr) {
+            return p.clone();
+        }
+        let b = &self.shared.config.backend;
+        let node = Rc::new(NodeSettings { addr: addr.clone(), ..self.shared.node_settings.clone() });
+        let pool = Rc::new(Pool::new(node, b.connections, b.idle_exclusive));
+        self.pools.borrow_mut().insert(addr.clone(), pool.clone());
+        pool
+    }
 }
 
 /// A running server.
@@ -81,6 +108,7 @@ impl Server {
     /// Validates the configuration, binds the listener and starts the acceptor and worker threads.
     pub fn start(config: Config) -> Result<Server, ServerError> {
         config.validate()?;
+        let mut threads = Vec::new();
         let addr: SocketAddr = config
             .listen
             .parse()
@@ -88,13 +116,44 @@ impl Server {
         let std_listener = bind(addr).map_err(|source| ServerError::Bind { addr: config.listen.clone(), source })?;
         let local = std_listener.local_addr().map_err(ServerError::Start)?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let b = &config.backend;
+        let node_settings = NodeSettings {
+            addr: Arc::from(""),
+            username: b.username.clone(),
+            password: b.password.clone(),
+            connect_timeout: b.connect_timeout,
+            command_timeout: b.command_timeout,
+            reconnect_min: b.reconnect_min,
+            reconnect_max: b.reconnect_max,
+        };
+        let (topology, seeds) = initial_topology(&config)?;
+        let topology = TopologyState::new(topology, seeds);
+        if topology.load().kind == BackendKind::Cluster {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ServerError::Start)?;
+            if let Err(e) = rt.block_on(topology.refresh_once(&node_settings)) {
+                warn!(error = %e, "the cluster topology is not known yet; requests fail until a node answers");
+            }
+        }
+        let commands = startup_commands(&node_settings, &topology.load());
+        let node_id = node_id_for(&local);
         let shared = Arc::new(Shared {
             limits: RequestLimits { max_args: config.max_args, max_bulk: config.max_bulk.as_u64() as usize },
             clients: Clients::default(),
             shutdown: shutdown_rx,
+            topology,
+            commands,
+            node_settings,
+            node_id,
             config,
         });
-        let mut threads = Vec::new();
+        if shared.topology.load().kind == BackendKind::Cluster {
+            let s = shared.clone();
+            let t = std::thread::Builder::new()
+                .name("respire-topology".into())
+                .spawn(move || topology_main(s))
+                .map_err(ServerError::Start)?;
+            threads.push(t);
+        }
         let mut senders = Vec::new();
         for i in 0..shared.config.worker_count() {
             let (tx, rx) = mpsc::unbounded_channel();
@@ -224,20 +283,7 @@ fn worker_main(shared: Arc<Shared>, mut conns: mpsc::UnboundedReceiver<NewConn>)
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let node = {
-            let b = &shared.config.backend;
-            Rc::new(NodeSettings {
-                addr: b.address.clone().unwrap_or_default().into(),
-                username: b.username.clone(),
-                password: b.password.clone(),
-                connect_timeout: b.connect_timeout,
-                command_timeout: b.command_timeout,
-                reconnect_min: b.reconnect_min,
-                reconnect_max: b.reconnect_max,
-            })
-        };
-        let pool = Pool::new(node, shared.config.backend.connections, shared.config.backend.idle_exclusive);
-        let worker = Rc::new(Worker { shared: shared.clone(), pool, sessions: Cell::new(0) });
+        let worker = Rc::new(Worker { shared: shared.clone(), pools: RefCell::default(), sessions: Cell::new(0) });
         let mut shutdown = shared.shutdown.clone();
         loop {
             tokio::select! {
@@ -276,4 +322,94 @@ fn start_session(worker: &Rc<Worker>, std_stream: std::net::TcpStream, peer: Soc
         session::run(w.clone(), stream, info).await;
         w.sessions.set(w.sessions.get().saturating_sub(1));
     });
+}
+
+fn initial_topology(config: &Config) -> Result<(Topology, Vec<String>), ServerError> {
+    let b = &config.backend;
+    if let Some(addr) = &b.address {
+        return Ok((Topology::standalone(addr), Vec::new()));
+    }
+    if !b.shards.is_empty() {
+        let specs: Vec<_> = b.shards.iter().map(|s| s.parts()).collect::<Result<_, _>>()?;
+        let t = Topology::shards(&specs).map_err(|e| crate::config::ConfigError::Invalid(format!("backend.shards: {e}")))?;
+        return Ok((t, Vec::new()));
+    }
+    // A cluster: placeholder until discovery answers (done once here, then by the manager).
+    let seeds = b.cluster.clone();
+    let empty = Topology {
+        version: 1,
+        kind: BackendKind::Cluster,
+        nodes: Vec::new(),
+        shards: Vec::new(),
+        slots: vec![NO_SHARD; SLOTS],
+    };
+    Ok((empty, seeds))
+}
+
+/// Fetches `COMMAND` from the first reachable master and merges it into the built-in table,
+/// so newer and module commands are routed by their own key specs.
+fn startup_commands(settings: &NodeSettings, topo: &Topology) -> CommandTable {
+    let mut table = CommandTable::builtin();
+    let addrs: Vec<Arc<str>> = topo.masters().map(|m| topo.nodes[m].clone()).collect();
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+        return table;
+    };
+    let fetched = rt.block_on(async {
+        for addr in addrs {
+            let node = NodeSettings { addr: addr.clone(), ..settings.clone() };
+            let Ok(mut stream) = backend::connect(&node, ConnKey { db: 0, proto: 2 }).await else { continue };
+            let mut out = bytes::BytesMut::new();
+            protocol::encode_args(&mut out, &["COMMAND"]);
+            let io = async {
+                use tokio::io::AsyncWriteExt;
+                stream.write_all(&out).await.map_err(|e| e.to_string())?;
+                let mut buf = bytes::BytesMut::new();
+                backend::read_frame(&mut stream, &mut buf).await
+            };
+            if let Ok(Ok(frame)) = tokio::time::timeout(settings.command_timeout, io).await {
+                if !matches!(Value::parse(&frame), Ok(Value::Error(_))) {
+                    return CommandTable::from_reply(&frame);
+                }
+            }
+        }
+        None
+    });
+    match fetched {
+        Some(live) => {
+            info!(commands = live.len(), "command table merged from the backend");
+            table.merge(live);
+        }
+        None => info!(commands = table.len(), "using the built-in command table"),
+    }
+    table
+}
+
+fn topology_main(shared: Arc<Shared>) {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+        error!("cannot start the topology manager");
+        return;
+    };
+    rt.block_on(async {
+        let mut shutdown = shared.shutdown.clone();
+        let settings = shared.node_settings.clone();
+        tokio::select! {
+            _ = shutdown.changed() => {}
+            _ = shared.topology.manage(settings, shared.config.backend.topology_refresh, Duration::from_millis(100)) => {}
+        }
+    });
+}
+
+/// A stable 40-hex-digit node id for respire's own `CLUSTER` replies, derived from its address.
+fn node_id_for(addr: &SocketAddr) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut id = String::with_capacity(40);
+    for round in 0..3u8 {
+        for b in addr.to_string().bytes().chain([round]) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x1000_0000_01b3);
+        }
+        id.push_str(&format!("{h:016x}"));
+    }
+    id.truncate(40);
+    id
 }

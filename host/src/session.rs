@@ -9,17 +9,24 @@
 //! commands before reading never deadlocks respire (as with Redis).
 //!
 //! Ordering: a session's commands on one backend connection stay in order by
-//! construction (FIFO). When the next command must go to a different
-//! connection (another database, an exclusive connection for a transaction or
-//! a blocking command), the session first waits until every reply it is owed
-//! has arrived, so Redis executes the client's commands in the order sent.
+//! construction (FIFO). When the next command must go to a different kind of
+//! connection (another database or protocol, an exclusive connection for a
+//! transaction or a blocking command), the session first waits until every
+//! reply it is owed has arrived, so Redis executes the client's commands in
+//! the order sent. Over several shards, commands for different slots run
+//! concurrently on different nodes; replies still come back in order.
 //!
-//! Subscriptions and `MONITOR` turn the connection into a stream: the session
-//! opens a dedicated backend connection and relays frames both ways until the
-//! client sends `RESET` or disconnects.
+//! Redirections (`MOVED`, `ASK`) are followed here, when the reply reaches the
+//! front of the queue: the command is re-sent to the node named, the slot map
+//! is patched, and the client never sees the redirection.
+//!
+//! Subscriptions and `MONITOR` turn the connection into a stream (see `stream`).
+
+mod cluster;
+mod local;
+mod stream;
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -30,18 +37,52 @@ use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep_until};
 use tracing::debug;
 
-use crate::backend::{self, BackendConn, BackendError, ConnKey, Reply};
+use crate::backend::{BackendConn, BackendError, ConnKey, Reply};
 use crate::clients::{ClientInfo, flag};
 use crate::commands::{self, Kind, Local};
 use crate::io::{IoEvent, poll_io, write_now};
-use crate::protocol::{self as resp, Command, RequestParser, parse_i64, reply_len};
+use crate::protocol::{self as resp, Command, RequestParser};
+use crate::router::{self, CROSSSLOT, Merge, Plan};
 use crate::server::Worker;
+use crate::topology::{BackendKind, Topology};
+
+/// Most redirections followed for one command before the client gets the error.
+const MAX_REDIRECTS: u8 = 5;
+/// The reply when no master serves a slot (Redis Cluster's own text).
+const CLUSTERDOWN: &str = "CLUSTERDOWN Hash slot not served";
+
+/// What is needed to re-send a command after a redirection.
+struct Retry {
+    data: Bytes,
+    attempts: u8,
+    blocking: bool,
+    /// Sent on an exclusive connection (the retry then uses a connection of its own).
+    exclusive: bool,
+    /// Keeps an exclusive connection opened for a redirected blocking command alive.
+    conn: Option<BackendConn>,
+}
+
+/// One backend request of a split or fanned-out command.
+struct PartState {
+    rx: Option<oneshot::Receiver<Reply>>,
+    reply: Option<Reply>,
+    retry: Retry,
+}
+
+struct MergeSlot {
+    silent: bool,
+    how: Merge,
+    layout: Vec<router::Part>,
+    parts: Vec<PartState>,
+}
 
 enum Slot {
     /// A reply respire produced while earlier replies were still owed.
     Ready(Bytes),
     /// A reply coming from a backend.
-    Waiting { rx: oneshot::Receiver<Reply>, silent: bool },
+    Waiting { rx: oneshot::Receiver<Reply>, silent: bool, retry: Option<Retry> },
+    /// Replies of several backend requests, merged into one.
+    Merge(Box<MergeSlot>),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -61,8 +102,25 @@ enum ReplyMode {
 enum StreamEnd {
     /// The client is gone or must be closed.
     Close,
-    /// The client sent `RESET`: back to normal commands.
+    /// The client sent `RESET` (or the stream could not start): back to normal commands.
     Reset,
+}
+
+/// How a keyed command uses connections.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Use {
+    /// The shared pipelined connection of its node.
+    Shared,
+    /// An exclusive connection: a blocking command.
+    Blocking,
+    /// An exclusive connection that stays pinned: `WATCH`.
+    Watch,
+}
+
+struct Exclusive {
+    addr: Arc<str>,
+    key: ConnKey,
+    conn: BackendConn,
 }
 
 /// A client connection's state.
@@ -80,16 +138,23 @@ pub struct Session {
     last_target: Option<Target>,
     /// A command that must wait until all owed replies have arrived.
     stalled: Option<Command>,
-    /// A command that turns the connection into a stream once nothing is owed.
-    stream_start: Option<Command>,
+    /// A command that turns the connection into a stream once nothing is owed, and its node.
+    stream_start: Option<(Command, usize)>,
+    topo: Arc<Topology>,
+    /// Shared connections for `conns_key`, by topology node index.
+    conns: Vec<Option<BackendConn>>,
+    conns_key: ConnKey,
     proto: u8,
     db: u32,
     authenticated: bool,
-    shared: Option<(ConnKey, BackendConn)>,
-    exclusive: Option<(ConnKey, BackendConn)>,
+    exclusive: Option<Exclusive>,
     /// The exclusive connection's state was changed in ways respire does not track; never reuse it.
     exclusive_dirty: bool,
     in_multi: bool,
+    /// MULTI acknowledged by respire but not sent yet: the node is chosen by the first keyed command.
+    multi_deferred: bool,
+    /// A command queued in the transaction was refused by respire: EXEC must abort.
+    tx_poisoned: bool,
     watching: bool,
     reply_mode: ReplyMode,
     /// Stop reading; close once every owed reply is written.
@@ -101,6 +166,7 @@ pub struct Session {
 /// Serves one client connection until it closes.
 pub async fn run(worker: Rc<Worker>, stream: TcpStream, info: Arc<ClientInfo>) {
     let authenticated = !worker.shared.config.auth_required();
+    let topo = worker.shared.topology.load();
     let mut s = Session {
         worker,
         info,
@@ -113,13 +179,17 @@ pub async fn run(worker: Rc<Worker>, stream: TcpStream, info: Arc<ClientInfo>) {
         last_target: None,
         stalled: None,
         stream_start: None,
+        topo,
+        conns: Vec::new(),
+        conns_key: ConnKey { db: 0, proto: 2 },
         proto: 2,
         db: 0,
         authenticated,
-        shared: None,
         exclusive: None,
         exclusive_dirty: false,
         in_multi: false,
+        multi_deferred: false,
+        tx_poisoned: false,
         watching: false,
         reply_mode: ReplyMode::On,
         closing: false,
@@ -137,6 +207,19 @@ impl Session {
         ConnKey { db: self.db, proto: self.proto }
     }
 
+    fn cluster_mode(&self) -> bool {
+        self.topo.kind != BackendKind::Standalone
+    }
+
+    /// Picks up a new topology snapshot if there is one.
+    fn refresh_topology(&mut self) {
+        let v = self.worker.shared.topology.version();
+        if v != self.topo.version {
+            self.topo = self.worker.shared.topology.load();
+            self.conns.clear();
+        }
+    }
+
     async fn serve(&mut self) {
         let mut shutdown = self.worker.shared.shutdown.clone();
         if *shutdown.borrow() {
@@ -151,15 +234,16 @@ impl Session {
             self.collect_ready();
             if self.waiting == 0 {
                 if let Some(cmd) = self.stalled.take() {
+                    self.refresh_topology();
                     self.handle(cmd);
                     self.process_input();
                     continue;
                 }
-                if let Some(first) = self.stream_start.take() {
+                if let Some((first, node)) = self.stream_start.take() {
                     if !self.flush_all().await {
                         return;
                     }
-                    match self.relay_stream(first).await {
+                    match self.relay_stream(first, node).await {
                         StreamEnd::Close => return,
                         StreamEnd::Reset => {
                             self.process_input();
@@ -178,7 +262,15 @@ impl Session {
             let queue = &mut self.queue;
             let front = async {
                 match queue.front_mut() {
-                    Some(Slot::Waiting { rx, .. }) => rx.await,
+                    Some(Slot::Waiting { rx, .. }) => (0, rx.await),
+                    Some(Slot::Merge(m)) => {
+                        for (i, p) in m.parts.iter_mut().enumerate() {
+                            if let Some(rx) = p.rx.as_mut() {
+                                return (i, rx.await);
+                            }
+                        }
+                        std::future::pending().await
+                    }
                     _ => std::future::pending().await,
                 }
             };
@@ -187,7 +279,10 @@ impl Session {
             tokio::select! {
                 biased;
                 _ = self.info.kill.notified() => return,
-                r = front => self.complete_front(r),
+                (part, r) = front => {
+                    let r = r.unwrap_or_else(|_| Err(self.lost()));
+                    self.on_result(part, r);
+                }
                 ev = io => match ev {
                     IoEvent::Read => {
                         self.process_input();
@@ -239,6 +334,7 @@ impl Session {
     }
 
     fn process_input(&mut self) {
+        self.refresh_topology();
         while !self.closing && self.stalled.is_none() && self.stream_start.is_none() {
             match self.parser.parse(&mut self.inbuf, &self.worker.shared.limits, self.authenticated) {
                 Ok(Some(cmd)) => self.handle(cmd),
@@ -294,41 +390,88 @@ impl Session {
         }
     }
 
+    /// Moves every completed reply at the front of the queue to the output.
     fn collect_ready(&mut self) {
-        while let Some(front) = self.queue.front_mut() {
-            match front {
-                Slot::Ready(b) => {
+        loop {
+            let (part, r) = match self.queue.front_mut() {
+                None => return,
+                Some(Slot::Ready(b)) => {
                     self.out.extend_from_slice(b);
+                    self.queue.pop_front();
+                    continue;
                 }
-                Slot::Waiting { rx, silent } => {
-                    let silent = *silent;
-                    let r = match rx.try_recv() {
-                        Ok(r) => r,
-                        Err(oneshot::error::TryRecvError::Empty) => return,
-                        Err(oneshot::error::TryRecvError::Closed) => Err(self.lost()),
+                Some(Slot::Waiting { rx, .. }) => match rx.try_recv() {
+                    Ok(r) => (0, r),
+                    Err(oneshot::error::TryRecvError::Empty) => return,
+                    Err(oneshot::error::TryRecvError::Closed) => (0, Err(self.lost())),
+                },
+                Some(Slot::Merge(m)) => {
+                    let Some((i, rx)) = m.parts.iter_mut().enumerate().find_map(|(i, p)| p.rx.as_mut().map(|rx| (i, rx))) else {
+                        // All parts answered (cannot stay here, but never spin).
+                        return;
                     };
-                    self.waiting -= 1;
-                    if !silent {
-                        self.append_reply(r);
+                    match rx.try_recv() {
+                        Ok(r) => (i, r),
+                        Err(oneshot::error::TryRecvError::Empty) => return,
+                        Err(oneshot::error::TryRecvError::Closed) => (i, Err(self.lost())),
                     }
                 }
-            }
-            self.queue.pop_front();
+            };
+            self.on_result(part, r);
         }
     }
 
-    fn complete_front(&mut self, r: Result<Reply, oneshot::error::RecvError>) {
+    /// Handles a backend result for the front slot: follows a redirection, or completes the slot.
+    fn on_result(&mut self, part: usize, reply: Reply) {
+        let ctx = RedirectCtx { worker: &self.worker, topo: &self.topo, key: self.key(), sid: self.info.id };
+        match self.queue.front_mut() {
+            Some(Slot::Waiting { rx, retry: Some(retry), .. }) => {
+                if let Some(new_rx) = ctx.follow(&reply, retry) {
+                    *rx = new_rx;
+                    return;
+                }
+            }
+            Some(Slot::Merge(m)) => {
+                if let Some(p) = m.parts.get_mut(part) {
+                    if let Some(new_rx) = ctx.follow(&reply, &mut p.retry) {
+                        p.rx = Some(new_rx);
+                        return;
+                    }
+                    p.rx = None;
+                    p.reply = Some(reply);
+                }
+                if m.parts.iter().any(|p| p.reply.is_none()) {
+                    return;
+                }
+                if let Some(Slot::Merge(m)) = self.queue.pop_front() {
+                    self.waiting -= 1;
+                    if !m.silent {
+                        let mut replies = Vec::with_capacity(m.parts.len());
+                        for p in m.parts {
+                            match p.reply {
+                                Some(Ok(frame)) => replies.push(frame),
+                                Some(Err(e)) => return resp::error(&mut self.out, &e.to_string()),
+                                None => return,
+                            }
+                        }
+                        let merged = router::merge(&m.how, &replies, &m.layout);
+                        self.out.extend_from_slice(&merged);
+                    }
+                }
+                return;
+            }
+            _ => {}
+        }
         if let Some(Slot::Waiting { silent, .. }) = self.queue.pop_front() {
             self.waiting -= 1;
             if !silent {
-                let r = r.unwrap_or_else(|_| Err(self.lost()));
-                self.append_reply(r);
+                self.append_reply(reply);
             }
         }
     }
 
     fn lost(&self) -> BackendError {
-        BackendError::Lost { addr: self.worker.pool.node().addr.clone(), reason: "reply dropped".into() }
+        BackendError::Lost { addr: Arc::from("backend"), reason: "reply dropped".into() }
     }
 
     // ---- dispatch ---------------------------------------------------------
@@ -341,144 +484,264 @@ impl Session {
             return;
         }
         if self.in_multi {
-            // Inside MULTI everything is queued by Redis on the exclusive connection,
-            // except what ends the connection or the transaction.
-            match spec.kind {
-                Kind::Local(Local::Quit) | Kind::Local(Local::Reset) => {}
-                Kind::EndTransaction => {
-                    if self.forward(cmd, Target::Exclusive, false) {
-                        self.set_multi(false);
-                        self.watching = false;
-                    }
-                    return;
-                }
-                Kind::Local(_) => {
-                    if !matches!(spec.kind, Kind::Local(Local::Ping) | Kind::Local(Local::Echo)) {
-                        self.exclusive_dirty = true;
-                    }
-                    self.forward(cmd, Target::Exclusive, false);
-                    return;
-                }
-                _ => {
-                    self.forward(cmd, Target::Exclusive, false);
-                    return;
-                }
-            }
+            return self.handle_in_multi(cmd, spec.kind);
         }
         match spec.kind {
             Kind::Forward => {
-                let target = if self.exclusive_pinned() { Target::Exclusive } else { Target::Shared(self.key()) };
-                self.forward(cmd, target, false);
+                self.route(cmd, Use::Shared);
             }
             Kind::Local(l) => self.local(l, cmd),
-            Kind::Multi => {
-                if self.forward(cmd, Target::Exclusive, false) {
-                    self.set_multi(true);
-                }
-            }
+            Kind::Multi => self.multi(cmd),
             Kind::Watch => {
-                if self.forward(cmd, Target::Exclusive, false) {
-                    self.watching = true;
+                if self.route(cmd, Use::Watch) {
+                    self.watching = self.exclusive.is_some();
                 }
             }
             Kind::EndTransaction | Kind::Unwatch => {
-                let target = if self.exclusive_pinned() { Target::Exclusive } else { Target::Shared(self.key()) };
-                if self.forward(cmd, target, false) {
-                    self.watching = false;
+                if self.watching {
+                    if self.send_exclusive_pinned(cmd) {
+                        self.watching = false;
+                    }
+                } else {
+                    self.route(cmd, Use::Shared);
                 }
             }
             Kind::Blocking => {
-                self.forward(cmd, Target::Exclusive, true);
+                self.route(cmd, Use::Blocking);
             }
             Kind::MaybeBlocking => {
-                if commands::has_block_option(&cmd) {
-                    self.forward(cmd, Target::Exclusive, true);
-                } else {
-                    let target = if self.exclusive_pinned() { Target::Exclusive } else { Target::Shared(self.key()) };
-                    self.forward(cmd, target, false);
-                }
+                let how = if commands::has_block_option(&cmd) { Use::Blocking } else { Use::Shared };
+                self.route(cmd, how);
             }
-            Kind::Stream => {
-                if self.waiting > 0 || self.exclusive_pinned() {
-                    if self.exclusive_pinned() {
-                        // A subscription cannot share the watched connection; Redis would keep the watch.
-                        self.reply_error("ERR respire: SUBSCRIBE and MONITOR are not allowed while keys are WATCHed");
-                        return;
-                    }
-                    self.stalled = Some(cmd);
-                } else {
-                    self.stream_start = Some(cmd);
-                }
-            }
+            Kind::Stream => self.start_stream(cmd),
             Kind::Unsubscribe => self.unsubscribe_reply(&cmd),
             Kind::Refused(msg) => self.reply_error(msg),
+            Kind::Cluster => {
+                if self.cluster_mode() {
+                    self.cluster(cmd);
+                } else {
+                    self.route(cmd, Use::Shared);
+                }
+            }
+            Kind::ClusterConnection => {
+                if self.cluster_mode() {
+                    self.reply_ok();
+                } else {
+                    self.route(cmd, Use::Shared);
+                }
+            }
         }
-    }
-
-    /// Whether the session must stay on its exclusive connection (a transaction or a watch is open).
-    fn exclusive_pinned(&self) -> bool {
-        self.exclusive.is_some() && (self.in_multi || self.watching)
     }
 
     fn set_multi(&mut self, on: bool) {
         self.in_multi = on;
         self.info.set_flag(flag::MULTI, on);
+        if !on {
+            self.multi_deferred = false;
+            self.tx_poisoned = false;
+        }
     }
 
-    /// Sends `cmd` to `target`; returns `false` if it had to wait (stalled) instead.
-    fn forward(&mut self, cmd: Command, target: Target, blocking: bool) -> bool {
+    /// Any master for keyless commands (the same one for a session, spreading sessions over masters).
+    fn any_master(&self) -> Option<usize> {
+        let n = self.topo.shards.len();
+        if n == 0 {
+            return None;
+        }
+        let shard = &self.topo.shards[(self.info.id % n as u64) as usize];
+        Some(shard.master)
+    }
+
+    /// The node a single-slot plan goes to, or the error to reply.
+    fn node_for(&self, slot: Option<u16>) -> Result<usize, &'static str> {
+        match slot {
+            Some(s) => self.topo.master_of(s).ok_or(CLUSTERDOWN),
+            None => self.any_master().ok_or(CLUSTERDOWN),
+        }
+    }
+
+    /// Routes a command by its keys and sends it; `false` if it could not be sent now (stalled) or was refused.
+    fn route(&mut self, cmd: Command, how: Use) -> bool {
+        if !self.cluster_mode() {
+            return self.send(cmd, 0, how);
+        }
+        let plan = router::plan(&self.worker.shared.commands, &cmd.args, &self.topo);
+        match plan {
+            Plan::Single(slot) => match self.node_for(slot) {
+                Ok(node) => self.send(cmd, node, how),
+                Err(e) => {
+                    self.worker.shared.topology.request_refresh();
+                    self.reply_error(e);
+                    false
+                }
+            },
+            Plan::Error(e) => {
+                self.reply_error(&e);
+                false
+            }
+            _ if how != Use::Shared => {
+                self.reply_error(CROSSSLOT);
+                false
+            }
+            Plan::Split(merge, parts) => {
+                let mut targets = Vec::with_capacity(parts.len());
+                for p in &parts {
+                    match self.topo.master_of(p.slot) {
+                        Some(n) => targets.push((n, p.data.clone())),
+                        None => {
+                            self.reply_error(CLUSTERDOWN);
+                            return false;
+                        }
+                    }
+                }
+                self.send_parts(cmd, merge, parts, targets)
+            }
+            Plan::FanOut(merge) => {
+                let data = cmd.to_resp();
+                let targets: Vec<(usize, Bytes)> = self.topo.masters().map(|m| (m, data.clone())).collect();
+                self.send_parts(cmd, merge, Vec::new(), targets)
+            }
+            Plan::Scan { ordinal, data } => {
+                let total = self.topo.shards.len();
+                let Some(node) = self.topo.shards.get(ordinal).map(|s| s.master) else {
+                    self.reply_error("ERR invalid cursor");
+                    return false;
+                };
+                self.send_parts(cmd, Merge::Scan { ordinal, total }, Vec::new(), vec![(node, data)])
+            }
+        }
+    }
+
+    /// Checks the ordering barrier for `target`; stalls `cmd` and returns `false` if it must wait.
+    fn barrier(&mut self, cmd: &mut Option<Command>, target: Target) -> bool {
         if self.waiting > 0 && self.last_target != Some(target) {
-            self.stalled = Some(cmd);
+            self.stalled = cmd.take();
             return false;
         }
-        let conn = match target {
-            Target::Shared(key) => {
-                if self.exclusive.is_some() && !self.in_multi && !self.watching {
-                    self.release_exclusive(false);
-                }
-                match &self.shared {
-                    Some((k, c)) if *k == key => c.clone(),
-                    _ => {
-                        let c = self.worker.pool.shared(key, self.info.id);
-                        self.shared = Some((key, c.clone()));
-                        c
-                    }
-                }
+        true
+    }
+
+    /// Sends a single command to `node` (shared, or an exclusive connection for blocking/WATCH).
+    fn send(&mut self, cmd: Command, node: usize, how: Use) -> bool {
+        let target = if how == Use::Shared { Target::Shared(self.key()) } else { Target::Exclusive };
+        let mut c = Some(cmd);
+        if !self.barrier(&mut c, target) {
+            return false;
+        }
+        let Some(cmd) = c else { return false };
+        let data = cmd.to_resp();
+        let blocking = how == Use::Blocking;
+        let rx = if how == Use::Shared {
+            if self.exclusive.is_some() && !self.in_multi && !self.watching {
+                self.release_exclusive(false);
             }
-            Target::Exclusive => {
-                let key = self.key();
-                let pinned = self.in_multi || self.watching;
-                if !pinned && self.exclusive.as_ref().is_some_and(|(k, c)| *k != key || !c.is_alive()) {
-                    // Held over from an earlier blocking command but for another database or
-                    // protocol, or broken: nothing is owed on it (we only get here with
-                    // waiting == 0 or the same target), so swap it for a fitting one.
-                    self.release_exclusive(false);
-                }
-                match &self.exclusive {
-                    Some((_, c)) => c.clone(),
-                    None => {
-                        let c = self.worker.pool.checkout(key);
-                        self.exclusive = Some((key, c.clone()));
-                        self.exclusive_dirty = false;
-                        c
-                    }
+            self.shared_conn(node).send(data.clone(), 0, false)
+        } else {
+            match self.exclusive_on(node) {
+                Ok(conn) => conn.send(data.clone(), 0, blocking),
+                Err(e) => {
+                    self.reply_error(e);
+                    return false;
                 }
             }
         };
-        let rx = conn.send(cmd.to_resp(), 0, blocking);
+        self.push_waiting(rx, data, how != Use::Shared, blocking);
+        true
+    }
+
+    fn push_waiting(&mut self, rx: oneshot::Receiver<Reply>, data: Bytes, exclusive: bool, blocking: bool) {
+        let retry = (self.topo.kind == BackendKind::Cluster).then_some(Retry { data, attempts: 0, blocking, exclusive, conn: None });
         let silent = self.take_silent();
-        self.queue.push_back(Slot::Waiting { rx, silent });
+        self.queue.push_back(Slot::Waiting { rx, silent, retry });
         self.waiting += 1;
-        self.last_target = Some(target);
+        self.last_target = Some(if exclusive { Target::Exclusive } else { Target::Shared(self.key()) });
+    }
+
+    /// Sends several requests on shared connections and queues one merged reply.
+    fn send_parts(&mut self, cmd: Command, how: Merge, layout: Vec<router::Part>, targets: Vec<(usize, Bytes)>) -> bool {
+        let mut c = Some(cmd);
+        if !self.barrier(&mut c, Target::Shared(self.key())) {
+            return false;
+        }
+        if self.exclusive.is_some() && !self.in_multi && !self.watching {
+            self.release_exclusive(false);
+        }
+        let mut parts = Vec::with_capacity(targets.len());
+        for (node, data) in targets {
+            let rx = self.shared_conn(node).send(data.clone(), 0, false);
+            parts.push(PartState { rx: Some(rx), reply: None, retry: Retry { data, attempts: 0, blocking: false, exclusive: false, conn: None } });
+        }
+        let silent = self.take_silent();
+        self.queue.push_back(Slot::Merge(Box::new(MergeSlot { silent, how, layout, parts })));
+        self.waiting += 1;
+        self.last_target = Some(Target::Shared(self.key()));
+        true
+    }
+
+    /// The session's shared connection to `node` for its current database and protocol.
+    fn shared_conn(&mut self, node: usize) -> BackendConn {
+        let key = self.key();
+        if self.conns_key != key {
+            self.conns.clear();
+            self.conns_key = key;
+        }
+        if self.conns.len() <= node {
+            self.conns.resize(node + 1, None);
+        }
+        if let Some(Some(c)) = self.conns.get(node) {
+            return c.clone();
+        }
+        let addr = self.topo.nodes.get(node).cloned().unwrap_or_else(|| Arc::from(""));
+        let c = self.worker.pool(&addr).shared(key, self.info.id);
+        self.conns[node] = Some(c.clone());
+        c
+    }
+
+    /// The exclusive connection on `node`, checked out if needed; an error if the session is pinned elsewhere.
+    fn exclusive_on(&mut self, node: usize) -> Result<BackendConn, &'static str> {
+        let addr = self.topo.nodes.get(node).cloned().unwrap_or_else(|| Arc::from(""));
+        let key = self.key();
+        let pinned = self.in_multi || self.watching;
+        if let Some(ex) = &self.exclusive {
+            if ex.addr == addr && ex.key == key && (pinned || ex.conn.is_alive()) {
+                return Ok(ex.conn.clone());
+            }
+            if pinned {
+                return Err(CROSSSLOT);
+            }
+            // Held over from an earlier blocking command, for another node, database or
+            // protocol, or broken: nothing is owed on it here, so swap it.
+            self.release_exclusive(false);
+        }
+        let conn = self.worker.pool(&addr).checkout(key);
+        self.exclusive = Some(Exclusive { addr, key, conn: conn.clone() });
+        self.exclusive_dirty = false;
+        Ok(conn)
+    }
+
+    /// Sends to the pinned exclusive connection (transaction or watch in progress).
+    fn send_exclusive_pinned(&mut self, cmd: Command) -> bool {
+        let mut c = Some(cmd);
+        if !self.barrier(&mut c, Target::Exclusive) {
+            return false;
+        }
+        let Some(cmd) = c else { return false };
+        let Some(ex) = &self.exclusive else {
+            self.reply_error("ERR respire: the transaction's connection is gone");
+            return false;
+        };
+        let data = cmd.to_resp();
+        let rx = ex.conn.send(data.clone(), 0, false);
+        self.push_waiting(rx, data, true, false);
         true
     }
 
     /// Gives the exclusive connection back to the pool when it is clean, or drops it (closing it).
     fn release_exclusive(&mut self, session_ending: bool) {
-        if let Some((key, conn)) = self.exclusive.take() {
+        if let Some(ex) = self.exclusive.take() {
             let clean = self.waiting == 0 && !self.in_multi && !self.watching && !self.exclusive_dirty;
             if clean {
-                self.worker.pool.checkin(key, conn);
+                self.worker.pool(&ex.addr).checkin(ex.key, ex.conn);
             }
             // Otherwise dropping the handle closes the connection, which also
             // releases a command still blocked on it.
@@ -491,596 +754,193 @@ impl Session {
         }
     }
 
-    // ---- local commands ---------------------------------------------------
+    // ---- transactions -----------------------------------------------------
 
-    fn wrong_args(&mut self, name: &str) {
-        self.reply_error(&format!("ERR wrong number of arguments for '{name}' command"));
-    }
-
-    fn local(&mut self, which: Local, cmd: Command) {
-        let argc = cmd.args.len();
-        match which {
-            Local::Ping => match argc {
-                1 => self.reply_with(|o, _| resp::simple(o, "PONG")),
-                2 => {
-                    let msg = cmd.args[1].clone();
-                    self.reply_with(|o, _| resp::bulk(o, &msg));
-                }
-                _ => self.wrong_args("ping"),
-            },
-            Local::Echo => {
-                if argc != 2 {
-                    return self.wrong_args("echo");
-                }
-                let msg = cmd.args[1].clone();
-                self.reply_with(|o, _| resp::bulk(o, &msg));
-            }
-            Local::Quit => {
-                self.reply_ok();
-                self.closing = true;
-            }
-            Local::Reset => {
-                self.reset();
-                self.reply_with(|o, _| resp::simple(o, "RESET"));
-            }
-            Local::Auth => self.auth(&cmd),
-            Local::Hello => self.hello(&cmd),
-            Local::Select => self.select(cmd),
-            Local::Client => self.client(cmd),
-        }
-    }
-
-    fn reset(&mut self) {
-        self.set_multi(false);
-        self.watching = false;
-        // The exclusive connection may hold a transaction or a watch: close it.
-        if let Some((_, conn)) = self.exclusive.take() {
-            drop(conn);
-        }
-        if self.last_target == Some(Target::Exclusive) {
-            self.last_target = None;
-        }
-        self.db = 0;
-        self.proto = 2;
-        self.reply_mode = ReplyMode::On;
-        self.authenticated = !self.worker.shared.config.auth_required();
-        self.info.db.store(0, Ordering::Relaxed);
-        self.info.resp.store(2, Ordering::Relaxed);
-        if let Ok(mut n) = self.info.name.lock() {
-            *n = Bytes::new();
-        }
-        if let Ok(mut u) = self.info.user.lock() {
-            *u = "default".into();
-        }
-    }
-
-    /// Checks credentials; on success the session is authenticated as `user`.
-    fn authenticate(&mut self, user: &[u8], pass: &[u8]) -> bool {
-        let cfg = &self.worker.shared.config;
-        let ok = if user == b"default" {
-            match &cfg.requirepass {
-                Some(p) => constant_time_eq(p.as_bytes(), pass),
-                // Without requirepass the default user has no password and accepts any.
-                None => true,
-            }
-        } else {
-            cfg.users.iter().any(|u| u.name.as_bytes() == user && constant_time_eq(u.password.as_bytes(), pass))
-        };
-        if ok {
-            self.authenticated = true;
-            if let Ok(mut u) = self.info.user.lock() {
-                *u = String::from_utf8_lossy(user).into_owned();
-            }
-        }
-        ok
-    }
-
-    fn auth(&mut self, cmd: &Command) {
-        let (user, pass) = match cmd.args.len() {
-            2 => (Bytes::from_static(b"default"), cmd.args[1].clone()),
-            3 => (cmd.args[1].clone(), cmd.args[2].clone()),
-            1 => return self.wrong_args("auth"),
-            _ => return self.reply_error("ERR syntax error"),
-        };
-        if cmd.args.len() == 2 && self.worker.shared.config.requirepass.is_none() {
-            return self.reply_error(
-                "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
-            );
-        }
-        if self.authenticate(&user, &pass) {
-            self.reply_ok();
-        } else {
-            self.reply_error("WRONGPASS invalid username-password pair or user is disabled.");
-        }
-    }
-
-    fn hello(&mut self, cmd: &Command) {
-        let mut proto = self.proto;
-        let mut creds: Option<(Bytes, Bytes)> = None;
-        let mut name: Option<Bytes> = None;
-        if let Some(v) = cmd.arg(1) {
-            match parse_i64(v) {
-                Some(n) if (2..=3).contains(&n) => proto = n as u8,
-                Some(_) => return self.reply_error("NOPROTO unsupported protocol version"),
-                None => return self.reply_error("ERR Protocol version is not an integer or out of range"),
-            }
-            let mut i = 2;
-            while i < cmd.args.len() {
-                let opt = &cmd.args[i];
-                let more = cmd.args.len() - i - 1;
-                if opt.eq_ignore_ascii_case(b"AUTH") && more >= 2 {
-                    creds = Some((cmd.args[i + 1].clone(), cmd.args[i + 2].clone()));
-                    i += 3;
-                } else if opt.eq_ignore_ascii_case(b"SETNAME") && more >= 1 {
-                    name = Some(cmd.args[i + 1].clone());
-                    i += 2;
-                } else {
-                    let opt = String::from_utf8_lossy(opt).into_owned();
-                    return self.reply_error(&format!("ERR Syntax error in HELLO option '{opt}'"));
-                }
-            }
-        }
-        if let Some((user, pass)) = creds {
-            if !self.authenticate(&user, &pass) {
-                return self.reply_error("WRONGPASS invalid username-password pair or user is disabled.");
-            }
-        }
-        if !self.authenticated {
-            return self.reply_error(
-                "NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time",
-            );
-        }
-        if let Some(name) = name {
-            if !self.set_name(name) {
-                return;
-            }
-        }
-        if proto != self.proto && self.exclusive_pinned() {
-            return self.reply_error("ERR respire: HELLO cannot change the protocol while keys are WATCHed");
-        }
-        self.proto = proto;
-        self.info.resp.store(proto, Ordering::Relaxed);
-        let id = self.info.id as i64;
-        let version = backend::backend_version();
-        self.reply_with(|o, p| {
-            resp::map_header(o, 7, p);
-            resp::bulk(o, b"server");
-            resp::bulk(o, b"redis");
-            resp::bulk(o, b"version");
-            resp::bulk(o, version.as_bytes());
-            resp::bulk(o, b"proto");
-            resp::int(o, i64::from(p));
-            resp::bulk(o, b"id");
-            resp::int(o, id);
-            resp::bulk(o, b"mode");
-            resp::bulk(o, b"standalone");
-            resp::bulk(o, b"role");
-            resp::bulk(o, b"master");
-            resp::bulk(o, b"modules");
-            resp::array_header(o, 0);
-        });
-    }
-
-    fn select(&mut self, cmd: Command) {
-        if cmd.args.len() != 2 {
-            return self.wrong_args("select");
-        }
-        let Some(db) = parse_i64(&cmd.args[1]).filter(|n| i32::try_from(*n).is_ok()) else {
-            return self.reply_error("ERR value is not an integer or out of range");
-        };
-        if db < 0 || db >= i64::from(self.worker.shared.config.databases) {
-            return self.reply_error("ERR DB index is out of range");
-        }
-        let db = db as u32;
-        if self.exclusive_pinned() {
-            // Keep the watched connection on the same database as the session.
-            if self.forward(cmd, Target::Exclusive, false) {
-                self.exclusive_dirty = true;
-                self.db = db;
-                self.info.db.store(db, Ordering::Relaxed);
+    fn multi(&mut self, cmd: Command) {
+        if self.watching || !self.cluster_mode() {
+            // The connection is known: the watched one, or the only node's.
+            let sent = if self.watching { self.send_exclusive_pinned(cmd) } else { self.send(cmd, 0, Use::Watch) };
+            if sent {
+                self.set_multi(true);
             }
             return;
         }
-        self.db = db;
-        self.info.db.store(db, Ordering::Relaxed);
+        // Over shards the node is chosen by the transaction's first keyed command.
+        self.set_multi(true);
+        self.multi_deferred = true;
         self.reply_ok();
     }
 
-    /// Validates and sets the client name; replies with an error and returns `false` if invalid.
-    fn set_name(&mut self, name: Bytes) -> bool {
-        if name.iter().any(|&c| !(b'!'..=b'~').contains(&c)) {
-            self.reply_error("ERR Client names cannot contain spaces, newlines or special characters.");
-            return false;
-        }
-        if let Ok(mut n) = self.info.name.lock() {
-            *n = name;
-        }
-        true
-    }
-
-    fn client(&mut self, cmd: Command) {
-        let Some(sub) = cmd.arg(1).map(|s| s.to_ascii_lowercase()) else {
-            return self.wrong_args("client");
-        };
-        let argc = cmd.args.len();
-        let arity_error = |s: &mut Self| s.wrong_args(&format!("client|{}", String::from_utf8_lossy(&sub)));
-        match sub.as_slice() {
-            b"id" if argc == 2 => {
-                let id = self.info.id as i64;
-                self.reply_with(|o, _| resp::int(o, id));
-            }
-            b"getname" if argc == 2 => {
-                let name = self.info.name.lock().map(|n| n.clone()).unwrap_or_default();
-                self.reply_with(|o, p| if name.is_empty() { resp::null(o, p) } else { resp::bulk(o, &name) });
-            }
-            b"setname" if argc == 3 => {
-                if self.set_name(cmd.args[2].clone()) {
-                    self.reply_ok();
+    fn handle_in_multi(&mut self, cmd: Command, kind: Kind) {
+        match kind {
+            Kind::Local(Local::Quit) | Kind::Local(Local::Reset) => {
+                if let Kind::Local(l) = kind {
+                    self.local(l, cmd);
                 }
             }
-            b"info" if argc == 2 => {
-                self.note_activity();
-                let line = format!("{}\n", self.info.line());
-                self.reply_with(|o, p| resp::verbatim(o, line.as_bytes(), p));
-            }
-            b"list" => {
-                self.note_activity();
-                self.client_list(&cmd);
-            }
-            b"kill" if argc >= 3 => self.client_kill(&cmd),
-            b"setinfo" if argc == 4 => {
-                let attr = cmd.args[2].to_ascii_lowercase();
-                let value = cmd.args[3].clone();
-                let slot = match attr.as_slice() {
-                    b"lib-name" => &self.info.lib_name,
-                    b"lib-ver" => &self.info.lib_ver,
-                    _ => {
-                        let a = String::from_utf8_lossy(&cmd.args[2]).into_owned();
-                        return self.reply_error(&format!("ERR Unrecognized option '{a}'"));
-                    }
-                };
-                if value.iter().any(|&c| !(b'!'..=b'~').contains(&c)) {
-                    let a = String::from_utf8_lossy(&attr).into_owned();
-                    return self.reply_error(&format!("ERR {a} cannot contain spaces, newlines or special characters."));
-                }
-                if let Ok(mut s) = slot.lock() {
-                    *s = value;
-                }
-                self.reply_ok();
-            }
-            b"reply" if argc == 3 => {
-                let mode = cmd.args[2].to_ascii_lowercase();
-                match mode.as_slice() {
-                    b"on" => {
-                        self.reply_mode = ReplyMode::On;
-                        self.reply_ok();
-                    }
-                    b"off" => self.reply_mode = ReplyMode::Off,
-                    b"skip" => {
-                        if self.reply_mode == ReplyMode::On {
-                            self.reply_mode = ReplyMode::SkipNext;
-                        }
-                    }
-                    _ => self.reply_error("ERR syntax error"),
+            Kind::EndTransaction => {
+                let exec = cmd.name().eq_ignore_ascii_case(b"exec");
+                if self.multi_deferred {
+                    // Nothing was queued: an empty transaction.
+                    self.set_multi(false);
+                    self.watching = false;
+                    if exec { self.reply_with(|o, _| resp::array_header(o, 0)) } else { self.reply_ok() }
+                } else if self.tx_poisoned && exec {
+                    let discard = Command::from_args(vec![Bytes::from_static(b"DISCARD")]);
+                    self.reply_mode_silent_once();
+                    self.send_exclusive_pinned(discard);
+                    self.set_multi(false);
+                    self.watching = false;
+                    self.reply_error("EXECABORT Transaction discarded because of previous errors.");
+                } else if self.send_exclusive_pinned(cmd) {
+                    self.set_multi(false);
+                    self.watching = false;
                 }
             }
-            b"no-evict" | b"no-touch" if argc == 3 => {
-                let v = cmd.args[2].to_ascii_lowercase();
-                if v == b"on" || v == b"off" {
-                    self.reply_ok();
-                } else {
-                    self.reply_error("ERR syntax error");
-                }
-            }
-            b"getredir" if argc == 2 => self.reply_with(|o, _| resp::int(o, -1)),
-            b"tracking" | b"caching" | b"unblock" => {
-                let s = String::from_utf8_lossy(&sub).to_uppercase();
-                self.reply_error(&format!("ERR respire: CLIENT {s} is not supported through the proxy"));
-            }
-            b"id" | b"getname" | b"setname" | b"info" | b"kill" | b"setinfo" | b"reply" | b"no-evict" | b"no-touch"
-            | b"getredir" => arity_error(self),
-            // PAUSE, UNPAUSE, HELP, TRACKINGINFO and anything newer go to Redis.
             _ => {
-                let target = if self.exclusive_pinned() { Target::Exclusive } else { Target::Shared(self.key()) };
-                self.forward(cmd, target, false);
-            }
-        }
-    }
-
-    fn client_list(&mut self, cmd: &Command) {
-        let mut ids: Option<Vec<u64>> = None;
-        let mut kind: Option<Vec<u8>> = None;
-        let mut i = 2;
-        while i < cmd.args.len() {
-            let opt = cmd.args[i].to_ascii_lowercase();
-            if opt == b"type" && i + 1 < cmd.args.len() {
-                let t = cmd.args[i + 1].to_ascii_lowercase();
-                if !matches!(t.as_slice(), b"normal" | b"master" | b"replica" | b"slave" | b"pubsub") {
-                    let t = String::from_utf8_lossy(&cmd.args[i + 1]).into_owned();
-                    return self.reply_error(&format!("ERR Unknown client type '{t}'"));
+                if matches!(kind, Kind::Local(l) if l != Local::Ping && l != Local::Echo) {
+                    self.exclusive_dirty = true;
                 }
-                kind = Some(t);
-                i += 2;
-            } else if opt == b"id" && i + 1 < cmd.args.len() {
-                let mut list = Vec::new();
-                for a in &cmd.args[i + 1..] {
-                    match parse_i64(a) {
-                        Some(n) if n > 0 => list.push(n as u64),
-                        _ => return self.reply_error("ERR Invalid client ID"),
-                    }
+                if !self.cluster_mode() {
+                    self.send_exclusive_pinned(cmd);
+                    return;
                 }
-                ids = Some(list);
-                i = cmd.args.len();
-            } else {
-                return self.reply_error("ERR syntax error");
-            }
-        }
-        let mut text = String::new();
-        for c in self.worker.shared.clients.snapshot() {
-            if ids.as_ref().is_some_and(|ids| !ids.contains(&c.id)) {
-                continue;
-            }
-            if let Some(k) = &kind {
-                let pubsub = c.flags.load(Ordering::Relaxed) & flag::PUBSUB != 0;
-                let ok = match k.as_slice() {
-                    b"normal" => !pubsub,
-                    b"pubsub" => pubsub,
-                    _ => false,
+                // The node of this command's keys; keyless commands follow the transaction.
+                let node = match router::plan(&self.worker.shared.commands, &cmd.args, &self.topo) {
+                    Plan::Single(Some(slot)) => self.node_for(Some(slot)),
+                    Plan::Single(None) | Plan::FanOut(_) | Plan::Scan { .. } => match &self.exclusive {
+                        Some(ex) => Ok(self.topo.node_index(&ex.addr).unwrap_or(usize::MAX)),
+                        None => self.node_for(None),
+                    },
+                    Plan::Split(..) | Plan::Error(_) => Err(CROSSSLOT),
                 };
-                if !ok {
-                    continue;
+                let node = match node {
+                    Ok(n) => n,
+                    Err(e) => {
+                        self.tx_poisoned = true;
+                        return self.reply_error(e);
+                    }
+                };
+                if self.multi_deferred {
+                    let Ok(conn) = self.exclusive_on(node) else {
+                        self.tx_poisoned = true;
+                        return self.reply_error(CROSSSLOT);
+                    };
+                    // MULTI goes first; its +OK was already given by respire.
+                    let mut data = BytesMut::new();
+                    resp::encode_args(&mut data, &["MULTI"]);
+                    cmd.encode_into(&mut data);
+                    let data = data.freeze();
+                    let rx = conn.send(data.clone(), 1, false);
+                    self.multi_deferred = false;
+                    self.push_waiting(rx, data, true, false);
+                    return;
                 }
+                let same = self.exclusive.as_ref().is_some_and(|ex| self.topo.node_index(&ex.addr) == Some(node));
+                if !same {
+                    self.tx_poisoned = true;
+                    return self.reply_error(CROSSSLOT);
+                }
+                self.send_exclusive_pinned(cmd);
             }
-            text.push_str(&c.line());
-            text.push('\n');
         }
-        self.reply_with(|o, p| resp::verbatim(o, text.as_bytes(), p));
     }
 
-    fn client_kill(&mut self, cmd: &Command) {
-        let clients = self.worker.shared.clients.snapshot();
-        if cmd.args.len() == 3 {
-            // Old form: CLIENT KILL addr:port
-            let addr = cmd.args[2].clone();
-            match clients.iter().find(|c| c.addr.to_string().as_bytes() == addr.as_ref()) {
-                Some(c) => {
-                    c.kill();
-                    self.reply_ok();
-                    if c.id == self.info.id {
-                        self.closing = true;
-                    }
-                }
-                None => self.reply_error("ERR No such client"),
-            }
+    /// The next backend reply is not shown to the client.
+    fn reply_mode_silent_once(&mut self) {
+        if self.reply_mode == ReplyMode::On {
+            self.reply_mode = ReplyMode::SkipNext;
+        }
+    }
+
+    // ---- streams ----------------------------------------------------------
+
+    fn start_stream(&mut self, cmd: Command) {
+        if self.watching {
+            // A subscription cannot share the watched connection.
+            return self.reply_error("ERR respire: SUBSCRIBE and MONITOR are not allowed while keys are WATCHed");
+        }
+        if self.waiting > 0 {
+            self.stalled = Some(cmd);
             return;
         }
-        let mut id: Option<u64> = None;
-        let mut addr: Option<SocketAddr> = None;
-        let mut laddr: Option<SocketAddr> = None;
-        let mut user: Option<String> = None;
-        let mut skipme = true;
-        let mut maxage: Option<u64> = None;
-        let mut kind: Option<Vec<u8>> = None;
-        let mut i = 2;
-        while i < cmd.args.len() {
-            if i + 1 >= cmd.args.len() {
-                return self.reply_error("ERR syntax error");
+        let node = if !self.cluster_mode() {
+            Ok(0)
+        } else if cmd.name().eq_ignore_ascii_case(b"ssubscribe") {
+            match router::plan(&self.worker.shared.commands, &cmd.args, &self.topo) {
+                Plan::Single(slot) => self.node_for(slot),
+                _ => Err(CROSSSLOT),
             }
-            let opt = cmd.args[i].to_ascii_lowercase();
-            let val = &cmd.args[i + 1];
-            let text = String::from_utf8_lossy(val).into_owned();
-            match opt.as_slice() {
-                b"id" => match parse_i64(val) {
-                    Some(n) if n > 0 => id = Some(n as u64),
-                    _ => return self.reply_error("ERR client-id should be greater than 0"),
-                },
-                b"addr" => match text.parse() {
-                    Ok(a) => addr = Some(a),
-                    Err(_) => return self.reply_error("ERR No such client"),
-                },
-                b"laddr" => match text.parse() {
-                    Ok(a) => laddr = Some(a),
-                    Err(_) => return self.reply_error("ERR No such client"),
-                },
-                b"user" => user = Some(text),
-                b"skipme" => match val.to_ascii_lowercase().as_slice() {
-                    b"yes" => skipme = true,
-                    b"no" => skipme = false,
-                    _ => return self.reply_error("ERR syntax error"),
-                },
-                b"maxage" => match parse_i64(val) {
-                    Some(n) if n >= 0 => maxage = Some(n as u64),
-                    _ => return self.reply_error("ERR value is not an integer or out of range"),
-                },
-                b"type" => kind = Some(val.to_ascii_lowercase()),
-                _ => return self.reply_error("ERR syntax error"),
-            }
-            i += 2;
-        }
-        let mut killed = 0i64;
-        let mut me = false;
-        for c in &clients {
-            if id.is_some_and(|id| id != c.id)
-                || addr.is_some_and(|a| a != c.addr)
-                || laddr.is_some_and(|a| a != c.laddr)
-                || user.as_ref().is_some_and(|u| c.user.lock().map(|cu| *cu != *u).unwrap_or(true))
-                || maxage.is_some_and(|m| c.created.elapsed().as_secs() < m)
-                || kind.as_ref().is_some_and(|k| {
-                    let pubsub = c.flags.load(Ordering::Relaxed) & flag::PUBSUB != 0;
-                    !(k.as_slice() == b"normal" && !pubsub || k.as_slice() == b"pubsub" && pubsub)
-                })
-            {
-                continue;
-            }
-            if c.id == self.info.id {
-                if skipme {
-                    continue;
-                }
-                me = true;
-            }
-            c.kill();
-            killed += 1;
-        }
-        self.reply_with(|o, _| resp::int(o, killed));
-        if me {
-            self.closing = true;
-        }
-    }
-
-    fn unsubscribe_reply(&mut self, cmd: &Command) {
-        let kind = commands::display_name(cmd.name());
-        let channels: Vec<Bytes> = cmd.args[1..].to_vec();
-        self.reply_with(|o, p| {
-            if channels.is_empty() {
-                resp::push_header(o, 3, p);
-                resp::bulk(o, kind.as_bytes());
-                resp::null(o, p);
-                resp::int(o, 0);
-            }
-            for ch in &channels {
-                resp::push_header(o, 3, p);
-                resp::bulk(o, kind.as_bytes());
-                resp::bulk(o, ch);
-                resp::int(o, 0);
-            }
-        });
-    }
-
-    // ---- streams (subscribe, monitor) -------------------------------------
-
-    /// Relays between the client and a dedicated backend connection.
-    async fn relay_stream(&mut self, first: Command) -> StreamEnd {
-        // Give back a clean exclusive connection; a stream needs its own.
-        self.release_exclusive(false);
-        let node = self.worker.pool.node().clone();
-        let backend = match backend::connect(&node, self.key()).await {
-            Ok(s) => s,
-            Err(reason) => {
-                let e = BackendError::Unavailable { addr: node.addr.clone(), reason };
-                self.reply_error(&e.to_string());
-                return StreamEnd::Reset;
-            }
+        } else {
+            self.node_for(None)
         };
-        self.info.set_flag(flag::PUBSUB, true);
-        let mut shutdown = self.worker.shared.shutdown.clone();
-        let mut to_backend = BytesMut::new();
-        let mut from_backend = BytesMut::with_capacity(16 * 1024);
-        first.encode_into(&mut to_backend);
-        let end = loop {
-            // Client commands go to the backend, except the few respire must answer.
-            let mut reset = false;
-            while !self.closing {
-                match self.parser.parse(&mut self.inbuf, &self.worker.shared.limits, self.authenticated) {
-                    Ok(Some(cmd)) => match commands::lookup(cmd.name()).kind {
-                        Kind::Local(Local::Quit) => {
-                            resp::simple(&mut self.out, "OK");
-                            self.closing = true;
-                        }
-                        Kind::Local(Local::Reset) => {
-                            reset = true;
-                            break;
-                        }
-                        Kind::Local(Local::Auth) | Kind::Local(Local::Client) => {
-                            resp::error(&mut self.out, "ERR respire: AUTH and CLIENT are not available in subscribe or monitor mode");
-                        }
-                        _ => cmd.encode_into(&mut to_backend),
-                    },
-                    Ok(None) => break,
-                    Err(e) => {
-                        resp::error(&mut self.out, &e.reply_text());
-                        self.closing = true;
-                    }
-                }
-            }
-            if reset {
-                self.reset();
-                resp::simple(&mut self.out, "RESET");
-                break StreamEnd::Reset;
-            }
-            while !to_backend.is_empty() {
-                match backend.try_write(&to_backend) {
-                    Ok(n) => {
-                        let _ = to_backend.split_to(n);
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(_) => {
-                        resp::error(&mut self.out, "ERR respire: connection to backend was lost; subscriptions ended");
-                        self.closing = true;
-                        break;
-                    }
-                }
-            }
-            if !self.try_flush() {
-                break StreamEnd::Close;
-            }
-            if self.closing {
-                let _ = self.flush_all().await;
-                break StreamEnd::Close;
-            }
-            tokio::select! {
-                biased;
-                _ = self.info.kill.notified() => break StreamEnd::Close,
-                _ = shutdown.changed() => break StreamEnd::Close,
-                r = backend.readable() => {
-                    if r.is_err() {
-                        break StreamEnd::Close;
-                    }
-                    from_backend.reserve(16 * 1024);
-                    match backend.try_read_buf(&mut from_backend) {
-                        Ok(0) => {
-                            resp::error(&mut self.out, "ERR respire: connection to backend was lost; subscriptions ended");
-                            self.closing = true;
-                        }
-                        Ok(_) => loop {
-                            match reply_len(&from_backend) {
-                                Ok(Some(n)) => {
-                                    let frame = from_backend.split_to(n);
-                                    self.out.extend_from_slice(&frame);
-                                }
-                                Ok(None) => break,
-                                Err(_) => {
-                                    self.closing = true;
-                                    break;
-                                }
-                            }
-                        },
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(_) => self.closing = true,
-                    }
-                }
-                r = self.stream.writable(), if !self.out.is_empty() => {
-                    if r.is_err() {
-                        break StreamEnd::Close;
-                    }
-                }
-                r = backend.writable(), if !to_backend.is_empty() => {
-                    if r.is_err() {
-                        break StreamEnd::Close;
-                    }
-                }
-                r = self.stream.readable() => {
-                    if r.is_err() {
-                        break StreamEnd::Close;
-                    }
-                    self.inbuf.reserve(16 * 1024);
-                    match self.stream.try_read_buf(&mut self.inbuf) {
-                        Ok(0) => break StreamEnd::Close,
-                        Ok(_) => self.note_activity(),
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(_) => break StreamEnd::Close,
-                    }
-                }
-            }
-        };
-        self.info.set_flag(flag::PUBSUB, false);
-        end
+        match node {
+            Ok(n) => self.stream_start = Some((cmd, n)),
+            Err(e) => self.reply_error(e),
+        }
     }
 }
 
-/// Compares secrets in time that depends only on their lengths.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
+/// What following a redirection needs, borrowed apart from the reply queue.
+struct RedirectCtx<'a> {
+    worker: &'a Rc<Worker>,
+    topo: &'a Topology,
+    key: ConnKey,
+    sid: u64,
+}
+
+impl RedirectCtx<'_> {
+    /// If `reply` is a `MOVED`/`ASK` redirection to follow, re-sends the request and returns the new receiver.
+    fn follow(&self, reply: &Reply, retry: &mut Retry) -> Option<oneshot::Receiver<Reply>> {
+        let Ok(frame) = reply else { return None };
+        let (ask, rest) = if let Some(r) = frame.strip_prefix(b"-MOVED ") {
+            (false, r)
+        } else if let Some(r) = frame.strip_prefix(b"-ASK ") {
+            (true, r)
+        } else {
+            return None;
+        };
+        if self.topo.kind != BackendKind::Cluster || retry.attempts >= MAX_REDIRECTS {
+            return None;
+        }
+        let text = std::str::from_utf8(rest).ok()?.trim_end();
+        let (slot, addr) = text.split_once(' ')?;
+        let slot: u16 = slot.parse().ok()?;
+        let addr = normalize_addr(addr, self.topo);
+        retry.attempts += 1;
+        let shared = &self.worker.shared;
+        if !ask {
+            shared.topology.moved(slot, &addr);
+        }
+        let (data, skip) = if ask {
+            let mut d = BytesMut::with_capacity(retry.data.len() + 16);
+            d.extend_from_slice(b"*1\r\n$6\r\nASKING\r\n");
+            d.extend_from_slice(&retry.data);
+            (d.freeze(), 1)
+        } else {
+            (retry.data.clone(), 0)
+        };
+        let addr: Arc<str> = Arc::from(addr.as_str());
+        let pool = self.worker.pool(&addr);
+        debug!(slot, node = %addr, ask, "following a redirection");
+        if retry.exclusive {
+            let conn = pool.checkout(self.key);
+            let rx = conn.send(data, skip, retry.blocking);
+            retry.conn = Some(conn);
+            Some(rx)
+        } else {
+            Some(pool.shared(self.key, self.sid).send(data, skip, false))
+        }
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A redirection may name a node by an address form other than the one in the map
+/// (e.g. `:7001` with an empty host): fill the host in from the known nodes.
+fn normalize_addr(addr: &str, topo: &Topology) -> String {
+    if let Some(port) = addr.strip_prefix(':') {
+        if let Some(host) = topo.nodes.first().and_then(|n| n.rsplit_once(':').map(|(h, _)| h.to_string())) {
+            return format!("{host}:{port}");
+        }
+    }
+    addr.to_string()
 }

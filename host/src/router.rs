@@ -1,0 +1,555 @@
+//! Routing decisions over several shards, and merging of split replies.
+//!
+//! Pure functions: given a command, the command table and a topology, decide
+//! where it goes ([`plan`]); given the replies of the parts, build the one
+//! reply a single Redis would have given ([`merge`]). The session does the I/O.
+//!
+//! - Single-slot commands go to the master of their slot; keyless ones to any
+//!   master. Multi-key commands whose keys hash to different slots get Redis
+//!   Cluster's own `-CROSSSLOT` error, except the ones respire splits.
+//! - Split and merge: `MGET`, `MSET`, `DEL`, `UNLINK`, `EXISTS`, `TOUCH` —
+//!   one sub-command per slot, replies merged in key order.
+//! - Fan-out with aggregation: `DBSIZE`, `KEYS`, `FLUSHALL`, `FLUSHDB`,
+//!   `RANDOMKEY`, `SCRIPT LOAD|EXISTS|FLUSH`, `FUNCTION LOAD|DELETE|FLUSH|RESTORE`,
+//!   `PUBSUB CHANNELS|NUMSUB|NUMPAT|SHARDCHANNELS|SHARDNUMSUB`, `INFO`.
+//! - `SCAN` walks the masters one after the other behind one cursor: the low
+//!   10 bits name the master (in address order), the rest is that master's cursor.
+
+use bytes::{Bytes, BytesMut};
+
+use crate::commands::CommandTable;
+use crate::protocol::{self as resp, parse_i64, reply_len};
+use crate::topology::{Topology, key_slot};
+
+/// Redis Cluster's error for keys in different slots.
+pub const CROSSSLOT: &str = "CROSSSLOT Keys in request don't hash to the same slot";
+/// Bits of a `SCAN` cursor that name the master.
+const SCAN_NODE_BITS: u32 = 10;
+
+/// How to combine the replies of a split or fanned-out command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Merge {
+    /// `MGET`: values placed back in key order; `n` keys in all.
+    Mget(usize),
+    /// Every part must say `+OK`.
+    AllOk,
+    /// Integers added up.
+    SumInt,
+    /// Arrays concatenated.
+    Concat,
+    /// The first reply that is not nil.
+    FirstNonNil,
+    /// The first reply (all parts did the same thing).
+    First,
+    /// Arrays of 0/1 combined element-wise: 1 only where every part says 1.
+    AndInts,
+    /// Arrays merged without duplicates.
+    Union,
+    /// Flat `[name, count, …]` pairs (or maps) with counts added per name.
+    SumPairs,
+    /// `INFO`: the first node's text with the keyspace section added up.
+    Info,
+    /// `SCAN` on master `ordinal` of `total`: the cursor is re-encoded.
+    Scan {
+        /// Which master (in address order) answered.
+        ordinal: usize,
+        /// How many masters there are.
+        total: usize,
+    },
+}
+
+/// One sub-command of a split.
+#[derive(Debug, Clone)]
+pub struct Part {
+    /// The slot its keys hash to.
+    pub slot: u16,
+    /// The sub-command, encoded.
+    pub data: Bytes,
+    /// For `MGET`: where each of its keys' values goes in the merged reply.
+    pub positions: Vec<usize>,
+}
+
+/// Where a command goes.
+#[derive(Debug, Clone)]
+pub enum Plan {
+    /// To the master of `slot`, or any master when `None` (keyless).
+    Single(Option<u16>),
+    /// Refused with this error.
+    Error(String),
+    /// One sub-command per slot, merged.
+    Split(Merge, Vec<Part>),
+    /// The same command to every master, merged.
+    FanOut(Merge),
+    /// `SCAN`: master `ordinal` with this (rewritten) command.
+    Scan {
+        /// Which master, in address order.
+        ordinal: usize,
+        /// The command with the master's own cursor.
+        data: Bytes,
+    },
+}
+
+fn eq(a: &[u8], b: &str) -> bool {
+    a.eq_ignore_ascii_case(b.as_bytes())
+}
+
+/// Decides where `args` go over a topology with several masters (or a cluster).
+pub fn plan(table: &CommandTable, args: &[Bytes], topo: &Topology) -> Plan {
+    let name = args.first().map(|a| a.as_ref()).unwrap_or_default();
+    let sub = args.get(1).map(|a| a.as_ref()).unwrap_or_default();
+    let masters = topo.shards.len();
+    // Fan-out commands.
+    let fan = if eq(name, "dbsize") {
+        Some(Merge::SumInt)
+    } else if eq(name, "keys") {
+        Some(Merge::Concat)
+    } else if eq(name, "flushall") || eq(name, "flushdb") {
+        Some(Merge::AllOk)
+    } else if eq(name, "randomkey") {
+        Some(Merge::FirstNonNil)
+    } else if eq(name, "info") {
+        Some(Merge::Info)
+    } else if eq(name, "script") {
+        if eq(sub, "load") {
+            Some(Merge::First)
+        } else if eq(sub, "exists") {
+            Some(Merge::AndInts)
+        } else if eq(sub, "flush") {
+            Some(Merge::AllOk)
+        } else {
+            None
+        }
+    } else if eq(name, "function") {
+        if eq(sub, "load") || eq(sub, "delete") || eq(sub, "restore") {
+            Some(Merge::First)
+        } else if eq(sub, "flush") {
+            Some(Merge::AllOk)
+        } else {
+            None
+        }
+    } else if eq(name, "pubsub") {
+        if eq(sub, "channels") || eq(sub, "shardchannels") {
+            Some(Merge::Union)
+        } else if eq(sub, "numsub") || eq(sub, "shardnumsub") {
+            Some(Merge::SumPairs)
+        } else if eq(sub, "numpat") {
+            Some(Merge::SumInt)
+        } else {
+            None
+        }
+    } else {
+        None
+    };
+    if let Some(m) = fan {
+        return if masters > 1 { Plan::FanOut(m) } else { Plan::Single(None) };
+    }
+    if eq(name, "scan") {
+        return plan_scan(args, masters);
+    }
+    // Key-based routing.
+    let Some(info) = table.get(args) else {
+        return Plan::Single(None);
+    };
+    let mut positions = Vec::new();
+    info.key_positions(args, &mut positions);
+    if positions.is_empty() {
+        return Plan::Single(None);
+    }
+    let first = key_slot(&args[positions[0]]);
+    if positions.iter().all(|&p| key_slot(&args[p]) == first) {
+        return Plan::Single(Some(first));
+    }
+    // Keys in several slots: split the commands a single Redis would run key by key.
+    if eq(name, "mget") {
+        return split_keys(args, &positions, Merge::Mget(positions.len()), 1);
+    }
+    if eq(name, "del") || eq(name, "unlink") || eq(name, "exists") || eq(name, "touch") {
+        return split_keys(args, &positions, Merge::SumInt, 1);
+    }
+    if eq(name, "mset") && args.len() % 2 == 1 {
+        return split_keys(args, &positions, Merge::AllOk, 2);
+    }
+    Plan::Error(CROSSSLOT.to_string())
+}
+
+/// Groups keys (each followed by `width - 1` values) by slot, one sub-command per slot.
+fn split_keys(args: &[Bytes], positions: &[usize], merge: Merge, width: usize) -> Plan {
+    let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
+    for (i, &p) in positions.iter().enumerate() {
+        let slot = key_slot(&args[p]);
+        match groups.iter_mut().find(|g| g.0 == slot) {
+            Some(g) => g.1.push(i),
+            None => groups.push((slot, vec![i])),
+        }
+    }
+    let parts = groups
+        .into_iter()
+        .map(|(slot, idx)| {
+            let mut sub: Vec<&[u8]> = Vec::with_capacity(1 + idx.len() * width);
+            sub.push(&args[0]);
+            for &i in &idx {
+                let p = positions[i];
+                for w in 0..width {
+                    sub.push(args.get(p + w).map(|a| a.as_ref()).unwrap_or_default());
+                }
+            }
+            let mut out = BytesMut::new();
+            resp::encode_args(&mut out, &sub);
+            Part { slot, data: out.freeze(), positions: idx }
+        })
+        .collect();
+    Plan::Split(merge, parts)
+}
+
+fn plan_scan(args: &[Bytes], masters: usize) -> Plan {
+    let Some(cursor) = args.get(1) else {
+        return Plan::Error("ERR wrong number of arguments for 'scan' command".into());
+    };
+    let Some(cursor) = std::str::from_utf8(cursor).ok().and_then(|c| c.parse::<u64>().ok()) else {
+        return Plan::Error("ERR invalid cursor".into());
+    };
+    let ordinal = (cursor & ((1 << SCAN_NODE_BITS) - 1)) as usize;
+    let node_cursor = cursor >> SCAN_NODE_BITS;
+    if ordinal >= masters {
+        return Plan::Error("ERR invalid cursor".into());
+    }
+    let mut sub: Vec<&[u8]> = args.iter().map(|a| a.as_ref()).collect();
+    let c = node_cursor.to_string();
+    sub[1] = c.as_bytes();
+    let mut out = BytesMut::new();
+    resp::encode_args(&mut out, &sub);
+    Plan::Scan { ordinal, data: out.freeze() }
+}
+
+/// Splits an aggregate reply into its raw elements; `None` for non-aggregates.
+/// Map entries count as two elements.
+pub fn elements(frame: &Bytes) -> Option<(u8, Vec<Bytes>)> {
+    let kind = *frame.first()?;
+    if !matches!(kind, b'*' | b'~' | b'%' | b'>') {
+        return None;
+    }
+    let eol = frame.iter().position(|&b| b == b'\r')?;
+    let n = parse_i64(&frame[1..eol])?;
+    let n = if kind == b'%' { n * 2 } else { n };
+    let mut out = Vec::with_capacity(n.max(0) as usize);
+    let mut pos = eol + 2;
+    for _ in 0..n.max(0) {
+        let len = reply_len(&frame[pos..]).ok()??;
+        out.push(frame.slice(pos..pos + len));
+        pos += len;
+    }
+    Some((kind, out))
+}
+
+fn is_error(frame: &[u8]) -> bool {
+    matches!(frame.first(), Some(b'-') | Some(b'!'))
+}
+
+fn is_nil(frame: &[u8]) -> bool {
+    frame == b"$-1\r\n" || frame == b"*-1\r\n" || frame == b"_\r\n"
+}
+
+fn int_of(frame: &[u8]) -> Option<i64> {
+    if frame.first() != Some(&b':') {
+        return None;
+    }
+    parse_i64(frame.get(1..frame.len().checked_sub(2)?)?)
+}
+
+fn header(kind: u8, n: usize) -> BytesMut {
+    let mut out = BytesMut::new();
+    out.extend_from_slice(format!("{}{}\r\n", kind as char, n).as_bytes());
+    out
+}
+
+/// Combines the parts' replies (in part order) into one reply; a part's error
+/// reply becomes the whole reply, as a cluster client would report it.
+pub fn merge(how: &Merge, replies: &[Bytes], parts: &[Part]) -> Bytes {
+    if let Some(e) = replies.iter().find(|r| is_error(r)) {
+        return e.clone();
+    }
+    let bad = || Bytes::from_static(b"-ERR respire: unexpected reply from a backend while merging\r\n");
+    match how {
+        Merge::Mget(n) => {
+            let mut slots: Vec<Option<Bytes>> = vec![None; *n];
+            for (r, part) in replies.iter().zip(parts) {
+                let Some((_, elems)) = elements(r) else { return bad() };
+                if elems.len() != part.positions.len() {
+                    return bad();
+                }
+                for (e, &pos) in elems.into_iter().zip(&part.positions) {
+                    if let Some(s) = slots.get_mut(pos) {
+                        *s = Some(e);
+                    }
+                }
+            }
+            let mut out = header(b'*', *n);
+            for s in slots {
+                match s {
+                    Some(e) => out.extend_from_slice(&e),
+                    None => return bad(),
+                }
+            }
+            out.freeze()
+        }
+        Merge::AllOk => match replies.iter().find(|r| r.as_ref() != b"+OK\r\n") {
+            Some(r) => r.clone(),
+            None => Bytes::from_static(b"+OK\r\n"),
+        },
+        Merge::SumInt => {
+            let mut sum = 0i64;
+            for r in replies {
+                match int_of(r) {
+                    Some(n) => sum = sum.saturating_add(n),
+                    None => return bad(),
+                }
+            }
+            let mut out = BytesMut::new();
+            resp::int(&mut out, sum);
+            out.freeze()
+        }
+        Merge::Concat | Merge::Union => {
+            let mut all: Vec<Bytes> = Vec::new();
+            let mut kind = b'*';
+            for r in replies {
+                let Some((k, elems)) = elements(r) else { return bad() };
+                kind = k;
+                for e in elems {
+                    if *how == Merge::Concat || !all.contains(&e) {
+                        all.push(e);
+                    }
+                }
+            }
+            let mut out = header(kind, all.len());
+            for e in all {
+                out.extend_from_slice(&e);
+            }
+            out.freeze()
+        }
+        Merge::FirstNonNil => replies.iter().find(|r| !is_nil(r)).or(replies.first()).cloned().unwrap_or_else(bad),
+        Merge::First => replies.first().cloned().unwrap_or_else(bad),
+        Merge::AndInts => {
+            let mut acc: Option<Vec<i64>> = None;
+            for r in replies {
+                let Some((_, elems)) = elements(r) else { return bad() };
+                let ints: Option<Vec<i64>> = elems.iter().map(|e| int_of(e)).collect();
+                let Some(ints) = ints else { return bad() };
+                acc = Some(match acc {
+                    None => ints,
+                    Some(a) => a.iter().zip(&ints).map(|(x, y)| (*x).min(*y)).collect(),
+                });
+            }
+            let acc = acc.unwrap_or_default();
+            let mut out = header(b'*', acc.len());
+            for v in acc {
+                resp::int(&mut out, v);
+            }
+            out.freeze()
+        }
+        Merge::SumPairs => {
+            let mut pairs: Vec<(Bytes, i64)> = Vec::new();
+            let mut kind = b'*';
+            for r in replies {
+                let Some((k, elems)) = elements(r) else { return bad() };
+                kind = k;
+                for c in elems.chunks(2) {
+                    let [name, count] = c else { return bad() };
+                    let Some(n) = int_of(count) else { return bad() };
+                    match pairs.iter_mut().find(|p| p.0 == name) {
+                        Some(p) => p.1 += n,
+                        None => pairs.push((name.clone(), n)),
+                    }
+                }
+            }
+            let mut out = if kind == b'%' { header(b'%', pairs.len()) } else { header(kind, pairs.len() * 2) };
+            for (name, n) in pairs {
+                out.extend_from_slice(&name);
+                resp::int(&mut out, n);
+            }
+            out.freeze()
+        }
+        Merge::Info => merge_info(replies).unwrap_or_else(bad),
+        Merge::Scan { ordinal, total } => {
+            let Some(r) = replies.first() else { return bad() };
+            let Some((_, elems)) = elements(r) else { return bad() };
+            let [cursor, keys] = elems.as_slice() else { return bad() };
+            let Some(text) = cursor.get(cursor.iter().position(|&b| b == b'\n').map(|i| i + 1).unwrap_or(0)..cursor.len().saturating_sub(2)) else {
+                return bad();
+            };
+            let Some(node_cursor) = std::str::from_utf8(text).ok().and_then(|t| t.parse::<u64>().ok()) else { return bad() };
+            let next = if node_cursor != 0 {
+                (node_cursor << SCAN_NODE_BITS) | *ordinal as u64
+            } else if ordinal + 1 < *total {
+                (ordinal + 1) as u64
+            } else {
+                0
+            };
+            let mut out = header(b'*', 2);
+            resp::bulk(&mut out, next.to_string().as_bytes());
+            out.extend_from_slice(keys);
+            out.freeze()
+        }
+    }
+}
+
+/// Adds up the `# Keyspace` lines (`db0:keys=1,expires=0,avg_ttl=0`) of every node's `INFO`.
+fn merge_info(replies: &[Bytes]) -> Option<Bytes> {
+    let texts: Vec<(bool, Bytes)> = replies
+        .iter()
+        .map(|r| {
+            let verbatim = r.first() == Some(&b'=');
+            let start = r.iter().position(|&b| b == b'\n')? + 1 + if verbatim { 4 } else { 0 };
+            Some((verbatim, r.slice(start..r.len().checked_sub(2)?)))
+        })
+        .collect::<Option<_>>()?;
+    let (verbatim, first) = texts.first()?.clone();
+    let mut dbs: std::collections::BTreeMap<u32, [i64; 3]> = Default::default();
+    for (_, t) in &texts {
+        let text = String::from_utf8_lossy(t);
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("db") else { continue };
+            let Some((n, fields)) = rest.split_once(':') else { continue };
+            let Ok(n) = n.parse::<u32>() else { continue };
+            let e = dbs.entry(n).or_default();
+            for f in fields.split(',') {
+                let Some((k, v)) = f.split_once('=') else { continue };
+                let v: i64 = v.trim().parse().unwrap_or(0);
+                match k {
+                    "keys" => e[0] += v,
+                    "expires" => e[1] += v,
+                    "avg_ttl" => e[2] = e[2].max(v),
+                    _ => {}
+                }
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&first);
+    let mut out = String::new();
+    let mut in_keyspace = false;
+    for line in text.split("\r\n") {
+        if line.starts_with('#') {
+            in_keyspace = line.trim() == "# Keyspace";
+            out.push_str(line);
+            out.push_str("\r\n");
+            if in_keyspace {
+                for (n, [k, e, t]) in &dbs {
+                    out.push_str(&format!("db{n}:keys={k},expires={e},avg_ttl={t}\r\n"));
+                }
+            }
+            continue;
+        }
+        if in_keyspace && line.starts_with("db") {
+            continue;
+        }
+        out.push_str(line);
+        out.push_str("\r\n");
+    }
+    // `split` leaves one empty piece after the final CRLF.
+    if out.ends_with("\r\n\r\n") && !text.ends_with("\r\n\r\n") {
+        out.truncate(out.len() - 2);
+    }
+    let mut buf = BytesMut::new();
+    resp::verbatim(&mut buf, out.as_bytes(), if verbatim { 3 } else { 2 });
+    Some(buf.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use super::*;
+
+    fn args(s: &str) -> Vec<Bytes> {
+        s.split(' ').map(|a| Bytes::copy_from_slice(a.as_bytes())).collect()
+    }
+
+    fn three() -> Topology {
+        Topology::shards(&[("a:1".into(), vec![], vec![]), ("b:1".into(), vec![], vec![]), ("c:1".into(), vec![], vec![])]).unwrap()
+    }
+
+    #[test]
+    fn single_crossslot_and_split() {
+        let t = CommandTable::builtin();
+        let topo = three();
+        assert!(matches!(plan(&t, &args("GET foo"), &topo), Plan::Single(Some(12182))));
+        assert!(matches!(plan(&t, &args("PING"), &topo), Plan::Single(None)));
+        assert!(matches!(plan(&t, &args("RENAME {a}x {a}y"), &topo), Plan::Single(Some(_))));
+        match plan(&t, &args("RENAME a b"), &topo) {
+            Plan::Error(e) => assert_eq!(e, CROSSSLOT),
+            p => panic!("{p:?}"),
+        }
+        match plan(&t, &args("MGET a b {a}c"), &topo) {
+            Plan::Split(Merge::Mget(3), parts) => {
+                assert_eq!(parts.len(), 2);
+                assert_eq!(parts[0].positions, vec![0, 2]);
+                assert_eq!(&parts[0].data[..], b"*3\r\n$4\r\nMGET\r\n$1\r\na\r\n$4\r\n{a}c\r\n");
+            }
+            p => panic!("{p:?}"),
+        }
+        match plan(&t, &args("MSET a 1 b 2"), &topo) {
+            Plan::Split(Merge::AllOk, parts) => assert_eq!(&parts[1].data[..], b"*3\r\n$4\r\nMSET\r\n$1\r\nb\r\n$1\r\n2\r\n"),
+            p => panic!("{p:?}"),
+        }
+        assert!(matches!(plan(&t, &args("MSETNX a 1 b 2"), &topo), Plan::Error(_)));
+        assert!(matches!(plan(&t, &args("DBSIZE"), &topo), Plan::FanOut(Merge::SumInt)));
+    }
+
+    #[test]
+    fn merges() {
+        let parts = vec![
+            Part { slot: 0, data: Bytes::new(), positions: vec![0, 2] },
+            Part { slot: 1, data: Bytes::new(), positions: vec![1] },
+        ];
+        let r = merge(
+            &Merge::Mget(3),
+            &[Bytes::from_static(b"*2\r\n$1\r\na\r\n$-1\r\n"), Bytes::from_static(b"*1\r\n$1\r\nb\r\n")],
+            &parts,
+        );
+        assert_eq!(&r[..], b"*3\r\n$1\r\na\r\n$1\r\nb\r\n$-1\r\n");
+        let r = merge(&Merge::SumInt, &[Bytes::from_static(b":2\r\n"), Bytes::from_static(b":3\r\n")], &[]);
+        assert_eq!(&r[..], b":5\r\n");
+        let r = merge(&Merge::AllOk, &[Bytes::from_static(b"+OK\r\n"), Bytes::from_static(b"-ERR x\r\n")], &[]);
+        assert_eq!(&r[..], b"-ERR x\r\n");
+        let r = merge(
+            &Merge::SumPairs,
+            &[Bytes::from_static(b"*2\r\n$1\r\nc\r\n:1\r\n"), Bytes::from_static(b"*2\r\n$1\r\nc\r\n:2\r\n")],
+            &[],
+        );
+        assert_eq!(&r[..], b"*2\r\n$1\r\nc\r\n:3\r\n");
+    }
+
+    #[test]
+    fn scan_cursor_walks_every_master() {
+        let topo = three();
+        let t = CommandTable::builtin();
+        let Plan::Scan { ordinal, data } = plan(&t, &args("SCAN 0 COUNT 10"), &topo) else { panic!() };
+        assert_eq!((ordinal, &data[..]), (0, &b"*4\r\n$4\r\nSCAN\r\n$1\r\n0\r\n$5\r\nCOUNT\r\n$2\r\n10\r\n"[..]));
+        // Master 0 finished: the cursor moves to master 1.
+        let r = merge(&Merge::Scan { ordinal: 0, total: 3 }, &[Bytes::from_static(b"*2\r\n$1\r\n0\r\n*0\r\n")], &[]);
+        assert_eq!(&r[..], b"*2\r\n$1\r\n1\r\n*0\r\n");
+        // Master 1 has more: its cursor 5 is kept in the high bits.
+        let r = merge(&Merge::Scan { ordinal: 1, total: 3 }, &[Bytes::from_static(b"*2\r\n$1\r\n5\r\n*1\r\n$1\r\nk\r\n")], &[]);
+        let c = (5u64 << 10) | 1;
+        assert_eq!(String::from_utf8_lossy(&r), format!("*2\r\n${}\r\n{c}\r\n*1\r\n$1\r\nk\r\n", c.to_string().len()));
+        let Plan::Scan { ordinal, data } = plan(&t, &args(&format!("SCAN {c}")), &topo) else { panic!() };
+        assert_eq!((ordinal, &data[..]), (1, &b"*2\r\n$4\r\nSCAN\r\n$1\r\n5\r\n"[..]));
+        // The last master finishing ends the scan.
+        let r = merge(&Merge::Scan { ordinal: 2, total: 3 }, &[Bytes::from_static(b"*2\r\n$1\r\n0\r\n*0\r\n")], &[]);
+        assert_eq!(&r[..], b"*2\r\n$1\r\n0\r\n*0\r\n");
+    }
+
+    #[test]
+    fn info_keyspace_is_added_up() {
+        let a = Bytes::from_static(b"$48\r\n# Server\r\nredis_version:7\r\n# Keyspace\r\ndb0:keys=2,expires=0,avg_ttl=0\r\n\r\n");
+        let b = Bytes::from_static(b"$48\r\n# Server\r\nredis_version:7\r\n# Keyspace\r\ndb0:keys=3,expires=1,avg_ttl=5\r\n\r\n");
+        let fix = |f: &Bytes| {
+            let body = &f[f.iter().position(|&c| c == b'\n').unwrap() + 1..f.len() - 2];
+            let mut o = BytesMut::new();
+            resp::bulk(&mut o, body);
+            o.freeze()
+        };
+        let r = merge(&Merge::Info, &[fix(&a), fix(&b)], &[]);
+        let text = String::from_utf8_lossy(&r);
+        assert!(text.contains("db0:keys=5,expires=1,avg_ttl=5\r\n"), "{text}");
+        assert!(text.contains("redis_version:7"), "{text}");
+    }
+}

@@ -1,0 +1,482 @@
+//! Commands respire answers itself: PING, ECHO, QUIT, RESET, AUTH, HELLO, SELECT, CLIENT, and
+//! UNSUBSCRIBE outside subscribe mode.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+
+use super::{ReplyMode, Session, Target, Use};
+use crate::topology::BackendKind;
+use crate::backend;
+use crate::clients::flag;
+use crate::commands::{self, Local};
+use crate::protocol::{self as resp, Command, parse_i64};
+
+impl Session {
+    // ---- local commands ---------------------------------------------------
+
+    pub(super) fn wrong_args(&mut self, name: &str) {
+        self.reply_error(&format!("ERR wrong number of arguments for '{name}' command"));
+    }
+
+    pub(super) fn local(&mut self, which: Local, cmd: Command) {
+        let argc = cmd.args.len();
+        match which {
+            Local::Ping => match argc {
+                1 => self.reply_with(|o, _| resp::simple(o, "PONG")),
+                2 => {
+                    let msg = cmd.args[1].clone();
+                    self.reply_with(|o, _| resp::bulk(o, &msg));
+                }
+                _ => self.wrong_args("ping"),
+            },
+            Local::Echo => {
+                if argc != 2 {
+                    return self.wrong_args("echo");
+                }
+                let msg = cmd.args[1].clone();
+                self.reply_with(|o, _| resp::bulk(o, &msg));
+            }
+            Local::Quit => {
+                self.reply_ok();
+                self.closing = true;
+            }
+            Local::Reset => {
+                self.reset();
+                self.reply_with(|o, _| resp::simple(o, "RESET"));
+            }
+            Local::Auth => self.auth(&cmd),
+            Local::Hello => self.hello(&cmd),
+            Local::Select => self.select(cmd),
+            Local::Client => self.client(cmd),
+        }
+    }
+
+    pub(super) fn reset(&mut self) {
+        self.set_multi(false);
+        self.watching = false;
+        // The exclusive connection may hold a transaction or a watch: close it.
+        if let Some(ex) = self.exclusive.take() {
+            drop(ex);
+        }
+        if self.last_target == Some(Target::Exclusive) {
+            self.last_target = None;
+        }
+        self.db = 0;
+        self.proto = 2;
+        self.reply_mode = ReplyMode::On;
+        self.authenticated = !self.worker.shared.config.auth_required();
+        self.info.db.store(0, Ordering::Relaxed);
+        self.info.resp.store(2, Ordering::Relaxed);
+        if let Ok(mut n) = self.info.name.lock() {
+            *n = Bytes::new();
+        }
+        if let Ok(mut u) = self.info.user.lock() {
+            *u = "default".into();
+        }
+    }
+
+    /// Checks credentials; on success the session is authenticated as `user`.
+    pub(super) fn authenticate(&mut self, user: &[u8], pass: &[u8]) -> bool {
+        let cfg = &self.worker.shared.config;
+        let ok = if user == b"default" {
+            match &cfg.requirepass {
+                Some(p) => constant_time_eq(p.as_bytes(), pass),
+                // Without requirepass the default user has no password and accepts any.
+                None => true,
+            }
+        } else {
+            cfg.users.iter().any(|u| u.name.as_bytes() == user && constant_time_eq(u.password.as_bytes(), pass))
+        };
+        if ok {
+            self.authenticated = true;
+            if let Ok(mut u) = self.info.user.lock() {
+                *u = String::from_utf8_lossy(user).into_owned();
+            }
+        }
+        ok
+    }
+
+    pub(super) fn auth(&mut self, cmd: &Command) {
+        let (user, pass) = match cmd.args.len() {
+            2 => (Bytes::from_static(b"default"), cmd.args[1].clone()),
+            3 => (cmd.args[1].clone(), cmd.args[2].clone()),
+            1 => return self.wrong_args("auth"),
+            _ => return self.reply_error("ERR syntax error"),
+        };
+        if cmd.args.len() == 2 && self.worker.shared.config.requirepass.is_none() {
+            return self.reply_error(
+                "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
+            );
+        }
+        if self.authenticate(&user, &pass) {
+            self.reply_ok();
+        } else {
+            self.reply_error("WRONGPASS invalid username-password pair or user is disabled.");
+        }
+    }
+
+    pub(super) fn hello(&mut self, cmd: &Command) {
+        let mut proto = self.proto;
+        let mut creds: Option<(Bytes, Bytes)> = None;
+        let mut name: Option<Bytes> = None;
+        if let Some(v) = cmd.arg(1) {
+            match parse_i64(v) {
+                Some(n) if (2..=3).contains(&n) => proto = n as u8,
+                Some(_) => return self.reply_error("NOPROTO unsupported protocol version"),
+                None => return self.reply_error("ERR Protocol version is not an integer or out of range"),
+            }
+            let mut i = 2;
+            while i < cmd.args.len() {
+                let opt = &cmd.args[i];
+                let more = cmd.args.len() - i - 1;
+                if opt.eq_ignore_ascii_case(b"AUTH") && more >= 2 {
+                    creds = Some((cmd.args[i + 1].clone(), cmd.args[i + 2].clone()));
+                    i += 3;
+                } else if opt.eq_ignore_ascii_case(b"SETNAME") && more >= 1 {
+                    name = Some(cmd.args[i + 1].clone());
+                    i += 2;
+                } else {
+                    let opt = String::from_utf8_lossy(opt).into_owned();
+                    return self.reply_error(&format!("ERR Syntax error in HELLO option '{opt}'"));
+                }
+            }
+        }
+        if let Some((user, pass)) = creds {
+            if !self.authenticate(&user, &pass) {
+                return self.reply_error("WRONGPASS invalid username-password pair or user is disabled.");
+            }
+        }
+        if !self.authenticated {
+            return self.reply_error(
+                "NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time",
+            );
+        }
+        if let Some(name) = name {
+            if !self.set_name(name) {
+                return;
+            }
+        }
+        if proto != self.proto && self.watching {
+            return self.reply_error("ERR respire: HELLO cannot change the protocol while keys are WATCHed");
+        }
+        self.proto = proto;
+        self.info.resp.store(proto, Ordering::Relaxed);
+        let id = self.info.id as i64;
+        let version = backend::backend_version();
+        let cluster = self.cluster_mode();
+        self.reply_with(|o, p| {
+            resp::map_header(o, 7, p);
+            resp::bulk(o, b"server");
+            resp::bulk(o, b"redis");
+            resp::bulk(o, b"version");
+            resp::bulk(o, version.as_bytes());
+            resp::bulk(o, b"proto");
+            resp::int(o, i64::from(p));
+            resp::bulk(o, b"id");
+            resp::int(o, id);
+            resp::bulk(o, b"mode");
+            resp::bulk(o, if cluster { b"cluster" } else { b"standalone" });
+            resp::bulk(o, b"role");
+            resp::bulk(o, b"master");
+            resp::bulk(o, b"modules");
+            resp::array_header(o, 0);
+        });
+    }
+
+    pub(super) fn select(&mut self, cmd: Command) {
+        if cmd.args.len() != 2 {
+            return self.wrong_args("select");
+        }
+        if self.topo.kind == BackendKind::Cluster {
+            return self.reply_error("ERR SELECT is not allowed in cluster mode");
+        }
+        let Some(db) = parse_i64(&cmd.args[1]).filter(|n| i32::try_from(*n).is_ok()) else {
+            return self.reply_error("ERR value is not an integer or out of range");
+        };
+        if db < 0 || db >= i64::from(self.worker.shared.config.databases) {
+            return self.reply_error("ERR DB index is out of range");
+        }
+        let db = db as u32;
+        if self.watching {
+            // Keep the watched connection on the same database as the session.
+            if self.send_exclusive_pinned(cmd) {
+                self.exclusive_dirty = true;
+                self.db = db;
+                self.info.db.store(db, Ordering::Relaxed);
+            }
+            return;
+        }
+        self.db = db;
+        self.info.db.store(db, Ordering::Relaxed);
+        self.reply_ok();
+    }
+
+    /// Validates and sets the client name; replies with an error and returns `false` if invalid.
+    pub(super) fn set_name(&mut self, name: Bytes) -> bool {
+        if name.iter().any(|&c| !(b'!'..=b'~').contains(&c)) {
+            self.reply_error("ERR Client names cannot contain spaces, newlines or special characters.");
+            return false;
+        }
+        if let Ok(mut n) = self.info.name.lock() {
+            *n = name;
+        }
+        true
+    }
+
+    pub(super) fn client(&mut self, cmd: Command) {
+        let Some(sub) = cmd.arg(1).map(|s| s.to_ascii_lowercase()) else {
+            return self.wrong_args("client");
+        };
+        let argc = cmd.args.len();
+        let arity_error = |s: &mut Self| s.wrong_args(&format!("client|{}", String::from_utf8_lossy(&sub)));
+        match sub.as_slice() {
+            b"id" if argc == 2 => {
+                let id = self.info.id as i64;
+                self.reply_with(|o, _| resp::int(o, id));
+            }
+            b"getname" if argc == 2 => {
+                let name = self.info.name.lock().map(|n| n.clone()).unwrap_or_default();
+                self.reply_with(|o, p| if name.is_empty() { resp::null(o, p) } else { resp::bulk(o, &name) });
+            }
+            b"setname" if argc == 3 => {
+                if self.set_name(cmd.args[2].clone()) {
+                    self.reply_ok();
+                }
+            }
+            b"info" if argc == 2 => {
+                self.note_activity();
+                let line = format!("{}\n", self.info.line());
+                self.reply_with(|o, p| resp::verbatim(o, line.as_bytes(), p));
+            }
+            b"list" => {
+                self.note_activity();
+                self.client_list(&cmd);
+            }
+            b"kill" if argc >= 3 => self.client_kill(&cmd),
+            b"setinfo" if argc == 4 => {
+                let attr = cmd.args[2].to_ascii_lowercase();
+                let value = cmd.args[3].clone();
+                let slot = match attr.as_slice() {
+                    b"lib-name" => &self.info.lib_name,
+                    b"lib-ver" => &self.info.lib_ver,
+                    _ => {
+                        let a = String::from_utf8_lossy(&cmd.args[2]).into_owned();
+                        return self.reply_error(&format!("ERR Unrecognized option '{a}'"));
+                    }
+                };
+                if value.iter().any(|&c| !(b'!'..=b'~').contains(&c)) {
+                    let a = String::from_utf8_lossy(&attr).into_owned();
+                    return self.reply_error(&format!("ERR {a} cannot contain spaces, newlines or special characters."));
+                }
+                if let Ok(mut s) = slot.lock() {
+                    *s = value;
+                }
+                self.reply_ok();
+            }
+            b"reply" if argc == 3 => {
+                let mode = cmd.args[2].to_ascii_lowercase();
+                match mode.as_slice() {
+                    b"on" => {
+                        self.reply_mode = ReplyMode::On;
+                        self.reply_ok();
+                    }
+                    b"off" => self.reply_mode = ReplyMode::Off,
+                    b"skip" => {
+                        if self.reply_mode == ReplyMode::On {
+                            self.reply_mode = ReplyMode::SkipNext;
+                        }
+                    }
+                    _ => self.reply_error("ERR syntax error"),
+                }
+            }
+            b"no-evict" | b"no-touch" if argc == 3 => {
+                let v = cmd.args[2].to_ascii_lowercase();
+                if v == b"on" || v == b"off" {
+                    self.reply_ok();
+                } else {
+                    self.reply_error("ERR syntax error");
+                }
+            }
+            b"getredir" if argc == 2 => self.reply_with(|o, _| resp::int(o, -1)),
+            b"tracking" | b"caching" | b"unblock" => {
+                let s = String::from_utf8_lossy(&sub).to_uppercase();
+                self.reply_error(&format!("ERR respire: CLIENT {s} is not supported through the proxy"));
+            }
+            b"id" | b"getname" | b"setname" | b"info" | b"kill" | b"setinfo" | b"reply" | b"no-evict" | b"no-touch"
+            | b"getredir" => arity_error(self),
+            // PAUSE, UNPAUSE, HELP, TRACKINGINFO and anything newer go to Redis.
+            _ => {
+                self.route(cmd, Use::Shared);
+            }
+        }
+    }
+
+    pub(super) fn client_list(&mut self, cmd: &Command) {
+        let mut ids: Option<Vec<u64>> = None;
+        let mut kind: Option<Vec<u8>> = None;
+        let mut i = 2;
+        while i < cmd.args.len() {
+            let opt = cmd.args[i].to_ascii_lowercase();
+            if opt == b"type" && i + 1 < cmd.args.len() {
+                let t = cmd.args[i + 1].to_ascii_lowercase();
+                if !matches!(t.as_slice(), b"normal" | b"master" | b"replica" | b"slave" | b"pubsub") {
+                    let t = String::from_utf8_lossy(&cmd.args[i + 1]).into_owned();
+                    return self.reply_error(&format!("ERR Unknown client type '{t}'"));
+                }
+                kind = Some(t);
+                i += 2;
+            } else if opt == b"id" && i + 1 < cmd.args.len() {
+                let mut list = Vec::new();
+                for a in &cmd.args[i + 1..] {
+                    match parse_i64(a) {
+                        Some(n) if n > 0 => list.push(n as u64),
+                        _ => return self.reply_error("ERR Invalid client ID"),
+                    }
+                }
+                ids = Some(list);
+                i = cmd.args.len();
+            } else {
+                return self.reply_error("ERR syntax error");
+            }
+        }
+        let mut text = String::new();
+        for c in self.worker.shared.clients.snapshot() {
+            if ids.as_ref().is_some_and(|ids| !ids.contains(&c.id)) {
+                continue;
+            }
+            if let Some(k) = &kind {
+                let pubsub = c.flags.load(Ordering::Relaxed) & flag::PUBSUB != 0;
+                let ok = match k.as_slice() {
+                    b"normal" => !pubsub,
+                    b"pubsub" => pubsub,
+                    _ => false,
+                };
+                if !ok {
+                    continue;
+                }
+            }
+            text.push_str(&c.line());
+            text.push('\n');
+        }
+        self.reply_with(|o, p| resp::verbatim(o, text.as_bytes(), p));
+    }
+
+    pub(super) fn client_kill(&mut self, cmd: &Command) {
+        let clients = self.worker.shared.clients.snapshot();
+        if cmd.args.len() == 3 {
+            // Old form: CLIENT KILL addr:port
+            let addr = cmd.args[2].clone();
+            match clients.iter().find(|c| c.addr.to_string().as_bytes() == addr.as_ref()) {
+                Some(c) => {
+                    c.kill();
+                    self.reply_ok();
+                    if c.id == self.info.id {
+                        self.closing = true;
+                    }
+                }
+                None => self.reply_error("ERR No such client"),
+            }
+            return;
+        }
+        let mut id: Option<u64> = None;
+        let mut addr: Option<SocketAddr> = None;
+        let mut laddr: Option<SocketAddr> = None;
+        let mut user: Option<String> = None;
+        let mut skipme = true;
+        let mut maxage: Option<u64> = None;
+        let mut kind: Option<Vec<u8>> = None;
+        let mut i = 2;
+        while i < cmd.args.len() {
+            if i + 1 >= cmd.args.len() {
+                return self.reply_error("ERR syntax error");
+            }
+            let opt = cmd.args[i].to_ascii_lowercase();
+            let val = &cmd.args[i + 1];
+            let text = String::from_utf8_lossy(val).into_owned();
+            match opt.as_slice() {
+                b"id" => match parse_i64(val) {
+                    Some(n) if n > 0 => id = Some(n as u64),
+                    _ => return self.reply_error("ERR client-id should be greater than 0"),
+                },
+                b"addr" => match text.parse() {
+                    Ok(a) => addr = Some(a),
+                    Err(_) => return self.reply_error("ERR No such client"),
+                },
+                b"laddr" => match text.parse() {
+                    Ok(a) => laddr = Some(a),
+                    Err(_) => return self.reply_error("ERR No such client"),
+                },
+                b"user" => user = Some(text),
+                b"skipme" => match val.to_ascii_lowercase().as_slice() {
+                    b"yes" => skipme = true,
+                    b"no" => skipme = false,
+                    _ => return self.reply_error("ERR syntax error"),
+                },
+                b"maxage" => match parse_i64(val) {
+                    Some(n) if n >= 0 => maxage = Some(n as u64),
+                    _ => return self.reply_error("ERR value is not an integer or out of range"),
+                },
+                b"type" => kind = Some(val.to_ascii_lowercase()),
+                _ => return self.reply_error("ERR syntax error"),
+            }
+            i += 2;
+        }
+        let mut killed = 0i64;
+        let mut me = false;
+        for c in &clients {
+            if id.is_some_and(|id| id != c.id)
+                || addr.is_some_and(|a| a != c.addr)
+                || laddr.is_some_and(|a| a != c.laddr)
+                || user.as_ref().is_some_and(|u| c.user.lock().map(|cu| *cu != *u).unwrap_or(true))
+                || maxage.is_some_and(|m| c.created.elapsed().as_secs() < m)
+                || kind.as_ref().is_some_and(|k| {
+                    let pubsub = c.flags.load(Ordering::Relaxed) & flag::PUBSUB != 0;
+                    !(k.as_slice() == b"normal" && !pubsub || k.as_slice() == b"pubsub" && pubsub)
+                })
+            {
+                continue;
+            }
+            if c.id == self.info.id {
+                if skipme {
+                    continue;
+                }
+                me = true;
+            }
+            c.kill();
+            killed += 1;
+        }
+        self.reply_with(|o, _| resp::int(o, killed));
+        if me {
+            self.closing = true;
+        }
+    }
+
+    pub(super) fn unsubscribe_reply(&mut self, cmd: &Command) {
+        let kind = commands::display_name(cmd.name());
+        let channels: Vec<Bytes> = cmd.args[1..].to_vec();
+        self.reply_with(|o, p| {
+            if channels.is_empty() {
+                resp::push_header(o, 3, p);
+                resp::bulk(o, kind.as_bytes());
+                resp::null(o, p);
+                resp::int(o, 0);
+            }
+            for ch in &channels {
+                resp::push_header(o, 3, p);
+                resp::bulk(o, kind.as_bytes());
+                resp::bulk(o, ch);
+                resp::int(o, 0);
+            }
+        });
+    }
+}
+
+/// Compares secrets in time that depends only on their lengths.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
