@@ -19,6 +19,11 @@ if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
   rustup target add wasm32-wasip2
 fi
 
+if ! python3 -c 'import redis' >/dev/null 2>&1; then
+  echo "==> installing redis-py (the cluster-aware client the tests use)"
+  python3 -m pip install --quiet redis
+fi
+
 echo "==> redis: $(redis-server --version)"
 echo "==> building"
 cargo build --workspace --all-targets --locked

@@ -124,6 +124,92 @@ impl Drop for RedisServer {
     }
 }
 
+/// A Redis Cluster of real `redis-server` processes, created with `redis-cli --cluster create`.
+pub struct Cluster {
+    /// Every node (masters first as created; roles may change later).
+    pub nodes: Vec<RedisServer>,
+}
+
+impl Cluster {
+    /// Starts `masters` masters with `replicas` replicas each and waits until the cluster is healthy.
+    pub fn start(masters: usize, replicas: usize) -> Cluster {
+        let total = masters * (1 + replicas);
+        let nodes: Vec<RedisServer> = (0..total)
+            .map(|_| {
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                ])
+            })
+            .collect();
+        let mut cmd = Command::new("redis-cli");
+        cmd.arg("--cluster").arg("create");
+        for n in &nodes {
+            cmd.arg(n.addr());
+        }
+        cmd.args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"]);
+        let out = cmd.output().expect("redis-cli --cluster create");
+        assert!(out.status.success(), "cluster create failed: {}", String::from_utf8_lossy(&out.stdout));
+        let c = Cluster { nodes };
+        c.wait_healthy(Duration::from_secs(30));
+        c
+    }
+
+    /// Comma-separated seed addresses (the first two nodes).
+    pub fn seeds(&self) -> String {
+        self.nodes.iter().take(2).map(|n| n.addr()).collect::<Vec<_>>().join(",")
+    }
+
+    /// Runs a command on node `i` with redis-cli and returns its output.
+    pub fn cli(&self, i: usize, args: &[&str]) -> String {
+        let out = Command::new("redis-cli").args(["-p", &self.nodes[i].port.to_string()]).args(args).output().expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Ports of the current masters that own slots.
+    pub fn master_ports(&self) -> Vec<u16> {
+        let mut ports = Vec::new();
+        for line in self.cli(0, &["CLUSTER", "NODES"]).lines() {
+            let f: Vec<&str> = line.split(' ').collect();
+            if f.len() >= 9 && f[2].contains("master") && !f[2].contains("fail")
+                && let Some(p) = f[1].split('@').next().and_then(|a| a.rsplit(':').next()).and_then(|p| p.parse().ok()) {
+                    ports.push(p);
+                }
+        }
+        ports.sort();
+        ports
+    }
+
+    /// Waits until every node reports `cluster_state:ok`, agrees on the slot owners, and replicas are in sync.
+    pub fn wait_healthy(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ok = (0..self.nodes.len()).all(|i| self.cli(i, &["CLUSTER", "INFO"]).contains("cluster_state:ok"));
+            let slots: Vec<String> = (0..self.nodes.len()).map(|i| normalize_slots(&self.cli(i, &["CLUSTER", "SLOTS"]))).collect();
+            let agree = slots.windows(2).all(|w| w[0] == w[1]);
+            let synced = (0..self.nodes.len()).all(|i| {
+                let info = self.cli(i, &["INFO", "replication"]);
+                info.contains("role:master") || info.contains("master_link_status:up")
+            });
+            if ok && agree && synced {
+                return;
+            }
+            assert!(Instant::now() < deadline, "cluster not healthy within {timeout:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn normalize_slots(text: &str) -> String {
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.sort();
+    lines.join("\n")
+}
+
 /// Path of the `respire` binary built next to the running test executable.
 pub fn respire_bin() -> PathBuf {
     if let Ok(p) = std::env::var("RESPIRE_BIN") {
@@ -286,3 +372,95 @@ pub fn resp(args: &[&[u8]]) -> Vec<u8> {
     }
     out
 }
+
+/// A script of commands over every data type, for comparing respire with direct Redis byte for byte.
+pub const DATA_TYPES: &[&[&str]] = &[
+    &["SET", "s", "hello"],
+    &["APPEND", "s", " world"],
+    &["GET", "s"],
+    &["GETRANGE", "s", "0", "4"],
+    &["INCRBY", "n", "41"],
+    &["INCRBYFLOAT", "f", "1.5"],
+    &["SET", "s2", "x", "NX", "PX", "100000"],
+    &["SET", "s2", "y", "NX"],
+    &["MSET", "a", "1", "b", "2"],
+    &["MGET", "a", "b", "missing"],
+    &["GETDEL", "a"],
+    &["STRLEN", "s"],
+    &["HSET", "h", "f1", "v1", "f2", "v2"],
+    &["HGET", "h", "f1"],
+    &["HGETALL", "h"],
+    &["HINCRBY", "h", "c", "3"],
+    &["HMGET", "h", "f1", "nope"],
+    &["HKEYS", "h"],
+    &["HDEL", "h", "f2"],
+    &["LPUSH", "l", "a", "b", "c"],
+    &["RPUSH", "l", "d"],
+    &["LRANGE", "l", "0", "-1"],
+    &["LPOP", "l", "2"],
+    &["LINDEX", "l", "0"],
+    &["LPOS", "l", "d"],
+    &["SADD", "set", "1", "2", "3"],
+    &["SISMEMBER", "set", "2"],
+    &["SMEMBERS", "set"],
+    &["SINTER", "set", "set"],
+    &["SCARD", "set"],
+    &["ZADD", "z", "1", "one", "2", "two", "3.5", "three"],
+    &["ZRANGE", "z", "0", "-1", "WITHSCORES"],
+    &["ZSCORE", "z", "three"],
+    &["ZINCRBY", "z", "2", "one"],
+    &["ZREVRANK", "z", "one"],
+    &["ZRANGEBYSCORE", "z", "-inf", "+inf", "LIMIT", "0", "2"],
+    &["ZPOPMIN", "z"],
+    &["XADD", "st", "1-1", "k", "v1"],
+    &["XADD", "st", "2-1", "k", "v2"],
+    &["XLEN", "st"],
+    &["XRANGE", "st", "-", "+"],
+    &["XGROUP", "CREATE", "st", "g", "0"],
+    &["XREADGROUP", "GROUP", "g", "c1", "COUNT", "1", "STREAMS", "st", ">"],
+    &["XACK", "st", "g", "1-1"],
+    &["XPENDING", "st", "g"],
+    &["XREAD", "COUNT", "5", "STREAMS", "st", "0"],
+    &["XINFO", "GROUPS", "st"],
+    &["PFADD", "hll", "a", "b", "c", "a"],
+    &["PFCOUNT", "hll"],
+    &["SETBIT", "bits", "7", "1"],
+    &["GETBIT", "bits", "7"],
+    &["BITCOUNT", "bits"],
+    &["BITPOS", "bits", "1"],
+    &["EVAL", "return {KEYS[1], ARGV[1], redis.call('INCR', KEYS[1])}", "1", "counter", "arg"],
+    &["SCRIPT", "LOAD", "return 42"],
+    &["EVALSHA", "1fa00e76656cc152ad327c13fe365858fd7be306", "0"],
+    &["EVAL", "return redis.error_reply('boom')", "0"],
+    &["TYPE", "z"],
+    &["EXISTS", "s", "h", "nope"],
+    &["EXPIRE", "s", "1000"],
+    &["TTL", "s"],
+    &["PERSIST", "s"],
+    &["DEL", "s", "h"],
+    &["DBSIZE"],
+    &["ECHO", "echo me"],
+    &["PING"],
+    &["PING", "pong me"],
+    &["NOSUCHCOMMAND", "x"],
+    &["GET"],
+    &["SELECT", "2"],
+    &["SET", "in2", "v"],
+    &["GET", "in2"],
+    &["SELECT", "99"],
+    &["SELECT", "x"],
+    &["SELECT", "0"],
+    &["GET", "in2"],
+    &["HELLO", "4"],
+    &["HELLO", "x"],
+    &["UNSUBSCRIBE"],
+    &["PUNSUBSCRIBE", "a", "b"],
+    &["EXEC"],
+    &["DISCARD"],
+    &["CLIENT", "SETNAME", "bad name"],
+    &["CLIENT", "SETNAME", "good"],
+    &["CLIENT", "GETNAME"],
+    &["CLIENT", "NOSUCH"],
+    &["CLIENT", "GETNAME", "extra"],
+    &["AUTH", "pass"],
+];
