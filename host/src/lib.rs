@@ -15,6 +15,7 @@
 //! - [`session`]: one client connection: batches, in-order replies, local
 //!   commands, transactions, blocking commands, subscriptions.
 //! - [`io`]: socket reads and writes shared by both sides.
+//! - [`pubsub`]: shared subscriber connections with fan-out to sessions.
 //! - [`clients`]: the process-wide client list (`CLIENT LIST`/`KILL`, limits).
 //! - [`server`]: the listener, worker threads and graceful shutdown.
 //!
@@ -35,6 +36,7 @@ pub mod commands;
 pub mod config;
 pub mod io;
 pub mod protocol;
+pub mod pubsub;
 pub mod router;
 pub mod server;
 pub mod session;

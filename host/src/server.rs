@@ -81,6 +81,8 @@ pub struct Worker {
     pools: RefCell<HashMap<Arc<str>, Rc<Pool>>>,
     /// Sessions running on this worker.
     pub sessions: Cell<usize>,
+    /// This worker's shared subscriber connections.
+    pub hub: crate::pubsub::Hub,
 }
 
 impl Worker {
@@ -283,7 +285,7 @@ fn worker_main(shared: Arc<Shared>, mut conns: mpsc::UnboundedReceiver<NewConn>)
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let worker = Rc::new(Worker { shared: shared.clone(), pools: RefCell::default(), sessions: Cell::new(0) });
+        let worker = Rc::new(Worker { shared: shared.clone(), pools: RefCell::default(), sessions: Cell::new(0), hub: Default::default() });
         let mut shutdown = shared.shutdown.clone();
         loop {
             tokio::select! {

@@ -25,15 +25,16 @@
 mod cluster;
 mod local;
 mod stream;
+mod subscribe;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::{Bytes, BytesMut};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until};
 use tracing::debug;
 
@@ -42,6 +43,7 @@ use crate::clients::{ClientInfo, flag};
 use crate::commands::{self, Kind, Local};
 use crate::io::{IoEvent, poll_io, write_now};
 use crate::protocol::{self as resp, Command, RequestParser};
+use crate::pubsub::SubKind;
 use crate::router::{self, CROSSSLOT, Merge, Plan};
 use crate::server::Worker;
 use crate::topology::{BackendKind, Topology};
@@ -161,6 +163,11 @@ pub struct Session {
     closing: bool,
     /// Name and first argument of the last command, for `CLIENT LIST`.
     last_name: (Bytes, Option<Bytes>),
+    /// Subscriptions, with the node each one is held on.
+    subs: HashMap<(SubKind, Bytes), Arc<str>>,
+    /// Messages from the worker's subscriber connections.
+    push_tx: Option<mpsc::UnboundedSender<Bytes>>,
+    push_rx: Option<mpsc::UnboundedReceiver<Bytes>>,
 }
 
 /// Serves one client connection until it closes.
@@ -194,8 +201,12 @@ pub async fn run(worker: Rc<Worker>, stream: TcpStream, info: Arc<ClientInfo>) {
         reply_mode: ReplyMode::On,
         closing: false,
         last_name: (Bytes::new(), None),
+        subs: HashMap::new(),
+        push_tx: None,
+        push_rx: None,
     };
     s.serve().await;
+    s.unsubscribe_all();
     s.release_exclusive(true);
     let id = s.info.id;
     s.worker.shared.clients.unregister(id);
@@ -259,6 +270,7 @@ impl Session {
                 return;
             }
             let reading = !self.closing && self.stalled.is_none() && self.stream_start.is_none();
+            let idle_applies = !idle.is_zero() && self.waiting == 0 && !self.in_multi && !self.watching && !self.subscribed();
             let queue = &mut self.queue;
             let front = async {
                 match queue.front_mut() {
@@ -276,6 +288,13 @@ impl Session {
             };
             let (stream, out, inbuf) = (&mut self.stream, &mut self.out, &mut self.inbuf);
             let io = std::future::poll_fn(|cx| poll_io(stream, cx, out, inbuf, reading));
+            let push_rx = &mut self.push_rx;
+            let push = async {
+                match push_rx {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
                 _ = self.info.kill.notified() => return,
@@ -292,8 +311,9 @@ impl Session {
                     IoEvent::Wrote => {}
                     IoEvent::Closed(_) => return,
                 },
+                Some(frame) = push => self.on_message(frame),
                 _ = shutdown.changed(), if !self.closing => self.closing = true,
-                _ = sleep_until(idle_deadline), if !idle.is_zero() && self.waiting == 0 && !self.in_multi && !self.watching => return,
+                _ = sleep_until(idle_deadline), if idle_applies => return,
             }
         }
     }
@@ -486,6 +506,30 @@ impl Session {
         if self.in_multi {
             return self.handle_in_multi(cmd, spec.kind);
         }
+        if self.proto == 2 && self.subscribed() {
+            // RESP2 subscribe mode allows only these, as in Redis.
+            match spec.kind {
+                Kind::Stream | Kind::Unsubscribe | Kind::Local(Local::Quit) | Kind::Local(Local::Reset)
+                    if !cmd.name().eq_ignore_ascii_case(b"monitor") => {}
+                Kind::Local(Local::Ping) => {
+                    let msg = cmd.arg(1).cloned().unwrap_or_default();
+                    if cmd.args.len() > 2 {
+                        return self.wrong_args("ping");
+                    }
+                    return self.reply_with(|o, _| {
+                        resp::array_header(o, 2);
+                        resp::bulk(o, b"pong");
+                        resp::bulk(o, &msg);
+                    });
+                }
+                _ => {
+                    let name = commands::display_name(cmd.name());
+                    return self.reply_error(&format!(
+                        "ERR Can't execute '{name}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
+                    ));
+                }
+            }
+        }
         match spec.kind {
             Kind::Forward => {
                 self.route(cmd, Use::Shared);
@@ -513,8 +557,14 @@ impl Session {
                 let how = if commands::has_block_option(&cmd) { Use::Blocking } else { Use::Shared };
                 self.route(cmd, how);
             }
-            Kind::Stream => self.start_stream(cmd),
-            Kind::Unsubscribe => self.unsubscribe_reply(&cmd),
+            Kind::Stream => {
+                if cmd.name().eq_ignore_ascii_case(b"monitor") {
+                    self.start_stream(cmd);
+                } else {
+                    self.subscribe(cmd);
+                }
+            }
+            Kind::Unsubscribe => self.unsubscribe(&cmd),
             Kind::Refused(msg) => self.reply_error(msg),
             Kind::Cluster => {
                 if self.cluster_mode() {
@@ -858,22 +908,13 @@ impl Session {
     fn start_stream(&mut self, cmd: Command) {
         if self.watching {
             // A subscription cannot share the watched connection.
-            return self.reply_error("ERR respire: SUBSCRIBE and MONITOR are not allowed while keys are WATCHed");
+            return self.reply_error("ERR respire: MONITOR is not allowed while keys are WATCHed");
         }
         if self.waiting > 0 {
             self.stalled = Some(cmd);
             return;
         }
-        let node = if !self.cluster_mode() {
-            Ok(0)
-        } else if cmd.name().eq_ignore_ascii_case(b"ssubscribe") {
-            match router::plan(&self.worker.shared.commands, &cmd.args, &self.topo) {
-                Plan::Single(slot) => self.node_for(slot),
-                _ => Err(CROSSSLOT),
-            }
-        } else {
-            self.node_for(None)
-        };
+        let node = if !self.cluster_mode() { Ok(0) } else { self.node_for(None) };
         match node {
             Ok(n) => self.stream_start = Some((cmd, n)),
             Err(e) => self.reply_error(e),

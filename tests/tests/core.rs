@@ -636,3 +636,55 @@ fn blocking_commands_follow_select() {
         ":1\r\n*2\r\n$1\r\nq\r\n$3\r\ndb0\r\n+OK\r\n:1\r\n*2\r\n$1\r\nq\r\n$3\r\ndb3\r\n*-1\r\n"
     );
 }
+
+#[test]
+fn a_thousand_subscribers_share_a_few_backend_connections() {
+    let redis = RedisServer::start();
+    let proxy = Respire::start(&redis.addr(), &["--workers", "2"]);
+    let mut subs: Vec<Raw> = Vec::new();
+    for i in 0..1000 {
+        let mut s = Raw::connect(proxy.port);
+        let channel: &[u8] = if i % 2 == 0 { b"ticks" } else { b"tic*" };
+        let verb: &[u8] = if i % 2 == 0 { b"SUBSCRIBE" } else { b"PSUBSCRIBE" };
+        s.send(&resp(&[verb, channel]));
+        subs.push(s);
+    }
+    for (i, s) in subs.iter_mut().enumerate() {
+        let got = s.read_replies(1);
+        let want = if i % 2 == 0 { "*3\r\n$9\r\nsubscribe\r\n$5\r\nticks\r\n:1\r\n" } else { "*3\r\n$10\r\npsubscribe\r\n$4\r\ntic*\r\n:1\r\n" };
+        assert_eq!(String::from_utf8_lossy(&got), want);
+    }
+    let mut direct = redis.client().get_connection().unwrap();
+    let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut direct).unwrap();
+    let backend_conns = list.lines().filter(|l| l.contains("name=respire")).count();
+    assert!(backend_conns <= 4, "{backend_conns} backend connections for 1000 subscribers:\n{list}");
+    let mut publisher = proxy.conn();
+    for m in 0..20 {
+        let _: i64 = redis::cmd("PUBLISH").arg("ticks").arg(format!("m{m}")).query(&mut publisher).unwrap();
+    }
+    for (i, s) in subs.iter_mut().enumerate() {
+        let got = String::from_utf8_lossy(&s.read_replies(20)).into_owned();
+        let want: String = (0..20)
+            .map(|m| {
+                let msg = format!("m{m}");
+                if i % 2 == 0 {
+                    format!("*3\r\n$7\r\nmessage\r\n$5\r\nticks\r\n${}\r\n{msg}\r\n", msg.len())
+                } else {
+                    format!("*4\r\n$8\r\npmessage\r\n$4\r\ntic*\r\n$5\r\nticks\r\n${}\r\n{msg}\r\n", msg.len())
+                }
+            })
+            .collect();
+        assert_eq!(got, want, "subscriber {i}");
+    }
+    // Unsubscribing leaves subscribe mode; other subscribers keep receiving.
+    let got = subs[0].roundtrip(&[resp(&[b"UNSUBSCRIBE"]), resp(&[b"GET", b"k"])].concat(), 2);
+    assert_eq!(String::from_utf8_lossy(&got), "*3\r\n$11\r\nunsubscribe\r\n$5\r\nticks\r\n:0\r\n$-1\r\n");
+    let got = subs[2].roundtrip(&resp(&[b"GET", b"k"]), 1);
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "-ERR Can't execute 'get': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context\r\n"
+    );
+    assert_eq!(subs[2].roundtrip(&resp(&[b"PING"]), 1), b"*2\r\n$4\r\npong\r\n$0\r\n\r\n");
+    let _: i64 = redis::cmd("PUBLISH").arg("ticks").arg("last").query(&mut publisher).unwrap();
+    assert_eq!(String::from_utf8_lossy(&subs[2].read_replies(1)), "*3\r\n$7\r\nmessage\r\n$5\r\nticks\r\n$4\r\nlast\r\n");
+}

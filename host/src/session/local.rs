@@ -10,7 +10,7 @@ use super::{ReplyMode, Session, Target, Use};
 use crate::topology::BackendKind;
 use crate::backend;
 use crate::clients::flag;
-use crate::commands::{self, Local};
+use crate::commands::Local;
 use crate::protocol::{self as resp, Command, parse_i64};
 
 impl Session {
@@ -63,6 +63,7 @@ impl Session {
         if self.last_target == Some(Target::Exclusive) {
             self.last_target = None;
         }
+        self.unsubscribe_all();
         self.db = 0;
         self.proto = 2;
         self.reply_mode = ReplyMode::On;
@@ -451,25 +452,6 @@ impl Session {
         if me {
             self.closing = true;
         }
-    }
-
-    pub(super) fn unsubscribe_reply(&mut self, cmd: &Command) {
-        let kind = commands::display_name(cmd.name());
-        let channels: Vec<Bytes> = cmd.args[1..].to_vec();
-        self.reply_with(|o, p| {
-            if channels.is_empty() {
-                resp::push_header(o, 3, p);
-                resp::bulk(o, kind.as_bytes());
-                resp::null(o, p);
-                resp::int(o, 0);
-            }
-            for ch in &channels {
-                resp::push_header(o, 3, p);
-                resp::bulk(o, kind.as_bytes());
-                resp::bulk(o, ch);
-                resp::int(o, 0);
-            }
-        });
     }
 }
 

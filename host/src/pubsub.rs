@@ -1,0 +1,298 @@
+//! Shared subscriber connections with fan-out inside respire.
+//!
+//! Each worker keeps one RESP3 subscriber connection per backend node it needs
+//! (classic channels and patterns on one master — Redis Cluster carries
+//! `PUBLISH` to every node — and sharded channels on the master of their slot).
+//! A channel is subscribed on the backend once, when its first local
+//! subscriber arrives, and unsubscribed when its last one leaves; every message
+//! is copied to the worker's subscribed sessions. 10,000 subscribed clients
+//! cost a handful of backend connections instead of 10,000.
+//!
+//! Messages reach sessions as complete RESP frames: RESP3 push frames, or the
+//! same frames with a RESP2 array header for RESP2 clients (the only
+//! difference between the two is the first byte). When a subscriber
+//! connection breaks, it reconnects and subscribes to everything again.
+//!
+//! Known difference from a single Redis: `PUBLISH` returns the number of
+//! receiving connections on the node, and respire's shared connection counts
+//! once however many clients it serves; `PUBSUB NUMSUB` likewise.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+
+use crate::backend::{self, ConnKey, NodeSettings};
+use crate::io::{IoEvent, poll_io, write_now};
+use crate::protocol::{self as resp, reply_len};
+use crate::router::elements;
+
+/// The three subscription namespaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SubKind {
+    /// `SUBSCRIBE` channels.
+    Channel,
+    /// `PSUBSCRIBE` patterns.
+    Pattern,
+    /// `SSUBSCRIBE` shard channels.
+    Shard,
+}
+
+impl SubKind {
+    fn subscribe_cmd(self) -> &'static str {
+        match self {
+            SubKind::Channel => "SUBSCRIBE",
+            SubKind::Pattern => "PSUBSCRIBE",
+            SubKind::Shard => "SSUBSCRIBE",
+        }
+    }
+
+    fn unsubscribe_cmd(self) -> &'static str {
+        match self {
+            SubKind::Channel => "UNSUBSCRIBE",
+            SubKind::Pattern => "PUNSUBSCRIBE",
+            SubKind::Shard => "SUNSUBSCRIBE",
+        }
+    }
+}
+
+/// Where a session receives its messages.
+#[derive(Clone)]
+pub struct Subscriber {
+    /// The session's id.
+    pub sid: u64,
+    /// RESP version the session speaks.
+    pub proto: u8,
+    /// The session's message queue.
+    pub tx: mpsc::UnboundedSender<Bytes>,
+}
+
+#[derive(Default)]
+struct Entry {
+    sessions: Vec<Subscriber>,
+    confirmed: bool,
+    waiters: Vec<oneshot::Sender<()>>,
+}
+
+#[derive(Default)]
+struct Registry {
+    entries: HashMap<(SubKind, Bytes), Entry>,
+}
+
+/// One shared subscriber connection to a node.
+struct HubConn {
+    registry: RefCell<Registry>,
+    commands: mpsc::UnboundedSender<Bytes>,
+}
+
+/// A worker's subscriber connections, by node address.
+#[derive(Default)]
+pub struct Hub {
+    conns: RefCell<HashMap<std::sync::Arc<str>, Rc<HubConn>>>,
+}
+
+impl Hub {
+    fn conn(&self, node: &Rc<NodeSettings>) -> Rc<HubConn> {
+        if let Some(c) = self.conns.borrow().get(&node.addr) {
+            return c.clone();
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let conn = Rc::new(HubConn { registry: RefCell::default(), commands: tx });
+        tokio::task::spawn_local(run(node.clone(), conn.clone(), rx));
+        self.conns.borrow_mut().insert(node.addr.clone(), conn.clone());
+        conn
+    }
+
+    /// Adds a session to `name`; the receiver fires once the backend has confirmed the subscription.
+    pub fn subscribe(&self, node: &Rc<NodeSettings>, kind: SubKind, name: Bytes, sub: Subscriber) -> oneshot::Receiver<()> {
+        let conn = self.conn(node);
+        let (tx, rx) = oneshot::channel();
+        let mut reg = conn.registry.borrow_mut();
+        let entry = reg.entries.entry((kind, name.clone())).or_default();
+        let first = entry.sessions.is_empty() && !entry.confirmed && entry.waiters.is_empty();
+        entry.sessions.retain(|s| s.sid != sub.sid);
+        entry.sessions.push(sub);
+        if entry.confirmed {
+            let _ = tx.send(());
+        } else {
+            entry.waiters.push(tx);
+        }
+        if first {
+            let mut out = BytesMut::new();
+            resp::encode_args(&mut out, &[kind.subscribe_cmd().as_bytes(), &name]);
+            let _ = conn.commands.send(out.freeze());
+        }
+        rx
+    }
+
+    /// Removes a session from `name`; the backend subscription ends with its last session.
+    pub fn unsubscribe(&self, node_addr: &str, kind: SubKind, name: &Bytes, sid: u64) {
+        let Some(conn) = self.conns.borrow().get(node_addr).cloned() else { return };
+        let mut reg = conn.registry.borrow_mut();
+        let key = (kind, name.clone());
+        let Some(entry) = reg.entries.get_mut(&key) else { return };
+        entry.sessions.retain(|s| s.sid != sid);
+        if entry.sessions.is_empty() {
+            reg.entries.remove(&key);
+            let mut out = BytesMut::new();
+            resp::encode_args(&mut out, &[kind.unsubscribe_cmd().as_bytes(), name]);
+            let _ = conn.commands.send(out.freeze());
+        }
+    }
+}
+
+/// The subscriber connection's task: (re)connect, subscribe to everything registered, relay messages.
+async fn run(node: Rc<NodeSettings>, conn: Rc<HubConn>, mut commands: mpsc::UnboundedReceiver<Bytes>) {
+    let key = ConnKey { db: 0, proto: 3 };
+    let mut backoff = node.reconnect_min;
+    loop {
+        let mut stream = match backend::connect(&node, key).await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(backend = %node.addr, error = %e, "subscriber connection failed");
+                let delay = backoff.mul_f64(0.5 + fastrand::f64());
+                backoff = (backoff * 2).min(node.reconnect_max);
+                tokio::time::sleep(delay).await;
+                if commands.is_closed() {
+                    return;
+                }
+                continue;
+            }
+        };
+        backoff = node.reconnect_min;
+        // Subscribe to everything registered (after a reconnect, again); queued commands are now redundant.
+        while commands.try_recv().is_ok() {}
+        let mut wbuf = BytesMut::new();
+        {
+            let mut reg = conn.registry.borrow_mut();
+            for ((kind, name), entry) in reg.entries.iter_mut() {
+                entry.confirmed = false;
+                resp::encode_args(&mut wbuf, &[kind.subscribe_cmd().as_bytes(), name]);
+            }
+        }
+        let mut rbuf = BytesMut::with_capacity(16 * 1024);
+        let reason = loop {
+            if let Err(e) = write_now(&stream, &mut wbuf) {
+                break e.to_string();
+            }
+            let (s, w, r) = (&mut stream, &mut wbuf, &mut rbuf);
+            let io = std::future::poll_fn(|cx| poll_io(s, cx, w, r, true));
+            tokio::select! {
+                ev = io => match ev {
+                    IoEvent::Read => {
+                        if let Err(e) = relay(&conn, &mut rbuf) {
+                            break e;
+                        }
+                    }
+                    IoEvent::Wrote => {}
+                    IoEvent::Closed(e) => break e.map(|e| e.to_string()).unwrap_or_else(|| "closed by the server".into()),
+                },
+                c = commands.recv() => match c {
+                    Some(c) => wbuf.extend_from_slice(&c),
+                    None => return,
+                },
+            }
+        };
+        warn!(backend = %node.addr, %reason, "subscriber connection lost; resubscribing");
+    }
+}
+
+/// Handles every complete frame in `rbuf`.
+fn relay(conn: &HubConn, rbuf: &mut BytesMut) -> Result<(), String> {
+    loop {
+        let n = match reply_len(rbuf) {
+            Ok(Some(n)) => n,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(e.to_string()),
+        };
+        let frame = rbuf.split_to(n).freeze();
+        let Some((_, items)) = elements(&frame) else { continue };
+        let Some(kind) = items.first().and_then(bulk_text) else { continue };
+        let name = items.get(1).and_then(bulk_text);
+        match (kind.as_ref(), name) {
+            (b"subscribe" | b"psubscribe" | b"ssubscribe", Some(name)) => {
+                let k = match kind.as_ref() {
+                    b"subscribe" => SubKind::Channel,
+                    b"psubscribe" => SubKind::Pattern,
+                    _ => SubKind::Shard,
+                };
+                let mut reg = conn.registry.borrow_mut();
+                if let Some(e) = reg.entries.get_mut(&(k, name)) {
+                    e.confirmed = true;
+                    for w in e.waiters.drain(..) {
+                        let _ = w.send(());
+                    }
+                }
+            }
+            (b"message" | b"smessage", Some(channel)) => {
+                let k = if kind.as_ref() == b"message" { SubKind::Channel } else { SubKind::Shard };
+                fan_out(conn, k, channel, &frame);
+            }
+            (b"pmessage", Some(pattern)) => fan_out(conn, SubKind::Pattern, pattern, &frame),
+            (b"sunsubscribe", Some(channel)) => {
+                // The slot moved away from this node: the sessions' subscriptions end, as with Redis.
+                debug!(channel = %String::from_utf8_lossy(&channel), "shard channel unsubscribed by the server");
+                let removed = conn.registry.borrow_mut().entries.remove(&(SubKind::Shard, channel.clone()));
+                if let Some(e) = removed {
+                    let (r2, r3) = both_protocols(&frame);
+                    for s in e.sessions {
+                        let _ = s.tx.send(if s.proto >= 3 { r3.clone() } else { r2.clone() });
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn fan_out(conn: &HubConn, kind: SubKind, name: Bytes, frame: &Bytes) {
+    let reg = conn.registry.borrow();
+    let Some(entry) = reg.entries.get(&(kind, name)) else { return };
+    let (r2, r3) = both_protocols(frame);
+    for s in &entry.sessions {
+        let _ = s.tx.send(if s.proto >= 3 { r3.clone() } else { r2.clone() });
+    }
+}
+
+/// The frame as a RESP2 array and as a RESP3 push.
+fn both_protocols(frame: &Bytes) -> (Bytes, Bytes) {
+    let mut r2 = BytesMut::from(&frame[..]);
+    let mut r3 = BytesMut::from(&frame[..]);
+    if let Some(b) = r2.first_mut() {
+        *b = b'*';
+    }
+    if let Some(b) = r3.first_mut() {
+        *b = b'>';
+    }
+    (r2.freeze(), r3.freeze())
+}
+
+/// The text of a bulk or simple string frame.
+fn bulk_text(frame: &Bytes) -> Option<Bytes> {
+    match frame.first()? {
+        b'$' => {
+            let start = frame.iter().position(|&b| b == b'\n')? + 1;
+            Some(frame.slice(start..frame.len().checked_sub(2)?))
+        }
+        b'+' => Some(frame.slice(1..frame.len().checked_sub(2)?)),
+        _ => None,
+    }
+}
+
+/// The channel (or pattern, for `pmessage`) a frame from the hub belongs to, its kind, and
+/// whether it ends the subscription (`sunsubscribe` sent by the server) rather than carrying a message.
+pub fn message_target(frame: &Bytes) -> Option<(SubKind, Bytes, bool)> {
+    let (_, items) = elements(frame)?;
+    let kind = items.first().and_then(bulk_text)?;
+    let name = items.get(1).and_then(bulk_text)?;
+    Some(match kind.as_ref() {
+        b"message" => (SubKind::Channel, name, false),
+        b"pmessage" => (SubKind::Pattern, name, false),
+        b"smessage" => (SubKind::Shard, name, false),
+        b"sunsubscribe" => (SubKind::Shard, name, true),
+        _ => return None,
+    })
+}

@@ -1,0 +1,179 @@
+//! `SUBSCRIBE`, `PSUBSCRIBE`, `SSUBSCRIBE` and their `UNSUBSCRIBE`s, through the
+//! worker's shared subscriber connections (see `crate::pubsub`).
+//!
+//! The session keeps its own subscription set: replies carry its own counts,
+//! and messages for channels it has left are dropped even if already queued.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{CLUSTERDOWN, Session, Slot};
+use crate::clients::flag;
+use crate::protocol::{self as resp, Command};
+use crate::pubsub::{SubKind, Subscriber, message_target};
+use crate::router::{self, CROSSSLOT, Plan};
+
+fn kind_of(name: &[u8]) -> SubKind {
+    let lower = name.to_ascii_lowercase();
+    match lower.as_slice() {
+        b"psubscribe" | b"punsubscribe" => SubKind::Pattern,
+        b"ssubscribe" | b"sunsubscribe" => SubKind::Shard,
+        _ => SubKind::Channel,
+    }
+}
+
+impl Session {
+    /// Subscriptions counted in (un)subscribe replies for `kind`: channels and patterns
+    /// together, shard channels on their own (as Redis counts them).
+    fn sub_count(&self, kind: SubKind) -> i64 {
+        self.subs.keys().filter(|(k, _)| (*k == SubKind::Shard) == (kind == SubKind::Shard)).count() as i64
+    }
+
+    /// Whether the client is in subscribe mode.
+    pub(super) fn subscribed(&self) -> bool {
+        !self.subs.is_empty()
+    }
+
+    fn push_sender(&mut self) -> mpsc::UnboundedSender<Bytes> {
+        match &self.push_tx {
+            Some(tx) => tx.clone(),
+            None => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                self.push_tx = Some(tx.clone());
+                self.push_rx = Some(rx);
+                tx
+            }
+        }
+    }
+
+    pub(super) fn subscribe(&mut self, cmd: Command) {
+        let kind = kind_of(cmd.name());
+        if cmd.args.len() < 2 {
+            return self.wrong_args(&crate::commands::display_name(cmd.name()));
+        }
+        let node = if !self.cluster_mode() {
+            Ok(0)
+        } else if kind == SubKind::Shard {
+            match router::plan(&self.worker.shared.commands, &cmd.args, &self.topo) {
+                Plan::Single(slot) => self.node_for(slot),
+                _ => Err(CROSSSLOT),
+            }
+        } else {
+            // Channels and patterns: one master for the whole worker (cluster PUBLISH reaches every node).
+            self.topo.shards.first().map(|s| s.master).ok_or(CLUSTERDOWN)
+        };
+        let node = match node {
+            Ok(n) => n,
+            Err(e) => return self.reply_error(e),
+        };
+        let addr = self.topo.nodes.get(node).cloned().unwrap_or_else(|| Arc::from(""));
+        let settings = self.worker.pool(&addr).node().clone();
+        let tx = self.push_sender();
+        let verb = crate::commands::display_name(cmd.name());
+        let mut frames = BytesMut::new();
+        let mut waits = Vec::new();
+        for name in &cmd.args[1..] {
+            if !self.subs.contains_key(&(kind, name.clone())) {
+                self.subs.insert((kind, name.clone()), addr.clone());
+                let sub = Subscriber { sid: self.info.id, proto: self.proto, tx: tx.clone() };
+                waits.push(self.worker.hub.subscribe(&settings, kind, name.clone(), sub));
+            }
+            let count = self.sub_count(kind);
+            resp::push_header(&mut frames, 3, self.proto);
+            resp::bulk(&mut frames, verb.as_bytes());
+            resp::bulk(&mut frames, name);
+            resp::int(&mut frames, count);
+        }
+        self.info.set_flag(flag::PUBSUB, true);
+        let frames = frames.freeze();
+        if waits.is_empty() {
+            return self.reply_with(|o, _| o.extend_from_slice(&frames));
+        }
+        // Reply once the backend has confirmed, so no message published after the reply is missed.
+        let (done, rx) = oneshot::channel();
+        tokio::task::spawn_local(async move {
+            for w in waits {
+                let _ = w.await;
+            }
+            let _ = done.send(Ok(frames));
+        });
+        let silent = self.take_silent();
+        self.queue.push_back(Slot::Waiting { rx, silent, retry: None });
+        self.waiting += 1;
+    }
+
+    pub(super) fn unsubscribe(&mut self, cmd: &Command) {
+        let kind = kind_of(cmd.name());
+        let verb = crate::commands::display_name(cmd.name());
+        let names: Vec<Bytes> = if cmd.args.len() > 1 {
+            cmd.args[1..].to_vec()
+        } else {
+            let mut all: Vec<Bytes> = self.subs.keys().filter(|(k, _)| *k == kind).map(|(_, n)| n.clone()).collect();
+            all.sort();
+            all
+        };
+        let mut frames = BytesMut::new();
+        if names.is_empty() {
+            let count = self.sub_count(kind);
+            resp::push_header(&mut frames, 3, self.proto);
+            resp::bulk(&mut frames, verb.as_bytes());
+            resp::null(&mut frames, self.proto);
+            resp::int(&mut frames, count);
+        }
+        for name in names {
+            if let Some(addr) = self.subs.remove(&(kind, name.clone())) {
+                self.worker.hub.unsubscribe(&addr, kind, &name, self.info.id);
+            }
+            let count = self.sub_count(kind);
+            resp::push_header(&mut frames, 3, self.proto);
+            resp::bulk(&mut frames, verb.as_bytes());
+            resp::bulk(&mut frames, &name);
+            resp::int(&mut frames, count);
+        }
+        if self.subs.is_empty() {
+            self.info.set_flag(flag::PUBSUB, false);
+        }
+        let frames = frames.freeze();
+        self.reply_with(|o, _| o.extend_from_slice(&frames));
+    }
+
+    /// Leaves every subscription (RESET, disconnect).
+    pub(super) fn unsubscribe_all(&mut self) {
+        for ((kind, name), addr) in self.subs.drain() {
+            self.worker.hub.unsubscribe(&addr, kind, &name, self.info.id);
+        }
+        self.info.set_flag(flag::PUBSUB, false);
+    }
+
+    /// A message from the hub: delivered in order with replies, unless the session left its channel.
+    pub(super) fn on_message(&mut self, frame: Bytes) {
+        let Some((kind, name, ended)) = message_target(&frame) else { return };
+        if ended {
+            // The server ended a shard subscription (its slot moved): tell the client with its own count.
+            if self.subs.remove(&(kind, name.clone())).is_none() {
+                return;
+            }
+            let count = self.sub_count(SubKind::Shard);
+            let mut f = BytesMut::new();
+            resp::push_header(&mut f, 3, self.proto);
+            resp::bulk(&mut f, b"sunsubscribe");
+            resp::bulk(&mut f, &name);
+            resp::int(&mut f, count);
+            return self.deliver(f.freeze());
+        }
+        if !self.subs.contains_key(&(kind, name)) {
+            return;
+        }
+        self.deliver(frame);
+    }
+
+    fn deliver(&mut self, frame: Bytes) {
+        if self.queue.is_empty() {
+            self.out.extend_from_slice(&frame);
+        } else {
+            self.queue.push_back(Slot::Ready(frame));
+        }
+    }
+}
