@@ -75,8 +75,8 @@ impl Session {
         let mut frames = BytesMut::new();
         let mut waits = Vec::new();
         for name in &cmd.args[1..] {
-            if !self.subs.contains_key(&(kind, name.clone())) {
-                self.subs.insert((kind, name.clone()), addr.clone());
+            if let std::collections::hash_map::Entry::Vacant(e) = self.subs.entry((kind, name.clone())) {
+                e.insert(addr.clone());
                 let sub = Subscriber { sid: self.info.id, proto: self.proto, tx: tx.clone() };
                 waits.push(self.worker.hub.subscribe(&settings, kind, name.clone(), sub));
             }
