@@ -86,6 +86,8 @@ pub struct NodeSettings {
     pub reconnect_min: Duration,
     /// Longest reconnect delay.
     pub reconnect_max: Duration,
+    /// Send `READONLY` after connecting (Redis Cluster: lets replicas serve reads; a no-op on masters).
+    pub readonly: bool,
 }
 
 /// Which logical connection state a backend connection carries.
@@ -121,6 +123,10 @@ pub async fn connect(node: &NodeSettings, key: ConnKey) -> Result<TcpStream, Str
         }
         protocol::encode_args(&mut out, &["CLIENT", "SETNAME", "respire"]);
         let mut expected = 2;
+        if node.readonly {
+            protocol::encode_args(&mut out, &["READONLY"]);
+            expected += 1;
+        }
         if key.db != 0 {
             protocol::encode_args(&mut out, &["SELECT", &key.db.to_string()]);
             expected += 1;

@@ -64,6 +64,18 @@ pub struct Config {
     pub backend: Backend,
 }
 
+/// Where read-only commands are sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReadFrom {
+    /// Always the master.
+    Master,
+    /// A replica when the shard has one, else the master.
+    PreferReplica,
+    /// Only replicas; an error when the shard has none.
+    Replica,
+}
+
 /// One standalone shard.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
@@ -128,6 +140,9 @@ pub struct Backend {
     /// `{ master = "host:port", replicas = ["host:port"], slots = ["0-8191"] }`.
     /// Shards without `slots` share the slots evenly. Default: none.
     pub shards: Vec<ShardSpec>,
+    /// Where read-only commands go: "master", "prefer-replica" (a replica of the key's shard when
+    /// there is one, else its master) or "replica" (only replicas). Replicas may lag behind. Default: "master".
+    pub read_from: ReadFrom,
     /// How often the Redis Cluster topology is refreshed when nothing prompts it. Default: "10s".
     #[serde(with = "humantime_serde")]
     pub topology_refresh: Duration,
@@ -179,6 +194,7 @@ impl Default for Backend {
             cluster: Vec::new(),
             shards: Vec::new(),
             topology_refresh: Duration::from_secs(10),
+            read_from: ReadFrom::Master,
             username: None,
             password: None,
             connections: 1,

@@ -127,6 +127,7 @@ impl Server {
             command_timeout: b.command_timeout,
             reconnect_min: b.reconnect_min,
             reconnect_max: b.reconnect_max,
+            readonly: !b.cluster.is_empty(),
         };
         let (topology, seeds) = initial_topology(&config)?;
         let topology = TopologyState::new(topology, seeds);

@@ -40,6 +40,7 @@ use tracing::debug;
 
 use crate::backend::{BackendConn, BackendError, ConnKey, Reply};
 use crate::clients::{ClientInfo, flag};
+use crate::config::ReadFrom;
 use crate::commands::{self, Kind, Local};
 use crate::io::{IoEvent, poll_io, write_now};
 use crate::protocol::{self as resp, Command, RequestParser};
@@ -610,6 +611,25 @@ impl Session {
         }
     }
 
+    /// The node a read goes to under `read_from`: a replica of the slot's shard, or `master`.
+    fn read_node(&self, cmd: &Command, slot: Option<u16>, how: Use, master: usize) -> Result<usize, &'static str> {
+        let mode = self.worker.shared.config.backend.read_from;
+        let Some(slot) = slot else { return Ok(master) };
+        if mode == ReadFrom::Master || how != Use::Shared {
+            return Ok(master);
+        }
+        let readonly = self.worker.shared.commands.get(&cmd.args).is_some_and(|i| i.has(commands::flags::READONLY));
+        if !readonly {
+            return Ok(master);
+        }
+        let replicas = self.topo.slots.get(slot as usize).and_then(|&s| self.topo.shards.get(s as usize)).map(|s| s.replicas.as_slice()).unwrap_or_default();
+        match (replicas.is_empty(), mode) {
+            (false, _) => Ok(replicas[(self.info.id % replicas.len() as u64) as usize]),
+            (true, ReadFrom::Replica) => Err("ERR respire: no replica is available for this key (read_from = \"replica\")"),
+            (true, _) => Ok(master),
+        }
+    }
+
     /// Routes a command by its keys and sends it; `false` if it could not be sent now (stalled) or was refused.
     fn route(&mut self, cmd: Command, how: Use) -> bool {
         if !self.cluster_mode() {
@@ -617,7 +637,7 @@ impl Session {
         }
         let plan = router::plan(&self.worker.shared.commands, &cmd.args, &self.topo);
         match plan {
-            Plan::Single(slot) => match self.node_for(slot) {
+            Plan::Single(slot) => match self.node_for(slot).and_then(|n| self.read_node(&cmd, slot, how, n)) {
                 Ok(node) => self.send(cmd, node, how),
                 Err(e) => {
                     self.worker.shared.topology.request_refresh();

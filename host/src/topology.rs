@@ -215,6 +215,11 @@ impl Topology {
                     }
                 }
             }
+            if ranges.is_empty() {
+                // A master without slots serves nothing (and Redis 7.0 briefly lists fresh
+                // replicas this way): leave it out so fan-out never counts it.
+                continue;
+            }
             builder.add(master, replicas, &ranges);
         }
         builder.build()

@@ -128,6 +128,7 @@ impl Drop for RedisServer {
 pub struct Cluster {
     /// Every node (masters first as created; roles may change later).
     pub nodes: Vec<RedisServer>,
+    masters: usize,
 }
 
 impl Cluster {
@@ -154,7 +155,7 @@ impl Cluster {
         cmd.args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"]);
         let out = cmd.output().expect("redis-cli --cluster create");
         assert!(out.status.success(), "cluster create failed: {}", String::from_utf8_lossy(&out.stdout));
-        let c = Cluster { nodes };
+        let c = Cluster { nodes, masters };
         c.wait_healthy(Duration::from_secs(30));
         c
     }
@@ -195,7 +196,14 @@ impl Cluster {
                 let info = self.cli(i, &["INFO", "replication"]);
                 info.contains("role:master") || info.contains("master_link_status:up")
             });
-            if ok && agree && synced {
+            // Every node's CLUSTER SHARDS lists every node as online (Redis 7.0 takes a moment to
+            // show fresh replicas in their master's shard).
+            let shards_ok = (0..self.nodes.len()).all(|i| {
+                let text = self.cli(i, &["CLUSTER", "SHARDS"]);
+                let count = |w: &str| text.lines().filter(|l| l.trim() == w).count();
+                count("online") == self.nodes.len() && count("replica") == self.nodes.len() - self.masters
+            });
+            if ok && agree && synced && shards_ok {
                 return;
             }
             assert!(Instant::now() < deadline, "cluster not healthy within {timeout:?}");

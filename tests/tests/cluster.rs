@@ -348,3 +348,45 @@ fn standalone_shards_place_keys_by_slot() {
     let got = p.roundtrip(&[resp(&[b"SELECT", b"2"]), resp(&[b"SET", b"x", b"y"]), resp(&[b"GET", b"x"])].concat(), 3);
     assert_eq!(got, b"+OK\r\n+OK\r\n$1\r\ny\r\n");
 }
+
+#[test]
+fn reads_go_to_replicas_when_asked() {
+    let cluster = Cluster::start(3, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("r.toml");
+    let seeds: Vec<String> = cluster.seeds().split(',').map(|s| format!("\"{s}\"")).collect();
+    std::fs::write(&cfg, format!("[backend]\ncluster = [{}]\nread_from = \"replica\"\n", seeds.join(", "))).unwrap();
+    let proxy = Respire::start_args(&["--config", cfg.to_str().unwrap()]);
+    let mut con = proxy.conn();
+    for i in 0..30 {
+        let _: () = con.set(format!("r:{i}"), i).unwrap();
+    }
+    // Let replication catch up on every master.
+    for port in cluster.master_ports() {
+        let mut m = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap().get_connection().unwrap();
+        let _: i64 = redis::cmd("WAIT").arg(1).arg(2000).query(&mut m).unwrap();
+    }
+    for i in 0..30 {
+        let v: i64 = con.get(format!("r:{i}")).unwrap();
+        assert_eq!(v, i);
+    }
+    let gets = |role: &str| -> i64 {
+        let mut total = 0;
+        for (i, n) in cluster.nodes.iter().enumerate() {
+            if !cluster.cli(i, &["INFO", "replication"]).contains(&format!("role:{role}")) {
+                continue;
+            }
+            let _ = n;
+            for line in cluster.cli(i, &["INFO", "commandstats"]).lines() {
+                if let Some(rest) = line.strip_prefix("cmdstat_get:calls=") {
+                    total += rest.split(',').next().unwrap().parse::<i64>().unwrap();
+                }
+            }
+        }
+        total
+    };
+    assert_eq!(gets("slave"), 30, "every GET was served by a replica");
+    assert_eq!(gets("master"), 0);
+    // Writes still go to masters.
+    let _: () = con.set("r:write", 1).unwrap();
+}
