@@ -71,7 +71,7 @@ wait_port "$twem_port"
 declare -A results
 run() { # target port test pipeline
   redis-benchmark -p "$2" -t "$3" -n "$REQUESTS" -c "$CLIENTS" -d 32 -P "$4" -r 100000 --csv 2>/dev/null \
-    | awk -F'","' 'NR>1 { gsub(/"/, "", $2); print $2; exit }'
+    | awk -F'","' '/^"/ && !/^"test"/ { gsub(/"/, "", $2); print $2; exit }'
 }
 targets="direct:$redis_port respire:$respire_port twemproxy:$twem_port"
 for round in $(seq "$ROUNDS"); do

@@ -31,6 +31,7 @@ use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::net::TcpStream;
@@ -51,13 +52,20 @@ use crate::topology::{BackendKind, Topology};
 
 /// Most redirections followed for one command before the client gets the error.
 const MAX_REDIRECTS: u8 = 5;
+/// Most `TRYAGAIN` retries for one command.
+const MAX_TRYAGAIN: u8 = 10;
 /// The reply when no master serves a slot (Redis Cluster's own text).
 const CLUSTERDOWN: &str = "CLUSTERDOWN Hash slot not served";
 
 /// What is needed to re-send a command after a redirection.
 struct Retry {
+    /// The node the request was last sent to.
+    addr: Arc<str>,
     data: Bytes,
+    /// Redirections followed so far.
     attempts: u8,
+    /// `TRYAGAIN` retries so far.
+    tryagain: u8,
     blocking: bool,
     /// Sent on an exclusive connection (the retry then uses a connection of its own).
     exclusive: bool,
@@ -715,12 +723,17 @@ impl Session {
                 }
             }
         };
-        self.push_waiting(rx, data, how != Use::Shared, blocking);
+        self.push_waiting(rx, data, how != Use::Shared, blocking, node);
         true
     }
 
-    fn push_waiting(&mut self, rx: oneshot::Receiver<Reply>, data: Bytes, exclusive: bool, blocking: bool) {
-        let retry = (self.topo.kind == BackendKind::Cluster).then_some(Retry { data, attempts: 0, blocking, exclusive, conn: None });
+    fn node_addr(&self, node: usize) -> Arc<str> {
+        self.topo.nodes.get(node).cloned().unwrap_or_else(|| Arc::from(""))
+    }
+
+    fn push_waiting(&mut self, rx: oneshot::Receiver<Reply>, data: Bytes, exclusive: bool, blocking: bool, node: usize) {
+        let retry = (self.topo.kind == BackendKind::Cluster)
+            .then(|| Retry { addr: self.node_addr(node), data, attempts: 0, tryagain: 0, blocking, exclusive, conn: None });
         let silent = self.take_silent();
         self.queue.push_back(Slot::Waiting { rx, silent, retry });
         self.waiting += 1;
@@ -739,7 +752,8 @@ impl Session {
         let mut parts = Vec::with_capacity(targets.len());
         for (node, data) in targets {
             let rx = self.shared_conn(node).send(data.clone(), 0, false);
-            parts.push(PartState { rx: Some(rx), reply: None, retry: Retry { data, attempts: 0, blocking: false, exclusive: false, conn: None } });
+            let retry = Retry { addr: self.node_addr(node), data, attempts: 0, tryagain: 0, blocking: false, exclusive: false, conn: None };
+            parts.push(PartState { rx: Some(rx), reply: None, retry });
         }
         let silent = self.take_silent();
         self.queue.push_back(Slot::Merge(Box::new(MergeSlot { silent, how, layout, parts })));
@@ -802,7 +816,8 @@ impl Session {
         };
         let data = cmd.to_resp();
         let rx = ex.conn.send(data.clone(), 0, false);
-        self.push_waiting(rx, data, true, false);
+        let node = self.topo.node_index(&ex.addr).unwrap_or(usize::MAX);
+        self.push_waiting(rx, data, true, false, node);
         true
     }
 
@@ -903,7 +918,7 @@ impl Session {
                     let data = data.freeze();
                     let rx = conn.send(data.clone(), 1, false);
                     self.multi_deferred = false;
-                    self.push_waiting(rx, data, true, false);
+                    self.push_waiting(rx, data, true, false, node);
                     return;
                 }
                 let same = self.exclusive.as_ref().is_some_and(|ex| self.topo.node_index(&ex.addr) == Some(node));
@@ -953,7 +968,36 @@ struct RedirectCtx<'a> {
 impl RedirectCtx<'_> {
     /// If `reply` is a `MOVED`/`ASK` redirection to follow, re-sends the request and returns the new receiver.
     fn follow(&self, reply: &Reply, retry: &mut Retry) -> Option<oneshot::Receiver<Reply>> {
-        let Ok(frame) = reply else { return None };
+        let frame = match reply {
+            Ok(f) => f,
+            Err(_) => {
+                // A node failed: the map may be stale.
+                self.worker.shared.topology.request_refresh();
+                return None;
+            }
+        };
+        if frame.first() != Some(&b'-') {
+            return None;
+        }
+        if frame.starts_with(b"-TRYAGAIN") && retry.tryagain < MAX_TRYAGAIN {
+            // A multi-key command during a slot migration: retry after a short pause
+            // (10 ms doubling up to 200 ms: about 1.5 s in all).
+            retry.tryagain += 1;
+            debug!(node = %retry.addr, attempt = retry.tryagain, "TRYAGAIN: retrying");
+            let pool = self.worker.pool(&retry.addr);
+            let conn = if retry.exclusive { pool.checkout(self.key) } else { pool.shared(self.key, self.sid) };
+            let (tx, rx) = oneshot::channel();
+            let (data, blocking, delay) = (retry.data.clone(), retry.blocking, Duration::from_millis((10u64 << retry.tryagain).min(200)));
+            if retry.exclusive {
+                retry.conn = Some(conn.clone());
+            }
+            tokio::task::spawn_local(async move {
+                tokio::time::sleep(delay).await;
+                let r = conn.send(data, 0, blocking).await;
+                let _ = tx.send(r.unwrap_or_else(|_| Err(BackendError::Lost { addr: Arc::from("backend"), reason: "reply dropped".into() })));
+            });
+            return Some(rx);
+        }
         let (ask, rest) = if let Some(r) = frame.strip_prefix(b"-MOVED ") {
             (false, r)
         } else if let Some(r) = frame.strip_prefix(b"-ASK ") {
@@ -983,6 +1027,7 @@ impl RedirectCtx<'_> {
         };
         let addr: Arc<str> = Arc::from(addr.as_str());
         let pool = self.worker.pool(&addr);
+        retry.addr = addr.clone();
         debug!(slot, node = %addr, ask, "following a redirection");
         if retry.exclusive {
             let conn = pool.checkout(self.key);

@@ -223,6 +223,18 @@ pub fn respire_bin() -> PathBuf {
     if let Ok(p) = std::env::var("RESPIRE_BIN") {
         return PathBuf::from(p);
     }
+    // `cargo test -p respire-tests` builds the library but not the binary: build it (a no-op when fresh).
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    BUILT.call_once(|| {
+        if let Ok(cargo) = std::env::var("CARGO") {
+            let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+            let status = Command::new(cargo)
+                .args(["build", "--quiet", "-p", "respire", "--bin", "respire", "--manifest-path"])
+                .arg(manifest)
+                .status();
+            assert!(status.is_ok_and(|s| s.success()), "building respire failed");
+        }
+    });
     let exe = std::env::current_exe().expect("current exe");
     // target/<profile>/deps/<test> → target/<profile>/respire
     let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");

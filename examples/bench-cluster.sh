@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Sharded throughput, side by side in one run (alternating, medians of ROUNDS):
+#   - a 3-master Redis Cluster behind respire, versus redis-benchmark's own
+#     cluster-aware client going direct (--cluster);
+#   - three standalone shards behind respire (--shards) and behind twemproxy;
+#   - MGET of 10 keys spread over the shards through respire, versus MGET of
+#     10 keys on one standalone Redis.
+# SET and GET, 50 clients, 32-byte values, pipeline 16. Everything on 127.0.0.1.
+#
+#   bash examples/bench-cluster.sh
+#   ROUNDS=5 REQUESTS=500000 bash examples/bench-cluster.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-3}
+REQUESTS=${REQUESTS:-200000}
+CLIENTS=${CLIENTS:-50}
+PIPELINE=${PIPELINE:-16}
+WORKERS=${WORKERS:-1}
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v redis-benchmark >/dev/null 2>&1 || missing+=(redis-tools)
+command -v nutcracker >/dev/null 2>&1 || missing+=(nutcracker)
+if [ ${#missing[@]} -gt 0 ]; then
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+cargo build --release --locked -p respire >/dev/null
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 200); do redis-cli -p "$1" ping >/dev/null 2>&1 && return 0; sleep 0.05; done; echo "port $1 did not come up" >&2; return 1; }
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+start_redis() { # port [extra args…]
+  local port=$1; shift
+  mkdir -p "$work/$port"
+  redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no --dir "$work/$port" --logfile "$work/$port/log" "$@" &
+  pids+=($!)
+  wait_port "$port" || { cat "$work/$port/log" >&2; return 1; }
+}
+
+# The cluster.
+cluster_ports=()
+for _ in 1 2 3; do p=$(free_port); start_redis "$p" --cluster-enabled yes --cluster-config-file nodes.conf; cluster_ports+=("$p"); done
+redis-cli --cluster create $(for p in "${cluster_ports[@]}"; do echo "127.0.0.1:$p"; done) --cluster-yes >/dev/null
+for _ in $(seq 100); do
+  ok=1; for p in "${cluster_ports[@]}"; do redis-cli -p "$p" cluster info | grep -q cluster_state:ok || ok=0; done
+  [ $ok = 1 ] && break; sleep 0.1
+done
+# Standalone shards and a single Redis.
+shard_ports=()
+for _ in 1 2 3; do p=$(free_port); start_redis "$p"; shard_ports+=("$p"); done
+single=$(free_port); start_redis "$single"
+
+respire_cluster=$(free_port)
+RUST_LOG=warn target/release/respire --listen "127.0.0.1:$respire_cluster" --cluster "127.0.0.1:${cluster_ports[0]}" --workers "$WORKERS" 2>"$work/r1.log" &
+pids+=($!)
+respire_shards=$(free_port)
+RUST_LOG=warn target/release/respire --listen "127.0.0.1:$respire_shards" \
+  --shards "$(IFS=,; for p in "${shard_ports[@]}"; do printf '127.0.0.1:%s,' "$p"; done | sed 's/,$//')" --workers "$WORKERS" 2>"$work/r2.log" &
+pids+=($!)
+twem=$(free_port)
+{
+  echo "bench:"; echo "  listen: 127.0.0.1:$twem"; echo "  hash: fnv1a_64"; echo "  distribution: ketama"; echo "  redis: true"; echo "  servers:"
+  for p in "${shard_ports[@]}"; do echo "   - 127.0.0.1:$p:1"; done
+} > "$work/nutcracker.yml"
+nutcracker -c "$work/nutcracker.yml" -s "$(free_port)" -a 127.0.0.1 -o "$work/nutcracker.log" &
+pids+=($!)
+wait_port "$respire_cluster"; wait_port "$respire_shards"; wait_port "$twem"
+
+# Keys for MGET: 10 keys, spread over every shard.
+mget_keys=$(for i in $(seq 0 9); do printf 'mget:%s ' "$i"; done)
+for port in "$respire_cluster" "$single"; do
+  for k in $mget_keys; do redis-cli -p "$port" set "$k" xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx >/dev/null; done
+done
+
+rps() { awk -F'","' '/^"/ && !/^"test"/ { gsub(/"/, "", $2); print $2; exit }'; }
+declare -A results
+bench() { # name port-args… [-- command…]
+  local name=$1; shift
+  local opts=() cmd=()
+  while [ $# -gt 0 ] && [ "$1" != "--" ]; do opts+=("$1"); shift; done
+  [ $# -gt 0 ] && shift && cmd=("$@")
+  results["$name"]+="$(redis-benchmark "${opts[@]}" -n "$REQUESTS" -c "$CLIENTS" -d 32 -P "$PIPELINE" --csv "${cmd[@]}" 2>/dev/null | rps) "
+}
+for round in $(seq "$ROUNDS"); do
+  for t in set get; do
+    bench "cluster-direct,$t" --cluster -p "${cluster_ports[0]}" -t "$t" -r 100000
+    bench "cluster-respire,$t" -p "$respire_cluster" -t "$t" -r 100000
+    bench "shards-respire,$t" -p "$respire_shards" -t "$t" -r 100000
+    bench "shards-twemproxy,$t" -p "$twem" -t "$t" -r 100000
+  done
+  bench "mget-single" -p "$single" -- MGET $mget_keys
+  bench "mget-respire" -p "$respire_cluster" -- MGET $mget_keys
+  echo "round $round of $ROUNDS done" >&2
+done
+
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END { if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
+m() { echo "${results[$1]}" | median; }
+printf '\n%-4s %15s %15s %9s %15s %17s %9s\n' test cluster-direct cluster-respire ratio shards-respire shards-twemproxy ratio
+for t in set get; do
+  cd_=$(m "cluster-direct,$t"); cr=$(m "cluster-respire,$t"); sr=$(m "shards-respire,$t"); st=$(m "shards-twemproxy,$t")
+  printf '%-4s %15.0f %15.0f %9.2f %15.0f %17.0f %9.2f\n' "$t" "$cd_" "$cr" "$(echo "$cr / $cd_" | bc -l)" "$sr" "$st" "$(echo "$st / $sr" | bc -l)"
+done
+ms=$(m mget-single); mr=$(m mget-respire)
+printf '\nMGET of 10 keys: one Redis %.0f ops/s, respire over 3 masters %.0f ops/s, ratio %.2f\n' "$ms" "$mr" "$(echo "$mr / $ms" | bc -l)"
+echo "machine: $(nproc) cores; $REQUESTS requests x $ROUNDS rounds, $CLIENTS clients, pipeline $PIPELINE, 32-byte values; respire workers=$WORKERS"
