@@ -11,7 +11,10 @@
 //! Messages reach sessions as complete RESP frames: RESP3 push frames, or the
 //! same frames with a RESP2 array header for RESP2 clients (the only
 //! difference between the two is the first byte). When a subscriber
-//! connection breaks, it reconnects and subscribes to everything again.
+//! connection breaks, it reconnects and subscribes to everything again; when a
+//! shard channel's slot moves to another master (Redis then sends
+//! `sunsubscribe`), its subscribers follow it there. Messages published while
+//! a subscription is being moved can be missed, as with any Redis client.
 //!
 //! Known difference from a single Redis: `PUBLISH` returns the number of
 //! receiving connections on the node, and respire's shared connection counts
@@ -20,6 +23,8 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot};
@@ -29,6 +34,8 @@ use crate::backend::{self, ConnKey, NodeSettings};
 use crate::io::{IoEvent, poll_io, write_now};
 use crate::protocol::{self as resp, reply_len};
 use crate::router::elements;
+use crate::server::Shared;
+use crate::topology::key_slot;
 
 /// The three subscription namespaces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -89,21 +96,55 @@ struct HubConn {
 }
 
 /// A worker's subscriber connections, by node address.
-#[derive(Default)]
+#[derive(Clone)]
 pub struct Hub {
-    conns: RefCell<HashMap<std::sync::Arc<str>, Rc<HubConn>>>,
+    conns: Rc<RefCell<HashMap<Arc<str>, Rc<HubConn>>>>,
+    shared: Arc<Shared>,
 }
 
 impl Hub {
+    /// A hub for one worker.
+    pub fn new(shared: Arc<Shared>) -> Hub {
+        Hub { conns: Rc::default(), shared }
+    }
+
     fn conn(&self, node: &Rc<NodeSettings>) -> Rc<HubConn> {
         if let Some(c) = self.conns.borrow().get(&node.addr) {
             return c.clone();
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let conn = Rc::new(HubConn { registry: RefCell::default(), commands: tx });
-        tokio::task::spawn_local(run(node.clone(), conn.clone(), rx));
+        tokio::task::spawn_local(run(self.clone(), node.clone(), conn.clone(), rx));
         self.conns.borrow_mut().insert(node.addr.clone(), conn.clone());
         conn
+    }
+
+    /// Moves the subscribers of a shard channel whose slot left `from` to the slot's new
+    /// master, once the topology knows it (up to 5 s); otherwise ends their subscriptions.
+    fn rehome(&self, from: Arc<str>, name: Bytes, sessions: Vec<Subscriber>, ended: Bytes) {
+        let hub = self.clone();
+        tokio::task::spawn_local(async move {
+            let slot = key_slot(&name);
+            for _ in 0..50 {
+                hub.shared.topology.request_refresh();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let topo = hub.shared.topology.load();
+                let Some(owner) = topo.master_of(slot).and_then(|m| topo.nodes.get(m).cloned()) else { continue };
+                if owner == from {
+                    continue;
+                }
+                debug!(channel = %String::from_utf8_lossy(&name), to = %owner, "shard channel subscribers moved");
+                let node = Rc::new(NodeSettings { addr: owner, ..hub.shared.node_settings.clone() });
+                for s in sessions {
+                    let _ = hub.subscribe(&node, SubKind::Shard, name.clone(), s);
+                }
+                return;
+            }
+            let (r2, r3) = both_protocols(&ended);
+            for s in sessions {
+                let _ = s.tx.send(if s.proto >= 3 { r3.clone() } else { r2.clone() });
+            }
+        });
     }
 
     /// Adds a session to `name`; the receiver fires once the backend has confirmed the subscription.
@@ -128,24 +169,26 @@ impl Hub {
         rx
     }
 
-    /// Removes a session from `name`; the backend subscription ends with its last session.
-    pub fn unsubscribe(&self, node_addr: &str, kind: SubKind, name: &Bytes, sid: u64) {
-        let Some(conn) = self.conns.borrow().get(node_addr).cloned() else { return };
-        let mut reg = conn.registry.borrow_mut();
+    /// Removes a session from `name` (wherever it is held); the backend subscription ends with its last session.
+    pub fn unsubscribe(&self, kind: SubKind, name: &Bytes, sid: u64) {
+        let conns: Vec<Rc<HubConn>> = self.conns.borrow().values().cloned().collect();
         let key = (kind, name.clone());
-        let Some(entry) = reg.entries.get_mut(&key) else { return };
-        entry.sessions.retain(|s| s.sid != sid);
-        if entry.sessions.is_empty() {
-            reg.entries.remove(&key);
-            let mut out = BytesMut::new();
-            resp::encode_args(&mut out, &[kind.unsubscribe_cmd().as_bytes(), name]);
-            let _ = conn.commands.send(out.freeze());
+        for conn in conns {
+            let mut reg = conn.registry.borrow_mut();
+            let Some(entry) = reg.entries.get_mut(&key) else { continue };
+            entry.sessions.retain(|s| s.sid != sid);
+            if entry.sessions.is_empty() {
+                reg.entries.remove(&key);
+                let mut out = BytesMut::new();
+                resp::encode_args(&mut out, &[kind.unsubscribe_cmd().as_bytes(), name]);
+                let _ = conn.commands.send(out.freeze());
+            }
         }
     }
 }
 
 /// The subscriber connection's task: (re)connect, subscribe to everything registered, relay messages.
-async fn run(node: Rc<NodeSettings>, conn: Rc<HubConn>, mut commands: mpsc::UnboundedReceiver<Bytes>) {
+async fn run(hub: Hub, node: Rc<NodeSettings>, conn: Rc<HubConn>, mut commands: mpsc::UnboundedReceiver<Bytes>) {
     let key = ConnKey { db: 0, proto: 3 };
     let mut backoff = node.reconnect_min;
     loop {
@@ -183,7 +226,7 @@ async fn run(node: Rc<NodeSettings>, conn: Rc<HubConn>, mut commands: mpsc::Unbo
             tokio::select! {
                 ev = io => match ev {
                     IoEvent::Read => {
-                        if let Err(e) = relay(&conn, &mut rbuf) {
+                        if let Err(e) = relay(&hub, &node.addr, &conn, &mut rbuf) {
                             break e;
                         }
                     }
@@ -201,7 +244,7 @@ async fn run(node: Rc<NodeSettings>, conn: Rc<HubConn>, mut commands: mpsc::Unbo
 }
 
 /// Handles every complete frame in `rbuf`.
-fn relay(conn: &HubConn, rbuf: &mut BytesMut) -> Result<(), String> {
+fn relay(hub: &Hub, addr: &Arc<str>, conn: &HubConn, rbuf: &mut BytesMut) -> Result<(), String> {
     loop {
         let n = match reply_len(rbuf) {
             Ok(Some(n)) => n,
@@ -233,13 +276,12 @@ fn relay(conn: &HubConn, rbuf: &mut BytesMut) -> Result<(), String> {
             }
             (b"pmessage", Some(pattern)) => fan_out(conn, SubKind::Pattern, pattern, &frame),
             (b"sunsubscribe", Some(channel)) => {
-                // The slot moved away from this node: the sessions' subscriptions end, as with Redis.
+                // The slot moved away from this node: follow it to its new master.
                 debug!(channel = %String::from_utf8_lossy(&channel), "shard channel unsubscribed by the server");
                 let removed = conn.registry.borrow_mut().entries.remove(&(SubKind::Shard, channel.clone()));
                 if let Some(e) = removed {
-                    let (r2, r3) = both_protocols(&frame);
-                    for s in e.sessions {
-                        let _ = s.tx.send(if s.proto >= 3 { r3.clone() } else { r2.clone() });
+                    if !e.sessions.is_empty() {
+                        hub.rehome(addr.clone(), channel, e.sessions, frame.clone());
                     }
                 }
             }

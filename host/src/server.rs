@@ -286,7 +286,7 @@ fn worker_main(shared: Arc<Shared>, mut conns: mpsc::UnboundedReceiver<NewConn>)
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let worker = Rc::new(Worker { shared: shared.clone(), pools: RefCell::default(), sessions: Cell::new(0), hub: Default::default() });
+        let worker = Rc::new(Worker { shared: shared.clone(), pools: RefCell::default(), sessions: Cell::new(0), hub: crate::pubsub::Hub::new(shared.clone()) });
         let mut shutdown = shared.shutdown.clone();
         loop {
             tokio::select! {

@@ -27,7 +27,7 @@ mod local;
 mod stream;
 mod subscribe;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -172,8 +172,8 @@ pub struct Session {
     closing: bool,
     /// Name and first argument of the last command, for `CLIENT LIST`.
     last_name: (Bytes, Option<Bytes>),
-    /// Subscriptions, with the node each one is held on.
-    subs: HashMap<(SubKind, Bytes), Arc<str>>,
+    /// Subscriptions (the worker's hub knows which node holds each).
+    subs: HashSet<(SubKind, Bytes)>,
     /// Messages from the worker's subscriber connections.
     push_tx: Option<mpsc::UnboundedSender<Bytes>>,
     push_rx: Option<mpsc::UnboundedReceiver<Bytes>>,
@@ -210,7 +210,7 @@ pub async fn run(worker: Rc<Worker>, stream: TcpStream, info: Arc<ClientInfo>) {
         reply_mode: ReplyMode::On,
         closing: false,
         last_name: (Bytes::new(), None),
-        subs: HashMap::new(),
+        subs: HashSet::new(),
         push_tx: None,
         push_rx: None,
     };

@@ -398,3 +398,34 @@ fn reads_go_to_replicas_when_asked() {
     // Writes still go to masters.
     let _: () = con.set("r:write", 1).unwrap();
 }
+
+#[test]
+fn shard_subscriptions_follow_their_slot() {
+    let cluster = Cluster::start(3, 0);
+    let proxy = Respire::start_args(&["--cluster", &cluster.seeds()]);
+    let mut s = Raw::connect(proxy.port);
+    let got = s.roundtrip(&resp(&[b"SSUBSCRIBE", b"orders"]), 1);
+    assert_eq!(String::from_utf8_lossy(&got), "*3\r\n$10\r\nssubscribe\r\n$6\r\norders\r\n:1\r\n");
+    // Hand the channel's slot to another master (no keys live in it).
+    let slot = cluster.cli(0, &["CLUSTER", "KEYSLOT", "orders"]).trim().to_string();
+    let owner = slot_node(&cluster, "orders");
+    let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
+    let new_owner = (0..3).map(|i| node_id(&cluster, ports[i])).find(|id| *id != owner).unwrap();
+    for i in 0..3 {
+        assert!(cluster.cli(i, &["CLUSTER", "SETSLOT", &slot, "NODE", &new_owner]).contains("OK"));
+    }
+    // Messages published to the new owner reach the subscriber once respire has moved it.
+    let mut publisher = proxy.conn();
+    let mut delivered = false;
+    for i in 0..50 {
+        let n: i64 = redis::cmd("SPUBLISH").arg("orders").arg(format!("o{i}")).query(&mut publisher).unwrap();
+        if n == 1 {
+            let got = String::from_utf8_lossy(&s.read_replies(1)).into_owned();
+            assert_eq!(got, format!("*3\r\n$8\r\nsmessage\r\n$6\r\norders\r\n${}\r\no{i}\r\n", format!("o{i}").len()));
+            delivered = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(delivered, "the subscription never moved to the new owner");
+}

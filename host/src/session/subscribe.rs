@@ -28,7 +28,7 @@ impl Session {
     /// Subscriptions counted in (un)subscribe replies for `kind`: channels and patterns
     /// together, shard channels on their own (as Redis counts them).
     fn sub_count(&self, kind: SubKind) -> i64 {
-        self.subs.keys().filter(|(k, _)| (*k == SubKind::Shard) == (kind == SubKind::Shard)).count() as i64
+        self.subs.iter().filter(|(k, _)| (*k == SubKind::Shard) == (kind == SubKind::Shard)).count() as i64
     }
 
     /// Whether the client is in subscribe mode.
@@ -75,8 +75,7 @@ impl Session {
         let mut frames = BytesMut::new();
         let mut waits = Vec::new();
         for name in &cmd.args[1..] {
-            if let std::collections::hash_map::Entry::Vacant(e) = self.subs.entry((kind, name.clone())) {
-                e.insert(addr.clone());
+            if self.subs.insert((kind, name.clone())) {
                 let sub = Subscriber { sid: self.info.id, proto: self.proto, tx: tx.clone() };
                 waits.push(self.worker.hub.subscribe(&settings, kind, name.clone(), sub));
             }
@@ -110,7 +109,7 @@ impl Session {
         let names: Vec<Bytes> = if cmd.args.len() > 1 {
             cmd.args[1..].to_vec()
         } else {
-            let mut all: Vec<Bytes> = self.subs.keys().filter(|(k, _)| *k == kind).map(|(_, n)| n.clone()).collect();
+            let mut all: Vec<Bytes> = self.subs.iter().filter(|(k, _)| *k == kind).map(|(_, n)| n.clone()).collect();
             all.sort();
             all
         };
@@ -123,8 +122,8 @@ impl Session {
             resp::int(&mut frames, count);
         }
         for name in names {
-            if let Some(addr) = self.subs.remove(&(kind, name.clone())) {
-                self.worker.hub.unsubscribe(&addr, kind, &name, self.info.id);
+            if self.subs.remove(&(kind, name.clone())) {
+                self.worker.hub.unsubscribe(kind, &name, self.info.id);
             }
             let count = self.sub_count(kind);
             resp::push_header(&mut frames, 3, self.proto);
@@ -141,8 +140,8 @@ impl Session {
 
     /// Leaves every subscription (RESET, disconnect).
     pub(super) fn unsubscribe_all(&mut self) {
-        for ((kind, name), addr) in self.subs.drain() {
-            self.worker.hub.unsubscribe(&addr, kind, &name, self.info.id);
+        for (kind, name) in self.subs.drain() {
+            self.worker.hub.unsubscribe(kind, &name, self.info.id);
         }
         self.info.set_flag(flag::PUBSUB, false);
     }
@@ -152,7 +151,7 @@ impl Session {
         let Some((kind, name, ended)) = message_target(&frame) else { return };
         if ended {
             // The server ended a shard subscription (its slot moved): tell the client with its own count.
-            if self.subs.remove(&(kind, name.clone())).is_none() {
+            if !self.subs.remove(&(kind, name.clone())) {
                 return;
             }
             let count = self.sub_count(SubKind::Shard);
@@ -163,7 +162,7 @@ impl Session {
             resp::int(&mut f, count);
             return self.deliver(f.freeze());
         }
-        if !self.subs.contains_key(&(kind, name)) {
+        if !self.subs.contains(&(kind, name)) {
             return;
         }
         self.deliver(frame);
