@@ -136,7 +136,8 @@ impl Hub {
                 debug!(channel = %String::from_utf8_lossy(&name), to = %owner, "shard channel subscribers moved");
                 let node = Rc::new(NodeSettings { addr: owner, ..hub.shared.node_settings.clone() });
                 for s in sessions {
-                    let _ = hub.subscribe(&node, SubKind::Shard, name.clone(), s);
+                    // The sessions already count this subscription: no confirmation to wait for.
+                    drop(hub.subscribe(&node, SubKind::Shard, name.clone(), s));
                 }
                 return;
             }
