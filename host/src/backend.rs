@@ -305,6 +305,8 @@ enum End {
 struct InFlight {
     reply: oneshot::Sender<Reply>,
     skip: u8,
+    /// Bytes appended to the write buffer over the connection's life, up to the end of this request.
+    end: u64,
     /// Deadline for the reply, if the command is not a blocking one.
     deadline: Option<Instant>,
 }
@@ -326,6 +328,7 @@ async fn serve(
     let timer = tokio::time::sleep(node.command_timeout);
     tokio::pin!(timer);
     let mut armed: Option<Instant> = None;
+    let mut appended: u64 = 0;
     let end = loop {
         // Take everything queued since we last ran: one write per batch.
         let now = Instant::now();
@@ -339,7 +342,8 @@ async fn serve(
                 },
             };
             wbuf.extend_from_slice(&req.data);
-            inflight.push_back(InFlight { reply: req.reply, skip: req.skip, deadline: (!req.blocking).then_some(deadline) });
+            appended += req.data.len() as u64;
+            inflight.push_back(InFlight { reply: req.reply, skip: req.skip, end: appended, deadline: (!req.blocking).then_some(deadline) });
             if wbuf.len() >= HIGH_WATER {
                 break;
             }
@@ -380,8 +384,16 @@ async fn serve(
         }
     };
     if let End::Failed(reason) = &end {
+        // Requests whose last byte never left the write buffer did not reach Redis (it runs
+        // only complete commands): they are safe to retry. The others may have run.
+        let written = appended - wbuf.len() as u64;
         for f in inflight.drain(..) {
-            let _ = f.reply.send(Err(BackendError::Lost { addr: node.addr.clone(), reason: reason.clone() }));
+            let e = if f.end <= written {
+                BackendError::Lost { addr: node.addr.clone(), reason: reason.clone() }
+            } else {
+                BackendError::Unavailable { addr: node.addr.clone(), reason: reason.clone() }
+            };
+            let _ = f.reply.send(Err(e));
         }
         if let Some(req) = pending.take() {
             // Taken from the queue but never written: it did not reach Redis.

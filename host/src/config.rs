@@ -161,6 +161,11 @@ pub struct Backend {
     /// (not applied to blocking commands). Default: "10s".
     #[serde(with = "humantime_serde")]
     pub command_timeout: Duration,
+    /// How long a request waits for a new master when its master has failed (Redis Cluster,
+    /// Sentinel) before the client gets an error. It should outlast the cluster's failover time
+    /// (`cluster-node-timeout` plus the election). Default: "30s".
+    #[serde(with = "humantime_serde")]
+    pub failover_timeout: Duration,
     /// First delay before reconnecting to a failed backend; doubles up to `reconnect_max`, with jitter. Default: "50ms".
     #[serde(with = "humantime_serde")]
     pub reconnect_min: Duration,
@@ -201,6 +206,7 @@ impl Default for Backend {
             idle_exclusive: 8,
             connect_timeout: Duration::from_secs(1),
             command_timeout: Duration::from_secs(10),
+            failover_timeout: Duration::from_secs(30),
             reconnect_min: Duration::from_millis(50),
             reconnect_max: Duration::from_secs(2),
         }

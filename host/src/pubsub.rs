@@ -119,6 +119,42 @@ impl Hub {
         conn
     }
 
+    /// Moves every subscription held on `addr` whose rightful node (by the current topology) is
+    /// another one. Returns `true` when nothing is left on `addr` (its connection is retired).
+    fn move_off(&self, addr: &Arc<str>, conn: &Rc<HubConn>) -> bool {
+        let topo = self.shared.topology.load();
+        let owner = |kind: SubKind, name: &Bytes| -> Option<Arc<str>> {
+            let m = match kind {
+                SubKind::Shard => topo.master_of(key_slot(name)),
+                _ => topo.shards.first().map(|s| s.master),
+            };
+            m.and_then(|m| topo.nodes.get(m).cloned())
+        };
+        let moving: Vec<((SubKind, Bytes), Arc<str>)> = conn
+            .registry
+            .borrow()
+            .entries
+            .keys()
+            .filter_map(|(k, n)| owner(*k, n).filter(|o| o != addr).map(|o| ((*k, n.clone()), o)))
+            .collect();
+        for ((kind, name), to) in moving {
+            let Some(entry) = conn.registry.borrow_mut().entries.remove(&(kind, name.clone())) else { continue };
+            debug!(channel = %String::from_utf8_lossy(&name), from = %addr, %to, "subscription moved");
+            let node = Rc::new(NodeSettings { addr: to, ..self.shared.node_settings.clone() });
+            for s in entry.sessions {
+                drop(self.subscribe(&node, kind, name.clone(), s));
+            }
+        }
+        if !conn.registry.borrow().entries.is_empty() {
+            return false;
+        }
+        let mut conns = self.conns.borrow_mut();
+        if conns.get(addr).is_some_and(|c| Rc::ptr_eq(c, conn)) {
+            conns.remove(addr);
+        }
+        true
+    }
+
     /// Moves the subscribers of a shard channel whose slot left `from` to the slot's new
     /// master, once the topology knows it (up to 5 s); otherwise ends their subscriptions.
     fn rehome(&self, from: Arc<str>, name: Bytes, sessions: Vec<Subscriber>, ended: Bytes) {
@@ -197,6 +233,12 @@ async fn run(hub: Hub, node: Rc<NodeSettings>, conn: Rc<HubConn>, mut commands: 
             Ok(s) => s,
             Err(e) => {
                 warn!(backend = %node.addr, error = %e, "subscriber connection failed");
+                // The node may be gone for good (failover): move subscriptions to where they belong now.
+                hub.shared.topology.request_refresh();
+                if hub.move_off(&node.addr, &conn) {
+                    debug!(backend = %node.addr, "subscriber connection retired");
+                    return;
+                }
                 let delay = backoff.mul_f64(0.5 + fastrand::f64());
                 backoff = (backoff * 2).min(node.reconnect_max);
                 tokio::time::sleep(delay).await;

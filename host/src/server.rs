@@ -345,6 +345,7 @@ fn initial_topology(config: &Config) -> Result<(Topology, Vec<String>), ServerEr
         nodes: Vec::new(),
         shards: Vec::new(),
         slots: vec![NO_SHARD; SLOTS],
+        managed: true,
     };
     Ok((empty, seeds))
 }

@@ -71,6 +71,19 @@ struct Retry {
     exclusive: bool,
     /// Keeps an exclusive connection opened for a redirected blocking command alive.
     conn: Option<BackendConn>,
+    /// The slot of the request's keys (a representative slot of the shard for fan-out parts),
+    /// to find its master again after a failover.
+    slot: Option<u16>,
+    /// Safe to send again even if it may already have run (reads, idempotent writes).
+    idempotent: bool,
+    /// When waiting for a new master gives up (set when the wait starts).
+    deadline: Option<Instant>,
+}
+
+impl Retry {
+    fn new(addr: Arc<str>, data: Bytes, slot: Option<u16>, idempotent: bool, exclusive: bool, blocking: bool) -> Retry {
+        Retry { addr, data, attempts: 0, tryagain: 0, blocking, exclusive, conn: None, slot, idempotent, deadline: None }
+    }
 }
 
 /// One backend request of a split or fanned-out command.
@@ -641,12 +654,16 @@ impl Session {
     /// Routes a command by its keys and sends it; `false` if it could not be sent now (stalled) or was refused.
     fn route(&mut self, cmd: Command, how: Use) -> bool {
         if !self.cluster_mode() {
-            return self.send(cmd, 0, how);
+            return match self.node_for(None) {
+                Ok(node) => self.send(cmd, node, how, None),
+                Err(_) => self.send_when_master_known(cmd, None, how),
+            };
         }
         let plan = router::plan(&self.worker.shared.commands, &cmd.args, &self.topo);
         match plan {
             Plan::Single(slot) => match self.node_for(slot).and_then(|n| self.read_node(&cmd, slot, how, n)) {
-                Ok(node) => self.send(cmd, node, how),
+                Ok(node) => self.send(cmd, node, how, slot),
+                Err(e) if self.topo.managed && e == CLUSTERDOWN => self.send_when_master_known(cmd, slot, how),
                 Err(e) => {
                     self.worker.shared.topology.request_refresh();
                     self.reply_error(e);
@@ -665,7 +682,7 @@ impl Session {
                 let mut targets = Vec::with_capacity(parts.len());
                 for p in &parts {
                     match self.topo.master_of(p.slot) {
-                        Some(n) => targets.push((n, p.data.clone())),
+                        Some(n) => targets.push((n, p.data.clone(), Some(p.slot))),
                         None => {
                             self.reply_error(CLUSTERDOWN);
                             return false;
@@ -676,7 +693,8 @@ impl Session {
             }
             Plan::FanOut(merge) => {
                 let data = cmd.to_resp();
-                let targets: Vec<(usize, Bytes)> = self.topo.masters().map(|m| (m, data.clone())).collect();
+                let targets: Vec<(usize, Bytes, Option<u16>)> =
+                    self.topo.shards.iter().enumerate().map(|(i, s)| (s.master, data.clone(), self.topo.slot_of_shard(i))).collect();
                 self.send_parts(cmd, merge, Vec::new(), targets)
             }
             Plan::Scan { ordinal, data } => {
@@ -685,7 +703,8 @@ impl Session {
                     self.reply_error("ERR invalid cursor");
                     return false;
                 };
-                self.send_parts(cmd, Merge::Scan { ordinal, total }, Vec::new(), vec![(node, data)])
+                let slot = self.topo.slot_of_shard(ordinal);
+                self.send_parts(cmd, Merge::Scan { ordinal, total }, Vec::new(), vec![(node, data, slot)])
             }
         }
     }
@@ -699,8 +718,54 @@ impl Session {
         true
     }
 
+    /// Whether a command may be sent again after its connection broke (it may have run once).
+    fn idempotent(&self, cmd: &Command) -> bool {
+        let Some(info) = self.worker.shared.commands.get(&cmd.args) else { return false };
+        if info.has(commands::flags::READONLY) {
+            return true;
+        }
+        let name = cmd.name();
+        let plain_set = name.eq_ignore_ascii_case(b"set")
+            && !cmd.args.iter().skip(3).any(|a| a.eq_ignore_ascii_case(b"nx") || a.eq_ignore_ascii_case(b"xx") || a.eq_ignore_ascii_case(b"get"));
+        plain_set
+            || [
+                &b"mset"[..], b"setex", b"psetex", b"hset", b"hmset", b"sadd", b"srem", b"hdel", b"zrem", b"expire", b"pexpire",
+                b"expireat", b"pexpireat", b"persist", b"del", b"unlink",
+            ]
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n))
+    }
+
+    /// Queues a command whose slot has no known master yet: it is sent once one is known
+    /// (within `failover_timeout`).
+    fn send_when_master_known(&mut self, cmd: Command, slot: Option<u16>, how: Use) -> bool {
+        let target = if how == Use::Shared { Target::Shared(self.key()) } else { Target::Exclusive };
+        let mut c = Some(cmd);
+        if !self.barrier(&mut c, target) {
+            return false;
+        }
+        let Some(cmd) = c else { return false };
+        if how == Use::Watch {
+            self.reply_error(CLUSTERDOWN);
+            return false;
+        }
+        let idempotent = self.idempotent(&cmd);
+        let mut retry = Retry::new(Arc::from(""), cmd.to_resp(), slot, idempotent, how != Use::Shared, how == Use::Blocking);
+        let ctx = RedirectCtx { worker: &self.worker, topo: &self.topo, key: self.key(), sid: self.info.id };
+        let unavailable = Err(BackendError::Unavailable { addr: Arc::from("cluster"), reason: "no master serves this slot".into() });
+        let Some(rx) = ctx.wait_for_master(&mut retry, unavailable) else {
+            self.reply_error(CLUSTERDOWN);
+            return false;
+        };
+        let silent = self.take_silent();
+        self.queue.push_back(Slot::Waiting { rx, silent, retry: Some(retry) });
+        self.waiting += 1;
+        self.last_target = Some(target);
+        true
+    }
+
     /// Sends a single command to `node` (shared, or an exclusive connection for blocking/WATCH).
-    fn send(&mut self, cmd: Command, node: usize, how: Use) -> bool {
+    fn send(&mut self, cmd: Command, node: usize, how: Use, slot: Option<u16>) -> bool {
         let target = if how == Use::Shared { Target::Shared(self.key()) } else { Target::Exclusive };
         let mut c = Some(cmd);
         if !self.barrier(&mut c, target) {
@@ -723,7 +788,8 @@ impl Session {
                 }
             }
         };
-        self.push_waiting(rx, data, how != Use::Shared, blocking, node);
+        let idempotent = self.topo.managed && self.idempotent(&cmd);
+        self.push_waiting(rx, data, how != Use::Shared, blocking, node, slot, idempotent);
         true
     }
 
@@ -731,9 +797,18 @@ impl Session {
         self.topo.nodes.get(node).cloned().unwrap_or_else(|| Arc::from(""))
     }
 
-    fn push_waiting(&mut self, rx: oneshot::Receiver<Reply>, data: Bytes, exclusive: bool, blocking: bool, node: usize) {
-        let retry = (self.topo.kind == BackendKind::Cluster)
-            .then(|| Retry { addr: self.node_addr(node), data, attempts: 0, tryagain: 0, blocking, exclusive, conn: None });
+    #[allow(clippy::too_many_arguments)]
+    fn push_waiting(
+        &mut self,
+        rx: oneshot::Receiver<Reply>,
+        data: Bytes,
+        exclusive: bool,
+        blocking: bool,
+        node: usize,
+        slot: Option<u16>,
+        idempotent: bool,
+    ) {
+        let retry = self.topo.managed.then(|| Retry::new(self.node_addr(node), data, slot, idempotent, exclusive, blocking));
         let silent = self.take_silent();
         self.queue.push_back(Slot::Waiting { rx, silent, retry });
         self.waiting += 1;
@@ -741,18 +816,20 @@ impl Session {
     }
 
     /// Sends several requests on shared connections and queues one merged reply.
-    fn send_parts(&mut self, cmd: Command, how: Merge, layout: Vec<router::Part>, targets: Vec<(usize, Bytes)>) -> bool {
+    fn send_parts(&mut self, cmd: Command, how: Merge, layout: Vec<router::Part>, targets: Vec<(usize, Bytes, Option<u16>)>) -> bool {
         let mut c = Some(cmd);
         if !self.barrier(&mut c, Target::Shared(self.key())) {
             return false;
         }
+        let Some(cmd) = c else { return false };
         if self.exclusive.is_some() && !self.in_multi && !self.watching {
             self.release_exclusive(false);
         }
         let mut parts = Vec::with_capacity(targets.len());
-        for (node, data) in targets {
+        let idempotent = self.topo.managed && self.idempotent(&cmd);
+        for (node, data, slot) in targets {
             let rx = self.shared_conn(node).send(data.clone(), 0, false);
-            let retry = Retry { addr: self.node_addr(node), data, attempts: 0, tryagain: 0, blocking: false, exclusive: false, conn: None };
+            let retry = Retry::new(self.node_addr(node), data, slot, idempotent, false, false);
             parts.push(PartState { rx: Some(rx), reply: None, retry });
         }
         let silent = self.take_silent();
@@ -817,7 +894,7 @@ impl Session {
         let data = cmd.to_resp();
         let rx = ex.conn.send(data.clone(), 0, false);
         let node = self.topo.node_index(&ex.addr).unwrap_or(usize::MAX);
-        self.push_waiting(rx, data, true, false, node);
+        self.push_waiting(rx, data, true, false, node, None, false);
         true
     }
 
@@ -844,7 +921,7 @@ impl Session {
     fn multi(&mut self, cmd: Command) {
         if self.watching || !self.cluster_mode() {
             // The connection is known: the watched one, or the only node's.
-            let sent = if self.watching { self.send_exclusive_pinned(cmd) } else { self.send(cmd, 0, Use::Watch) };
+            let sent = if self.watching { self.send_exclusive_pinned(cmd) } else { self.send(cmd, 0, Use::Watch, None) };
             if sent {
                 self.set_multi(true);
             }
@@ -918,7 +995,7 @@ impl Session {
                     let data = data.freeze();
                     let rx = conn.send(data.clone(), 1, false);
                     self.multi_deferred = false;
-                    self.push_waiting(rx, data, true, false, node);
+                    self.push_waiting(rx, data, true, false, node, None, false);
                     return;
                 }
                 let same = self.exclusive.as_ref().is_some_and(|ex| self.topo.node_index(&ex.addr) == Some(node));
@@ -970,14 +1047,20 @@ impl RedirectCtx<'_> {
     fn follow(&self, reply: &Reply, retry: &mut Retry) -> Option<oneshot::Receiver<Reply>> {
         let frame = match reply {
             Ok(f) => f,
-            Err(_) => {
-                // A node failed: the map may be stale.
+            Err(e) => {
+                // A node failed: the map may be stale, and a new master may be on its way.
                 self.worker.shared.topology.request_refresh();
-                return None;
+                let safe = matches!(e, BackendError::Unavailable { .. }) || retry.idempotent;
+                return if safe { self.wait_for_master(retry, reply.clone()) } else { None };
             }
         };
         if frame.first() != Some(&b'-') {
             return None;
+        }
+        if [&b"-CLUSTERDOWN"[..], b"-READONLY", b"-LOADING", b"-MASTERDOWN"].iter().any(|p| frame.starts_with(p)) {
+            // Not run: the node is not (or not yet) a master that serves this slot.
+            self.worker.shared.topology.request_refresh();
+            return self.wait_for_master(retry, reply.clone());
         }
         if frame.starts_with(b"-TRYAGAIN") && retry.tryagain < MAX_TRYAGAIN {
             // A multi-key command during a slot migration: retry after a short pause
@@ -1037,6 +1120,58 @@ impl RedirectCtx<'_> {
         } else {
             Some(pool.shared(self.key, self.sid).send(data, skip, false))
         }
+    }
+}
+
+impl RedirectCtx<'_> {
+    /// Re-sends the request to its slot's master once one is reachable, polling the topology
+    /// with backoff until `failover_timeout` has passed since the first failure. `None` when
+    /// waiting does not apply (no failover manager, a transaction, or the time is up).
+    fn wait_for_master(&self, retry: &mut Retry, last: Reply) -> Option<oneshot::Receiver<Reply>> {
+        if !self.topo.managed || (retry.exclusive && !retry.blocking) {
+            return None;
+        }
+        let now = Instant::now();
+        let deadline = *retry.deadline.get_or_insert(now + self.worker.shared.config.backend.failover_timeout);
+        if now >= deadline {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        let worker = self.worker.clone();
+        let (key, sid, slot) = (self.key, self.sid, retry.slot);
+        let (data, blocking, exclusive, idempotent) = (retry.data.clone(), retry.blocking, retry.exclusive, retry.idempotent);
+        tokio::task::spawn_local(async move {
+            let mut last = last;
+            let mut delay = Duration::from_millis(20);
+            while Instant::now() < deadline {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_millis(250));
+                worker.shared.topology.request_refresh();
+                let topo = worker.shared.topology.load();
+                let master = match slot {
+                    Some(s) => topo.master_of(s),
+                    None => topo.shards.first().map(|s| s.master),
+                };
+                let Some(addr) = master.and_then(|m| topo.nodes.get(m).cloned()) else { continue };
+                let pool = worker.pool(&addr);
+                let conn = if exclusive { pool.checkout(key) } else { pool.shared(key, sid) };
+                let r = conn.send(data.clone(), 0, blocking).await.unwrap_or_else(|_| {
+                    Err(BackendError::Unavailable { addr: addr.clone(), reason: "connection closed".into() })
+                });
+                let again = match &r {
+                    Err(BackendError::Unavailable { .. }) => true,
+                    Err(BackendError::Lost { .. }) => idempotent,
+                    Ok(f) => [&b"-CLUSTERDOWN"[..], b"-READONLY", b"-LOADING", b"-MASTERDOWN"].iter().any(|p| f.starts_with(p)),
+                };
+                if !again {
+                    let _ = tx.send(r);
+                    return;
+                }
+                last = r;
+            }
+            let _ = tx.send(last);
+        });
+        Some(rx)
     }
 }
 

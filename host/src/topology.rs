@@ -79,6 +79,9 @@ pub struct Topology {
     pub shards: Vec<Shard>,
     /// Shard of every slot, or [`NO_SHARD`].
     pub slots: Vec<u16>,
+    /// Masters can change under respire (Redis Cluster, Sentinel): requests that meet a failed
+    /// or changing master wait for the new one (up to `failover_timeout`) instead of failing.
+    pub managed: bool,
 }
 
 impl Topology {
@@ -90,6 +93,7 @@ impl Topology {
             nodes: vec![Arc::from(addr)],
             shards: vec![Shard { master: 0, replicas: Vec::new() }],
             slots: vec![0; SLOTS],
+            managed: false,
         }
     }
 
@@ -133,7 +137,7 @@ impl Topology {
                 *slot = (s * n / SLOTS) as u16;
             }
         }
-        Ok(Topology { version: 1, kind: BackendKind::Shards, nodes, shards, slots })
+        Ok(Topology { version: 1, kind: BackendKind::Shards, nodes, shards, slots, managed: false })
     }
 
     /// The master address serving `slot`.
@@ -168,6 +172,11 @@ impl Topology {
             start = end + 1;
         }
         out
+    }
+
+    /// A slot served by shard `shard` (to re-route a request meant for that shard).
+    pub fn slot_of_shard(&self, shard: usize) -> Option<u16> {
+        self.slots.iter().position(|&s| s as usize == shard).map(|s| s as u16)
     }
 
     /// Whether every slot has a master.
@@ -292,7 +301,7 @@ impl Builder {
                 }
             }
         }
-        Some(Topology { version: 0, kind: BackendKind::Cluster, nodes, shards, slots })
+        Some(Topology { version: 0, kind: BackendKind::Cluster, nodes, shards, slots, managed: true })
     }
 }
 

@@ -165,6 +165,34 @@ impl Cluster {
         self.nodes.iter().take(2).map(|n| n.addr()).collect::<Vec<_>>().join(",")
     }
 
+    /// The node id of node `i`.
+    pub fn id(&self, i: usize) -> String {
+        self.cli(i, &["CLUSTER", "MYID"]).trim().to_string()
+    }
+
+    /// Index of the node with this port.
+    pub fn index_of(&self, port: u16) -> usize {
+        self.nodes.iter().position(|n| n.port == port).expect("a node of this cluster")
+    }
+
+    /// Whether node `i` is currently a master.
+    pub fn is_master(&self, i: usize) -> bool {
+        self.cli(i, &["INFO", "replication"]).contains("role:master")
+    }
+
+    /// Adds an empty master (a new redis-server joined with `redis-cli --cluster add-node`).
+    pub fn add_master(&mut self) -> usize {
+        let node = RedisServer::start_with(&["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000"]);
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "add-node", &node.addr(), &self.nodes[0].addr()])
+            .output()
+            .expect("redis-cli --cluster add-node");
+        assert!(out.status.success(), "add-node failed: {}", String::from_utf8_lossy(&out.stdout));
+        self.nodes.push(node);
+        self.masters += 1;
+        self.nodes.len() - 1
+    }
+
     /// Runs a command on node `i` with redis-cli and returns its output.
     pub fn cli(&self, i: usize, args: &[&str]) -> String {
         let out = Command::new("redis-cli").args(["-p", &self.nodes[i].port.to_string()]).args(args).output().expect("redis-cli");
@@ -366,6 +394,11 @@ impl Raw {
         self.read_replies(n)
     }
 
+    /// Sets how long reads wait.
+    pub fn set_timeout(&mut self, t: Duration) {
+        self.s.set_read_timeout(Some(t)).expect("timeout");
+    }
+
     /// Whether the peer has closed the connection (reads EOF within the timeout).
     pub fn closed(&mut self) -> bool {
         let mut tmp = [0u8; 1024];
@@ -484,3 +517,163 @@ pub const DATA_TYPES: &[&[&str]] = &[
     &["CLIENT", "GETNAME", "extra"],
     &["AUTH", "pass"],
 ];
+
+/// What a load run saw.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    /// Commands answered successfully.
+    pub ops: u64,
+    /// Error replies and connection failures, with when they happened.
+    pub errors: Vec<(Instant, String)>,
+    /// Reads that returned something other than the value just written (misrouted or out of order).
+    pub wrong_reads: u64,
+    /// The last acknowledged value of every key written.
+    pub acked: std::collections::HashMap<String, i64>,
+    /// Latencies of successful commands.
+    pub latencies: Vec<Duration>,
+}
+
+impl LoadReport {
+    /// The longest span between the first and last error of a burst (errors less than 1 s apart).
+    pub fn longest_error_window(&self) -> Duration {
+        let mut times: Vec<Instant> = self.errors.iter().map(|e| e.0).collect();
+        times.sort();
+        let mut longest = Duration::ZERO;
+        let mut start = None::<Instant>;
+        let mut prev = None::<Instant>;
+        for t in times {
+            match (start, prev) {
+                (Some(s), Some(p)) if t.duration_since(p) < Duration::from_secs(1) => longest = longest.max(t.duration_since(s)),
+                _ => start = Some(t),
+            }
+            prev = Some(t);
+        }
+        longest
+    }
+
+    /// A latency percentile (0–100).
+    pub fn percentile(&self, p: f64) -> Duration {
+        let mut l = self.latencies.clone();
+        l.sort();
+        if l.is_empty() {
+            return Duration::ZERO;
+        }
+        l[((l.len() - 1) as f64 * p / 100.0).round() as usize]
+    }
+
+    /// One line for the test output.
+    pub fn summary(&self, event: &str) -> String {
+        format!(
+            "{event}: {} ops, {} errors, longest error window {:?}, {} wrong reads, p99 {:?}, first error: {:?}",
+            self.ops,
+            self.errors.len(),
+            self.longest_error_window(),
+            self.wrong_reads,
+            self.percentile(99.0),
+            self.errors.first().map(|e| &e.1)
+        )
+    }
+}
+
+/// Concurrent clients writing unique values through a port and reading each back.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<LoadReport>>,
+}
+
+impl Load {
+    /// Starts `clients` threads, each with its own connection to `port`.
+    pub fn start(port: u16, clients: usize) -> Load {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..clients)
+            .map(|t| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).expect("client");
+                    let mut report = LoadReport::default();
+                    let mut con: Option<redis::Connection> = None;
+                    let mut i: i64 = 0;
+                    // Bounded: at most a million writes per client, and the stop flag.
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 1_000_000 {
+                        i += 1;
+                        let c = match con.as_mut() {
+                            Some(c) => c,
+                            None => match client.get_connection_with_timeout(Duration::from_secs(5)) {
+                                Ok(c) => con.insert(c),
+                                Err(e) => {
+                                    report.errors.push((Instant::now(), e.to_string()));
+                                    std::thread::sleep(Duration::from_millis(10));
+                                    continue;
+                                }
+                            },
+                        };
+                        let key = format!("load:{t}:{}", i % 200);
+                        let start = Instant::now();
+                        let set: redis::RedisResult<()> = redis::cmd("SET").arg(&key).arg(i).query(c);
+                        match set {
+                            Ok(()) => {
+                                report.ops += 1;
+                                report.latencies.push(start.elapsed());
+                                report.acked.insert(key.clone(), i);
+                            }
+                            Err(e) => {
+                                if e.is_io_error() || e.is_connection_dropped() {
+                                    con = None;
+                                }
+                                report.errors.push((Instant::now(), e.to_string()));
+                                continue;
+                            }
+                        }
+                        let start = Instant::now();
+                        let got: redis::RedisResult<Option<i64>> = redis::cmd("GET").arg(&key).query(c);
+                        match got {
+                            Ok(v) => {
+                                report.ops += 1;
+                                report.latencies.push(start.elapsed());
+                                if v != Some(i) {
+                                    report.wrong_reads += 1;
+                                }
+                            }
+                            Err(e) => {
+                                if e.is_io_error() || e.is_connection_dropped() {
+                                    con = None;
+                                }
+                                report.errors.push((Instant::now(), e.to_string()));
+                            }
+                        }
+                    }
+                    report
+                })
+            })
+            .collect();
+        Load { stop, threads }
+    }
+
+    /// Stops the clients and merges their reports.
+    pub fn stop(self) -> LoadReport {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut all = LoadReport::default();
+        for t in self.threads {
+            let r = t.join().expect("load thread");
+            all.ops += r.ops;
+            all.errors.extend(r.errors);
+            all.wrong_reads += r.wrong_reads;
+            all.acked.extend(r.acked);
+            all.latencies.extend(r.latencies);
+        }
+        all
+    }
+}
+
+/// Acknowledged writes that no longer read back (through `port`), as (key, expected, found).
+pub fn lost_writes(port: u16, acked: &std::collections::HashMap<String, i64>) -> Vec<(String, i64, Option<i64>)> {
+    let mut con = redis::Client::open(format!("redis://127.0.0.1:{port}/")).expect("client").get_connection().expect("connect");
+    let mut lost = Vec::new();
+    for (k, v) in acked {
+        let got: Option<i64> = redis::cmd("GET").arg(k).query(&mut con).expect("GET");
+        if got != Some(*v) {
+            lost.push((k.clone(), *v, got));
+        }
+    }
+    lost
+}

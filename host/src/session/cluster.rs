@@ -78,7 +78,7 @@ impl Session {
                 // Route by a key of that slot: the command goes to the slot's owner.
                 match self.topo.master_of(slot as u16) {
                     Some(node) => {
-                        self.send(cmd, node, Use::Shared);
+                        self.send(cmd, node, Use::Shared, Some(slot as u16));
                     }
                     None => self.reply_error(super::CLUSTERDOWN),
                 }
