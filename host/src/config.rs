@@ -136,6 +136,13 @@ pub struct Backend {
     pub address: Option<String>,
     /// Redis Cluster seed nodes. Default: none.
     pub cluster: Vec<String>,
+    /// Redis Sentinel addresses; respire follows the masters named in `master_names`. Default: none.
+    pub sentinel: Vec<String>,
+    /// Master names known to the sentinels: one name is one Redis, several are shards placed by
+    /// hash slot (split evenly, in this order). Default: none.
+    pub master_names: Vec<String>,
+    /// Password for the sentinels themselves (not the masters). Default: none.
+    pub sentinel_password: Option<String>,
     /// Standalone Redis shards, keys placed by hash slot: "host:port" strings, or tables
     /// `{ master = "host:port", replicas = ["host:port"], slots = ["0-8191"] }`.
     /// Shards without `slots` share the slots evenly. Default: none.
@@ -198,6 +205,9 @@ impl Default for Backend {
             address: None,
             cluster: Vec::new(),
             shards: Vec::new(),
+            sentinel: Vec::new(),
+            master_names: Vec::new(),
+            sentinel_password: None,
             topology_refresh: Duration::from_secs(10),
             read_from: ReadFrom::Master,
             username: None,
@@ -262,11 +272,17 @@ impl Config {
             }
         }
         let b = &self.backend;
-        let modes = usize::from(b.address.is_some()) + usize::from(!b.cluster.is_empty()) + usize::from(!b.shards.is_empty());
+        let modes = usize::from(b.address.is_some())
+            + usize::from(!b.cluster.is_empty())
+            + usize::from(!b.shards.is_empty())
+            + usize::from(!b.sentinel.is_empty());
         if modes != 1 {
-            return bad("backend: give exactly one of --backend, --cluster or --shards (backend.address, backend.cluster or backend.shards in the file)".into());
+            return bad("backend: give exactly one of --backend, --cluster, --shards or --sentinel (backend.address, backend.cluster, backend.shards or backend.sentinel in the file)".into());
         }
-        for addr in b.address.iter().chain(b.cluster.iter()) {
+        if b.sentinel.is_empty() != b.master_names.is_empty() {
+            return bad("backend: --sentinel and --master-name go together (backend.sentinel and backend.master_names)".into());
+        }
+        for addr in b.address.iter().chain(b.cluster.iter()).chain(b.sentinel.iter()) {
             check_host_port(addr)?;
         }
         let mut with_slots = 0;

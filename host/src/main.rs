@@ -26,14 +26,20 @@ struct Opts {
     #[arg(long, global = true, value_name = "ADDR")]
     listen: Option<String>,
     /// One standalone Redis server, host:port.
-    #[arg(long, global = true, value_name = "ADDR", conflicts_with_all = ["cluster", "shards"])]
+    #[arg(long, global = true, value_name = "ADDR", conflicts_with_all = ["cluster", "shards", "sentinel"])]
     backend: Option<String>,
     /// Redis Cluster seed nodes, comma-separated.
-    #[arg(long, global = true, value_name = "ADDRS", value_delimiter = ',', conflicts_with = "shards")]
+    #[arg(long, global = true, value_name = "ADDRS", value_delimiter = ',', conflicts_with_all = ["shards", "sentinel"])]
     cluster: Option<Vec<String>>,
     /// Standalone Redis shards, comma-separated.
-    #[arg(long, global = true, value_name = "ADDRS", value_delimiter = ',')]
+    #[arg(long, global = true, value_name = "ADDRS", value_delimiter = ',', conflicts_with = "sentinel")]
     shards: Option<Vec<String>>,
+    /// Redis Sentinel addresses, comma-separated (with --master-name).
+    #[arg(long, global = true, value_name = "ADDRS", value_delimiter = ',', requires = "master_name")]
+    sentinel: Option<Vec<String>>,
+    /// Master name(s) the sentinels monitor, comma-separated (several: shards by hash slot).
+    #[arg(long, global = true, value_name = "NAMES", value_delimiter = ',', requires = "sentinel")]
+    master_name: Option<Vec<String>>,
     /// Folder of Wasm plugins to load and watch.
     #[arg(long, global = true, value_name = "DIR")]
     plugins: Option<PathBuf>,
@@ -65,9 +71,11 @@ fn build_config(o: &Opts) -> Result<Config, String> {
     if let Some(v) = &o.listen {
         c.listen = v.clone();
     }
-    if o.backend.is_some() || o.cluster.is_some() || o.shards.is_some() {
+    if o.backend.is_some() || o.cluster.is_some() || o.shards.is_some() || o.sentinel.is_some() {
         c.backend.address = o.backend.clone();
         c.backend.cluster = o.cluster.clone().unwrap_or_default();
+        c.backend.sentinel = o.sentinel.clone().unwrap_or_default();
+        c.backend.master_names = o.master_name.clone().unwrap_or_default();
         c.backend.shards = o.shards.clone().unwrap_or_default().into_iter().map(respire::config::ShardSpec::Address).collect();
     }
     if let Some(v) = o.workers {

@@ -32,7 +32,7 @@ use crate::commands::CommandTable;
 use crate::config::Config;
 use crate::protocol::{self, RequestLimits, Value};
 use crate::session;
-use crate::topology::{BackendKind, NO_SHARD, SLOTS, Topology, TopologyState};
+use crate::topology::{BackendKind, Discovery, NO_SHARD, SLOTS, Topology, TopologyState};
 
 /// Why the server could not start.
 #[derive(Debug, Error)]
@@ -129,12 +129,13 @@ impl Server {
             reconnect_max: b.reconnect_max,
             readonly: !b.cluster.is_empty(),
         };
-        let (topology, seeds) = initial_topology(&config)?;
-        let topology = TopologyState::new(topology, seeds);
-        if topology.load().kind == BackendKind::Cluster {
+        let (topology, discovery) = initial_topology(&config, &node_settings)?;
+        let learnt = !matches!(discovery, Discovery::Static);
+        let topology = TopologyState::new(topology, discovery);
+        if learnt {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ServerError::Start)?;
             if let Err(e) = rt.block_on(topology.refresh_once(&node_settings)) {
-                warn!(error = %e, "the cluster topology is not known yet; requests fail until a node answers");
+                warn!(error = %e, "the topology is not known yet; requests wait for it (up to failover_timeout)");
             }
         }
         let commands = startup_commands(&node_settings, &topology.load());
@@ -149,7 +150,7 @@ impl Server {
             node_id,
             config,
         });
-        if shared.topology.load().kind == BackendKind::Cluster {
+        if learnt {
             let s = shared.clone();
             let t = std::thread::Builder::new()
                 .name("respire-topology".into())
@@ -327,27 +328,32 @@ fn start_session(worker: &Rc<Worker>, std_stream: std::net::TcpStream, peer: Soc
     });
 }
 
-fn initial_topology(config: &Config) -> Result<(Topology, Vec<String>), ServerError> {
+fn initial_topology(config: &Config, settings: &NodeSettings) -> Result<(Topology, Discovery), ServerError> {
     let b = &config.backend;
     if let Some(addr) = &b.address {
-        return Ok((Topology::standalone(addr), Vec::new()));
+        return Ok((Topology::standalone(addr), Discovery::Static));
     }
     if !b.shards.is_empty() {
         let specs: Vec<_> = b.shards.iter().map(|s| s.parts()).collect::<Result<_, _>>()?;
         let t = Topology::shards(&specs).map_err(|e| crate::config::ConfigError::Invalid(format!("backend.shards: {e}")))?;
-        return Ok((t, Vec::new()));
+        return Ok((t, Discovery::Static));
     }
-    // A cluster: placeholder until discovery answers (done once here, then by the manager).
-    let seeds = b.cluster.clone();
-    let empty = Topology {
-        version: 1,
-        kind: BackendKind::Cluster,
-        nodes: Vec::new(),
-        shards: Vec::new(),
-        slots: vec![NO_SHARD; SLOTS],
-        managed: true,
+    // Learnt from the cluster or the sentinels: a placeholder until discovery answers
+    // (tried once at start, then kept fresh by the manager thread).
+    let (kind, discovery) = if b.sentinel.is_empty() {
+        (BackendKind::Cluster, Discovery::Cluster { seeds: b.cluster.clone() })
+    } else {
+        let sentinel_settings = NodeSettings {
+            username: None,
+            password: b.sentinel_password.clone(),
+            readonly: false,
+            ..settings.clone()
+        };
+        let kind = if b.master_names.len() == 1 { BackendKind::Standalone } else { BackendKind::Shards };
+        (kind, Discovery::Sentinel { sentinels: b.sentinel.clone(), names: b.master_names.clone(), settings: sentinel_settings })
     };
-    Ok((empty, seeds))
+    let empty = Topology { version: 1, kind, nodes: Vec::new(), shards: Vec::new(), slots: vec![NO_SHARD; SLOTS], managed: true };
+    Ok((empty, discovery))
 }
 
 /// Fetches `COMMAND` from the first reachable master and merges it into the built-in table,

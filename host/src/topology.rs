@@ -312,19 +312,40 @@ pub struct TopologyState {
     patch: Mutex<()>,
     refresh: Notify,
     /// Seed addresses for cluster discovery.
-    seeds: Vec<String>,
+    discovery: Discovery,
+}
+
+/// How the topology is learnt.
+#[derive(Debug, Clone)]
+pub enum Discovery {
+    /// Fixed by the configuration.
+    Static,
+    /// From Redis Cluster nodes, starting with these seeds.
+    Cluster {
+        /// Seed addresses.
+        seeds: Vec<String>,
+    },
+    /// From Redis Sentinel: one shard per master name.
+    Sentinel {
+        /// Sentinel addresses.
+        sentinels: Vec<String>,
+        /// Master names, in shard order.
+        names: Vec<String>,
+        /// How to log in to the sentinels (the address is filled in per sentinel).
+        settings: NodeSettings,
+    },
 }
 
 impl TopologyState {
-    /// Starts from `initial`; `seeds` are where cluster discovery starts.
-    pub fn new(initial: Topology, seeds: Vec<String>) -> TopologyState {
+    /// Starts from `initial`, later learnt by `discovery`.
+    pub fn new(initial: Topology, discovery: Discovery) -> TopologyState {
         let version = initial.version;
         TopologyState {
             current: ArcSwap::from_pointee(initial),
             version: AtomicU64::new(version),
             patch: Mutex::new(()),
             refresh: Notify::new(),
-            seeds,
+            discovery,
         }
     }
 
@@ -384,8 +405,38 @@ impl TopologyState {
         self.request_refresh();
     }
 
-    /// Discovers the cluster once from any known node or seed; publishes it if it changed.
+    /// Learns the topology once (cluster nodes or sentinels); publishes it if it changed.
     pub async fn refresh_once(&self, settings: &NodeSettings) -> Result<(), String> {
+        match &self.discovery {
+            Discovery::Static => Ok(()),
+            Discovery::Cluster { seeds } => self.refresh_cluster(settings, seeds).await,
+            Discovery::Sentinel { sentinels, names, settings: s } => {
+                let mut last_err = String::from("no sentinels to ask");
+                for addr in sentinels {
+                    match fetch_from_sentinel(s, addr, names).await {
+                        Ok(t) => {
+                            self.publish_if_changed(t, addr);
+                            return Ok(());
+                        }
+                        Err(e) => last_err = format!("sentinel {addr}: {e}"),
+                    }
+                }
+                Err(last_err)
+            }
+        }
+    }
+
+    fn publish_if_changed(&self, t: Topology, source: &str) {
+        let cur = self.load();
+        if !t.same_as(&cur) {
+            info!(source, shards = t.shards.len(), masters = ?t.masters().map(|m| t.nodes[m].to_string()).collect::<Vec<_>>(), "topology updated");
+            if let Ok(_guard) = self.patch.lock() {
+                self.publish(t);
+            }
+        }
+    }
+
+    async fn refresh_cluster(&self, settings: &NodeSettings, seeds: &[String]) -> Result<(), String> {
         let cur = self.load();
         let mut candidates: Vec<String> = cur.masters().map(|m| cur.nodes[m].to_string()).collect();
         for n in cur.nodes.iter() {
@@ -393,7 +444,7 @@ impl TopologyState {
                 candidates.push(n.to_string());
             }
         }
-        for s in &self.seeds {
+        for s in seeds {
             if !candidates.contains(s) {
                 candidates.push(s.clone());
             }
@@ -405,12 +456,7 @@ impl TopologyState {
                     if !t.complete() {
                         debug!(node = %addr, "cluster map from this node is incomplete");
                     }
-                    let cur = self.load();
-                    if !t.same_as(&cur) {
-                        info!(node = %addr, shards = t.shards.len(), "cluster topology updated");
-                        let Ok(_guard) = self.patch.lock() else { return Ok(()) };
-                        self.publish(t);
-                    }
+                    self.publish_if_changed(t, &addr);
                     return Ok(());
                 }
                 Err(e) => {
@@ -422,8 +468,38 @@ impl TopologyState {
         Err(last_err)
     }
 
-    /// Keeps the cluster map fresh: on a timer, and when asked (at most every `min_gap`).
+    /// Keeps the topology fresh: on a timer, when asked (at most every `min_gap`), and on
+    /// Sentinel's `+switch-master` announcements.
     pub async fn manage(&self, settings: NodeSettings, interval: Duration, min_gap: Duration) {
+        tokio::join!(self.refresh_loop(settings, interval, min_gap), self.watch_sentinels());
+    }
+
+    /// Listens for `+switch-master` on any reachable sentinel and refreshes at once when one comes.
+    async fn watch_sentinels(&self) {
+        let Discovery::Sentinel { sentinels, settings, .. } = &self.discovery else { return };
+        let mut i = 0usize;
+        loop {
+            let addr = &sentinels[i % sentinels.len()];
+            i += 1;
+            let node = NodeSettings { addr: Arc::from(addr.as_str()), ..settings.clone() };
+            if let Ok(mut stream) = backend::connect(&node, ConnKey { db: 0, proto: 2 }).await {
+                let mut out = BytesMut::new();
+                protocol::encode_args(&mut out, &["SUBSCRIBE", "+switch-master"]);
+                if stream.write_all(&out).await.is_ok() {
+                    let mut buf = BytesMut::new();
+                    while let Ok(frame) = backend::read_frame(&mut stream, &mut buf).await {
+                        if frame.windows(b"message".len()).any(|w| w == b"message") {
+                            info!(sentinel = %addr, "sentinel announced a new master");
+                            self.request_refresh();
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn refresh_loop(&self, settings: NodeSettings, interval: Duration, min_gap: Duration) {
         let mut failures = 0u32;
         loop {
             match self.refresh_once(&settings).await {
@@ -431,13 +507,60 @@ impl TopologyState {
                 Err(e) => {
                     failures += 1;
                     if failures == 1 || failures % 30 == 0 {
-                        warn!(error = %e, "cannot discover the cluster topology");
+                        warn!(error = %e, "cannot discover the topology");
                     }
                 }
             }
             tokio::time::sleep(min_gap).await;
             let _ = tokio::time::timeout(interval, self.refresh.notified()).await;
         }
+    }
+}
+
+/// Asks one sentinel for the master (and healthy replicas) of every name.
+async fn fetch_from_sentinel(settings: &NodeSettings, addr: &str, names: &[String]) -> Result<Topology, String> {
+    let node = NodeSettings { addr: Arc::from(addr), ..settings.clone() };
+    let mut stream = backend::connect(&node, ConnKey { db: 0, proto: 2 }).await?;
+    let mut out = BytesMut::new();
+    for name in names {
+        protocol::encode_args(&mut out, &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", name]);
+        protocol::encode_args(&mut out, &["SENTINEL", "REPLICAS", name]);
+    }
+    let io = async {
+        stream.write_all(&out).await.map_err(|e| e.to_string())?;
+        let mut buf = BytesMut::new();
+        let mut specs: Vec<ShardParts> = Vec::new();
+        for name in names {
+            let master = Value::parse(&backend::read_frame(&mut stream, &mut buf).await?).map_err(|e| e.to_string())?;
+            let replicas = Value::parse(&backend::read_frame(&mut stream, &mut buf).await?).map_err(|e| e.to_string())?;
+            let Value::Array(m) = master else {
+                return Err(format!("sentinel does not know master {name:?}"));
+            };
+            let (Some(host), Some(port)) = (m.first().and_then(|v| v.as_bytes()), m.get(1).and_then(Value::as_int)) else {
+                return Err(format!("unexpected reply for master {name:?}"));
+            };
+            let mut reps = Vec::new();
+            if let Value::Array(list) = replicas {
+                for r in &list {
+                    let flags = r.get("flags").and_then(|f| f.as_bytes()).map(|f| String::from_utf8_lossy(f).into_owned()).unwrap_or_default();
+                    if flags.contains("s_down") || flags.contains("o_down") || flags.contains("disconnected") {
+                        continue;
+                    }
+                    if let (Some(h), Some(p)) = (r.get("ip").and_then(|v| v.as_bytes()), r.get("port").and_then(Value::as_int)) {
+                        reps.push(format!("{}:{p}", String::from_utf8_lossy(h)));
+                    }
+                }
+            }
+            specs.push((format!("{}:{port}", String::from_utf8_lossy(host)), reps, Vec::new()));
+        }
+        let mut t = Topology::shards(&specs)?;
+        t.kind = if names.len() == 1 { BackendKind::Standalone } else { BackendKind::Shards };
+        t.managed = true;
+        Ok(t)
+    };
+    match tokio::time::timeout(settings.command_timeout, io).await {
+        Ok(r) => r,
+        Err(_) => Err("no reply".into()),
     }
 }
 
@@ -524,7 +647,7 @@ mod tests {
     #[test]
     fn moved_patches_one_slot() {
         let t = Topology::shards(&[("a:1".into(), vec![], vec![]), ("b:1".into(), vec![], vec![])]).unwrap();
-        let st = TopologyState::new(t, vec![]);
+        let st = TopologyState::new(t, Discovery::Static);
         let v = st.version();
         st.moved(0, "b:1");
         assert_eq!(&*st.load().nodes[st.load().master_of(0).unwrap()], "b:1");

@@ -14,7 +14,7 @@ fn respire(args: &[&str]) -> (bool, String, String) {
 fn help_and_version() {
     let (ok, out, _) = respire(&["--help"]);
     assert!(ok);
-    for flag in ["--config", "--listen", "--backend", "--cluster", "--shards", "--plugins", "--metrics", "--workers", "--requirepass", "--backend-password", "check"] {
+    for flag in ["--config", "--listen", "--backend", "--cluster", "--shards", "--plugins", "--metrics", "--workers", "--requirepass", "--backend-password", "--sentinel", "--master-name", "check"] {
         assert!(out.contains(flag), "--help lacks {flag}:\n{out}");
     }
     let (ok, out, _) = respire(&["--version"]);
@@ -45,7 +45,7 @@ fn check_rejects_bad_configs_with_the_reason() {
         ("listen = \"127.0.0.1:1\"\nlisten_adress = 1\n[backend]\naddress = \"127.0.0.1:6379\"\n", "unknown field `listen_adress`"),
         ("[backend]\naddress = \"127.0.0.1:6379\"\ncommand_timeout = \"soon\"\n", "command_timeout"),
         ("max_bulk = \"lots\"\n[backend]\naddress = \"127.0.0.1:6379\"\n", "max_bulk"),
-        ("[backend]\n", "exactly one of --backend, --cluster or --shards"),
+        ("[backend]\n", "exactly one of --backend, --cluster, --shards or --sentinel"),
     ];
     for (i, (text, want)) in cases.iter().enumerate() {
         let p = dir.join(format!("bad{i}.toml"));

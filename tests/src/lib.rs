@@ -246,6 +246,106 @@ fn normalize_slots(text: &str) -> String {
     lines.join("\n")
 }
 
+/// A Redis Sentinel setup: a master with replicas, watched by sentinels.
+pub struct SentinelSetup {
+    /// The master, then the replicas (roles change on failover).
+    pub servers: Vec<RedisServer>,
+    /// The sentinel processes.
+    pub sentinels: Vec<SentinelProc>,
+    /// The master name the sentinels use.
+    pub name: String,
+}
+
+/// One `redis-server --sentinel` process.
+pub struct SentinelProc {
+    /// Its port.
+    pub port: u16,
+    _dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Drop for SentinelProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl SentinelSetup {
+    /// Starts a master named `name` with `replicas` replicas and three sentinels (quorum 2,
+    /// down after 1 s), and waits until the sentinels know every replica and each other.
+    pub fn start(name: &str, replicas: usize) -> SentinelSetup {
+        let master = RedisServer::start();
+        let mut servers = vec![master];
+        for _ in 0..replicas {
+            let mport = servers[0].port.to_string();
+            servers.push(RedisServer::start_with(&["--replicaof", "127.0.0.1", &mport]));
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for s in &servers[1..] {
+            while !cli(s.port, &["INFO", "replication"]).contains("master_link_status:up") {
+                assert!(Instant::now() < deadline, "replica did not sync");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        let sentinels: Vec<SentinelProc> = (0..3)
+            .map(|_| {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let port = free_port();
+                let conf = dir.path().join("sentinel.conf");
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor {name} 127.0.0.1 {} 2\nsentinel down-after-milliseconds {name} 1000\nsentinel failover-timeout {name} 5000\nsentinel parallel-syncs {name} 1\n",
+                        dir.path().display(),
+                        servers[0].port
+                    ),
+                )
+                .expect("sentinel.conf");
+                let child = Command::new("redis-server")
+                    .arg(&conf)
+                    .arg("--sentinel")
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("start sentinel");
+                SentinelProc { port, _dir: dir, child }
+            })
+            .collect();
+        let setup = SentinelSetup { servers, sentinels, name: name.to_string() };
+        for s in &setup.sentinels {
+            loop {
+                let reps = cli(s.port, &["SENTINEL", "REPLICAS", name]).matches("master-link-status").count();
+                let others = cli(s.port, &["SENTINEL", "SENTINELS", name]).matches("runid").count();
+                if reps == replicas && others == 2 {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "sentinels did not settle");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        setup
+    }
+
+    /// "host:port,…" of the sentinels.
+    pub fn addrs(&self) -> String {
+        self.sentinels.iter().map(|s| format!("127.0.0.1:{}", s.port)).collect::<Vec<_>>().join(",")
+    }
+
+    /// The port of the master according to the first sentinel.
+    pub fn master_port(&self) -> u16 {
+        let out = cli(self.sentinels[0].port, &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", &self.name]);
+        out.lines().nth(1).and_then(|p| p.trim().parse().ok()).unwrap_or(0)
+    }
+}
+
+/// Runs redis-cli against a port and returns its output.
+pub fn cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli").args(["-p", &port.to_string()]).args(args).output().expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Path of the `respire` binary built next to the running test executable.
 pub fn respire_bin() -> PathBuf {
     if let Ok(p) = std::env::var("RESPIRE_BIN") {

@@ -127,7 +127,7 @@ fn subscribers_keep_receiving_across_failover_and_resharding() {
     let mut sub = Raw::connect(proxy.port);
     assert!(sub.roundtrip(&resp(&[b"SUBSCRIBE", b"feed"]), 1).starts_with(b"*3\r\n$9\r\nsubscribe"));
     let mut publisher = proxy.conn();
-    let mut expect = |n: &str, publisher: &mut redis::Connection, sub: &mut Raw| {
+    let expect = |n: &str, publisher: &mut redis::Connection, sub: &mut Raw| {
         let _: i64 = redis::cmd("PUBLISH").arg("feed").arg(n).query(publisher).unwrap();
         let got = String::from_utf8_lossy(&sub.read_replies(1)).into_owned();
         assert!(got.ends_with(&format!("{n}\r\n")), "expected {n}, got {got:?}");
@@ -168,4 +168,34 @@ fn subscribers_keep_receiving_across_failover_and_resharding() {
         }
         assert!(Instant::now() < deadline, "the subscription did not survive losing its node");
     }
+}
+
+#[test]
+fn sentinel_failover_is_followed() {
+    let mut setup = respire_tests::SentinelSetup::start("mymaster", 2);
+    let proxy = Respire::start_args(&["--sentinel", &setup.addrs(), "--master-name", "mymaster"]);
+    let old = setup.master_port();
+    assert_eq!(old, setup.servers[0].port);
+    let load = Load::start(proxy.port, 8);
+    std::thread::sleep(Duration::from_millis(500));
+    setup.servers[0].kill();
+    wait_until("sentinel failover", Duration::from_secs(40), || {
+        let p = setup.master_port();
+        p != 0 && p != old
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let report = load.stop();
+    eprintln!("{}", report.summary("Sentinel failover after SIGKILL"));
+    assert!(report.ops > 1000);
+    assert!(report.errors.len() <= 8, "{}", report.summary("a stream of errors"));
+    assert_eq!(report.wrong_reads, 0);
+    let lost = lost_writes(proxy.port, &report.acked);
+    eprintln!("writes lost to asynchronous replication: {}", lost.len());
+    assert!(lost.len() <= 16, "too many lost writes: {}", lost.len());
+    // Writes land on the new master.
+    let mut con = proxy.conn();
+    let _: () = redis::Commands::set(&mut con, "after", "failover").unwrap();
+    let new = setup.master_port();
+    let v = respire_tests::cli(new, &["GET", "after"]);
+    assert_eq!(v.trim(), "failover");
 }
