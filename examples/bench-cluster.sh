@@ -18,19 +18,10 @@ CLIENTS=${CLIENTS:-50}
 PIPELINE=${PIPELINE:-16}
 WORKERS=${WORKERS:-1}
 
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-missing=()
-command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
-command -v redis-benchmark >/dev/null 2>&1 || missing+=(redis-tools)
-command -v nutcracker >/dev/null 2>&1 || missing+=(nutcracker)
-if [ ${#missing[@]} -gt 0 ]; then
-  as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+source examples/common.sh
+ensure_commands redis-server:redis-server redis-benchmark:redis-tools nutcracker:nutcracker
 cargo build --release --locked -p respire >/dev/null
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 200); do redis-cli -p "$1" ping >/dev/null 2>&1 && return 0; sleep 0.05; done; echo "port $1 did not come up" >&2; return 1; }
 
 work=$(mktemp -d)
 pids=()
@@ -47,7 +38,7 @@ start_redis() { # port [extra args…]
 
 # The cluster.
 cluster_ports=()
-for _ in 1 2 3; do p=$(free_port); start_redis "$p" --cluster-enabled yes --cluster-config-file nodes.conf; cluster_ports+=("$p"); done
+for _ in 1 2 3; do p=$(free_port); start_redis "$p" --cluster-enabled yes --cluster-config-file nodes.conf --cluster-port "$(free_port)"; cluster_ports+=("$p"); done
 redis-cli --cluster create $(for p in "${cluster_ports[@]}"; do echo "127.0.0.1:$p"; done) --cluster-yes >/dev/null
 for _ in $(seq 100); do
   ok=1; for p in "${cluster_ports[@]}"; do redis-cli -p "$p" cluster info | grep -q cluster_state:ok || ok=0; done
@@ -80,7 +71,6 @@ for port in "$respire_cluster" "$single"; do
   for k in $mget_keys; do redis-cli -p "$port" set "$k" xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx >/dev/null; done
 done
 
-rps() { awk -F'","' '/^"/ && !/^"test"/ { gsub(/"/, "", $2); print $2; exit }'; }
 declare -A results
 bench() { # name port-args… [-- command…]
   local name=$1; shift
@@ -101,7 +91,6 @@ for round in $(seq "$ROUNDS"); do
   echo "round $round of $ROUNDS done" >&2
 done
 
-median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END { if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
 m() { echo "${results[$1]}" | median; }
 printf '\n%-4s %15s %15s %9s %15s %17s %9s\n' test cluster-direct cluster-respire ratio shards-respire shards-twemproxy ratio
 for t in set get; do

@@ -16,19 +16,10 @@ WORKERS=${WORKERS:-1}
 TESTS=${TESTS:-set,get}
 PIPELINES=${PIPELINES:-"1 16"}
 
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-missing=()
-command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
-command -v redis-benchmark >/dev/null 2>&1 || missing+=(redis-tools)
-command -v nutcracker >/dev/null 2>&1 || missing+=(nutcracker)
-if [ ${#missing[@]} -gt 0 ]; then
-  as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+source examples/common.sh
+ensure_commands redis-server:redis-server redis-benchmark:redis-tools nutcracker:nutcracker
 cargo build --release --locked -p respire >/dev/null
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 100); do redis-cli -p "$1" ping >/dev/null 2>&1 && return 0; sleep 0.05; done; echo "port $1 did not come up" >&2; return 1; }
 
 work=$(mktemp -d)
 pids=()
@@ -70,8 +61,7 @@ wait_port "$twem_port"
 
 declare -A results
 run() { # target port test pipeline
-  redis-benchmark -p "$2" -t "$3" -n "$REQUESTS" -c "$CLIENTS" -d 32 -P "$4" -r 100000 --csv 2>/dev/null \
-    | awk -F'","' '/^"/ && !/^"test"/ { gsub(/"/, "", $2); print $2; exit }'
+  redis-benchmark -p "$2" -t "$3" -n "$REQUESTS" -c "$CLIENTS" -d 32 -P "$4" -r 100000 --csv 2>/dev/null | rps
 }
 targets="direct:$redis_port respire:$respire_port twemproxy:$twem_port"
 for round in $(seq "$ROUNDS"); do
@@ -86,7 +76,6 @@ for round in $(seq "$ROUNDS"); do
   echo "round $round of $ROUNDS done" >&2
 done
 
-median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END { if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
 printf '\n%-5s %-3s %12s %12s %12s %9s %9s\n' test P direct respire twemproxy respire/d twem/d
 for p in $PIPELINES; do
   for t in ${TESTS//,/ }; do

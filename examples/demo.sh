@@ -10,20 +10,11 @@ cd "$(dirname "$0")/.."
 
 RESPIRE_PORT=${RESPIRE_PORT:-6380}
 
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-missing=()
-command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
-command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "==> installing ${missing[*]}"
-  as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+source examples/common.sh
+ensure_commands redis-server:redis-server redis-cli:redis-tools
 echo "==> building respire"
 cargo build --release --locked -p respire
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 200); do redis-cli -p "$1" ping >/dev/null 2>&1 && return 0; sleep 0.05; done; echo "port $1 did not come up" >&2; return 1; }
 
 work=$(mktemp -d)
 pids=()

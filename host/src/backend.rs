@@ -311,6 +311,9 @@ struct InFlight {
     deadline: Option<Instant>,
 }
 
+/// How long a connection may sit idle before it checks its node with `PING`.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+
 /// Write buffer size above which no more requests are taken until the socket drains.
 const HIGH_WATER: usize = 4 * 1024 * 1024;
 
@@ -329,6 +332,11 @@ async fn serve(
     tokio::pin!(timer);
     let mut armed: Option<Instant> = None;
     let mut appended: u64 = 0;
+    // An idle connection sends PING now and then, so a node that died or hung is noticed
+    // (and its requests rerouted) before the next real request has to find out.
+    let ping = tokio::time::sleep(HEALTH_INTERVAL);
+    tokio::pin!(ping);
+    let mut ping_armed = false;
     let end = loop {
         // Take everything queued since we last ran: one write per batch.
         let now = Instant::now();
@@ -358,6 +366,13 @@ async fn serve(
             }
             armed = due;
         }
+        let idle = inflight.is_empty() && wbuf.is_empty();
+        if idle && !ping_armed {
+            ping.as_mut().reset(Instant::now() + HEALTH_INTERVAL);
+            ping_armed = true;
+        } else if !idle {
+            ping_armed = false;
+        }
         let taking = wbuf.len() < HIGH_WATER && pending.is_none();
         let (stream_ref, w, r) = (&mut stream, &mut wbuf, &mut rbuf);
         let io = std::future::poll_fn(|cx| poll_io(stream_ref, cx, w, r, true));
@@ -378,6 +393,11 @@ async fn serve(
                 Some(r) => pending = Some(r),
                 None => break End::HandleDropped,
             },
+            _ = &mut ping, if ping_armed => {
+                ping_armed = false;
+                let (reply, _) = oneshot::channel();
+                pending = Some(Request { data: Bytes::from_static(b"*1\r\n$4\r\nPING\r\n"), skip: 0, blocking: false, reply });
+            }
             _ = &mut timer, if armed.is_some() => {
                 break End::Failed(format!("no reply within {:?}", node.command_timeout));
             }

@@ -449,21 +449,41 @@ impl TopologyState {
                 candidates.push(s.clone());
             }
         }
+        // Ask up to three nodes and publish the view at least two agree on, so one node with a
+        // stale view (common in the middle of a failover) does not flip the map back and forth.
         let mut last_err = String::from("no nodes to ask");
+        let mut views: Vec<(String, Topology)> = Vec::new();
         for addr in candidates {
             match fetch_topology(settings, &addr).await {
                 Ok(t) => {
                     if !t.complete() {
                         debug!(node = %addr, "cluster map from this node is incomplete");
                     }
-                    self.publish_if_changed(t, &addr);
-                    return Ok(());
+                    if let Some((src, agreed)) = views.iter().find(|(_, v)| v.same_as(&t)) {
+                        let src = format!("{src} and {addr}");
+                        let agreed = agreed.clone();
+                        self.publish_if_changed(agreed, &src);
+                        return Ok(());
+                    }
+                    views.push((addr, t));
+                    if views.len() >= 3 {
+                        break;
+                    }
                 }
                 Err(e) => {
                     debug!(node = %addr, error = %e, "topology query failed");
                     last_err = format!("{addr}: {e}");
                 }
             }
+        }
+        // No two agree (or only one answered): take the first answer and look again soon.
+        let disagree = views.len() > 1;
+        if let Some((src, t)) = views.into_iter().next() {
+            self.publish_if_changed(t, &src);
+            if disagree {
+                self.request_refresh();
+            }
+            return Ok(());
         }
         Err(last_err)
     }

@@ -67,6 +67,26 @@ impl RedisServer {
         s
     }
 
+    /// Starts an empty Redis Cluster node. Its bus port is chosen free too (the default,
+    /// port + 10000, may be taken or beyond 65535).
+    pub fn start_cluster_node() -> RedisServer {
+        let bus = free_port().to_string();
+        Self::start_with(&[
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "2000",
+            "--cluster-port",
+            &bus,
+            // Healthy shards keep serving while one has no master (so tests can tell respire's
+            // blocking from Redis Cluster's own).
+            "--cluster-require-full-coverage",
+            "no",
+        ])
+    }
+
     /// Starts a server on a given port (for "the backend comes up later").
     pub fn start_on(port: u16) -> RedisServer {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -137,14 +157,7 @@ impl Cluster {
         let total = masters * (1 + replicas);
         let nodes: Vec<RedisServer> = (0..total)
             .map(|_| {
-                RedisServer::start_with(&[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    "2000",
-                ])
+RedisServer::start_cluster_node()
             })
             .collect();
         let mut cmd = Command::new("redis-cli");
@@ -175,6 +188,26 @@ impl Cluster {
         self.nodes.iter().position(|n| n.port == port).expect("a node of this cluster")
     }
 
+    /// The port of the master that owns `key`'s slot (per node 0's view).
+    pub fn owner_port(&self, key: &str) -> u16 {
+        let slot: i64 = self.cli(0, &["CLUSTER", "KEYSLOT", key]).trim().parse().expect("slot");
+        for line in self.cli(0, &["CLUSTER", "NODES"]).lines() {
+            let f: Vec<&str> = line.split(' ').collect();
+            if f.len() < 9 || !f[2].contains("master") {
+                continue;
+            }
+            for r in &f[8..] {
+                let (a, b) = r.split_once('-').unwrap_or((r, r));
+                if let (Ok(a), Ok(b)) = (a.parse::<i64>(), b.parse::<i64>())
+                    && (a..=b).contains(&slot)
+                {
+                    return f[1].split('@').next().and_then(|a| a.rsplit(':').next()).and_then(|p| p.parse().ok()).expect("port");
+                }
+            }
+        }
+        panic!("no master owns slot {slot}");
+    }
+
     /// Whether node `i` is currently a master.
     pub fn is_master(&self, i: usize) -> bool {
         self.cli(i, &["INFO", "replication"]).contains("role:master")
@@ -182,7 +215,7 @@ impl Cluster {
 
     /// Adds an empty master (a new redis-server joined with `redis-cli --cluster add-node`).
     pub fn add_master(&mut self) -> usize {
-        let node = RedisServer::start_with(&["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000"]);
+        let node = RedisServer::start_cluster_node();
         let out = Command::new("redis-cli")
             .args(["--cluster", "add-node", &node.addr(), &self.nodes[0].addr()])
             .output()
@@ -387,9 +420,21 @@ impl Respire {
         Self::start_args(&args)
     }
 
+    /// Starts respire with a configuration file of this text (plus `--listen`).
+    pub fn with_config(toml: &str) -> Respire {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = dir.path().join("respire.toml");
+        std::fs::write(&cfg, toml).expect("write config");
+        let cfg = cfg.to_str().expect("utf-8 path").to_string();
+        Self::spawn(dir, &["--config", &cfg])
+    }
+
     /// Starts respire with exactly these flags plus `--listen`.
     pub fn start_args(args: &[&str]) -> Respire {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Self::spawn(tempfile::tempdir().expect("tempdir"), args)
+    }
+
+    fn spawn(dir: tempfile::TempDir, args: &[&str]) -> Respire {
         let port = free_port();
         let log = dir.path().join("respire.log");
         let logf = std::fs::File::create(&log).expect("log file");
@@ -513,6 +558,24 @@ fn count_replies(mut buf: &[u8]) -> usize {
         buf = &buf[len..];
     }
     n
+}
+
+/// Sends each command of `script` to both ports and asserts byte-identical replies
+/// (`direct` is a plain Redis, `proxy` is respire).
+pub fn assert_same_replies(direct: u16, proxy: u16, script: &[&[&str]]) {
+    let mut d = Raw::connect(direct);
+    let mut p = Raw::connect(proxy);
+    for (i, cmd) in script.iter().enumerate() {
+        let args: Vec<&[u8]> = cmd.iter().map(|s| s.as_bytes()).collect();
+        let req = resp(&args);
+        let want = d.roundtrip(&req, 1);
+        let got = p.roundtrip(&req, 1);
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&want),
+            "command #{i} {cmd:?}: respire (left) differs from direct Redis (right)"
+        );
+    }
 }
 
 /// Encodes a command as RESP.

@@ -7,23 +7,11 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use redis::{Commands, Value};
-use respire_tests::{Cluster, DATA_TYPES, Raw, RedisServer, Respire, resp};
+use respire_tests::{Cluster, DATA_TYPES, Raw, RedisServer, Respire, assert_same_replies, resp};
 
 fn compare_with_single_redis(proxy_port: u16, script: &[&[&str]]) {
     let direct = RedisServer::start();
-    let mut d = Raw::connect(direct.port);
-    let mut p = Raw::connect(proxy_port);
-    for (i, cmd) in script.iter().enumerate() {
-        let args: Vec<&[u8]> = cmd.iter().map(|s| s.as_bytes()).collect();
-        let req = resp(&args);
-        let want = d.roundtrip(&req, 1);
-        let got = p.roundtrip(&req, 1);
-        assert_eq!(
-            String::from_utf8_lossy(&got),
-            String::from_utf8_lossy(&want),
-            "command #{i} {cmd:?}: respire (left) differs from a single Redis (right)"
-        );
-    }
+    assert_same_replies(direct.port, proxy_port, script);
 }
 
 /// The data-type script without database switching (a cluster has only database 0).
@@ -360,11 +348,8 @@ fn standalone_shards_place_keys_by_slot() {
 #[test]
 fn reads_go_to_replicas_when_asked() {
     let cluster = Cluster::start(3, 1);
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("r.toml");
     let seeds: Vec<String> = cluster.seeds().split(',').map(|s| format!("\"{s}\"")).collect();
-    std::fs::write(&cfg, format!("[backend]\ncluster = [{}]\nread_from = \"replica\"\n", seeds.join(", "))).unwrap();
-    let proxy = Respire::start_args(&["--config", cfg.to_str().unwrap()]);
+    let proxy = Respire::with_config(&format!("[backend]\ncluster = [{}]\nread_from = \"replica\"\n", seeds.join(", ")));
     let mut con = proxy.conn();
     for i in 0..30 {
         let _: () = con.set(format!("r:{i}"), i).unwrap();

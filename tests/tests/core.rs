@@ -5,33 +5,20 @@
 use std::time::{Duration, Instant};
 
 use redis::{Commands, Value};
-use respire_tests::{DATA_TYPES, Raw, RedisServer, Respire, resp};
+use respire_tests::{DATA_TYPES, Raw, RedisServer, Respire, assert_same_replies, resp};
 
 /// Runs the same commands on a direct connection to one Redis and through respire
 /// in front of another (identical) Redis, and asserts byte-identical replies.
-fn assert_same_replies(script: &[&[&str]], respire_flags: &[&str]) {
+fn same_replies_as_redis(script: &[&[&str]], respire_flags: &[&str]) {
     let direct = RedisServer::start();
     let behind = RedisServer::start();
     let proxy = Respire::start(&behind.addr(), respire_flags);
-    let mut d = Raw::connect(direct.port);
-    let mut p = Raw::connect(proxy.port);
-    for (i, cmd) in script.iter().enumerate() {
-        let args: Vec<&[u8]> = cmd.iter().map(|s| s.as_bytes()).collect();
-        let req = resp(&args);
-        let want = d.roundtrip(&req, 1);
-        let got = p.roundtrip(&req, 1);
-        assert_eq!(
-            String::from_utf8_lossy(&got),
-            String::from_utf8_lossy(&want),
-            "command #{i} {cmd:?}: respire (left) differs from direct Redis (right)"
-        );
-    }
+    assert_same_replies(direct.port, proxy.port, script);
 }
-
 
 #[test]
 fn data_types_resp2_match_direct_redis() {
-    assert_same_replies(DATA_TYPES, &[]);
+    same_replies_as_redis(DATA_TYPES, &[]);
 }
 
 #[test]
@@ -352,14 +339,10 @@ async fn five_hundred_concurrent_clients() {
 #[test]
 fn authentication_at_respire() {
     let redis = RedisServer::start();
-    let cfg_dir = tempfile::tempdir().unwrap();
-    let cfg = cfg_dir.path().join("respire.toml");
-    std::fs::write(
-        &cfg,
-        format!("requirepass = \"s3cret\"\n[[users]]\nname = \"alice\"\npassword = \"wonder\"\n[backend]\naddress = \"{}\"\n", redis.addr()),
-    )
-    .unwrap();
-    let proxy = Respire::start_args(&["--config", cfg.to_str().unwrap()]);
+    let proxy = Respire::with_config(&format!(
+        "requirepass = \"s3cret\"\n[[users]]\nname = \"alice\"\npassword = \"wonder\"\n[backend]\naddress = \"{}\"\n",
+        redis.addr()
+    ));
     let mut p = Raw::connect(proxy.port);
     let got = p.roundtrip(
         &[
@@ -575,10 +558,7 @@ fn graceful_shutdown_delivers_owed_replies() {
 #[test]
 fn max_clients_is_enforced() {
     let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("r.toml");
-    std::fs::write(&cfg, format!("max_clients = 3\n[backend]\naddress = \"{}\"\n", redis.addr())).unwrap();
-    let proxy = Respire::start_args(&["--config", cfg.to_str().unwrap()]);
+    let proxy = Respire::with_config(&format!("max_clients = 3\n[backend]\naddress = \"{}\"\n", redis.addr()));
     std::thread::sleep(Duration::from_millis(100));
     let mut held: Vec<Raw> = (0..3).map(|_| Raw::connect(proxy.port)).collect();
     for h in held.iter_mut() {
@@ -596,10 +576,7 @@ fn max_clients_is_enforced() {
 #[test]
 fn slow_backend_replies_time_out_with_a_clear_error() {
     let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("r.toml");
-    std::fs::write(&cfg, format!("[backend]\naddress = \"{}\"\ncommand_timeout = \"300ms\"\n", redis.addr())).unwrap();
-    let proxy = Respire::start_args(&["--config", cfg.to_str().unwrap()]);
+    let proxy = Respire::with_config(&format!("[backend]\naddress = \"{}\"\ncommand_timeout = \"300ms\"\n", redis.addr()));
     let mut p = Raw::connect(proxy.port);
     let start = Instant::now();
     let got = p.roundtrip(&resp(&[b"DEBUG", b"SLEEP", b"1"]), 1);

@@ -1,0 +1,39 @@
+# Shared by the scripts in examples/ and tests/run.sh: install what is missing, find free
+# ports, wait for servers. Source it; it defines functions only.
+
+# Runs a command as root (directly when already root).
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# ensure_commands CMD:PACKAGE… — installs the Debian package of every command not on PATH.
+ensure_commands() {
+  local missing=() pair
+  for pair in "$@"; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair##*:}")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "==> installing ${missing[*]}" >&2
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
+
+# ensure_redis_py — the Python client the cluster tests and the failover benchmark use.
+ensure_redis_py() {
+  python3 -c 'import redis' >/dev/null 2>&1 || python3 -m pip install --quiet redis
+}
+
+# A free TCP port on 127.0.0.1.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# wait_port PORT — until something on PORT answers PING (10 s at most).
+wait_port() {
+  for _ in $(seq 200); do redis-cli -p "$1" ping >/dev/null 2>&1 && return 0; sleep 0.05; done
+  echo "port $1 did not come up" >&2
+  return 1
+}
+
+# Median of the numbers on standard input (separated by spaces or newlines).
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END { if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
+
+# Requests per second from redis-benchmark --csv output on standard input.
+rps() { awk -F'","' '/^"/ && !/^"test"/ { gsub(/"/, "", $2); print $2; exit }'; }
