@@ -118,7 +118,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     // Every client and backend connection is a file descriptor: raise the soft limit as Redis does.
-    let wanted = config.max_clients as u64 * 2 + 1024;
+    let wanted = config.max_clients as u64 + 1024;
     match rlimit::increase_nofile_limit(wanted) {
         Ok(got) if got < wanted => {
             tracing::warn!(limit = got, wanted, "open file limit is lower than max_clients needs");
