@@ -60,6 +60,8 @@ pub struct Config {
     /// How long a graceful shutdown waits for owed replies before closing connections. Default: "10s".
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Folder of WebAssembly plugins (`NAME.wasm`, optional `NAME.toml`). Default: none.
+    pub plugins: Option<PathBuf>,
     /// The Redis servers behind respire.
     pub backend: Backend,
 }
@@ -194,6 +196,7 @@ impl Default for Config {
             max_bulk: ByteSize::mib(512),
             databases: 16,
             shutdown_timeout: Duration::from_secs(10),
+            plugins: None,
             backend: Backend::default(),
         }
     }

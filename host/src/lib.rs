@@ -16,6 +16,7 @@
 //!   commands, transactions, blocking commands, subscriptions.
 //! - [`io`]: socket reads and writes shared by both sides.
 //! - [`pubsub`]: shared subscriber connections with fan-out to sessions.
+//! - [`plugin`]: the WebAssembly plugin host (wasmtime components) and the request chain.
 //! - [`clients`]: the process-wide client list (`CLIENT LIST`/`KILL`, limits).
 //! - [`server`]: the listener, worker threads and graceful shutdown.
 //!
@@ -35,6 +36,7 @@ pub mod clients;
 pub mod commands;
 pub mod config;
 pub mod io;
+pub mod plugin;
 pub mod protocol;
 pub mod pubsub;
 pub mod router;

@@ -61,6 +61,63 @@ struct Opts {
 enum Cmd {
     /// Validate the configuration and exit (non-zero with the reason when invalid).
     Check,
+    /// Plugin tools.
+    Plugin {
+        #[command(subcommand)]
+        action: PluginCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PluginCmd {
+    /// Load a plugin, run its init, print its manifest; exit non-zero with the reason when
+    /// it is invalid. Its settings come from FILE.toml beside it, or from --config.
+    Check {
+        /// The plugin (`.wasm` component).
+        file: PathBuf,
+    },
+}
+
+fn plugin_check(file: &std::path::Path, settings: Option<&std::path::Path>) -> ExitCode {
+    let rt = match respire::plugin::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("respire: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let staged;
+    let path = match settings {
+        // Use the given settings: stage the plugin next to a copy of them.
+        Some(s) => {
+            let dir = std::env::temp_dir().join(format!("respire-plugin-check-{}", std::process::id()));
+            let name = file.file_name().map(|n| n.to_owned()).unwrap_or_default();
+            let copied = std::fs::create_dir_all(&dir)
+                .and_then(|_| std::fs::copy(file, dir.join(&name)))
+                .and_then(|_| std::fs::copy(s, dir.join(&name).with_extension("toml")));
+            if let Err(e) = copied {
+                eprintln!("respire: {e}");
+                return ExitCode::from(1);
+            }
+            staged = dir.join(name);
+            staged.as_path()
+        }
+        None => file,
+    };
+    match rt.load(path) {
+        Ok(p) => {
+            let m = &p.manifest;
+            println!("plugin {} {}", m.name, m.version);
+            println!("  commands:   {}", if m.commands.is_empty() { "-".into() } else { m.commands.join(" ") });
+            println!("  categories: {}", if m.categories.is_empty() { "-".into() } else { m.categories.join(" ") });
+            println!("  hooks:      {}{}", if m.on_request { "request " } else { "" }, if m.on_response { "response" } else { "" });
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("respire: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn build_config(o: &Opts) -> Result<Config, String> {
@@ -87,8 +144,8 @@ fn build_config(o: &Opts) -> Result<Config, String> {
     if let Some(v) = &o.backend_password {
         c.backend.password = Some(v.clone());
     }
-    if o.plugins.is_some() {
-        return Err("--plugins: Wasm plugins are not available in this version yet".into());
+    if let Some(p) = &o.plugins {
+        c.plugins = Some(p.clone());
     }
     if o.metrics.is_some() {
         return Err("--metrics: the metrics endpoint is not available in this version yet".into());
@@ -106,6 +163,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if let Some(Cmd::Plugin { action: PluginCmd::Check { file } }) = &cli.command {
+        return plugin_check(file, cli.opts.config.as_deref());
+    }
     let config = match build_config(&cli.opts) {
         Ok(c) => c,
         Err(e) => {

@@ -51,6 +51,9 @@ pub enum ServerError {
     /// A thread or runtime could not be created.
     #[error("cannot start: {0}")]
     Start(std::io::Error),
+    /// The plugin folder could not be used.
+    #[error("plugins: {0}")]
+    Plugins(String),
 }
 
 /// State shared by all workers.
@@ -71,6 +74,10 @@ pub struct Shared {
     pub node_settings: NodeSettings,
     /// The node id respire reports in `CLUSTER` replies.
     pub node_id: String,
+    /// The plugin chain (empty without `--plugins`).
+    pub plugins: crate::plugin::PluginSet,
+    /// The plugin engine, kept alive with its epoch thread.
+    pub plugin_runtime: Option<crate::plugin::Runtime>,
 }
 
 /// What one worker thread owns.
@@ -83,6 +90,8 @@ pub struct Worker {
     pub sessions: Cell<usize>,
     /// This worker's shared subscriber connections.
     pub hub: crate::pubsub::Hub,
+    /// This worker's plugin instances.
+    pub plugins: RefCell<crate::plugin::WorkerPlugins>,
 }
 
 impl Worker {
@@ -140,6 +149,17 @@ impl Server {
         }
         let commands = startup_commands(&node_settings, &topology.load());
         let node_id = node_id_for(&local);
+        let (plugins, plugin_runtime) = match &config.plugins {
+            Some(dir) => {
+                let rt = crate::plugin::Runtime::new().map_err(|e| ServerError::Plugins(e.to_string()))?;
+                let (loaded, errors) = rt.load_dir(dir);
+                if !errors.is_empty() && loaded.is_empty() && std::fs::read_dir(dir).is_err() {
+                    return Err(ServerError::Plugins(errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")));
+                }
+                (crate::plugin::PluginSet { plugins: loaded }, Some(rt))
+            }
+            None => (crate::plugin::PluginSet::default(), None),
+        };
         let shared = Arc::new(Shared {
             limits: RequestLimits { max_args: config.max_args, max_bulk: config.max_bulk.as_u64() as usize },
             clients: Clients::default(),
@@ -148,6 +168,8 @@ impl Server {
             commands,
             node_settings,
             node_id,
+            plugins,
+            plugin_runtime,
             config,
         });
         if learnt {
@@ -287,7 +309,7 @@ fn worker_main(shared: Arc<Shared>, mut conns: mpsc::UnboundedReceiver<NewConn>)
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let worker = Rc::new(Worker { shared: shared.clone(), pools: RefCell::default(), sessions: Cell::new(0), hub: crate::pubsub::Hub::new(shared.clone()) });
+        let worker = Rc::new(Worker { shared: shared.clone(), pools: RefCell::default(), sessions: Cell::new(0), hub: crate::pubsub::Hub::new(shared.clone()), plugins: RefCell::default() });
         let mut shutdown = shared.shutdown.clone();
         loop {
             tokio::select! {

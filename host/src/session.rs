@@ -45,6 +45,7 @@ use crate::config::ReadFrom;
 use crate::commands::{self, Kind, Local};
 use crate::io::{IoEvent, poll_io, write_now};
 use crate::protocol::{self as resp, Command, RequestParser};
+use crate::plugin::{Client as PluginClient, Decision};
 use crate::pubsub::SubKind;
 use crate::router::{self, CROSSSLOT, Merge, Plan};
 use crate::server::Worker;
@@ -518,12 +519,30 @@ impl Session {
 
     // ---- dispatch ---------------------------------------------------------
 
-    fn handle(&mut self, cmd: Command) {
-        let spec = commands::lookup(cmd.name());
+    fn handle(&mut self, mut cmd: Command) {
+        let mut spec = commands::lookup(cmd.name());
         self.last_name = (cmd.args.first().cloned().unwrap_or_default(), cmd.args.get(1).cloned());
         if !self.authenticated && !spec.no_auth {
             self.reply_error("NOAUTH Authentication required.");
             return;
+        }
+        if !self.worker.shared.plugins.plugins.is_empty()
+            && !matches!(spec.kind, Kind::Local(Local::Auth | Local::Hello | Local::Quit | Local::Reset))
+        {
+            match self.run_request_plugins(&cmd) {
+                Decision::Continue(None) => {}
+                Decision::Continue(Some(args)) => {
+                    cmd = Command::from_args(args.into_iter().map(Bytes::from).collect());
+                    spec = commands::lookup(cmd.name());
+                }
+                Decision::Deny(msg) => return self.reply_error(&msg),
+                Decision::Respond(bytes) => {
+                    if resp::reply_len(&bytes).ok().flatten() != Some(bytes.len()) {
+                        return self.reply_error("ERR respire: a plugin answered with an invalid reply");
+                    }
+                    return self.reply_with(|o, _| o.extend_from_slice(&bytes));
+                }
+            }
         }
         if self.in_multi {
             return self.handle_in_multi(cmd, spec.kind);
@@ -603,6 +622,20 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Runs the request hooks of the plugins that want this command.
+    fn run_request_plugins(&mut self, cmd: &Command) -> Decision {
+        let client = PluginClient {
+            id: self.info.id,
+            addr: self.info.addr.to_string(),
+            user: self.info.user.lock().map(|u| u.clone()).unwrap_or_default(),
+            db: self.db,
+            name: self.info.name.lock().map(|n| String::from_utf8_lossy(&n).into_owned()).unwrap_or_default(),
+            protocol: self.proto,
+        };
+        let shared = &self.worker.shared;
+        self.worker.plugins.borrow_mut().on_request(&shared.plugins, &shared.commands, &client, &cmd.args)
     }
 
     fn set_multi(&mut self, on: bool) {

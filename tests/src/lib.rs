@@ -30,7 +30,8 @@ fn wait_for_ping(port: u16, timeout: Duration, what: &str, log: &Path) -> Result
                 let mut buf = [0u8; 64];
                 if let Ok(n) = s.read(&mut buf) {
                     let reply = &buf[..n];
-                    if reply.starts_with(b"+PONG") || reply.starts_with(b"-NOAUTH") || reply.starts_with(b"-ERR respire") {
+                    // Any reply: PONG, NOAUTH, respire's own errors, or a plugin's answer.
+                    if reply.first().is_some_and(|b| matches!(b, b'+' | b'-' | b'$')) {
                         return Ok(());
                     }
                 }
@@ -377,6 +378,25 @@ impl SentinelSetup {
 pub fn cli(port: u16, args: &[&str]) -> String {
     let out = Command::new("redis-cli").args(["-p", &port.to_string()]).args(args).output().expect("redis-cli");
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Builds the example hello-world plugin for `wasm32-wasip2` (once per test process) and
+/// returns the component's path.
+pub fn hello_plugin() -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    BUILT.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2", "-p", "hello-plugin", "--manifest-path"])
+            .arg(&manifest)
+            .status();
+        assert!(status.is_ok_and(|s| s.success()), "building the hello plugin for wasm32-wasip2 failed (is the target installed? the README's test command adds it)");
+    });
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> → target/wasm32-wasip2/release/hello_plugin.wasm
+    let target = exe.parent().and_then(|d| d.parent()).and_then(|d| d.parent()).expect("target dir");
+    target.join("wasm32-wasip2/release/hello_plugin.wasm")
 }
 
 /// Path of the `respire` binary built next to the running test executable.

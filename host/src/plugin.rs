@@ -1,0 +1,408 @@
+//! WebAssembly plugins: the wasmtime component host.
+//!
+//! One [`Engine`] for the process (component model, epoch interruption for the
+//! per-call time budget, no concurrency support: measured ≈3× cheaper calls).
+//! Plugins are compiled and checked once (`init` must return a manifest) and
+//! kept as [`PluginPre`]s in a [`PluginSet`]; each worker instantiates its own
+//! instance of every plugin on first use and reuses it for every call (never
+//! one per request). A store carries a memory cap (`StoreLimits`) and an epoch
+//! deadline set before each call; a thread advances the epoch every
+//! millisecond. Plugins get only what Rust's std needs from WASI: no files,
+//! no network, no environment.
+//!
+//! A trap (panic, time budget, memory cap) applies the plugin's `on_error`
+//! policy — `open` lets the command through, `closed` refuses it — is counted,
+//! logged, and the instance is dropped; the next call makes a fresh one.
+//!
+//! Not here yet (see the project's issues): hot reload of the plugin folder,
+//! response hooks in the chain, host-owned state (rate limiters, counters),
+//! metrics, precompiled artifact caching.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+use tracing::{info, warn};
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::commands::CommandTable;
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "plugin",
+    });
+}
+
+pub use bindings::respire::plugin::types::{Client, Command as WitCommand, Manifest, RequestAction};
+use bindings::{Plugin, PluginPre};
+
+/// Why a plugin could not be loaded.
+#[derive(Debug, Error)]
+pub enum PluginError {
+    /// The file could not be read or is not a valid component.
+    #[error("{path}: {message}")]
+    Load {
+        /// The plugin file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// Its settings file is invalid.
+    #[error("{path}: {message}")]
+    Settings {
+        /// The settings file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// `init` refused the configuration or trapped.
+    #[error("{name}: init failed: {message}")]
+    Init {
+        /// The plugin's file name.
+        name: String,
+        /// What it said.
+        message: String,
+    },
+}
+
+/// What happens to a command when its plugin fails (trap, time budget, memory cap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// The command goes on as if the plugin had said continue.
+    #[default]
+    Open,
+    /// The command is refused with an error.
+    Closed,
+}
+
+/// `NAME.toml` beside `NAME.wasm`: how respire runs the plugin, and the plugin's own `[config]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginSettings {
+    /// Position in the chain (lower runs first; ties by file name). Default: 100.
+    pub order: i32,
+    /// What a failure does to the command: "open" or "closed". Default: "open".
+    pub on_error: OnError,
+    /// Time budget of one call. Default: "1ms".
+    #[serde(with = "humantime_serde")]
+    pub time_budget: Duration,
+    /// Memory cap of one instance. Default: "16MiB".
+    pub max_memory: bytesize::ByteSize,
+    /// The plugin's own configuration, passed to its `init` as TOML text. Default: empty.
+    pub config: toml::Table,
+}
+
+impl Default for PluginSettings {
+    fn default() -> Self {
+        PluginSettings {
+            order: 100,
+            on_error: OnError::Open,
+            time_budget: Duration::from_millis(1),
+            max_memory: bytesize::ByteSize::mib(16),
+            config: toml::Table::new(),
+        }
+    }
+}
+
+/// Store data of one plugin instance.
+pub struct StoreData {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+    name: Arc<str>,
+}
+
+impl WasiView for StoreData {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl bindings::respire::plugin::types::Host for StoreData {}
+
+impl bindings::respire::plugin::host::Host for StoreData {
+    fn log(&mut self, level: bindings::respire::plugin::host::Level, message: String) {
+        use bindings::respire::plugin::host::Level;
+        let plugin = &*self.name;
+        match level {
+            Level::Error => tracing::error!(plugin, "{message}"),
+            Level::Warn => tracing::warn!(plugin, "{message}"),
+            Level::Info => tracing::info!(plugin, "{message}"),
+            Level::Debug => tracing::debug!(plugin, "{message}"),
+        }
+    }
+
+    fn now_ms(&mut self) -> u64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    }
+}
+
+/// The process-wide engine, with the epoch ticker started.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<StoreData>,
+}
+
+/// Milliseconds per epoch tick.
+const TICK: Duration = Duration::from_millis(1);
+
+impl Runtime {
+    /// Creates the engine and starts its epoch thread.
+    pub fn new() -> Result<Runtime, String> {
+        let mut cfg = Config::new();
+        cfg.wasm_component_model(true);
+        cfg.epoch_interruption(true);
+        cfg.concurrency_support(false);
+        let engine = Engine::new(&cfg).map_err(|e| e.to_string())?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| e.to_string())?;
+        Plugin::add_to_linker::<StoreData, wasmtime::component::HasSelf<StoreData>>(&mut linker, |d| d).map_err(|e| e.to_string())?;
+        let ticker = engine.weak();
+        std::thread::Builder::new()
+            .name("respire-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = ticker.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(TICK);
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(Runtime { engine, linker })
+    }
+
+    /// Compiles a plugin file, reads its settings, and checks it by running `init` once.
+    pub fn load(&self, path: &Path) -> Result<LoadedPlugin, PluginError> {
+        let file_name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let settings_path = path.with_extension("toml");
+        let settings = if settings_path.exists() {
+            let text = std::fs::read_to_string(&settings_path)
+                .map_err(|e| PluginError::Settings { path: settings_path.clone(), message: e.to_string() })?;
+            toml::from_str::<PluginSettings>(&text).map_err(|e| PluginError::Settings { path: settings_path.clone(), message: e.to_string() })?
+        } else {
+            PluginSettings::default()
+        };
+        let component =
+            Component::from_file(&self.engine, path).map_err(|e| PluginError::Load { path: path.into(), message: format!("{e:#}") })?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| PluginError::Load { path: path.into(), message: format!("{e:#}") })?;
+        let pre = PluginPre::new(pre).map_err(|e| PluginError::Load { path: path.into(), message: format!("{e:#}") })?;
+        let config = toml::to_string(&settings.config).unwrap_or_default();
+        let mut plugin = LoadedPlugin {
+            file_name: file_name.clone(),
+            engine: self.engine.clone(),
+            pre,
+            config,
+            settings,
+            manifest: Manifest {
+                name: file_name.clone(),
+                version: String::new(),
+                commands: Vec::new(),
+                categories: Vec::new(),
+                on_request: false,
+                on_response: false,
+            },
+            commands: HashSet::new(),
+            all: false,
+            failures: AtomicU64::new(0),
+        };
+        // Check it: instantiate and init once, as every worker will.
+        let instance = plugin.instantiate().map_err(|message| PluginError::Init { name: file_name.clone(), message })?;
+        plugin.manifest = instance.manifest.clone();
+        plugin.commands = instance.manifest.commands.iter().map(|c| c.to_ascii_lowercase()).collect();
+        plugin.all = instance.manifest.categories.iter().any(|c| c == "all");
+        Ok(plugin)
+    }
+
+    /// Loads every `*.wasm` in `dir`, in chain order. A plugin that fails to load is
+    /// reported and left out; the others still load.
+    pub fn load_dir(&self, dir: &Path) -> (Vec<Arc<LoadedPlugin>>, Vec<PluginError>) {
+        let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
+            Ok(rd) => rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "wasm")).collect(),
+            Err(e) => return (Vec::new(), vec![PluginError::Load { path: dir.into(), message: e.to_string() }]),
+        };
+        files.sort();
+        let mut loaded = Vec::new();
+        let mut errors = Vec::new();
+        for f in files {
+            match self.load(&f) {
+                Ok(p) => {
+                    info!(plugin = %p.manifest.name, version = %p.manifest.version, file = %f.display(), "plugin loaded");
+                    loaded.push(Arc::new(p));
+                }
+                Err(e) => {
+                    warn!(error = %e, "plugin not loaded");
+                    errors.push(e);
+                }
+            }
+        }
+        loaded.sort_by(|a, b| a.settings.order.cmp(&b.settings.order).then(a.file_name.cmp(&b.file_name)));
+        (loaded, errors)
+    }
+}
+
+/// A compiled, checked plugin, shared by all workers.
+pub struct LoadedPlugin {
+    /// File name without `.wasm`.
+    pub file_name: String,
+    engine: Engine,
+    pre: PluginPre<StoreData>,
+    config: String,
+    /// How respire runs it.
+    pub settings: PluginSettings,
+    /// What it asked for.
+    pub manifest: Manifest,
+    commands: HashSet<String>,
+    all: bool,
+    /// Traps and time-outs so far.
+    pub failures: AtomicU64,
+}
+
+impl LoadedPlugin {
+    /// Whether the plugin's request hook runs for this command.
+    pub fn wants_request(&self, lower_name: &str, categories: &[String]) -> bool {
+        self.manifest.on_request
+            && (self.all || self.commands.contains(lower_name) || categories.iter().any(|c| self.manifest.categories.contains(c)))
+    }
+
+    /// A fresh instance with `init` run.
+    pub fn instantiate(&self) -> Result<Instance, String> {
+        let data = StoreData {
+            wasi: WasiCtx::builder().build(),
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new().memory_size(self.settings.max_memory.as_u64() as usize).instances(16).build(),
+            name: Arc::from(self.file_name.as_str()),
+        };
+        let mut store = Store::new(&self.engine, data);
+        store.limiter(|d| &mut d.limits);
+        store.epoch_deadline_trap();
+        // Instantiation and init get a generous budget (they may build tables).
+        store.set_epoch_deadline(ticks(self.settings.time_budget) * 100);
+        let plugin = self.pre.instantiate(&mut store).map_err(|e| format!("{e:#}"))?;
+        let manifest = plugin.call_init(&mut store, &self.config).map_err(|e| format!("{e:#}"))??;
+        Ok(Instance { store, plugin, manifest })
+    }
+}
+
+fn ticks(budget: Duration) -> u64 {
+    (budget.as_micros() / TICK.as_micros()).max(1) as u64 + 1
+}
+
+/// One live instance of a plugin, owned by a worker.
+pub struct Instance {
+    store: Store<StoreData>,
+    plugin: Plugin,
+    manifest: Manifest,
+}
+
+impl Instance {
+    /// Calls the request hook within the plugin's time budget.
+    pub fn on_request(&mut self, budget: Duration, client: &Client, command: &WitCommand) -> Result<RequestAction, String> {
+        self.store.set_epoch_deadline(ticks(budget));
+        self.plugin.call_on_request(&mut self.store, client, command).map_err(|e| format!("{e:#}"))
+    }
+}
+
+/// The plugins of the process, in chain order.
+#[derive(Default)]
+pub struct PluginSet {
+    /// Loaded plugins.
+    pub plugins: Vec<Arc<LoadedPlugin>>,
+}
+
+/// A worker's instances of the plugin set (made on first use, remade after a failure).
+#[derive(Default)]
+pub struct WorkerPlugins {
+    instances: Vec<Option<Instance>>,
+}
+
+/// What the request chain decided.
+pub enum Decision {
+    /// Go on with this command (possibly rewritten).
+    Continue(Option<Vec<Vec<u8>>>),
+    /// Reply with this error text.
+    Deny(String),
+    /// Reply with these RESP bytes.
+    Respond(Vec<u8>),
+}
+
+impl WorkerPlugins {
+    /// Runs the request hooks of every plugin that wants this command, in order.
+    pub fn on_request(&mut self, set: &PluginSet, table: &CommandTable, client: &Client, args: &[bytes::Bytes]) -> Decision {
+        let Some(first) = args.first() else { return Decision::Continue(None) };
+        let mut name = String::from_utf8_lossy(first).to_ascii_lowercase();
+        let mut categories: Vec<String> = table.get(args).map(|i| i.categories.clone()).unwrap_or_default();
+        let mut rewritten: Option<Vec<Vec<u8>>> = None;
+        if self.instances.len() < set.plugins.len() {
+            self.instances.resize_with(set.plugins.len(), || None);
+        }
+        for (i, plugin) in set.plugins.iter().enumerate() {
+            if !plugin.wants_request(&name, &categories) {
+                continue;
+            }
+            let command = match &rewritten {
+                Some(a) => wit_command(&name, a.iter().skip(1).map(|v| v.as_slice())),
+                None => wit_command(&name, args.iter().skip(1).map(|v| v.as_ref())),
+            };
+            let slot = &mut self.instances[i];
+            if slot.is_none() {
+                match plugin.instantiate() {
+                    Ok(inst) => *slot = Some(inst),
+                    Err(e) => {
+                        warn!(plugin = %plugin.file_name, error = %e, "plugin instance failed to start");
+                        plugin.failures.fetch_add(1, Ordering::Relaxed);
+                        if plugin.settings.on_error == OnError::Closed {
+                            return Decision::Deny(format!("ERR respire: plugin {} is failing", plugin.file_name));
+                        }
+                        continue;
+                    }
+                }
+            }
+            let Some(inst) = slot.as_mut() else { continue };
+            match inst.on_request(plugin.settings.time_budget, client, &command) {
+                Ok(RequestAction::Continue) => {}
+                Ok(RequestAction::Deny(msg)) => return Decision::Deny(msg),
+                Ok(RequestAction::Respond(bytes)) => return Decision::Respond(bytes),
+                Ok(RequestAction::Rewrite(new_args)) => {
+                    if let Some(n) = new_args.first() {
+                        name = String::from_utf8_lossy(n).to_ascii_lowercase();
+                        let as_bytes: Vec<bytes::Bytes> = new_args.iter().map(|a| bytes::Bytes::copy_from_slice(a)).collect();
+                        categories = table.get(&as_bytes).map(|i| i.categories.clone()).unwrap_or_default();
+                        rewritten = Some(new_args);
+                    }
+                }
+                Err(e) => {
+                    let n = plugin.failures.fetch_add(1, Ordering::Relaxed) + 1;
+                    if n.is_power_of_two() {
+                        warn!(plugin = %plugin.file_name, failures = n, error = %e, "plugin call failed; instance recycled");
+                    }
+                    *slot = None;
+                    if plugin.settings.on_error == OnError::Closed {
+                        return Decision::Deny(format!("ERR respire: plugin {} failed", plugin.file_name));
+                    }
+                }
+            }
+        }
+        Decision::Continue(rewritten)
+    }
+}
+
+fn wit_command<'a>(name: &str, args: impl Iterator<Item = &'a [u8]>) -> WitCommand {
+    let mut data = Vec::new();
+    let mut ends = Vec::new();
+    for a in args {
+        data.extend_from_slice(a);
+        ends.push(data.len() as u32);
+    }
+    WitCommand { name: name.to_string(), data, ends }
+}

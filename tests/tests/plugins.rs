@@ -1,0 +1,76 @@
+//! WebAssembly plugins end to end: the example plugin built for wasm32-wasip2 and loaded by respire.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::process::Command;
+
+use respire_tests::{Raw, RedisServer, Respire, hello_plugin, resp, respire_bin};
+
+fn plugin_dir(settings: Option<&str>) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(hello_plugin(), dir.path().join("hello.wasm")).unwrap();
+    if let Some(s) = settings {
+        std::fs::write(dir.path().join("hello.toml"), s).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn request_hooks_deny_respond_and_continue() {
+    let redis = RedisServer::start();
+    let dir = plugin_dir(Some("order = 1\non_error = \"open\"\ntime_budget = \"5ms\"\n[config]\ngreeting = \"hello from wasm\"\n"));
+    let proxy = Respire::start(&redis.addr(), &["--plugins", dir.path().to_str().unwrap(), "--workers", "1"]);
+    let mut p = Raw::connect(proxy.port);
+    let got = p.roundtrip(
+        &[
+            resp(&[b"PING"]),
+            resp(&[b"FLUSHALL"]),
+            resp(&[b"SET", b"k", b"v"]),
+            resp(&[b"GET", b"k"]),
+            resp(&[b"GET", b"hello:gets"]),
+            resp(&[b"GET", b"hello:gets"]),
+            resp(&[b"PING", b"arg"]),
+        ]
+        .concat(),
+        7,
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "+hello from wasm\r\n-NOPERM 'flushall' is disabled by the hello plugin\r\n+OK\r\n$1\r\nv\r\n:1\r\n:2\r\n$3\r\narg\r\n"
+    );
+    // The denied FLUSHALL never reached Redis.
+    let v: String = redis::Commands::get(&mut redis.client().get_connection().unwrap(), "k").unwrap();
+    assert_eq!(v, "v");
+}
+
+#[test]
+fn a_broken_plugin_file_is_left_out_and_respire_serves() {
+    let redis = RedisServer::start();
+    let dir = plugin_dir(None);
+    std::fs::write(dir.path().join("broken.wasm"), b"not a component").unwrap();
+    let proxy = Respire::start(&redis.addr(), &["--plugins", dir.path().to_str().unwrap()]);
+    let mut p = Raw::connect(proxy.port);
+    // The good plugin is active, without a greeting configured PING goes through.
+    assert_eq!(p.roundtrip(&resp(&[b"PING"]), 1), b"+PONG\r\n");
+    assert!(p.roundtrip(&resp(&[b"FLUSHDB"]), 1).starts_with(b"-NOPERM"));
+    assert!(proxy.log().contains("broken"), "the bad file is reported:\n{}", proxy.log());
+}
+
+#[test]
+fn plugin_check_prints_the_manifest_or_the_reason() {
+    let dir = plugin_dir(None);
+    let out = Command::new(respire_bin()).args(["plugin", "check"]).arg(dir.path().join("hello.wasm")).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("plugin hello 0.1.0") && text.contains("flushall"), "{text}");
+    std::fs::write(dir.path().join("bad.wasm"), b"\0asm garbage").unwrap();
+    let out = Command::new(respire_bin()).args(["plugin", "check"]).arg(dir.path().join("bad.wasm")).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad.wasm"));
+    // A settings file the plugin's host cannot read is refused with its path.
+    let s = dir.path().join("s.toml");
+    std::fs::write(&s, "on_error = \"sometimes\"\n").unwrap();
+    let out = Command::new(respire_bin()).args(["plugin", "check"]).arg(dir.path().join("hello.wasm")).arg("--config").arg(&s).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("on_error"), "{}", String::from_utf8_lossy(&out.stderr));
+}
