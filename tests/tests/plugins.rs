@@ -63,6 +63,10 @@ fn plugin_check_prints_the_manifest_or_the_reason() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("plugin hello 0.1.0") && text.contains("flushall"), "{text}");
+    // The example settings file shipped with the plugin is valid.
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello-plugin/hello.toml");
+    let out = Command::new(respire_bin()).args(["plugin", "check"]).arg(dir.path().join("hello.wasm")).arg("--config").arg(&example).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     std::fs::write(dir.path().join("bad.wasm"), b"\0asm garbage").unwrap();
     let out = Command::new(respire_bin()).args(["plugin", "check"]).arg(dir.path().join("bad.wasm")).output().unwrap();
     assert!(!out.status.success());
