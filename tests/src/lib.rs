@@ -410,7 +410,9 @@ pub fn respire_bin() -> PathBuf {
         if let Ok(cargo) = std::env::var("CARGO") {
             let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
             let status = Command::new(cargo)
-                .args(["build", "--quiet", "-p", "respire", "--bin", "respire", "--manifest-path"])
+                // The same selection as the test command's build, so features unify the same
+                // way and this is a no-op after it.
+                .args(["build", "--quiet", "--workspace", "--all-targets", "--manifest-path"])
                 .arg(manifest)
                 .status();
             assert!(status.is_ok_and(|s| s.success()), "building respire failed");
