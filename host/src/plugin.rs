@@ -7,8 +7,9 @@
 //! instance of every plugin on first use and reuses it for every call (never
 //! one per request). A store carries a memory cap (`StoreLimits`) and an epoch
 //! deadline set before each call; a thread advances the epoch every
-//! millisecond. Plugins get only what Rust's std needs from WASI: no files,
-//! no network, no environment.
+//! millisecond. Plugins get only what Rust's std needs from WASI (random
+//! numbers, clocks, an empty environment); files, sockets, stdout/stderr and
+//! every other import trap.
 //!
 //! A trap (panic, time budget, memory cap) applies the plugin's `on_error`
 //! policy — `open` lets the command through, `closed` refuses it — is counted,
@@ -27,9 +28,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use thiserror::Error;
 use tracing::{info, warn};
-use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::component::{Component, ComponentType, Linker, Lower};
 use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::commands::CommandTable;
 
@@ -114,16 +114,74 @@ impl Default for PluginSettings {
 
 /// Store data of one plugin instance.
 pub struct StoreData {
-    wasi: WasiCtx,
-    table: ResourceTable,
     limits: StoreLimits,
     name: Arc<str>,
 }
 
-impl WasiView for StoreData {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+/// `wasi:clocks/wall-clock.datetime`.
+#[derive(ComponentType, Lower, Clone, Copy)]
+#[component(record)]
+struct Datetime {
+    seconds: u64,
+    nanoseconds: u32,
+}
+
+/// Defines the few WASI functions Rust's std needs to run without any capability — random
+/// numbers (hash map seeds), clocks, an empty environment — and makes every other import of
+/// the component (files, sockets, stdout/stderr, exit) trap when called.
+///
+/// We do not link `wasmtime-wasi` here: its synchronous bindings block on a Tokio runtime,
+/// which panics inside respire's workers (measured: a plugin's panic message on stderr took
+/// the worker down). A plugin logs through the host's `log` import instead.
+fn link_wasi_minimum(linker: &mut Linker<StoreData>, engine: &Engine, component: &Component) -> wasmtime::Result<()> {
+    let names: Vec<String> = component.component_type().imports(engine).map(|(n, _)| n.to_string()).collect();
+    for name in names {
+        let base = name.split('@').next().unwrap_or_default();
+        match base {
+            "wasi:random/random" => {
+                let mut i = linker.instance(&name)?;
+                i.func_wrap("get-random-bytes", |_, (len,): (u64,)| {
+                    let len = len.min(1 << 20) as usize;
+                    Ok(((0..len).map(|_| fastrand::u8(..)).collect::<Vec<u8>>(),))
+                })?;
+                i.func_wrap("get-random-u64", |_, (): ()| Ok((fastrand::u64(..),)))?;
+            }
+            "wasi:random/insecure" => {
+                let mut i = linker.instance(&name)?;
+                i.func_wrap("get-insecure-random-bytes", |_, (len,): (u64,)| {
+                    let len = len.min(1 << 20) as usize;
+                    Ok(((0..len).map(|_| fastrand::u8(..)).collect::<Vec<u8>>(),))
+                })?;
+                i.func_wrap("get-insecure-random-u64", |_, (): ()| Ok((fastrand::u64(..),)))?;
+            }
+            "wasi:random/insecure-seed" => {
+                let mut i = linker.instance(&name)?;
+                i.func_wrap("insecure-seed", |_, (): ()| Ok(((fastrand::u64(..), fastrand::u64(..)),)))?;
+            }
+            "wasi:cli/environment" => {
+                let mut i = linker.instance(&name)?;
+                i.func_wrap("get-environment", |_, (): ()| Ok((Vec::<(String, String)>::new(),)))?;
+                i.func_wrap("get-arguments", |_, (): ()| Ok((Vec::<String>::new(),)))?;
+                i.func_wrap("initial-cwd", |_, (): ()| Ok((None::<String>,)))?;
+            }
+            "wasi:clocks/monotonic-clock" => {
+                let start = std::time::Instant::now();
+                let mut i = linker.instance(&name)?;
+                i.func_wrap("now", move |_, (): ()| Ok((start.elapsed().as_nanos() as u64,)))?;
+                i.func_wrap("resolution", |_, (): ()| Ok((1u64,)))?;
+            }
+            "wasi:clocks/wall-clock" => {
+                let mut i = linker.instance(&name)?;
+                i.func_wrap("now", |_, (): ()| {
+                    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                    Ok((Datetime { seconds: d.as_secs(), nanoseconds: d.subsec_nanos() },))
+                })?;
+                i.func_wrap("resolution", |_, (): ()| Ok((Datetime { seconds: 0, nanoseconds: 1 },)))?;
+            }
+            _ => {}
+        }
     }
+    linker.define_unknown_imports_as_traps(component)
 }
 
 impl bindings::respire::plugin::types::Host for StoreData {}
@@ -148,7 +206,6 @@ impl bindings::respire::plugin::host::Host for StoreData {
 /// The process-wide engine, with the epoch ticker started.
 pub struct Runtime {
     engine: Engine,
-    linker: Linker<StoreData>,
 }
 
 /// Milliseconds per epoch tick.
@@ -162,9 +219,6 @@ impl Runtime {
         cfg.epoch_interruption(true);
         cfg.concurrency_support(false);
         let engine = Engine::new(&cfg).map_err(|e| e.to_string())?;
-        let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| e.to_string())?;
-        Plugin::add_to_linker::<StoreData, wasmtime::component::HasSelf<StoreData>>(&mut linker, |d| d).map_err(|e| e.to_string())?;
         let ticker = engine.weak();
         std::thread::Builder::new()
             .name("respire-epoch".into())
@@ -176,7 +230,7 @@ impl Runtime {
                 }
             })
             .map_err(|e| e.to_string())?;
-        Ok(Runtime { engine, linker })
+        Ok(Runtime { engine })
     }
 
     /// Compiles a plugin file, reads its settings, and checks it by running `init` once.
@@ -192,10 +246,13 @@ impl Runtime {
         };
         let component =
             Component::from_file(&self.engine, path).map_err(|e| PluginError::Load { path: path.into(), message: format!("{e:#}") })?;
-        let pre = self
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| PluginError::Load { path: path.into(), message: format!("{e:#}") })?;
+        let link = || -> wasmtime::Result<_> {
+            let mut linker = Linker::new(&self.engine);
+            Plugin::add_to_linker::<StoreData, wasmtime::component::HasSelf<StoreData>>(&mut linker, |d| d)?;
+            link_wasi_minimum(&mut linker, &self.engine, &component)?;
+            linker.instantiate_pre(&component)
+        };
+        let pre = link().map_err(|e| PluginError::Load { path: path.into(), message: format!("{e:#}") })?;
         let pre = PluginPre::new(pre).map_err(|e| PluginError::Load { path: path.into(), message: format!("{e:#}") })?;
         let config = toml::to_string(&settings.config).unwrap_or_default();
         let mut plugin = LoadedPlugin {
@@ -278,8 +335,6 @@ impl LoadedPlugin {
     /// A fresh instance with `init` run.
     pub fn instantiate(&self) -> Result<Instance, String> {
         let data = StoreData {
-            wasi: WasiCtx::builder().build(),
-            table: ResourceTable::new(),
             limits: StoreLimitsBuilder::new().memory_size(self.settings.max_memory.as_u64() as usize).instances(16).build(),
             name: Arc::from(self.file_name.as_str()),
         };

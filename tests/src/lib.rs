@@ -380,23 +380,40 @@ pub fn cli(port: u16, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Builds the example hello-world plugin for `wasm32-wasip2` (once per test process) and
-/// returns the component's path.
-pub fn hello_plugin() -> PathBuf {
+/// Builds the test plugins for `wasm32-wasip2` (once per test process).
+fn build_plugins() {
     static BUILT: std::sync::Once = std::sync::Once::new();
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
     BUILT.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
-            .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2", "-p", "hello-plugin", "--manifest-path"])
+            .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2", "-p", "hello-plugin", "-p", "misbehave-plugin"])
+            .arg("--manifest-path")
             .arg(&manifest)
             .status();
-        assert!(status.is_ok_and(|s| s.success()), "building the hello plugin for wasm32-wasip2 failed (is the target installed? the README's test command adds it)");
+        assert!(
+            status.is_ok_and(|s| s.success()),
+            "building the test plugins for wasm32-wasip2 failed (is the target installed? the README's test command adds it)"
+        );
     });
+}
+
+fn wasm_artifact(name: &str) -> PathBuf {
+    build_plugins();
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> → target/wasm32-wasip2/release/hello_plugin.wasm
+    // target/<profile>/deps/<test> → target/wasm32-wasip2/release/<name>.wasm
     let target = exe.parent().and_then(|d| d.parent()).and_then(|d| d.parent()).expect("target dir");
-    target.join("wasm32-wasip2/release/hello_plugin.wasm")
+    target.join(format!("wasm32-wasip2/release/{name}.wasm"))
+}
+
+/// The example hello-world plugin, built for `wasm32-wasip2`.
+pub fn hello_plugin() -> PathBuf {
+    wasm_artifact("hello_plugin")
+}
+
+/// A plugin that loops forever, allocates too much or panics on request (see tests/plugins/misbehave).
+pub fn misbehave_plugin() -> PathBuf {
+    wasm_artifact("misbehave_plugin")
 }
 
 /// Path of the `respire` binary built next to the running test executable.

@@ -78,3 +78,46 @@ fn plugin_check_prints_the_manifest_or_the_reason() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("on_error"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+fn misbehave_dir(settings: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(respire_tests::misbehave_plugin(), dir.path().join("misbehave.wasm")).unwrap();
+    std::fs::write(dir.path().join("misbehave.toml"), settings).unwrap();
+    dir
+}
+
+#[test]
+fn a_failing_plugin_never_stalls_or_crashes_respire() {
+    let redis = RedisServer::start();
+    let _: () = redis::Commands::set(&mut redis.client().get_connection().unwrap(), "plugin:loop", "survived").unwrap();
+    let dir = misbehave_dir("on_error = \"open\"\ntime_budget = \"2ms\"\nmax_memory = \"16MiB\"\n");
+    let proxy = Respire::start(&redis.addr(), &["--plugins", dir.path().to_str().unwrap(), "--workers", "1"]);
+    let mut p = Raw::connect(proxy.port);
+    let mut other = Raw::connect(proxy.port);
+    for _ in 0..3 {
+        // An infinite loop is cut off by the time budget; with on_error = "open" the command goes on.
+        let start = std::time::Instant::now();
+        assert_eq!(p.roundtrip(&resp(&[b"GET", b"plugin:loop"]), 1), b"$8\r\nsurvived\r\n");
+        assert!(start.elapsed() < std::time::Duration::from_millis(500), "took {:?}", start.elapsed());
+        // A memory bomb hits the cap; a panic traps. Neither takes respire down.
+        assert_eq!(p.roundtrip(&resp(&[b"GET", b"plugin:bomb"]), 1), b"$-1\r\n");
+        assert_eq!(p.roundtrip(&resp(&[b"GET", b"plugin:panic"]), 1), b"$-1\r\n");
+        // The recycled instance keeps working for everyone.
+        assert_eq!(other.roundtrip(&resp(&[b"SET", b"k", b"v"]), 1), b"+OK\r\n");
+        assert_eq!(other.roundtrip(&resp(&[b"GET", b"k"]), 1), b"$1\r\nv\r\n");
+    }
+    assert!(proxy.log().contains("misbehave"), "failures are logged:\n{}", proxy.log());
+}
+
+#[test]
+fn on_error_closed_refuses_the_command() {
+    let redis = RedisServer::start();
+    let dir = misbehave_dir("on_error = \"closed\"\n");
+    let proxy = Respire::start(&redis.addr(), &["--plugins", dir.path().to_str().unwrap()]);
+    let mut p = Raw::connect(proxy.port);
+    assert_eq!(
+        String::from_utf8_lossy(&p.roundtrip(&resp(&[b"GET", b"plugin:panic"]), 1)),
+        "-ERR respire: plugin misbehave failed\r\n"
+    );
+    assert_eq!(p.roundtrip(&resp(&[b"GET", b"fine"]), 1), b"$-1\r\n");
+}
