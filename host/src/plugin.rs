@@ -15,8 +15,10 @@
 //! policy — `open` lets the command through, `closed` refuses it — is counted,
 //! logged, and the instance is dropped; the next call makes a fresh one.
 //!
-//! Not here yet (see the project's issues): hot reload of the plugin folder,
-//! response hooks in the chain, host-owned state (rate limiters, counters),
+//! The plugin folder is watched ([`watch`]): changes are compiled and checked
+//! off the request path and swapped in atomically.
+//!
+//! Not here yet (see the project's issues): response hooks in the chain, host-owned state (rate limiters, counters),
 //! metrics, precompiled artifact caching.
 
 use std::collections::HashSet;
@@ -371,14 +373,121 @@ impl Instance {
 /// The plugins of the process, in chain order.
 #[derive(Default)]
 pub struct PluginSet {
+    /// Increases with every reload that changed something.
+    pub version: u64,
     /// Loaded plugins.
     pub plugins: Vec<Arc<LoadedPlugin>>,
 }
 
-/// A worker's instances of the plugin set (made on first use, remade after a failure).
+/// A worker's instances of the plugin set (made on first use, remade after a failure or a reload).
 #[derive(Default)]
 pub struct WorkerPlugins {
+    version: u64,
     instances: Vec<Option<Instance>>,
+}
+
+/// Size and modification time of a file.
+type FileStamp = (u64, std::time::SystemTime);
+
+/// What identifies a plugin's files for reloading: `NAME.wasm`'s stamp and `NAME.toml`'s, if any.
+type Fingerprint = Option<(u64, std::time::SystemTime, Option<FileStamp>)>;
+
+/// The fingerprint of a plugin file and its settings.
+fn fingerprint(wasm: &Path) -> Fingerprint {
+    let m = std::fs::metadata(wasm).ok()?;
+    let s = std::fs::metadata(wasm.with_extension("toml")).ok().and_then(|m| Some((m.len(), m.modified().ok()?)));
+    Some((m.len(), m.modified().ok()?, s))
+}
+
+/// Watches the plugin folder and swaps the chain when files change.
+///
+/// Changes are picked up after a quiet period (`QUIET`); new and changed plugins are compiled
+/// and checked (instantiate + init) off the request path; a plugin that fails keeps its running
+/// version (or stays out if it is new), with the reason logged; removed files are unloaded. The
+/// new set is published atomically; each worker switches between two batches, so a command never
+/// sees half a chain, and no client connection is touched.
+pub fn watch(shared: Arc<crate::server::Shared>, dir: PathBuf) {
+    use notify::Watcher;
+    const QUIET: Duration = Duration::from_millis(200);
+    let Some(rt) = shared.plugin_runtime.as_ref() else { return };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut watcher = match notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if ev.is_ok() {
+            let _ = tx.send(());
+        }
+    }) {
+        Ok(w) => w,
+        Err(e) => {
+            warn!(error = %e, "cannot watch the plugin folder; plugins will not reload");
+            return;
+        }
+    };
+    if let Err(e) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
+        warn!(error = %e, dir = %dir.display(), "cannot watch the plugin folder; plugins will not reload");
+        return;
+    }
+    let mut known: std::collections::HashMap<PathBuf, (Fingerprint, Arc<LoadedPlugin>)> = shared
+        .plugins
+        .load()
+        .plugins
+        .iter()
+        .map(|p| {
+            let path = dir.join(format!("{}.wasm", p.file_name));
+            (path.clone(), (fingerprint(&path), p.clone()))
+        })
+        .collect();
+    while rx.recv().is_ok() {
+        // Quiet period: wait until events stop for a moment (a copy in progress, an editor's save).
+        while rx.recv_timeout(QUIET).is_ok() {}
+        if *shared.shutdown.borrow() {
+            return;
+        }
+        let mut files: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "wasm")).collect(),
+            Err(_) => continue,
+        };
+        files.sort();
+        let mut next: Vec<Arc<LoadedPlugin>> = Vec::new();
+        let mut changed = false;
+        let mut seen = HashSet::new();
+        for f in files {
+            seen.insert(f.clone());
+            let fp = fingerprint(&f);
+            match known.get(&f) {
+                Some((old_fp, p)) if *old_fp == fp => next.push(p.clone()),
+                old => match rt.load(&f) {
+                    Ok(p) => {
+                        info!(plugin = %p.manifest.name, version = %p.manifest.version, file = %f.display(), "plugin (re)loaded");
+                        let p = Arc::new(p);
+                        known.insert(f.clone(), (fp, p.clone()));
+                        next.push(p);
+                        changed = true;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "plugin change rejected; the running version stays");
+                        if let Some((_, p)) = old {
+                            next.push(p.clone());
+                        }
+                    }
+                },
+            }
+        }
+        let before = known.len();
+        known.retain(|path, (_, p)| {
+            let keep = seen.contains(path);
+            if !keep {
+                info!(plugin = %p.manifest.name, "plugin unloaded");
+            }
+            keep
+        });
+        changed |= known.len() != before;
+        if changed {
+            next.sort_by(|a, b| a.settings.order.cmp(&b.settings.order).then(a.file_name.cmp(&b.file_name)));
+            let version = shared.plugins.load().version + 1;
+            shared.plugins.store(Arc::new(PluginSet { version, plugins: next }));
+        }
+    }
+    drop(watcher);
 }
 
 /// What the request chain decided.
@@ -395,10 +504,15 @@ impl WorkerPlugins {
     /// Runs the request hooks of every plugin that wants this command, in order.
     pub fn on_request(&mut self, set: &PluginSet, table: &CommandTable, client: &Client, args: &[bytes::Bytes]) -> Decision {
         let Some(first) = args.first() else { return Decision::Continue(None) };
+        if self.version != set.version {
+            // A reload: drop every instance; the new set's are made on first use.
+            self.instances.clear();
+            self.version = set.version;
+        }
         let mut name = String::from_utf8_lossy(first).to_ascii_lowercase();
         let mut categories: Vec<String> = table.get(args).map(|i| i.categories.clone()).unwrap_or_default();
         let mut rewritten: Option<Vec<Vec<u8>>> = None;
-        if self.instances.len() < set.plugins.len() {
+        if self.instances.len() != set.plugins.len() {
             self.instances.resize_with(set.plugins.len(), || None);
         }
         for (i, plugin) in set.plugins.iter().enumerate() {

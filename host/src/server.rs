@@ -74,8 +74,8 @@ pub struct Shared {
     pub node_settings: NodeSettings,
     /// The node id respire reports in `CLUSTER` replies.
     pub node_id: String,
-    /// The plugin chain (empty without `--plugins`).
-    pub plugins: crate::plugin::PluginSet,
+    /// The plugin chain (empty without `--plugins`), swapped whole on reload.
+    pub plugins: arc_swap::ArcSwap<crate::plugin::PluginSet>,
     /// The plugin engine, kept alive with its epoch thread.
     pub plugin_runtime: Option<crate::plugin::Runtime>,
 }
@@ -156,7 +156,7 @@ impl Server {
                 if !errors.is_empty() && loaded.is_empty() && std::fs::read_dir(dir).is_err() {
                     return Err(ServerError::Plugins(errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")));
                 }
-                (crate::plugin::PluginSet { plugins: loaded }, Some(rt))
+                (crate::plugin::PluginSet { version: 1, plugins: loaded }, Some(rt))
             }
             None => (crate::plugin::PluginSet::default(), None),
         };
@@ -168,10 +168,17 @@ impl Server {
             commands,
             node_settings,
             node_id,
-            plugins,
+            plugins: arc_swap::ArcSwap::from_pointee(plugins),
             plugin_runtime,
             config,
         });
+        if let Some(dir) = shared.config.plugins.clone() {
+            let s = shared.clone();
+            std::thread::Builder::new()
+                .name("respire-plugins".into())
+                .spawn(move || crate::plugin::watch(s, dir))
+                .map_err(ServerError::Start)?;
+        }
         if learnt {
             let s = shared.clone();
             let t = std::thread::Builder::new()

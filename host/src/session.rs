@@ -188,6 +188,8 @@ pub struct Session {
     last_name: (Bytes, Option<Bytes>),
     /// Subscriptions (the worker's hub knows which node holds each).
     subs: HashSet<(SubKind, Bytes)>,
+    /// The plugin chain is not empty (checked once per batch).
+    has_plugins: bool,
     /// Messages from the worker's subscriber connections.
     push_tx: Option<mpsc::UnboundedSender<Bytes>>,
     push_rx: Option<mpsc::UnboundedReceiver<Bytes>>,
@@ -225,6 +227,7 @@ pub async fn run(worker: Rc<Worker>, stream: TcpStream, info: Arc<ClientInfo>) {
         closing: false,
         last_name: (Bytes::new(), None),
         subs: HashSet::new(),
+        has_plugins: false,
         push_tx: None,
         push_rx: None,
     };
@@ -378,6 +381,7 @@ impl Session {
 
     fn process_input(&mut self) {
         self.refresh_topology();
+        self.has_plugins = self.worker.shared.config.plugins.is_some() && !self.worker.shared.plugins.load().plugins.is_empty();
         while !self.closing && self.stalled.is_none() && self.stream_start.is_none() {
             match self.parser.parse(&mut self.inbuf, &self.worker.shared.limits, self.authenticated) {
                 Ok(Some(cmd)) => self.handle(cmd),
@@ -526,7 +530,7 @@ impl Session {
             self.reply_error("NOAUTH Authentication required.");
             return;
         }
-        if !self.worker.shared.plugins.plugins.is_empty()
+        if self.has_plugins
             && !matches!(spec.kind, Kind::Local(Local::Auth | Local::Hello | Local::Quit | Local::Reset))
         {
             match self.run_request_plugins(&cmd) {
@@ -635,7 +639,8 @@ impl Session {
             protocol: self.proto,
         };
         let shared = &self.worker.shared;
-        self.worker.plugins.borrow_mut().on_request(&shared.plugins, &shared.commands, &client, &cmd.args)
+        let set = shared.plugins.load();
+        self.worker.plugins.borrow_mut().on_request(&set, &shared.commands, &client, &cmd.args)
     }
 
     fn set_multi(&mut self, on: bool) {

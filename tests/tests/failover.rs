@@ -80,6 +80,7 @@ fn adding_a_master_and_rebalancing_is_invisible() {
     std::thread::sleep(Duration::from_millis(500));
     let new = cluster.add_master();
     wait_until("the new node to join", Duration::from_secs(20), || cluster.cli(new, &["CLUSTER", "INFO"]).contains("cluster_state:ok"));
+    cluster.wait_healthy(Duration::from_secs(30));
     let out = Command::new("redis-cli")
         .args(["--cluster", "rebalance", &cluster.nodes[0].addr(), "--cluster-use-empty-masters"])
         .output()
@@ -163,14 +164,15 @@ fn subscribers_keep_receiving_across_failover_and_resharding() {
     assert!(cluster.cli(replica, &["CLUSTER", "FAILOVER"]).contains("OK"));
     wait_until("promotion", Duration::from_secs(20), || cluster.is_master(replica) && !cluster.is_master(hub_master));
     expect("after-failover", &mut publisher, &mut sub);
-    // 2. Resharding.
+    // 2. Resharding (once every node agrees on the new configuration, as redis-cli requires).
+    cluster.wait_healthy(Duration::from_secs(30));
     let masters: Vec<usize> = (0..cluster.nodes.len()).filter(|&i| cluster.is_master(i)).collect();
     let out = Command::new("redis-cli")
         .args(["--cluster", "reshard", &cluster.nodes[masters[0]].addr()])
         .args(["--cluster-from", &cluster.id(masters[0]), "--cluster-to", &cluster.id(masters[1]), "--cluster-slots", "1000", "--cluster-yes"])
         .output()
         .unwrap();
-    assert!(out.status.success());
+    assert!(out.status.success(), "reshard failed: {}", String::from_utf8_lossy(&out.stdout));
     expect("after-reshard", &mut publisher, &mut sub);
     // 3. The node holding the subscription is killed: respire subscribes elsewhere.
     let mut cluster = cluster;

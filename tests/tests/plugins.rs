@@ -121,3 +121,42 @@ fn on_error_closed_refuses_the_command() {
     );
     assert_eq!(p.roundtrip(&resp(&[b"GET", b"fine"]), 1), b"$-1\r\n");
 }
+
+#[test]
+fn plugins_reload_on_change_without_dropping_clients() {
+    let redis = RedisServer::start();
+    let dir = plugin_dir(Some("[config]\ngreeting = \"one\"\n"));
+    let proxy = Respire::start(&redis.addr(), &["--plugins", dir.path().to_str().unwrap()]);
+    let load = respire_tests::Load::start(proxy.port, 4);
+    let mut p = Raw::connect(proxy.port);
+    assert_eq!(p.roundtrip(&resp(&[b"PING"]), 1), b"+one\r\n");
+    let wait_for = |p: &mut Raw, want: &[u8], what: &str| {
+        let start = std::time::Instant::now();
+        loop {
+            if p.roundtrip(&resp(&[b"PING"]), 1) == want {
+                return start.elapsed();
+            }
+            assert!(start.elapsed() < std::time::Duration::from_secs(5), "{what} did not take effect");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    // A config change is live within a second, on the same connection.
+    std::fs::write(dir.path().join("hello.toml"), "[config]\ngreeting = \"two, changed\"\n").unwrap();
+    let took = wait_for(&mut p, b"+two, changed\r\n", "the config change");
+    assert!(took < std::time::Duration::from_secs(1), "reload took {took:?}");
+    // An invalid file leaves the running version in place.
+    std::fs::write(dir.path().join("hello.wasm"), b"\0asm broken").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    assert_eq!(p.roundtrip(&resp(&[b"PING"]), 1), b"+two, changed\r\n");
+    assert!(proxy.log().contains("rejected"), "{}", proxy.log());
+    // Removing the file unloads the plugin.
+    std::fs::remove_file(dir.path().join("hello.wasm")).unwrap();
+    wait_for(&mut p, b"+PONG\r\n", "the removal");
+    // Adding it back loads it again.
+    std::fs::copy(hello_plugin(), dir.path().join("hello.wasm")).unwrap();
+    wait_for(&mut p, b"+two, changed\r\n", "the addition");
+    let report = load.stop();
+    assert!(report.ops > 100);
+    assert!(report.errors.is_empty(), "{}", report.summary("reloads under load"));
+    assert_eq!(report.wrong_reads, 0);
+}
