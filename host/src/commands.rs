@@ -315,21 +315,22 @@ impl CommandInfo {
             let (first, last, step) = match &spec.find {
                 FindKeys::Range { lastkey, keystep, limit } => {
                     let last = if *lastkey >= 0 {
-                        first + lastkey
+                        first.saturating_add(*lastkey)
                     } else if *limit <= 1 {
-                        argc + lastkey
+                        argc.saturating_add(*lastkey)
                     } else {
-                        first + ((argc - first) / limit + lastkey)
+                        first.saturating_add((argc - first) / limit + lastkey)
                     };
                     (first, last, *keystep)
                 }
                 FindKeys::Keynum { keynumidx, firstkey, keystep } => {
-                    let idx = first + keynumidx;
+                    let idx = first.saturating_add(*keynumidx);
                     let Some(n) = args.get(idx.max(0) as usize).and_then(|a| parse_i64(a)).filter(|n| *n >= 0) else {
                         continue;
                     };
-                    let first = first + firstkey;
-                    (first, first + n * keystep.max(&1) - 1, *keystep)
+                    let first = first.saturating_add(*firstkey);
+                    // Client-supplied counts: saturate rather than overflow (keys past argc are ignored).
+                    (first, first.saturating_add(n.saturating_mul(*keystep.max(&1))).saturating_sub(1), *keystep)
                 }
                 FindKeys::Unknown => continue,
             };
@@ -537,6 +538,8 @@ mod tests {
         assert_eq!(keys(&t, "LMOVE a b LEFT RIGHT"), ["a", "b"]);
         assert_eq!(keys(&t, "SET k v EX 10"), ["k"]);
         assert_eq!(keys(&t, "PING"), Vec::<String>::new());
+        assert_eq!(keys(&t, "EVAL s 9223372036854775807 k"), ["k"]);
+        assert_eq!(keys(&t, "EVAL s -3 k"), Vec::<String>::new());
         let get = t.get(&[Bytes::from("GeT")]).unwrap();
         assert!(get.has(flags::READONLY) && !get.has(flags::WRITE));
         assert!(get.categories.iter().any(|c| c == "read"));
