@@ -128,6 +128,11 @@ struct Datetime {
     nanoseconds: u32,
 }
 
+/// Up to 1 MiB of random bytes (seeded from the OS; for hash seeds, not for cryptography).
+fn random_bytes(len: u64) -> Vec<u8> {
+    (0..len.min(1 << 20)).map(|_| fastrand::u8(..)).collect()
+}
+
 /// Defines the few WASI functions Rust's std needs to run without any capability — random
 /// numbers (hash map seeds), clocks, an empty environment — and makes every other import of
 /// the component (files, sockets, stdout/stderr, exit) trap when called.
@@ -142,18 +147,12 @@ fn link_wasi_minimum(linker: &mut Linker<StoreData>, engine: &Engine, component:
         match base {
             "wasi:random/random" => {
                 let mut i = linker.instance(&name)?;
-                i.func_wrap("get-random-bytes", |_, (len,): (u64,)| {
-                    let len = len.min(1 << 20) as usize;
-                    Ok(((0..len).map(|_| fastrand::u8(..)).collect::<Vec<u8>>(),))
-                })?;
+                i.func_wrap("get-random-bytes", |_, (len,): (u64,)| Ok((random_bytes(len),)))?;
                 i.func_wrap("get-random-u64", |_, (): ()| Ok((fastrand::u64(..),)))?;
             }
             "wasi:random/insecure" => {
                 let mut i = linker.instance(&name)?;
-                i.func_wrap("get-insecure-random-bytes", |_, (len,): (u64,)| {
-                    let len = len.min(1 << 20) as usize;
-                    Ok(((0..len).map(|_| fastrand::u8(..)).collect::<Vec<u8>>(),))
-                })?;
+                i.func_wrap("get-insecure-random-bytes", |_, (len,): (u64,)| Ok((random_bytes(len),)))?;
                 i.func_wrap("get-insecure-random-u64", |_, (): ()| Ok((fastrand::u64(..),)))?;
             }
             "wasi:random/insecure-seed" => {
