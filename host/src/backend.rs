@@ -31,7 +31,7 @@ use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, info, warn};
 
 use crate::io::{IoEvent, poll_io, write_now};
-use crate::protocol::{self, Value, reply_len};
+use crate::protocol::{self, Value};
 
 /// Why a request got no reply from its backend.
 #[derive(Debug, Error, Clone)]
@@ -162,8 +162,8 @@ pub async fn connect(node: &NodeSettings, key: ConnKey) -> Result<TcpStream, Str
 pub async fn read_frame(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Bytes, String> {
     use tokio::io::AsyncReadExt;
     loop {
-        if let Some(n) = reply_len(buf).map_err(|e| e.to_string())? {
-            return Ok(buf.split_to(n).freeze());
+        if let Some(frame) = protocol::next_reply(buf).map_err(|e| e.to_string())? {
+            return Ok(frame);
         }
         buf.reserve(4096);
         if stream.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
@@ -425,12 +425,7 @@ async fn serve(
 
 fn dispatch_replies(rbuf: &mut BytesMut, inflight: &mut VecDeque<InFlight>) -> Result<(), String> {
     loop {
-        let n = match reply_len(rbuf) {
-            Ok(Some(n)) => n,
-            Ok(None) => return Ok(()),
-            Err(e) => return Err(e.to_string()),
-        };
-        let frame = rbuf.split_to(n).freeze();
+        let Some(frame) = protocol::next_reply(rbuf).map_err(|e| e.to_string())? else { return Ok(()) };
         if frame.first() == Some(&b'>') {
             // Out-of-band push on a shared connection (never subscribed here): not a reply.
             continue;

@@ -442,6 +442,10 @@ pub fn reply_len(buf: &[u8]) -> Result<Option<usize>, ProtocolError> {
         let Some(eol) = find_crlf(buf, pos) else {
             return Ok(None);
         };
+        if eol == pos {
+            // An empty line where a type byte must be.
+            return Err(ProtocolError::InvalidReply);
+        }
         let kind = buf[pos];
         let header = &buf[pos + 1..eol];
         pos = eol + 2;
@@ -486,6 +490,11 @@ pub fn reply_len(buf: &[u8]) -> Result<Option<usize>, ProtocolError> {
         }
     }
     Ok(Some(pos))
+}
+
+/// Splits the next complete reply frame off `buf` (`Ok(None)` until one has fully arrived).
+pub fn next_reply(buf: &mut BytesMut) -> Result<Option<Bytes>, ProtocolError> {
+    Ok(reply_len(buf)?.map(|n| buf.split_to(n).freeze()))
 }
 
 /// A parsed reply, for the few places where respire reads a reply itself.
@@ -554,6 +563,9 @@ fn parse_value(buf: &Bytes, pos: &mut usize, depth: usize) -> Result<Value, Prot
     }
     let start = *pos;
     let eol = find_crlf(buf, start).ok_or(ProtocolError::InvalidReply)?;
+    if eol == start {
+        return Err(ProtocolError::InvalidReply);
+    }
     let kind = *buf.get(start).ok_or(ProtocolError::InvalidReply)?;
     let header = buf.slice(start + 1..eol);
     *pos = eol + 2;
@@ -803,6 +815,10 @@ mod tests {
             }
         }
         assert!(reply_len(b"?\r\n").is_err());
+        // Malformed backend replies are errors, never panics.
+        assert!(reply_len(b"\r\n").is_err());
+        assert!(reply_len(b"*2\r\n:1\r\n\r\n").is_err());
+        assert!(Value::parse(&Bytes::from_static(b"*1\r\n\r\n")).is_err());
     }
 
     #[test]

@@ -32,7 +32,7 @@ use tracing::{debug, warn};
 
 use crate::backend::{self, ConnKey, NodeSettings};
 use crate::io::{IoEvent, poll_io, write_now};
-use crate::protocol::{self as resp, reply_len};
+use crate::protocol::{self as resp, next_reply};
 use crate::router::elements;
 use crate::server::Shared;
 use crate::topology::key_slot;
@@ -289,12 +289,7 @@ async fn run(hub: Hub, node: Rc<NodeSettings>, conn: Rc<HubConn>, mut commands: 
 /// Handles every complete frame in `rbuf`.
 fn relay(hub: &Hub, addr: &Arc<str>, conn: &HubConn, rbuf: &mut BytesMut) -> Result<(), String> {
     loop {
-        let n = match reply_len(rbuf) {
-            Ok(Some(n)) => n,
-            Ok(None) => return Ok(()),
-            Err(e) => return Err(e.to_string()),
-        };
-        let frame = rbuf.split_to(n).freeze();
+        let Some(frame) = next_reply(rbuf).map_err(|e| e.to_string())? else { return Ok(()) };
         let Some((_, items)) = elements(&frame) else { continue };
         let Some(kind) = items.first().and_then(bulk_text) else { continue };
         let name = items.get(1).and_then(bulk_text);
@@ -360,9 +355,14 @@ fn bulk_text(frame: &Bytes) -> Option<Bytes> {
     match frame.first()? {
         b'$' => {
             let start = frame.iter().position(|&b| b == b'\n')? + 1;
-            Some(frame.slice(start..frame.len().checked_sub(2)?))
+            let end = frame.len().checked_sub(2)?;
+            // `$-1` (nil) has no text.
+            (start <= end).then(|| frame.slice(start..end))
         }
-        b'+' => Some(frame.slice(1..frame.len().checked_sub(2)?)),
+        b'+' => {
+            let end = frame.len().checked_sub(2)?;
+            (end >= 1).then(|| frame.slice(1..end))
+        }
         _ => None,
     }
 }

@@ -6,7 +6,7 @@ use super::{Session, StreamEnd};
 use crate::backend::{self, BackendError};
 use crate::clients::flag;
 use crate::commands::{self, Kind, Local};
-use crate::protocol::{self as resp, Command, reply_len};
+use crate::protocol::{self as resp, Command};
 
 impl Session {
     // ---- streams (subscribe, monitor) -------------------------------------
@@ -96,11 +96,8 @@ impl Session {
                             self.closing = true;
                         }
                         Ok(_) => loop {
-                            match reply_len(&from_backend) {
-                                Ok(Some(n)) => {
-                                    let frame = from_backend.split_to(n);
-                                    self.out.extend_from_slice(&frame);
-                                }
+                            match resp::next_reply(&mut from_backend) {
+                                Ok(Some(frame)) => self.out.extend_from_slice(&frame),
                                 Ok(None) => break,
                                 Err(_) => {
                                     self.closing = true;
