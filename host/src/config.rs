@@ -62,6 +62,9 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Folder of WebAssembly plugins (`NAME.wasm`, optional `NAME.toml`). Default: none.
     pub plugins: Option<PathBuf>,
+    /// Where compiled plugins are kept so that restarts do not recompile them; `""` turns the
+    /// cache off. Default: `$XDG_CACHE_HOME/respire/plugins` (or `~/.cache/respire/plugins`).
+    pub plugin_cache: Option<PathBuf>,
     /// The Redis servers behind respire.
     pub backend: Backend,
 }
@@ -197,6 +200,7 @@ impl Default for Config {
             databases: 16,
             shutdown_timeout: Duration::from_secs(10),
             plugins: None,
+            plugin_cache: None,
             backend: Backend::default(),
         }
     }
@@ -239,6 +243,15 @@ impl Config {
     /// Parses TOML text (not yet validated).
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::Parse { path: PathBuf::new(), message: e.to_string().trim_end().to_string() })
+    }
+
+    /// The plugin artifact cache folder in effect (none: off).
+    pub fn plugin_cache_dir(&self) -> Option<PathBuf> {
+        match &self.plugin_cache {
+            Some(p) if p.as_os_str().is_empty() => None,
+            Some(p) => Some(p.clone()),
+            None => crate::plugin::default_cache_dir(),
+        }
     }
 
     /// Checks values and their combinations.

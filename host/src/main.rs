@@ -43,6 +43,9 @@ struct Opts {
     /// Folder of Wasm plugins to load and watch.
     #[arg(long, global = true, value_name = "DIR")]
     plugins: Option<PathBuf>,
+    /// Folder of compiled plugins kept across restarts ("" turns it off).
+    #[arg(long, global = true, value_name = "DIR")]
+    plugin_cache: Option<PathBuf>,
     /// Address for the Prometheus metrics endpoint, e.g. 127.0.0.1:9379.
     #[arg(long, global = true, value_name = "ADDR")]
     metrics: Option<String>,
@@ -78,8 +81,13 @@ enum PluginCmd {
     },
 }
 
-fn plugin_check(file: &std::path::Path, settings: Option<&std::path::Path>) -> ExitCode {
-    let rt = match respire::plugin::Runtime::new() {
+fn plugin_check(file: &std::path::Path, settings: Option<&std::path::Path>, cache: Option<&std::path::Path>) -> ExitCode {
+    let cache = match cache {
+        Some(p) if p.as_os_str().is_empty() => None,
+        Some(p) => Some(p.to_path_buf()),
+        None => respire::plugin::default_cache_dir(),
+    };
+    let rt = match respire::plugin::Runtime::new(cache) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("respire: {e}");
@@ -144,6 +152,9 @@ fn build_config(o: &Opts) -> Result<Config, String> {
     if let Some(v) = &o.backend_password {
         c.backend.password = Some(v.clone());
     }
+    if let Some(p) = &o.plugin_cache {
+        c.plugin_cache = Some(p.clone());
+    }
     if let Some(p) = &o.plugins {
         c.plugins = Some(p.clone());
     }
@@ -164,7 +175,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Some(Cmd::Plugin { action: PluginCmd::Check { file } }) = &cli.command {
-        return plugin_check(file, cli.opts.config.as_deref());
+        return plugin_check(file, cli.opts.config.as_deref(), cli.opts.plugin_cache.as_deref());
     }
     let config = match build_config(&cli.opts) {
         Ok(c) => c,

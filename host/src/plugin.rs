@@ -207,14 +207,61 @@ impl bindings::respire::plugin::host::Host for StoreData {
 /// The process-wide engine, with the epoch ticker started.
 pub struct Runtime {
     engine: Engine,
+    /// Where compiled plugins are kept across restarts (none: compile every time).
+    cache_dir: Option<PathBuf>,
+    /// Compiled plugins of this process by cache key, so that a settings-only change does not recompile.
+    compiled: std::sync::Mutex<std::collections::HashMap<String, Component>>,
+}
+
+/// How a plugin's machine code was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compiled {
+    /// Compiled from the `.wasm` now.
+    Fresh,
+    /// Reused from this process (only the settings changed).
+    Memory,
+    /// Read from the artifact cache on disk.
+    Disk,
+}
+
+impl std::fmt::Display for Compiled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Compiled::Fresh => "compiled",
+            Compiled::Memory => "reused",
+            Compiled::Disk => "cached",
+        })
+    }
 }
 
 /// Milliseconds per epoch tick.
 const TICK: Duration = Duration::from_millis(1);
 
+/// The default artifact cache: `$XDG_CACHE_HOME/respire/plugins` or `~/.cache/respire/plugins`.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").filter(|v| !v.is_empty()).map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("respire").join("plugins"))
+}
+
+/// Reads a compiled component written by [`Runtime::compile`].
+#[allow(unsafe_code)]
+fn deserialize_artifact(engine: &Engine, path: &Path) -> wasmtime::Result<Component> {
+    // SAFETY: `Component::deserialize_file` trusts the file to be wasmtime's own output. The
+    // artifact cache holds only files respire wrote itself (written to a temporary name, then
+    // renamed, so a reader never sees half a file), named by the SHA-256 of the source and by
+    // the engine's compatibility hash; wasmtime also checks its version and the engine settings
+    // recorded in the artifact and refuses a mismatch. The cache folder must be as trusted as
+    // the plugin folder (both amount to running code in respire).
+    unsafe { Component::deserialize_file(engine, path) }
+}
+
 impl Runtime {
-    /// Creates the engine and starts its epoch thread.
-    pub fn new() -> Result<Runtime, String> {
+    /// Creates the engine and starts its epoch thread. `cache_dir` keeps compiled plugins
+    /// across restarts (created when missing).
+    pub fn new(cache_dir: Option<PathBuf>) -> Result<Runtime, String> {
         let mut cfg = Config::new();
         cfg.wasm_component_model(true);
         cfg.epoch_interruption(true);
@@ -231,12 +278,67 @@ impl Runtime {
                 }
             })
             .map_err(|e| e.to_string())?;
-        Ok(Runtime { engine })
+        Ok(Runtime { engine, cache_dir, compiled: std::sync::Mutex::default() })
+    }
+
+    /// The machine code of a plugin: from this process, from the artifact cache, or compiled
+    /// now (and then cached). Keyed by the SHA-256 of the file and the engine's settings.
+    fn compile(&self, path: &Path) -> Result<(Component, Compiled), PluginError> {
+        use sha2::Digest;
+        use std::hash::{Hash, Hasher};
+        let err = |message: String| PluginError::Load { path: path.into(), message };
+        let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+        let mut engine_hash = std::collections::hash_map::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut engine_hash);
+        let digest = sha2::Sha256::digest(&bytes);
+        let mut key: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        key.push_str(&format!("-{:016x}", engine_hash.finish()));
+        if let Some(c) = self.compiled.lock().ok().and_then(|m| m.get(&key).cloned()) {
+            return Ok((c, Compiled::Memory));
+        }
+        let artifact = self.cache_dir.as_ref().map(|d| d.join(format!("{key}.cwasm")));
+        let mut from_disk = None;
+        if let Some(a) = artifact.as_ref().filter(|a| a.exists()) {
+            match deserialize_artifact(&self.engine, a) {
+                Ok(c) => from_disk = Some(c),
+                Err(e) => {
+                    warn!(file = %a.display(), error = %e, "unusable compiled plugin in the cache; recompiling");
+                    let _ = std::fs::remove_file(a);
+                }
+            }
+        }
+        let (component, how) = match from_disk {
+            Some(c) => (c, Compiled::Disk),
+            None => {
+                let c = Component::new(&self.engine, &bytes).map_err(|e| err(format!("{e:#}")))?;
+                if let (Some(a), Some(dir)) = (artifact.as_ref(), self.cache_dir.as_ref()) {
+                    let tmp = dir.join(format!(".{key}.{}.tmp", std::process::id()));
+                    let written = std::fs::create_dir_all(dir)
+                        .and_then(|_| c.serialize().map_err(std::io::Error::other))
+                        .and_then(|data| std::fs::write(&tmp, data))
+                        .and_then(|_| std::fs::rename(&tmp, a));
+                    if let Err(e) = written {
+                        let _ = std::fs::remove_file(&tmp);
+                        warn!(dir = %dir.display(), error = %e, "cannot write the plugin artifact cache");
+                    }
+                }
+                (c, Compiled::Fresh)
+            }
+        };
+        if let Ok(mut m) = self.compiled.lock() {
+            if m.len() >= 64 {
+                m.clear();
+            }
+            m.insert(key, component.clone());
+        }
+        Ok((component, how))
     }
 
     /// Compiles a plugin file, reads its settings, and checks it by running `init` once.
     pub fn load(&self, path: &Path) -> Result<LoadedPlugin, PluginError> {
         let file_name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        // Taken before reading, so that a change made while loading is seen by the next scan.
+        let stamp = fingerprint(path);
         let settings_path = path.with_extension("toml");
         let settings = if settings_path.exists() {
             let text = std::fs::read_to_string(&settings_path)
@@ -245,8 +347,7 @@ impl Runtime {
         } else {
             PluginSettings::default()
         };
-        let component =
-            Component::from_file(&self.engine, path).map_err(|e| PluginError::Load { path: path.into(), message: format!("{e:#}") })?;
+        let (component, compiled) = self.compile(path)?;
         let link = || -> wasmtime::Result<_> {
             let mut linker = Linker::new(&self.engine);
             Plugin::add_to_linker::<StoreData, wasmtime::component::HasSelf<StoreData>>(&mut linker, |d| d)?;
@@ -273,6 +374,8 @@ impl Runtime {
             commands: HashSet::new(),
             all: false,
             failures: AtomicU64::new(0),
+            stamp,
+            compiled,
         };
         // Check it: instantiate and init once, as every worker will.
         let instance = plugin.instantiate().map_err(|message| PluginError::Init { name: file_name.clone(), message })?;
@@ -295,7 +398,7 @@ impl Runtime {
         for f in files {
             match self.load(&f) {
                 Ok(p) => {
-                    info!(plugin = %p.manifest.name, version = %p.manifest.version, file = %f.display(), "plugin loaded");
+                    info!(plugin = %p.manifest.name, version = %p.manifest.version, file = %f.display(), code = %p.compiled, "plugin loaded");
                     loaded.push(Arc::new(p));
                 }
                 Err(e) => {
@@ -324,6 +427,10 @@ pub struct LoadedPlugin {
     all: bool,
     /// Traps and time-outs so far.
     pub failures: AtomicU64,
+    /// The files' fingerprint when they were read.
+    stamp: Fingerprint,
+    /// How its machine code was obtained.
+    pub compiled: Compiled,
 }
 
 impl LoadedPlugin {
@@ -391,6 +498,7 @@ type FileStamp = (u64, std::time::SystemTime);
 /// What identifies a plugin's files for reloading: `NAME.wasm`'s stamp and `NAME.toml`'s, if any.
 type Fingerprint = Option<(u64, std::time::SystemTime, Option<FileStamp>)>;
 
+
 /// The fingerprint of a plugin file and its settings.
 fn fingerprint(wasm: &Path) -> Fingerprint {
     let m = std::fs::metadata(wasm).ok()?;
@@ -400,44 +508,59 @@ fn fingerprint(wasm: &Path) -> Fingerprint {
 
 /// Watches the plugin folder and swaps the chain when files change.
 ///
-/// Changes are picked up after a quiet period (`QUIET`); new and changed plugins are compiled
-/// and checked (instantiate + init) off the request path; a plugin that fails keeps its running
-/// version (or stays out if it is new), with the reason logged; removed files are unloaded. The
-/// new set is published atomically; each worker switches between two batches, so a command never
-/// sees half a chain, and no client connection is touched.
+/// Changes are picked up after a quiet period (`QUIET`) when the folder reports events, and by
+/// a rescan every `POLL` in any case (a folder on a file system without events, a lost event,
+/// or no inotify instance left); a polled change is loaded once it has stayed the same for one
+/// interval. New and changed plugins are compiled and checked (instantiate + init) off the
+/// request path; a plugin that fails keeps its running version (or stays out if it is new),
+/// with the reason logged; removed files are unloaded. The new set is published atomically;
+/// each worker switches between two batches, so a command never sees half a chain, and no
+/// client connection is touched.
 pub fn watch(shared: Arc<crate::server::Shared>, dir: PathBuf) {
     use notify::Watcher;
     const QUIET: Duration = Duration::from_millis(200);
+    const POLL: Duration = Duration::from_secs(1);
     let Some(rt) = shared.plugin_runtime.as_ref() else { return };
     let (tx, rx) = std::sync::mpsc::channel();
-    let mut watcher = match notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+    let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
         if ev.is_ok() {
             let _ = tx.send(());
         }
-    }) {
-        Ok(w) => w,
-        Err(e) => {
-            warn!(error = %e, "cannot watch the plugin folder; plugins will not reload");
-            return;
-        }
-    };
-    if let Err(e) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
-        warn!(error = %e, dir = %dir.display(), "cannot watch the plugin folder; plugins will not reload");
-        return;
+    })
+    .and_then(|mut w| w.watch(&dir, notify::RecursiveMode::NonRecursive).map(|_| w));
+    if let Err(e) = &watcher {
+        warn!(error = %e, dir = %dir.display(), "cannot watch the plugin folder for events; polling it every second");
     }
+    // What is running, with the fingerprint of the files each was read from: a change made
+    // between that read and now is found by the first scan below.
     let mut known: std::collections::HashMap<PathBuf, (Fingerprint, Arc<LoadedPlugin>)> = shared
         .plugins
         .load()
         .plugins
         .iter()
-        .map(|p| {
-            let path = dir.join(format!("{}.wasm", p.file_name));
-            (path.clone(), (fingerprint(&path), p.clone()))
-        })
+        .map(|p| (dir.join(format!("{}.wasm", p.file_name)), (p.stamp, p.clone())))
         .collect();
-    while rx.recv().is_ok() {
-        // Quiet period: wait until events stop for a moment (a copy in progress, an editor's save).
-        while rx.recv_timeout(QUIET).is_ok() {}
+    // Files that failed to load, so that they are not retried (and logged) until they change.
+    let mut rejected: std::collections::HashMap<PathBuf, Fingerprint> = std::collections::HashMap::new();
+    // Changes seen by polling, loaded when still the same at the next poll.
+    let mut pending: std::collections::HashMap<PathBuf, Fingerprint> = std::collections::HashMap::new();
+    let mut settled = false;
+    loop {
+        if *shared.shutdown.borrow() {
+            return;
+        }
+        let polled = match rx.recv_timeout(POLL) {
+            Ok(()) => {
+                // Quiet period: wait until events stop for a moment (a copy in progress, an editor's save).
+                while rx.recv_timeout(QUIET).is_ok() {}
+                false
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => true,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                std::thread::sleep(POLL);
+                true
+            }
+        };
         if *shared.shutdown.borrow() {
             return;
         }
@@ -452,25 +575,40 @@ pub fn watch(shared: Arc<crate::server::Shared>, dir: PathBuf) {
         for f in files {
             seen.insert(f.clone());
             let fp = fingerprint(&f);
-            match known.get(&f) {
-                Some((old_fp, p)) if *old_fp == fp => next.push(p.clone()),
-                old => match rt.load(&f) {
-                    Ok(p) => {
-                        info!(plugin = %p.manifest.name, version = %p.manifest.version, file = %f.display(), "plugin (re)loaded");
-                        let p = Arc::new(p);
-                        known.insert(f.clone(), (fp, p.clone()));
+            let old = known.get(&f).cloned();
+            let unchanged = old.as_ref().is_some_and(|(old_fp, _)| *old_fp == fp) || rejected.get(&f) == Some(&fp);
+            // The first scan after start is trusted like an event: it closes the gap between
+            // loading and watching.
+            let wait = polled && settled && pending.insert(f.clone(), fp) != Some(fp);
+            if unchanged || wait {
+                if let Some((_, p)) = old {
+                    next.push(p);
+                }
+                if unchanged {
+                    pending.remove(&f);
+                }
+                continue;
+            }
+            pending.remove(&f);
+            match rt.load(&f) {
+                Ok(p) => {
+                    info!(plugin = %p.manifest.name, version = %p.manifest.version, file = %f.display(), code = %p.compiled, "plugin (re)loaded");
+                    let p = Arc::new(p);
+                    rejected.remove(&f);
+                    known.insert(f.clone(), (p.stamp, p.clone()));
+                    next.push(p);
+                    changed = true;
+                }
+                Err(e) => {
+                    warn!(error = %e, "plugin change rejected; the running version stays");
+                    rejected.insert(f.clone(), fp);
+                    if let Some((_, p)) = old {
                         next.push(p);
-                        changed = true;
                     }
-                    Err(e) => {
-                        warn!(error = %e, "plugin change rejected; the running version stays");
-                        if let Some((_, p)) = old {
-                            next.push(p.clone());
-                        }
-                    }
-                },
+                }
             }
         }
+        settled = true;
         let before = known.len();
         known.retain(|path, (_, p)| {
             let keep = seen.contains(path);
@@ -479,6 +617,8 @@ pub fn watch(shared: Arc<crate::server::Shared>, dir: PathBuf) {
             }
             keep
         });
+        rejected.retain(|path, _| seen.contains(path));
+        pending.retain(|path, _| seen.contains(path));
         changed |= known.len() != before;
         if changed {
             next.sort_by(|a, b| a.settings.order.cmp(&b.settings.order).then(a.file_name.cmp(&b.file_name)));
@@ -486,7 +626,6 @@ pub fn watch(shared: Arc<crate::server::Shared>, dir: PathBuf) {
             shared.plugins.store(Arc::new(PluginSet { version, plugins: next }));
         }
     }
-    drop(watcher);
 }
 
 /// What the request chain decided.

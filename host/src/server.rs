@@ -151,7 +151,7 @@ impl Server {
         let node_id = node_id_for(&local);
         let (plugins, plugin_runtime) = match &config.plugins {
             Some(dir) => {
-                let rt = crate::plugin::Runtime::new().map_err(|e| ServerError::Plugins(e.to_string()))?;
+                let rt = crate::plugin::Runtime::new(config.plugin_cache_dir()).map_err(|e| ServerError::Plugins(e.to_string()))?;
                 let (loaded, errors) = rt.load_dir(dir);
                 if !errors.is_empty() && loaded.is_empty() && std::fs::read_dir(dir).is_err() {
                     return Err(ServerError::Plugins(errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")));

