@@ -65,6 +65,8 @@ pub struct Config {
     /// Where compiled plugins are kept so that restarts do not recompile them; `""` turns the
     /// cache off. Default: `$XDG_CACHE_HOME/respire/plugins` (or `~/.cache/respire/plugins`).
     pub plugin_cache: Option<PathBuf>,
+    /// Address of the HTTP endpoint serving `/metrics` (Prometheus) and `/health`. Default: none.
+    pub metrics: Option<String>,
     /// The Redis servers behind respire.
     pub backend: Backend,
 }
@@ -201,6 +203,7 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(10),
             plugins: None,
             plugin_cache: None,
+            metrics: None,
             backend: Backend::default(),
         }
     }
@@ -259,6 +262,11 @@ impl Config {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if self.listen.parse::<SocketAddr>().is_err() {
             return bad(format!("listen: {:?} is not an address like \"127.0.0.1:6380\"", self.listen));
+        }
+        if let Some(m) = &self.metrics {
+            if m.parse::<SocketAddr>().is_err() {
+                return bad(format!("metrics: {m:?} is not an address like \"127.0.0.1:9379\""));
+            }
         }
         if self.workers > 1024 {
             return bad(format!("workers: {} is more than 1024", self.workers));

@@ -158,8 +158,8 @@ fn build_config(o: &Opts) -> Result<Config, String> {
     if let Some(p) = &o.plugins {
         c.plugins = Some(p.clone());
     }
-    if o.metrics.is_some() {
-        return Err("--metrics: the metrics endpoint is not available in this version yet".into());
+    if let Some(m) = &o.metrics {
+        c.metrics = Some(m.clone());
     }
     c.validate().map_err(|e| e.to_string())?;
     Ok(c)

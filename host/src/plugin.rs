@@ -31,7 +31,7 @@ use serde::Deserialize;
 use thiserror::Error;
 use tracing::{info, warn};
 use wasmtime::component::{Component, ComponentType, Linker, Lower};
-use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime::{Config, Engine, ResourceLimiter, Store};
 
 use crate::commands::CommandTable;
 
@@ -42,8 +42,14 @@ mod bindings {
     });
 }
 
-pub use bindings::respire::plugin::types::{Client, Command as WitCommand, Manifest, RequestAction};
+pub use bindings::respire::plugin::types::{
+    Client, Command as WitCommand, Manifest, MetricKind as WitMetricKind, MetricUpdate, RequestAction, RequestResult, ResponseAction,
+    ResponseResult,
+};
 use bindings::{Plugin, PluginPre};
+
+use crate::metrics::{PluginMetric, plugin_stats};
+use crate::state::{Rule, SharedState};
 
 /// Why a plugin could not be loaded.
 #[derive(Debug, Error)]
@@ -116,8 +122,109 @@ impl Default for PluginSettings {
 
 /// Store data of one plugin instance.
 pub struct StoreData {
-    limits: StoreLimits,
+    /// Memory cap of the instance in bytes.
+    max_memory: usize,
+    /// The cap refused a growth since the last call began.
+    memory_denied: bool,
     name: Arc<str>,
+    /// What the host imports work on (absent while the first instance's `init` runs, before
+    /// the manifest is known).
+    ctx: Option<Arc<PluginCtx>>,
+}
+
+impl ResourceLimiter for StoreData {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.max_memory {
+            self.memory_denied = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+
+    fn instances(&self) -> usize {
+        16
+    }
+
+    fn tables(&self) -> usize {
+        16
+    }
+
+    fn memories(&self) -> usize {
+        16
+    }
+}
+
+/// What a loaded plugin's instances share: its declared metrics and limiters, the host
+/// state, and respire's counters about it.
+pub struct PluginCtx {
+    name: Arc<str>,
+    metrics: Vec<Arc<PluginMetric>>,
+    limiters: Vec<(String, Rule)>,
+    state: Arc<SharedState>,
+    stats: HookStats,
+}
+
+/// respire's counters for one plugin, resolved once.
+struct HookStats {
+    request_ok: prometheus::IntCounter,
+    request_err: prometheus::IntCounter,
+    response_ok: prometheus::IntCounter,
+    response_err: prometheus::IntCounter,
+}
+
+impl HookStats {
+    fn new(plugin: &str) -> HookStats {
+        let c = &plugin_stats().calls;
+        HookStats {
+            request_ok: c.with_label_values(&[plugin, "request", "ok"]),
+            request_err: c.with_label_values(&[plugin, "request", "error"]),
+            response_ok: c.with_label_values(&[plugin, "response", "ok"]),
+            response_err: c.with_label_values(&[plugin, "response", "error"]),
+        }
+    }
+}
+
+impl PluginCtx {
+    fn record(&self, updates: &[MetricUpdate]) {
+        for u in updates {
+            match self.metrics.get(u.metric as usize) {
+                Some(m) => m.record(&u.labels, u.value),
+                None => plugin_stats().dropped_updates.with_label_values(&[&*self.name]).inc(),
+            }
+        }
+    }
+
+    fn take(&self, limiter: u32, key: &str, cost: u32) -> Result<u32, u64> {
+        match self.limiters.get(limiter as usize) {
+            Some((name, rule)) => self.state.take(&self.name, name, *rule, key, cost),
+            None => Err(u64::MAX),
+        }
+    }
+
+    /// Takes every bucket's tokens, or none: the error text when one bucket is short.
+    fn take_all(&self, takes: &[bindings::respire::plugin::types::Take]) -> Result<(), String> {
+        for (i, t) in takes.iter().enumerate() {
+            if let Err(wait) = self.take(t.limiter, &t.key, t.cost) {
+                for done in &takes[..i] {
+                    if let Some((name, _)) = self.limiters.get(done.limiter as usize) {
+                        self.state.refund(&self.name, name, &done.key, done.cost);
+                    }
+                }
+                let name = self.limiters.get(t.limiter as usize).map(|(n, _)| n.as_str()).unwrap_or("unknown");
+                plugin_stats().rate_limited.with_label_values(&[&*self.name, name]).inc();
+                return Err(if wait == u64::MAX {
+                    format!("ERR rate limit '{name}' exceeded, and this command costs more than the limit allows")
+                } else {
+                    format!("ERR rate limit '{name}' exceeded, retry in {wait} ms")
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `wasi:clocks/wall-clock.datetime`.
@@ -202,6 +309,33 @@ impl bindings::respire::plugin::host::Host for StoreData {
     fn now_ms(&mut self) -> u64 {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
     }
+
+    fn record_metric(&mut self, update: MetricUpdate) {
+        if let Some(ctx) = &self.ctx {
+            ctx.record(std::slice::from_ref(&update));
+        }
+    }
+
+    fn take(&mut self, limiter: u32, key: String, cost: u32) -> Result<u32, u64> {
+        match &self.ctx {
+            Some(ctx) => ctx.take(limiter, &key, cost),
+            None => Err(u64::MAX),
+        }
+    }
+
+    fn counter_add(&mut self, key: String, delta: i64, ttl_ms: u64) -> i64 {
+        match &self.ctx {
+            Some(ctx) => ctx.state.counter_add(&self.name, &key, delta, Duration::from_millis(ttl_ms)),
+            None => 0,
+        }
+    }
+
+    fn counter_get(&mut self, key: String) -> i64 {
+        match &self.ctx {
+            Some(ctx) => ctx.state.counter_get(&self.name, &key),
+            None => 0,
+        }
+    }
 }
 
 /// The process-wide engine, with the epoch ticker started.
@@ -211,6 +345,8 @@ pub struct Runtime {
     cache_dir: Option<PathBuf>,
     /// Compiled plugins of this process by cache key, so that a settings-only change does not recompile.
     compiled: std::sync::Mutex<std::collections::HashMap<String, Component>>,
+    /// Token buckets and counters of every plugin.
+    state: Arc<SharedState>,
 }
 
 /// How a plugin's machine code was obtained.
@@ -278,7 +414,7 @@ impl Runtime {
                 }
             })
             .map_err(|e| e.to_string())?;
-        Ok(Runtime { engine, cache_dir, compiled: std::sync::Mutex::default() })
+        Ok(Runtime { engine, cache_dir, compiled: std::sync::Mutex::default(), state: Arc::default() })
     }
 
     /// The machine code of a plugin: from this process, from the artifact cache, or compiled
@@ -357,32 +493,51 @@ impl Runtime {
         let pre = link().map_err(|e| PluginError::Load { path: path.into(), message: format!("{e:#}") })?;
         let pre = PluginPre::new(pre).map_err(|e| PluginError::Load { path: path.into(), message: format!("{e:#}") })?;
         let config = toml::to_string(&settings.config).unwrap_or_default();
-        let mut plugin = LoadedPlugin {
-            file_name: file_name.clone(),
+        let name: Arc<str> = Arc::from(file_name.as_str());
+        let init_err = |message: String| PluginError::Init { name: file_name.clone(), message };
+        // Check it: instantiate and init once, as every worker will.
+        let (_, manifest) =
+            new_instance(&self.engine, &pre, &name, &settings, &config, None).map_err(|e| init_err(format!("{e:#}")))?;
+        let manifest = manifest.map_err(init_err)?;
+        let defs: Vec<crate::metrics::MetricDef> = manifest
+            .metrics
+            .iter()
+            .map(|m| crate::metrics::MetricDef {
+                name: m.name.clone(),
+                help: m.help.clone(),
+                kind: match m.kind {
+                    WitMetricKind::Counter => crate::metrics::MetricKind::Counter,
+                    WitMetricKind::Gauge => crate::metrics::MetricKind::Gauge,
+                    WitMetricKind::Histogram => crate::metrics::MetricKind::Histogram,
+                },
+                labels: m.labels.clone(),
+                buckets: m.buckets.clone(),
+            })
+            .collect();
+        let metrics = crate::metrics::plugin_metrics(&file_name, &defs).map_err(init_err)?;
+        let mut limiters = Vec::with_capacity(manifest.limiters.len());
+        for l in &manifest.limiters {
+            if !(l.rate.is_finite() && l.rate >= 0.0) || l.burst == 0 {
+                return Err(init_err(format!("limiter {:?}: rate must be ≥ 0 and burst ≥ 1", l.name)));
+            }
+            limiters.push((l.name.clone(), Rule { rate: l.rate, burst: l.burst }));
+        }
+        let ctx = Arc::new(PluginCtx { name: name.clone(), metrics, limiters, state: self.state.clone(), stats: HookStats::new(&file_name) });
+        Ok(LoadedPlugin {
+            commands: manifest.commands.iter().map(|c| c.to_ascii_lowercase()).collect(),
+            all: manifest.categories.iter().any(|c| c == "all"),
+            file_name,
+            name,
             engine: self.engine.clone(),
             pre,
             config,
             settings,
-            manifest: Manifest {
-                name: file_name.clone(),
-                version: String::new(),
-                commands: Vec::new(),
-                categories: Vec::new(),
-                on_request: false,
-                on_response: false,
-            },
-            commands: HashSet::new(),
-            all: false,
+            manifest,
             failures: AtomicU64::new(0),
             stamp,
             compiled,
-        };
-        // Check it: instantiate and init once, as every worker will.
-        let instance = plugin.instantiate().map_err(|message| PluginError::Init { name: file_name.clone(), message })?;
-        plugin.manifest = instance.manifest.clone();
-        plugin.commands = instance.manifest.commands.iter().map(|c| c.to_ascii_lowercase()).collect();
-        plugin.all = instance.manifest.categories.iter().any(|c| c == "all");
-        Ok(plugin)
+            ctx,
+        })
     }
 
     /// Loads every `*.wasm` in `dir`, in chain order. A plugin that fails to load is
@@ -416,6 +571,7 @@ impl Runtime {
 pub struct LoadedPlugin {
     /// File name without `.wasm`.
     pub file_name: String,
+    name: Arc<str>,
     engine: Engine,
     pre: PluginPre<StoreData>,
     config: String,
@@ -431,29 +587,47 @@ pub struct LoadedPlugin {
     stamp: Fingerprint,
     /// How its machine code was obtained.
     pub compiled: Compiled,
+    ctx: Arc<PluginCtx>,
+}
+
+/// Instantiates a plugin and runs its `init`: the instance and what `init` said.
+fn new_instance(
+    engine: &Engine,
+    pre: &PluginPre<StoreData>,
+    name: &Arc<str>,
+    settings: &PluginSettings,
+    config: &str,
+    ctx: Option<Arc<PluginCtx>>,
+) -> wasmtime::Result<(Instance, Result<Manifest, String>)> {
+    let data = StoreData {
+        max_memory: usize::try_from(settings.max_memory.as_u64()).unwrap_or(usize::MAX),
+        memory_denied: false,
+        name: name.clone(),
+        ctx,
+    };
+    let mut store = Store::new(engine, data);
+    store.limiter(|d| d);
+    store.epoch_deadline_trap();
+    // Instantiation and init get a generous budget (they may build tables).
+    store.set_epoch_deadline(ticks(settings.time_budget) * 100);
+    let plugin = pre.instantiate(&mut store)?;
+    let manifest = plugin.call_init(&mut store, config)?;
+    Ok((Instance { store, plugin }, manifest))
 }
 
 impl LoadedPlugin {
-    /// Whether the plugin's request hook runs for this command.
-    pub fn wants_request(&self, lower_name: &str, categories: &[String]) -> bool {
-        self.manifest.on_request
-            && (self.all || self.commands.contains(lower_name) || categories.iter().any(|c| self.manifest.categories.contains(c)))
+    /// Whether the plugin asked for this command (by name or category).
+    pub fn wants(&self, lower_name: &str, categories: &[String]) -> bool {
+        self.all || self.commands.contains(lower_name) || categories.iter().any(|c| self.manifest.categories.contains(c))
     }
 
     /// A fresh instance with `init` run.
     pub fn instantiate(&self) -> Result<Instance, String> {
-        let data = StoreData {
-            limits: StoreLimitsBuilder::new().memory_size(self.settings.max_memory.as_u64() as usize).instances(16).build(),
-            name: Arc::from(self.file_name.as_str()),
-        };
-        let mut store = Store::new(&self.engine, data);
-        store.limiter(|d| &mut d.limits);
-        store.epoch_deadline_trap();
-        // Instantiation and init get a generous budget (they may build tables).
-        store.set_epoch_deadline(ticks(self.settings.time_budget) * 100);
-        let plugin = self.pre.instantiate(&mut store).map_err(|e| format!("{e:#}"))?;
-        let manifest = plugin.call_init(&mut store, &self.config).map_err(|e| format!("{e:#}"))??;
-        Ok(Instance { store, plugin, manifest })
+        match new_instance(&self.engine, &self.pre, &self.name, &self.settings, &self.config, Some(self.ctx.clone())) {
+            Ok((inst, Ok(_))) => Ok(inst),
+            Ok((_, Err(e))) => Err(e),
+            Err(e) => Err(format!("{e:#}")),
+        }
     }
 }
 
@@ -465,14 +639,62 @@ fn ticks(budget: Duration) -> u64 {
 pub struct Instance {
     store: Store<StoreData>,
     plugin: Plugin,
-    manifest: Manifest,
+}
+
+/// Why a call failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// It ran past its time budget.
+    Timeout,
+    /// It wanted more memory than its cap.
+    Memory,
+    /// It trapped (a panic, an out-of-bounds access …).
+    Trap,
+}
+
+impl Failure {
+    fn as_str(self) -> &'static str {
+        match self {
+            Failure::Timeout => "timeout",
+            Failure::Memory => "memory",
+            Failure::Trap => "trap",
+        }
+    }
 }
 
 impl Instance {
-    /// Calls the request hook within the plugin's time budget.
-    pub fn on_request(&mut self, budget: Duration, client: &Client, command: &WitCommand) -> Result<RequestAction, String> {
+    fn prepare(&mut self, budget: Duration) {
+        self.store.data_mut().memory_denied = false;
         self.store.set_epoch_deadline(ticks(budget));
-        self.plugin.call_on_request(&mut self.store, client, command).map_err(|e| format!("{e:#}"))
+    }
+
+    fn failure(&self, e: &wasmtime::Error) -> Failure {
+        if self.store.data().memory_denied {
+            Failure::Memory
+        } else if e.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt) {
+            Failure::Timeout
+        } else {
+            Failure::Trap
+        }
+    }
+
+    /// Calls the request hook within the plugin's time budget.
+    fn on_request(&mut self, budget: Duration, client: &Client, command: &WitCommand) -> Result<RequestResult, (Failure, String)> {
+        self.prepare(budget);
+        self.plugin.call_on_request(&mut self.store, client, command).map_err(|e| (self.failure(&e), format!("{e:#}")))
+    }
+
+    /// Calls the response hook within the plugin's time budget.
+    fn on_response(
+        &mut self,
+        budget: Duration,
+        client: &Client,
+        command: &WitCommand,
+        reply: &[u8],
+        elapsed_us: u64,
+    ) -> Result<ResponseResult, (Failure, String)> {
+        self.prepare(budget);
+        self.plugin.call_on_response(&mut self.store, client, command, reply, elapsed_us).map_err(|e| (self.failure(&e), format!("{e:#}")))
     }
 }
 
@@ -485,11 +707,19 @@ pub struct PluginSet {
     pub plugins: Vec<Arc<LoadedPlugin>>,
 }
 
-/// A worker's instances of the plugin set (made on first use, remade after a failure or a reload).
-#[derive(Default)]
-pub struct WorkerPlugins {
+/// A worker's instances of one plugin set.
+struct Generation {
     version: u64,
     instances: Vec<Option<Instance>>,
+}
+
+/// A worker's instances of the plugin set (made on first use, remade after a failure or a
+/// reload). The previous set's instances are kept too, so that replies to commands that
+/// started before a reload finish on the version they started with.
+#[derive(Default)]
+pub struct WorkerPlugins {
+    current: Option<Generation>,
+    previous: Option<Generation>,
 }
 
 /// Size and modification time of a file.
@@ -594,6 +824,7 @@ pub fn watch(shared: Arc<crate::server::Shared>, dir: PathBuf) {
                 Ok(p) => {
                     info!(plugin = %p.manifest.name, version = %p.manifest.version, file = %f.display(), code = %p.compiled, "plugin (re)loaded");
                     let p = Arc::new(p);
+                    plugin_stats().reloads.with_label_values(&["loaded"]).inc();
                     rejected.remove(&f);
                     known.insert(f.clone(), (p.stamp, p.clone()));
                     next.push(p);
@@ -601,6 +832,7 @@ pub fn watch(shared: Arc<crate::server::Shared>, dir: PathBuf) {
                 }
                 Err(e) => {
                     warn!(error = %e, "plugin change rejected; the running version stays");
+                    plugin_stats().reloads.with_label_values(&["rejected"]).inc();
                     rejected.insert(f.clone(), fp);
                     if let Some((_, p)) = old {
                         next.push(p);
@@ -614,6 +846,7 @@ pub fn watch(shared: Arc<crate::server::Shared>, dir: PathBuf) {
             let keep = seen.contains(path);
             if !keep {
                 info!(plugin = %p.manifest.name, "plugin unloaded");
+                plugin_stats().reloads.with_label_values(&["unloaded"]).inc();
             }
             keep
         });
@@ -631,76 +864,202 @@ pub fn watch(shared: Arc<crate::server::Shared>, dir: PathBuf) {
 /// What the request chain decided.
 pub enum Decision {
     /// Go on with this command (possibly rewritten).
-    Continue(Option<Vec<Vec<u8>>>),
+    Continue {
+        /// The new arguments, name first, when a plugin rewrote the command.
+        rewritten: Option<Vec<Vec<u8>>>,
+        /// A plugin asked for the reply to be cached this long.
+        cache: Option<Duration>,
+    },
     /// Reply with this error text.
     Deny(String),
     /// Reply with these RESP bytes.
     Respond(Vec<u8>),
 }
 
+/// The response hooks owed for one command: run on its reply, in reverse chain order.
+pub struct ResponseChain {
+    set: Arc<PluginSet>,
+    plugins: Vec<usize>,
+    command: WitCommand,
+    start: std::time::Instant,
+}
+
+/// Logs a failed call (once per burst: at the 1st, 2nd, 4th, 8th … failure) and counts it.
+fn note_failure(plugin: &LoadedPlugin, hook: &str, kind: &str, error: &str) {
+    let n = plugin.failures.fetch_add(1, Ordering::Relaxed) + 1;
+    plugin_stats().failures.with_label_values(&[&plugin.file_name, hook, kind]).inc();
+    if n.is_power_of_two() {
+        warn!(plugin = %plugin.file_name, hook, kind, failures = n, error = %error, "plugin call failed; instance recycled");
+    }
+}
+
 impl WorkerPlugins {
-    /// Runs the request hooks of every plugin that wants this command, in order.
-    pub fn on_request(&mut self, set: &PluginSet, table: &CommandTable, client: &Client, args: &[bytes::Bytes]) -> Decision {
-        let Some(first) = args.first() else { return Decision::Continue(None) };
-        if self.version != set.version {
-            // A reload: drop every instance; the new set's are made on first use.
-            self.instances.clear();
-            self.version = set.version;
+    /// The instances of `set`: the current generation, the previous one, or a new current one
+    /// when `set` is newer (the old current becomes the previous). `None` for an older set.
+    fn generation(&mut self, set: &PluginSet) -> Option<&mut Generation> {
+        let fresh = || Generation { version: set.version, instances: (0..set.plugins.len()).map(|_| None).collect() };
+        match (&self.current, &self.previous) {
+            (Some(c), _) if c.version == set.version => self.current.as_mut(),
+            (_, Some(p)) if p.version == set.version => self.previous.as_mut(),
+            (Some(c), _) if c.version > set.version => None,
+            _ => {
+                self.previous = self.current.replace(fresh());
+                self.current.as_mut()
+            }
         }
+    }
+
+    /// Runs the request hooks of every plugin that wants this command, in order, applies
+    /// their effects, and gathers the response hooks owed for its reply.
+    pub fn on_request(
+        &mut self,
+        set: &Arc<PluginSet>,
+        table: &CommandTable,
+        client: &Client,
+        args: &[bytes::Bytes],
+    ) -> (Decision, Option<Box<ResponseChain>>) {
+        let start = std::time::Instant::now();
+        let Some(first) = args.first() else { return (Decision::Continue { rewritten: None, cache: None }, None) };
+        let Some(generation) = self.generation(set) else { return (Decision::Continue { rewritten: None, cache: None }, None) };
         let mut name = String::from_utf8_lossy(first).to_ascii_lowercase();
         let mut categories: Vec<String> = table.get(args).map(|i| i.categories.clone()).unwrap_or_default();
         let mut rewritten: Option<Vec<Vec<u8>>> = None;
-        if self.instances.len() != set.plugins.len() {
-            self.instances.resize_with(set.plugins.len(), || None);
-        }
+        let mut cache = None;
+        let mut command: Option<WitCommand> = None;
+        let mut responses = Vec::new();
+        let mut decision = None;
         for (i, plugin) in set.plugins.iter().enumerate() {
-            if !plugin.wants_request(&name, &categories) {
+            if !plugin.wants(&name, &categories) {
                 continue;
             }
-            let command = match &rewritten {
+            if plugin.manifest.on_response {
+                responses.push(i);
+            }
+            if !plugin.manifest.on_request {
+                continue;
+            }
+            let cmd = command.get_or_insert_with(|| match &rewritten {
                 Some(a) => wit_command(&name, a.iter().skip(1).map(|v| v.as_slice())),
                 None => wit_command(&name, args.iter().skip(1).map(|v| v.as_ref())),
-            };
-            let slot = &mut self.instances[i];
+            });
+            let Some(slot) = generation.instances.get_mut(i) else { continue };
             if slot.is_none() {
                 match plugin.instantiate() {
                     Ok(inst) => *slot = Some(inst),
                     Err(e) => {
-                        warn!(plugin = %plugin.file_name, error = %e, "plugin instance failed to start");
-                        plugin.failures.fetch_add(1, Ordering::Relaxed);
+                        note_failure(plugin, "request", "start", &e);
                         if plugin.settings.on_error == OnError::Closed {
-                            return Decision::Deny(format!("ERR respire: plugin {} is failing", plugin.file_name));
+                            decision = Some(Decision::Deny(format!("ERR respire: plugin {} is failing", plugin.file_name)));
+                            break;
                         }
                         continue;
                     }
                 }
             }
             let Some(inst) = slot.as_mut() else { continue };
-            match inst.on_request(plugin.settings.time_budget, client, &command) {
-                Ok(RequestAction::Continue) => {}
-                Ok(RequestAction::Deny(msg)) => return Decision::Deny(msg),
-                Ok(RequestAction::Respond(bytes)) => return Decision::Respond(bytes),
-                Ok(RequestAction::Rewrite(new_args)) => {
+            let result = match inst.on_request(plugin.settings.time_budget, client, cmd) {
+                Ok(r) => r,
+                Err((kind, e)) => {
+                    plugin.ctx.stats.request_err.inc();
+                    note_failure(plugin, "request", kind.as_str(), &e);
+                    *slot = None;
+                    if plugin.settings.on_error == OnError::Closed {
+                        decision = Some(Decision::Deny(format!("ERR respire: plugin {} failed", plugin.file_name)));
+                        break;
+                    }
+                    continue;
+                }
+            };
+            plugin.ctx.stats.request_ok.inc();
+            plugin.ctx.record(&result.metrics);
+            if let Err(msg) = plugin.ctx.take_all(&result.takes) {
+                decision = Some(Decision::Deny(msg));
+                break;
+            }
+            match result.action {
+                RequestAction::Continue => {}
+                RequestAction::Deny(msg) => {
+                    decision = Some(Decision::Deny(msg));
+                    break;
+                }
+                RequestAction::Respond(bytes) => {
+                    decision = Some(Decision::Respond(bytes));
+                    break;
+                }
+                RequestAction::Cache(ms) => {
+                    let ttl = Duration::from_millis(ms);
+                    cache = Some(cache.map_or(ttl, |c: Duration| c.min(ttl)));
+                }
+                RequestAction::Rewrite(new_args) => {
                     if let Some(n) = new_args.first() {
                         name = String::from_utf8_lossy(n).to_ascii_lowercase();
                         let as_bytes: Vec<bytes::Bytes> = new_args.iter().map(|a| bytes::Bytes::copy_from_slice(a)).collect();
                         categories = table.get(&as_bytes).map(|i| i.categories.clone()).unwrap_or_default();
                         rewritten = Some(new_args);
-                    }
-                }
-                Err(e) => {
-                    let n = plugin.failures.fetch_add(1, Ordering::Relaxed) + 1;
-                    if n.is_power_of_two() {
-                        warn!(plugin = %plugin.file_name, failures = n, error = %e, "plugin call failed; instance recycled");
-                    }
-                    *slot = None;
-                    if plugin.settings.on_error == OnError::Closed {
-                        return Decision::Deny(format!("ERR respire: plugin {} failed", plugin.file_name));
+                        command = None;
                     }
                 }
             }
         }
-        Decision::Continue(rewritten)
+        let chain = (!responses.is_empty()).then(|| {
+            let command = command.unwrap_or_else(|| match &rewritten {
+                Some(a) => wit_command(&name, a.iter().skip(1).map(|v| v.as_slice())),
+                None => wit_command(&name, args.iter().skip(1).map(|v| v.as_ref())),
+            });
+            Box::new(ResponseChain { set: set.clone(), plugins: responses, command, start })
+        });
+        (decision.unwrap_or(Decision::Continue { rewritten, cache }), chain)
+    }
+
+    /// Runs the response hooks owed for a command on its reply (reverse chain order) and
+    /// applies their effects: the reply to send, when a plugin replaced it.
+    pub fn on_response(&mut self, chain: &ResponseChain, client: &Client, reply: &[u8]) -> Option<Vec<u8>> {
+        let elapsed_us = chain.start.elapsed().as_micros() as u64;
+        let generation = self.generation(&chain.set)?;
+        let mut replaced: Option<Vec<u8>> = None;
+        for &i in chain.plugins.iter().rev() {
+            let Some(plugin) = chain.set.plugins.get(i) else { continue };
+            let Some(slot) = generation.instances.get_mut(i) else { continue };
+            if slot.is_none() {
+                match plugin.instantiate() {
+                    Ok(inst) => *slot = Some(inst),
+                    Err(e) => {
+                        note_failure(plugin, "response", "start", &e);
+                        continue;
+                    }
+                }
+            }
+            let Some(inst) = slot.as_mut() else { continue };
+            let current = replaced.as_deref().unwrap_or(reply);
+            match inst.on_response(plugin.settings.time_budget, client, &chain.command, current, elapsed_us) {
+                Ok(r) => {
+                    plugin.ctx.stats.response_ok.inc();
+                    plugin.ctx.record(&r.metrics);
+                    if let ResponseAction::Replace(bytes) = r.action {
+                        if crate::protocol::reply_len(&bytes).ok().flatten() == Some(bytes.len()) {
+                            replaced = Some(bytes);
+                        } else {
+                            note_failure(plugin, "response", "invalid-reply", "the replacement is not one complete RESP reply");
+                        }
+                    }
+                }
+                Err((kind, e)) => {
+                    plugin.ctx.stats.response_err.inc();
+                    note_failure(plugin, "response", kind.as_str(), &e);
+                    *slot = None;
+                    if plugin.settings.on_error == OnError::Closed {
+                        let mut b = Vec::new();
+                        let text = format!("ERR respire: plugin {} failed", plugin.file_name);
+                        b.push(b'-');
+                        b.extend_from_slice(text.as_bytes());
+                        b.extend_from_slice(b"\r\n");
+                        replaced = Some(b);
+                        break;
+                    }
+                }
+            }
+        }
+        replaced
     }
 }
 

@@ -172,6 +172,27 @@ impl Server {
             plugin_runtime,
             config,
         });
+        if let Some(addr) = shared.config.metrics.clone() {
+            let listener = std::net::TcpListener::bind(&addr).map_err(|source| ServerError::Bind { addr: addr.clone(), source })?;
+            listener.set_nonblocking(true).map_err(ServerError::Start)?;
+            let shutdown = shared.shutdown.clone();
+            let t = std::thread::Builder::new()
+                .name("respire-metrics".into())
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                        Ok(rt) => rt,
+                        Err(e) => return error!(error = %e, "cannot start the metrics endpoint"),
+                    };
+                    rt.block_on(async move {
+                        match tokio::net::TcpListener::from_std(listener) {
+                            Ok(l) => crate::metrics::serve(l, shutdown).await,
+                            Err(e) => error!(error = %e, "cannot start the metrics endpoint"),
+                        }
+                    });
+                })
+                .map_err(ServerError::Start)?;
+            threads.push(t);
+        }
         if let Some(dir) = shared.config.plugins.clone() {
             let s = shared.clone();
             std::thread::Builder::new()

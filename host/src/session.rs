@@ -45,7 +45,7 @@ use crate::config::ReadFrom;
 use crate::commands::{self, Kind, Local};
 use crate::io::{IoEvent, poll_io, write_now};
 use crate::protocol::{self as resp, Command, RequestParser};
-use crate::plugin::{Client as PluginClient, Decision};
+use crate::plugin::{Client as PluginClient, Decision, ResponseChain};
 use crate::pubsub::SubKind;
 use crate::router::{self, CROSSSLOT, Merge, Plan};
 use crate::server::Worker;
@@ -190,6 +190,15 @@ pub struct Session {
     subs: HashSet<(SubKind, Bytes)>,
     /// The plugin chain is not empty (checked once per batch).
     has_plugins: bool,
+    /// The client as plugins see it (rebuilt when it changes).
+    plugin_client: Option<PluginClient>,
+    /// Slots ever pushed to / popped from `queue`: a slot's sequence number is `popped` when it is at the front.
+    pushed: u64,
+    popped: u64,
+    /// Response hooks owed, by the sequence number of the slot whose reply they run on.
+    hooks: VecDeque<(u64, Box<ResponseChain>)>,
+    /// Response hooks owed for the stalled command.
+    stalled_hook: Option<Box<ResponseChain>>,
     /// Messages from the worker's subscriber connections.
     push_tx: Option<mpsc::UnboundedSender<Bytes>>,
     push_rx: Option<mpsc::UnboundedReceiver<Bytes>>,
@@ -228,6 +237,11 @@ pub async fn run(worker: Rc<Worker>, stream: TcpStream, info: Arc<ClientInfo>) {
         last_name: (Bytes::new(), None),
         subs: HashSet::new(),
         has_plugins: false,
+        plugin_client: None,
+        pushed: 0,
+        popped: 0,
+        hooks: VecDeque::new(),
+        stalled_hook: None,
         push_tx: None,
         push_rx: None,
     };
@@ -272,7 +286,10 @@ impl Session {
             if self.waiting == 0 {
                 if let Some(cmd) = self.stalled.take() {
                     self.refresh_topology();
-                    self.handle(cmd);
+                    // Plugins have seen it already: straight to dispatch, with its response hooks.
+                    let hook = self.stalled_hook.take();
+                    let spec = commands::lookup(cmd.name());
+                    self.with_hook(hook, |s| s.dispatch(cmd, spec));
                     self.process_input();
                     continue;
                 }
@@ -418,7 +435,7 @@ impl Session {
         } else {
             let mut b = BytesMut::new();
             f(&mut b, self.proto);
-            self.queue.push_back(Slot::Ready(b.freeze()));
+            self.push_slot(Slot::Ready(b.freeze()));
         }
     }
 
@@ -430,10 +447,65 @@ impl Session {
         self.reply_with(|o, _| resp::simple(o, "OK"));
     }
 
-    fn append_reply(&mut self, r: Reply) {
+    fn push_slot(&mut self, slot: Slot) {
+        self.queue.push_back(slot);
+        self.pushed += 1;
+    }
+
+    /// Takes the front slot with its sequence number.
+    fn pop_slot(&mut self) -> (u64, Option<Slot>) {
+        let seq = self.popped;
+        let slot = self.queue.pop_front();
+        if slot.is_some() {
+            self.popped += 1;
+        }
+        (seq, slot)
+    }
+
+    /// Writes the reply of slot `seq`, after the response hooks owed for it.
+    fn emit(&mut self, seq: u64, bytes: &[u8]) {
+        // Hooks of slots that had no reply to show (CLIENT REPLY OFF/SKIP) are dropped.
+        while self.hooks.front().is_some_and(|(s, _)| *s < seq) {
+            self.hooks.pop_front();
+        }
+        if self.hooks.front().is_some_and(|(s, _)| *s == seq) {
+            if let Some((_, chain)) = self.hooks.pop_front() {
+                let replaced = self.run_response_plugins(&chain, bytes);
+                self.out.extend_from_slice(replaced.as_deref().unwrap_or(bytes));
+                return;
+            }
+        }
+        self.out.extend_from_slice(bytes);
+    }
+
+    fn emit_reply(&mut self, seq: u64, r: Reply) {
         match r {
-            Ok(frame) => self.out.extend_from_slice(&frame),
-            Err(e) => resp::error(&mut self.out, &e.to_string()),
+            Ok(frame) => self.emit(seq, &frame),
+            Err(e) => {
+                let mut b = BytesMut::new();
+                resp::error(&mut b, &e.to_string());
+                self.emit(seq, &b);
+            }
+        }
+    }
+
+    /// Runs `f` (which answers one command) and makes `chain`'s response hooks run on the
+    /// reply it produced: at once when it was written straight away, when its slot completes
+    /// when it is owed, or when the command resumes when it stalled.
+    fn with_hook(&mut self, chain: Option<Box<ResponseChain>>, f: impl FnOnce(&mut Self)) {
+        let Some(chain) = chain else { return f(self) };
+        let mark = self.out.len();
+        let pushed = self.pushed;
+        let was_stalled = self.stalled.is_some();
+        f(self);
+        if !was_stalled && self.stalled.is_some() {
+            self.stalled_hook = Some(chain);
+        } else if self.pushed > pushed {
+            self.hooks.push_back((pushed, chain));
+        } else if self.out.len() > mark {
+            let reply = self.out.split_off(mark);
+            let replaced = self.run_response_plugins(&chain, &reply);
+            self.out.extend_from_slice(replaced.as_deref().unwrap_or(&reply));
         }
     }
 
@@ -443,8 +515,9 @@ impl Session {
             let (part, r) = match self.queue.front_mut() {
                 None => return,
                 Some(Slot::Ready(b)) => {
-                    self.out.extend_from_slice(b);
-                    self.queue.pop_front();
+                    let b = b.clone();
+                    let (seq, _) = self.pop_slot();
+                    self.emit(seq, &b);
                     continue;
                 }
                 Some(Slot::Waiting { rx, .. }) => match rx.try_recv() {
@@ -490,29 +563,29 @@ impl Session {
                 if m.parts.iter().any(|p| p.reply.is_none()) {
                     return;
                 }
-                if let Some(Slot::Merge(m)) = self.queue.pop_front() {
+                if let (seq, Some(Slot::Merge(m))) = self.pop_slot() {
                     self.waiting -= 1;
                     if !m.silent {
                         let mut replies = Vec::with_capacity(m.parts.len());
                         for p in m.parts {
                             match p.reply {
                                 Some(Ok(frame)) => replies.push(frame),
-                                Some(Err(e)) => return resp::error(&mut self.out, &e.to_string()),
+                                Some(Err(e)) => return self.emit_reply(seq, Err(e)),
                                 None => return,
                             }
                         }
                         let merged = router::merge(&m.how, &replies, &m.layout);
-                        self.out.extend_from_slice(&merged);
+                        self.emit(seq, &merged);
                     }
                 }
                 return;
             }
             _ => {}
         }
-        if let Some(Slot::Waiting { silent, .. }) = self.queue.pop_front() {
+        if let (seq, Some(Slot::Waiting { silent, .. })) = self.pop_slot() {
             self.waiting -= 1;
             if !silent {
-                self.append_reply(reply);
+                self.emit_reply(seq, reply);
             }
         }
     }
@@ -530,24 +603,35 @@ impl Session {
             self.reply_error("NOAUTH Authentication required.");
             return;
         }
-        if self.has_plugins
-            && !matches!(spec.kind, Kind::Local(Local::Auth | Local::Hello | Local::Quit | Local::Reset))
-        {
-            match self.run_request_plugins(&cmd) {
-                Decision::Continue(None) => {}
-                Decision::Continue(Some(args)) => {
-                    cmd = Command::from_args(args.into_iter().map(Bytes::from).collect());
-                    spec = commands::lookup(cmd.name());
+        if !self.has_plugins || matches!(spec.kind, Kind::Local(Local::Auth | Local::Hello | Local::Quit | Local::Reset)) {
+            return self.dispatch(cmd, spec);
+        }
+        let (decision, mut chain) = self.run_request_plugins(&cmd);
+        match decision {
+            // The response cache arrives with the cache-policy plugin; until then a cached
+            // command simply goes to Redis.
+            Decision::Continue { rewritten: None, cache: _ } => {}
+            Decision::Continue { rewritten: Some(args), cache: _ } => {
+                cmd = Command::from_args(args.into_iter().map(Bytes::from).collect());
+                spec = commands::lookup(cmd.name());
+            }
+            Decision::Deny(msg) => return self.with_hook(chain, |s| s.reply_error(&msg)),
+            Decision::Respond(bytes) => {
+                if resp::reply_len(&bytes).ok().flatten() != Some(bytes.len()) {
+                    return self.with_hook(chain, |s| s.reply_error("ERR respire: a plugin answered with an invalid reply"));
                 }
-                Decision::Deny(msg) => return self.reply_error(&msg),
-                Decision::Respond(bytes) => {
-                    if resp::reply_len(&bytes).ok().flatten() != Some(bytes.len()) {
-                        return self.reply_error("ERR respire: a plugin answered with an invalid reply");
-                    }
-                    return self.reply_with(|o, _| o.extend_from_slice(&bytes));
-                }
+                return self.with_hook(chain, |s| s.reply_with(|o, _| o.extend_from_slice(&bytes)));
             }
         }
+        if matches!(spec.kind, Kind::Stream | Kind::Unsubscribe) {
+            // Subscriptions and MONITOR answer with a stream, not one reply.
+            chain = None;
+        }
+        self.with_hook(chain, |s| s.dispatch(cmd, spec));
+    }
+
+    /// Carries out a command (after the plugins' request hooks).
+    fn dispatch(&mut self, cmd: Command, spec: &'static commands::Spec) {
         if self.in_multi {
             return self.handle_in_multi(cmd, spec.kind);
         }
@@ -628,19 +712,35 @@ impl Session {
         }
     }
 
+    /// The client as plugins see it.
+    fn plugin_client(&mut self) -> &PluginClient {
+        if self.plugin_client.as_ref().is_some_and(|c| c.db != self.db || c.protocol != self.proto) {
+            self.plugin_client = None;
+        }
+        let (info, db, protocol) = (&self.info, self.db, self.proto);
+        self.plugin_client.get_or_insert_with(|| PluginClient {
+            id: info.id,
+            addr: info.addr.to_string(),
+            user: info.user.lock().map(|u| u.clone()).unwrap_or_default(),
+            db,
+            name: info.name.lock().map(|n| String::from_utf8_lossy(&n).into_owned()).unwrap_or_default(),
+            protocol,
+        })
+    }
+
     /// Runs the request hooks of the plugins that want this command.
-    fn run_request_plugins(&mut self, cmd: &Command) -> Decision {
-        let client = PluginClient {
-            id: self.info.id,
-            addr: self.info.addr.to_string(),
-            user: self.info.user.lock().map(|u| u.clone()).unwrap_or_default(),
-            db: self.db,
-            name: self.info.name.lock().map(|n| String::from_utf8_lossy(&n).into_owned()).unwrap_or_default(),
-            protocol: self.proto,
-        };
-        let shared = &self.worker.shared;
-        let set = shared.plugins.load();
-        self.worker.plugins.borrow_mut().on_request(&set, &shared.commands, &client, &cmd.args)
+    fn run_request_plugins(&mut self, cmd: &Command) -> (Decision, Option<Box<ResponseChain>>) {
+        let worker = self.worker.clone();
+        let set = worker.shared.plugins.load_full();
+        let client = self.plugin_client();
+        worker.plugins.borrow_mut().on_request(&set, &worker.shared.commands, client, &cmd.args)
+    }
+
+    /// Runs the response hooks owed for a reply: the replacement, if a plugin made one.
+    fn run_response_plugins(&mut self, chain: &ResponseChain, reply: &[u8]) -> Option<Vec<u8>> {
+        let worker = self.worker.clone();
+        let client = self.plugin_client();
+        worker.plugins.borrow_mut().on_response(chain, client, reply)
     }
 
     fn set_multi(&mut self, on: bool) {
@@ -796,7 +896,7 @@ impl Session {
             return false;
         };
         let silent = self.take_silent();
-        self.queue.push_back(Slot::Waiting { rx, silent, retry: Some(retry) });
+        self.push_slot(Slot::Waiting { rx, silent, retry: Some(retry) });
         self.waiting += 1;
         self.last_target = Some(target);
         true
@@ -848,7 +948,7 @@ impl Session {
     ) {
         let retry = self.topo.managed.then(|| Retry::new(self.node_addr(node), data, slot, idempotent, exclusive, blocking));
         let silent = self.take_silent();
-        self.queue.push_back(Slot::Waiting { rx, silent, retry });
+        self.push_slot(Slot::Waiting { rx, silent, retry });
         self.waiting += 1;
         self.last_target = Some(if exclusive { Target::Exclusive } else { Target::Shared(self.key()) });
     }
@@ -871,7 +971,7 @@ impl Session {
             parts.push(PartState { rx: Some(rx), reply: None, retry });
         }
         let silent = self.take_silent();
-        self.queue.push_back(Slot::Merge(Box::new(MergeSlot { silent, how, layout, parts })));
+        self.push_slot(Slot::Merge(Box::new(MergeSlot { silent, how, layout, parts })));
         self.waiting += 1;
         self.last_target = Some(Target::Shared(self.key()));
         true

@@ -1,21 +1,37 @@
 //! Write respire plugins in Rust.
 //!
 //! A plugin is a type implementing [`Plugin`]: `init` reads the plugin's
-//! configuration and says what it wants to see; the hooks it does not
-//! override let every command through. [`export_plugin!`] turns it into the
+//! configuration and says what it wants to see (commands, categories, hooks) and
+//! what it records (metrics, token buckets); the hooks it does not override let
+//! every command through. Hooks return a decision and may add [`Effects`] (tokens
+//! to take, metric changes) that respire applies after the call, which is cheaper
+//! than calling the [`host`] once per effect. [`export_plugin!`] turns it into the
 //! component respire loads. Build it for `wasm32-wasip2` and drop the `.wasm`
 //! file into respire's plugin folder.
 //!
 //! ```ignore
-//! use respire_sdk::{Client, Command, Manifest, Plugin, RequestAction};
+//! use respire_sdk::{Client, Command, Effects, LimiterId, Manifest, Metric, MetricId, Plugin, RequestAction};
+//!
+//! const REFUSED: MetricId = MetricId(0);
+//! const PER_CLIENT: LimiterId = LimiterId(0);
 //!
 //! struct NoFlush;
 //!
 //! impl Plugin for NoFlush {
 //!     fn init(_config: &str) -> Result<(Self, Manifest), String> {
-//!         Ok((NoFlush, Manifest::new("no-flush", "0.1.0").commands(&["flushall", "flushdb"])))
+//!         let manifest = Manifest::new("no-flush", "0.1.0")
+//!             .commands(&["flushall", "flushdb", "keys"])
+//!             .metric(Metric::counter("refused_total", "Commands refused").labels(&["command"]))
+//!             .limiter("keys", 10.0, 20); // KEYS: 10 per second per client, bursts of 20
+//!         Ok((NoFlush, manifest))
 //!     }
-//!     fn on_request(&mut self, _client: &Client, cmd: &Command) -> RequestAction {
+//!
+//!     fn on_request(&mut self, client: &Client, cmd: &Command, fx: &mut Effects) -> RequestAction {
+//!         if cmd.name == "keys" {
+//!             fx.take(PER_CLIENT, client.addr.as_str(), 1);
+//!             return RequestAction::Continue;
+//!         }
+//!         fx.inc(REFUSED, &[cmd.name.as_str()]);
 //!         RequestAction::Deny(format!("NOPERM '{}' is disabled here", cmd.name))
 //!     }
 //! }
@@ -38,7 +54,9 @@ pub mod bindings {
 }
 
 pub use bindings::respire::plugin::host::Level;
-pub use bindings::respire::plugin::types::{Client, Manifest, RequestAction, ResponseAction};
+pub use bindings::respire::plugin::types::{
+    Client, Limiter, Manifest, Metric, MetricKind, MetricUpdate, RequestAction, ResponseAction, Take,
+};
 
 /// A command as a plugin sees it: the lower-case name and zero-copy views of the arguments.
 pub struct Command {
@@ -77,8 +95,16 @@ impl Command {
     }
 }
 
+/// Names a metric by its position among the manifest's metrics (the first declared is 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricId(pub u32);
+
+/// Names a limiter by its position among the manifest's limiters (the first declared is 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimiterId(pub u32);
+
 impl Manifest {
-    /// A manifest that asks for nothing yet.
+    /// A manifest that asks for the request hook and nothing else yet.
     pub fn new(name: &str, version: &str) -> Manifest {
         Manifest {
             name: name.to_string(),
@@ -87,6 +113,8 @@ impl Manifest {
             categories: Vec::new(),
             on_request: true,
             on_response: false,
+            metrics: Vec::new(),
+            limiters: Vec::new(),
         }
     }
 
@@ -107,6 +135,123 @@ impl Manifest {
         self.on_response = true;
         self
     }
+
+    /// Do not call `on_request` (a plugin that only looks at replies).
+    pub fn without_requests(mut self) -> Manifest {
+        self.on_request = false;
+        self
+    }
+
+    /// Declares a metric; the next id is `MetricId(number declared before)`.
+    pub fn metric(mut self, metric: Metric) -> Manifest {
+        self.metrics.push(metric);
+        self
+    }
+
+    /// Declares a token bucket; the next id is `LimiterId(number declared before)`.
+    pub fn limiter(mut self, name: &str, rate_per_second: f64, burst: u32) -> Manifest {
+        self.limiters.push(Limiter { name: name.to_string(), rate: rate_per_second, burst });
+        self
+    }
+}
+
+impl Metric {
+    fn of(kind: MetricKind, name: &str, help: &str) -> Metric {
+        Metric { name: name.to_string(), help: help.to_string(), kind, labels: Vec::new(), buckets: Vec::new() }
+    }
+
+    /// A counter (updates add to it).
+    pub fn counter(name: &str, help: &str) -> Metric {
+        Self::of(MetricKind::Counter, name, help)
+    }
+
+    /// A gauge (updates set it).
+    pub fn gauge(name: &str, help: &str) -> Metric {
+        Self::of(MetricKind::Gauge, name, help)
+    }
+
+    /// A histogram (updates are observations), with respire's default buckets.
+    pub fn histogram(name: &str, help: &str) -> Metric {
+        Self::of(MetricKind::Histogram, name, help)
+    }
+
+    /// Label names (updates give the values in this order).
+    pub fn labels(mut self, names: &[&str]) -> Metric {
+        self.labels = names.iter().map(|n| n.to_string()).collect();
+        self
+    }
+
+    /// Histogram bucket upper bounds.
+    pub fn buckets(mut self, bounds: &[f64]) -> Metric {
+        self.buckets = bounds.to_vec();
+        self
+    }
+}
+
+/// Effects a hook asks respire to apply after it returns: token takes and metric changes.
+/// Returning them costs nothing extra; calling the host for each would cost a call each.
+#[derive(Default)]
+pub struct Effects {
+    takes: Vec<Take>,
+    metrics: Vec<MetricUpdate>,
+}
+
+impl Effects {
+    /// Take `cost` tokens from bucket `key` of `limiter` before the command goes on; if the
+    /// bucket has too few, respire refuses the command with
+    /// `ERR rate limit '<limiter>' exceeded, retry in <n> ms` and takes nothing.
+    /// Only request hooks may take tokens.
+    pub fn take(&mut self, limiter: LimiterId, key: impl Into<String>, cost: u32) {
+        self.takes.push(Take { limiter: limiter.0, key: key.into(), cost });
+    }
+
+    /// Changes a metric: a counter adds `value`, a gauge is set to it, a histogram observes it.
+    pub fn record(&mut self, metric: MetricId, labels: &[&str], value: f64) {
+        self.metrics.push(MetricUpdate { metric: metric.0, labels: labels.iter().map(|l| l.to_string()).collect(), value });
+    }
+
+    /// Adds 1 to a counter.
+    pub fn inc(&mut self, metric: MetricId, labels: &[&str]) {
+        self.record(metric, labels, 1.0);
+    }
+
+    #[doc(hidden)]
+    pub fn into_parts(self) -> (Vec<Take>, Vec<MetricUpdate>) {
+        (self.takes, self.metrics)
+    }
+}
+
+/// A reply as a response hook sees it: the complete RESP bytes and how long it took.
+pub struct Reply {
+    raw: Vec<u8>,
+    elapsed_us: u64,
+}
+
+impl Reply {
+    #[doc(hidden)]
+    pub fn new(raw: Vec<u8>, elapsed_us: u64) -> Reply {
+        Reply { raw, elapsed_us }
+    }
+
+    /// The reply exactly as Redis (or respire) sent it.
+    pub fn raw(&self) -> &[u8] {
+        &self.raw
+    }
+
+    /// Microseconds from respire reading the command to this reply.
+    pub fn elapsed_us(&self) -> u64 {
+        self.elapsed_us
+    }
+
+    /// Whether the reply is an error (`-…` or a RESP3 blob error `!…`).
+    pub fn is_error(&self) -> bool {
+        matches!(self.raw.first(), Some(b'-') | Some(b'!'))
+    }
+
+    /// The reply parsed into a [`reply::Value`] (None if it is not valid RESP).
+    pub fn value(&self) -> Option<reply::Value<'_>> {
+        reply::parse(&self.raw).map(|(v, _)| v)
+    }
 }
 
 /// A respire plugin. Only `init` is required; every hook lets the command through by default.
@@ -116,27 +261,65 @@ pub trait Plugin: Sized + 'static {
     fn init(config: &str) -> Result<(Self, Manifest), String>;
 
     /// Runs before a matching command goes to Redis. Default: continue.
-    fn on_request(&mut self, _client: &Client, _command: &Command) -> RequestAction {
+    fn on_request(&mut self, _client: &Client, _command: &Command, _effects: &mut Effects) -> RequestAction {
         RequestAction::Continue
     }
 
-    /// Runs with the reply (complete RESP) to a matching command. Default: continue.
-    fn on_response(&mut self, _client: &Client, _command: &Command, _reply: &[u8]) -> ResponseAction {
+    /// Runs with the reply to a matching command, before the client gets it. Default: continue.
+    fn on_response(&mut self, _client: &Client, _command: &Command, _reply: &Reply, _effects: &mut Effects) -> ResponseAction {
         ResponseAction::Continue
     }
 }
 
-/// Writes a line to respire's log, tagged with the plugin's name.
+/// Calls into respire. Each costs about as much as a hook call: prefer [`Effects`] in hooks.
+pub mod host {
+    use crate::bindings::respire::plugin::host as h;
+    use crate::{Level, LimiterId, MetricId, MetricUpdate};
+
+    /// Writes a line to respire's log, tagged with the plugin's name.
+    pub fn log(level: Level, message: &str) {
+        h::log(level, message);
+    }
+
+    /// Milliseconds since the Unix epoch.
+    pub fn now_ms() -> u64 {
+        h::now_ms()
+    }
+
+    /// Changes a metric now (a counter adds, a gauge is set, a histogram observes).
+    pub fn record(metric: MetricId, labels: &[&str], value: f64) {
+        h::record_metric(&MetricUpdate { metric: metric.0, labels: labels.iter().map(|l| l.to_string()).collect(), value });
+    }
+
+    /// Takes `cost` tokens from bucket `key` of `limiter`: `Ok(tokens left)`, or
+    /// `Err(milliseconds until there are enough)` with nothing taken.
+    pub fn take(limiter: LimiterId, key: &str, cost: u32) -> Result<u32, u64> {
+        h::take(limiter.0, key, cost)
+    }
+
+    /// Adds `delta` to a counter shared by every instance of this plugin and returns the new
+    /// value; the counter is forgotten `ttl_ms` after its last change (0: never).
+    pub fn counter_add(key: &str, delta: i64, ttl_ms: u64) -> i64 {
+        h::counter_add(key, delta, ttl_ms)
+    }
+
+    /// A shared counter's value (0 when unknown or expired).
+    pub fn counter_get(key: &str) -> i64 {
+        h::counter_get(key)
+    }
+}
+
+/// Writes a line to respire's log (same as [`host::log`]).
 pub fn log(level: Level, message: &str) {
-    bindings::respire::plugin::host::log(level, message);
+    host::log(level, message);
 }
 
-/// Milliseconds since the Unix epoch, from the host.
+/// Milliseconds since the Unix epoch (same as [`host::now_ms`]).
 pub fn now_ms() -> u64 {
-    bindings::respire::plugin::host::now_ms()
+    host::now_ms()
 }
 
-/// Encoders for replies a plugin answers with (`RequestAction::Respond`, `ResponseAction::Replace`).
+/// Encoders for replies a plugin answers with, and a reader for replies it sees.
 pub mod reply {
     /// `+text`
     pub fn simple(text: &str) -> Vec<u8> {
@@ -160,6 +343,121 @@ pub mod reply {
         out.extend_from_slice(b"\r\n");
         out
     }
+
+    /// The RESP2 null bulk string `$-1`.
+    pub fn null() -> Vec<u8> {
+        b"$-1\r\n".to_vec()
+    }
+
+    /// An array of already encoded replies.
+    pub fn array(items: &[Vec<u8>]) -> Vec<u8> {
+        let mut out = format!("*{}\r\n", items.len()).into_bytes();
+        for i in items {
+            out.extend_from_slice(i);
+        }
+        out
+    }
+
+    /// A parsed reply, borrowing from the bytes.
+    #[derive(Debug, Clone, PartialEq)]
+    pub enum Value<'a> {
+        /// `+text`
+        Simple(&'a [u8]),
+        /// `-text` or `!blob`
+        Error(&'a [u8]),
+        /// `:n`
+        Int(i64),
+        /// `$data`, `=verbatim` (with its `txt:` prefix) or `(big number` text
+        Bulk(&'a [u8]),
+        /// `$-1`, `*-1` or `_`
+        Nil,
+        /// `,d`
+        Double(f64),
+        /// `#t` / `#f`
+        Bool(bool),
+        /// `*`, `~` (set) or `>` (push) elements
+        Array(Vec<Value<'a>>),
+        /// `%` pairs (and `|` attributes, which precede a reply)
+        Map(Vec<(Value<'a>, Value<'a>)>),
+    }
+
+    fn line(b: &[u8]) -> Option<(&[u8], usize)> {
+        let end = b.windows(2).position(|w| w == b"\r\n")?;
+        Some((&b[..end], end + 2))
+    }
+
+    fn number(b: &[u8]) -> Option<i64> {
+        std::str::from_utf8(b).ok()?.parse().ok()
+    }
+
+    /// Parses one reply at the start of `b`: the value and the bytes it took.
+    pub fn parse(b: &[u8]) -> Option<(Value<'_>, usize)> {
+        parse_depth(b, 0)
+    }
+
+    fn parse_depth(b: &[u8], depth: usize) -> Option<(Value<'_>, usize)> {
+        if depth > 64 {
+            return None;
+        }
+        let (&t, rest) = b.split_first()?;
+        let (text, used) = line(rest)?;
+        let used = used + 1;
+        let blob = |len: i64| -> Option<(&[u8], usize)> {
+            let len = usize::try_from(len).ok()?;
+            let data = b.get(used..used + len)?;
+            (b.get(used + len..used + len + 2)? == b"\r\n").then_some((data, used + len + 2))
+        };
+        let items = |n: usize, mut at: usize| -> Option<(Vec<Value<'_>>, usize)> {
+            let mut v = Vec::with_capacity(n.min(1024));
+            for _ in 0..n {
+                let (x, u) = parse_depth(b.get(at..)?, depth + 1)?;
+                v.push(x);
+                at += u;
+            }
+            Some((v, at))
+        };
+        Some(match t {
+            b'+' => (Value::Simple(text), used),
+            b'-' => (Value::Error(text), used),
+            b':' => (Value::Int(number(text)?), used),
+            b'_' => (Value::Nil, used),
+            b'#' => (Value::Bool(text == b"t"), used),
+            b',' => (Value::Double(std::str::from_utf8(text).ok()?.replace("inf", "Infinity").parse().ok()?), used),
+            b'(' => (Value::Bulk(text), used),
+            b'$' | b'=' | b'!' => {
+                let n = number(text)?;
+                if n < 0 {
+                    return Some((Value::Nil, used));
+                }
+                let (data, u) = blob(n)?;
+                (if t == b'!' { Value::Error(data) } else { Value::Bulk(data) }, u)
+            }
+            b'*' | b'~' | b'>' => {
+                let n = number(text)?;
+                if n < 0 {
+                    return Some((Value::Nil, used));
+                }
+                let (v, u) = items(usize::try_from(n).ok()?, used)?;
+                (Value::Array(v), u)
+            }
+            b'%' | b'|' => {
+                let n = usize::try_from(number(text)?).ok()?;
+                let (v, u) = items(n.checked_mul(2)?, used)?;
+                let mut pairs = Vec::with_capacity(n);
+                let mut it = v.into_iter();
+                while let (Some(k), Some(x)) = (it.next(), it.next()) {
+                    pairs.push((k, x));
+                }
+                if t == b'|' {
+                    // Attributes annotate the reply that follows: return that reply.
+                    let (next, u2) = parse_depth(b.get(u..)?, depth + 1)?;
+                    return Some((next, u + u2));
+                }
+                (Value::Map(pairs), u)
+            }
+            _ => return None,
+        })
+    }
 }
 
 /// Exports a [`Plugin`] type as the component's implementation. Use once per plugin crate.
@@ -182,24 +480,32 @@ macro_rules! export_plugin {
             fn on_request(
                 client: $crate::Client,
                 command: $crate::bindings::respire::plugin::types::Command,
-            ) -> $crate::RequestAction {
+            ) -> $crate::bindings::respire::plugin::types::RequestResult {
                 let command = $crate::Command::from_wit(command);
-                __RESPIRE_STATE.with(|s| match s.borrow_mut().as_mut() {
-                    Some(p) => <$plugin as $crate::Plugin>::on_request(p, &client, &command),
+                let mut effects = $crate::Effects::default();
+                let action = __RESPIRE_STATE.with(|s| match s.borrow_mut().as_mut() {
+                    Some(p) => <$plugin as $crate::Plugin>::on_request(p, &client, &command, &mut effects),
                     None => $crate::RequestAction::Continue,
-                })
+                });
+                let (takes, metrics) = effects.into_parts();
+                $crate::bindings::respire::plugin::types::RequestResult { action, takes, metrics }
             }
 
             fn on_response(
                 client: $crate::Client,
                 command: $crate::bindings::respire::plugin::types::Command,
                 reply: Vec<u8>,
-            ) -> $crate::ResponseAction {
+                elapsed_us: u64,
+            ) -> $crate::bindings::respire::plugin::types::ResponseResult {
                 let command = $crate::Command::from_wit(command);
-                __RESPIRE_STATE.with(|s| match s.borrow_mut().as_mut() {
-                    Some(p) => <$plugin as $crate::Plugin>::on_response(p, &client, &command, &reply),
+                let reply = $crate::Reply::new(reply, elapsed_us);
+                let mut effects = $crate::Effects::default();
+                let action = __RESPIRE_STATE.with(|s| match s.borrow_mut().as_mut() {
+                    Some(p) => <$plugin as $crate::Plugin>::on_response(p, &client, &command, &reply, &mut effects),
                     None => $crate::ResponseAction::Continue,
-                })
+                });
+                let (_, metrics) = effects.into_parts();
+                $crate::bindings::respire::plugin::types::ResponseResult { action, metrics }
             }
         }
 

@@ -387,7 +387,7 @@ fn build_plugins() {
     BUILT.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
-            .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2", "-p", "hello-plugin", "-p", "misbehave-plugin"])
+            .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2", "-p", "hello-plugin", "-p", "misbehave-plugin", "-p", "probe-plugin"])
             .arg("--manifest-path")
             .arg(&manifest)
             .status();
@@ -414,6 +414,29 @@ pub fn hello_plugin() -> PathBuf {
 /// A plugin that loops forever, allocates too much or panics on request (see tests/plugins/misbehave).
 pub fn misbehave_plugin() -> PathBuf {
     wasm_artifact("misbehave_plugin")
+}
+
+/// A configurable plugin that counts, rewrites, takes tokens and tags replies (see tests/plugins/probe).
+pub fn probe_plugin() -> PathBuf {
+    wasm_artifact("probe_plugin")
+}
+
+/// `GET path` over HTTP/1.1 on loopback: the status code and the body.
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the HTTP endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").expect("send request");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read response");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// The value of one series in a Prometheus text exposition (`name{labels}` exactly as printed).
+pub fn metric_value(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// Path of the `respire` binary built next to the running test executable.

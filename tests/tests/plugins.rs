@@ -189,3 +189,139 @@ fn compiled_plugins_are_cached_across_restarts() {
     assert!(third.log().contains("code=compiled"), "{}", third.log());
     assert_eq!(Raw::connect(third.port).roundtrip(&resp(&[b"PING"]), 1), b"+hello\r\n");
 }
+
+fn probe_dir(probes: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (file, settings) in probes {
+        std::fs::copy(respire_tests::probe_plugin(), dir.path().join(format!("{file}.wasm"))).unwrap();
+        std::fs::write(dir.path().join(format!("{file}.toml")), settings).unwrap();
+    }
+    dir
+}
+
+fn echo_int(p: &mut Raw, what: &str) -> i64 {
+    let r = String::from_utf8(p.roundtrip(&resp(&[b"ECHO", what.as_bytes()]), 1)).unwrap();
+    r.trim_start_matches(':').trim().parse().unwrap_or_else(|_| panic!("not an integer: {r:?}"))
+}
+
+#[test]
+fn a_plugin_is_called_only_for_the_commands_it_asked_for() {
+    let redis = RedisServer::start();
+    // `a` asks for SET by name, `w` for the `write` category; both also ask for ECHO (to answer).
+    let dir = probe_dir(&[("a", "[config]\ntag = \"a\"\ncommands = \"set\"\n"), ("w", "[config]\ntag = \"w\"\ncategories = \"write\"\n")]);
+    let proxy = Respire::start(&redis.addr(), &["--plugins", dir.path().to_str().unwrap(), "--workers", "2"]);
+    // Several connections, spread over both workers: the counter is shared by the instances.
+    let mut conns: Vec<Raw> = (0..4).map(|_| Raw::connect(proxy.port)).collect();
+    for (i, c) in conns.iter_mut().enumerate() {
+        for j in 0..5 {
+            let key = format!("k{i}:{j}");
+            assert_eq!(c.roundtrip(&resp(&[b"SET", key.as_bytes(), b"v"]), 1), b"+OK\r\n");
+            assert_eq!(c.roundtrip(&resp(&[b"GET", key.as_bytes()]), 1), b"$1\r\nv\r\n");
+            assert_eq!(c.roundtrip(&resp(&[b"PING"]), 1), b"+PONG\r\n");
+        }
+        assert_eq!(c.roundtrip(&resp(&[b"DEL", format!("k{i}:0").as_bytes()]), 1), b":1\r\n");
+    }
+    // `a`: 20 SETs and this ECHO; never a GET, PING or DEL.
+    assert_eq!(echo_int(&mut conns[0], "probe:a:calls"), 21);
+    // `w`: 20 SETs, 4 DELs (both `write`) and its own ECHO; never a GET or PING.
+    assert_eq!(echo_int(&mut conns[1], "probe:w:calls"), 25);
+}
+
+#[test]
+fn hooks_run_in_chain_order_and_responses_in_reverse() {
+    let redis = RedisServer::start();
+    let dir = probe_dir(&[
+        ("first", "order = 1\n[config]\ntag = \"1\"\ncommands = \"get set\"\nprefix = \"one:\"\nresponses = true\n"),
+        ("second", "order = 2\n[config]\ntag = \"2\"\ncommands = \"get set\"\nprefix = \"two:\"\nresponses = true\n"),
+    ]);
+    let proxy = Respire::start(&redis.addr(), &["--plugins", dir.path().to_str().unwrap()]);
+    let mut p = Raw::connect(proxy.port);
+    assert_eq!(p.roundtrip(&resp(&[b"SET", b"k", b"v"]), 1), b"+OK\r\n");
+    // The request chain ran first then second: the key was rewritten twice, in that order.
+    let mut direct = redis.client().get_connection().unwrap();
+    let stored: Option<String> = redis::Commands::get(&mut direct, "two:one:k").unwrap();
+    assert_eq!(stored.as_deref(), Some("v"));
+    // The reply went through second's response hook, then first's.
+    assert_eq!(p.roundtrip(&resp(&[b"GET", b"k"]), 1), b"$5\r\nv|2|1\r\n");
+    // Pipelined, across many owed replies, each gets its own hooks in order.
+    let mut batch = Vec::new();
+    for i in 0..200 {
+        let key = format!("p{i}");
+        batch.extend(resp(&[b"SET", key.as_bytes(), key.as_bytes()]));
+        batch.extend(resp(&[b"GET", key.as_bytes()]));
+        batch.extend(resp(&[b"PING"]));
+    }
+    let got = String::from_utf8(p.roundtrip(&batch, 600)).unwrap();
+    let mut want = String::new();
+    for i in 0..200 {
+        let v = format!("p{i}|2|1");
+        want.push_str(&format!("+OK\r\n${}\r\n{v}\r\n+PONG\r\n", v.len()));
+    }
+    assert_eq!(got, want);
+    // A reply that is not a bulk string is left alone.
+    assert_eq!(p.roundtrip(&resp(&[b"GET", b"missing"]), 1), b"$-1\r\n");
+    // A plugin that stops the chain: the hooks before it see its reply, the ones after it do not run.
+    assert_eq!(
+        String::from_utf8_lossy(&p.roundtrip(&resp(&[b"GET", b"probe:deny"]), 1)),
+        "-NOPERM denied by probe 1\r\n"
+    );
+}
+
+#[test]
+fn token_buckets_are_shared_by_all_workers() {
+    let redis = RedisServer::start();
+    let dir = probe_dir(&[("limit", "[config]\ntag = \"l\"\ncommands = \"get\"\nrate = 0.01\nburst = 6\nlimit_by = \"all\"\n")]);
+    let proxy = Respire::start(&redis.addr(), &["--plugins", dir.path().to_str().unwrap(), "--workers", "2"]);
+    let mut conns: Vec<Raw> = (0..4).map(|_| Raw::connect(proxy.port)).collect();
+    let (mut ok, mut limited) = (0, 0);
+    for c in conns.iter_mut() {
+        for _ in 0..4 {
+            let r = String::from_utf8(c.roundtrip(&resp(&[b"GET", b"x"]), 1)).unwrap();
+            if r == "$-1\r\n" {
+                ok += 1;
+            } else {
+                assert!(r.starts_with("-ERR rate limit 'per-client' exceeded, retry in "), "{r:?}");
+                assert!(r.ends_with(" ms\r\n"), "{r:?}");
+                limited += 1;
+            }
+        }
+        // Commands the plugin did not ask for are never limited.
+        assert_eq!(c.roundtrip(&resp(&[b"PING"]), 1), b"+PONG\r\n");
+    }
+    assert_eq!((ok, limited), (6, 10), "one bucket of 6 for 16 GETs over two workers");
+}
+
+#[test]
+fn plugin_and_respire_metrics_are_served() {
+    let redis = RedisServer::start();
+    let dir = probe_dir(&[("probe", "[config]\ntag = \"p\"\ncommands = \"get\"\nresponses = true\n")]);
+    std::fs::copy(respire_tests::misbehave_plugin(), dir.path().join("misbehave.wasm")).unwrap();
+    std::fs::write(dir.path().join("misbehave.toml"), "time_budget = \"2ms\"\n").unwrap();
+    let port = respire_tests::free_port();
+    let proxy = Respire::start(
+        &redis.addr(),
+        &["--plugins", dir.path().to_str().unwrap(), "--metrics", &format!("127.0.0.1:{port}"), "--workers", "1"],
+    );
+    let mut p = Raw::connect(proxy.port);
+    for _ in 0..3 {
+        assert_eq!(p.roundtrip(&resp(&[b"GET", b"a"]), 1), b"$-1\r\n");
+    }
+    assert_eq!(p.roundtrip(&resp(&[b"GET", b"plugin:loop"]), 1), b"$-1\r\n");
+    assert_eq!(p.roundtrip(&resp(&[b"GET", b"plugin:panic"]), 1), b"$-1\r\n");
+    assert_eq!(p.roundtrip(&resp(&[b"GET", b"plugin:bomb"]), 1), b"$-1\r\n");
+    let (status, body) = respire_tests::http_get(port, "/metrics");
+    assert_eq!(status, 200);
+    let v = |s: &str| respire_tests::metric_value(&body, s);
+    // The plugin's own metrics, declared in its manifest and recorded through hook effects.
+    assert_eq!(v("respire_plugin_probe_calls_total{command=\"get\"}"), Some(6.0), "{body}");
+    assert_eq!(v("respire_plugin_probe_reply_seconds_count"), Some(6.0), "{body}");
+    assert!(body.contains("# HELP respire_plugin_probe_calls_total Request hook calls"), "{body}");
+    // respire's own view of its plugins: calls, and each kind of failure.
+    assert_eq!(v("respire_plugin_calls_total{hook=\"request\",plugin=\"probe\",result=\"ok\"}"), Some(6.0), "{body}");
+    assert_eq!(v("respire_plugin_calls_total{hook=\"response\",plugin=\"probe\",result=\"ok\"}"), Some(6.0), "{body}");
+    for kind in ["timeout", "trap", "memory"] {
+        assert_eq!(v(&format!("respire_plugin_failures_total{{hook=\"request\",kind=\"{kind}\",plugin=\"misbehave\"}}")), Some(1.0), "{kind}: {body}");
+    }
+    assert_eq!(respire_tests::http_get(port, "/health"), (200, "ok\n".to_string()));
+    assert_eq!(respire_tests::http_get(port, "/nope").0, 404);
+}

@@ -1,6 +1,6 @@
 //! A hello-world respire plugin: refuses `FLUSHALL` and `FLUSHDB`, counts the `GET`s it saw,
 //! and answers `PING` with a greeting when its config says so.
-use respire_sdk::{Client, Command, Manifest, Plugin, RequestAction, reply};
+use respire_sdk::{Client, Command, Effects, Manifest, Plugin, RequestAction, reply};
 
 struct Hello {
     greeting: Option<String>,
@@ -15,7 +15,7 @@ impl Plugin for Hello {
         Ok((Hello { greeting, gets: 0 }, manifest))
     }
 
-    fn on_request(&mut self, _client: &Client, cmd: &Command) -> RequestAction {
+    fn on_request(&mut self, _client: &Client, cmd: &Command, _fx: &mut Effects) -> RequestAction {
         match cmd.name.as_str() {
             "flushall" | "flushdb" => RequestAction::Deny(format!("NOPERM '{}' is disabled by the hello plugin", cmd.name)),
             "ping" if cmd.is_empty() => match &self.greeting {

@@ -76,6 +76,7 @@ impl Session {
         if let Ok(mut u) = self.info.user.lock() {
             *u = "default".into();
         }
+        self.plugin_client = None;
     }
 
     /// Checks credentials; on success the session is authenticated as `user`.
@@ -95,6 +96,7 @@ impl Session {
             if let Ok(mut u) = self.info.user.lock() {
                 *u = String::from_utf8_lossy(user).into_owned();
             }
+            self.plugin_client = None;
         }
         ok
     }
@@ -223,6 +225,7 @@ impl Session {
         if let Ok(mut n) = self.info.name.lock() {
             *n = name;
         }
+        self.plugin_client = None;
         true
     }
 

@@ -99,7 +99,7 @@ impl Session {
             let _ = done.send(Ok(frames));
         });
         let silent = self.take_silent();
-        self.queue.push_back(Slot::Waiting { rx, silent, retry: None });
+        self.push_slot(Slot::Waiting { rx, silent, retry: None });
         self.waiting += 1;
     }
 
@@ -172,7 +172,7 @@ impl Session {
         if self.queue.is_empty() {
             self.out.extend_from_slice(&frame);
         } else {
-            self.queue.push_back(Slot::Ready(frame));
+            self.push_slot(Slot::Ready(frame));
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Fails on purpose when asked: `GET plugin:loop` spins forever, `GET plugin:bomb` allocates
 //! far more memory than allowed, `GET plugin:panic` panics. Everything else continues.
-use respire_sdk::{Client, Command, Manifest, Plugin, RequestAction};
+use respire_sdk::{Client, Command, Effects, Manifest, Plugin, RequestAction};
 
 struct Misbehave;
 
@@ -9,7 +9,7 @@ impl Plugin for Misbehave {
         Ok((Misbehave, Manifest::new("misbehave", "0.1.0").commands(&["get"])))
     }
 
-    fn on_request(&mut self, _client: &Client, cmd: &Command) -> RequestAction {
+    fn on_request(&mut self, _client: &Client, cmd: &Command, _fx: &mut Effects) -> RequestAction {
         match cmd.arg(0) {
             Some(b"plugin:loop") => {
                 let mut n: u64 = 0;

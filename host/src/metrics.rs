@@ -1,0 +1,268 @@
+//! Prometheus metrics: the process registry, metrics that plugins declare, and the HTTP
+//! endpoint (`--metrics ADDR`) that serves `/metrics` and `/health`.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Arc, LazyLock, Mutex};
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder, core::Collector,
+};
+use tracing::{info, warn};
+
+/// The process's registry.
+pub fn registry() -> &'static Registry {
+    static R: LazyLock<Registry> = LazyLock::new(Registry::new);
+    &R
+}
+
+/// Most label combinations one plugin metric keeps.
+pub const MAX_SERIES: usize = 1000;
+
+/// Default histogram buckets: 10 µs to 10 s.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Registers a collector, or finds the one already registered under the same definition.
+fn register<C: Collector + Clone + 'static>(c: C) -> C {
+    if let Err(e) = registry().register(Box::new(c.clone())) {
+        warn!(error = %e, "metric not registered");
+    }
+    c
+}
+
+/// A counter family of respire's own (constant, valid names and labels).
+#[allow(clippy::expect_used)]
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    // Only fails for invalid names or labels, and these are constants of respire, covered by
+    // the tests that scrape the endpoint.
+    register(IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition"))
+}
+
+/// Metrics respire keeps about its plugins.
+pub struct PluginStats {
+    /// Hook calls, by plugin, hook and result (`ok`, `error`).
+    pub calls: IntCounterVec,
+    /// Failed calls, by plugin, hook and kind (`trap`, `timeout`, `memory`, `start`).
+    pub failures: IntCounterVec,
+    /// Reloads, by result (`loaded`, `unloaded`, `rejected`).
+    pub reloads: IntCounterVec,
+    /// Metric updates from plugins that were dropped (unknown metric, wrong labels, too many series).
+    pub dropped_updates: IntCounterVec,
+    /// Commands refused because a plugin's token bucket was empty, by plugin and limiter.
+    pub rate_limited: IntCounterVec,
+}
+
+/// The plugin metrics of the process.
+pub fn plugin_stats() -> &'static PluginStats {
+    static S: LazyLock<PluginStats> = LazyLock::new(|| PluginStats {
+        calls: counter_vec("respire_plugin_calls_total", "Plugin hook calls by plugin, hook and result.", &["plugin", "hook", "result"]),
+        failures: counter_vec(
+            "respire_plugin_failures_total",
+            "Plugin calls that failed (trap, timeout, memory, start), by plugin and hook.",
+            &["plugin", "hook", "kind"],
+        ),
+        reloads: counter_vec("respire_plugin_reloads_total", "Plugin folder changes applied, by result.", &["result"]),
+        dropped_updates: counter_vec(
+            "respire_plugin_metric_updates_dropped_total",
+            "Metric updates from plugins that were dropped (unknown metric, wrong labels, too many series).",
+            &["plugin"],
+        ),
+        rate_limited: counter_vec(
+            "respire_plugin_rate_limited_total",
+            "Commands refused because a plugin's token bucket was empty.",
+            &["plugin", "limiter"],
+        ),
+    });
+    &S
+}
+
+/// What a plugin declared for one of its metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricDef {
+    /// The name within the plugin.
+    pub name: String,
+    /// Help text.
+    pub help: String,
+    /// Counter, gauge or histogram.
+    pub kind: MetricKind,
+    /// Label names.
+    pub labels: Vec<String>,
+    /// Histogram buckets (empty: [`LATENCY_BUCKETS`]).
+    pub buckets: Vec<f64>,
+}
+
+/// The kind of a plugin metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    /// Adds.
+    Counter,
+    /// Sets.
+    Gauge,
+    /// Observes.
+    Histogram,
+}
+
+#[derive(Clone)]
+enum Collectors {
+    Counter(prometheus::CounterVec),
+    Gauge(prometheus::GaugeVec),
+    Histogram(HistogramVec),
+}
+
+/// One registered plugin metric.
+pub struct PluginMetric {
+    collectors: Collectors,
+    labels: usize,
+    series: Mutex<HashSet<u64>>,
+    dropped: IntCounter,
+    hasher: RandomState,
+}
+
+impl PluginMetric {
+    /// Applies an update; invalid ones (wrong number of labels, too many series) are dropped and counted.
+    pub fn record(&self, labels: &[String], value: f64) {
+        if labels.len() != self.labels || !value.is_finite() {
+            self.dropped.inc();
+            return;
+        }
+        if self.labels > 0 {
+            let h = self.hasher.hash_one(labels);
+            let mut s = self.series.lock().unwrap_or_else(|p| p.into_inner());
+            if !s.contains(&h) {
+                if s.len() >= MAX_SERIES {
+                    self.dropped.inc();
+                    return;
+                }
+                s.insert(h);
+            }
+        }
+        let l: Vec<&str> = labels.iter().map(String::as_str).collect();
+        let ok = match &self.collectors {
+            Collectors::Counter(c) if value >= 0.0 => c.get_metric_with_label_values(&l).map(|m| m.inc_by(value)).is_ok(),
+            Collectors::Counter(_) => false,
+            Collectors::Gauge(g) => g.get_metric_with_label_values(&l).map(|m| m.set(value)).is_ok(),
+            Collectors::Histogram(h) => h.get_metric_with_label_values(&l).map(|m| m.observe(value)).is_ok(),
+        };
+        if !ok {
+            self.dropped.inc();
+        }
+    }
+}
+
+/// Plugin metrics by full name, so that a reload keeps counting into the same series.
+type Registered = HashMap<String, (MetricDef, Arc<PluginMetric>)>;
+static PLUGIN_METRICS: LazyLock<Mutex<Registered>> = LazyLock::new(Mutex::default);
+
+/// `respire_plugin_<plugin>_<name>` with every character Prometheus does not allow made `_`.
+pub fn plugin_metric_name(plugin: &str, name: &str) -> String {
+    let mut s = String::from("respire_plugin_");
+    for c in plugin.chars().chain(std::iter::once('_')).chain(name.chars()) {
+        s.push(if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' });
+    }
+    s
+}
+
+/// Registers (or finds, when unchanged since a previous load) the metrics a plugin declared.
+pub fn plugin_metrics(plugin: &str, defs: &[MetricDef]) -> Result<Vec<Arc<PluginMetric>>, String> {
+    let mut known = PLUGIN_METRICS.lock().unwrap_or_else(|p| p.into_inner());
+    let mut out = Vec::with_capacity(defs.len());
+    let mut seen = HashSet::new();
+    for d in defs {
+        let full = plugin_metric_name(plugin, &d.name);
+        if !seen.insert(full.clone()) {
+            return Err(format!("metric {:?} is declared twice", d.name));
+        }
+        if let Some((old, m)) = known.get(&full) {
+            if old == d {
+                out.push(m.clone());
+                continue;
+            }
+        }
+        let labels: Vec<&str> = d.labels.iter().map(String::as_str).collect();
+        let help = if d.help.trim().is_empty() { format!("{} (plugin {plugin})", d.name) } else { d.help.clone() };
+        let opts = Opts::new(full.clone(), help.clone());
+        let made = match d.kind {
+            MetricKind::Counter => prometheus::CounterVec::new(opts, &labels).map(Collectors::Counter),
+            MetricKind::Gauge => prometheus::GaugeVec::new(opts, &labels).map(Collectors::Gauge),
+            MetricKind::Histogram => {
+                let buckets = if d.buckets.is_empty() { LATENCY_BUCKETS.to_vec() } else { d.buckets.clone() };
+                HistogramVec::new(HistogramOpts::new(full.clone(), help).buckets(buckets), &labels).map(Collectors::Histogram)
+            }
+        }
+        .map_err(|e| format!("metric {:?}: {e}", d.name))?;
+        // The definition changed: the old series go.
+        if let Some((_, old)) = known.remove(&full) {
+            let _ = match &old.collectors {
+                Collectors::Counter(c) => registry().unregister(Box::new(c.clone())),
+                Collectors::Gauge(c) => registry().unregister(Box::new(c.clone())),
+                Collectors::Histogram(c) => registry().unregister(Box::new(c.clone())),
+            };
+        }
+        let reg = match &made {
+            Collectors::Counter(c) => registry().register(Box::new(c.clone())),
+            Collectors::Gauge(c) => registry().register(Box::new(c.clone())),
+            Collectors::Histogram(c) => registry().register(Box::new(c.clone())),
+        };
+        reg.map_err(|e| format!("metric {:?}: {e}", d.name))?;
+        let m = Arc::new(PluginMetric {
+            collectors: made,
+            labels: d.labels.len(),
+            series: Mutex::default(),
+            dropped: plugin_stats().dropped_updates.with_label_values(&[plugin]),
+            hasher: RandomState::new(),
+        });
+        known.insert(full, (d.clone(), m.clone()));
+        out.push(m);
+    }
+    Ok(out)
+}
+
+/// The text exposition of every metric.
+pub fn render() -> Vec<u8> {
+    let mut buf = Vec::new();
+    if let Err(e) = TextEncoder::new().encode(&registry().gather(), &mut buf) {
+        warn!(error = %e, "metrics encoding failed");
+    }
+    buf
+}
+
+/// Serves `/metrics` and `/health` on `listener` until `shutdown` turns true.
+pub async fn serve(listener: tokio::net::TcpListener, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    use hyper::{Request, Response, StatusCode};
+    if let Ok(a) = listener.local_addr() {
+        info!(addr = %a, "metrics endpoint listening");
+    }
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                let (status, ctype, body) = match req.uri().path() {
+                    "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", Bytes::from(render())),
+                    "/health" => (StatusCode::OK, "text/plain; charset=utf-8", Bytes::from_static(b"ok\n")),
+                    _ => (StatusCode::NOT_FOUND, "text/plain; charset=utf-8", Bytes::from_static(b"not found\n")),
+                };
+                let mut resp = Response::new(Full::new(body));
+                *resp.status_mut() = status;
+                resp.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(ctype));
+                Ok::<_, std::convert::Infallible>(resp)
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+        });
+    }
+}

@@ -1,0 +1,91 @@
+//! A plugin for respire's tests. Its `[config]` (simple `key = value` lines):
+//! - `tag = "a"`: its name in replies and counters;
+//! - `commands = "get set"`, `categories = "read"`: what it asks for;
+//! - `prefix = "a:"`: rewrites the key of `GET`/`SET` by prefixing it;
+//! - `rate = 5`, `burst = 5`: takes a token per command from one bucket per client address
+//!   (`limit_by = "all"`: one bucket for everyone);
+//! - `responses = true`: appends `|tag` to bulk replies and records their latency.
+//!
+//! Every request-hook call adds 1 to the shared counter `calls` (a host call) and to the
+//! metric `calls_total{command}` (an effect). `ECHO probe:<tag>:calls` answers the counter.
+use respire_sdk::{Client, Command, Effects, LimiterId, Manifest, Metric, MetricId, Plugin, Reply, RequestAction, ResponseAction, host, reply};
+
+const CALLS: MetricId = MetricId(0);
+const LATENCY: MetricId = MetricId(1);
+const PER_CLIENT: LimiterId = LimiterId(0);
+
+#[derive(Default)]
+struct Probe {
+    tag: String,
+    prefix: Option<Vec<u8>>,
+    limit: bool,
+    limit_all: bool,
+    responses: bool,
+}
+
+fn setting<'a>(config: &'a str, key: &str) -> Option<&'a str> {
+    config.lines().find_map(|l| {
+        let (k, v) = l.split_once('=')?;
+        (k.trim() == key).then(|| v.trim().trim_matches('"'))
+    })
+}
+
+impl Plugin for Probe {
+    fn init(config: &str) -> Result<(Self, Manifest), String> {
+        let tag = setting(config, "tag").unwrap_or("probe").to_string();
+        let mut manifest = Manifest::new(&format!("probe-{tag}"), "0.1.0")
+            .metric(Metric::counter("calls_total", "Request hook calls").labels(&["command"]))
+            .metric(Metric::histogram("reply_seconds", "Time to the reply").buckets(&[0.0001, 0.001, 0.01, 0.1, 1.0]));
+        let commands: Vec<&str> = setting(config, "commands").unwrap_or("").split_whitespace().collect();
+        let categories: Vec<&str> = setting(config, "categories").unwrap_or("").split_whitespace().collect();
+        manifest = manifest.commands(&commands).categories(&categories).commands(&["echo"]);
+        let rate = match setting(config, "rate") {
+            Some(r) => Some(r.parse::<f64>().map_err(|e| format!("rate: {e}"))?),
+            None => None,
+        };
+        let burst = setting(config, "burst").and_then(|b| b.parse().ok()).unwrap_or(1);
+        manifest = manifest.limiter("per-client", rate.unwrap_or(1.0), burst);
+        let responses = setting(config, "responses") == Some("true");
+        if responses {
+            manifest = manifest.with_responses();
+        }
+        let prefix = setting(config, "prefix").map(|p| p.as_bytes().to_vec());
+        let limit_all = setting(config, "limit_by") == Some("all");
+        Ok((Probe { tag, prefix, limit: rate.is_some(), limit_all, responses }, manifest))
+    }
+
+    fn on_request(&mut self, client: &Client, cmd: &Command, fx: &mut Effects) -> RequestAction {
+        host::counter_add("calls", 1, 0);
+        fx.inc(CALLS, &[cmd.name.as_str()]);
+        if cmd.name == "echo" && cmd.arg(0) == Some(format!("probe:{}:calls", self.tag).as_bytes()) {
+            return RequestAction::Respond(reply::int(host::counter_get("calls")));
+        }
+        if cmd.arg(0) == Some(b"probe:deny") {
+            return RequestAction::Deny(format!("NOPERM denied by probe {}", self.tag));
+        }
+        if self.limit {
+            fx.take(PER_CLIENT, if self.limit_all { "all" } else { client.addr.as_str() }, 1);
+        }
+        if let (Some(prefix), "get" | "set") = (&self.prefix, cmd.name.as_str()) {
+            let mut args: Vec<Vec<u8>> = vec![cmd.name.as_bytes().to_vec()];
+            for (i, a) in cmd.args().enumerate() {
+                args.push(if i == 0 { [prefix.as_slice(), a].concat() } else { a.to_vec() });
+            }
+            return RequestAction::Rewrite(args);
+        }
+        RequestAction::Continue
+    }
+
+    fn on_response(&mut self, _client: &Client, _cmd: &Command, r: &Reply, fx: &mut Effects) -> ResponseAction {
+        if !self.responses {
+            return ResponseAction::Continue;
+        }
+        fx.record(LATENCY, &[], r.elapsed_us() as f64 / 1e6);
+        match r.value() {
+            Some(reply::Value::Bulk(data)) => ResponseAction::Replace(reply::bulk(&[data, b"|", self.tag.as_bytes()].concat())),
+            _ => ResponseAction::Continue,
+        }
+    }
+}
+
+respire_sdk::export_plugin!(Probe);
