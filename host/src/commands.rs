@@ -244,6 +244,28 @@ enum FindKeys {
 struct KeySpec {
     begin: BeginSearch,
     find: FindKeys,
+    /// [`access`] bits of the keys it finds.
+    access: u8,
+}
+
+/// How a command uses a key (from its key spec's flags: `RO` reads, `OW`/`RM` write,
+/// `RW` both; a spec without them is taken as both).
+pub mod access {
+    /// The key's value is read.
+    pub const READ: u8 = 1;
+    /// The key is written, overwritten or removed.
+    pub const WRITE: u8 = 2;
+}
+
+/// Redis's ACL categories, in the order of the `category` flags of respire's plugin contract.
+pub const CATEGORIES: [&str; 21] = [
+    "keyspace", "read", "write", "set", "sortedset", "list", "hash", "string", "bitmap", "hyperloglog", "geo", "stream",
+    "pubsub", "admin", "fast", "slow", "blocking", "dangerous", "connection", "transaction", "scripting",
+];
+
+/// The bit of a category in [`CommandInfo::category_bits`] (0 for an unknown one).
+pub fn category_bit(name: &str) -> u32 {
+    CATEGORIES.iter().position(|c| c.eq_ignore_ascii_case(name.trim_start_matches('@'))).map_or(0, |i| 1 << i)
 }
 
 /// What Redis says about a command: arity, flags, categories and where its keys are.
@@ -257,6 +279,8 @@ pub struct CommandInfo {
     pub flags: u32,
     /// ACL categories without the `@` (`read`, `string`, `fast`, …).
     pub categories: Vec<String>,
+    /// The same as bits (see [`CATEGORIES`]).
+    pub category_bits: u32,
     key_specs: Vec<KeySpec>,
     /// (first, last, step) key positions from before key specs existed.
     legacy: (i64, i64, i64),
@@ -271,16 +295,22 @@ impl CommandInfo {
 
     /// Appends the positions of the keys in `args` to `out`, as Redis finds them.
     pub fn key_positions(&self, args: &[Bytes], out: &mut Vec<usize>) {
+        self.for_each_key(args, |i, _| out.push(i));
+    }
+
+    /// Calls `f` with the position of every key in `args` and how the command uses it.
+    pub fn for_each_key(&self, args: &[Bytes], mut f: impl FnMut(usize, u8)) {
         let argc = args.len() as i64;
         if self.key_specs.is_empty() {
             let (first, last, step) = self.legacy;
             if first <= 0 || step <= 0 {
                 return;
             }
+            let how = if self.has(flags::WRITE) { access::READ | access::WRITE } else { access::READ };
             let last = if last < 0 { argc + last } else { last };
             let mut i = first;
             while i <= last && i < argc {
-                out.push(i as usize);
+                f(i as usize, how);
                 i += step;
             }
             return;
@@ -340,7 +370,7 @@ impl CommandInfo {
             let mut i = first;
             while i <= last && i < argc {
                 if i >= 1 {
-                    out.push(i as usize);
+                    f(i as usize, spec.access);
                 }
                 i += step;
             }
@@ -468,7 +498,8 @@ fn parse_info(v: &Value) -> Option<CommandInfo> {
             }
         }
     }
-    Some(CommandInfo { name, arity, flags: fl, categories, key_specs, legacy, subcommands })
+    let category_bits = categories.iter().fold(0, |b, c| b | category_bit(c));
+    Some(CommandInfo { name, arity, flags: fl, categories, category_bits, key_specs, legacy, subcommands })
 }
 
 fn parse_key_spec(spec: &Value) -> KeySpec {
@@ -495,7 +526,21 @@ fn parse_key_spec(spec: &Value) -> KeySpec {
         },
         _ => FindKeys::Unknown,
     };
-    KeySpec { begin, find }
+    let mut access = 0;
+    if let Some(Value::Array(fl)) = spec.get("flags") {
+        for f in fl {
+            match f.as_bytes().map(|b| b.to_ascii_uppercase()).as_deref() {
+                Some(b"RO") => access |= access::READ,
+                Some(b"RW") => access |= access::READ | access::WRITE,
+                Some(b"OW") | Some(b"RM") => access |= access::WRITE,
+                _ => {}
+            }
+        }
+    }
+    if access == 0 {
+        access = access::READ | access::WRITE;
+    }
+    KeySpec { begin, find, access }
 }
 
 #[cfg(test)]

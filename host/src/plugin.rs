@@ -16,10 +16,12 @@
 //! logged, and the instance is dropped; the next call makes a fresh one.
 //!
 //! The plugin folder is watched ([`watch`]): changes are compiled and checked
-//! off the request path and swapped in atomically.
+//! off the request path and swapped in atomically. Compiled code is cached by
+//! content hash in memory and on disk (`Runtime::compile`).
 //!
-//! Not here yet (see the project's issues): response hooks in the chain, host-owned state (rate limiters, counters),
-//! metrics, precompiled artifact caching.
+//! Hooks return their effects with their decision — token takes and metric
+//! updates — which the host applies after the call ([`PluginCtx`]); token
+//! buckets and counters live in [`crate::state`], shared by all workers.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -526,6 +528,7 @@ impl Runtime {
         Ok(LoadedPlugin {
             commands: manifest.commands.iter().map(|c| c.to_ascii_lowercase()).collect(),
             all: manifest.categories.iter().any(|c| c == "all"),
+            category_bits: manifest.categories.iter().fold(0, |b, c| b | crate::commands::category_bit(c)),
             file_name,
             name,
             engine: self.engine.clone(),
@@ -581,6 +584,8 @@ pub struct LoadedPlugin {
     pub manifest: Manifest,
     commands: HashSet<String>,
     all: bool,
+    /// The categories it asked for, as bits.
+    category_bits: u32,
     /// Traps and time-outs so far.
     pub failures: AtomicU64,
     /// The files' fingerprint when they were read.
@@ -616,9 +621,9 @@ fn new_instance(
 }
 
 impl LoadedPlugin {
-    /// Whether the plugin asked for this command (by name or category).
-    pub fn wants(&self, lower_name: &str, categories: &[String]) -> bool {
-        self.all || self.commands.contains(lower_name) || categories.iter().any(|c| self.manifest.categories.contains(c))
+    /// Whether the plugin asked for this command (by name or category bits).
+    pub fn wants(&self, lower_name: &str, category_bits: u32) -> bool {
+        self.all || category_bits & self.category_bits != 0 || self.commands.contains(lower_name)
     }
 
     /// A fresh instance with `init` run.
@@ -866,7 +871,7 @@ pub enum Decision {
     /// Go on with this command (possibly rewritten).
     Continue {
         /// The new arguments, name first, when a plugin rewrote the command.
-        rewritten: Option<Vec<Vec<u8>>>,
+        rewritten: Option<Vec<bytes::Bytes>>,
         /// A plugin asked for the reply to be cached this long.
         cache: Option<Duration>,
     },
@@ -919,17 +924,18 @@ impl WorkerPlugins {
         args: &[bytes::Bytes],
     ) -> (Decision, Option<Box<ResponseChain>>) {
         let start = std::time::Instant::now();
-        let Some(first) = args.first() else { return (Decision::Continue { rewritten: None, cache: None }, None) };
-        let Some(generation) = self.generation(set) else { return (Decision::Continue { rewritten: None, cache: None }, None) };
+        let continue_ = || (Decision::Continue { rewritten: None, cache: None }, None);
+        let Some(first) = args.first() else { return continue_() };
+        let Some(generation) = self.generation(set) else { return continue_() };
         let mut name = String::from_utf8_lossy(first).to_ascii_lowercase();
-        let mut categories: Vec<String> = table.get(args).map(|i| i.categories.clone()).unwrap_or_default();
-        let mut rewritten: Option<Vec<Vec<u8>>> = None;
+        let mut info = table.get(args);
+        let mut rewritten: Option<Vec<bytes::Bytes>> = None;
         let mut cache = None;
         let mut command: Option<WitCommand> = None;
         let mut responses = Vec::new();
         let mut decision = None;
         for (i, plugin) in set.plugins.iter().enumerate() {
-            if !plugin.wants(&name, &categories) {
+            if !plugin.wants(&name, info.map_or(0, |i| i.category_bits)) {
                 continue;
             }
             if plugin.manifest.on_response {
@@ -938,10 +944,7 @@ impl WorkerPlugins {
             if !plugin.manifest.on_request {
                 continue;
             }
-            let cmd = command.get_or_insert_with(|| match &rewritten {
-                Some(a) => wit_command(&name, a.iter().skip(1).map(|v| v.as_slice())),
-                None => wit_command(&name, args.iter().skip(1).map(|v| v.as_ref())),
-            });
+            let cmd = command.get_or_insert_with(|| wit_command(&name, rewritten.as_deref().unwrap_or(args), info));
             let Some(slot) = generation.instances.get_mut(i) else { continue };
             if slot.is_none() {
                 match plugin.instantiate() {
@@ -993,8 +996,8 @@ impl WorkerPlugins {
                 RequestAction::Rewrite(new_args) => {
                     if let Some(n) = new_args.first() {
                         name = String::from_utf8_lossy(n).to_ascii_lowercase();
-                        let as_bytes: Vec<bytes::Bytes> = new_args.iter().map(|a| bytes::Bytes::copy_from_slice(a)).collect();
-                        categories = table.get(&as_bytes).map(|i| i.categories.clone()).unwrap_or_default();
+                        let new_args: Vec<bytes::Bytes> = new_args.into_iter().map(bytes::Bytes::from).collect();
+                        info = table.get(&new_args);
                         rewritten = Some(new_args);
                         command = None;
                     }
@@ -1002,10 +1005,7 @@ impl WorkerPlugins {
             }
         }
         let chain = (!responses.is_empty()).then(|| {
-            let command = command.unwrap_or_else(|| match &rewritten {
-                Some(a) => wit_command(&name, a.iter().skip(1).map(|v| v.as_slice())),
-                None => wit_command(&name, args.iter().skip(1).map(|v| v.as_ref())),
-            });
+            let command = command.unwrap_or_else(|| wit_command(&name, rewritten.as_deref().unwrap_or(args), info));
             Box::new(ResponseChain { set: set.clone(), plugins: responses, command, start })
         });
         (decision.unwrap_or(Decision::Continue { rewritten, cache }), chain)
@@ -1063,12 +1063,44 @@ impl WorkerPlugins {
     }
 }
 
-fn wit_command<'a>(name: &str, args: impl Iterator<Item = &'a [u8]>) -> WitCommand {
-    let mut data = Vec::new();
-    let mut ends = Vec::new();
-    for a in args {
+/// The contract's view of a command: name, arguments after it in one buffer, categories, keys.
+fn wit_command(name: &str, args: &[bytes::Bytes], info: Option<&crate::commands::CommandInfo>) -> WitCommand {
+    use bindings::respire::plugin::types::{Key, KeyAccess};
+    let mut data = Vec::with_capacity(args.iter().skip(1).map(|a| a.len()).sum());
+    let mut ends = Vec::with_capacity(args.len().saturating_sub(1));
+    for a in args.iter().skip(1) {
         data.extend_from_slice(a);
         ends.push(data.len() as u32);
     }
-    WitCommand { name: name.to_string(), data, ends }
+    let mut keys = Vec::new();
+    if let Some(info) = info {
+        info.for_each_key(args, |i, how| {
+            let mut access = KeyAccess::empty();
+            if how & crate::commands::access::READ != 0 {
+                access |= KeyAccess::READ;
+            }
+            if how & crate::commands::access::WRITE != 0 {
+                access |= KeyAccess::WRITE;
+            }
+            keys.push(Key { index: (i - 1) as u32, access });
+        });
+    }
+    WitCommand {
+        name: name.to_string(),
+        data,
+        ends,
+        categories: categories(info.map_or(0, |i| i.category_bits)),
+        keys,
+    }
+}
+
+/// Category bits (in the order of [`crate::commands::CATEGORIES`]) as the contract's flags.
+fn categories(bits: u32) -> bindings::respire::plugin::types::Category {
+    use bindings::respire::plugin::types::Category as C;
+    const ORDER: [C; 21] = [
+        C::KEYSPACE, C::READ, C::WRITE, C::SET, C::SORTEDSET, C::LIST, C::HASH, C::STRING, C::BITMAP, C::HYPERLOGLOG, C::GEO,
+        C::STREAM, C::PUBSUB, C::ADMIN, C::FAST, C::SLOW, C::BLOCKING, C::DANGEROUS, C::CONNECTION, C::TRANSACTION,
+        C::SCRIPTING,
+    ];
+    ORDER.iter().enumerate().filter(|(i, _)| bits & (1 << i) != 0).fold(C::empty(), |acc, (_, c)| acc | *c)
 }

@@ -612,7 +612,7 @@ impl Session {
             // command simply goes to Redis.
             Decision::Continue { rewritten: None, cache: _ } => {}
             Decision::Continue { rewritten: Some(args), cache: _ } => {
-                cmd = Command::from_args(args.into_iter().map(Bytes::from).collect());
+                cmd = Command::from_args(args);
                 spec = commands::lookup(cmd.name());
             }
             Decision::Deny(msg) => return self.with_hook(chain, |s| s.reply_error(&msg)),

@@ -55,21 +55,35 @@ pub mod bindings {
 
 pub use bindings::respire::plugin::host::Level;
 pub use bindings::respire::plugin::types::{
-    Client, Limiter, Manifest, Metric, MetricKind, MetricUpdate, RequestAction, ResponseAction, Take,
+    Category, Client, Key, KeyAccess, Limiter, Manifest, Metric, MetricKind, MetricUpdate, RequestAction, ResponseAction, Take,
 };
 
-/// A command as a plugin sees it: the lower-case name and zero-copy views of the arguments.
+/// A command as a plugin sees it: the lower-case name, zero-copy views of the arguments,
+/// its ACL categories and its keys.
 pub struct Command {
     /// The command name in lower case.
     pub name: String,
+    /// Its ACL categories (empty when respire does not know the command).
+    pub categories: Category,
     data: Vec<u8>,
     ends: Vec<u32>,
+    keys: Vec<Key>,
 }
 
 impl Command {
     #[doc(hidden)]
     pub fn from_wit(c: bindings::respire::plugin::types::Command) -> Command {
-        Command { name: c.name, data: c.data, ends: c.ends }
+        Command { name: c.name, categories: c.categories, data: c.data, ends: c.ends, keys: c.keys }
+    }
+
+    /// Whether the command is in all of these categories (`Category::WRITE`, …).
+    pub fn is(&self, categories: Category) -> bool {
+        self.categories.contains(categories)
+    }
+
+    /// Its keys, with whether the command reads or writes each.
+    pub fn keys(&self) -> impl Iterator<Item = (&[u8], KeyAccess)> {
+        self.keys.iter().filter_map(|k| Some((self.arg(k.index as usize)?, k.access)))
     }
 
     /// Number of arguments after the name.

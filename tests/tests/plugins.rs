@@ -325,3 +325,35 @@ fn plugin_and_respire_metrics_are_served() {
     assert_eq!(respire_tests::http_get(port, "/health"), (200, "ok\n".to_string()));
     assert_eq!(respire_tests::http_get(port, "/nope").0, 404);
 }
+
+#[test]
+fn plugins_see_categories_and_keys_with_their_access() {
+    let redis = RedisServer::start();
+    let dir = probe_dir(&[("guard", "[config]\ntag = \"g\"\ncategories = \"all\"\nprotect = \"secret:\"\nrefuse_dangerous = true\n")]);
+    let proxy = Respire::start(&redis.addr(), &["--plugins", dir.path().to_str().unwrap()]);
+    let mut direct = redis.client().get_connection().unwrap();
+    let _: () = redis::Commands::set(&mut direct, "secret:x", "s").unwrap();
+    let mut p = Raw::connect(proxy.port);
+    let denied = b"-NOPERM No permissions to access a key\r\n".to_vec();
+    let cases: Vec<(Vec<&[u8]>, Vec<u8>)> = vec![
+        // Reads of protected keys are fine; writes are refused, whichever argument the key is.
+        (vec![b"GET", b"secret:x"], b"$1\r\ns\r\n".to_vec()),
+        (vec![b"SET", b"secret:x", b"v"], denied.clone()),
+        (vec![b"MSET", b"a", b"1", b"secret:y", b"2"], denied.clone()),
+        (vec![b"COPY", b"secret:x", b"plain"], b":1\r\n".to_vec()),
+        (vec![b"COPY", b"plain", b"secret:z"], denied.clone()),
+        (vec![b"LMOVE", b"list", b"secret:l", b"LEFT", b"RIGHT"], denied.clone()),
+        (vec![b"EVAL", b"return 1", b"1", b"secret:x"], denied.clone()),
+        (vec![b"DEL", b"plain"], b":1\r\n".to_vec()),
+        // By category.
+        (vec![b"FLUSHALL"], b"-NOPERM 'flushall' is dangerous\r\n".to_vec()),
+        (vec![b"KEYS", b"*"], b"-NOPERM 'keys' is dangerous\r\n".to_vec()),
+        (vec![b"DBSIZE"], b":1\r\n".to_vec()),
+    ];
+    for (cmd, want) in cases {
+        let got = p.roundtrip(&resp(&cmd), 1);
+        assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&want), "{:?}", String::from_utf8_lossy(&cmd.concat()));
+    }
+    let untouched: Option<String> = redis::Commands::get(&mut direct, "secret:x").unwrap();
+    assert_eq!(untouched.as_deref(), Some("s"));
+}

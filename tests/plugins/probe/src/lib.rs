@@ -6,9 +6,13 @@
 //!   (`limit_by = "all"`: one bucket for everyone);
 //! - `responses = true`: appends `|tag` to bulk replies and records their latency.
 //!
+//! - `count = false`: a pure pass-through (no counting at all), for benchmarks;
+//! - `protect = "secret:"`: refuses commands that write a key with this prefix;
+//! - `refuse_dangerous = true`: refuses commands in the `dangerous` category.
+//!
 //! Every request-hook call adds 1 to the shared counter `calls` (a host call) and to the
 //! metric `calls_total{command}` (an effect). `ECHO probe:<tag>:calls` answers the counter.
-use respire_sdk::{Client, Command, Effects, LimiterId, Manifest, Metric, MetricId, Plugin, Reply, RequestAction, ResponseAction, host, reply};
+use respire_sdk::{Category, Client, Command, Effects, KeyAccess, LimiterId, Manifest, Metric, MetricId, Plugin, Reply, RequestAction, ResponseAction, host, reply};
 
 const CALLS: MetricId = MetricId(0);
 const LATENCY: MetricId = MetricId(1);
@@ -21,6 +25,9 @@ struct Probe {
     limit: bool,
     limit_all: bool,
     responses: bool,
+    count: bool,
+    protect: Option<Vec<u8>>,
+    refuse_dangerous: bool,
 }
 
 fn setting<'a>(config: &'a str, key: &str) -> Option<&'a str> {
@@ -51,14 +58,29 @@ impl Plugin for Probe {
         }
         let prefix = setting(config, "prefix").map(|p| p.as_bytes().to_vec());
         let limit_all = setting(config, "limit_by") == Some("all");
-        Ok((Probe { tag, prefix, limit: rate.is_some(), limit_all, responses }, manifest))
+        let count = setting(config, "count") != Some("false");
+        let protect = setting(config, "protect").map(|p| p.as_bytes().to_vec());
+        let refuse_dangerous = setting(config, "refuse_dangerous") == Some("true");
+        let probe = Probe { tag, prefix, limit: rate.is_some(), limit_all, responses, count, protect, refuse_dangerous };
+        Ok((probe, manifest))
     }
 
     fn on_request(&mut self, client: &Client, cmd: &Command, fx: &mut Effects) -> RequestAction {
+        if !self.count {
+            return RequestAction::Continue;
+        }
         host::counter_add("calls", 1, 0);
         fx.inc(CALLS, &[cmd.name.as_str()]);
         if cmd.name == "echo" && cmd.arg(0) == Some(format!("probe:{}:calls", self.tag).as_bytes()) {
             return RequestAction::Respond(reply::int(host::counter_get("calls")));
+        }
+        if self.refuse_dangerous && cmd.is(Category::DANGEROUS) {
+            return RequestAction::Deny(format!("NOPERM '{}' is dangerous", cmd.name));
+        }
+        if let Some(p) = &self.protect
+            && cmd.keys().any(|(k, how)| how.contains(KeyAccess::WRITE) && k.starts_with(p))
+        {
+            return RequestAction::Deny("NOPERM No permissions to access a key".into());
         }
         if cmd.arg(0) == Some(b"probe:deny") {
             return RequestAction::Deny(format!("NOPERM denied by probe {}", self.tag));

@@ -1,0 +1,117 @@
+//! Micro-benchmarks of the request path: framing, slot hashing, the command table,
+//! routing a multi-key command, and plugin hook calls (one plugin, a chain, a response).
+//!
+//!   cargo bench -p respire-tests --bench micro
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use criterion::{Criterion, criterion_group, criterion_main};
+use respire::commands::CommandTable;
+use respire::plugin::{Client, PluginSet, Runtime, WorkerPlugins};
+use respire::protocol::{RequestLimits, RequestParser, reply_len};
+use respire::topology::{Topology, key_slot};
+
+fn args(parts: &[&str]) -> Vec<Bytes> {
+    parts.iter().map(|p| Bytes::copy_from_slice(p.as_bytes())).collect()
+}
+
+fn framing(c: &mut Criterion) {
+    let limits = RequestLimits { max_args: 1 << 20, max_bulk: 512 << 20 };
+    let mut one = Vec::new();
+    let value = "x".repeat(32);
+    for i in 0..16 {
+        let key = format!("key:{i:06}");
+        one.extend_from_slice(format!("*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n$32\r\n{value}\r\n", key.len()).as_bytes());
+    }
+    c.bench_function("parse 16 pipelined SETs", |b| {
+        let mut parser = RequestParser::new();
+        b.iter(|| {
+            let mut buf = BytesMut::from(&one[..]);
+            let mut n = 0;
+            while let Ok(Some(cmd)) = parser.parse(&mut buf, &limits, true) {
+                n += cmd.args.len();
+            }
+            assert_eq!(n, 48);
+        })
+    });
+    let reply = format!("*10\r\n{}", "$32\r\nxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\r\n".repeat(10));
+    c.bench_function("measure a 10-element array reply", |b| {
+        b.iter(|| assert_eq!(reply_len(std::hint::black_box(reply.as_bytes())).unwrap(), Some(reply.len())))
+    });
+}
+
+fn routing(c: &mut Criterion) {
+    c.bench_function("key_slot plain key", |b| b.iter(|| key_slot(std::hint::black_box(b"user:1000:profile"))));
+    c.bench_function("key_slot hash tag", |b| b.iter(|| key_slot(std::hint::black_box(b"{user:1000}:profile"))));
+    let table = CommandTable::builtin();
+    let get = args(&["GET", "user:1000"]);
+    c.bench_function("command table: GET info and keys", |b| {
+        let mut keys = Vec::new();
+        b.iter(|| {
+            keys.clear();
+            let info = table.get(std::hint::black_box(&get)).unwrap();
+            info.key_positions(&get, &mut keys);
+            assert_eq!(keys.len(), 1);
+        })
+    });
+    let shard = |a: &str| (a.to_string(), Vec::new(), Vec::new());
+    let topo = Topology::shards(&[shard("127.0.0.1:7001"), shard("127.0.0.1:7002"), shard("127.0.0.1:7003")]).unwrap();
+    let mget: Vec<Bytes> = std::iter::once(Bytes::from_static(b"MGET")).chain((0..10).map(|i| Bytes::from(format!("key:{i}")))).collect();
+    c.bench_function("plan MGET of 10 keys over 3 shards", |b| {
+        b.iter(|| std::hint::black_box(respire::router::plan(&table, std::hint::black_box(&mget), &topo)))
+    });
+}
+
+/// A plugin folder with the probe plugin as `NAME.wasm` per (name, config) pair.
+fn plugin_set(rt: &Runtime, probes: &[(&str, &str)]) -> (tempfile::TempDir, Arc<PluginSet>) {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, config) in probes {
+        std::fs::copy(respire_tests::probe_plugin(), dir.path().join(format!("{name}.wasm"))).unwrap();
+        std::fs::write(dir.path().join(format!("{name}.toml")), config).unwrap();
+    }
+    let (plugins, errors) = rt.load_dir(dir.path());
+    assert!(errors.is_empty(), "{errors:?}");
+    (dir, Arc::new(PluginSet { version: 1, plugins }))
+}
+
+fn plugins(c: &mut Criterion) {
+    let rt = Runtime::new(None).unwrap();
+    let table = CommandTable::builtin();
+    let client = Client { id: 7, addr: "127.0.0.1:50000".into(), user: "default".into(), db: 0, name: String::new(), protocol: 2 };
+    let get = args(&["GET", "user:1000"]);
+    let pass = "[config]\ncategories = \"all\"\ncount = false\n";
+
+    let (_d1, one) = plugin_set(&rt, &[("pass", pass)]);
+    let mut w = WorkerPlugins::default();
+    c.bench_function("plugin: one pass-through request hook", |b| {
+        b.iter(|| std::hint::black_box(w.on_request(&one, &table, &client, &get)))
+    });
+
+    let (_d2, four) = plugin_set(&rt, &[("p1", pass), ("p2", pass), ("p3", pass), ("p4", pass)]);
+    let mut w = WorkerPlugins::default();
+    c.bench_function("plugin: chain of four request hooks", |b| {
+        b.iter(|| std::hint::black_box(w.on_request(&four, &table, &client, &get)))
+    });
+
+    let (_d3, effects) = plugin_set(&rt, &[("count", "[config]\ncommands = \"get\"\nrate = 1000000\nburst = 1000000\n")]);
+    let mut w = WorkerPlugins::default();
+    c.bench_function("plugin: request hook with a host call, a metric and a token take", |b| {
+        b.iter(|| std::hint::black_box(w.on_request(&effects, &table, &client, &get)))
+    });
+
+    let (_d4, resp) = plugin_set(&rt, &[("resp", "[config]\ncommands = \"get\"\ncount = false\nresponses = true\n")]);
+    let mut w = WorkerPlugins::default();
+    let reply = b"$32\r\nxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\r\n";
+    c.bench_function("plugin: request and response hooks (reply replaced)", |b| {
+        b.iter(|| {
+            let (_, chain) = w.on_request(&resp, &table, &client, &get);
+            let chain = chain.unwrap();
+            std::hint::black_box(w.on_response(&chain, &client, reply))
+        })
+    });
+}
+
+criterion_group!(benches, framing, routing, plugins);
+criterion_main!(benches);
