@@ -348,9 +348,11 @@ impl Config {
         }
     }
 
-    /// Whether clients must authenticate.
+    /// Whether clients must authenticate. As in Redis, the `default` user needs a password
+    /// only when `requirepass` is set; named users can always `AUTH` (and an ACL plugin can
+    /// give unauthenticated clients as little as it likes).
     pub fn auth_required(&self) -> bool {
-        self.requirepass.is_some() || !self.users.is_empty()
+        self.requirepass.is_some()
     }
 }
 

@@ -44,8 +44,8 @@ struct Opts {
     #[arg(long, global = true, value_name = "DIR")]
     plugins: Option<PathBuf>,
     /// Folder of compiled plugins kept across restarts ("" turns it off).
-    #[arg(long, global = true, value_name = "DIR")]
-    plugin_cache: Option<PathBuf>,
+    #[arg(long, global = true, value_name = "DIR", value_parser = clap::builder::OsStringValueParser::new())]
+    plugin_cache: Option<std::ffi::OsString>,
     /// Address for the Prometheus metrics endpoint, e.g. 127.0.0.1:9379.
     #[arg(long, global = true, value_name = "ADDR")]
     metrics: Option<String>,
@@ -153,7 +153,7 @@ fn build_config(o: &Opts) -> Result<Config, String> {
         c.backend.password = Some(v.clone());
     }
     if let Some(p) = &o.plugin_cache {
-        c.plugin_cache = Some(p.clone());
+        c.plugin_cache = Some(PathBuf::from(p));
     }
     if let Some(p) = &o.plugins {
         c.plugins = Some(p.clone());
@@ -175,7 +175,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Some(Cmd::Plugin { action: PluginCmd::Check { file } }) = &cli.command {
-        return plugin_check(file, cli.opts.config.as_deref(), cli.opts.plugin_cache.as_deref());
+        return plugin_check(file, cli.opts.config.as_deref(), cli.opts.plugin_cache.as_deref().map(std::path::Path::new));
     }
     let config = match build_config(&cli.opts) {
         Ok(c) => c,

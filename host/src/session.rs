@@ -615,7 +615,13 @@ impl Session {
                 cmd = Command::from_args(args);
                 spec = commands::lookup(cmd.name());
             }
-            Decision::Deny(msg) => return self.with_hook(chain, |s| s.reply_error(&msg)),
+            Decision::Deny(msg) => {
+                // As a command Redis refuses while queueing: the transaction will abort.
+                if self.in_multi {
+                    self.tx_poisoned = true;
+                }
+                return self.with_hook(chain, |s| s.reply_error(&msg));
+            }
             Decision::Respond(bytes) => {
                 if resp::reply_len(&bytes).ok().flatten() != Some(bytes.len()) {
                     return self.with_hook(chain, |s| s.reply_error("ERR respire: a plugin answered with an invalid reply"));

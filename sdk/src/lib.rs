@@ -323,6 +323,13 @@ pub mod host {
     }
 }
 
+/// Reads the plugin's configuration (the TOML text `init` gets) into `T`, with a message
+/// that names the offending field when it does not fit. Needs the `config` feature.
+#[cfg(feature = "config")]
+pub fn config<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
+    toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
+}
+
 /// Writes a line to respire's log (same as [`host::log`]).
 pub fn log(level: Level, message: &str) {
     host::log(level, message);

@@ -89,6 +89,15 @@ fn plugins(c: &mut Criterion) {
         b.iter(|| std::hint::black_box(w.on_request(&one, &table, &client, &get)))
     });
 
+    let ping = args(&["PING"]);
+    c.bench_function("plugin: one pass-through request hook, no arguments", |b| {
+        b.iter(|| std::hint::black_box(w.on_request(&one, &table, &client, &ping)))
+    });
+    let (_d0, other) = plugin_set(&rt, &[("other", "[config]\ncommands = \"set\"\ncount = false\n")]);
+    c.bench_function("plugin: chain with no plugin for the command", |b| {
+        b.iter(|| std::hint::black_box(w.on_request(&other, &table, &client, &get)))
+    });
+
     let (_d2, four) = plugin_set(&rt, &[("p1", pass), ("p2", pass), ("p3", pass), ("p4", pass)]);
     let mut w = WorkerPlugins::default();
     c.bench_function("plugin: chain of four request hooks", |b| {

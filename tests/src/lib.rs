@@ -387,7 +387,7 @@ fn build_plugins() {
     BUILT.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
-            .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2", "-p", "hello-plugin", "-p", "misbehave-plugin", "-p", "probe-plugin"])
+            .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2", "-p", "hello-plugin", "-p", "misbehave-plugin", "-p", "probe-plugin", "-p", "respire-plugin-acl", "-p", "respire-plugin-rate-limit", "-p", "respire-plugin-metrics"])
             .arg("--manifest-path")
             .arg(&manifest)
             .status();
@@ -419,6 +419,11 @@ pub fn misbehave_plugin() -> PathBuf {
 /// A configurable plugin that counts, rewrites, takes tokens and tags replies (see tests/plugins/probe).
 pub fn probe_plugin() -> PathBuf {
     wasm_artifact("probe_plugin")
+}
+
+/// A plugin shipped in `plugins/` (`acl`, …), built for `wasm32-wasip2`.
+pub fn shipped_plugin(name: &str) -> PathBuf {
+    wasm_artifact(name)
 }
 
 /// `GET path` over HTTP/1.1 on loopback: the status code and the body.

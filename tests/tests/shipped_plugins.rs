@@ -1,0 +1,210 @@
+//! The plugins shipped in `plugins/`, end to end through respire against real Redis.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use respire_tests::{Raw, RedisServer, Respire, resp, shipped_plugin};
+
+/// A plugin folder with one shipped plugin and this settings text.
+fn plugin_dir(name: &str, settings: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    add_plugin(&dir, name, settings);
+    dir
+}
+
+/// Adds a shipped plugin (`rate-limit` is built as `rate_limit.wasm`) with its settings.
+fn add_plugin(dir: &tempfile::TempDir, name: &str, settings: &str) {
+    std::fs::copy(shipped_plugin(&name.replace('-', "_")), dir.path().join(format!("{name}.wasm"))).unwrap();
+    std::fs::write(dir.path().join(format!("{name}.toml")), settings).unwrap();
+}
+
+fn text(p: &mut Raw, cmd: &[&[u8]]) -> String {
+    String::from_utf8_lossy(&p.roundtrip(&resp(cmd), 1)).into_owned()
+}
+
+#[test]
+fn acl_rules_per_user_key_channel_and_network() {
+    let redis = RedisServer::start();
+    let acl = r#"
+order = 10
+on_error = "closed"
+[config]
+default = "+@all -@dangerous ~* &*"
+[config.users]
+alice = "+@read +@connection +@pubsub +@transaction ~cache:* &news:*"
+writer = "+@all -@dangerous %R~* %W~app:*"
+ops = { rules = "+@all ~* &*", from = ["10.0.0.0/8"] }
+"#;
+    let dir = plugin_dir("acl", acl);
+    let users = [("alice", "wonder"), ("writer", "pen"), ("ops", "ops")];
+    let mut cfg = format!("plugins = \"{}\"\n", dir.path().display());
+    for (u, p) in users {
+        cfg.push_str(&format!("[[users]]\nname = \"{u}\"\npassword = \"{p}\"\n"));
+    }
+    cfg.push_str(&format!("[backend]\naddress = \"{}\"\n", redis.addr()));
+    let proxy = Respire::with_config(&cfg);
+    let mut direct = redis.client().get_connection().unwrap();
+    let _: () = redis::Commands::set(&mut direct, "cache:1", "c").unwrap();
+    let _: () = redis::Commands::set(&mut direct, "other", "o").unwrap();
+
+    // Unauthenticated clients are the default user: everything but @dangerous.
+    let mut d = Raw::connect(proxy.port);
+    assert_eq!(text(&mut d, &[b"GET", b"other"]), "$1\r\no\r\n");
+    assert_eq!(text(&mut d, &[b"FLUSHALL"]), "-NOPERM User default has no permissions to run the 'flushall' command\r\n");
+    assert_eq!(text(&mut d, &[b"CONFIG", b"GET", b"maxmemory"]), "-NOPERM User default has no permissions to run the 'config|get' command\r\n");
+
+    // alice: reads under cache:*, news channels.
+    let mut a = Raw::connect(proxy.port);
+    assert_eq!(text(&mut a, &[b"AUTH", b"alice", b"wonder"]), "+OK\r\n");
+    assert_eq!(text(&mut a, &[b"GET", b"cache:1"]), "$1\r\nc\r\n");
+    assert_eq!(text(&mut a, &[b"GET", b"other"]), "-NOPERM No permissions to access a key\r\n");
+    assert_eq!(text(&mut a, &[b"MGET", b"cache:1", b"other"]), "-NOPERM No permissions to access a key\r\n");
+    assert_eq!(text(&mut a, &[b"SET", b"cache:1", b"x"]), "-NOPERM User alice has no permissions to run the 'set' command\r\n");
+    assert_eq!(text(&mut a, &[b"PUBLISH", b"news:today", b"hi"]), ":0\r\n");
+    assert_eq!(text(&mut a, &[b"PUBLISH", b"gossip", b"hi"]), "-NOPERM No permissions to access a channel\r\n");
+    assert_eq!(text(&mut a, &[b"PING"]), "+PONG\r\n");
+    // A transaction with a refused command aborts, as in Redis.
+    let got = a.roundtrip(&[resp(&[b"MULTI"]), resp(&[b"GET", b"cache:1"]), resp(&[b"GET", b"other"]), resp(&[b"EXEC"])].concat(), 4);
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "+OK\r\n+QUEUED\r\n-NOPERM No permissions to access a key\r\n-EXECABORT Transaction discarded because of previous errors.\r\n"
+    );
+
+    // writer: reads anything, writes only app:*; each key is checked for the access it needs.
+    let mut w = Raw::connect(proxy.port);
+    assert_eq!(text(&mut w, &[b"AUTH", b"writer", b"pen"]), "+OK\r\n");
+    assert_eq!(text(&mut w, &[b"COPY", b"other", b"app:copy"]), ":1\r\n");
+    assert_eq!(text(&mut w, &[b"COPY", b"app:copy", b"other2"]), "-NOPERM No permissions to access a key\r\n");
+    assert_eq!(text(&mut w, &[b"SET", b"other", b"x"]), "-NOPERM No permissions to access a key\r\n");
+    assert_eq!(text(&mut w, &[b"INCR", b"app:n"]), ":1\r\n");
+    assert_eq!(text(&mut w, &[b"EVAL", b"return redis.call('get', KEYS[1])", b"1", b"app:copy"]), "$1\r\no\r\n");
+    assert_eq!(text(&mut w, &[b"EVAL", b"return 1", b"1", b"other"]), "-NOPERM No permissions to access a key\r\n");
+
+    // ops may only come from 10.0.0.0/8.
+    let mut o = Raw::connect(proxy.port);
+    assert_eq!(text(&mut o, &[b"AUTH", b"ops", b"ops"]), "+OK\r\n");
+    assert_eq!(text(&mut o, &[b"GET", b"other"]), "-NOPERM User ops is not allowed from 127.0.0.1\r\n");
+    // RESET makes a client the default user again.
+    assert_eq!(text(&mut o, &[b"RESET"]), "+RESET\r\n");
+    assert_eq!(text(&mut o, &[b"GET", b"other"]), "$1\r\no\r\n");
+
+    // Nothing refused reached Redis.
+    let v: Option<String> = redis::Commands::get(&mut direct, "other").unwrap();
+    assert_eq!(v.as_deref(), Some("o"));
+    let n: i64 = redis::cmd("DBSIZE").query(&mut direct).unwrap();
+    assert_eq!(n, 4, "cache:1, other, app:copy, app:n");
+}
+
+#[test]
+fn acl_refuses_bad_rules_and_keeps_the_running_version() {
+    let dir = plugin_dir("acl", "[config]\ndefault = \"+@all ~*\"\n");
+    let check = |settings: &str| {
+        let s = dir.path().join("check.toml");
+        std::fs::write(&s, settings).unwrap();
+        std::process::Command::new(respire_tests::respire_bin())
+            .args(["plugin", "check"])
+            .arg(dir.path().join("acl.wasm"))
+            .arg("--config")
+            .arg(&s)
+            .output()
+            .unwrap()
+    };
+    let ok = check("[config]\ndefault = \"+@all ~*\"\n");
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    for (bad, says) in [
+        ("[config]\ndefault = \"+@nosuch\"\n", "+@nosuch"),
+        ("[config.users]\nalice = \"+@all >secret\"\n", "passwords belong"),
+        ("[config.users]\nalice = { rules = \"+@all\", from = [\"10.0.0.0/40\"] }\n", "users.alice.from"),
+        ("[config]\ndefualt = \"+@all\"\n", "defualt"),
+    ] {
+        let out = check(bad);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{bad}: {err}");
+    }
+}
+
+#[test]
+fn rate_limits_hold_across_workers_and_take_all_or_nothing() {
+    let redis = RedisServer::start();
+    let rules = r#"
+[[config.rules]]
+name = "per-client"
+rate = 0.001
+burst = 6
+categories = ["read", "write"]
+by = ["client"]
+
+[[config.rules]]
+name = "writes-per-tenant"
+rate = 0.001
+burst = 1
+categories = ["write"]
+by = ["prefix"]
+prefix_segments = 2
+
+[[config.rules]]
+name = "keys"
+rate = 0.001
+burst = 1
+commands = ["keys"]
+by = ["user", "command"]
+"#;
+    let dir = plugin_dir("rate-limit", rules);
+    let proxy = Respire::start(&redis.addr(), &["--plugins", dir.path().to_str().unwrap(), "--workers", "2"]);
+    let refused = |r: &str, rule: &str| r.starts_with(&format!("-ERR rate limit '{rule}' exceeded, retry in ")) && r.ends_with(" ms\r\n");
+    let mut a = Raw::connect(proxy.port);
+    // One write per tenant prefix; a refused write gives back the per-client token it took.
+    assert_eq!(text(&mut a, &[b"SET", b"t:1:a", b"x"]), "+OK\r\n");
+    assert!(refused(&text(&mut a, &[b"SET", b"t:1:b", b"x"]), "writes-per-tenant"));
+    assert_eq!(text(&mut a, &[b"SET", b"t:2:a", b"x"]), "+OK\r\n");
+    // KEYS once per user.
+    assert_eq!(text(&mut a, &[b"KEYS", b"t:9*"]), "*0\r\n");
+    assert!(refused(&text(&mut a, &[b"KEYS", b"t:9*"]), "keys"));
+    // (The fixture's PINGs while respire starts are in neither category.)
+    // The per-client bucket (6) is shared by every connection from 127.0.0.1, on both workers:
+    // 3 tokens were used above (the refused SET's was given back, the refused KEYS's too).
+    let mut conns: Vec<Raw> = (0..4).map(|_| Raw::connect(proxy.port)).collect();
+    let (mut ok, mut limited) = (0, 0);
+    for c in conns.iter_mut() {
+        for _ in 0..3 {
+            let r = text(c, &[b"GET", b"t:1:a"]);
+            if r == "$1\r\nx\r\n" {
+                ok += 1;
+            } else {
+                assert!(refused(&r, "per-client"), "{r:?}");
+                limited += 1;
+            }
+        }
+    }
+    assert_eq!((ok, limited), (3, 9));
+    let v: Option<String> = redis::Commands::get(&mut redis.client().get_connection().unwrap(), "t:1:b").unwrap();
+    assert_eq!(v, None, "a refused command never reached Redis");
+}
+
+#[test]
+fn traffic_metrics_by_command_prefix_and_error() {
+    let redis = RedisServer::start();
+    let dir = plugin_dir("metrics", "order = 1\n[config]\nprefix_segments = 1\n");
+    add_plugin(&dir, "acl", "order = 10\n[config]\ndefault = \"+@all -flushall ~*\"\n");
+    let port = respire_tests::free_port();
+    let proxy = Respire::start(&redis.addr(), &["--plugins", dir.path().to_str().unwrap(), "--metrics", &format!("127.0.0.1:{port}")]);
+    let mut p = Raw::connect(proxy.port);
+    for i in 0..3 {
+        assert_eq!(text(&mut p, &[b"SET", format!("shop:cart:{i}").as_bytes(), b"x"]), "+OK\r\n");
+    }
+    assert_eq!(text(&mut p, &[b"GET", b"shop:cart:0"]), "$1\r\nx\r\n");
+    assert!(text(&mut p, &[b"LPUSH", b"shop:cart:0", b"x"]).starts_with("-WRONGTYPE"));
+    assert!(text(&mut p, &[b"FLUSHALL"]).starts_with("-NOPERM"));
+    assert_eq!(text(&mut p, &[b"ECHO", b"hi"]), "$2\r\nhi\r\n");
+    let (status, body) = respire_tests::http_get(port, "/metrics");
+    assert_eq!(status, 200);
+    let v = |s: &str| respire_tests::metric_value(&body, s);
+    assert_eq!(v("respire_plugin_metrics_commands_total{command=\"set\",prefix=\"shop\",result=\"ok\"}"), Some(3.0), "{body}");
+    assert_eq!(v("respire_plugin_metrics_commands_total{command=\"get\",prefix=\"shop\",result=\"ok\"}"), Some(1.0), "{body}");
+    assert_eq!(v("respire_plugin_metrics_commands_total{command=\"lpush\",prefix=\"shop\",result=\"error\"}"), Some(1.0), "{body}");
+    // The ACL's refusal is seen too: the metrics plugin runs first, so its response hook runs last.
+    assert_eq!(v("respire_plugin_metrics_commands_total{command=\"flushall\",prefix=\"\",result=\"error\"}"), Some(1.0), "{body}");
+    assert_eq!(v("respire_plugin_metrics_errors_total{code=\"WRONGTYPE\"}"), Some(1.0), "{body}");
+    assert_eq!(v("respire_plugin_metrics_errors_total{code=\"NOPERM\"}"), Some(1.0), "{body}");
+    assert_eq!(v("respire_plugin_metrics_latency_seconds_count{command=\"set\"}"), Some(3.0), "{body}");
+    assert_eq!(v("respire_plugin_metrics_reply_bytes_sum{command=\"echo\"}"), Some(8.0), "{body}");
+}
