@@ -107,12 +107,11 @@ impl Acl {
             }
             return Ok(&u.rules);
         }
-        if client.user == "default" {
-            if let Some(ip) = ip {
-                if let Some((_, r)) = self.networks.iter().find(|(c, _)| c.contains(ip)) {
-                    return Ok(r);
-                }
-            }
+        if client.user == "default"
+            && let Some(ip) = ip
+            && let Some((_, r)) = self.networks.iter().find(|(c, _)| c.contains(ip))
+        {
+            return Ok(r);
         }
         Ok(&self.default)
     }

@@ -117,7 +117,7 @@ fn ip(addr: &str) -> &str {
 impl Rule {
     /// The bucket this command takes from, or `None` when the rule does not apply to it.
     pub fn bucket(&self, client: &Client, cmd: &Command) -> Option<String> {
-        if !self.commands.is_empty() && !self.commands.iter().any(|c| *c == cmd.name) {
+        if !self.commands.is_empty() && !self.commands.contains(&cmd.name) {
             return None;
         }
         let matched = self.categories.iter().find(|(_, c)| cmd.categories.intersects(*c)).map(|(n, _)| n.as_str());
