@@ -923,7 +923,8 @@ impl WorkerPlugins {
         client: &Client,
         args: &[bytes::Bytes],
     ) -> (Decision, Option<Box<ResponseChain>>) {
-        let start = std::time::Instant::now();
+        // Read the clock only when some plugin will want the elapsed time.
+        let mut start = None;
         let continue_ = || (Decision::Continue { rewritten: None, cache: None }, None);
         let Some(first) = args.first() else { return continue_() };
         let Some(generation) = self.generation(set) else { return continue_() };
@@ -939,6 +940,7 @@ impl WorkerPlugins {
                 continue;
             }
             if plugin.manifest.on_response {
+                start.get_or_insert_with(std::time::Instant::now);
                 responses.push(i);
             }
             if !plugin.manifest.on_request {
@@ -1006,7 +1008,7 @@ impl WorkerPlugins {
         }
         let chain = (!responses.is_empty()).then(|| {
             let command = command.unwrap_or_else(|| wit_command(&name, rewritten.as_deref().unwrap_or(args), info));
-            Box::new(ResponseChain { set: set.clone(), plugins: responses, command, start })
+            Box::new(ResponseChain { set: set.clone(), plugins: responses, command, start: start.unwrap_or_else(std::time::Instant::now) })
         });
         (decision.unwrap_or(Decision::Continue { rewritten, cache }), chain)
     }
@@ -1066,8 +1068,10 @@ impl WorkerPlugins {
 /// The contract's view of a command: name, arguments after it in one buffer, categories, keys.
 fn wit_command(name: &str, args: &[bytes::Bytes], info: Option<&crate::commands::CommandInfo>) -> WitCommand {
     use bindings::respire::plugin::types::{Key, KeyAccess};
-    let mut data = Vec::with_capacity(args.iter().skip(1).map(|a| a.len()).sum());
-    let mut ends = Vec::with_capacity(args.len().saturating_sub(1));
+    let mut data = Vec::with_capacity(name.len() + args.iter().skip(1).map(|a| a.len()).sum::<usize>());
+    let mut ends = Vec::with_capacity(args.len());
+    data.extend_from_slice(name.as_bytes());
+    ends.push(data.len() as u32);
     for a in args.iter().skip(1) {
         data.extend_from_slice(a);
         ends.push(data.len() as u32);
@@ -1086,7 +1090,6 @@ fn wit_command(name: &str, args: &[bytes::Bytes], info: Option<&crate::commands:
         });
     }
     WitCommand {
-        name: name.to_string(),
         data,
         ends,
         categories: categories(info.map_or(0, |i| i.category_bits)),

@@ -73,7 +73,9 @@ pub struct Command {
 impl Command {
     #[doc(hidden)]
     pub fn from_wit(c: bindings::respire::plugin::types::Command) -> Command {
-        Command { name: c.name, categories: c.categories, data: c.data, ends: c.ends, keys: c.keys }
+        let name_end = c.ends.first().map_or(0, |e| *e as usize);
+        let name = String::from_utf8_lossy(c.data.get(..name_end).unwrap_or_default()).into_owned();
+        Command { name, categories: c.categories, data: c.data, ends: c.ends, keys: c.keys }
     }
 
     /// Whether the command is in all of these categories (`Category::WRITE`, …).
@@ -88,18 +90,18 @@ impl Command {
 
     /// Number of arguments after the name.
     pub fn len(&self) -> usize {
-        self.ends.len()
+        self.ends.len().saturating_sub(1)
     }
 
     /// Whether the command has no arguments.
     pub fn is_empty(&self) -> bool {
-        self.ends.is_empty()
+        self.len() == 0
     }
 
     /// Argument `i` (0 is the first argument after the name).
     pub fn arg(&self, i: usize) -> Option<&[u8]> {
-        let end = *self.ends.get(i)? as usize;
-        let start = if i == 0 { 0 } else { *self.ends.get(i - 1)? as usize };
+        let start = *self.ends.get(i)? as usize;
+        let end = *self.ends.get(i + 1)? as usize;
         self.data.get(start..end)
     }
 
