@@ -715,7 +715,52 @@ pub struct PluginSet {
 /// A worker's instances of one plugin set.
 struct Generation {
     version: u64,
-    instances: Vec<Option<Instance>>,
+    instances: Vec<PluginSlot>,
+}
+
+/// A worker's instance of one plugin, with its failure streak: after three failures in a
+/// row the instance is remade only after a pause (10 ms, doubling up to 1 s), so a plugin
+/// that fails on every call is not re-instantiated on every command; meanwhile its
+/// `on_error` policy applies.
+#[derive(Default)]
+struct PluginSlot {
+    inst: Option<Instance>,
+    failing: u32,
+    retry_at: Option<std::time::Instant>,
+}
+
+impl PluginSlot {
+    /// The live instance, made when needed; `None` when there is none to call now.
+    fn get(&mut self, plugin: &LoadedPlugin, hook: &str) -> Option<&mut Instance> {
+        if self.inst.is_none() {
+            if self.retry_at.is_some_and(|t| std::time::Instant::now() < t) {
+                return None;
+            }
+            match plugin.instantiate() {
+                Ok(i) => self.inst = Some(i),
+                Err(e) => {
+                    note_failure(plugin, hook, "start", &e);
+                    self.failed();
+                    return None;
+                }
+            }
+        }
+        self.inst.as_mut()
+    }
+
+    fn failed(&mut self) {
+        self.inst = None;
+        self.failing = self.failing.saturating_add(1);
+        if self.failing >= 3 {
+            let ms = (10u64 << (self.failing - 3).min(7)).min(1000);
+            self.retry_at = Some(std::time::Instant::now() + Duration::from_millis(ms));
+        }
+    }
+
+    fn succeeded(&mut self) {
+        self.failing = 0;
+        self.retry_at = None;
+    }
 }
 
 /// A worker's instances of the plugin set (made on first use, remade after a failure or a
@@ -902,7 +947,7 @@ impl WorkerPlugins {
     /// The instances of `set`: the current generation, the previous one, or a new current one
     /// when `set` is newer (the old current becomes the previous). `None` for an older set.
     fn generation(&mut self, set: &PluginSet) -> Option<&mut Generation> {
-        let fresh = || Generation { version: set.version, instances: (0..set.plugins.len()).map(|_| None).collect() };
+        let fresh = || Generation { version: set.version, instances: (0..set.plugins.len()).map(|_| PluginSlot::default()).collect() };
         match (&self.current, &self.previous) {
             (Some(c), _) if c.version == set.version => self.current.as_mut(),
             (_, Some(p)) if p.version == set.version => self.previous.as_mut(),
@@ -948,26 +993,23 @@ impl WorkerPlugins {
             }
             let cmd = command.get_or_insert_with(|| wit_command(&name, rewritten.as_deref().unwrap_or(args), info));
             let Some(slot) = generation.instances.get_mut(i) else { continue };
-            if slot.is_none() {
-                match plugin.instantiate() {
-                    Ok(inst) => *slot = Some(inst),
-                    Err(e) => {
-                        note_failure(plugin, "request", "start", &e);
-                        if plugin.settings.on_error == OnError::Closed {
-                            decision = Some(Decision::Deny(format!("ERR respire: plugin {} is failing", plugin.file_name)));
-                            break;
-                        }
-                        continue;
-                    }
+            let Some(inst) = slot.get(plugin, "request") else {
+                if plugin.settings.on_error == OnError::Closed {
+                    decision = Some(Decision::Deny(format!("ERR respire: plugin {} is failing", plugin.file_name)));
+                    break;
                 }
-            }
-            let Some(inst) = slot.as_mut() else { continue };
-            let result = match inst.on_request(plugin.settings.time_budget, client, cmd) {
-                Ok(r) => r,
+                continue;
+            };
+            let result = inst.on_request(plugin.settings.time_budget, client, cmd);
+            let result = match result {
+                Ok(r) => {
+                    slot.succeeded();
+                    r
+                }
                 Err((kind, e)) => {
                     plugin.ctx.stats.request_err.inc();
                     note_failure(plugin, "request", kind.as_str(), &e);
-                    *slot = None;
+                    slot.failed();
                     if plugin.settings.on_error == OnError::Closed {
                         decision = Some(Decision::Deny(format!("ERR respire: plugin {} failed", plugin.file_name)));
                         break;
@@ -1022,19 +1064,12 @@ impl WorkerPlugins {
         for &i in chain.plugins.iter().rev() {
             let Some(plugin) = chain.set.plugins.get(i) else { continue };
             let Some(slot) = generation.instances.get_mut(i) else { continue };
-            if slot.is_none() {
-                match plugin.instantiate() {
-                    Ok(inst) => *slot = Some(inst),
-                    Err(e) => {
-                        note_failure(plugin, "response", "start", &e);
-                        continue;
-                    }
-                }
-            }
-            let Some(inst) = slot.as_mut() else { continue };
+            let Some(inst) = slot.get(plugin, "response") else { continue };
             let current = replaced.as_deref().unwrap_or(reply);
-            match inst.on_response(plugin.settings.time_budget, client, &chain.command, current, elapsed_us) {
+            let result = inst.on_response(plugin.settings.time_budget, client, &chain.command, current, elapsed_us);
+            match result {
                 Ok(r) => {
+                    slot.succeeded();
                     plugin.ctx.stats.response_ok.inc();
                     plugin.ctx.record(&r.metrics);
                     if let ResponseAction::Replace(bytes) = r.action {
@@ -1048,7 +1083,7 @@ impl WorkerPlugins {
                 Err((kind, e)) => {
                     plugin.ctx.stats.response_err.inc();
                     note_failure(plugin, "response", kind.as_str(), &e);
-                    *slot = None;
+                    slot.failed();
                     if plugin.settings.on_error == OnError::Closed {
                         let mut b = Vec::new();
                         let text = format!("ERR respire: plugin {} failed", plugin.file_name);

@@ -89,6 +89,10 @@ fn plugins(c: &mut Criterion) {
         b.iter(|| std::hint::black_box(w.on_request(&one, &table, &client, &get)))
     });
 
+    let anon = Client { id: 7, addr: String::new(), user: String::new(), db: 0, name: String::new(), protocol: 2 };
+    c.bench_function("plugin: one pass-through request hook, empty client strings", |b| {
+        b.iter(|| std::hint::black_box(w.on_request(&one, &table, &anon, &get)))
+    });
     let ping = args(&["PING"]);
     c.bench_function("plugin: one pass-through request hook, no arguments", |b| {
         b.iter(|| std::hint::black_box(w.on_request(&one, &table, &client, &ping)))

@@ -357,3 +357,30 @@ fn plugins_see_categories_and_keys_with_their_access() {
     let untouched: Option<String> = redis::Commands::get(&mut direct, "secret:x").unwrap();
     assert_eq!(untouched.as_deref(), Some("s"));
 }
+
+#[test]
+fn a_plugin_that_keeps_failing_is_backed_off() {
+    let redis = RedisServer::start();
+    let dir = misbehave_dir("on_error = \"open\"\n");
+    let port = respire_tests::free_port();
+    let proxy = Respire::start(
+        &redis.addr(),
+        &["--plugins", dir.path().to_str().unwrap(), "--workers", "1", "--metrics", &format!("127.0.0.1:{port}")],
+    );
+    let mut p = Raw::connect(proxy.port);
+    // 500 failing calls in one pipeline: every command is still answered (on_error = "open"),
+    // but after three failures in a row the plugin is left alone for a while instead of
+    // being re-instantiated for every command.
+    let batch: Vec<u8> = (0..500).flat_map(|_| resp(&[b"GET", b"plugin:panic"])).collect();
+    let got = p.roundtrip(&batch, 500);
+    assert_eq!(got, b"$-1\r\n".repeat(500));
+    let (_, body) = respire_tests::http_get(port, "/metrics");
+    let traps = respire_tests::metric_value(&body, "respire_plugin_failures_total{hook=\"request\",kind=\"trap\",plugin=\"misbehave\"}").unwrap();
+    assert!((3.0..250.0).contains(&traps), "{traps} traps for 500 failing commands");
+    // After the pause the plugin is called again, and a success ends the streak.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(p.roundtrip(&resp(&[b"GET", b"fine"]), 1), b"$-1\r\n");
+    let (_, body) = respire_tests::http_get(port, "/metrics");
+    let ok = respire_tests::metric_value(&body, "respire_plugin_calls_total{hook=\"request\",plugin=\"misbehave\",result=\"ok\"}");
+    assert_eq!(ok, Some(1.0), "{body}");
+}
