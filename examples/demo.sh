@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
-# The respire demo: a local 3-master/3-replica Redis Cluster, respire in front of it,
-# and what to try.
+# The respire demo: a local 3-master/3-replica Redis Cluster, respire in front of it with
+# the shipped plugins (acl, rate-limit, metrics) loaded and metrics served, and what to try.
 # Installs what is missing, builds respire, and stops everything on Ctrl-C.
 #
 #   bash examples/demo.sh                 # respire on 127.0.0.1:6380
-#   RESPIRE_PORT=7380 bash examples/demo.sh
+#   RESPIRE_PORT=7380 METRICS_PORT=9479 bash examples/demo.sh
 #   DEMO_SECONDS=5 bash examples/demo.sh  # stop by itself after 5 seconds (for tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 RESPIRE_PORT=${RESPIRE_PORT:-6380}
+METRICS_PORT=${METRICS_PORT:-9379}
 
 source examples/common.sh
 ensure_commands redis-server:redis-server redis-cli:redis-tools
-echo "==> building respire"
+rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+echo "==> building respire and its plugins"
 cargo build --release --locked -p respire
+cargo build --release --locked --target wasm32-wasip2 \
+  -p respire-plugin-acl -p respire-plugin-rate-limit -p respire-plugin-metrics
 
 
 work=$(mktemp -d)
@@ -46,8 +50,17 @@ for _ in $(seq 200); do
   sleep 0.1
 done
 
+# The shipped plugins with their sample settings (the ACL's default user may do anything
+# but @dangerous commands).
+plugins="$work/plugins"
+mkdir -p "$plugins"
+for p in acl rate-limit metrics; do
+  cp "target/wasm32-wasip2/release/${p//-/_}.wasm" "$plugins/$p.wasm"
+  cp "plugins/$p/$p.toml" "$plugins/$p.toml"
+done
+
 target/release/respire --listen "127.0.0.1:$RESPIRE_PORT" --cluster "127.0.0.1:${ports[0]},127.0.0.1:${ports[1]}" \
-  2> >(tee "$work/respire.log" >&2) &
+  --plugins "$plugins" --metrics "127.0.0.1:$METRICS_PORT" 2> >(tee "$work/respire.log" >&2) &
 pids+=($!)
 wait_port "$RESPIRE_PORT"
 
@@ -62,7 +75,12 @@ Try:
   redis-cli -p $RESPIRE_PORT -3 hello 3
   redis-cli -p $RESPIRE_PORT cluster slots        # respire presents itself as one node
   redis-cli -p <a replica's port> cluster failover   # respire keeps serving through it
+  redis-cli -p $RESPIRE_PORT flushall             # refused by the acl plugin (-NOPERM)
   redis-benchmark -p $RESPIRE_PORT -t set,get -c 50 -q
+  curl -s 127.0.0.1:$METRICS_PORT/metrics | grep respire_plugin_metrics_commands_total
+Plugins are loaded from $plugins: edit a .toml there (say, lower a rate in
+rate-limit.toml, or add "-get" to the default rule in acl.toml) and respire reloads it
+within a second, without dropping a connection.
 Press Ctrl-C to stop.
 EOF
 

@@ -132,6 +132,11 @@ pub struct StoreData {
     /// What the host imports work on (absent while the first instance's `init` runs, before
     /// the manifest is known).
     ctx: Option<Arc<PluginCtx>>,
+    /// The time budget of a call.
+    budget: Duration,
+    /// Set when the current call ran past its budget in wall time: the thread's CPU time then,
+    /// and how many times the deadline was extended since.
+    overtime: Option<(Option<Duration>, u32)>,
 }
 
 impl ResourceLimiter for StoreData {
@@ -609,10 +614,35 @@ fn new_instance(
         memory_denied: false,
         name: name.clone(),
         ctx,
+        budget: settings.time_budget,
+        overtime: None,
     };
     let mut store = Store::new(engine, data);
     store.limiter(|d| d);
-    store.epoch_deadline_trap();
+    // The budget is CPU time, measured without a clock read per call: the epoch (wall time)
+    // deadline fires first; then the thread's CPU time decides. A plugin that was only
+    // descheduled (a busy machine) gets more time; one that used at least half a budget of
+    // CPU since its deadline is stopped (a trap, counted as a timeout). Extensions are
+    // bounded, so even a starved thread stops within 50 budgets of wall time.
+    store.epoch_deadline_callback(|mut ctx| {
+        let d = ctx.data_mut();
+        let extend = ticks(d.budget);
+        match &mut d.overtime {
+            None => {
+                d.overtime = Some((thread_cpu(), 0));
+                Ok(wasmtime::UpdateDeadline::Continue(extend))
+            }
+            Some((since, extensions)) => {
+                *extensions += 1;
+                let used = since.zip(thread_cpu()).map(|(s, now)| now.saturating_sub(s));
+                if *extensions > 50 || used.is_none_or(|u| u >= d.budget / 2) {
+                    Ok(wasmtime::UpdateDeadline::Interrupt)
+                } else {
+                    Ok(wasmtime::UpdateDeadline::Continue(extend))
+                }
+            }
+        }
+    });
     // Instantiation and init get a generous budget (they may build tables).
     store.set_epoch_deadline(ticks(settings.time_budget) * 100);
     let plugin = pre.instantiate(&mut store)?;
@@ -634,6 +664,11 @@ impl LoadedPlugin {
             Err(e) => Err(format!("{e:#}")),
         }
     }
+}
+
+/// CPU time used by this thread so far.
+fn thread_cpu() -> Option<Duration> {
+    cpu_time::ThreadTime::try_now().ok().map(|t| t.as_duration())
 }
 
 fn ticks(budget: Duration) -> u64 {
@@ -669,7 +704,10 @@ impl Failure {
 
 impl Instance {
     fn prepare(&mut self, budget: Duration) {
-        self.store.data_mut().memory_denied = false;
+        let d = self.store.data_mut();
+        d.memory_denied = false;
+        d.overtime = None;
+        d.budget = budget;
         self.store.set_epoch_deadline(ticks(budget));
     }
 

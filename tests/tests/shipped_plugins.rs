@@ -208,3 +208,20 @@ fn traffic_metrics_by_command_prefix_and_error() {
     assert_eq!(v("respire_plugin_metrics_latency_seconds_count{command=\"set\"}"), Some(3.0), "{body}");
     assert_eq!(v("respire_plugin_metrics_reply_bytes_sum{command=\"echo\"}"), Some(8.0), "{body}");
 }
+
+#[test]
+fn the_sample_settings_of_every_shipped_plugin_are_valid() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for name in ["acl", "rate-limit", "metrics"] {
+        let out = std::process::Command::new(respire_tests::respire_bin())
+            .args(["plugin", "check", "--plugin-cache", ""])
+            .arg(shipped_plugin(&name.replace('-', "_")))
+            .arg("--config")
+            .arg(root.join(format!("plugins/{name}/{name}.toml")))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains(&format!("plugin {name} ")), "{name}: {stdout}");
+    }
+}
