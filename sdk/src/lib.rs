@@ -105,6 +105,11 @@ impl Command {
         self.data.get(start..end)
     }
 
+    /// Bytes of the name and all arguments together.
+    pub fn size(&self) -> usize {
+        self.data.len()
+    }
+
     /// Every argument after the name.
     pub fn args(&self) -> impl Iterator<Item = &[u8]> {
         (0..self.len()).filter_map(|i| self.arg(i))

@@ -183,7 +183,7 @@ by = ["user", "command"]
 #[test]
 fn traffic_metrics_by_command_prefix_and_error() {
     let redis = RedisServer::start();
-    let dir = plugin_dir("metrics", "order = 1\n[config]\nprefix_segments = 1\n");
+    let dir = plugin_dir("metrics", "order = 1\n[config]\nprefix_segments = 1\nmax_prefixes = 2\n");
     add_plugin(&dir, "acl", "order = 10\n[config]\ndefault = \"+@all -flushall ~*\"\n");
     let port = respire_tests::free_port();
     let proxy = Respire::start(&redis.addr(), &["--plugins", dir.path().to_str().unwrap(), "--metrics", &format!("127.0.0.1:{port}")]);
@@ -195,6 +195,10 @@ fn traffic_metrics_by_command_prefix_and_error() {
     assert!(text(&mut p, &[b"LPUSH", b"shop:cart:0", b"x"]).starts_with("-WRONGTYPE"));
     assert!(text(&mut p, &[b"FLUSHALL"]).starts_with("-NOPERM"));
     assert_eq!(text(&mut p, &[b"ECHO", b"hi"]), "$2\r\nhi\r\n");
+    // Two prefixes get labels of their own (max_prefixes = 2); the rest are "other".
+    for k in ["users:1", "orders:1", "carts:1"] {
+        assert_eq!(text(&mut p, &[b"GET", k.as_bytes()]), "$-1\r\n");
+    }
     let (status, body) = respire_tests::http_get(port, "/metrics");
     assert_eq!(status, 200);
     let v = |s: &str| respire_tests::metric_value(&body, s);
@@ -207,6 +211,10 @@ fn traffic_metrics_by_command_prefix_and_error() {
     assert_eq!(v("respire_plugin_metrics_errors_total{code=\"NOPERM\"}"), Some(1.0), "{body}");
     assert_eq!(v("respire_plugin_metrics_latency_seconds_count{command=\"set\"}"), Some(3.0), "{body}");
     assert_eq!(v("respire_plugin_metrics_reply_bytes_sum{command=\"echo\"}"), Some(8.0), "{body}");
+    assert_eq!(v("respire_plugin_metrics_request_bytes_sum{command=\"echo\"}"), Some(6.0), "{body}");
+    assert_eq!(v("respire_plugin_metrics_commands_total{command=\"get\",prefix=\"users\",result=\"ok\"}"), Some(1.0), "{body}");
+    assert_eq!(v("respire_plugin_metrics_commands_total{command=\"get\",prefix=\"other\",result=\"ok\"}"), Some(2.0), "{body}");
+    assert_eq!(v("respire_plugin_metrics_prefix_latency_seconds_count{prefix=\"shop\"}"), Some(5.0), "{body}");
 }
 
 #[test]

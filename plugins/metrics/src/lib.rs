@@ -5,6 +5,7 @@
 //! ```toml
 //! [config]
 //! prefix_segments = 1     # the `prefix` label: first N `:`-separated segments of the first key (0: no label)
+//! max_prefixes = 100      # distinct prefixes with a label of their own; the rest are `other`
 //! ```
 //!
 //! Labels stay bounded: command names respire does not know are counted as `other`, and
@@ -16,12 +17,20 @@ const COMMANDS: MetricId = MetricId(0);
 const LATENCY: MetricId = MetricId(1);
 const REPLY_BYTES: MetricId = MetricId(2);
 const ERRORS: MetricId = MetricId(3);
+const REQUEST_BYTES: MetricId = MetricId(4);
+const PREFIX_LATENCY: MetricId = MetricId(5);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Config {
     #[serde(default = "one")]
     prefix_segments: usize,
+    #[serde(default = "hundred")]
+    max_prefixes: usize,
+}
+
+fn hundred() -> usize {
+    100
 }
 
 fn one() -> usize {
@@ -31,6 +40,24 @@ fn one() -> usize {
 /// The plugin's state.
 pub struct Metrics {
     prefix_segments: usize,
+    max_prefixes: usize,
+    /// Prefixes given a label of their own so far (by this instance); later ones are `other`.
+    prefixes: std::collections::HashSet<String>,
+}
+
+impl Metrics {
+    /// The `prefix` label of a key: its first segments, or `other` past the cap.
+    fn prefix_label(&mut self, key: &[u8]) -> String {
+        let p = prefix(key, self.prefix_segments);
+        if self.prefixes.contains(&p) {
+            return p;
+        }
+        if self.prefixes.len() < self.max_prefixes {
+            self.prefixes.insert(p.clone());
+            return p;
+        }
+        "other".into()
+    }
 }
 
 /// The first `n` `:`-separated segments of `key` (lossy UTF-8).
@@ -69,21 +96,35 @@ impl Plugin for Metrics {
                     .labels(&["command"])
                     .buckets(&[16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0]),
             )
-            .metric(Metric::counter("errors_total", "Error replies, by error code.").labels(&["code"]));
-        Ok((Metrics { prefix_segments: c.prefix_segments }, manifest))
+            .metric(Metric::counter("errors_total", "Error replies, by error code.").labels(&["code"]))
+            .metric(
+                Metric::histogram("request_bytes", "Size of commands (name and arguments), by command.")
+                    .labels(&["command"])
+                    .buckets(&[16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0]),
+            )
+            .metric(Metric::histogram("prefix_latency_seconds", "Time from respire reading a command to its reply, by key prefix.").labels(&["prefix"]));
+        Ok((Metrics { prefix_segments: c.prefix_segments, max_prefixes: c.max_prefixes, prefixes: Default::default() }, manifest))
     }
 
     fn on_response(&mut self, _client: &Client, cmd: &Command, reply: &Reply, fx: &mut Effects) -> ResponseAction {
         let name = if cmd.categories.is_empty() { "other" } else { cmd.name.as_str() };
         let code = error_code(reply.raw());
         let result = if code.is_some() { "error" } else { "ok" };
+        let seconds = reply.elapsed_us() as f64 / 1e6;
         if self.prefix_segments > 0 {
-            let p = cmd.keys().next().map(|(k, _)| prefix(k, self.prefix_segments)).unwrap_or_default();
+            let p = match cmd.keys().next() {
+                Some((k, _)) => self.prefix_label(k),
+                None => String::new(),
+            };
             fx.inc(COMMANDS, &[name, &p, result]);
+            if !p.is_empty() {
+                fx.record(PREFIX_LATENCY, &[&p], seconds);
+            }
         } else {
             fx.inc(COMMANDS, &[name, result]);
         }
-        fx.record(LATENCY, &[name], reply.elapsed_us() as f64 / 1e6);
+        fx.record(LATENCY, &[name], seconds);
+        fx.record(REQUEST_BYTES, &[name], cmd.size() as f64);
         fx.record(REPLY_BYTES, &[name], reply.raw().len() as f64);
         if let Some(code) = code {
             fx.inc(ERRORS, &[&code]);
