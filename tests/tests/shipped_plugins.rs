@@ -233,3 +233,37 @@ fn the_sample_settings_of_every_shipped_plugin_are_valid() {
         assert!(stdout.contains(&format!("plugin {name} ")), "{name}: {stdout}");
     }
 }
+
+#[test]
+fn a_rate_limit_holds_its_configured_rate_under_load() {
+    let redis = RedisServer::start();
+    let rules = "[[config.rules]]\nname = \"all\"\nrate = 300\nburst = 30\ncommands = [\"get\"]\n";
+    let dir = plugin_dir("rate-limit", rules);
+    let proxy = Respire::start(&redis.addr(), &["--plugins", dir.path().to_str().unwrap(), "--workers", "2"]);
+    let port = proxy.port;
+    let start = std::time::Instant::now();
+    let run = std::time::Duration::from_secs(3);
+    // Four clients pipelining GETs as fast as they can, for a bounded time.
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut c = Raw::connect(port);
+                let batch: Vec<u8> = (0..20).flat_map(|_| resp(&[b"GET", b"k"])).collect();
+                let (mut ok, mut refused) = (0u64, 0u64);
+                while start.elapsed() < run {
+                    let got = String::from_utf8(c.roundtrip(&batch, 20)).unwrap();
+                    ok += got.matches("$-1\r\n").count() as u64;
+                    refused += got.matches("-ERR rate limit 'all' exceeded").count() as u64;
+                }
+                (ok, refused)
+            })
+        })
+        .collect();
+    let (ok, refused) = threads.into_iter().map(|t| t.join().unwrap()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    let elapsed = start.elapsed().as_secs_f64();
+    let allowed = 300.0 * elapsed + 30.0;
+    eprintln!("{ok} allowed, {refused} refused in {elapsed:.2} s; the limit allows {allowed:.0}");
+    assert!(refused > ok, "the load must exceed the limit for the test to mean anything");
+    let ratio = ok as f64 / allowed;
+    assert!((0.9..=1.1).contains(&ratio), "{ok} allowed where the rate allows {allowed:.0} ({ratio:.2}×)");
+}
