@@ -229,8 +229,72 @@ pub fn render() -> Vec<u8> {
     buf
 }
 
-/// Serves `/metrics` and `/health` on `listener` until `shutdown` turns true.
-pub async fn serve(listener: tokio::net::TcpListener, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+/// `/plugins`: the loaded plugins as JSON.
+fn plugins_json(shared: &crate::server::Shared) -> Vec<u8> {
+    let set = shared.plugins.load();
+    let list: Vec<serde_json::Value> = set
+        .plugins
+        .iter()
+        .map(|p| {
+            let m = &p.manifest;
+            serde_json::json!({
+                "file": format!("{}.wasm", p.file_name),
+                "name": m.name,
+                "version": m.version,
+                "order": p.settings.order,
+                "on_error": match p.settings.on_error { crate::plugin::OnError::Open => "open", crate::plugin::OnError::Closed => "closed" },
+                "time_budget_us": p.settings.time_budget.as_micros() as u64,
+                "max_memory": p.settings.max_memory.as_u64(),
+                "commands": m.commands,
+                "categories": m.categories,
+                "on_request": m.on_request,
+                "on_response": m.on_response,
+                "failures": p.failures.load(std::sync::atomic::Ordering::Relaxed),
+                "code": p.compiled.to_string(),
+            })
+        })
+        .collect();
+    let body = serde_json::json!({ "version": set.version, "plugins": list });
+    let mut out = serde_json::to_vec_pretty(&body).unwrap_or_default();
+    out.push(b'\n');
+    out
+}
+
+/// `/ready`: every slot has a master and every master answers (any reply counts, an
+/// authentication error included) within the connect timeout. The reason when not.
+async fn ready(shared: &crate::server::Shared) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let topo = shared.topology.load();
+    if !topo.complete() {
+        return Err("the topology is not known yet (some slots have no master)".into());
+    }
+    let timeout = shared.config.backend.connect_timeout;
+    for m in topo.masters() {
+        let Some(addr) = topo.nodes.get(m).cloned() else { continue };
+        let probe = async {
+            let mut s = tokio::net::TcpStream::connect(&*addr).await?;
+            s.write_all(b"PING\r\n").await?;
+            let mut b = [0u8; 64];
+            match s.read(&mut b).await? {
+                0 => Err(std::io::Error::other("closed the connection")),
+                _ => Ok(()),
+            }
+        };
+        match tokio::time::timeout(timeout, probe).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(format!("backend {addr} is unreachable: {e}")),
+            Err(_) => return Err(format!("backend {addr} did not answer within {timeout:?}")),
+        }
+    }
+    Ok(())
+}
+
+/// Serves `/metrics`, `/health`, `/ready` and `/plugins` on `listener` until `shutdown` turns true.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    shared: Arc<crate::server::Shared>,
+) {
     use http_body_util::Full;
     use hyper::body::Bytes;
     use hyper::{Request, Response, StatusCode};
@@ -249,17 +313,27 @@ pub async fn serve(listener: tokio::net::TcpListener, mut shutdown: tokio::sync:
             },
             _ = shutdown.changed() => return,
         };
+        let shared = shared.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
-                let (status, ctype, body) = match req.uri().path() {
-                    "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", Bytes::from(render())),
-                    "/health" => (StatusCode::OK, "text/plain; charset=utf-8", Bytes::from_static(b"ok\n")),
-                    _ => (StatusCode::NOT_FOUND, "text/plain; charset=utf-8", Bytes::from_static(b"not found\n")),
-                };
-                let mut resp = Response::new(Full::new(body));
-                *resp.status_mut() = status;
-                resp.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(ctype));
-                Ok::<_, std::convert::Infallible>(resp)
+            let svc = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| {
+                let shared = shared.clone();
+                async move {
+                    const TEXT: &str = "text/plain; charset=utf-8";
+                    let (status, ctype, body) = match req.uri().path() {
+                        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", Bytes::from(render())),
+                        "/health" => (StatusCode::OK, TEXT, Bytes::from_static(b"ok\n")),
+                        "/ready" => match ready(&shared).await {
+                            Ok(()) => (StatusCode::OK, TEXT, Bytes::from_static(b"ready\n")),
+                            Err(why) => (StatusCode::SERVICE_UNAVAILABLE, TEXT, Bytes::from(format!("not ready: {why}\n"))),
+                        },
+                        "/plugins" => (StatusCode::OK, "application/json", Bytes::from(plugins_json(&shared))),
+                        _ => (StatusCode::NOT_FOUND, TEXT, Bytes::from_static(b"not found\n")),
+                    };
+                    let mut resp = Response::new(Full::new(body));
+                    *resp.status_mut() = status;
+                    resp.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(ctype));
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;

@@ -176,6 +176,7 @@ impl Server {
             let listener = std::net::TcpListener::bind(&addr).map_err(|source| ServerError::Bind { addr: addr.clone(), source })?;
             listener.set_nonblocking(true).map_err(ServerError::Start)?;
             let shutdown = shared.shutdown.clone();
+            let admin = shared.clone();
             let t = std::thread::Builder::new()
                 .name("respire-metrics".into())
                 .spawn(move || {
@@ -185,7 +186,7 @@ impl Server {
                     };
                     rt.block_on(async move {
                         match tokio::net::TcpListener::from_std(listener) {
-                            Ok(l) => crate::metrics::serve(l, shutdown).await,
+                            Ok(l) => crate::metrics::serve(l, shutdown, admin).await,
                             Err(e) => error!(error = %e, "cannot start the metrics endpoint"),
                         }
                     });

@@ -384,3 +384,29 @@ fn a_plugin_that_keeps_failing_is_backed_off() {
     let ok = respire_tests::metric_value(&body, "respire_plugin_calls_total{hook=\"request\",plugin=\"misbehave\",result=\"ok\"}");
     assert_eq!(ok, Some(1.0), "{body}");
 }
+
+#[test]
+fn admin_endpoints_report_plugins_and_readiness() {
+    let mut redis = RedisServer::start();
+    let dir = probe_dir(&[("probe", "order = 5\non_error = \"closed\"\n[config]\ntag = \"p\"\ncommands = \"get\"\nresponses = true\n")]);
+    let port = respire_tests::free_port();
+    let proxy = Respire::start(&redis.addr(), &["--plugins", dir.path().to_str().unwrap(), "--metrics", &format!("127.0.0.1:{port}")]);
+    let (status, body) = respire_tests::http_get(port, "/plugins");
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let p = &v["plugins"][0];
+    assert_eq!(p["file"], "probe.wasm", "{body}");
+    assert_eq!(p["name"], "probe-p");
+    assert_eq!(p["order"], 5);
+    assert_eq!(p["on_error"], "closed");
+    assert_eq!(p["on_response"], true);
+    assert!(p["commands"].as_array().unwrap().iter().any(|c| c == "get"), "{body}");
+    assert_eq!(respire_tests::http_get(port, "/ready"), (200, "ready\n".to_string()));
+    // With its backend gone, respire is alive but not ready, and says why.
+    redis.kill();
+    let (status, body) = respire_tests::http_get(port, "/ready");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.starts_with("not ready: backend 127.0.0.1:") && body.contains("unreachable"), "{body}");
+    assert_eq!(respire_tests::http_get(port, "/health").0, 200);
+    drop(proxy);
+}
