@@ -116,6 +116,35 @@ impl Command {
     }
 }
 
+/// A Redis ACL category by name (`read`, `@write`, … case-insensitive), as in `COMMAND INFO`.
+pub fn category(name: &str) -> Option<Category> {
+    const ALL: [(&str, Category); 21] = [
+        ("keyspace", Category::KEYSPACE),
+        ("read", Category::READ),
+        ("write", Category::WRITE),
+        ("set", Category::SET),
+        ("sortedset", Category::SORTEDSET),
+        ("list", Category::LIST),
+        ("hash", Category::HASH),
+        ("string", Category::STRING),
+        ("bitmap", Category::BITMAP),
+        ("hyperloglog", Category::HYPERLOGLOG),
+        ("geo", Category::GEO),
+        ("stream", Category::STREAM),
+        ("pubsub", Category::PUBSUB),
+        ("admin", Category::ADMIN),
+        ("fast", Category::FAST),
+        ("slow", Category::SLOW),
+        ("blocking", Category::BLOCKING),
+        ("dangerous", Category::DANGEROUS),
+        ("connection", Category::CONNECTION),
+        ("transaction", Category::TRANSACTION),
+        ("scripting", Category::SCRIPTING),
+    ];
+    let name = name.trim_start_matches('@');
+    ALL.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, c)| *c)
+}
+
 /// Names a metric by its position among the manifest's metrics (the first declared is 0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MetricId(pub u32);
@@ -431,9 +460,9 @@ pub mod reply {
         let (text, used) = line(rest)?;
         let used = used + 1;
         let blob = |len: i64| -> Option<(&[u8], usize)> {
-            let len = usize::try_from(len).ok()?;
-            let data = b.get(used..used + len)?;
-            (b.get(used + len..used + len + 2)? == b"\r\n").then_some((data, used + len + 2))
+            let end = used.checked_add(usize::try_from(len).ok()?)?;
+            let data = b.get(used..end)?;
+            (b.get(end..end.checked_add(2)?)? == b"\r\n").then_some((data, end + 2))
         };
         let items = |n: usize, mut at: usize| -> Option<(Vec<Value<'_>>, usize)> {
             let mut v = Vec::with_capacity(n.min(1024));

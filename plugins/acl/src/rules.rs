@@ -23,33 +23,6 @@ enum Matcher {
     Subcommand(String, String),
 }
 
-fn category(name: &str) -> Option<Category> {
-    Some(match name {
-        "keyspace" => Category::KEYSPACE,
-        "read" => Category::READ,
-        "write" => Category::WRITE,
-        "set" => Category::SET,
-        "sortedset" => Category::SORTEDSET,
-        "list" => Category::LIST,
-        "hash" => Category::HASH,
-        "string" => Category::STRING,
-        "bitmap" => Category::BITMAP,
-        "hyperloglog" => Category::HYPERLOGLOG,
-        "geo" => Category::GEO,
-        "stream" => Category::STREAM,
-        "pubsub" => Category::PUBSUB,
-        "admin" => Category::ADMIN,
-        "fast" => Category::FAST,
-        "slow" => Category::SLOW,
-        "blocking" => Category::BLOCKING,
-        "dangerous" => Category::DANGEROUS,
-        "connection" => Category::CONNECTION,
-        "transaction" => Category::TRANSACTION,
-        "scripting" => Category::SCRIPTING,
-        _ => return None,
-    })
-}
-
 /// One user's compiled rules.
 #[derive(Debug, Clone, Default)]
 pub struct Rules {
@@ -99,7 +72,7 @@ impl Rules {
                             if cat == "all" {
                                 Matcher::All
                             } else {
-                                Matcher::Category(category(cat).ok_or_else(|| format!("'{tok}': unknown category"))?)
+                                Matcher::Category(respire_sdk::category(cat).ok_or_else(|| format!("'{tok}': unknown category"))?)
                             }
                         } else if let Some((c, s)) = rest.split_once('|') {
                             Matcher::Subcommand(c.to_string(), s.to_string())

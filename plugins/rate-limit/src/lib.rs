@@ -79,33 +79,6 @@ pub struct Rule {
     cost: u32,
 }
 
-fn category(name: &str) -> Option<Category> {
-    let all = [
-        ("keyspace", Category::KEYSPACE),
-        ("read", Category::READ),
-        ("write", Category::WRITE),
-        ("set", Category::SET),
-        ("sortedset", Category::SORTEDSET),
-        ("list", Category::LIST),
-        ("hash", Category::HASH),
-        ("string", Category::STRING),
-        ("bitmap", Category::BITMAP),
-        ("hyperloglog", Category::HYPERLOGLOG),
-        ("geo", Category::GEO),
-        ("stream", Category::STREAM),
-        ("pubsub", Category::PUBSUB),
-        ("admin", Category::ADMIN),
-        ("fast", Category::FAST),
-        ("slow", Category::SLOW),
-        ("blocking", Category::BLOCKING),
-        ("dangerous", Category::DANGEROUS),
-        ("connection", Category::CONNECTION),
-        ("transaction", Category::TRANSACTION),
-        ("scripting", Category::SCRIPTING),
-    ];
-    all.iter().find(|(n, _)| n.eq_ignore_ascii_case(name.trim_start_matches('@'))).map(|(_, c)| *c)
-}
-
 /// The client's address without the port.
 fn ip(addr: &str) -> &str {
     match addr.rsplit_once(':') {
@@ -168,7 +141,7 @@ impl RateLimit {
             }
             let mut categories = Vec::new();
             for name in &r.categories {
-                let cat = category(name).ok_or_else(|| format!("rule {:?}: unknown category {name:?}", r.name))?;
+                let cat = respire_sdk::category(name).ok_or_else(|| format!("rule {:?}: unknown category {name:?}", r.name))?;
                 categories.push((name.trim_start_matches('@').to_ascii_lowercase(), cat));
             }
             if r.prefix_segments == 0 {
