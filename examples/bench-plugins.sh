@@ -49,21 +49,8 @@ pids+=($!)
 wait_port "$plug_port"
 
 declare -A results
-run() { # port test pipeline
-  redis-benchmark -p "$1" -t "$2" -n "$REQUESTS" -c "$CLIENTS" -d 32 -P "$3" -r 100000 --csv 2>/dev/null | rps
-}
 targets="direct:$redis_port respire:$plain_port plugin:$plug_port"
-for round in $(seq "$ROUNDS"); do
-  for p in $PIPELINES; do
-    for t in ${TESTS//,/ }; do
-      for target in $targets; do
-        name=${target%%:*}; port=${target##*:}
-        results["$name,$t,$p"]+="$(run "$port" "$t" "$p") "
-      done
-    done
-  done
-  echo "round $round of $ROUNDS done" >&2
-done
+bench_rounds "$targets"
 
 printf '\n%-5s %-3s %12s %12s %14s %10s %12s\n' test P direct respire respire+plugin respire/d plugin/resp
 for p in $PIPELINES; do

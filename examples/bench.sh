@@ -60,21 +60,8 @@ pids+=($!)
 wait_port "$twem_port"
 
 declare -A results
-run() { # target port test pipeline
-  redis-benchmark -p "$2" -t "$3" -n "$REQUESTS" -c "$CLIENTS" -d 32 -P "$4" -r 100000 --csv 2>/dev/null | rps
-}
 targets="direct:$redis_port respire:$respire_port twemproxy:$twem_port"
-for round in $(seq "$ROUNDS"); do
-  for p in $PIPELINES; do
-    for t in ${TESTS//,/ }; do
-      for target in $targets; do
-        name=${target%%:*}; port=${target##*:}
-        results["$name,$t,$p"]+="$(run "$name" "$port" "$t" "$p") "
-      done
-    done
-  done
-  echo "round $round of $ROUNDS done" >&2
-done
+bench_rounds "$targets"
 
 printf '\n%-5s %-3s %12s %12s %12s %9s %9s\n' test P direct respire twemproxy respire/d twem/d
 for p in $PIPELINES; do

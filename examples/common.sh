@@ -37,3 +37,22 @@ median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END { if (NR%2
 
 # Requests per second from redis-benchmark --csv output on standard input.
 rps() { awk -F'","' '/^"/ && !/^"test"/ { gsub(/"/, "", $2); print $2; exit }'; }
+
+# Runs redis-benchmark against each "name:port" target of $1 in turn (alternating, so that
+# drift on a shared machine hits them alike), ROUNDS times, for each pipeline in PIPELINES
+# and test in TESTS (SET/GET, REQUESTS requests, CLIENTS clients, 32-byte values). Appends
+# each round's ops/s to results["name,test,P"] (an associative array the caller declares).
+bench_rounds() {
+  local round p t target name port
+  for round in $(seq "$ROUNDS"); do
+    for p in $PIPELINES; do
+      for t in ${TESTS//,/ }; do
+        for target in $1; do
+          name=${target%%:*}; port=${target##*:}
+          results["$name,$t,$p"]+="$(redis-benchmark -p "$port" -t "$t" -n "$REQUESTS" -c "$CLIENTS" -d 32 -P "$p" -r 100000 --csv 2>/dev/null | rps) "
+        done
+      done
+    done
+    echo "round $round of $ROUNDS done" >&2
+  done
+}

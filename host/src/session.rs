@@ -737,7 +737,8 @@ impl Session {
     /// Runs the request hooks of the plugins that want this command.
     fn run_request_plugins(&mut self, cmd: &Command) -> (Decision, Option<Box<ResponseChain>>) {
         let worker = self.worker.clone();
-        let set = worker.shared.plugins.load_full();
+        // A guard, not a clone: the set is cloned only when a response hook needs it later.
+        let set = worker.shared.plugins.load();
         let client = self.plugin_client();
         worker.plugins.borrow_mut().on_request(&set, &worker.shared.commands, client, &cmd.args)
     }
