@@ -16,6 +16,7 @@
 //!   commands, transactions, blocking commands, subscriptions.
 //! - [`io`]: socket reads and writes shared by both sides.
 //! - [`pubsub`]: shared subscriber connections with fan-out to sessions.
+//! - [`cache`]: the response cache plugins drive, kept fresh by `CLIENT TRACKING`.
 //! - [`plugin`]: the WebAssembly plugin host (wasmtime components) and the request chain.
 //! - [`clients`]: the process-wide client list (`CLIENT LIST`/`KILL`, limits).
 //! - [`server`]: the listener, worker threads and graceful shutdown.
@@ -32,6 +33,7 @@
 //! Replies pass through as raw bytes.
 
 pub mod backend;
+pub mod cache;
 pub mod clients;
 pub mod commands;
 pub mod config;

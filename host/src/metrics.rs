@@ -41,6 +41,19 @@ fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     register(IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition"))
 }
 
+/// A counter of respire's own (constant, valid name).
+#[allow(clippy::expect_used)]
+pub fn int_counter(name: &str, help: &str) -> IntCounter {
+    // As for `counter_vec`: constant definitions, covered by the scraping tests.
+    register(IntCounter::new(name, help).expect("valid metric definition"))
+}
+
+/// A gauge of respire's own (constant, valid name).
+#[allow(clippy::expect_used)]
+pub fn int_gauge(name: &str, help: &str) -> prometheus::IntGauge {
+    register(prometheus::IntGauge::new(name, help).expect("valid metric definition"))
+}
+
 /// Metrics respire keeps about its plugins.
 pub struct PluginStats {
     /// Hook calls, by plugin, hook and result (`ok`, `error`).
@@ -124,6 +137,15 @@ pub struct PluginMetric {
 impl PluginMetric {
     /// Applies an update; invalid ones (wrong number of labels, too many series) are dropped and counted.
     pub fn record(&self, labels: &[String], value: f64) {
+        if let (Collectors::Gauge(g), true) = (&self.collectors, value.is_nan()) {
+            // A gauge set to NaN: that label combination is removed.
+            let l: Vec<&str> = labels.iter().map(String::as_str).collect();
+            if labels.len() == self.labels && g.remove_label_values(&l).is_ok() && self.labels > 0 {
+                let h = self.hasher.hash_one(labels);
+                self.series.lock().unwrap_or_else(|p| p.into_inner()).remove(&h);
+            }
+            return;
+        }
         if labels.len() != self.labels || !value.is_finite() {
             self.dropped.inc();
             return;

@@ -343,6 +343,13 @@ impl bindings::respire::plugin::host::Host for StoreData {
             None => 0,
         }
     }
+
+    fn counter_top(&mut self, prefix: String, count: u32) -> Vec<(String, i64)> {
+        match &self.ctx {
+            Some(ctx) => ctx.state.counter_top(&self.name, &prefix, count.min(10_000) as usize),
+            None => Vec::new(),
+        }
+    }
 }
 
 /// The process-wide engine, with the epoch ticker started.
@@ -955,8 +962,8 @@ pub enum Decision {
     Continue {
         /// The new arguments, name first, when a plugin rewrote the command.
         rewritten: Option<Vec<bytes::Bytes>>,
-        /// A plugin asked for the reply to be cached this long.
-        cache: Option<Duration>,
+        /// A plugin asked for the reply to be cached (the shortest times when several did).
+        cache: Option<crate::cache::CacheFor>,
     },
     /// Reply with this error text.
     Deny(String),
@@ -1014,7 +1021,7 @@ impl WorkerPlugins {
         let mut name = String::from_utf8_lossy(first).to_ascii_lowercase();
         let mut info = table.get(args);
         let mut rewritten: Option<Vec<bytes::Bytes>> = None;
-        let mut cache = None;
+        let mut cache: Option<crate::cache::CacheFor> = None;
         let mut command: Option<WitCommand> = None;
         let mut responses = Vec::new();
         let mut decision = None;
@@ -1071,9 +1078,12 @@ impl WorkerPlugins {
                     decision = Some(Decision::Respond(bytes));
                     break;
                 }
-                RequestAction::Cache(ms) => {
-                    let ttl = Duration::from_millis(ms);
-                    cache = Some(cache.map_or(ttl, |c: Duration| c.min(ttl)));
+                RequestAction::Cache(c) => {
+                    let asked = crate::cache::CacheFor { ttl: Duration::from_millis(c.ttl_ms), empty_ttl: Duration::from_millis(c.empty_ttl_ms) };
+                    cache = Some(match cache {
+                        None => asked,
+                        Some(prev) => crate::cache::CacheFor { ttl: prev.ttl.min(asked.ttl), empty_ttl: prev.empty_ttl.min(asked.empty_ttl) },
+                    });
                 }
                 RequestAction::Rewrite(new_args) => {
                     if let Some(n) = new_args.first() {

@@ -78,6 +78,8 @@ pub struct Shared {
     pub plugins: arc_swap::ArcSwap<crate::plugin::PluginSet>,
     /// The plugin engine, kept alive with its epoch thread.
     pub plugin_runtime: Option<crate::plugin::Runtime>,
+    /// The response cache plugins drive.
+    pub cache: Arc<crate::cache::Cache>,
 }
 
 /// What one worker thread owns.
@@ -170,6 +172,7 @@ impl Server {
             node_id,
             plugins: arc_swap::ArcSwap::from_pointee(plugins),
             plugin_runtime,
+            cache: Arc::default(),
             config,
         });
         if let Some(addr) = shared.config.metrics.clone() {
@@ -200,6 +203,12 @@ impl Server {
                 .name("respire-plugins".into())
                 .spawn(move || crate::plugin::watch(s, dir))
                 .map_err(ServerError::Start)?;
+            let s = shared.clone();
+            let t = std::thread::Builder::new()
+                .name("respire-cache".into())
+                .spawn(move || crate::cache::track(s))
+                .map_err(ServerError::Start)?;
+            threads.push(t);
         }
         if learnt {
             let s = shared.clone();

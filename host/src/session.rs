@@ -79,11 +79,14 @@ struct Retry {
     idempotent: bool,
     /// When waiting for a new master gives up (set when the wait starts).
     deadline: Option<Instant>,
+    /// Not sent yet: the reply is expected from another client's identical request (the
+    /// cache's single flight); if that one goes away, send it.
+    unsent: bool,
 }
 
 impl Retry {
     fn new(addr: Arc<str>, data: Bytes, slot: Option<u16>, idempotent: bool, exclusive: bool, blocking: bool) -> Retry {
-        Retry { addr, data, attempts: 0, tryagain: 0, blocking, exclusive, conn: None, slot, idempotent, deadline: None }
+        Retry { addr, data, attempts: 0, tryagain: 0, blocking, exclusive, conn: None, slot, idempotent, deadline: None, unsent: false }
     }
 }
 
@@ -114,6 +117,28 @@ enum Slot {
 enum Target {
     Shared(ConnKey),
     Exclusive,
+    /// Waiting for a reply another client's request will bring (the cache's single flight).
+    Flight,
+}
+
+/// What the response cache needs done when a command's reply arrives.
+enum After {
+    /// Keep the reply of a cache miss and pass it to the clients waiting for it.
+    Fill(crate::cache::FillGuard),
+    /// A write's reply: drop cached replies of its keys (again, now that it has run).
+    Invalidate(Vec<Bytes>),
+    /// `FLUSHALL`, `FLUSHDB`, `SWAPDB`: drop everything (again).
+    Flush,
+}
+
+/// What the cache did with a cacheable read.
+enum CacheRead {
+    /// Answered (a hit) or queued behind another client's identical request.
+    Done,
+    /// A miss this session fills: send the command, keep its reply.
+    Fill(crate::cache::FillGuard),
+    /// Not cached: send the command.
+    Pass,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -199,6 +224,15 @@ pub struct Session {
     hooks: VecDeque<(u64, Box<ResponseChain>)>,
     /// Response hooks owed for the stalled command.
     stalled_hook: Option<Box<ResponseChain>>,
+    /// Cache work owed, by the sequence number of the slot whose reply triggers it.
+    after: VecDeque<(u64, After)>,
+    /// Writes in `after` not answered yet: reads bypass the cache meanwhile (a client must
+    /// see its own writes, even pipelined).
+    writes_in_flight: usize,
+    /// Cache work owed for the stalled command.
+    stalled_after: Option<After>,
+    /// Keys written by the commands queued in the current transaction.
+    tx_keys: Vec<Bytes>,
     /// Messages from the worker's subscriber connections.
     push_tx: Option<mpsc::UnboundedSender<Bytes>>,
     push_rx: Option<mpsc::UnboundedReceiver<Bytes>>,
@@ -242,10 +276,16 @@ pub async fn run(worker: Rc<Worker>, stream: TcpStream, info: Arc<ClientInfo>) {
         popped: 0,
         hooks: VecDeque::new(),
         stalled_hook: None,
+        after: VecDeque::new(),
+        writes_in_flight: 0,
+        stalled_after: None,
+        tx_keys: Vec::new(),
         push_tx: None,
         push_rx: None,
     };
     s.serve().await;
+    // Writes whose replies never reached the front: they may have run, drop what they touched.
+    s.run_after(u64::MAX, None);
     s.unsubscribe_all();
     s.release_exclusive(true);
     let id = s.info.id;
@@ -288,8 +328,11 @@ impl Session {
                     self.refresh_topology();
                     // Plugins have seen it already: straight to dispatch, with its response hooks.
                     let hook = self.stalled_hook.take();
+                    let after = self.stalled_after.take();
                     let spec = commands::lookup(cmd.name());
+                    let pushed = self.pushed;
                     self.with_hook(hook, |s| s.dispatch(cmd, spec));
+                    self.note_after(pushed, after);
                     self.process_input();
                     continue;
                 }
@@ -464,6 +507,9 @@ impl Session {
 
     /// Writes the reply of slot `seq`, after the response hooks owed for it.
     fn emit(&mut self, seq: u64, bytes: &[u8]) {
+        if !self.after.is_empty() {
+            self.run_after(seq, Some(bytes));
+        }
         // Hooks of slots that had no reply to show (CLIENT REPLY OFF/SKIP) are dropped.
         while self.hooks.front().is_some_and(|(s, _)| *s < seq) {
             self.hooks.pop_front();
@@ -565,6 +611,9 @@ impl Session {
                 }
                 if let (seq, Some(Slot::Merge(m))) = self.pop_slot() {
                     self.waiting -= 1;
+                    if m.silent && !self.after.is_empty() {
+                        self.run_after(seq, None);
+                    }
                     if !m.silent {
                         let mut replies = Vec::with_capacity(m.parts.len());
                         for p in m.parts {
@@ -586,6 +635,8 @@ impl Session {
             self.waiting -= 1;
             if !silent {
                 self.emit_reply(seq, reply);
+            } else if !self.after.is_empty() {
+                self.run_after(seq, None);
             }
         }
     }
@@ -603,37 +654,208 @@ impl Session {
             self.reply_error("NOAUTH Authentication required.");
             return;
         }
-        if !self.has_plugins || matches!(spec.kind, Kind::Local(Local::Auth | Local::Hello | Local::Quit | Local::Reset)) {
-            return self.dispatch(cmd, spec);
-        }
-        let (decision, mut chain) = self.run_request_plugins(&cmd);
-        match decision {
-            // The response cache arrives with the cache-policy plugin; until then a cached
-            // command simply goes to Redis.
-            Decision::Continue { rewritten: None, cache: _ } => {}
-            Decision::Continue { rewritten: Some(args), cache: _ } => {
-                cmd = Command::from_args(args);
-                spec = commands::lookup(cmd.name());
-            }
-            Decision::Deny(msg) => {
-                // As a command Redis refuses while queueing: the transaction will abort.
-                if self.in_multi {
-                    self.tx_poisoned = true;
+        let mut chain = None;
+        let mut cache_for = None;
+        if self.has_plugins && !matches!(spec.kind, Kind::Local(Local::Auth | Local::Hello | Local::Quit | Local::Reset)) {
+            let (decision, c) = self.run_request_plugins(&cmd);
+            chain = c;
+            match decision {
+                Decision::Continue { rewritten, cache } => {
+                    if let Some(args) = rewritten {
+                        cmd = Command::from_args(args);
+                        spec = commands::lookup(cmd.name());
+                    }
+                    cache_for = cache;
                 }
-                return self.with_hook(chain, |s| s.reply_error(&msg));
-            }
-            Decision::Respond(bytes) => {
-                if resp::reply_len(&bytes).ok().flatten() != Some(bytes.len()) {
-                    return self.with_hook(chain, |s| s.reply_error("ERR respire: a plugin answered with an invalid reply"));
+                Decision::Deny(msg) => {
+                    // As a command Redis refuses while queueing: the transaction will abort.
+                    if self.in_multi {
+                        self.tx_poisoned = true;
+                    }
+                    return self.with_hook(chain, |s| s.reply_error(&msg));
                 }
-                return self.with_hook(chain, |s| s.reply_with(|o, _| o.extend_from_slice(&bytes)));
+                Decision::Respond(bytes) => {
+                    if resp::reply_len(&bytes).ok().flatten() != Some(bytes.len()) {
+                        return self.with_hook(chain, |s| s.reply_error("ERR respire: a plugin answered with an invalid reply"));
+                    }
+                    return self.with_hook(chain, |s| s.reply_with(|o, _| o.extend_from_slice(&bytes)));
+                }
+            }
+            if matches!(spec.kind, Kind::Stream | Kind::Unsubscribe) {
+                // Subscriptions and MONITOR answer with a stream, not one reply.
+                chain = None;
             }
         }
-        if matches!(spec.kind, Kind::Stream | Kind::Unsubscribe) {
-            // Subscriptions and MONITOR answer with a stream, not one reply.
-            chain = None;
+        if !self.worker.shared.cache.is_active() {
+            return self.with_hook(chain, |s| s.dispatch(cmd, spec));
         }
+        let mut after = self.cache_write(&cmd, spec);
+        if let (Some(how), None) = (cache_for, &after) {
+            match self.cache_read(&cmd, spec, how, &mut chain) {
+                CacheRead::Done => return,
+                CacheRead::Fill(g) => after = Some(After::Fill(g)),
+                CacheRead::Pass => {}
+            }
+        }
+        let pushed = self.pushed;
         self.with_hook(chain, |s| s.dispatch(cmd, spec));
+        self.note_after(pushed, after);
+    }
+
+    /// A command that writes: drops cached replies of its keys now, and says what to drop
+    /// again when its reply arrives.
+    fn cache_write(&mut self, cmd: &Command, spec: &commands::Spec) -> Option<After> {
+        let cache = &self.worker.shared.cache;
+        let name = cmd.name();
+        if spec.kind == Kind::EndTransaction && self.in_multi {
+            if name.eq_ignore_ascii_case(b"exec") && !self.tx_keys.is_empty() {
+                return Some(After::Invalidate(std::mem::take(&mut self.tx_keys)));
+            }
+            self.tx_keys.clear();
+            return None;
+        }
+        if [&b"flushall"[..], b"flushdb", b"swapdb"].iter().any(|n| name.eq_ignore_ascii_case(n)) {
+            cache.flush();
+            return (!self.in_multi).then_some(After::Flush);
+        }
+        let info = self.worker.shared.commands.get(&cmd.args)?;
+        if info.has(commands::flags::READONLY) {
+            return None;
+        }
+        let mut keys = Vec::new();
+        info.for_each_key(&cmd.args, |i, _| {
+            if let Some(k) = cmd.args.get(i) {
+                keys.push(k.clone());
+            }
+        });
+        if keys.is_empty() {
+            return None;
+        }
+        for k in &keys {
+            cache.invalidate(k);
+        }
+        if self.in_multi {
+            self.tx_keys.extend(keys);
+            return None;
+        }
+        Some(After::Invalidate(keys))
+    }
+
+    /// A read a plugin asked to cache: a hit answers it, a miss on a request already on its
+    /// way waits for that one, and a plain miss is filled by this session.
+    fn cache_read(
+        &mut self,
+        cmd: &Command,
+        spec: &commands::Spec,
+        how: crate::cache::CacheFor,
+        chain: &mut Option<Box<ResponseChain>>,
+    ) -> CacheRead {
+        if self.in_multi || self.writes_in_flight > 0 || self.subscribed() || spec.kind != Kind::Forward {
+            return CacheRead::Pass;
+        }
+        let Some(info) = self.worker.shared.commands.get(&cmd.args) else { return CacheRead::Pass };
+        if !info.has(commands::flags::READONLY) || info.has(commands::flags::RANDOM) || info.has(commands::flags::BLOCKING) {
+            return CacheRead::Pass;
+        }
+        let mut keys = Vec::new();
+        info.for_each_key(&cmd.args, |i, _| {
+            if let Some(k) = cmd.args.get(i) {
+                keys.push(k.clone());
+            }
+        });
+        let cache = self.worker.shared.cache.clone();
+        if !cache.covers(&keys) {
+            return CacheRead::Pass;
+        }
+        // Waiting for another client's request is possible when this one would go to one
+        // node (so that it can still be sent if that client goes away) and nothing of this
+        // session's is owed elsewhere (replies stay in order).
+        let slot = if self.cluster_mode() {
+            let first = crate::topology::key_slot(&keys[0]);
+            keys.iter().all(|k| crate::topology::key_slot(k) == first).then_some(Some(first))
+        } else {
+            Some(None)
+        };
+        let node = slot.and_then(|slot| {
+            let master = self.node_for(slot).ok()?;
+            let node = self.read_node(cmd, slot, Use::Shared, master).ok()?;
+            Some((node, slot))
+        });
+        let may_wait = node.is_some() && (self.waiting == 0 || self.last_target == Some(Target::Flight));
+        let ckey = crate::cache::cache_key(self.db, self.proto, &cmd.args);
+        match cache.lookup(ckey, keys, how, may_wait) {
+            crate::cache::Lookup::Hit(bytes) => {
+                self.with_hook(chain.take(), |s| s.reply_with(|o, _| o.extend_from_slice(&bytes)));
+                CacheRead::Done
+            }
+            crate::cache::Lookup::Wait(rx) => {
+                let Some((node, slot)) = node else { return CacheRead::Pass };
+                let mut retry = Retry::new(self.node_addr(node), cmd.to_resp(), slot, true, false, false);
+                retry.unsent = true;
+                let hook = chain.take();
+                self.with_hook(hook, |s| {
+                    let silent = s.take_silent();
+                    s.push_slot(Slot::Waiting { rx, silent, retry: Some(retry) });
+                    s.waiting += 1;
+                    s.last_target = Some(Target::Flight);
+                });
+                CacheRead::Done
+            }
+            crate::cache::Lookup::Miss(g) => CacheRead::Fill(g),
+            crate::cache::Lookup::Off => CacheRead::Pass,
+        }
+    }
+
+    /// Files the cache work for the command just dispatched (its slots were pushed after
+    /// `pushed`): at its reply, when the command stalled, or now when it was answered at once.
+    fn note_after(&mut self, pushed: u64, after: Option<After>) {
+        let Some(a) = after else { return };
+        if self.stalled.is_some() {
+            // A fill is given up (waiters send their own requests); a write's work waits.
+            if !matches!(a, After::Fill(_)) {
+                self.stalled_after = Some(a);
+            }
+            return;
+        }
+        match a {
+            After::Fill(g) => {
+                if self.pushed == pushed + 1 {
+                    self.after.push_back((pushed, After::Fill(g)));
+                }
+            }
+            a if self.pushed > pushed => {
+                self.writes_in_flight += 1;
+                self.after.push_back((self.pushed - 1, a));
+            }
+            a => self.run_one(a, None),
+        }
+    }
+
+    /// Runs the cache work owed up to slot `seq`, whose reply is `reply` (`None`: not shown).
+    fn run_after(&mut self, seq: u64, reply: Option<&[u8]>) {
+        while self.after.front().is_some_and(|(s, _)| *s <= seq) {
+            let Some((s, a)) = self.after.pop_front() else { break };
+            if !matches!(a, After::Fill(_)) {
+                self.writes_in_flight = self.writes_in_flight.saturating_sub(1);
+            }
+            self.run_one(a, reply.filter(|_| s == seq));
+        }
+    }
+
+    fn run_one(&mut self, a: After, reply: Option<&[u8]>) {
+        match a {
+            After::Fill(g) => {
+                if let Some(r) = reply {
+                    g.complete(r);
+                }
+            }
+            After::Invalidate(keys) => {
+                for k in &keys {
+                    self.worker.shared.cache.invalidate(k);
+                }
+            }
+            After::Flush => self.worker.shared.cache.flush(),
+        }
     }
 
     /// Carries out a command (after the plugins' request hooks).
@@ -752,6 +974,7 @@ impl Session {
 
     fn set_multi(&mut self, on: bool) {
         self.in_multi = on;
+        self.tx_keys.clear();
         self.info.set_flag(flag::MULTI, on);
         if !on {
             self.multi_deferred = false;
@@ -1190,6 +1413,10 @@ struct RedirectCtx<'a> {
 impl RedirectCtx<'_> {
     /// If `reply` is a `MOVED`/`ASK` redirection to follow, re-sends the request and returns the new receiver.
     fn follow(&self, reply: &Reply, retry: &mut Retry) -> Option<oneshot::Receiver<Reply>> {
+        if std::mem::take(&mut retry.unsent) && matches!(reply, Err(BackendError::Lost { .. })) {
+            // The client whose request this one waited for went away: send it now.
+            return Some(self.worker.pool(&retry.addr).shared(self.key, self.sid).send(retry.data.clone(), 0, false));
+        }
         let frame = match reply {
             Ok(f) => f,
             Err(e) => {

@@ -168,6 +168,30 @@ impl SharedState {
         }
     }
 
+    /// The `count` live counters of `plugin` whose keys start with `prefix` that have the
+    /// largest values, largest first (ties by key). Walks every shard.
+    pub fn counter_top(&self, plugin: &str, prefix: &str, count: usize) -> Vec<(String, i64)> {
+        let now = Instant::now();
+        let full = entry_key(plugin, "", prefix);
+        let head = full.len() - prefix.len();
+        let mut found: Vec<(String, i64)> = Vec::new();
+        for shard in self.shards.iter() {
+            let s = shard.lock().unwrap_or_else(|p| p.into_inner());
+            for (k, c) in &s.counters {
+                if k.starts_with(&full) && c.expires.is_none_or(|e| e > now) {
+                    found.push((k[head..].to_string(), c.value));
+                }
+            }
+        }
+        let order = |a: &(String, i64), b: &(String, i64)| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0));
+        if found.len() > count && count > 0 {
+            found.select_nth_unstable_by(count - 1, order);
+        }
+        found.truncate(count);
+        found.sort_by(order);
+        found
+    }
+
     /// Number of live buckets and counters (for tests and `INFO`).
     pub fn len(&self) -> (usize, usize) {
         self.shards.iter().fold((0, 0), |(b, c), s| {
@@ -234,6 +258,22 @@ mod tests {
         assert_eq!(s.counter_get_at("q", "c", t0), 0, "plugins do not see each other's counters");
         assert_eq!(s.counter_add_at("p", "forever", i64::MAX, Duration::ZERO, t0), i64::MAX);
         assert_eq!(s.counter_add_at("p", "forever", 1, Duration::ZERO, t0 + Duration::from_secs(3600)), i64::MAX);
+    }
+
+    #[test]
+    fn counter_top_gives_the_largest_counters_under_a_prefix() {
+        let s = SharedState::default();
+        for (k, v) in [("hot:a", 5), ("hot:b", 9), ("hot:c", 1), ("hot:d", 9), ("cold:x", 100)] {
+            s.counter_add("p", k, v, Duration::ZERO);
+        }
+        s.counter_add("q", "hot:z", 50, Duration::ZERO);
+        s.counter_add("p", "hot:gone", 70, Duration::from_nanos(1));
+        std::thread::sleep(Duration::from_millis(2));
+        let top = s.counter_top("p", "hot:", 3);
+        assert_eq!(top, vec![("hot:b".to_string(), 9), ("hot:d".to_string(), 9), ("hot:a".to_string(), 5)]);
+        assert_eq!(s.counter_top("p", "hot:", 10).len(), 4);
+        assert!(s.counter_top("p", "none:", 10).is_empty());
+        assert!(s.counter_top("p", "hot:", 0).is_empty());
     }
 
     #[test]

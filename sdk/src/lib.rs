@@ -53,9 +53,12 @@ pub mod bindings {
     });
 }
 
+pub mod glob;
+
 pub use bindings::respire::plugin::host::Level;
 pub use bindings::respire::plugin::types::{
-    Category, Client, Key, KeyAccess, Limiter, Manifest, Metric, MetricKind, MetricUpdate, RequestAction, ResponseAction, Take,
+    CacheFor, CacheSettings, Category, Client, Key, KeyAccess, Limiter, Manifest, Metric, MetricKind, MetricUpdate, RequestAction,
+    ResponseAction, Take,
 };
 
 /// A command as a plugin sees it: the lower-case name, zero-copy views of the arguments,
@@ -165,6 +168,7 @@ impl Manifest {
             on_response: false,
             metrics: Vec::new(),
             limiters: Vec::new(),
+            cache: None,
         }
     }
 
@@ -200,7 +204,22 @@ impl Manifest {
 
     /// Declares a token bucket; the next id is `LimiterId(number declared before)`.
     pub fn limiter(mut self, name: &str, rate_per_second: f64, burst: u32) -> Manifest {
-        self.limiters.push(Limiter { name: name.to_string(), rate: rate_per_second, burst });
+        self.limiters.push(Limiter { name: name.to_string(), rate: rate_per_second, burst, shared: false });
+        self
+    }
+
+    /// Declares a token bucket kept in the backend Redis, so that every respire process in
+    /// front of it enforces one quota (a round trip to Redis per take); the next id is
+    /// `LimiterId(number declared before)`.
+    pub fn shared_limiter(mut self, name: &str, rate_per_second: f64, burst: u32) -> Manifest {
+        self.limiters.push(Limiter { name: name.to_string(), rate: rate_per_second, burst, shared: true });
+        self
+    }
+
+    /// Uses respire's response cache for keys under these prefixes (empty: every key), holding
+    /// at most `max_memory` bytes. Hooks then answer [`RequestAction::Cache`] for what to cache.
+    pub fn cache(mut self, prefixes: &[&str], max_memory: u64) -> Manifest {
+        self.cache = Some(CacheSettings { prefixes: prefixes.iter().map(|p| p.to_string()).collect(), max_memory });
         self
     }
 }
@@ -356,6 +375,12 @@ pub mod host {
     /// A shared counter's value (0 when unknown or expired).
     pub fn counter_get(key: &str) -> i64 {
         h::counter_get(key)
+    }
+
+    /// The `count` live counters under `prefix` with the largest values, largest first. Walks
+    /// all of the plugin's counters: for reports and window rollovers, not for every command.
+    pub fn counter_top(prefix: &str, count: u32) -> Vec<(String, i64)> {
+        h::counter_top(prefix, count)
     }
 }
 

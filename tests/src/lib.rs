@@ -387,7 +387,7 @@ fn build_plugins() {
     BUILT.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
-            .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2", "-p", "hello-plugin", "-p", "misbehave-plugin", "-p", "probe-plugin", "-p", "respire-plugin-acl", "-p", "respire-plugin-rate-limit", "-p", "respire-plugin-metrics"])
+            .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2", "-p", "hello-plugin", "-p", "misbehave-plugin", "-p", "probe-plugin", "-p", "respire-plugin-acl", "-p", "respire-plugin-rate-limit", "-p", "respire-plugin-metrics", "-p", "respire-plugin-cache-policy"])
             .arg("--manifest-path")
             .arg(&manifest)
             .status();

@@ -21,7 +21,6 @@ use std::net::IpAddr;
 use respire_sdk::{Category, Client, Command, Effects, KeyAccess, Manifest, Plugin, RequestAction};
 use serde::Deserialize;
 
-pub mod glob;
 pub mod rules;
 
 use rules::{Cidr, Rules};

@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use respire_sdk::{Category, KeyAccess};
 
-use crate::glob;
+use respire_sdk::glob;
 
 /// Commands whose first argument is a subcommand that rules may name (`+config|get`).
 pub fn container(name: &str) -> bool {

@@ -1,0 +1,324 @@
+//! respire's response cache, driven by the shipped cache-policy plugin, against real Redis.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use respire_tests::{Cluster, Raw, RedisServer, Respire, http_get, metric_value, resp, shipped_plugin};
+
+/// respire in front of `redis` with cache-policy loaded with these settings, and its metrics port.
+fn cached_proxy(redis: &RedisServer, settings: &str, workers: &str) -> (Respire, u16, tempfile::TempDir) {
+    cached_proxy_args(&["--backend", &redis.addr()], settings, workers)
+}
+
+fn cached_proxy_args(backend: &[&str], settings: &str, workers: &str) -> (Respire, u16, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(shipped_plugin("cache_policy"), dir.path().join("cache-policy.wasm")).unwrap();
+    std::fs::write(dir.path().join("cache-policy.toml"), settings).unwrap();
+    let port = respire_tests::free_port();
+    let mut args = backend.to_vec();
+    let metrics = format!("127.0.0.1:{port}");
+    args.extend(["--plugins", dir.path().to_str().unwrap(), "--metrics", &metrics, "--workers", workers]);
+    let proxy = Respire::start_args(&args);
+    wait_metric(port, "respire_cache_active", |v| v == 1.0, "the cache to start serving");
+    (proxy, port, dir)
+}
+
+const USERS: &str = r#"
+[config]
+max_memory = "16MiB"
+[[config.rules]]
+keys = "user:*"
+ttl = "60s"
+"#;
+
+fn metric(port: u16, series: &str) -> f64 {
+    let (status, body) = http_get(port, "/metrics");
+    assert_eq!(status, 200);
+    metric_value(&body, series).unwrap_or(0.0)
+}
+
+fn wait_metric(port: u16, series: &str, ok: impl Fn(f64) -> bool, what: &str) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = metric(port, series);
+        if ok(v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what} ({series} = {v})");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn text(p: &mut Raw, cmd: &[&[u8]]) -> String {
+    String::from_utf8_lossy(&p.roundtrip(&resp(cmd), 1)).into_owned()
+}
+
+/// Reads through respire until the reply is `want` (a direct write reaches the cache through
+/// an invalidation push); how long it took.
+fn until(p: &mut Raw, cmd: &[&[u8]], want: &str) -> Duration {
+    let start = Instant::now();
+    loop {
+        let got = text(p, cmd);
+        if got == want {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "still {got:?} instead of {want:?} after 5 s");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn hits_are_served_while_redis_is_paused() {
+    let redis = RedisServer::start();
+    let (proxy, mport, _dir) = cached_proxy(&redis, USERS, "2");
+    let mut p = Raw::connect(proxy.port);
+    assert_eq!(text(&mut p, &[b"SET", b"user:1", b"alice"]), "+OK\r\n");
+    assert_eq!(text(&mut p, &[b"HSET", b"user:h", b"name", b"bob"]), ":1\r\n");
+    // Misses fill the cache.
+    assert_eq!(text(&mut p, &[b"GET", b"user:1"]), "$5\r\nalice\r\n");
+    assert_eq!(text(&mut p, &[b"HGETALL", b"user:h"]), "*2\r\n$4\r\nname\r\n$3\r\nbob\r\n");
+    let mut p3 = Raw::connect(proxy.port);
+    assert!(text(&mut p3, &[b"HELLO", b"3"]).starts_with('%'));
+    assert_eq!(text(&mut p3, &[b"HGETALL", b"user:h"]), "%1\r\n$4\r\nname\r\n$3\r\nbob\r\n");
+    let hits = metric(mport, "respire_cache_hits_total");
+
+    // Redis answers nobody for 2 s; cached replies still come at once, in both protocols,
+    // from any connection (and worker).
+    let mut direct = Raw::connect(redis.port);
+    assert_eq!(text(&mut direct, &[b"CLIENT", b"PAUSE", b"2000", b"ALL"]), "+OK\r\n");
+    let start = Instant::now();
+    let mut fresh = Raw::connect(proxy.port);
+    assert_eq!(text(&mut fresh, &[b"GET", b"user:1"]), "$5\r\nalice\r\n");
+    assert_eq!(text(&mut p, &[b"HGETALL", b"user:h"]), "*2\r\n$4\r\nname\r\n$3\r\nbob\r\n");
+    assert_eq!(text(&mut p3, &[b"HGETALL", b"user:h"]), "%1\r\n$4\r\nname\r\n$3\r\nbob\r\n");
+    let served = start.elapsed();
+    assert!(served < Duration::from_millis(1000), "cached replies took {served:?} while Redis was paused");
+    assert_eq!(metric(mport, "respire_cache_hits_total") - hits, 3.0);
+    // Not cached: another database, an uncached prefix. These wait for Redis.
+    assert_eq!(text(&mut fresh, &[b"GET", b"product:1"]), "$-1\r\n");
+    assert!(start.elapsed() >= Duration::from_millis(1500), "an uncached read must have waited for the pause");
+    assert_eq!(text(&mut fresh, &[b"SELECT", b"1"]), "+OK\r\n");
+    assert_eq!(text(&mut fresh, &[b"GET", b"user:1"]), "$-1\r\n", "replies are cached per database");
+}
+
+#[test]
+fn writes_through_respire_and_directly_on_redis_invalidate() {
+    let redis = RedisServer::start();
+    let (proxy, mport, _dir) = cached_proxy(&redis, USERS, "2");
+    let mut p = Raw::connect(proxy.port);
+    let mut other = Raw::connect(proxy.port);
+    let mut direct = Raw::connect(redis.port);
+    assert_eq!(text(&mut p, &[b"SET", b"user:1", b"v1"]), "+OK\r\n");
+    assert_eq!(text(&mut p, &[b"GET", b"user:1"]), "$2\r\nv1\r\n");
+    assert_eq!(text(&mut other, &[b"GET", b"user:1"]), "$2\r\nv1\r\n");
+
+    // Through respire: the next read anywhere sees the write, no waiting.
+    assert_eq!(text(&mut p, &[b"SET", b"user:1", b"v2"]), "+OK\r\n");
+    assert_eq!(text(&mut other, &[b"GET", b"user:1"]), "$2\r\nv2\r\n");
+    // Pipelined: a client sees its own write in the same batch.
+    let got = p.roundtrip(&[resp(&[b"APPEND", b"user:1", b"x"]), resp(&[b"GET", b"user:1"])].concat(), 2);
+    assert_eq!(String::from_utf8_lossy(&got), ":3\r\n$3\r\nv2x\r\n");
+
+    // Directly on Redis: the tracking push drops it.
+    assert_eq!(text(&mut other, &[b"GET", b"user:1"]), "$3\r\nv2x\r\n");
+    assert_eq!(text(&mut direct, &[b"SET", b"user:1", b"v3"]), "+OK\r\n");
+    let took = until(&mut other, &[b"GET", b"user:1"], "$2\r\nv3\r\n");
+    println!("a direct write reached the cache in {took:?}");
+
+    // A multi-key read is dropped when any of its keys changes.
+    assert_eq!(text(&mut p, &[b"MSET", b"user:a", b"1", b"user:b", b"2"]), "+OK\r\n");
+    assert_eq!(text(&mut p, &[b"MGET", b"user:a", b"user:b"]), "*2\r\n$1\r\n1\r\n$1\r\n2\r\n");
+    assert_eq!(text(&mut direct, &[b"SET", b"user:b", b"3"]), "+OK\r\n");
+    until(&mut p, &[b"MGET", b"user:a", b"user:b"], "*2\r\n$1\r\n1\r\n$1\r\n3\r\n");
+    // Expiry, deletion and transactions count as writes.
+    assert_eq!(text(&mut p, &[b"GET", b"user:a"]), "$1\r\n1\r\n");
+    let got = p.roundtrip(&[resp(&[b"MULTI"]), resp(&[b"DEL", b"user:a"]), resp(&[b"EXEC"]), resp(&[b"GET", b"user:a"])].concat(), 4);
+    assert_eq!(String::from_utf8_lossy(&got), "+OK\r\n+QUEUED\r\n*1\r\n:1\r\n$-1\r\n");
+    // FLUSHALL on Redis drops everything (a null invalidation).
+    assert_eq!(text(&mut p, &[b"GET", b"user:b"]), "$1\r\n3\r\n");
+    assert_eq!(text(&mut direct, &[b"FLUSHALL"]), "+OK\r\n");
+    until(&mut p, &[b"GET", b"user:b"], "$-1\r\n");
+    assert!(metric(mport, "respire_cache_invalidations_total") >= 4.0);
+}
+
+#[test]
+fn no_stale_read_under_concurrent_writers() {
+    let redis = RedisServer::start();
+    let (proxy, _mport, _dir) = cached_proxy(&redis, USERS, "2");
+    let mut setup = Raw::connect(proxy.port);
+    assert_eq!(text(&mut setup, &[b"SET", b"user:n", b"0"]), "+OK\r\n");
+    assert_eq!(text(&mut setup, &[b"SET", b"user:d", b"0"]), "+OK\r\n");
+    // `acked` is the last value a writer through respire had confirmed: a read that starts
+    // after that must never return less.
+    let acked = Arc::new(AtomicI64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    const WRITES: i64 = 1500;
+    let writer = {
+        let (acked, port) = (acked.clone(), proxy.port);
+        std::thread::spawn(move || {
+            let mut w = Raw::connect(port);
+            for _ in 0..WRITES {
+                let r = text(&mut w, &[b"INCR", b"user:n"]);
+                let v: i64 = r.trim_start_matches(':').trim_end().parse().unwrap();
+                acked.store(v, Ordering::SeqCst);
+            }
+        })
+    };
+    // A second writer straight on Redis, on another key.
+    let direct_writer = {
+        let port = redis.port;
+        std::thread::spawn(move || {
+            let mut w = Raw::connect(port);
+            for _ in 0..WRITES {
+                text(&mut w, &[b"INCR", b"user:d"]);
+            }
+        })
+    };
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let (acked, done, port) = (acked.clone(), done.clone(), proxy.port);
+            std::thread::spawn(move || {
+                let mut r = Raw::connect(port);
+                let (mut reads, mut last_d) = (0u64, 0i64);
+                while !done.load(Ordering::SeqCst) && reads < 200_000 {
+                    let before = acked.load(Ordering::SeqCst);
+                    let got = text(&mut r, &[b"GET", b"user:n"]);
+                    let v: i64 = got.lines().nth(1).unwrap().parse().unwrap();
+                    assert!(v >= before, "stale read: {v} after the writer had {before} acknowledged");
+                    let d: i64 = text(&mut r, &[b"GET", b"user:d"]).lines().nth(1).unwrap().parse().unwrap();
+                    assert!(d >= last_d, "a reader went back in time on user:d: {d} after {last_d}");
+                    last_d = d;
+                    reads += 1;
+                }
+                reads
+            })
+        })
+        .collect();
+    writer.join().unwrap();
+    direct_writer.join().unwrap();
+    done.store(true, Ordering::SeqCst);
+    let reads: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
+    assert!(reads > 100, "readers made only {reads} reads");
+    // Once the writers stop, everyone sees the final values.
+    let mut p = Raw::connect(proxy.port);
+    assert_eq!(text(&mut p, &[b"GET", b"user:n"]), format!("${}\r\n{WRITES}\r\n", WRITES.to_string().len()));
+    until(&mut p, &[b"GET", b"user:d"], &format!("${}\r\n{WRITES}\r\n", WRITES.to_string().len()));
+}
+
+#[test]
+fn concurrent_misses_make_one_request() {
+    let redis = RedisServer::start();
+    let (proxy, mport, _dir) = cached_proxy(&redis, USERS, "2");
+    let mut p = Raw::connect(proxy.port);
+    assert_eq!(text(&mut p, &[b"SET", b"user:sf", b"x"]), "+OK\r\n");
+    let mut direct = Raw::connect(redis.port);
+    assert_eq!(text(&mut direct, &[b"CONFIG", b"RESETSTAT"]), "+OK\r\n");
+    let waits = metric(mport, "respire_cache_single_flight_waits_total");
+    // Redis holds every request for 500 ms, so all ten clients miss at the same time.
+    assert_eq!(text(&mut direct, &[b"CLIENT", b"PAUSE", b"500", b"ALL"]), "+OK\r\n");
+    let clients: Vec<_> = (0..10)
+        .map(|_| {
+            let port = proxy.port;
+            std::thread::spawn(move || text(&mut Raw::connect(port), &[b"GET", b"user:sf"]))
+        })
+        .collect();
+    for c in clients {
+        assert_eq!(c.join().unwrap(), "$1\r\nx\r\n");
+    }
+    let stats = text(&mut direct, &[b"INFO", b"commandstats"]);
+    let calls = stats.lines().find(|l| l.starts_with("cmdstat_get:")).unwrap_or_default().to_string();
+    assert!(calls.starts_with("cmdstat_get:calls=1,"), "Redis saw {calls:?}");
+    assert_eq!(metric(mport, "respire_cache_single_flight_waits_total") - waits, 9.0);
+}
+
+#[test]
+fn memory_stays_under_the_cap_by_evicting() {
+    let redis = RedisServer::start();
+    let settings = "[config]\nmax_memory = \"64KiB\"\n[[config.rules]]\nkeys = \"user:*\"\nttl = \"60s\"\n";
+    let (proxy, mport, _dir) = cached_proxy(&redis, settings, "1");
+    let mut p = Raw::connect(proxy.port);
+    let value = vec![b'v'; 1000];
+    for i in 0..300 {
+        assert_eq!(text(&mut p, &[b"SET", format!("user:{i}").as_bytes(), &value]), "+OK\r\n");
+    }
+    let want = format!("$1000\r\n{}\r\n", String::from_utf8_lossy(&value));
+    for _ in 0..2 {
+        for i in 0..300 {
+            assert_eq!(text(&mut p, &[b"GET", format!("user:{i}").as_bytes()]), want);
+        }
+    }
+    let bytes = metric(mport, "respire_cache_bytes");
+    assert!(bytes > 0.0 && bytes <= 64.0 * 1024.0, "the cache holds {bytes} bytes, over its 64 KiB");
+    assert!(metric(mport, "respire_cache_evictions_total") > 100.0);
+    // A sequential scan larger than the cache never hits (as with any LRU), but the most
+    // recently read keys are still there.
+    let hits = metric(mport, "respire_cache_hits_total");
+    for i in 295..300 {
+        assert_eq!(text(&mut p, &[b"GET", format!("user:{i}").as_bytes()]), want);
+    }
+    assert_eq!(metric(mport, "respire_cache_hits_total") - hits, 5.0);
+}
+
+#[test]
+fn a_lost_tracking_connection_flushes_the_cache() {
+    let redis = RedisServer::start();
+    let (proxy, mport, _dir) = cached_proxy(&redis, USERS, "2");
+    let mut p = Raw::connect(proxy.port);
+    let mut direct = Raw::connect(redis.port);
+    assert_eq!(text(&mut p, &[b"SET", b"user:t", b"v1"]), "+OK\r\n");
+    assert_eq!(text(&mut p, &[b"GET", b"user:t"]), "$2\r\nv1\r\n");
+    let flushes = metric(mport, "respire_cache_flushes_total");
+    // Kill respire's tracking connection (flag t in CLIENT LIST).
+    let list = text(&mut direct, &[b"CLIENT", b"LIST"]);
+    let id = list
+        .lines()
+        .find(|l| l.split(' ').any(|f| f.starts_with("flags=") && f.contains('t')))
+        .and_then(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .unwrap_or_else(|| panic!("no tracking connection in {list}"))
+        .to_string();
+    assert_eq!(text(&mut direct, &[b"CLIENT", b"KILL", b"ID", id.as_bytes()]), ":1\r\n");
+    wait_metric(mport, "respire_cache_flushes_total", |v| v > flushes, "the cache to be flushed");
+    // A write respire could not hear of is never hidden by the old reply.
+    assert_eq!(text(&mut direct, &[b"SET", b"user:t", b"v2"]), "+OK\r\n");
+    assert_eq!(text(&mut p, &[b"GET", b"user:t"]), "$2\r\nv2\r\n");
+    // The connection comes back and the cache serves again.
+    wait_metric(mport, "respire_cache_active", |v| v == 1.0, "the cache to serve again");
+    assert_eq!(text(&mut p, &[b"GET", b"user:t"]), "$2\r\nv2\r\n");
+    let hits = metric(mport, "respire_cache_hits_total");
+    assert_eq!(text(&mut p, &[b"GET", b"user:t"]), "$2\r\nv2\r\n");
+    assert_eq!(metric(mport, "respire_cache_hits_total") - hits, 1.0);
+    assert!(proxy.log().contains("cache tracking connection lost"), "{}", proxy.log());
+}
+
+#[test]
+fn over_a_cluster_every_node_reports_its_writes() {
+    let cluster = Cluster::start(3, 1);
+    let (proxy, mport, _dir) = cached_proxy_args(&["--cluster", &cluster.seeds()], USERS, "2");
+    let mut p = Raw::connect(proxy.port);
+    let keys: Vec<String> = (0..12).map(|i| format!("user:{i}")).collect();
+    for k in &keys {
+        assert_eq!(text(&mut p, &[b"SET", k.as_bytes(), b"old"]), "+OK\r\n");
+    }
+    let mget: Vec<&[u8]> = std::iter::once(&b"MGET"[..]).chain(keys.iter().map(|k| k.as_bytes())).collect();
+    let old = format!("*12\r\n{}", "$3\r\nold\r\n".repeat(12));
+    assert_eq!(text(&mut p, &mget), old);
+    let hits = metric(mport, "respire_cache_hits_total");
+    assert_eq!(text(&mut p, &mget), old, "an MGET over three masters is cached whole");
+    assert_eq!(metric(mport, "respire_cache_hits_total") - hits, 1.0);
+    // A write on each master, straight to it: each one's tracking connection reports it.
+    let mut want = vec!["$3\r\nold\r\n".to_string(); 12];
+    let mut masters_written = std::collections::HashSet::new();
+    for (i, k) in keys.iter().enumerate() {
+        let port = cluster.owner_port(k);
+        if masters_written.insert(port) {
+            let mut d = Raw::connect(port);
+            assert_eq!(text(&mut d, &[b"SET", k.as_bytes(), b"new"]), "+OK\r\n");
+            want[i] = "$3\r\nnew\r\n".to_string();
+            until(&mut p, &mget, &format!("*12\r\n{}", want.concat()));
+        }
+    }
+    assert_eq!(masters_written.len(), 3);
+}
