@@ -1026,14 +1026,16 @@ impl WorkerPlugins {
         let mut responses = Vec::new();
         let mut decision = None;
         for (i, plugin) in set.plugins.iter().enumerate() {
-            if !plugin.wants(&name, info.map_or(0, |i| i.category_bits)) {
+            let serves = !plugin.manifest.serves.is_empty() && plugin.manifest.serves.iter().any(|s| *s == name);
+            let wants = plugin.wants(&name, info.map_or(0, |i| i.category_bits));
+            if !wants && !serves {
                 continue;
             }
-            if plugin.manifest.on_response {
+            if plugin.manifest.on_response && wants {
                 start.get_or_insert_with(std::time::Instant::now);
                 responses.push(i);
             }
-            if !plugin.manifest.on_request {
+            if !plugin.manifest.on_request && !serves {
                 continue;
             }
             let cmd = command.get_or_insert_with(|| wit_command(&name, rewritten.as_deref().unwrap_or(args), info));

@@ -169,6 +169,7 @@ impl Manifest {
             metrics: Vec::new(),
             limiters: Vec::new(),
             cache: None,
+            serves: Vec::new(),
         }
     }
 
@@ -187,6 +188,13 @@ impl Manifest {
     /// Also call `on_response`.
     pub fn with_responses(mut self) -> Manifest {
         self.on_response = true;
+        self
+    }
+
+    /// Commands this plugin implements (`metrics.hotkeys`): `on_request` is called for them
+    /// whatever else the manifest says, and should answer them with `Respond` or `Deny`.
+    pub fn serves(mut self, names: &[&str]) -> Manifest {
+        self.serves.extend(names.iter().map(|n| n.to_ascii_lowercase()));
         self
     }
 

@@ -220,7 +220,7 @@ fn traffic_metrics_by_command_prefix_and_error() {
 #[test]
 fn the_sample_settings_of_every_shipped_plugin_are_valid() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    for name in ["acl", "rate-limit", "metrics"] {
+    for name in ["acl", "rate-limit", "metrics", "cache-policy"] {
         let out = std::process::Command::new(respire_tests::respire_bin())
             .args(["plugin", "check", "--plugin-cache", ""])
             .arg(shipped_plugin(&name.replace('-', "_")))
@@ -266,4 +266,52 @@ fn a_rate_limit_holds_its_configured_rate_under_load() {
     assert!(refused > ok, "the load must exceed the limit for the test to mean anything");
     let ratio = ok as f64 / allowed;
     assert!((0.9..=1.1).contains(&ratio), "{ok} allowed where the rate allows {allowed:.0} ({ratio:.2}×)");
+}
+
+#[test]
+fn hot_and_big_keys_across_workers() {
+    let redis = RedisServer::start();
+    let settings = "[config]\nhot_keys = 3\nhot_sample = 1\nhot_window = \"500ms\"\nbig_keys = 5\nbig_key_bytes = 1000\n";
+    let dir = plugin_dir("metrics", settings);
+    let port = respire_tests::free_port();
+    let proxy = Respire::start(
+        &redis.addr(),
+        &["--plugins", dir.path().to_str().unwrap(), "--metrics", &format!("127.0.0.1:{port}"), "--workers", "2"],
+    );
+    // Two clients (one per worker): "hot" 4 times as often as "warm", "cold" once.
+    let mut a = Raw::connect(proxy.port);
+    let mut b = Raw::connect(proxy.port);
+    assert_eq!(text(&mut a, &[b"SET", b"big:1", &vec![b'x'; 3000]]), "+OK\r\n");
+    assert_eq!(text(&mut a, &[b"GET", b"cold"]), "$-1\r\n");
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_millis(1600) {
+        for c in [&mut a, &mut b] {
+            for _ in 0..4 {
+                assert_eq!(text(c, &[b"GET", b"hot"]), "$-1\r\n");
+            }
+            assert_eq!(text(c, &[b"GET", b"warm"]), "$-1\r\n");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let got = text(&mut b, &[b"METRICS.HOTKEYS", b"2"]);
+    let lines: Vec<&str> = got.split("\r\n").collect();
+    assert_eq!(lines[0], "*2", "{got}");
+    assert_eq!((lines[1], lines[3]), ("*2", "hot"), "{got}");
+    assert_eq!(lines[7], "warm", "{got}");
+    let (hot, warm): (f64, f64) = (lines[4][1..].parse().unwrap(), lines[8][1..].parse().unwrap());
+    assert!(hot > 0.0 && (hot / warm - 4.0).abs() < 0.5, "hot {hot}/s, warm {warm}/s: {got}");
+    // The big key: seen when written (3000 bytes of argument) and when read.
+    assert_eq!(text(&mut b, &[b"STRLEN", b"big:1"]), ":3000\r\n");
+    assert!(text(&mut b, &[b"GET", b"big:1"]).starts_with("$3000\r\n"));
+    assert_eq!(text(&mut a, &[b"METRICS.BIGKEYS"]), "*1\r\n*2\r\n$5\r\nbig:1\r\n:3009\r\n");
+    assert!(text(&mut a, &[b"METRICS.BIGKEYS", b"x"]).starts_with("-ERR value is not an integer"));
+    // Both as gauges after the next window rolls over.
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    for _ in 0..20 {
+        text(&mut a, &[b"GET", b"hot"]);
+    }
+    let (_, body) = respire_tests::http_get(port, "/metrics");
+    assert!(respire_tests::metric_value(&body, "respire_plugin_metrics_hot_key_ops_per_second{key=\"hot\"}").is_some_and(|v| v > 0.0), "{body}");
+    assert_eq!(respire_tests::metric_value(&body, "respire_plugin_metrics_big_key_bytes{key=\"big:1\"}"), Some(3009.0), "{body}");
+    assert!(!body.contains("hot_key_ops_per_second{key=\"cold\"}"), "only the top 3 are kept, and cold is not among them");
 }

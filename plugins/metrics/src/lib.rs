@@ -2,15 +2,29 @@
 //! name, key prefix and result, their latency, reply sizes, and errors by code. Served on
 //! respire's metrics endpoint as `respire_plugin_metrics_*`.
 //!
+//! Hot keys (the most used keys, by rate) and big keys (values over a size) are found
+//! across all of respire's workers through respire's shared counters, published as gauges
+//! (`hot_key_ops_per_second`, `big_key_bytes`) and answered by two commands the plugin
+//! implements: `METRICS.HOTKEYS [count]` and `METRICS.BIGKEYS [count]`.
+//!
 //! ```toml
 //! [config]
 //! prefix_segments = 1     # the `prefix` label: first N `:`-separated segments of the first key (0: no label)
 //! max_prefixes = 100      # distinct prefixes with a label of their own; the rest are `other`
+//! hot_keys = 10           # how many hot keys to report (0: off)
+//! hot_sample = 16         # count one keyed command in this many (each counts for 16)
+//! hot_window = "10s"      # rates are over the last complete window of this length
+//! big_keys = 10           # how many big keys to report (0: off)
+//! big_key_bytes = 65536   # a value at least this large (a reply, or a written argument) is big
 //! ```
 //!
 //! Labels stay bounded: command names respire does not know are counted as `other`, and
-//! respire keeps at most 1000 label combinations per metric.
-use respire_sdk::{Client, Command, Effects, Manifest, Metric, MetricId, Plugin, Reply, ResponseAction};
+//! respire keeps at most 1000 label combinations per metric; the key gauges hold only the
+//! current top keys (others are removed).
+use std::collections::HashSet;
+use std::time::Duration;
+
+use respire_sdk::{Client, Command, Effects, Manifest, Metric, MetricId, Plugin, Reply, RequestAction, ResponseAction, host, reply};
 use serde::Deserialize;
 
 const COMMANDS: MetricId = MetricId(0);
@@ -19,6 +33,14 @@ const REPLY_BYTES: MetricId = MetricId(2);
 const ERRORS: MetricId = MetricId(3);
 const REQUEST_BYTES: MetricId = MetricId(4);
 const PREFIX_LATENCY: MetricId = MetricId(5);
+const HOT_KEYS: MetricId = MetricId(6);
+const BIG_KEYS: MetricId = MetricId(7);
+
+/// Shared counter prefixes: sampled uses per window, and sizes of big keys.
+const HOT: &str = "hot:";
+const BIG: &str = "big:";
+/// How long a big key is remembered after it was last seen big.
+const BIG_TTL_MS: u64 = 600_000;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -27,6 +49,32 @@ struct Config {
     prefix_segments: usize,
     #[serde(default = "hundred")]
     max_prefixes: usize,
+    #[serde(default = "ten")]
+    hot_keys: u32,
+    #[serde(default = "sixteen")]
+    hot_sample: u32,
+    #[serde(default = "ten_seconds", with = "humantime_serde")]
+    hot_window: Duration,
+    #[serde(default = "ten")]
+    big_keys: u32,
+    #[serde(default = "sixty_four_kib")]
+    big_key_bytes: u64,
+}
+
+fn ten() -> u32 {
+    10
+}
+
+fn sixteen() -> u32 {
+    16
+}
+
+fn ten_seconds() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn sixty_four_kib() -> u64 {
+    65536
 }
 
 fn hundred() -> usize {
@@ -42,7 +90,87 @@ pub struct Metrics {
     prefix_segments: usize,
     max_prefixes: usize,
     /// Prefixes given a label of their own so far (by this instance); later ones are `other`.
-    prefixes: std::collections::HashSet<String>,
+    prefixes: HashSet<String>,
+    hot: KeyStats,
+}
+
+/// Hot- and big-key tracking of one instance (the counts themselves are respire's, shared).
+pub struct KeyStats {
+    hot_keys: u32,
+    sample: u32,
+    window_ms: u64,
+    big_keys: u32,
+    big_bytes: u64,
+    /// xorshift state for sampling.
+    rng: u64,
+    /// The window this instance last published for, and the keys it published.
+    window: u64,
+    published_hot: Vec<String>,
+    published_big: Vec<String>,
+}
+
+impl KeyStats {
+    fn sampled(&mut self) -> bool {
+        if self.hot_keys == 0 {
+            return false;
+        }
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng % u64::from(self.sample.max(1)) == 0
+    }
+
+    /// Counts a sampled use of `key`; at a window change, publishes the last window's tops.
+    fn count(&mut self, key: &[u8], fx: &mut Effects) {
+        let window = host::now_ms() / self.window_ms;
+        host::counter_add(&format!("{HOT}{window}:{}", String::from_utf8_lossy(key)), i64::from(self.sample.max(1)), self.window_ms * 3);
+        if window != self.window {
+            self.window = window;
+            self.publish(window, fx);
+        }
+    }
+
+    /// Hot keys of the last complete window before `window`: (key, operations per second).
+    fn hot(&self, window: u64, count: u32) -> Vec<(String, i64)> {
+        let prefix = format!("{HOT}{}:", window.saturating_sub(1));
+        let secs = self.window_ms as f64 / 1000.0;
+        host::counter_top(&prefix, count).into_iter().map(|(k, n)| (k[prefix.len()..].to_string(), (n as f64 / secs).round() as i64)).collect()
+    }
+
+    /// Big keys: (key, bytes).
+    fn big(&self, count: u32) -> Vec<(String, i64)> {
+        host::counter_top(BIG, count).into_iter().map(|(k, n)| (k[BIG.len()..].to_string(), n)).collect()
+    }
+
+    /// Sets the key gauges to the current tops and removes keys that left them.
+    fn publish(&mut self, window: u64, fx: &mut Effects) {
+        let hot = self.hot(window, self.hot_keys);
+        let big = if self.big_keys > 0 { self.big(self.big_keys) } else { Vec::new() };
+        for (metric, now, before) in [(HOT_KEYS, &hot, &mut self.published_hot), (BIG_KEYS, &big, &mut self.published_big)] {
+            for old in before.iter() {
+                if !now.iter().any(|(k, _)| k == old) {
+                    fx.record(metric, &[old], f64::NAN);
+                }
+            }
+            for (k, v) in now {
+                fx.record(metric, &[k], *v as f64);
+            }
+            *before = now.iter().map(|(k, _)| k.clone()).collect();
+        }
+    }
+
+    /// Remembers `key` as big, with its latest size.
+    fn note_big(&self, key: &[u8], size: u64) {
+        let k = format!("{BIG}{}", String::from_utf8_lossy(key));
+        let size = i64::try_from(size).unwrap_or(i64::MAX);
+        let was = host::counter_get(&k);
+        host::counter_add(&k, size - was, BIG_TTL_MS);
+    }
+}
+
+/// A reply listing keys with a number each: an array of `[key, number]` pairs.
+fn key_list(items: &[(String, i64)]) -> Vec<u8> {
+    reply::array(&items.iter().map(|(k, v)| reply::array(&[reply::bulk(k.as_bytes()), reply::int(*v)])).collect::<Vec<_>>())
 }
 
 impl Metrics {
@@ -103,7 +231,41 @@ impl Plugin for Metrics {
                     .buckets(&[16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0]),
             )
             .metric(Metric::histogram("prefix_latency_seconds", "Time from respire reading a command to its reply, by key prefix.").labels(&["prefix"]));
-        Ok((Metrics { prefix_segments: c.prefix_segments, max_prefixes: c.max_prefixes, prefixes: Default::default() }, manifest))
+        let manifest = manifest
+            .metric(Metric::gauge("hot_key_ops_per_second", "The most used keys over the last complete window (estimated from samples), in operations per second.").labels(&["key"]))
+            .metric(Metric::gauge("big_key_bytes", "The largest values seen (replies or written arguments over big_key_bytes), by key.").labels(&["key"]))
+            .serves(&["metrics.hotkeys", "metrics.bigkeys"]);
+        if c.hot_window.as_millis() == 0 || c.hot_sample == 0 {
+            return Err("hot_window and hot_sample must be above zero".into());
+        }
+        let hot = KeyStats {
+            hot_keys: c.hot_keys,
+            sample: c.hot_sample,
+            window_ms: u64::try_from(c.hot_window.as_millis()).unwrap_or(u64::MAX),
+            big_keys: c.big_keys,
+            big_bytes: c.big_key_bytes.max(1),
+            rng: host::now_ms() | 1,
+            window: 0,
+            published_hot: Vec::new(),
+            published_big: Vec::new(),
+        };
+        Ok((Metrics { prefix_segments: c.prefix_segments, max_prefixes: c.max_prefixes, prefixes: Default::default(), hot }, manifest))
+    }
+
+    fn on_request(&mut self, _client: &Client, cmd: &Command, _fx: &mut Effects) -> RequestAction {
+        let count = match cmd.arg(0) {
+            None => 10,
+            Some(n) => match std::str::from_utf8(n).ok().and_then(|n| n.parse::<u32>().ok()) {
+                Some(n) if cmd.len() == 1 => n.min(1000),
+                _ if cmd.len() > 1 => return RequestAction::Deny(format!("ERR wrong number of arguments for '{}' command", cmd.name)),
+                _ => return RequestAction::Deny("ERR value is not an integer or out of range".into()),
+            },
+        };
+        let items = match cmd.name.as_str() {
+            "metrics.hotkeys" => self.hot.hot(host::now_ms() / self.hot.window_ms, count),
+            _ => self.hot.big(count),
+        };
+        RequestAction::Respond(key_list(&items))
     }
 
     fn on_response(&mut self, _client: &Client, cmd: &Command, reply: &Reply, fx: &mut Effects) -> ResponseAction {
@@ -126,8 +288,20 @@ impl Plugin for Metrics {
         fx.record(LATENCY, &[name], seconds);
         fx.record(REQUEST_BYTES, &[name], cmd.size() as f64);
         fx.record(REPLY_BYTES, &[name], reply.raw().len() as f64);
-        if let Some(code) = code {
-            fx.inc(ERRORS, &[&code]);
+        if let Some(code) = &code {
+            fx.inc(ERRORS, &[code]);
+        }
+        if let Some((key, access)) = cmd.keys().next() {
+            if self.hot.sampled() {
+                self.hot.count(key, fx);
+            }
+            if self.hot.big_keys > 0 {
+                // A read's reply, or what a write sends (its arguments), tells the value's size.
+                let size = if access.contains(respire_sdk::KeyAccess::WRITE) { cmd.size().saturating_sub(cmd.name.len() + key.len()) } else { reply.raw().len() };
+                if size as u64 >= self.hot.big_bytes && code.is_none() {
+                    self.hot.note_big(key, size as u64);
+                }
+            }
         }
         ResponseAction::Continue
     }
