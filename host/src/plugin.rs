@@ -170,7 +170,9 @@ impl ResourceLimiter for StoreData {
 pub struct PluginCtx {
     name: Arc<str>,
     metrics: Vec<Arc<PluginMetric>>,
-    limiters: Vec<(String, Rule)>,
+    limiters: Vec<LimiterDef>,
+    /// Some limiter is shared.
+    has_shared: bool,
     state: Arc<SharedState>,
     stats: HookStats,
 }
@@ -207,30 +209,117 @@ impl PluginCtx {
 
     fn take(&self, limiter: u32, key: &str, cost: u32) -> Result<u32, u64> {
         match self.limiters.get(limiter as usize) {
-            Some((name, rule)) => self.state.take(&self.name, name, *rule, key, cost),
+            Some(l) => self.state.take(&self.name, &l.name, l.rule, key, cost),
             None => Err(u64::MAX),
         }
     }
 
-    /// Takes every bucket's tokens, or none: the error text when one bucket is short.
-    fn take_all(&self, takes: &[bindings::respire::plugin::types::Take]) -> Result<(), String> {
+    /// Takes every local bucket's tokens, or none: the error text when one bucket is short.
+    /// Takes on shared limiters go to `gate` (respire asks Redis before the command goes on);
+    /// the local takes of a plugin with shared limiters are noted there too, to be given back
+    /// if Redis refuses.
+    fn take_all(self: &Arc<Self>, takes: &[bindings::respire::plugin::types::Take], gate: &mut Option<Box<Gate>>) -> Result<(), String> {
         for (i, t) in takes.iter().enumerate() {
-            if let Err(wait) = self.take(t.limiter, &t.key, t.cost) {
-                for done in &takes[..i] {
-                    if let Some((name, _)) = self.limiters.get(done.limiter as usize) {
-                        self.state.refund(&self.name, name, &done.key, done.cost);
-                    }
+            let Some(l) = self.limiters.get(t.limiter as usize) else {
+                self.refund(&takes[..i]);
+                return Err(format!("ERR rate limit #{} is not declared by plugin {}", t.limiter, self.name));
+            };
+            if l.shared {
+                let g = gate.get_or_insert_default();
+                g.shared.push(SharedTake { ctx: self.clone(), limiter: l.name.clone(), rule: l.rule, key: t.key.clone(), cost: t.cost });
+                continue;
+            }
+            if let Err(wait) = self.state.take(&self.name, &l.name, l.rule, &t.key, t.cost) {
+                self.refund(&takes[..i]);
+                plugin_stats().rate_limited.with_label_values(&[&*self.name, &l.name]).inc();
+                return Err(rate_limit_error(&l.name, wait));
+            }
+        }
+        if self.has_shared {
+            let g = gate.get_or_insert_default();
+            for t in takes {
+                if let Some(l) = self.limiters.get(t.limiter as usize).filter(|l| !l.shared) {
+                    g.refunds.push((self.clone(), l.name.clone(), t.key.clone(), t.cost));
                 }
-                let name = self.limiters.get(t.limiter as usize).map(|(n, _)| n.as_str()).unwrap_or("unknown");
-                plugin_stats().rate_limited.with_label_values(&[&*self.name, name]).inc();
-                return Err(if wait == u64::MAX {
-                    format!("ERR rate limit '{name}' exceeded, and this command costs more than the limit allows")
-                } else {
-                    format!("ERR rate limit '{name}' exceeded, retry in {wait} ms")
-                });
             }
         }
         Ok(())
+    }
+
+    /// Gives back the local tokens of these takes.
+    fn refund(&self, takes: &[bindings::respire::plugin::types::Take]) {
+        for t in takes {
+            if let Some(l) = self.limiters.get(t.limiter as usize).filter(|l| !l.shared) {
+                self.state.refund(&self.name, &l.name, &t.key, t.cost);
+            }
+        }
+    }
+}
+
+/// The error a client gets when a bucket is empty (`wait`: ms until it has enough tokens;
+/// `u64::MAX`: never).
+pub fn rate_limit_error(limiter: &str, wait: u64) -> String {
+    if wait == u64::MAX {
+        format!("ERR rate limit '{limiter}' exceeded, and this command costs more than the limit allows")
+    } else {
+        format!("ERR rate limit '{limiter}' exceeded, retry in {wait} ms")
+    }
+}
+
+/// A limiter a plugin declared.
+struct LimiterDef {
+    name: String,
+    rule: Rule,
+    /// Its buckets live in the backend Redis.
+    shared: bool,
+}
+
+/// Tokens to take from a bucket kept in the backend Redis.
+pub struct SharedTake {
+    ctx: Arc<PluginCtx>,
+    /// The limiter's name.
+    pub limiter: String,
+    /// Its rate and burst.
+    pub rule: Rule,
+    /// The bucket.
+    pub key: String,
+    /// Tokens.
+    pub cost: u32,
+}
+
+impl SharedTake {
+    /// The Redis key of the bucket: one hash slot per bucket (the whole name is the hash tag).
+    pub fn redis_key(&self) -> String {
+        format!("{{respire:ratelimit:{}:{}:{}}}", self.ctx.name, self.limiter, self.key)
+    }
+
+    /// Counts a refusal.
+    pub fn note_refused(&self) {
+        plugin_stats().rate_limited.with_label_values(&[&*self.ctx.name, &self.limiter]).inc();
+    }
+
+    /// Counts a take Redis could not answer (the command was let through).
+    pub fn note_error(&self, error: &str) {
+        plugin_stats().failures.with_label_values(&[&*self.ctx.name, "request", "shared-limiter"]).inc();
+        tracing::debug!(plugin = %self.ctx.name, limiter = %self.limiter, error, "shared rate limit not checked; command let through");
+    }
+}
+
+/// Takes on shared limiters that Redis must grant before a command goes on, and the local
+/// tokens to give back if it does not.
+#[derive(Default)]
+pub struct Gate {
+    /// The takes, in order.
+    pub shared: Vec<SharedTake>,
+    refunds: Vec<(Arc<PluginCtx>, String, String, u32)>,
+}
+
+impl Gate {
+    /// Gives back the local tokens the command took.
+    pub fn refund_local(&self) {
+        for (ctx, limiter, key, cost) in &self.refunds {
+            ctx.state.refund(&ctx.name, limiter, key, *cost);
+        }
     }
 }
 
@@ -534,9 +623,17 @@ impl Runtime {
             if !(l.rate.is_finite() && l.rate >= 0.0) || l.burst == 0 {
                 return Err(init_err(format!("limiter {:?}: rate must be ≥ 0 and burst ≥ 1", l.name)));
             }
-            limiters.push((l.name.clone(), Rule { rate: l.rate, burst: l.burst }));
+            limiters.push(LimiterDef { name: l.name.clone(), rule: Rule { rate: l.rate, burst: l.burst }, shared: l.shared });
         }
-        let ctx = Arc::new(PluginCtx { name: name.clone(), metrics, limiters, state: self.state.clone(), stats: HookStats::new(&file_name) });
+        let has_shared = limiters.iter().any(|l| l.shared);
+        let ctx = Arc::new(PluginCtx {
+            name: name.clone(),
+            metrics,
+            limiters,
+            has_shared,
+            state: self.state.clone(),
+            stats: HookStats::new(&file_name),
+        });
         Ok(LoadedPlugin {
             commands: manifest.commands.iter().map(|c| c.to_ascii_lowercase()).collect(),
             all: manifest.categories.iter().any(|c| c == "all"),
@@ -964,6 +1061,8 @@ pub enum Decision {
         rewritten: Option<Vec<bytes::Bytes>>,
         /// A plugin asked for the reply to be cached (the shortest times when several did).
         cache: Option<crate::cache::CacheFor>,
+        /// Tokens Redis must grant first (shared limiters).
+        gate: Option<Box<Gate>>,
     },
     /// Reply with this error text.
     Deny(String),
@@ -1015,13 +1114,14 @@ impl WorkerPlugins {
     ) -> (Decision, Option<Box<ResponseChain>>) {
         // Read the clock only when some plugin will want the elapsed time.
         let mut start = None;
-        let continue_ = || (Decision::Continue { rewritten: None, cache: None }, None);
+        let continue_ = || (Decision::Continue { rewritten: None, cache: None, gate: None }, None);
         let Some(first) = args.first() else { return continue_() };
         let Some(generation) = self.generation(set) else { return continue_() };
         let mut name = String::from_utf8_lossy(first).to_ascii_lowercase();
         let mut info = table.get(args);
         let mut rewritten: Option<Vec<bytes::Bytes>> = None;
         let mut cache: Option<crate::cache::CacheFor> = None;
+        let mut gate: Option<Box<Gate>> = None;
         let mut command: Option<WitCommand> = None;
         let mut responses = Vec::new();
         let mut decision = None;
@@ -1066,7 +1166,7 @@ impl WorkerPlugins {
             };
             plugin.ctx.stats.request_ok.inc();
             plugin.ctx.record(&result.metrics);
-            if let Err(msg) = plugin.ctx.take_all(&result.takes) {
+            if let Err(msg) = plugin.ctx.take_all(&result.takes, &mut gate) {
                 decision = Some(Decision::Deny(msg));
                 break;
             }
@@ -1102,7 +1202,9 @@ impl WorkerPlugins {
             let command = command.unwrap_or_else(|| wit_command(&name, rewritten.as_deref().unwrap_or(args), info));
             Box::new(ResponseChain { set: set.clone(), plugins: responses, command, start: start.unwrap_or_else(std::time::Instant::now) })
         });
-        (decision.unwrap_or(Decision::Continue { rewritten, cache }), chain)
+        // Refused or answered by a plugin: shared buckets are not asked; local tokens stay
+        // taken, as for any refusal by a later plugin.
+        (decision.unwrap_or(Decision::Continue { rewritten, cache, gate }), chain)
     }
 
     /// Runs the response hooks owed for a command on its reply (reverse chain order) and

@@ -131,6 +131,31 @@ enum After {
     Flush,
 }
 
+/// A command waiting for Redis to grant its shared rate-limit tokens; it goes on (or is
+/// refused) when the answer comes, and nothing after it is read meanwhile.
+struct Gated {
+    rx: oneshot::Receiver<Result<(), String>>,
+    cmd: Command,
+    spec: &'static commands::Spec,
+    chain: Option<Box<ResponseChain>>,
+    cache_for: Option<crate::cache::CacheFor>,
+}
+
+/// GCRA over Redis's clock: `KEYS[1]` holds the bucket's theoretical arrival time (ms);
+/// `ARGV`: ms per token, burst, cost (negative: a refund). Returns 0 when granted, else the
+/// ms until it would be.
+const GCRA: &str = "local t = redis.call('TIME') \
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000 \
+local interval, burst, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]) \
+local tat = tonumber(redis.call('GET', KEYS[1]) or now) \
+if tat < now then tat = now end \
+local new_tat = tat + cost * interval \
+local wait = new_tat - burst * interval - now \
+if cost > 0 and wait > 0 then return math.max(1, math.ceil(wait)) end \
+if new_tat > now then redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now) + 1000) \
+else redis.call('DEL', KEYS[1]) end \
+return 0";
+
 /// What the cache did with a cacheable read.
 enum CacheRead {
     /// Answered (a hit) or queued behind another client's identical request.
@@ -233,6 +258,8 @@ pub struct Session {
     stalled_after: Option<After>,
     /// Keys written by the commands queued in the current transaction.
     tx_keys: Vec<Bytes>,
+    /// A command waiting for its shared rate-limit tokens.
+    gated: Option<Box<Gated>>,
     /// Messages from the worker's subscriber connections.
     push_tx: Option<mpsc::UnboundedSender<Bytes>>,
     push_rx: Option<mpsc::UnboundedReceiver<Bytes>>,
@@ -280,6 +307,7 @@ pub async fn run(worker: Rc<Worker>, stream: TcpStream, info: Arc<ClientInfo>) {
         writes_in_flight: 0,
         stalled_after: None,
         tx_keys: Vec::new(),
+        gated: None,
         push_tx: None,
         push_rx: None,
     };
@@ -352,10 +380,10 @@ impl Session {
             if !self.out.is_empty() && !self.try_flush() {
                 return;
             }
-            if self.closing && self.queue.is_empty() && self.out.is_empty() {
+            if self.closing && self.queue.is_empty() && self.out.is_empty() && self.gated.is_none() {
                 return;
             }
-            let reading = !self.closing && self.stalled.is_none() && self.stream_start.is_none();
+            let reading = !self.closing && self.stalled.is_none() && self.stream_start.is_none() && self.gated.is_none();
             let idle_applies = !idle.is_zero() && self.waiting == 0 && !self.in_multi && !self.watching && !self.subscribed();
             let queue = &mut self.queue;
             let front = async {
@@ -374,6 +402,13 @@ impl Session {
             };
             let (stream, out, inbuf) = (&mut self.stream, &mut self.out, &mut self.inbuf);
             let io = std::future::poll_fn(|cx| poll_io(stream, cx, out, inbuf, reading));
+            let gated = &mut self.gated;
+            let gate = async {
+                match gated {
+                    Some(g) => (&mut g.rx).await,
+                    None => std::future::pending().await,
+                }
+            };
             let push_rx = &mut self.push_rx;
             let push = async {
                 match push_rx {
@@ -397,6 +432,7 @@ impl Session {
                     IoEvent::Wrote => {}
                     IoEvent::Closed(_) => return,
                 },
+                verdict = gate => self.on_gate(verdict),
                 Some(frame) = push => self.on_message(frame),
                 _ = shutdown.changed(), if !self.closing => self.closing = true,
                 _ = sleep_until(idle_deadline), if idle_applies => return,
@@ -442,7 +478,7 @@ impl Session {
     fn process_input(&mut self) {
         self.refresh_topology();
         self.has_plugins = self.worker.shared.config.plugins.is_some() && !self.worker.shared.plugins.load().plugins.is_empty();
-        while !self.closing && self.stalled.is_none() && self.stream_start.is_none() {
+        while !self.closing && self.stalled.is_none() && self.stream_start.is_none() && self.gated.is_none() {
             match self.parser.parse(&mut self.inbuf, &self.worker.shared.limits, self.authenticated) {
                 Ok(Some(cmd)) => self.handle(cmd),
                 Ok(None) => break,
@@ -656,16 +692,18 @@ impl Session {
         }
         let mut chain = None;
         let mut cache_for = None;
+        let mut gate = None;
         if self.has_plugins && !matches!(spec.kind, Kind::Local(Local::Auth | Local::Hello | Local::Quit | Local::Reset)) {
             let (decision, c) = self.run_request_plugins(&cmd);
             chain = c;
             match decision {
-                Decision::Continue { rewritten, cache } => {
+                Decision::Continue { rewritten, cache, gate: g } => {
                     if let Some(args) = rewritten {
                         cmd = Command::from_args(args);
                         spec = commands::lookup(cmd.name());
                     }
                     cache_for = cache;
+                    gate = g;
                 }
                 Decision::Deny(msg) => {
                     // As a command Redis refuses while queueing: the transaction will abort.
@@ -686,6 +724,22 @@ impl Session {
                 chain = None;
             }
         }
+        if let Some(gate) = gate {
+            let rx = self.start_gate(gate);
+            self.gated = Some(Box::new(Gated { rx, cmd, spec, chain, cache_for }));
+            return;
+        }
+        self.proceed(cmd, spec, chain, cache_for);
+    }
+
+    /// Carries on with a command the plugins let through: the response cache, then dispatch.
+    fn proceed(
+        &mut self,
+        cmd: Command,
+        spec: &'static commands::Spec,
+        mut chain: Option<Box<ResponseChain>>,
+        cache_for: Option<crate::cache::CacheFor>,
+    ) {
         if !self.worker.shared.cache.is_active() {
             return self.with_hook(chain, |s| s.dispatch(cmd, spec));
         }
@@ -700,6 +754,52 @@ impl Session {
         let pushed = self.pushed;
         self.with_hook(chain, |s| s.dispatch(cmd, spec));
         self.note_after(pushed, after);
+    }
+
+    /// Asks Redis for the shared tokens of a command (in order; all or nothing): resolves to
+    /// the refusal text, or `Ok` to go on. When Redis cannot answer, the command goes on.
+    fn start_gate(&self, gate: Box<crate::plugin::Gate>) -> oneshot::Receiver<Result<(), String>> {
+        let (tx, rx) = oneshot::channel();
+        let (worker, sid) = (self.worker.clone(), self.info.id);
+        tokio::task::spawn_local(async move {
+            let mut granted = Vec::new();
+            let mut verdict = Ok(());
+            for t in &gate.shared {
+                match shared_take(&worker, sid, t, i64::from(t.cost)).await {
+                    Ok(0) => granted.push(t),
+                    Ok(wait) => {
+                        t.note_refused();
+                        verdict = Err(crate::plugin::rate_limit_error(&t.limiter, wait));
+                        break;
+                    }
+                    Err(e) => t.note_error(&e),
+                }
+            }
+            if verdict.is_err() {
+                for t in granted {
+                    let _ = shared_take(&worker, sid, t, -i64::from(t.cost)).await;
+                }
+                gate.refund_local();
+            }
+            let _ = tx.send(verdict);
+        });
+        rx
+    }
+
+    /// Redis answered a gated command's shared takes.
+    fn on_gate(&mut self, verdict: Result<Result<(), String>, oneshot::error::RecvError>) {
+        let Some(g) = self.gated.take() else { return };
+        let Gated { cmd, spec, chain, cache_for, .. } = *g;
+        match verdict {
+            Ok(Err(msg)) => {
+                if self.in_multi {
+                    self.tx_poisoned = true;
+                }
+                self.with_hook(chain, |s| s.reply_error(&msg));
+            }
+            _ => self.proceed(cmd, spec, chain, cache_for),
+        }
+        self.process_input();
     }
 
     /// A command that writes: drops cached replies of its keys now, and says what to drop
@@ -1399,6 +1499,31 @@ impl Session {
             Ok(n) => self.stream_start = Some((cmd, n)),
             Err(e) => self.reply_error(e),
         }
+    }
+}
+
+/// Runs the GCRA script for one shared bucket: 0 when `cost` tokens were granted, else the
+/// ms to wait; an error when Redis could not answer.
+async fn shared_take(worker: &Rc<Worker>, sid: u64, t: &crate::plugin::SharedTake, cost: i64) -> Result<u64, String> {
+    let key = t.redis_key();
+    let topo = worker.shared.topology.load();
+    let node = topo.master_of(crate::topology::key_slot(key.as_bytes())).ok_or("no master serves the bucket's slot")?;
+    let addr = topo.nodes.get(node).cloned().ok_or("no such node")?;
+    let interval = if t.rule.rate > 0.0 { 1000.0 / t.rule.rate } else { 1e15 };
+    let mut data = BytesMut::new();
+    let args = [interval.to_string(), t.rule.burst.to_string(), cost.to_string()];
+    resp::encode_args(&mut data, &["EVAL", GCRA, "1", &key, &args[0], &args[1], &args[2]]);
+    let conn = worker.pool(&addr).shared(ConnKey { db: 0, proto: 2 }, sid);
+    let rx = conn.send(data.freeze(), 0, false);
+    let reply = match tokio::time::timeout(worker.shared.config.backend.command_timeout, rx).await {
+        Ok(Ok(Ok(frame))) => frame,
+        Ok(Ok(Err(e))) => return Err(e.to_string()),
+        _ => return Err("no answer".into()),
+    };
+    match resp::Value::parse(&reply) {
+        Ok(resp::Value::Int(n)) => Ok(n.max(0) as u64),
+        Ok(resp::Value::Error(e)) => Err(String::from_utf8_lossy(&e).into_owned()),
+        _ => Err("unexpected reply".into()),
     }
 }
 

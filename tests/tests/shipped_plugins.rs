@@ -234,18 +234,15 @@ fn the_sample_settings_of_every_shipped_plugin_are_valid() {
     }
 }
 
-#[test]
-fn a_rate_limit_holds_its_configured_rate_under_load() {
-    let redis = RedisServer::start();
-    let rules = "[[config.rules]]\nname = \"all\"\nrate = 300\nburst = 30\ncommands = [\"get\"]\n";
-    let dir = plugin_dir("rate-limit", rules);
-    let proxy = Respire::start(&redis.addr(), &["--plugins", dir.path().to_str().unwrap(), "--workers", "2"]);
-    let port = proxy.port;
+/// Four clients per port pipelining GETs of one key as fast as they can for `run`: (allowed,
+/// refused by the rule named `rule`, seconds).
+fn hammer(ports: &[u16], rule: &str, run: std::time::Duration) -> (u64, u64, f64) {
     let start = std::time::Instant::now();
-    let run = std::time::Duration::from_secs(3);
-    // Four clients pipelining GETs as fast as they can, for a bounded time.
-    let threads: Vec<_> = (0..4)
-        .map(|_| {
+    let threads: Vec<_> = ports
+        .iter()
+        .flat_map(|&port| std::iter::repeat_n(port, 4))
+        .map(|port| {
+            let refusal = format!("-ERR rate limit '{rule}' exceeded");
             std::thread::spawn(move || {
                 let mut c = Raw::connect(port);
                 let batch: Vec<u8> = (0..20).flat_map(|_| resp(&[b"GET", b"k"])).collect();
@@ -253,19 +250,71 @@ fn a_rate_limit_holds_its_configured_rate_under_load() {
                 while start.elapsed() < run {
                     let got = String::from_utf8(c.roundtrip(&batch, 20)).unwrap();
                     ok += got.matches("$-1\r\n").count() as u64;
-                    refused += got.matches("-ERR rate limit 'all' exceeded").count() as u64;
+                    refused += got.matches(&refusal).count() as u64;
                 }
                 (ok, refused)
             })
         })
         .collect();
     let (ok, refused) = threads.into_iter().map(|t| t.join().unwrap()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
-    let elapsed = start.elapsed().as_secs_f64();
+    (ok, refused, start.elapsed().as_secs_f64())
+}
+
+#[test]
+fn a_rate_limit_holds_its_configured_rate_under_load() {
+    let redis = RedisServer::start();
+    let rules = "[[config.rules]]\nname = \"all\"\nrate = 300\nburst = 30\ncommands = [\"get\"]\n";
+    let dir = plugin_dir("rate-limit", rules);
+    let proxy = Respire::start(&redis.addr(), &["--plugins", dir.path().to_str().unwrap(), "--workers", "2"]);
+    let (ok, refused, elapsed) = hammer(&[proxy.port], "all", std::time::Duration::from_secs(3));
     let allowed = 300.0 * elapsed + 30.0;
     eprintln!("{ok} allowed, {refused} refused in {elapsed:.2} s; the limit allows {allowed:.0}");
     assert!(refused > ok, "the load must exceed the limit for the test to mean anything");
     let ratio = ok as f64 / allowed;
     assert!((0.9..=1.1).contains(&ratio), "{ok} allowed where the rate allows {allowed:.0} ({ratio:.2}×)");
+}
+
+#[test]
+fn a_shared_rate_limit_holds_across_two_respire_processes() {
+    let redis = RedisServer::start();
+    let rules = "[[config.rules]]\nname = \"quota\"\nrate = 150\nburst = 20\ncommands = [\"get\"]\nshared = true\n";
+    let (dir_a, dir_b) = (plugin_dir("rate-limit", rules), plugin_dir("rate-limit", rules));
+    let a = Respire::start(&redis.addr(), &["--plugins", dir_a.path().to_str().unwrap(), "--workers", "2"]);
+    let b = Respire::start(&redis.addr(), &["--plugins", dir_b.path().to_str().unwrap(), "--workers", "2"]);
+    let (ok, refused, elapsed) = hammer(&[a.port, b.port], "quota", std::time::Duration::from_secs(3));
+    let allowed = 150.0 * elapsed + 20.0;
+    eprintln!("{ok} allowed, {refused} refused in {elapsed:.2} s over two respire processes; the limit allows {allowed:.0}");
+    assert!(refused > ok, "the load must exceed the limit for the test to mean anything");
+    let ratio = ok as f64 / allowed;
+    assert!((0.9..=1.1).contains(&ratio), "{ok} allowed where one shared quota allows {allowed:.0} ({ratio:.2}×)");
+    // The bucket is a key in Redis.
+    let mut direct = Raw::connect(redis.port);
+    assert!(text(&mut direct, &[b"EXISTS", b"{respire:ratelimit:rate-limit:quota:}"]).starts_with(":1"));
+}
+
+#[test]
+fn a_shared_refusal_gives_local_tokens_back() {
+    let redis = RedisServer::start();
+    // "local" (in respire) covers GET and SET; "remote" (in Redis) only GET and is soon empty.
+    let rules = "[[config.rules]]\nname = \"local\"\nrate = 0.001\nburst = 5\ncommands = [\"get\", \"set\"]\n\
+[[config.rules]]\nname = \"remote\"\nrate = 0.001\nburst = 2\ncommands = [\"get\"]\nshared = true\n";
+    let dir = plugin_dir("rate-limit", rules);
+    let proxy = Respire::start(&redis.addr(), &["--plugins", dir.path().to_str().unwrap()]);
+    let mut p = Raw::connect(proxy.port);
+    assert_eq!(text(&mut p, &[b"GET", b"k"]), "$-1\r\n");
+    assert_eq!(text(&mut p, &[b"GET", b"k"]), "$-1\r\n");
+    for _ in 0..5 {
+        assert!(text(&mut p, &[b"GET", b"k"]).starts_with("-ERR rate limit 'remote' exceeded, retry in "));
+    }
+    // Had the refused GETs kept their local tokens, "local" would be empty now.
+    for _ in 0..3 {
+        assert_eq!(text(&mut p, &[b"SET", b"k2", b"v"]), "+OK\r\n");
+    }
+    assert!(text(&mut p, &[b"SET", b"k2", b"v"]).starts_with("-ERR rate limit 'local' exceeded"));
+    // Pipelined commands behind a gated one keep their order.
+    let got = p.roundtrip(&[resp(&[b"GET", b"k"]), resp(&[b"ECHO", b"after"])].concat(), 2);
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("-ERR rate limit 'local' exceeded") && got.ends_with("$5\r\nafter\r\n"), "{got}");
 }
 
 #[test]

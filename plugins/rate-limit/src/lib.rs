@@ -17,7 +17,18 @@
 //! categories = ["write"]
 //! by = ["prefix"]
 //! prefix_segments = 2  # "tenant:42:orders" → "tenant:42"
+//!
+//! [[config.rules]]
+//! name = "api-quota"
+//! rate = 5000
+//! by = ["user"]
+//! shared = true        # buckets in the backend Redis: one quota for every respire in front of it
 //! ```
+//!
+//! A `shared` rule keeps its buckets in Redis (a GCRA script on Redis's clock, one key per
+//! bucket, `{respire:ratelimit:<plugin>:<rule>:<bucket>}`), so several respire processes
+//! behind a load balancer enforce one quota together. It costs one round trip to Redis per
+//! command it applies to; if Redis cannot answer, the command is let through.
 use respire_sdk::{Category, Client, Command, Effects, LimiterId, Manifest, Plugin, RequestAction};
 use serde::Deserialize;
 
@@ -44,6 +55,8 @@ struct RuleConfig {
     prefix_segments: usize,
     #[serde(default = "one_u32")]
     cost: u32,
+    #[serde(default)]
+    shared: bool,
 }
 
 fn one() -> usize {
@@ -147,7 +160,7 @@ impl RateLimit {
             if r.prefix_segments == 0 {
                 return Err(format!("rule {:?}: prefix_segments must be at least 1", r.name));
             }
-            manifest = manifest.limiter(&r.name, r.rate, burst);
+            manifest = if r.shared { manifest.shared_limiter(&r.name, r.rate, burst) } else { manifest.limiter(&r.name, r.rate, burst) };
             rules.push(Rule {
                 by: r.by,
                 commands: r.commands.iter().map(|c| c.to_ascii_lowercase()).collect(),
