@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The respire demo: a local 3-master/3-replica Redis Cluster, respire in front of it with
-# the shipped plugins (acl, rate-limit, metrics) loaded and metrics served, and what to try.
+# the shipped plugins (acl, rate-limit, cache-policy, metrics) loaded and metrics served, and what to try.
 # Installs what is missing, builds respire, and stops everything on Ctrl-C.
 #
 #   bash examples/demo.sh                 # respire on 127.0.0.1:6380
@@ -18,7 +18,7 @@ rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2 || rustup ta
 echo "==> building respire and its plugins"
 cargo build --release --locked -p respire
 cargo build --release --locked --target wasm32-wasip2 \
-  -p respire-plugin-acl -p respire-plugin-rate-limit -p respire-plugin-metrics
+  -p respire-plugin-acl -p respire-plugin-rate-limit -p respire-plugin-metrics -p respire-plugin-cache-policy
 
 
 work=$(mktemp -d)
@@ -54,7 +54,7 @@ done
 # but @dangerous commands).
 plugins="$work/plugins"
 mkdir -p "$plugins"
-for p in acl rate-limit metrics; do
+for p in acl rate-limit cache-policy metrics; do
   cp "target/wasm32-wasip2/release/${p//-/_}.wasm" "$plugins/$p.wasm"
   cp "plugins/$p/$p.toml" "$plugins/$p.toml"
 done
@@ -76,6 +76,9 @@ Try:
   redis-cli -p $RESPIRE_PORT cluster slots        # respire presents itself as one node
   redis-cli -p <a replica's port> cluster failover   # respire keeps serving through it
   redis-cli -p $RESPIRE_PORT flushall             # refused by the acl plugin (-NOPERM)
+  redis-cli -p $RESPIRE_PORT set user:1 alice && redis-cli -p $RESPIRE_PORT get user:1 && redis-cli -p $RESPIRE_PORT get user:1
+  curl -s 127.0.0.1:$METRICS_PORT/metrics | grep respire_cache_    # the second GET was a cache hit
+  redis-cli -p $RESPIRE_PORT metrics.hotkeys      # the most used keys (metrics plugin)
   redis-benchmark -p $RESPIRE_PORT -t set,get -c 50 -q
   curl -s 127.0.0.1:$METRICS_PORT/metrics | grep respire_plugin_metrics_commands_total
 Plugins are loaded from $plugins: edit a .toml there (say, lower a rate in

@@ -240,6 +240,8 @@ impl Cache {
                 }
             }
             s.bytes += size;
+            STATS.bytes.add(size as i64);
+            STATS.entries.inc();
             s.entries.insert(ckey.clone(), Entry { id: token, keys: keys.clone(), state: State::Pending { token, waiters: Vec::new() }, size });
         }
         self.cleanup(foreign);
@@ -287,7 +289,6 @@ impl Cache {
             }
         }
         self.cleanup(foreign);
-        self.publish_gauges();
     }
 
     /// Drops everything (pending requests still answer their waiters, but are not kept).
@@ -295,6 +296,8 @@ impl Cache {
         for i in 0..self.shards.len() {
             let mut s = self.lock(i);
             let entries = std::mem::take(&mut s.entries);
+            STATS.bytes.sub(s.bytes as i64);
+            STATS.entries.sub(entries.len() as i64);
             for (_, e) in entries {
                 if let State::Pending { token, waiters } = e.state {
                     if !waiters.is_empty() {
@@ -307,7 +310,6 @@ impl Cache {
             s.bytes = 0;
         }
         STATS.flushes.inc();
-        self.publish_gauges();
     }
 
     /// Turns serving on or off; every change flushes, so a cache that comes back starts empty.
@@ -342,17 +344,6 @@ impl Cache {
     pub fn configure(&self, prefixes: Vec<Bytes>, max_memory: u64) {
         self.prefixes.store(Arc::new(prefixes));
         self.max_memory.store(max_memory.max(1), Ordering::Relaxed);
-    }
-
-    fn publish_gauges(&self) {
-        let (mut bytes, mut entries) = (0usize, 0usize);
-        for s in self.shards.iter() {
-            let s = s.lock().unwrap_or_else(|p| p.into_inner());
-            bytes += s.bytes;
-            entries += s.entries.len();
-        }
-        STATS.bytes.set(bytes as i64);
-        STATS.entries.set(entries as i64);
     }
 
     /// Entries and bytes held (for tests and `INFO`).
@@ -392,6 +383,7 @@ impl Cache {
                 e.size += added;
                 let id = e.id;
                 s.bytes += added;
+                STATS.bytes.add(added as i64);
                 s.clock.push_back((ckey.clone(), id));
                 foreign = evict(&mut s, home, budget);
                 match old {
@@ -401,7 +393,6 @@ impl Cache {
             }
         };
         self.cleanup(foreign);
-        self.publish_gauges();
         waiters
     }
 
@@ -424,6 +415,8 @@ impl Cache {
 fn remove_entry(s: &mut Shard, ckey: &Bytes, home: usize) -> Vec<(Bytes, Bytes)> {
     let Some(e) = s.entries.remove(ckey) else { return Vec::new() };
     s.bytes = s.bytes.saturating_sub(e.size);
+    STATS.bytes.sub(e.size as i64);
+    STATS.entries.dec();
     if let State::Pending { token, waiters } = e.state {
         if !waiters.is_empty() {
             s.orphans.insert(token, waiters);
