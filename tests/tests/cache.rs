@@ -322,3 +322,40 @@ fn over_a_cluster_every_node_reports_its_writes() {
     }
     assert_eq!(masters_written.len(), 3);
 }
+
+#[test]
+fn empty_replies_are_cached_only_when_asked_and_settings_reload_live() {
+    let redis = RedisServer::start();
+    let settings = "[config]\n[[config.rules]]\nkeys = \"user:*\"\nttl = \"60s\"\nempty_ttl = \"60s\"\n[[config.rules]]\nkeys = \"item:*\"\nttl = \"60s\"\n";
+    let (proxy, mport, dir) = cached_proxy(&redis, settings, "2");
+    let mut p = Raw::connect(proxy.port);
+    let mut direct = Raw::connect(redis.port);
+    let hits = || metric(mport, "respire_cache_hits_total");
+    // A missing user is remembered (empty_ttl); a missing item is not.
+    for key in [&b"user:none"[..], b"item:none"] {
+        assert_eq!(text(&mut p, &[b"GET", key]), "$-1\r\n");
+    }
+    let before = hits();
+    assert_eq!(text(&mut p, &[b"GET", b"user:none"]), "$-1\r\n");
+    assert_eq!(text(&mut p, &[b"GET", b"item:none"]), "$-1\r\n");
+    assert_eq!(hits() - before, 1.0, "only the user's nil is a hit");
+    // Creating the key drops the remembered nil.
+    assert_eq!(text(&mut direct, &[b"SET", b"user:none", b"now"]), "+OK\r\n");
+    until(&mut p, &[b"GET", b"user:none"], "$3\r\nnow\r\n");
+
+    // New settings while the client stays connected: only item:* is cached from now on.
+    let flushes = metric(mport, "respire_cache_flushes_total");
+    std::fs::write(dir.path().join("cache-policy.toml"), "[config]\n[[config.rules]]\nkeys = \"item:*\"\nttl = \"60s\"\n").unwrap();
+    wait_metric(mport, "respire_cache_flushes_total", |v| v > flushes, "the cache to restart with the new settings");
+    wait_metric(mport, "respire_cache_active", |v| v == 1.0, "the cache to serve again");
+    assert_eq!(text(&mut direct, &[b"SET", b"item:1", b"i"]), "+OK\r\n");
+    assert_eq!(text(&mut p, &[b"GET", b"item:1"]), "$1\r\ni\r\n");
+    assert_eq!(text(&mut p, &[b"GET", b"user:none"]), "$3\r\nnow\r\n");
+    let before = hits();
+    assert_eq!(text(&mut p, &[b"GET", b"item:1"]), "$1\r\ni\r\n");
+    assert_eq!(text(&mut p, &[b"GET", b"user:none"]), "$3\r\nnow\r\n");
+    assert_eq!(hits() - before, 1.0, "item:1 is a hit, user:none is no longer cached");
+    // Redis now reports writes under the new prefix.
+    assert_eq!(text(&mut direct, &[b"SET", b"item:1", b"j"]), "+OK\r\n");
+    until(&mut p, &[b"GET", b"item:1"], "$1\r\nj\r\n");
+}

@@ -354,10 +354,11 @@ fn hot_and_big_keys_across_workers() {
     assert!(text(&mut b, &[b"GET", b"big:1"]).starts_with("$3000\r\n"));
     assert_eq!(text(&mut a, &[b"METRICS.BIGKEYS"]), "*1\r\n*2\r\n$5\r\nbig:1\r\n:3009\r\n");
     assert!(text(&mut a, &[b"METRICS.BIGKEYS", b"x"]).starts_with("-ERR value is not an integer"));
-    // Both as gauges after the next window rolls over.
-    std::thread::sleep(std::time::Duration::from_millis(600));
-    for _ in 0..20 {
+    // Both as gauges, published when a window with traffic rolls over.
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_millis(1200) {
         text(&mut a, &[b"GET", b"hot"]);
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
     let (_, body) = respire_tests::http_get(port, "/metrics");
     assert!(respire_tests::metric_value(&body, "respire_plugin_metrics_hot_key_ops_per_second{key=\"hot\"}").is_some_and(|v| v > 0.0), "{body}");
