@@ -240,8 +240,12 @@ async fn run(node: Rc<NodeSettings>, key: ConnKey, mode: Mode, mut rx: mpsc::Unb
         }
     };
     loop {
+        let stats = crate::metrics::backend_stats();
         match connect(&node, key).await {
             Ok(stream) => {
+                stats.connects.with_label_values(&[&node.addr, "ok"]).inc();
+                let open = stats.connections.with_label_values(&[&node.addr]);
+                open.inc();
                 if failures > 0 {
                     info!(backend = %node.addr, "backend reachable again");
                 }
@@ -250,9 +254,18 @@ async fn run(node: Rc<NodeSettings>, key: ConnKey, mode: Mode, mut rx: mpsc::Unb
                 state.connected.set(true);
                 let end = serve(&node, stream, &mut rx, first.take()).await;
                 state.connected.set(false);
+                open.dec();
                 match end {
                     End::HandleDropped => break,
                     End::Failed(reason) => {
+                        let why = if reason.starts_with("no reply within") {
+                            "timeout"
+                        } else if reason.contains("closed") {
+                            "closed"
+                        } else {
+                            "error"
+                        };
+                        stats.lost.with_label_values(&[&node.addr, why]).inc();
                         warn!(backend = %node.addr, db = key.db, %reason, "backend connection lost");
                         if mode == Mode::Exclusive {
                             break;
@@ -261,6 +274,7 @@ async fn run(node: Rc<NodeSettings>, key: ConnKey, mode: Mode, mut rx: mpsc::Unb
                 }
             }
             Err(reason) => {
+                stats.connects.with_label_values(&[&node.addr, "error"]).inc();
                 failures += 1;
                 if failures == 1 {
                     warn!(backend = %node.addr, %reason, "cannot connect to backend");

@@ -80,6 +80,11 @@ static STATS: LazyLock<Stats> = LazyLock::new(|| {
     }
 });
 
+/// Hits, misses, entries and bytes so far (for `INFO`).
+pub fn counters() -> (u64, u64, i64, i64) {
+    (STATS.hits.get(), STATS.misses.get(), STATS.entries.get(), STATS.bytes.get())
+}
+
 /// How long to keep a reply, as the request hooks asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheFor {

@@ -132,6 +132,7 @@ impl ClientInfo {
 pub struct Clients {
     next_id: AtomicU64,
     count: AtomicUsize,
+    rejected: AtomicU64,
     all: Mutex<BTreeMap<u64, Arc<ClientInfo>>>,
 }
 
@@ -151,6 +152,16 @@ impl Clients {
     /// Connected clients.
     pub fn count(&self) -> usize {
         self.count.load(Ordering::Acquire)
+    }
+
+    /// Counts a connection refused because `max_clients` were connected.
+    pub fn note_rejected(&self) {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections accepted since start, and refused for `max_clients`.
+    pub fn totals(&self) -> (u64, u64) {
+        (self.next_id.load(Ordering::Relaxed), self.rejected.load(Ordering::Relaxed))
     }
 
     /// Registers a connection that holds a reserved slot.

@@ -64,6 +64,10 @@ pub enum Local {
     Select,
     /// `CLIENT subcommand …`
     Client,
+    /// `INFO [section …]`: respire's sections, with Redis's (keyspace added up over masters).
+    Info,
+    /// `SLOWLOG GET|LEN|RESET|HELP`: respire's own slow log.
+    Slowlog,
 }
 
 /// One entry of the command table.
@@ -106,6 +110,7 @@ static TABLE: &[Spec] = &[
     spec("echo", Kind::Local(Local::Echo)),
     spec("exec", Kind::EndTransaction),
     no_auth("hello", Kind::Local(Local::Hello)),
+    spec("info", Kind::Local(Local::Info)),
     spec("monitor", Kind::Stream),
     spec("multi", Kind::Multi),
     spec("ping", Kind::Local(Local::Ping)),
@@ -118,6 +123,7 @@ static TABLE: &[Spec] = &[
     spec("replconf", Kind::Refused(REPLICATION)),
     no_auth("reset", Kind::Local(Local::Reset)),
     spec("select", Kind::Local(Local::Select)),
+    spec("slowlog", Kind::Local(Local::Slowlog)),
     spec("ssubscribe", Kind::Stream),
     spec("subscribe", Kind::Stream),
     spec("sunsubscribe", Kind::Unsubscribe),
@@ -285,6 +291,9 @@ pub struct CommandInfo {
     /// (first, last, step) key positions from before key specs existed.
     legacy: (i64, i64, i64),
     subcommands: HashMap<Vec<u8>, Arc<CommandInfo>>,
+    /// Its number for metrics labels (see [`CommandTable::number`]; subcommands share their
+    /// command's); [`crate::stats::OTHER`] until numbered.
+    pub id: u16,
 }
 
 impl CommandInfo {
@@ -415,6 +424,24 @@ impl CommandTable {
         self.map.extend(other.map);
     }
 
+    /// Numbers the commands in name order (subcommands share their command's number) and
+    /// returns the names by number: the bounded set of `command` labels in metrics.
+    pub fn number(&mut self) -> Vec<String> {
+        let mut names: Vec<Vec<u8>> = self.map.keys().cloned().collect();
+        names.sort();
+        names.truncate(usize::from(crate::stats::OTHER) - 1);
+        for (i, n) in names.iter().enumerate() {
+            if let Some(info) = self.map.get_mut(n) {
+                let info = Arc::make_mut(info);
+                info.id = i as u16;
+                for sub in info.subcommands.values_mut() {
+                    Arc::make_mut(sub).id = i as u16;
+                }
+            }
+        }
+        names.into_iter().map(|n| String::from_utf8_lossy(&n).into_owned()).collect()
+    }
+
     /// Number of top-level commands.
     pub fn len(&self) -> usize {
         self.map.len()
@@ -499,7 +526,7 @@ fn parse_info(v: &Value) -> Option<CommandInfo> {
         }
     }
     let category_bits = categories.iter().fold(0, |b, c| b | category_bit(c));
-    Some(CommandInfo { name, arity, flags: fl, categories, category_bits, key_specs, legacy, subcommands })
+    Some(CommandInfo { name, arity, flags: fl, categories, category_bits, key_specs, legacy, subcommands, id: crate::stats::OTHER })
 }
 
 fn parse_key_spec(spec: &Value) -> KeySpec {

@@ -67,6 +67,12 @@ pub struct Config {
     pub plugin_cache: Option<PathBuf>,
     /// Address of the HTTP endpoint serving `/metrics` (Prometheus) and `/health`. Default: none.
     pub metrics: Option<String>,
+    /// Commands slower than this many microseconds (from respire reading them to their reply)
+    /// go to respire's slow log (`SLOWLOG GET`); negative turns it off, 0 logs every command.
+    /// Default: 10000 (as Redis).
+    pub slowlog_log_slower_than: i64,
+    /// Entries the slow log keeps. Default: 128.
+    pub slowlog_max_len: usize,
     /// The Redis servers behind respire.
     pub backend: Backend,
 }
@@ -204,6 +210,8 @@ impl Default for Config {
             plugins: None,
             plugin_cache: None,
             metrics: None,
+            slowlog_log_slower_than: 10_000,
+            slowlog_max_len: 128,
             backend: Backend::default(),
         }
     }

@@ -18,6 +18,7 @@
 //! - [`pubsub`]: shared subscriber connections with fan-out to sessions.
 //! - [`cache`]: the response cache plugins drive, kept fresh by `CLIENT TRACKING`.
 //! - [`plugin`]: the WebAssembly plugin host (wasmtime components) and the request chain.
+//! - [`stats`]: respire's own request metrics (per worker, added up when scraped) and slow log.
 //! - [`clients`]: the process-wide client list (`CLIENT LIST`/`KILL`, limits).
 //! - [`server`]: the listener, worker threads and graceful shutdown.
 //!
@@ -46,4 +47,5 @@ pub mod router;
 pub mod server;
 pub mod session;
 pub mod state;
+pub mod stats;
 pub mod topology;

@@ -54,6 +54,58 @@ pub fn int_gauge(name: &str, help: &str) -> prometheus::IntGauge {
     register(prometheus::IntGauge::new(name, help).expect("valid metric definition"))
 }
 
+/// A histogram family of respire's own (constant, valid names and labels).
+#[allow(clippy::expect_used)]
+fn histogram_vec(name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
+    register(HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels).expect("valid metric definition"))
+}
+
+/// A gauge family of respire's own (constant, valid names and labels).
+#[allow(clippy::expect_used)]
+fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> prometheus::IntGaugeVec {
+    register(prometheus::IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition"))
+}
+
+/// Metrics about backend connections, routing and the topology.
+pub struct BackendStats {
+    /// Open connections, by node.
+    pub connections: prometheus::IntGaugeVec,
+    /// Connection attempts, by node and result (`ok`, `error`).
+    pub connects: IntCounterVec,
+    /// Connections lost, by node and reason (`closed`, `error`, `timeout`).
+    pub lost: IntCounterVec,
+    /// Redirections followed, by kind (`moved`, `ask`).
+    pub redirections: IntCounterVec,
+    /// Requests sent again, by reason (`tryagain`, `failover`, `single-flight`).
+    pub retries: IntCounterVec,
+    /// Topology changes published, by source (`refresh`, `moved`).
+    pub topology_updates: IntCounterVec,
+    /// Nodes that took over slots from another master in a refresh (failovers, resharding).
+    pub failovers: IntCounter,
+}
+
+/// The backend metrics of the process.
+pub fn backend_stats() -> &'static BackendStats {
+    static S: LazyLock<BackendStats> = LazyLock::new(|| BackendStats {
+        connections: gauge_vec("respire_backend_connections", "Open connections to backend nodes, by node.", &["node"]),
+        connects: counter_vec("respire_backend_connects_total", "Connection attempts to backend nodes, by node and result.", &["node", "result"]),
+        lost: counter_vec(
+            "respire_backend_connections_lost_total",
+            "Backend connections that broke, by node and reason (closed, error, timeout: no reply within command_timeout).",
+            &["node", "reason"],
+        ),
+        redirections: counter_vec("respire_redirections_total", "Cluster redirections respire followed, by kind (moved, ask).", &["kind"]),
+        retries: counter_vec(
+            "respire_retries_total",
+            "Requests respire sent again, by reason (tryagain, failover: waiting for a new master, single-flight).",
+            &["reason"],
+        ),
+        topology_updates: counter_vec("respire_topology_updates_total", "New topologies published, by source (refresh, moved).", &["source"]),
+        failovers: int_counter("respire_failovers_total", "Nodes that took over slots from another master in a topology refresh (failovers, and resharding)."),
+    });
+    &S
+}
+
 /// Metrics respire keeps about its plugins.
 pub struct PluginStats {
     /// Hook calls, by plugin, hook and result (`ok`, `error`).
@@ -66,6 +118,8 @@ pub struct PluginStats {
     pub dropped_updates: IntCounterVec,
     /// Commands refused because a plugin's token bucket was empty, by plugin and limiter.
     pub rate_limited: IntCounterVec,
+    /// Time spent in hook calls, by plugin and hook.
+    pub call_seconds: HistogramVec,
 }
 
 /// The plugin metrics of the process.
@@ -87,6 +141,12 @@ pub fn plugin_stats() -> &'static PluginStats {
             "respire_plugin_rate_limited_total",
             "Commands refused because a plugin's token bucket was empty.",
             &["plugin", "limiter"],
+        ),
+        call_seconds: histogram_vec(
+            "respire_plugin_call_duration_seconds",
+            "Time spent in plugin hook calls (wall time, effects included), by plugin and hook.",
+            &["plugin", "hook"],
+            &[0.000001, 0.0000025, 0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.1],
         ),
     });
     &S
@@ -243,11 +303,29 @@ pub fn plugin_metrics(plugin: &str, defs: &[MetricDef]) -> Result<Vec<Arc<Plugin
 }
 
 /// The text exposition of every metric.
-pub fn render() -> Vec<u8> {
+pub fn render(shared: &crate::server::Shared) -> Vec<u8> {
     let mut buf = Vec::new();
     if let Err(e) = TextEncoder::new().encode(&registry().gather(), &mut buf) {
         warn!(error = %e, "metrics encoding failed");
     }
+    let mut more = String::new();
+    crate::stats::render(&mut more);
+    let (accepted, rejected) = shared.clients.totals();
+    let topo = shared.topology.load();
+    let lines: [(&str, &str, &str, String); 7] = [
+        ("respire_build_info", "gauge", "respire's version (always 1).", format!("{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))),
+        ("respire_uptime_seconds", "gauge", "Seconds since respire started.", format!(" {}", shared.started.elapsed().as_secs_f64())),
+        ("respire_client_connections", "gauge", "Client connections open now.", format!(" {}", shared.clients.count())),
+        ("respire_client_connections_total", "counter", "Client connections accepted since start.", format!(" {accepted}")),
+        ("respire_client_connections_rejected_total", "counter", "Client connections refused because max_clients were open.", format!(" {rejected}")),
+        ("respire_topology_masters", "gauge", "Masters in the current topology.", format!(" {}", topo.shards.len())),
+        ("respire_topology_nodes", "gauge", "Nodes (masters and replicas) in the current topology.", format!(" {}", topo.nodes.len())),
+    ];
+    for (name, kind, help, value) in lines {
+        more.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{value}\n"));
+    }
+    crate::stats::render_process(&mut more);
+    buf.extend_from_slice(more.as_bytes());
     buf
 }
 
@@ -271,12 +349,43 @@ fn plugins_json(shared: &crate::server::Shared) -> Vec<u8> {
                 "categories": m.categories,
                 "on_request": m.on_request,
                 "on_response": m.on_response,
+                "serves": m.serves,
+                "cache": m.cache.as_ref().map(|c| serde_json::json!({ "prefixes": c.prefixes, "max_memory": c.max_memory })),
+                "limiters": m.limiters.iter().map(|l| serde_json::json!({ "name": l.name, "rate": l.rate, "burst": l.burst, "shared": l.shared })).collect::<Vec<_>>(),
                 "failures": p.failures.load(std::sync::atomic::Ordering::Relaxed),
                 "code": p.compiled.to_string(),
             })
         })
         .collect();
     let body = serde_json::json!({ "version": set.version, "plugins": list });
+    let mut out = serde_json::to_vec_pretty(&body).unwrap_or_default();
+    out.push(b'\n');
+    out
+}
+
+/// `/topology`: the slot map respire routes by, as JSON.
+fn topology_json(shared: &crate::server::Shared) -> Vec<u8> {
+    let t = shared.topology.load();
+    let node = |n: usize| t.nodes.get(n).map(|a| a.to_string()).unwrap_or_default();
+    let shards: Vec<serde_json::Value> = t
+        .shards
+        .iter()
+        .zip(t.ranges())
+        .map(|(s, ranges)| {
+            serde_json::json!({
+                "master": node(s.master),
+                "replicas": s.replicas.iter().map(|&r| node(r)).collect::<Vec<_>>(),
+                "slots": ranges.iter().map(|(a, b)| [a, b]).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let body = serde_json::json!({
+        "version": t.version,
+        "kind": format!("{:?}", t.kind).to_ascii_lowercase(),
+        "complete": t.complete(),
+        "nodes": t.nodes.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+        "shards": shards,
+    });
     let mut out = serde_json::to_vec_pretty(&body).unwrap_or_default();
     out.push(b'\n');
     out
@@ -311,7 +420,7 @@ async fn ready(shared: &crate::server::Shared) -> Result<(), String> {
     Ok(())
 }
 
-/// Serves `/metrics`, `/health`, `/ready` and `/plugins` on `listener` until `shutdown` turns true.
+/// Serves `/metrics`, `/health`, `/ready`, `/plugins` and `/topology` on `listener` until `shutdown` turns true.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
@@ -342,13 +451,14 @@ pub async fn serve(
                 async move {
                     const TEXT: &str = "text/plain; charset=utf-8";
                     let (status, ctype, body) = match req.uri().path() {
-                        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", Bytes::from(render())),
+                        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", Bytes::from(render(&shared))),
                         "/health" => (StatusCode::OK, TEXT, Bytes::from_static(b"ok\n")),
                         "/ready" => match ready(&shared).await {
                             Ok(()) => (StatusCode::OK, TEXT, Bytes::from_static(b"ready\n")),
                             Err(why) => (StatusCode::SERVICE_UNAVAILABLE, TEXT, Bytes::from(format!("not ready: {why}\n"))),
                         },
                         "/plugins" => (StatusCode::OK, "application/json", Bytes::from(plugins_json(&shared))),
+                        "/topology" => (StatusCode::OK, "application/json", Bytes::from(topology_json(&shared))),
                         _ => (StatusCode::NOT_FOUND, TEXT, Bytes::from_static(b"not found\n")),
                     };
                     let mut resp = Response::new(Full::new(body));

@@ -179,6 +179,8 @@ pub struct PluginCtx {
 
 /// respire's counters for one plugin, resolved once.
 struct HookStats {
+    request_seconds: prometheus::Histogram,
+    response_seconds: prometheus::Histogram,
     request_ok: prometheus::IntCounter,
     request_err: prometheus::IntCounter,
     response_ok: prometheus::IntCounter,
@@ -188,7 +190,10 @@ struct HookStats {
 impl HookStats {
     fn new(plugin: &str) -> HookStats {
         let c = &plugin_stats().calls;
+        let t = &plugin_stats().call_seconds;
         HookStats {
+            request_seconds: t.with_label_values(&[plugin, "request"]),
+            response_seconds: t.with_label_values(&[plugin, "response"]),
             request_ok: c.with_label_values(&[plugin, "request", "ok"]),
             request_err: c.with_label_values(&[plugin, "request", "error"]),
             response_ok: c.with_label_values(&[plugin, "response", "ok"]),
@@ -1147,7 +1152,9 @@ impl WorkerPlugins {
                 }
                 continue;
             };
+            let started = std::time::Instant::now();
             let result = inst.on_request(plugin.settings.time_budget, client, cmd);
+            plugin.ctx.stats.request_seconds.observe(started.elapsed().as_secs_f64());
             let result = match result {
                 Ok(r) => {
                     slot.succeeded();
@@ -1218,7 +1225,9 @@ impl WorkerPlugins {
             let Some(slot) = generation.instances.get_mut(i) else { continue };
             let Some(inst) = slot.get(plugin, "response") else { continue };
             let current = replaced.as_deref().unwrap_or(reply);
+            let started = std::time::Instant::now();
             let result = inst.on_response(plugin.settings.time_budget, client, &chain.command, current, elapsed_us);
+            plugin.ctx.stats.response_seconds.observe(started.elapsed().as_secs_f64());
             match result {
                 Ok(r) => {
                     slot.succeeded();

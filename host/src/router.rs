@@ -15,6 +15,8 @@
 //! - `SCAN` walks the masters one after the other behind one cursor: the low
 //!   10 bits name the master (in address order), the rest is that master's cursor.
 
+use std::sync::Arc;
+
 use bytes::{Bytes, BytesMut};
 
 use crate::commands::CommandTable;
@@ -47,8 +49,14 @@ pub enum Merge {
     Union,
     /// Flat `[name, count, …]` pairs (or maps) with counts added per name.
     SumPairs,
-    /// `INFO`: the first node's text with the keyspace section added up.
-    Info,
+    /// `INFO`: the first node's text with the keyspace section added up, its sections named
+    /// in `replaced` left out and `ours` (respire's sections) put before the keyspace.
+    Info {
+        /// respire's sections, each ending with a blank line.
+        ours: Arc<str>,
+        /// Lower-case names of Redis's sections that `ours` replaces.
+        replaced: Vec<String>,
+    },
     /// `SCAN` on master `ordinal` of `total`: the cursor is re-encoded.
     Scan {
         /// Which master (in address order) answered.
@@ -108,7 +116,7 @@ pub fn plan(table: &CommandTable, args: &[Bytes], topo: &Topology) -> Plan {
     } else if eq(name, "randomkey") {
         Some(Merge::FirstNonNil)
     } else if eq(name, "info") {
-        Some(Merge::Info)
+        Some(Merge::Info { ours: Arc::from(""), replaced: Vec::new() })
     } else if eq(name, "script") {
         if eq(sub, "load") {
             Some(Merge::First)
@@ -368,7 +376,7 @@ pub fn merge(how: &Merge, replies: &[Bytes], parts: &[Part]) -> Bytes {
             }
             out.freeze()
         }
-        Merge::Info => merge_info(replies).unwrap_or_else(bad),
+        Merge::Info { ours, replaced } => merge_info(replies, ours, replaced).unwrap_or_else(bad),
         Merge::Scan { ordinal, total } => {
             let Some(r) = replies.first() else { return bad() };
             let Some((_, elems)) = elements(r) else { return bad() };
@@ -393,7 +401,7 @@ pub fn merge(how: &Merge, replies: &[Bytes], parts: &[Part]) -> Bytes {
 }
 
 /// Adds up the `# Keyspace` lines (`db0:keys=1,expires=0,avg_ttl=0`) of every node's `INFO`.
-fn merge_info(replies: &[Bytes]) -> Option<Bytes> {
+fn merge_info(replies: &[Bytes], ours: &str, replaced: &[String]) -> Option<Bytes> {
     let texts: Vec<(bool, Bytes)> = replies
         .iter()
         .map(|r| {
@@ -426,9 +434,20 @@ fn merge_info(replies: &[Bytes]) -> Option<Bytes> {
     let text = String::from_utf8_lossy(&first);
     let mut out = String::new();
     let mut in_keyspace = false;
+    let mut skipping = false;
+    let mut placed = ours.is_empty();
     for line in text.split("\r\n") {
-        if line.starts_with('#') {
-            in_keyspace = line.trim() == "# Keyspace";
+        if let Some(section) = line.strip_prefix("# ") {
+            let section = section.trim().to_ascii_lowercase();
+            skipping = replaced.contains(&section);
+            if skipping {
+                continue;
+            }
+            in_keyspace = section == "keyspace";
+            if in_keyspace && !placed {
+                out.push_str(ours);
+                placed = true;
+            }
             out.push_str(line);
             out.push_str("\r\n");
             if in_keyspace {
@@ -438,15 +457,22 @@ fn merge_info(replies: &[Bytes]) -> Option<Bytes> {
             }
             continue;
         }
-        if in_keyspace && line.starts_with("db") {
+        if skipping || (in_keyspace && line.starts_with("db")) {
             continue;
         }
         out.push_str(line);
         out.push_str("\r\n");
     }
     // `split` leaves one empty piece after the final CRLF.
-    if out.ends_with("\r\n\r\n") && !text.ends_with("\r\n\r\n") {
+    while out.ends_with("\r\n\r\n") {
         out.truncate(out.len() - 2);
+    }
+    if !placed {
+        if !out.is_empty() {
+            out.push_str("\r\n");
+        }
+        out.push_str(ours.trim_end_matches("\r\n"));
+        out.push_str("\r\n");
     }
     let mut buf = BytesMut::new();
     resp::verbatim(&mut buf, out.as_bytes(), if verbatim { 3 } else { 2 });
@@ -547,9 +573,18 @@ mod tests {
             resp::bulk(&mut o, body);
             o.freeze()
         };
-        let r = merge(&Merge::Info, &[fix(&a), fix(&b)], &[]);
+        let r = merge(&Merge::Info { ours: Arc::from(""), replaced: Vec::new() }, &[fix(&a), fix(&b)], &[]);
         let text = String::from_utf8_lossy(&r);
         assert!(text.contains("db0:keys=5,expires=1,avg_ttl=5\r\n"), "{text}");
         assert!(text.contains("redis_version:7"), "{text}");
+        // respire's sections go before the keyspace, in place of the ones they replace.
+        let a = Bytes::from_static(b"$60\r\n# Server\r\nv:7\r\n\r\n# Clients\r\nconnected_clients:9\r\n\r\n# Keyspace\r\ndb0:keys=1\r\n\r\n");
+        let ours = Arc::from("# Clients\r\nconnected_clients:2\r\n\r\n");
+        let r = merge(&Merge::Info { ours, replaced: vec!["clients".into()] }, &[fix(&a)], &[]);
+        let text = String::from_utf8_lossy(&r);
+        assert!(
+            text.ends_with("# Server\r\nv:7\r\n\r\n# Clients\r\nconnected_clients:2\r\n\r\n# Keyspace\r\ndb0:keys=1,expires=0,avg_ttl=0\r\n\r\n"),
+            "{text}"
+        );
     }
 }

@@ -80,6 +80,12 @@ pub struct Shared {
     pub plugin_runtime: Option<crate::plugin::Runtime>,
     /// The response cache plugins drive.
     pub cache: Arc<crate::cache::Cache>,
+    /// The command table's names by number (the `command` label of metrics).
+    pub command_names: Arc<Vec<String>>,
+    /// respire's slow log.
+    pub slowlog: crate::stats::SlowLog,
+    /// When respire started.
+    pub started: std::time::Instant,
 }
 
 /// What one worker thread owns.
@@ -94,6 +100,8 @@ pub struct Worker {
     pub hub: crate::pubsub::Hub,
     /// This worker's plugin instances.
     pub plugins: RefCell<crate::plugin::WorkerPlugins>,
+    /// This worker's request metrics.
+    pub stats: Arc<crate::stats::WorkerStats>,
 }
 
 impl Worker {
@@ -149,7 +157,8 @@ impl Server {
                 warn!(error = %e, "the topology is not known yet; requests wait for it (up to failover_timeout)");
             }
         }
-        let commands = startup_commands(&node_settings, &topology.load());
+        let mut commands = startup_commands(&node_settings, &topology.load());
+        let command_names = Arc::new(commands.number());
         let node_id = node_id_for(&local);
         let (plugins, plugin_runtime) = match &config.plugins {
             Some(dir) => {
@@ -173,6 +182,9 @@ impl Server {
             plugins: arc_swap::ArcSwap::from_pointee(plugins),
             plugin_runtime,
             cache: Arc::default(),
+            command_names,
+            slowlog: crate::stats::SlowLog::default(),
+            started: std::time::Instant::now(),
             config,
         });
         if let Some(addr) = shared.config.metrics.clone() {
@@ -311,6 +323,7 @@ fn acceptor_main(shared: Arc<Shared>, listener: std::net::TcpListener, workers: 
                 r = listener.accept() => match r {
                     Ok((stream, peer)) => {
                         if !shared.clients.try_reserve(shared.config.max_clients) {
+                            shared.clients.note_rejected();
                             let _ = stream.try_write(b"-ERR max number of clients reached\r\n");
                             continue;
                         }
@@ -347,7 +360,14 @@ fn worker_main(shared: Arc<Shared>, mut conns: mpsc::UnboundedReceiver<NewConn>)
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let worker = Rc::new(Worker { shared: shared.clone(), pools: RefCell::default(), sessions: Cell::new(0), hub: crate::pubsub::Hub::new(shared.clone()), plugins: RefCell::default() });
+        let worker = Rc::new(Worker {
+            shared: shared.clone(),
+            pools: RefCell::default(),
+            sessions: Cell::new(0),
+            hub: crate::pubsub::Hub::new(shared.clone()),
+            plugins: RefCell::default(),
+            stats: crate::stats::register_worker(&shared.command_names),
+        });
         let mut shutdown = shared.shutdown.clone();
         loop {
             tokio::select! {

@@ -139,6 +139,20 @@ struct Gated {
     spec: &'static commands::Spec,
     chain: Option<Box<ResponseChain>>,
     cache_for: Option<crate::cache::CacheFor>,
+    /// The command's number and start, for metrics.
+    stat: Option<(u16, Instant)>,
+}
+
+/// A command whose reply is still owed, for respire's metrics and slow log.
+struct Stat {
+    /// The sequence number of its (last) reply slot.
+    seq: u64,
+    /// Its number in the command table.
+    id: u16,
+    /// When respire read it (the start of its batch).
+    start: Instant,
+    /// What was sent to the backend, and to which node (kept only for the slow log).
+    sent: Option<(Bytes, Option<usize>)>,
 }
 
 /// GCRA over Redis's clock: `KEYS[1]` holds the bucket's theoretical arrival time (ms);
@@ -260,6 +274,16 @@ pub struct Session {
     tx_keys: Vec<Bytes>,
     /// A command waiting for its shared rate-limit tokens.
     gated: Option<Box<Gated>>,
+    /// When the batch being handled was read.
+    batch_start: Instant,
+    /// Replies owed, for metrics and the slow log.
+    stats: VecDeque<Stat>,
+    /// The stalled command's number and start.
+    stalled_stat: Option<(u16, Instant)>,
+    /// What the last dispatched command sent and where (for the slow log), when it is on.
+    last_sent: Option<(Bytes, Option<usize>)>,
+    /// The slow log is on.
+    slowlog: bool,
     /// Messages from the worker's subscriber connections.
     push_tx: Option<mpsc::UnboundedSender<Bytes>>,
     push_rx: Option<mpsc::UnboundedReceiver<Bytes>>,
@@ -268,6 +292,7 @@ pub struct Session {
 /// Serves one client connection until it closes.
 pub async fn run(worker: Rc<Worker>, stream: TcpStream, info: Arc<ClientInfo>) {
     let authenticated = !worker.shared.config.auth_required();
+    let slowlog = worker.shared.config.slowlog_log_slower_than >= 0;
     let topo = worker.shared.topology.load();
     let mut s = Session {
         worker,
@@ -308,9 +333,15 @@ pub async fn run(worker: Rc<Worker>, stream: TcpStream, info: Arc<ClientInfo>) {
         stalled_after: None,
         tx_keys: Vec::new(),
         gated: None,
+        batch_start: Instant::now(),
+        stats: VecDeque::new(),
+        stalled_stat: None,
+        last_sent: None,
+        slowlog: false,
         push_tx: None,
         push_rx: None,
     };
+    s.slowlog = slowlog;
     s.serve().await;
     // Writes whose replies never reached the front: they may have run, drop what they touched.
     s.run_after(u64::MAX, None);
@@ -357,10 +388,15 @@ impl Session {
                     // Plugins have seen it already: straight to dispatch, with its response hooks.
                     let hook = self.stalled_hook.take();
                     let after = self.stalled_after.take();
+                    let stat = self.stalled_stat.take();
                     let spec = commands::lookup(cmd.name());
-                    let pushed = self.pushed;
+                    let (pushed, mark) = (self.pushed, self.out.len());
+                    self.last_sent = None;
                     self.with_hook(hook, |s| s.dispatch(cmd, spec));
                     self.note_after(pushed, after);
+                    if let Some(stat) = stat {
+                        self.note_stat(stat, pushed, mark);
+                    }
                     self.process_input();
                     continue;
                 }
@@ -400,6 +436,7 @@ impl Session {
                     _ => std::future::pending().await,
                 }
             };
+            let (in_before, out_before) = (self.inbuf.len(), self.out.len());
             let (stream, out, inbuf) = (&mut self.stream, &mut self.out, &mut self.inbuf);
             let io = std::future::poll_fn(|cx| poll_io(stream, cx, out, inbuf, reading));
             let gated = &mut self.gated;
@@ -425,11 +462,12 @@ impl Session {
                 }
                 ev = io => match ev {
                     IoEvent::Read => {
+                        self.worker.stats.bytes(self.inbuf.len().saturating_sub(in_before), out_before.saturating_sub(self.out.len()));
                         self.process_input();
                         self.note_activity();
                         idle_deadline = Instant::now() + idle;
                     }
-                    IoEvent::Wrote => {}
+                    IoEvent::Wrote => self.worker.stats.bytes(0, out_before.saturating_sub(self.out.len())),
                     IoEvent::Closed(_) => return,
                 },
                 verdict = gate => self.on_gate(verdict),
@@ -442,7 +480,10 @@ impl Session {
 
     /// Writes as much of the output as the socket takes now; `false` if the client is gone.
     fn try_flush(&mut self) -> bool {
-        if write_now(&self.stream, &mut self.out).is_err() {
+        let before = self.out.len();
+        let ok = write_now(&self.stream, &mut self.out).is_ok();
+        self.worker.stats.bytes(0, before - self.out.len());
+        if !ok {
             return false;
         }
         if !self.out.is_empty() {
@@ -476,6 +517,7 @@ impl Session {
     }
 
     fn process_input(&mut self) {
+        self.batch_start = Instant::now();
         self.refresh_topology();
         self.has_plugins = self.worker.shared.config.plugins.is_some() && !self.worker.shared.plugins.load().plugins.is_empty();
         while !self.closing && self.stalled.is_none() && self.stream_start.is_none() && self.gated.is_none() {
@@ -545,6 +587,9 @@ impl Session {
     fn emit(&mut self, seq: u64, bytes: &[u8]) {
         if !self.after.is_empty() {
             self.run_after(seq, Some(bytes));
+        }
+        if !self.stats.is_empty() {
+            self.finish_stats(seq, Some(bytes));
         }
         // Hooks of slots that had no reply to show (CLIENT REPLY OFF/SKIP) are dropped.
         while self.hooks.front().is_some_and(|(s, _)| *s < seq) {
@@ -647,8 +692,9 @@ impl Session {
                 }
                 if let (seq, Some(Slot::Merge(m))) = self.pop_slot() {
                     self.waiting -= 1;
-                    if m.silent && !self.after.is_empty() {
+                    if m.silent {
                         self.run_after(seq, None);
+                        self.finish_stats(seq, None);
                     }
                     if !m.silent {
                         let mut replies = Vec::with_capacity(m.parts.len());
@@ -671,8 +717,9 @@ impl Session {
             self.waiting -= 1;
             if !silent {
                 self.emit_reply(seq, reply);
-            } else if !self.after.is_empty() {
+            } else {
                 self.run_after(seq, None);
+                self.finish_stats(seq, None);
             }
         }
     }
@@ -683,7 +730,86 @@ impl Session {
 
     // ---- dispatch ---------------------------------------------------------
 
-    fn handle(&mut self, mut cmd: Command) {
+    fn handle(&mut self, cmd: Command) {
+        let id = self.worker.shared.commands.get(&cmd.args).map_or(crate::stats::OTHER, |i| i.id);
+        let (pushed, mark) = (self.pushed, self.out.len());
+        self.last_sent = None;
+        self.handle_command(cmd);
+        self.note_stat((id, self.batch_start), pushed, mark);
+    }
+
+    /// Counts a command in the metrics: now when its reply was written at once, when its
+    /// reply slot completes when one was queued, later when it stalled or waits at a gate.
+    fn note_stat(&mut self, (id, start): (u16, Instant), pushed: u64, mark: usize) {
+        if let Some(g) = self.gated.as_mut() {
+            if g.stat.is_none() {
+                g.stat = Some((id, start));
+                return;
+            }
+        }
+        if self.stalled.is_some() {
+            if self.stalled_stat.is_none() {
+                self.stalled_stat = Some((id, start));
+            }
+            return;
+        }
+        if self.pushed > pushed {
+            let sent = if self.slowlog { self.last_sent.take() } else { None };
+            self.stats.push_back(Stat { seq: self.pushed - 1, id, start, sent });
+            return;
+        }
+        let error = matches!(self.out.get(mark), Some(b'-') | Some(b'!'));
+        self.worker.stats.record(id, error, start.elapsed());
+    }
+
+    /// Counts the replies owed up to slot `seq`, whose reply is `reply` (`None`: not shown),
+    /// and logs the slow ones.
+    fn finish_stats(&mut self, seq: u64, reply: Option<&[u8]>) {
+        if self.stats.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        while self.stats.front().is_some_and(|s| s.seq <= seq) {
+            let Some(s) = self.stats.pop_front() else { break };
+            let error = s.seq == seq && matches!(reply.and_then(|r| r.first()), Some(b'-') | Some(b'!'));
+            let elapsed = now.saturating_duration_since(s.start);
+            self.worker.stats.record(s.id, error, elapsed);
+            let threshold = self.worker.shared.config.slowlog_log_slower_than;
+            if self.slowlog && elapsed.as_micros() >= threshold.max(0) as u128 {
+                self.log_slow(s, elapsed);
+            }
+        }
+    }
+
+    /// Adds a command to the slow log.
+    fn log_slow(&self, s: Stat, elapsed: Duration) {
+        let (args, node) = match s.sent {
+            Some((data, node)) => {
+                let mut buf = BytesMut::from(&data[..]);
+                let limits = &self.worker.shared.limits;
+                let args = match RequestParser::new().parse(&mut buf, limits, true) {
+                    Ok(Some(c)) => c.args,
+                    _ => Vec::new(),
+                };
+                (args, node.map(|n| self.node_addr(n)).unwrap_or_else(|| Arc::from("")))
+            }
+            None => (vec![Bytes::from(self.worker.shared.command_names.get(s.id as usize).cloned().unwrap_or_default())], Arc::from("")),
+        };
+        let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let name = self.info.name.lock().map(|n| n.clone()).unwrap_or_default();
+        let entry = crate::stats::SlowEntry {
+            id: 0,
+            timestamp: since.saturating_sub(elapsed).as_secs(),
+            duration_us: elapsed.as_micros() as u64,
+            args: crate::stats::slowlog_args(&args),
+            client: Arc::from(self.info.addr.to_string()),
+            name,
+            node,
+        };
+        self.worker.shared.slowlog.push(entry, self.worker.shared.config.slowlog_max_len);
+    }
+
+    fn handle_command(&mut self, mut cmd: Command) {
         let mut spec = commands::lookup(cmd.name());
         self.last_name = (cmd.args.first().cloned().unwrap_or_default(), cmd.args.get(1).cloned());
         if !self.authenticated && !spec.no_auth {
@@ -726,7 +852,7 @@ impl Session {
         }
         if let Some(gate) = gate {
             let rx = self.start_gate(gate);
-            self.gated = Some(Box::new(Gated { rx, cmd, spec, chain, cache_for }));
+            self.gated = Some(Box::new(Gated { rx, cmd, spec, chain, cache_for, stat: None }));
             return;
         }
         self.proceed(cmd, spec, chain, cache_for);
@@ -789,7 +915,9 @@ impl Session {
     /// Redis answered a gated command's shared takes.
     fn on_gate(&mut self, verdict: Result<Result<(), String>, oneshot::error::RecvError>) {
         let Some(g) = self.gated.take() else { return };
-        let Gated { cmd, spec, chain, cache_for, .. } = *g;
+        let Gated { cmd, spec, chain, cache_for, stat, .. } = *g;
+        let (pushed, mark) = (self.pushed, self.out.len());
+        self.last_sent = None;
         match verdict {
             Ok(Err(msg)) => {
                 if self.in_multi {
@@ -798,6 +926,9 @@ impl Session {
                 self.with_hook(chain, |s| s.reply_error(&msg));
             }
             _ => self.proceed(cmd, spec, chain, cache_for),
+        }
+        if let Some(stat) = stat {
+            self.note_stat(stat, pushed, mark);
         }
         self.process_input();
     }
@@ -1257,6 +1388,9 @@ impl Session {
             }
         };
         let idempotent = self.topo.managed && self.idempotent(&cmd);
+        if self.slowlog {
+            self.last_sent = Some((data.clone(), Some(node)));
+        }
         self.push_waiting(rx, data, how != Use::Shared, blocking, node, slot, idempotent);
         true
     }
@@ -1295,6 +1429,10 @@ impl Session {
         }
         let mut parts = Vec::with_capacity(targets.len());
         let idempotent = self.topo.managed && self.idempotent(&cmd);
+        if self.slowlog {
+            let node = (targets.len() == 1).then(|| targets[0].0);
+            self.last_sent = Some((cmd.to_resp(), node));
+        }
         for (node, data, slot) in targets {
             let rx = self.shared_conn(node).send(data.clone(), 0, false);
             let retry = Retry::new(self.node_addr(node), data, slot, idempotent, false, false);
@@ -1428,7 +1566,7 @@ impl Session {
                 }
             }
             _ => {
-                if matches!(kind, Kind::Local(l) if l != Local::Ping && l != Local::Echo) {
+                if matches!(kind, Kind::Local(l) if !matches!(l, Local::Ping | Local::Echo | Local::Info | Local::Slowlog)) {
                     self.exclusive_dirty = true;
                 }
                 if !self.cluster_mode() {
@@ -1540,6 +1678,7 @@ impl RedirectCtx<'_> {
     fn follow(&self, reply: &Reply, retry: &mut Retry) -> Option<oneshot::Receiver<Reply>> {
         if std::mem::take(&mut retry.unsent) && matches!(reply, Err(BackendError::Lost { .. })) {
             // The client whose request this one waited for went away: send it now.
+            crate::metrics::backend_stats().retries.with_label_values(&["single-flight"]).inc();
             return Some(self.worker.pool(&retry.addr).shared(self.key, self.sid).send(retry.data.clone(), 0, false));
         }
         let frame = match reply {
@@ -1563,6 +1702,7 @@ impl RedirectCtx<'_> {
             // A multi-key command during a slot migration: retry after a short pause
             // (10 ms doubling up to 200 ms: about 1.5 s in all).
             retry.tryagain += 1;
+            crate::metrics::backend_stats().retries.with_label_values(&["tryagain"]).inc();
             debug!(node = %retry.addr, attempt = retry.tryagain, "TRYAGAIN: retrying");
             let pool = self.worker.pool(&retry.addr);
             let conn = if retry.exclusive { pool.checkout(self.key) } else { pool.shared(self.key, self.sid) };
@@ -1593,6 +1733,7 @@ impl RedirectCtx<'_> {
         let slot: u16 = slot.parse().ok()?;
         let addr = normalize_addr(addr, self.topo);
         retry.attempts += 1;
+        crate::metrics::backend_stats().redirections.with_label_values(&[if ask { "ask" } else { "moved" }]).inc();
         let shared = &self.worker.shared;
         if !ask {
             shared.topology.moved(slot, &addr);
@@ -1633,6 +1774,7 @@ impl RedirectCtx<'_> {
         if now >= deadline {
             return None;
         }
+        crate::metrics::backend_stats().retries.with_label_values(&["failover"]).inc();
         let (tx, rx) = oneshot::channel();
         let worker = self.worker.clone();
         let (key, sid, slot) = (self.key, self.sid, retry.slot);

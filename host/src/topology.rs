@@ -401,6 +401,7 @@ impl TopologyState {
         };
         t.slots[slot as usize] = shard as u16;
         debug!(slot, addr, "slot moved");
+        crate::metrics::backend_stats().topology_updates.with_label_values(&["moved"]).inc();
         self.publish(t);
         self.request_refresh();
     }
@@ -429,8 +430,21 @@ impl TopologyState {
     fn publish_if_changed(&self, t: Topology, source: &str) {
         let cur = self.load();
         if !t.same_as(&cur) {
+            // Masters that now serve slots another node served: failovers (and resharding).
+            let master = |topo: &Topology, s: u16| topo.master_of(s).and_then(|m| topo.nodes.get(m)).cloned();
+            let taken_over = (0..SLOTS as u16)
+                .filter_map(|s| match (master(&cur, s), master(&t, s)) {
+                    (Some(a), Some(b)) if a != b => Some(b),
+                    _ => None,
+                })
+                .collect::<std::collections::HashSet<_>>()
+                .len();
+            if taken_over > 0 {
+                crate::metrics::backend_stats().failovers.inc_by(taken_over as u64);
+            }
             info!(source, shards = t.shards.len(), masters = ?t.masters().map(|m| t.nodes[m].to_string()).collect::<Vec<_>>(), "topology updated");
             if let Ok(_guard) = self.patch.lock() {
+                crate::metrics::backend_stats().topology_updates.with_label_values(&["refresh"]).inc();
                 self.publish(t);
             }
         }

@@ -50,6 +50,196 @@ impl Session {
             Local::Hello => self.hello(&cmd),
             Local::Select => self.select(cmd),
             Local::Client => self.client(cmd),
+            Local::Info => self.info(cmd),
+            Local::Slowlog => self.slowlog(cmd),
+        }
+    }
+
+    /// `INFO [section …]`: respire's own sections (respire, clients, stats, plugins,
+    /// topology) and Redis's others, with the keyspace added up over the masters.
+    fn info(&mut self, cmd: Command) {
+        const OURS: [&str; 5] = ["respire", "clients", "stats", "plugins", "topology"];
+        let asked: Vec<String> = cmd.args.iter().skip(1).map(|a| String::from_utf8_lossy(a).to_ascii_lowercase()).collect();
+        let everything = asked.is_empty() || asked.iter().any(|a| a == "all" || a == "default" || a == "everything");
+        let ours: Vec<&str> = OURS.iter().copied().filter(|s| everything || asked.iter().any(|a| a == s)).collect();
+        let text = self.respire_info(&ours);
+        let theirs: Vec<&String> = asked.iter().filter(|a| !OURS.contains(&a.as_str())).collect();
+        let masters: Vec<(usize, Option<u16>)> =
+            self.topo.shards.iter().enumerate().map(|(i, s)| (s.master, self.topo.slot_of_shard(i))).collect();
+        if (!everything && theirs.is_empty()) || masters.is_empty() {
+            return self.reply_with(|o, proto| resp::verbatim(o, text.as_bytes(), proto));
+        }
+        let mut args = vec![Bytes::from_static(b"INFO")];
+        if everything {
+            args.extend(cmd.args.iter().skip(1).cloned());
+        } else {
+            args.extend(theirs.iter().map(|t| Bytes::from(t.to_string())));
+        }
+        let forward = Command::from_args(args);
+        let data = forward.to_resp();
+        let replaced = ours.iter().filter(|s| **s == "clients" || **s == "stats").map(|s| s.to_string()).collect();
+        let how = crate::router::Merge::Info { ours: std::sync::Arc::from(text), replaced };
+        let targets = masters.into_iter().map(|(node, slot)| (node, data.clone(), slot)).collect();
+        self.send_parts(forward, how, Vec::new(), targets);
+    }
+
+    /// The text of respire's `INFO` sections, each followed by a blank line.
+    fn respire_info(&self, sections: &[&str]) -> String {
+        use std::fmt::Write as _;
+        let shared = &self.worker.shared;
+        let mut out = String::new();
+        let mut section = |name: &str, body: String| {
+            let _ = write!(out, "# {name}\r\n{body}\r\n");
+        };
+        let line = |b: &mut String, k: &str, v: &dyn std::fmt::Display| {
+            let _ = write!(b, "{k}:{v}\r\n");
+        };
+        let topo = &self.topo;
+        for s in sections {
+            let mut b = String::new();
+            match *s {
+                "respire" => {
+                    line(&mut b, "respire_version", &env!("CARGO_PKG_VERSION"));
+                    line(&mut b, "redis_version", &backend::backend_version());
+                    line(&mut b, "process_id", &std::process::id());
+                    line(&mut b, "listen", &shared.config.listen);
+                    line(&mut b, "workers", &shared.config.worker_count());
+                    line(&mut b, "uptime_in_seconds", &shared.started.elapsed().as_secs());
+                    line(&mut b, "backend_mode", &format!("{:?}", topo.kind).to_ascii_lowercase());
+                    section("Respire", b);
+                }
+                "clients" => {
+                    line(&mut b, "connected_clients", &shared.clients.count());
+                    line(&mut b, "maxclients", &shared.config.max_clients);
+                    section("Clients", b);
+                }
+                "stats" => {
+                    let (accepted, rejected) = shared.clients.totals();
+                    let (commands, errors, bytes_in, bytes_out) = crate::stats::totals();
+                    let (hits, misses, entries, bytes) = crate::cache::counters();
+                    line(&mut b, "total_connections_received", &accepted);
+                    line(&mut b, "rejected_connections", &rejected);
+                    line(&mut b, "total_commands_processed", &commands);
+                    line(&mut b, "total_error_replies", &errors);
+                    line(&mut b, "total_net_input_bytes", &bytes_in);
+                    line(&mut b, "total_net_output_bytes", &bytes_out);
+                    line(&mut b, "cache_hits", &hits);
+                    line(&mut b, "cache_misses", &misses);
+                    line(&mut b, "cache_entries", &entries);
+                    line(&mut b, "cache_bytes", &bytes);
+                    line(&mut b, "slowlog_len", &shared.slowlog.len());
+                    section("Stats", b);
+                }
+                "plugins" => {
+                    let set = shared.plugins.load();
+                    line(&mut b, "plugins", &set.plugins.len());
+                    line(&mut b, "plugins_version", &set.version);
+                    for p in &set.plugins {
+                        let failures = p.failures.load(Ordering::Relaxed);
+                        let desc = format!(
+                            "name={},version={},order={},on_error={:?},failures={failures}",
+                            p.manifest.name, p.manifest.version, p.settings.order, p.settings.on_error
+                        )
+                        .to_ascii_lowercase();
+                        line(&mut b, &format!("plugin_{}", p.file_name), &desc);
+                    }
+                    section("Plugins", b);
+                }
+                "topology" => {
+                    let served = topo.slots.iter().filter(|&&s| (s as usize) < topo.shards.len()).count();
+                    line(&mut b, "topology_version", &topo.version);
+                    line(&mut b, "masters", &topo.shards.len());
+                    line(&mut b, "replicas", &topo.shards.iter().map(|s| s.replicas.len()).sum::<usize>());
+                    line(&mut b, "slots_served", &served);
+                    for (i, (shard, ranges)) in topo.shards.iter().zip(topo.ranges()).enumerate() {
+                        let node = |n: usize| topo.nodes.get(n).map(|a| a.to_string()).unwrap_or_default();
+                        let replicas: Vec<String> = shard.replicas.iter().map(|&r| node(r)).collect();
+                        let slots: Vec<String> =
+                            ranges.iter().map(|(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") }).collect();
+                        let desc = format!("master={},replicas={},slots={}", node(shard.master), replicas.join("|"), slots.join("|"));
+                        line(&mut b, &format!("shard_{i}"), &desc);
+                    }
+                    section("Topology", b);
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// `SLOWLOG GET [count] | LEN | RESET | HELP` over respire's own slow log: commands slower
+    /// end to end than `slowlog_log_slower_than`, with the client and the backend node.
+    fn slowlog(&mut self, cmd: Command) {
+        let sub = cmd.arg(1).map(|s| s.to_ascii_lowercase()).unwrap_or_default();
+        let argc = cmd.args.len();
+        let log = &self.worker.shared.slowlog;
+        match (sub.as_slice(), argc) {
+            (b"len", 2) => {
+                let n = log.len() as i64;
+                self.reply_with(|o, _| resp::int(o, n));
+            }
+            (b"reset", 2) => {
+                log.reset();
+                self.reply_ok();
+            }
+            (b"get", 2 | 3) => {
+                let count = match cmd.arg(2) {
+                    None => 10,
+                    Some(c) => match parse_i64(c) {
+                        Some(-1) => usize::MAX,
+                        Some(n) if n >= 0 => n as usize,
+                        _ => return self.reply_error("ERR count should be greater than or equal to -1"),
+                    },
+                };
+                let entries = log.get(count);
+                self.reply_with(|o, _| {
+                    resp::array_header(o, entries.len());
+                    for e in &entries {
+                        resp::array_header(o, 7);
+                        resp::int(o, e.id as i64);
+                        resp::int(o, e.timestamp as i64);
+                        resp::int(o, e.duration_us as i64);
+                        resp::array_header(o, e.args.len());
+                        for a in &e.args {
+                            resp::bulk(o, a);
+                        }
+                        resp::bulk(o, e.client.as_bytes());
+                        resp::bulk(o, &e.name);
+                        resp::bulk(o, e.node.as_bytes());
+                    }
+                });
+            }
+            (b"help", 2) => {
+                let lines = [
+                    "SLOWLOG <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
+                    "GET [<count>]",
+                    "    Return top <count> entries from respire's slowlog (default: 10, -1 mean all).",
+                    "    Entries are made of:",
+                    "    id, timestamp, time in microseconds (end to end through respire), arguments array,",
+                    "    client IP and port, client name, backend node",
+                    "LEN",
+                    "    Return the length of the slowlog.",
+                    "RESET",
+                    "    Reset the slowlog.",
+                    "HELP",
+                    "    Print this help.",
+                ];
+                self.reply_with(|o, _| {
+                    resp::array_header(o, lines.len());
+                    for l in lines {
+                        resp::simple(o, l);
+                    }
+                });
+            }
+            (b"get" | b"len" | b"reset" | b"help", _) => {
+                let name = format!("slowlog|{}", String::from_utf8_lossy(&sub));
+                self.wrong_args(&name);
+            }
+            _ if argc < 2 => self.wrong_args("slowlog"),
+            _ => {
+                let shown = String::from_utf8_lossy(cmd.arg(1).map(|a| &a[..]).unwrap_or_default()).into_owned();
+                self.reply_error(&format!("ERR unknown subcommand '{shown}'. Try SLOWLOG HELP."));
+            }
         }
     }
 
