@@ -441,6 +441,7 @@ impl TopologyState {
                 .len();
             if taken_over > 0 {
                 crate::metrics::backend_stats().failovers.inc_by(taken_over as u64);
+                warn!(source, nodes = taken_over, "slots changed master (a failover or resharding)");
             }
             info!(source, shards = t.shards.len(), masters = ?t.masters().map(|m| t.nodes[m].to_string()).collect::<Vec<_>>(), "topology updated");
             if let Ok(_guard) = self.patch.lock() {

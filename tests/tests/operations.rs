@@ -117,9 +117,20 @@ fn the_exposition_passes_promtool_and_a_real_prometheus_scrapes_it() {
         }
         std::thread::sleep(Duration::from_millis(200));
     };
+    assert!(found.contains("\"job\":\"respire\"") && found.contains("\"10\"]"), "{found}");
+    // Every query of the shipped Grafana dashboard is valid PromQL over these metrics.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dashboard = std::fs::read_to_string(root.join("examples/grafana-dashboard.json")).unwrap();
+    let exprs: Vec<String> = dashboard.lines().filter_map(|l| l.trim().strip_prefix("\"expr\": \"")).map(|e| e.trim_end_matches(',').trim_end_matches('"').replace("\\\"", "\"")).collect();
+    assert!(exprs.len() >= 14, "{exprs:?}");
+    for e in exprs {
+        let q = e.replace("$__rate_interval", "1m").replace("$job", ".*");
+        let encoded: String = q.bytes().map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") }).collect();
+        let (status, body) = http_get(prom_port, &format!("/api/v1/query?query={encoded}"));
+        assert!(status == 200 && body.contains("\"status\":\"success\""), "{q}: {status} {body}");
+    }
     let _ = prom.kill();
     let _ = prom.wait();
-    assert!(found.contains("\"job\":\"respire\"") && found.contains("\"10\"]"), "{found}");
 }
 
 #[test]
@@ -167,4 +178,74 @@ fn admin_views_info_and_slowlog() {
     assert!(text(&mut p, &[b"SLOWLOG", b"NOPE"]).starts_with("-ERR unknown subcommand 'NOPE'. Try SLOWLOG HELP."));
     assert_eq!(text(&mut p, &[b"SLOWLOG", b"RESET"]), "+OK\r\n");
     assert_eq!(text(&mut p, &[b"SLOWLOG", b"LEN"]), ":0\r\n");
+}
+
+#[test]
+fn the_demo_starts_serves_and_stops_cleanly() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let (rport, mport, pport) = (free_port(), free_port(), free_port());
+    let log = tempfile::NamedTempFile::new().unwrap();
+    // One file description for both streams, so that they append instead of overwriting.
+    let out = log.reopen().unwrap();
+    let err = out.try_clone().unwrap();
+    let mut demo = Command::new("bash")
+        .arg("examples/demo.sh")
+        .current_dir(&root)
+        .env("RESPIRE_BIN", respire_tests::respire_bin())
+        .env("RESPIRE_PORT", rport.to_string())
+        .env("METRICS_PORT", mport.to_string())
+        .env("PROMETHEUS_PORT", pport.to_string())
+        .env("DEMO_SECONDS", "300")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        if let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", rport)) {
+            drop(s);
+            if std::fs::read_to_string(log.path()).unwrap_or_default().contains("Press Ctrl-C to stop") {
+                break;
+            }
+        }
+        if let Ok(Some(st)) = demo.try_wait() {
+            panic!("the demo exited with {st}: {}", std::fs::read_to_string(log.path()).unwrap_or_default());
+        }
+        assert!(Instant::now() < deadline, "the demo did not come up: {}", std::fs::read_to_string(log.path()).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // What the demo says to try works: keys over several masters, the ACL, the cache.
+    let mut p = Raw::connect(rport);
+    assert_eq!(text(&mut p, &[b"MSET", b"a", b"1", b"b", b"2", b"c", b"3"]), "+OK\r\n");
+    assert_eq!(text(&mut p, &[b"MGET", b"a", b"b", b"c"]), "*3\r\n$1\r\n1\r\n$1\r\n2\r\n$1\r\n3\r\n");
+    assert!(text(&mut p, &[b"FLUSHALL"]).starts_with("-NOPERM"));
+    assert_eq!(text(&mut p, &[b"SET", b"user:1", b"alice"]), "+OK\r\n");
+    let (_, body) = http_get(mport, "/metrics");
+    assert!(body.contains("respire_commands_total{command=\"mset\",result=\"ok\"} 1"), "{body}");
+    assert!(body.contains("respire_plugin_metrics_commands_total"), "{body}");
+    let (status, plugins) = http_get(mport, "/plugins");
+    assert_eq!(status, 200);
+    for name in ["\"acl\"", "\"rate-limit\"", "\"cache-policy\"", "\"metrics\""] {
+        assert!(plugins.contains(name), "{name} is not loaded: {plugins}");
+    }
+    let prometheus_up = std::net::TcpStream::connect(("127.0.0.1", pport)).is_ok();
+    // Stopped like Ctrl-C: everything it started goes away.
+    let _ = Command::new("kill").args(["-INT", &demo.id().to_string()]).status();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Ok(Some(st)) = demo.try_wait() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "the demo did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let out = std::fs::read_to_string(log.path()).unwrap_or_default();
+    assert!(status.success(), "{status}: {out}");
+    assert!(out.contains("==> stopping"), "{out}");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", rport)).is_err(), "respire still runs after the demo stopped");
+    if prometheus_up {
+        assert!(std::net::TcpStream::connect(("127.0.0.1", pport)).is_err(), "Prometheus still runs after the demo stopped");
+    }
+    assert!(out.contains("Prometheus scrapes respire"), "Prometheus is installed by the test command, so the demo starts it: {out}");
 }
