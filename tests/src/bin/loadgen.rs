@@ -1,0 +1,230 @@
+//! A small Redis load generator for respire's benchmarks: a SET/GET mix over many
+//! connections, closed loop (as fast as replies come) or open loop (a fixed rate; when the
+//! server's replies hold a connection up past the next request's due time, latency counts
+//! from that due time, so a stall is not hidden), with exact latency percentiles (HDR
+//! histograms).
+//!
+//! ```text
+//! loadgen --port 6380 --clients 50 --requests 200000 --ratio 1:4 --keys 100000 --size 32 --pipeline 1
+//! loadgen --port 6380 --clients 50 --rate 40000 --seconds 10        # open loop at 40k ops/s
+//! ```
+//! Prints one line: `ops=… p50_us=… p99_us=… p999_us=… max_us=… errors=… seconds=…`.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[derive(Clone)]
+struct Args {
+    host: String,
+    port: u16,
+    clients: usize,
+    requests: u64,
+    seconds: f64,
+    rate: f64,
+    sets: u32,
+    gets: u32,
+    keys: u64,
+    size: usize,
+    pipeline: usize,
+    threads: usize,
+}
+
+fn parse() -> Result<Args> {
+    let mut a = Args {
+        host: "127.0.0.1".into(),
+        port: 6379,
+        clients: 50,
+        requests: 100_000,
+        seconds: 0.0,
+        rate: 0.0,
+        sets: 1,
+        gets: 4,
+        keys: 100_000,
+        size: 32,
+        pipeline: 1,
+        threads: 1,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--host" => a.host = val()?,
+            "--port" => a.port = val()?.parse()?,
+            "--clients" => a.clients = val()?.parse()?,
+            "--requests" => a.requests = val()?.parse()?,
+            "--seconds" => a.seconds = val()?.parse()?,
+            "--rate" => a.rate = val()?.parse()?,
+            "--ratio" => {
+                let v = val()?;
+                let (s, g) = v.split_once(':').context("--ratio SETS:GETS, e.g. 1:4")?;
+                (a.sets, a.gets) = (s.parse()?, g.parse()?);
+            }
+            "--keys" => a.keys = val()?.parse()?,
+            "--size" => a.size = val()?.parse()?,
+            "--pipeline" => a.pipeline = val()?.parse()?,
+            "--threads" => a.threads = val()?.parse()?,
+            "--help" | "-h" => {
+                println!("see the module documentation at the top of tests/src/bin/loadgen.rs");
+                std::process::exit(0);
+            }
+            other => bail!("unknown flag {other}"),
+        }
+    }
+    if a.clients == 0 || a.pipeline == 0 || a.sets + a.gets == 0 || a.keys == 0 {
+        bail!("clients, pipeline, keys and the ratio must be above zero");
+    }
+    if a.rate > 0.0 && a.seconds <= 0.0 {
+        a.seconds = 10.0;
+    }
+    Ok(a)
+}
+
+/// Counts complete RESP replies at the start of `buf`; returns (replies, errors, bytes used).
+fn scan_replies(buf: &[u8], want: usize) -> (usize, usize, usize) {
+    let (mut n, mut errors, mut at) = (0, 0, 0);
+    while n < want {
+        let Some(line_end) = buf[at..].windows(2).position(|w| w == b"\r\n") else { break };
+        let line = &buf[at..at + line_end];
+        let mut end = at + line_end + 2;
+        match line.first() {
+            Some(b'$') => {
+                let len: i64 = std::str::from_utf8(&line[1..]).ok().and_then(|s| s.parse().ok()).unwrap_or(-1);
+                if len >= 0 {
+                    end += len as usize + 2;
+                    if end > buf.len() {
+                        break;
+                    }
+                }
+            }
+            Some(b'-') => errors += 1,
+            _ => {}
+        }
+        at = end;
+        n += 1;
+    }
+    (n, errors, at)
+}
+
+struct Outcome {
+    hist: Histogram<u64>,
+    done: u64,
+    errors: u64,
+}
+
+async fn client(args: Args, id: usize, start: Instant, deadline: Option<Instant>, quota: u64) -> Result<Outcome> {
+    let mut s = TcpStream::connect((args.host.as_str(), args.port)).await.context("connect")?;
+    s.set_nodelay(true)?;
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let value = vec![b'x'; args.size];
+    let mut rng: u64 = 0x9E37_79B9_7F4A_7C15 ^ (id as u64).wrapping_mul(0x2545_F491_4F6C_DD1D) | 1;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    // Open loop: this client's share of the rate, requests evenly spaced from `start`.
+    let interval = (args.rate > 0.0).then(|| Duration::from_secs_f64(args.clients as f64 * args.pipeline as f64 / args.rate));
+    let mut out = Vec::with_capacity(4096);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut have = 0usize;
+    let (mut done, mut errors, mut batch_no) = (0u64, 0u64, 0u64);
+    loop {
+        if quota > 0 && done >= quota {
+            break;
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        let due = match interval {
+            Some(iv) => {
+                let due = start + iv.mul_f64(batch_no as f64 + (id as f64 / args.clients as f64));
+                if Instant::now() >= due {
+                    // Held up by the server's previous replies: the wait counts (no
+                    // coordinated omission).
+                    due
+                } else {
+                    // On time: timers fire up to a millisecond late, which must not count.
+                    tokio::time::sleep_until(due.into()).await;
+                    Instant::now()
+                }
+            }
+            None => Instant::now(),
+        };
+        batch_no += 1;
+        out.clear();
+        for _ in 0..args.pipeline {
+            let key = format!("key:{:012}", next() % args.keys);
+            if (next() % u64::from(args.sets + args.gets)) < u64::from(args.sets) {
+                out.extend_from_slice(format!("*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n", key.len(), value.len()).as_bytes());
+                out.extend_from_slice(&value);
+                out.extend_from_slice(b"\r\n");
+            } else {
+                out.extend_from_slice(format!("*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len()).as_bytes());
+            }
+        }
+        s.write_all(&out).await?;
+        let mut got = 0;
+        while got < args.pipeline {
+            let (n, e, used) = scan_replies(&buf[..have], args.pipeline - got);
+            got += n;
+            errors += e as u64;
+            buf.copy_within(used..have, 0);
+            have -= used;
+            if got == args.pipeline {
+                break;
+            }
+            if have == buf.len() {
+                buf.resize(buf.len() * 2, 0);
+            }
+            let r = s.read(&mut buf[have..]).await?;
+            if r == 0 {
+                bail!("connection closed");
+            }
+            have += r;
+        }
+        let us = due.elapsed().as_micros().max(1) as u64;
+        for _ in 0..args.pipeline {
+            hist.saturating_record(us);
+        }
+        done += args.pipeline as u64;
+    }
+    Ok(Outcome { hist, done, errors })
+}
+
+fn main() -> Result<()> {
+    let args = parse()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(args.threads.max(1)).enable_all().build()?;
+    let (hist, done, errors, secs) = rt.block_on(async {
+        // Open loop: a moment for every client to connect before the first request is due.
+        let start = Instant::now() + if args.rate > 0.0 { Duration::from_millis(50) } else { Duration::ZERO };
+        let deadline = (args.seconds > 0.0).then(|| start + Duration::from_secs_f64(args.seconds));
+        let quota = if deadline.is_some() { 0 } else { args.requests.div_ceil(args.clients as u64) };
+        let tasks: Vec<_> = (0..args.clients).map(|i| tokio::spawn(client(args.clone(), i, start, deadline, quota))).collect();
+        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+        let (mut done, mut errors) = (0, 0);
+        for t in tasks {
+            let o = t.await??;
+            hist.add(&o.hist)?;
+            done += o.done;
+            errors += o.errors;
+        }
+        Ok::<_, anyhow::Error>((hist, done, errors, start.elapsed().as_secs_f64()))
+    })?;
+    println!(
+        "ops={:.0} p50_us={} p99_us={} p999_us={} max_us={} errors={} requests={} seconds={:.2}",
+        done as f64 / secs,
+        hist.value_at_quantile(0.5),
+        hist.value_at_quantile(0.99),
+        hist.value_at_quantile(0.999),
+        hist.max(),
+        errors,
+        done,
+        secs
+    );
+    Ok(())
+}
