@@ -2,7 +2,6 @@
 //! endpoint (`--metrics ADDR`) that serves `/metrics` and `/health`.
 
 use std::collections::{HashMap, HashSet};
-use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, LazyLock, Mutex};
 
 use prometheus::{
@@ -189,49 +188,71 @@ enum Collectors {
 pub struct PluginMetric {
     collectors: Collectors,
     labels: usize,
-    series: Mutex<HashSet<u64>>,
+    /// The series recorded so far, resolved once: an update is one map lookup.
+    series: Mutex<HashMap<Vec<String>, Series>>,
     dropped: IntCounter,
-    hasher: RandomState,
+}
+
+/// One label combination of a plugin metric.
+#[derive(Clone)]
+enum Series {
+    Counter(prometheus::Counter),
+    Gauge(prometheus::Gauge),
+    Histogram(prometheus::Histogram),
 }
 
 impl PluginMetric {
     /// Applies an update; invalid ones (wrong number of labels, too many series) are dropped and counted.
     pub fn record(&self, labels: &[String], value: f64) {
-        if let (Collectors::Gauge(g), true) = (&self.collectors, value.is_nan()) {
-            // A gauge set to NaN: that label combination is removed.
-            let l: Vec<&str> = labels.iter().map(String::as_str).collect();
-            if labels.len() == self.labels && g.remove_label_values(&l).is_ok() && self.labels > 0 {
-                let h = self.hasher.hash_one(labels);
-                self.series.lock().unwrap_or_else(|p| p.into_inner()).remove(&h);
-            }
-            return;
-        }
-        if labels.len() != self.labels || !value.is_finite() {
+        if labels.len() != self.labels {
             self.dropped.inc();
             return;
         }
-        if self.labels > 0 {
-            let h = self.hasher.hash_one(labels);
-            let mut s = self.series.lock().unwrap_or_else(|p| p.into_inner());
-            if !s.contains(&h) {
-                if s.len() >= MAX_SERIES {
+        let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        if value.is_nan() {
+            // A gauge set to NaN: that label combination is removed.
+            if let Collectors::Gauge(g) = &self.collectors {
+                if series.remove(labels).is_some() {
+                    let l: Vec<&str> = labels.iter().map(String::as_str).collect();
+                    let _ = g.remove_label_values(&l);
+                }
+            }
+            return;
+        }
+        if !value.is_finite() {
+            self.dropped.inc();
+            return;
+        }
+        let s = match series.get(labels) {
+            Some(s) => s.clone(),
+            None => {
+                if series.len() >= MAX_SERIES {
                     self.dropped.inc();
                     return;
                 }
-                s.insert(h);
+                let l: Vec<&str> = labels.iter().map(String::as_str).collect();
+                let made = match &self.collectors {
+                    Collectors::Counter(c) => c.get_metric_with_label_values(&l).map(Series::Counter),
+                    Collectors::Gauge(g) => g.get_metric_with_label_values(&l).map(Series::Gauge),
+                    Collectors::Histogram(h) => h.get_metric_with_label_values(&l).map(Series::Histogram),
+                };
+                let Ok(made) = made else {
+                    self.dropped.inc();
+                    return;
+                };
+                series.insert(labels.to_vec(), made.clone());
+                made
             }
-        }
-        let l: Vec<&str> = labels.iter().map(String::as_str).collect();
-        let ok = match &self.collectors {
-            Collectors::Counter(c) if value >= 0.0 => c.get_metric_with_label_values(&l).map(|m| m.inc_by(value)).is_ok(),
-            Collectors::Counter(_) => false,
-            Collectors::Gauge(g) => g.get_metric_with_label_values(&l).map(|m| m.set(value)).is_ok(),
-            Collectors::Histogram(h) => h.get_metric_with_label_values(&l).map(|m| m.observe(value)).is_ok(),
         };
-        if !ok {
-            self.dropped.inc();
+        drop(series);
+        match s {
+            Series::Counter(c) if value >= 0.0 => c.inc_by(value),
+            Series::Counter(_) => self.dropped.inc(),
+            Series::Gauge(g) => g.set(value),
+            Series::Histogram(h) => h.observe(value),
         }
     }
+
 }
 
 /// Plugin metrics by full name, so that a reload keeps counting into the same series.
@@ -294,7 +315,6 @@ pub fn plugin_metrics(plugin: &str, defs: &[MetricDef]) -> Result<Vec<Arc<Plugin
             labels: d.labels.len(),
             series: Mutex::default(),
             dropped: plugin_stats().dropped_updates.with_label_values(&[plugin]),
-            hasher: RandomState::new(),
         });
         known.insert(full, (d.clone(), m.clone()));
         out.push(m);

@@ -45,7 +45,7 @@ mod bindings {
 }
 
 pub use bindings::respire::plugin::types::{
-    Client, Command as WitCommand, Manifest, MetricKind as WitMetricKind, MetricUpdate, RequestAction, RequestResult, ResponseAction,
+    Client, ClientRef, Command as WitCommand, Manifest, MetricKind as WitMetricKind, MetricUpdate, RequestAction, RequestResult, ResponseAction,
     ResponseResult,
 };
 use bindings::{Plugin, PluginPre};
@@ -137,6 +137,24 @@ pub struct StoreData {
     /// Set when the current call ran past its budget in wall time: the thread's CPU time then,
     /// and how many times the deadline was extended since.
     overtime: Option<(Option<Duration>, u32)>,
+    /// The client the current call is about (for the `client` import).
+    client: Option<Arc<Client>>,
+}
+
+/// A client as hooks get it: its details, and a generation that changes with them (hooks
+/// receive only the id and generation; the SDK asks for the details when they changed).
+#[derive(Clone)]
+pub struct ClientHandle {
+    /// The details.
+    pub details: Arc<Client>,
+    /// Changes whenever the details do.
+    pub generation: u32,
+}
+
+impl ClientHandle {
+    fn wit(&self) -> ClientRef {
+        ClientRef { id: self.details.id, generation: self.generation }
+    }
 }
 
 impl ResourceLimiter for StoreData {
@@ -404,6 +422,13 @@ impl bindings::respire::plugin::host::Host for StoreData {
             Level::Warn => tracing::warn!(plugin, "{message}"),
             Level::Info => tracing::info!(plugin, "{message}"),
             Level::Debug => tracing::debug!(plugin, "{message}"),
+        }
+    }
+
+    fn client_info(&mut self) -> Client {
+        match &self.client {
+            Some(c) => Client::clone(c),
+            None => Client { id: 0, addr: String::new(), user: String::new(), db: 0, name: String::new(), protocol: 2 },
         }
     }
 
@@ -725,6 +750,7 @@ fn new_instance(
         ctx,
         budget: settings.time_budget,
         overtime: None,
+        client: None,
     };
     let mut store = Store::new(engine, data);
     store.limiter(|d| d);
@@ -831,22 +857,24 @@ impl Instance {
     }
 
     /// Calls the request hook within the plugin's time budget.
-    fn on_request(&mut self, budget: Duration, client: &Client, command: &WitCommand) -> Result<RequestResult, (Failure, String)> {
+    fn on_request(&mut self, budget: Duration, client: &ClientHandle, command: &WitCommand) -> Result<RequestResult, (Failure, String)> {
         self.prepare(budget);
-        self.plugin.call_on_request(&mut self.store, client, command).map_err(|e| (self.failure(&e), format!("{e:#}")))
+        self.store.data_mut().client = Some(client.details.clone());
+        self.plugin.call_on_request(&mut self.store, client.wit(), command).map_err(|e| (self.failure(&e), format!("{e:#}")))
     }
 
     /// Calls the response hook within the plugin's time budget.
     fn on_response(
         &mut self,
         budget: Duration,
-        client: &Client,
+        client: &ClientHandle,
         command: &WitCommand,
         reply: &[u8],
         elapsed_us: u64,
     ) -> Result<ResponseResult, (Failure, String)> {
         self.prepare(budget);
-        self.plugin.call_on_response(&mut self.store, client, command, reply, elapsed_us).map_err(|e| (self.failure(&e), format!("{e:#}")))
+        self.store.data_mut().client = Some(client.details.clone());
+        self.plugin.call_on_response(&mut self.store, client.wit(), command, reply, elapsed_us).map_err(|e| (self.failure(&e), format!("{e:#}")))
     }
 }
 
@@ -1114,7 +1142,7 @@ impl WorkerPlugins {
         &mut self,
         set: &Arc<PluginSet>,
         table: &CommandTable,
-        client: &Client,
+        client: &ClientHandle,
         args: &[bytes::Bytes],
     ) -> (Decision, Option<Box<ResponseChain>>) {
         // Read the clock only when some plugin will want the elapsed time.
@@ -1216,7 +1244,7 @@ impl WorkerPlugins {
 
     /// Runs the response hooks owed for a command on its reply (reverse chain order) and
     /// applies their effects: the reply to send, when a plugin replaced it.
-    pub fn on_response(&mut self, chain: &ResponseChain, client: &Client, reply: &[u8]) -> Option<Vec<u8>> {
+    pub fn on_response(&mut self, chain: &ResponseChain, client: &ClientHandle, reply: &[u8]) -> Option<Vec<u8>> {
         let elapsed_us = chain.start.elapsed().as_micros() as u64;
         let generation = self.generation(&chain.set)?;
         let mut replaced: Option<Vec<u8>> = None;

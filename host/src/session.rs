@@ -45,7 +45,7 @@ use crate::config::ReadFrom;
 use crate::commands::{self, Kind, Local};
 use crate::io::{IoEvent, poll_io, write_now};
 use crate::protocol::{self as resp, Command, RequestParser};
-use crate::plugin::{Client as PluginClient, Decision, ResponseChain};
+use crate::plugin::{Client as PluginClient, ClientHandle, Decision, ResponseChain};
 use crate::pubsub::SubKind;
 use crate::router::{self, CROSSSLOT, Merge, Plan};
 use crate::server::Worker;
@@ -255,7 +255,9 @@ pub struct Session {
     /// The plugin chain is not empty (checked once per batch).
     has_plugins: bool,
     /// The client as plugins see it (rebuilt when it changes).
-    plugin_client: Option<PluginClient>,
+    plugin_client: Option<ClientHandle>,
+    /// The generation of the last `plugin_client` made.
+    client_generation: u32,
     /// Slots ever pushed to / popped from `queue`: a slot's sequence number is `popped` when it is at the front.
     pushed: u64,
     popped: u64,
@@ -324,6 +326,7 @@ pub async fn run(worker: Rc<Worker>, stream: TcpStream, info: Arc<ClientInfo>) {
         subs: HashSet::new(),
         has_plugins: false,
         plugin_client: None,
+        client_generation: 0,
         pushed: 0,
         popped: 0,
         hooks: VecDeque::new(),
@@ -1172,19 +1175,22 @@ impl Session {
     }
 
     /// The client as plugins see it.
-    fn plugin_client(&mut self) -> &PluginClient {
-        if self.plugin_client.as_ref().is_some_and(|c| c.db != self.db || c.protocol != self.proto) {
+    fn plugin_client(&mut self) -> &ClientHandle {
+        if self.plugin_client.as_ref().is_some_and(|c| c.details.db != self.db || c.details.protocol != self.proto) {
             self.plugin_client = None;
         }
-        let (info, db, protocol) = (&self.info, self.db, self.proto);
-        self.plugin_client.get_or_insert_with(|| PluginClient {
+        if self.plugin_client.is_none() {
+            self.client_generation = self.client_generation.wrapping_add(1);
+        }
+        let (info, db, protocol, generation) = (&self.info, self.db, self.proto, self.client_generation);
+        self.plugin_client.get_or_insert_with(|| ClientHandle { generation, details: Arc::new(PluginClient {
             id: info.id,
             addr: info.addr.to_string(),
             user: info.user.lock().map(|u| u.clone()).unwrap_or_default(),
             db,
             name: info.name.lock().map(|n| String::from_utf8_lossy(&n).into_owned()).unwrap_or_default(),
             protocol,
-        })
+        }) })
     }
 
     /// Runs the request hooks of the plugins that want this command.

@@ -57,7 +57,7 @@ pub mod glob;
 
 pub use bindings::respire::plugin::host::Level;
 pub use bindings::respire::plugin::types::{
-    CacheFor, CacheSettings, Category, Client, Key, KeyAccess, Limiter, Manifest, Metric, MetricKind, MetricUpdate, RequestAction,
+    ClientRef, CacheFor, CacheSettings, Category, Client, Key, KeyAccess, Limiter, Manifest, Metric, MetricKind, MetricUpdate, RequestAction,
     ResponseAction, Take,
 };
 
@@ -348,6 +348,43 @@ pub trait Plugin: Sized + 'static {
     }
 }
 
+/// The details of clients, cached by id and generation, so that hooks receive only a
+/// [`ClientRef`] and the strings cross from respire only when a client changes.
+#[doc(hidden)]
+pub mod clients {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    use crate::{Client, ClientRef};
+
+    /// Most clients remembered at once (the cache starts over beyond it).
+    const MAX: usize = 4096;
+
+    thread_local! {
+        static CACHE: RefCell<HashMap<u64, (u32, Client)>> = RefCell::new(HashMap::new());
+    }
+
+    /// Runs `f` with the details of `r`, fetching them from respire when they changed.
+    pub fn with<T>(r: ClientRef, f: impl FnOnce(&Client) -> T) -> T {
+        CACHE.with(|c| {
+            let fresh = c.borrow().get(&r.id).is_some_and(|(g, _)| *g == r.generation);
+            if !fresh {
+                let details = crate::bindings::respire::plugin::host::client_info();
+                let mut c = c.borrow_mut();
+                if c.len() >= MAX {
+                    c.clear();
+                }
+                c.insert(r.id, (r.generation, details));
+            }
+            let c = c.borrow();
+            match c.get(&r.id) {
+                Some((_, client)) => f(client),
+                None => f(&crate::bindings::respire::plugin::host::client_info()),
+            }
+        })
+    }
+}
+
 /// Calls into respire. Each costs about as much as a hook call: prefer [`Effects`] in hooks.
 pub mod host {
     use crate::bindings::respire::plugin::host as h;
@@ -568,21 +605,23 @@ macro_rules! export_plugin {
             }
 
             fn on_request(
-                client: $crate::Client,
+                client: $crate::ClientRef,
                 command: $crate::bindings::respire::plugin::types::Command,
             ) -> $crate::bindings::respire::plugin::types::RequestResult {
                 let command = $crate::Command::from_wit(command);
                 let mut effects = $crate::Effects::default();
-                let action = __RESPIRE_STATE.with(|s| match s.borrow_mut().as_mut() {
-                    Some(p) => <$plugin as $crate::Plugin>::on_request(p, &client, &command, &mut effects),
-                    None => $crate::RequestAction::Continue,
+                let action = $crate::clients::with(client, |client| {
+                    __RESPIRE_STATE.with(|s| match s.borrow_mut().as_mut() {
+                        Some(p) => <$plugin as $crate::Plugin>::on_request(p, client, &command, &mut effects),
+                        None => $crate::RequestAction::Continue,
+                    })
                 });
                 let (takes, metrics) = effects.into_parts();
                 $crate::bindings::respire::plugin::types::RequestResult { action, takes, metrics }
             }
 
             fn on_response(
-                client: $crate::Client,
+                client: $crate::ClientRef,
                 command: $crate::bindings::respire::plugin::types::Command,
                 reply: Vec<u8>,
                 elapsed_us: u64,
@@ -590,9 +629,11 @@ macro_rules! export_plugin {
                 let command = $crate::Command::from_wit(command);
                 let reply = $crate::Reply::new(reply, elapsed_us);
                 let mut effects = $crate::Effects::default();
-                let action = __RESPIRE_STATE.with(|s| match s.borrow_mut().as_mut() {
-                    Some(p) => <$plugin as $crate::Plugin>::on_response(p, &client, &command, &reply, &mut effects),
-                    None => $crate::ResponseAction::Continue,
+                let action = $crate::clients::with(client, |client| {
+                    __RESPIRE_STATE.with(|s| match s.borrow_mut().as_mut() {
+                        Some(p) => <$plugin as $crate::Plugin>::on_response(p, client, &command, &reply, &mut effects),
+                        None => $crate::ResponseAction::Continue,
+                    })
                 });
                 let (_, metrics) = effects.into_parts();
                 $crate::bindings::respire::plugin::types::ResponseResult { action, metrics }

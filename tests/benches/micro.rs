@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use criterion::{Criterion, criterion_group, criterion_main};
 use respire::commands::CommandTable;
-use respire::plugin::{Client, PluginSet, Runtime, WorkerPlugins};
+use respire::plugin::{Client, ClientHandle, PluginSet, Runtime, WorkerPlugins};
 use respire::protocol::{RequestLimits, RequestParser, reply_len};
 use respire::topology::{Topology, key_slot};
 
@@ -79,7 +79,8 @@ fn plugin_set(rt: &Runtime, probes: &[(&str, &str)]) -> (tempfile::TempDir, Arc<
 fn plugins(c: &mut Criterion) {
     let rt = Runtime::new(None).unwrap();
     let table = CommandTable::builtin();
-    let client = Client { id: 7, addr: "127.0.0.1:50000".into(), user: "default".into(), db: 0, name: String::new(), protocol: 2 };
+    let details = Client { id: 7, addr: "127.0.0.1:50000".into(), user: "default".into(), db: 0, name: String::new(), protocol: 2 };
+    let client = ClientHandle { details: Arc::new(details.clone()), generation: 1 };
     let get = args(&["GET", "user:1000"]);
     let pass = "[config]\ncategories = \"all\"\ncount = false\n";
 
@@ -89,9 +90,13 @@ fn plugins(c: &mut Criterion) {
         b.iter(|| std::hint::black_box(w.on_request(&one, &table, &client, &get)))
     });
 
-    let anon = Client { id: 7, addr: String::new(), user: String::new(), db: 0, name: String::new(), protocol: 2 };
-    c.bench_function("plugin: one pass-through request hook, empty client strings", |b| {
-        b.iter(|| std::hint::black_box(w.on_request(&one, &table, &anon, &get)))
+    // A client whose details changed since the last call: the plugin fetches them.
+    let mut changed = ClientHandle { details: Arc::new(details), generation: 1 };
+    c.bench_function("plugin: one pass-through request hook, client details fetched", |b| {
+        b.iter(|| {
+            changed.generation = changed.generation.wrapping_add(1);
+            std::hint::black_box(w.on_request(&one, &table, &changed, &get))
+        })
     });
     let ping = args(&["PING"]);
     c.bench_function("plugin: one pass-through request hook, no arguments", |b| {
