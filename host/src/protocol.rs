@@ -86,14 +86,11 @@ impl Default for RequestLimits {
     }
 }
 
-/// A command's arguments: up to four without a heap allocation (most commands).
-pub type Args = smallvec::SmallVec<[Bytes; 4]>;
-
 /// One client command: its arguments as zero-copy views, and the frame as received.
 #[derive(Debug, Clone)]
 pub struct Command {
     /// The command's arguments; `args[0]` is the command name as the client spelled it.
-    pub args: Args,
+    pub args: Vec<Bytes>,
     /// The complete RESP frame as the client sent it; `None` for inline commands.
     pub raw: Option<Bytes>,
 }
@@ -101,7 +98,7 @@ pub struct Command {
 impl Command {
     /// Builds a command from arguments (encoded on demand).
     pub fn from_args(args: Vec<Bytes>) -> Self {
-        Command { args: Args::from_vec(args), raw: None }
+        Command { args, raw: None }
     }
 
     /// The command name, as sent.
@@ -287,7 +284,7 @@ fn parse_inline(buf: &mut BytesMut) -> Result<Inline, ProtocolError> {
     if args.is_empty() {
         return Ok(Inline::Empty);
     }
-    Ok(Inline::Command(Command::from_args(args)))
+    Ok(Inline::Command(Command { args, raw: None }))
 }
 
 /// Splits an inline command line the way Redis's `sdssplitargs` does:
@@ -741,7 +738,7 @@ mod tests {
         let mut out = Vec::new();
         loop {
             match p.parse(&mut buf, &RequestLimits::default(), authed) {
-                Ok(Some(c)) => out.push(c.args.to_vec()),
+                Ok(Some(c)) => out.push(c.args),
                 Ok(None) => return (out, Ok(())),
                 Err(e) => return (out, Err(e)),
             }

@@ -791,7 +791,7 @@ impl Session {
                 let mut buf = BytesMut::from(&data[..]);
                 let limits = &self.worker.shared.limits;
                 let args = match RequestParser::new().parse(&mut buf, limits, true) {
-                    Ok(Some(c)) => c.args.to_vec(),
+                    Ok(Some(c)) => c.args,
                     _ => Vec::new(),
                 };
                 (args, node.map(|n| self.node_addr(n)).unwrap_or_else(|| Arc::from("")))
