@@ -351,14 +351,6 @@ impl Cache {
         self.max_memory.store(max_memory.max(1), Ordering::Relaxed);
     }
 
-    /// Entries and bytes held (for tests and `INFO`).
-    pub fn usage(&self) -> (usize, usize) {
-        self.shards.iter().fold((0, 0), |(e, b), s| {
-            let s = s.lock().unwrap_or_else(|p| p.into_inner());
-            (e + s.entries.len(), b + s.bytes)
-        })
-    }
-
     /// Stores a reply for a pending entry (if it is still the same pending entry) and returns
     /// its waiters.
     fn complete(&self, ckey: &Bytes, home: usize, token: u64, reply: &Bytes, how: CacheFor) -> Vec<oneshot::Sender<Reply>> {

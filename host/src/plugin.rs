@@ -1159,7 +1159,7 @@ impl WorkerPlugins {
         let mut responses = Vec::new();
         let mut decision = None;
         for (i, plugin) in set.plugins.iter().enumerate() {
-            let serves = !plugin.manifest.serves.is_empty() && plugin.manifest.serves.iter().any(|s| *s == name);
+            let serves = !plugin.manifest.serves.is_empty() && plugin.manifest.serves.contains(&name);
             let wants = plugin.wants(&name, info.map_or(0, |i| i.category_bits));
             if !wants && !serves {
                 continue;
