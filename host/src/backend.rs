@@ -26,10 +26,10 @@ use bytes::{Bytes, BytesMut};
 use thiserror::Error;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, info, warn};
 
+use crate::channel::{self, QueueReceiver, QueueSender, TryRecvError};
 use crate::io::{IoEvent, poll_io, write_now};
 use crate::protocol::{self, Value};
 
@@ -57,6 +57,48 @@ pub enum BackendError {
 /// A reply: the complete RESP frame from the backend, or why there is none.
 pub type Reply = Result<Bytes, BackendError>;
 
+/// Where a backend connection delivers a request's reply.
+pub type ReplyTx = channel::Sender<Reply>;
+
+/// A reply on its way: from a backend connection of this worker, or from another
+/// thread (a response-cache fill that another worker's client is waiting for).
+pub enum ReplyRx {
+    /// From a connection of this worker.
+    Local(channel::Receiver<Reply>),
+    /// From another thread.
+    Remote(tokio::sync::oneshot::Receiver<Reply>),
+}
+
+impl ReplyRx {
+    /// The reply if it is there.
+    pub fn try_recv(&mut self) -> Result<Reply, TryRecvError> {
+        match self {
+            ReplyRx::Local(rx) => rx.try_recv(),
+            ReplyRx::Remote(rx) => rx.try_recv().map_err(|e| match e {
+                tokio::sync::oneshot::error::TryRecvError::Empty => TryRecvError::Empty,
+                tokio::sync::oneshot::error::TryRecvError::Closed => TryRecvError::Closed,
+            }),
+        }
+    }
+}
+
+impl std::future::Future for ReplyRx {
+    type Output = Result<Reply, channel::RecvError>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        match self.get_mut() {
+            ReplyRx::Local(rx) => std::pin::Pin::new(rx).poll(cx),
+            ReplyRx::Remote(rx) => std::pin::Pin::new(rx).poll(cx).map(|r| r.map_err(|_| channel::RecvError)),
+        }
+    }
+}
+
+/// A reply channel of this worker.
+pub fn reply_channel() -> (ReplyTx, ReplyRx) {
+    let (tx, rx) = channel::oneshot();
+    (tx, ReplyRx::Local(rx))
+}
+
 /// What a session hands a backend connection.
 pub struct Request {
     /// One or more RESP commands.
@@ -66,7 +108,7 @@ pub struct Request {
     /// Blocking commands are exempt from the command timeout.
     pub blocking: bool,
     /// Where the reply goes.
-    pub reply: oneshot::Sender<Reply>,
+    pub reply: ReplyTx,
 }
 
 /// How to reach and log in to one backend node.
@@ -186,12 +228,16 @@ struct ConnState {
     alive: Cell<bool>,
     /// A TCP connection is established and handshaken.
     connected: Cell<bool>,
+    /// While the node cannot be reached (between reconnect attempts): the error that
+    /// requests get at once instead of queueing.
+    failing: RefCell<Option<BackendError>>,
 }
 
-/// A handle to one pipelined backend connection.
+/// A handle to one pipelined backend connection. The connection's task ends (closing
+/// the connection) when the last handle is dropped.
 #[derive(Clone)]
 pub struct BackendConn {
-    tx: mpsc::UnboundedSender<Request>,
+    tx: QueueSender<Request>,
     state: Rc<ConnState>,
     node: Rc<NodeSettings>,
 }
@@ -199,22 +245,29 @@ pub struct BackendConn {
 impl BackendConn {
     /// Starts the connection's task on the current worker (connects on first use).
     pub fn spawn(node: Rc<NodeSettings>, key: ConnKey, mode: Mode) -> BackendConn {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let state = Rc::new(ConnState { alive: Cell::new(true), connected: Cell::new(false) });
+        let (tx, rx) = channel::queue();
+        let state = Rc::new(ConnState { alive: Cell::new(true), connected: Cell::new(false), failing: RefCell::new(None) });
         tokio::task::spawn_local(run(node.clone(), key, mode, rx, state.clone()));
         BackendConn { tx, state, node }
     }
 
     /// Queues a request; the reply arrives on the returned receiver.
-    pub fn send(&self, data: Bytes, skip: u8, blocking: bool) -> oneshot::Receiver<Reply> {
-        let (reply, rx) = oneshot::channel();
-        if let Err(mpsc::error::SendError(req)) = self.tx.send(Request { data, skip, blocking, reply }) {
-            let _ = req.reply.send(Err(BackendError::Unavailable {
-                addr: self.node.addr.clone(),
-                reason: "connection closed".into(),
-            }));
-        }
+    pub fn send(&self, data: Bytes, skip: u8, blocking: bool) -> ReplyRx {
+        let (reply, rx) = reply_channel();
+        self.send_to(data, skip, blocking, reply);
         rx
+    }
+
+    /// Queues a request whose reply goes to `reply`.
+    pub fn send_to(&self, data: Bytes, skip: u8, blocking: bool, reply: ReplyTx) {
+        if !self.state.alive.get() {
+            return reply.send(Err(BackendError::Unavailable { addr: self.node.addr.clone(), reason: "connection closed".into() }));
+        }
+        if let Some(e) = self.state.failing.borrow().as_ref() {
+            // The node is unreachable: fail at once rather than pile requests up.
+            return reply.send(Err(e.clone()));
+        }
+        self.tx.push(Request { data, skip, blocking, reply });
     }
 
     /// The task is still running.
@@ -228,7 +281,7 @@ impl BackendConn {
     }
 }
 
-async fn run(node: Rc<NodeSettings>, key: ConnKey, mode: Mode, mut rx: mpsc::UnboundedReceiver<Request>, state: Rc<ConnState>) {
+async fn run(node: Rc<NodeSettings>, key: ConnKey, mode: Mode, mut rx: QueueReceiver<Request>, state: Rc<ConnState>) {
     let mut backoff = node.reconnect_min;
     let mut failures = 0u32;
     // Connect lazily: wait for the first request.
@@ -283,31 +336,37 @@ async fn run(node: Rc<NodeSettings>, key: ConnKey, mode: Mode, mut rx: mpsc::Unb
                 }
                 let err = BackendError::Unavailable { addr: node.addr.clone(), reason };
                 if let Some(req) = first.take() {
-                    let _ = req.reply.send(Err(err.clone()));
+                    req.reply.send(Err(err.clone()));
+                }
+                while let Some(req) = rx.try_recv() {
+                    req.reply.send(Err(err.clone()));
                 }
                 if mode == Mode::Exclusive {
                     break;
                 }
-                // Back off with jitter; meanwhile fail requests at once instead of piling them up.
+                // Back off with jitter; meanwhile requests fail at once instead of piling up.
                 let delay = backoff.mul_f64(0.5 + fastrand::f64());
                 backoff = (backoff * 2).min(node.reconnect_max);
+                *state.failing.borrow_mut() = Some(err.clone());
                 let deadline = Instant::now() + delay;
                 loop {
                     tokio::select! {
                         _ = sleep_until(deadline) => break,
                         req = rx.recv() => match req {
-                            Some(req) => { let _ = req.reply.send(Err(err.clone())); }
+                            Some(req) => req.reply.send(Err(err.clone())),
                             None => { state.alive.set(false); return; }
                         }
                     }
                 }
+                *state.failing.borrow_mut() = None;
+                // A request that arrived as the pause ended goes with the next attempt.
+                first = rx.try_recv();
             }
         }
     }
     state.alive.set(false);
-    rx.close();
-    while let Ok(req) = rx.try_recv() {
-        let _ = req.reply.send(Err(BackendError::Unavailable { addr: node.addr.clone(), reason: "connection closed".into() }));
+    for req in rx.drain() {
+        req.reply.send(Err(BackendError::Unavailable { addr: node.addr.clone(), reason: "connection closed".into() }));
     }
 }
 
@@ -317,7 +376,7 @@ enum End {
 }
 
 struct InFlight {
-    reply: oneshot::Sender<Reply>,
+    reply: ReplyTx,
     skip: u8,
     /// Bytes appended to the write buffer over the connection's life, up to the end of this request.
     end: u64,
@@ -334,7 +393,7 @@ const HIGH_WATER: usize = 4 * 1024 * 1024;
 async fn serve(
     node: &NodeSettings,
     mut stream: TcpStream,
-    rx: &mut mpsc::UnboundedReceiver<Request>,
+    rx: &mut QueueReceiver<Request>,
     first: Option<Request>,
 ) -> End {
     let mut wbuf = BytesMut::with_capacity(16 * 1024);
@@ -362,8 +421,8 @@ async fn serve(
             let req = match pending.take() {
                 Some(r) => r,
                 None => match rx.try_recv() {
-                    Ok(r) => r,
-                    Err(_) => break,
+                    Some(r) => r,
+                    None => break,
                 },
             };
             wbuf.extend_from_slice(&req.data);
@@ -407,7 +466,7 @@ async fn serve(
             _ = &mut ping => {
                 ping.as_mut().reset(Instant::now() + HEALTH_INTERVAL);
                 if !used && inflight.is_empty() && pending.is_none() {
-                    let (reply, _) = oneshot::channel();
+                    let (reply, _) = reply_channel();
                     pending = Some(Request { data: Bytes::from_static(b"*1\r\n$4\r\nPING\r\n"), skip: 0, blocking: false, reply });
                 }
                 used = false;
@@ -427,11 +486,11 @@ async fn serve(
             } else {
                 BackendError::Unavailable { addr: node.addr.clone(), reason: reason.clone() }
             };
-            let _ = f.reply.send(Err(e));
+            f.reply.send(Err(e));
         }
         if let Some(req) = pending.take() {
             // Taken from the queue but never written: it did not reach Redis.
-            let _ = req.reply.send(Err(BackendError::Unavailable { addr: node.addr.clone(), reason: reason.clone() }));
+            req.reply.send(Err(BackendError::Unavailable { addr: node.addr.clone(), reason: reason.clone() }));
         }
     }
     end
@@ -452,7 +511,7 @@ fn dispatch_replies(rbuf: &mut BytesMut, inflight: &mut VecDeque<InFlight>) -> R
             continue;
         }
         if let Some(f) = inflight.pop_front() {
-            let _ = f.reply.send(Ok(frame));
+            f.reply.send(Ok(frame));
         }
     }
 }

@@ -165,11 +165,11 @@ fn is_empty_reply(reply: &[u8]) -> bool {
 }
 
 /// The cache key of a command: database, protocol, lower-case name and arguments.
-pub fn cache_key(db: u32, proto: u8, args: &[Bytes]) -> Bytes {
-    let mut k = BytesMut::with_capacity(8 + args.iter().map(|a| a.len() + 4).sum::<usize>());
+pub fn cache_key(db: u32, proto: u8, cmd: &crate::protocol::Command) -> Bytes {
+    let mut k = BytesMut::with_capacity(8 + cmd.iter().map(|a| a.len() + 4).sum::<usize>());
     k.put_u32(db);
     k.put_u8(proto);
-    for (i, a) in args.iter().enumerate() {
+    for (i, a) in cmd.iter().enumerate() {
         k.put_u32(a.len() as u32);
         if i == 0 {
             k.extend(a.iter().map(u8::to_ascii_lowercase));

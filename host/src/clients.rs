@@ -4,12 +4,12 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use bytes::Bytes;
-use tokio::sync::Notify;
 
 /// What respire knows about one client connection.
 #[derive(Debug)]
@@ -34,18 +34,55 @@ pub struct ClientInfo {
     pub lib_ver: Mutex<Bytes>,
     /// Authenticated user.
     pub user: Mutex<String>,
-    /// Name and first argument of the last command (formatted only when listed).
-    pub last_cmd: Mutex<(Bytes, Option<Bytes>)>,
+    /// The last command, as a [`crate::commands::CommandInfo::display_id`] (named only when listed).
+    pub last_cmd: AtomicU32,
     /// Selected database.
     pub db: AtomicU32,
     /// RESP version.
     pub resp: AtomicU8,
     /// Flags as `CLIENT LIST` prints them: see [`flag`].
     pub flags: AtomicU8,
-    /// Set by `CLIENT KILL`.
-    pub killed: AtomicBool,
-    /// Wakes the session when killed.
-    pub kill: Notify,
+    /// Requests from other threads: see [`signal`].
+    signals: AtomicU8,
+    /// Wakes the session when signalled (registered once by the session, not per wake-up).
+    waker: Mutex<Option<Waker>>,
+}
+
+/// Bits of the requests a session gets from other threads.
+pub mod signal {
+    /// `CLIENT KILL`: close now.
+    pub const KILL: u8 = 1;
+    /// Graceful shutdown: stop reading, deliver what is owed, close.
+    pub const SHUTDOWN: u8 = 2;
+}
+
+/// The session's side of [`ClientInfo`]'s signals: polled with every wait, cheaply (an
+/// atomic load; the session's waker is handed over only when it changes).
+#[derive(Default)]
+pub struct SignalWatch {
+    registered: Option<Waker>,
+}
+
+impl SignalWatch {
+    /// The signals raised so far (`Pending` when none), leaving the waker registered.
+    pub fn poll(&mut self, info: &ClientInfo, cx: &mut Context<'_>) -> Poll<u8> {
+        let bits = info.signals.load(Ordering::Acquire);
+        if bits != 0 {
+            return Poll::Ready(bits);
+        }
+        if !self.registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            if let Ok(mut slot) = info.waker.lock() {
+                *slot = Some(cx.waker().clone());
+            }
+            self.registered = Some(cx.waker().clone());
+            // A signal raised before the waker was in place.
+            let bits = info.signals.load(Ordering::Acquire);
+            if bits != 0 {
+                return Poll::Ready(bits);
+            }
+        }
+        Poll::Pending
+    }
 }
 
 /// Bits of [`ClientInfo::flags`].
@@ -70,12 +107,26 @@ impl ClientInfo {
 
     /// Asks the session to close.
     pub fn kill(&self) {
-        self.killed.store(true, Ordering::Relaxed);
-        self.kill.notify_one();
+        self.signal(signal::KILL);
+    }
+
+    /// Raises a [`signal`] bit and wakes the session.
+    pub fn signal(&self, bit: u8) {
+        self.signals.fetch_or(bit, Ordering::AcqRel);
+        if let Ok(w) = self.waker.lock() {
+            if let Some(w) = w.as_ref() {
+                w.wake_by_ref();
+            }
+        }
+    }
+
+    /// Whether `CLIENT KILL` asked this client to close.
+    pub fn killed(&self) -> bool {
+        self.signals.load(Ordering::Acquire) & signal::KILL != 0
     }
 
     /// The `CLIENT LIST` / `CLIENT INFO` line for this client (without newline).
-    pub fn line(&self) -> String {
+    pub fn line(&self, table: &crate::commands::CommandTable) -> String {
         let now = Instant::now();
         let age = now.duration_since(self.created).as_secs();
         let idle_ms = (now.duration_since(self.created).as_millis() as u64).saturating_sub(self.last_active_ms.load(Ordering::Relaxed));
@@ -95,17 +146,7 @@ impl ClientInfo {
         }
         let text = |m: &Mutex<Bytes>| m.lock().map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
         let user = self.user.lock().map(|u| u.clone()).unwrap_or_default();
-        let cmd = self
-            .last_cmd
-            .lock()
-            .map(|c| match &*c {
-                (name, _) if name.is_empty() => "NULL".to_string(),
-                (name, Some(sub)) if crate::commands::is_container(name) => {
-                    format!("{}|{}", crate::commands::display_name(name), crate::commands::display_name(sub))
-                }
-                (name, _) => crate::commands::display_name(name),
-            })
-            .unwrap_or_default();
+        let cmd = table.display_name(self.last_cmd.load(Ordering::Relaxed));
         format!(
             "id={} addr={} laddr={} fd={} name={} age={} idle={} flags={} db={} sub=0 psub=0 ssub=0 multi={} qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 events=r cmd={} user={} redir=-1 resp={} lib-name={} lib-ver={}",
             self.id,
@@ -178,12 +219,12 @@ impl Clients {
             lib_name: Mutex::new(Bytes::new()),
             lib_ver: Mutex::new(Bytes::new()),
             user: Mutex::new("default".into()),
-            last_cmd: Mutex::new((Bytes::new(), None)),
+            last_cmd: AtomicU32::new(crate::commands::NO_DISPLAY_ID),
             db: AtomicU32::new(0),
             resp: AtomicU8::new(2),
             flags: AtomicU8::new(0),
-            killed: AtomicBool::new(false),
-            kill: Notify::new(),
+            signals: AtomicU8::new(0),
+            waker: Mutex::new(None),
         });
         if let Ok(mut all) = self.all.lock() {
             all.insert(id, info.clone());
@@ -197,6 +238,13 @@ impl Clients {
             all.remove(&id);
         }
         self.release();
+    }
+
+    /// Asks every client to close gracefully (shutdown).
+    pub fn shut_down_all(&self) {
+        for c in self.snapshot() {
+            c.signal(signal::SHUTDOWN);
+        }
     }
 
     /// A snapshot of all clients, by id.

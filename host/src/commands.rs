@@ -7,12 +7,12 @@
 //! itself, commands that need a connection of their own (transactions,
 //! blocking commands, subscriptions), and commands that are refused.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use rustc_hash::FxHashMap as HashMap;
 
-use crate::protocol::{Command, Value, parse_i64, reply_len};
+use crate::protocol::{Args, Command, Value, parse_i64, reply_len};
 
 /// How respire handles a command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +140,23 @@ static TABLE: &[Spec] = &[
 /// The entry for commands not in the table.
 pub static FORWARD: Spec = spec("", Kind::Forward);
 
+/// What respire knows about one command, looked up once when it is read: how it is
+/// handled, and Redis's description of it (absent for commands Redis does not describe).
+#[derive(Debug, Clone, Copy)]
+pub struct Resolved<'a> {
+    /// How respire handles it.
+    pub spec: &'static Spec,
+    /// Redis's description: flags, categories, key positions.
+    pub info: Option<&'a CommandInfo>,
+}
+
+impl Resolved<'_> {
+    /// Whether Redis flags the command with `flag` (false when it is not described).
+    pub fn has(&self, flag: u32) -> bool {
+        self.info.is_some_and(|i| i.has(flag))
+    }
+}
+
 /// Looks a command name up, case-insensitively.
 pub fn lookup(name: &[u8]) -> &'static Spec {
     let mut lower = [0u8; 16];
@@ -158,7 +175,7 @@ pub fn lookup(name: &[u8]) -> &'static Spec {
 
 /// Whether an `XREAD`/`XREADGROUP` call carries a `BLOCK` option (before `STREAMS`).
 pub fn has_block_option(cmd: &Command) -> bool {
-    for a in cmd.args.iter().skip(1) {
+    for a in cmd.iter().skip(1) {
         if a.eq_ignore_ascii_case(b"streams") {
             return false;
         }
@@ -167,15 +184,6 @@ pub fn has_block_option(cmd: &Command) -> bool {
         }
     }
     false
-}
-
-/// Whether a command has subcommands (`CLIENT LIST` is reported as `client|list`).
-pub fn is_container(name: &[u8]) -> bool {
-    const CONTAINERS: &[&[u8]] = &[
-        b"acl", b"client", b"cluster", b"command", b"config", b"function", b"latency", b"memory", b"module", b"object",
-        b"pubsub", b"script", b"slowlog", b"xgroup", b"xinfo",
-    ];
-    CONTAINERS.iter().any(|c| c.eq_ignore_ascii_case(name))
 }
 
 /// The command name in lower case for error messages (`'foo'`), lossy for non-UTF-8 names.
@@ -290,26 +298,40 @@ pub struct CommandInfo {
     key_specs: Vec<KeySpec>,
     /// (first, last, step) key positions from before key specs existed.
     legacy: (i64, i64, i64),
-    subcommands: HashMap<Vec<u8>, Arc<CommandInfo>>,
+    subcommands: HashMap<Box<[u8]>, Arc<CommandInfo>>,
+    /// How respire handles it (its command's, for a subcommand).
+    pub spec: &'static Spec,
+    /// For a subcommand, its place (from 1) among its command's subcommands in name order;
+    /// 0 for a command (see [`CommandInfo::display_id`]).
+    pub sub: u16,
     /// Its number for metrics labels (see [`CommandTable::number`]; subcommands share their
     /// command's); [`crate::stats::OTHER`] until numbered.
     pub id: u16,
 }
 
+/// The [`CommandInfo::display_id`] of no command (`cmd=NULL` in `CLIENT LIST`).
+pub const NO_DISPLAY_ID: u32 = u32::MAX;
+
 impl CommandInfo {
+    /// A number naming this command or subcommand, for `CLIENT LIST`'s `cmd=` (see
+    /// [`CommandTable::display_name`]): cheap to store per command.
+    pub fn display_id(&self) -> u32 {
+        (u32::from(self.id) << 16) | u32::from(self.sub)
+    }
+
     /// Whether a flag bit is set.
     pub fn has(&self, flag: u32) -> bool {
         self.flags & flag != 0
     }
 
     /// Appends the positions of the keys in `args` to `out`, as Redis finds them.
-    pub fn key_positions(&self, args: &[Bytes], out: &mut Vec<usize>) {
+    pub fn key_positions<A: Args + ?Sized>(&self, args: &A, out: &mut Vec<usize>) {
         self.for_each_key(args, |i, _| out.push(i));
     }
 
     /// Calls `f` with the position of every key in `args` and how the command uses it.
-    pub fn for_each_key(&self, args: &[Bytes], mut f: impl FnMut(usize, u8)) {
-        let argc = args.len() as i64;
+    pub fn for_each_key<A: Args + ?Sized>(&self, args: &A, mut f: impl FnMut(usize, u8)) {
+        let argc = args.argc() as i64;
         if self.key_specs.is_empty() {
             let (first, last, step) = self.legacy;
             if first <= 0 || step <= 0 {
@@ -335,7 +357,7 @@ impl CommandInfo {
                         if i < 1 || i >= argc {
                             break;
                         }
-                        if args[i as usize].eq_ignore_ascii_case(keyword) {
+                        if args.argv(i as usize).is_some_and(|a| a.eq_ignore_ascii_case(keyword)) {
                             found = Some(i + 1);
                             break;
                         }
@@ -364,7 +386,7 @@ impl CommandInfo {
                 }
                 FindKeys::Keynum { keynumidx, firstkey, keystep } => {
                     let idx = first.saturating_add(*keynumidx);
-                    let Some(n) = args.get(idx.max(0) as usize).and_then(|a| parse_i64(a)).filter(|n| *n >= 0) else {
+                    let Some(n) = args.argv(idx.max(0) as usize).and_then(parse_i64).filter(|n| *n >= 0) else {
                         continue;
                     };
                     let first = first.saturating_add(*firstkey);
@@ -390,7 +412,9 @@ impl CommandInfo {
 /// Every command Redis describes, by lower-case name.
 #[derive(Debug, Clone, Default)]
 pub struct CommandTable {
-    map: HashMap<Vec<u8>, Arc<CommandInfo>>,
+    map: HashMap<Box<[u8]>, Arc<CommandInfo>>,
+    /// Command names by number, once numbered.
+    names: Vec<String>,
 }
 
 /// The `COMMAND` reply of Redis 7.0, used until a backend tells us its own.
@@ -410,13 +434,13 @@ impl CommandTable {
         let Value::Array(entries) = Value::parse(frame).ok()? else {
             return None;
         };
-        let mut map = HashMap::new();
+        let mut map = HashMap::default();
         for e in &entries {
-            if let Some(info) = parse_info(e) {
-                map.insert(info.name.as_bytes().to_vec(), Arc::new(info));
+            if let Some(info) = parse_info(e, None) {
+                map.insert(info.name.as_bytes().into(), Arc::new(info));
             }
         }
-        Some(CommandTable { map })
+        Some(CommandTable { map, names: Vec::new() })
     }
 
     /// Adds or replaces the commands of `other` (the backend's own description wins).
@@ -427,19 +451,37 @@ impl CommandTable {
     /// Numbers the commands in name order (subcommands share their command's number) and
     /// returns the names by number: the bounded set of `command` labels in metrics.
     pub fn number(&mut self) -> Vec<String> {
-        let mut names: Vec<Vec<u8>> = self.map.keys().cloned().collect();
+        let mut names: Vec<Box<[u8]>> = self.map.keys().cloned().collect();
         names.sort();
         names.truncate(usize::from(crate::stats::OTHER) - 1);
         for (i, n) in names.iter().enumerate() {
             if let Some(info) = self.map.get_mut(n) {
                 let info = Arc::make_mut(info);
                 info.id = i as u16;
-                for sub in info.subcommands.values_mut() {
-                    Arc::make_mut(sub).id = i as u16;
+                let mut subs: Vec<Box<[u8]>> = info.subcommands.keys().cloned().collect();
+                subs.sort();
+                for (j, name) in subs.iter().enumerate() {
+                    if let Some(sub) = info.subcommands.get_mut(name) {
+                        let sub = Arc::make_mut(sub);
+                        sub.id = i as u16;
+                        sub.sub = u16::try_from(j + 1).unwrap_or(u16::MAX);
+                    }
                 }
             }
         }
-        names.into_iter().map(|n| String::from_utf8_lossy(&n).into_owned()).collect()
+        self.names = names.iter().map(|n| String::from_utf8_lossy(n).into_owned()).collect();
+        self.names.clone()
+    }
+
+    /// The name (`get`, `client|list`) of a [`CommandInfo::display_id`], `NULL` for none.
+    pub fn display_name(&self, display_id: u32) -> String {
+        let (id, sub) = ((display_id >> 16) as usize, (display_id & 0xffff) as usize);
+        let Some(name) = self.names.get(id) else { return "NULL".into() };
+        if sub == 0 {
+            return name.clone();
+        }
+        let Some(info) = self.map.get(name.as_bytes()) else { return name.clone() };
+        info.subcommands.values().find(|s| usize::from(s.sub) == sub).map_or_else(|| name.clone(), |s| s.name.clone())
     }
 
     /// Number of top-level commands.
@@ -453,16 +495,24 @@ impl CommandTable {
     }
 
     /// The description of the command in `args` (its subcommand's, for container commands).
-    pub fn get(&self, args: &[Bytes]) -> Option<&CommandInfo> {
-        let info = self.map.get(lower(args.first()?)?.as_slice())?;
+    pub fn get<A: Args + ?Sized>(&self, args: &A) -> Option<&CommandInfo> {
+        let info = self.map.get(lower(args.argv(0)?)?.as_slice())?;
         if !info.subcommands.is_empty() {
-            if let Some(sub) = args.get(1).and_then(|s| lower(s)) {
+            if let Some(sub) = args.argv(1).and_then(lower) {
                 if let Some(s) = info.subcommands.get(sub.as_slice()) {
                     return Some(s);
                 }
             }
         }
         Some(info)
+    }
+
+    /// How respire handles the command in `args` and what Redis says about it, in one lookup.
+    pub fn resolve<A: Args + ?Sized>(&self, args: &A) -> Resolved<'_> {
+        match self.get(args) {
+            Some(info) => Resolved { spec: info.spec, info: Some(info) },
+            None => Resolved { spec: lookup(args.argv(0).unwrap_or_default()), info: None },
+        }
     }
 }
 
@@ -489,9 +539,10 @@ impl LowerName {
     }
 }
 
-fn parse_info(v: &Value) -> Option<CommandInfo> {
+fn parse_info(v: &Value, parent: Option<&'static Spec>) -> Option<CommandInfo> {
     let Value::Array(f) = v else { return None };
     let name = String::from_utf8_lossy(f.first()?.as_bytes()?).to_lowercase();
+    let spec = parent.unwrap_or_else(|| lookup(name.as_bytes()));
     let arity = f.get(1)?.as_int()?;
     let mut fl = 0;
     if let Some(Value::Array(items)) = f.get(2) {
@@ -516,17 +567,17 @@ fn parse_info(v: &Value) -> Option<CommandInfo> {
             key_specs.push(parse_key_spec(spec));
         }
     }
-    let mut subcommands = HashMap::new();
+    let mut subcommands = HashMap::default();
     if let Some(Value::Array(subs)) = f.get(9) {
         for s in subs {
-            if let Some(info) = parse_info(s) {
-                let short = info.name.rsplit('|').next().unwrap_or(&info.name).as_bytes().to_vec();
+            if let Some(info) = parse_info(s, Some(spec)) {
+                let short: Box<[u8]> = info.name.rsplit('|').next().unwrap_or(&info.name).as_bytes().into();
                 subcommands.insert(short, Arc::new(info));
             }
         }
     }
     let category_bits = categories.iter().fold(0, |b, c| b | category_bit(c));
-    Some(CommandInfo { name, arity, flags: fl, categories, category_bits, key_specs, legacy, subcommands, id: crate::stats::OTHER })
+    Some(CommandInfo { name, arity, flags: fl, categories, category_bits, key_specs, legacy, subcommands, spec, sub: 0, id: crate::stats::OTHER })
 }
 
 fn parse_key_spec(spec: &Value) -> KeySpec {
@@ -612,15 +663,15 @@ mod tests {
         assert_eq!(keys(&t, "PING"), Vec::<String>::new());
         assert_eq!(keys(&t, "EVAL s 9223372036854775807 k"), ["k"]);
         assert_eq!(keys(&t, "EVAL s -3 k"), Vec::<String>::new());
-        let get = t.get(&[Bytes::from("GeT")]).unwrap();
+        let get = t.get(&[Bytes::from("GeT")][..]).unwrap();
         assert!(get.has(flags::READONLY) && !get.has(flags::WRITE));
         assert!(get.categories.iter().any(|c| c == "read"));
-        assert_eq!(t.get(&[Bytes::from("client"), Bytes::from("LIST")]).unwrap().name, "client|list");
+        assert_eq!(t.get(&[Bytes::from("client"), Bytes::from("LIST")][..]).unwrap().name, "client|list");
     }
 
     #[test]
     fn xread_block_detection() {
-        let cmd = |s: &str| Command::from_args(s.split(' ').map(|a| Bytes::copy_from_slice(a.as_bytes())).collect());
+        let cmd = |s: &str| Command::from_args(&s.split(' ').collect::<Vec<_>>());
         assert!(has_block_option(&cmd("XREAD COUNT 1 BLOCK 0 STREAMS s $")));
         assert!(!has_block_option(&cmd("XREAD STREAMS block $")));
     }

@@ -15,6 +15,7 @@
 //! - [`session`]: one client connection: batches, in-order replies, local
 //!   commands, transactions, blocking commands, subscriptions.
 //! - [`io`]: socket reads and writes shared by both sides.
+//! - [`channel`]: request and reply channels between the tasks of one worker (no atomics).
 //! - [`pubsub`]: shared subscriber connections with fan-out to sessions.
 //! - [`cache`]: the response cache plugins drive, kept fresh by `CLIENT TRACKING`.
 //! - [`plugin`]: the WebAssembly plugin host (wasmtime components) and the request chain.
@@ -35,6 +36,7 @@
 
 pub mod backend;
 pub mod cache;
+pub mod channel;
 pub mod clients;
 pub mod commands;
 pub mod config;

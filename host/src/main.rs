@@ -7,6 +7,12 @@ use clap::{Args, Parser, Subcommand};
 use respire::config::Config;
 use respire::server::Server;
 
+/// mimalloc: the request path allocates and frees small objects in bursts (a reply cell
+/// per request, a pipelined batch at a time), which overflows glibc's per-thread cache;
+/// measured ≈270 instructions per request for malloc plus free with glibc.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A Redis proxy programmable with WebAssembly plugins.
 #[derive(Parser, Debug)]
 #[command(name = "respire", version, about, args_conflicts_with_subcommands = false)]

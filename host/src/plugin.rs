@@ -1090,8 +1090,8 @@ pub fn watch(shared: Arc<crate::server::Shared>, dir: PathBuf) {
 pub enum Decision {
     /// Go on with this command (possibly rewritten).
     Continue {
-        /// The new arguments, name first, when a plugin rewrote the command.
-        rewritten: Option<Vec<bytes::Bytes>>,
+        /// The new command, when a plugin rewrote it.
+        rewritten: Option<crate::protocol::Command>,
         /// A plugin asked for the reply to be cached (the shortest times when several did).
         cache: Option<crate::cache::CacheFor>,
         /// Tokens Redis must grant first (shared limiters).
@@ -1143,16 +1143,19 @@ impl WorkerPlugins {
         set: &Arc<PluginSet>,
         table: &CommandTable,
         client: &ClientHandle,
-        args: &[bytes::Bytes],
+        cmd: &crate::protocol::Command,
+        info: Option<&crate::commands::CommandInfo>,
     ) -> (Decision, Option<Box<ResponseChain>>) {
         // Read the clock only when some plugin will want the elapsed time.
         let mut start = None;
         let continue_ = || (Decision::Continue { rewritten: None, cache: None, gate: None }, None);
-        let Some(first) = args.first() else { return continue_() };
+        if cmd.is_empty() {
+            return continue_();
+        }
         let Some(generation) = self.generation(set) else { return continue_() };
-        let mut name = String::from_utf8_lossy(first).to_ascii_lowercase();
-        let mut info = table.get(args);
-        let mut rewritten: Option<Vec<bytes::Bytes>> = None;
+        let mut name = String::from_utf8_lossy(cmd.name()).to_ascii_lowercase();
+        let mut info = info;
+        let mut rewritten: Option<crate::protocol::Command> = None;
         let mut cache: Option<crate::cache::CacheFor> = None;
         let mut gate: Option<Box<Gate>> = None;
         let mut command: Option<WitCommand> = None;
@@ -1171,7 +1174,7 @@ impl WorkerPlugins {
             if !plugin.manifest.on_request && !serves {
                 continue;
             }
-            let cmd = command.get_or_insert_with(|| wit_command(&name, rewritten.as_deref().unwrap_or(args), info));
+            let wit = command.get_or_insert_with(|| wit_command(&name, rewritten.as_ref().unwrap_or(cmd), info));
             let Some(slot) = generation.instances.get_mut(i) else { continue };
             let Some(inst) = slot.get(plugin, "request") else {
                 if plugin.settings.on_error == OnError::Closed {
@@ -1181,7 +1184,7 @@ impl WorkerPlugins {
                 continue;
             };
             let started = std::time::Instant::now();
-            let result = inst.on_request(plugin.settings.time_budget, client, cmd);
+            let result = inst.on_request(plugin.settings.time_budget, client, wit);
             plugin.ctx.stats.request_seconds.observe(started.elapsed().as_secs_f64());
             let result = match result {
                 Ok(r) => {
@@ -1225,16 +1228,16 @@ impl WorkerPlugins {
                 RequestAction::Rewrite(new_args) => {
                     if let Some(n) = new_args.first() {
                         name = String::from_utf8_lossy(n).to_ascii_lowercase();
-                        let new_args: Vec<bytes::Bytes> = new_args.into_iter().map(bytes::Bytes::from).collect();
-                        info = table.get(&new_args);
-                        rewritten = Some(new_args);
+                        let new = crate::protocol::Command::from_args(&new_args);
+                        info = table.get(&new);
+                        rewritten = Some(new);
                         command = None;
                     }
                 }
             }
         }
         let chain = (!responses.is_empty()).then(|| {
-            let command = command.unwrap_or_else(|| wit_command(&name, rewritten.as_deref().unwrap_or(args), info));
+            let command = command.unwrap_or_else(|| wit_command(&name, rewritten.as_ref().unwrap_or(cmd), info));
             Box::new(ResponseChain { set: set.clone(), plugins: responses, command, start: start.unwrap_or_else(std::time::Instant::now) })
         });
         // Refused or answered by a plugin: shared buckets are not asked; local tokens stay
@@ -1290,7 +1293,7 @@ impl WorkerPlugins {
 }
 
 /// The contract's view of a command: name, arguments after it in one buffer, categories, keys.
-fn wit_command(name: &str, args: &[bytes::Bytes], info: Option<&crate::commands::CommandInfo>) -> WitCommand {
+fn wit_command(name: &str, args: &crate::protocol::Command, info: Option<&crate::commands::CommandInfo>) -> WitCommand {
     use bindings::respire::plugin::types::{Key, KeyAccess};
     let mut data = Vec::with_capacity(name.len() + args.iter().skip(1).map(|a| a.len()).sum::<usize>());
     let mut ends = Vec::with_capacity(args.len());

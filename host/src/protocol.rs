@@ -19,12 +19,15 @@
 //! length, which is cheaper than building frames.
 
 use bytes::{BufMut, Bytes, BytesMut};
+use smallvec::SmallVec;
 use thiserror::Error;
 
 /// Longest inline command or header line accepted, as in Redis (`PROTO_INLINE_MAX_SIZE`).
 pub const MAX_INLINE: usize = 64 * 1024;
 /// Bulk length above which Redis pre-allocates the argument (`PROTO_MBULK_BIG_ARG`).
 const BIG_ARG: usize = 32 * 1024;
+/// Longest request accepted (arguments are located by 32-bit offsets).
+const MAX_FRAME: usize = u32::MAX as usize;
 /// Limits that apply before a client has authenticated (as in Redis).
 const UNAUTH_MAX_ARGS: i64 = 10;
 const UNAUTH_MAX_BULK: i64 = 16 * 1024;
@@ -86,49 +89,125 @@ impl Default for RequestLimits {
     }
 }
 
-/// One client command: its arguments as zero-copy views, and the frame as received.
+/// Where one argument lies in a command's frame.
+type Span = (u32, u32);
+
+/// One client command: the frame as received (or encoded) and where each argument lies
+/// in it. Arguments are read as slices of the frame, so parsing a command allocates
+/// nothing for up to [`INLINE_ARGS`] arguments and touches no reference count per argument.
 #[derive(Debug, Clone)]
 pub struct Command {
-    /// The command's arguments; `args[0]` is the command name as the client spelled it.
-    pub args: Vec<Bytes>,
-    /// The complete RESP frame as the client sent it; `None` for inline commands.
-    pub raw: Option<Bytes>,
+    /// The complete RESP frame (for inline commands and rewrites: the arguments encoded).
+    raw: Bytes,
+    /// Where each argument lies in `raw`; `spans[0]` is the command name.
+    spans: SmallVec<[Span; INLINE_ARGS]>,
 }
 
+/// Arguments a [`Command`] holds without a heap allocation.
+pub const INLINE_ARGS: usize = 6;
+
 impl Command {
-    /// Builds a command from arguments (encoded on demand).
-    pub fn from_args(args: Vec<Bytes>) -> Self {
-        Command { args, raw: None }
+    /// Builds a command from arguments (encoded as a RESP array of bulk strings).
+    pub fn from_args<A: AsRef<[u8]>>(args: &[A]) -> Self {
+        let mut out = BytesMut::with_capacity(16 + args.iter().map(|a| a.as_ref().len() + 16).sum::<usize>());
+        let mut spans = SmallVec::with_capacity(args.len());
+        array_header(&mut out, args.len());
+        for a in args {
+            let a = a.as_ref();
+            header(&mut out, b'$', a.len() as i64);
+            let start = out.len();
+            out.extend_from_slice(a);
+            spans.push((start as u32, (start + a.len()) as u32));
+            out.extend_from_slice(b"\r\n");
+        }
+        Command { raw: out.freeze(), spans }
     }
 
     /// The command name, as sent.
     pub fn name(&self) -> &[u8] {
-        self.args.first().map(|a| a.as_ref()).unwrap_or_default()
+        self.arg(0).unwrap_or_default()
+    }
+
+    /// How many arguments, the name included.
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    /// Whether there are no arguments (never true for a parsed command).
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
     }
 
     /// Argument `i` (0 is the name), if present.
-    pub fn arg(&self, i: usize) -> Option<&Bytes> {
-        self.args.get(i)
+    pub fn arg(&self, i: usize) -> Option<&[u8]> {
+        let &(s, e) = self.spans.get(i)?;
+        self.raw.get(s as usize..e as usize)
     }
 
-    /// Writes the command as a RESP array of bulk strings.
+    /// Argument `i` as a zero-copy `Bytes` view of the frame.
+    pub fn arg_bytes(&self, i: usize) -> Option<Bytes> {
+        let &(s, e) = self.spans.get(i)?;
+        (e as usize <= self.raw.len()).then(|| self.raw.slice(s as usize..e as usize))
+    }
+
+    /// The arguments in order, the name first.
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = &[u8]> + ExactSizeIterator + '_ {
+        self.spans.iter().map(|&(s, e)| self.raw.get(s as usize..e as usize).unwrap_or_default())
+    }
+
+    /// The arguments as owned views, the name first.
+    pub fn to_args(&self) -> Vec<Bytes> {
+        (0..self.len()).filter_map(|i| self.arg_bytes(i)).collect()
+    }
+
+    /// Writes the command as RESP.
     pub fn encode_into(&self, out: &mut BytesMut) {
-        match &self.raw {
-            Some(raw) => out.extend_from_slice(raw),
-            None => encode_args(out, &self.args),
-        }
+        out.extend_from_slice(&self.raw);
     }
 
-    /// The command as RESP bytes, reusing the received frame when there is one.
+    /// The command as RESP bytes (the received frame when there is one; no copy).
     pub fn to_resp(&self) -> Bytes {
-        match &self.raw {
-            Some(raw) => raw.clone(),
-            None => {
-                let mut out = BytesMut::new();
-                encode_args(&mut out, &self.args);
-                out.freeze()
-            }
-        }
+        self.raw.clone()
+    }
+
+    /// The command as RESP bytes, borrowed.
+    pub fn raw(&self) -> &Bytes {
+        &self.raw
+    }
+}
+
+/// Arguments that key positions and routing read: a parsed [`Command`], or a plain list.
+pub trait Args {
+    /// How many arguments, the name included.
+    fn argc(&self) -> usize;
+    /// Argument `i` (0 is the name).
+    fn argv(&self, i: usize) -> Option<&[u8]>;
+}
+
+impl Args for Command {
+    fn argc(&self) -> usize {
+        self.len()
+    }
+    fn argv(&self, i: usize) -> Option<&[u8]> {
+        self.arg(i)
+    }
+}
+
+impl<A: AsRef<[u8]>> Args for [A] {
+    fn argc(&self) -> usize {
+        self.len()
+    }
+    fn argv(&self, i: usize) -> Option<&[u8]> {
+        self.get(i).map(|a| a.as_ref())
+    }
+}
+
+impl<A: AsRef<[u8]>> Args for Vec<A> {
+    fn argc(&self) -> usize {
+        self.len()
+    }
+    fn argv(&self, i: usize) -> Option<&[u8]> {
+        self.get(i).map(|a| a.as_ref())
     }
 }
 
@@ -147,8 +226,8 @@ pub struct RequestParser {
     remaining: usize,
     /// Offset in the buffer where the next unparsed header starts.
     pos: usize,
-    /// Argument ranges found so far, as (start, end) offsets into the buffer.
-    ranges: Vec<(usize, usize)>,
+    /// Argument spans found so far, as (start, end) offsets into the buffer.
+    ranges: SmallVec<[Span; INLINE_ARGS]>,
     /// Bulk length announced by a header whose payload has not fully arrived.
     pending_bulk: Option<usize>,
 }
@@ -190,13 +269,16 @@ impl RequestParser {
                     }
                 }
                 // Multibulk header.
-                let Some(eol) = find_crlf(buf, 0) else {
-                    if buf.len() > MAX_INLINE {
-                        return Err(ProtocolError::TooBigMbulkCount);
+                let (count, eol) = match int_line(buf, 1) {
+                    Line::Int(n, eol) => (n, eol),
+                    Line::Bad(_) => return Err(ProtocolError::InvalidMultibulkLength),
+                    Line::Incomplete => {
+                        if buf.len() > MAX_INLINE {
+                            return Err(ProtocolError::TooBigMbulkCount);
+                        }
+                        return Ok(None);
                     }
-                    return Ok(None);
                 };
-                let count = parse_i64(&buf[1..eol]).ok_or(ProtocolError::InvalidMultibulkLength)?;
                 if count > i64::from(i32::MAX) || count > limits.max_args as i64 {
                     return Err(ProtocolError::InvalidMultibulkLength);
                 }
@@ -209,7 +291,9 @@ impl RequestParser {
                 }
                 self.remaining = count as usize;
                 self.pos = eol + 2;
-                self.ranges.reserve(self.remaining.min(1024));
+                if self.remaining > INLINE_ARGS {
+                    self.ranges.reserve(self.remaining.min(1024));
+                }
             }
             while self.remaining > 0 {
                 let len = match self.pending_bulk {
@@ -218,16 +302,17 @@ impl RequestParser {
                         if self.pos >= buf.len() {
                             return Ok(None);
                         }
-                        let Some(eol) = find_crlf(buf, self.pos) else {
+                        let line = int_line(buf, self.pos + 1);
+                        if matches!(line, Line::Incomplete) {
                             if buf.len() - self.pos > MAX_INLINE {
                                 return Err(ProtocolError::TooBigBulkCount);
                             }
                             return Ok(None);
-                        };
+                        }
                         if buf[self.pos] != b'$' {
                             return Err(ProtocolError::ExpectedBulk(buf[self.pos] as char));
                         }
-                        let len = parse_i64(&buf[self.pos + 1..eol]).ok_or(ProtocolError::InvalidBulkLength)?;
+                        let Line::Int(len, eol) = line else { return Err(ProtocolError::InvalidBulkLength) };
                         if len < 0 || len as u64 > limits.max_bulk as u64 {
                             return Err(ProtocolError::InvalidBulkLength);
                         }
@@ -236,6 +321,10 @@ impl RequestParser {
                         }
                         self.pos = eol + 2;
                         let len = len as usize;
+                        if self.pos + len + 2 > MAX_FRAME {
+                            // Arguments are located by 32-bit offsets within their request.
+                            return Err(ProtocolError::InvalidBulkLength);
+                        }
                         self.pending_bulk = Some(len);
                         if len >= BIG_ARG {
                             // Make room for the whole argument once instead of growing repeatedly.
@@ -248,16 +337,15 @@ impl RequestParser {
                 if buf.len() < self.pos + len + 2 {
                     return Ok(None);
                 }
-                self.ranges.push((self.pos, self.pos + len));
+                self.ranges.push((self.pos as u32, (self.pos + len) as u32));
                 // Like Redis, the two bytes after the payload are skipped unchecked.
                 self.pos += len + 2;
                 self.pending_bulk = None;
                 self.remaining -= 1;
             }
-            let frame = buf.split_to(self.pos).freeze();
-            let args = self.ranges.drain(..).map(|(s, e)| frame.slice(s..e)).collect();
+            let raw = buf.split_to(self.pos).freeze();
             self.pos = 0;
-            return Ok(Some(Command { args, raw: Some(frame) }));
+            return Ok(Some(Command { raw, spans: std::mem::take(&mut self.ranges) }));
         }
     }
 }
@@ -284,7 +372,7 @@ fn parse_inline(buf: &mut BytesMut) -> Result<Inline, ProtocolError> {
     if args.is_empty() {
         return Ok(Inline::Empty);
     }
-    Ok(Inline::Command(Command { args, raw: None }))
+    Ok(Inline::Command(Command::from_args(&args)))
 }
 
 /// Splits an inline command line the way Redis's `sdssplitargs` does:
@@ -385,12 +473,20 @@ fn hex_val(c: u8) -> u8 {
 }
 
 fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
-    hay.iter().position(|&b| b == needle)
+    memchr::memchr(needle, hay)
 }
 
 /// Position of the `\r` of the first `\r\n` at or after `from`.
 fn find_crlf(buf: &[u8], from: usize) -> Option<usize> {
+    // Header lines are a few bytes long: scan those directly, then hand over to memchr.
+    let short = buf.len().min(from.saturating_add(16));
     let mut i = from;
+    while i + 1 < short {
+        if buf[i] == b'\r' && buf[i + 1] == b'\n' {
+            return Some(i);
+        }
+        i += 1;
+    }
     while i + 1 < buf.len() {
         match memchr(b'\r', &buf[i..buf.len() - 1]) {
             Some(p) => {
@@ -404,6 +500,51 @@ fn find_crlf(buf: &[u8], from: usize) -> Option<usize> {
         }
     }
     None
+}
+
+/// A header line's number (`$12\r\n` from its first digit).
+enum Line {
+    /// The number and where its line's `\r\n` starts.
+    Int(i64, usize),
+    /// A complete line that is not a number (its `\r\n` starts here).
+    #[allow(dead_code)]
+    Bad(usize),
+    /// The line has not fully arrived.
+    Incomplete,
+}
+
+/// Reads the number of a header line starting at `buf[from]` in one pass (the common case:
+/// plain digits then `\r\n`), falling back to [`find_crlf`] and [`parse_i64`] for anything
+/// else, so the result is exactly theirs.
+#[inline]
+fn int_line(buf: &[u8], from: usize) -> Line {
+    let mut i = from;
+    let neg = buf.get(i) == Some(&b'-');
+    if neg {
+        i += 1;
+    }
+    let start = i;
+    let mut v: i64 = 0;
+    // At most 18 digits here: no overflow; longer numbers take the checked path.
+    while let Some(&c) = buf.get(i) {
+        if !c.is_ascii_digit() || i - start >= 18 {
+            break;
+        }
+        v = v * 10 + i64::from(c - b'0');
+        i += 1;
+    }
+    let digits = i - start;
+    let canonical = digits > 0 && (buf[start] != b'0' || (digits == 1 && !neg));
+    if canonical && buf.get(i) == Some(&b'\r') && buf.get(i + 1) == Some(&b'\n') {
+        return Line::Int(if neg { -v } else { v }, i);
+    }
+    match find_crlf(buf, from) {
+        None => Line::Incomplete,
+        Some(eol) => match parse_i64(&buf[from..eol]) {
+            Some(n) => Line::Int(n, eol),
+            None => Line::Bad(eol),
+        },
+    }
 }
 
 /// Parses a decimal integer strictly (like Redis's `string2ll`): optional `-`, no `+`, no spaces, no leading zeros.
@@ -436,24 +577,30 @@ pub fn reply_len(buf: &[u8]) -> Result<Option<usize>, ProtocolError> {
     let mut pos = 0usize;
     let mut remaining: usize = 1;
     while remaining > 0 {
-        if pos >= buf.len() {
-            return Ok(None);
-        }
-        let Some(eol) = find_crlf(buf, pos) else {
+        let Some(&kind) = buf.get(pos) else {
             return Ok(None);
         };
-        if eol == pos {
-            // An empty line where a type byte must be.
+        remaining -= 1;
+        if matches!(kind, b'+' | b'-' | b':' | b'_' | b',' | b'#' | b'(') {
+            let Some(eol) = find_crlf(buf, pos) else {
+                return Ok(None);
+            };
+            pos = eol + 2;
+            continue;
+        }
+        if !matches!(kind, b'$' | b'!' | b'=' | b'*' | b'~' | b'>' | b'%' | b'|') {
             return Err(ProtocolError::InvalidReply);
         }
-        let kind = buf[pos];
-        let header = &buf[pos + 1..eol];
-        pos = eol + 2;
-        remaining -= 1;
+        let n = match int_line(buf, pos + 1) {
+            Line::Int(n, eol) => {
+                pos = eol + 2;
+                n
+            }
+            Line::Bad(_) => return Err(ProtocolError::InvalidReply),
+            Line::Incomplete => return Ok(None),
+        };
         match kind {
-            b'+' | b'-' | b':' | b'_' | b',' | b'#' | b'(' => {}
             b'$' | b'!' | b'=' => {
-                let n = parse_i64(header).ok_or(ProtocolError::InvalidReply)?;
                 if n >= 0 {
                     pos += n as usize + 2;
                     if pos > buf.len() {
@@ -464,7 +611,6 @@ pub fn reply_len(buf: &[u8]) -> Result<Option<usize>, ProtocolError> {
                 }
             }
             b'*' | b'~' | b'>' => {
-                let n = parse_i64(header).ok_or(ProtocolError::InvalidReply)?;
                 if n > 0 {
                     remaining += n as usize;
                 } else if n < -1 {
@@ -472,14 +618,12 @@ pub fn reply_len(buf: &[u8]) -> Result<Option<usize>, ProtocolError> {
                 }
             }
             b'%' => {
-                let n = parse_i64(header).ok_or(ProtocolError::InvalidReply)?;
                 if n < 0 {
                     return Err(ProtocolError::InvalidReply);
                 }
                 remaining += 2 * n as usize;
             }
             b'|' => {
-                let n = parse_i64(header).ok_or(ProtocolError::InvalidReply)?;
                 if n < 0 {
                     return Err(ProtocolError::InvalidReply);
                 }
@@ -738,7 +882,7 @@ mod tests {
         let mut out = Vec::new();
         loop {
             match p.parse(&mut buf, &RequestLimits::default(), authed) {
-                Ok(Some(c)) => out.push(c.args),
+                Ok(Some(c)) => out.push(c.to_args()),
                 Ok(None) => return (out, Ok(())),
                 Err(e) => return (out, Err(e)),
             }
@@ -768,8 +912,11 @@ mod tests {
             }
         }
         assert_eq!(got.len(), 2);
-        assert_eq!(got[0].args[2], Bytes::from("0123456789"));
-        assert_eq!(got[0].raw.as_deref(), Some(&input[..input.len() - 6]));
+        assert_eq!(got[0].arg(2), Some(&b"0123456789"[..]));
+        assert_eq!(&got[0].raw()[..], &input[..input.len() - 6]);
+        // An inline command is encoded as RESP, its arguments found the same way.
+        assert_eq!(got[1].raw(), &Bytes::from_static(b"*1\r\n$4\r\nPING\r\n"));
+        assert_eq!(got[1].iter().collect::<Vec<_>>(), vec![&b"PING"[..]]);
     }
 
     #[test]

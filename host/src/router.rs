@@ -19,8 +19,8 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
-use crate::commands::CommandTable;
-use crate::protocol::{self as resp, parse_i64, reply_len};
+use crate::commands::CommandInfo;
+use crate::protocol::{self as resp, Args, parse_i64, reply_len};
 use crate::topology::{Topology, key_slot};
 
 /// Redis Cluster's error for keys in different slots.
@@ -101,13 +101,9 @@ fn eq(a: &[u8], b: &str) -> bool {
     a.eq_ignore_ascii_case(b.as_bytes())
 }
 
-/// Decides where `args` go over a topology with several masters (or a cluster).
-pub fn plan(table: &CommandTable, args: &[Bytes], topo: &Topology) -> Plan {
-    let name = args.first().map(|a| a.as_ref()).unwrap_or_default();
-    let sub = args.get(1).map(|a| a.as_ref()).unwrap_or_default();
-    let masters = topo.shards.len();
-    // Fan-out commands.
-    let fan = if eq(name, "dbsize") {
+/// The merge of a keyless command that every master must run, if it is one.
+fn fan_out(name: &[u8], sub: &[u8]) -> Option<Merge> {
+    if eq(name, "dbsize") {
         Some(Merge::SumInt)
     } else if eq(name, "keys") {
         Some(Merge::Concat)
@@ -147,44 +143,66 @@ pub fn plan(table: &CommandTable, args: &[Bytes], topo: &Topology) -> Plan {
         }
     } else {
         None
-    };
-    if let Some(m) = fan {
+    }
+}
+
+/// Decides where `args` go over a topology with several masters (or a cluster); `info` is
+/// the command's description from the command table, if it has one.
+pub fn plan<A: Args + ?Sized>(args: &A, info: Option<&CommandInfo>, topo: &Topology) -> Plan {
+    let name = args.argv(0).unwrap_or_default();
+    let masters = topo.shards.len();
+    // Key-based routing: the common case, decided from the key positions alone.
+    let mut first = None;
+    let mut same = true;
+    let mut count = 0;
+    if let Some(info) = info {
+        info.for_each_key(args, |p, _| {
+            let slot = key_slot(args.argv(p).unwrap_or_default());
+            count += 1;
+            match first {
+                None => first = Some(slot),
+                Some(f) => same &= f == slot,
+            }
+        });
+    }
+    if let Some(first) = first {
+        if same {
+            return Plan::Single(Some(first));
+        }
+        let info = info.map(|i| {
+            let mut positions = Vec::with_capacity(count);
+            i.key_positions(args, &mut positions);
+            positions
+        });
+        let positions = info.unwrap_or_default();
+        // Keys in several slots: split the commands a single Redis would run key by key.
+        if eq(name, "mget") {
+            return split_keys(args, &positions, Merge::Mget(positions.len()), 1);
+        }
+        if eq(name, "del") || eq(name, "unlink") || eq(name, "exists") || eq(name, "touch") {
+            return split_keys(args, &positions, Merge::SumInt, 1);
+        }
+        if eq(name, "mset") && args.argc() % 2 == 1 {
+            return split_keys(args, &positions, Merge::AllOk, 2);
+        }
+        return Plan::Error(CROSSSLOT.to_string());
+    }
+    // Keyless: fan-out commands go to every master.
+    if let Some(m) = fan_out(name, args.argv(1).unwrap_or_default()) {
         return if masters > 1 { Plan::FanOut(m) } else { Plan::Single(None) };
     }
     if eq(name, "scan") {
         return plan_scan(args, masters);
     }
-    // Key-based routing.
-    let Some(info) = table.get(args) else {
-        return Plan::Single(None);
-    };
-    let mut positions = Vec::new();
-    info.key_positions(args, &mut positions);
-    if positions.is_empty() {
-        return Plan::Single(None);
-    }
-    let first = key_slot(&args[positions[0]]);
-    if positions.iter().all(|&p| key_slot(&args[p]) == first) {
-        return Plan::Single(Some(first));
-    }
-    // Keys in several slots: split the commands a single Redis would run key by key.
-    if eq(name, "mget") {
-        return split_keys(args, &positions, Merge::Mget(positions.len()), 1);
-    }
-    if eq(name, "del") || eq(name, "unlink") || eq(name, "exists") || eq(name, "touch") {
-        return split_keys(args, &positions, Merge::SumInt, 1);
-    }
-    if eq(name, "mset") && args.len() % 2 == 1 {
-        return split_keys(args, &positions, Merge::AllOk, 2);
-    }
-    Plan::Error(CROSSSLOT.to_string())
+    Plan::Single(None)
 }
 
 /// Groups keys (each followed by `width - 1` values) by slot, one sub-command per slot.
-fn split_keys(args: &[Bytes], positions: &[usize], merge: Merge, width: usize) -> Plan {
+fn split_keys<A: Args + ?Sized>(args: &A, positions: &[usize], merge: Merge, width: usize) -> Plan {
+    let arg = |i: usize| args.argv(i).unwrap_or_default();
     let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
     for (i, &p) in positions.iter().enumerate() {
-        let slot = key_slot(&args[p]);
+        let slot = key_slot(arg(p));
         match groups.iter_mut().find(|g| g.0 == slot) {
             Some(g) => g.1.push(i),
             None => groups.push((slot, vec![i])),
@@ -194,11 +212,11 @@ fn split_keys(args: &[Bytes], positions: &[usize], merge: Merge, width: usize) -
         .into_iter()
         .map(|(slot, idx)| {
             let mut sub: Vec<&[u8]> = Vec::with_capacity(1 + idx.len() * width);
-            sub.push(&args[0]);
+            sub.push(arg(0));
             for &i in &idx {
                 let p = positions[i];
                 for w in 0..width {
-                    sub.push(args.get(p + w).map(|a| a.as_ref()).unwrap_or_default());
+                    sub.push(arg(p + w));
                 }
             }
             let mut out = BytesMut::new();
@@ -209,8 +227,8 @@ fn split_keys(args: &[Bytes], positions: &[usize], merge: Merge, width: usize) -
     Plan::Split(merge, parts)
 }
 
-fn plan_scan(args: &[Bytes], masters: usize) -> Plan {
-    let Some(cursor) = args.get(1) else {
+fn plan_scan<A: Args + ?Sized>(args: &A, masters: usize) -> Plan {
+    let Some(cursor) = args.argv(1) else {
         return Plan::Error("ERR wrong number of arguments for 'scan' command".into());
     };
     let Some(cursor) = std::str::from_utf8(cursor).ok().and_then(|c| c.parse::<u64>().ok()) else {
@@ -221,7 +239,7 @@ fn plan_scan(args: &[Bytes], masters: usize) -> Plan {
     if ordinal >= masters {
         return Plan::Error("ERR invalid cursor".into());
     }
-    let mut sub: Vec<&[u8]> = args.iter().map(|a| a.as_ref()).collect();
+    let mut sub: Vec<&[u8]> = (0..args.argc()).map(|i| args.argv(i).unwrap_or_default()).collect();
     let c = node_cursor.to_string();
     sub[1] = c.as_bytes();
     let mut out = BytesMut::new();
@@ -483,6 +501,11 @@ fn merge_info(replies: &[Bytes], ours: &str, replaced: &[String]) -> Option<Byte
 mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
+    use crate::commands::CommandTable;
+
+    fn plan(t: &CommandTable, a: &[Bytes], topo: &Topology) -> Plan {
+        super::plan(a, t.get(a), topo)
+    }
 
     fn args(s: &str) -> Vec<Bytes> {
         s.split(' ').map(|a| Bytes::copy_from_slice(a.as_bytes())).collect()

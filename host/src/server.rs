@@ -122,6 +122,7 @@ impl Worker {
 pub struct Server {
     addr: SocketAddr,
     shutdown: watch::Sender<bool>,
+    shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -248,7 +249,7 @@ impl Server {
             .map_err(ServerError::Start)?;
         threads.push(t);
         info!(listen = %local, workers = shared.config.worker_count(), "respire listening");
-        Ok(Server { addr: local, shutdown: shutdown_tx, threads })
+        Ok(Server { addr: local, shutdown: shutdown_tx, shared, threads })
     }
 
     /// The address the listener is bound to.
@@ -259,6 +260,8 @@ impl Server {
     /// Starts a graceful shutdown.
     pub fn shutdown(&self) {
         let _ = self.shutdown.send(true);
+        // Sessions that register from now on see the flag when they start.
+        self.shared.clients.shut_down_all();
     }
 
     /// Waits until every thread has stopped.

@@ -28,7 +28,10 @@ mod stream;
 mod subscribe;
 
 use std::collections::{HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
+use std::task::Poll;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -36,13 +39,14 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::{Instant, sleep_until};
+use tokio::time::Instant;
 use tracing::debug;
 
-use crate::backend::{BackendConn, BackendError, ConnKey, Reply};
+use crate::backend::{BackendConn, BackendError, ConnKey, Reply, ReplyRx};
+use crate::channel::TryRecvError;
 use crate::clients::{ClientInfo, flag};
 use crate::config::ReadFrom;
-use crate::commands::{self, Kind, Local};
+use crate::commands::{self, Kind, Local, Resolved};
 use crate::io::{IoEvent, poll_io, write_now};
 use crate::protocol::{self as resp, Command, RequestParser};
 use crate::plugin::{Client as PluginClient, ClientHandle, Decision, ResponseChain};
@@ -92,7 +96,7 @@ impl Retry {
 
 /// One backend request of a split or fanned-out command.
 struct PartState {
-    rx: Option<oneshot::Receiver<Reply>>,
+    rx: Option<ReplyRx>,
     reply: Option<Reply>,
     retry: Retry,
 }
@@ -108,7 +112,7 @@ enum Slot {
     /// A reply respire produced while earlier replies were still owed.
     Ready(Bytes),
     /// A reply coming from a backend.
-    Waiting { rx: oneshot::Receiver<Reply>, silent: bool, retry: Option<Retry> },
+    Waiting { rx: ReplyRx, silent: bool, retry: Option<Retry> },
     /// Replies of several backend requests, merged into one.
     Merge(Box<MergeSlot>),
 }
@@ -136,7 +140,6 @@ enum After {
 struct Gated {
     rx: oneshot::Receiver<Result<(), String>>,
     cmd: Command,
-    spec: &'static commands::Spec,
     chain: Option<Box<ResponseChain>>,
     cache_for: Option<crate::cache::CacheFor>,
     /// The command's number and start, for metrics.
@@ -185,6 +188,24 @@ enum ReplyMode {
     On,
     Off,
     SkipNext,
+}
+
+/// What woke a waiting session.
+enum Wake {
+    /// `CLIENT KILL`.
+    Kill,
+    /// Graceful shutdown began.
+    Shutdown,
+    /// A reply for part `.0` of the front slot (`None`: its sender went away).
+    Reply(usize, Option<Reply>),
+    /// The client's socket.
+    Io(IoEvent),
+    /// Redis answered a gated command's shared tokens.
+    Gate(Result<Result<(), String>, oneshot::error::RecvError>),
+    /// A message from a subscriber connection.
+    Push(Bytes),
+    /// The idle timer fired.
+    Idle,
 }
 
 /// What ended a stream (subscribe / monitor) phase.
@@ -248,8 +269,8 @@ pub struct Session {
     reply_mode: ReplyMode,
     /// Stop reading; close once every owed reply is written.
     closing: bool,
-    /// Name and first argument of the last command, for `CLIENT LIST`.
-    last_name: (Bytes, Option<Bytes>),
+    /// The last command (its display id), for `CLIENT LIST`.
+    last_cmd: u32,
     /// Subscriptions (the worker's hub knows which node holds each).
     subs: HashSet<(SubKind, Bytes)>,
     /// The plugin chain is not empty (checked once per batch).
@@ -278,6 +299,8 @@ pub struct Session {
     gated: Option<Box<Gated>>,
     /// When the batch being handled was read.
     batch_start: Instant,
+    /// The time, read at most once per wake-up (see [`Session::now`]).
+    now: Option<Instant>,
     /// Replies owed, for metrics and the slow log.
     stats: VecDeque<Stat>,
     /// The stalled command's number and start.
@@ -322,7 +345,7 @@ pub async fn run(worker: Rc<Worker>, stream: TcpStream, info: Arc<ClientInfo>) {
         watching: false,
         reply_mode: ReplyMode::On,
         closing: false,
-        last_name: (Bytes::new(), None),
+        last_cmd: commands::NO_DISPLAY_ID,
         subs: HashSet::new(),
         has_plugins: false,
         plugin_client: None,
@@ -337,6 +360,7 @@ pub async fn run(worker: Rc<Worker>, stream: TcpStream, info: Arc<ClientInfo>) {
         tx_keys: Vec::new(),
         gated: None,
         batch_start: Instant::now(),
+        now: None,
         stats: VecDeque::new(),
         stalled_stat: None,
         last_sent: None,
@@ -374,16 +398,21 @@ impl Session {
     }
 
     async fn serve(&mut self) {
-        let mut shutdown = self.worker.shared.shutdown.clone();
-        if *shutdown.borrow() {
+        if *self.worker.shared.shutdown.borrow() {
             self.closing = true;
         }
         let idle = self.worker.shared.config.timeout;
-        let mut idle_deadline = Instant::now() + idle;
+        // One timer for the idle timeout, re-armed only when it fires (from the last
+        // activity), not on every command.
+        let idle_timer = tokio::time::sleep(if idle.is_zero() { Duration::from_secs(86_400) } else { idle });
+        tokio::pin!(idle_timer);
+        let mut last_read = Instant::now();
+        let mut signals = crate::clients::SignalWatch::default();
         loop {
-            if self.info.killed.load(Ordering::Relaxed) {
+            if self.info.killed() {
                 return;
             }
+            self.now = None;
             self.collect_ready();
             if self.waiting == 0 {
                 if let Some(cmd) = self.stalled.take() {
@@ -392,10 +421,11 @@ impl Session {
                     let hook = self.stalled_hook.take();
                     let after = self.stalled_after.take();
                     let stat = self.stalled_stat.take();
-                    let spec = commands::lookup(cmd.name());
+                    let worker = self.worker.clone();
+                    let res = worker.shared.commands.resolve(&cmd);
                     let (pushed, mark) = (self.pushed, self.out.len());
                     self.last_sent = None;
-                    self.with_hook(hook, |s| s.dispatch(cmd, spec));
+                    self.with_hook(hook, |s| s.dispatch(cmd, res));
                     self.note_after(pushed, after);
                     if let Some(stat) = stat {
                         self.note_stat(stat, pushed, mark);
@@ -424,59 +454,81 @@ impl Session {
             }
             let reading = !self.closing && self.stalled.is_none() && self.stream_start.is_none() && self.gated.is_none();
             let idle_applies = !idle.is_zero() && self.waiting == 0 && !self.in_multi && !self.watching && !self.subscribed();
-            let queue = &mut self.queue;
-            let front = async {
+            let (in_before, out_before) = (self.inbuf.len(), self.out.len());
+            let closing = self.closing;
+            let info = &*self.info;
+            let (queue, stream, out, inbuf) = (&mut self.queue, &mut self.stream, &mut self.out, &mut self.inbuf);
+            let (gated, push_rx, timer) = (&mut self.gated, &mut self.push_rx, &mut idle_timer);
+            // One hand-written poll over everything a session waits for: cheaper than
+            // `select!`, which builds and drops a future per branch on every wake-up.
+            let wake = std::future::poll_fn(|cx| {
+                if let Poll::Ready(bits) = signals.poll(info, cx) {
+                    if bits & crate::clients::signal::KILL != 0 {
+                        return Poll::Ready(Wake::Kill);
+                    }
+                    if !closing {
+                        return Poll::Ready(Wake::Shutdown);
+                    }
+                }
                 match queue.front_mut() {
-                    Some(Slot::Waiting { rx, .. }) => (0, rx.await),
+                    Some(Slot::Waiting { rx, .. }) => {
+                        if let Poll::Ready(r) = Pin::new(rx).poll(cx) {
+                            return Poll::Ready(Wake::Reply(0, r.ok()));
+                        }
+                    }
                     Some(Slot::Merge(m)) => {
-                        for (i, p) in m.parts.iter_mut().enumerate() {
-                            if let Some(rx) = p.rx.as_mut() {
-                                return (i, rx.await);
+                        if let Some((i, rx)) = m.parts.iter_mut().enumerate().find_map(|(i, p)| p.rx.as_mut().map(|rx| (i, rx))) {
+                            if let Poll::Ready(r) = Pin::new(rx).poll(cx) {
+                                return Poll::Ready(Wake::Reply(i, r.ok()));
                             }
                         }
-                        std::future::pending().await
                     }
-                    _ => std::future::pending().await,
+                    _ => {}
                 }
-            };
-            let (in_before, out_before) = (self.inbuf.len(), self.out.len());
-            let (stream, out, inbuf) = (&mut self.stream, &mut self.out, &mut self.inbuf);
-            let io = std::future::poll_fn(|cx| poll_io(stream, cx, out, inbuf, reading));
-            let gated = &mut self.gated;
-            let gate = async {
-                match gated {
-                    Some(g) => (&mut g.rx).await,
-                    None => std::future::pending().await,
+                if let Poll::Ready(ev) = poll_io(stream, cx, out, inbuf, reading) {
+                    return Poll::Ready(Wake::Io(ev));
                 }
-            };
-            let push_rx = &mut self.push_rx;
-            let push = async {
-                match push_rx {
-                    Some(rx) => rx.recv().await,
-                    None => std::future::pending().await,
+                if let Some(g) = gated.as_mut() {
+                    if let Poll::Ready(v) = Pin::new(&mut g.rx).poll(cx) {
+                        return Poll::Ready(Wake::Gate(v));
+                    }
                 }
-            };
-            tokio::select! {
-                biased;
-                _ = self.info.kill.notified() => return,
-                (part, r) = front => {
-                    let r = r.unwrap_or_else(|_| Err(self.lost()));
+                if let Some(rx) = push_rx.as_mut() {
+                    if let Poll::Ready(Some(frame)) = rx.poll_recv(cx) {
+                        return Poll::Ready(Wake::Push(frame));
+                    }
+                }
+                if idle_applies && timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Idle);
+                }
+                Poll::Pending
+            })
+            .await;
+            self.now = None;
+            match wake {
+                Wake::Kill => return,
+                Wake::Shutdown => self.closing = true,
+                Wake::Reply(part, r) => {
+                    let r = r.unwrap_or_else(|| Err(self.lost()));
                     self.on_result(part, r);
                 }
-                ev = io => match ev {
-                    IoEvent::Read => {
-                        self.worker.stats.bytes(self.inbuf.len().saturating_sub(in_before), out_before.saturating_sub(self.out.len()));
-                        self.process_input();
-                        self.note_activity();
-                        idle_deadline = Instant::now() + idle;
+                Wake::Io(IoEvent::Read) => {
+                    self.worker.stats.bytes(self.inbuf.len().saturating_sub(in_before), out_before.saturating_sub(self.out.len()));
+                    self.process_input();
+                    self.note_activity();
+                    last_read = self.now();
+                }
+                Wake::Io(IoEvent::Wrote) => self.worker.stats.bytes(0, out_before.saturating_sub(self.out.len())),
+                Wake::Io(IoEvent::Closed(_)) => return,
+                Wake::Gate(verdict) => self.on_gate(verdict),
+                Wake::Push(frame) => self.on_message(frame),
+                Wake::Idle => {
+                    let due = last_read + idle;
+                    if self.now() >= due {
+                        return;
                     }
-                    IoEvent::Wrote => self.worker.stats.bytes(0, out_before.saturating_sub(self.out.len())),
-                    IoEvent::Closed(_) => return,
-                },
-                verdict = gate => self.on_gate(verdict),
-                Some(frame) = push => self.on_message(frame),
-                _ = shutdown.changed(), if !self.closing => self.closing = true,
-                _ = sleep_until(idle_deadline), if idle_applies => return,
+                    idle_timer.as_mut().reset(due);
+                }
             }
         }
     }
@@ -510,17 +562,18 @@ impl Session {
     }
 
     fn note_activity(&mut self) {
-        let ms = self.info.created.elapsed().as_millis() as u64;
+        let ms = self.now().saturating_duration_since(self.info.created.into()).as_millis() as u64;
         self.info.last_active_ms.store(ms, Ordering::Relaxed);
-        if !self.last_name.0.is_empty() {
-            if let Ok(mut c) = self.info.last_cmd.lock() {
-                *c = self.last_name.clone();
-            }
-        }
+        self.info.last_cmd.store(self.last_cmd, Ordering::Relaxed);
+    }
+
+    /// The time now, read once per wake-up: replies handled together count as arriving together.
+    fn now(&mut self) -> Instant {
+        *self.now.get_or_insert_with(Instant::now)
     }
 
     fn process_input(&mut self) {
-        self.batch_start = Instant::now();
+        self.batch_start = self.now();
         self.refresh_topology();
         self.has_plugins = self.worker.shared.config.plugins.is_some() && !self.worker.shared.plugins.load().plugins.is_empty();
         while !self.closing && self.stalled.is_none() && self.stream_start.is_none() && self.gated.is_none() {
@@ -652,8 +705,8 @@ impl Session {
                 }
                 Some(Slot::Waiting { rx, .. }) => match rx.try_recv() {
                     Ok(r) => (0, r),
-                    Err(oneshot::error::TryRecvError::Empty) => return,
-                    Err(oneshot::error::TryRecvError::Closed) => (0, Err(self.lost())),
+                    Err(TryRecvError::Empty) => return,
+                    Err(TryRecvError::Closed) => (0, Err(self.lost())),
                 },
                 Some(Slot::Merge(m)) => {
                     let Some((i, rx)) = m.parts.iter_mut().enumerate().find_map(|(i, p)| p.rx.as_mut().map(|rx| (i, rx))) else {
@@ -662,8 +715,8 @@ impl Session {
                     };
                     match rx.try_recv() {
                         Ok(r) => (i, r),
-                        Err(oneshot::error::TryRecvError::Empty) => return,
-                        Err(oneshot::error::TryRecvError::Closed) => (i, Err(self.lost())),
+                        Err(TryRecvError::Empty) => return,
+                        Err(TryRecvError::Closed) => (i, Err(self.lost())),
                     }
                 }
             };
@@ -734,10 +787,12 @@ impl Session {
     // ---- dispatch ---------------------------------------------------------
 
     fn handle(&mut self, cmd: Command) {
-        let id = self.worker.shared.commands.get(&cmd.args).map_or(crate::stats::OTHER, |i| i.id);
+        let worker = self.worker.clone();
+        let res = worker.shared.commands.resolve(&cmd);
+        let id = res.info.map_or(crate::stats::OTHER, |i| i.id);
         let (pushed, mark) = (self.pushed, self.out.len());
         self.last_sent = None;
-        self.handle_command(cmd);
+        self.handle_command(cmd, res);
         self.note_stat((id, self.batch_start), pushed, mark);
     }
 
@@ -762,7 +817,8 @@ impl Session {
             return;
         }
         let error = matches!(self.out.get(mark), Some(b'-') | Some(b'!'));
-        self.worker.stats.record(id, error, start.elapsed());
+        let elapsed = self.now().saturating_duration_since(start);
+        self.worker.stats.record(id, error, elapsed);
     }
 
     /// Counts the replies owed up to slot `seq`, whose reply is `reply` (`None`: not shown),
@@ -771,7 +827,7 @@ impl Session {
         if self.stats.is_empty() {
             return;
         }
-        let now = Instant::now();
+        let now = self.now();
         while self.stats.front().is_some_and(|s| s.seq <= seq) {
             let Some(s) = self.stats.pop_front() else { break };
             let error = s.seq == seq && matches!(reply.and_then(|r| r.first()), Some(b'-') | Some(b'!'));
@@ -791,7 +847,7 @@ impl Session {
                 let mut buf = BytesMut::from(&data[..]);
                 let limits = &self.worker.shared.limits;
                 let args = match RequestParser::new().parse(&mut buf, limits, true) {
-                    Ok(Some(c)) => c.args,
+                    Ok(Some(c)) => c.to_args(),
                     _ => Vec::new(),
                 };
                 (args, node.map(|n| self.node_addr(n)).unwrap_or_else(|| Arc::from("")))
@@ -812,9 +868,11 @@ impl Session {
         self.worker.shared.slowlog.push(entry, self.worker.shared.config.slowlog_max_len);
     }
 
-    fn handle_command(&mut self, mut cmd: Command) {
-        let mut spec = commands::lookup(cmd.name());
-        self.last_name = (cmd.args.first().cloned().unwrap_or_default(), cmd.args.get(1).cloned());
+    fn handle_command(&mut self, mut cmd: Command, res: Resolved<'_>) {
+        let worker = self.worker.clone();
+        let mut res = res;
+        self.last_cmd = res.info.map_or(commands::NO_DISPLAY_ID, |i| i.display_id());
+        let spec = res.spec;
         if !self.authenticated && !spec.no_auth {
             self.reply_error("NOAUTH Authentication required.");
             return;
@@ -823,13 +881,13 @@ impl Session {
         let mut cache_for = None;
         let mut gate = None;
         if self.has_plugins && !matches!(spec.kind, Kind::Local(Local::Auth | Local::Hello | Local::Quit | Local::Reset)) {
-            let (decision, c) = self.run_request_plugins(&cmd);
+            let (decision, c) = self.run_request_plugins(&cmd, res);
             chain = c;
             match decision {
                 Decision::Continue { rewritten, cache, gate: g } => {
-                    if let Some(args) = rewritten {
-                        cmd = Command::from_args(args);
-                        spec = commands::lookup(cmd.name());
+                    if let Some(new) = rewritten {
+                        cmd = new;
+                        res = worker.shared.commands.resolve(&cmd);
                     }
                     cache_for = cache;
                     gate = g;
@@ -848,40 +906,40 @@ impl Session {
                     return self.with_hook(chain, |s| s.reply_with(|o, _| o.extend_from_slice(&bytes)));
                 }
             }
-            if matches!(spec.kind, Kind::Stream | Kind::Unsubscribe) {
+            if matches!(res.spec.kind, Kind::Stream | Kind::Unsubscribe) {
                 // Subscriptions and MONITOR answer with a stream, not one reply.
                 chain = None;
             }
         }
         if let Some(gate) = gate {
             let rx = self.start_gate(gate);
-            self.gated = Some(Box::new(Gated { rx, cmd, spec, chain, cache_for, stat: None }));
+            self.gated = Some(Box::new(Gated { rx, cmd, chain, cache_for, stat: None }));
             return;
         }
-        self.proceed(cmd, spec, chain, cache_for);
+        self.proceed(cmd, res, chain, cache_for);
     }
 
     /// Carries on with a command the plugins let through: the response cache, then dispatch.
     fn proceed(
         &mut self,
         cmd: Command,
-        spec: &'static commands::Spec,
+        res: Resolved<'_>,
         mut chain: Option<Box<ResponseChain>>,
         cache_for: Option<crate::cache::CacheFor>,
     ) {
         if !self.worker.shared.cache.is_active() {
-            return self.with_hook(chain, |s| s.dispatch(cmd, spec));
+            return self.with_hook(chain, |s| s.dispatch(cmd, res));
         }
-        let mut after = self.cache_write(&cmd, spec);
+        let mut after = self.cache_write(&cmd, res);
         if let (Some(how), None) = (cache_for, &after) {
-            match self.cache_read(&cmd, spec, how, &mut chain) {
+            match self.cache_read(&cmd, res, how, &mut chain) {
                 CacheRead::Done => return,
                 CacheRead::Fill(g) => after = Some(After::Fill(g)),
                 CacheRead::Pass => {}
             }
         }
         let pushed = self.pushed;
-        self.with_hook(chain, |s| s.dispatch(cmd, spec));
+        self.with_hook(chain, |s| s.dispatch(cmd, res));
         self.note_after(pushed, after);
     }
 
@@ -918,7 +976,9 @@ impl Session {
     /// Redis answered a gated command's shared takes.
     fn on_gate(&mut self, verdict: Result<Result<(), String>, oneshot::error::RecvError>) {
         let Some(g) = self.gated.take() else { return };
-        let Gated { cmd, spec, chain, cache_for, stat, .. } = *g;
+        let Gated { cmd, chain, cache_for, stat, .. } = *g;
+        let worker = self.worker.clone();
+        let res = worker.shared.commands.resolve(&cmd);
         let (pushed, mark) = (self.pushed, self.out.len());
         self.last_sent = None;
         match verdict {
@@ -928,7 +988,7 @@ impl Session {
                 }
                 self.with_hook(chain, |s| s.reply_error(&msg));
             }
-            _ => self.proceed(cmd, spec, chain, cache_for),
+            _ => self.proceed(cmd, res, chain, cache_for),
         }
         if let Some(stat) = stat {
             self.note_stat(stat, pushed, mark);
@@ -938,10 +998,10 @@ impl Session {
 
     /// A command that writes: drops cached replies of its keys now, and says what to drop
     /// again when its reply arrives.
-    fn cache_write(&mut self, cmd: &Command, spec: &commands::Spec) -> Option<After> {
+    fn cache_write(&mut self, cmd: &Command, res: Resolved<'_>) -> Option<After> {
         let cache = &self.worker.shared.cache;
         let name = cmd.name();
-        if spec.kind == Kind::EndTransaction && self.in_multi {
+        if res.spec.kind == Kind::EndTransaction && self.in_multi {
             if name.eq_ignore_ascii_case(b"exec") && !self.tx_keys.is_empty() {
                 return Some(After::Invalidate(std::mem::take(&mut self.tx_keys)));
             }
@@ -952,16 +1012,12 @@ impl Session {
             cache.flush();
             return (!self.in_multi).then_some(After::Flush);
         }
-        let info = self.worker.shared.commands.get(&cmd.args)?;
+        let info = res.info?;
         if info.has(commands::flags::READONLY) {
             return None;
         }
         let mut keys = Vec::new();
-        info.for_each_key(&cmd.args, |i, _| {
-            if let Some(k) = cmd.args.get(i) {
-                keys.push(k.clone());
-            }
-        });
+        info.for_each_key(cmd, |i, _| keys.extend(cmd.arg_bytes(i)));
         if keys.is_empty() {
             return None;
         }
@@ -980,23 +1036,19 @@ impl Session {
     fn cache_read(
         &mut self,
         cmd: &Command,
-        spec: &commands::Spec,
+        res: Resolved<'_>,
         how: crate::cache::CacheFor,
         chain: &mut Option<Box<ResponseChain>>,
     ) -> CacheRead {
-        if self.in_multi || self.writes_in_flight > 0 || self.subscribed() || spec.kind != Kind::Forward {
+        if self.in_multi || self.writes_in_flight > 0 || self.subscribed() || res.spec.kind != Kind::Forward {
             return CacheRead::Pass;
         }
-        let Some(info) = self.worker.shared.commands.get(&cmd.args) else { return CacheRead::Pass };
+        let Some(info) = res.info else { return CacheRead::Pass };
         if !info.has(commands::flags::READONLY) || info.has(commands::flags::RANDOM) || info.has(commands::flags::BLOCKING) {
             return CacheRead::Pass;
         }
         let mut keys = Vec::new();
-        info.for_each_key(&cmd.args, |i, _| {
-            if let Some(k) = cmd.args.get(i) {
-                keys.push(k.clone());
-            }
-        });
+        info.for_each_key(cmd, |i, _| keys.extend(cmd.arg_bytes(i)));
         let cache = self.worker.shared.cache.clone();
         if !cache.covers(&keys) {
             return CacheRead::Pass;
@@ -1012,17 +1064,18 @@ impl Session {
         };
         let node = slot.and_then(|slot| {
             let master = self.node_for(slot).ok()?;
-            let node = self.read_node(cmd, slot, Use::Shared, master).ok()?;
+            let node = self.read_node(res, slot, Use::Shared, master).ok()?;
             Some((node, slot))
         });
         let may_wait = node.is_some() && (self.waiting == 0 || self.last_target == Some(Target::Flight));
-        let ckey = crate::cache::cache_key(self.db, self.proto, &cmd.args);
+        let ckey = crate::cache::cache_key(self.db, self.proto, cmd);
         match cache.lookup(ckey, keys, how, may_wait) {
             crate::cache::Lookup::Hit(bytes) => {
                 self.with_hook(chain.take(), |s| s.reply_with(|o, _| o.extend_from_slice(&bytes)));
                 CacheRead::Done
             }
             crate::cache::Lookup::Wait(rx) => {
+                let rx = ReplyRx::Remote(rx);
                 let Some((node, slot)) = node else { return CacheRead::Pass };
                 let mut retry = Retry::new(self.node_addr(node), cmd.to_resp(), slot, true, false, false);
                 retry.unsent = true;
@@ -1093,9 +1146,10 @@ impl Session {
     }
 
     /// Carries out a command (after the plugins' request hooks).
-    fn dispatch(&mut self, cmd: Command, spec: &'static commands::Spec) {
+    fn dispatch(&mut self, cmd: Command, res: Resolved<'_>) {
+        let spec = res.spec;
         if self.in_multi {
-            return self.handle_in_multi(cmd, spec.kind);
+            return self.handle_in_multi(cmd, res);
         }
         if self.proto == 2 && self.subscribed() {
             // RESP2 subscribe mode allows only these, as in Redis.
@@ -1103,8 +1157,8 @@ impl Session {
                 Kind::Stream | Kind::Unsubscribe | Kind::Local(Local::Quit) | Kind::Local(Local::Reset)
                     if !cmd.name().eq_ignore_ascii_case(b"monitor") => {}
                 Kind::Local(Local::Ping) => {
-                    let msg = cmd.arg(1).cloned().unwrap_or_default();
-                    if cmd.args.len() > 2 {
+                    let msg = cmd.arg_bytes(1).unwrap_or_default();
+                    if cmd.len() > 2 {
                         return self.wrong_args("ping");
                     }
                     return self.reply_with(|o, _| {
@@ -1123,12 +1177,12 @@ impl Session {
         }
         match spec.kind {
             Kind::Forward => {
-                self.route(cmd, Use::Shared);
+                self.route(cmd, res, Use::Shared);
             }
-            Kind::Local(l) => self.local(l, cmd),
+            Kind::Local(l) => self.local(l, cmd, res),
             Kind::Multi => self.multi(cmd),
             Kind::Watch => {
-                if self.route(cmd, Use::Watch) {
+                if self.route(cmd, res, Use::Watch) {
                     self.watching = self.exclusive.is_some();
                 }
             }
@@ -1138,15 +1192,15 @@ impl Session {
                         self.watching = false;
                     }
                 } else {
-                    self.route(cmd, Use::Shared);
+                    self.route(cmd, res, Use::Shared);
                 }
             }
             Kind::Blocking => {
-                self.route(cmd, Use::Blocking);
+                self.route(cmd, res, Use::Blocking);
             }
             Kind::MaybeBlocking => {
                 let how = if commands::has_block_option(&cmd) { Use::Blocking } else { Use::Shared };
-                self.route(cmd, how);
+                self.route(cmd, res, how);
             }
             Kind::Stream => {
                 if cmd.name().eq_ignore_ascii_case(b"monitor") {
@@ -1161,14 +1215,14 @@ impl Session {
                 if self.cluster_mode() {
                     self.cluster(cmd);
                 } else {
-                    self.route(cmd, Use::Shared);
+                    self.route(cmd, res, Use::Shared);
                 }
             }
             Kind::ClusterConnection => {
                 if self.cluster_mode() {
                     self.reply_ok();
                 } else {
-                    self.route(cmd, Use::Shared);
+                    self.route(cmd, res, Use::Shared);
                 }
             }
         }
@@ -1194,12 +1248,12 @@ impl Session {
     }
 
     /// Runs the request hooks of the plugins that want this command.
-    fn run_request_plugins(&mut self, cmd: &Command) -> (Decision, Option<Box<ResponseChain>>) {
+    fn run_request_plugins(&mut self, cmd: &Command, res: Resolved<'_>) -> (Decision, Option<Box<ResponseChain>>) {
         let worker = self.worker.clone();
         // A guard, not a clone: the set is cloned only when a response hook needs it later.
         let set = worker.shared.plugins.load();
         let client = self.plugin_client();
-        worker.plugins.borrow_mut().on_request(&set, &worker.shared.commands, client, &cmd.args)
+        worker.plugins.borrow_mut().on_request(&set, &worker.shared.commands, client, cmd, res.info)
     }
 
     /// Runs the response hooks owed for a reply: the replacement, if a plugin made one.
@@ -1238,14 +1292,13 @@ impl Session {
     }
 
     /// The node a read goes to under `read_from`: a replica of the slot's shard, or `master`.
-    fn read_node(&self, cmd: &Command, slot: Option<u16>, how: Use, master: usize) -> Result<usize, &'static str> {
+    fn read_node(&self, res: Resolved<'_>, slot: Option<u16>, how: Use, master: usize) -> Result<usize, &'static str> {
         let mode = self.worker.shared.config.backend.read_from;
         let Some(slot) = slot else { return Ok(master) };
         if mode == ReadFrom::Master || how != Use::Shared {
             return Ok(master);
         }
-        let readonly = self.worker.shared.commands.get(&cmd.args).is_some_and(|i| i.has(commands::flags::READONLY));
-        if !readonly {
+        if !res.has(commands::flags::READONLY) {
             return Ok(master);
         }
         let replicas = self.topo.slots.get(slot as usize).and_then(|&s| self.topo.shards.get(s as usize)).map(|s| s.replicas.as_slice()).unwrap_or_default();
@@ -1257,18 +1310,18 @@ impl Session {
     }
 
     /// Routes a command by its keys and sends it; `false` if it could not be sent now (stalled) or was refused.
-    fn route(&mut self, cmd: Command, how: Use) -> bool {
+    fn route(&mut self, cmd: Command, res: Resolved<'_>, how: Use) -> bool {
         if !self.cluster_mode() {
             return match self.node_for(None) {
-                Ok(node) => self.send(cmd, node, how, None),
-                Err(_) => self.send_when_master_known(cmd, None, how),
+                Ok(node) => self.send(cmd, res, node, how, None),
+                Err(_) => self.send_when_master_known(cmd, res, None, how),
             };
         }
-        let plan = router::plan(&self.worker.shared.commands, &cmd.args, &self.topo);
+        let plan = router::plan(&cmd, res.info, &self.topo);
         match plan {
-            Plan::Single(slot) => match self.node_for(slot).and_then(|n| self.read_node(&cmd, slot, how, n)) {
-                Ok(node) => self.send(cmd, node, how, slot),
-                Err(e) if self.topo.managed && e == CLUSTERDOWN => self.send_when_master_known(cmd, slot, how),
+            Plan::Single(slot) => match self.node_for(slot).and_then(|n| self.read_node(res, slot, how, n)) {
+                Ok(node) => self.send(cmd, res, node, how, slot),
+                Err(e) if self.topo.managed && e == CLUSTERDOWN => self.send_when_master_known(cmd, res, slot, how),
                 Err(e) => {
                     self.worker.shared.topology.request_refresh();
                     self.reply_error(e);
@@ -1294,13 +1347,13 @@ impl Session {
                         }
                     }
                 }
-                self.send_parts(cmd, merge, parts, targets)
+                self.send_parts(cmd, res, merge, parts, targets)
             }
             Plan::FanOut(merge) => {
                 let data = cmd.to_resp();
                 let targets: Vec<(usize, Bytes, Option<u16>)> =
                     self.topo.shards.iter().enumerate().map(|(i, s)| (s.master, data.clone(), self.topo.slot_of_shard(i))).collect();
-                self.send_parts(cmd, merge, Vec::new(), targets)
+                self.send_parts(cmd, res, merge, Vec::new(), targets)
             }
             Plan::Scan { ordinal, data } => {
                 let total = self.topo.shards.len();
@@ -1309,7 +1362,7 @@ impl Session {
                     return false;
                 };
                 let slot = self.topo.slot_of_shard(ordinal);
-                self.send_parts(cmd, Merge::Scan { ordinal, total }, Vec::new(), vec![(node, data, slot)])
+                self.send_parts(cmd, res, Merge::Scan { ordinal, total }, Vec::new(), vec![(node, data, slot)])
             }
         }
     }
@@ -1324,14 +1377,14 @@ impl Session {
     }
 
     /// Whether a command may be sent again after its connection broke (it may have run once).
-    fn idempotent(&self, cmd: &Command) -> bool {
-        let Some(info) = self.worker.shared.commands.get(&cmd.args) else { return false };
+    fn idempotent(&self, cmd: &Command, res: Resolved<'_>) -> bool {
+        let Some(info) = res.info else { return false };
         if info.has(commands::flags::READONLY) {
             return true;
         }
         let name = cmd.name();
         let plain_set = name.eq_ignore_ascii_case(b"set")
-            && !cmd.args.iter().skip(3).any(|a| a.eq_ignore_ascii_case(b"nx") || a.eq_ignore_ascii_case(b"xx") || a.eq_ignore_ascii_case(b"get"));
+            && !cmd.iter().skip(3).any(|a| a.eq_ignore_ascii_case(b"nx") || a.eq_ignore_ascii_case(b"xx") || a.eq_ignore_ascii_case(b"get"));
         plain_set
             || [
                 &b"mset"[..], b"setex", b"psetex", b"hset", b"hmset", b"sadd", b"srem", b"hdel", b"zrem", b"expire", b"pexpire",
@@ -1343,7 +1396,7 @@ impl Session {
 
     /// Queues a command whose slot has no known master yet: it is sent once one is known
     /// (within `failover_timeout`).
-    fn send_when_master_known(&mut self, cmd: Command, slot: Option<u16>, how: Use) -> bool {
+    fn send_when_master_known(&mut self, cmd: Command, res: Resolved<'_>, slot: Option<u16>, how: Use) -> bool {
         let target = if how == Use::Shared { Target::Shared(self.key()) } else { Target::Exclusive };
         let mut c = Some(cmd);
         if !self.barrier(&mut c, target) {
@@ -1354,7 +1407,7 @@ impl Session {
             self.reply_error(CLUSTERDOWN);
             return false;
         }
-        let idempotent = self.idempotent(&cmd);
+        let idempotent = self.idempotent(&cmd, res);
         let mut retry = Retry::new(Arc::from(""), cmd.to_resp(), slot, idempotent, how != Use::Shared, how == Use::Blocking);
         let ctx = RedirectCtx { worker: &self.worker, topo: &self.topo, key: self.key(), sid: self.info.id };
         let unavailable = Err(BackendError::Unavailable { addr: Arc::from("cluster"), reason: "no master serves this slot".into() });
@@ -1370,7 +1423,7 @@ impl Session {
     }
 
     /// Sends a single command to `node` (shared, or an exclusive connection for blocking/WATCH).
-    fn send(&mut self, cmd: Command, node: usize, how: Use, slot: Option<u16>) -> bool {
+    fn send(&mut self, cmd: Command, res: Resolved<'_>, node: usize, how: Use, slot: Option<u16>) -> bool {
         let target = if how == Use::Shared { Target::Shared(self.key()) } else { Target::Exclusive };
         let mut c = Some(cmd);
         if !self.barrier(&mut c, target) {
@@ -1393,7 +1446,7 @@ impl Session {
                 }
             }
         };
-        let idempotent = self.topo.managed && self.idempotent(&cmd);
+        let idempotent = self.topo.managed && self.idempotent(&cmd, res);
         if self.slowlog {
             self.last_sent = Some((data.clone(), Some(node)));
         }
@@ -1408,7 +1461,7 @@ impl Session {
     #[allow(clippy::too_many_arguments)]
     fn push_waiting(
         &mut self,
-        rx: oneshot::Receiver<Reply>,
+        rx: ReplyRx,
         data: Bytes,
         exclusive: bool,
         blocking: bool,
@@ -1424,7 +1477,14 @@ impl Session {
     }
 
     /// Sends several requests on shared connections and queues one merged reply.
-    fn send_parts(&mut self, cmd: Command, how: Merge, layout: Vec<router::Part>, targets: Vec<(usize, Bytes, Option<u16>)>) -> bool {
+    fn send_parts(
+        &mut self,
+        cmd: Command,
+        res: Resolved<'_>,
+        how: Merge,
+        layout: Vec<router::Part>,
+        targets: Vec<(usize, Bytes, Option<u16>)>,
+    ) -> bool {
         let mut c = Some(cmd);
         if !self.barrier(&mut c, Target::Shared(self.key())) {
             return false;
@@ -1434,7 +1494,7 @@ impl Session {
             self.release_exclusive(false);
         }
         let mut parts = Vec::with_capacity(targets.len());
-        let idempotent = self.topo.managed && self.idempotent(&cmd);
+        let idempotent = self.topo.managed && self.idempotent(&cmd, res);
         if self.slowlog {
             let node = (targets.len() == 1).then(|| targets[0].0);
             self.last_sent = Some((cmd.to_resp(), node));
@@ -1533,7 +1593,9 @@ impl Session {
     fn multi(&mut self, cmd: Command) {
         if self.watching || !self.cluster_mode() {
             // The connection is known: the watched one, or the only node's.
-            let sent = if self.watching { self.send_exclusive_pinned(cmd) } else { self.send(cmd, 0, Use::Watch, None) };
+            let w = self.worker.clone();
+            let res = w.shared.commands.resolve(&cmd);
+            let sent = if self.watching { self.send_exclusive_pinned(cmd) } else { self.send(cmd, res, 0, Use::Watch, None) };
             if sent {
                 self.set_multi(true);
             }
@@ -1545,11 +1607,12 @@ impl Session {
         self.reply_ok();
     }
 
-    fn handle_in_multi(&mut self, cmd: Command, kind: Kind) {
+    fn handle_in_multi(&mut self, cmd: Command, res: Resolved<'_>) {
+        let kind = res.spec.kind;
         match kind {
             Kind::Local(Local::Quit) | Kind::Local(Local::Reset) => {
                 if let Kind::Local(l) = kind {
-                    self.local(l, cmd);
+                    self.local(l, cmd, res);
                 }
             }
             Kind::EndTransaction => {
@@ -1560,7 +1623,7 @@ impl Session {
                     self.watching = false;
                     if exec { self.reply_with(|o, _| resp::array_header(o, 0)) } else { self.reply_ok() }
                 } else if self.tx_poisoned && exec {
-                    let discard = Command::from_args(vec![Bytes::from_static(b"DISCARD")]);
+                    let discard = Command::from_args(&["DISCARD"]);
                     self.reply_mode_silent_once();
                     self.send_exclusive_pinned(discard);
                     self.set_multi(false);
@@ -1580,7 +1643,7 @@ impl Session {
                     return;
                 }
                 // The node of this command's keys; keyless commands follow the transaction.
-                let node = match router::plan(&self.worker.shared.commands, &cmd.args, &self.topo) {
+                let node = match router::plan(&cmd, res.info, &self.topo) {
                     Plan::Single(Some(slot)) => self.node_for(Some(slot)),
                     Plan::Single(None) | Plan::FanOut(_) | Plan::Scan { .. } => match &self.exclusive {
                         Some(ex) => Ok(self.topo.node_index(&ex.addr).unwrap_or(usize::MAX)),
@@ -1681,7 +1744,7 @@ struct RedirectCtx<'a> {
 
 impl RedirectCtx<'_> {
     /// If `reply` is a `MOVED`/`ASK` redirection to follow, re-sends the request and returns the new receiver.
-    fn follow(&self, reply: &Reply, retry: &mut Retry) -> Option<oneshot::Receiver<Reply>> {
+    fn follow(&self, reply: &Reply, retry: &mut Retry) -> Option<ReplyRx> {
         if std::mem::take(&mut retry.unsent) && matches!(reply, Err(BackendError::Lost { .. })) {
             // The client whose request this one waited for went away: send it now.
             crate::metrics::backend_stats().retries.with_label_values(&["single-flight"]).inc();
@@ -1712,15 +1775,14 @@ impl RedirectCtx<'_> {
             debug!(node = %retry.addr, attempt = retry.tryagain, "TRYAGAIN: retrying");
             let pool = self.worker.pool(&retry.addr);
             let conn = if retry.exclusive { pool.checkout(self.key) } else { pool.shared(self.key, self.sid) };
-            let (tx, rx) = oneshot::channel();
+            let (tx, rx) = crate::backend::reply_channel();
             let (data, blocking, delay) = (retry.data.clone(), retry.blocking, Duration::from_millis((10u64 << retry.tryagain).min(200)));
             if retry.exclusive {
                 retry.conn = Some(conn.clone());
             }
             tokio::task::spawn_local(async move {
                 tokio::time::sleep(delay).await;
-                let r = conn.send(data, 0, blocking).await;
-                let _ = tx.send(r.unwrap_or_else(|_| Err(BackendError::Lost { addr: Arc::from("backend"), reason: "reply dropped".into() })));
+                conn.send_to(data, 0, blocking, tx);
             });
             return Some(rx);
         }
@@ -1771,7 +1833,7 @@ impl RedirectCtx<'_> {
     /// Re-sends the request to its slot's master once one is reachable, polling the topology
     /// with backoff until `failover_timeout` has passed since the first failure. `None` when
     /// waiting does not apply (no failover manager, a transaction, or the time is up).
-    fn wait_for_master(&self, retry: &mut Retry, last: Reply) -> Option<oneshot::Receiver<Reply>> {
+    fn wait_for_master(&self, retry: &mut Retry, last: Reply) -> Option<ReplyRx> {
         if !self.topo.managed || (retry.exclusive && !retry.blocking) {
             return None;
         }
@@ -1781,7 +1843,7 @@ impl RedirectCtx<'_> {
             return None;
         }
         crate::metrics::backend_stats().retries.with_label_values(&["failover"]).inc();
-        let (tx, rx) = oneshot::channel();
+        let (tx, rx) = crate::backend::reply_channel();
         let worker = self.worker.clone();
         let (key, sid, slot) = (self.key, self.sid, retry.slot);
         let (data, blocking, exclusive, idempotent) = (retry.data.clone(), retry.blocking, retry.exclusive, retry.idempotent);
@@ -1809,12 +1871,12 @@ impl RedirectCtx<'_> {
                     Ok(f) => [&b"-CLUSTERDOWN"[..], b"-READONLY", b"-LOADING", b"-MASTERDOWN"].iter().any(|p| f.starts_with(p)),
                 };
                 if !again {
-                    let _ = tx.send(r);
+                    tx.send(r);
                     return;
                 }
                 last = r;
             }
-            let _ = tx.send(last);
+            tx.send(last);
         });
         Some(rx)
     }

@@ -23,8 +23,11 @@ use crate::metrics::LATENCY_BUCKETS;
 /// The label of commands respire's table does not know.
 pub const OTHER: u16 = u16::MAX;
 
-/// Bucket bounds in nanoseconds (then +Inf).
-static BOUNDS_NS: LazyLock<Vec<u64>> = LazyLock::new(|| LATENCY_BUCKETS.iter().map(|s| (s * 1e9) as u64).collect());
+/// Bucket bounds in nanoseconds (then +Inf): [`LATENCY_BUCKETS`] (checked by a test).
+const BOUNDS_NS: [u64; 19] = [
+    10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000, 25_000_000, 50_000_000,
+    100_000_000, 250_000_000, 500_000_000, 1_000_000_000, 2_500_000_000, 5_000_000_000, 10_000_000_000,
+];
 
 fn bump(a: &AtomicU64, n: u64) {
     // Only the owning worker writes: no read-modify-write needed.
@@ -66,9 +69,9 @@ impl WorkerStats {
     pub fn record(&self, id: u16, error: bool, elapsed: Duration) {
         let i = self.slot(id);
         bump(&self.calls[i * 2 + usize::from(error)], 1);
-        let ns = elapsed.as_nanos().min(u128::from(u64::MAX)) as u64;
+        let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
         bump(&self.sum_ns[i], ns);
-        let b = BOUNDS_NS.iter().position(|&bound| ns <= bound).unwrap_or(BOUNDS_NS.len());
+        let b = BOUNDS_NS.partition_point(|&bound| bound < ns);
         bump(&self.buckets[i * (BOUNDS_NS.len() + 1) + b], 1);
     }
 
@@ -291,6 +294,17 @@ pub fn render_process(out: &mut String) {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bucket_bounds_are_the_latency_buckets() {
+        let want: Vec<u64> = LATENCY_BUCKETS.iter().map(|s| (s * 1e9).round() as u64).collect();
+        assert_eq!(BOUNDS_NS.to_vec(), want);
+        let w = WorkerStats::new(1);
+        w.record(0, false, Duration::from_micros(10));
+        w.record(0, false, Duration::from_nanos(10_001));
+        assert_eq!(w.buckets[0].load(Ordering::Relaxed), 1);
+        assert_eq!(w.buckets[1].load(Ordering::Relaxed), 1);
+    }
 
     #[test]
     fn slow_log_arguments_are_cut_like_redis() {

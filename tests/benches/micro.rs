@@ -6,15 +6,15 @@
 
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use criterion::{Criterion, criterion_group, criterion_main};
 use respire::commands::CommandTable;
 use respire::plugin::{Client, ClientHandle, PluginSet, Runtime, WorkerPlugins};
-use respire::protocol::{RequestLimits, RequestParser, reply_len};
+use respire::protocol::{Command, RequestLimits, RequestParser, reply_len};
 use respire::topology::{Topology, key_slot};
 
-fn args(parts: &[&str]) -> Vec<Bytes> {
-    parts.iter().map(|p| Bytes::copy_from_slice(p.as_bytes())).collect()
+fn args(parts: &[&str]) -> Command {
+    Command::from_args(parts)
 }
 
 fn framing(c: &mut Criterion) {
@@ -31,7 +31,7 @@ fn framing(c: &mut Criterion) {
             let mut buf = BytesMut::from(&one[..]);
             let mut n = 0;
             while let Ok(Some(cmd)) = parser.parse(&mut buf, &limits, true) {
-                n += cmd.args.len();
+                n += cmd.len();
             }
             assert_eq!(n, 48);
         })
@@ -56,11 +56,15 @@ fn routing(c: &mut Criterion) {
             assert_eq!(keys.len(), 1);
         })
     });
+    c.bench_function("command table: resolve GET (handling and description)", |b| {
+        b.iter(|| assert!(table.resolve(std::hint::black_box(&get)).info.is_some()))
+    });
     let shard = |a: &str| (a.to_string(), Vec::new(), Vec::new());
     let topo = Topology::shards(&[shard("127.0.0.1:7001"), shard("127.0.0.1:7002"), shard("127.0.0.1:7003")]).unwrap();
-    let mget: Vec<Bytes> = std::iter::once(Bytes::from_static(b"MGET")).chain((0..10).map(|i| Bytes::from(format!("key:{i}")))).collect();
+    let names: Vec<String> = std::iter::once("MGET".to_string()).chain((0..10).map(|i| format!("key:{i}"))).collect();
+    let mget = Command::from_args(&names);
     c.bench_function("plan MGET of 10 keys over 3 shards", |b| {
-        b.iter(|| std::hint::black_box(respire::router::plan(&table, std::hint::black_box(&mget), &topo)))
+        b.iter(|| std::hint::black_box(respire::router::plan(std::hint::black_box(&mget), table.get(&mget), &topo)))
     });
 }
 
@@ -87,7 +91,7 @@ fn plugins(c: &mut Criterion) {
     let (_d1, one) = plugin_set(&rt, &[("pass", pass)]);
     let mut w = WorkerPlugins::default();
     c.bench_function("plugin: one pass-through request hook", |b| {
-        b.iter(|| std::hint::black_box(w.on_request(&one, &table, &client, &get)))
+        b.iter(|| std::hint::black_box(w.on_request(&one, &table, &client, &get, table.get(&get))))
     });
 
     // A client whose details changed since the last call: the plugin fetches them.
@@ -95,28 +99,28 @@ fn plugins(c: &mut Criterion) {
     c.bench_function("plugin: one pass-through request hook, client details fetched", |b| {
         b.iter(|| {
             changed.generation = changed.generation.wrapping_add(1);
-            std::hint::black_box(w.on_request(&one, &table, &changed, &get))
+            std::hint::black_box(w.on_request(&one, &table, &changed, &get, table.get(&get)))
         })
     });
     let ping = args(&["PING"]);
     c.bench_function("plugin: one pass-through request hook, no arguments", |b| {
-        b.iter(|| std::hint::black_box(w.on_request(&one, &table, &client, &ping)))
+        b.iter(|| std::hint::black_box(w.on_request(&one, &table, &client, &ping, table.get(&ping))))
     });
     let (_d0, other) = plugin_set(&rt, &[("other", "[config]\ncommands = \"set\"\ncount = false\n")]);
     c.bench_function("plugin: chain with no plugin for the command", |b| {
-        b.iter(|| std::hint::black_box(w.on_request(&other, &table, &client, &get)))
+        b.iter(|| std::hint::black_box(w.on_request(&other, &table, &client, &get, table.get(&get))))
     });
 
     let (_d2, four) = plugin_set(&rt, &[("p1", pass), ("p2", pass), ("p3", pass), ("p4", pass)]);
     let mut w = WorkerPlugins::default();
     c.bench_function("plugin: chain of four request hooks", |b| {
-        b.iter(|| std::hint::black_box(w.on_request(&four, &table, &client, &get)))
+        b.iter(|| std::hint::black_box(w.on_request(&four, &table, &client, &get, table.get(&get))))
     });
 
     let (_d3, effects) = plugin_set(&rt, &[("count", "[config]\ncommands = \"get\"\nrate = 1000000\nburst = 1000000\n")]);
     let mut w = WorkerPlugins::default();
     c.bench_function("plugin: request hook with a host call, a metric and a token take", |b| {
-        b.iter(|| std::hint::black_box(w.on_request(&effects, &table, &client, &get)))
+        b.iter(|| std::hint::black_box(w.on_request(&effects, &table, &client, &get, table.get(&get))))
     });
 
     let (_d4, resp) = plugin_set(&rt, &[("resp", "[config]\ncommands = \"get\"\ncount = false\nresponses = true\n")]);
@@ -124,7 +128,7 @@ fn plugins(c: &mut Criterion) {
     let reply = b"$32\r\nxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\r\n";
     c.bench_function("plugin: request and response hooks (reply replaced)", |b| {
         b.iter(|| {
-            let (_, chain) = w.on_request(&resp, &table, &client, &get);
+            let (_, chain) = w.on_request(&resp, &table, &client, &get, table.get(&get));
             let chain = chain.unwrap();
             std::hint::black_box(w.on_response(&chain, &client, reply))
         })

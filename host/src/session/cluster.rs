@@ -8,10 +8,11 @@ use crate::topology::{SLOTS, key_slot};
 
 impl Session {
     pub(super) fn cluster(&mut self, cmd: Command) {
+        let args = cmd.to_args();
         let Some(sub) = cmd.arg(1).map(|s| s.to_ascii_lowercase()) else {
             return self.wrong_args("cluster");
         };
-        let argc = cmd.args.len();
+        let argc = args.len();
         let id = self.worker.shared.node_id.clone();
         let ip = self.info.laddr.ip().to_string();
         let port = i64::from(self.info.laddr.port());
@@ -68,17 +69,19 @@ impl Session {
                 self.reply_with(|o, p| resp::verbatim(o, line.as_bytes(), p));
             }
             (b"keyslot", 3) => {
-                let slot = i64::from(key_slot(&cmd.args[2]));
+                let slot = i64::from(key_slot(&args[2]));
                 self.reply_with(|o, _| resp::int(o, slot));
             }
             (b"countkeysinslot", 3) | (b"getkeysinslot", 4) => {
-                let Some(slot) = parse_i64(&cmd.args[2]).filter(|s| (0..SLOTS as i64).contains(s)) else {
+                let Some(slot) = parse_i64(&args[2]).filter(|s| (0..SLOTS as i64).contains(s)) else {
                     return self.reply_error("ERR Invalid slot");
                 };
                 // Route by a key of that slot: the command goes to the slot's owner.
                 match self.topo.master_of(slot as u16) {
                     Some(node) => {
-                        self.send(cmd, node, Use::Shared, Some(slot as u16));
+                        let w = self.worker.clone();
+                        let res = w.shared.commands.resolve(&cmd);
+                        self.send(cmd, res, node, Use::Shared, Some(slot as u16));
                     }
                     None => self.reply_error(super::CLUSTERDOWN),
                 }
@@ -88,7 +91,7 @@ impl Session {
                 self.wrong_args(&format!("cluster|{s}"));
             }
             _ => {
-                let s = String::from_utf8_lossy(&cmd.args[1]).to_uppercase();
+                let s = String::from_utf8_lossy(&args[1]).to_uppercase();
                 self.reply_error(&format!("ERR respire: CLUSTER {s} is not supported through the proxy"));
             }
         }

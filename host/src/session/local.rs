@@ -10,7 +10,7 @@ use super::{ReplyMode, Session, Target, Use};
 use crate::topology::BackendKind;
 use crate::backend;
 use crate::clients::flag;
-use crate::commands::Local;
+use crate::commands::{Local, Resolved};
 use crate::protocol::{self as resp, Command, parse_i64};
 
 impl Session {
@@ -20,14 +20,14 @@ impl Session {
         self.reply_error(&format!("ERR wrong number of arguments for '{name}' command"));
     }
 
-    pub(super) fn local(&mut self, which: Local, cmd: Command) {
-        let argc = cmd.args.len();
+    pub(super) fn local(&mut self, which: Local, cmd: Command, res: Resolved<'_>) {
+        let argc = cmd.len();
         match which {
             Local::Ping => match argc {
                 1 => self.reply_with(|o, _| resp::simple(o, "PONG")),
                 2 => {
-                    let msg = cmd.args[1].clone();
-                    self.reply_with(|o, _| resp::bulk(o, &msg));
+                    let msg = cmd.arg(1).unwrap_or_default();
+                    self.reply_with(|o, _| resp::bulk(o, msg));
                 }
                 _ => self.wrong_args("ping"),
             },
@@ -35,8 +35,8 @@ impl Session {
                 if argc != 2 {
                     return self.wrong_args("echo");
                 }
-                let msg = cmd.args[1].clone();
-                self.reply_with(|o, _| resp::bulk(o, &msg));
+                let msg = cmd.arg(1).unwrap_or_default();
+                self.reply_with(|o, _| resp::bulk(o, msg));
             }
             Local::Quit => {
                 self.reply_ok();
@@ -49,17 +49,18 @@ impl Session {
             Local::Auth => self.auth(&cmd),
             Local::Hello => self.hello(&cmd),
             Local::Select => self.select(cmd),
-            Local::Client => self.client(cmd),
-            Local::Info => self.info(cmd),
+            Local::Client => self.client(cmd, res),
+            Local::Info => self.info(cmd, res),
             Local::Slowlog => self.slowlog(cmd),
         }
     }
 
     /// `INFO [section …]`: respire's own sections (respire, clients, stats, plugins,
     /// topology) and Redis's others, with the keyspace added up over the masters.
-    fn info(&mut self, cmd: Command) {
+    fn info(&mut self, cmd: Command, res: Resolved<'_>) {
+        let args = cmd.to_args();
         const OURS: [&str; 5] = ["respire", "clients", "stats", "plugins", "topology"];
-        let asked: Vec<String> = cmd.args.iter().skip(1).map(|a| String::from_utf8_lossy(a).to_ascii_lowercase()).collect();
+        let asked: Vec<String> = args.iter().skip(1).map(|a| String::from_utf8_lossy(a).to_ascii_lowercase()).collect();
         let everything = asked.is_empty() || asked.iter().any(|a| a == "all" || a == "default" || a == "everything");
         let ours: Vec<&str> = OURS.iter().copied().filter(|s| everything || asked.iter().any(|a| a == s)).collect();
         let text = self.respire_info(&ours);
@@ -69,18 +70,18 @@ impl Session {
         if (!everything && theirs.is_empty()) || masters.is_empty() {
             return self.reply_with(|o, proto| resp::verbatim(o, text.as_bytes(), proto));
         }
-        let mut args = vec![Bytes::from_static(b"INFO")];
+        let mut sent = vec![Bytes::from_static(b"INFO")];
         if everything {
-            args.extend(cmd.args.iter().skip(1).cloned());
+            sent.extend(args.iter().skip(1).cloned());
         } else {
-            args.extend(theirs.iter().map(|t| Bytes::from(t.to_string())));
+            sent.extend(theirs.iter().map(|t| Bytes::from(t.to_string())));
         }
-        let forward = Command::from_args(args);
+        let forward = Command::from_args(&sent);
         let data = forward.to_resp();
         let replaced = ours.iter().filter(|s| **s == "clients" || **s == "stats").map(|s| s.to_string()).collect();
         let how = crate::router::Merge::Info { ours: std::sync::Arc::from(text), replaced };
         let targets = masters.into_iter().map(|(node, slot)| (node, data.clone(), slot)).collect();
-        self.send_parts(forward, how, Vec::new(), targets);
+        self.send_parts(forward, res, how, Vec::new(), targets);
     }
 
     /// The text of respire's `INFO` sections, each followed by a blank line.
@@ -170,8 +171,9 @@ impl Session {
     /// `SLOWLOG GET [count] | LEN | RESET | HELP` over respire's own slow log: commands slower
     /// end to end than `slowlog_log_slower_than`, with the client and the backend node.
     fn slowlog(&mut self, cmd: Command) {
+        let args = cmd.to_args();
         let sub = cmd.arg(1).map(|s| s.to_ascii_lowercase()).unwrap_or_default();
-        let argc = cmd.args.len();
+        let argc = args.len();
         let log = &self.worker.shared.slowlog;
         match (sub.as_slice(), argc) {
             (b"len", 2) => {
@@ -237,7 +239,7 @@ impl Session {
             }
             _ if argc < 2 => self.wrong_args("slowlog"),
             _ => {
-                let shown = String::from_utf8_lossy(cmd.arg(1).map(|a| &a[..]).unwrap_or_default()).into_owned();
+                let shown = String::from_utf8_lossy(cmd.arg(1).unwrap_or_default()).into_owned();
                 self.reply_error(&format!("ERR unknown subcommand '{shown}'. Try SLOWLOG HELP."));
             }
         }
@@ -292,13 +294,14 @@ impl Session {
     }
 
     pub(super) fn auth(&mut self, cmd: &Command) {
-        let (user, pass) = match cmd.args.len() {
-            2 => (Bytes::from_static(b"default"), cmd.args[1].clone()),
-            3 => (cmd.args[1].clone(), cmd.args[2].clone()),
+        let args = cmd.to_args();
+        let (user, pass) = match args.len() {
+            2 => (Bytes::from_static(b"default"), args[1].clone()),
+            3 => (args[1].clone(), args[2].clone()),
             1 => return self.wrong_args("auth"),
             _ => return self.reply_error("ERR syntax error"),
         };
-        if cmd.args.len() == 2 && self.worker.shared.config.requirepass.is_none() {
+        if args.len() == 2 && self.worker.shared.config.requirepass.is_none() {
             return self.reply_error(
                 "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
             );
@@ -311,6 +314,7 @@ impl Session {
     }
 
     pub(super) fn hello(&mut self, cmd: &Command) {
+        let args = cmd.to_args();
         let mut proto = self.proto;
         let mut creds: Option<(Bytes, Bytes)> = None;
         let mut name: Option<Bytes> = None;
@@ -321,14 +325,14 @@ impl Session {
                 None => return self.reply_error("ERR Protocol version is not an integer or out of range"),
             }
             let mut i = 2;
-            while i < cmd.args.len() {
-                let opt = &cmd.args[i];
-                let more = cmd.args.len() - i - 1;
+            while i < args.len() {
+                let opt = &args[i];
+                let more = args.len() - i - 1;
                 if opt.eq_ignore_ascii_case(b"AUTH") && more >= 2 {
-                    creds = Some((cmd.args[i + 1].clone(), cmd.args[i + 2].clone()));
+                    creds = Some((args[i + 1].clone(), args[i + 2].clone()));
                     i += 3;
                 } else if opt.eq_ignore_ascii_case(b"SETNAME") && more >= 1 {
-                    name = Some(cmd.args[i + 1].clone());
+                    name = Some(args[i + 1].clone());
                     i += 2;
                 } else {
                     let opt = String::from_utf8_lossy(opt).into_owned();
@@ -379,13 +383,14 @@ impl Session {
     }
 
     pub(super) fn select(&mut self, cmd: Command) {
-        if cmd.args.len() != 2 {
+        let args = cmd.to_args();
+        if args.len() != 2 {
             return self.wrong_args("select");
         }
         if self.topo.kind == BackendKind::Cluster {
             return self.reply_error("ERR SELECT is not allowed in cluster mode");
         }
-        let Some(db) = parse_i64(&cmd.args[1]).filter(|n| i32::try_from(*n).is_ok()) else {
+        let Some(db) = parse_i64(&args[1]).filter(|n| i32::try_from(*n).is_ok()) else {
             return self.reply_error("ERR value is not an integer or out of range");
         };
         if db < 0 || db >= i64::from(self.worker.shared.config.databases) {
@@ -419,11 +424,12 @@ impl Session {
         true
     }
 
-    pub(super) fn client(&mut self, cmd: Command) {
+    pub(super) fn client(&mut self, cmd: Command, res: Resolved<'_>) {
+        let args = cmd.to_args();
         let Some(sub) = cmd.arg(1).map(|s| s.to_ascii_lowercase()) else {
             return self.wrong_args("client");
         };
-        let argc = cmd.args.len();
+        let argc = args.len();
         let arity_error = |s: &mut Self| s.wrong_args(&format!("client|{}", String::from_utf8_lossy(&sub)));
         match sub.as_slice() {
             b"id" if argc == 2 => {
@@ -435,13 +441,13 @@ impl Session {
                 self.reply_with(|o, p| if name.is_empty() { resp::null(o, p) } else { resp::bulk(o, &name) });
             }
             b"setname" if argc == 3 => {
-                if self.set_name(cmd.args[2].clone()) {
+                if self.set_name(args[2].clone()) {
                     self.reply_ok();
                 }
             }
             b"info" if argc == 2 => {
                 self.note_activity();
-                let line = format!("{}\n", self.info.line());
+                let line = format!("{}\n", self.info.line(&self.worker.shared.commands));
                 self.reply_with(|o, p| resp::verbatim(o, line.as_bytes(), p));
             }
             b"list" => {
@@ -450,13 +456,13 @@ impl Session {
             }
             b"kill" if argc >= 3 => self.client_kill(&cmd),
             b"setinfo" if argc == 4 => {
-                let attr = cmd.args[2].to_ascii_lowercase();
-                let value = cmd.args[3].clone();
+                let attr = args[2].to_ascii_lowercase();
+                let value = args[3].clone();
                 let slot = match attr.as_slice() {
                     b"lib-name" => &self.info.lib_name,
                     b"lib-ver" => &self.info.lib_ver,
                     _ => {
-                        let a = String::from_utf8_lossy(&cmd.args[2]).into_owned();
+                        let a = String::from_utf8_lossy(&args[2]).into_owned();
                         return self.reply_error(&format!("ERR Unrecognized option '{a}'"));
                     }
                 };
@@ -470,7 +476,7 @@ impl Session {
                 self.reply_ok();
             }
             b"reply" if argc == 3 => {
-                let mode = cmd.args[2].to_ascii_lowercase();
+                let mode = args[2].to_ascii_lowercase();
                 match mode.as_slice() {
                     b"on" => {
                         self.reply_mode = ReplyMode::On;
@@ -486,7 +492,7 @@ impl Session {
                 }
             }
             b"no-evict" | b"no-touch" if argc == 3 => {
-                let v = cmd.args[2].to_ascii_lowercase();
+                let v = args[2].to_ascii_lowercase();
                 if v == b"on" || v == b"off" {
                     self.reply_ok();
                 } else {
@@ -502,35 +508,36 @@ impl Session {
             | b"getredir" => arity_error(self),
             // PAUSE, UNPAUSE, HELP, TRACKINGINFO and anything newer go to Redis.
             _ => {
-                self.route(cmd, Use::Shared);
+                self.route(cmd, res, Use::Shared);
             }
         }
     }
 
     pub(super) fn client_list(&mut self, cmd: &Command) {
+        let args = cmd.to_args();
         let mut ids: Option<Vec<u64>> = None;
         let mut kind: Option<Vec<u8>> = None;
         let mut i = 2;
-        while i < cmd.args.len() {
-            let opt = cmd.args[i].to_ascii_lowercase();
-            if opt == b"type" && i + 1 < cmd.args.len() {
-                let t = cmd.args[i + 1].to_ascii_lowercase();
+        while i < args.len() {
+            let opt = args[i].to_ascii_lowercase();
+            if opt == b"type" && i + 1 < args.len() {
+                let t = args[i + 1].to_ascii_lowercase();
                 if !matches!(t.as_slice(), b"normal" | b"master" | b"replica" | b"slave" | b"pubsub") {
-                    let t = String::from_utf8_lossy(&cmd.args[i + 1]).into_owned();
+                    let t = String::from_utf8_lossy(&args[i + 1]).into_owned();
                     return self.reply_error(&format!("ERR Unknown client type '{t}'"));
                 }
                 kind = Some(t);
                 i += 2;
-            } else if opt == b"id" && i + 1 < cmd.args.len() {
+            } else if opt == b"id" && i + 1 < args.len() {
                 let mut list = Vec::new();
-                for a in &cmd.args[i + 1..] {
+                for a in &args[i + 1..] {
                     match parse_i64(a) {
                         Some(n) if n > 0 => list.push(n as u64),
                         _ => return self.reply_error("ERR Invalid client ID"),
                     }
                 }
                 ids = Some(list);
-                i = cmd.args.len();
+                i = args.len();
             } else {
                 return self.reply_error("ERR syntax error");
             }
@@ -551,17 +558,18 @@ impl Session {
                     continue;
                 }
             }
-            text.push_str(&c.line());
+            text.push_str(&c.line(&self.worker.shared.commands));
             text.push('\n');
         }
         self.reply_with(|o, p| resp::verbatim(o, text.as_bytes(), p));
     }
 
     pub(super) fn client_kill(&mut self, cmd: &Command) {
+        let args = cmd.to_args();
         let clients = self.worker.shared.clients.snapshot();
-        if cmd.args.len() == 3 {
+        if args.len() == 3 {
             // Old form: CLIENT KILL addr:port
-            let addr = cmd.args[2].clone();
+            let addr = args[2].clone();
             match clients.iter().find(|c| c.addr.to_string().as_bytes() == addr.as_ref()) {
                 Some(c) => {
                     c.kill();
@@ -582,12 +590,12 @@ impl Session {
         let mut maxage: Option<u64> = None;
         let mut kind: Option<Vec<u8>> = None;
         let mut i = 2;
-        while i < cmd.args.len() {
-            if i + 1 >= cmd.args.len() {
+        while i < args.len() {
+            if i + 1 >= args.len() {
                 return self.reply_error("ERR syntax error");
             }
-            let opt = cmd.args[i].to_ascii_lowercase();
-            let val = &cmd.args[i + 1];
+            let opt = args[i].to_ascii_lowercase();
+            let val = &args[i + 1];
             let text = String::from_utf8_lossy(val).into_owned();
             match opt.as_slice() {
                 b"id" => match parse_i64(val) {

@@ -26,7 +26,8 @@ impl Session {
             }
         };
         self.info.set_flag(flag::PUBSUB, true);
-        let mut shutdown = self.worker.shared.shutdown.clone();
+        let mut signals = crate::clients::SignalWatch::default();
+        let info = self.info.clone();
         let mut to_backend = BytesMut::new();
         let mut from_backend = BytesMut::with_capacity(16 * 1024);
         first.encode_into(&mut to_backend);
@@ -83,8 +84,7 @@ impl Session {
             }
             tokio::select! {
                 biased;
-                _ = self.info.kill.notified() => break StreamEnd::Close,
-                _ = shutdown.changed() => break StreamEnd::Close,
+                _ = std::future::poll_fn(|cx| signals.poll(&info, cx)) => break StreamEnd::Close,
                 r = backend.readable() => {
                     if r.is_err() {
                         break StreamEnd::Close;

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use super::{CLUSTERDOWN, Session, Slot};
 use crate::clients::flag;
@@ -49,14 +49,15 @@ impl Session {
     }
 
     pub(super) fn subscribe(&mut self, cmd: Command) {
+        let args = cmd.to_args();
         let kind = kind_of(cmd.name());
-        if cmd.args.len() < 2 {
+        if args.len() < 2 {
             return self.wrong_args(&crate::commands::display_name(cmd.name()));
         }
         let node = if !self.cluster_mode() {
             Ok(0)
         } else if kind == SubKind::Shard {
-            match router::plan(&self.worker.shared.commands, &cmd.args, &self.topo) {
+            match router::plan(&cmd, self.worker.shared.commands.get(&cmd), &self.topo) {
                 Plan::Single(slot) => self.node_for(slot),
                 _ => Err(CROSSSLOT),
             }
@@ -74,7 +75,7 @@ impl Session {
         let verb = crate::commands::display_name(cmd.name());
         let mut frames = BytesMut::new();
         let mut waits = Vec::new();
-        for name in &cmd.args[1..] {
+        for name in &args[1..] {
             if self.subs.insert((kind, name.clone())) {
                 let sub = Subscriber { sid: self.info.id, proto: self.proto, tx: tx.clone() };
                 waits.push(self.worker.hub.subscribe(&settings, kind, name.clone(), sub));
@@ -91,12 +92,12 @@ impl Session {
             return self.reply_with(|o, _| o.extend_from_slice(&frames));
         }
         // Reply once the backend has confirmed, so no message published after the reply is missed.
-        let (done, rx) = oneshot::channel();
+        let (done, rx) = crate::backend::reply_channel();
         tokio::task::spawn_local(async move {
             for w in waits {
                 let _ = w.await;
             }
-            let _ = done.send(Ok(frames));
+            done.send(Ok(frames));
         });
         let silent = self.take_silent();
         self.push_slot(Slot::Waiting { rx, silent, retry: None });
@@ -104,10 +105,11 @@ impl Session {
     }
 
     pub(super) fn unsubscribe(&mut self, cmd: &Command) {
+        let args = cmd.to_args();
         let kind = kind_of(cmd.name());
         let verb = crate::commands::display_name(cmd.name());
-        let names: Vec<Bytes> = if cmd.args.len() > 1 {
-            cmd.args[1..].to_vec()
+        let names: Vec<Bytes> = if args.len() > 1 {
+            args[1..].to_vec()
         } else {
             let mut all: Vec<Bytes> = self.subs.iter().filter(|(k, _)| *k == kind).map(|(_, n)| n.clone()).collect();
             all.sort();
