@@ -193,66 +193,79 @@ pub struct PluginMetric {
     dropped: IntCounter,
 }
 
-/// One label combination of a plugin metric.
+/// One label combination of a plugin metric: the handle updates go to.
 #[derive(Clone)]
-enum Series {
+pub enum Series {
+    /// Adds.
     Counter(prometheus::Counter),
+    /// Sets.
     Gauge(prometheus::Gauge),
+    /// Observes.
     Histogram(prometheus::Histogram),
 }
 
 impl PluginMetric {
-    /// Applies an update; invalid ones (wrong number of labels, too many series) are dropped and counted.
-    pub fn record(&self, labels: &[String], value: f64) {
+    /// The series with these label values, made when new; `None` (and counted as dropped)
+    /// when the labels do not fit or the metric has [`MAX_SERIES`] already.
+    pub fn series(&self, labels: &[String]) -> Option<Series> {
         if labels.len() != self.labels {
             self.dropped.inc();
-            return;
+            return None;
         }
         let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
-        if value.is_nan() {
-            // A gauge set to NaN: that label combination is removed.
-            if let Collectors::Gauge(g) = &self.collectors {
-                if series.remove(labels).is_some() {
-                    let l: Vec<&str> = labels.iter().map(String::as_str).collect();
-                    let _ = g.remove_label_values(&l);
-                }
-            }
-            return;
+        if let Some(s) = series.get(labels) {
+            return Some(s.clone());
         }
-        if !value.is_finite() {
+        if series.len() >= MAX_SERIES {
             self.dropped.inc();
-            return;
+            return None;
         }
-        let s = match series.get(labels) {
-            Some(s) => s.clone(),
-            None => {
-                if series.len() >= MAX_SERIES {
-                    self.dropped.inc();
-                    return;
-                }
-                let l: Vec<&str> = labels.iter().map(String::as_str).collect();
-                let made = match &self.collectors {
-                    Collectors::Counter(c) => c.get_metric_with_label_values(&l).map(Series::Counter),
-                    Collectors::Gauge(g) => g.get_metric_with_label_values(&l).map(Series::Gauge),
-                    Collectors::Histogram(h) => h.get_metric_with_label_values(&l).map(Series::Histogram),
-                };
-                let Ok(made) = made else {
-                    self.dropped.inc();
-                    return;
-                };
-                series.insert(labels.to_vec(), made.clone());
-                made
-            }
+        let l: Vec<&str> = labels.iter().map(String::as_str).collect();
+        let made = match &self.collectors {
+            Collectors::Counter(c) => c.get_metric_with_label_values(&l).map(Series::Counter),
+            Collectors::Gauge(g) => g.get_metric_with_label_values(&l).map(Series::Gauge),
+            Collectors::Histogram(h) => h.get_metric_with_label_values(&l).map(Series::Histogram),
         };
-        drop(series);
-        match s {
-            Series::Counter(c) if value >= 0.0 => c.inc_by(value),
-            Series::Counter(_) => self.dropped.inc(),
-            Series::Gauge(g) => g.set(value),
-            Series::Histogram(h) => h.observe(value),
+        let Ok(made) = made else {
+            self.dropped.inc();
+            return None;
+        };
+        series.insert(labels.to_vec(), made.clone());
+        Some(made)
+    }
+
+    /// Removes a gauge's series (a gauge set to NaN); other kinds keep theirs.
+    pub fn remove(&self, labels: &[String]) {
+        if let Collectors::Gauge(g) = &self.collectors {
+            let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+            if series.remove(labels).is_some() {
+                let l: Vec<&str> = labels.iter().map(String::as_str).collect();
+                let _ = g.remove_label_values(&l);
+            }
         }
     }
 
+    /// Counts an update that could not be applied.
+    pub fn note_dropped(&self) {
+        self.dropped.inc();
+    }
+
+    /// Applies an update now (outside the per-worker batching of hooks).
+    pub fn record(&self, labels: &[String], value: f64) {
+        if value.is_nan() {
+            return self.remove(labels);
+        }
+        if !value.is_finite() {
+            return self.note_dropped();
+        }
+        match self.series(labels) {
+            Some(Series::Counter(c)) if value >= 0.0 => c.inc_by(value),
+            Some(Series::Counter(_)) => self.note_dropped(),
+            Some(Series::Gauge(g)) => g.set(value),
+            Some(Series::Histogram(h)) => h.observe(value),
+            None => {}
+        }
+    }
 }
 
 /// Plugin metrics by full name, so that a reload keeps counting into the same series.

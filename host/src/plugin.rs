@@ -32,6 +32,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use thiserror::Error;
 use tracing::{info, warn};
+use smallvec::SmallVec;
 use wasmtime::component::{Component, ComponentType, Linker, Lower};
 use wasmtime::{Config, Engine, ResourceLimiter, Store};
 
@@ -45,8 +46,7 @@ mod bindings {
 }
 
 pub use bindings::respire::plugin::types::{
-    Client, ClientRef, Command as WitCommand, Manifest, MetricKind as WitMetricKind, MetricUpdate, RequestAction, RequestResult, ResponseAction,
-    ResponseResult,
+    Client, Manifest, MetricKind as WitMetricKind, RequestAction, RequestBatch, RequestResults, ResponseBatch, ResponseResults, Update, Updates,
 };
 use bindings::{Plugin, PluginPre};
 
@@ -101,7 +101,7 @@ pub struct PluginSettings {
     pub order: i32,
     /// What a failure does to the command: "open" or "closed". Default: "open".
     pub on_error: OnError,
-    /// Time budget of one call. Default: "1ms".
+    /// CPU time a call may use per command (a batch of n commands gets n times it). Default: "1ms".
     #[serde(with = "humantime_serde")]
     pub time_budget: Duration,
     /// Memory cap of one instance. Default: "16MiB".
@@ -137,8 +137,8 @@ pub struct StoreData {
     /// Set when the current call ran past its budget in wall time: the thread's CPU time then,
     /// and how many times the deadline was extended since.
     overtime: Option<(Option<Duration>, u32)>,
-    /// The client the current call is about (for the `client` import).
-    client: Option<Arc<Client>>,
+    /// The clients of the current batch (for the `client-info` import).
+    clients: Vec<Arc<Client>>,
 }
 
 /// A client as hooks get it: its details, and a generation that changes with them (hooks
@@ -152,8 +152,9 @@ pub struct ClientHandle {
 }
 
 impl ClientHandle {
-    fn wit(&self) -> ClientRef {
-        ClientRef { id: self.details.id, generation: self.generation }
+    /// The client's id and generation as a batch carries them.
+    fn words(&self) -> [u32; 3] {
+        [self.details.id as u32, (self.details.id >> 32) as u32, self.generation]
     }
 }
 
@@ -188,11 +189,39 @@ impl ResourceLimiter for StoreData {
 pub struct PluginCtx {
     name: Arc<str>,
     metrics: Vec<Arc<PluginMetric>>,
+    /// Series numbers handed out by `host.series` (shared by every worker's instance).
+    series: std::sync::Mutex<SeriesIds>,
     limiters: Vec<LimiterDef>,
     /// Some limiter is shared.
     has_shared: bool,
     state: Arc<SharedState>,
     stats: HookStats,
+}
+
+/// The series numbers of one loaded plugin: label values by number and back.
+#[derive(Default)]
+struct SeriesIds {
+    by_labels: std::collections::HashMap<(u32, Vec<String>), u32>,
+    all: Vec<(u32, Vec<String>)>,
+}
+
+/// Most series numbers one plugin gets (1000 per metric are kept; this bounds the rest).
+const MAX_SERIES_IDS: usize = 1 << 16;
+
+/// A worker's handle on one series, updated without atomics and flushed after each batch.
+enum LocalSeries {
+    Counter(prometheus::local::LocalCounter),
+    Histogram(prometheus::local::LocalHistogram),
+    Gauge(prometheus::Gauge),
+    /// Cannot be updated (its labels did not fit, or its metric is full).
+    Dropped,
+}
+
+/// A worker's series of one plugin, by number, and which were touched since the last flush.
+#[derive(Default)]
+struct LocalMetrics {
+    series: Vec<Option<LocalSeries>>,
+    touched: Vec<u32>,
 }
 
 /// respire's counters for one plugin, resolved once.
@@ -221,12 +250,81 @@ impl HookStats {
 }
 
 impl PluginCtx {
-    fn record(&self, updates: &[MetricUpdate]) {
-        for u in updates {
-            match self.metrics.get(u.metric as usize) {
-                Some(m) => m.record(&u.labels, u.value),
-                None => plugin_stats().dropped_updates.with_label_values(&[&*self.name]).inc(),
+    /// The number of a series (`host.series`), made when new.
+    fn series_id(&self, metric: u32, labels: Vec<String>) -> Option<u32> {
+        let m = self.metrics.get(metric as usize)?;
+        let mut ids = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (metric, labels);
+        if let Some(id) = ids.by_labels.get(&key) {
+            return Some(*id);
+        }
+        // Check the labels (and the metric's cap) before numbering them.
+        m.series(&key.1)?;
+        if ids.all.len() >= MAX_SERIES_IDS {
+            m.note_dropped();
+            return None;
+        }
+        let id = ids.all.len() as u32;
+        ids.all.push(key.clone());
+        ids.by_labels.insert(key, id);
+        Some(id)
+    }
+
+    /// The metric and labels of series `id`.
+    fn series_labels(&self, id: u32) -> Option<(Arc<PluginMetric>, Vec<String>)> {
+        let ids = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        let (metric, labels) = ids.all.get(id as usize)?;
+        Some((self.metrics.get(*metric as usize)?.clone(), labels.clone()))
+    }
+
+    /// Applies an update now, through the shared series (the `record-update` import).
+    fn record_now(&self, u: &Update) {
+        match self.series_labels(u.series) {
+            Some((m, labels)) => m.record(&labels, u.value),
+            None => plugin_stats().dropped_updates.with_label_values(&[&*self.name]).inc(),
+        }
+    }
+
+    /// Applies a hook's updates through this worker's series; [`LocalMetrics::flush`] makes
+    /// them visible.
+    fn apply(&self, local: &mut LocalMetrics, updates: &Updates) {
+        for u in updates.series.iter().zip(&updates.values).map(|(&series, &value)| Update { series, value }) {
+            let i = u.series as usize;
+            if local.series.len() <= i {
+                if i >= MAX_SERIES_IDS {
+                    plugin_stats().dropped_updates.with_label_values(&[&*self.name]).inc();
+                    continue;
+                }
+                local.series.resize_with(i + 1, || None);
             }
+            if u.value.is_nan() {
+                // A gauge set to NaN: the series goes (and is made again if set later).
+                if let Some((m, labels)) = self.series_labels(u.series) {
+                    m.remove(&labels);
+                }
+                local.series[i] = None;
+                continue;
+            }
+            let entry = local.series[i].get_or_insert_with(|| match self.series_labels(u.series) {
+                Some((m, labels)) => match m.series(&labels) {
+                    Some(crate::metrics::Series::Counter(c)) => LocalSeries::Counter(c.local()),
+                    Some(crate::metrics::Series::Histogram(h)) => LocalSeries::Histogram(h.local()),
+                    Some(crate::metrics::Series::Gauge(g)) => LocalSeries::Gauge(g),
+                    None => LocalSeries::Dropped,
+                },
+                None => LocalSeries::Dropped,
+            });
+            let ok = u.value.is_finite();
+            match entry {
+                LocalSeries::Counter(c) if ok && u.value >= 0.0 => c.inc_by(u.value),
+                LocalSeries::Histogram(h) if ok => h.observe(u.value),
+                LocalSeries::Gauge(g) if ok => g.set(u.value),
+                _ => {
+                    plugin_stats().dropped_updates.with_label_values(&[&*self.name]).inc();
+                    continue;
+                }
+            }
+            local.touched.push(u.series);
         }
     }
 
@@ -241,7 +339,7 @@ impl PluginCtx {
     /// Takes on shared limiters go to `gate` (respire asks Redis before the command goes on);
     /// the local takes of a plugin with shared limiters are noted there too, to be given back
     /// if Redis refuses.
-    fn take_all(self: &Arc<Self>, takes: &[bindings::respire::plugin::types::Take], gate: &mut Option<Box<Gate>>) -> Result<(), String> {
+    fn take_all(self: &Arc<Self>, takes: &[&bindings::respire::plugin::types::Take], gate: &mut Option<Box<Gate>>) -> Result<(), String> {
         for (i, t) in takes.iter().enumerate() {
             let Some(l) = self.limiters.get(t.limiter as usize) else {
                 self.refund(&takes[..i]);
@@ -270,10 +368,23 @@ impl PluginCtx {
     }
 
     /// Gives back the local tokens of these takes.
-    fn refund(&self, takes: &[bindings::respire::plugin::types::Take]) {
+    fn refund(&self, takes: &[&bindings::respire::plugin::types::Take]) {
         for t in takes {
             if let Some(l) = self.limiters.get(t.limiter as usize).filter(|l| !l.shared) {
                 self.state.refund(&self.name, &l.name, &t.key, t.cost);
+            }
+        }
+    }
+}
+
+impl LocalMetrics {
+    /// Moves what this worker counted since the last flush into the shared series.
+    fn flush(&mut self) {
+        for id in self.touched.drain(..) {
+            match self.series.get_mut(id as usize) {
+                Some(Some(LocalSeries::Counter(c))) => c.flush(),
+                Some(Some(LocalSeries::Histogram(h))) => h.flush(),
+                _ => {}
             }
         }
     }
@@ -425,20 +536,21 @@ impl bindings::respire::plugin::host::Host for StoreData {
         }
     }
 
-    fn client_info(&mut self) -> Client {
-        match &self.client {
-            Some(c) => Client::clone(c),
-            None => Client { id: 0, addr: String::new(), user: String::new(), db: 0, name: String::new(), protocol: 2 },
-        }
+    fn client_info(&mut self, id: u64) -> Option<Client> {
+        self.clients.iter().find(|c| c.id == id).map(|c| Client::clone(c))
     }
 
     fn now_ms(&mut self) -> u64 {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
     }
 
-    fn record_metric(&mut self, update: MetricUpdate) {
+    fn series(&mut self, metric: u32, labels: Vec<String>) -> Option<u32> {
+        self.ctx.as_ref()?.series_id(metric, labels)
+    }
+
+    fn record_update(&mut self, update: Update) {
         if let Some(ctx) = &self.ctx {
-            ctx.record(std::slice::from_ref(&update));
+            ctx.record_now(&update);
         }
     }
 
@@ -534,6 +646,10 @@ impl Runtime {
         let mut cfg = Config::new();
         cfg.wasm_component_model(true);
         cfg.epoch_interruption(true);
+        if std::env::var_os("RESPIRE_WASM_PERFMAP").is_some() {
+            // Names plugin code for `perf` (/tmp/perf-PID.map); for profiling only.
+            cfg.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         cfg.concurrency_support(false);
         let engine = Engine::new(&cfg).map_err(|e| e.to_string())?;
         let ticker = engine.weak();
@@ -659,6 +775,7 @@ impl Runtime {
         let ctx = Arc::new(PluginCtx {
             name: name.clone(),
             metrics,
+            series: std::sync::Mutex::default(),
             limiters,
             has_shared,
             state: self.state.clone(),
@@ -750,7 +867,7 @@ fn new_instance(
         ctx,
         budget: settings.time_budget,
         overtime: None,
-        client: None,
+        clients: Vec::new(),
     };
     let mut store = Store::new(engine, data);
     store.limiter(|d| d);
@@ -856,25 +973,22 @@ impl Instance {
         }
     }
 
-    /// Calls the request hook within the plugin's time budget.
-    fn on_request(&mut self, budget: Duration, client: &ClientHandle, command: &WitCommand) -> Result<RequestResult, (Failure, String)> {
-        self.prepare(budget);
-        self.store.data_mut().client = Some(client.details.clone());
-        self.plugin.call_on_request(&mut self.store, client.wit(), command).map_err(|e| (self.failure(&e), format!("{e:#}")))
+    /// Calls the request hook on a batch within the plugin's time budget (per command).
+    fn on_requests(&mut self, budget: Duration, clients: &[Arc<Client>], batch: &RequestBatch) -> Result<RequestResults, (Failure, String)> {
+        self.prepare(budget.saturating_mul(batch.requests.len().max(1) as u32));
+        let d = &mut self.store.data_mut().clients;
+        d.clear();
+        d.extend(clients.iter().cloned());
+        self.plugin.call_on_requests(&mut self.store, batch).map_err(|e| (self.failure(&e), format!("{e:#}")))
     }
 
-    /// Calls the response hook within the plugin's time budget.
-    fn on_response(
-        &mut self,
-        budget: Duration,
-        client: &ClientHandle,
-        command: &WitCommand,
-        reply: &[u8],
-        elapsed_us: u64,
-    ) -> Result<ResponseResult, (Failure, String)> {
-        self.prepare(budget);
-        self.store.data_mut().client = Some(client.details.clone());
-        self.plugin.call_on_response(&mut self.store, client.wit(), command, reply, elapsed_us).map_err(|e| (self.failure(&e), format!("{e:#}")))
+    /// Calls the response hook on a batch within the plugin's time budget (per reply).
+    fn on_responses(&mut self, budget: Duration, clients: &[Arc<Client>], batch: &ResponseBatch) -> Result<ResponseResults, (Failure, String)> {
+        self.prepare(budget.saturating_mul(batch.responses.len().max(1) as u32));
+        let d = &mut self.store.data_mut().clients;
+        d.clear();
+        d.extend(clients.iter().cloned());
+        self.plugin.call_on_responses(&mut self.store, batch).map_err(|e| (self.failure(&e), format!("{e:#}")))
     }
 }
 
@@ -902,6 +1016,8 @@ struct PluginSlot {
     inst: Option<Instance>,
     failing: u32,
     retry_at: Option<std::time::Instant>,
+    /// This worker's view of the plugin's metric series.
+    metrics: LocalMetrics,
 }
 
 impl PluginSlot {
@@ -1103,12 +1219,35 @@ pub enum Decision {
     Respond(Vec<u8>),
 }
 
+/// One command for the request chain: who sent it, the command, and what Redis says of it.
+pub struct ChainRequest<'a> {
+    /// The client it comes from.
+    pub client: &'a ClientHandle,
+    /// The command.
+    pub cmd: &'a crate::protocol::Command,
+    /// Its description in the command table.
+    pub info: Option<&'a crate::commands::CommandInfo>,
+}
+
 /// The response hooks owed for one command: run on its reply, in reverse chain order.
 pub struct ResponseChain {
     set: Arc<PluginSet>,
-    plugins: Vec<usize>,
-    command: WitCommand,
+    plugins: SmallVec<[u16; 4]>,
+    /// The command as it was sent (after rewrites), with its categories and keys.
+    cmd: crate::protocol::Command,
+    categories: u32,
+    keys: SmallVec<[(u32, u8); 2]>,
     start: std::time::Instant,
+}
+
+/// One reply for the response hooks: the client, the chain owed, and the reply.
+pub struct ChainResponse<'a> {
+    /// The client it goes to.
+    pub client: &'a ClientHandle,
+    /// The hooks owed.
+    pub chain: &'a ResponseChain,
+    /// The complete RESP reply.
+    pub reply: &'a [u8],
 }
 
 /// Logs a failed call (once per burst: at the 1st, 2nd, 4th, 8th … failure) and counts it.
@@ -1118,6 +1257,107 @@ fn note_failure(plugin: &LoadedPlugin, hook: &str, kind: &str, error: &str) {
     if n.is_power_of_two() {
         warn!(plugin = %plugin.file_name, hook, kind, failures = n, error = %error, "plugin call failed; instance recycled");
     }
+}
+
+/// Numbers per command in a batch's `requests`, per reply in `responses` (the contract's
+/// `request-words` and `response-words`).
+const REQUEST_WORDS: usize = 9;
+const RESPONSE_WORDS: usize = 13;
+
+/// The buffers of a batch for the contract: commands' bytes, their ends and keys, and the
+/// numbers that describe each command.
+struct BatchBuilder {
+    data: Vec<u8>,
+    ends: Vec<u32>,
+    keys: Vec<u32>,
+    words: Vec<u32>,
+}
+
+impl BatchBuilder {
+    fn new(commands: usize, words: usize) -> BatchBuilder {
+        BatchBuilder {
+            data: Vec::with_capacity(commands * 32),
+            ends: Vec::with_capacity(commands * 3),
+            keys: Vec::with_capacity(commands),
+            words: Vec::with_capacity(commands * words),
+        }
+    }
+
+    /// Adds a command (its name in lower case) and its `REQUEST_WORDS` numbers.
+    fn push(&mut self, client: &ClientHandle, cmd: &crate::protocol::Command, categories: u32, keys: &[(u32, u8)]) {
+        let start = self.data.len() as u32;
+        let first_end = self.ends.len() as u32;
+        let first_key = self.keys.len() as u32;
+        for (i, a) in cmd.iter().enumerate() {
+            if i == 0 {
+                self.data.extend(a.iter().map(u8::to_ascii_lowercase));
+            } else {
+                self.data.extend_from_slice(a);
+            }
+            self.ends.push(self.data.len() as u32);
+        }
+        for &(index, how) in keys {
+            let mut k = index & 0x3fff_ffff;
+            if how & crate::commands::access::READ != 0 {
+                k |= 1 << 30;
+            }
+            if how & crate::commands::access::WRITE != 0 {
+                k |= 1 << 31;
+            }
+            self.keys.push(k);
+        }
+        self.words.extend_from_slice(&client.words());
+        self.words.extend_from_slice(&[start, first_end, cmd.len() as u32, categories, first_key, keys.len() as u32]);
+    }
+}
+
+/// A command's keys as the contract numbers them (0 is the first argument after the name).
+fn key_list(cmd: &crate::protocol::Command, info: Option<&crate::commands::CommandInfo>) -> SmallVec<[(u32, u8); 2]> {
+    let mut keys = SmallVec::new();
+    if let Some(info) = info {
+        info.for_each_key(cmd, |i, how| keys.push(((i - 1) as u32, how)));
+    }
+    keys
+}
+
+/// A command on its way through the request chain.
+struct InChain<'a> {
+    client: &'a ClientHandle,
+    /// Its lower-case name.
+    name: std::borrow::Cow<'a, str>,
+    rewritten: Option<crate::protocol::Command>,
+    original: &'a crate::protocol::Command,
+    info: Option<&'a crate::commands::CommandInfo>,
+    /// A plugin refused or answered it.
+    stopped: Option<Decision>,
+    cache: Option<crate::cache::CacheFor>,
+    gate: Option<Box<Gate>>,
+    responses: SmallVec<[u16; 4]>,
+}
+
+impl InChain<'_> {
+    fn cmd(&self) -> &crate::protocol::Command {
+        self.rewritten.as_ref().unwrap_or(self.original)
+    }
+}
+
+/// A command's name in lower case: the table's (no allocation) when it knows the command.
+fn lower_name<'a>(cmd: &crate::protocol::Command, info: Option<&'a crate::commands::CommandInfo>) -> std::borrow::Cow<'a, str> {
+    match info {
+        Some(i) => std::borrow::Cow::Borrowed(i.name.split('|').next().unwrap_or(&i.name)),
+        None => std::borrow::Cow::Owned(String::from_utf8_lossy(cmd.name()).to_ascii_lowercase()),
+    }
+}
+
+/// The distinct clients of a batch, for the `client-info` import.
+fn clients_of<'a>(handles: impl Iterator<Item = &'a ClientHandle>) -> Vec<Arc<Client>> {
+    let mut out: Vec<Arc<Client>> = Vec::new();
+    for h in handles {
+        if !out.iter().any(|c| Arc::ptr_eq(c, &h.details)) {
+            out.push(h.details.clone());
+        }
+    }
+    out
 }
 
 impl WorkerPlugins {
@@ -1136,55 +1376,69 @@ impl WorkerPlugins {
         }
     }
 
-    /// Runs the request hooks of every plugin that wants this command, in order, applies
-    /// their effects, and gathers the response hooks owed for its reply.
-    pub fn on_request(
+    /// Runs the request hooks of the chain on a batch of commands: each plugin is called
+    /// once with every command of the batch it wants (that no plugin before it refused or
+    /// answered), its effects are applied, and the decision for each command comes back
+    /// with the response hooks owed for its reply.
+    pub fn on_requests<'a>(
         &mut self,
         set: &Arc<PluginSet>,
-        table: &CommandTable,
-        client: &ClientHandle,
-        cmd: &crate::protocol::Command,
-        info: Option<&crate::commands::CommandInfo>,
-    ) -> (Decision, Option<Box<ResponseChain>>) {
-        // Read the clock only when some plugin will want the elapsed time.
-        let mut start = None;
+        table: &'a CommandTable,
+        batch: &[ChainRequest<'a>],
+    ) -> Vec<(Decision, Option<Box<ResponseChain>>)> {
         let continue_ = || (Decision::Continue { rewritten: None, cache: None, gate: None }, None);
-        if cmd.is_empty() {
-            return continue_();
-        }
-        let Some(generation) = self.generation(set) else { return continue_() };
-        let mut name = String::from_utf8_lossy(cmd.name()).to_ascii_lowercase();
-        let mut info = info;
-        let mut rewritten: Option<crate::protocol::Command> = None;
-        let mut cache: Option<crate::cache::CacheFor> = None;
-        let mut gate: Option<Box<Gate>> = None;
-        let mut command: Option<WitCommand> = None;
-        let mut responses = Vec::new();
-        let mut decision = None;
-        for (i, plugin) in set.plugins.iter().enumerate() {
-            let serves = !plugin.manifest.serves.is_empty() && plugin.manifest.serves.contains(&name);
-            let wants = plugin.wants(&name, info.map_or(0, |i| i.category_bits));
-            if !wants && !serves {
+        let Some(generation) = self.generation(set) else { return batch.iter().map(|_| continue_()).collect() };
+        let mut items: Vec<InChain<'a>> = batch
+            .iter()
+            .map(|r| InChain {
+                client: r.client,
+                name: lower_name(r.cmd, r.info),
+                rewritten: None,
+                original: r.cmd,
+                info: r.info,
+                stopped: None,
+                cache: None,
+                gate: None,
+                responses: SmallVec::new(),
+            })
+            .collect();
+        let mut members: Vec<usize> = Vec::with_capacity(items.len());
+        for (pi, plugin) in set.plugins.iter().enumerate() {
+            members.clear();
+            for (i, it) in items.iter_mut().enumerate() {
+                if it.stopped.is_some() {
+                    continue;
+                }
+                let serves = !plugin.manifest.serves.is_empty() && plugin.manifest.serves.iter().any(|v| *v == *it.name);
+                let wants = plugin.wants(&it.name, it.info.map_or(0, |i| i.category_bits));
+                if plugin.manifest.on_response && wants {
+                    it.responses.push(pi as u16);
+                }
+                if (wants && plugin.manifest.on_request) || serves {
+                    members.push(i);
+                }
+            }
+            if members.is_empty() {
                 continue;
             }
-            if plugin.manifest.on_response && wants {
-                start.get_or_insert_with(std::time::Instant::now);
-                responses.push(i);
-            }
-            if !plugin.manifest.on_request && !serves {
-                continue;
-            }
-            let wit = command.get_or_insert_with(|| wit_command(&name, rewritten.as_ref().unwrap_or(cmd), info));
-            let Some(slot) = generation.instances.get_mut(i) else { continue };
+            let Some(slot) = generation.instances.get_mut(pi) else { continue };
             let Some(inst) = slot.get(plugin, "request") else {
                 if plugin.settings.on_error == OnError::Closed {
-                    decision = Some(Decision::Deny(format!("ERR respire: plugin {} is failing", plugin.file_name)));
-                    break;
+                    for &i in &members {
+                        items[i].stopped = Some(Decision::Deny(format!("ERR respire: plugin {} is failing", plugin.file_name)));
+                    }
                 }
                 continue;
             };
+            let mut b = BatchBuilder::new(members.len(), REQUEST_WORDS);
+            for &i in &members {
+                let it = &items[i];
+                b.push(it.client, it.cmd(), it.info.map_or(0, |i| i.category_bits), &key_list(it.cmd(), it.info));
+            }
+            let clients = clients_of(members.iter().map(|&i| items[i].client));
+            let wit = RequestBatch { data: b.data, ends: b.ends, keys: b.keys, requests: b.words };
             let started = std::time::Instant::now();
-            let result = inst.on_request(plugin.settings.time_budget, client, wit);
+            let result = inst.on_requests(plugin.settings.time_budget, &clients, &wit);
             plugin.ctx.stats.request_seconds.observe(started.elapsed().as_secs_f64());
             let result = match result {
                 Ok(r) => {
@@ -1196,94 +1450,155 @@ impl WorkerPlugins {
                     note_failure(plugin, "request", kind.as_str(), &e);
                     slot.failed();
                     if plugin.settings.on_error == OnError::Closed {
-                        decision = Some(Decision::Deny(format!("ERR respire: plugin {} failed", plugin.file_name)));
-                        break;
+                        for &i in &members {
+                            items[i].stopped = Some(Decision::Deny(format!("ERR respire: plugin {} failed", plugin.file_name)));
+                        }
                     }
                     continue;
                 }
             };
-            plugin.ctx.stats.request_ok.inc();
-            plugin.ctx.record(&result.metrics);
-            if let Err(msg) = plugin.ctx.take_all(&result.takes, &mut gate) {
-                decision = Some(Decision::Deny(msg));
-                break;
+            plugin.ctx.stats.request_ok.inc_by(members.len() as u64);
+            plugin.ctx.apply(&mut slot.metrics, &result.updates);
+            slot.metrics.flush();
+            // Tokens first, per command, all or nothing: a refusal stops that command.
+            if !result.takes.is_empty() {
+                for (k, &i) in members.iter().enumerate() {
+                    let mine: SmallVec<[&bindings::respire::plugin::types::Take; 2]> =
+                        result.takes.iter().filter(|t| t.request as usize == k).collect();
+                    if mine.is_empty() {
+                        continue;
+                    }
+                    let it = &mut items[i];
+                    if let Err(msg) = plugin.ctx.take_all(&mine, &mut it.gate) {
+                        it.stopped = Some(Decision::Deny(msg));
+                    }
+                }
             }
-            match result.action {
-                RequestAction::Continue => {}
-                RequestAction::Deny(msg) => {
-                    decision = Some(Decision::Deny(msg));
-                    break;
+            for d in result.decisions {
+                let Some(&i) = members.get(d.request as usize) else { continue };
+                let it = &mut items[i];
+                if it.stopped.is_some() {
+                    continue;
                 }
-                RequestAction::Respond(bytes) => {
-                    decision = Some(Decision::Respond(bytes));
-                    break;
-                }
-                RequestAction::Cache(c) => {
-                    let asked = crate::cache::CacheFor { ttl: Duration::from_millis(c.ttl_ms), empty_ttl: Duration::from_millis(c.empty_ttl_ms) };
-                    cache = Some(match cache {
-                        None => asked,
-                        Some(prev) => crate::cache::CacheFor { ttl: prev.ttl.min(asked.ttl), empty_ttl: prev.empty_ttl.min(asked.empty_ttl) },
-                    });
-                }
-                RequestAction::Rewrite(new_args) => {
-                    if let Some(n) = new_args.first() {
-                        name = String::from_utf8_lossy(n).to_ascii_lowercase();
-                        let new = crate::protocol::Command::from_args(&new_args);
-                        info = table.get(&new);
-                        rewritten = Some(new);
-                        command = None;
+                match d.action {
+                    RequestAction::Continue => {}
+                    RequestAction::Deny(msg) => it.stopped = Some(Decision::Deny(msg)),
+                    RequestAction::Respond(bytes) => it.stopped = Some(Decision::Respond(bytes)),
+                    RequestAction::Cache(c) => {
+                        let asked = crate::cache::CacheFor { ttl: Duration::from_millis(c.ttl_ms), empty_ttl: Duration::from_millis(c.empty_ttl_ms) };
+                        it.cache = Some(match it.cache {
+                            None => asked,
+                            Some(prev) => crate::cache::CacheFor { ttl: prev.ttl.min(asked.ttl), empty_ttl: prev.empty_ttl.min(asked.empty_ttl) },
+                        });
+                    }
+                    RequestAction::Rewrite(new_args) => {
+                        if let Some(n) = new_args.first() {
+                            let new = crate::protocol::Command::from_args(&new_args);
+                            // The table outlives the batch: look the new command up there.
+                            it.info = table.get(&new);
+                            it.name = std::borrow::Cow::Owned(String::from_utf8_lossy(n).to_ascii_lowercase());
+                            it.rewritten = Some(new);
+                        }
                     }
                 }
             }
         }
-        let chain = (!responses.is_empty()).then(|| {
-            let command = command.unwrap_or_else(|| wit_command(&name, rewritten.as_ref().unwrap_or(cmd), info));
-            Box::new(ResponseChain { set: set.clone(), plugins: responses, command, start: start.unwrap_or_else(std::time::Instant::now) })
-        });
-        // Refused or answered by a plugin: shared buckets are not asked; local tokens stay
-        // taken, as for any refusal by a later plugin.
-        (decision.unwrap_or(Decision::Continue { rewritten, cache, gate }), chain)
+        let now = std::time::Instant::now();
+        items
+            .into_iter()
+            .map(|it| {
+                let chain = if it.responses.is_empty() {
+                    None
+                } else {
+                    let cmd = it.cmd().clone();
+                    let keys = key_list(&cmd, it.info);
+                    Some(Box::new(ResponseChain {
+                        set: set.clone(),
+                        plugins: it.responses,
+                        categories: it.info.map_or(0, |i| i.category_bits),
+                        keys,
+                        cmd,
+                        start: now,
+                    }))
+                };
+                // Refused or answered by a plugin: shared buckets are not asked; local tokens stay
+                // taken, as for any refusal by a later plugin.
+                let decision = it.stopped.unwrap_or(Decision::Continue { rewritten: it.rewritten, cache: it.cache, gate: it.gate });
+                (decision, chain)
+            })
+            .collect()
     }
 
-    /// Runs the response hooks owed for a command on its reply (reverse chain order) and
-    /// applies their effects: the reply to send, when a plugin replaced it.
-    pub fn on_response(&mut self, chain: &ResponseChain, client: &ClientHandle, reply: &[u8]) -> Option<Vec<u8>> {
-        let elapsed_us = chain.start.elapsed().as_micros() as u64;
-        let generation = self.generation(&chain.set)?;
-        let mut replaced: Option<Vec<u8>> = None;
-        for &i in chain.plugins.iter().rev() {
-            let Some(plugin) = chain.set.plugins.get(i) else { continue };
-            let Some(slot) = generation.instances.get_mut(i) else { continue };
-            let Some(inst) = slot.get(plugin, "response") else { continue };
-            let current = replaced.as_deref().unwrap_or(reply);
-            let started = std::time::Instant::now();
-            let result = inst.on_response(plugin.settings.time_budget, client, &chain.command, current, elapsed_us);
-            plugin.ctx.stats.response_seconds.observe(started.elapsed().as_secs_f64());
-            match result {
-                Ok(r) => {
-                    slot.succeeded();
-                    plugin.ctx.stats.response_ok.inc();
-                    plugin.ctx.record(&r.metrics);
-                    if let ResponseAction::Replace(bytes) = r.action {
-                        if crate::protocol::reply_len(&bytes).ok().flatten() == Some(bytes.len()) {
-                            replaced = Some(bytes);
-                        } else {
-                            note_failure(plugin, "response", "invalid-reply", "the replacement is not one complete RESP reply");
+    /// Runs the response hooks owed on a batch of replies (each plugin once, in reverse chain
+    /// order, with every reply that owes it a hook) and applies their effects: for each
+    /// reply, the one to send instead, when a plugin replaced it.
+    pub fn on_responses(&mut self, batch: &[ChainResponse<'_>]) -> Vec<Option<Vec<u8>>> {
+        let mut replaced: Vec<Option<Vec<u8>>> = batch.iter().map(|_| None).collect();
+        let Some(first) = batch.first() else { return replaced };
+        // Chains of one plugin set go together (a reload may leave replies of the old one).
+        let sets: Vec<Arc<PluginSet>> = {
+            let mut v: Vec<Arc<PluginSet>> = vec![first.chain.set.clone()];
+            for r in batch {
+                if !v.iter().any(|s| Arc::ptr_eq(s, &r.chain.set)) {
+                    v.push(r.chain.set.clone());
+                }
+            }
+            v
+        };
+        for set in sets {
+            let Some(generation) = self.generation(&set) else { continue };
+            for pi in (0..set.plugins.len()).rev() {
+                let members: Vec<usize> = (0..batch.len())
+                    .filter(|&i| Arc::ptr_eq(&batch[i].chain.set, &set) && batch[i].chain.plugins.contains(&(pi as u16)))
+                    .collect();
+                if members.is_empty() {
+                    continue;
+                }
+                let Some(plugin) = set.plugins.get(pi) else { continue };
+                let Some(slot) = generation.instances.get_mut(pi) else { continue };
+                let Some(inst) = slot.get(plugin, "response") else { continue };
+                let mut b = BatchBuilder::new(members.len(), RESPONSE_WORDS);
+                let mut replies = Vec::new();
+                let now = std::time::Instant::now();
+                for &i in &members {
+                    let r = &batch[i];
+                    b.push(r.client, &r.chain.cmd, r.chain.categories, &r.chain.keys);
+                    let reply = replaced[i].as_deref().unwrap_or(r.reply);
+                    let reply_start = replies.len() as u32;
+                    replies.extend_from_slice(reply);
+                    let us = now.saturating_duration_since(r.chain.start).as_micros() as u64;
+                    b.words.extend_from_slice(&[reply_start, replies.len() as u32, us as u32, (us >> 32) as u32]);
+                }
+                let clients = clients_of(members.iter().map(|&i| batch[i].client));
+                let wit = ResponseBatch { data: b.data, ends: b.ends, keys: b.keys, responses: b.words, replies };
+                let started = std::time::Instant::now();
+                let result = inst.on_responses(plugin.settings.time_budget, &clients, &wit);
+                plugin.ctx.stats.response_seconds.observe(started.elapsed().as_secs_f64());
+                match result {
+                    Ok(r) => {
+                        slot.succeeded();
+                        plugin.ctx.stats.response_ok.inc_by(members.len() as u64);
+                        plugin.ctx.apply(&mut slot.metrics, &r.updates);
+                        slot.metrics.flush();
+                        for rep in r.replacements {
+                            let Some(&i) = members.get(rep.response as usize) else { continue };
+                            if crate::protocol::reply_len(&rep.reply).ok().flatten() == Some(rep.reply.len()) {
+                                replaced[i] = Some(rep.reply);
+                            } else {
+                                note_failure(plugin, "response", "invalid-reply", "the replacement is not one complete RESP reply");
+                            }
                         }
                     }
-                }
-                Err((kind, e)) => {
-                    plugin.ctx.stats.response_err.inc();
-                    note_failure(plugin, "response", kind.as_str(), &e);
-                    slot.failed();
-                    if plugin.settings.on_error == OnError::Closed {
-                        let mut b = Vec::new();
-                        let text = format!("ERR respire: plugin {} failed", plugin.file_name);
-                        b.push(b'-');
-                        b.extend_from_slice(text.as_bytes());
-                        b.extend_from_slice(b"\r\n");
-                        replaced = Some(b);
-                        break;
+                    Err((kind, e)) => {
+                        plugin.ctx.stats.response_err.inc();
+                        note_failure(plugin, "response", kind.as_str(), &e);
+                        slot.failed();
+                        if plugin.settings.on_error == OnError::Closed {
+                            let text = format!("-ERR respire: plugin {} failed\r\n", plugin.file_name);
+                            for &i in &members {
+                                replaced[i] = Some(text.clone().into_bytes());
+                            }
+                        }
                     }
                 }
             }
@@ -1292,45 +1607,3 @@ impl WorkerPlugins {
     }
 }
 
-/// The contract's view of a command: name, arguments after it in one buffer, categories, keys.
-fn wit_command(name: &str, args: &crate::protocol::Command, info: Option<&crate::commands::CommandInfo>) -> WitCommand {
-    use bindings::respire::plugin::types::{Key, KeyAccess};
-    let mut data = Vec::with_capacity(name.len() + args.iter().skip(1).map(|a| a.len()).sum::<usize>());
-    let mut ends = Vec::with_capacity(args.len());
-    data.extend_from_slice(name.as_bytes());
-    ends.push(data.len() as u32);
-    for a in args.iter().skip(1) {
-        data.extend_from_slice(a);
-        ends.push(data.len() as u32);
-    }
-    let mut keys = Vec::new();
-    if let Some(info) = info {
-        info.for_each_key(args, |i, how| {
-            let mut access = KeyAccess::empty();
-            if how & crate::commands::access::READ != 0 {
-                access |= KeyAccess::READ;
-            }
-            if how & crate::commands::access::WRITE != 0 {
-                access |= KeyAccess::WRITE;
-            }
-            keys.push(Key { index: (i - 1) as u32, access });
-        });
-    }
-    WitCommand {
-        data,
-        ends,
-        categories: categories(info.map_or(0, |i| i.category_bits)),
-        keys,
-    }
-}
-
-/// Category bits (in the order of [`crate::commands::CATEGORIES`]) as the contract's flags.
-fn categories(bits: u32) -> bindings::respire::plugin::types::Category {
-    use bindings::respire::plugin::types::Category as C;
-    const ORDER: [C; 21] = [
-        C::KEYSPACE, C::READ, C::WRITE, C::SET, C::SORTEDSET, C::LIST, C::HASH, C::STRING, C::BITMAP, C::HYPERLOGLOG, C::GEO,
-        C::STREAM, C::PUBSUB, C::ADMIN, C::FAST, C::SLOW, C::BLOCKING, C::DANGEROUS, C::CONNECTION, C::TRANSACTION,
-        C::SCRIPTING,
-    ];
-    ORDER.iter().enumerate().filter(|(i, _)| bits & (1 << i) != 0).fold(C::empty(), |acc, (_, c)| acc | *c)
-}

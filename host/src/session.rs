@@ -49,11 +49,17 @@ use crate::config::ReadFrom;
 use crate::commands::{self, Kind, Local, Resolved};
 use crate::io::{IoEvent, poll_io, write_now};
 use crate::protocol::{self as resp, Command, RequestParser};
-use crate::plugin::{Client as PluginClient, ClientHandle, Decision, ResponseChain};
+use crate::plugin::{ChainRequest, ChainResponse, Client as PluginClient, ClientHandle, Decision, ResponseChain};
 use crate::pubsub::SubKind;
 use crate::router::{self, CROSSSLOT, Merge, Plan};
 use crate::server::Worker;
 use crate::topology::{BackendKind, Topology};
+
+/// The request chain's decision for a command, with the response hooks owed for its reply.
+type PreDecision = (Decision, Option<Box<ResponseChain>>);
+
+/// Most commands of a pipeline that go through the plugins in one batch.
+const MAX_PLUGIN_BATCH: usize = 256;
 
 /// Most redirections followed for one command before the client gets the error.
 const MAX_REDIRECTS: u8 = 5;
@@ -286,6 +292,10 @@ pub struct Session {
     hooks: VecDeque<(u64, Box<ResponseChain>)>,
     /// Response hooks owed for the stalled command.
     stalled_hook: Option<Box<ResponseChain>>,
+    /// Commands whose request hooks ran with their batch, waiting behind a stalled or gated one.
+    deferred: VecDeque<(Command, Option<PreDecision>)>,
+    /// Replies waiting for their response hooks (with the replies after them, in order).
+    staged: Vec<(Vec<u8>, Option<Box<ResponseChain>>)>,
     /// Cache work owed, by the sequence number of the slot whose reply triggers it.
     after: VecDeque<(u64, After)>,
     /// Writes in `after` not answered yet: reads bypass the cache meanwhile (a client must
@@ -354,6 +364,8 @@ pub async fn run(worker: Rc<Worker>, stream: TcpStream, info: Arc<ClientInfo>) {
         popped: 0,
         hooks: VecDeque::new(),
         stalled_hook: None,
+        deferred: VecDeque::new(),
+        staged: Vec::new(),
         after: VecDeque::new(),
         writes_in_flight: 0,
         stalled_after: None,
@@ -572,22 +584,104 @@ impl Session {
         *self.now.get_or_insert_with(Instant::now)
     }
 
+    /// Whether the next command may be handled now (nothing stalled, gated or streaming).
+    fn can_take(&self) -> bool {
+        !self.closing && self.stalled.is_none() && self.stream_start.is_none() && self.gated.is_none()
+    }
+
     fn process_input(&mut self) {
         self.batch_start = self.now();
         self.refresh_topology();
         self.has_plugins = self.worker.shared.config.plugins.is_some() && !self.worker.shared.plugins.load().plugins.is_empty();
-        while !self.closing && self.stalled.is_none() && self.stream_start.is_none() && self.gated.is_none() {
-            match self.parser.parse(&mut self.inbuf, &self.worker.shared.limits, self.authenticated) {
-                Ok(Some(cmd)) => self.handle(cmd),
-                Ok(None) => break,
-                Err(e) => {
-                    debug!(client = self.info.id, error = %e, "protocol error");
-                    self.reply_mode = ReplyMode::On;
-                    self.reply_error(&e.reply_text());
-                    self.closing = true;
+        while self.can_take() {
+            if let Some((cmd, pre)) = self.deferred.pop_front() {
+                self.handle(cmd, pre);
+                continue;
+            }
+            if !self.has_plugins {
+                match self.parser.parse(&mut self.inbuf, &self.worker.shared.limits, self.authenticated) {
+                    Ok(Some(cmd)) => self.handle(cmd, None),
+                    Ok(None) => break,
+                    Err(e) => self.protocol_error(e),
+                }
+                continue;
+            }
+            // With plugins, a pipelined batch goes through the chain together: one call per
+            // plugin for all of it. A command that changes what plugins see of the client
+            // (AUTH, SELECT, CLIENT SETNAME …) ends the batch.
+            let mut batch: Vec<Command> = Vec::new();
+            loop {
+                match self.parser.parse(&mut self.inbuf, &self.worker.shared.limits, self.authenticated) {
+                    Ok(Some(cmd)) => {
+                        let kind = commands::lookup(cmd.name()).kind;
+                        batch.push(cmd);
+                        let ends = matches!(
+                            kind,
+                            Kind::Local(Local::Auth | Local::Hello | Local::Select | Local::Reset | Local::Client | Local::Quit) | Kind::Stream
+                        );
+                        if ends || batch.len() >= MAX_PLUGIN_BATCH {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    // Answered after the commands before it (parsing it again gives the same error).
+                    Err(e) if batch.is_empty() => {
+                        self.protocol_error(e);
+                        break;
+                    }
+                    Err(_) => break,
                 }
             }
+            if batch.is_empty() {
+                break;
+            }
+            self.run_batch(batch);
         }
+    }
+
+    fn protocol_error(&mut self, e: resp::ProtocolError) {
+        debug!(client = self.info.id, error = %e, "protocol error");
+        self.reply_mode = ReplyMode::On;
+        self.reply_error(&e.reply_text());
+        self.closing = true;
+    }
+
+    /// Runs the request hooks on a batch of commands, then handles them in order; the ones
+    /// that cannot be handled yet (behind a stalled or gated command) wait with their decisions.
+    fn run_batch(&mut self, batch: Vec<Command>) {
+        let worker = self.worker.clone();
+        let table = &worker.shared.commands;
+        let resolved: Vec<Resolved<'_>> = batch.iter().map(|c| table.resolve(c)).collect();
+        let seen: Vec<bool> = resolved.iter().map(|r| self.plugins_see(r.spec)).collect();
+        let client = self.plugin_client().clone();
+        let requests: Vec<ChainRequest<'_>> = batch
+            .iter()
+            .zip(&resolved)
+            .zip(&seen)
+            .filter(|(_, s)| **s)
+            .map(|((cmd, res), _)| ChainRequest { client: &client, cmd, info: res.info })
+            .collect();
+        let mut decisions = if requests.is_empty() {
+            Vec::new().into_iter()
+        } else {
+            let set = worker.shared.plugins.load();
+            worker.plugins.borrow_mut().on_requests(&set, table, &requests).into_iter()
+        };
+        drop(requests);
+        for ((cmd, res), seen) in batch.into_iter().zip(resolved).zip(seen) {
+            let pre = if seen { decisions.next() } else { None };
+            if self.can_take() {
+                self.handle_resolved(cmd, res, pre);
+            } else if !self.closing {
+                self.deferred.push_back((cmd, pre));
+            }
+        }
+    }
+
+    /// Whether the request hooks see a command (not the ones that authenticate or end the
+    /// connection, nor anything an unauthenticated client is refused).
+    fn plugins_see(&self, spec: &commands::Spec) -> bool {
+        (self.authenticated || spec.no_auth) && !matches!(spec.kind, Kind::Local(Local::Auth | Local::Hello | Local::Quit | Local::Reset))
     }
 
     // ---- replies ----------------------------------------------------------
@@ -607,7 +701,7 @@ impl Session {
         if self.take_silent() {
             return;
         }
-        if self.queue.is_empty() {
+        if self.queue.is_empty() && self.staged.is_empty() {
             f(&mut self.out, self.proto);
         } else {
             let mut b = BytesMut::new();
@@ -651,12 +745,11 @@ impl Session {
         while self.hooks.front().is_some_and(|(s, _)| *s < seq) {
             self.hooks.pop_front();
         }
-        if self.hooks.front().is_some_and(|(s, _)| *s == seq) {
-            if let Some((_, chain)) = self.hooks.pop_front() {
-                let replaced = self.run_response_plugins(&chain, bytes);
-                self.out.extend_from_slice(replaced.as_deref().unwrap_or(bytes));
-                return;
-            }
+        let chain = if self.hooks.front().is_some_and(|(s, _)| *s == seq) { self.hooks.pop_front().map(|(_, c)| c) } else { None };
+        if chain.is_some() || !self.staged.is_empty() {
+            // Held until the replies ready now are all in, so the hooks run on them together.
+            self.staged.push((bytes.to_vec(), chain));
+            return;
         }
         self.out.extend_from_slice(bytes);
     }
@@ -694,6 +787,11 @@ impl Session {
 
     /// Moves every completed reply at the front of the queue to the output.
     fn collect_ready(&mut self) {
+        self.collect_front();
+        self.flush_staged();
+    }
+
+    fn collect_front(&mut self) {
         loop {
             let (part, r) = match self.queue.front_mut() {
                 None => return,
@@ -786,13 +884,18 @@ impl Session {
 
     // ---- dispatch ---------------------------------------------------------
 
-    fn handle(&mut self, cmd: Command) {
+    /// Handles a command; `pre` carries the request chain's decision when it already ran.
+    fn handle(&mut self, cmd: Command, pre: Option<PreDecision>) {
         let worker = self.worker.clone();
         let res = worker.shared.commands.resolve(&cmd);
+        self.handle_resolved(cmd, res, pre);
+    }
+
+    fn handle_resolved(&mut self, cmd: Command, res: Resolved<'_>, pre: Option<PreDecision>) {
         let id = res.info.map_or(crate::stats::OTHER, |i| i.id);
         let (pushed, mark) = (self.pushed, self.out.len());
         self.last_sent = None;
-        self.handle_command(cmd, res);
+        self.handle_command(cmd, res, pre);
         self.note_stat((id, self.batch_start), pushed, mark);
     }
 
@@ -868,7 +971,7 @@ impl Session {
         self.worker.shared.slowlog.push(entry, self.worker.shared.config.slowlog_max_len);
     }
 
-    fn handle_command(&mut self, mut cmd: Command, res: Resolved<'_>) {
+    fn handle_command(&mut self, mut cmd: Command, res: Resolved<'_>, pre: Option<PreDecision>) {
         let worker = self.worker.clone();
         let mut res = res;
         self.last_cmd = res.info.map_or(commands::NO_DISPLAY_ID, |i| i.display_id());
@@ -880,8 +983,11 @@ impl Session {
         let mut chain = None;
         let mut cache_for = None;
         let mut gate = None;
-        if self.has_plugins && !matches!(spec.kind, Kind::Local(Local::Auth | Local::Hello | Local::Quit | Local::Reset)) {
-            let (decision, c) = self.run_request_plugins(&cmd, res);
+        if self.has_plugins && self.plugins_see(spec) {
+            let (decision, c) = match pre {
+                Some(p) => p,
+                None => self.run_request_plugins(&cmd, res),
+            };
             chain = c;
             match decision {
                 Decision::Continue { rewritten, cache, gate: g } => {
@@ -1247,20 +1353,42 @@ impl Session {
         }) })
     }
 
-    /// Runs the request hooks of the plugins that want this command.
-    fn run_request_plugins(&mut self, cmd: &Command, res: Resolved<'_>) -> (Decision, Option<Box<ResponseChain>>) {
+    /// Runs the request hooks of the plugins that want this one command.
+    fn run_request_plugins(&mut self, cmd: &Command, res: Resolved<'_>) -> PreDecision {
         let worker = self.worker.clone();
         // A guard, not a clone: the set is cloned only when a response hook needs it later.
         let set = worker.shared.plugins.load();
-        let client = self.plugin_client();
-        worker.plugins.borrow_mut().on_request(&set, &worker.shared.commands, client, cmd, res.info)
+        let client = self.plugin_client().clone();
+        let one = [ChainRequest { client: &client, cmd, info: res.info }];
+        let mut out = worker.plugins.borrow_mut().on_requests(&set, &worker.shared.commands, &one);
+        out.pop().unwrap_or((Decision::Continue { rewritten: None, cache: None, gate: None }, None))
     }
 
-    /// Runs the response hooks owed for a reply: the replacement, if a plugin made one.
+    /// Runs the response hooks owed for one reply: the replacement, if a plugin made one.
     fn run_response_plugins(&mut self, chain: &ResponseChain, reply: &[u8]) -> Option<Vec<u8>> {
         let worker = self.worker.clone();
-        let client = self.plugin_client();
-        worker.plugins.borrow_mut().on_response(chain, client, reply)
+        let client = self.plugin_client().clone();
+        let one = [ChainResponse { client: &client, chain, reply }];
+        worker.plugins.borrow_mut().on_responses(&one).pop().flatten()
+    }
+
+    /// Writes the replies held for response hooks: the hooks run once per plugin for all of
+    /// them, then every held reply goes out in order.
+    fn flush_staged(&mut self) {
+        if self.staged.is_empty() {
+            return;
+        }
+        let staged = std::mem::take(&mut self.staged);
+        let worker = self.worker.clone();
+        let client = self.plugin_client().clone();
+        let hooked: Vec<ChainResponse<'_>> =
+            staged.iter().filter_map(|(reply, chain)| chain.as_deref().map(|chain| ChainResponse { client: &client, chain, reply })).collect();
+        let mut replaced = worker.plugins.borrow_mut().on_responses(&hooked).into_iter();
+        drop(hooked);
+        for (reply, chain) in &staged {
+            let r = if chain.is_some() { replaced.next().flatten() } else { None };
+            self.out.extend_from_slice(r.as_deref().unwrap_or(reply));
+        }
     }
 
     fn set_multi(&mut self, on: bool) {

@@ -9,6 +9,12 @@
 //! component respire loads. Build it for `wasm32-wasip2` and drop the `.wasm`
 //! file into respire's plugin folder.
 //!
+//! respire hands a plugin whole batches of commands (a pipeline, or what many clients
+//! sent at once) in one call; the SDK calls the hooks once per command, in order, and
+//! sends every decision and effect back together. Metric label values are turned into a
+//! series number once per distinct combination (cached in the instance), so recording a
+//! metric costs a hash lookup here rather than strings crossing into respire.
+//!
 //! ```ignore
 //! use respire_sdk::{Client, Command, Effects, LimiterId, Manifest, Metric, MetricId, Plugin, RequestAction};
 //!
@@ -57,28 +63,67 @@ pub mod glob;
 
 pub use bindings::respire::plugin::host::Level;
 pub use bindings::respire::plugin::types::{
-    ClientRef, CacheFor, CacheSettings, Category, Client, Key, KeyAccess, Limiter, Manifest, Metric, MetricKind, MetricUpdate, RequestAction,
-    ResponseAction, Take,
+    CacheFor, CacheSettings, Category, Client, KeyAccess, Limiter, Manifest, Metric, MetricKind, RequestAction,
 };
 
-/// A command as a plugin sees it: the lower-case name, zero-copy views of the arguments,
-/// its ACL categories and its keys.
-pub struct Command {
-    /// The command name in lower case.
-    pub name: String,
-    /// Its ACL categories (empty when respire does not know the command).
-    pub categories: Category,
-    data: Vec<u8>,
-    ends: Vec<u32>,
-    keys: Vec<Key>,
+/// Which client a command comes from, without its details: respire's id for the connection,
+/// and a number that changes whenever the details (user, database, name, protocol) do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientRef {
+    /// respire's id for the connection (as `CLIENT ID`).
+    pub id: u64,
+    /// Changes whenever the client's details change.
+    pub generation: u32,
 }
 
-impl Command {
+/// What a response hook does with a reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResponseAction {
+    /// Pass it on unchanged.
+    Continue,
+    /// Send this complete RESP reply instead.
+    Replace(Vec<u8>),
+}
+
+/// A command as a plugin sees it: the lower-case name, zero-copy views of the arguments,
+/// its ACL categories and its keys (borrowed from the batch respire sent).
+pub struct Command<'a> {
+    /// The command name in lower case.
+    pub name: &'a str,
+    /// Its ACL categories (empty when respire does not know the command).
+    pub categories: Category,
+    data: &'a [u8],
+    /// Where the name starts in `data`.
+    start: usize,
+    /// The end of the name, then of each argument.
+    ends: &'a [u32],
+    /// Its keys: argument index in the low 30 bits, bit 30 read, bit 31 write.
+    keys: &'a [u32],
+}
+
+/// Numbers per command in a batch's `requests` (see the contract's `request-batch`).
+#[doc(hidden)]
+pub const REQUEST_WORDS: usize = 9;
+/// Numbers per reply in a batch's `responses`.
+#[doc(hidden)]
+pub const RESPONSE_WORDS: usize = 13;
+
+fn range(from: u32, n: u32) -> std::ops::Range<usize> {
+    from as usize..(from as usize).saturating_add(n as usize)
+}
+
+impl<'a> Command<'a> {
+    /// The command described by `words` (its `REQUEST_WORDS` numbers) and the client it came from.
     #[doc(hidden)]
-    pub fn from_wit(c: bindings::respire::plugin::types::Command) -> Command {
-        let name_end = c.ends.first().map_or(0, |e| *e as usize);
-        let name = String::from_utf8_lossy(c.data.get(..name_end).unwrap_or_default()).into_owned();
-        Command { name, categories: c.categories, data: c.data, ends: c.ends, keys: c.keys }
+    pub fn from_batch(data: &'a [u8], ends: &'a [u32], keys: &'a [u32], words: &[u32]) -> (ClientRef, Command<'a>) {
+        let w = |i: usize| words.get(i).copied().unwrap_or(0);
+        let client = ClientRef { id: u64::from(w(0)) | (u64::from(w(1)) << 32), generation: w(2) };
+        let start = w(3) as usize;
+        let ends = ends.get(range(w(4), w(5))).unwrap_or_default();
+        let keys = keys.get(range(w(7), w(8))).unwrap_or_default();
+        let name_end = ends.first().map_or(start, |e| *e as usize);
+        let name = data.get(start..name_end).and_then(|n| std::str::from_utf8(n).ok()).unwrap_or_default();
+        (client, Command { name, categories: Category::from_bits_retain(w(6)), data, start, ends, keys })
     }
 
     /// Whether the command is in all of these categories (`Category::WRITE`, …).
@@ -87,8 +132,17 @@ impl Command {
     }
 
     /// Its keys, with whether the command reads or writes each.
-    pub fn keys(&self) -> impl Iterator<Item = (&[u8], KeyAccess)> {
-        self.keys.iter().filter_map(|k| Some((self.arg(k.index as usize)?, k.access)))
+    pub fn keys(&self) -> impl Iterator<Item = (&'a [u8], KeyAccess)> + '_ {
+        self.keys.iter().filter_map(|&k| {
+            let mut access = KeyAccess::empty();
+            if k & (1 << 30) != 0 {
+                access |= KeyAccess::READ;
+            }
+            if k & (1 << 31) != 0 {
+                access |= KeyAccess::WRITE;
+            }
+            Some((self.arg((k & 0x3fff_ffff) as usize)?, access))
+        })
     }
 
     /// Number of arguments after the name.
@@ -102,7 +156,7 @@ impl Command {
     }
 
     /// Argument `i` (0 is the first argument after the name).
-    pub fn arg(&self, i: usize) -> Option<&[u8]> {
+    pub fn arg(&self, i: usize) -> Option<&'a [u8]> {
         let start = *self.ends.get(i)? as usize;
         let end = *self.ends.get(i + 1)? as usize;
         self.data.get(start..end)
@@ -110,11 +164,11 @@ impl Command {
 
     /// Bytes of the name and all arguments together.
     pub fn size(&self) -> usize {
-        self.data.len()
+        self.ends.last().map_or(0, |e| (*e as usize).saturating_sub(self.start))
     }
 
     /// Every argument after the name.
-    pub fn args(&self) -> impl Iterator<Item = &[u8]> {
+    pub fn args(&self) -> impl Iterator<Item = &'a [u8]> + '_ {
         (0..self.len()).filter_map(|i| self.arg(i))
     }
 }
@@ -269,9 +323,14 @@ impl Metric {
 /// Returning them costs nothing extra; calling the host for each would cost a call each.
 #[derive(Default)]
 pub struct Effects {
+    /// The request or response of the batch the hook is running for.
+    current: u32,
     takes: Vec<Take>,
-    metrics: Vec<MetricUpdate>,
+    series: Vec<u32>,
+    values: Vec<f64>,
 }
+
+use bindings::respire::plugin::types::{Take, Updates};
 
 impl Effects {
     /// Take `cost` tokens from bucket `key` of `limiter` before the command goes on; if the
@@ -279,12 +338,16 @@ impl Effects {
     /// `ERR rate limit '<limiter>' exceeded, retry in <n> ms` and takes nothing.
     /// Only request hooks may take tokens.
     pub fn take(&mut self, limiter: LimiterId, key: impl Into<String>, cost: u32) {
-        self.takes.push(Take { limiter: limiter.0, key: key.into(), cost });
+        self.takes.push(Take { request: self.current, limiter: limiter.0, key: key.into(), cost });
     }
 
     /// Changes a metric: a counter adds `value`, a gauge is set to it, a histogram observes it.
+    /// Labels that do not fit the metric, or a metric over 1000 series, are dropped.
     pub fn record(&mut self, metric: MetricId, labels: &[&str], value: f64) {
-        self.metrics.push(MetricUpdate { metric: metric.0, labels: labels.iter().map(|l| l.to_string()).collect(), value });
+        if let Some(series) = series::of(metric, labels) {
+            self.series.push(series);
+            self.values.push(value);
+        }
     }
 
     /// Adds 1 to a counter.
@@ -293,26 +356,99 @@ impl Effects {
     }
 
     #[doc(hidden)]
-    pub fn into_parts(self) -> (Vec<Take>, Vec<MetricUpdate>) {
-        (self.takes, self.metrics)
+    pub fn at(&mut self, index: u32) {
+        self.current = index;
+    }
+
+    #[doc(hidden)]
+    pub fn into_parts(self) -> (Vec<Take>, Updates) {
+        (self.takes, Updates { series: self.series, values: self.values })
+    }
+}
+
+/// Series numbers of metric label values, asked of respire once per combination.
+#[doc(hidden)]
+pub mod series {
+    use std::cell::RefCell;
+
+    use rustc_hash::FxHashMap;
+
+    use crate::MetricId;
+
+    /// Most combinations remembered per metric (respire keeps at most 1000 anyway).
+    const MAX: usize = 4096;
+
+    #[derive(Default)]
+    struct PerMetric {
+        /// The last labels asked for and their series: most updates repeat the last ones.
+        last: Option<(Vec<String>, Option<u32>)>,
+        known: FxHashMap<String, Option<u32>>,
+    }
+
+    thread_local! {
+        static CACHE: RefCell<(String, Vec<PerMetric>)> = const { RefCell::new((String::new(), Vec::new())) };
+    }
+
+    /// The series of `metric` with these labels (`None`: respire drops updates to it).
+    pub fn of(metric: MetricId, labels: &[&str]) -> Option<u32> {
+        CACHE.with(|c| {
+            let (key, all) = &mut *c.borrow_mut();
+            let i = metric.0 as usize;
+            if all.len() <= i {
+                all.resize_with(i + 1, PerMetric::default);
+            }
+            let per = &mut all[i];
+            if let Some((l, s)) = &per.last
+                && l.len() == labels.len()
+                && l.iter().zip(labels).all(|(a, b)| a == b)
+            {
+                return *s;
+            }
+            key.clear();
+            for l in labels {
+                key.push_str(l);
+                key.push('\u{1f}');
+            }
+            let s = match per.known.get(key.as_str()) {
+                Some(s) => *s,
+                None => {
+                    let owned: Vec<String> = labels.iter().map(|l| l.to_string()).collect();
+                    let s = crate::bindings::respire::plugin::host::series(metric.0, &owned);
+                    if per.known.len() >= MAX {
+                        per.known.clear();
+                    }
+                    per.known.insert(key.clone(), s);
+                    s
+                }
+            };
+            match &mut per.last {
+                Some((l, ls)) => {
+                    l.clear();
+                    l.extend(labels.iter().map(|x| x.to_string()));
+                    *ls = s;
+                }
+                None => per.last = Some((labels.iter().map(|x| x.to_string()).collect(), s)),
+            }
+            s
+        })
     }
 }
 
 /// A reply as a response hook sees it: the complete RESP bytes and how long it took.
-pub struct Reply {
-    raw: Vec<u8>,
+pub struct Reply<'a> {
+    raw: &'a [u8],
     elapsed_us: u64,
 }
 
-impl Reply {
+impl<'a> Reply<'a> {
     #[doc(hidden)]
-    pub fn new(raw: Vec<u8>, elapsed_us: u64) -> Reply {
+    pub fn new(raw: &'a [u8], elapsed_us: u64) -> Reply<'a> {
         Reply { raw, elapsed_us }
     }
 
     /// The reply exactly as Redis (or respire) sent it.
-    pub fn raw(&self) -> &[u8] {
-        &self.raw
+    pub fn raw(&self) -> &'a [u8] {
+        self.raw
     }
 
     /// Microseconds from respire reading the command to this reply.
@@ -326,8 +462,8 @@ impl Reply {
     }
 
     /// The reply parsed into a [`reply::Value`] (None if it is not valid RESP).
-    pub fn value(&self) -> Option<reply::Value<'_>> {
-        reply::parse(&self.raw).map(|(v, _)| v)
+    pub fn value(&self) -> Option<reply::Value<'a>> {
+        reply::parse(self.raw).map(|(v, _)| v)
     }
 }
 
@@ -338,12 +474,12 @@ pub trait Plugin: Sized + 'static {
     fn init(config: &str) -> Result<(Self, Manifest), String>;
 
     /// Runs before a matching command goes to Redis. Default: continue.
-    fn on_request(&mut self, _client: &Client, _command: &Command, _effects: &mut Effects) -> RequestAction {
+    fn on_request(&mut self, _client: &Client, _command: &Command<'_>, _effects: &mut Effects) -> RequestAction {
         RequestAction::Continue
     }
 
     /// Runs with the reply to a matching command, before the client gets it. Default: continue.
-    fn on_response(&mut self, _client: &Client, _command: &Command, _reply: &Reply, _effects: &mut Effects) -> ResponseAction {
+    fn on_response(&mut self, _client: &Client, _command: &Command<'_>, _reply: &Reply<'_>, _effects: &mut Effects) -> ResponseAction {
         ResponseAction::Continue
     }
 }
@@ -353,23 +489,43 @@ pub trait Plugin: Sized + 'static {
 #[doc(hidden)]
 pub mod clients {
     use std::cell::RefCell;
-    use std::collections::HashMap;
+
+    use rustc_hash::FxHashMap as HashMap;
 
     use crate::{Client, ClientRef};
 
     /// Most clients remembered at once (the cache starts over beyond it).
     const MAX: usize = 4096;
 
+    /// A client respire did not describe (not in the batch: cannot happen with a sound host).
+    fn unknown(id: u64) -> Client {
+        Client { id, addr: String::new(), user: "default".into(), db: 0, name: String::new(), protocol: 2 }
+    }
+
     thread_local! {
-        static CACHE: RefCell<HashMap<u64, (u32, Client)>> = RefCell::new(HashMap::new());
+        static CACHE: RefCell<HashMap<u64, (u32, Client)>> = RefCell::new(HashMap::default());
+        /// The last client asked about (a batch is mostly one client's pipeline).
+        static LAST: RefCell<Option<(u64, u32, Client)>> = const { RefCell::new(None) };
     }
 
     /// Runs `f` with the details of `r`, fetching them from respire when they changed.
     pub fn with<T>(r: ClientRef, f: impl FnOnce(&Client) -> T) -> T {
+        let hit = LAST.with(|l| l.borrow().as_ref().is_some_and(|(id, g, _)| *id == r.id && *g == r.generation));
+        if !hit {
+            let client = lookup(r);
+            LAST.with(|l| *l.borrow_mut() = Some((r.id, r.generation, client)));
+        }
+        LAST.with(|l| match l.borrow().as_ref() {
+            Some((_, _, client)) => f(client),
+            None => f(&unknown(r.id)),
+        })
+    }
+
+    fn lookup(r: ClientRef) -> Client {
         CACHE.with(|c| {
             let fresh = c.borrow().get(&r.id).is_some_and(|(g, _)| *g == r.generation);
             if !fresh {
-                let details = crate::bindings::respire::plugin::host::client_info();
+                let details = crate::bindings::respire::plugin::host::client_info(r.id).unwrap_or_else(|| unknown(r.id));
                 let mut c = c.borrow_mut();
                 if c.len() >= MAX {
                     c.clear();
@@ -378,8 +534,8 @@ pub mod clients {
             }
             let c = c.borrow();
             match c.get(&r.id) {
-                Some((_, client)) => f(client),
-                None => f(&crate::bindings::respire::plugin::host::client_info()),
+                Some((_, client)) => client.clone(),
+                None => unknown(r.id),
             }
         })
     }
@@ -388,7 +544,8 @@ pub mod clients {
 /// Calls into respire. Each costs about as much as a hook call: prefer [`Effects`] in hooks.
 pub mod host {
     use crate::bindings::respire::plugin::host as h;
-    use crate::{Level, LimiterId, MetricId, MetricUpdate};
+    use crate::bindings::respire::plugin::types::Update;
+    use crate::{Level, LimiterId, MetricId};
 
     /// Writes a line to respire's log, tagged with the plugin's name.
     pub fn log(level: Level, message: &str) {
@@ -402,7 +559,9 @@ pub mod host {
 
     /// Changes a metric now (a counter adds, a gauge is set, a histogram observes).
     pub fn record(metric: MetricId, labels: &[&str], value: f64) {
-        h::record_metric(&MetricUpdate { metric: metric.0, labels: labels.iter().map(|l| l.to_string()).collect(), value });
+        if let Some(series) = crate::series::of(metric, labels) {
+            h::record_update(Update { series, value });
+        }
     }
 
     /// Takes `cost` tokens from bucket `key` of `limiter`: `Ok(tokens left)`, or
@@ -604,39 +763,51 @@ macro_rules! export_plugin {
                 Ok(manifest)
             }
 
-            fn on_request(
-                client: $crate::ClientRef,
-                command: $crate::bindings::respire::plugin::types::Command,
-            ) -> $crate::bindings::respire::plugin::types::RequestResult {
-                let command = $crate::Command::from_wit(command);
+            fn on_requests(
+                batch: $crate::bindings::respire::plugin::types::RequestBatch,
+            ) -> $crate::bindings::respire::plugin::types::RequestResults {
                 let mut effects = $crate::Effects::default();
-                let action = $crate::clients::with(client, |client| {
-                    __RESPIRE_STATE.with(|s| match s.borrow_mut().as_mut() {
-                        Some(p) => <$plugin as $crate::Plugin>::on_request(p, client, &command, &mut effects),
-                        None => $crate::RequestAction::Continue,
-                    })
+                let mut decisions = Vec::new();
+                __RESPIRE_STATE.with(|s| {
+                    let mut state = s.borrow_mut();
+                    let Some(p) = state.as_mut() else { return };
+                    for (i, words) in batch.requests.chunks_exact($crate::REQUEST_WORDS).enumerate() {
+                        let (client, command) = $crate::Command::from_batch(&batch.data, &batch.ends, &batch.keys, words);
+                        effects.at(i as u32);
+                        let action =
+                            $crate::clients::with(client, |client| <$plugin as $crate::Plugin>::on_request(p, client, &command, &mut effects));
+                        if !matches!(action, $crate::RequestAction::Continue) {
+                            decisions.push($crate::bindings::respire::plugin::types::Decision { request: i as u32, action });
+                        }
+                    }
                 });
-                let (takes, metrics) = effects.into_parts();
-                $crate::bindings::respire::plugin::types::RequestResult { action, takes, metrics }
+                let (takes, updates) = effects.into_parts();
+                $crate::bindings::respire::plugin::types::RequestResults { decisions, takes, updates }
             }
 
-            fn on_response(
-                client: $crate::ClientRef,
-                command: $crate::bindings::respire::plugin::types::Command,
-                reply: Vec<u8>,
-                elapsed_us: u64,
-            ) -> $crate::bindings::respire::plugin::types::ResponseResult {
-                let command = $crate::Command::from_wit(command);
-                let reply = $crate::Reply::new(reply, elapsed_us);
+            fn on_responses(
+                batch: $crate::bindings::respire::plugin::types::ResponseBatch,
+            ) -> $crate::bindings::respire::plugin::types::ResponseResults {
                 let mut effects = $crate::Effects::default();
-                let action = $crate::clients::with(client, |client| {
-                    __RESPIRE_STATE.with(|s| match s.borrow_mut().as_mut() {
-                        Some(p) => <$plugin as $crate::Plugin>::on_response(p, client, &command, &reply, &mut effects),
-                        None => $crate::ResponseAction::Continue,
-                    })
+                let mut replacements = Vec::new();
+                __RESPIRE_STATE.with(|s| {
+                    let mut state = s.borrow_mut();
+                    let Some(p) = state.as_mut() else { return };
+                    for (i, words) in batch.responses.chunks_exact($crate::RESPONSE_WORDS).enumerate() {
+                        let (client, command) = $crate::Command::from_batch(&batch.data, &batch.ends, &batch.keys, words);
+                        let raw = batch.replies.get(words[9] as usize..words[10] as usize).unwrap_or_default();
+                        let reply = $crate::Reply::new(raw, u64::from(words[11]) | (u64::from(words[12]) << 32));
+                        effects.at(i as u32);
+                        let action = $crate::clients::with(client, |client| {
+                            <$plugin as $crate::Plugin>::on_response(p, client, &command, &reply, &mut effects)
+                        });
+                        if let $crate::ResponseAction::Replace(reply) = action {
+                            replacements.push($crate::bindings::respire::plugin::types::Replacement { response: i as u32, reply });
+                        }
+                    }
                 });
-                let (_, metrics) = effects.into_parts();
-                $crate::bindings::respire::plugin::types::ResponseResult { action, metrics }
+                let (_, updates) = effects.into_parts();
+                $crate::bindings::respire::plugin::types::ResponseResults { replacements, updates }
             }
         }
 

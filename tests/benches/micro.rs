@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use criterion::{Criterion, criterion_group, criterion_main};
 use respire::commands::CommandTable;
-use respire::plugin::{Client, ClientHandle, PluginSet, Runtime, WorkerPlugins};
+use respire::plugin::{ChainRequest, ChainResponse, Client, ClientHandle, Decision, PluginSet, ResponseChain, Runtime, WorkerPlugins};
 use respire::protocol::{Command, RequestLimits, RequestParser, reply_len};
 use respire::topology::{Topology, key_slot};
 
@@ -68,6 +68,12 @@ fn routing(c: &mut Criterion) {
     });
 }
 
+/// Runs the request chain on one command.
+fn run_one(w: &mut WorkerPlugins, set: &Arc<PluginSet>, table: &CommandTable, client: &ClientHandle, cmd: &Command) -> (Decision, Option<Box<ResponseChain>>) {
+    let batch = [ChainRequest { client, cmd, info: table.get(cmd) }];
+    w.on_requests(set, table, &batch).pop().unwrap()
+}
+
 /// A plugin folder with the probe plugin as `NAME.wasm` per (name, config) pair.
 fn plugin_set(rt: &Runtime, probes: &[(&str, &str)]) -> (tempfile::TempDir, Arc<PluginSet>) {
     let dir = tempfile::tempdir().unwrap();
@@ -91,7 +97,7 @@ fn plugins(c: &mut Criterion) {
     let (_d1, one) = plugin_set(&rt, &[("pass", pass)]);
     let mut w = WorkerPlugins::default();
     c.bench_function("plugin: one pass-through request hook", |b| {
-        b.iter(|| std::hint::black_box(w.on_request(&one, &table, &client, &get, table.get(&get))))
+        b.iter(|| std::hint::black_box(run_one(&mut w, &one, &table, &client, &get)))
     });
 
     // A client whose details changed since the last call: the plugin fetches them.
@@ -99,28 +105,28 @@ fn plugins(c: &mut Criterion) {
     c.bench_function("plugin: one pass-through request hook, client details fetched", |b| {
         b.iter(|| {
             changed.generation = changed.generation.wrapping_add(1);
-            std::hint::black_box(w.on_request(&one, &table, &changed, &get, table.get(&get)))
+            std::hint::black_box(run_one(&mut w, &one, &table, &changed, &get))
         })
     });
     let ping = args(&["PING"]);
     c.bench_function("plugin: one pass-through request hook, no arguments", |b| {
-        b.iter(|| std::hint::black_box(w.on_request(&one, &table, &client, &ping, table.get(&ping))))
+        b.iter(|| std::hint::black_box(run_one(&mut w, &one, &table, &client, &ping)))
     });
     let (_d0, other) = plugin_set(&rt, &[("other", "[config]\ncommands = \"set\"\ncount = false\n")]);
     c.bench_function("plugin: chain with no plugin for the command", |b| {
-        b.iter(|| std::hint::black_box(w.on_request(&other, &table, &client, &get, table.get(&get))))
+        b.iter(|| std::hint::black_box(run_one(&mut w, &other, &table, &client, &get)))
     });
 
     let (_d2, four) = plugin_set(&rt, &[("p1", pass), ("p2", pass), ("p3", pass), ("p4", pass)]);
     let mut w = WorkerPlugins::default();
     c.bench_function("plugin: chain of four request hooks", |b| {
-        b.iter(|| std::hint::black_box(w.on_request(&four, &table, &client, &get, table.get(&get))))
+        b.iter(|| std::hint::black_box(run_one(&mut w, &four, &table, &client, &get)))
     });
 
     let (_d3, effects) = plugin_set(&rt, &[("count", "[config]\ncommands = \"get\"\nrate = 1000000\nburst = 1000000\n")]);
     let mut w = WorkerPlugins::default();
     c.bench_function("plugin: request hook with a host call, a metric and a token take", |b| {
-        b.iter(|| std::hint::black_box(w.on_request(&effects, &table, &client, &get, table.get(&get))))
+        b.iter(|| std::hint::black_box(run_one(&mut w, &effects, &table, &client, &get)))
     });
 
     let (_d4, resp) = plugin_set(&rt, &[("resp", "[config]\ncommands = \"get\"\ncount = false\nresponses = true\n")]);
@@ -128,9 +134,27 @@ fn plugins(c: &mut Criterion) {
     let reply = b"$32\r\nxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\r\n";
     c.bench_function("plugin: request and response hooks (reply replaced)", |b| {
         b.iter(|| {
-            let (_, chain) = w.on_request(&resp, &table, &client, &get, table.get(&get));
+            let (_, chain) = run_one(&mut w, &resp, &table, &client, &get);
             let chain = chain.unwrap();
-            std::hint::black_box(w.on_response(&chain, &client, reply))
+            std::hint::black_box(w.on_responses(&[ChainResponse { client: &client, chain: &chain, reply }]))
+        })
+    });
+
+    // A pipeline of 16 GETs through the chain of four: one call per plugin for all 16.
+    let gets: Vec<Command> = (0..16).map(|i| args(&["GET", &format!("user:{i}")])).collect();
+    let mut w = WorkerPlugins::default();
+    c.bench_function("plugin: chain of four request hooks, batch of 16 (per batch)", |b| {
+        b.iter(|| {
+            let batch: Vec<ChainRequest<'_>> = gets.iter().map(|g| ChainRequest { client: &client, cmd: g, info: table.get(g) }).collect();
+            std::hint::black_box(w.on_requests(&four, &table, &batch))
+        })
+    });
+    let mut w = WorkerPlugins::default();
+    let chains: Vec<Box<ResponseChain>> = gets.iter().map(|g| run_one(&mut w, &resp, &table, &client, g).1.unwrap()).collect();
+    c.bench_function("plugin: response hook replacing the reply, batch of 16 (per batch)", |b| {
+        b.iter(|| {
+            let batch: Vec<ChainResponse<'_>> = chains.iter().map(|chain| ChainResponse { client: &client, chain, reply }).collect();
+            std::hint::black_box(w.on_responses(&batch))
         })
     });
 }

@@ -16,7 +16,7 @@ impl Plugin for Hello {
     }
 
     fn on_request(&mut self, _client: &Client, cmd: &Command, _fx: &mut Effects) -> RequestAction {
-        match cmd.name.as_str() {
+        match cmd.name {
             "flushall" | "flushdb" => RequestAction::Deny(format!("NOPERM '{}' is disabled by the hello plugin", cmd.name)),
             "ping" if cmd.is_empty() => match &self.greeting {
                 Some(g) => RequestAction::Respond(reply::simple(g)),

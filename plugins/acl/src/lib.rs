@@ -68,6 +68,18 @@ pub struct Acl {
     default: Rules,
     users: HashMap<String, User>,
     networks: Vec<(Cidr, Rules)>,
+    /// The last client's rules, by its id and user (a batch is mostly one client's pipeline):
+    /// saves parsing its address and looking its user up for every command.
+    last: Option<(u64, String, Which)>,
+}
+
+/// Which rules apply to a client, or why none do.
+#[derive(Clone)]
+enum Which {
+    Default,
+    User(String),
+    Network(usize),
+    Refused(String),
 }
 
 fn client_ip(addr: &str) -> Option<IpAddr> {
@@ -94,38 +106,69 @@ impl Acl {
             let cidr = Cidr::parse(&n.cidr).map_err(|e| format!("networks[{i}].cidr: {e}"))?;
             networks.push((cidr, Rules::parse(&n.rules).map_err(|e| format!("networks[{i}].rules: {e}"))?));
         }
-        Ok(Acl { default, users, networks })
+        Ok(Acl { default, users, networks, last: None })
+    }
+
+    fn which(&self, client: &Client) -> Which {
+        let ip = client_ip(&client.addr);
+        if let Some(u) = self.users.get(&client.user) {
+            if !u.from.is_empty() && !ip.is_some_and(|ip| u.from.iter().any(|c| c.contains(ip))) {
+                return Which::Refused(format!("NOPERM User {} is not allowed from {}", client.user, ip.map(|i| i.to_string()).unwrap_or_default()));
+            }
+            return Which::User(client.user.clone());
+        }
+        if client.user == "default"
+            && let Some(ip) = ip
+            && let Some(i) = self.networks.iter().position(|(c, _)| c.contains(ip))
+        {
+            return Which::Network(i);
+        }
+        Which::Default
+    }
+
+    fn rules_of<'s>(&'s self, which: &Which) -> Result<&'s Rules, String> {
+        match which {
+            Which::Default => Ok(&self.default),
+            Which::User(u) => Ok(self.users.get(u).map_or(&self.default, |u| &u.rules)),
+            Which::Network(i) => Ok(self.networks.get(*i).map_or(&self.default, |(_, r)| r)),
+            Which::Refused(e) => Err(e.clone()),
+        }
+    }
+
+    /// Checks a command, remembering the last client's rules.
+    pub fn check_cached(&mut self, client: &Client, cmd: &Command) -> Option<String> {
+        let fresh = self.last.as_ref().is_some_and(|(id, user, _)| *id == client.id && *user == client.user);
+        if !fresh {
+            let which = self.which(client);
+            self.last = Some((client.id, client.user.clone(), which));
+        }
+        let rules = match self.last.as_ref().map(|(_, _, w)| self.rules_of(w)) {
+            Some(Ok(r)) => r,
+            Some(Err(e)) => return Some(e),
+            None => &self.default,
+        };
+        Self::check_rules(rules, client, cmd)
     }
 
     /// The rules that apply to a client, or the denial when it may not use its user from where it is.
     fn rules_for(&self, client: &Client) -> Result<&Rules, String> {
-        let ip = client_ip(&client.addr);
-        if let Some(u) = self.users.get(&client.user) {
-            if !u.from.is_empty() && !ip.is_some_and(|ip| u.from.iter().any(|c| c.contains(ip))) {
-                return Err(format!("NOPERM User {} is not allowed from {}", client.user, ip.map(|i| i.to_string()).unwrap_or_default()));
-            }
-            return Ok(&u.rules);
-        }
-        if client.user == "default"
-            && let Some(ip) = ip
-            && let Some((_, r)) = self.networks.iter().find(|(c, _)| c.contains(ip))
-        {
-            return Ok(r);
-        }
-        Ok(&self.default)
+        self.rules_of(&self.which(client))
     }
 
-    /// Checks a command: `None` when allowed, else the error text (Redis's own wording).
     pub fn check(&self, client: &Client, cmd: &Command) -> Option<String> {
         let rules = match self.rules_for(client) {
             Ok(r) => r,
             Err(e) => return Some(e),
         };
-        let sub = rules::container(&cmd.name).then(|| cmd.arg(0).map(|a| String::from_utf8_lossy(a).to_ascii_lowercase())).flatten();
-        if !rules.allows_command(&cmd.name, sub.as_deref(), cmd.categories) {
+        Self::check_rules(rules, client, cmd)
+    }
+
+    fn check_rules(rules: &Rules, client: &Client, cmd: &Command) -> Option<String> {
+        let sub = rules::container(cmd.name).then(|| cmd.arg(0).map(|a| String::from_utf8_lossy(a).to_ascii_lowercase())).flatten();
+        if !rules.allows_command(cmd.name, sub.as_deref(), cmd.categories) {
             let shown = match &sub {
                 Some(s) => format!("{}|{}", cmd.name, s),
-                None => cmd.name.clone(),
+                None => cmd.name.to_string(),
             };
             return Some(format!("NOPERM User {} has no permissions to run the '{shown}' command", client.user));
         }
@@ -135,7 +178,7 @@ impl Acl {
             }
         }
         if cmd.is(Category::PUBSUB) {
-            let (channels, literal): (Vec<&[u8]>, bool) = match cmd.name.as_str() {
+            let (channels, literal): (Vec<&[u8]>, bool) = match cmd.name {
                 "publish" | "spublish" => (cmd.arg(0).into_iter().collect(), false),
                 "subscribe" | "ssubscribe" => (cmd.args().collect(), false),
                 "psubscribe" => (cmd.args().collect(), true),
@@ -156,7 +199,7 @@ impl Plugin for Acl {
     }
 
     fn on_request(&mut self, client: &Client, cmd: &Command, _fx: &mut Effects) -> RequestAction {
-        match self.check(client, cmd) {
+        match self.check_cached(client, cmd) {
             Some(e) => RequestAction::Deny(e),
             None => RequestAction::Continue,
         }

@@ -21,6 +21,7 @@
 //! Labels stay bounded: command names respire does not know are counted as `other`, and
 //! respire keeps at most 1000 label combinations per metric; the key gauges hold only the
 //! current top keys (others are removed).
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -117,7 +118,7 @@ impl KeyStats {
         self.rng ^= self.rng << 13;
         self.rng ^= self.rng >> 7;
         self.rng ^= self.rng << 17;
-        self.rng % u64::from(self.sample.max(1)) == 0
+        self.rng.is_multiple_of(u64::from(self.sample.max(1)))
     }
 
     /// Counts a sampled use of `key`; at a window change, publishes the last window's tops.
@@ -175,23 +176,28 @@ fn key_list(items: &[(String, i64)]) -> Vec<u8> {
 
 impl Metrics {
     /// The `prefix` label of a key: its first segments, or `other` past the cap.
-    fn prefix_label(&mut self, key: &[u8]) -> String {
-        let p = prefix(key, self.prefix_segments);
-        if self.prefixes.contains(&p) {
+    fn prefix_label<'k>(&mut self, key: &'k [u8]) -> Cow<'k, str> {
+        let p = prefix_of(key, self.prefix_segments);
+        if self.prefixes.contains(p.as_ref()) {
             return p;
         }
         if self.prefixes.len() < self.max_prefixes {
-            self.prefixes.insert(p.clone());
+            self.prefixes.insert(p.to_string());
             return p;
         }
-        "other".into()
+        Cow::Borrowed("other")
     }
+}
+
+/// The first `n` `:`-separated segments of `key` (borrowed when it is UTF-8).
+fn prefix_of(key: &[u8], n: usize) -> Cow<'_, str> {
+    let end = key.iter().enumerate().filter(|(_, b)| **b == b':').nth(n.saturating_sub(1)).map_or(key.len(), |(i, _)| i);
+    String::from_utf8_lossy(&key[..end])
 }
 
 /// The first `n` `:`-separated segments of `key` (lossy UTF-8).
 pub fn prefix(key: &[u8], n: usize) -> String {
-    let end = key.iter().enumerate().filter(|(_, b)| **b == b':').nth(n.saturating_sub(1)).map_or(key.len(), |(i, _)| i);
-    String::from_utf8_lossy(&key[..end]).into_owned()
+    prefix_of(key, n).into_owned()
 }
 
 /// The error code of an error reply (`WRONGTYPE`, `NOPERM`, `ERR` …).
@@ -261,7 +267,7 @@ impl Plugin for Metrics {
                 _ => return RequestAction::Deny("ERR value is not an integer or out of range".into()),
             },
         };
-        let items = match cmd.name.as_str() {
+        let items = match cmd.name {
             "metrics.hotkeys" => self.hot.hot(host::now_ms() / self.hot.window_ms, count),
             _ => self.hot.big(count),
         };
@@ -269,14 +275,14 @@ impl Plugin for Metrics {
     }
 
     fn on_response(&mut self, _client: &Client, cmd: &Command, reply: &Reply, fx: &mut Effects) -> ResponseAction {
-        let name = if cmd.categories.is_empty() { "other" } else { cmd.name.as_str() };
+        let name = if cmd.categories.is_empty() { "other" } else { cmd.name };
         let code = error_code(reply.raw());
         let result = if code.is_some() { "error" } else { "ok" };
         let seconds = reply.elapsed_us() as f64 / 1e6;
         if self.prefix_segments > 0 {
             let p = match cmd.keys().next() {
                 Some((k, _)) => self.prefix_label(k),
-                None => String::new(),
+                None => Cow::Borrowed(""),
             };
             fx.inc(COMMANDS, &[name, &p, result]);
             if !p.is_empty() {

@@ -103,7 +103,7 @@ fn ip(addr: &str) -> &str {
 impl Rule {
     /// The bucket this command takes from, or `None` when the rule does not apply to it.
     pub fn bucket(&self, client: &Client, cmd: &Command) -> Option<String> {
-        if !self.commands.is_empty() && !self.commands.contains(&cmd.name) {
+        if !self.commands.is_empty() && !self.commands.iter().any(|c| c == cmd.name) {
             return None;
         }
         let matched = self.categories.iter().find(|(_, c)| cmd.categories.intersects(*c)).map(|(n, _)| n.as_str());
@@ -118,7 +118,7 @@ impl Rule {
             match by {
                 By::Client => key.push_str(ip(&client.addr)),
                 By::User => key.push_str(&client.user),
-                By::Command => key.push_str(&cmd.name),
+                By::Command => key.push_str(cmd.name),
                 By::Category => key.push_str(matched.unwrap_or("other")),
                 By::Prefix => {
                     // Keyless commands are not limited by a prefix rule.

@@ -70,7 +70,7 @@ impl Plugin for Probe {
             return RequestAction::Continue;
         }
         host::counter_add("calls", 1, 0);
-        fx.inc(CALLS, &[cmd.name.as_str()]);
+        fx.inc(CALLS, &[cmd.name]);
         if cmd.name == "echo" && cmd.arg(0) == Some(format!("probe:{}:calls", self.tag).as_bytes()) {
             return RequestAction::Respond(reply::int(host::counter_get("calls")));
         }
@@ -88,7 +88,7 @@ impl Plugin for Probe {
         if self.limit {
             fx.take(PER_CLIENT, if self.limit_all { "all" } else { client.addr.as_str() }, 1);
         }
-        if let (Some(prefix), "get" | "set") = (&self.prefix, cmd.name.as_str()) {
+        if let (Some(prefix), "get" | "set") = (&self.prefix, cmd.name) {
             let mut args: Vec<Vec<u8>> = vec![cmd.name.as_bytes().to_vec()];
             for (i, a) in cmd.args().enumerate() {
                 args.push(if i == 0 { [prefix.as_slice(), a].concat() } else { a.to_vec() });
