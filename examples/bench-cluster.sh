@@ -3,8 +3,9 @@
 #   - a 3-master Redis Cluster behind respire, versus redis-benchmark's own
 #     cluster-aware client going direct (--cluster);
 #   - three standalone shards behind respire (--shards) and behind twemproxy;
-#   - MGET of 10 keys spread over the shards through respire, versus MGET of
-#     10 keys on one standalone Redis.
+#   - MGET of 10 keys spread over the masters through respire (over the cluster: one
+#     sub-command per slot, as Redis Cluster requires; over standalone shards: one per
+#     server), versus MGET of the same 10 keys on one standalone Redis.
 # SET and GET, 50 clients, 32-byte values, pipeline 16. Everything on 127.0.0.1.
 #
 #   bash examples/bench-cluster.sh
@@ -67,7 +68,7 @@ wait_port "$respire_cluster"; wait_port "$respire_shards"; wait_port "$twem"
 
 # Keys for MGET: 10 keys, spread over every shard.
 mget_keys=$(for i in $(seq 0 9); do printf 'mget:%s ' "$i"; done)
-for port in "$respire_cluster" "$single"; do
+for port in "$respire_cluster" "$respire_shards" "$single"; do
   for k in $mget_keys; do redis-cli -p "$port" set "$k" xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx >/dev/null; done
 done
 
@@ -88,6 +89,7 @@ for round in $(seq "$ROUNDS"); do
   done
   bench "mget-single" -p "$single" -- MGET $mget_keys
   bench "mget-respire" -p "$respire_cluster" -- MGET $mget_keys
+  bench "mget-shards" -p "$respire_shards" -- MGET $mget_keys
   echo "round $round of $ROUNDS done" >&2
 done
 
@@ -97,6 +99,7 @@ for t in set get; do
   cd_=$(m "cluster-direct,$t"); cr=$(m "cluster-respire,$t"); sr=$(m "shards-respire,$t"); st=$(m "shards-twemproxy,$t")
   printf '%-4s %15.0f %15.0f %9.2f %15.0f %17.0f %9.2f\n' "$t" "$cd_" "$cr" "$(echo "$cr / $cd_" | bc -l)" "$sr" "$st" "$(echo "$st / $sr" | bc -l)"
 done
-ms=$(m mget-single); mr=$(m mget-respire)
-printf '\nMGET of 10 keys: one Redis %.0f ops/s, respire over 3 masters %.0f ops/s, ratio %.2f\n' "$ms" "$mr" "$(echo "$mr / $ms" | bc -l)"
+ms=$(m mget-single); mr=$(m mget-respire); mh=$(m mget-shards)
+printf '\nMGET of 10 keys: one Redis %.0f ops/s; respire over a 3-master cluster %.0f ops/s (%.2f); over 3 standalone shards %.0f ops/s (%.2f)\n' \
+  "$ms" "$mr" "$(echo "$mr / $ms" | bc -l)" "$mh" "$(echo "$mh / $ms" | bc -l)"
 echo "machine: $(nproc) cores; $REQUESTS requests x $ROUNDS rounds, $CLIENTS clients, pipeline $PIPELINE, 32-byte values; respire workers=$WORKERS"

@@ -18,6 +18,7 @@
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use smallvec::SmallVec;
 
 use crate::commands::CommandInfo;
 use crate::protocol::{self as resp, Args, parse_i64, reply_len};
@@ -74,7 +75,7 @@ pub struct Part {
     /// The sub-command, encoded.
     pub data: Bytes,
     /// For `MGET`: where each of its keys' values goes in the merged reply.
-    pub positions: Vec<usize>,
+    pub positions: SmallVec<[u32; 8]>,
 }
 
 /// Where a command goes.
@@ -152,38 +153,28 @@ pub fn plan<A: Args + ?Sized>(args: &A, info: Option<&CommandInfo>, topo: &Topol
     let name = args.argv(0).unwrap_or_default();
     let masters = topo.shards.len();
     // Key-based routing: the common case, decided from the key positions alone.
-    let mut first = None;
+    let mut keys: SmallVec<[(usize, u16); 8]> = SmallVec::new();
     let mut same = true;
-    let mut count = 0;
     if let Some(info) = info {
         info.for_each_key(args, |p, _| {
             let slot = key_slot(args.argv(p).unwrap_or_default());
-            count += 1;
-            match first {
-                None => first = Some(slot),
-                Some(f) => same &= f == slot,
-            }
+            same &= keys.first().is_none_or(|&(_, f)| f == slot);
+            keys.push((p, slot));
         });
     }
-    if let Some(first) = first {
+    if let Some(&(_, first)) = keys.first() {
         if same {
             return Plan::Single(Some(first));
         }
-        let info = info.map(|i| {
-            let mut positions = Vec::with_capacity(count);
-            i.key_positions(args, &mut positions);
-            positions
-        });
-        let positions = info.unwrap_or_default();
         // Keys in several slots: split the commands a single Redis would run key by key.
         if eq(name, "mget") {
-            return split_keys(args, &positions, Merge::Mget(positions.len()), 1);
+            return split_keys(args, &keys, Merge::Mget(keys.len()), 1, topo);
         }
         if eq(name, "del") || eq(name, "unlink") || eq(name, "exists") || eq(name, "touch") {
-            return split_keys(args, &positions, Merge::SumInt, 1);
+            return split_keys(args, &keys, Merge::SumInt, 1, topo);
         }
         if eq(name, "mset") && args.argc() % 2 == 1 {
-            return split_keys(args, &positions, Merge::AllOk, 2);
+            return split_keys(args, &keys, Merge::AllOk, 2, topo);
         }
         return Plan::Error(CROSSSLOT.to_string());
     }
@@ -197,33 +188,39 @@ pub fn plan<A: Args + ?Sized>(args: &A, info: Option<&CommandInfo>, topo: &Topol
     Plan::Single(None)
 }
 
-/// Groups keys (each followed by `width - 1` values) by slot, one sub-command per slot.
-fn split_keys<A: Args + ?Sized>(args: &A, positions: &[usize], merge: Merge, width: usize) -> Plan {
+/// Groups keys (each followed by `width - 1` values) into sub-commands: one per slot over a
+/// Redis Cluster (which refuses keys of several slots in one command, even on one node), one
+/// per shard over standalone servers (which do not care about slots: fewer commands for
+/// Redis to run and fewer replies to merge). `keys` are the keys' positions and slots.
+/// Every sub-command is encoded into one buffer and split off it (one allocation).
+fn split_keys<A: Args + ?Sized>(args: &A, keys: &[(usize, u16)], merge: Merge, width: usize, topo: &Topology) -> Plan {
     let arg = |i: usize| args.argv(i).unwrap_or_default();
-    let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
-    for (i, &p) in positions.iter().enumerate() {
-        let slot = key_slot(arg(p));
-        match groups.iter_mut().find(|g| g.0 == slot) {
-            Some(g) => g.1.push(i),
-            None => groups.push((slot, vec![i])),
+    let by_slot = topo.kind == crate::topology::BackendKind::Cluster;
+    // (group, the slot its sub-command is routed by, key indexes)
+    let mut groups: SmallVec<[(u32, u16, SmallVec<[u32; 8]>); 4]> = SmallVec::new();
+    for (i, &(_, slot)) in keys.iter().enumerate() {
+        let group = if by_slot { u32::from(slot) } else { topo.slots.get(slot as usize).map_or(u32::from(slot) | 1 << 20, |&s| u32::from(s)) };
+        match groups.iter_mut().find(|g| g.0 == group) {
+            Some(g) => g.2.push(i as u32),
+            None => groups.push((group, slot, SmallVec::from_slice(&[i as u32]))),
         }
     }
-    let parts = groups
-        .into_iter()
-        .map(|(slot, idx)| {
-            let mut sub: Vec<&[u8]> = Vec::with_capacity(1 + idx.len() * width);
-            sub.push(arg(0));
-            for &i in &idx {
-                let p = positions[i];
-                for w in 0..width {
-                    sub.push(arg(p + w));
-                }
+    let name = arg(0);
+    let size: usize = groups.len() * (name.len() + 32) + keys.iter().map(|&(p, _)| (0..width).map(|w| arg(p + w).len() + 16).sum::<usize>()).sum::<usize>();
+    let mut out = BytesMut::with_capacity(size);
+    let mut parts = Vec::with_capacity(groups.len());
+    for (_, slot, idx) in groups {
+        resp::array_header(&mut out, 1 + idx.len() * width);
+        resp::bulk(&mut out, name);
+        for &i in &idx {
+            let p = keys[i as usize].0;
+            for w in 0..width {
+                resp::bulk(&mut out, arg(p + w));
             }
-            let mut out = BytesMut::new();
-            resp::encode_args(&mut out, &sub);
-            Part { slot, data: out.freeze(), positions: idx }
-        })
-        .collect();
+        }
+        let data = out.split().freeze();
+        parts.push(Part { slot, data, positions: idx });
+    }
     Plan::Split(merge, parts)
 }
 
@@ -245,6 +242,15 @@ fn plan_scan<A: Args + ?Sized>(args: &A, masters: usize) -> Plan {
     let mut out = BytesMut::new();
     resp::encode_args(&mut out, &sub);
     Plan::Scan { ordinal, data: out.freeze() }
+}
+
+/// Where the elements of an array reply of `n` elements start (`None` if it is not one).
+fn array_body(frame: &[u8], n: usize) -> Option<usize> {
+    if !matches!(frame.first(), Some(b'*' | b'~')) {
+        return None;
+    }
+    let eol = frame.iter().position(|&b| b == b'\r')?;
+    (parse_i64(&frame[1..eol])? == n as i64).then_some(eol + 2)
 }
 
 /// Splits an aggregate reply into its raw elements; `None` for non-aggregates.
@@ -297,22 +303,24 @@ pub fn merge(how: &Merge, replies: &[Bytes], parts: &[Part]) -> Bytes {
     let bad = || Bytes::from_static(b"-ERR respire: unexpected reply from a backend while merging\r\n");
     match how {
         Merge::Mget(n) => {
-            let mut slots: Vec<Option<Bytes>> = vec![None; *n];
-            for (r, part) in replies.iter().zip(parts) {
-                let Some((_, elems)) = elements(r) else { return bad() };
-                if elems.len() != part.positions.len() {
-                    return bad();
-                }
-                for (e, &pos) in elems.into_iter().zip(&part.positions) {
-                    if let Some(s) = slots.get_mut(pos) {
-                        *s = Some(e);
-                    }
+            // Where each value lies: (reply, start, end), by key position.
+            let mut at: SmallVec<[(u32, u32, u32); 16]> = SmallVec::from_elem((u32::MAX, 0, 0), *n);
+            let mut total = 16;
+            for (ri, (r, part)) in replies.iter().zip(parts).enumerate() {
+                let Some(mut pos) = array_body(r, part.positions.len()) else { return bad() };
+                for &k in &part.positions {
+                    let Some(len) = reply_len(r.get(pos..).unwrap_or_default()).ok().flatten() else { return bad() };
+                    let Some(slot) = at.get_mut(k as usize) else { return bad() };
+                    *slot = (ri as u32, pos as u32, (pos + len) as u32);
+                    total += len;
+                    pos += len;
                 }
             }
-            let mut out = header(b'*', *n);
-            for s in slots {
-                match s {
-                    Some(e) => out.extend_from_slice(&e),
+            let mut out = BytesMut::with_capacity(total);
+            resp::array_header(&mut out, *n);
+            for &(ri, s, e) in &at {
+                match replies.get(ri as usize).and_then(|r| r.get(s as usize..e as usize)) {
+                    Some(v) => out.extend_from_slice(v),
                     None => return bad(),
                 }
             }
@@ -529,7 +537,7 @@ mod tests {
         match plan(&t, &args("MGET a b {a}c"), &topo) {
             Plan::Split(Merge::Mget(3), parts) => {
                 assert_eq!(parts.len(), 2);
-                assert_eq!(parts[0].positions, vec![0, 2]);
+                assert_eq!(parts[0].positions.as_slice(), &[0, 2]);
                 assert_eq!(&parts[0].data[..], b"*3\r\n$4\r\nMGET\r\n$1\r\na\r\n$4\r\n{a}c\r\n");
             }
             p => panic!("{p:?}"),
@@ -543,10 +551,32 @@ mod tests {
     }
 
     #[test]
+    fn splits_group_keys_by_shard_over_standalone_servers_and_by_slot_over_a_cluster() {
+        let t = CommandTable::builtin();
+        let keys: Vec<String> = (0..10).map(|i| format!("key:{i}")).collect();
+        let cmd = format!("MGET {}", keys.join(" "));
+        let mut shards = three();
+        let Plan::Split(Merge::Mget(10), parts) = plan(&t, &args(&cmd), &shards) else { panic!() };
+        // Ten keys in ten slots, three servers: one MGET per server, each key exactly once.
+        assert_eq!(parts.len(), 3, "{parts:?}");
+        let mut seen: Vec<usize> = parts.iter().flat_map(|p| p.positions.iter().map(|&i| i as usize)).collect();
+        seen.sort();
+        assert_eq!(seen, (0..10).collect::<Vec<_>>());
+        for p in &parts {
+            let shard = shards.slots[p.slot as usize];
+            assert!(p.positions.iter().all(|&i| shards.slots[key_slot(keys[i as usize].as_bytes()) as usize] == shard));
+        }
+        // The same topology as a Redis Cluster: one command per slot.
+        shards.kind = crate::topology::BackendKind::Cluster;
+        let Plan::Split(_, parts) = plan(&t, &args(&cmd), &shards) else { panic!() };
+        assert_eq!(parts.len(), 10);
+    }
+
+    #[test]
     fn merges() {
         let parts = vec![
-            Part { slot: 0, data: Bytes::new(), positions: vec![0, 2] },
-            Part { slot: 1, data: Bytes::new(), positions: vec![1] },
+            Part { slot: 0, data: Bytes::new(), positions: SmallVec::from_slice(&[0, 2]) },
+            Part { slot: 1, data: Bytes::new(), positions: SmallVec::from_slice(&[1]) },
         ];
         let r = merge(
             &Merge::Mget(3),
