@@ -188,6 +188,10 @@ pub fn plan<A: Args + ?Sized>(args: &A, info: Option<&CommandInfo>, topo: &Topol
     Plan::Single(None)
 }
 
+/// Keys going into one sub-command: the group (a slot or a shard), the slot the sub-command is
+/// routed by, and the keys' indexes.
+type Group = (u32, u16, SmallVec<[u32; 8]>);
+
 /// Groups keys (each followed by `width - 1` values) into sub-commands: one per slot over a
 /// Redis Cluster (which refuses keys of several slots in one command, even on one node), one
 /// per shard over standalone servers (which do not care about slots: fewer commands for
@@ -196,8 +200,7 @@ pub fn plan<A: Args + ?Sized>(args: &A, info: Option<&CommandInfo>, topo: &Topol
 fn split_keys<A: Args + ?Sized>(args: &A, keys: &[(usize, u16)], merge: Merge, width: usize, topo: &Topology) -> Plan {
     let arg = |i: usize| args.argv(i).unwrap_or_default();
     let by_slot = topo.kind == crate::topology::BackendKind::Cluster;
-    // (group, the slot its sub-command is routed by, key indexes)
-    let mut groups: SmallVec<[(u32, u16, SmallVec<[u32; 8]>); 4]> = SmallVec::new();
+    let mut groups: SmallVec<[Group; 4]> = SmallVec::new();
     for (i, &(_, slot)) in keys.iter().enumerate() {
         let group = if by_slot { u32::from(slot) } else { topo.slots.get(slot as usize).map_or(u32::from(slot) | 1 << 20, |&s| u32::from(s)) };
         match groups.iter_mut().find(|g| g.0 == group) {
