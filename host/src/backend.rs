@@ -454,7 +454,7 @@ async fn serve(
                         break End::Failed(e);
                     }
                 }
-                IoEvent::Wrote => {}
+                IoEvent::Wrote | IoEvent::Readable => {}
                 IoEvent::Closed(e) => {
                     break End::Failed(e.map(|e| e.to_string()).unwrap_or_else(|| "connection closed by the server".into()));
                 }

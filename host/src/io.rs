@@ -23,6 +23,8 @@ pub enum IoEvent {
     Read,
     /// Some output was written (the rest, if any, waits for the socket).
     Wrote,
+    /// The socket has input to read (from [`poll_write_and_readable`]; read it with [`poll_read_into`]).
+    Readable,
     /// The peer closed the connection or it failed.
     Closed(Option<std::io::Error>),
 }
@@ -54,6 +56,46 @@ pub fn poll_io(stream: &mut TcpStream, cx: &mut Context<'_>, out: &mut BytesMut,
         }
     }
     if wrote { Poll::Ready(IoEvent::Wrote) } else { Poll::Pending }
+}
+
+/// Writes from `out` while the socket accepts it and, when `reading`, waits until the socket
+/// has input, without a buffer to read into: a session that sits idle holds no input buffer
+/// (it reads into its worker's, and keeps only a partial command of its own).
+pub fn poll_write_and_readable(stream: &mut TcpStream, cx: &mut Context<'_>, out: &mut BytesMut, reading: bool) -> Poll<IoEvent> {
+    let mut wrote = false;
+    while !out.is_empty() {
+        match Pin::new(&mut *stream).poll_write(cx, out) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(IoEvent::Closed(None)),
+            Poll::Ready(Ok(n)) => {
+                out.advance(n);
+                wrote = true;
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(IoEvent::Closed(Some(e))),
+            Poll::Pending => break,
+        }
+    }
+    if reading {
+        match stream.poll_read_ready(cx) {
+            Poll::Ready(Ok(())) => return Poll::Ready(IoEvent::Readable),
+            Poll::Ready(Err(e)) => return Poll::Ready(IoEvent::Closed(Some(e))),
+            Poll::Pending => {}
+        }
+    }
+    if wrote { Poll::Ready(IoEvent::Wrote) } else { Poll::Pending }
+}
+
+/// Reads what the socket has into `input` (through `poll_read`, so that a short read clears
+/// the socket's readiness); `Pending` when the readiness was stale.
+pub fn poll_read_into(stream: &mut TcpStream, cx: &mut Context<'_>, input: &mut BytesMut) -> Poll<IoEvent> {
+    if input.capacity() - input.len() < READ_CHUNK / 4 {
+        input.reserve(READ_CHUNK);
+    }
+    match tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, input) {
+        Poll::Ready(Ok(0)) => Poll::Ready(IoEvent::Closed(None)),
+        Poll::Ready(Ok(_)) => Poll::Ready(IoEvent::Read),
+        Poll::Ready(Err(e)) => Poll::Ready(IoEvent::Closed(Some(e))),
+        Poll::Pending => Poll::Pending,
+    }
 }
 
 /// Writes as much of `out` as the socket takes without waiting; `Err` if the connection failed.

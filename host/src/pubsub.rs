@@ -273,7 +273,7 @@ async fn run(hub: Hub, node: Rc<NodeSettings>, conn: Rc<HubConn>, mut commands: 
                             break e;
                         }
                     }
-                    IoEvent::Wrote => {}
+                    IoEvent::Wrote | IoEvent::Readable => {}
                     IoEvent::Closed(e) => break e.map(|e| e.to_string()).unwrap_or_else(|| "closed by the server".into()),
                 },
                 c = commands.recv() => match c {

@@ -102,6 +102,9 @@ pub struct Worker {
     pub plugins: RefCell<crate::plugin::WorkerPlugins>,
     /// This worker's request metrics.
     pub stats: Arc<crate::stats::WorkerStats>,
+    /// The buffer sessions read into (one per worker, not one per client; a session keeps
+    /// only the start of a command that has not fully arrived).
+    pub read_buf: RefCell<bytes::BytesMut>,
 }
 
 impl Worker {
@@ -370,6 +373,7 @@ fn worker_main(shared: Arc<Shared>, mut conns: mpsc::UnboundedReceiver<NewConn>)
             hub: crate::pubsub::Hub::new(shared.clone()),
             plugins: RefCell::default(),
             stats: crate::stats::register_worker(&shared.command_names),
+            read_buf: RefCell::default(),
         });
         let mut shutdown = shared.shutdown.clone();
         loop {

@@ -47,7 +47,7 @@ use crate::channel::TryRecvError;
 use crate::clients::{ClientInfo, flag};
 use crate::config::ReadFrom;
 use crate::commands::{self, Kind, Local, Resolved};
-use crate::io::{IoEvent, poll_io, write_now};
+use crate::io::{IoEvent, poll_read_into, poll_write_and_readable, write_now};
 use crate::protocol::{self as resp, Command, RequestParser};
 use crate::plugin::{ChainRequest, ChainResponse, Client as PluginClient, ClientHandle, Decision, ResponseChain};
 use crate::pubsub::SubKind;
@@ -333,8 +333,8 @@ pub async fn run(worker: Rc<Worker>, stream: TcpStream, info: Arc<ClientInfo>) {
         worker,
         info,
         stream,
-        inbuf: BytesMut::with_capacity(16 * 1024),
-        out: BytesMut::with_capacity(16 * 1024),
+        inbuf: BytesMut::new(),
+        out: BytesMut::new(),
         parser: RequestParser::new(),
         queue: VecDeque::new(),
         waiting: 0,
@@ -466,10 +466,10 @@ impl Session {
             }
             let reading = !self.closing && self.stalled.is_none() && self.stream_start.is_none() && self.gated.is_none();
             let idle_applies = !idle.is_zero() && self.waiting == 0 && !self.in_multi && !self.watching && !self.subscribed();
-            let (in_before, out_before) = (self.inbuf.len(), self.out.len());
+            let out_before = self.out.len();
             let closing = self.closing;
             let info = &*self.info;
-            let (queue, stream, out, inbuf) = (&mut self.queue, &mut self.stream, &mut self.out, &mut self.inbuf);
+            let (queue, stream, out) = (&mut self.queue, &mut self.stream, &mut self.out);
             let (gated, push_rx, timer) = (&mut self.gated, &mut self.push_rx, &mut idle_timer);
             // One hand-written poll over everything a session waits for: cheaper than
             // `select!`, which builds and drops a future per branch on every wake-up.
@@ -497,7 +497,7 @@ impl Session {
                     }
                     _ => {}
                 }
-                if let Poll::Ready(ev) = poll_io(stream, cx, out, inbuf, reading) {
+                if let Poll::Ready(ev) = poll_write_and_readable(stream, cx, out, reading) {
                     return Poll::Ready(Wake::Io(ev));
                 }
                 if let Some(g) = gated.as_mut() {
@@ -524,12 +524,20 @@ impl Session {
                     let r = r.unwrap_or_else(|| Err(self.lost()));
                     self.on_result(part, r);
                 }
-                Wake::Io(IoEvent::Read) => {
-                    self.worker.stats.bytes(self.inbuf.len().saturating_sub(in_before), out_before.saturating_sub(self.out.len()));
-                    self.process_input();
-                    self.note_activity();
-                    last_read = self.now();
+                Wake::Io(IoEvent::Readable) => {
+                    self.worker.stats.bytes(0, out_before.saturating_sub(self.out.len()));
+                    match self.read_input().await {
+                        Some(IoEvent::Closed(_)) => return,
+                        Some(_) => {
+                            self.process_input();
+                            self.park_input();
+                            self.note_activity();
+                            last_read = self.now();
+                        }
+                        None => {}
+                    }
                 }
+                Wake::Io(IoEvent::Read) => {}
                 Wake::Io(IoEvent::Wrote) => self.worker.stats.bytes(0, out_before.saturating_sub(self.out.len())),
                 Wake::Io(IoEvent::Closed(_)) => return,
                 Wake::Gate(verdict) => self.on_gate(verdict),
@@ -542,6 +550,43 @@ impl Session {
                     idle_timer.as_mut().reset(due);
                 }
             }
+        }
+    }
+
+    /// Reads what the client sent: into the worker's buffer, or into the session's own when it
+    /// holds the start of a command. `None` when there was nothing after all.
+    async fn read_input(&mut self) -> Option<IoEvent> {
+        if self.inbuf.is_empty() {
+            self.inbuf = self.worker.read_buf.take();
+        }
+        let before = self.inbuf.len();
+        let (stream, inbuf) = (&mut self.stream, &mut self.inbuf);
+        let ev = std::future::poll_fn(|cx| Poll::Ready(poll_read_into(stream, cx, inbuf))).await;
+        match ev {
+            Poll::Ready(IoEvent::Read) => {
+                self.worker.stats.bytes(self.inbuf.len() - before, 0);
+                Some(IoEvent::Read)
+            }
+            Poll::Ready(ev) => Some(ev),
+            Poll::Pending => {
+                self.park_input();
+                None
+            }
+        }
+    }
+
+    /// Gives the worker's read buffer back after the commands in it were taken, keeping only
+    /// the start of a command that has not fully arrived (a view into the same memory).
+    fn park_input(&mut self) {
+        let partial = self.inbuf.split();
+        let mut rest = std::mem::replace(&mut self.inbuf, partial);
+        if rest.capacity() > 1024 * 1024 {
+            // Grown for one big argument: not kept for everyone.
+            rest = BytesMut::new();
+        }
+        let mut shared = self.worker.read_buf.borrow_mut();
+        if shared.capacity() < rest.capacity() {
+            *shared = rest;
         }
     }
 

@@ -665,3 +665,27 @@ fn a_thousand_subscribers_share_a_few_backend_connections() {
     let _: i64 = redis::cmd("PUBLISH").arg("ticks").arg("last").query(&mut publisher).unwrap();
     assert_eq!(String::from_utf8_lossy(&subs[2].read_replies(1)), "*3\r\n$7\r\nmessage\r\n$5\r\nticks\r\n$4\r\nlast\r\n");
 }
+
+#[test]
+fn idle_clients_cost_little_memory() {
+    // Each idle connection holds no read buffer of its own (reads go through its worker's)
+    // and an output buffer only as large as it needed.
+    let redis = RedisServer::start();
+    let proxy = Respire::start(&redis.addr(), &["--workers", "1"]);
+    let mut warm = Raw::connect(proxy.port);
+    assert_eq!(warm.roundtrip(&resp(&[b"PING"]), 1), b"+PONG\r\n");
+    let before = proxy.rss_kib();
+    let n = 2000;
+    let mut conns: Vec<Raw> = (0..n).map(|_| Raw::connect(proxy.port)).collect();
+    for c in &mut conns {
+        c.send(&resp(&[b"PING"]));
+    }
+    for c in &mut conns {
+        assert_eq!(c.read_replies(1), b"+PONG\r\n");
+    }
+    let per_client = (proxy.rss_kib().saturating_sub(before)) * 1024 / n as u64;
+    assert!(per_client <= 16 * 1024, "{per_client} bytes of RSS per idle client");
+    // They still work.
+    let c = conns.last_mut().unwrap();
+    assert_eq!(c.roundtrip(&resp(&[b"ECHO", b"still here"]), 1), b"$10\r\nstill here\r\n");
+}

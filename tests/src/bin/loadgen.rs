@@ -7,8 +7,10 @@
 //! ```text
 //! loadgen --port 6380 --clients 50 --requests 200000 --ratio 1:4 --keys 100000 --size 32 --pipeline 1
 //! loadgen --port 6380 --clients 50 --rate 40000 --seconds 10        # open loop at 40k ops/s
+//! loadgen --port 6380 --idle 10000 --seconds 5    # 10,000 connections that PING once, then sit idle
 //! ```
-//! Prints one line: `ops=… p50_us=… p99_us=… p999_us=… max_us=… errors=… seconds=…`.
+//! Prints one line: `ops=… p50_us=… p99_us=… p999_us=… max_us=… errors=… seconds=…`
+//! (`--idle`: `idle=N` once every connection has answered its PING, then `closed` at the end).
 
 use std::time::{Duration, Instant};
 
@@ -31,6 +33,7 @@ struct Args {
     size: usize,
     pipeline: usize,
     threads: usize,
+    idle: usize,
 }
 
 fn parse() -> Result<Args> {
@@ -47,6 +50,7 @@ fn parse() -> Result<Args> {
         size: 32,
         pipeline: 1,
         threads: 1,
+        idle: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -67,6 +71,7 @@ fn parse() -> Result<Args> {
             "--size" => a.size = val()?.parse()?,
             "--pipeline" => a.pipeline = val()?.parse()?,
             "--threads" => a.threads = val()?.parse()?,
+            "--idle" => a.idle = val()?.parse()?,
             "--help" | "-h" => {
                 println!("see the module documentation at the top of tests/src/bin/loadgen.rs");
                 std::process::exit(0);
@@ -196,9 +201,38 @@ async fn client(args: Args, id: usize, start: Instant, deadline: Option<Instant>
     Ok(Outcome { hist, done, errors })
 }
 
+/// Opens `n` connections that each PING once, reports them, holds them for `seconds`.
+async fn idle(args: &Args) -> Result<()> {
+    let mut conns = Vec::with_capacity(args.idle);
+    for chunk in 0..args.idle.div_ceil(500) {
+        let n = (args.idle - chunk * 500).min(500);
+        let opened: Vec<_> = (0..n).map(|_| TcpStream::connect((args.host.as_str(), args.port))).collect();
+        for c in opened {
+            let mut s = c.await.context("connect")?;
+            s.write_all(b"*1\r\n$4\r\nPING\r\n").await?;
+            conns.push(s);
+        }
+        for s in conns.iter_mut().skip(chunk * 500) {
+            let mut b = [0u8; 7];
+            s.read_exact(&mut b).await?;
+            if &b != b"+PONG\r\n" {
+                bail!("unexpected reply {:?}", String::from_utf8_lossy(&b));
+            }
+        }
+    }
+    println!("idle={}", conns.len());
+    tokio::time::sleep(Duration::from_secs_f64(args.seconds.max(1.0))).await;
+    drop(conns);
+    println!("closed");
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = parse()?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(args.threads.max(1)).enable_all().build()?;
+    if args.idle > 0 {
+        return rt.block_on(idle(&args));
+    }
     let (hist, done, errors, secs) = rt.block_on(async {
         // Open loop: a moment for every client to connect before the first request is due.
         let start = Instant::now() + if args.rate > 0.0 { Duration::from_millis(50) } else { Duration::ZERO };
