@@ -120,11 +120,10 @@ struct Outcome {
     errors: u64,
 }
 
-async fn client(args: Args, id: usize, start: Instant, deadline: Option<Instant>, quota: u64) -> Result<Outcome> {
-    let mut s = TcpStream::connect((args.host.as_str(), args.port)).await.context("connect")?;
-    s.set_nodelay(true)?;
+async fn client(args: Args, mut s: TcpStream, id: usize, start: Instant, deadline: Option<Instant>, quota: u64) -> Result<Outcome> {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let value = vec![b'x'; args.size];
+    let value_header = format!("${}\r\n", value.len()).into_bytes();
     let mut rng: u64 = 0x9E37_79B9_7F4A_7C15 ^ (id as u64).wrapping_mul(0x2545_F491_4F6C_DD1D) | 1;
     let mut next = || {
         rng ^= rng << 13;
@@ -163,13 +162,24 @@ async fn client(args: Args, id: usize, start: Instant, deadline: Option<Instant>
         batch_no += 1;
         out.clear();
         for _ in 0..args.pipeline {
-            let key = format!("key:{:012}", next() % args.keys);
+            // "key:" and 12 digits, written without allocating.
+            let mut key = *b"key:000000000000";
+            let mut k = next() % args.keys;
+            for d in key[4..].iter_mut().rev() {
+                *d = b'0' + (k % 10) as u8;
+                k /= 10;
+            }
             if (next() % u64::from(args.sets + args.gets)) < u64::from(args.sets) {
-                out.extend_from_slice(format!("*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n", key.len(), value.len()).as_bytes());
+                out.extend_from_slice(b"*3\r\n$3\r\nSET\r\n$16\r\n");
+                out.extend_from_slice(&key);
+                out.extend_from_slice(b"\r\n");
+                out.extend_from_slice(&value_header);
                 out.extend_from_slice(&value);
                 out.extend_from_slice(b"\r\n");
             } else {
-                out.extend_from_slice(format!("*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len()).as_bytes());
+                out.extend_from_slice(b"*2\r\n$3\r\nGET\r\n$16\r\n");
+                out.extend_from_slice(&key);
+                out.extend_from_slice(b"\r\n");
             }
         }
         s.write_all(&out).await?;
@@ -234,11 +244,18 @@ fn main() -> Result<()> {
         return rt.block_on(idle(&args));
     }
     let (hist, done, errors, secs) = rt.block_on(async {
-        // Open loop: a moment for every client to connect before the first request is due.
-        let start = Instant::now() + if args.rate > 0.0 { Duration::from_millis(50) } else { Duration::ZERO };
+        // Every client connects first, so that connecting never delays a request that is due.
+        let mut streams = Vec::with_capacity(args.clients);
+        for _ in 0..args.clients {
+            let s = TcpStream::connect((args.host.as_str(), args.port)).await.context("connect")?;
+            s.set_nodelay(true)?;
+            streams.push(s);
+        }
+        let start = Instant::now() + if args.rate > 0.0 { Duration::from_millis(5) } else { Duration::ZERO };
         let deadline = (args.seconds > 0.0).then(|| start + Duration::from_secs_f64(args.seconds));
         let quota = if deadline.is_some() { 0 } else { args.requests.div_ceil(args.clients as u64) };
-        let tasks: Vec<_> = (0..args.clients).map(|i| tokio::spawn(client(args.clone(), i, start, deadline, quota))).collect();
+        let tasks: Vec<_> =
+            streams.into_iter().enumerate().map(|(i, s)| tokio::spawn(client(args.clone(), s, i, start, deadline, quota))).collect();
         let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
         let (mut done, mut errors) = (0, 0);
         for t in tasks {
