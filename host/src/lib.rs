@@ -19,6 +19,7 @@
 //! - [`pubsub`]: shared subscriber connections with fan-out to sessions.
 //! - [`cache`]: the response cache plugins drive, kept fresh by `CLIENT TRACKING`.
 //! - [`plugin`]: the WebAssembly plugin host (wasmtime components) and the request chain.
+//! - [`stage`]: a worker's plugin stage: every session's hooks of one event-loop turn in one call per plugin.
 //! - [`stats`]: respire's own request metrics (per worker, added up when scraped) and slow log.
 //! - [`clients`]: the process-wide client list (`CLIENT LIST`/`KILL`, limits).
 //! - [`server`]: the listener, worker threads and graceful shutdown.
@@ -48,6 +49,7 @@ pub mod pubsub;
 pub mod router;
 pub mod server;
 pub mod session;
+pub mod stage;
 pub mod state;
 pub mod stats;
 pub mod topology;

@@ -105,6 +105,8 @@ pub struct Worker {
     /// The buffer sessions read into (one per worker, not one per client; a session keeps
     /// only the start of a command that has not fully arrived).
     pub read_buf: RefCell<bytes::BytesMut>,
+    /// Where sessions hand commands and replies for the plugins' hooks (see [`crate::stage`]).
+    pub stage: crate::stage::Stage,
 }
 
 impl Worker {
@@ -374,7 +376,9 @@ fn worker_main(shared: Arc<Shared>, mut conns: mpsc::UnboundedReceiver<NewConn>)
             plugins: RefCell::default(),
             stats: crate::stats::register_worker(&shared.command_names),
             read_buf: RefCell::default(),
+            stage: crate::stage::Stage::default(),
         });
+        tokio::task::spawn_local(crate::stage::run(worker.clone()));
         let mut shutdown = shared.shutdown.clone();
         loop {
             tokio::select! {

@@ -55,8 +55,7 @@ use crate::router::{self, CROSSSLOT, Merge, Plan};
 use crate::server::Worker;
 use crate::topology::{BackendKind, Topology};
 
-/// The request chain's decision for a command, with the response hooks owed for its reply.
-type PreDecision = (Decision, Option<Box<ResponseChain>>);
+use crate::stage::PreDecision;
 
 /// Most commands of a pipeline that go through the plugins in one batch.
 const MAX_PLUGIN_BATCH: usize = 256;
@@ -210,6 +209,10 @@ enum Wake {
     Gate(Result<Result<(), String>, oneshot::error::RecvError>),
     /// A message from a subscriber connection.
     Push(Bytes),
+    /// The plugin stage decided about this session's commands.
+    Verdicts(Option<crate::stage::Decided>),
+    /// The plugin stage ran the response hooks of this session's replies.
+    Hooked(Option<Vec<Vec<u8>>>),
     /// The idle timer fired.
     Idle,
 }
@@ -296,6 +299,10 @@ pub struct Session {
     deferred: VecDeque<(Command, Option<PreDecision>)>,
     /// Replies waiting for their response hooks (with the replies after them, in order).
     staged: Vec<(Vec<u8>, Option<Box<ResponseChain>>)>,
+    /// Commands with the worker's plugin stage, waiting for the request hooks' decisions.
+    verdicts: Option<crate::channel::Receiver<crate::stage::Decided>>,
+    /// Replies with the worker's plugin stage, waiting for their response hooks.
+    hooked: Option<crate::channel::Receiver<Vec<Vec<u8>>>>,
     /// Cache work owed, by the sequence number of the slot whose reply triggers it.
     after: VecDeque<(u64, After)>,
     /// Writes in `after` not answered yet: reads bypass the cache meanwhile (a client must
@@ -366,6 +373,8 @@ pub async fn run(worker: Rc<Worker>, stream: TcpStream, info: Arc<ClientInfo>) {
         stalled_hook: None,
         deferred: VecDeque::new(),
         staged: Vec::new(),
+        verdicts: None,
+        hooked: None,
         after: VecDeque::new(),
         writes_in_flight: 0,
         stalled_after: None,
@@ -445,7 +454,8 @@ impl Session {
                     self.process_input();
                     continue;
                 }
-                if let Some((first, node)) = self.stream_start.take() {
+                if self.stream_start.is_some() && self.staged.is_empty() && self.hooked.is_none() {
+                    let Some((first, node)) = self.stream_start.take() else { continue };
                     if !self.flush_all().await {
                         return;
                     }
@@ -461,7 +471,7 @@ impl Session {
             if !self.out.is_empty() && !self.try_flush() {
                 return;
             }
-            if self.closing && self.queue.is_empty() && self.out.is_empty() && self.gated.is_none() {
+            if self.closing && self.queue.is_empty() && self.out.is_empty() && self.gated.is_none() && self.staged.is_empty() && self.hooked.is_none() {
                 return;
             }
             let reading = !self.closing && self.stalled.is_none() && self.stream_start.is_none() && self.gated.is_none();
@@ -471,6 +481,7 @@ impl Session {
             let info = &*self.info;
             let (queue, stream, out) = (&mut self.queue, &mut self.stream, &mut self.out);
             let (gated, push_rx, timer) = (&mut self.gated, &mut self.push_rx, &mut idle_timer);
+            let (verdicts, hooked) = (&mut self.verdicts, &mut self.hooked);
             // One hand-written poll over everything a session waits for: cheaper than
             // `select!`, which builds and drops a future per branch on every wake-up.
             let wake = std::future::poll_fn(|cx| {
@@ -503,6 +514,16 @@ impl Session {
                 if let Some(g) = gated.as_mut() {
                     if let Poll::Ready(v) = Pin::new(&mut g.rx).poll(cx) {
                         return Poll::Ready(Wake::Gate(v));
+                    }
+                }
+                if let Some(rx) = verdicts.as_mut() {
+                    if let Poll::Ready(r) = Pin::new(rx).poll(cx) {
+                        return Poll::Ready(Wake::Verdicts(r.ok()));
+                    }
+                }
+                if let Some(rx) = hooked.as_mut() {
+                    if let Poll::Ready(r) = Pin::new(rx).poll(cx) {
+                        return Poll::Ready(Wake::Hooked(r.ok()));
                     }
                 }
                 if let Some(rx) = push_rx.as_mut() {
@@ -541,6 +562,14 @@ impl Session {
                 Wake::Io(IoEvent::Wrote) => self.worker.stats.bytes(0, out_before.saturating_sub(self.out.len())),
                 Wake::Io(IoEvent::Closed(_)) => return,
                 Wake::Gate(verdict) => self.on_gate(verdict),
+                Wake::Verdicts(Some(decided)) => {
+                    self.on_verdicts(decided);
+                    self.process_input();
+                    self.park_input();
+                }
+                Wake::Hooked(Some(replies)) => self.on_hooked(replies),
+                // The worker is going away.
+                Wake::Verdicts(None) | Wake::Hooked(None) => return,
                 Wake::Push(frame) => self.on_message(frame),
                 Wake::Idle => {
                     let due = last_read + idle;
@@ -631,7 +660,7 @@ impl Session {
 
     /// Whether the next command may be handled now (nothing stalled, gated or streaming).
     fn can_take(&self) -> bool {
-        !self.closing && self.stalled.is_none() && self.stream_start.is_none() && self.gated.is_none()
+        !self.closing && self.stalled.is_none() && self.stream_start.is_none() && self.gated.is_none() && self.verdicts.is_none()
     }
 
     fn process_input(&mut self) {
@@ -693,33 +722,37 @@ impl Session {
 
     /// Runs the request hooks on a batch of commands, then handles them in order; the ones
     /// that cannot be handled yet (behind a stalled or gated command) wait with their decisions.
+    ///
+    /// The hooks run in the worker's plugin stage, together with the other sessions' commands
+    /// of this turn of the event loop: the session waits for the decisions (reading nothing
+    /// meanwhile), then handles the commands in order.
     fn run_batch(&mut self, batch: Vec<Command>) {
         let worker = self.worker.clone();
-        let table = &worker.shared.commands;
-        let resolved: Vec<Resolved<'_>> = batch.iter().map(|c| table.resolve(c)).collect();
-        let seen: Vec<bool> = resolved.iter().map(|r| self.plugins_see(r.spec)).collect();
-        let client = self.plugin_client().clone();
-        let requests: Vec<ChainRequest<'_>> = batch
-            .iter()
-            .zip(&resolved)
-            .zip(&seen)
-            .filter(|(_, s)| **s)
-            .map(|((cmd, res), _)| ChainRequest { client: &client, cmd, info: res.info })
-            .collect();
-        let mut decisions = if requests.is_empty() {
-            Vec::new().into_iter()
-        } else {
-            let set = worker.shared.plugins.load();
-            worker.plugins.borrow_mut().on_requests(&set, table, &requests).into_iter()
-        };
-        drop(requests);
-        for ((cmd, res), seen) in batch.into_iter().zip(resolved).zip(seen) {
-            let pre = if seen { decisions.next() } else { None };
-            if self.can_take() {
-                self.handle_resolved(cmd, res, pre);
-            } else if !self.closing {
-                self.deferred.push_back((cmd, pre));
+        let seen: Vec<bool> = batch.iter().map(|c| self.plugins_see(worker.shared.commands.resolve(c).spec)).collect();
+        if !seen.iter().any(|s| *s) {
+            for cmd in batch {
+                self.take_decided(cmd, None);
             }
+            return;
+        }
+        let client = self.plugin_client().clone();
+        self.verdicts = Some(worker.stage.submit_requests(client, batch, seen));
+    }
+
+    /// The plugin stage decided about a batch of this session's commands.
+    fn on_verdicts(&mut self, decided: crate::stage::Decided) {
+        self.verdicts = None;
+        for (cmd, pre) in decided {
+            self.take_decided(cmd, pre);
+        }
+    }
+
+    /// Handles a command whose request hooks ran, or keeps it for later behind a stalled one.
+    fn take_decided(&mut self, cmd: Command, pre: Option<PreDecision>) {
+        if self.can_take() {
+            self.handle(cmd, pre);
+        } else if !self.closing {
+            self.deferred.push_back((cmd, pre));
         }
     }
 
@@ -746,7 +779,7 @@ impl Session {
         if self.take_silent() {
             return;
         }
-        if self.queue.is_empty() && self.staged.is_empty() {
+        if self.queue.is_empty() && self.staged.is_empty() && self.hooked.is_none() {
             f(&mut self.out, self.proto);
         } else {
             let mut b = BytesMut::new();
@@ -791,7 +824,7 @@ impl Session {
             self.hooks.pop_front();
         }
         let chain = if self.hooks.front().is_some_and(|(s, _)| *s == seq) { self.hooks.pop_front().map(|(_, c)| c) } else { None };
-        if chain.is_some() || !self.staged.is_empty() {
+        if chain.is_some() || !self.staged.is_empty() || self.hooked.is_some() {
             // Held until the replies ready now are all in, so the hooks run on them together.
             self.staged.push((bytes.to_vec(), chain));
             return;
@@ -1417,23 +1450,32 @@ impl Session {
         worker.plugins.borrow_mut().on_responses(&one).pop().flatten()
     }
 
-    /// Writes the replies held for response hooks: the hooks run once per plugin for all of
-    /// them, then every held reply goes out in order.
+    /// Hands the replies held for response hooks to the worker's plugin stage (where they
+    /// run with the other sessions' replies of this turn); they are written, in order, when
+    /// they come back ([`Session::on_hooked`]).
     fn flush_staged(&mut self) {
-        if self.staged.is_empty() {
+        if self.staged.is_empty() || self.hooked.is_some() {
             return;
         }
         let staged = std::mem::take(&mut self.staged);
+        if staged.iter().all(|(_, chain)| chain.is_none()) {
+            for (reply, _) in &staged {
+                self.out.extend_from_slice(reply);
+            }
+            return;
+        }
         let worker = self.worker.clone();
         let client = self.plugin_client().clone();
-        let hooked: Vec<ChainResponse<'_>> =
-            staged.iter().filter_map(|(reply, chain)| chain.as_deref().map(|chain| ChainResponse { client: &client, chain, reply })).collect();
-        let mut replaced = worker.plugins.borrow_mut().on_responses(&hooked).into_iter();
-        drop(hooked);
-        for (reply, chain) in &staged {
-            let r = if chain.is_some() { replaced.next().flatten() } else { None };
-            self.out.extend_from_slice(r.as_deref().unwrap_or(reply));
+        self.hooked = Some(worker.stage.submit_responses(client, staged));
+    }
+
+    /// The plugin stage ran the response hooks of the held replies: write them.
+    fn on_hooked(&mut self, replies: Vec<Vec<u8>>) {
+        self.hooked = None;
+        for r in replies {
+            self.out.extend_from_slice(&r);
         }
+        self.flush_staged();
     }
 
     fn set_multi(&mut self, on: bool) {

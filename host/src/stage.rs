@@ -1,0 +1,136 @@
+//! The plugin stage of a worker: every session's commands and replies that need plugin hooks
+//! go through the chain together, once per turn of the worker's event loop.
+//!
+//! A call into a plugin costs about a microsecond whatever it carries, so what matters is how
+//! many commands share a call. A pipelining client brings its own batch; clients that send one
+//! command at a time do not — but many of them become readable in the same turn of the event
+//! loop. Sessions hand their commands (and replies) to the stage and wait; the stage's task is
+//! woken by the first of them and, since tokio runs woken tasks in order, runs after every
+//! session that was ready in this turn has handed its share over. It then calls each plugin
+//! once for all of them and hands every session its decisions back.
+//!
+//! Order is kept per session: a session waiting for its decisions reads nothing further, and
+//! one waiting for its replies' hooks writes no later reply before them.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+
+use crate::channel::{self, Receiver, Sender};
+use crate::plugin::{ChainRequest, ChainResponse, ClientHandle, Decision, ResponseChain};
+use crate::protocol::Command;
+use crate::server::Worker;
+
+/// The request chain's decision for a command, with the response hooks owed for its reply.
+pub type PreDecision = (Decision, Option<Box<ResponseChain>>);
+
+/// Commands back from the stage, each with the chain's decision when plugins saw it.
+pub type Decided = Vec<(Command, Option<PreDecision>)>;
+
+/// A session's commands for the request hooks, in order; `seen[i]`: whether plugins see
+/// command i (the others come back undecided).
+struct Requests {
+    client: ClientHandle,
+    cmds: Vec<Command>,
+    seen: Vec<bool>,
+    done: Sender<Decided>,
+}
+
+/// A session's replies, in order, each with the response hooks it owes (if any).
+struct Responses {
+    client: ClientHandle,
+    replies: Vec<(Vec<u8>, Option<Box<ResponseChain>>)>,
+    done: Sender<Vec<Vec<u8>>>,
+}
+
+/// What sessions handed over since the stage last ran.
+#[derive(Default)]
+pub struct Stage {
+    requests: RefCell<Vec<Requests>>,
+    responses: RefCell<Vec<Responses>>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl Stage {
+    /// Hands commands over; their decisions (with the commands) arrive on the receiver.
+    pub fn submit_requests(&self, client: ClientHandle, cmds: Vec<Command>, seen: Vec<bool>) -> Receiver<Decided> {
+        let (done, rx) = channel::oneshot();
+        self.requests.borrow_mut().push(Requests { client, cmds, seen, done });
+        self.wake();
+        rx
+    }
+
+    /// Hands replies over; the replies to send (replaced or not) arrive on the receiver.
+    pub fn submit_responses(&self, client: ClientHandle, replies: Vec<(Vec<u8>, Option<Box<ResponseChain>>)>) -> Receiver<Vec<Vec<u8>>> {
+        let (done, rx) = channel::oneshot();
+        self.responses.borrow_mut().push(Responses { client, replies, done });
+        self.wake();
+        rx
+    }
+
+    fn wake(&self) {
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+}
+
+/// The stage's task: runs the chain on what was handed over, each time something was.
+pub async fn run(worker: Rc<Worker>) {
+    loop {
+        std::future::poll_fn(|cx| {
+            if worker.stage.requests.borrow().is_empty() && worker.stage.responses.borrow().is_empty() {
+                worker.stage.waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await;
+        let requests = std::mem::take(&mut *worker.stage.requests.borrow_mut());
+        if !requests.is_empty() {
+            run_requests(&worker, requests);
+        }
+        let responses = std::mem::take(&mut *worker.stage.responses.borrow_mut());
+        if !responses.is_empty() {
+            run_responses(&worker, responses);
+        }
+    }
+}
+
+fn run_requests(worker: &Rc<Worker>, subs: Vec<Requests>) {
+    let table = &worker.shared.commands;
+    let set = worker.shared.plugins.load();
+    let mut decisions = {
+        let batch: Vec<ChainRequest<'_>> = subs
+            .iter()
+            .flat_map(|s| s.cmds.iter().zip(&s.seen).filter(|(_, seen)| **seen).map(|(cmd, _)| ChainRequest { client: &s.client, cmd, info: table.get(cmd) }))
+            .collect();
+        worker.plugins.borrow_mut().on_requests(&set, table, &batch).into_iter()
+    };
+    for s in subs {
+        let out = s.cmds.into_iter().zip(s.seen).map(|(cmd, seen)| (cmd, if seen { decisions.next() } else { None })).collect();
+        s.done.send(out);
+    }
+}
+
+fn run_responses(worker: &Rc<Worker>, subs: Vec<Responses>) {
+    let mut replaced = {
+        let batch: Vec<ChainResponse<'_>> = subs
+            .iter()
+            .flat_map(|s| s.replies.iter().filter_map(|(reply, chain)| chain.as_deref().map(|chain| ChainResponse { client: &s.client, chain, reply })))
+            .collect();
+        worker.plugins.borrow_mut().on_responses(&batch).into_iter()
+    };
+    for s in subs {
+        let out = s
+            .replies
+            .into_iter()
+            .map(|(reply, chain)| match chain.and_then(|_| replaced.next().flatten()) {
+                Some(r) => r,
+                None => reply,
+            })
+            .collect();
+        s.done.send(out);
+    }
+}
