@@ -101,7 +101,8 @@ pub struct PluginSettings {
     pub order: i32,
     /// What a failure does to the command: "open" or "closed". Default: "open".
     pub on_error: OnError,
-    /// CPU time a call may use per command (a batch of n commands gets n times it). Default: "1ms".
+    /// CPU time a call may use per command (a batch of n commands gets n times it, at most 64
+    /// times). Default: "1ms".
     #[serde(with = "humantime_serde")]
     pub time_budget: Duration,
     /// Memory cap of one instance. Default: "16MiB".
@@ -927,6 +928,15 @@ fn ticks(budget: Duration) -> u64 {
     (budget.as_micros() / TICK.as_micros()).max(1) as u64 + 1
 }
 
+/// Most commands whose budgets add up for one call: a plugin that loops forever on a big
+/// batch is stopped within this many budgets.
+const MAX_BUDGETS_PER_CALL: usize = 64;
+
+/// The time budget of a call on `n` commands: `n` budgets, at most [`MAX_BUDGETS_PER_CALL`].
+fn batch_budget(budget: Duration, n: usize) -> Duration {
+    budget.saturating_mul(n.clamp(1, MAX_BUDGETS_PER_CALL) as u32)
+}
+
 /// One live instance of a plugin, owned by a worker.
 pub struct Instance {
     store: Store<StoreData>,
@@ -975,7 +985,7 @@ impl Instance {
 
     /// Calls the request hook on a batch within the plugin's time budget (per command).
     fn on_requests(&mut self, budget: Duration, clients: &[Arc<Client>], batch: &RequestBatch) -> Result<RequestResults, (Failure, String)> {
-        self.prepare(budget.saturating_mul(batch.requests.len().max(1) as u32));
+        self.prepare(batch_budget(budget, batch.requests.len() / REQUEST_WORDS));
         let d = &mut self.store.data_mut().clients;
         d.clear();
         d.extend(clients.iter().cloned());
@@ -984,7 +994,7 @@ impl Instance {
 
     /// Calls the response hook on a batch within the plugin's time budget (per reply).
     fn on_responses(&mut self, budget: Duration, clients: &[Arc<Client>], batch: &ResponseBatch) -> Result<ResponseResults, (Failure, String)> {
-        self.prepare(budget.saturating_mul(batch.responses.len().max(1) as u32));
+        self.prepare(batch_budget(budget, batch.responses.len() / RESPONSE_WORDS));
         let d = &mut self.store.data_mut().clients;
         d.clear();
         d.extend(clients.iter().cloned());
