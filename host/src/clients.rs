@@ -168,12 +168,23 @@ impl ClientInfo {
     }
 }
 
+/// A per-client limit whose breach closes the connection.
+#[derive(Debug, Clone, Copy)]
+pub enum Limit {
+    /// `client_query_buffer_limit`.
+    QueryBuffer,
+    /// `client_output_buffer_limit`.
+    OutputBuffer,
+}
+
 /// All client connections of the process.
 #[derive(Debug, Default)]
 pub struct Clients {
     next_id: AtomicU64,
     count: AtomicUsize,
     rejected: AtomicU64,
+    query_limit_closed: AtomicU64,
+    output_limit_closed: AtomicU64,
     all: Mutex<BTreeMap<u64, Arc<ClientInfo>>>,
 }
 
@@ -193,6 +204,21 @@ impl Clients {
     /// Connected clients.
     pub fn count(&self) -> usize {
         self.count.load(Ordering::Acquire)
+    }
+
+    /// Counts a connection closed because it went over a buffer limit.
+    pub fn note_limit_closed(&self, limit: Limit) {
+        let c = match limit {
+            Limit::QueryBuffer => &self.query_limit_closed,
+            Limit::OutputBuffer => &self.output_limit_closed,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections closed since start for going over `client_query_buffer_limit` and
+    /// `client_output_buffer_limit`.
+    pub fn limit_closed(&self) -> (u64, u64) {
+        (self.query_limit_closed.load(Ordering::Relaxed), self.output_limit_closed.load(Ordering::Relaxed))
     }
 
     /// Counts a connection refused because `max_clients` were connected.

@@ -73,8 +73,103 @@ pub struct Config {
     pub slowlog_log_slower_than: i64,
     /// Entries the slow log keeps. Default: 128.
     pub slowlog_max_len: usize,
+    /// Refuse to start listening on an address other than loopback while clients need no
+    /// password (as Redis's `protected-mode`): set `requirepass`, or turn this off explicitly.
+    /// Default: true.
+    pub protected_mode: bool,
+    /// Commands of one client respire has sent on and still owes replies for; the client's
+    /// further commands wait in its query buffer until replies come back, so that one client
+    /// cannot flood the backend connections it shares with others. Default: 4096.
+    pub max_pipeline: usize,
+    /// Bytes of big requests (16 KiB or more each) of one client respire has sent on and still
+    /// owes replies for; beyond it the client's further commands wait, as for `max_pipeline`.
+    /// Default: "64MiB".
+    pub max_pipeline_bytes: ByteSize,
+    /// Most input respire holds for one client that it has not handled yet (Redis's
+    /// `client-query-buffer-limit`); a client that sends more is disconnected. Default: "1GiB".
+    pub client_query_buffer_limit: ByteSize,
+    /// Limits of the output respire holds for a client that does not read its replies (Redis's
+    /// `client-output-buffer-limit`, same syntax), per class of client.
+    pub client_output_buffer_limit: OutputLimits,
+    /// Failed `AUTH` attempts one client address may make in a burst; then one more per
+    /// second, and attempts beyond are refused without checking the password. 0: no limit.
+    /// Default: 10.
+    pub auth_failure_limit: u32,
     /// The Redis servers behind respire.
     pub backend: Backend,
+}
+
+/// Output buffer limits by class of client, each `"<hard> <soft> <soft seconds>"` as in
+/// Redis's `client-output-buffer-limit` (`0` turns a limit off; units `b`, `k`, `kb`, `m`,
+/// `mb`, `g`, `gb` as Redis reads them).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputLimits {
+    /// Clients running commands. Default: "0 0 0" (none, as Redis).
+    pub normal: OutputLimit,
+    /// Subscribed clients. Default: "32mb 8mb 60" (as Redis).
+    pub pubsub: OutputLimit,
+}
+
+impl Default for OutputLimits {
+    fn default() -> Self {
+        OutputLimits {
+            normal: OutputLimit::default(),
+            pubsub: OutputLimit { hard: 32 * 1024 * 1024, soft: 8 * 1024 * 1024, soft_seconds: 60 },
+        }
+    }
+}
+
+/// One class's output buffer limit: a client whose pending output reaches `hard` bytes, or
+/// stays at `soft` bytes or more for `soft_seconds`, is disconnected.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct OutputLimit {
+    /// Bytes; 0: no hard limit.
+    pub hard: u64,
+    /// Bytes; 0: no soft limit.
+    pub soft: u64,
+    /// How long output may stay above `soft`.
+    pub soft_seconds: u64,
+}
+
+impl OutputLimit {
+    /// Whether any limit applies.
+    pub fn is_set(&self) -> bool {
+        self.hard > 0 || self.soft > 0
+    }
+}
+
+impl TryFrom<String> for OutputLimit {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        let parts: Vec<&str> = s.split_whitespace().collect();
+        let [hard, soft, secs] = parts[..] else {
+            return Err(format!("{s:?} is not \"<hard> <soft> <soft seconds>\", e.g. \"32mb 8mb 60\""));
+        };
+        let secs = secs.parse::<u64>().map_err(|_| format!("{secs:?} is not a number of seconds"))?;
+        Ok(OutputLimit { hard: redis_memory(hard)?, soft: redis_memory(soft)?, soft_seconds: secs })
+    }
+}
+
+/// A size as Redis's configuration reads it: `b`, `k` (1000), `kb` (1024), `m`, `mb`, `g`,
+/// `gb`, any case.
+fn redis_memory(s: &str) -> Result<u64, String> {
+    let lower = s.to_ascii_lowercase();
+    let digits = lower.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = &lower[digits.len()..];
+    let mul: u64 = match unit {
+        "" | "b" => 1,
+        "k" => 1000,
+        "kb" => 1024,
+        "m" => 1000 * 1000,
+        "mb" => 1024 * 1024,
+        "g" => 1000 * 1000 * 1000,
+        "gb" => 1024 * 1024 * 1024,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?}")),
+    };
+    digits.parse::<u64>().ok().and_then(|n| n.checked_mul(mul)).ok_or_else(|| format!("{s:?} is not a size"))
 }
 
 /// Where read-only commands are sent.
@@ -212,6 +307,12 @@ impl Default for Config {
             metrics: None,
             slowlog_log_slower_than: 10_000,
             slowlog_max_len: 128,
+            protected_mode: true,
+            max_pipeline: 4096,
+            max_pipeline_bytes: ByteSize::mib(64),
+            client_query_buffer_limit: ByteSize::gib(1),
+            client_output_buffer_limit: OutputLimits::default(),
+            auth_failure_limit: 10,
             backend: Backend::default(),
         }
     }
@@ -290,6 +391,22 @@ impl Config {
         }
         if self.databases == 0 {
             return bad("databases must be at least 1".into());
+        }
+        if self.max_pipeline == 0 || self.max_pipeline_bytes.as_u64() == 0 {
+            return bad("max_pipeline and max_pipeline_bytes must be at least 1".into());
+        }
+        if self.client_query_buffer_limit.as_u64() < 1024 * 1024 {
+            return bad("client_query_buffer_limit must be at least 1MiB".into());
+        }
+        if self.protected_mode && !self.auth_required() {
+            let loopback = self.listen.parse::<SocketAddr>().is_ok_and(|a| a.ip().is_loopback());
+            if !loopback {
+                return bad(format!(
+                    "protected mode: {} is not a loopback address and clients need no password; set requirepass \
+                     (--requirepass), or protected_mode = false (--protected-mode no) to accept anyone who can reach it",
+                    self.listen
+                ));
+            }
         }
         let mut seen = std::collections::HashSet::new();
         for u in &self.users {
@@ -401,5 +518,46 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("exactly one"));
         let c = Config::parse("[backend]\naddress = \"nohost\"\n").unwrap();
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn output_limits_read_redis_syntax() {
+        let c = Config::parse("[client_output_buffer_limit]\nnormal = \"1gb 256MB 30\"\n").unwrap();
+        assert_eq!(c.client_output_buffer_limit.normal, OutputLimit { hard: 1 << 30, soft: 256 << 20, soft_seconds: 30 });
+        assert_eq!(c.client_output_buffer_limit.pubsub, OutputLimit { hard: 32 << 20, soft: 8 << 20, soft_seconds: 60 });
+        let c = Config::parse("[client_output_buffer_limit]\npubsub = \"2k 1000 0\"\n").unwrap();
+        assert_eq!(c.client_output_buffer_limit.pubsub, OutputLimit { hard: 2000, soft: 1000, soft_seconds: 0 });
+        assert!(!c.client_output_buffer_limit.normal.is_set());
+        for bad in ["32mb 8mb", "32xb 8mb 60", "-1 0 0", "1 2 x"] {
+            let e = Config::parse(&format!("[client_output_buffer_limit]\npubsub = \"{bad}\"\n")).unwrap_err().to_string();
+            assert!(e.contains("pubsub"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn protected_mode_refuses_an_open_address_without_a_password() {
+        let base = "[backend]\naddress = \"127.0.0.1:6379\"\n";
+        let c = Config::parse(&format!("listen = \"0.0.0.0:6380\"\n{base}")).unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("protected mode") && e.contains("0.0.0.0:6380"), "{e}");
+        let c = Config::parse(&format!("listen = \"0.0.0.0:6380\"\nrequirepass = \"s3cret\"\n{base}")).unwrap();
+        c.validate().unwrap();
+        let c = Config::parse(&format!("listen = \"0.0.0.0:6380\"\nprotected_mode = false\n{base}")).unwrap();
+        c.validate().unwrap();
+        let c = Config::parse(&format!("listen = \"[::1]:6380\"\n{base}")).unwrap();
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn the_example_file_lists_the_defaults() {
+        let c = Config::parse(include_str!("../../examples/respire.toml")).unwrap();
+        c.validate().unwrap();
+        let d = Config::default();
+        assert_eq!(c.max_pipeline, d.max_pipeline);
+        assert_eq!(c.max_pipeline_bytes, d.max_pipeline_bytes);
+        assert_eq!(c.client_query_buffer_limit, d.client_query_buffer_limit);
+        assert_eq!(c.client_output_buffer_limit.normal, d.client_output_buffer_limit.normal);
+        assert_eq!(c.client_output_buffer_limit.pubsub, d.client_output_buffer_limit.pubsub);
+        assert_eq!((c.protected_mode, c.auth_failure_limit), (d.protected_mode, d.auth_failure_limit));
     }
 }

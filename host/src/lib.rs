@@ -41,6 +41,7 @@ pub mod channel;
 pub mod clients;
 pub mod commands;
 pub mod config;
+pub mod guard;
 pub mod io;
 pub mod metrics;
 pub mod plugin;

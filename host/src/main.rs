@@ -61,6 +61,10 @@ struct Opts {
     /// Password clients must give with AUTH.
     #[arg(long, global = true, value_name = "PASS", env = "RESPIRE_REQUIREPASS", hide_env_values = true)]
     requirepass: Option<String>,
+    /// "yes" (the default) refuses to listen on a non-loopback address while clients need no
+    /// password, as Redis's protected mode; "no" allows it.
+    #[arg(long, global = true, value_name = "yes|no", value_parser = yes_no)]
+    protected_mode: Option<bool>,
     /// Password respire uses to authenticate to the backends.
     #[arg(long, global = true, value_name = "PASS", env = "RESPIRE_BACKEND_PASSWORD", hide_env_values = true)]
     backend_password: Option<String>,
@@ -134,6 +138,15 @@ fn plugin_check(file: &std::path::Path, settings: Option<&std::path::Path>, cach
     }
 }
 
+/// Redis's spelling of a boolean setting.
+fn yes_no(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "yes" | "true" | "on" => Ok(true),
+        "no" | "false" | "off" => Ok(false),
+        _ => Err(format!("{s:?}: expected yes or no")),
+    }
+}
+
 fn build_config(o: &Opts) -> Result<Config, String> {
     let mut c = match &o.config {
         Some(p) => Config::load(p).map_err(|e| e.to_string())?,
@@ -154,6 +167,9 @@ fn build_config(o: &Opts) -> Result<Config, String> {
     }
     if let Some(v) = &o.requirepass {
         c.requirepass = Some(v.clone());
+    }
+    if let Some(v) = o.protected_mode {
+        c.protected_mode = v;
     }
     if let Some(v) = &o.backend_password {
         c.backend.password = Some(v.clone());

@@ -345,12 +345,27 @@ pub fn render(shared: &crate::server::Shared) -> Vec<u8> {
     crate::stats::render(&mut more);
     let (accepted, rejected) = shared.clients.totals();
     let topo = shared.topology.load();
-    let lines: [(&str, &str, &str, String); 7] = [
+    let (query_closed, output_closed) = shared.clients.limit_closed();
+    let (auth_failed, auth_refused) = shared.auth_throttle.totals();
+    let lines: [(&str, &str, &str, String); 10] = [
         ("respire_build_info", "gauge", "respire's version (always 1).", format!("{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))),
         ("respire_uptime_seconds", "gauge", "Seconds since respire started.", format!(" {}", shared.started.elapsed().as_secs_f64())),
         ("respire_client_connections", "gauge", "Client connections open now.", format!(" {}", shared.clients.count())),
         ("respire_client_connections_total", "counter", "Client connections accepted since start.", format!(" {accepted}")),
         ("respire_client_connections_rejected_total", "counter", "Client connections refused because max_clients were open.", format!(" {rejected}")),
+        (
+            "respire_client_limit_disconnections_total",
+            "counter",
+            "Client connections closed for going over a buffer limit.",
+            format!("{{limit=\"query_buffer\"}} {query_closed}\nrespire_client_limit_disconnections_total{{limit=\"output_buffer\"}} {output_closed}"),
+        ),
+        ("respire_auth_failures_total", "counter", "Failed AUTH attempts (wrong user or password).", format!(" {auth_failed}")),
+        (
+            "respire_auth_throttled_total",
+            "counter",
+            "AUTH attempts refused unchecked because their address failed too often.",
+            format!(" {auth_refused}"),
+        ),
         ("respire_topology_masters", "gauge", "Masters in the current topology.", format!(" {}", topo.shards.len())),
         ("respire_topology_nodes", "gauge", "Nodes (masters and replicas) in the current topology.", format!(" {}", topo.nodes.len())),
     ];

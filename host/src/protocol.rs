@@ -26,6 +26,8 @@ use thiserror::Error;
 pub const MAX_INLINE: usize = 64 * 1024;
 /// Bulk length above which Redis pre-allocates the argument (`PROTO_MBULK_BIG_ARG`).
 const BIG_ARG: usize = 32 * 1024;
+/// Most room made ahead of a big argument's data before it arrives.
+const MAX_RESERVE_AHEAD: usize = 256 * 1024;
 /// Longest request accepted (arguments are located by 32-bit offsets).
 const MAX_FRAME: usize = u32::MAX as usize;
 /// Limits that apply before a client has authenticated (as in Redis).
@@ -327,9 +329,12 @@ impl RequestParser {
                         }
                         self.pending_bulk = Some(len);
                         if len >= BIG_ARG {
-                            // Make room for the whole argument once instead of growing repeatedly.
+                            // Make room for the argument once instead of growing repeatedly, but
+                            // never more than a few MiB ahead of what has arrived: a declared
+                            // size is only a claim (a client that declares 512 MiB and sends
+                            // nothing must not cost 512 MiB); beyond that the buffer doubles.
                             let need = (self.pos + len + 2).saturating_sub(buf.len());
-                            buf.reserve(need);
+                            buf.reserve(need.min(MAX_RESERVE_AHEAD));
                         }
                         len
                     }

@@ -86,6 +86,8 @@ pub struct Shared {
     pub slowlog: crate::stats::SlowLog,
     /// When respire started.
     pub started: std::time::Instant,
+    /// Failed `AUTH` attempts per client address.
+    pub auth_throttle: crate::guard::AuthThrottle,
 }
 
 /// What one worker thread owns.
@@ -191,6 +193,7 @@ impl Server {
             command_names,
             slowlog: crate::stats::SlowLog::default(),
             started: std::time::Instant::now(),
+            auth_throttle: crate::guard::AuthThrottle::new(config.auth_failure_limit),
             config,
         });
         if let Some(addr) = shared.config.metrics.clone() {

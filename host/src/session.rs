@@ -59,6 +59,11 @@ use crate::stage::PreDecision;
 
 /// Most commands of a pipeline that go through the plugins in one batch.
 const MAX_PLUGIN_BATCH: usize = 256;
+/// Most request bytes in one plugin batch (a batch ends after the command that reaches it).
+const MAX_PLUGIN_BATCH_BYTES: usize = 1024 * 1024;
+/// Requests at least this big count towards `max_pipeline_bytes` (smaller ones are bounded
+/// by `max_pipeline` times this).
+const BIG_REQUEST: usize = 16 * 1024;
 
 /// Most redirections followed for one command before the client gets the error.
 const MAX_REDIRECTS: u8 = 5;
@@ -329,6 +334,15 @@ pub struct Session {
     /// Messages from the worker's subscriber connections.
     push_tx: Option<mpsc::UnboundedSender<Bytes>>,
     push_rx: Option<mpsc::UnboundedReceiver<Bytes>>,
+    /// `max_pipeline` replies (or `max_pipeline_bytes` of big requests) are owed: further input
+    /// waits, unread, until some arrive.
+    held_back: bool,
+    /// Big requests whose replies are owed: the sequence number of their last slot, and size.
+    big: VecDeque<(u64, usize)>,
+    /// Their bytes in all.
+    big_bytes: usize,
+    /// Since when the output has been over the soft limit of the client's class.
+    soft_since: Option<Instant>,
 }
 
 /// Serves one client connection until it closes.
@@ -388,6 +402,10 @@ pub async fn run(worker: Rc<Worker>, stream: TcpStream, info: Arc<ClientInfo>) {
         slowlog: false,
         push_tx: None,
         push_rx: None,
+        held_back: false,
+        big: VecDeque::new(),
+        big_bytes: 0,
+        soft_since: None,
     };
     s.slowlog = slowlog;
     s.serve().await;
@@ -435,6 +453,11 @@ impl Session {
             }
             self.now = None;
             self.collect_ready();
+            if self.held_back && !self.pipeline_full() {
+                self.held_back = false;
+                self.process_input();
+                self.park_input();
+            }
             if self.waiting == 0 {
                 if let Some(cmd) = self.stalled.take() {
                     self.refresh_topology();
@@ -471,10 +494,13 @@ impl Session {
             if !self.out.is_empty() && !self.try_flush() {
                 return;
             }
+            if !self.output_within_limit(self.subscribed()) {
+                return;
+            }
             if self.closing && self.queue.is_empty() && self.out.is_empty() && self.gated.is_none() && self.staged.is_empty() && self.hooked.is_none() {
                 return;
             }
-            let reading = !self.closing && self.stalled.is_none() && self.stream_start.is_none() && self.gated.is_none();
+            let reading = !self.closing && !self.held_back && self.stalled.is_none() && self.stream_start.is_none() && self.gated.is_none();
             let idle_applies = !idle.is_zero() && self.waiting == 0 && !self.in_multi && !self.watching && !self.subscribed();
             let out_before = self.out.len();
             let closing = self.closing;
@@ -552,6 +578,9 @@ impl Session {
                         Some(_) => {
                             self.process_input();
                             self.park_input();
+                            if !self.input_within_limit() {
+                                return;
+                            }
                             self.note_activity();
                             last_read = self.now();
                         }
@@ -658,9 +687,60 @@ impl Session {
         *self.now.get_or_insert_with(Instant::now)
     }
 
-    /// Whether the next command may be handled now (nothing stalled, gated or streaming).
+    /// Whether the next command may be handled now (nothing stalled, gated or streaming, and
+    /// fewer than `max_pipeline` replies owed).
     fn can_take(&self) -> bool {
-        !self.closing && self.stalled.is_none() && self.stream_start.is_none() && self.gated.is_none() && self.verdicts.is_none()
+        !self.closing
+            && self.stalled.is_none()
+            && self.stream_start.is_none()
+            && self.gated.is_none()
+            && self.verdicts.is_none()
+            && !self.pipeline_full()
+    }
+
+    /// Whether `max_pipeline` replies, or `max_pipeline_bytes` of big requests, are owed.
+    fn pipeline_full(&self) -> bool {
+        let cfg = &self.worker.shared.config;
+        self.queue.len() >= cfg.max_pipeline || self.big_bytes as u64 >= cfg.max_pipeline_bytes.as_u64()
+    }
+
+    /// Applies `client_query_buffer_limit` to the input held; `false` when the client must be
+    /// disconnected (as Redis does, without a reply: the connection is out of step).
+    fn input_within_limit(&self) -> bool {
+        let limit = self.worker.shared.config.client_query_buffer_limit.as_u64();
+        if (self.inbuf.len() as u64) < limit {
+            return true;
+        }
+        tracing::warn!(client = self.info.id, addr = %self.info.addr, bytes = self.inbuf.len(), "closing client that reached client_query_buffer_limit");
+        self.worker.shared.clients.note_limit_closed(crate::clients::Limit::QueryBuffer);
+        false
+    }
+
+    /// Applies the output buffer limit of the client's class (`pubsub` for subscribed clients,
+    /// `normal` for the others, `MONITOR` among them as in Redis); `false` when the client must
+    /// be disconnected.
+    fn output_within_limit(&mut self, pubsub: bool) -> bool {
+        let limits = &self.worker.shared.config.client_output_buffer_limit;
+        let limit = if pubsub { limits.pubsub } else { limits.normal };
+        let len = self.out.len() as u64;
+        if !limit.is_set() || (limit.soft == 0 || len < limit.soft) && (limit.hard == 0 || len < limit.hard) {
+            self.soft_since = None;
+            return true;
+        }
+        let now = self.now();
+        let over = if limit.hard > 0 && len >= limit.hard {
+            true
+        } else {
+            let since = *self.soft_since.get_or_insert(now);
+            now.saturating_duration_since(since) > Duration::from_secs(limit.soft_seconds)
+        };
+        if !over {
+            return true;
+        }
+        let class = if pubsub { "pubsub" } else { "normal" };
+        tracing::warn!(client = self.info.id, addr = %self.info.addr, bytes = len, class, "closing client that reached its client_output_buffer_limit");
+        self.worker.shared.clients.note_limit_closed(crate::clients::Limit::OutputBuffer);
+        false
     }
 
     fn process_input(&mut self) {
@@ -684,16 +764,18 @@ impl Session {
             // plugin for all of it. A command that changes what plugins see of the client
             // (AUTH, SELECT, CLIENT SETNAME …) ends the batch.
             let mut batch: Vec<Command> = Vec::new();
+            let mut bytes = 0;
             loop {
                 match self.parser.parse(&mut self.inbuf, &self.worker.shared.limits, self.authenticated) {
                     Ok(Some(cmd)) => {
                         let kind = commands::lookup(cmd.name()).kind;
+                        bytes += cmd.raw().len();
                         batch.push(cmd);
                         let ends = matches!(
                             kind,
                             Kind::Local(Local::Auth | Local::Hello | Local::Select | Local::Reset | Local::Client | Local::Quit) | Kind::Stream
                         );
-                        if ends || batch.len() >= MAX_PLUGIN_BATCH {
+                        if ends || batch.len() >= MAX_PLUGIN_BATCH || bytes >= MAX_PLUGIN_BATCH_BYTES {
                             break;
                         }
                     }
@@ -711,6 +793,7 @@ impl Session {
             }
             self.run_batch(batch);
         }
+        self.held_back = self.pipeline_full() && (!self.inbuf.is_empty() || !self.deferred.is_empty());
     }
 
     fn protocol_error(&mut self, e: resp::ProtocolError) {
@@ -807,6 +890,13 @@ impl Session {
         let slot = self.queue.pop_front();
         if slot.is_some() {
             self.popped += 1;
+            while let Some(&(last, n)) = self.big.front() {
+                if last > seq {
+                    break;
+                }
+                self.big.pop_front();
+                self.big_bytes -= n;
+            }
         }
         (seq, slot)
     }
@@ -966,7 +1056,18 @@ impl Session {
     fn handle(&mut self, cmd: Command, pre: Option<PreDecision>) {
         let worker = self.worker.clone();
         let res = worker.shared.commands.resolve(&cmd);
+        let size = cmd.raw().len();
+        if size < BIG_REQUEST {
+            return self.handle_resolved(cmd, res, pre);
+        }
+        let pushed = self.pushed;
         self.handle_resolved(cmd, res, pre);
+        // Counted until the reply of its last slot is taken (a command not queued yet, stalled
+        // or gated, is one at a time).
+        if self.pushed > pushed {
+            self.big.push_back((self.pushed - 1, size));
+            self.big_bytes += size;
+        }
     }
 
     fn handle_resolved(&mut self, cmd: Command, res: Resolved<'_>, pre: Option<PreDecision>) {

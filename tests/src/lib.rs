@@ -523,9 +523,29 @@ impl Respire {
 
     /// Its resident memory now, in KiB (from /proc).
     pub fn rss_kib(&self) -> u64 {
-        let pid = self.child.as_ref().map(|c| c.id()).expect("running");
+        self.status_kib("VmRSS")
+    }
+
+    /// A memory figure of `/proc/PID/status` (`VmRSS`, `VmSize`, `VmHWM` …), in KiB.
+    pub fn status_kib(&self, field: &str) -> u64 {
+        let pid = self.pid();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).expect("VmRSS")
+        let prefix = format!("{field}:");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+    }
+
+    /// Its open file descriptors now.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map(|d| d.count()).expect("proc fd")
+    }
+
+    /// Its process id; panics when it has exited.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).expect("running")
     }
 
     /// "127.0.0.1:port"
@@ -613,6 +633,11 @@ impl Raw {
     pub fn roundtrip(&mut self, req: &[u8], n: usize) -> Vec<u8> {
         self.send(req);
         self.read_replies(n)
+    }
+
+    /// One read of whatever has arrived (`Ok(0)`: the peer closed).
+    pub fn read_some(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.s.read(buf)
     }
 
     /// Sets how long reads wait.

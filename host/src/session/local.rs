@@ -124,6 +124,9 @@ impl Session {
                     line(&mut b, "total_error_replies", &errors);
                     line(&mut b, "total_net_input_bytes", &bytes_in);
                     line(&mut b, "total_net_output_bytes", &bytes_out);
+                    let (query_closed, output_closed) = shared.clients.limit_closed();
+                    line(&mut b, "client_query_buffer_limit_disconnections", &query_closed);
+                    line(&mut b, "client_output_buffer_limit_disconnections", &output_closed);
                     line(&mut b, "cache_hits", &hits);
                     line(&mut b, "cache_misses", &misses);
                     line(&mut b, "cache_entries", &entries);
@@ -271,9 +274,20 @@ impl Session {
         self.plugin_client = None;
     }
 
-    /// Checks credentials; on success the session is authenticated as `user`.
-    pub(super) fn authenticate(&mut self, user: &[u8], pass: &[u8]) -> bool {
-        let cfg = &self.worker.shared.config;
+    /// Checks credentials; on success the session is authenticated as `user`, otherwise the
+    /// error to reply. Failed attempts are throttled per client address (see `crate::guard`).
+    pub(super) fn authenticate(&mut self, user: &[u8], pass: &[u8]) -> Result<(), String> {
+        let shared = self.worker.shared.clone();
+        let cfg = &shared.config;
+        let ip = self.info.addr.ip();
+        let now = self.now().into_std();
+        if let Err(wait) = shared.auth_throttle.attempt(ip, now) {
+            tracing::warn!(client = self.info.id, addr = %ip, "AUTH refused: too many failed attempts from this address");
+            return Err(format!(
+                "ERR respire: too many failed AUTH attempts from this address; retry in {} s",
+                wait.as_secs_f64().ceil().max(1.0) as u64
+            ));
+        }
         let ok = if user == b"default" {
             match &cfg.requirepass {
                 Some(p) => constant_time_eq(p.as_bytes(), pass),
@@ -281,16 +295,20 @@ impl Session {
                 None => true,
             }
         } else {
-            cfg.users.iter().any(|u| u.name.as_bytes() == user && constant_time_eq(u.password.as_bytes(), pass))
+            // Every user's password is compared, so the time taken does not tell which exist.
+            cfg.users.iter().fold(false, |found, u| (constant_time_eq(u.password.as_bytes(), pass) & (u.name.as_bytes() == user)) | found)
         };
-        if ok {
-            self.authenticated = true;
-            if let Ok(mut u) = self.info.user.lock() {
-                *u = String::from_utf8_lossy(user).into_owned();
-            }
-            self.plugin_client = None;
+        shared.auth_throttle.outcome(ip, ok);
+        if !ok {
+            tracing::info!(client = self.info.id, addr = %self.info.addr, user = %String::from_utf8_lossy(user), "AUTH failed");
+            return Err("WRONGPASS invalid username-password pair or user is disabled.".into());
         }
-        ok
+        self.authenticated = true;
+        if let Ok(mut u) = self.info.user.lock() {
+            *u = String::from_utf8_lossy(user).into_owned();
+        }
+        self.plugin_client = None;
+        Ok(())
     }
 
     pub(super) fn auth(&mut self, cmd: &Command) {
@@ -306,10 +324,9 @@ impl Session {
                 "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
             );
         }
-        if self.authenticate(&user, &pass) {
-            self.reply_ok();
-        } else {
-            self.reply_error("WRONGPASS invalid username-password pair or user is disabled.");
+        match self.authenticate(&user, &pass) {
+            Ok(()) => self.reply_ok(),
+            Err(e) => self.reply_error(&e),
         }
     }
 
@@ -341,8 +358,8 @@ impl Session {
             }
         }
         if let Some((user, pass)) = creds {
-            if !self.authenticate(&user, &pass) {
-                return self.reply_error("WRONGPASS invalid username-password pair or user is disabled.");
+            if let Err(e) = self.authenticate(&user, &pass) {
+                return self.reply_error(&e);
             }
         }
         if !self.authenticated {
@@ -656,10 +673,11 @@ impl Session {
     }
 }
 
-/// Compares secrets in time that depends only on their lengths.
+/// Compares a password in time that depends on neither its content nor its length: both
+/// sides are hashed first (as Redis does) and the digests compared without branching.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use sha2::Digest;
+    let (x, y) = (sha2::Sha256::digest(a), sha2::Sha256::digest(b));
+    let diff = x.iter().zip(y.iter()).fold(0u8, |acc, (p, q)| acc | (p ^ q));
+    std::hint::black_box(diff) == 0
 }

@@ -78,6 +78,10 @@ impl Session {
             if !self.try_flush() {
                 break StreamEnd::Close;
             }
+            // MONITOR clients are of the normal class, as in Redis.
+            if !self.output_within_limit(false) {
+                break StreamEnd::Close;
+            }
             if self.closing {
                 let _ = self.flush_all().await;
                 break StreamEnd::Close;
