@@ -384,10 +384,13 @@ fn parse_inline(buf: &mut BytesMut) -> Result<Inline, ProtocolError> {
 /// whitespace separates arguments; double quotes allow `\n \r \t \b \a \\ \" \xHH`
 /// escapes; single quotes allow `\'`; a closing quote must be followed by
 /// whitespace or the end. Returns `None` on unbalanced quotes.
+///
+/// A NUL byte ends the line, as it ends the C string Redis splits (an argument stops there,
+/// and inside quotes it leaves them unbalanced).
 pub fn split_args(line: &[u8]) -> Option<Vec<Bytes>> {
     let mut args = Vec::new();
     let mut i = 0;
-    let n = line.len();
+    let n = memchr(0, line).unwrap_or(line.len());
     loop {
         while i < n && is_space(line[i]) {
             i += 1;
@@ -448,7 +451,7 @@ pub fn split_args(line: &[u8]) -> Option<Vec<Bytes>> {
                     break;
                 }
                 match line[i] {
-                    b' ' | b'\n' | b'\r' | b'\t' | 0 => break,
+                    b' ' | b'\n' | b'\r' | b'\t' => break,
                     b'"' => in_dq = true,
                     b'\'' => in_sq = true,
                     c => cur.push(c),
@@ -892,6 +895,14 @@ mod tests {
                 Err(e) => return (out, Err(e)),
             }
         }
+    }
+
+    #[test]
+    fn a_nul_byte_ends_an_inline_line_as_in_redis() {
+        let args = |b: &[u8]| split_args(b).map(|v| v.iter().map(|a| a.to_vec()).collect::<Vec<_>>());
+        assert_eq!(args(b"GET a\0b c"), Some(vec![b"GET".to_vec(), b"a".to_vec()]));
+        assert_eq!(args(b"\0GET"), Some(vec![]));
+        assert_eq!(args(b"GET \"a\0\""), None);
     }
 
     #[test]

@@ -96,6 +96,7 @@ fn malformed_frames_get_redis_s_own_answer_and_close_only_that_connection() {
         ),
         ("garbage after the count", b"*3abc\r\n".to_vec()),
         ("unbalanced quotes", b"SET \"a b\r\n".to_vec()),
+        ("NUL inside an inline command", b"SET a\0b c\r\nPING\r\n".to_vec()),
         ("70 KB inline command without a newline", long_inline),
         ("70 KB array count", long_count),
         ("70 KB bulk count", long_bulk_count),
