@@ -22,6 +22,7 @@
 //! - [`stage`]: a worker's plugin stage: every session's hooks of one event-loop turn in one call per plugin.
 //! - [`stats`]: respire's own request metrics (per worker, added up when scraped) and slow log.
 //! - [`clients`]: the process-wide client list (`CLIENT LIST`/`KILL`, limits).
+//! - [`guard`]: failed `AUTH` attempts throttled per client address.
 //! - [`server`]: the listener, worker threads and graceful shutdown.
 //!
 //! # Life of a command

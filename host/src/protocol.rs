@@ -362,7 +362,9 @@ enum Inline {
 }
 
 fn parse_inline(buf: &mut BytesMut) -> Result<Inline, ProtocolError> {
-    let Some(nl) = memchr(b'\n', buf) else {
+    // Redis looks for the newline with `strchr`, which stops at a NUL byte: a line with a NUL
+    // before its newline never completes, until it is too big.
+    let Some(nl) = memchr::memchr2(b'\n', 0, buf).filter(|&i| buf[i] == b'\n') else {
         if buf.len() > MAX_INLINE {
             return Err(ProtocolError::TooBigInline);
         }

@@ -364,14 +364,18 @@ fn a_deep_pipeline_is_paced_by_max_pipeline_and_keeps_order() {
 fn a_subscriber_that_never_reads_is_disconnected_and_others_get_every_message() {
     let redis = RedisServer::start();
     let proxy = Respire::with_config(&format!(
-        "[client_output_buffer_limit]\npubsub = \"32mb 0 0\"\n[backend]\naddress = \"{}\"\n",
+        "[client_output_buffer_limit]\npubsub = \"16mb 0 0\"\n[backend]\naddress = \"{}\"\n",
         redis.addr()
     ));
     let mut stuck = Raw::connect(proxy.port);
     stuck.send(&resp(&[b"SUBSCRIBE", b"news"]));
     assert!(String::from_utf8_lossy(&stuck.read_replies(1)).contains("subscribe"));
+    // How many messages the reading subscriber has had: the publisher keeps within 64 of it, so
+    // only the one that never reads falls behind.
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let reader = {
         let client = proxy.client();
+        let seen = seen.clone();
         std::thread::spawn(move || {
             let mut c = client.get_connection().expect("subscriber");
             let mut ps = c.as_pubsub();
@@ -386,6 +390,7 @@ fn a_subscriber_that_never_reads_is_disconnected_and_others_get_every_message() 
                     return Ok::<usize, String>(n);
                 }
                 n += 1;
+                seen.store(n, std::sync::atomic::Ordering::Relaxed);
             }
         })
     };
@@ -393,8 +398,12 @@ fn a_subscriber_that_never_reads_is_disconnected_and_others_get_every_message() 
     let mut publisher = redis.client().get_connection().expect("direct");
     let payload = vec![b'p'; 64 * 1024];
     let messages = 1024; // 64 MiB: more than the limit and the kernel's socket buffers together
-    for _ in 0..messages {
+    for i in 0..messages {
         let _: i64 = publisher.publish("news", &payload).expect("PUBLISH");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while i >= seen.load(std::sync::atomic::Ordering::Relaxed) + 64 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
     let _: i64 = publisher.publish("news", "end").expect("PUBLISH");
     let read = reader.join().expect("reader");
