@@ -32,27 +32,13 @@ pub enum IoEvent {
 /// Writes from `out` while the socket accepts it, and reads into `input` when `reading`;
 /// ready when either made progress.
 pub fn poll_io(stream: &mut TcpStream, cx: &mut Context<'_>, out: &mut BytesMut, input: &mut BytesMut, reading: bool) -> Poll<IoEvent> {
-    let mut wrote = false;
-    while !out.is_empty() {
-        match Pin::new(&mut *stream).poll_write(cx, out) {
-            Poll::Ready(Ok(0)) => return Poll::Ready(IoEvent::Closed(None)),
-            Poll::Ready(Ok(n)) => {
-                out.advance(n);
-                wrote = true;
-            }
-            Poll::Ready(Err(e)) => return Poll::Ready(IoEvent::Closed(Some(e))),
-            Poll::Pending => break,
-        }
-    }
+    let wrote = match poll_write_out(stream, cx, out) {
+        Ok(wrote) => wrote,
+        Err(closed) => return Poll::Ready(closed),
+    };
     if reading {
-        if input.capacity() - input.len() < READ_CHUNK / 4 {
-            input.reserve(READ_CHUNK);
-        }
-        match tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, input) {
-            Poll::Ready(Ok(0)) => return Poll::Ready(IoEvent::Closed(None)),
-            Poll::Ready(Ok(_)) => return Poll::Ready(IoEvent::Read),
-            Poll::Ready(Err(e)) => return Poll::Ready(IoEvent::Closed(Some(e))),
-            Poll::Pending => {}
+        if let Poll::Ready(ev) = poll_read_into(stream, cx, input) {
+            return Poll::Ready(ev);
         }
     }
     if wrote { Poll::Ready(IoEvent::Wrote) } else { Poll::Pending }
@@ -62,18 +48,10 @@ pub fn poll_io(stream: &mut TcpStream, cx: &mut Context<'_>, out: &mut BytesMut,
 /// has input, without a buffer to read into: a session that sits idle holds no input buffer
 /// (it reads into its worker's, and keeps only a partial command of its own).
 pub fn poll_write_and_readable(stream: &mut TcpStream, cx: &mut Context<'_>, out: &mut BytesMut, reading: bool) -> Poll<IoEvent> {
-    let mut wrote = false;
-    while !out.is_empty() {
-        match Pin::new(&mut *stream).poll_write(cx, out) {
-            Poll::Ready(Ok(0)) => return Poll::Ready(IoEvent::Closed(None)),
-            Poll::Ready(Ok(n)) => {
-                out.advance(n);
-                wrote = true;
-            }
-            Poll::Ready(Err(e)) => return Poll::Ready(IoEvent::Closed(Some(e))),
-            Poll::Pending => break,
-        }
-    }
+    let wrote = match poll_write_out(stream, cx, out) {
+        Ok(wrote) => wrote,
+        Err(closed) => return Poll::Ready(closed),
+    };
     if reading {
         match stream.poll_read_ready(cx) {
             Poll::Ready(Ok(())) => return Poll::Ready(IoEvent::Readable),
@@ -82,6 +60,24 @@ pub fn poll_write_and_readable(stream: &mut TcpStream, cx: &mut Context<'_>, out
         }
     }
     if wrote { Poll::Ready(IoEvent::Wrote) } else { Poll::Pending }
+}
+
+/// Writes from `out` while the socket accepts it: whether anything was written, or the event
+/// that ended the connection.
+fn poll_write_out(stream: &mut TcpStream, cx: &mut Context<'_>, out: &mut BytesMut) -> Result<bool, IoEvent> {
+    let mut wrote = false;
+    while !out.is_empty() {
+        match Pin::new(&mut *stream).poll_write(cx, out) {
+            Poll::Ready(Ok(0)) => return Err(IoEvent::Closed(None)),
+            Poll::Ready(Ok(n)) => {
+                out.advance(n);
+                wrote = true;
+            }
+            Poll::Ready(Err(e)) => return Err(IoEvent::Closed(Some(e))),
+            Poll::Pending => break,
+        }
+    }
+    Ok(wrote)
 }
 
 /// Reads what the socket has into `input` (through `poll_read`, so that a short read clears

@@ -983,21 +983,24 @@ impl Instance {
         }
     }
 
-    /// Calls the request hook on a batch within the plugin's time budget (per command).
-    fn on_requests(&mut self, budget: Duration, clients: &[Arc<Client>], batch: &RequestBatch) -> Result<RequestResults, (Failure, String)> {
-        self.prepare(batch_budget(budget, batch.requests.len() / REQUEST_WORDS));
+    /// Readies the instance for a call on `n` commands of `clients`: their time budget, and the
+    /// clients the plugin may ask about.
+    fn start_call(&mut self, budget: Duration, n: usize, clients: &[Arc<Client>]) {
+        self.prepare(batch_budget(budget, n));
         let d = &mut self.store.data_mut().clients;
         d.clear();
         d.extend(clients.iter().cloned());
+    }
+
+    /// Calls the request hook on a batch within the plugin's time budget (per command).
+    fn on_requests(&mut self, budget: Duration, clients: &[Arc<Client>], batch: &RequestBatch) -> Result<RequestResults, (Failure, String)> {
+        self.start_call(budget, batch.requests.len() / REQUEST_WORDS, clients);
         self.plugin.call_on_requests(&mut self.store, batch).map_err(|e| (self.failure(&e), format!("{e:#}")))
     }
 
     /// Calls the response hook on a batch within the plugin's time budget (per reply).
     fn on_responses(&mut self, budget: Duration, clients: &[Arc<Client>], batch: &ResponseBatch) -> Result<ResponseResults, (Failure, String)> {
-        self.prepare(batch_budget(budget, batch.responses.len() / RESPONSE_WORDS));
-        let d = &mut self.store.data_mut().clients;
-        d.clear();
-        d.extend(clients.iter().cloned());
+        self.start_call(budget, batch.responses.len() / RESPONSE_WORDS, clients);
         self.plugin.call_on_responses(&mut self.store, batch).map_err(|e| (self.failure(&e), format!("{e:#}")))
     }
 }

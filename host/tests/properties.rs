@@ -13,16 +13,6 @@ use respire::protocol::{Command, RequestLimits, RequestParser, reply_len};
 use respire::router::{Merge, Plan, merge, plan};
 use respire::topology::{Topology, key_slot};
 
-fn encode(args: &[Vec<u8>]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a);
-        out.extend_from_slice(b"\r\n");
-    }
-    out
-}
-
 /// Feeds `input` to a parser in pieces cut at `cuts`; returns the commands and whether it
 /// ended with an error.
 fn parse_in_pieces(input: &[u8], cuts: &[usize]) -> (Vec<Vec<Vec<u8>>>, bool) {
@@ -59,7 +49,8 @@ fn reply() -> impl Strategy<Value = Vec<u8>> {
         "[a-zA-Z ]{0,12}".prop_map(|s| format!("+{s}\r\n").into_bytes()),
         "[A-Z]{1,8} [a-z ]{0,12}".prop_map(|s| format!("-{s}\r\n").into_bytes()),
         any::<i64>().prop_map(|n| format!(":{n}\r\n").into_bytes()),
-        proptest::collection::vec(any::<u8>(), 0..40).prop_map(|b| [format!("${}\r\n", b.len()).into_bytes(), b, b"\r\n".to_vec()].concat()),
+        proptest::collection::vec(any::<u8>(), 0..40)
+            .prop_map(|b| [format!("${}\r\n", b.len()).into_bytes(), b, b"\r\n".to_vec()].concat()),
         Just(b"$-1\r\n".to_vec()),
         Just(b"*-1\r\n".to_vec()),
         Just(b"_\r\n".to_vec()),
@@ -88,7 +79,7 @@ proptest! {
         cmds in proptest::collection::vec(proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..48), 1..6), 1..12),
         cuts in proptest::collection::vec(any::<usize>(), 0..16),
     ) {
-        let input: Vec<u8> = cmds.iter().flat_map(|c| encode(c)).collect();
+        let input: Vec<u8> = cmds.iter().flat_map(|c| Command::from_args(c).raw().to_vec()).collect();
         let (got, failed) = parse_in_pieces(&input, &cuts);
         prop_assert!(!failed);
         prop_assert_eq!(got, cmds);
