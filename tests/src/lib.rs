@@ -15,8 +15,29 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-/// A free TCP port on 127.0.0.1 (the OS picks it; there is a short race until it is used).
+/// A free TCP port on 127.0.0.1 for a server a test starts.
+///
+/// Taken below the kernel's ephemeral range, where the thousands of outgoing connections the
+/// tests make get their local ports (a port the OS picked with bind(0) could be taken by one
+/// of them before the server binds it), each port at most once per test process, and checked
+/// free by binding it.
 pub fn free_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let low = 10_000u32;
+    let span = ephemeral_low.saturating_sub(low).max(1000);
+    // Test processes run one after another: start each in a different place.
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = (low + (start + n) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     l.local_addr().expect("local addr").port()
 }
