@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 source examples/common.sh
-ensure_commands redis-server:redis-server redis-cli:redis-tools promtool:prometheus
+ensure_commands redis-server:redis-server redis-cli:redis-tools promtool:prometheus openssl:openssl
 if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
   echo "==> adding the wasm32-wasip2 target"
   rustup target add wasm32-wasip2

@@ -24,13 +24,12 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use thiserror::Error;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, info, warn};
 
 use crate::channel::{self, QueueReceiver, QueueSender, TryRecvError};
-use crate::io::{IoEvent, poll_io, write_now};
+use crate::io::{IoEvent, Stream, poll_io, write_now};
 use crate::protocol::{self, Value};
 
 /// Why a request got no reply from its backend.
@@ -130,6 +129,8 @@ pub struct NodeSettings {
     pub reconnect_max: Duration,
     /// Send `READONLY` after connecting (Redis Cluster: lets replicas serve reads; a no-op on masters).
     pub readonly: bool,
+    /// TLS to the node, when configured.
+    pub tls: Option<Arc<crate::tls::ClientTls>>,
 }
 
 /// Which logical connection state a backend connection carries.
@@ -149,11 +150,20 @@ pub fn backend_version() -> String {
     BACKEND_VERSION.lock().ok().and_then(|v| v.clone()).unwrap_or_else(|| "7.0.0".to_string())
 }
 
+/// Opens the transport to a node: TCP, and TLS when configured (no Redis handshake).
+pub async fn open(node: &NodeSettings) -> Result<Stream, String> {
+    let tcp = TcpStream::connect(&*node.addr).await.map_err(|e| e.to_string())?;
+    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    match &node.tls {
+        None => Ok(Stream::Tcp(tcp)),
+        Some(tls) => Ok(Stream::TlsClient(Box::new(tls.connect(&node.addr, tcp).await?))),
+    }
+}
+
 /// Opens a connection and performs the handshake: `HELLO proto [AUTH …]`, `CLIENT SETNAME respire`, `SELECT db`.
-pub async fn connect(node: &NodeSettings, key: ConnKey) -> Result<TcpStream, String> {
+pub async fn connect(node: &NodeSettings, key: ConnKey) -> Result<Stream, String> {
     let fut = async {
-        let mut stream = TcpStream::connect(&*node.addr).await.map_err(|e| e.to_string())?;
-        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        let mut stream = open(node).await?;
         let mut out = BytesMut::new();
         let proto = key.proto.to_string();
         match &node.password {
@@ -173,7 +183,7 @@ pub async fn connect(node: &NodeSettings, key: ConnKey) -> Result<TcpStream, Str
             protocol::encode_args(&mut out, &["SELECT", &key.db.to_string()]);
             expected += 1;
         }
-        stream.write_all(&out).await.map_err(|e| e.to_string())?;
+        stream.send(&out).await.map_err(|e| e.to_string())?;
         let mut buf = BytesMut::with_capacity(1024);
         for i in 0..expected {
             let frame = read_frame(&mut stream, &mut buf).await?;
@@ -201,7 +211,7 @@ pub async fn connect(node: &NodeSettings, key: ConnKey) -> Result<TcpStream, Str
 }
 
 /// Reads one complete reply frame.
-pub async fn read_frame(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Bytes, String> {
+pub async fn read_frame(stream: &mut Stream, buf: &mut BytesMut) -> Result<Bytes, String> {
     use tokio::io::AsyncReadExt;
     loop {
         if let Some(frame) = protocol::next_reply(buf).map_err(|e| e.to_string())? {
@@ -392,7 +402,7 @@ const HIGH_WATER: usize = 4 * 1024 * 1024;
 
 async fn serve(
     node: &NodeSettings,
-    mut stream: TcpStream,
+    mut stream: Stream,
     rx: &mut QueueReceiver<Request>,
     first: Option<Request>,
 ) -> End {
@@ -433,7 +443,7 @@ async fn serve(
                 break;
             }
         }
-        if let Err(e) = write_now(&stream, &mut wbuf) {
+        if let Err(e) = write_now(&mut stream, &mut wbuf) {
             break End::Failed(e.to_string());
         }
         let due = inflight.front().and_then(|f| f.deadline);

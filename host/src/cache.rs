@@ -587,7 +587,6 @@ pub fn track(shared: Arc<crate::server::Shared>) {
 
 /// One tracking connection: subscribes to invalidations, then applies them until it breaks.
 async fn tracker(node: crate::backend::NodeSettings, prefixes: Vec<Bytes>, up: Arc<AtomicBool>, cache: Arc<Cache>) {
-    use tokio::io::AsyncWriteExt;
     let addr = node.addr.clone();
     let result: Result<(), String> = async {
         let mut stream = crate::backend::connect(&node, crate::backend::ConnKey { db: 0, proto: 3 }).await?;
@@ -598,7 +597,7 @@ async fn tracker(node: crate::backend::NodeSettings, prefixes: Vec<Bytes>, up: A
         }
         let mut out = BytesMut::new();
         crate::protocol::encode_args(&mut out, &args);
-        stream.write_all(&out).await.map_err(|e| e.to_string())?;
+        stream.send(&out).await.map_err(|e| e.to_string())?;
         let mut buf = BytesMut::with_capacity(4096);
         let ok = crate::backend::read_frame(&mut stream, &mut buf).await?;
         if !ok.starts_with(b"+OK") {

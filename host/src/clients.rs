@@ -185,6 +185,7 @@ pub struct Clients {
     rejected: AtomicU64,
     query_limit_closed: AtomicU64,
     output_limit_closed: AtomicU64,
+    tls_failed: AtomicU64,
     all: Mutex<BTreeMap<u64, Arc<ClientInfo>>>,
 }
 
@@ -219,6 +220,16 @@ impl Clients {
     /// `client_output_buffer_limit`.
     pub fn limit_closed(&self) -> (u64, u64) {
         (self.query_limit_closed.load(Ordering::Relaxed), self.output_limit_closed.load(Ordering::Relaxed))
+    }
+
+    /// Counts a TLS handshake with a client that failed or timed out.
+    pub fn note_tls_failed(&self) {
+        self.tls_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// TLS handshakes with clients that failed or timed out since start.
+    pub fn tls_failed(&self) -> u64 {
+        self.tls_failed.load(Ordering::Relaxed)
     }
 
     /// Counts a connection refused because `max_clients` were connected.

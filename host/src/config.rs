@@ -38,8 +38,11 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Address clients connect to. Default: "127.0.0.1:6380".
+    /// Address clients connect to; `""` serves only the TLS listener (as Redis's `port 0`).
+    /// Default: "127.0.0.1:6380".
     pub listen: String,
+    /// TLS for clients, on a listener of its own (as Redis's `tls-port`). Default: none.
+    pub tls: Option<Tls>,
     /// Worker threads, each owning its client and backend connections. 0 means one per core. Default: 0.
     pub workers: usize,
     /// Most client connections at once; more are answered `-ERR max number of clients reached`. Default: 10000.
@@ -236,6 +239,60 @@ pub struct User {
     pub password: String,
 }
 
+/// TLS towards clients. The files are read again when they change.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// Address TLS clients connect to, e.g. "0.0.0.0:6390". Required.
+    pub listen: String,
+    /// respire's certificate chain (PEM). Required.
+    pub cert_file: PathBuf,
+    /// Its private key (PEM). Required.
+    pub key_file: PathBuf,
+    /// CA certificates (PEM) that client certificates are verified against. Default: none.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificates, as Redis's `tls-auth-clients`: "yes" (required, the default, as
+    /// Redis), "optional" (verified when given) or "no". "yes" and "optional" need `ca_file`.
+    #[serde(default)]
+    pub auth_clients: ClientAuth,
+    /// How long a client may take to complete the TLS handshake. Default: "10s".
+    #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// Whether TLS clients must present a certificate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// A certificate signed by `ca_file` is required.
+    #[default]
+    Yes,
+    /// A certificate is verified when the client gives one.
+    Optional,
+    /// No certificate is asked for.
+    No,
+}
+
+/// TLS towards the backends: every connection respire opens to a Redis node (and to the
+/// sentinels) goes through TLS. The files are read again when they change.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendTls {
+    /// CA certificates (PEM) the nodes' certificates are verified against. Required.
+    pub ca_file: PathBuf,
+    /// Client certificate chain (PEM) respire presents, for nodes with `tls-auth-clients yes`. Default: none.
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (PEM). Default: none.
+    pub key_file: Option<PathBuf>,
+    /// Name sent as SNI and checked against every node's certificate. Default: each node's
+    /// host as addressed (a DNS name, or an IP address matched against the certificate's IP SANs).
+    pub server_name: Option<String>,
+}
+
 /// The Redis servers behind respire.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -287,12 +344,15 @@ pub struct Backend {
     /// Longest delay between reconnection attempts. Default: "2s".
     #[serde(with = "humantime_serde")]
     pub reconnect_max: Duration,
+    /// TLS to the backends. Default: none (plain TCP).
+    pub tls: Option<BackendTls>,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:6380".into(),
+            tls: None,
             workers: 0,
             max_clients: 10_000,
             requirepass: None,
@@ -338,6 +398,7 @@ impl Default for Backend {
             failover_timeout: Duration::from_secs(30),
             reconnect_min: Duration::from_millis(50),
             reconnect_max: Duration::from_secs(2),
+            tls: None,
         }
     }
 }
@@ -369,8 +430,24 @@ impl Config {
     /// Checks values and their combinations.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        if self.listen.parse::<SocketAddr>().is_err() {
+        if self.listen.is_empty() && self.tls.is_none() {
+            return bad("listen: an address is needed unless tls.listen serves the clients".into());
+        }
+        if !self.listen.is_empty() && self.listen.parse::<SocketAddr>().is_err() {
             return bad(format!("listen: {:?} is not an address like \"127.0.0.1:6380\"", self.listen));
+        }
+        if let Some(t) = &self.tls {
+            if t.listen.parse::<SocketAddr>().is_err() {
+                return bad(format!("tls.listen: {:?} is not an address like \"127.0.0.1:6390\"", t.listen));
+            }
+            if t.auth_clients != ClientAuth::No && t.ca_file.is_none() {
+                return bad("tls: auth_clients = \"yes\" (the default, as Redis) or \"optional\" needs ca_file to verify client \
+                            certificates against; set auth_clients = \"no\" to accept clients without one"
+                    .into());
+            }
+            if t.handshake_timeout.is_zero() {
+                return bad("tls.handshake_timeout must be more than 0s".into());
+            }
         }
         if let Some(m) = &self.metrics {
             if m.parse::<SocketAddr>().is_err() {
@@ -399,13 +476,16 @@ impl Config {
             return bad("client_query_buffer_limit must be at least 1MiB".into());
         }
         if self.protected_mode && !self.auth_required() {
-            let loopback = self.listen.parse::<SocketAddr>().is_ok_and(|a| a.ip().is_loopback());
-            if !loopback {
-                return bad(format!(
-                    "protected mode: {} is not a loopback address and clients need no password; set requirepass \
-                     (--requirepass), or protected_mode = false (--protected-mode no) to accept anyone who can reach it",
-                    self.listen
-                ));
+            // A TLS listener that requires client certificates lets no one in without one.
+            let tls_open = self.tls.as_ref().filter(|t| t.auth_clients != ClientAuth::Yes).map(|t| t.listen.as_str());
+            for addr in std::iter::once(self.listen.as_str()).filter(|a| !a.is_empty()).chain(tls_open) {
+                let loopback = addr.parse::<SocketAddr>().is_ok_and(|a| a.ip().is_loopback());
+                if !loopback {
+                    return bad(format!(
+                        "protected mode: {addr} is not a loopback address and clients need no password; set requirepass \
+                         (--requirepass), or protected_mode = false (--protected-mode no) to accept anyone who can reach it"
+                    ));
+                }
             }
         }
         let mut seen = std::collections::HashSet::new();
@@ -457,6 +537,11 @@ impl Config {
         }
         if b.connect_timeout.is_zero() || b.command_timeout.is_zero() {
             return bad("backend.connect_timeout and backend.command_timeout must be more than 0s".into());
+        }
+        if let Some(t) = &b.tls {
+            if t.cert_file.is_some() != t.key_file.is_some() {
+                return bad("backend.tls: cert_file and key_file go together".into());
+            }
         }
         if b.reconnect_min.is_zero() || b.reconnect_max < b.reconnect_min {
             return bad("backend: reconnect_min must be more than 0s and at most reconnect_max".into());

@@ -14,7 +14,8 @@
 //!   writes and FIFO reply matching; the per-worker connection pool.
 //! - [`session`]: one client connection: batches, in-order replies, local
 //!   commands, transactions, blocking commands, subscriptions.
-//! - [`io`]: socket reads and writes shared by both sides.
+//! - [`io`]: socket reads and writes shared by both sides (plain TCP or TLS).
+//! - [`tls`]: rustls configurations for clients and backends, reloaded when their files change.
 //! - [`channel`]: request and reply channels between the tasks of one worker (no atomics).
 //! - [`pubsub`]: shared subscriber connections with fan-out to sessions.
 //! - [`cache`]: the response cache plugins drive, kept fresh by `CLIENT TRACKING`.
@@ -54,4 +55,5 @@ pub mod session;
 pub mod stage;
 pub mod state;
 pub mod stats;
+pub mod tls;
 pub mod topology;

@@ -347,7 +347,7 @@ pub fn render(shared: &crate::server::Shared) -> Vec<u8> {
     let topo = shared.topology.load();
     let (query_closed, output_closed) = shared.clients.limit_closed();
     let (auth_failed, auth_refused) = shared.auth_throttle.totals();
-    let lines: [(&str, &str, &str, String); 10] = [
+    let lines: [(&str, &str, &str, String); 11] = [
         ("respire_build_info", "gauge", "respire's version (always 1).", format!("{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))),
         ("respire_uptime_seconds", "gauge", "Seconds since respire started.", format!(" {}", shared.started.elapsed().as_secs_f64())),
         ("respire_client_connections", "gauge", "Client connections open now.", format!(" {}", shared.clients.count())),
@@ -365,6 +365,12 @@ pub fn render(shared: &crate::server::Shared) -> Vec<u8> {
             "counter",
             "AUTH attempts refused unchecked because their address failed too often.",
             format!(" {auth_refused}"),
+        ),
+        (
+            "respire_tls_handshake_failures_total",
+            "counter",
+            "TLS handshakes with clients that failed (no or a wrong certificate, not TLS) or timed out.",
+            format!(" {}", shared.clients.tls_failed()),
         ),
         ("respire_topology_masters", "gauge", "Masters in the current topology.", format!(" {}", topo.shards.len())),
         ("respire_topology_nodes", "gauge", "Nodes (masters and replicas) in the current topology.", format!(" {}", topo.nodes.len())),
@@ -442,7 +448,7 @@ fn topology_json(shared: &crate::server::Shared) -> Vec<u8> {
 /// `/ready`: every slot has a master and every master answers (any reply counts, an
 /// authentication error included) within the connect timeout. The reason when not.
 async fn ready(shared: &crate::server::Shared) -> Result<(), String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     let topo = shared.topology.load();
     if !topo.complete() {
         return Err("the topology is not known yet (some slots have no master)".into());
@@ -450,9 +456,10 @@ async fn ready(shared: &crate::server::Shared) -> Result<(), String> {
     let timeout = shared.config.backend.connect_timeout;
     for m in topo.masters() {
         let Some(addr) = topo.nodes.get(m).cloned() else { continue };
+        let node = crate::backend::NodeSettings { addr: addr.clone(), ..shared.node_settings.clone() };
         let probe = async {
-            let mut s = tokio::net::TcpStream::connect(&*addr).await?;
-            s.write_all(b"PING\r\n").await?;
+            let mut s = crate::backend::open(&node).await.map_err(std::io::Error::other)?;
+            s.send(b"PING\r\n").await?;
             let mut b = [0u8; 64];
             match s.read(&mut b).await? {
                 0 => Err(std::io::Error::other("closed the connection")),

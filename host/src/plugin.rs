@@ -1090,6 +1090,19 @@ fn fingerprint(wasm: &Path) -> Fingerprint {
     Some((m.len(), m.modified().ok()?, s))
 }
 
+/// Whether a file-system event may have changed a file (reads, which respire's own loading
+/// makes too, do not count).
+pub fn changes(ev: &notify::Event) -> bool {
+    !matches!(ev.kind, notify::EventKind::Access(_))
+}
+
+/// Waits until no event came for `quiet`, for at most ten times that (a folder that never
+/// goes quiet is still looked at).
+pub fn settle(rx: &std::sync::mpsc::Receiver<()>, quiet: Duration) {
+    let until = std::time::Instant::now() + quiet * 10;
+    while std::time::Instant::now() < until && rx.recv_timeout(quiet).is_ok() {}
+}
+
 /// Watches the plugin folder and swaps the chain when files change.
 ///
 /// Changes are picked up after a quiet period (`QUIET`) when the folder reports events, and by
@@ -1107,7 +1120,7 @@ pub fn watch(shared: Arc<crate::server::Shared>, dir: PathBuf) {
     let Some(rt) = shared.plugin_runtime.as_ref() else { return };
     let (tx, rx) = std::sync::mpsc::channel();
     let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if ev.is_ok() {
+        if ev.is_ok_and(|e| changes(&e)) {
             let _ = tx.send(());
         }
     })
@@ -1136,7 +1149,7 @@ pub fn watch(shared: Arc<crate::server::Shared>, dir: PathBuf) {
         let polled = match rx.recv_timeout(POLL) {
             Ok(()) => {
                 // Quiet period: wait until events stop for a moment (a copy in progress, an editor's save).
-                while rx.recv_timeout(QUIET).is_ok() {}
+                settle(&rx, QUIET);
                 false
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => true,

@@ -261,7 +261,7 @@ async fn run(hub: Hub, node: Rc<NodeSettings>, conn: Rc<HubConn>, mut commands: 
         }
         let mut rbuf = BytesMut::with_capacity(16 * 1024);
         let reason = loop {
-            if let Err(e) = write_now(&stream, &mut wbuf) {
+            if let Err(e) = write_now(&mut stream, &mut wbuf) {
                 break e.to_string();
             }
             let (s, w, r) = (&mut stream, &mut wbuf, &mut rbuf);

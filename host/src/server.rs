@@ -21,7 +21,7 @@ use thiserror::Error;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -54,6 +54,9 @@ pub enum ServerError {
     /// The plugin folder could not be used.
     #[error("plugins: {0}")]
     Plugins(String),
+    /// A TLS certificate, key or CA file could not be used.
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// State shared by all workers.
@@ -88,6 +91,8 @@ pub struct Shared {
     pub started: std::time::Instant,
     /// Failed `AUTH` attempts per client address.
     pub auth_throttle: crate::guard::AuthThrottle,
+    /// TLS towards clients, when configured.
+    pub tls: Option<Arc<crate::tls::ServerTls>>,
 }
 
 /// What one worker thread owns.
@@ -128,6 +133,7 @@ impl Worker {
 /// A running server.
 pub struct Server {
     addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
@@ -138,12 +144,27 @@ impl Server {
     pub fn start(config: Config) -> Result<Server, ServerError> {
         config.validate()?;
         let mut threads = Vec::new();
-        let addr: SocketAddr = config
-            .listen
-            .parse()
-            .map_err(|_| ServerError::Bind { addr: config.listen.clone(), source: std::io::ErrorKind::InvalidInput.into() })?;
-        let std_listener = bind(addr).map_err(|source| ServerError::Bind { addr: config.listen.clone(), source })?;
-        let local = std_listener.local_addr().map_err(ServerError::Start)?;
+        let server_tls = match &config.tls {
+            Some(t) => Some(Arc::new(crate::tls::ServerTls::load(t).map_err(|e| ServerError::Tls(format!("tls: {e}")))?)),
+            None => None,
+        };
+        let client_tls = match &config.backend.tls {
+            Some(t) => Some(Arc::new(crate::tls::ClientTls::load(t).map_err(|e| ServerError::Tls(format!("backend.tls: {e}")))?)),
+            None => None,
+        };
+        // The plain listener (unless `listen` is empty) and the TLS one.
+        let mut listeners = Vec::new();
+        let tls_listen = config.tls.as_ref().map(|t| t.listen.as_str());
+        for (addr, tls) in [(Some(config.listen.as_str()).filter(|a| !a.is_empty()), false), (tls_listen, true)] {
+            let Some(addr) = addr else { continue };
+            let bad = |source| ServerError::Bind { addr: addr.to_string(), source };
+            let parsed: SocketAddr = addr.parse().map_err(|_| bad(std::io::ErrorKind::InvalidInput.into()))?;
+            let l = bind(parsed).map_err(bad)?;
+            let local = l.local_addr().map_err(ServerError::Start)?;
+            listeners.push((l, local, tls));
+        }
+        let local = listeners.iter().find(|l| !l.2).or(listeners.first()).map(|l| l.1).ok_or_else(|| ServerError::Start(std::io::ErrorKind::InvalidInput.into()))?;
+        let tls_addr = listeners.iter().find(|l| l.2).map(|l| l.1);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let b = &config.backend;
         let node_settings = NodeSettings {
@@ -155,6 +176,7 @@ impl Server {
             reconnect_min: b.reconnect_min,
             reconnect_max: b.reconnect_max,
             readonly: !b.cluster.is_empty(),
+            tls: client_tls.clone(),
         };
         let (topology, discovery) = initial_topology(&config, &node_settings)?;
         let learnt = !matches!(discovery, Discovery::Static);
@@ -194,8 +216,17 @@ impl Server {
             slowlog: crate::stats::SlowLog::default(),
             started: std::time::Instant::now(),
             auth_throttle: crate::guard::AuthThrottle::new(config.auth_failure_limit),
+            tls: server_tls.clone(),
             config,
         });
+        if server_tls.is_some() || client_tls.is_some() {
+            let shutdown = shared.shutdown.clone();
+            let t = std::thread::Builder::new()
+                .name("respire-tls".into())
+                .spawn(move || crate::tls::watch(server_tls, client_tls, shutdown))
+                .map_err(ServerError::Start)?;
+            threads.push(t);
+        }
         if let Some(addr) = shared.config.metrics.clone() {
             let listener = std::net::TcpListener::bind(&addr).map_err(|source| ServerError::Bind { addr: addr.clone(), source })?;
             listener.set_nonblocking(true).map_err(ServerError::Start)?;
@@ -251,18 +282,25 @@ impl Server {
             threads.push(t);
         }
         let acceptor_shared = shared.clone();
+        let bound: Vec<_> = listeners.into_iter().map(|(l, _, tls)| (l, tls)).collect();
         let t = std::thread::Builder::new()
             .name("respire-accept".into())
-            .spawn(move || acceptor_main(acceptor_shared, std_listener, senders))
+            .spawn(move || acceptor_main(acceptor_shared, bound, senders))
             .map_err(ServerError::Start)?;
         threads.push(t);
-        info!(listen = %local, workers = shared.config.worker_count(), "respire listening");
-        Ok(Server { addr: local, shutdown: shutdown_tx, shared, threads })
+        let plain = (!shared.config.listen.is_empty()).then_some(local);
+        info!(listen = ?plain, tls = ?tls_addr, workers = shared.config.worker_count(), "respire listening");
+        Ok(Server { addr: local, tls_addr, shutdown: shutdown_tx, shared, threads })
     }
 
-    /// The address the listener is bound to.
+    /// The address the plain listener is bound to (the TLS one's when there is no plain one).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address the TLS listener is bound to, if any.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
     }
 
     /// Starts a graceful shutdown.
@@ -308,9 +346,10 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-type NewConn = (std::net::TcpStream, SocketAddr);
+/// An accepted connection: the socket, the peer, and whether it came to the TLS listener.
+type NewConn = (std::net::TcpStream, SocketAddr, bool);
 
-fn acceptor_main(shared: Arc<Shared>, listener: std::net::TcpListener, workers: Vec<mpsc::UnboundedSender<NewConn>>) {
+fn acceptor_main(shared: Arc<Shared>, listeners: Vec<(std::net::TcpListener, bool)>, workers: Vec<mpsc::UnboundedSender<NewConn>>) {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -318,47 +357,62 @@ fn acceptor_main(shared: Arc<Shared>, listener: std::net::TcpListener, workers: 
             return;
         }
     };
-    rt.block_on(async move {
-        let listener = match TcpListener::from_std(listener) {
-            Ok(l) => l,
-            Err(e) => {
-                error!(error = %e, "cannot use the listener");
-                return;
-            }
-        };
-        let mut shutdown = shared.shutdown.clone();
-        let mut next = 0usize;
-        loop {
-            tokio::select! {
-                _ = shutdown.changed() => break,
-                r = listener.accept() => match r {
-                    Ok((stream, peer)) => {
-                        if !shared.clients.try_reserve(shared.config.max_clients) {
-                            shared.clients.note_rejected();
+    let next = Rc::new(Cell::new(0usize));
+    let workers = Rc::new(workers);
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let mut tasks = Vec::new();
+        for (listener, tls) in listeners {
+            let listener = match TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    error!(error = %e, "cannot use the listener");
+                    return;
+                }
+            };
+            tasks.push(tokio::task::spawn_local(accept_loop(shared.clone(), listener, tls, workers.clone(), next.clone())));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    });
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: bool, workers: Rc<Vec<mpsc::UnboundedSender<NewConn>>>, next: Rc<Cell<usize>>) {
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => {
+                    if !shared.clients.try_reserve(shared.config.max_clients) {
+                        shared.clients.note_rejected();
+                        // (A TLS client cannot read this before its handshake; it sees the close.)
+                        if !tls {
                             let _ = stream.try_write(b"-ERR max number of clients reached\r\n");
-                            continue;
                         }
-                        let _ = stream.set_nodelay(true);
-                        match stream.into_std() {
-                            Ok(s) => {
-                                let w = &workers[next % workers.len()];
-                                next = next.wrapping_add(1);
-                                if w.send((s, peer)).is_err() {
-                                    shared.clients.release();
-                                }
+                        continue;
+                    }
+                    let _ = stream.set_nodelay(true);
+                    match stream.into_std() {
+                        Ok(s) => {
+                            let n = next.get();
+                            next.set(n.wrapping_add(1));
+                            if workers[n % workers.len()].send((s, peer, tls)).is_err() {
+                                shared.clients.release();
                             }
-                            Err(_) => shared.clients.release(),
                         }
+                        Err(_) => shared.clients.release(),
                     }
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off briefly instead of spinning.
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off briefly instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
         }
-    });
+    }
 }
 
 fn worker_main(shared: Arc<Shared>, mut conns: mpsc::UnboundedReceiver<NewConn>) {
@@ -387,7 +441,7 @@ fn worker_main(shared: Arc<Shared>, mut conns: mpsc::UnboundedReceiver<NewConn>)
             tokio::select! {
                 _ = shutdown.changed() => break,
                 c = conns.recv() => match c {
-                    Some((std_stream, peer)) => start_session(&worker, std_stream, peer),
+                    Some((std_stream, peer, tls)) => start_session(&worker, std_stream, peer, tls),
                     None => break,
                 }
             }
@@ -402,7 +456,7 @@ fn worker_main(shared: Arc<Shared>, mut conns: mpsc::UnboundedReceiver<NewConn>)
     });
 }
 
-fn start_session(worker: &Rc<Worker>, std_stream: std::net::TcpStream, peer: SocketAddr) {
+fn start_session(worker: &Rc<Worker>, std_stream: std::net::TcpStream, peer: SocketAddr, tls: bool) {
     use std::os::fd::AsRawFd;
     let shared = &worker.shared;
     let stream = match TcpStream::from_std(std_stream) {
@@ -413,11 +467,36 @@ fn start_session(worker: &Rc<Worker>, std_stream: std::net::TcpStream, peer: Soc
         }
     };
     let laddr = stream.local_addr().unwrap_or(peer);
-    let info = shared.clients.register(peer, laddr, stream.as_raw_fd());
+    let fd = stream.as_raw_fd();
     worker.sessions.set(worker.sessions.get() + 1);
     let w = worker.clone();
     tokio::task::spawn_local(async move {
-        session::run(w.clone(), stream, info).await;
+        let shared = &w.shared;
+        let stream = match (tls, &shared.tls, &shared.config.tls) {
+            (false, _, _) => Some(crate::io::Stream::Tcp(stream)),
+            (true, Some(acceptor), Some(settings)) => match tokio::time::timeout(settings.handshake_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => Some(crate::io::Stream::TlsServer(Box::new(s))),
+                Ok(Err(e)) => {
+                    debug!(%peer, error = %e, "TLS handshake with a client failed");
+                    None
+                }
+                Err(_) => {
+                    debug!(%peer, "TLS handshake with a client timed out");
+                    None
+                }
+            },
+            (true, _, _) => None,
+        };
+        match stream {
+            Some(stream) => {
+                let info = shared.clients.register(peer, laddr, fd);
+                session::run(w.clone(), stream, info).await;
+            }
+            None => {
+                shared.clients.note_tls_failed();
+                shared.clients.release();
+            }
+        }
         w.sessions.set(w.sessions.get().saturating_sub(1));
     });
 }
@@ -465,8 +544,7 @@ fn startup_commands(settings: &NodeSettings, topo: &Topology) -> CommandTable {
             let mut out = bytes::BytesMut::new();
             protocol::encode_args(&mut out, &["COMMAND"]);
             let io = async {
-                use tokio::io::AsyncWriteExt;
-                stream.write_all(&out).await.map_err(|e| e.to_string())?;
+                stream.send(&out).await.map_err(|e| e.to_string())?;
                 let mut buf = bytes::BytesMut::new();
                 backend::read_frame(&mut stream, &mut buf).await
             };

@@ -37,7 +37,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::debug;
@@ -47,7 +46,7 @@ use crate::channel::TryRecvError;
 use crate::clients::{ClientInfo, flag};
 use crate::config::ReadFrom;
 use crate::commands::{self, Kind, Local, Resolved};
-use crate::io::{IoEvent, poll_read_into, poll_write_and_readable, write_now};
+use crate::io::{IoEvent, Stream, poll_read_into, poll_write_and_readable, write_now};
 use crate::protocol::{self as resp, Command, RequestParser};
 use crate::plugin::{ChainRequest, ChainResponse, Client as PluginClient, ClientHandle, Decision, ResponseChain};
 use crate::pubsub::SubKind;
@@ -251,7 +250,7 @@ struct Exclusive {
 pub struct Session {
     worker: Rc<Worker>,
     info: Arc<ClientInfo>,
-    stream: TcpStream,
+    stream: Stream,
     inbuf: BytesMut,
     out: BytesMut,
     parser: RequestParser,
@@ -346,7 +345,7 @@ pub struct Session {
 }
 
 /// Serves one client connection until it closes.
-pub async fn run(worker: Rc<Worker>, stream: TcpStream, info: Arc<ClientInfo>) {
+pub async fn run(worker: Rc<Worker>, stream: Stream, info: Arc<ClientInfo>) {
     let authenticated = !worker.shared.config.auth_required();
     let slowlog = worker.shared.config.slowlog_log_slower_than >= 0;
     let topo = worker.shared.topology.load();
@@ -651,7 +650,7 @@ impl Session {
     /// Writes as much of the output as the socket takes now; `false` if the client is gone.
     fn try_flush(&mut self) -> bool {
         let before = self.out.len();
-        let ok = write_now(&self.stream, &mut self.out).is_ok();
+        let ok = write_now(&mut self.stream, &mut self.out).is_ok();
         self.worker.stats.bytes(0, before - self.out.len());
         if !ok {
             return false;
@@ -668,12 +667,13 @@ impl Session {
 
     /// Writes the whole output; `false` if the client is gone.
     async fn flush_all(&mut self) -> bool {
-        while !self.out.is_empty() {
-            if !self.try_flush() || self.stream.writable().await.is_err() {
-                return false;
-            }
-        }
-        true
+        use tokio::io::AsyncWriteExt;
+        let before = self.out.len();
+        let (stream, out) = (&mut self.stream, &mut self.out);
+        // `flush` too: TLS may hold records the socket has not taken yet.
+        let ok = async { stream.write_all_buf(out).await?; stream.flush().await }.await.is_ok();
+        self.worker.stats.bytes(0, before - self.out.len());
+        ok
     }
 
     fn note_activity(&mut self) {

@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
@@ -189,8 +188,10 @@ impl Topology {
         self.nodes == other.nodes && self.shards == other.shards && self.slots == other.slots
     }
 
-    /// Builds a cluster topology from a `CLUSTER SHARDS` reply.
-    pub fn from_cluster_shards(reply: &Value) -> Option<Topology> {
+    /// Builds a cluster topology from a `CLUSTER SHARDS` reply; with `tls`, the nodes' TLS
+    /// ports (`CLUSTER SHARDS` gives both ports of a TLS cluster; `CLUSTER SLOTS` and
+    /// redirections give the one of the asking connection's kind).
+    pub fn from_cluster_shards(reply: &Value, tls: bool) -> Option<Topology> {
         let Value::Array(shards) = reply else { return None };
         let mut builder = Builder::default();
         for shard in shards {
@@ -199,7 +200,8 @@ impl Topology {
             let mut master = None;
             let mut replicas = Vec::new();
             for n in nodes {
-                let port = n.get("port").or_else(|| n.get("tls-port")).and_then(Value::as_int);
+                let (first, second) = if tls { ("tls-port", "port") } else { ("port", "tls-port") };
+                let port = n.get(first).or_else(|| n.get(second)).and_then(Value::as_int);
                 let host = n
                     .get("endpoint")
                     .and_then(|v| v.as_bytes())
@@ -520,7 +522,7 @@ impl TopologyState {
             if let Ok(mut stream) = backend::connect(&node, ConnKey { db: 0, proto: 2 }).await {
                 let mut out = BytesMut::new();
                 protocol::encode_args(&mut out, &["SUBSCRIBE", "+switch-master"]);
-                if stream.write_all(&out).await.is_ok() {
+                if stream.send(&out).await.is_ok() {
                     let mut buf = BytesMut::new();
                     while let Ok(frame) = backend::read_frame(&mut stream, &mut buf).await {
                         if frame.windows(b"message".len()).any(|w| w == b"message") {
@@ -562,7 +564,7 @@ async fn fetch_from_sentinel(settings: &NodeSettings, addr: &str, names: &[Strin
         protocol::encode_args(&mut out, &["SENTINEL", "REPLICAS", name]);
     }
     let io = async {
-        stream.write_all(&out).await.map_err(|e| e.to_string())?;
+        stream.send(&out).await.map_err(|e| e.to_string())?;
         let mut buf = BytesMut::new();
         let mut specs: Vec<ShardParts> = Vec::new();
         for name in names {
@@ -610,10 +612,10 @@ async fn fetch_topology(settings: &NodeSettings, addr: &str) -> Result<Topology,
     };
     let req = ask(&["CLUSTER", "SHARDS"]);
     let io = async {
-        stream.write_all(&req).await.map_err(|e| e.to_string())?;
+        stream.send(&req).await.map_err(|e| e.to_string())?;
         let frame = backend::read_frame(&mut stream, &mut buf).await?;
         let v = Value::parse(&frame).map_err(|e| e.to_string())?;
-        if let Some(t) = Topology::from_cluster_shards(&v) {
+        if let Some(t) = Topology::from_cluster_shards(&v, settings.tls.is_some()) {
             return Ok(t);
         }
         if let Value::Error(e) = &v {
@@ -622,7 +624,7 @@ async fn fetch_topology(settings: &NodeSettings, addr: &str) -> Result<Topology,
             }
         }
         let req = ask(&["CLUSTER", "SLOTS"]);
-        stream.write_all(&req).await.map_err(|e| e.to_string())?;
+        stream.send(&req).await.map_err(|e| e.to_string())?;
         let frame = backend::read_frame(&mut stream, &mut buf).await?;
         let v = Value::parse(&frame).map_err(|e| e.to_string())?;
         Topology::from_cluster_slots(&v).ok_or_else(|| "no slots in the reply".to_string())

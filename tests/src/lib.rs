@@ -92,8 +92,13 @@ impl RedisServer {
     /// Starts an empty Redis Cluster node. Its bus port is chosen free too (the default,
     /// port + 10000, may be taken or beyond 65535).
     pub fn start_cluster_node() -> RedisServer {
+        Self::start_cluster_node_with(&[])
+    }
+
+    /// Starts an empty Redis Cluster node with extra arguments.
+    pub fn start_cluster_node_with(extra: &[&str]) -> RedisServer {
         let bus = free_port().to_string();
-        Self::start_with(&[
+        let mut args = vec![
             "--cluster-enabled",
             "yes",
             "--cluster-config-file",
@@ -106,7 +111,9 @@ impl RedisServer {
             // blocking from Redis Cluster's own).
             "--cluster-require-full-coverage",
             "no",
-        ])
+        ];
+        args.extend_from_slice(extra);
+        Self::start_with(&args)
     }
 
     /// Starts a server on a given port (for "the backend comes up later").
@@ -171,6 +178,7 @@ pub struct Cluster {
     /// Every node (masters first as created; roles may change later).
     pub nodes: Vec<RedisServer>,
     masters: usize,
+    tls_ports: Vec<u16>,
 }
 
 impl Cluster {
@@ -190,9 +198,41 @@ RedisServer::start_cluster_node()
         cmd.args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"]);
         let out = cmd.output().expect("redis-cli --cluster create");
         assert!(out.status.success(), "cluster create failed: {}", String::from_utf8_lossy(&out.stdout));
-        let c = Cluster { nodes, masters };
+        let c = Cluster { nodes, masters, tls_ports: Vec::new() };
         c.wait_healthy(Duration::from_secs(30));
         c
+    }
+
+    /// Like [`start`](Self::start), every node also serving TLS (and speaking TLS on the
+    /// cluster bus and for replication, `tls-cluster yes`), created over TLS: the nodes then
+    /// announce their TLS ports to TLS clients. Plain ports stay open for the tests' checks.
+    pub fn start_tls(masters: usize, replicas: usize, files: &TlsFiles) -> Cluster {
+        let total = masters * (1 + replicas);
+        let tls_ports: Vec<u16> = (0..total).map(|_| free_port()).collect();
+        let nodes: Vec<RedisServer> = tls_ports
+            .iter()
+            .map(|&p| {
+                let mut args = files.redis_args(p);
+                args.extend(["--tls-cluster", "yes", "--tls-replication", "yes"].map(String::from));
+                RedisServer::start_cluster_node_with(&args.iter().map(String::as_str).collect::<Vec<_>>())
+            })
+            .collect();
+        let mut cmd = Command::new("redis-cli");
+        cmd.args(files.cli_args(true)).arg("--cluster").arg("create");
+        for p in &tls_ports {
+            cmd.arg(format!("127.0.0.1:{p}"));
+        }
+        cmd.args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"]);
+        let out = cmd.output().expect("redis-cli --cluster create");
+        assert!(out.status.success(), "cluster create failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let c = Cluster { nodes, masters, tls_ports };
+        c.wait_healthy(Duration::from_secs(30));
+        c
+    }
+
+    /// The nodes' TLS ports (for a cluster from [`start_tls`](Self::start_tls)), in node order.
+    pub fn tls_ports(&self) -> &[u16] {
+        &self.tls_ports
     }
 
     /// Comma-separated seed addresses (the first two nodes).
@@ -961,4 +1001,136 @@ pub fn lost_writes(port: u16, acked: &std::collections::HashMap<String, i64>) ->
         }
     }
     lost
+}
+
+/// Test certificates made with `openssl`, as Redis's own `utils/gen-test-certs.sh` makes
+/// them: a CA, a certificate for 127.0.0.1 and localhost (for servers, and as Redis uses its
+/// certificate both ways, for clients too) and a client certificate.
+pub struct TlsFiles {
+    dir: tempfile::TempDir,
+}
+
+impl TlsFiles {
+    /// A new CA and certificates signed by it; `name` goes into the CA's common name.
+    pub fn generate(name: &str) -> TlsFiles {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .current_dir(dir.path())
+                .args(args)
+                .output()
+                .expect("openssl is not installed: run the README's test command, which installs it");
+            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        let key = |file: &str| openssl(&["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", file]);
+        key("ca.key");
+        let subject = format!("/O=respire test/CN=respire test CA {name}");
+        openssl(&["req", "-x509", "-new", "-key", "ca.key", "-sha256", "-days", "3650", "-subj", &subject]
+            .into_iter()
+            .chain(["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-out", "ca.crt"])
+            .collect::<Vec<_>>());
+        for (who, ext) in [
+            ("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\nkeyUsage=critical,digitalSignature\n"),
+            ("client", "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\n"),
+        ] {
+            std::fs::write(dir.path().join(format!("{who}.ext")), ext).expect("write ext");
+            key(&format!("{who}.key"));
+            openssl(&["req", "-new", "-key", &format!("{who}.key"), "-subj", &format!("/O=respire test/CN={who}"), "-out", &format!("{who}.csr")]);
+            openssl(&[
+                "x509", "-req", "-in", &format!("{who}.csr"), "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "365", "-sha256",
+                "-extfile", &format!("{who}.ext"), "-out", &format!("{who}.crt"),
+            ]);
+        }
+        TlsFiles { dir }
+    }
+
+    /// The path of one of the files: `ca.crt`, `server.crt`, `server.key`, `client.crt`, `client.key`.
+    pub fn path(&self, file: &str) -> String {
+        self.dir.path().join(file).to_str().expect("utf-8 path").to_string()
+    }
+
+    /// `redis-server` arguments serving TLS on `tls_port` with these files (client
+    /// certificates required, as Redis's default).
+    pub fn redis_args(&self, tls_port: u16) -> Vec<String> {
+        ["--tls-port", &tls_port.to_string(), "--tls-cert-file", &self.path("server.crt"), "--tls-key-file", &self.path("server.key")]
+            .into_iter()
+            .chain(["--tls-ca-cert-file", &self.path("ca.crt")])
+            .map(String::from)
+            .collect()
+    }
+
+    /// `redis-cli` arguments for a TLS connection trusting this CA, with the client certificate when `cert`.
+    pub fn cli_args(&self, cert: bool) -> Vec<String> {
+        let mut a = vec!["--tls".to_string(), "--cacert".into(), self.path("ca.crt")];
+        if cert {
+            a.extend(["--cert".into(), self.path("client.crt"), "--key".into(), self.path("client.key")]);
+        }
+        a
+    }
+}
+
+/// Runs redis-cli with these arguments against a port; its standard output and error together.
+pub fn cli_with(port: u16, pre: &[String], args: &[&str]) -> String {
+    let out = Command::new("redis-cli").args(pre).args(["-p", &port.to_string()]).args(args).output().expect("redis-cli");
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// A TLS connection (rustls) for byte-exact checks.
+pub struct TlsConn {
+    s: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+}
+
+impl TlsConn {
+    /// Connects to 127.0.0.1:`port`, trusting the CA in `ca`, presenting `cert` (certificate,
+    /// key files) when given, and completes the handshake. A server that refuses the client's
+    /// certificate may only say so at the first read (TLS 1.3).
+    pub fn connect(port: u16, ca: &str, cert: Option<(&str, &str)>) -> std::io::Result<TlsConn> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(ca).map_err(std::io::Error::other)? {
+            roots.add(c.map_err(std::io::Error::other)?).map_err(std::io::Error::other)?;
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(std::io::Error::other)?
+            .with_root_certificates(roots);
+        let config = match cert {
+            Some((c, k)) => {
+                let chain = CertificateDer::pem_file_iter(c).map_err(std::io::Error::other)?.collect::<Result<Vec<_>, _>>().map_err(std::io::Error::other)?;
+                let key = PrivateKeyDer::from_pem_file(k).map_err(std::io::Error::other)?;
+                builder.with_client_auth_cert(chain, key).map_err(std::io::Error::other)?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let name = ServerName::try_from("127.0.0.1").map_err(std::io::Error::other)?;
+        let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).map_err(std::io::Error::other)?;
+        let mut sock = TcpStream::connect(("127.0.0.1", port))?;
+        sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+        while conn.is_handshaking() {
+            conn.complete_io(&mut sock)?;
+        }
+        Ok(TlsConn { s: rustls::StreamOwned::new(conn, sock) })
+    }
+
+    /// The subject common name's bytes are somewhere in the server's certificate: whether `cn` appears in it.
+    pub fn server_cert_mentions(&self, cn: &str) -> bool {
+        self.s.conn.peer_certificates().and_then(|c| c.first()).is_some_and(|c| c.windows(cn.len()).any(|w| w == cn.as_bytes()))
+    }
+
+    /// Sends `req`, reads until `n` complete replies arrived (or the connection ended); the raw bytes.
+    pub fn roundtrip(&mut self, req: &[u8], n: usize) -> Vec<u8> {
+        if self.s.write_all(req).and_then(|_| self.s.flush()).is_err() {
+            return Vec::new();
+        }
+        let mut buf = Vec::new();
+        let mut tmp = [0u8; 65536];
+        while count_replies(&buf) < n {
+            match self.s.read(&mut tmp) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => buf.extend_from_slice(&tmp[..k]),
+            }
+        }
+        buf
+    }
 }

@@ -1,11 +1,14 @@
 //! Subscriptions and MONITOR: the connection becomes a stream relayed to a dedicated backend connection.
 
+use std::task::Poll;
+
 use bytes::BytesMut;
 
 use super::{Session, StreamEnd};
 use crate::backend::{self, BackendError};
 use crate::clients::flag;
 use crate::commands::{self, Kind, Local};
+use crate::io::{IoEvent, poll_io, write_now};
 use crate::protocol::{self as resp, Command};
 
 impl Session {
@@ -17,7 +20,7 @@ impl Session {
         self.release_exclusive(false);
         let addr = self.topo.nodes.get(node_index).cloned().unwrap_or_else(|| std::sync::Arc::from(""));
         let node = self.worker.pool(&addr).node().clone();
-        let backend = match backend::connect(&node, self.key()).await {
+        let mut backend = match backend::connect(&node, self.key()).await {
             Ok(s) => s,
             Err(reason) => {
                 let e = BackendError::Unavailable { addr: node.addr.clone(), reason };
@@ -62,18 +65,9 @@ impl Session {
                 resp::simple(&mut self.out, "RESET");
                 break StreamEnd::Reset;
             }
-            while !to_backend.is_empty() {
-                match backend.try_write(&to_backend) {
-                    Ok(n) => {
-                        let _ = to_backend.split_to(n);
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(_) => {
-                        resp::error(&mut self.out, "ERR respire: connection to backend was lost; subscriptions ended");
-                        self.closing = true;
-                        break;
-                    }
-                }
+            if write_now(&mut backend, &mut to_backend).is_err() {
+                resp::error(&mut self.out, "ERR respire: connection to backend was lost; subscriptions ended");
+                self.closing = true;
             }
             if !self.try_flush() {
                 break StreamEnd::Close;
@@ -86,55 +80,39 @@ impl Session {
                 let _ = self.flush_all().await;
                 break StreamEnd::Close;
             }
-            tokio::select! {
-                biased;
-                _ = std::future::poll_fn(|cx| signals.poll(&info, cx)) => break StreamEnd::Close,
-                r = backend.readable() => {
-                    if r.is_err() {
-                        break StreamEnd::Close;
-                    }
-                    from_backend.reserve(16 * 1024);
-                    match backend.try_read_buf(&mut from_backend) {
-                        Ok(0) => {
-                            resp::error(&mut self.out, "ERR respire: connection to backend was lost; subscriptions ended");
+            // Both sides at once, so that neither starves the other.
+            let (stream, out, inbuf) = (&mut self.stream, &mut self.out, &mut self.inbuf);
+            let (signal, from, to) = std::future::poll_fn(|cx| {
+                let signal = signals.poll(&info, cx).is_ready();
+                let from = poll_io(&mut backend, cx, &mut to_backend, &mut from_backend, true);
+                let to = poll_io(stream, cx, out, inbuf, true);
+                if signal || from.is_ready() || to.is_ready() { Poll::Ready((signal, from, to)) } else { Poll::Pending }
+            })
+            .await;
+            if signal {
+                break StreamEnd::Close;
+            }
+            match from {
+                Poll::Ready(IoEvent::Read) => loop {
+                    match resp::next_reply(&mut from_backend) {
+                        Ok(Some(frame)) => self.out.extend_from_slice(&frame),
+                        Ok(None) => break,
+                        Err(_) => {
                             self.closing = true;
+                            break;
                         }
-                        Ok(_) => loop {
-                            match resp::next_reply(&mut from_backend) {
-                                Ok(Some(frame)) => self.out.extend_from_slice(&frame),
-                                Ok(None) => break,
-                                Err(_) => {
-                                    self.closing = true;
-                                    break;
-                                }
-                            }
-                        },
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(_) => self.closing = true,
                     }
+                },
+                Poll::Ready(IoEvent::Closed(_)) => {
+                    resp::error(&mut self.out, "ERR respire: connection to backend was lost; subscriptions ended");
+                    self.closing = true;
                 }
-                r = self.stream.writable(), if !self.out.is_empty() => {
-                    if r.is_err() {
-                        break StreamEnd::Close;
-                    }
-                }
-                r = backend.writable(), if !to_backend.is_empty() => {
-                    if r.is_err() {
-                        break StreamEnd::Close;
-                    }
-                }
-                r = self.stream.readable() => {
-                    if r.is_err() {
-                        break StreamEnd::Close;
-                    }
-                    self.inbuf.reserve(16 * 1024);
-                    match self.stream.try_read_buf(&mut self.inbuf) {
-                        Ok(0) => break StreamEnd::Close,
-                        Ok(_) => self.note_activity(),
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(_) => break StreamEnd::Close,
-                    }
-                }
+                _ => {}
+            }
+            match to {
+                Poll::Ready(IoEvent::Read) => self.note_activity(),
+                Poll::Ready(IoEvent::Closed(_)) => break StreamEnd::Close,
+                _ => {}
             }
         };
         self.info.set_flag(flag::PUBSUB, false);
