@@ -634,6 +634,29 @@ mod tests {
     }
 
     #[test]
+    fn tls_settings_are_checked() {
+        let base = "[backend]\naddress = \"127.0.0.1:6379\"\n";
+        let tls = |extra: &str| format!("[tls]\nlisten = \"0.0.0.0:6390\"\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n{extra}{base}");
+        // Client certificates are required by default (as Redis), which needs a CA.
+        let e = Config::parse(&tls("")).unwrap().validate().unwrap_err().to_string();
+        assert!(e.contains("ca_file"), "{e}");
+        let c = Config::parse(&tls("ca_file = \"ca.pem\"\n")).unwrap();
+        assert_eq!(c.tls.as_ref().unwrap().auth_clients, ClientAuth::Yes);
+        c.validate().unwrap();
+        // Without client certificates, an open TLS address needs a password (protected mode).
+        let e = Config::parse(&tls("auth_clients = \"no\"\n")).unwrap().validate().unwrap_err().to_string();
+        assert!(e.contains("protected mode") && e.contains("0.0.0.0:6390"), "{e}");
+        Config::parse(&format!("requirepass = \"x\"\n{}", tls("auth_clients = \"optional\"\nca_file = \"ca.pem\"\n"))).unwrap().validate().unwrap();
+        assert!(Config::parse(&tls("auth_clients = \"maybe\"\n")).is_err());
+        // Only TLS: `listen = ""`.
+        let c = Config::parse(&format!("listen = \"\"\n{}", tls("ca_file = \"ca.pem\"\n"))).unwrap();
+        c.validate().unwrap();
+        assert!(Config::parse(&format!("listen = \"\"\n{base}")).unwrap().validate().is_err());
+        let e = Config::parse(&format!("{base}[backend.tls]\nca_file = \"ca.pem\"\ncert_file = \"c.pem\"\n")).unwrap().validate().unwrap_err();
+        assert!(e.to_string().contains("go together"), "{e}");
+    }
+
+    #[test]
     fn the_example_file_lists_the_defaults() {
         let c = Config::parse(include_str!("../../examples/respire.toml")).unwrap();
         c.validate().unwrap();

@@ -451,3 +451,117 @@ fn many_clients_at_once_each_get_their_own_decisions_and_replies() {
     let v: Option<String> = redis::Commands::get(&mut redis.client().get_connection().unwrap(), "ns:k3").unwrap();
     assert_eq!(v.as_deref(), Some("v3-49"));
 }
+
+#[test]
+fn abusive_plugins_lose_no_acknowledged_write() {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    let redis = RedisServer::start();
+    // A budget that lets the plugin build its 8 MiB answer, and cuts the loop off.
+    let dir = misbehave_dir("on_error = \"open\"\ntime_budget = \"100ms\"\nmax_memory = \"32MiB\"\n");
+    let proxy = Respire::start(&redis.addr(), &["--plugins", dir.path().to_str().unwrap(), "--workers", "2"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Mutex<HashMap<String, i64>>> = Arc::default();
+    let refused: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let writers: Vec<_> = (0..4)
+        .map(|t| {
+            let (stop, acked, refused, port) = (stop.clone(), acked.clone(), refused.clone(), proxy.port);
+            std::thread::spawn(move || {
+                let mut p = Raw::connect(port);
+                // Bounded: at most this many writes per writer.
+                for n in 0..200_000i64 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let key = format!("abuse:{t}:{n}");
+                    let reply = p.roundtrip(&resp(&[b"SET", key.as_bytes(), n.to_string().as_bytes()]), 1);
+                    match reply.as_slice() {
+                        b"+OK\r\n" => {
+                            acked.lock().unwrap().insert(key, n);
+                        }
+                        other => refused.lock().unwrap().push((key, String::from_utf8_lossy(other).into_owned())),
+                    }
+                }
+            })
+        })
+        .collect();
+    // One client keeps asking the plugin to misbehave in every way it knows.
+    let abuser = {
+        let (stop, port) = (stop.clone(), proxy.port);
+        std::thread::spawn(move || {
+            let mut p = Raw::connect(port);
+            let mut huge = format!("${}\r\n", 8 << 20).into_bytes();
+            huge.resize(huge.len() + (8 << 20), b'h');
+            huge.extend_from_slice(b"\r\n");
+            let mut rounds = 0;
+            while !stop.load(Ordering::Relaxed) && rounds < 10_000 {
+                // While the deny-all plugin is loaded (it runs first), it refuses everything.
+                let denied = |got: &[u8]| got == b"-NOPERM misbehave refuses 'get'\r\n";
+                let got = p.roundtrip(&resp(&[b"GET", b"plugin:huge"]), 1);
+                if got != huge && !denied(&got) {
+                    return Err(format!("an 8 MiB answer from a plugin arrives whole: {} bytes, {:?}", got.len(), String::from_utf8_lossy(&got[..got.len().min(60)])));
+                }
+                let got = p.roundtrip(&resp(&[b"GET", b"plugin:garbage"]), 1);
+                if got != b"-ERR respire: a plugin answered with an invalid reply\r\n" && !denied(&got) {
+                    return Err(format!("garbage: {:?}", String::from_utf8_lossy(&got)));
+                }
+                for key in [&b"plugin:loop"[..], b"plugin:bomb", b"plugin:panic"] {
+                    // Cut off (time budget, memory cap, trap); on_error = "open" lets the GET go on.
+                    let got = p.roundtrip(&resp(&[b"GET", key]), 1);
+                    if got != b"$-1\r\n" && !denied(&got) {
+                        return Err(format!("{}: {:?}", String::from_utf8_lossy(key), String::from_utf8_lossy(&got)));
+                    }
+                }
+                // Three failures in a row back the plugin off for 10 ms (its commands skip it
+                // meanwhile); the next round starts after that.
+                std::thread::sleep(Duration::from_millis(50));
+                rounds += 1;
+            }
+            Ok(rounds)
+        })
+    };
+    let count = |m: &Arc<Mutex<HashMap<String, i64>>>| m.lock().unwrap().len();
+    let wait_for = |what: &str, check: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !check() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let before_deny = count(&acked);
+    assert!(before_deny > 0, "writes go through while the plugin misbehaves");
+
+    // A plugin that refuses everything arrives mid-traffic, then leaves.
+    std::fs::write(dir.path().join("denyall.toml"), "[config]\ndeny_all = true\n").unwrap();
+    std::fs::copy(respire_tests::misbehave_plugin(), dir.path().join("denyall.wasm")).unwrap();
+    wait_for("the deny-all plugin refuses writes", &|| refused.lock().unwrap().len() >= 100);
+    std::fs::remove_file(dir.path().join("denyall.wasm")).unwrap();
+    let refused_then = refused.lock().unwrap().len();
+    std::thread::sleep(Duration::from_millis(500));
+    let after_removal = count(&acked);
+    wait_for("writes go through again once it is gone", &|| count(&acked) > after_removal + 100);
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.join().unwrap();
+    }
+    let rounds = abuser.join().unwrap().unwrap_or_else(|e| panic!("{e}\n{}", proxy.log()));
+    assert!(rounds > 0, "the abusive client was served throughout");
+
+    // Every acknowledged write is in Redis; every refused one is not (it never left respire).
+    let acked = acked.lock().unwrap();
+    let lost = respire_tests::lost_writes(redis.port, &acked);
+    assert!(lost.is_empty(), "{} of {} acknowledged writes lost: {:?}", lost.len(), acked.len(), &lost[..lost.len().min(5)]);
+    let refused = refused.lock().unwrap();
+    assert!(refused.len() >= refused_then);
+    let mut direct = redis.client().get_connection().unwrap();
+    for (key, reply) in refused.iter() {
+        assert!(reply.starts_with("-NOPERM misbehave refuses 'set'"), "{key}: refused with {reply:?}");
+        let v: Option<String> = redis::cmd("GET").arg(key).query(&mut direct).unwrap();
+        assert_eq!(v, None, "{key} was refused but reached Redis");
+    }
+    assert_eq!(Raw::connect(proxy.port).roundtrip(b"PING\r\n", 1), b"+PONG\r\n");
+}
