@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Soak test (not part of CI): a bounded mixed load through respire for SOAK_SECONDS
+# (default 1800) in front of a 3-master/3-replica Redis Cluster with the shipped plugins,
+# while every CHAOS_EVERY seconds (default 60) one of these happens in turn: a replica takes
+# over its master (CLUSTER FAILOVER), slots move between masters (redis-cli --cluster
+# reshard), the plugins are reloaded (files rewritten), respire's backend connections are
+# killed (CLIENT KILL). respire's RSS and open file descriptors are sampled every
+# 10 seconds; at the end every acknowledged write must read back, and RSS and descriptors
+# must be flat (the last third no higher than the middle third plus a margin).
+#
+#   bash examples/soak.sh                      # 30 minutes
+#   SOAK_SECONDS=300 bash examples/soak.sh     # 5 minutes
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SOAK_SECONDS=${SOAK_SECONDS:-1800}
+CHAOS_EVERY=${CHAOS_EVERY:-60}
+
+source examples/common.sh
+ensure_commands redis-server:redis-server redis-cli:redis-tools
+ensure_redis_py
+rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+echo "==> building respire and its plugins (release)"
+cargo build --release --locked -p respire
+cargo build --release --locked --target wasm32-wasip2 \
+  -p respire-plugin-acl -p respire-plugin-rate-limit -p respire-plugin-metrics -p respire-plugin-cache-policy
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+ports=()
+for _ in 1 2 3 4 5 6; do
+  p=$(free_port); mkdir -p "$work/$p"
+  redis-server --port "$p" --bind 127.0.0.1 --save '' --appendonly no --dir "$work/$p" --logfile "$work/$p/redis.log" \
+    --cluster-enabled yes --cluster-config-file nodes.conf --cluster-port "$(free_port)" --cluster-node-timeout 3000 &
+  pids+=($!)
+  wait_port "$p"
+  ports+=("$p")
+done
+redis-cli --cluster create $(for p in "${ports[@]}"; do echo "127.0.0.1:$p"; done) --cluster-replicas 1 --cluster-yes >/dev/null
+for _ in $(seq 200); do
+  redis-cli -p "${ports[0]}" cluster info | grep -q cluster_state:ok && break
+  sleep 0.1
+done
+
+plugins="$work/plugins"
+mkdir -p "$plugins"
+for p in acl rate-limit cache-policy metrics; do
+  cp "target/wasm32-wasip2/release/${p//-/_}.wasm" "$plugins/$p.wasm"
+  cp "plugins/$p/$p.toml" "$plugins/$p.toml"
+done
+
+port=$(free_port)
+metrics=$(free_port)
+target/release/respire --listen "127.0.0.1:$port" --cluster "127.0.0.1:${ports[0]},127.0.0.1:${ports[1]}" \
+  --plugins "$plugins" --metrics "127.0.0.1:$metrics" 2>"$work/respire.log" &
+respire_pid=$!
+pids+=($respire_pid)
+wait_port "$port"
+echo "==> soaking respire (pid $respire_pid) on 127.0.0.1:$port for ${SOAK_SECONDS}s, chaos every ${CHAOS_EVERY}s"
+
+samples="$work/samples.csv"
+echo "seconds,rss_kib,fds" > "$samples"
+(
+  start=$SECONDS
+  while kill -0 "$respire_pid" 2>/dev/null; do
+    rss=$(awk '/VmRSS/ {print $2}' "/proc/$respire_pid/status")
+    fds=$(ls "/proc/$respire_pid/fd" | wc -l)
+    echo "$((SECONDS - start)),$rss,$fds" >> "$samples"
+    sleep 10
+  done
+) &
+pids+=($!)
+
+masters() { redis-cli -p "${ports[0]}" cluster nodes | awk '$3 ~ /master/ && $3 !~ /fail/ {split($2, a, "[:@]"); print a[2]}'; }
+chaos_log="$work/chaos.log"
+(
+  step=0
+  end=$((SECONDS + SOAK_SECONDS - CHAOS_EVERY))
+  while [ $SECONDS -lt $end ]; do
+    sleep "$CHAOS_EVERY"
+    case $((step % 4)) in
+      0) # a replica takes over its master, gracefully (no acknowledged write is lost)
+         replica=$(redis-cli -p "${ports[0]}" cluster nodes | awk '$3 ~ /slave/ {split($2, a, "[:@]"); print a[2]; exit}')
+         echo "$SECONDS failover via $replica: $(redis-cli -p "$replica" cluster failover)" >> "$chaos_log" ;;
+      1) # move 200 slots from one master to another
+         m=($(masters))
+         from=$(redis-cli -p "${m[0]}" cluster myid); to=$(redis-cli -p "${m[1]}" cluster myid)
+         redis-cli --cluster reshard "127.0.0.1:${m[0]}" --cluster-from "$from" --cluster-to "$to" \
+           --cluster-slots 200 --cluster-yes >/dev/null 2>&1 && r=ok || r=failed
+         echo "$SECONDS reshard 200 slots ${m[0]} -> ${m[1]}: $r" >> "$chaos_log" ;;
+      2) # reload every plugin (new files written over the old)
+         for p in acl rate-limit cache-policy metrics; do
+           cp "$plugins/$p.wasm" "$plugins/.$p.new" && mv "$plugins/.$p.new" "$plugins/$p.wasm"
+           echo "# reloaded at $SECONDS" >> "$plugins/$p.toml"
+         done
+         echo "$SECONDS plugins reloaded" >> "$chaos_log" ;;
+      3) # drop respire's backend connections on every master
+         for m in $(masters); do redis-cli -p "$m" client kill type normal >/dev/null; done
+         echo "$SECONDS backend connections killed" >> "$chaos_log" ;;
+    esac
+    step=$((step + 1))
+  done
+) &
+pids+=($!)
+
+set +e
+python3 examples/soak.py "$port" "$SOAK_SECONDS" "$work/report.json"
+load_rc=$?
+set -e
+sleep 1
+kill -0 "$respire_pid" || { echo "respire died"; tail -50 "$work/respire.log"; exit 1; }
+
+echo "==> chaos"
+cat "$chaos_log"
+echo "==> samples (seconds, RSS KiB, fds)"
+cat "$samples"
+# Flat: the maxima of the last third are at most the middle third's plus 20% (RSS) / 16 (fds).
+verdict=$(awk -F, 'NR > 1 { t[NR] = $1; r[NR] = $2; f[NR] = $3; n = NR }
+  END {
+    a = int(n / 3); b = int(2 * n / 3)
+    for (i = a; i <= b; i++) { if (r[i] > mr) mr = r[i]; if (f[i] > mf) mf = f[i] }
+    for (i = b + 1; i <= n; i++) { if (r[i] > lr) lr = r[i]; if (f[i] > lf) lf = f[i] }
+    ok = (lr <= mr * 1.2 && lf <= mf + 16)
+    printf "RSS max %d KiB (middle third) vs %d KiB (last third); fds max %d vs %d: %s\n", mr, lr, mf, lf, ok ? "flat" : "GROWING"
+  }' "$samples")
+echo "==> $verdict"
+grep -c "WARN\|ERROR" "$work/respire.log" | xargs echo "==> respire log: warnings/errors:"
+if [ "$load_rc" -ne 0 ] || [[ "$verdict" == *GROWING* ]]; then
+  echo "==> soak FAILED"
+  exit 1
+fi
+echo "==> soak passed"
