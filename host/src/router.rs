@@ -414,7 +414,10 @@ pub fn merge(how: &Merge, replies: &[Bytes], parts: &[Part]) -> Bytes {
                 return bad();
             };
             let Some(node_cursor) = std::str::from_utf8(text).ok().and_then(|t| t.parse::<u64>().ok()) else { return bad() };
-            let next = if node_cursor != 0 {
+            let next = if node_cursor > u64::MAX >> SCAN_NODE_BITS {
+                // Does not fit beside the master's number: an error, not a cursor that skips keys.
+                return Bytes::from_static(b"-ERR respire: a backend's SCAN cursor is too large to combine with the shard number\r\n");
+            } else if node_cursor != 0 {
                 (node_cursor << SCAN_NODE_BITS) | *ordinal as u64
             } else if ordinal + 1 < *total {
                 (ordinal + 1) as u64

@@ -153,3 +153,62 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #[test]
+    fn a_scan_over_shards_visits_every_master_in_order_and_ends_at_zero(
+        walks in proptest::collection::vec(proptest::collection::btree_set(1u64..(1u64 << 54), 0..6), 1..6),
+        count in 1u32..1000,
+    ) {
+        // Each master's cursors, in the order it hands them out (then 0: done).
+        let walks: Vec<Vec<u64>> = walks.into_iter().map(|w| w.into_iter().collect()).collect();
+        let shards: Vec<_> = (0..walks.len()).map(|i| (format!("127.0.0.1:{}", 7001 + i), Vec::new(), Vec::new())).collect();
+        let topo = Topology::shards(&shards).unwrap();
+        let table = CommandTable::builtin();
+        let expected: Vec<(usize, u64)> =
+            walks.iter().enumerate().flat_map(|(m, w)| std::iter::once((m, 0)).chain(w.iter().map(move |&c| (m, c)))).collect();
+        let mut asked = Vec::new();
+        let mut cursor = 0u64;
+        for _ in 0..=expected.len() {
+            let args = [b"SCAN".to_vec(), cursor.to_string().into_bytes(), b"COUNT".to_vec(), count.to_string().into_bytes()];
+            let cmd = Command::from_args(&args);
+            let Plan::Scan { ordinal, data } = plan(&cmd, table.get(&cmd), &topo) else {
+                return Err(TestCaseError::fail(format!("SCAN {cursor} is not planned as a scan")));
+            };
+            // The master gets its own cursor, the other arguments unchanged.
+            let mut buf = BytesMut::from(&data[..]);
+            let sub = RequestParser::new().parse(&mut buf, &RequestLimits::default(), true).unwrap().unwrap();
+            let sub: Vec<&[u8]> = sub.iter().collect();
+            prop_assert_eq!(sub.len(), 4);
+            let count_text = count.to_string();
+            prop_assert_eq!(sub[3], count_text.as_bytes());
+            let node_cursor: u64 = std::str::from_utf8(sub[1]).unwrap().parse().unwrap();
+            asked.push((ordinal, node_cursor));
+            let walk = &walks[ordinal];
+            let at = if node_cursor == 0 { 0 } else { walk.iter().position(|&c| c == node_cursor).map_or(usize::MAX, |i| i + 1) };
+            prop_assert!(at != usize::MAX, "master {} was asked for a cursor it never gave: {}", ordinal, node_cursor);
+            let next = walk.get(at).copied().unwrap_or(0);
+            let reply = format!("*2\r\n${}\r\n{next}\r\n*1\r\n$1\r\nk\r\n", next.to_string().len());
+            let merged = merge(&Merge::Scan { ordinal, total: walks.len() }, &[Bytes::from(reply)], &[]);
+            // The client sees a well-formed reply with a decimal cursor and the keys.
+            prop_assert_eq!(reply_len(&merged).ok().flatten(), Some(merged.len()));
+            let text = String::from_utf8_lossy(&merged).into_owned();
+            let client_cursor: Vec<&str> = text.split("\r\n").collect();
+            prop_assert!(text.ends_with("*1\r\n$1\r\nk\r\n"), "{}", text);
+            cursor = client_cursor[2].parse().unwrap();
+            if cursor == 0 {
+                break;
+            }
+        }
+        prop_assert_eq!(cursor, 0);
+        prop_assert_eq!(asked, expected);
+    }
+}
+
+#[test]
+fn a_master_cursor_too_big_for_the_shared_cursor_is_an_error_not_a_wrong_cursor() {
+    let too_big = (1u64 << 54).to_string();
+    let reply = format!("*2\r\n${}\r\n{too_big}\r\n*0\r\n", too_big.len());
+    let merged = merge(&Merge::Scan { ordinal: 1, total: 3 }, &[Bytes::from(reply)], &[]);
+    assert!(merged.starts_with(b"-ERR"), "{}", String::from_utf8_lossy(&merged));
+}
