@@ -27,7 +27,10 @@ def client():
 
 
 def note_error(e):
-    kind = " ".join(str(e).split()[:4])
+    text = str(e)
+    # A pipeline's error names the command first: keep what went wrong.
+    text = text.split("caused error: ", 1)[-1]
+    kind = " ".join(text.split()[:4])
     with lock:
         errors[kind] = errors.get(kind, 0) + 1
 
