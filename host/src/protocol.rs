@@ -585,6 +585,8 @@ pub fn parse_i64(s: &[u8]) -> Option<i64> {
 /// the reply they precede.
 pub fn reply_len(buf: &[u8]) -> Result<Option<usize>, ProtocolError> {
     let mut pos = 0usize;
+    // Saturating: a declared count beyond what the buffer could hold only means "incomplete"
+    // (each element takes at least three bytes), and must not wrap into a short count.
     let mut remaining: usize = 1;
     while remaining > 0 {
         let Some(&kind) = buf.get(pos) else {
@@ -622,7 +624,7 @@ pub fn reply_len(buf: &[u8]) -> Result<Option<usize>, ProtocolError> {
             }
             b'*' | b'~' | b'>' => {
                 if n > 0 {
-                    remaining += n as usize;
+                    remaining = remaining.saturating_add(n as usize);
                 } else if n < -1 {
                     return Err(ProtocolError::InvalidReply);
                 }
@@ -631,14 +633,14 @@ pub fn reply_len(buf: &[u8]) -> Result<Option<usize>, ProtocolError> {
                 if n < 0 {
                     return Err(ProtocolError::InvalidReply);
                 }
-                remaining += 2 * n as usize;
+                remaining = remaining.saturating_add((n as usize).saturating_mul(2));
             }
             b'|' => {
                 if n < 0 {
                     return Err(ProtocolError::InvalidReply);
                 }
                 // The attribute map, then the reply it annotates.
-                remaining += 2 * n as usize + 1;
+                remaining = remaining.saturating_add((n as usize).saturating_mul(2)).saturating_add(1);
             }
             _ => return Err(ProtocolError::InvalidReply),
         }
@@ -885,6 +887,20 @@ fn fmt_i64(tmp: &mut [u8; 24], n: i64) -> &[u8] {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
+
+    /// Found by the cargo-fuzz target `reply_framing`: nested aggregates declaring huge counts
+    /// overflowed the count of elements still to read (a panic with overflow checks, a wrapped
+    /// and too short reply length without).
+    #[test]
+    fn huge_declared_counts_do_not_wrap_the_reply_length() {
+        let huge = i64::MAX;
+        for head in [format!("*{huge}\r\n"), format!("%{huge}\r\n"), format!("|{huge}\r\n"), format!("~{huge}\r\n")] {
+            let input = [head.repeat(3).as_bytes(), b":1\r\n+OK\r\n"].concat();
+            assert_eq!(reply_len(&input).unwrap(), None, "{head:?}: incomplete, not a short length");
+        }
+        let crash = b"*3\r\n*4\r\n*3\r\n-*3\r\n*3\r\n(3*4\r\n*28333331666666666665\r\n*4\r\n*2833333166666666665\r\n";
+        assert!(!matches!(reply_len(crash), Ok(Some(_))));
+    }
 
     fn parse_all(input: &[u8], authed: bool) -> (Vec<Vec<Bytes>>, Result<(), ProtocolError>) {
         let mut p = RequestParser::new();
