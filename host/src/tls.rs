@@ -47,15 +47,7 @@ impl ServerTls {
     /// Reads the files again if their contents changed since they were last tried: whether a
     /// new configuration is in force (files that do not load are not retried until they change).
     fn reload(&self) -> Result<bool, String> {
-        let Ok(mut last) = self.digest.lock() else { return Ok(false) };
-        match digest(&self.files()) {
-            Some(d) if d != *last => *last = d,
-            // Unchanged, or being replaced (a file missing for a moment).
-            _ => return Ok(false),
-        }
-        let (config, _) = server_config(&self.settings)?;
-        self.current.store(Arc::new(config));
-        Ok(true)
+        reload_if_changed(&self.digest, &self.files(), &self.current, || server_config(&self.settings).map(|(c, _)| c))
     }
 }
 
@@ -96,16 +88,27 @@ impl ClientTls {
     }
 
     fn reload(&self) -> Result<bool, String> {
-        let Ok(mut last) = self.digest.lock() else { return Ok(false) };
-        match digest(&self.files()) {
-            Some(d) if d != *last => *last = d,
-            // Unchanged, or being replaced (a file missing for a moment).
-            _ => return Ok(false),
-        }
-        let (config, _) = client_config(&self.settings)?;
-        self.current.store(Arc::new(config));
-        Ok(true)
+        reload_if_changed(&self.digest, &self.files(), &self.current, || client_config(&self.settings).map(|(c, _)| c))
     }
+}
+
+/// Builds and publishes a new configuration if the files' contents changed since they were
+/// last tried: whether one was published (files that do not load are not retried until
+/// they change again).
+fn reload_if_changed<C>(
+    last: &std::sync::Mutex<[u8; 32]>,
+    files: &[PathBuf],
+    current: &ArcSwap<C>,
+    build: impl FnOnce() -> Result<C, String>,
+) -> Result<bool, String> {
+    let Ok(mut last) = last.lock() else { return Ok(false) };
+    match digest(files) {
+        Some(d) if d != *last => *last = d,
+        // Unchanged, or being replaced (a file missing for a moment).
+        _ => return Ok(false),
+    }
+    current.store(Arc::new(build()?));
+    Ok(true)
 }
 
 /// The host part of "host:port" (IPv6 brackets removed).
