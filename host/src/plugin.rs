@@ -336,6 +336,11 @@ impl PluginCtx {
         }
     }
 
+    /// Whether `limiter` is declared and held in respire (not shared through Redis).
+    fn is_local(&self, limiter: u32) -> bool {
+        self.limiters.get(limiter as usize).is_some_and(|l| !l.shared)
+    }
+
     /// Takes every local bucket's tokens, or none: the error text when one bucket is short.
     /// Takes on shared limiters go to `gate` (respire asks Redis before the command goes on);
     /// the local takes of a plugin with shared limiters are noted there too, to be given back
@@ -1487,17 +1492,46 @@ impl WorkerPlugins {
             plugin.ctx.apply(&mut slot.metrics, &result.updates);
             slot.metrics.flush();
             // Tokens first, per command, all or nothing: a refusal stops that command.
+            // Grouped by request in one sort (takes usually come in request order already;
+            // a filter per command would be quadratic in the batch).
             if !result.takes.is_empty() {
-                for (k, &i) in members.iter().enumerate() {
-                    let mine: SmallVec<[&bindings::respire::plugin::types::Take; 2]> =
-                        result.takes.iter().filter(|t| t.request as usize == k).collect();
-                    if mine.is_empty() {
-                        continue;
+                let mut order: Vec<&bindings::respire::plugin::types::Take> = result.takes.iter().collect();
+                order.sort_by_key(|t| t.request);
+                let groups: Vec<&[&bindings::respire::plugin::types::Take]> =
+                    order.chunk_by(|a, b| a.request == b.request).filter(|g| (g[0].request as usize) < members.len()).collect();
+                // A run of commands that each take once from the same local bucket takes the sum
+                // at once — what taking one by one does when the bucket holds enough, for one lock
+                // and lookup instead of one per command (a pipeline mostly is such a run). When
+                // the bucket is short, they take one by one, so the first ones still pass.
+                fn single_local<'t>(ctx: &PluginCtx, g: &[&'t bindings::respire::plugin::types::Take]) -> Option<(u32, &'t str)> {
+                    let t: &'t bindings::respire::plugin::types::Take = g[0];
+                    (g.len() == 1 && !ctx.has_shared && ctx.is_local(t.limiter)).then_some((t.limiter, t.key.as_str()))
+                }
+                let single = |g| single_local(&plugin.ctx, g);
+                let mut k = 0;
+                while k < groups.len() {
+                    let mut end = k + 1;
+                    if let Some(bucket) = single(groups[k]) {
+                        while end < groups.len() && single(groups[end]) == Some(bucket) {
+                            end += 1;
+                        }
+                        if end > k + 1 {
+                            let sum: u64 = groups[k..end].iter().map(|g| u64::from(g[0].cost)).sum();
+                            if let Ok(sum) = u32::try_from(sum)
+                                && plugin.ctx.take(bucket.0, bucket.1, sum).is_ok()
+                            {
+                                k = end;
+                                continue;
+                            }
+                        }
                     }
-                    let it = &mut items[i];
-                    if let Err(msg) = plugin.ctx.take_all(&mine, &mut it.gate) {
-                        it.stopped = Some(Decision::Deny(msg));
+                    for mine in &groups[k..end] {
+                        let it = &mut items[members[mine[0].request as usize]];
+                        if let Err(msg) = plugin.ctx.take_all(mine, &mut it.gate) {
+                            it.stopped = Some(Decision::Deny(msg));
+                        }
                     }
+                    k = end;
                 }
             }
             for d in result.decisions {

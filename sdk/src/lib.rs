@@ -206,6 +206,19 @@ pub fn category(name: &str) -> Option<Category> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MetricId(pub u32);
 
+impl MetricId {
+    /// The series of this metric with these label values (in the order of its label names),
+    /// to keep and pass to [`Effects::update`]; `None` when respire drops updates to it (labels
+    /// that do not fit the metric, or a metric that has 1000 series already).
+    pub fn series(self, labels: &[&str]) -> Option<Series> {
+        series::of(self, labels).map(Series)
+    }
+}
+
+/// One series of a metric: a metric with its label values (see [`MetricId::series`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Series(u32);
+
 /// Names a limiter by its position among the manifest's limiters (the first declared is 0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LimiterId(pub u32);
@@ -353,6 +366,13 @@ impl Effects {
     /// Adds 1 to a counter.
     pub fn inc(&mut self, metric: MetricId, labels: &[&str]) {
         self.record(metric, labels, 1.0);
+    }
+
+    /// Changes one series found before with [`MetricId::series`]: no label matching, for
+    /// plugins that update the same series for many commands.
+    pub fn update(&mut self, series: Series, value: f64) {
+        self.series.push(series.0);
+        self.values.push(value);
     }
 
     #[doc(hidden)]

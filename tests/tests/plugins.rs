@@ -292,6 +292,31 @@ fn token_buckets_are_shared_by_all_workers() {
 }
 
 #[test]
+fn a_pipeline_takes_tokens_in_order_until_the_bucket_is_empty() {
+    let redis = RedisServer::start();
+    let dir = probe_dir(&[("limit", "[config]\ntag = \"l\"\ncommands = \"get\"\nrate = 0.01\nburst = 10\nlimit_by = \"all\"\n")]);
+    let proxy = Respire::start(&redis.addr(), &["--plugins", dir.path().to_str().unwrap()]);
+    let mut c = Raw::connect(proxy.port);
+    let pipeline = |n: usize| -> Vec<u8> { (0..n).flat_map(|_| resp(&[b"GET", b"x"])).collect() };
+    // 4 pipelined GETs fit the bucket of 10: all pass.
+    assert_eq!(String::from_utf8(c.roundtrip(&pipeline(4), 4)).unwrap(), "$-1\r\n".repeat(4));
+    // 9 more, 6 tokens left: the first 6 pass and the last 3 are refused, in order.
+    let got = String::from_utf8(c.roundtrip(&pipeline(9), 9)).unwrap();
+    let replies: Vec<&str> = got.split_inclusive("\r\n").collect();
+    assert_eq!(replies.len(), 9, "{got:?}");
+    assert!(replies[..6].iter().all(|r| *r == "$-1\r\n"), "{got:?}");
+    assert!(replies[6..].iter().all(|r| r.starts_with("-ERR rate limit 'per-client' exceeded, retry in ")), "{got:?}");
+    // Empty now: a whole pipeline is refused, and commands the plugin does not see still pass.
+    let mut mixed = pipeline(2);
+    mixed.extend_from_slice(&resp(&[b"PING"]));
+    let got = String::from_utf8(c.roundtrip(&mixed, 3)).unwrap();
+    let replies: Vec<&str> = got.split_inclusive("\r\n").collect();
+    assert_eq!(replies.len(), 3, "{got:?}");
+    assert!(replies[..2].iter().all(|r| r.starts_with("-ERR rate limit 'per-client' exceeded, retry in ") && r.ends_with(" ms\r\n")), "{got:?}");
+    assert_eq!(replies[2], "+PONG\r\n");
+}
+
+#[test]
 fn plugin_and_respire_metrics_are_served() {
     let redis = RedisServer::start();
     let dir = probe_dir(&[("probe", "[config]\ntag = \"p\"\ncommands = \"get\"\nresponses = true\n")]);

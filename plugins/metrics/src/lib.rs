@@ -25,7 +25,8 @@ use std::borrow::Cow;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use respire_sdk::{Client, Command, Effects, Manifest, Metric, MetricId, Plugin, Reply, RequestAction, ResponseAction, host, reply};
+use respire_sdk::{Client, Command, Effects, Manifest, Metric, MetricId, Plugin, Reply, RequestAction, ResponseAction, Series, host, reply};
+use rustc_hash::FxHashMap;
 use serde::Deserialize;
 
 const COMMANDS: MetricId = MetricId(0);
@@ -93,6 +94,8 @@ pub struct Metrics {
     /// Prefixes given a label of their own so far (by this instance); later ones are `other`.
     prefixes: HashSet<String>,
     hot: KeyStats,
+    /// Series by command name, then key prefix.
+    series: FxHashMap<String, NameSeries>,
 }
 
 /// Hot- and big-key tracking of one instance (the counts themselves are respire's, shared).
@@ -174,18 +177,77 @@ fn key_list(items: &[(String, i64)]) -> Vec<u8> {
     reply::array(&items.iter().map(|(k, v)| reply::array(&[reply::bulk(k.as_bytes()), reply::int(*v)])).collect::<Vec<_>>())
 }
 
+/// The series a reply to one command name updates, found once per name: matching labels for
+/// every reply was most of the plugin's cost.
+struct NameSeries {
+    latency: Option<Series>,
+    request_bytes: Option<Series>,
+    reply_bytes: Option<Series>,
+    /// By key prefix as taken from the key (before the cap turns it into `other`).
+    by_prefix: FxHashMap<String, PrefixSeries>,
+}
+
+/// The series of one command name and key prefix.
+struct PrefixSeries {
+    ok: Option<Series>,
+    error: Option<Series>,
+    /// `prefix_latency_seconds` (none for keyless commands and with `prefix_segments = 0`).
+    latency: Option<Series>,
+}
+
+/// Most key prefixes remembered per command name (the labels themselves are capped by
+/// `max_prefixes`; this bounds the raw prefixes that map to `other`).
+const MAX_REMEMBERED_PREFIXES: usize = 4096;
+
+/// Records one reply's metrics on series found before.
+fn emit(fx: &mut Effects, ns: &NameSeries, ps: &PrefixSeries, error: bool, seconds: f64, request_bytes: usize, reply_bytes: usize) {
+    let updates = [
+        (if error { ps.error } else { ps.ok }, 1.0),
+        (ps.latency, seconds),
+        (ns.latency, seconds),
+        (ns.request_bytes, request_bytes as f64),
+        (ns.reply_bytes, reply_bytes as f64),
+    ];
+    for (series, value) in updates {
+        if let Some(s) = series {
+            fx.update(s, value);
+        }
+    }
+}
+
 impl Metrics {
-    /// The `prefix` label of a key: its first segments, or `other` past the cap.
-    fn prefix_label<'k>(&mut self, key: &'k [u8]) -> Cow<'k, str> {
-        let p = prefix_of(key, self.prefix_segments);
-        if self.prefixes.contains(p.as_ref()) {
+    /// Finds the series of command `name` with key prefix `raw` (as taken from its first key;
+    /// `keyed`: whether it has one).
+    fn learn(&mut self, name: &str, raw: &str, keyed: bool) {
+        let label = if self.prefix_segments > 0 && keyed { self.prefix_label(raw) } else { "" };
+        let segments = self.prefix_segments;
+        let ps = PrefixSeries {
+            ok: if segments > 0 { COMMANDS.series(&[name, label, "ok"]) } else { COMMANDS.series(&[name, "ok"]) },
+            error: if segments > 0 { COMMANDS.series(&[name, label, "error"]) } else { COMMANDS.series(&[name, "error"]) },
+            latency: if label.is_empty() { None } else { PREFIX_LATENCY.series(&[label]) },
+        };
+        let ns = self.series.entry(name.to_string()).or_insert_with(|| NameSeries {
+            latency: LATENCY.series(&[name]),
+            request_bytes: REQUEST_BYTES.series(&[name]),
+            reply_bytes: REPLY_BYTES.series(&[name]),
+            by_prefix: FxHashMap::default(),
+        });
+        if ns.by_prefix.len() >= MAX_REMEMBERED_PREFIXES {
+            ns.by_prefix.clear();
+        }
+        ns.by_prefix.insert(raw.to_string(), ps);
+    }
+
+    /// The `prefix` label of a key prefix: itself, or `other` past the cap.
+    fn prefix_label<'k>(&mut self, p: &'k str) -> &'k str {
+        if self.prefixes.contains(p) {
             return p;
         }
         if self.prefixes.len() < self.max_prefixes {
             self.prefixes.insert(p.to_string());
             return p;
         }
-        Cow::Borrowed("other")
+        "other"
     }
 }
 
@@ -255,7 +317,7 @@ impl Plugin for Metrics {
             published_hot: Vec::new(),
             published_big: Vec::new(),
         };
-        Ok((Metrics { prefix_segments: c.prefix_segments, max_prefixes: c.max_prefixes, prefixes: Default::default(), hot }, manifest))
+        Ok((Metrics { prefix_segments: c.prefix_segments, max_prefixes: c.max_prefixes, prefixes: Default::default(), hot, series: FxHashMap::default() }, manifest))
     }
 
     fn on_request(&mut self, _client: &Client, cmd: &Command, _fx: &mut Effects) -> RequestAction {
@@ -277,23 +339,24 @@ impl Plugin for Metrics {
     fn on_response(&mut self, _client: &Client, cmd: &Command, reply: &Reply, fx: &mut Effects) -> ResponseAction {
         let name = if cmd.categories.is_empty() { "other" } else { cmd.name };
         let code = error_code(reply.raw());
-        let result = if code.is_some() { "error" } else { "ok" };
+        let error = code.is_some();
         let seconds = reply.elapsed_us() as f64 / 1e6;
-        if self.prefix_segments > 0 {
-            let p = match cmd.keys().next() {
-                Some((k, _)) => self.prefix_label(k),
-                None => Cow::Borrowed(""),
-            };
-            fx.inc(COMMANDS, &[name, &p, result]);
-            if !p.is_empty() {
-                fx.record(PREFIX_LATENCY, &[&p], seconds);
-            }
+        let raw_prefix = match (self.prefix_segments, cmd.keys().next()) {
+            (0, _) | (_, None) => Cow::Borrowed(""),
+            (n, Some((k, _))) => prefix_of(k, n),
+        };
+        if let Some(ns) = self.series.get(name)
+            && let Some(ps) = ns.by_prefix.get(raw_prefix.as_ref())
+        {
+            emit(fx, ns, ps, error, seconds, cmd.size(), reply.raw().len());
         } else {
-            fx.inc(COMMANDS, &[name, result]);
+            self.learn(name, &raw_prefix, cmd.keys().next().is_some());
+            if let Some(ns) = self.series.get(name)
+                && let Some(ps) = ns.by_prefix.get(raw_prefix.as_ref())
+            {
+                emit(fx, ns, ps, error, seconds, cmd.size(), reply.raw().len());
+            }
         }
-        fx.record(LATENCY, &[name], seconds);
-        fx.record(REQUEST_BYTES, &[name], cmd.size() as f64);
-        fx.record(REPLY_BYTES, &[name], reply.raw().len() as f64);
         if let Some(code) = &code {
             fx.inc(ERRORS, &[code]);
         }
