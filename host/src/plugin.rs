@@ -1380,10 +1380,15 @@ fn lower_name<'a>(cmd: &crate::protocol::Command, info: Option<&'a crate::comman
     }
 }
 
-/// The distinct clients of a batch, for the `client-info` import.
+/// The distinct clients of a batch, for the `client-info` import. A batch holds each session's
+/// commands together, so the last client is checked first (a search of all of them for every
+/// command was quadratic in the clients of a batch).
 fn clients_of<'a>(handles: impl Iterator<Item = &'a ClientHandle>) -> Vec<Arc<Client>> {
     let mut out: Vec<Arc<Client>> = Vec::new();
     for h in handles {
+        if out.last().is_some_and(|c| Arc::ptr_eq(c, &h.details)) {
+            continue;
+        }
         if !out.iter().any(|c| Arc::ptr_eq(c, &h.details)) {
             out.push(h.details.clone());
         }

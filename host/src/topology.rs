@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
@@ -307,11 +307,24 @@ impl Builder {
     }
 }
 
+/// How often slots moving between masters are logged, at most.
+const RESHARDING_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Slots moved between masters since resharding was last logged, and when that was.
+#[derive(Default)]
+struct Resharding {
+    logged: Option<Instant>,
+    slots: usize,
+    refreshes: usize,
+}
+
 /// The current topology and how to change it.
 pub struct TopologyState {
     current: ArcSwap<Topology>,
     version: AtomicU64,
     patch: Mutex<()>,
+    /// Slot moves not logged yet (see [`TopologyState::note_resharding`]).
+    resharding: Mutex<Resharding>,
     refresh: Notify,
     /// Seed addresses for cluster discovery.
     discovery: Discovery,
@@ -346,6 +359,7 @@ impl TopologyState {
             current: ArcSwap::from_pointee(initial),
             version: AtomicU64::new(version),
             patch: Mutex::new(()),
+            resharding: Mutex::new(Resharding::default()),
             refresh: Notify::new(),
             discovery,
         }
@@ -429,23 +443,53 @@ impl TopologyState {
         }
     }
 
+    /// Logs slots moving between masters: the first move of an episode at once, later ones
+    /// summed up at most every [`RESHARDING_LOG_EVERY`] (the metrics count every move).
+    fn note_resharding(&self, source: &str, slots: usize) {
+        let Ok(mut r) = self.resharding.lock() else { return };
+        r.slots += slots;
+        r.refreshes += 1;
+        let now = Instant::now();
+        if r.logged.is_none_or(|at| now.duration_since(at) >= RESHARDING_LOG_EVERY) {
+            info!(source, slots = r.slots, refreshes = r.refreshes, "slots moved between masters (resharding)");
+            *r = Resharding { logged: Some(now), slots: 0, refreshes: 0 };
+        }
+    }
+
     fn publish_if_changed(&self, t: Topology, source: &str) {
         let cur = self.load();
         if !t.same_as(&cur) {
             // Masters that now serve slots another node served: failovers (and resharding).
             let master = |topo: &Topology, s: u16| topo.master_of(s).and_then(|m| topo.nodes.get(m)).cloned();
-            let taken_over = (0..SLOTS as u16)
-                .filter_map(|s| match (master(&cur, s), master(&t, s)) {
-                    (Some(a), Some(b)) if a != b => Some(b),
-                    _ => None,
-                })
-                .collect::<std::collections::HashSet<_>>()
-                .len();
-            if taken_over > 0 {
-                crate::metrics::backend_stats().failovers.inc_by(taken_over as u64);
-                warn!(source, nodes = taken_over, "slots changed master (a failover or resharding)");
+            let mut taken_over = std::collections::HashSet::new();
+            let mut moved = 0usize;
+            for s in 0..SLOTS as u16 {
+                if let (Some(a), Some(b)) = (master(&cur, s), master(&t, s))
+                    && a != b
+                {
+                    taken_over.insert(b);
+                    moved += 1;
+                }
             }
-            info!(source, shards = t.shards.len(), masters = ?t.masters().map(|m| t.nodes[m].to_string()).collect::<Vec<_>>(), "topology updated");
+            let masters = |topo: &Topology| topo.masters().filter_map(|m| topo.nodes.get(m).cloned()).collect::<std::collections::HashSet<_>>();
+            // The same masters with slots moved between them: resharding, which refreshes the
+            // topology after every batch of migrated slots — logged once per episode, then at
+            // most every RESHARDING_LOG_EVERY with what moved in between.
+            let resharding = masters(&cur) == masters(&t);
+            if !taken_over.is_empty() {
+                crate::metrics::backend_stats().failovers.inc_by(taken_over.len() as u64);
+                if resharding {
+                    self.note_resharding(source, moved);
+                } else {
+                    warn!(source, nodes = taken_over.len(), "slots changed master (a failover, a lost or a new master)");
+                }
+            }
+            let masters = || t.masters().map(|m| t.nodes[m].to_string()).collect::<Vec<_>>();
+            if resharding && moved > 0 {
+                debug!(source, shards = t.shards.len(), masters = ?masters(), "topology updated");
+            } else {
+                info!(source, shards = t.shards.len(), masters = ?masters(), "topology updated");
+            }
             if let Ok(_guard) = self.patch.lock() {
                 crate::metrics::backend_stats().topology_updates.with_label_values(&["refresh"]).inc();
                 self.publish(t);
