@@ -1439,6 +1439,9 @@ impl WorkerPlugins {
             })
             .collect();
         let mut members: Vec<usize> = Vec::with_capacity(items.len());
+        // The batch of the last call, for the next plugin that sees the same commands: built
+        // again only when the members differ or a plugin rewrote a command since.
+        let mut built: Option<(Vec<usize>, RequestBatch, Vec<Arc<Client>>)> = None;
         for (pi, plugin) in set.plugins.iter().enumerate() {
             members.clear();
             for (i, it) in items.iter_mut().enumerate() {
@@ -1466,15 +1469,18 @@ impl WorkerPlugins {
                 }
                 continue;
             };
-            let mut b = BatchBuilder::new(members.len(), REQUEST_WORDS);
-            for &i in &members {
-                let it = &items[i];
-                b.push(it.client, it.cmd(), it.info.map_or(0, |i| i.category_bits), &key_list(it.cmd(), it.info));
+            if built.as_ref().is_none_or(|(m, _, _)| *m != members) {
+                let mut b = BatchBuilder::new(members.len(), REQUEST_WORDS);
+                for &i in &members {
+                    let it = &items[i];
+                    b.push(it.client, it.cmd(), it.info.map_or(0, |i| i.category_bits), &key_list(it.cmd(), it.info));
+                }
+                let clients = clients_of(members.iter().map(|&i| items[i].client));
+                built = Some((members.clone(), RequestBatch { data: b.data, ends: b.ends, keys: b.keys, requests: b.words }, clients));
             }
-            let clients = clients_of(members.iter().map(|&i| items[i].client));
-            let wit = RequestBatch { data: b.data, ends: b.ends, keys: b.keys, requests: b.words };
+            let Some((_, wit, clients)) = &built else { continue };
             let started = std::time::Instant::now();
-            let result = inst.on_requests(plugin.settings.time_budget, &clients, &wit);
+            let result = inst.on_requests(plugin.settings.time_budget, clients, wit);
             plugin.ctx.stats.request_seconds.observe(started.elapsed().as_secs_f64());
             let result = match result {
                 Ok(r) => {
@@ -1557,6 +1563,7 @@ impl WorkerPlugins {
                         });
                     }
                     RequestAction::Rewrite(new_args) => {
+                        built = None;
                         if let Some(n) = new_args.first() {
                             let new = crate::protocol::Command::from_args(&new_args);
                             // The table outlives the batch: look the new command up there.
