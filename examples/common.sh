@@ -56,3 +56,33 @@ bench_rounds() {
     echo "round $round of $ROUNDS done" >&2
   done
 }
+
+# start_cluster DIR: a local Redis Cluster of three masters and three replicas, each in its own
+# folder under DIR; sets `ports` (masters first after creation) and adds the servers to `pids`.
+start_cluster() {
+  local dir=$1 p
+  ports=()
+  for _ in 1 2 3 4 5 6; do
+    p=$(free_port); mkdir -p "$dir/$p"
+    redis-server --port "$p" --bind 127.0.0.1 --save '' --appendonly no --dir "$dir/$p" --logfile "$dir/$p/redis.log" \
+      --cluster-enabled yes --cluster-config-file nodes.conf --cluster-port "$(free_port)" --cluster-node-timeout 3000 &
+    pids+=($!)
+    wait_port "$p"
+    ports+=("$p")
+  done
+  redis-cli --cluster create $(for p in "${ports[@]}"; do echo "127.0.0.1:$p"; done) --cluster-replicas 1 --cluster-yes >/dev/null
+  for _ in $(seq 200); do
+    redis-cli -p "${ports[0]}" cluster info | grep -q cluster_state:ok && break
+    sleep 0.1
+  done
+}
+
+# copy_shipped_plugins DIR: the four shipped plugins (release builds) with their sample settings.
+copy_shipped_plugins() {
+  local dir=$1 p
+  mkdir -p "$dir"
+  for p in acl rate-limit cache-policy metrics; do
+    cp "target/wasm32-wasip2/release/${p//-/_}.wasm" "$dir/$p.wasm"
+    cp "plugins/$p/$p.toml" "$dir/$p.toml"
+  done
+}

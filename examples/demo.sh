@@ -39,31 +39,14 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 0' INT TERM
 
-# A local Redis Cluster: three masters, three replicas.
-ports=()
-for _ in 1 2 3 4 5 6; do
-  p=$(free_port); mkdir -p "$work/$p"
-  redis-server --port "$p" --bind 127.0.0.1 --save '' --appendonly no --dir "$work/$p" --logfile "$work/$p/redis.log" \
-    --cluster-enabled yes --cluster-config-file nodes.conf --cluster-port "$(free_port)" --cluster-node-timeout 3000 &
-  pids+=($!)
-  wait_port "$p"
-  ports+=("$p")
-done
-echo "==> creating a Redis Cluster on ports ${ports[*]}"
-redis-cli --cluster create $(for p in "${ports[@]}"; do echo "127.0.0.1:$p"; done) --cluster-replicas 1 --cluster-yes >/dev/null
-for _ in $(seq 200); do
-  redis-cli -p "${ports[0]}" cluster info | grep -q cluster_state:ok && break
-  sleep 0.1
-done
+echo "==> starting a local Redis Cluster (three masters, three replicas)"
+start_cluster "$work"
+echo "==> Redis Cluster on ports ${ports[*]}"
 
 # The shipped plugins with their sample settings (the ACL's default user may do anything
 # but @dangerous commands).
 plugins="$work/plugins"
-mkdir -p "$plugins"
-for p in acl rate-limit cache-policy metrics; do
-  cp "target/wasm32-wasip2/release/${p//-/_}.wasm" "$plugins/$p.wasm"
-  cp "plugins/$p/$p.toml" "$plugins/$p.toml"
-done
+copy_shipped_plugins "$plugins"
 
 "$RESPIRE_BIN" --listen "127.0.0.1:$RESPIRE_PORT" --cluster "127.0.0.1:${ports[0]},127.0.0.1:${ports[1]}" \
   --plugins "$plugins" --metrics "127.0.0.1:$METRICS_PORT" 2> >(tee "$work/respire.log" >&2) &

@@ -34,27 +34,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-ports=()
-for _ in 1 2 3 4 5 6; do
-  p=$(free_port); mkdir -p "$work/$p"
-  redis-server --port "$p" --bind 127.0.0.1 --save '' --appendonly no --dir "$work/$p" --logfile "$work/$p/redis.log" \
-    --cluster-enabled yes --cluster-config-file nodes.conf --cluster-port "$(free_port)" --cluster-node-timeout 3000 &
-  pids+=($!)
-  wait_port "$p"
-  ports+=("$p")
-done
-redis-cli --cluster create $(for p in "${ports[@]}"; do echo "127.0.0.1:$p"; done) --cluster-replicas 1 --cluster-yes >/dev/null
-for _ in $(seq 200); do
-  redis-cli -p "${ports[0]}" cluster info | grep -q cluster_state:ok && break
-  sleep 0.1
-done
+start_cluster "$work"
 
 plugins="$work/plugins"
-mkdir -p "$plugins"
-for p in acl rate-limit cache-policy metrics; do
-  cp "target/wasm32-wasip2/release/${p//-/_}.wasm" "$plugins/$p.wasm"
-  cp "plugins/$p/$p.toml" "$plugins/$p.toml"
-done
+copy_shipped_plugins "$plugins"
 
 port=$(free_port)
 metrics=$(free_port)
@@ -80,6 +63,7 @@ pids+=($!)
 
 masters() { redis-cli -p "${ports[0]}" cluster nodes | awk '$3 ~ /master/ && $3 !~ /fail/ {split($2, a, "[:@]"); print a[2]}'; }
 chaos_log="$work/chaos.log"
+: > "$chaos_log"
 (
   step=0
   end=$((SECONDS + SOAK_SECONDS - CHAOS_EVERY))
@@ -131,7 +115,7 @@ verdict=$(awk -F, 'NR > 1 { t[NR] = $1; r[NR] = $2; f[NR] = $3; n = NR }
     printf "RSS max %d KiB (middle third) vs %d KiB (last third); fds max %d vs %d: %s\n", mr, lr, mf, lf, ok ? "flat" : "GROWING"
   }' "$samples")
 echo "==> $verdict"
-grep -c "WARN\|ERROR" "$work/respire.log" | xargs echo "==> respire log: warnings/errors:"
+echo "==> respire log: warnings/errors: $(grep -c "WARN\|ERROR" "$work/respire.log" || true)"
 if [ "$load_rc" -ne 0 ] || [[ "$verdict" == *GROWING* ]]; then
   echo "==> soak FAILED"
   exit 1
