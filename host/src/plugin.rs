@@ -336,9 +336,14 @@ impl PluginCtx {
         }
     }
 
-    /// Whether `limiter` is declared and held in respire (not shared through Redis).
-    fn is_local(&self, limiter: u32) -> bool {
-        self.limiters.get(limiter as usize).is_some_and(|l| !l.shared)
+    /// The bucket (limiter, key) of a command's takes when it is one take from a bucket held in
+    /// respire, by a plugin without shared limiters: such takes of consecutive commands may be
+    /// summed.
+    fn single_local_take<'t>(&self, takes: &[&'t bindings::respire::plugin::types::Take]) -> Option<(u32, &'t str)> {
+        match takes {
+            [t] if !self.has_shared && self.limiters.get(t.limiter as usize).is_some_and(|l| !l.shared) => Some((t.limiter, t.key.as_str())),
+            _ => None,
+        }
     }
 
     /// Takes every local bucket's tokens, or none: the error text when one bucket is short.
@@ -1514,11 +1519,7 @@ impl WorkerPlugins {
                 // at once — what taking one by one does when the bucket holds enough, for one lock
                 // and lookup instead of one per command (a pipeline mostly is such a run). When
                 // the bucket is short, they take one by one, so the first ones still pass.
-                fn single_local<'t>(ctx: &PluginCtx, g: &[&'t bindings::respire::plugin::types::Take]) -> Option<(u32, &'t str)> {
-                    let t: &'t bindings::respire::plugin::types::Take = g[0];
-                    (g.len() == 1 && !ctx.has_shared && ctx.is_local(t.limiter)).then_some((t.limiter, t.key.as_str()))
-                }
-                let single = |g| single_local(&plugin.ctx, g);
+                let single = |g| plugin.ctx.single_local_take(g);
                 let mut k = 0;
                 while k < groups.len() {
                     let mut end = k + 1;

@@ -484,11 +484,11 @@ impl TopologyState {
                     warn!(source, nodes = taken_over.len(), "slots changed master (a failover, a lost or a new master)");
                 }
             }
-            let masters = || t.masters().map(|m| t.nodes[m].to_string()).collect::<Vec<_>>();
+            let listed = || t.masters().map(|m| t.nodes[m].to_string()).collect::<Vec<_>>();
             if resharding && moved > 0 {
-                debug!(source, shards = t.shards.len(), masters = ?masters(), "topology updated");
+                debug!(source, shards = t.shards.len(), masters = ?listed(), "topology updated");
             } else {
-                info!(source, shards = t.shards.len(), masters = ?masters(), "topology updated");
+                info!(source, shards = t.shards.len(), masters = ?listed(), "topology updated");
             }
             if let Ok(_guard) = self.patch.lock() {
                 crate::metrics::backend_stats().topology_updates.with_label_values(&["refresh"]).inc();

@@ -357,9 +357,8 @@ impl Effects {
     /// Changes a metric: a counter adds `value`, a gauge is set to it, a histogram observes it.
     /// Labels that do not fit the metric, or a metric over 1000 series, are dropped.
     pub fn record(&mut self, metric: MetricId, labels: &[&str], value: f64) {
-        if let Some(series) = series::of(metric, labels) {
-            self.series.push(series);
-            self.values.push(value);
+        if let Some(series) = metric.series(labels) {
+            self.update(series, value);
         }
     }
 

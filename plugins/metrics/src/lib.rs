@@ -183,7 +183,9 @@ struct NameSeries {
     latency: Option<Series>,
     request_bytes: Option<Series>,
     reply_bytes: Option<Series>,
-    /// By key prefix as taken from the key (before the cap turns it into `other`).
+    /// Commands without a key, and every command with `prefix_segments = 0`.
+    keyless: PrefixSeries,
+    /// By key prefix as taken from the first key (before the cap turns it into `other`).
     by_prefix: FxHashMap<String, PrefixSeries>,
 }
 
@@ -198,6 +200,16 @@ struct PrefixSeries {
 /// Most key prefixes remembered per command name (the labels themselves are capped by
 /// `max_prefixes`; this bounds the raw prefixes that map to `other`).
 const MAX_REMEMBERED_PREFIXES: usize = 4096;
+
+/// The series found before for command `name` with key prefix `prefix` (see [`Metrics::learn`]).
+fn known<'a>(all: &'a FxHashMap<String, NameSeries>, name: &str, prefix: Option<&str>) -> Option<(&'a NameSeries, &'a PrefixSeries)> {
+    let ns = all.get(name)?;
+    let ps = match prefix {
+        None => &ns.keyless,
+        Some(p) => ns.by_prefix.get(p)?,
+    };
+    Some((ns, ps))
+}
 
 /// Records one reply's metrics on series found before.
 fn emit(fx: &mut Effects, ns: &NameSeries, ps: &PrefixSeries, error: bool, seconds: f64, request_bytes: usize, reply_bytes: usize) {
@@ -216,26 +228,41 @@ fn emit(fx: &mut Effects, ns: &NameSeries, ps: &PrefixSeries, error: bool, secon
 }
 
 impl Metrics {
-    /// Finds the series of command `name` with key prefix `raw` (as taken from its first key;
-    /// `keyed`: whether it has one).
-    fn learn(&mut self, name: &str, raw: &str, keyed: bool) {
-        let label = if self.prefix_segments > 0 && keyed { self.prefix_label(raw) } else { "" };
-        let segments = self.prefix_segments;
-        let ps = PrefixSeries {
-            ok: if segments > 0 { COMMANDS.series(&[name, label, "ok"]) } else { COMMANDS.series(&[name, "ok"]) },
-            error: if segments > 0 { COMMANDS.series(&[name, label, "error"]) } else { COMMANDS.series(&[name, "error"]) },
-            latency: if label.is_empty() { None } else { PREFIX_LATENCY.series(&[label]) },
-        };
-        let ns = self.series.entry(name.to_string()).or_insert_with(|| NameSeries {
-            latency: LATENCY.series(&[name]),
-            request_bytes: REQUEST_BYTES.series(&[name]),
-            reply_bytes: REPLY_BYTES.series(&[name]),
-            by_prefix: FxHashMap::default(),
-        });
-        if ns.by_prefix.len() >= MAX_REMEMBERED_PREFIXES {
-            ns.by_prefix.clear();
+    /// The series of command `name` with label `label` (`None`: no prefix label).
+    fn prefix_series(&self, name: &str, label: Option<&str>) -> PrefixSeries {
+        match label {
+            None => PrefixSeries { ok: COMMANDS.series(&[name, "ok"]), error: COMMANDS.series(&[name, "error"]), latency: None },
+            Some(l) => PrefixSeries {
+                ok: COMMANDS.series(&[name, l, "ok"]),
+                error: COMMANDS.series(&[name, l, "error"]),
+                latency: if l.is_empty() { None } else { PREFIX_LATENCY.series(&[l]) },
+            },
         }
-        ns.by_prefix.insert(raw.to_string(), ps);
+    }
+
+    /// Finds the series of command `name` with key prefix `raw` (as taken from its first key;
+    /// `None` for a keyless command or without prefix labels).
+    fn learn(&mut self, name: &str, raw: Option<&str>) {
+        if !self.series.contains_key(name) {
+            let keyless = self.prefix_series(name, (self.prefix_segments > 0).then_some(""));
+            let ns = NameSeries {
+                latency: LATENCY.series(&[name]),
+                request_bytes: REQUEST_BYTES.series(&[name]),
+                reply_bytes: REPLY_BYTES.series(&[name]),
+                keyless,
+                by_prefix: FxHashMap::default(),
+            };
+            self.series.insert(name.to_string(), ns);
+        }
+        let Some(raw) = raw else { return };
+        let label = self.prefix_label(raw);
+        let ps = self.prefix_series(name, Some(label));
+        if let Some(ns) = self.series.get_mut(name) {
+            if ns.by_prefix.len() >= MAX_REMEMBERED_PREFIXES {
+                ns.by_prefix.clear();
+            }
+            ns.by_prefix.insert(raw.to_string(), ps);
+        }
     }
 
     /// The `prefix` label of a key prefix: itself, or `other` past the cap.
@@ -342,19 +369,17 @@ impl Plugin for Metrics {
         let error = code.is_some();
         let seconds = reply.elapsed_us() as f64 / 1e6;
         let raw_prefix = match (self.prefix_segments, cmd.keys().next()) {
-            (0, _) | (_, None) => Cow::Borrowed(""),
-            (n, Some((k, _))) => prefix_of(k, n),
+            (0, _) | (_, None) => None,
+            (n, Some((k, _))) => Some(prefix_of(k, n)),
         };
-        if let Some(ns) = self.series.get(name)
-            && let Some(ps) = ns.by_prefix.get(raw_prefix.as_ref())
-        {
-            emit(fx, ns, ps, error, seconds, cmd.size(), reply.raw().len());
-        } else {
-            self.learn(name, &raw_prefix, cmd.keys().next().is_some());
-            if let Some(ns) = self.series.get(name)
-                && let Some(ps) = ns.by_prefix.get(raw_prefix.as_ref())
-            {
-                emit(fx, ns, ps, error, seconds, cmd.size(), reply.raw().len());
+        let raw_prefix = raw_prefix.as_deref();
+        match known(&self.series, name, raw_prefix) {
+            Some((ns, ps)) => emit(fx, ns, ps, error, seconds, cmd.size(), reply.raw().len()),
+            None => {
+                self.learn(name, raw_prefix);
+                if let Some((ns, ps)) = known(&self.series, name, raw_prefix) {
+                    emit(fx, ns, ps, error, seconds, cmd.size(), reply.raw().len());
+                }
             }
         }
         if let Some(code) = &code {
