@@ -77,12 +77,13 @@ start_cluster() {
   done
 }
 
-# copy_shipped_plugins DIR: the four shipped plugins (release builds) with their sample settings.
+# copy_shipped_plugins DIR: the four shipped plugins (release builds, from CARGO_TARGET_DIR when
+# it is set) with their sample settings.
 copy_shipped_plugins() {
   local dir=$1 p
   mkdir -p "$dir"
   for p in acl rate-limit cache-policy metrics; do
-    cp "target/wasm32-wasip2/release/${p//-/_}.wasm" "$dir/$p.wasm"
+    cp "${CARGO_TARGET_DIR:-target}/wasm32-wasip2/release/${p//-/_}.wasm" "$dir/$p.wasm"
     cp "plugins/$p/$p.toml" "$dir/$p.toml"
   done
 }
