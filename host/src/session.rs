@@ -764,11 +764,15 @@ impl Session {
             // plugin for all of it. A command that changes what plugins see of the client
             // (AUTH, SELECT, CLIENT SETNAME …) ends the batch.
             let mut batch: Vec<Command> = Vec::new();
+            // Whether the plugins see each command, found with its kind in the same lookup.
+            let mut seen: Vec<bool> = Vec::new();
             let mut bytes = 0;
             loop {
                 match self.parser.parse(&mut self.inbuf, &self.worker.shared.limits, self.authenticated) {
                     Ok(Some(cmd)) => {
-                        let kind = commands::lookup(cmd.name()).kind;
+                        let spec = self.worker.shared.commands.resolve(&cmd).spec;
+                        let kind = spec.kind;
+                        seen.push(self.plugins_see(spec));
                         bytes += cmd.raw().len();
                         batch.push(cmd);
                         let ends = matches!(
@@ -791,7 +795,7 @@ impl Session {
             if batch.is_empty() {
                 break;
             }
-            self.run_batch(batch);
+            self.run_batch(batch, seen);
         }
         self.held_back = self.pipeline_full() && (!self.inbuf.is_empty() || !self.deferred.is_empty());
     }
@@ -809,9 +813,9 @@ impl Session {
     /// The hooks run in the worker's plugin stage, together with the other sessions' commands
     /// of this turn of the event loop: the session waits for the decisions (reading nothing
     /// meanwhile), then handles the commands in order.
-    fn run_batch(&mut self, batch: Vec<Command>) {
+    /// `seen`: whether the plugins see each command (see `plugins_see`).
+    fn run_batch(&mut self, batch: Vec<Command>, seen: Vec<bool>) {
         let worker = self.worker.clone();
-        let seen: Vec<bool> = batch.iter().map(|c| self.plugins_see(worker.shared.commands.resolve(c).spec)).collect();
         if !seen.iter().any(|s| *s) {
             for cmd in batch {
                 self.take_decided(cmd, None);

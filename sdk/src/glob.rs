@@ -5,6 +5,75 @@ pub fn matches(pattern: &[u8], s: &[u8]) -> bool {
     match_at(pattern, s, 0)
 }
 
+/// A pattern prepared once for matching many strings: the common shapes (`*`, a literal,
+/// `prefix*`) match without the general matcher, and any other pattern is checked against
+/// its literal start first. Matches exactly what [`matches`] does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pattern {
+    pattern: Vec<u8>,
+    shape: Shape,
+    /// The bytes every matching string starts with.
+    literal: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// `*` (or `**`…): everything.
+    Any,
+    /// No special character: only itself.
+    Exact,
+    /// A literal then one or more `*`.
+    Prefix,
+    /// Anything else.
+    General,
+}
+
+fn special(c: u8) -> bool {
+    matches!(c, b'*' | b'?' | b'[' | b'\\')
+}
+
+impl Pattern {
+    /// Prepares `pattern` (Redis glob syntax).
+    pub fn new(pattern: &[u8]) -> Pattern {
+        let literal = pattern.iter().position(|&c| special(c)).unwrap_or(pattern.len());
+        let rest = &pattern[literal..];
+        let shape = if rest.is_empty() {
+            Shape::Exact
+        } else if rest.iter().all(|&c| c == b'*') {
+            if literal == 0 { Shape::Any } else { Shape::Prefix }
+        } else {
+            Shape::General
+        };
+        Pattern { pattern: pattern.to_vec(), shape, literal }
+    }
+
+    /// Whether `s` matches.
+    pub fn matches(&self, s: &[u8]) -> bool {
+        let lit = &self.pattern[..self.literal];
+        match self.shape {
+            Shape::Any => true,
+            Shape::Exact => s == lit,
+            Shape::Prefix => s.starts_with(lit),
+            Shape::General => s.starts_with(lit) && match_at(&self.pattern[self.literal..], &s[self.literal..], 0),
+        }
+    }
+
+    /// Whether the pattern matches every string (`*`).
+    pub fn is_any(&self) -> bool {
+        self.shape == Shape::Any
+    }
+
+    /// The pattern as written.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.pattern
+    }
+
+    /// What every matching string starts with (`user:` for `user:*:profile`).
+    pub fn literal_prefix(&self) -> &[u8] {
+        &self.pattern[..self.literal]
+    }
+}
+
 fn match_at(mut p: &[u8], mut s: &[u8], depth: usize) -> bool {
     if depth > 1000 {
         return false;
@@ -99,7 +168,7 @@ fn match_at(mut p: &[u8], mut s: &[u8], depth: usize) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::matches;
+    use super::{Pattern, matches};
 
     #[test]
     fn redis_glob_semantics() {
@@ -123,5 +192,19 @@ mod tests {
         for (p, s) in no {
             assert!(!matches(p.as_bytes(), s.as_bytes()), "{p} should not match {s}");
         }
+    }
+
+    #[test]
+    fn prepared_patterns_match_as_the_general_matcher_does() {
+        let patterns = ["*", "**", "", "abc", "cache:*", "cache:**", "user:*:profile", "h?llo", "h[ae]llo", "a\\*b", "*:id", "ab[", "x*y*z"];
+        let strings = ["", "abc", "abcd", "cache:", "cache:user:1", "cach:x", "user:7:profile", "user:7:profiles", "hello", "hallo", "a*b", "axb", "svc:id", "ab[", "abx", "xyz", "x_y_z_"];
+        for p in patterns {
+            let prepared = Pattern::new(p.as_bytes());
+            for s in strings {
+                assert_eq!(prepared.matches(s.as_bytes()), matches(p.as_bytes(), s.as_bytes()), "{p:?} against {s:?}");
+            }
+        }
+        assert!(Pattern::new(b"**").is_any() && !Pattern::new(b"a*").is_any());
+        assert_eq!(Pattern::new(b"user:*:profile").literal_prefix(), b"user:");
     }
 }

@@ -8,6 +8,10 @@ use respire_sdk::glob;
 
 /// Commands whose first argument is a subcommand that rules may name (`+config|get`).
 pub fn container(name: &str) -> bool {
+    // Most commands are not containers: the first letter rules most out without comparing names.
+    if !matches!(name.as_bytes().first(), Some(b'a' | b'c' | b'f' | b'l' | b'm' | b'o' | b'p' | b's' | b'x')) {
+        return false;
+    }
     matches!(
         name,
         "acl" | "client" | "cluster" | "command" | "config" | "function" | "latency" | "memory" | "module" | "object" | "pubsub"
@@ -30,7 +34,7 @@ pub struct Rules {
     /// In order; the last that matches a command decides.
     commands: Vec<(bool, Matcher)>,
     /// Key patterns with the access they grant (read, write).
-    keys: Vec<(Vec<u8>, bool, bool)>,
+    keys: Vec<(glob::Pattern, bool, bool)>,
     channels: Vec<Vec<u8>>,
 }
 
@@ -47,21 +51,21 @@ impl Rules {
                 "reset" => r = Rules { enabled: true, ..Rules::default() },
                 "allcommands" => r.commands.push((true, Matcher::All)),
                 "nocommands" => r.commands.push((false, Matcher::All)),
-                "allkeys" => r.keys.push((b"*".to_vec(), true, true)),
+                "allkeys" => r.keys.push((glob::Pattern::new(b"*"), true, true)),
                 "resetkeys" => r.keys.clear(),
                 "allchannels" => r.channels.push(b"*".to_vec()),
                 "resetchannels" => r.channels.clear(),
                 "nopass" | "resetpass" => {}
                 _ => {
                     if let Some(rest) = tok.strip_prefix('~') {
-                        r.keys.push((rest.as_bytes().to_vec(), true, true));
+                        r.keys.push((glob::Pattern::new(rest.as_bytes()), true, true));
                     } else if let Some(rest) = tok.strip_prefix('%') {
                         let (perm, pat) = rest.split_once('~').ok_or_else(|| format!("'{tok}': expected %R~, %W~ or %RW~"))?;
                         let perm = perm.to_ascii_uppercase();
                         if perm.is_empty() || perm.chars().any(|c| c != 'R' && c != 'W') {
                             return Err(format!("'{tok}': expected %R~, %W~ or %RW~"));
                         }
-                        r.keys.push((pat.as_bytes().to_vec(), perm.contains('R'), perm.contains('W')));
+                        r.keys.push((glob::Pattern::new(pat.as_bytes()), perm.contains('R'), perm.contains('W')));
                     } else if let Some(rest) = tok.strip_prefix('&') {
                         r.channels.push(rest.as_bytes().to_vec());
                     } else if tok.starts_with('>') || tok.starts_with('<') || tok.starts_with('#') || tok.starts_with('!') {
@@ -115,7 +119,7 @@ impl Rules {
     /// granted by some pattern that matches it.
     pub fn allows_key(&self, key: &[u8], access: KeyAccess) -> bool {
         let (read, write) = crate::needs(access);
-        let granted = |want_read: bool| self.keys.iter().any(|(p, r, w)| (if want_read { *r } else { *w }) && glob::matches(p, key));
+        let granted = |want_read: bool| self.keys.iter().any(|(p, r, w)| (if want_read { *r } else { *w }) && p.matches(key));
         (!read || granted(true)) && (!write || granted(false))
     }
 

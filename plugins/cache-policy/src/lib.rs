@@ -23,6 +23,7 @@
 use std::time::Duration;
 
 use respire_sdk::{CacheFor, Client, Command, Effects, Manifest, Plugin, RequestAction, glob};
+use rustc_hash::FxHashMap as HashMap;
 use serde::Deserialize;
 
 /// Reads cached when a rule names no commands: common reads whose reply depends only on
@@ -61,20 +62,16 @@ struct RuleConfig {
 
 /// One rule.
 pub struct Rule {
-    pattern: Vec<u8>,
-    commands: Vec<String>,
+    pattern: glob::Pattern,
     how: CacheFor,
 }
 
 impl Rule {
-    /// Whether this rule is about this command (by name, and every key it reads matches).
+    /// Whether every key of this command matches the rule's pattern (and it has keys).
     fn matches(&self, cmd: &Command) -> bool {
-        if !self.commands.iter().any(|c| *c == cmd.name) {
-            return false;
-        }
         let mut any = false;
         for (key, _) in cmd.keys() {
-            if !glob::matches(&self.pattern, key) {
+            if !self.pattern.matches(key) {
                 return false;
             }
             any = true;
@@ -92,6 +89,8 @@ pub fn literal_prefix(pattern: &str) -> &str {
 /// The plugin: its rules in order.
 pub struct CachePolicy {
     rules: Vec<Rule>,
+    /// For each command name, the rules that name it, in order.
+    by_command: HashMap<String, Vec<usize>>,
 }
 
 impl CachePolicy {
@@ -99,6 +98,7 @@ impl CachePolicy {
     pub fn from_config(text: &str) -> Result<(CachePolicy, Manifest), String> {
         let config: Config = respire_sdk::config(text)?;
         let mut rules = Vec::new();
+        let mut by_command: HashMap<String, Vec<usize>> = HashMap::default();
         let mut commands: Vec<String> = Vec::new();
         let mut prefixes: Vec<String> = Vec::new();
         for (i, r) in config.rules.iter().enumerate() {
@@ -114,12 +114,13 @@ impl CachePolicy {
                 if !commands.contains(n) {
                     commands.push(n.clone());
                 }
+                by_command.entry(n.clone()).or_default().push(rules.len());
             }
             if !r.ttl.is_zero() {
                 prefixes.push(literal_prefix(&r.keys).to_string());
             }
             let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-            rules.push(Rule { pattern: r.keys.as_bytes().to_vec(), commands: names, how: CacheFor { ttl_ms: ms(r.ttl), empty_ttl_ms: ms(r.empty_ttl) } });
+            rules.push(Rule { pattern: glob::Pattern::new(r.keys.as_bytes()), how: CacheFor { ttl_ms: ms(r.ttl), empty_ttl_ms: ms(r.empty_ttl) } });
         }
         let prefix_refs: Vec<&str> = prefixes.iter().map(String::as_str).collect();
         let command_refs: Vec<&str> = commands.iter().map(String::as_str).collect();
@@ -127,12 +128,13 @@ impl CachePolicy {
         if !prefixes.is_empty() {
             manifest = manifest.cache(&prefix_refs, config.max_memory.as_u64());
         }
-        Ok((CachePolicy { rules }, manifest))
+        Ok((CachePolicy { rules, by_command }, manifest))
     }
 
     /// The caching decision for a command.
     pub fn decide(&self, cmd: &Command) -> RequestAction {
-        match self.rules.iter().find(|r| r.matches(cmd)) {
+        let Some(candidates) = self.by_command.get(cmd.name) else { return RequestAction::Continue };
+        match candidates.iter().filter_map(|&i| self.rules.get(i)).find(|r| r.matches(cmd)) {
             Some(r) if r.how.ttl_ms > 0 => RequestAction::Cache(r.how),
             _ => RequestAction::Continue,
         }

@@ -21,7 +21,6 @@
 //! Labels stay bounded: command names respire does not know are counted as `other`, and
 //! respire keeps at most 1000 label combinations per metric; the key gauges hold only the
 //! current top keys (others are removed).
-use std::borrow::Cow;
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -185,8 +184,9 @@ struct NameSeries {
     reply_bytes: Option<Series>,
     /// Commands without a key, and every command with `prefix_segments = 0`.
     keyless: PrefixSeries,
-    /// By key prefix as taken from the first key (before the cap turns it into `other`).
-    by_prefix: FxHashMap<String, PrefixSeries>,
+    /// By key prefix as taken from the first key (before the cap turns it into `other`), as
+    /// raw bytes: looking up needs no UTF-8 check.
+    by_prefix: FxHashMap<Vec<u8>, PrefixSeries>,
 }
 
 /// The series of one command name and key prefix.
@@ -202,7 +202,7 @@ struct PrefixSeries {
 const MAX_REMEMBERED_PREFIXES: usize = 4096;
 
 /// The series found before for command `name` with key prefix `prefix` (see [`Metrics::learn`]).
-fn known<'a>(all: &'a FxHashMap<String, NameSeries>, name: &str, prefix: Option<&str>) -> Option<(&'a NameSeries, &'a PrefixSeries)> {
+fn known<'a>(all: &'a FxHashMap<String, NameSeries>, name: &str, prefix: Option<&[u8]>) -> Option<(&'a NameSeries, &'a PrefixSeries)> {
     let ns = all.get(name)?;
     let ps = match prefix {
         None => &ns.keyless,
@@ -242,7 +242,7 @@ impl Metrics {
 
     /// Finds the series of command `name` with key prefix `raw` (as taken from its first key;
     /// `None` for a keyless command or without prefix labels).
-    fn learn(&mut self, name: &str, raw: Option<&str>) {
+    fn learn(&mut self, name: &str, raw: Option<&[u8]>) {
         if !self.series.contains_key(name) {
             let keyless = self.prefix_series(name, (self.prefix_segments > 0).then_some(""));
             let ns = NameSeries {
@@ -255,13 +255,14 @@ impl Metrics {
             self.series.insert(name.to_string(), ns);
         }
         let Some(raw) = raw else { return };
-        let label = self.prefix_label(raw);
+        let text = String::from_utf8_lossy(raw);
+        let label = self.prefix_label(&text);
         let ps = self.prefix_series(name, Some(label));
         if let Some(ns) = self.series.get_mut(name) {
             if ns.by_prefix.len() >= MAX_REMEMBERED_PREFIXES {
                 ns.by_prefix.clear();
             }
-            ns.by_prefix.insert(raw.to_string(), ps);
+            ns.by_prefix.insert(raw.to_vec(), ps);
         }
     }
 
@@ -278,15 +279,15 @@ impl Metrics {
     }
 }
 
-/// The first `n` `:`-separated segments of `key` (borrowed when it is UTF-8).
-fn prefix_of(key: &[u8], n: usize) -> Cow<'_, str> {
+/// The first `n` `:`-separated segments of `key`.
+fn prefix_of(key: &[u8], n: usize) -> &[u8] {
     let end = key.iter().enumerate().filter(|(_, b)| **b == b':').nth(n.saturating_sub(1)).map_or(key.len(), |(i, _)| i);
-    String::from_utf8_lossy(&key[..end])
+    &key[..end]
 }
 
 /// The first `n` `:`-separated segments of `key` (lossy UTF-8).
 pub fn prefix(key: &[u8], n: usize) -> String {
-    prefix_of(key, n).into_owned()
+    String::from_utf8_lossy(prefix_of(key, n)).into_owned()
 }
 
 /// The error code of an error reply (`WRONGTYPE`, `NOPERM`, `ERR` …).
@@ -372,7 +373,6 @@ impl Plugin for Metrics {
             (0, _) | (_, None) => None,
             (n, Some((k, _))) => Some(prefix_of(k, n)),
         };
-        let raw_prefix = raw_prefix.as_deref();
         match known(&self.series, name, raw_prefix) {
             Some((ns, ps)) => emit(fx, ns, ps, error, seconds, cmd.size(), reply.raw().len()),
             None => {

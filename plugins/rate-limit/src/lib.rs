@@ -94,8 +94,11 @@ pub struct Rule {
 
 /// The client's address without the port.
 fn ip(addr: &str) -> &str {
-    match addr.rsplit_once(':') {
-        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host.trim_start_matches('[').trim_end_matches(']'),
+    // A byte loop: addresses are short, and `rsplit_once` costs a general `memrchr` call.
+    match addr.bytes().rposition(|b| b == b':') {
+        Some(i) if addr.as_bytes()[i + 1..].iter().all(u8::is_ascii_digit) => {
+            addr[..i].trim_start_matches('[').trim_end_matches(']')
+        }
         _ => addr,
     }
 }
@@ -110,7 +113,8 @@ impl Rule {
         if !self.categories.is_empty() && matched.is_none() {
             return None;
         }
-        let mut key = String::new();
+        // Sized once: most keys are an address, a user or a prefix (growing costs a reallocation).
+        let mut key = String::with_capacity(48);
         for (i, by) in self.by.iter().enumerate() {
             if i > 0 {
                 key.push('|');
