@@ -51,10 +51,10 @@ for _ in 1 2 3; do p=$(free_port); start_redis "$p"; shard_ports+=("$p"); done
 single=$(free_port); start_redis "$single"
 
 respire_cluster=$(free_port)
-RUST_LOG=warn target/release/respire --listen "127.0.0.1:$respire_cluster" --cluster "127.0.0.1:${cluster_ports[0]}" --workers "$WORKERS" 2>"$work/r1.log" &
+RUST_LOG=warn "$target_dir"/release/respire --listen "127.0.0.1:$respire_cluster" --cluster "127.0.0.1:${cluster_ports[0]}" --workers "$WORKERS" 2>"$work/r1.log" &
 pids+=($!)
 respire_shards=$(free_port)
-RUST_LOG=warn target/release/respire --listen "127.0.0.1:$respire_shards" \
+RUST_LOG=warn "$target_dir"/release/respire --listen "127.0.0.1:$respire_shards" \
   --shards "$(IFS=,; for p in "${shard_ports[@]}"; do printf '127.0.0.1:%s,' "$p"; done | sed 's/,$//')" --workers "$WORKERS" 2>"$work/r2.log" &
 pids+=($!)
 twem=$(free_port)

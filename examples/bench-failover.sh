@@ -116,7 +116,7 @@ run_event() { # event target -> "ops errors window"
   local port=${cluster_ports[0]}
   if [ "$target" = respire ]; then
     port=$(free_port)
-    RUST_LOG=warn target/release/respire --listen "127.0.0.1:$port" --cluster "127.0.0.1:${cluster_ports[0]},127.0.0.1:${cluster_ports[1]}" 2>"$work/respire.log" &
+    RUST_LOG=warn "$target_dir"/release/respire --listen "127.0.0.1:$port" --cluster "127.0.0.1:${cluster_ports[0]},127.0.0.1:${cluster_ports[1]}" 2>"$work/respire.log" &
     pids+=($!); local rpid=$!
     wait_port "$port"
   fi

@@ -52,7 +52,7 @@ trap cleanup EXIT
 # command but never refuses.
 mkdir -p "$work/all"
 for p in acl rate-limit cache-policy metrics; do
-  cp "target/wasm32-wasip2/release/${p//-/_}.wasm" "$work/all/$p.wasm"
+  cp "$target_dir/wasm32-wasip2/release/${p//-/_}.wasm" "$work/all/$p.wasm"
   cp "plugins/$p/$p.toml" "$work/all/$p.toml"
 done
 printf 'order = 20\n[[config.rules]]\nname = "per-client"\nrate = 1e12\nby = ["client"]\n' > "$work/all/rate-limit.toml"
@@ -69,7 +69,7 @@ declare -A pid_of port_of
 start_respire() { # NAME PIN WORKERS [flags…]
   local name=$1 pin=$2 workers=$3 port; shift 3
   port=$(free_port)
-  RUST_LOG=warn $pin target/release/respire --listen "127.0.0.1:$port" --backend "127.0.0.1:$redis_port" --workers "$workers" \
+  RUST_LOG=warn $pin "$target_dir"/release/respire --listen "127.0.0.1:$port" --backend "127.0.0.1:$redis_port" --workers "$workers" \
     --config "$work/respire.toml" --plugin-cache "$work/artifacts" "$@" >/dev/null 2>"$work/$name.log" &
   pids+=($!)
   pid_of[$name]=$!
@@ -95,7 +95,7 @@ field() { sed -E "s/.*$1=([0-9.]+).*/\\1/" <<<"$2"; }
 fmt() { printf "%.${2:-2}f" "$1"; }
 
 # Fill the keys once so that GETs find values.
-target/release/loadgen --port "$redis_port" --clients 50 --requests 200000 --ratio 1:0 >/dev/null
+"$target_dir"/release/loadgen --port "$redis_port" --clients 50 --requests 200000 --ratio 1:0 >/dev/null
 
 declare -A ops p50 p99 p999 cpu
 
@@ -109,7 +109,7 @@ measure() { # KEY NAME REQUESTS KIND ARGS…
     line=$(redis-benchmark -p "$port" -n "$n" "$@" --csv 2>/dev/null | awk -F',' '/^"/ && !/^"test"/ { gsub(/"/, ""); split($0, f, ","); print "ops=" f[2] " p50_ms=" f[5] " p99_ms=" f[7]; exit }')
     ops[$key]+="$(field ops "$line") "; p50[$key]+="$(echo "$(field p50_ms "$line") * 1000" | bc -l) "; p99[$key]+="$(echo "$(field p99_ms "$line") * 1000" | bc -l) "
   else
-    line=$(target/release/loadgen --port "$port" "$@")
+    line=$("$target_dir"/release/loadgen --port "$port" "$@")
     ops[$key]+="$(field ops "$line") "; p50[$key]+="$(field p50_us "$line") "; p99[$key]+="$(field p99_us "$line") "; p999[$key]+="$(field p999_us "$line") "
     n=$(field requests "$line")
   fi
@@ -203,7 +203,7 @@ if has memory; then
   for name in direct respire twemproxy; do
     pid=${pid_of[$name]:-$redis_pid}
     before=$(rss_of "$pid")
-    target/release/loadgen --port "${port_of[$name]}" --idle "$IDLE" --seconds 4 > "$work/idle.out" &
+    "$target_dir"/release/loadgen --port "${port_of[$name]}" --idle "$IDLE" --seconds 4 > "$work/idle.out" &
     idle_pid=$!
     for _ in $(seq 300); do grep -q '^idle=' "$work/idle.out" 2>/dev/null && break; sleep 0.1; done
     sleep 1

@@ -35,12 +35,12 @@ trap cleanup EXIT
 # All four, with their sample settings (the rate limit raised out of the way).
 mkdir -p "$work/all" "$work/cache"
 for p in acl rate-limit cache-policy metrics; do
-  cp "target/wasm32-wasip2/release/${p//-/_}.wasm" "$work/all/$p.wasm"
+  cp "$target_dir/wasm32-wasip2/release/${p//-/_}.wasm" "$work/all/$p.wasm"
   cp "plugins/$p/$p.toml" "$work/all/$p.toml"
 done
 printf 'order = 20\n[[config.rules]]\nname = "per-client"\nrate = 1e12\nby = ["client"]\n' > "$work/all/rate-limit.toml"
 # The cache alone, over redis-benchmark's keys.
-cp target/wasm32-wasip2/release/cache_policy.wasm "$work/cache/cache-policy.wasm"
+cp "$target_dir"/wasm32-wasip2/release/cache_policy.wasm "$work/cache/cache-policy.wasm"
 printf '[config]\nmax_memory = "64MiB"\n[[config.rules]]\nkeys = "key:*"\nttl = "60s"\n' > "$work/cache/cache-policy.toml"
 
 redis_port=$(free_port)
@@ -51,7 +51,7 @@ wait_port "$redis_port"
 start_respire() { # VAR NAME [respire flags…] — starts respire, sets VAR to its port
   local var=$1 name=$2 port; shift 2
   port=$(free_port)
-  RUST_LOG=warn target/release/respire --listen "127.0.0.1:$port" --backend "127.0.0.1:$redis_port" --workers "$WORKERS" \
+  RUST_LOG=warn "$target_dir"/release/respire --listen "127.0.0.1:$port" --backend "127.0.0.1:$redis_port" --workers "$WORKERS" \
     --plugin-cache "$work/artifacts" "$@" >/dev/null 2>"$work/$name.log" &
   pids+=($!)
   wait_port "$port"

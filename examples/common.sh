@@ -77,13 +77,16 @@ start_cluster() {
   done
 }
 
+# Where cargo builds (CARGO_TARGET_DIR when set).
+target_dir=${CARGO_TARGET_DIR:-target}
+
 # copy_shipped_plugins DIR: the four shipped plugins (release builds, from CARGO_TARGET_DIR when
 # it is set) with their sample settings.
 copy_shipped_plugins() {
   local dir=$1 p
   mkdir -p "$dir"
   for p in acl rate-limit cache-policy metrics; do
-    cp "${CARGO_TARGET_DIR:-target}/wasm32-wasip2/release/${p//-/_}.wasm" "$dir/$p.wasm"
+    cp "$target_dir/wasm32-wasip2/release/${p//-/_}.wasm" "$dir/$p.wasm"
     cp "plugins/$p/$p.toml" "$dir/$p.toml"
   done
 }

@@ -21,7 +21,7 @@ rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2 || rustup ta
 echo "==> building respire and its plugins"
 if [ -z "${RESPIRE_BIN:-}" ]; then
   cargo build --release --locked -p respire
-  RESPIRE_BIN=target/release/respire
+  RESPIRE_BIN="$target_dir"/release/respire
 fi
 cargo build --release --locked --target wasm32-wasip2 \
   -p respire-plugin-acl -p respire-plugin-rate-limit -p respire-plugin-metrics -p respire-plugin-cache-policy

@@ -41,7 +41,7 @@ copy_shipped_plugins "$plugins"
 
 port=$(free_port)
 metrics=$(free_port)
-target/release/respire --listen "127.0.0.1:$port" --cluster "127.0.0.1:${ports[0]},127.0.0.1:${ports[1]}" \
+"$target_dir"/release/respire --listen "127.0.0.1:$port" --cluster "127.0.0.1:${ports[0]},127.0.0.1:${ports[1]}" \
   --plugins "$plugins" --metrics "127.0.0.1:$metrics" 2>"$work/respire.log" &
 respire_pid=$!
 pids+=($respire_pid)
