@@ -58,16 +58,6 @@ impl Pattern {
         }
     }
 
-    /// Whether the pattern matches every string (`*`).
-    pub fn is_any(&self) -> bool {
-        self.shape == Shape::Any
-    }
-
-    /// The pattern as written.
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.pattern
-    }
-
     /// What every matching string starts with (`user:` for `user:*:profile`).
     pub fn literal_prefix(&self) -> &[u8] {
         &self.pattern[..self.literal]
@@ -204,7 +194,16 @@ mod tests {
                 assert_eq!(prepared.matches(s.as_bytes()), matches(p.as_bytes(), s.as_bytes()), "{p:?} against {s:?}");
             }
         }
-        assert!(Pattern::new(b"**").is_any() && !Pattern::new(b"a*").is_any());
-        assert_eq!(Pattern::new(b"user:*:profile").literal_prefix(), b"user:");
+    }
+
+    #[test]
+    fn literal_prefixes_stop_at_the_first_pattern_character() {
+        let lit = |p: &str| Pattern::new(p.as_bytes()).literal_prefix().to_vec();
+        assert_eq!(lit("user:*:profile"), b"user:");
+        assert_eq!(lit("cfg:site"), b"cfg:site");
+        assert_eq!(lit("*"), b"");
+        assert_eq!(lit("a?b"), b"a");
+        assert_eq!(lit("[ab]x"), b"");
+        assert_eq!(lit("a\\*b"), b"a");
     }
 }

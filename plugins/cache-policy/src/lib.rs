@@ -80,12 +80,6 @@ impl Rule {
     }
 }
 
-/// The literal start of a glob pattern (what every matching key starts with).
-pub fn literal_prefix(pattern: &str) -> &str {
-    let end = pattern.find(['*', '?', '[', '\\']).unwrap_or(pattern.len());
-    &pattern[..end]
-}
-
 /// The plugin: its rules in order.
 pub struct CachePolicy {
     rules: Vec<Rule>,
@@ -116,11 +110,13 @@ impl CachePolicy {
                 }
                 by_command.entry(n.clone()).or_default().push(rules.len());
             }
+            let pattern = glob::Pattern::new(r.keys.as_bytes());
             if !r.ttl.is_zero() {
-                prefixes.push(literal_prefix(&r.keys).to_string());
+                // Cut before an ASCII pattern character of a `String`: still UTF-8, nothing lost.
+                prefixes.push(String::from_utf8_lossy(pattern.literal_prefix()).into_owned());
             }
             let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-            rules.push(Rule { pattern: glob::Pattern::new(r.keys.as_bytes()), how: CacheFor { ttl_ms: ms(r.ttl), empty_ttl_ms: ms(r.empty_ttl) } });
+            rules.push(Rule { pattern, how: CacheFor { ttl_ms: ms(r.ttl), empty_ttl_ms: ms(r.empty_ttl) } });
         }
         let prefix_refs: Vec<&str> = prefixes.iter().map(String::as_str).collect();
         let command_refs: Vec<&str> = commands.iter().map(String::as_str).collect();
@@ -157,15 +153,6 @@ respire_sdk::export_plugin!(CachePolicy);
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn literal_prefixes_stop_at_the_first_pattern_character() {
-        assert_eq!(literal_prefix("user:*:profile"), "user:");
-        assert_eq!(literal_prefix("cfg:site"), "cfg:site");
-        assert_eq!(literal_prefix("*"), "");
-        assert_eq!(literal_prefix("a?b"), "a");
-        assert_eq!(literal_prefix("[ab]x"), "");
-    }
 
     #[test]
     fn settings_give_the_manifest_commands_and_prefixes() {
