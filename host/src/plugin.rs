@@ -231,6 +231,8 @@ struct HookStats {
     response_seconds: prometheus::Histogram,
     request_ok: prometheus::IntCounter,
     request_err: prometheus::IntCounter,
+    /// Commands decided again by a repeatable decision, without a call.
+    request_repeated: prometheus::IntCounter,
     response_ok: prometheus::IntCounter,
     response_err: prometheus::IntCounter,
 }
@@ -244,6 +246,7 @@ impl HookStats {
             response_seconds: t.with_label_values(&[plugin, "response"]),
             request_ok: c.with_label_values(&[plugin, "request", "ok"]),
             request_err: c.with_label_values(&[plugin, "request", "error"]),
+            request_repeated: c.with_label_values(&[plugin, "request", "repeated"]),
             response_ok: c.with_label_values(&[plugin, "response", "ok"]),
             response_err: c.with_label_values(&[plugin, "response", "error"]),
         }
@@ -1041,6 +1044,28 @@ struct PluginSlot {
     retry_at: Option<std::time::Instant>,
     /// This worker's view of the plugin's metric series.
     metrics: LocalMetrics,
+    /// Decisions the plugin said it would repeat, by client id and command
+    /// ([`CommandInfo::display_id`](crate::commands::CommandInfo::display_id)); kept with the
+    /// generation, so that a reload (a new slot) forgets them all.
+    repeats: rustc_hash::FxHashMap<(u64, u32), std::rc::Rc<Repeat>>,
+}
+
+/// A request decision a plugin marked repeatable: applied again, takes included, to the
+/// client's later commands of the same kind without a call, while its generation holds.
+struct Repeat {
+    generation: u32,
+    action: RequestAction,
+    takes: Vec<bindings::respire::plugin::types::Take>,
+}
+
+/// Most repeatable decisions a worker keeps per plugin (beyond, it starts over).
+const MAX_REPEATS: usize = 1 << 14;
+
+/// What a repeatable decision is remembered under: the client and the command's entry in the
+/// command table, which gives the name and the categories a plugin sees (commands the table
+/// does not know have no entry and are not repeated).
+fn repeat_key(it: &InChain<'_>) -> Option<(u64, u32)> {
+    Some((it.client.details.id, it.info?.display_id()))
 }
 
 impl PluginSlot {
@@ -1401,6 +1426,36 @@ fn clients_of<'a>(handles: impl Iterator<Item = &'a ClientHandle>) -> Vec<Arc<Cl
     out
 }
 
+/// Applies a plugin's decision about one command of the chain (nothing once it is stopped).
+fn apply_action<'a, B>(it: &mut InChain<'a>, action: RequestAction, table: &'a CommandTable, built: &mut Option<B>) {
+    if it.stopped.is_some() {
+        return;
+    }
+    match action {
+        RequestAction::Continue => {}
+        RequestAction::Deny(msg) => it.stopped = Some(Decision::Deny(msg)),
+        RequestAction::Respond(bytes) => it.stopped = Some(Decision::Respond(bytes)),
+        RequestAction::Cache(c) => {
+            let asked = crate::cache::CacheFor { ttl: Duration::from_millis(c.ttl_ms), empty_ttl: Duration::from_millis(c.empty_ttl_ms) };
+            it.cache = Some(match it.cache {
+                None => asked,
+                Some(prev) => crate::cache::CacheFor { ttl: prev.ttl.min(asked.ttl), empty_ttl: prev.empty_ttl.min(asked.empty_ttl) },
+            });
+        }
+        RequestAction::Rewrite(new_args) => {
+            // The batch built for the next plugin no longer holds this command.
+            *built = None;
+            if let Some(n) = new_args.first() {
+                let new = crate::protocol::Command::from_args(&new_args);
+                // The table outlives the batch: look the new command up there.
+                it.info = table.get(&new);
+                it.name = std::borrow::Cow::Owned(String::from_utf8_lossy(n).to_ascii_lowercase());
+                it.rewritten = Some(new);
+            }
+        }
+    }
+}
+
 impl WorkerPlugins {
     /// The instances of `set`: the current generation, the previous one, or a new current one
     /// when `set` is newer (the old current becomes the previous). `None` for an older set.
@@ -1447,8 +1502,11 @@ impl WorkerPlugins {
         // The batch of the last call, for the next plugin that sees the same commands: built
         // again only when the members differ or a plugin rewrote a command since.
         let mut built: Option<(Vec<usize>, RequestBatch, Vec<Arc<Client>>)> = None;
+        let mut hits: Vec<(usize, std::rc::Rc<Repeat>)> = Vec::new();
         for (pi, plugin) in set.plugins.iter().enumerate() {
+            let Some(slot) = generation.instances.get_mut(pi) else { continue };
             members.clear();
+            hits.clear();
             for (i, it) in items.iter_mut().enumerate() {
                 if it.stopped.is_some() {
                     continue;
@@ -1459,121 +1517,152 @@ impl WorkerPlugins {
                     it.responses.push(pi as u16);
                 }
                 if (wants && plugin.manifest.on_request) || serves {
-                    members.push(i);
-                }
-            }
-            if members.is_empty() {
-                continue;
-            }
-            let Some(slot) = generation.instances.get_mut(pi) else { continue };
-            let Some(inst) = slot.get(plugin, "request") else {
-                if plugin.settings.on_error == OnError::Closed {
-                    for &i in &members {
-                        items[i].stopped = Some(Decision::Deny(format!("ERR respire: plugin {} is failing", plugin.file_name)));
+                    let repeat = if slot.repeats.is_empty() { None } else { repeat_key(it).and_then(|k| slot.repeats.get(&k)) };
+                    match repeat {
+                        Some(r) if r.generation == it.client.generation => hits.push((i, r.clone())),
+                        _ => members.push(i),
                     }
                 }
-                continue;
-            };
-            if built.as_ref().is_none_or(|(m, _, _)| *m != members) {
-                let mut b = BatchBuilder::new(members.len(), REQUEST_WORDS);
-                for &i in &members {
-                    let it = &items[i];
-                    b.push(it.client, it.cmd(), it.info.map_or(0, |i| i.category_bits), &key_list(it.cmd(), it.info));
-                }
-                let clients = clients_of(members.iter().map(|&i| items[i].client));
-                built = Some((members.clone(), RequestBatch { data: b.data, ends: b.ends, keys: b.keys, requests: b.words }, clients));
             }
-            let Some((_, wit, clients)) = &built else { continue };
-            let started = std::time::Instant::now();
-            let result = inst.on_requests(plugin.settings.time_budget, clients, wit);
-            plugin.ctx.stats.request_seconds.observe(started.elapsed().as_secs_f64());
-            let result = match result {
-                Ok(r) => {
-                    slot.succeeded();
-                    r
+            if members.is_empty() && hits.is_empty() {
+                continue;
+            }
+            let result = 'call: {
+                if members.is_empty() {
+                    break 'call None;
                 }
-                Err((kind, e)) => {
-                    plugin.ctx.stats.request_err.inc();
-                    note_failure(plugin, "request", kind.as_str(), &e);
-                    slot.failed();
+                let Some(inst) = slot.get(plugin, "request") else {
                     if plugin.settings.on_error == OnError::Closed {
                         for &i in &members {
-                            items[i].stopped = Some(Decision::Deny(format!("ERR respire: plugin {} failed", plugin.file_name)));
+                            items[i].stopped = Some(Decision::Deny(format!("ERR respire: plugin {} is failing", plugin.file_name)));
                         }
                     }
-                    continue;
+                    break 'call None;
+                };
+                if built.as_ref().is_none_or(|(m, _, _)| *m != members) {
+                    let mut b = BatchBuilder::new(members.len(), REQUEST_WORDS);
+                    for &i in &members {
+                        let it = &items[i];
+                        b.push(it.client, it.cmd(), it.info.map_or(0, |i| i.category_bits), &key_list(it.cmd(), it.info));
+                    }
+                    let clients = clients_of(members.iter().map(|&i| items[i].client));
+                    built = Some((members.clone(), RequestBatch { data: b.data, ends: b.ends, keys: b.keys, requests: b.words }, clients));
                 }
-            };
-            plugin.ctx.stats.request_ok.inc_by(members.len() as u64);
-            plugin.ctx.apply(&mut slot.metrics, &result.updates);
-            slot.metrics.flush();
-            // Tokens first, per command, all or nothing: a refusal stops that command.
-            // Grouped by request in one sort (takes usually come in request order already;
-            // a filter per command would be quadratic in the batch).
-            if !result.takes.is_empty() {
-                let mut order: Vec<&bindings::respire::plugin::types::Take> = result.takes.iter().collect();
-                order.sort_by_key(|t| t.request);
-                let groups: Vec<&[&bindings::respire::plugin::types::Take]> =
-                    order.chunk_by(|a, b| a.request == b.request).filter(|g| (g[0].request as usize) < members.len()).collect();
-                // A run of commands that each take once from the same local bucket takes the sum
-                // at once — what taking one by one does when the bucket holds enough, for one lock
-                // and lookup instead of one per command (a pipeline mostly is such a run). When
-                // the bucket is short, they take one by one, so the first ones still pass.
-                let single = |g| plugin.ctx.single_local_take(g);
-                let mut k = 0;
-                while k < groups.len() {
-                    let mut end = k + 1;
-                    if let Some(bucket) = single(groups[k]) {
-                        while end < groups.len() && single(groups[end]) == Some(bucket) {
-                            end += 1;
-                        }
-                        if end > k + 1 {
-                            let sum: u64 = groups[k..end].iter().map(|g| u64::from(g[0].cost)).sum();
-                            if let Ok(sum) = u32::try_from(sum)
-                                && plugin.ctx.take(bucket.0, bucket.1, sum).is_ok()
-                            {
-                                k = end;
-                                continue;
+                let Some((_, wit, clients)) = &built else { break 'call None };
+                let started = std::time::Instant::now();
+                let result = inst.on_requests(plugin.settings.time_budget, clients, wit);
+                plugin.ctx.stats.request_seconds.observe(started.elapsed().as_secs_f64());
+                match result {
+                    Ok(r) => {
+                        slot.succeeded();
+                        plugin.ctx.stats.request_ok.inc_by(members.len() as u64);
+                        Some(r)
+                    }
+                    Err((kind, e)) => {
+                        plugin.ctx.stats.request_err.inc();
+                        note_failure(plugin, "request", kind.as_str(), &e);
+                        slot.failed();
+                        if plugin.settings.on_error == OnError::Closed {
+                            for &i in &members {
+                                items[i].stopped = Some(Decision::Deny(format!("ERR respire: plugin {} failed", plugin.file_name)));
                             }
                         }
+                        None
                     }
-                    for mine in &groups[k..end] {
-                        let it = &mut items[members[mine[0].request as usize]];
-                        if let Err(msg) = plugin.ctx.take_all(mine, &mut it.gate) {
-                            it.stopped = Some(Decision::Deny(msg));
-                        }
+                }
+            };
+            if !hits.is_empty() {
+                plugin.ctx.stats.request_repeated.inc_by(hits.len() as u64);
+            }
+            let (decisions, takes, repeatable) = match result {
+                Some(r) => {
+                    plugin.ctx.apply(&mut slot.metrics, &r.updates);
+                    slot.metrics.flush();
+                    (r.decisions, r.takes, r.repeatable)
+                }
+                None => (Vec::new(), Vec::new(), Vec::new()),
+            };
+            // The call's takes, grouped by request in one sort (they usually come in request
+            // order already; a filter per command would be quadratic in the batch).
+            let mut order: Vec<&bindings::respire::plugin::types::Take> = takes.iter().collect();
+            order.sort_by_key(|t| t.request);
+            if !repeatable.is_empty() {
+                if slot.repeats.len() + repeatable.len() > MAX_REPEATS {
+                    slot.repeats.clear();
+                }
+                let mut action_of: Vec<Option<&RequestAction>> = vec![None; members.len()];
+                for d in &decisions {
+                    if let Some(a) = action_of.get_mut(d.request as usize) {
+                        *a = Some(&d.action);
                     }
-                    k = end;
+                }
+                for &r in &repeatable {
+                    let Some(&i) = members.get(r as usize) else { continue };
+                    let action = action_of[r as usize].unwrap_or(&RequestAction::Continue);
+                    if matches!(action, RequestAction::Rewrite(_)) {
+                        continue;
+                    }
+                    let Some(key) = repeat_key(&items[i]) else { continue };
+                    let from = order.partition_point(|t| t.request < r);
+                    let to = order.partition_point(|t| t.request <= r);
+                    let takes = order[from..to].iter().map(|t| (*t).clone()).collect();
+                    let repeat = Repeat { generation: items[i].client.generation, action: action.clone(), takes };
+                    slot.repeats.insert(key, std::rc::Rc::new(repeat));
                 }
             }
-            for d in result.decisions {
-                let Some(&i) = members.get(d.request as usize) else { continue };
-                let it = &mut items[i];
-                if it.stopped.is_some() {
-                    continue;
-                }
-                match d.action {
-                    RequestAction::Continue => {}
-                    RequestAction::Deny(msg) => it.stopped = Some(Decision::Deny(msg)),
-                    RequestAction::Respond(bytes) => it.stopped = Some(Decision::Respond(bytes)),
-                    RequestAction::Cache(c) => {
-                        let asked = crate::cache::CacheFor { ttl: Duration::from_millis(c.ttl_ms), empty_ttl: Duration::from_millis(c.empty_ttl_ms) };
-                        it.cache = Some(match it.cache {
-                            None => asked,
-                            Some(prev) => crate::cache::CacheFor { ttl: prev.ttl.min(asked.ttl), empty_ttl: prev.empty_ttl.min(asked.empty_ttl) },
-                        });
+            // Tokens first, per command and in the batch's order, all or nothing: a refusal
+            // stops that command. The repeated decisions' takes are taken again with the call's.
+            let hit_takes: Vec<&bindings::respire::plugin::types::Take> = hits.iter().flat_map(|(_, r)| r.takes.iter()).collect();
+            let mut groups: Vec<(usize, &[&bindings::respire::plugin::types::Take])> =
+                order.chunk_by(|a, b| a.request == b.request).filter_map(|g| Some((*members.get(g[0].request as usize)?, g))).collect();
+            if !hit_takes.is_empty() {
+                let mut at = 0;
+                for (i, r) in &hits {
+                    if !r.takes.is_empty() {
+                        groups.push((*i, &hit_takes[at..at + r.takes.len()]));
+                        at += r.takes.len();
                     }
-                    RequestAction::Rewrite(new_args) => {
-                        built = None;
-                        if let Some(n) = new_args.first() {
-                            let new = crate::protocol::Command::from_args(&new_args);
-                            // The table outlives the batch: look the new command up there.
-                            it.info = table.get(&new);
-                            it.name = std::borrow::Cow::Owned(String::from_utf8_lossy(n).to_ascii_lowercase());
-                            it.rewritten = Some(new);
+                }
+                groups.sort_by_key(|g| g.0);
+            }
+            // A run of commands that each take once from the same local bucket takes the sum
+            // at once — what taking one by one does when the bucket holds enough, for one lock
+            // and lookup instead of one per command (a pipeline mostly is such a run). When
+            // the bucket is short, they take one by one, so the first ones still pass.
+            let single = |g| plugin.ctx.single_local_take(g);
+            let mut k = 0;
+            while k < groups.len() {
+                let mut end = k + 1;
+                if let Some(bucket) = single(groups[k].1) {
+                    while end < groups.len() && single(groups[end].1) == Some(bucket) {
+                        end += 1;
+                    }
+                    if end > k + 1 {
+                        let sum: u64 = groups[k..end].iter().map(|g| u64::from(g.1[0].cost)).sum();
+                        if let Ok(sum) = u32::try_from(sum)
+                            && plugin.ctx.take(bucket.0, bucket.1, sum).is_ok()
+                        {
+                            k = end;
+                            continue;
                         }
                     }
                 }
+                for &(i, mine) in &groups[k..end] {
+                    let it = &mut items[i];
+                    if let Err(msg) = plugin.ctx.take_all(mine, &mut it.gate) {
+                        it.stopped = Some(Decision::Deny(msg));
+                    }
+                }
+                k = end;
+            }
+            drop(groups);
+            drop(order);
+            for (i, r) in hits.drain(..) {
+                apply_action(&mut items[i], r.action.clone(), table, &mut built);
+            }
+            for d in decisions {
+                let Some(&i) = members.get(d.request as usize) else { continue };
+                apply_action(&mut items[i], d.action, table, &mut built);
             }
         }
         let now = std::time::Instant::now();

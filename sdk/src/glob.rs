@@ -62,6 +62,11 @@ impl Pattern {
     pub fn literal_prefix(&self) -> &[u8] {
         &self.pattern[..self.literal]
     }
+
+    /// Whether it matches every string (`*`, `**` …).
+    pub fn matches_all(&self) -> bool {
+        matches!(self.shape, Shape::Any)
+    }
 }
 
 fn match_at(mut p: &[u8], mut s: &[u8], depth: usize) -> bool {

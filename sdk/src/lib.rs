@@ -358,9 +358,12 @@ impl Metric {
 pub struct Effects {
     /// The request or response of the batch the hook is running for.
     current: u32,
+    /// How many metric changes there were when the current request began.
+    updates_before: usize,
     takes: Vec<Take>,
     series: Vec<u32>,
     values: Vec<f64>,
+    repeatable: Vec<u32>,
 }
 
 use bindings::respire::plugin::types::{Take, Updates};
@@ -396,15 +399,44 @@ impl Effects {
         self.values.push(value);
     }
 
+    /// Says that this request's decision and takes depend only on the client (its details:
+    /// address, user, database, name, protocol) and the command or subcommand, not on the
+    /// arguments or on anything that came before: respire may then apply them again to the
+    /// client's later commands of the same kind without calling the hook, until the client's
+    /// details change or the plugins reload. Ignored for a request whose handling recorded a
+    /// metric change or that is rewritten. Only request hooks can mark their requests.
+    ///
+    /// For example an ACL whose rules let the client's user touch every key, or a rate limit
+    /// whose bucket is the client's address.
+    #[inline]
+    pub fn repeatable(&mut self) {
+        if self.repeatable.last() != Some(&self.current) {
+            self.repeatable.push(self.current);
+        }
+    }
+
     #[doc(hidden)]
     #[inline]
     pub fn at(&mut self, index: u32) {
         self.current = index;
+        self.updates_before = self.series.len();
+    }
+
+    /// Ends the current request: its repeatable mark is dropped when it changed metrics or
+    /// the hook rewrote it.
+    #[doc(hidden)]
+    #[inline]
+    pub fn done(&mut self, action: &RequestAction) {
+        if self.repeatable.last() == Some(&self.current)
+            && (self.series.len() != self.updates_before || matches!(action, RequestAction::Rewrite(_)))
+        {
+            self.repeatable.pop();
+        }
     }
 
     #[doc(hidden)]
-    pub fn into_parts(self) -> (Vec<Take>, Updates) {
-        (self.takes, Updates { series: self.series, values: self.values })
+    pub fn into_parts(self) -> (Vec<Take>, Updates, Vec<u32>) {
+        (self.takes, Updates { series: self.series, values: self.values }, self.repeatable)
     }
 }
 
@@ -820,13 +852,14 @@ macro_rules! export_plugin {
                         effects.at(i as u32);
                         let action =
                             $crate::clients::with(client, |client| <$plugin as $crate::Plugin>::on_request(p, client, &command, &mut effects));
+                        effects.done(&action);
                         if !matches!(action, $crate::RequestAction::Continue) {
                             decisions.push($crate::bindings::respire::plugin::types::Decision { request: i as u32, action });
                         }
                     }
                 });
-                let (takes, updates) = effects.into_parts();
-                $crate::bindings::respire::plugin::types::RequestResults { decisions, takes, updates }
+                let (takes, updates, repeatable) = effects.into_parts();
+                $crate::bindings::respire::plugin::types::RequestResults { decisions, takes, updates, repeatable }
             }
 
             fn on_responses(
@@ -850,11 +883,47 @@ macro_rules! export_plugin {
                         }
                     }
                 });
-                let (_, updates) = effects.into_parts();
+                let (_, updates, _) = effects.into_parts();
                 $crate::bindings::respire::plugin::types::ResponseResults { replacements, updates }
             }
         }
 
         $crate::bindings::export_component!(__RespireExport with_types_in $crate::bindings);
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_with_metric_changes_or_a_rewrite_is_not_repeatable() {
+        let mut fx = Effects::default();
+        // 0: marked, nothing else — kept.
+        fx.at(0);
+        fx.repeatable();
+        fx.repeatable();
+        fx.done(&RequestAction::Continue);
+        // 1: marked, but it changed a metric — dropped.
+        fx.at(1);
+        fx.repeatable();
+        fx.update(Series(3), 1.0);
+        fx.done(&RequestAction::Continue);
+        // 2: marked and rewritten — dropped.
+        fx.at(2);
+        fx.repeatable();
+        fx.done(&RequestAction::Rewrite(vec![b"get".to_vec(), b"k".to_vec()]));
+        // 3: not marked; 4: marked, with a take and a refusal — kept.
+        fx.at(3);
+        fx.done(&RequestAction::Continue);
+        fx.at(4);
+        fx.take(LimiterId(0), "10.0.0.1", 1);
+        fx.repeatable();
+        fx.done(&RequestAction::Deny("NOPERM no".into()));
+        let (takes, updates, repeatable) = fx.into_parts();
+        assert_eq!(repeatable, vec![0, 4]);
+        assert_eq!(updates.series, vec![3]);
+        assert_eq!(takes.len(), 1);
+        assert_eq!(takes[0].request, 4);
+    }
 }

@@ -317,6 +317,61 @@ fn a_pipeline_takes_tokens_in_order_until_the_bucket_is_empty() {
 }
 
 #[test]
+fn repeatable_decisions_are_applied_again_without_a_call() {
+    let redis = RedisServer::start();
+    let settings = "[config]\ntag = \"r\"\ncommands = \"get keys\"\nrepeat = true\nrefuse_dangerous = true\nrate = 0.001\nburst = 8\nlimit_by = \"all\"\n";
+    let dir = probe_dir(&[("r", settings)]);
+    let port = respire_tests::free_port();
+    let proxy = Respire::start(
+        &redis.addr(),
+        &["--plugins", dir.path().to_str().unwrap(), "--metrics", &format!("127.0.0.1:{port}"), "--workers", "1"],
+    );
+    let mut c = Raw::connect(proxy.port);
+    let refused = |r: &[u8]| String::from_utf8_lossy(r).starts_with("-ERR rate limit 'per-client' exceeded, retry in ");
+    // Five GETs one by one, then five pipelined: the plugin decides the first (taking a token)
+    // and marks it repeatable; respire applies it to the other nine, taking a token each time,
+    // so the bucket of 8 still runs out in order.
+    for _ in 0..5 {
+        assert_eq!(c.roundtrip(&resp(&[b"GET", b"x"]), 1), b"$-1\r\n");
+    }
+    let pipeline: Vec<u8> = (0..5).flat_map(|_| resp(&[b"GET", b"x"])).collect();
+    let got = String::from_utf8(c.roundtrip(&pipeline, 5)).unwrap();
+    let replies: Vec<&str> = got.split_inclusive("\r\n").collect();
+    assert_eq!(replies.len(), 5, "{got:?}");
+    assert!(replies[..3].iter().all(|r| *r == "$-1\r\n"), "{got:?}");
+    assert!(replies[3..].iter().all(|r| refused(r.as_bytes())), "{got:?}");
+    // One call for the ten GETs, and this ECHO (answered by the plugin, never repeated).
+    assert_eq!(echo_int(&mut c, "probe:r:calls"), 2);
+    // A refusal is repeated too: KEYS is `dangerous`.
+    for _ in 0..3 {
+        assert_eq!(String::from_utf8_lossy(&c.roundtrip(&resp(&[b"KEYS", b"*"]), 1)), "-NOPERM 'keys' is dangerous\r\n");
+    }
+    assert_eq!(echo_int(&mut c, "probe:r:calls"), 4);
+    // New client details (a name) are a new generation: the plugin decides again.
+    assert_eq!(c.roundtrip(&resp(&[b"CLIENT", b"SETNAME", b"renamed"]), 1), b"+OK\r\n");
+    assert!(refused(&c.roundtrip(&resp(&[b"GET", b"x"]), 1)));
+    assert_eq!(echo_int(&mut c, "probe:r:calls"), 6);
+    // So does another connection (another client); its tokens come from the same bucket.
+    let mut other = Raw::connect(proxy.port);
+    assert!(refused(&other.roundtrip(&resp(&[b"GET", b"x"]), 1)));
+    assert!(refused(&other.roundtrip(&resp(&[b"GET", b"x"]), 1)));
+    assert_eq!(echo_int(&mut other, "probe:r:calls"), 8);
+    let (_, body) = respire_tests::http_get(port, "/metrics");
+    let v = |s: &str| respire_tests::metric_value(&body, s);
+    // Repeated: 9 + 2 KEYS + 1 GET on the other connection; called for 1 + 1 + 1 + 1 commands and 4 ECHOs.
+    assert_eq!(v("respire_plugin_calls_total{hook=\"request\",plugin=\"r\",result=\"repeated\"}"), Some(12.0), "{body}");
+    assert_eq!(v("respire_plugin_calls_total{hook=\"request\",plugin=\"r\",result=\"ok\"}"), Some(8.0), "{body}");
+    // A reload forgets every remembered decision: with neither refusal nor limit in the new
+    // settings, KEYS passes on this same connection.
+    std::fs::write(dir.path().join("r.toml"), "[config]\ntag = \"r\"\ncommands = \"get keys\"\nrepeat = true\n").unwrap();
+    let start = std::time::Instant::now();
+    while c.roundtrip(&resp(&[b"KEYS", b"nomatch*"]), 1) != b"*0\r\n" {
+        assert!(start.elapsed() < std::time::Duration::from_secs(10), "the reload did not take effect\n{}", proxy.log());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
 fn plugin_and_respire_metrics_are_served() {
     let redis = RedisServer::start();
     let dir = probe_dir(&[("probe", "[config]\ntag = \"p\"\ncommands = \"get\"\nresponses = true\n")]);

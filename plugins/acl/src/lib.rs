@@ -135,8 +135,10 @@ impl Acl {
         }
     }
 
-    /// Checks a command, remembering the last client's rules.
-    pub fn check_cached(&mut self, client: &Client, cmd: &Command) -> Option<String> {
+    /// Checks a command, remembering the last client's rules: the denial, if any, and whether
+    /// the verdict holds for every command of this client with this name and these categories
+    /// (it did not depend on the arguments: a subcommand, keys or channels).
+    pub fn check_cached(&mut self, client: &Client, cmd: &Command) -> (Option<String>, bool) {
         let fresh = self.last.as_ref().is_some_and(|(id, user, _)| *id == client.id && *user == client.user);
         if !fresh {
             let which = self.which(client);
@@ -144,7 +146,7 @@ impl Acl {
         }
         let rules = match self.last.as_ref().map(|(_, _, w)| self.rules_of(w)) {
             Some(Ok(r)) => r,
-            Some(Err(e)) => return Some(e),
+            Some(Err(e)) => return (Some(e), true),
             None => &self.default,
         };
         Self::check_rules(rules, client, cmd)
@@ -155,23 +157,32 @@ impl Acl {
         self.rules_of(&self.which(client))
     }
 
-    pub fn check(&self, client: &Client, cmd: &Command) -> Option<String> {
+    /// Checks a command (see [`Acl::check_cached`]).
+    pub fn check(&self, client: &Client, cmd: &Command) -> (Option<String>, bool) {
         let rules = match self.rules_for(client) {
             Ok(r) => r,
-            Err(e) => return Some(e),
+            Err(e) => return (Some(e), true),
         };
         Self::check_rules(rules, client, cmd)
     }
 
-    fn check_rules(rules: &Rules, client: &Client, cmd: &Command) -> Option<String> {
+    fn check_rules(rules: &Rules, client: &Client, cmd: &Command) -> (Option<String>, bool) {
         let sub = rules::container(cmd.name).then(|| cmd.arg(0).map(|a| String::from_utf8_lossy(a).to_ascii_lowercase())).flatten();
+        // The subcommand is an argument: a verdict that looked at it is not repeatable.
+        let by_name = sub.is_none();
         if !rules.allows_command(cmd.name, sub.as_deref(), cmd.categories) {
             let shown = match &sub {
                 Some(s) => format!("{}|{}", cmd.name, s),
                 None => cmd.name.to_string(),
             };
-            return Some(format!("NOPERM User {} has no permissions to run the '{shown}' command", client.user));
+            return (Some(format!("NOPERM User {} has no permissions to run the '{shown}' command", client.user)), by_name);
         }
+        let by_name = by_name && rules.allows_all_keys() && (rules.allows_all_channels() || !cmd.is(Category::PUBSUB));
+        (Self::check_args(rules, cmd), by_name)
+    }
+
+    /// Checks a permitted command's keys and channels.
+    fn check_args(rules: &Rules, cmd: &Command) -> Option<String> {
         for (key, access) in cmd.keys() {
             if !rules.allows_key(key, access) {
                 return Some("NOPERM No permissions to access a key".into());
@@ -198,8 +209,12 @@ impl Plugin for Acl {
         Ok((acl, Manifest::new("acl", env!("CARGO_PKG_VERSION")).categories(&["all"])))
     }
 
-    fn on_request(&mut self, client: &Client, cmd: &Command, _fx: &mut Effects) -> RequestAction {
-        match self.check_cached(client, cmd) {
+    fn on_request(&mut self, client: &Client, cmd: &Command, fx: &mut Effects) -> RequestAction {
+        let (denied, repeatable) = self.check_cached(client, cmd);
+        if repeatable {
+            fx.repeatable();
+        }
+        match denied {
             Some(e) => RequestAction::Deny(e),
             None => RequestAction::Continue,
         }

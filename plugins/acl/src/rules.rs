@@ -123,6 +123,18 @@ impl Rules {
         (!read || granted(true)) && (!write || granted(false))
     }
 
+    /// Whether the rules allow every key, for reading and for writing: then what they allow
+    /// depends on the command alone.
+    pub fn allows_all_keys(&self) -> bool {
+        let all = |read: bool| self.keys.iter().any(|(p, r, w)| (if read { *r } else { *w }) && p.matches_all());
+        all(true) && all(false)
+    }
+
+    /// Whether the rules allow every channel (`&*` or `allchannels`).
+    pub fn allows_all_channels(&self) -> bool {
+        self.channels.iter().any(|p| p == b"*")
+    }
+
     /// Whether the rules allow this channel (`literal`: a `PSUBSCRIBE` pattern, which must
     /// be one of the allowed patterns exactly, as in Redis).
     pub fn allows_channel(&self, channel: &[u8], literal: bool) -> bool {
@@ -200,6 +212,23 @@ mod tests {
         assert!(!r.allows_key(b"other", KeyAccess::READ));
         let reset = Rules::parse("allkeys resetkeys ~a").unwrap_or_default();
         assert!(reset.allows_key(b"a", KeyAccess::READ) && !reset.allows_key(b"b", KeyAccess::READ));
+    }
+
+    #[test]
+    fn all_keys_means_every_key_for_reading_and_writing() {
+        for (rules, all_keys, all_channels) in [
+            ("+@all ~* &*", true, true),
+            ("allkeys allchannels", true, true),
+            ("%R~* %W~*", true, false),
+            ("%R~* %W~app:*", false, false),
+            ("~cache:* &news:*", false, false),
+            ("~** &*", true, true),
+            ("allkeys resetkeys", false, false),
+            ("", false, false),
+        ] {
+            let r = Rules::parse(rules).unwrap_or_default();
+            assert_eq!((r.allows_all_keys(), r.allows_all_channels()), (all_keys, all_channels), "{rules}");
+        }
     }
 
     #[test]

@@ -104,8 +104,9 @@ fn ip(addr: &str) -> &str {
 }
 
 impl Rule {
-    /// The bucket this command takes from, or `None` when the rule does not apply to it.
-    pub fn bucket(&self, client: &Client, cmd: &Command) -> Option<String> {
+    /// Whether the rule applies to this command (by its name and categories), with the first
+    /// of the rule's categories it is in (`None` inside when the rule names none).
+    fn applies(&self, cmd: &Command) -> Option<Option<&str>> {
         if !self.commands.is_empty() && !self.commands.iter().any(|c| c == cmd.name) {
             return None;
         }
@@ -113,6 +114,16 @@ impl Rule {
         if !self.categories.is_empty() && matched.is_none() {
             return None;
         }
+        Some(matched)
+    }
+
+    /// The bucket this command takes from, or `None` when the rule does not apply to it.
+    pub fn bucket(&self, client: &Client, cmd: &Command) -> Option<String> {
+        self.key(client, cmd, self.applies(cmd)?)
+    }
+
+    /// The bucket of a command the rule applies to (`matched`: its category, see `applies`).
+    fn key(&self, client: &Client, cmd: &Command, matched: Option<&str>) -> Option<String> {
         // Sized once: most keys are an address, a user or a prefix (growing costs a reallocation).
         let mut key = String::with_capacity(48);
         for (i, by) in self.by.iter().enumerate() {
@@ -183,10 +194,20 @@ impl Plugin for RateLimit {
     }
 
     fn on_request(&mut self, client: &Client, cmd: &Command, fx: &mut Effects) -> RequestAction {
+        // Buckets by client, user, command or category are the same for every command of this
+        // client with this name: respire may take them again without asking. A prefix is a key's.
+        let mut repeatable = true;
         for (i, rule) in self.rules.iter().enumerate() {
-            if let Some(bucket) = rule.bucket(client, cmd) {
+            let Some(matched) = rule.applies(cmd) else { continue };
+            if rule.by.contains(&By::Prefix) {
+                repeatable = false;
+            }
+            if let Some(bucket) = rule.key(client, cmd, matched) {
                 fx.take(LimiterId(i as u32), bucket, rule.cost);
             }
+        }
+        if repeatable {
+            fx.repeatable();
         }
         RequestAction::Continue
     }

@@ -8,7 +8,10 @@
 //!
 //! - `count = false`: a pure pass-through (no counting at all), for benchmarks;
 //! - `protect = "secret:"`: refuses commands that write a key with this prefix;
-//! - `refuse_dangerous = true`: refuses commands in the `dangerous` category.
+//! - `refuse_dangerous = true`: refuses commands in the `dangerous` category;
+//! - `repeat = true`: marks its decisions repeatable where they depend on the client and the
+//!   command alone (its continues, rate-limit takes and `dangerous` refusals), and records no
+//!   `calls_total` metric (a request with metric changes is not repeated).
 //!
 //! Every request-hook call adds 1 to the shared counter `calls` (a host call) and to the
 //! metric `calls_total{command}` (an effect). `ECHO probe:<tag>:calls` answers the counter.
@@ -28,6 +31,7 @@ struct Probe {
     count: bool,
     protect: Option<Vec<u8>>,
     refuse_dangerous: bool,
+    repeat: bool,
 }
 
 fn setting<'a>(config: &'a str, key: &str) -> Option<&'a str> {
@@ -61,7 +65,8 @@ impl Plugin for Probe {
         let count = setting(config, "count") != Some("false");
         let protect = setting(config, "protect").map(|p| p.as_bytes().to_vec());
         let refuse_dangerous = setting(config, "refuse_dangerous") == Some("true");
-        let probe = Probe { tag, prefix, limit: rate.is_some(), limit_all, responses, count, protect, refuse_dangerous };
+        let repeat = setting(config, "repeat") == Some("true");
+        let probe = Probe { tag, prefix, limit: rate.is_some(), limit_all, responses, count, protect, refuse_dangerous, repeat };
         Ok((probe, manifest))
     }
 
@@ -70,11 +75,16 @@ impl Plugin for Probe {
             return RequestAction::Continue;
         }
         host::counter_add("calls", 1, 0);
-        fx.inc(CALLS, &[cmd.name]);
+        if !self.repeat {
+            fx.inc(CALLS, &[cmd.name]);
+        }
         if cmd.name == "echo" && cmd.arg(0) == Some(format!("probe:{}:calls", self.tag).as_bytes()) {
             return RequestAction::Respond(reply::int(host::counter_get("calls")));
         }
         if self.refuse_dangerous && cmd.is(Category::DANGEROUS) {
+            if self.repeat {
+                fx.repeatable();
+            }
             return RequestAction::Deny(format!("NOPERM '{}' is dangerous", cmd.name));
         }
         if let Some(p) = &self.protect
@@ -94,6 +104,9 @@ impl Plugin for Probe {
                 args.push(if i == 0 { [prefix.as_slice(), a].concat() } else { a.to_vec() });
             }
             return RequestAction::Rewrite(args);
+        }
+        if self.repeat && self.protect.is_none() {
+            fx.repeatable();
         }
         RequestAction::Continue
     }
