@@ -72,7 +72,9 @@ pub struct Shared {
     /// Where keys live.
     pub topology: TopologyState,
     /// What respire knows about every command (built in, merged with the backend's `COMMAND`).
-    pub commands: CommandTable,
+    /// Built once when the server starts and never freed, so that a command resolved when it
+    /// is read keeps its entry (`Resolved<'static>`) on its way through the plugin stage.
+    pub commands: &'static CommandTable,
     /// How to connect to backend nodes (the address is filled in per node).
     pub node_settings: NodeSettings,
     /// The node id respire reports in `CLUSTER` replies.
@@ -206,7 +208,7 @@ impl Server {
             clients: Clients::default(),
             shutdown: shutdown_rx,
             topology,
-            commands,
+            commands: Box::leak(Box::new(commands)),
             node_settings,
             node_id,
             plugins: arc_swap::ArcSwap::from_pointee(plugins),

@@ -300,7 +300,7 @@ pub struct Session {
     /// Response hooks owed for the stalled command.
     stalled_hook: Option<Box<ResponseChain>>,
     /// Commands whose request hooks ran with their batch, waiting behind a stalled or gated one.
-    deferred: VecDeque<(Command, Option<PreDecision>)>,
+    deferred: VecDeque<(crate::stage::ResolvedCommand, Option<PreDecision>)>,
     /// Replies waiting for their response hooks (with the replies after them, in order).
     staged: Vec<(Vec<u8>, Option<Box<ResponseChain>>)>,
     /// Commands with the worker's plugin stage, waiting for the request hooks' decisions.
@@ -748,8 +748,8 @@ impl Session {
         self.refresh_topology();
         self.has_plugins = self.worker.shared.config.plugins.is_some() && !self.worker.shared.plugins.load().plugins.is_empty();
         while self.can_take() {
-            if let Some((cmd, pre)) = self.deferred.pop_front() {
-                self.handle(cmd, pre);
+            if let Some(((cmd, res), pre)) = self.deferred.pop_front() {
+                self.handle_with(cmd, res, pre);
                 continue;
             }
             if !self.has_plugins {
@@ -763,18 +763,20 @@ impl Session {
             // With plugins, a pipelined batch goes through the chain together: one call per
             // plugin for all of it. A command that changes what plugins see of the client
             // (AUTH, SELECT, CLIENT SETNAME …) ends the batch.
-            let mut batch: Vec<Command> = Vec::new();
-            // Whether the plugins see each command, found with its kind in the same lookup.
+            let mut batch: Vec<crate::stage::ResolvedCommand> = Vec::new();
+            // Whether the plugins see each command, found with its kind in the same lookup
+            // (which then goes with the command to the stage and to `handle_with`).
             let mut seen: Vec<bool> = Vec::new();
             let mut bytes = 0;
+            let table = self.worker.shared.commands;
             loop {
                 match self.parser.parse(&mut self.inbuf, &self.worker.shared.limits, self.authenticated) {
                     Ok(Some(cmd)) => {
-                        let spec = self.worker.shared.commands.resolve(&cmd).spec;
-                        let kind = spec.kind;
-                        seen.push(self.plugins_see(spec));
+                        let res = table.resolve(&cmd);
+                        let kind = res.spec.kind;
+                        seen.push(self.plugins_see(res.spec));
                         bytes += cmd.raw().len();
-                        batch.push(cmd);
+                        batch.push((cmd, res));
                         let ends = matches!(
                             kind,
                             Kind::Local(Local::Auth | Local::Hello | Local::Select | Local::Reset | Local::Client | Local::Quit) | Kind::Stream
@@ -814,7 +816,7 @@ impl Session {
     /// of this turn of the event loop: the session waits for the decisions (reading nothing
     /// meanwhile), then handles the commands in order.
     /// `seen`: whether the plugins see each command (see `plugins_see`).
-    fn run_batch(&mut self, batch: Vec<Command>, seen: Vec<bool>) {
+    fn run_batch(&mut self, batch: Vec<crate::stage::ResolvedCommand>, seen: Vec<bool>) {
         let worker = self.worker.clone();
         if !seen.iter().any(|s| *s) {
             for cmd in batch {
@@ -835,11 +837,11 @@ impl Session {
     }
 
     /// Handles a command whose request hooks ran, or keeps it for later behind a stalled one.
-    fn take_decided(&mut self, cmd: Command, pre: Option<PreDecision>) {
+    fn take_decided(&mut self, (cmd, res): crate::stage::ResolvedCommand, pre: Option<PreDecision>) {
         if self.can_take() {
-            self.handle(cmd, pre);
+            self.handle_with(cmd, res, pre);
         } else if !self.closing {
-            self.deferred.push_back((cmd, pre));
+            self.deferred.push_back(((cmd, res), pre));
         }
     }
 
@@ -1058,8 +1060,12 @@ impl Session {
 
     /// Handles a command; `pre` carries the request chain's decision when it already ran.
     fn handle(&mut self, cmd: Command, pre: Option<PreDecision>) {
-        let worker = self.worker.clone();
-        let res = worker.shared.commands.resolve(&cmd);
+        let res = self.worker.shared.commands.resolve(&cmd);
+        self.handle_with(cmd, res, pre);
+    }
+
+    /// Handles a command already looked up in the command table.
+    fn handle_with(&mut self, cmd: Command, res: Resolved<'static>, pre: Option<PreDecision>) {
         let size = cmd.raw().len();
         if size < BIG_REQUEST {
             return self.handle_resolved(cmd, res, pre);
@@ -1543,7 +1549,7 @@ impl Session {
         let set = worker.shared.plugins.load();
         let client = self.plugin_client().clone();
         let one = [ChainRequest { client: &client, cmd, info: res.info }];
-        let mut out = worker.plugins.borrow_mut().on_requests(&set, &worker.shared.commands, &one);
+        let mut out = worker.plugins.borrow_mut().on_requests(&set, worker.shared.commands, &one);
         out.pop().unwrap_or((Decision::Continue { rewritten: None, cache: None, gate: None }, None))
     }
 

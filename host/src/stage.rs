@@ -18,20 +18,24 @@ use std::task::{Poll, Waker};
 
 use crate::channel::{self, Receiver, Sender};
 use crate::plugin::{ChainRequest, ChainResponse, ClientHandle, Decision, ResponseChain};
+use crate::commands::Resolved;
 use crate::protocol::Command;
 use crate::server::Worker;
 
 /// The request chain's decision for a command, with the response hooks owed for its reply.
 pub type PreDecision = (Decision, Option<Box<ResponseChain>>);
 
+/// A command read from a client with its entry in the command table, looked up once.
+pub type ResolvedCommand = (Command, Resolved<'static>);
+
 /// Commands back from the stage, each with the chain's decision when plugins saw it.
-pub type Decided = Vec<(Command, Option<PreDecision>)>;
+pub type Decided = Vec<(ResolvedCommand, Option<PreDecision>)>;
 
 /// A session's commands for the request hooks, in order; `seen[i]`: whether plugins see
 /// command i (the others come back undecided).
 struct Requests {
     client: ClientHandle,
-    cmds: Vec<Command>,
+    cmds: Vec<ResolvedCommand>,
     seen: Vec<bool>,
     done: Sender<Decided>,
 }
@@ -53,7 +57,7 @@ pub struct Stage {
 
 impl Stage {
     /// Hands commands over; their decisions (with the commands) arrive on the receiver.
-    pub fn submit_requests(&self, client: ClientHandle, cmds: Vec<Command>, seen: Vec<bool>) -> Receiver<Decided> {
+    pub fn submit_requests(&self, client: ClientHandle, cmds: Vec<ResolvedCommand>, seen: Vec<bool>) -> Receiver<Decided> {
         let (done, rx) = channel::oneshot();
         self.requests.borrow_mut().push(Requests { client, cmds, seen, done });
         self.wake();
@@ -99,12 +103,14 @@ pub async fn run(worker: Rc<Worker>) {
 }
 
 fn run_requests(worker: &Rc<Worker>, subs: Vec<Requests>) {
-    let table = &worker.shared.commands;
+    let table = worker.shared.commands;
     let set = worker.shared.plugins.load();
     let mut decisions = {
         let batch: Vec<ChainRequest<'_>> = subs
             .iter()
-            .flat_map(|s| s.cmds.iter().zip(&s.seen).filter(|(_, seen)| **seen).map(|(cmd, _)| ChainRequest { client: &s.client, cmd, info: table.get(cmd) }))
+            .flat_map(|s| {
+                s.cmds.iter().zip(&s.seen).filter(|(_, seen)| **seen).map(|((cmd, res), _)| ChainRequest { client: &s.client, cmd, info: res.info })
+            })
             .collect();
         worker.plugins.borrow_mut().on_requests(&set, table, &batch).into_iter()
     };
