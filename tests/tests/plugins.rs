@@ -576,12 +576,16 @@ fn abusive_plugins_lose_no_acknowledged_write() {
             let mut huge = format!("${}\r\n", 8 << 20).into_bytes();
             huge.resize(huge.len() + (8 << 20), b'h');
             huge.extend_from_slice(b"\r\n");
-            let mut rounds = 0;
+            let (mut rounds, mut whole) = (0, 0);
             while !stop.load(Ordering::Relaxed) && rounds < 10_000 {
                 // While the deny-all plugin is loaded (it runs first), it refuses everything.
                 let denied = |got: &[u8]| got == b"-NOPERM misbehave refuses 'get'\r\n";
                 let got = p.roundtrip(&resp(&[b"GET", b"plugin:huge"]), 1);
-                if got != huge && !denied(&got) {
+                // Whole, or not at all: on a busy machine the call may overrun its budget (or
+                // fall in a back-off), and on_error = "open" then lets the GET go to Redis.
+                if got == huge {
+                    whole += 1;
+                } else if got != b"$-1\r\n" && !denied(&got) {
                     return Err(format!("an 8 MiB answer from a plugin arrives whole: {} bytes, {:?}", got.len(), String::from_utf8_lossy(&got[..got.len().min(60)])));
                 }
                 let got = p.roundtrip(&resp(&[b"GET", b"plugin:garbage"]), 1);
@@ -600,7 +604,7 @@ fn abusive_plugins_lose_no_acknowledged_write() {
                 std::thread::sleep(Duration::from_millis(50));
                 rounds += 1;
             }
-            Ok(rounds)
+            Ok((rounds, whole))
         })
     };
     let count = |m: &Arc<Mutex<HashMap<String, i64>>>| m.lock().unwrap().len();
@@ -628,8 +632,9 @@ fn abusive_plugins_lose_no_acknowledged_write() {
     for w in writers {
         w.join().unwrap();
     }
-    let rounds = abuser.join().unwrap().unwrap_or_else(|e| panic!("{e}\n{}", proxy.log()));
+    let (rounds, whole) = abuser.join().unwrap().unwrap_or_else(|e| panic!("{e}\n{}", proxy.log()));
     assert!(rounds > 0, "the abusive client was served throughout");
+    assert!(whole > 0, "no 8 MiB answer in {rounds} rounds\n{}", proxy.log());
 
     // Every acknowledged write is in Redis; every refused one is not (it never left respire).
     let acked = acked.lock().unwrap();

@@ -464,7 +464,7 @@ impl Session {
             }
             b"info" if argc == 2 => {
                 self.note_activity();
-                let line = format!("{}\n", self.info.line(&self.worker.shared.commands));
+                let line = format!("{}\n", self.info.line(self.worker.shared.commands));
                 self.reply_with(|o, p| resp::verbatim(o, line.as_bytes(), p));
             }
             b"list" => {
@@ -575,7 +575,7 @@ impl Session {
                     continue;
                 }
             }
-            text.push_str(&c.line(&self.worker.shared.commands));
+            text.push_str(&c.line(self.worker.shared.commands));
             text.push('\n');
         }
         self.reply_with(|o, p| resp::verbatim(o, text.as_bytes(), p));
