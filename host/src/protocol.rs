@@ -526,8 +526,10 @@ enum Line {
 /// Reads the number of a header line starting at `buf[from]` in one pass (the common case:
 /// plain digits then `\r\n`), falling back to [`find_crlf`] and [`parse_i64`] for anything
 /// else, so the result is exactly theirs.
-#[inline]
+#[inline(always)]
 fn int_line(buf: &[u8], from: usize) -> Line {
+    // Inlined into each parser (the call itself cost as much as reading a short number);
+    // anything but plain digits and `\r\n` goes to the out-of-line checked path.
     let mut i = from;
     let neg = buf.get(i) == Some(&b'-');
     if neg {
@@ -548,6 +550,13 @@ fn int_line(buf: &[u8], from: usize) -> Line {
     if canonical && buf.get(i) == Some(&b'\r') && buf.get(i + 1) == Some(&b'\n') {
         return Line::Int(if neg { -v } else { v }, i);
     }
+    int_line_checked(buf, from)
+}
+
+/// [`int_line`] for lines that are not plain digits (or have not fully arrived).
+#[cold]
+#[inline(never)]
+fn int_line_checked(buf: &[u8], from: usize) -> Line {
     match find_crlf(buf, from) {
         None => Line::Incomplete,
         Some(eol) => match parse_i64(&buf[from..eol]) {
