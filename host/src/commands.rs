@@ -287,6 +287,8 @@ pub fn category_bit(name: &str) -> u32 {
 pub struct CommandInfo {
     /// Lower-case name (`get`, `client|list`).
     pub name: String,
+    /// How much of `name` is the command's own name (`client` of `client|list`).
+    command_len: usize,
     /// Redis arity: N exactly, or -N for at least N arguments (name included).
     pub arity: i64,
     /// See [`flags`].
@@ -317,6 +319,12 @@ impl CommandInfo {
     /// [`CommandTable::display_name`]): cheap to store per command.
     pub fn display_id(&self) -> u32 {
         (u32::from(self.id) << 16) | u32::from(self.sub)
+    }
+
+    /// The command's name: its own for a command, its container's for a subcommand (`client`
+    /// of `client|list`).
+    pub fn command_name(&self) -> &str {
+        self.name.get(..self.command_len).unwrap_or(&self.name)
     }
 
     /// Whether a flag bit is set.
@@ -577,7 +585,8 @@ fn parse_info(v: &Value, parent: Option<&'static Spec>) -> Option<CommandInfo> {
         }
     }
     let category_bits = categories.iter().fold(0, |b, c| b | category_bit(c));
-    Some(CommandInfo { name, arity, flags: fl, categories, category_bits, key_specs, legacy, subcommands, spec, sub: 0, id: crate::stats::OTHER })
+    let command_len = name.find('|').unwrap_or(name.len());
+    Some(CommandInfo { name, command_len, arity, flags: fl, categories, category_bits, key_specs, legacy, subcommands, spec, sub: 0, id: crate::stats::OTHER })
 }
 
 fn parse_key_spec(spec: &Value) -> KeySpec {

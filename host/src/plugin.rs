@@ -797,6 +797,11 @@ impl Runtime {
         });
         Ok(LoadedPlugin {
             commands: manifest.commands.iter().map(|c| c.to_ascii_lowercase()).collect(),
+            key_prefixes: if manifest.key_prefixes.is_empty() || manifest.key_prefixes.iter().any(String::is_empty) {
+                None
+            } else {
+                Some(manifest.key_prefixes.iter().map(|p| p.as_bytes().to_vec()).collect())
+            },
             all: manifest.categories.iter().any(|c| c == "all"),
             category_bits: manifest.categories.iter().fold(0, |b, c| b | crate::commands::category_bit(c)),
             file_name,
@@ -852,7 +857,9 @@ pub struct LoadedPlugin {
     pub settings: PluginSettings,
     /// What it asked for.
     pub manifest: Manifest,
-    commands: HashSet<String>,
+    commands: rustc_hash::FxHashSet<String>,
+    /// Only commands with a key under one of these (none: no filter).
+    key_prefixes: Option<Vec<Vec<u8>>>,
     all: bool,
     /// The categories it asked for, as bits.
     category_bits: u32,
@@ -1394,18 +1401,65 @@ struct InChain<'a> {
     cache: Option<crate::cache::CacheFor>,
     gate: Option<Box<Gate>>,
     responses: SmallVec<[u16; 4]>,
+    /// Its keys as the contract numbers them, found when first needed.
+    keys: Option<SmallVec<[(u32, u8); 2]>>,
 }
 
 impl InChain<'_> {
     fn cmd(&self) -> &crate::protocol::Command {
         self.rewritten.as_ref().unwrap_or(self.original)
     }
+
+    fn keys(&mut self) -> &[(u32, u8)] {
+        if self.keys.is_none() {
+            self.keys = Some(key_list(self.cmd(), self.info));
+        }
+        self.keys.as_deref().unwrap_or_default()
+    }
+
+    /// Whether the plugin is to see it for its keys: it has one under the plugin's prefixes,
+    /// or the plugin has none.
+    fn in_scope(&mut self, plugin: &LoadedPlugin) -> bool {
+        let Some(prefixes) = &plugin.key_prefixes else { return true };
+        self.keys();
+        let cmd = self.rewritten.as_ref().unwrap_or(self.original);
+        keys_under(prefixes, cmd, self.keys.as_deref().unwrap_or_default())
+    }
+}
+
+/// Whether one of a command's keys (as [`key_list`] numbers them) starts with one of `prefixes`.
+fn keys_under(prefixes: &[Vec<u8>], cmd: &crate::protocol::Command, keys: &[(u32, u8)]) -> bool {
+    keys.iter().any(|&(i, _)| cmd.arg(i as usize + 1).is_some_and(|k| prefixes.iter().any(|p| k.starts_with(p))))
+}
+
+impl PluginSet {
+    /// Whether some plugin of the set would run a hook for this command as the client sent
+    /// it: the request chain's own test, made before handing the command to the plugin stage
+    /// so that commands no plugin asked for (or outside every plugin's key prefixes) skip it.
+    /// Commands the table does not know are always handed over.
+    pub fn any_sees(&self, cmd: &crate::protocol::Command, info: Option<&crate::commands::CommandInfo>) -> bool {
+        let Some(info) = info else { return !self.plugins.is_empty() };
+        let name = lower_name(cmd, Some(info));
+        let mut keys: Option<SmallVec<[(u32, u8); 2]>> = None;
+        self.plugins.iter().any(|p| {
+            if !p.manifest.serves.is_empty() && p.manifest.serves.iter().any(|v| *v == *name) {
+                return true;
+            }
+            if !(p.manifest.on_request || p.manifest.on_response) || !p.wants(&name, info.category_bits) {
+                return false;
+            }
+            match &p.key_prefixes {
+                None => true,
+                Some(prefixes) => keys_under(prefixes, cmd, keys.get_or_insert_with(|| key_list(cmd, Some(info)))),
+            }
+        })
+    }
 }
 
 /// A command's name in lower case: the table's (no allocation) when it knows the command.
 fn lower_name<'a>(cmd: &crate::protocol::Command, info: Option<&'a crate::commands::CommandInfo>) -> std::borrow::Cow<'a, str> {
     match info {
-        Some(i) => std::borrow::Cow::Borrowed(i.name.split('|').next().unwrap_or(&i.name)),
+        Some(i) => std::borrow::Cow::Borrowed(i.command_name()),
         None => std::borrow::Cow::Owned(String::from_utf8_lossy(cmd.name()).to_ascii_lowercase()),
     }
 }
@@ -1451,6 +1505,7 @@ fn apply_action<'a, B>(it: &mut InChain<'a>, action: RequestAction, table: &'a C
                 it.info = table.get(&new);
                 it.name = std::borrow::Cow::Owned(String::from_utf8_lossy(n).to_ascii_lowercase());
                 it.rewritten = Some(new);
+                it.keys = None;
             }
         }
     }
@@ -1496,6 +1551,7 @@ impl WorkerPlugins {
                 cache: None,
                 gate: None,
                 responses: SmallVec::new(),
+                keys: None,
             })
             .collect();
         let mut members: Vec<usize> = Vec::with_capacity(items.len());
@@ -1512,7 +1568,7 @@ impl WorkerPlugins {
                     continue;
                 }
                 let serves = !plugin.manifest.serves.is_empty() && plugin.manifest.serves.iter().any(|v| *v == *it.name);
-                let wants = plugin.wants(&it.name, it.info.map_or(0, |i| i.category_bits));
+                let wants = plugin.wants(&it.name, it.info.map_or(0, |i| i.category_bits)) && it.in_scope(plugin);
                 if plugin.manifest.on_response && wants {
                     it.responses.push(pi as u16);
                 }
@@ -1542,8 +1598,9 @@ impl WorkerPlugins {
                 if built.as_ref().is_none_or(|(m, _, _)| *m != members) {
                     let mut b = BatchBuilder::new(members.len(), REQUEST_WORDS);
                     for &i in &members {
-                        let it = &items[i];
-                        b.push(it.client, it.cmd(), it.info.map_or(0, |i| i.category_bits), &key_list(it.cmd(), it.info));
+                        let it = &mut items[i];
+                        it.keys();
+                        b.push(it.client, it.cmd(), it.info.map_or(0, |i| i.category_bits), it.keys.as_deref().unwrap_or_default());
                     }
                     let clients = clients_of(members.iter().map(|&i| items[i].client));
                     built = Some((members.clone(), RequestBatch { data: b.data, ends: b.ends, keys: b.keys, requests: b.words }, clients));
@@ -1668,12 +1725,13 @@ impl WorkerPlugins {
         let now = std::time::Instant::now();
         items
             .into_iter()
-            .map(|it| {
+            .map(|mut it| {
                 let chain = if it.responses.is_empty() {
                     None
                 } else {
+                    it.keys();
+                    let keys = it.keys.take().unwrap_or_default();
                     let cmd = it.cmd().clone();
-                    let keys = key_list(&cmd, it.info);
                     Some(Box::new(ResponseChain {
                         set: set.clone(),
                         plugins: it.responses,

@@ -769,12 +769,14 @@ impl Session {
             let mut seen: Vec<bool> = Vec::new();
             let mut bytes = 0;
             let table = self.worker.shared.commands;
+            let set = self.worker.shared.plugins.load();
             loop {
                 match self.parser.parse(&mut self.inbuf, &self.worker.shared.limits, self.authenticated) {
                     Ok(Some(cmd)) => {
                         let res = table.resolve(&cmd);
                         let kind = res.spec.kind;
-                        seen.push(self.plugins_see(res.spec));
+                        // A command no plugin asked for skips the stage (decided: continue).
+                        seen.push(self.plugins_see(res.spec) && set.any_sees(&cmd, res.info));
                         bytes += cmd.raw().len();
                         batch.push((cmd, res));
                         let ends = matches!(
@@ -820,7 +822,7 @@ impl Session {
         let worker = self.worker.clone();
         if !seen.iter().any(|s| *s) {
             for cmd in batch {
-                self.take_decided(cmd, None);
+                self.take_decided(cmd, Some(crate::stage::unseen()));
             }
             return;
         }

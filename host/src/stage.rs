@@ -25,6 +25,12 @@ use crate::server::Worker;
 /// The request chain's decision for a command, with the response hooks owed for its reply.
 pub type PreDecision = (Decision, Option<Box<ResponseChain>>);
 
+/// The decision for a command the plugins do not see (commands they are never shown, such
+/// as `AUTH`, and commands no plugin asked for): continue, no response hooks.
+pub fn unseen() -> PreDecision {
+    (Decision::Continue { rewritten: None, cache: None, gate: None }, None)
+}
+
 /// A command read from a client with its entry in the command table, looked up once.
 pub type ResolvedCommand = (Command, Resolved<'static>);
 
@@ -115,7 +121,7 @@ fn run_requests(worker: &Rc<Worker>, subs: Vec<Requests>) {
         worker.plugins.borrow_mut().on_requests(&set, table, &batch).into_iter()
     };
     for s in subs {
-        let out = s.cmds.into_iter().zip(s.seen).map(|(cmd, seen)| (cmd, if seen { decisions.next() } else { None })).collect();
+        let out = s.cmds.into_iter().zip(s.seen).map(|(cmd, seen)| (cmd, if seen { decisions.next() } else { Some(unseen()) })).collect();
         s.done.send(out);
     }
 }

@@ -257,7 +257,16 @@ impl Manifest {
             limiters: Vec::new(),
             cache: None,
             serves: Vec::new(),
+            key_prefixes: Vec::new(),
         }
+    }
+
+    /// Run the hooks only for commands (of those asked for) with a key under one of these
+    /// prefixes: respire checks the keys itself, so the plugin is not called for the others
+    /// (nor for keyless commands). An empty prefix stands for every command: no filter.
+    pub fn key_prefixes(mut self, prefixes: &[&str]) -> Manifest {
+        self.key_prefixes.extend(prefixes.iter().map(|p| p.to_string()));
+        self
     }
 
     /// Run the hooks for these commands (lower case).

@@ -372,6 +372,40 @@ fn repeatable_decisions_are_applied_again_without_a_call() {
 }
 
 #[test]
+fn a_plugin_scoped_to_key_prefixes_sees_only_commands_with_such_a_key() {
+    let redis = RedisServer::start();
+    let dir = probe_dir(&[("scoped", "[config]\ntag = \"s\"\ncommands = \"get mget\"\nkey_prefixes = \"a: b:\"\nresponses = true\n")]);
+    let port = respire_tests::free_port();
+    let proxy = Respire::start(
+        &redis.addr(),
+        &["--plugins", dir.path().to_str().unwrap(), "--metrics", &format!("127.0.0.1:{port}"), "--workers", "1"],
+    );
+    let mut c = Raw::connect(proxy.port);
+    for k in ["a:1", "b:1", "c:1", "c:2", "ab"] {
+        assert_eq!(c.roundtrip(&resp(&[b"SET", k.as_bytes(), b"v"]), 1), b"+OK\r\n");
+    }
+    // The response hook marks the replies it saw (`|s`): keys under a: and b: only.
+    let get = |c: &mut Raw, k: &str| String::from_utf8(c.roundtrip(&resp(&[b"GET", k.as_bytes()]), 1)).unwrap();
+    assert_eq!(get(&mut c, "a:1"), "$3\r\nv|s\r\n");
+    assert_eq!(get(&mut c, "b:1"), "$3\r\nv|s\r\n");
+    assert_eq!(get(&mut c, "c:1"), "$1\r\nv\r\n");
+    assert_eq!(get(&mut c, "ab"), "$1\r\nv\r\n", "a prefix is matched whole");
+    // A multi-key command is passed when any of its keys is in scope.
+    let mget = |c: &mut Raw, a: &str, b: &str| String::from_utf8(c.roundtrip(&resp(&[b"MGET", a.as_bytes(), b.as_bytes()]), 1)).unwrap();
+    assert_eq!(mget(&mut c, "c:1", "c:2"), "*2\r\n$1\r\nv\r\n$1\r\nv\r\n");
+    assert!(mget(&mut c, "c:1", "a:1").starts_with("*2\r\n"));
+    // Pipelined, in and out of scope alternately: each reply is its own command's.
+    let batch: Vec<u8> = (0..50).flat_map(|i| resp(&[b"GET", if i % 2 == 0 { b"a:1" } else { b"c:1" }])).collect();
+    let want: String = (0..50).map(|i| if i % 2 == 0 { "$3\r\nv|s\r\n" } else { "$1\r\nv\r\n" }).collect();
+    assert_eq!(String::from_utf8(c.roundtrip(&batch, 50)).unwrap(), want);
+    // The request hook ran for the same commands: 2 + 25 GETs and one MGET.
+    let (_, body) = respire_tests::http_get(port, "/metrics");
+    let v = |s: &str| respire_tests::metric_value(&body, s);
+    assert_eq!(v("respire_plugin_scoped_calls_total{command=\"get\"}"), Some(27.0), "{body}");
+    assert_eq!(v("respire_plugin_scoped_calls_total{command=\"mget\"}"), Some(1.0), "{body}");
+}
+
+#[test]
 fn plugin_and_respire_metrics_are_served() {
     let redis = RedisServer::start();
     let dir = probe_dir(&[("probe", "[config]\ntag = \"p\"\ncommands = \"get\"\nresponses = true\n")]);

@@ -124,6 +124,11 @@ impl CachePolicy {
         if !prefixes.is_empty() {
             manifest = manifest.cache(&prefix_refs, config.max_memory.as_u64());
         }
+        // A rule matches only commands whose every key matches its pattern, so only commands
+        // with a key under a caching rule's literal start can be cached: respire need not pass
+        // the others, and none at all without a caching rule. (A pattern that starts with a
+        // pattern character has an empty start, which passes everything.)
+        manifest = if prefixes.is_empty() { manifest.without_requests() } else { manifest.key_prefixes(&prefix_refs) };
         Ok((CachePolicy { rules, by_command }, manifest))
     }
 
@@ -170,9 +175,14 @@ empty_ttl = "1s"
         let (p, m) = CachePolicy::from_config(text).unwrap();
         let cache = m.cache.unwrap();
         assert_eq!(cache.prefixes, vec!["user:".to_string()], "a 0s rule caches nothing, so it needs no tracking");
+        assert_eq!(m.key_prefixes, vec!["user:".to_string()], "only commands with a key under a caching rule are passed");
         assert_eq!(cache.max_memory, 1 << 20);
         assert!(m.commands.contains(&"get".to_string()) && m.commands.contains(&"hgetall".to_string()));
         assert_eq!((p.rules[1].how.ttl_ms, p.rules[1].how.empty_ttl_ms), (30_000, 1000));
+        let (_, every) = CachePolicy::from_config("[[rules]]\nkeys = \"*:profile\"\nttl = \"1s\"\n").unwrap();
+        assert_eq!(every.key_prefixes, vec![String::new()], "a pattern with no literal start passes every command");
+        let (_, none) = CachePolicy::from_config("[[rules]]\nkeys = \"s:*\"\nttl = \"0s\"\n").unwrap();
+        assert!(!none.on_request, "without a caching rule there is nothing to decide");
         assert!(CachePolicy::from_config("[[rules]]\nkeys = \"x\"\n").is_err(), "ttl is required");
         assert!(CachePolicy::from_config("bogus = 1").is_err());
     }

@@ -9,6 +9,7 @@
 //! - `count = false`: a pure pass-through (no counting at all), for benchmarks;
 //! - `protect = "secret:"`: refuses commands that write a key with this prefix;
 //! - `refuse_dangerous = true`: refuses commands in the `dangerous` category;
+//! - `key_prefixes = "a: b:"`: asks to see only commands with a key under these;
 //! - `repeat = true`: marks its decisions repeatable where they depend on the client and the
 //!   command alone (its continues, rate-limit takes and `dangerous` refusals), and records no
 //!   `calls_total` metric (a request with metric changes is not repeated).
@@ -50,6 +51,8 @@ impl Plugin for Probe {
         let commands: Vec<&str> = setting(config, "commands").unwrap_or("").split_whitespace().collect();
         let categories: Vec<&str> = setting(config, "categories").unwrap_or("").split_whitespace().collect();
         manifest = manifest.commands(&commands).categories(&categories).commands(&["echo"]);
+        let key_prefixes: Vec<&str> = setting(config, "key_prefixes").unwrap_or("").split_whitespace().collect();
+        manifest = manifest.key_prefixes(&key_prefixes);
         let rate = match setting(config, "rate") {
             Some(r) => Some(r.parse::<f64>().map_err(|e| format!("rate: {e}"))?),
             None => None,
