@@ -128,6 +128,9 @@ fn plugin_check(file: &std::path::Path, settings: Option<&std::path::Path>, cach
             println!("plugin {} {}", m.name, m.version);
             println!("  commands:   {}", if m.commands.is_empty() { "-".into() } else { m.commands.join(" ") });
             println!("  categories: {}", if m.categories.is_empty() { "-".into() } else { m.categories.join(" ") });
+            if !m.key_prefixes.is_empty() {
+                println!("  keys under: {}", m.key_prefixes.join(" "));
+            }
             println!("  hooks:      {}{}", if m.on_request { "request " } else { "" }, if m.on_response { "response" } else { "" });
             ExitCode::SUCCESS
         }

@@ -401,6 +401,7 @@ fn plugins_json(shared: &crate::server::Shared) -> Vec<u8> {
                 "max_memory": p.settings.max_memory.as_u64(),
                 "commands": m.commands,
                 "categories": m.categories,
+                "key_prefixes": m.key_prefixes,
                 "on_request": m.on_request,
                 "on_response": m.on_response,
                 "serves": m.serves,
