@@ -222,7 +222,9 @@ enum LocalSeries {
 #[derive(Default)]
 struct LocalMetrics {
     series: Vec<Option<LocalSeries>>,
+    /// The series updated since the last flush, each once (`dirty` says which are listed).
     touched: Vec<u32>,
+    dirty: Vec<bool>,
 }
 
 /// respire's counters for one plugin, resolved once.
@@ -300,6 +302,7 @@ impl PluginCtx {
                     continue;
                 }
                 local.series.resize_with(i + 1, || None);
+                local.dirty.resize(i + 1, false);
             }
             if u.value.is_nan() {
                 // A gauge set to NaN: the series goes (and is made again if set later).
@@ -328,7 +331,14 @@ impl PluginCtx {
                     continue;
                 }
             }
-            local.touched.push(u.series);
+            // Listed once per flush however often it changed (a batch updates the same few
+            // series for most of its commands).
+            if let Some(d) = local.dirty.get_mut(i)
+                && !*d
+            {
+                *d = true;
+                local.touched.push(u.series);
+            }
         }
     }
 
@@ -395,6 +405,9 @@ impl LocalMetrics {
     /// Moves what this worker counted since the last flush into the shared series.
     fn flush(&mut self) {
         for id in self.touched.drain(..) {
+            if let Some(d) = self.dirty.get_mut(id as usize) {
+                *d = false;
+            }
             match self.series.get_mut(id as usize) {
                 Some(Some(LocalSeries::Counter(c))) => c.flush(),
                 Some(Some(LocalSeries::Histogram(h))) => h.flush(),

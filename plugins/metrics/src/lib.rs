@@ -95,6 +95,16 @@ pub struct Metrics {
     hot: KeyStats,
     /// Series by command name, then key prefix.
     series: FxHashMap<String, NameSeries>,
+    /// The last reply's command name and key prefix with their series: a batch is mostly runs
+    /// of one command on one prefix, found again without hashing either.
+    last: Option<Last>,
+}
+
+struct Last {
+    name: String,
+    prefix: Option<Vec<u8>>,
+    command: [Option<Series>; 3],
+    by_prefix: PrefixSeries,
 }
 
 /// Hot- and big-key tracking of one instance (the counts themselves are respire's, shared).
@@ -190,6 +200,7 @@ struct NameSeries {
 }
 
 /// The series of one command name and key prefix.
+#[derive(Clone, Copy)]
 struct PrefixSeries {
     ok: Option<Series>,
     error: Option<Series>,
@@ -211,14 +222,16 @@ fn known<'a>(all: &'a FxHashMap<String, NameSeries>, name: &str, prefix: Option<
     Some((ns, ps))
 }
 
-/// Records one reply's metrics on series found before.
-fn emit(fx: &mut Effects, ns: &NameSeries, ps: &PrefixSeries, error: bool, seconds: f64, request_bytes: usize, reply_bytes: usize) {
+/// Records one reply's metrics on series found before (`command`: the name's latency, request
+/// and reply size series).
+fn emit(fx: &mut Effects, command: [Option<Series>; 3], ps: &PrefixSeries, error: bool, seconds: f64, request_bytes: usize, reply_bytes: usize) {
+    let [latency, request_size, reply_size] = command;
     let updates = [
         (if error { ps.error } else { ps.ok }, 1.0),
         (ps.latency, seconds),
-        (ns.latency, seconds),
-        (ns.request_bytes, request_bytes as f64),
-        (ns.reply_bytes, reply_bytes as f64),
+        (latency, seconds),
+        (request_size, request_bytes as f64),
+        (reply_size, reply_bytes as f64),
     ];
     for (series, value) in updates {
         if let Some(s) = series {
@@ -345,7 +358,7 @@ impl Plugin for Metrics {
             published_hot: Vec::new(),
             published_big: Vec::new(),
         };
-        Ok((Metrics { prefix_segments: c.prefix_segments, max_prefixes: c.max_prefixes, prefixes: Default::default(), hot, series: FxHashMap::default() }, manifest))
+        Ok((Metrics { prefix_segments: c.prefix_segments, max_prefixes: c.max_prefixes, prefixes: Default::default(), hot, series: FxHashMap::default(), last: None }, manifest))
     }
 
     fn on_request(&mut self, _client: &Client, cmd: &Command, _fx: &mut Effects) -> RequestAction {
@@ -373,14 +386,31 @@ impl Plugin for Metrics {
             (0, _) | (_, None) => None,
             (n, Some((k, _))) => Some(prefix_of(k, n)),
         };
-        match known(&self.series, name, raw_prefix) {
-            Some((ns, ps)) => emit(fx, ns, ps, error, seconds, cmd.size(), reply.raw().len()),
-            None => {
-                self.learn(name, raw_prefix);
-                if let Some((ns, ps)) = known(&self.series, name, raw_prefix) {
-                    emit(fx, ns, ps, error, seconds, cmd.size(), reply.raw().len());
+        let found = match &self.last {
+            Some(l) if l.name == name && l.prefix.as_deref() == raw_prefix => Some((l.command, l.by_prefix)),
+            _ => {
+                if known(&self.series, name, raw_prefix).is_none() {
+                    self.learn(name, raw_prefix);
                 }
+                let found = known(&self.series, name, raw_prefix).map(|(ns, ps)| ([ns.latency, ns.request_bytes, ns.reply_bytes], *ps));
+                if let Some((command, by_prefix)) = found {
+                    let l = self.last.get_or_insert_with(|| Last { name: String::new(), prefix: None, command, by_prefix });
+                    l.name.clear();
+                    l.name.push_str(name);
+                    match (&mut l.prefix, raw_prefix) {
+                        (Some(p), Some(raw)) => {
+                            p.clear();
+                            p.extend_from_slice(raw);
+                        }
+                        (p, raw) => *p = raw.map(<[u8]>::to_vec),
+                    }
+                    (l.command, l.by_prefix) = (command, by_prefix);
+                }
+                found
             }
+        };
+        if let Some((command, by_prefix)) = found {
+            emit(fx, command, &by_prefix, error, seconds, cmd.size(), reply.raw().len());
         }
         if let Some(code) = &code {
             fx.inc(ERRORS, &[code]);
