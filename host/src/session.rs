@@ -216,7 +216,7 @@ enum Wake {
     /// The plugin stage decided about this session's commands.
     Verdicts(Option<crate::stage::Decided>),
     /// The plugin stage ran the response hooks of this session's replies.
-    Hooked(Option<Vec<Vec<u8>>>),
+    Hooked(Option<Vec<Bytes>>),
     /// The idle timer fired.
     Idle,
 }
@@ -302,11 +302,11 @@ pub struct Session {
     /// Commands whose request hooks ran with their batch, waiting behind a stalled or gated one.
     deferred: VecDeque<(crate::stage::ResolvedCommand, Option<PreDecision>)>,
     /// Replies waiting for their response hooks (with the replies after them, in order).
-    staged: Vec<(Vec<u8>, Option<Box<ResponseChain>>)>,
+    staged: Vec<(Bytes, Option<Box<ResponseChain>>)>,
     /// Commands with the worker's plugin stage, waiting for the request hooks' decisions.
     verdicts: Option<crate::channel::Receiver<crate::stage::Decided>>,
     /// Replies with the worker's plugin stage, waiting for their response hooks.
-    hooked: Option<crate::channel::Receiver<Vec<Vec<u8>>>>,
+    hooked: Option<crate::channel::Receiver<Vec<Bytes>>>,
     /// Cache work owed, by the sequence number of the slot whose reply triggers it.
     after: VecDeque<(u64, After)>,
     /// Writes in `after` not answered yet: reads bypass the cache meanwhile (a client must
@@ -910,12 +910,12 @@ impl Session {
     }
 
     /// Writes the reply of slot `seq`, after the response hooks owed for it.
-    fn emit(&mut self, seq: u64, bytes: &[u8]) {
+    fn emit(&mut self, seq: u64, bytes: Bytes) {
         if !self.after.is_empty() {
-            self.run_after(seq, Some(bytes));
+            self.run_after(seq, Some(&bytes));
         }
         if !self.stats.is_empty() {
-            self.finish_stats(seq, Some(bytes));
+            self.finish_stats(seq, Some(&bytes));
         }
         // Hooks of slots that had no reply to show (CLIENT REPLY OFF/SKIP) are dropped.
         while self.hooks.front().is_some_and(|(s, _)| *s < seq) {
@@ -924,19 +924,19 @@ impl Session {
         let chain = if self.hooks.front().is_some_and(|(s, _)| *s == seq) { self.hooks.pop_front().map(|(_, c)| c) } else { None };
         if chain.is_some() || !self.staged.is_empty() || self.hooked.is_some() {
             // Held until the replies ready now are all in, so the hooks run on them together.
-            self.staged.push((bytes.to_vec(), chain));
+            self.staged.push((bytes, chain));
             return;
         }
-        self.out.extend_from_slice(bytes);
+        self.out.extend_from_slice(&bytes);
     }
 
     fn emit_reply(&mut self, seq: u64, r: Reply) {
         match r {
-            Ok(frame) => self.emit(seq, &frame),
+            Ok(frame) => self.emit(seq, frame),
             Err(e) => {
                 let mut b = BytesMut::new();
                 resp::error(&mut b, &e.to_string());
-                self.emit(seq, &b);
+                self.emit(seq, b.freeze());
             }
         }
     }
@@ -974,7 +974,7 @@ impl Session {
                 Some(Slot::Ready(b)) => {
                     let b = b.clone();
                     let (seq, _) = self.pop_slot();
-                    self.emit(seq, &b);
+                    self.emit(seq, b);
                     continue;
                 }
                 Some(Slot::Waiting { rx, .. }) => match rx.try_recv() {
@@ -1036,7 +1036,7 @@ impl Session {
                             }
                         }
                         let merged = router::merge(&m.how, &replies, &m.layout);
-                        self.emit(seq, &merged);
+                        self.emit(seq, merged);
                     }
                 }
                 return;
@@ -1583,7 +1583,7 @@ impl Session {
     }
 
     /// The plugin stage ran the response hooks of the held replies: write them.
-    fn on_hooked(&mut self, replies: Vec<Vec<u8>>) {
+    fn on_hooked(&mut self, replies: Vec<Bytes>) {
         self.hooked = None;
         for r in replies {
             self.out.extend_from_slice(&r);

@@ -16,6 +16,8 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::task::{Poll, Waker};
 
+use bytes::Bytes;
+
 use crate::channel::{self, Receiver, Sender};
 use crate::plugin::{ChainRequest, ChainResponse, ClientHandle, Decision, ResponseChain};
 use crate::commands::Resolved;
@@ -49,8 +51,8 @@ struct Requests {
 /// A session's replies, in order, each with the response hooks it owes (if any).
 struct Responses {
     client: ClientHandle,
-    replies: Vec<(Vec<u8>, Option<Box<ResponseChain>>)>,
-    done: Sender<Vec<Vec<u8>>>,
+    replies: Vec<(Bytes, Option<Box<ResponseChain>>)>,
+    done: Sender<Vec<Bytes>>,
 }
 
 /// What sessions handed over since the stage last ran.
@@ -71,7 +73,7 @@ impl Stage {
     }
 
     /// Hands replies over; the replies to send (replaced or not) arrive on the receiver.
-    pub fn submit_responses(&self, client: ClientHandle, replies: Vec<(Vec<u8>, Option<Box<ResponseChain>>)>) -> Receiver<Vec<Vec<u8>>> {
+    pub fn submit_responses(&self, client: ClientHandle, replies: Vec<(Bytes, Option<Box<ResponseChain>>)>) -> Receiver<Vec<Bytes>> {
         let (done, rx) = channel::oneshot();
         self.responses.borrow_mut().push(Responses { client, replies, done });
         self.wake();
@@ -139,7 +141,7 @@ fn run_responses(worker: &Rc<Worker>, subs: Vec<Responses>) {
             .replies
             .into_iter()
             .map(|(reply, chain)| match chain.and_then(|_| replaced.next().flatten()) {
-                Some(r) => r,
+                Some(r) => Bytes::from(r),
                 None => reply,
             })
             .collect();
