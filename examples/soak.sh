@@ -106,8 +106,10 @@ cat "$chaos_log"
 echo "==> samples (seconds, RSS KiB, fds)"
 cat "$samples"
 # Flat: the maxima of the last third are at most the middle third's plus 20% (RSS) / 16 (fds).
+# Under 9 samples (90 s) the thirds are start-up and warm-up: no verdict on growth then.
 verdict=$(awk -F, 'NR > 1 { t[NR] = $1; r[NR] = $2; f[NR] = $3; n = NR }
   END {
+    if (n - 1 < 9) { printf "%d samples: too short to judge growth (run 90 s or more)\n", n - 1; exit }
     a = int(n / 3); b = int(2 * n / 3)
     for (i = a; i <= b; i++) { if (r[i] > mr) mr = r[i]; if (f[i] > mf) mf = f[i] }
     for (i = b + 1; i <= n; i++) { if (r[i] > lr) lr = r[i]; if (f[i] > lf) lf = f[i] }
