@@ -760,6 +760,14 @@ impl Runtime {
             PluginSettings::default()
         };
         let (component, compiled) = self.compile(path)?;
+        if let Some(theirs) = contract_of(&self.engine, &component).filter(|v| v != CONTRACT_VERSION) {
+            return Err(PluginError::Load {
+                path: path.into(),
+                message: format!(
+                    "built for the plugin contract respire:plugin@{theirs}; this respire loads respire:plugin@{CONTRACT_VERSION} plugins (rebuild it with this release's respire-sdk)"
+                ),
+            });
+        }
         let link = || -> wasmtime::Result<_> {
             let mut linker = Linker::new(&self.engine);
             Plugin::add_to_linker::<StoreData, wasmtime::component::HasSelf<StoreData>>(&mut linker, |d| d)?;
@@ -1340,6 +1348,17 @@ fn note_failure(plugin: &LoadedPlugin, hook: &str, kind: &str, error: &str) {
     }
 }
 
+/// The version of the plugin contract this respire implements (`package respire:plugin@…` in
+/// `wit/plugin.wit`).
+const CONTRACT_VERSION: &str = "0.3.0";
+
+/// The contract version a component was built for, from the `respire:plugin/…@version`
+/// interfaces it imports (none when it imports none of them).
+fn contract_of(engine: &Engine, component: &Component) -> Option<String> {
+    let ty = component.component_type();
+    ty.imports(engine).find_map(|(name, _)| name.strip_prefix("respire:plugin/").and_then(|n| n.split_once('@')).map(|(_, v)| v.to_string()))
+}
+
 /// Numbers per command in a batch's `requests`, per reply in `responses` (the contract's
 /// `request-words` and `response-words`).
 const REQUEST_WORDS: usize = 9;
@@ -1840,3 +1859,13 @@ impl WorkerPlugins {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_contract_version_is_the_wit_package_version() {
+        let wit = include_str!("../../wit/plugin.wit");
+        let package = wit.lines().find(|l| l.starts_with("package ")).unwrap_or_default();
+        assert_eq!(package, format!("package respire:plugin@{};", super::CONTRACT_VERSION));
+    }
+}

@@ -77,6 +77,23 @@ fn plugin_check_prints_the_manifest_or_the_reason() {
     let out = Command::new(respire_bin()).args(["plugin", "check"]).arg(dir.path().join("hello.wasm")).arg("--config").arg(&s).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("on_error"), "{}", String::from_utf8_lossy(&out.stderr));
+    // A plugin built for another version of the contract is refused with the versions, not a
+    // type mismatch: the same component with its `respire:plugin/…@` imports renamed.
+    let mut old = std::fs::read(dir.path().join("hello.wasm")).unwrap();
+    let (ours, theirs) = (b"respire:plugin/types@0.3.0", b"respire:plugin/types@0.2.0");
+    let mut renamed = 0;
+    for i in 0..old.len().saturating_sub(ours.len()) {
+        if old[i..].starts_with(ours) {
+            old[i..i + theirs.len()].copy_from_slice(theirs);
+            renamed += 1;
+        }
+    }
+    assert!(renamed > 0, "the component imports respire:plugin/types@0.3.0");
+    std::fs::write(dir.path().join("old.wasm"), &old).unwrap();
+    let out = Command::new(respire_bin()).args(["plugin", "check", "--plugin-cache", ""]).arg(dir.path().join("old.wasm")).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("built for the plugin contract respire:plugin@0.2.0; this respire loads respire:plugin@0.3.0 plugins"), "{err}");
 }
 
 fn misbehave_dir(settings: &str) -> tempfile::TempDir {
