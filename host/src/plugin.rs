@@ -1295,8 +1295,9 @@ pub fn watch(shared: Arc<crate::server::Shared>, dir: PathBuf) {
 pub enum Decision {
     /// Go on with this command (possibly rewritten).
     Continue {
-        /// The new command, when a plugin rewrote it.
-        rewritten: Option<crate::protocol::Command>,
+        /// The new command, when a plugin rewrote it (boxed: rare, and decisions move in
+        /// batches, so their size is copied for every command).
+        rewritten: Option<Box<crate::protocol::Command>>,
         /// A plugin asked for the reply to be cached (the shortest times when several did).
         cache: Option<crate::cache::CacheFor>,
         /// Tokens Redis must grant first (shared limiters).
@@ -1775,7 +1776,7 @@ impl WorkerPlugins {
                 };
                 // Refused or answered by a plugin: shared buckets are not asked; local tokens stay
                 // taken, as for any refusal by a later plugin.
-                let decision = it.stopped.unwrap_or(Decision::Continue { rewritten: it.rewritten, cache: it.cache, gate: it.gate });
+                let decision = it.stopped.unwrap_or(Decision::Continue { rewritten: it.rewritten.map(Box::new), cache: it.cache, gate: it.gate });
                 (decision, chain)
             })
             .collect()
@@ -1810,7 +1811,7 @@ impl WorkerPlugins {
                 let Some(slot) = generation.instances.get_mut(pi) else { continue };
                 let Some(inst) = slot.get(plugin, "response") else { continue };
                 let mut b = BatchBuilder::new(members.len(), RESPONSE_WORDS);
-                let mut replies = Vec::new();
+                let mut replies = Vec::with_capacity(members.iter().map(|&i| replaced[i].as_deref().unwrap_or(batch[i].reply).len()).sum());
                 let now = std::time::Instant::now();
                 for &i in &members {
                     let r = &batch[i];

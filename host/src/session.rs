@@ -1183,7 +1183,7 @@ impl Session {
             match decision {
                 Decision::Continue { rewritten, cache, gate: g } => {
                     if let Some(new) = rewritten {
-                        cmd = new;
+                        cmd = *new;
                         res = worker.shared.commands.resolve(&cmd);
                     }
                     cache_for = cache;
