@@ -409,14 +409,15 @@ impl Effects {
     }
 
     /// Says that this request's decision and takes depend only on the client (its details:
-    /// address, user, database, name, protocol) and the command or subcommand, not on the
-    /// arguments or on anything that came before: respire may then apply them again to the
-    /// client's later commands of the same kind without calling the hook, until the client's
-    /// details change or the plugins reload. Ignored for a request whose handling recorded a
-    /// metric change or that is rewritten. Only request hooks can mark their requests.
+    /// address, user, database, name, protocol) and on the command's name and categories —
+    /// not on its arguments (a container's subcommand is one), its keys, or anything that came
+    /// before: respire may then apply them again, taking the tokens each time, to the client's
+    /// later commands with the same name and categories without calling the hook, until the
+    /// client's details change or the plugins reload. Ignored for a request whose handling
+    /// recorded a metric change or that is rewritten. Only request hooks can mark requests.
     ///
-    /// For example an ACL whose rules let the client's user touch every key, or a rate limit
-    /// whose bucket is the client's address.
+    /// For example an ACL verdict when the user's rules allow every key and channel, or a rate
+    /// limit whose bucket is the client's address.
     #[inline]
     pub fn repeatable(&mut self) {
         if self.repeatable.last() != Some(&self.current) {
