@@ -132,6 +132,12 @@ fn plugin_check(file: &std::path::Path, settings: Option<&std::path::Path>, cach
                 println!("  keys under: {}", m.key_prefixes.join(" "));
             }
             println!("  hooks:      {}{}", if m.on_request { "request " } else { "" }, if m.on_response { "response" } else { "" });
+            if let Some(r) = p.response_summary() {
+                println!("  responses:  {r}");
+            }
+            for t in p.traffic_summary() {
+                println!("  traffic:    {t}");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

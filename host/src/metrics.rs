@@ -404,6 +404,8 @@ fn plugins_json(shared: &crate::server::Shared) -> Vec<u8> {
                 "key_prefixes": m.key_prefixes,
                 "on_request": m.on_request,
                 "on_response": m.on_response,
+                "responses": p.response_summary(),
+                "traffic": p.traffic_summary(),
                 "serves": m.serves,
                 "cache": m.cache.as_ref().map(|c| serde_json::json!({ "prefixes": c.prefixes, "max_memory": c.max_memory })),
                 "limiters": m.limiters.iter().map(|l| serde_json::json!({ "name": l.name, "rate": l.rate, "burst": l.burst, "shared": l.shared })).collect::<Vec<_>>(),

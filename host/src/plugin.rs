@@ -45,6 +45,8 @@ mod bindings {
     });
 }
 
+mod traffic;
+
 pub use bindings::respire::plugin::types::{
     Client, Manifest, MetricKind as WitMetricKind, RequestAction, RequestBatch, RequestResults, ResponseBatch, ResponseResults, Update, Updates,
 };
@@ -197,6 +199,8 @@ pub struct PluginCtx {
     has_shared: bool,
     state: Arc<SharedState>,
     stats: HookStats,
+    /// The metrics respire records for it per reply.
+    traffic: traffic::Traffic,
 }
 
 /// The series numbers of one loaded plugin: label values by number and back.
@@ -294,51 +298,56 @@ impl PluginCtx {
     /// Applies a hook's updates through this worker's series; [`LocalMetrics::flush`] makes
     /// them visible.
     fn apply(&self, local: &mut LocalMetrics, updates: &Updates) {
-        for u in updates.series.iter().zip(&updates.values).map(|(&series, &value)| Update { series, value }) {
-            let i = u.series as usize;
-            if local.series.len() <= i {
-                if i >= MAX_SERIES_IDS {
-                    plugin_stats().dropped_updates.with_label_values(&[&*self.name]).inc();
-                    continue;
-                }
-                local.series.resize_with(i + 1, || None);
-                local.dirty.resize(i + 1, false);
+        for (&series, &value) in updates.series.iter().zip(&updates.values) {
+            self.apply_one(local, series, value);
+        }
+    }
+
+    /// Applies one update through this worker's series.
+    fn apply_one(&self, local: &mut LocalMetrics, series: u32, value: f64) {
+        let i = series as usize;
+        if local.series.len() <= i {
+            if i >= MAX_SERIES_IDS {
+                plugin_stats().dropped_updates.with_label_values(&[&*self.name]).inc();
+                return;
             }
-            if u.value.is_nan() {
-                // A gauge set to NaN: the series goes (and is made again if set later).
-                if let Some((m, labels)) = self.series_labels(u.series) {
-                    m.remove(&labels);
-                }
-                local.series[i] = None;
-                continue;
+            local.series.resize_with(i + 1, || None);
+            local.dirty.resize(i + 1, false);
+        }
+        if value.is_nan() {
+            // A gauge set to NaN: the series goes (and is made again if set later).
+            if let Some((m, labels)) = self.series_labels(series) {
+                m.remove(&labels);
             }
-            let entry = local.series[i].get_or_insert_with(|| match self.series_labels(u.series) {
-                Some((m, labels)) => match m.series(&labels) {
-                    Some(crate::metrics::Series::Counter(c)) => LocalSeries::Counter(c.local()),
-                    Some(crate::metrics::Series::Histogram(h)) => LocalSeries::Histogram(h.local()),
-                    Some(crate::metrics::Series::Gauge(g)) => LocalSeries::Gauge(g),
-                    None => LocalSeries::Dropped,
-                },
+            local.series[i] = None;
+            return;
+        }
+        let entry = local.series[i].get_or_insert_with(|| match self.series_labels(series) {
+            Some((m, labels)) => match m.series(&labels) {
+                Some(crate::metrics::Series::Counter(c)) => LocalSeries::Counter(c.local()),
+                Some(crate::metrics::Series::Histogram(h)) => LocalSeries::Histogram(h.local()),
+                Some(crate::metrics::Series::Gauge(g)) => LocalSeries::Gauge(g),
                 None => LocalSeries::Dropped,
-            });
-            let ok = u.value.is_finite();
-            match entry {
-                LocalSeries::Counter(c) if ok && u.value >= 0.0 => c.inc_by(u.value),
-                LocalSeries::Histogram(h) if ok => h.observe(u.value),
-                LocalSeries::Gauge(g) if ok => g.set(u.value),
-                _ => {
-                    plugin_stats().dropped_updates.with_label_values(&[&*self.name]).inc();
-                    continue;
-                }
+            },
+            None => LocalSeries::Dropped,
+        });
+        let ok = value.is_finite();
+        match entry {
+            LocalSeries::Counter(c) if ok && value >= 0.0 => c.inc_by(value),
+            LocalSeries::Histogram(h) if ok => h.observe(value),
+            LocalSeries::Gauge(g) if ok => g.set(value),
+            _ => {
+                plugin_stats().dropped_updates.with_label_values(&[&*self.name]).inc();
+                return;
             }
-            // Listed once per flush however often it changed (a batch updates the same few
-            // series for most of its commands).
-            if let Some(d) = local.dirty.get_mut(i)
-                && !*d
-            {
-                *d = true;
-                local.touched.push(u.series);
-            }
+        }
+        // Listed once per flush however often it changed (a batch updates the same few
+        // series for most of its commands).
+        if let Some(d) = local.dirty.get_mut(i)
+            && !*d
+        {
+            *d = true;
+            local.touched.push(series);
         }
     }
 
@@ -807,6 +816,7 @@ impl Runtime {
             limiters.push(LimiterDef { name: l.name.clone(), rule: Rule { rate: l.rate, burst: l.burst }, shared: l.shared });
         }
         let has_shared = limiters.iter().any(|l| l.shared);
+        let traffic = traffic::Traffic::check(&manifest).map_err(init_err)?;
         let ctx = Arc::new(PluginCtx {
             name: name.clone(),
             metrics,
@@ -815,8 +825,10 @@ impl Runtime {
             has_shared,
             state: self.state.clone(),
             stats: HookStats::new(&file_name),
+            traffic,
         });
         Ok(LoadedPlugin {
+            responds: manifest.on_response || !ctx.traffic.is_empty(),
             commands: manifest.commands.iter().map(|c| c.to_ascii_lowercase()).collect(),
             key_prefixes: if manifest.key_prefixes.is_empty() || manifest.key_prefixes.iter().any(String::is_empty) {
                 None
@@ -891,6 +903,8 @@ pub struct LoadedPlugin {
     /// How its machine code was obtained.
     pub compiled: Compiled,
     ctx: Arc<PluginCtx>,
+    /// It has a response side: a response hook or traffic metrics.
+    responds: bool,
 }
 
 /// Instantiates a plugin and runs its `init`: the instance and what `init` said.
@@ -1072,6 +1086,8 @@ struct PluginSlot {
     retry_at: Option<std::time::Instant>,
     /// This worker's view of the plugin's metric series.
     metrics: LocalMetrics,
+    /// This worker's series of the plugin's traffic metrics.
+    traffic: traffic::TrafficCache,
     /// Decisions the plugin said it would repeat, by client id and command
     /// ([`CommandInfo::display_id`](crate::commands::CommandInfo::display_id)); kept with the
     /// generation, so that a reload (a new slot) forgets them all.
@@ -1137,6 +1153,74 @@ impl PluginSlot {
 pub struct WorkerPlugins {
     current: Option<Generation>,
     previous: Option<Generation>,
+    /// Traffic metrics were recorded since the last [`WorkerPlugins::flush_metrics`].
+    dirty: bool,
+}
+
+/// What a reply owes the plugins once its traffic metrics are recorded (see
+/// [`WorkerPlugins::on_reply`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyRoute {
+    /// Nothing: write it.
+    Done,
+    /// Write it, and hand it to the plugin stage for hooks that only observe.
+    Observe,
+    /// Hold it (and the replies after it) until hooks that may replace it have run.
+    Hold,
+}
+
+impl LoadedPlugin {
+    /// Its response hook in words: `replace` or `observe`, and which replies it gets
+    /// (`None` without a response hook).
+    pub fn response_summary(&self) -> Option<String> {
+        let m = &self.manifest;
+        if !m.on_response {
+            return None;
+        }
+        let mode = if m.observe_responses { "observe" } else { "replace" };
+        let Some(f) = &m.response_filter else { return Some(format!("{mode}, every reply")) };
+        let mut which = Vec::new();
+        if f.sample > 0 {
+            which.push(format!("1 in {}", f.sample));
+        }
+        if f.min_bytes > 0 {
+            which.push(format!("≥ {} bytes", f.min_bytes));
+        }
+        if f.errors {
+            which.push("errors".to_string());
+        }
+        if which.is_empty() {
+            which.push("none".to_string());
+        }
+        Some(format!("{mode}, replies: {}", which.join(", ")))
+    }
+
+    /// Its traffic metrics in words: `commands_total = count by command, key-prefix(1), result`.
+    pub fn traffic_summary(&self) -> Vec<String> {
+        let m = &self.manifest;
+        m.traffic
+            .iter()
+            .map(|t| {
+                let name = m.metrics.get(t.metric as usize).map_or("?", |m| m.name.as_str());
+                let value = traffic::value_name(t.value);
+                let labels: Vec<String> = t.labels.iter().map(traffic::label_name).collect();
+                if labels.is_empty() { format!("{name} = {value}") } else { format!("{name} = {value} by {}", labels.join(", ")) }
+            })
+            .collect()
+    }
+
+    /// Whether its response hook is called for this reply (its filter: a sample, the size of
+    /// the reply or of the command, errors). `cmd_bytes` is asked for only when needed.
+    fn takes_reply(&self, reply: &[u8], cmd_bytes: impl FnOnce() -> usize) -> bool {
+        let Some(f) = &self.manifest.response_filter else { return true };
+        if f.errors && matches!(reply.first(), Some(b'-' | b'!')) {
+            return true;
+        }
+        if f.min_bytes > 0 && (reply.len() as u64 >= f.min_bytes || cmd_bytes() as u64 >= f.min_bytes) {
+            return true;
+        }
+        f.sample == 1 || f.sample > 1 && fastrand::u32(..f.sample) == 0
+    }
 }
 
 /// Size and modification time of a file.
@@ -1319,10 +1403,17 @@ pub struct ChainRequest<'a> {
     pub info: Option<&'a crate::commands::CommandInfo>,
 }
 
-/// The response hooks owed for one command: run on its reply, in reverse chain order.
+/// What the plugins owe one command's reply: response hooks (in reverse chain order) and
+/// traffic metrics.
 pub struct ResponseChain {
     set: Arc<PluginSet>,
+    /// The plugins with a response side that see the command.
     plugins: SmallVec<[u16; 4]>,
+    /// Those whose response hook is called for this reply (its filter let it through; set
+    /// when the reply arrives, see [`WorkerPlugins::on_reply`]).
+    due: SmallVec<[u16; 4]>,
+    /// The command's number for metrics labels ([`crate::stats::OTHER`]: unknown).
+    name_id: u16,
     /// The command as it was sent (after rewrites), with its categories and keys.
     cmd: crate::protocol::Command,
     categories: u32,
@@ -1351,7 +1442,7 @@ fn note_failure(plugin: &LoadedPlugin, hook: &str, kind: &str, error: &str) {
 
 /// The version of the plugin contract this respire implements (`package respire:plugin@…` in
 /// `wit/plugin.wit`).
-const CONTRACT_VERSION: &str = "0.3.0";
+const CONTRACT_VERSION: &str = "0.4.0";
 
 /// The contract version a component was built for, from the `respire:plugin/…@version`
 /// interfaces it imports (none when it imports none of them).
@@ -1478,7 +1569,7 @@ impl PluginSet {
             if !p.manifest.serves.is_empty() && p.manifest.serves.iter().any(|v| *v == *name) {
                 return true;
             }
-            if !(p.manifest.on_request || p.manifest.on_response) || !p.wants(&name, info.category_bits) {
+            if !(p.manifest.on_request || p.responds) || !p.wants(&name, info.category_bits) {
                 return false;
             }
             match &p.key_prefixes {
@@ -1602,7 +1693,7 @@ impl WorkerPlugins {
                 }
                 let serves = !plugin.manifest.serves.is_empty() && plugin.manifest.serves.iter().any(|v| *v == *it.name);
                 let wants = plugin.wants(&it.name, it.info.map_or(0, |i| i.category_bits)) && it.in_scope(plugin);
-                if plugin.manifest.on_response && wants {
+                if plugin.responds && wants {
                     it.responses.push(pi as u16);
                 }
                 if (wants && plugin.manifest.on_request) || serves {
@@ -1768,6 +1859,8 @@ impl WorkerPlugins {
                     Some(Box::new(ResponseChain {
                         set: set.clone(),
                         plugins: it.responses,
+                        due: SmallVec::new(),
+                        name_id: it.info.map_or(crate::stats::OTHER, |i| i.id),
                         categories: it.info.map_or(0, |i| i.category_bits),
                         keys,
                         cmd,
@@ -1785,7 +1878,7 @@ impl WorkerPlugins {
     /// Runs the response hooks owed on a batch of replies (each plugin once, in reverse chain
     /// order, with every reply that owes it a hook) and applies their effects: for each
     /// reply, the one to send instead, when a plugin replaced it.
-    pub fn on_responses(&mut self, batch: &[ChainResponse<'_>]) -> Vec<Option<Vec<u8>>> {
+    pub fn on_responses(&mut self, batch: &[ChainResponse<'_>], record_traffic: bool) -> Vec<Option<Vec<u8>>> {
         let mut replaced: Vec<Option<Vec<u8>>> = batch.iter().map(|_| None).collect();
         let Some(first) = batch.first() else { return replaced };
         // Chains of one plugin set go together (a reload may leave replies of the old one).
@@ -1802,7 +1895,7 @@ impl WorkerPlugins {
             let Some(generation) = self.generation(&set) else { continue };
             for pi in (0..set.plugins.len()).rev() {
                 let members: Vec<usize> = (0..batch.len())
-                    .filter(|&i| Arc::ptr_eq(&batch[i].chain.set, &set) && batch[i].chain.plugins.contains(&(pi as u16)))
+                    .filter(|&i| Arc::ptr_eq(&batch[i].chain.set, &set) && batch[i].chain.due.contains(&(pi as u16)))
                     .collect();
                 if members.is_empty() {
                     continue;
@@ -1833,7 +1926,9 @@ impl WorkerPlugins {
                         plugin.ctx.stats.response_ok.inc_by(members.len() as u64);
                         plugin.ctx.apply(&mut slot.metrics, &r.updates);
                         slot.metrics.flush();
-                        for rep in r.replacements {
+                        // An observing hook's replacements are ignored (its replies went out already).
+                        let replacements = if plugin.manifest.observe_responses { Vec::new() } else { r.replacements };
+                        for rep in replacements {
                             let Some(&i) = members.get(rep.response as usize) else { continue };
                             if crate::protocol::reply_len(&rep.reply).ok().flatten() == Some(rep.reply.len()) {
                                 replaced[i] = Some(rep.reply);
@@ -1846,7 +1941,7 @@ impl WorkerPlugins {
                         plugin.ctx.stats.response_err.inc();
                         note_failure(plugin, "response", kind.as_str(), &e);
                         slot.failed();
-                        if plugin.settings.on_error == OnError::Closed {
+                        if plugin.settings.on_error == OnError::Closed && !plugin.manifest.observe_responses {
                             let text = format!("-ERR respire: plugin {} failed\r\n", plugin.file_name);
                             for &i in &members {
                                 replaced[i] = Some(text.clone().into_bytes());
@@ -1856,7 +1951,76 @@ impl WorkerPlugins {
                 }
             }
         }
+        if record_traffic {
+            let now = std::time::Instant::now();
+            for (r, replaced) in batch.iter().zip(&replaced) {
+                self.record_traffic(r.chain, replaced.as_deref().unwrap_or(r.reply), now);
+            }
+        }
         replaced
+    }
+
+    /// Decides what a reply owes the plugins when it arrives: which response hooks are due
+    /// (their filters), and whether it must be held for hooks that may replace it. Unless it
+    /// is held, its traffic metrics are recorded now (a held reply's are recorded by
+    /// [`WorkerPlugins::on_responses`], on the reply the client gets).
+    /// `now`: when the reply arrived (its latency ends there).
+    pub fn on_reply(&mut self, chain: &mut ResponseChain, reply: &[u8], now: std::time::Instant) -> ReplyRoute {
+        let mut hold = false;
+        chain.due.clear();
+        let mut cmd_bytes = None;
+        for &pi in &chain.plugins {
+            let Some(p) = chain.set.plugins.get(pi as usize) else { continue };
+            if p.manifest.on_response && p.takes_reply(reply, || *cmd_bytes.get_or_insert_with(|| traffic::command_bytes(&chain.cmd))) {
+                chain.due.push(pi);
+                hold |= !p.manifest.observe_responses;
+            }
+        }
+        if hold {
+            return ReplyRoute::Hold;
+        }
+        self.record_traffic(chain, reply, now);
+        if chain.due.is_empty() { ReplyRoute::Done } else { ReplyRoute::Observe }
+    }
+
+    /// Records a reply's traffic metrics, for every plugin of its chain that has some.
+    fn record_traffic(&mut self, chain: &ResponseChain, reply: &[u8], now: std::time::Instant) {
+        let mut facts = None;
+        for &pi in &chain.plugins {
+            let Some(p) = chain.set.plugins.get(pi as usize) else { continue };
+            if p.ctx.traffic.is_empty() {
+                continue;
+            }
+            let f = facts.get_or_insert_with(|| traffic::ReplyFacts {
+                name_id: chain.name_id,
+                cmd: &chain.cmd,
+                first_key: chain.keys.first().and_then(|&(i, _)| chain.cmd.arg(i as usize + 1)),
+                reply,
+                seconds: now.saturating_duration_since(chain.start).as_secs_f64(),
+            });
+            let Some(generation) = self.generation(&chain.set) else { return };
+            let Some(slot) = generation.instances.get_mut(pi as usize) else { continue };
+            slot.traffic.record(&p.ctx, &mut slot.metrics, f);
+            self.dirty = true;
+        }
+    }
+
+    /// Makes the traffic metrics recorded since the last call visible (once per turn of the
+    /// worker's event loop, from its plugin stage).
+    pub fn flush_metrics(&mut self) {
+        if !std::mem::take(&mut self.dirty) {
+            return;
+        }
+        for generation in [&mut self.current, &mut self.previous].into_iter().flatten() {
+            for slot in &mut generation.instances {
+                slot.metrics.flush();
+            }
+        }
+    }
+
+    /// Whether traffic metrics wait for [`WorkerPlugins::flush_metrics`].
+    pub fn dirty(&self) -> bool {
+        self.dirty
     }
 }
 

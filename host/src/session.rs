@@ -48,7 +48,7 @@ use crate::config::ReadFrom;
 use crate::commands::{self, Kind, Local, Resolved};
 use crate::io::{IoEvent, Stream, poll_read_into, poll_write_and_readable, write_now};
 use crate::protocol::{self as resp, Command, RequestParser};
-use crate::plugin::{ChainRequest, ChainResponse, Client as PluginClient, ClientHandle, Decision, ResponseChain};
+use crate::plugin::{ChainRequest, ChainResponse, Client as PluginClient, ClientHandle, Decision, ReplyRoute, ResponseChain};
 use crate::pubsub::SubKind;
 use crate::router::{self, CROSSSLOT, Merge, Plan};
 use crate::server::Worker;
@@ -921,7 +921,10 @@ impl Session {
         while self.hooks.front().is_some_and(|(s, _)| *s < seq) {
             self.hooks.pop_front();
         }
-        let chain = if self.hooks.front().is_some_and(|(s, _)| *s == seq) { self.hooks.pop_front().map(|(_, c)| c) } else { None };
+        let mut chain = if self.hooks.front().is_some_and(|(s, _)| *s == seq) { self.hooks.pop_front().map(|(_, c)| c) } else { None };
+        if let Some(c) = chain.take() {
+            chain = self.triage_reply(c, &bytes, || bytes.clone());
+        }
         if chain.is_some() || !self.staged.is_empty() || self.hooked.is_some() {
             // Held until the replies ready now are all in, so the hooks run on them together.
             self.staged.push((bytes, chain));
@@ -956,7 +959,7 @@ impl Session {
             self.hooks.push_back((pushed, chain));
         } else if self.out.len() > mark {
             let reply = self.out.split_off(mark);
-            let replaced = self.run_response_plugins(&chain, &reply);
+            let replaced = self.run_response_plugins(chain, &reply);
             self.out.extend_from_slice(replaced.as_deref().unwrap_or(&reply));
         }
     }
@@ -1555,12 +1558,34 @@ impl Session {
         out.pop().unwrap_or((Decision::Continue { rewritten: None, cache: None, gate: None }, None))
     }
 
-    /// Runs the response hooks owed for one reply: the replacement, if a plugin made one.
-    fn run_response_plugins(&mut self, chain: &ResponseChain, reply: &[u8]) -> Option<Vec<u8>> {
+    /// Runs what the plugins owe one reply written at once: the replacement, if a plugin made
+    /// one (hooks that may replace it run now; observing ones in the stage, on a copy).
+    fn run_response_plugins(&mut self, chain: Box<ResponseChain>, reply: &BytesMut) -> Option<Vec<u8>> {
+        let chain = self.triage_reply(chain, reply, || Bytes::copy_from_slice(reply))?;
         let worker = self.worker.clone();
         let client = self.plugin_client().clone();
-        let one = [ChainResponse { client: &client, chain, reply }];
-        worker.plugins.borrow_mut().on_responses(&one).pop().flatten()
+        let one = [ChainResponse { client: &client, chain: &chain, reply }];
+        let replaced = worker.plugins.borrow_mut().on_responses(&one, true).pop().flatten();
+        worker.stage.flush_later();
+        replaced
+    }
+
+    /// What the plugins owe a reply: `None` when it can be written now (its traffic metrics
+    /// recorded, a copy — made by `copy` — handed to observing hooks), or the chain to hold it
+    /// for, for hooks that may replace it.
+    fn triage_reply(&mut self, mut chain: Box<ResponseChain>, reply: &[u8], copy: impl FnOnce() -> Bytes) -> Option<Box<ResponseChain>> {
+        let worker = self.worker.clone();
+        let now = self.now().into_std();
+        let route = worker.plugins.borrow_mut().on_reply(&mut chain, reply, now);
+        if route == ReplyRoute::Hold {
+            return Some(chain);
+        }
+        worker.stage.flush_later();
+        if route == ReplyRoute::Observe {
+            let client = self.plugin_client().clone();
+            worker.stage.submit_observed(client, copy(), chain);
+        }
+        None
     }
 
     /// Hands the replies held for response hooks to the worker's plugin stage (where they

@@ -10,7 +10,9 @@
 //! once for all of them and hands every session its decisions back.
 //!
 //! Order is kept per session: a session waiting for its decisions reads nothing further, and
-//! one waiting for its replies' hooks writes no later reply before them.
+//! one waiting for its replies' hooks writes no later reply before them. Replies for hooks
+//! that only observe are written at once: the stage gets copies and nobody waits for them.
+//! The stage also makes the traffic metrics sessions recorded visible, once per turn.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -55,11 +57,21 @@ struct Responses {
     done: Sender<Vec<Bytes>>,
 }
 
+/// A reply already written, for response hooks that only observe.
+struct Observed {
+    client: ClientHandle,
+    reply: Bytes,
+    chain: Box<ResponseChain>,
+}
+
 /// What sessions handed over since the stage last ran.
 #[derive(Default)]
 pub struct Stage {
     requests: RefCell<Vec<Requests>>,
     responses: RefCell<Vec<Responses>>,
+    observed: RefCell<Vec<Observed>>,
+    /// Traffic metrics were recorded: flush them this turn.
+    flush: Cell<bool>,
     waker: Cell<Option<Waker>>,
 }
 
@@ -80,6 +92,19 @@ impl Stage {
         rx
     }
 
+    /// Hands over a reply that was written already, for the observing hooks its chain owes.
+    pub fn submit_observed(&self, client: ClientHandle, reply: Bytes, chain: Box<ResponseChain>) {
+        self.observed.borrow_mut().push(Observed { client, reply, chain });
+        self.wake();
+    }
+
+    /// Asks for the worker's traffic metrics to be flushed at the end of this turn.
+    pub fn flush_later(&self) {
+        if !self.flush.replace(true) {
+            self.wake();
+        }
+    }
+
     fn wake(&self) {
         if let Some(w) = self.waker.take() {
             w.wake();
@@ -91,7 +116,8 @@ impl Stage {
 pub async fn run(worker: Rc<Worker>) {
     loop {
         std::future::poll_fn(|cx| {
-            if worker.stage.requests.borrow().is_empty() && worker.stage.responses.borrow().is_empty() {
+            let stage = &worker.stage;
+            if stage.requests.borrow().is_empty() && stage.responses.borrow().is_empty() && stage.observed.borrow().is_empty() && !stage.flush.get() {
                 worker.stage.waker.set(Some(cx.waker().clone()));
                 Poll::Pending
             } else {
@@ -107,6 +133,14 @@ pub async fn run(worker: Rc<Worker>) {
         if !responses.is_empty() {
             run_responses(&worker, responses);
         }
+        let observed = std::mem::take(&mut *worker.stage.observed.borrow_mut());
+        if !observed.is_empty() {
+            let batch: Vec<ChainResponse<'_>> = observed.iter().map(|o| ChainResponse { client: &o.client, chain: &o.chain, reply: &o.reply }).collect();
+            worker.plugins.borrow_mut().on_responses(&batch, false);
+        }
+        // Traffic metrics recorded by sessions, or above for held replies.
+        worker.stage.flush.set(false);
+        worker.plugins.borrow_mut().flush_metrics();
     }
 }
 
@@ -134,7 +168,7 @@ fn run_responses(worker: &Rc<Worker>, subs: Vec<Responses>) {
             .iter()
             .flat_map(|s| s.replies.iter().filter_map(|(reply, chain)| chain.as_deref().map(|chain| ChainResponse { client: &s.client, chain, reply })))
             .collect();
-        worker.plugins.borrow_mut().on_responses(&batch).into_iter()
+        worker.plugins.borrow_mut().on_responses(&batch, true).into_iter()
     };
     for s in subs {
         let out = s

@@ -63,7 +63,8 @@ pub mod glob;
 
 pub use bindings::respire::plugin::host::Level;
 pub use bindings::respire::plugin::types::{
-    CacheFor, CacheSettings, Category, Client, KeyAccess, Limiter, Manifest, Metric, MetricKind, RequestAction,
+    CacheFor, CacheSettings, Category, Client, KeyAccess, Limiter, Manifest, Metric, MetricKind, RequestAction, ResponseFilter, TrafficLabel,
+    TrafficMetric, TrafficValue,
 };
 
 /// Which client a command comes from, without its details: respire's id for the connection,
@@ -253,6 +254,10 @@ impl Manifest {
             categories: Vec::new(),
             on_request: true,
             on_response: false,
+            observe_responses: false,
+            response_filter: None,
+            traffic: Vec::new(),
+            max_key_prefixes: 100,
             metrics: Vec::new(),
             limiters: Vec::new(),
             cache: None,
@@ -284,6 +289,47 @@ impl Manifest {
     /// Also call `on_response`.
     pub fn with_responses(mut self) -> Manifest {
         self.on_response = true;
+        self
+    }
+
+    /// Calls `on_response` for matching commands, only to look: the replies it returns are
+    /// ignored, and respire writes each reply at once and runs the hook on a copy afterwards
+    /// (a hook that may replace replies holds them back until it has run).
+    pub fn observing_responses(mut self) -> Manifest {
+        self.on_response = true;
+        self.observe_responses = true;
+        self
+    }
+
+    /// Calls `on_response` only for some replies: one in `sample` at random (0: none for this
+    /// reason), those of at least `min_bytes` or answering a command of at least `min_bytes`
+    /// (0: none for this reason), and error replies when `errors`.
+    pub fn response_filter(mut self, sample: u32, min_bytes: u64, errors: bool) -> Manifest {
+        self.response_filter = Some(ResponseFilter { sample, min_bytes, errors });
+        self
+    }
+
+    /// A metric respire records itself for every matching reply, without calling the plugin:
+    /// `metric` (declared with [`Manifest::metric`]) gets `value`, with label values taken
+    /// from `labels` (one per label name of the metric, in order).
+    ///
+    /// ```ignore
+    /// const COMMANDS: MetricId = MetricId(0);
+    /// Manifest::new("traffic", "0.1.0")
+    ///     .categories(&["all"])
+    ///     .without_requests()
+    ///     .metric(Metric::counter("commands_total", "Commands").labels(&["command", "result"]))
+    ///     .traffic(COMMANDS, TrafficValue::Count, &[TrafficLabel::Command, TrafficLabel::Result]);
+    /// ```
+    pub fn traffic(mut self, metric: MetricId, value: TrafficValue, labels: &[TrafficLabel]) -> Manifest {
+        self.traffic.push(TrafficMetric { metric: metric.0, value, labels: labels.to_vec() });
+        self
+    }
+
+    /// How many distinct key prefixes get a label of their own in traffic metrics (100 unless
+    /// set); the rest are counted as `other`.
+    pub fn max_key_prefixes(mut self, n: u32) -> Manifest {
+        self.max_key_prefixes = n;
         self
     }
 

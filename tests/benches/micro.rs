@@ -135,8 +135,9 @@ fn plugins(c: &mut Criterion) {
     c.bench_function("plugin: request and response hooks (reply replaced)", |b| {
         b.iter(|| {
             let (_, chain) = run_one(&mut w, &resp, &table, &client, &get);
-            let chain = chain.unwrap();
-            std::hint::black_box(w.on_responses(&[ChainResponse { client: &client, chain: &chain, reply }]))
+            let mut chain = chain.unwrap();
+            w.on_reply(&mut chain, reply, std::time::Instant::now());
+            std::hint::black_box(w.on_responses(&[ChainResponse { client: &client, chain: &chain, reply }], true))
         })
     });
 
@@ -150,12 +151,23 @@ fn plugins(c: &mut Criterion) {
         })
     });
     let mut w = WorkerPlugins::default();
-    let chains: Vec<Box<ResponseChain>> = gets.iter().map(|g| run_one(&mut w, &resp, &table, &client, g).1.unwrap()).collect();
+    let mut chains: Vec<Box<ResponseChain>> = gets.iter().map(|g| run_one(&mut w, &resp, &table, &client, g).1.unwrap()).collect();
+    for chain in &mut chains {
+        w.on_reply(chain, reply, std::time::Instant::now());
+    }
     c.bench_function("plugin: response hook replacing the reply, batch of 16 (per batch)", |b| {
         b.iter(|| {
             let batch: Vec<ChainResponse<'_>> = chains.iter().map(|chain| ChainResponse { client: &client, chain, reply }).collect();
-            std::hint::black_box(w.on_responses(&batch))
+            std::hint::black_box(w.on_responses(&batch, true))
         })
+    });
+
+    // Traffic metrics: five series per reply, recorded by respire without a call.
+    let (_d5, traffic) = plugin_set(&rt, &[("t", "[config]\ncommands = \"get\"\ntraffic = true\nrequests = false\n")]);
+    let mut w = WorkerPlugins::default();
+    let mut chain = run_one(&mut w, &traffic, &table, &client, &get).1.unwrap();
+    c.bench_function("plugin: traffic metrics of one reply (no call)", |b| {
+        b.iter(|| std::hint::black_box(w.on_reply(&mut chain, reply, std::time::Instant::now())))
     });
 }
 

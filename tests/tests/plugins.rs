@@ -80,7 +80,7 @@ fn plugin_check_prints_the_manifest_or_the_reason() {
     // A plugin built for another version of the contract is refused with the versions, not a
     // type mismatch: the same component with its `respire:plugin/…@` imports renamed.
     let mut old = std::fs::read(dir.path().join("hello.wasm")).unwrap();
-    let (ours, theirs) = (b"respire:plugin/types@0.3.0", b"respire:plugin/types@0.2.0");
+    let (ours, theirs) = (b"respire:plugin/types@0.4.0", b"respire:plugin/types@0.3.0");
     let mut renamed = 0;
     for i in 0..old.len().saturating_sub(ours.len()) {
         if old[i..].starts_with(ours) {
@@ -88,12 +88,12 @@ fn plugin_check_prints_the_manifest_or_the_reason() {
             renamed += 1;
         }
     }
-    assert!(renamed > 0, "the component imports respire:plugin/types@0.3.0");
+    assert!(renamed > 0, "the component imports respire:plugin/types@0.4.0");
     std::fs::write(dir.path().join("old.wasm"), &old).unwrap();
     let out = Command::new(respire_bin()).args(["plugin", "check", "--plugin-cache", ""]).arg(dir.path().join("old.wasm")).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("built for the plugin contract respire:plugin@0.2.0; this respire loads respire:plugin@0.3.0 plugins"), "{err}");
+    assert!(err.contains("built for the plugin contract respire:plugin@0.3.0; this respire loads respire:plugin@0.4.0 plugins"), "{err}");
 }
 
 fn misbehave_dir(settings: &str) -> tempfile::TempDir {
@@ -700,4 +700,141 @@ fn abusive_plugins_lose_no_acknowledged_write() {
         assert_eq!(v, None, "{key} was refused but reached Redis");
     }
     assert_eq!(Raw::connect(proxy.port).roundtrip(b"PING\r\n", 1), b"+PONG\r\n");
+}
+
+#[test]
+fn traffic_metrics_are_recorded_by_respire_without_a_call() {
+    let redis = RedisServer::start();
+    // No hooks at all: only traffic metrics, over every command (2 prefixes get a label).
+    let dir = probe_dir(&[("t", "[config]\ntag = \"t\"\ncategories = \"all\"\ntraffic = true\nmax_key_prefixes = 2\nrequests = false\n")]);
+    let out = Command::new(respire_bin()).args(["plugin", "check"]).arg(dir.path().join("t.wasm")).arg("--config").arg(dir.path().join("t.toml")).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("traffic:    t_commands_total = count by command, key-prefix(1), result"), "{text}");
+    assert!(text.contains("traffic:    t_errors_total = count by error-code"), "{text}");
+    let port = respire_tests::free_port();
+    let proxy = Respire::start(&redis.addr(), &["--plugins", dir.path().to_str().unwrap(), "--metrics", &format!("127.0.0.1:{port}"), "--workers", "2"]);
+    // Over two connections (both workers), pipelined and not.
+    let mut a = Raw::connect(proxy.port);
+    let mut b = Raw::connect(proxy.port);
+    let batch = [
+        resp(&[b"SET", b"shop:1", b"abc"]),
+        resp(&[b"SET", b"shop:2", b"abcdef"]),
+        resp(&[b"GET", b"shop:1"]),
+        resp(&[b"LPUSH", b"shop:1", b"x"]),
+        resp(&[b"ECHO", b"hi"]),
+        resp(&[b"GET", b"user:1"]),
+        resp(&[b"GET", b"third:1"]),
+        resp(&[b"NOSUCHCOMMAND", b"x"]),
+    ]
+    .concat();
+    let got = String::from_utf8(a.roundtrip(&batch, 8)).unwrap();
+    assert!(got.starts_with("+OK\r\n+OK\r\n$3\r\nabc\r\n-WRONGTYPE"), "{got}");
+    for _ in 0..3 {
+        assert_eq!(b.roundtrip(&resp(&[b"GET", b"shop:2"]), 1), b"$6\r\nabcdef\r\n");
+    }
+    // Recorded metrics are flushed at the end of the event-loop turn: a later command on each
+    // connection (each worker) comes after that.
+    for c in [&mut a, &mut b] {
+        assert_eq!(c.roundtrip(&resp(&[b"PING"]), 1), b"+PONG\r\n");
+    }
+    let (_, body) = respire_tests::http_get(port, "/metrics");
+    let v = |s: &str| respire_tests::metric_value(&body, s);
+    let c = |cmd: &str, prefix: &str, result: &str| v(&format!("respire_plugin_t_t_commands_total{{command=\"{cmd}\",prefix=\"{prefix}\",result=\"{result}\"}}"));
+    assert_eq!(c("set", "shop", "ok"), Some(2.0), "{body}");
+    assert_eq!(c("get", "shop", "ok"), Some(4.0), "{body}");
+    assert_eq!(c("lpush", "shop", "error"), Some(1.0), "{body}");
+    assert_eq!(c("echo", "", "ok"), Some(1.0), "a command without a key has an empty prefix: {body}");
+    assert_eq!(c("get", "user", "ok"), Some(1.0), "{body}");
+    assert_eq!(c("get", "other", "ok"), Some(1.0), "past max_key_prefixes a prefix is `other`: {body}");
+    assert_eq!(c("other", "", "error"), Some(1.0), "an unknown command is `other`: {body}");
+    assert_eq!(v("respire_plugin_t_t_errors_total{code=\"WRONGTYPE\"}"), Some(1.0), "{body}");
+    assert_eq!(v("respire_plugin_t_t_errors_total{code=\"ERR\"}"), Some(1.0), "{body}");
+    assert_eq!(v("respire_plugin_t_t_latency_seconds_count{command=\"get\"}"), Some(6.0), "{body}");
+    // Sizes: SET shop:1 abc is 3 + 6 + 3 bytes of name and arguments, SET shop:2 abcdef 15; the
+    // replies to the four GETs of shop:2 are `$6\r\nabcdef\r\n` (12 bytes) and to GET shop:1 9.
+    assert_eq!(v("respire_plugin_t_t_request_bytes_sum{command=\"set\"}"), Some(12.0 + 15.0), "{body}");
+    assert_eq!(v("respire_plugin_t_t_reply_bytes_sum{command=\"get\"}"), Some(9.0 + 3.0 * 12.0 + 2.0 * 5.0), "{body}");
+    // The plugin was never called.
+    assert_eq!(v("respire_plugin_calls_total{hook=\"response\",plugin=\"t\",result=\"ok\"}").unwrap_or(0.0), 0.0, "{body}");
+    assert_eq!(v("respire_plugin_calls_total{hook=\"request\",plugin=\"t\",result=\"ok\"}").unwrap_or(0.0), 0.0, "{body}");
+}
+
+#[test]
+fn a_traffic_metric_that_does_not_fit_its_metric_is_refused() {
+    let dir = probe_dir(&[("bad", "[config]\ntag = \"b\"\nbad_traffic = true\n")]);
+    let out = Command::new(respire_bin()).args(["plugin", "check"]).arg(dir.path().join("bad.wasm")).arg("--config").arg(dir.path().join("bad.toml")).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("traffic metric #0 (calls_total): latency needs a histogram"), "{err}");
+}
+
+#[test]
+fn an_observing_response_hook_never_changes_or_holds_a_reply() {
+    let redis = RedisServer::start();
+    // The probe would replace bulk replies with `…|o`: as an observer it must not.
+    let dir = probe_dir(&[("o", "[config]\ntag = \"o\"\ncommands = \"get\"\nresponses = true\nobserve = true\ncount = false\n")]);
+    let port = respire_tests::free_port();
+    let proxy = Respire::start(&redis.addr(), &["--plugins", dir.path().to_str().unwrap(), "--metrics", &format!("127.0.0.1:{port}"), "--workers", "1"]);
+    let mut c = Raw::connect(proxy.port);
+    assert_eq!(c.roundtrip(&resp(&[b"SET", b"k", b"v"]), 1), b"+OK\r\n");
+    let batch: Vec<u8> = (0..20).flat_map(|_| resp(&[b"GET", b"k"])).collect();
+    assert_eq!(c.roundtrip(&batch, 20), "$1\r\nv\r\n".repeat(20).as_bytes());
+    // The hook did run on every reply (it records their latency), after they were written, in
+    // the same turn of the event loop: a later command comes after it.
+    assert_eq!(c.roundtrip(&resp(&[b"PING"]), 1), b"+PONG\r\n");
+    let (_, body) = respire_tests::http_get(port, "/metrics");
+    let v = |s: &str| respire_tests::metric_value(&body, s);
+    assert_eq!(v("respire_plugin_o_reply_seconds_count"), Some(20.0), "{body}");
+    assert_eq!(v("respire_plugin_calls_total{hook=\"response\",plugin=\"o\",result=\"ok\"}"), Some(20.0), "{body}");
+    let (_, plugins) = respire_tests::http_get(port, "/plugins");
+    assert!(plugins.contains("\"responses\": \"observe, every reply\""), "{plugins}");
+}
+
+#[test]
+fn a_response_filter_calls_the_hook_only_for_the_replies_it_names() {
+    let redis = RedisServer::start();
+    let mut r = redis.client().get_connection().unwrap();
+    let big = "x".repeat(200);
+    let _: () = redis::Commands::set(&mut r, "big", &big).unwrap();
+    let _: () = redis::Commands::set(&mut r, "small", "v").unwrap();
+    let _: () = redis::Commands::lpush(&mut r, "list", "x").unwrap();
+    // Replies of at least 100 bytes, commands of at least 100 bytes, errors: the hook tags what
+    // it sees; a sample of 0 passes nothing else.
+    let dir = probe_dir(&[("f", "[config]\ntag = \"f\"\ncommands = \"get set\"\nresponses = true\nfilter = \"0 100 true\"\ncount = false\n")]);
+    let proxy = Respire::start(&redis.addr(), &["--plugins", dir.path().to_str().unwrap(), "--workers", "1"]);
+    let mut c = Raw::connect(proxy.port);
+    let get = |c: &mut Raw, k: &str| String::from_utf8(c.roundtrip(&resp(&[b"GET", k.as_bytes()]), 1)).unwrap();
+    assert_eq!(get(&mut c, "small"), "$1\r\nv\r\n");
+    assert_eq!(get(&mut c, "big"), format!("$202\r\n{big}|f\r\n"));
+    assert!(get(&mut c, "list").starts_with("-WRONGTYPE"), "errors pass, and are not bulk replies");
+    // A big command: its reply (+OK) is small but the command is not.
+    let set = resp(&[b"SET", b"k2", big.as_bytes()]);
+    assert_eq!(c.roundtrip(&set, 1), b"+OK\r\n");
+    // Pipelined: only the big reply is tagged, in order.
+    let batch = [resp(&[b"GET", b"small"]), resp(&[b"GET", b"big"]), resp(&[b"GET", b"small"])].concat();
+    assert_eq!(String::from_utf8(c.roundtrip(&batch, 3)).unwrap(), format!("$1\r\nv\r\n$202\r\n{big}|f\r\n$1\r\nv\r\n"));
+    // A sample of 1 is every reply.
+    drop(proxy);
+    let dir = probe_dir(&[("f", "[config]\ntag = \"f\"\ncommands = \"get\"\nresponses = true\nfilter = \"1 0 false\"\ncount = false\n")]);
+    let proxy = Respire::start(&redis.addr(), &["--plugins", dir.path().to_str().unwrap(), "--workers", "1"]);
+    let mut c = Raw::connect(proxy.port);
+    assert_eq!(get(&mut c, "small"), "$3\r\nv|f\r\n");
+}
+
+#[test]
+fn a_sampled_response_hook_sees_about_one_reply_in_the_sample() {
+    let redis = RedisServer::start();
+    let dir = probe_dir(&[("s", "[config]\ntag = \"s\"\ncommands = \"get\"\nresponses = true\nobserve = true\nfilter = \"10 0 false\"\ncount = false\n")]);
+    let port = respire_tests::free_port();
+    let proxy = Respire::start(&redis.addr(), &["--plugins", dir.path().to_str().unwrap(), "--metrics", &format!("127.0.0.1:{port}"), "--workers", "1"]);
+    let mut c = Raw::connect(proxy.port);
+    let batch: Vec<u8> = (0..100).flat_map(|_| resp(&[b"GET", b"k"])).collect();
+    for _ in 0..50 {
+        assert_eq!(c.roundtrip(&batch, 100), "$-1\r\n".repeat(100).as_bytes());
+    }
+    assert_eq!(c.roundtrip(&resp(&[b"PING"]), 1), b"+PONG\r\n");
+    let (_, body) = respire_tests::http_get(port, "/metrics");
+    let seen = respire_tests::metric_value(&body, "respire_plugin_s_reply_seconds_count").unwrap_or(0.0);
+    // 5,000 replies, one in 10 on average: 500, with a standard deviation of about 21.
+    assert!((380.0..=620.0).contains(&seen), "{seen} of 5000 replies sampled: {body}");
 }

@@ -199,6 +199,9 @@ fn traffic_metrics_by_command_prefix_and_error() {
     for k in ["users:1", "orders:1", "carts:1"] {
         assert_eq!(text(&mut p, &[b"GET", k.as_bytes()]), "$-1\r\n");
     }
+    // Metrics recorded for a reply are flushed at the end of the event-loop turn it was written
+    // in: any later command on the connection comes after that.
+    assert_eq!(text(&mut p, &[b"PING"]), "+PONG\r\n");
     let (status, body) = respire_tests::http_get(port, "/metrics");
     assert_eq!(status, 200);
     let v = |s: &str| respire_tests::metric_value(&body, s);
@@ -356,6 +359,9 @@ fn hot_and_big_keys_across_workers() {
     // The big key: seen when written (3000 bytes of argument) and when read.
     assert_eq!(text(&mut b, &[b"STRLEN", b"big:1"]), ":3000\r\n");
     assert!(text(&mut b, &[b"GET", b"big:1"]).starts_with("$3000\r\n"));
+    // The hook observes the reply once it is written, in the same turn: a later command on b
+    // comes after it.
+    assert_eq!(text(&mut b, &[b"PING"]), "+PONG\r\n");
     assert_eq!(text(&mut a, &[b"METRICS.BIGKEYS"]), "*1\r\n*2\r\n$5\r\nbig:1\r\n:3009\r\n");
     assert!(text(&mut a, &[b"METRICS.BIGKEYS", b"x"]).starts_with("-ERR value is not an integer"));
     // Both as gauges, published when a window with traffic rolls over.

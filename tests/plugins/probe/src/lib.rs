@@ -14,9 +14,22 @@
 //!   command alone (its continues, rate-limit takes and `dangerous` refusals), and records no
 //!   `calls_total` metric (a request with metric changes is not repeated).
 //!
+//! - `observe = true` (with `responses`): the response hook only observes (its `|tag`
+//!   replacements must then be ignored);
+//! - `filter = "SAMPLE MIN_BYTES ERRORS"` (with `responses`): which replies the hook gets,
+//!   e.g. `"0 100 false"`;
+//! - `traffic = true`: traffic metrics respire records itself, `t_commands_total{command,
+//!   prefix, result}`, `t_errors_total{code}`, and histograms `t_latency_seconds{command}`,
+//!   `t_request_bytes{command}`, `t_reply_bytes{command}` (`max_key_prefixes = N`: the cap);
+//! - `requests = false`: no request hook;
+//! - `bad_traffic = true`: a traffic metric that does not fit its metric (a latency on a counter).
+//!
 //! Every request-hook call adds 1 to the shared counter `calls` (a host call) and to the
 //! metric `calls_total{command}` (an effect). `ECHO probe:<tag>:calls` answers the counter.
-use respire_sdk::{Category, Client, Command, Effects, KeyAccess, LimiterId, Manifest, Metric, MetricId, Plugin, Reply, RequestAction, ResponseAction, host, reply};
+use respire_sdk::{
+    Category, Client, Command, Effects, KeyAccess, LimiterId, Manifest, Metric, MetricId, Plugin, Reply, RequestAction, ResponseAction, TrafficLabel,
+    TrafficValue, host, reply,
+};
 
 const CALLS: MetricId = MetricId(0);
 const LATENCY: MetricId = MetricId(1);
@@ -61,7 +74,35 @@ impl Plugin for Probe {
         manifest = manifest.limiter("per-client", rate.unwrap_or(1.0), burst);
         let responses = setting(config, "responses") == Some("true");
         if responses {
-            manifest = manifest.with_responses();
+            manifest = if setting(config, "observe") == Some("true") { manifest.observing_responses() } else { manifest.with_responses() };
+        }
+        if let Some(f) = setting(config, "filter") {
+            let f: Vec<&str> = f.split_whitespace().collect();
+            let [sample, min_bytes, errors] = f[..] else { return Err("filter: SAMPLE MIN_BYTES ERRORS".into()) };
+            manifest = manifest.response_filter(sample.parse().map_err(|_| "filter: sample")?, min_bytes.parse().map_err(|_| "filter: min_bytes")?, errors == "true");
+        }
+        if setting(config, "traffic") == Some("true") {
+            let (c, e, l, q, r) = (MetricId(2), MetricId(3), MetricId(4), MetricId(5), MetricId(6));
+            manifest = manifest
+                .metric(Metric::counter("t_commands_total", "Commands").labels(&["command", "prefix", "result"]))
+                .metric(Metric::counter("t_errors_total", "Errors").labels(&["code"]))
+                .metric(Metric::histogram("t_latency_seconds", "Latency").labels(&["command"]))
+                .metric(Metric::histogram("t_request_bytes", "Command sizes").labels(&["command"]).buckets(&[10.0, 100.0]))
+                .metric(Metric::histogram("t_reply_bytes", "Reply sizes").labels(&["command"]).buckets(&[10.0, 100.0]))
+                .traffic(c, TrafficValue::Count, &[TrafficLabel::Command, TrafficLabel::KeyPrefix(1), TrafficLabel::Result])
+                .traffic(e, TrafficValue::Count, &[TrafficLabel::ErrorCode])
+                .traffic(l, TrafficValue::Latency, &[TrafficLabel::Command])
+                .traffic(q, TrafficValue::RequestBytes, &[TrafficLabel::Command])
+                .traffic(r, TrafficValue::ReplyBytes, &[TrafficLabel::Command]);
+            if let Some(n) = setting(config, "max_key_prefixes") {
+                manifest = manifest.max_key_prefixes(n.parse().map_err(|_| "max_key_prefixes")?);
+            }
+        }
+        if setting(config, "requests") == Some("false") {
+            manifest = manifest.without_requests();
+        }
+        if setting(config, "bad_traffic") == Some("true") {
+            manifest = manifest.traffic(CALLS, TrafficValue::Latency, &[TrafficLabel::Command]);
         }
         let prefix = setting(config, "prefix").map(|p| p.as_bytes().to_vec());
         let limit_all = setting(config, "limit_by") == Some("all");

@@ -1,0 +1,271 @@
+//! Traffic metrics: metrics a plugin declares once in its manifest (`traffic`) and respire
+//! records itself for every reply to the commands the plugin sees, without a call.
+//!
+//! Per reply the cost is one lookup — the command's number, its result (and error code) and
+//! its key prefix, packed into a few bytes, usually equal to the last reply's — and one update
+//! per metric, applied to this worker's series ([`LocalMetrics`]) and flushed once per turn of
+//! the event loop. Labels are made (and series numbered) only the first time a combination is
+//! seen.
+
+use std::collections::HashSet;
+use std::rc::Rc;
+use std::sync::Mutex;
+
+use rustc_hash::FxHashMap;
+
+use super::bindings::respire::plugin::types::{Manifest, MetricKind, TrafficLabel, TrafficMetric, TrafficValue};
+use super::{LocalMetrics, PluginCtx};
+
+/// The label of key prefixes past the plugin's `max-key-prefixes`, and of commands respire
+/// does not know.
+const OTHER: &str = "other";
+
+/// Most label combinations a worker remembers per plugin (beyond, it starts over).
+const MAX_REMEMBERED: usize = 4096;
+
+/// A plugin's traffic metrics, checked against its declared metrics.
+pub(super) struct Traffic {
+    defs: Vec<TrafficMetric>,
+    /// The most key segments a `key-prefix` label takes (0: no such label).
+    segments: usize,
+    /// Some metric is labelled by error code.
+    by_code: bool,
+    max_prefixes: usize,
+    /// Key prefixes given a label of their own so far (by every worker).
+    labelled: Mutex<HashSet<String>>,
+}
+
+impl Traffic {
+    /// Checks the manifest's traffic metrics: each names a declared metric of the right kind
+    /// (a counter for `count`, a histogram for the rest) and gives each of its labels a source.
+    pub(super) fn check(manifest: &Manifest) -> Result<Traffic, String> {
+        let mut segments = 0;
+        let mut by_code = false;
+        for (i, t) in manifest.traffic.iter().enumerate() {
+            let Some(m) = manifest.metrics.get(t.metric as usize) else {
+                return Err(format!("traffic metric #{i} names metric #{}, which is not declared", t.metric));
+            };
+            let kind_ok = match t.value {
+                TrafficValue::Count => matches!(m.kind, MetricKind::Counter),
+                _ => matches!(m.kind, MetricKind::Histogram),
+            };
+            if !kind_ok {
+                let want = if matches!(t.value, TrafficValue::Count) { "a counter" } else { "a histogram" };
+                return Err(format!("traffic metric #{i} ({}): {} needs {want}", m.name, value_name(t.value)));
+            }
+            if t.labels.len() != m.labels.len() {
+                return Err(format!("traffic metric #{i} ({}): {} label sources for {} labels", m.name, t.labels.len(), m.labels.len()));
+            }
+            for l in &t.labels {
+                match l {
+                    TrafficLabel::KeyPrefix(0) => return Err(format!("traffic metric #{i} ({}): a key prefix needs at least one segment", m.name)),
+                    TrafficLabel::KeyPrefix(n) => segments = segments.max(*n as usize),
+                    TrafficLabel::ErrorCode => by_code = true,
+                    TrafficLabel::Command | TrafficLabel::Result => {}
+                }
+            }
+        }
+        Ok(Traffic {
+            defs: manifest.traffic.clone(),
+            segments,
+            by_code,
+            max_prefixes: manifest.max_key_prefixes as usize,
+            labelled: Mutex::default(),
+        })
+    }
+
+    /// Whether the plugin declared any.
+    pub(super) fn is_empty(&self) -> bool {
+        self.defs.is_empty()
+    }
+
+    /// The label of a key prefix: itself, or `other` past the cap.
+    fn prefix_label(&self, prefix: &str) -> String {
+        let mut labelled = self.labelled.lock().unwrap_or_else(|p| p.into_inner());
+        if labelled.contains(prefix) {
+            return prefix.to_string();
+        }
+        if labelled.len() < self.max_prefixes {
+            labelled.insert(prefix.to_string());
+            return prefix.to_string();
+        }
+        OTHER.to_string()
+    }
+}
+
+/// A traffic value as the contract names it.
+pub(super) fn value_name(v: TrafficValue) -> &'static str {
+    match v {
+        TrafficValue::Count => "count",
+        TrafficValue::Latency => "latency",
+        TrafficValue::RequestBytes => "request-bytes",
+        TrafficValue::ReplyBytes => "reply-bytes",
+    }
+}
+
+/// A traffic label as the contract names it.
+pub(super) fn label_name(l: &TrafficLabel) -> String {
+    match l {
+        TrafficLabel::Command => "command".to_string(),
+        TrafficLabel::KeyPrefix(n) => format!("key-prefix({n})"),
+        TrafficLabel::Result => "result".to_string(),
+        TrafficLabel::ErrorCode => "error-code".to_string(),
+    }
+}
+
+/// What the traffic metrics of one reply are made of.
+pub(super) struct ReplyFacts<'a> {
+    /// The command's number for metrics labels ([`crate::stats::OTHER`]: unknown).
+    pub name_id: u16,
+    pub cmd: &'a crate::protocol::Command,
+    /// Its first key.
+    pub first_key: Option<&'a [u8]>,
+    /// The reply the client gets.
+    pub reply: &'a [u8],
+    /// From reading the command to the reply.
+    pub seconds: f64,
+}
+
+/// A worker's series of one plugin's traffic metrics, by what labels them.
+#[derive(Default)]
+pub(super) struct TrafficCache {
+    /// Per packed key (see [`TrafficCache::pack`]): the series of each traffic metric (none
+    /// where it does not apply, as a metric by error code to a reply that is not an error).
+    known: FxHashMap<Box<[u8]>, Rc<[Option<u32>]>>,
+    scratch: Vec<u8>,
+    /// The last reply's key and series: a batch is mostly runs of one command on one prefix.
+    last: Vec<u8>,
+    last_series: Rc<[Option<u32>]>,
+}
+
+/// The error code of an error reply (`ERR`, `WRONGTYPE` …): `-CODE text` or RESP3's `!len` blob.
+fn error_code(reply: &[u8]) -> Option<&[u8]> {
+    let text = match reply.first()? {
+        b'-' => reply.get(1..)?,
+        b'!' => {
+            let start = memchr::memchr(b'\n', reply)? + 1;
+            reply.get(start..)?
+        }
+        _ => return None,
+    };
+    let end = text.iter().position(|b| *b == b' ' || *b == b'\r').unwrap_or(text.len());
+    Some(&text[..end])
+}
+
+/// The first `n` `:`-separated segments of `key`.
+fn prefix_of(key: &[u8], n: usize) -> &[u8] {
+    let mut seen = 0;
+    for (i, b) in key.iter().enumerate() {
+        if *b == b':' {
+            seen += 1;
+            if seen == n {
+                return &key[..i];
+            }
+        }
+    }
+    key
+}
+
+impl TrafficCache {
+    /// Packs what labels a reply into `scratch`: the command number, whether it is an error, the
+    /// error code when a metric is labelled by it, and the first key's prefix.
+    fn pack(&mut self, t: &Traffic, f: &ReplyFacts<'_>, code: Option<&[u8]>) {
+        let s = &mut self.scratch;
+        s.clear();
+        s.extend_from_slice(&f.name_id.to_le_bytes());
+        s.push(u8::from(code.is_some()));
+        let code = if t.by_code { code.unwrap_or_default() } else { &[] };
+        let code = &code[..code.len().min(255)];
+        s.push(code.len() as u8);
+        s.extend_from_slice(code);
+        if t.segments > 0 {
+            match f.first_key {
+                Some(k) => {
+                    s.push(1);
+                    s.extend_from_slice(prefix_of(k, t.segments));
+                }
+                None => s.push(0),
+            }
+        }
+    }
+
+    /// Records one reply's traffic metrics into the worker's series.
+    pub(super) fn record(&mut self, ctx: &PluginCtx, local: &mut LocalMetrics, f: &ReplyFacts<'_>) {
+        let t = &ctx.traffic;
+        let code = error_code(f.reply);
+        self.pack(t, f, code);
+        if self.scratch != self.last || self.last_series.len() != t.defs.len() {
+            let series = match self.known.get(self.scratch.as_slice()) {
+                Some(s) => s.clone(),
+                None => {
+                    let s = series_of(ctx, f, code);
+                    if self.known.len() >= MAX_REMEMBERED {
+                        self.known.clear();
+                    }
+                    self.known.insert(self.scratch.clone().into_boxed_slice(), s.clone());
+                    s
+                }
+            };
+            self.last.clone_from(&self.scratch);
+            self.last_series = series;
+        }
+        let mut request_bytes = None;
+        for (def, series) in t.defs.iter().zip(self.last_series.iter()) {
+            let Some(series) = *series else { continue };
+            let value = match def.value {
+                TrafficValue::Count => 1.0,
+                TrafficValue::Latency => f.seconds,
+                TrafficValue::ReplyBytes => f.reply.len() as f64,
+                TrafficValue::RequestBytes => *request_bytes.get_or_insert_with(|| command_bytes(f.cmd)) as f64,
+            };
+            ctx.apply_one(local, series, value);
+        }
+    }
+}
+
+/// Bytes of a command's name and arguments.
+pub(super) fn command_bytes(cmd: &crate::protocol::Command) -> usize {
+    cmd.iter().map(<[u8]>::len).sum()
+}
+
+/// The series of every traffic metric for a reply (made when new).
+fn series_of(ctx: &PluginCtx, f: &ReplyFacts<'_>, code: Option<&[u8]>) -> Rc<[Option<u32>]> {
+    let t = &ctx.traffic;
+    let command = if f.name_id == crate::stats::OTHER { OTHER.to_string() } else { String::from_utf8_lossy(f.cmd.name()).to_ascii_lowercase() };
+    t.defs
+        .iter()
+        .map(|def| {
+            let mut labels = Vec::with_capacity(def.labels.len());
+            for l in &def.labels {
+                labels.push(match l {
+                    TrafficLabel::Command => command.clone(),
+                    TrafficLabel::Result => if code.is_some() { "error" } else { "ok" }.to_string(),
+                    TrafficLabel::ErrorCode => String::from_utf8_lossy(code?).into_owned(),
+                    TrafficLabel::KeyPrefix(n) => match f.first_key {
+                        Some(k) => t.prefix_label(&String::from_utf8_lossy(prefix_of(k, *n as usize))),
+                        None => String::new(),
+                    },
+                });
+            }
+            ctx.series_id(def.metric, labels)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_and_error_codes() {
+        assert_eq!(prefix_of(b"svc:user:42", 1), b"svc");
+        assert_eq!(prefix_of(b"svc:user:42", 2), b"svc:user");
+        assert_eq!(prefix_of(b"plain", 2), b"plain");
+        assert_eq!(prefix_of(b":lead", 1), b"");
+        assert_eq!(error_code(b"-WRONGTYPE Operation against a key\r\n"), Some(&b"WRONGTYPE"[..]));
+        assert_eq!(error_code(b"-ERR\r\n"), Some(&b"ERR"[..]));
+        assert_eq!(error_code(b"!21\r\nSYNTAX invalid syntax\r\n"), Some(&b"SYNTAX"[..]));
+        assert_eq!(error_code(b"+OK\r\n"), None);
+        assert_eq!(error_code(b"$5\r\n-ERR \r\n"), None);
+    }
+}
