@@ -304,7 +304,39 @@ impl PluginCtx {
     }
 
     /// Applies one update through this worker's series.
+    #[inline]
     fn apply_one(&self, local: &mut LocalMetrics, series: u32, value: f64) {
+        // The common case first: a known counter or histogram and a finite value.
+        let i = series as usize;
+        if let (Some(Some(entry)), Some(dirty)) = (local.series.get_mut(i), local.dirty.get_mut(i))
+            && value.is_finite()
+        {
+            let done = match entry {
+                LocalSeries::Counter(c) if value >= 0.0 => {
+                    c.inc_by(value);
+                    true
+                }
+                LocalSeries::Histogram(h) => {
+                    h.observe(value);
+                    true
+                }
+                _ => false,
+            };
+            if done {
+                if !*dirty {
+                    *dirty = true;
+                    local.touched.push(series);
+                }
+                return;
+            }
+        }
+        self.apply_slow(local, series, value);
+    }
+
+    /// [`PluginCtx::apply_one`] for the rest: a series seen for the first time, a gauge, a
+    /// value that cannot be applied.
+    #[inline(never)]
+    fn apply_slow(&self, local: &mut LocalMetrics, series: u32, value: f64) {
         let i = series as usize;
         if local.series.len() <= i {
             if i >= MAX_SERIES_IDS {
