@@ -1589,26 +1589,103 @@ fn keys_under(prefixes: &[Vec<u8>], cmd: &crate::protocol::Command, keys: &[(u32
 }
 
 impl PluginSet {
-    /// Whether some plugin of the set would run a hook for this command as the client sent
-    /// it: the request chain's own test, made before handing the command to the plugin stage
-    /// so that commands no plugin asked for (or outside every plugin's key prefixes) skip it.
-    /// Commands the table does not know are always handed over.
-    pub fn any_sees(&self, cmd: &crate::protocol::Command, info: Option<&crate::commands::CommandInfo>) -> bool {
-        let Some(info) = info else { return !self.plugins.is_empty() };
+    /// Calls `f` with each plugin that sees a command the table knows, as the client sent it
+    /// (by its index, and whether it has a request hook for it or serves it), in chain order
+    /// until `f` says to stop: the request chain's own test. Gives back the command's keys when
+    /// they were needed (for key prefixes).
+    fn for_each_seeing(
+        &self,
+        cmd: &crate::protocol::Command,
+        info: &crate::commands::CommandInfo,
+        mut f: impl FnMut(usize, bool) -> bool,
+    ) -> Option<SmallVec<[(u32, u8); 2]>> {
         let name = lower_name(cmd, Some(info));
         let mut keys: Option<SmallVec<[(u32, u8); 2]>> = None;
-        self.plugins.iter().any(|p| {
+        for (pi, p) in self.plugins.iter().enumerate() {
             if !p.manifest.serves.is_empty() && p.manifest.serves.iter().any(|v| *v == *name) {
-                return true;
+                if f(pi, true) {
+                    break;
+                }
+                continue;
             }
             if !(p.manifest.on_request || p.responds) || !p.wants(&name, info.category_bits) {
-                return false;
+                continue;
             }
-            match &p.key_prefixes {
+            let in_scope = match &p.key_prefixes {
                 None => true,
                 Some(prefixes) => keys_under(prefixes, cmd, keys.get_or_insert_with(|| key_list(cmd, Some(info)))),
+            };
+            if in_scope && f(pi, p.manifest.on_request) {
+                break;
             }
-        })
+        }
+        keys
+    }
+
+    /// Whether some plugin of the set would run a hook for this command as the client sent
+    /// it, or record its traffic. Commands the table does not know always count as seen.
+    pub fn any_sees(&self, cmd: &crate::protocol::Command, info: Option<&crate::commands::CommandInfo>) -> bool {
+        let Some(info) = info else { return !self.plugins.is_empty() };
+        let mut seen = false;
+        self.for_each_seeing(cmd, info, |_, _| {
+            seen = true;
+            true
+        });
+        seen
+    }
+
+    /// What the chain would decide for a command as the client sent it, when that needs no
+    /// request hook: `Some` with "continue" and the response side owed (none when no plugin
+    /// sees the command), `None` when a request hook (or a command a plugin serves) applies
+    /// and the command must go through the plugin stage. Made before handing a command over,
+    /// so that a batch no request hook asked for — commands no plugin wants, or only plugins
+    /// with a response side — skips the stage. Commands the table does not know always go
+    /// through. `start`: when respire read the command.
+    pub fn decide_without_chain(
+        set: &Arc<PluginSet>,
+        cmd: &crate::protocol::Command,
+        info: Option<&crate::commands::CommandInfo>,
+        start: std::time::Instant,
+    ) -> Option<(Decision, Option<Box<ResponseChain>>)> {
+        let continue_ = || Decision::Continue { rewritten: None, cache: None, gate: None };
+        let Some(info) = info else { return set.plugins.is_empty().then(|| (continue_(), None)) };
+        let mut responses: SmallVec<[u16; 4]> = SmallVec::new();
+        let mut request = false;
+        let keys = set.for_each_seeing(cmd, info, |pi, has_request| {
+            request |= has_request;
+            responses.push(pi as u16);
+            has_request
+        });
+        if request {
+            return None;
+        }
+        if responses.is_empty() {
+            return Some((continue_(), None));
+        }
+        let keys = keys.unwrap_or_else(|| key_list(cmd, Some(info)));
+        Some((continue_(), Some(Box::new(ResponseChain::new(set, responses, cmd.clone(), Some(info), keys, start)))))
+    }
+}
+
+impl ResponseChain {
+    fn new(
+        set: &Arc<PluginSet>,
+        plugins: SmallVec<[u16; 4]>,
+        cmd: crate::protocol::Command,
+        info: Option<&crate::commands::CommandInfo>,
+        keys: SmallVec<[(u32, u8); 2]>,
+        start: std::time::Instant,
+    ) -> ResponseChain {
+        ResponseChain {
+            set: set.clone(),
+            plugins,
+            due: SmallVec::new(),
+            name_id: info.map_or(crate::stats::OTHER, |i| i.id),
+            categories: info.map_or(0, |i| i.category_bits),
+            keys,
+            cmd,
+            start,
+        }
     }
 }
 
@@ -1888,16 +1965,7 @@ impl WorkerPlugins {
                     it.keys();
                     let keys = it.keys.take().unwrap_or_default();
                     let cmd = it.cmd().clone();
-                    Some(Box::new(ResponseChain {
-                        set: set.clone(),
-                        plugins: it.responses,
-                        due: SmallVec::new(),
-                        name_id: it.info.map_or(crate::stats::OTHER, |i| i.id),
-                        categories: it.info.map_or(0, |i| i.category_bits),
-                        keys,
-                        cmd,
-                        start: now,
-                    }))
+                    Some(Box::new(ResponseChain::new(set, it.responses, cmd, it.info, keys, now)))
                 };
                 // Refused or answered by a plugin: shared buckets are not asked; local tokens stay
                 // taken, as for any refusal by a later plugin.

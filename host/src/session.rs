@@ -765,18 +765,38 @@ impl Session {
             // (AUTH, SELECT, CLIENT SETNAME …) ends the batch.
             let mut batch: Vec<crate::stage::ResolvedCommand> = Vec::new();
             // Whether the plugins see each command, found with its kind in the same lookup
-            // (which then goes with the command to the stage and to `handle_with`).
+            // (which then goes with the command to the stage and to `handle_with`); and, while
+            // no command of the batch needs a request hook, their decisions (see `run_batch`).
             let mut seen: Vec<bool> = Vec::new();
+            let mut pre: Option<Vec<PreDecision>> = Some(Vec::new());
             let mut bytes = 0;
             let table = self.worker.shared.commands;
-            let set = self.worker.shared.plugins.load();
+            let set = self.worker.shared.plugins.load_full();
+            let start = self.batch_start.into_std();
             loop {
                 match self.parser.parse(&mut self.inbuf, &self.worker.shared.limits, self.authenticated) {
                     Ok(Some(cmd)) => {
                         let res = table.resolve(&cmd);
                         let kind = res.spec.kind;
-                        // A command no plugin asked for skips the stage (decided: continue).
-                        seen.push(self.plugins_see(res.spec) && set.any_sees(&cmd, res.info));
+                        if !self.plugins_see(res.spec) {
+                            seen.push(false);
+                            if let Some(p) = pre.as_mut() {
+                                p.push(crate::stage::unseen());
+                            }
+                        } else if let Some(p) = pre.as_mut() {
+                            match crate::plugin::PluginSet::decide_without_chain(&set, &cmd, res.info, start) {
+                                Some(d) => {
+                                    seen.push(d.1.is_some());
+                                    p.push(d);
+                                }
+                                None => {
+                                    seen.push(true);
+                                    pre = None;
+                                }
+                            }
+                        } else {
+                            seen.push(set.any_sees(&cmd, res.info));
+                        }
                         bytes += cmd.raw().len();
                         batch.push((cmd, res));
                         let ends = matches!(
@@ -799,7 +819,7 @@ impl Session {
             if batch.is_empty() {
                 break;
             }
-            self.run_batch(batch, seen);
+            self.run_batch(batch, seen, pre);
         }
         self.held_back = self.pipeline_full() && (!self.inbuf.is_empty() || !self.deferred.is_empty());
     }
@@ -817,12 +837,14 @@ impl Session {
     /// The hooks run in the worker's plugin stage, together with the other sessions' commands
     /// of this turn of the event loop: the session waits for the decisions (reading nothing
     /// meanwhile), then handles the commands in order.
-    /// `seen`: whether the plugins see each command (see `plugins_see`).
-    fn run_batch(&mut self, batch: Vec<crate::stage::ResolvedCommand>, seen: Vec<bool>) {
+    /// `seen`: whether the plugins see each command (see `plugins_see`); `pre`: every
+    /// command's decision when none needs a request hook (see
+    /// [`crate::plugin::PluginSet::decide_without_chain`]): the batch then goes on at once.
+    fn run_batch(&mut self, batch: Vec<crate::stage::ResolvedCommand>, seen: Vec<bool>, pre: Option<Vec<PreDecision>>) {
         let worker = self.worker.clone();
-        if !seen.iter().any(|s| *s) {
-            for cmd in batch {
-                self.take_decided(cmd, Some(crate::stage::unseen()));
+        if let Some(pre) = pre {
+            for (cmd, pre) in batch.into_iter().zip(pre) {
+                self.take_decided(cmd, Some(pre));
             }
             return;
         }

@@ -9,6 +9,9 @@
 //! session that was ready in this turn has handed its share over. It then calls each plugin
 //! once for all of them and hands every session its decisions back.
 //!
+//! A batch whose commands no request hook asks for (no plugin sees them, or only plugins with
+//! a response side do) does not come here: the session decides it itself.
+//!
 //! Order is kept per session: a session waiting for its decisions reads nothing further, and
 //! one waiting for its replies' hooks writes no later reply before them. Replies for hooks
 //! that only observe are written at once: the stage gets copies and nobody waits for them.
