@@ -267,7 +267,11 @@ fn a_deep_pipeline_is_paced_by_max_pipeline_and_keeps_order() {
 
 #[test]
 fn a_subscriber_that_never_reads_is_disconnected_and_others_get_every_message() {
-    let redis = RedisServer::start();
+    // Redis's own pubsub output limit (32 MB) would apply to respire's shared subscriber
+    // connection: on a slow machine the stuck client's worker has fallen that far behind the
+    // 64 MiB burst and Redis cut it, so the stuck client never reached respire's limit. This
+    // test is about respire's limit.
+    let redis = RedisServer::start_with(&["--client-output-buffer-limit", "pubsub 0 0 0"]);
     let proxy = respire_with(&redis, "[client_output_buffer_limit]\npubsub = \"16mb 0 0\"\n");
     let mut stuck = Raw::connect(proxy.port);
     stuck.send(&resp(&[b"SUBSCRIBE", b"news"]));
