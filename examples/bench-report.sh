@@ -16,6 +16,9 @@
 #   memory      10,000 idle connections (each PINGs once): RSS per connection for respire,
 #               Redis and twemproxy
 #   workers     respire with 1 and 2 workers, nothing pinned: GET pipeline 16 and the mix
+#   pubsub      1 and 50 subscribers through the target, one publisher on Redis, 64-byte
+#               messages (loadgen --subscribers): messages/s per subscriber, delivery latency,
+#               proxy CPU per million deliveries (twemproxy has no pub/sub)
 #
 #   bash examples/bench-report.sh
 #   ROUNDS=5 REQUESTS=500000 SECTIONS="throughput mix" bash examples/bench-report.sh
@@ -25,7 +28,7 @@ cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 REQUESTS=${REQUESTS:-200000}
 PIN=${PIN:-1}
-SECTIONS=${SECTIONS:-"throughput mix latency memory workers"}
+SECTIONS=${SECTIONS:-"throughput mix latency memory workers pubsub"}
 IDLE=${IDLE:-10000}
 LATENCY_SECONDS=${LATENCY_SECONDS:-5}
 
@@ -233,5 +236,30 @@ if has workers; then
     g=$(med "${ops[wk,get,$name]}"); m=$(med "${ops[wk,mix,$name]}")
     label=$name; [ "$name" = w1 ] && label="respire, 1 worker"; [ "$name" = w2 ] && label="respire, 2 workers"
     echo "| $label | $(fmt "$g" 0) | $(fmt "$(echo "$g / $dg" | bc -l)") | $(fmt "$m" 0) | $(fmt "$(echo "$m / $dm" | bc -l)") |"
+  done
+fi
+
+if has pubsub; then
+  messages=$((REQUESTS / 2))
+  for round in $(seq "$ROUNDS"); do
+    for n in 1 50; do for name in direct respire plugins; do
+      measure "ps,$n,$name" "$name" 0 load --subscribers "$n" --publish-port "$redis_port" --requests "$messages" --size 64 --pipeline 16
+    done; done
+    echo "pubsub: round $round of $ROUNDS done" >&2
+  done
+  echo
+  echo "## Pub/sub fan-out: $messages PUBLISHes of 64 bytes on Redis, subscribers through the target (loadgen --subscribers)"
+  echo
+  echo "The publisher stays within 1,000 messages of the slowest subscriber; latency is from PUBLISH to delivery."
+  echo
+  echo "| subscribers | target | messages/s per subscriber | × direct | p50 µs | p99 µs | proxy CPU s per M deliveries |"
+  echo "|---:|---|---:|---:|---:|---:|---:|"
+  for n in 1 50; do
+    d=$(med "${ops[ps,$n,direct]}")
+    for name in direct respire plugins; do
+      k="ps,$n,$name"; o=$(med "${ops[$k]}")
+      cp="–"; [ -n "${cpu[$k]:-}" ] && cp=$(fmt "$(med "${cpu[$k]}")")
+      echo "| $n | $name | $(fmt "$o" 0) | $(fmt "$(echo "$o / $d" | bc -l)") | $(med "${p50[$k]}") | $(med "${p99[$k]}") | $cp |"
+    done
   done
 fi

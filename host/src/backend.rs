@@ -44,7 +44,9 @@ pub enum BackendError {
         reason: String,
     },
     /// The connection broke after the request was sent: it may or may not have run.
-    #[error("ERR respire: connection to backend {addr} was lost ({reason}); the command may or may not have run")]
+    #[error(
+        "ERR respire: connection to backend {addr} was lost ({reason}); the command may or may not have run"
+    )]
     Lost {
         /// The node.
         addr: Arc<str>,
@@ -84,10 +86,15 @@ impl ReplyRx {
 impl std::future::Future for ReplyRx {
     type Output = Result<Reply, channel::RecvError>;
 
-    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
         match self.get_mut() {
             ReplyRx::Local(rx) => std::pin::Pin::new(rx).poll(cx),
-            ReplyRx::Remote(rx) => std::pin::Pin::new(rx).poll(cx).map(|r| r.map_err(|_| channel::RecvError)),
+            ReplyRx::Remote(rx) => std::pin::Pin::new(rx)
+                .poll(cx)
+                .map(|r| r.map_err(|_| channel::RecvError)),
         }
     }
 }
@@ -147,16 +154,24 @@ static BACKEND_VERSION: Mutex<Option<String>> = Mutex::new(None);
 
 /// The Redis version of the backend, once a connection has learnt it.
 pub fn backend_version() -> String {
-    BACKEND_VERSION.lock().ok().and_then(|v| v.clone()).unwrap_or_else(|| "7.0.0".to_string())
+    BACKEND_VERSION
+        .lock()
+        .ok()
+        .and_then(|v| v.clone())
+        .unwrap_or_else(|| "7.0.0".to_string())
 }
 
 /// Opens the transport to a node: TCP, and TLS when configured (no Redis handshake).
 pub async fn open(node: &NodeSettings) -> Result<Stream, String> {
-    let tcp = TcpStream::connect(&*node.addr).await.map_err(|e| e.to_string())?;
+    let tcp = TcpStream::connect(&*node.addr)
+        .await
+        .map_err(|e| e.to_string())?;
     tcp.set_nodelay(true).map_err(|e| e.to_string())?;
     match &node.tls {
         None => Ok(Stream::Tcp(tcp)),
-        Some(tls) => Ok(Stream::TlsClient(Box::new(tls.connect(&node.addr, tcp).await?))),
+        Some(tls) => Ok(Stream::TlsClient(Box::new(
+            tls.connect(&node.addr, tcp).await?,
+        ))),
     }
 }
 
@@ -256,7 +271,11 @@ impl BackendConn {
     /// Starts the connection's task on the current worker (connects on first use).
     pub fn spawn(node: Rc<NodeSettings>, key: ConnKey, mode: Mode) -> BackendConn {
         let (tx, rx) = channel::queue();
-        let state = Rc::new(ConnState { alive: Cell::new(true), connected: Cell::new(false), failing: RefCell::new(None) });
+        let state = Rc::new(ConnState {
+            alive: Cell::new(true),
+            connected: Cell::new(false),
+            failing: RefCell::new(None),
+        });
         tokio::task::spawn_local(run(node.clone(), key, mode, rx, state.clone()));
         BackendConn { tx, state, node }
     }
@@ -271,13 +290,21 @@ impl BackendConn {
     /// Queues a request whose reply goes to `reply`.
     pub fn send_to(&self, data: Bytes, skip: u8, blocking: bool, reply: ReplyTx) {
         if !self.state.alive.get() {
-            return reply.send(Err(BackendError::Unavailable { addr: self.node.addr.clone(), reason: "connection closed".into() }));
+            return reply.send(Err(BackendError::Unavailable {
+                addr: self.node.addr.clone(),
+                reason: "connection closed".into(),
+            }));
         }
         if let Some(e) = self.state.failing.borrow().as_ref() {
             // The node is unreachable: fail at once rather than pile requests up.
             return reply.send(Err(e.clone()));
         }
-        self.tx.push(Request { data, skip, blocking, reply });
+        self.tx.push(Request {
+            data,
+            skip,
+            blocking,
+            reply,
+        });
     }
 
     /// The task is still running.
@@ -291,7 +318,13 @@ impl BackendConn {
     }
 }
 
-async fn run(node: Rc<NodeSettings>, key: ConnKey, mode: Mode, mut rx: QueueReceiver<Request>, state: Rc<ConnState>) {
+async fn run(
+    node: Rc<NodeSettings>,
+    key: ConnKey,
+    mode: Mode,
+    mut rx: QueueReceiver<Request>,
+    state: Rc<ConnState>,
+) {
     let mut backoff = node.reconnect_min;
     let mut failures = 0u32;
     // Connect lazily: wait for the first request.
@@ -337,14 +370,20 @@ async fn run(node: Rc<NodeSettings>, key: ConnKey, mode: Mode, mut rx: QueueRece
                 }
             }
             Err(reason) => {
-                stats.connects.with_label_values(&[&node.addr, "error"]).inc();
+                stats
+                    .connects
+                    .with_label_values(&[&node.addr, "error"])
+                    .inc();
                 failures += 1;
                 if failures == 1 {
                     warn!(backend = %node.addr, %reason, "cannot connect to backend");
                 } else {
                     debug!(backend = %node.addr, %reason, failures, "reconnect failed");
                 }
-                let err = BackendError::Unavailable { addr: node.addr.clone(), reason };
+                let err = BackendError::Unavailable {
+                    addr: node.addr.clone(),
+                    reason,
+                };
                 if let Some(req) = first.take() {
                     req.reply.send(Err(err.clone()));
                 }
@@ -376,7 +415,10 @@ async fn run(node: Rc<NodeSettings>, key: ConnKey, mode: Mode, mut rx: QueueRece
     }
     state.alive.set(false);
     for req in rx.drain() {
-        req.reply.send(Err(BackendError::Unavailable { addr: node.addr.clone(), reason: "connection closed".into() }));
+        req.reply.send(Err(BackendError::Unavailable {
+            addr: node.addr.clone(),
+            reason: "connection closed".into(),
+        }));
     }
 }
 
@@ -438,7 +480,12 @@ async fn serve(
             wbuf.extend_from_slice(&req.data);
             appended += req.data.len() as u64;
             used = true;
-            inflight.push_back(InFlight { reply: req.reply, skip: req.skip, end: appended, deadline: (!req.blocking).then_some(deadline) });
+            inflight.push_back(InFlight {
+                reply: req.reply,
+                skip: req.skip,
+                end: appended,
+                deadline: (!req.blocking).then_some(deadline),
+            });
             if wbuf.len() >= HIGH_WATER {
                 break;
             }
@@ -492,15 +539,24 @@ async fn serve(
         let written = appended - wbuf.len() as u64;
         for f in inflight.drain(..) {
             let e = if f.end <= written {
-                BackendError::Lost { addr: node.addr.clone(), reason: reason.clone() }
+                BackendError::Lost {
+                    addr: node.addr.clone(),
+                    reason: reason.clone(),
+                }
             } else {
-                BackendError::Unavailable { addr: node.addr.clone(), reason: reason.clone() }
+                BackendError::Unavailable {
+                    addr: node.addr.clone(),
+                    reason: reason.clone(),
+                }
             };
             f.reply.send(Err(e));
         }
         if let Some(req) = pending.take() {
             // Taken from the queue but never written: it did not reach Redis.
-            req.reply.send(Err(BackendError::Unavailable { addr: node.addr.clone(), reason: reason.clone() }));
+            req.reply.send(Err(BackendError::Unavailable {
+                addr: node.addr.clone(),
+                reason: reason.clone(),
+            }));
         }
     }
     end
@@ -508,7 +564,9 @@ async fn serve(
 
 fn dispatch_replies(rbuf: &mut BytesMut, inflight: &mut VecDeque<InFlight>) -> Result<(), String> {
     loop {
-        let Some(frame) = protocol::next_reply(rbuf).map_err(|e| e.to_string())? else { return Ok(()) };
+        let Some(frame) = protocol::next_reply(rbuf).map_err(|e| e.to_string())? else {
+            return Ok(());
+        };
         if frame.first() == Some(&b'>') {
             // Out-of-band push on a shared connection (never subscribed here): not a reply.
             continue;
@@ -538,7 +596,13 @@ pub struct Pool {
 impl Pool {
     /// A pool for `node` with `per_key` shared connections per key and up to `max_idle` idle exclusive ones.
     pub fn new(node: Rc<NodeSettings>, per_key: usize, max_idle: usize) -> Pool {
-        Pool { node, per_key: per_key.max(1), max_idle, shared: RefCell::default(), idle: RefCell::default() }
+        Pool {
+            node,
+            per_key: per_key.max(1),
+            max_idle,
+            shared: RefCell::default(),
+            idle: RefCell::default(),
+        }
     }
 
     /// The node this pool connects to.
@@ -550,7 +614,9 @@ impl Pool {
     pub fn shared(&self, key: ConnKey, sid: u64) -> BackendConn {
         let mut map = self.shared.borrow_mut();
         let conns = map.entry(key).or_insert_with(|| {
-            (0..self.per_key).map(|_| BackendConn::spawn(self.node.clone(), key, Mode::Shared)).collect()
+            (0..self.per_key)
+                .map(|_| BackendConn::spawn(self.node.clone(), key, Mode::Shared))
+                .collect()
         });
         let i = (sid % conns.len() as u64) as usize;
         conns[i].clone()

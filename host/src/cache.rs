@@ -59,13 +59,22 @@ struct Stats {
 static STATS: LazyLock<Stats> = LazyLock::new(|| {
     use crate::metrics::{int_counter, int_gauge};
     Stats {
-        hits: int_counter("respire_cache_hits_total", "Replies served from respire's response cache"),
-        misses: int_counter("respire_cache_misses_total", "Cacheable commands sent to Redis because the cache had no fresh reply"),
+        hits: int_counter(
+            "respire_cache_hits_total",
+            "Replies served from respire's response cache",
+        ),
+        misses: int_counter(
+            "respire_cache_misses_total",
+            "Cacheable commands sent to Redis because the cache had no fresh reply",
+        ),
         joined: int_counter(
             "respire_cache_single_flight_waits_total",
             "Cacheable commands that waited for a request already on its way to Redis instead of sending their own",
         ),
-        evictions: int_counter("respire_cache_evictions_total", "Cached replies dropped to stay within max_memory"),
+        evictions: int_counter(
+            "respire_cache_evictions_total",
+            "Cached replies dropped to stay within max_memory",
+        ),
         invalidations: int_counter(
             "respire_cache_invalidations_total",
             "Cached or pending replies dropped because one of their keys was written (through respire or on Redis)",
@@ -74,15 +83,29 @@ static STATS: LazyLock<Stats> = LazyLock::new(|| {
             "respire_cache_flushes_total",
             "Times the whole cache was dropped (a tracking connection lost, FLUSHALL, a settings change)",
         ),
-        bytes: int_gauge("respire_cache_bytes", "Bytes held by respire's response cache (keys, replies and bookkeeping)"),
-        entries: int_gauge("respire_cache_entries", "Replies held by respire's response cache"),
-        active: int_gauge("respire_cache_active", "1 when the response cache serves (a plugin uses it and every tracking connection is up)"),
+        bytes: int_gauge(
+            "respire_cache_bytes",
+            "Bytes held by respire's response cache (keys, replies and bookkeeping)",
+        ),
+        entries: int_gauge(
+            "respire_cache_entries",
+            "Replies held by respire's response cache",
+        ),
+        active: int_gauge(
+            "respire_cache_active",
+            "1 when the response cache serves (a plugin uses it and every tracking connection is up)",
+        ),
     }
 });
 
 /// Hits, misses, entries and bytes so far (for `INFO`).
 pub fn counters() -> (u64, u64, i64, i64) {
-    (STATS.hits.get(), STATS.misses.get(), STATS.entries.get(), STATS.bytes.get())
+    (
+        STATS.hits.get(),
+        STATS.misses.get(),
+        STATS.entries.get(),
+        STATS.bytes.get(),
+    )
 }
 
 /// How long to keep a reply, as the request hooks asked.
@@ -95,8 +118,15 @@ pub struct CacheFor {
 }
 
 enum State {
-    Pending { token: u64, waiters: Vec<oneshot::Sender<Reply>> },
-    Ready { reply: Bytes, expires: Instant, referenced: bool },
+    Pending {
+        token: u64,
+        waiters: Vec<oneshot::Sender<Reply>>,
+    },
+    Ready {
+        reply: Bytes,
+        expires: Instant,
+        referenced: bool,
+    },
 }
 
 struct Entry {
@@ -161,7 +191,10 @@ impl Default for Cache {
 
 /// Whether a reply counts as empty for `empty_ttl`.
 fn is_empty_reply(reply: &[u8]) -> bool {
-    matches!(reply, b"$-1\r\n" | b"*-1\r\n" | b"_\r\n" | b"*0\r\n" | b"%0\r\n" | b"~0\r\n" | b":0\r\n")
+    matches!(
+        reply,
+        b"$-1\r\n" | b"*-1\r\n" | b"_\r\n" | b"*0\r\n" | b"%0\r\n" | b"~0\r\n" | b":0\r\n"
+    )
 }
 
 /// The cache key of a command: database, protocol, lower-case name and arguments.
@@ -202,16 +235,28 @@ impl Cache {
     /// Whether replies for these keys may be kept (all under the plugins' prefixes).
     pub fn covers(&self, keys: &[Bytes]) -> bool {
         let prefixes = self.prefixes.load();
-        !keys.is_empty() && (prefixes.is_empty() || keys.iter().all(|k| prefixes.iter().any(|p| k.starts_with(p))))
+        !keys.is_empty()
+            && (prefixes.is_empty()
+                || keys
+                    .iter()
+                    .all(|k| prefixes.iter().any(|p| k.starts_with(p))))
     }
 
     /// Looks a command up; `keys` are the keys it reads (the first decides its shard). With
     /// `may_wait` false, a request already on its way is not waited for ([`Lookup::Off`]).
-    pub fn lookup(self: &Arc<Self>, ckey: Bytes, keys: Vec<Bytes>, how: CacheFor, may_wait: bool) -> Lookup {
+    pub fn lookup(
+        self: &Arc<Self>,
+        ckey: Bytes,
+        keys: Vec<Bytes>,
+        how: CacheFor,
+        may_wait: bool,
+    ) -> Lookup {
         if !self.is_active() {
             return Lookup::Off;
         }
-        let Some(first) = keys.first() else { return Lookup::Off };
+        let Some(first) = keys.first() else {
+            return Lookup::Off;
+        };
         let home = self.shard_of(first);
         let now = Instant::now();
         let token = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -219,13 +264,27 @@ impl Cache {
         {
             let mut s = self.lock(home);
             match s.entries.get_mut(&ckey) {
-                Some(Entry { state: State::Ready { reply, expires, referenced }, .. }) if *expires > now => {
+                Some(Entry {
+                    state:
+                        State::Ready {
+                            reply,
+                            expires,
+                            referenced,
+                        },
+                    ..
+                }) if *expires > now => {
                     *referenced = true;
                     STATS.hits.inc();
                     return Lookup::Hit(reply.clone());
                 }
-                Some(Entry { state: State::Pending { .. }, .. }) if !may_wait => return Lookup::Off,
-                Some(Entry { state: State::Pending { waiters, .. }, .. }) => {
+                Some(Entry {
+                    state: State::Pending { .. },
+                    ..
+                }) if !may_wait => return Lookup::Off,
+                Some(Entry {
+                    state: State::Pending { waiters, .. },
+                    ..
+                }) => {
                     let (tx, rx) = oneshot::channel();
                     waiters.push(tx);
                     STATS.joined.inc();
@@ -241,13 +300,27 @@ impl Cache {
             let size = ckey.len() + OVERHEAD + keys.iter().map(|k| k.len()).sum::<usize>();
             for k in &keys {
                 if self.shard_of(k) == home {
-                    s.by_key.entry(k.clone()).or_default().push((ckey.clone(), home as u8));
+                    s.by_key
+                        .entry(k.clone())
+                        .or_default()
+                        .push((ckey.clone(), home as u8));
                 }
             }
             s.bytes += size;
             STATS.bytes.add(size as i64);
             STATS.entries.inc();
-            s.entries.insert(ckey.clone(), Entry { id: token, keys: keys.clone(), state: State::Pending { token, waiters: Vec::new() }, size });
+            s.entries.insert(
+                ckey.clone(),
+                Entry {
+                    id: token,
+                    keys: keys.clone(),
+                    state: State::Pending {
+                        token,
+                        waiters: Vec::new(),
+                    },
+                    size,
+                },
+            );
         }
         self.cleanup(foreign);
         // Keys in other shards point here before the request is sent: a write to them from
@@ -255,10 +328,21 @@ impl Cache {
         for k in &keys {
             let i = self.shard_of(k);
             if i != home {
-                self.lock(i).by_key.entry(k.clone()).or_default().push((ckey.clone(), home as u8));
+                self.lock(i)
+                    .by_key
+                    .entry(k.clone())
+                    .or_default()
+                    .push((ckey.clone(), home as u8));
             }
         }
-        Lookup::Miss(FillGuard { cache: self.clone(), ckey, home, token, how, done: false })
+        Lookup::Miss(FillGuard {
+            cache: self.clone(),
+            ckey,
+            home,
+            token,
+            how,
+            done: false,
+        })
     }
 
     /// Removes `by_key` pointers (key, cache key) that live in other shards than their entry.
@@ -290,7 +374,11 @@ impl Cache {
             let mut s = self.lock(home);
             if s.entries.contains_key(&ckey) {
                 STATS.invalidations.inc();
-                foreign.extend(remove_entry(&mut s, &ckey, home).into_iter().filter(|(k, _)| k.as_ref() != key));
+                foreign.extend(
+                    remove_entry(&mut s, &ckey, home)
+                        .into_iter()
+                        .filter(|(k, _)| k.as_ref() != key),
+                );
             }
         }
         self.cleanup(foreign);
@@ -353,16 +441,31 @@ impl Cache {
 
     /// Stores a reply for a pending entry (if it is still the same pending entry) and returns
     /// its waiters.
-    fn complete(&self, ckey: &Bytes, home: usize, token: u64, reply: &Bytes, how: CacheFor) -> Vec<oneshot::Sender<Reply>> {
+    fn complete(
+        &self,
+        ckey: &Bytes,
+        home: usize,
+        token: u64,
+        reply: &Bytes,
+        how: CacheFor,
+    ) -> Vec<oneshot::Sender<Reply>> {
         let error = matches!(reply.first(), Some(b'-') | Some(b'!'));
-        let ttl = if is_empty_reply(reply) { how.empty_ttl } else { how.ttl };
+        let ttl = if is_empty_reply(reply) {
+            how.empty_ttl
+        } else {
+            how.ttl
+        };
         let keep = !error && !ttl.is_zero() && self.is_active();
         let budget = self.budget();
         let foreign;
         let waiters = {
             let mut s = self.lock(home);
-            let Some(e) = s.entries.get_mut(ckey) else { return s.orphans.remove(&token).unwrap_or_default() };
-            let State::Pending { token: t, .. } = &e.state else { return s.orphans.remove(&token).unwrap_or_default() };
+            let Some(e) = s.entries.get_mut(ckey) else {
+                return s.orphans.remove(&token).unwrap_or_default();
+            };
+            let State::Pending { token: t, .. } = &e.state else {
+                return s.orphans.remove(&token).unwrap_or_default();
+            };
             if *t != token {
                 return s.orphans.remove(&token).unwrap_or_default();
             }
@@ -375,7 +478,11 @@ impl Cache {
                 waiters
             } else {
                 let added = reply.len();
-                let state = State::Ready { reply: reply.clone(), expires: Instant::now() + ttl, referenced: false };
+                let state = State::Ready {
+                    reply: reply.clone(),
+                    expires: Instant::now() + ttl,
+                    referenced: false,
+                };
                 let old = std::mem::replace(&mut e.state, state);
                 e.size += added;
                 let id = e.id;
@@ -399,7 +506,10 @@ impl Cache {
             let mut s = self.lock(home);
             s.orphans.remove(&token);
             match s.entries.get(ckey) {
-                Some(Entry { state: State::Pending { token: t, .. }, .. }) if *t == token => remove_entry(&mut s, ckey, home),
+                Some(Entry {
+                    state: State::Pending { token: t, .. },
+                    ..
+                }) if *t == token => remove_entry(&mut s, ckey, home),
                 _ => Vec::new(),
             }
         };
@@ -410,7 +520,9 @@ impl Cache {
 /// Removes an entry from its shard, with its pointers in that shard; returns the pointers in
 /// other shards to remove (key, cache key). Waiters of a pending entry become orphans.
 fn remove_entry(s: &mut Shard, ckey: &Bytes, home: usize) -> Vec<(Bytes, Bytes)> {
-    let Some(e) = s.entries.remove(ckey) else { return Vec::new() };
+    let Some(e) = s.entries.remove(ckey) else {
+        return Vec::new();
+    };
     s.bytes = s.bytes.saturating_sub(e.size);
     STATS.bytes.sub(e.size as i64);
     STATS.entries.dec();
@@ -441,9 +553,15 @@ fn evict(s: &mut Shard, home: usize, budget: usize) -> Vec<(Bytes, Bytes)> {
     let mut rounds = s.clock.len() * 2 + 1;
     while s.bytes > budget && rounds > 0 {
         rounds -= 1;
-        let Some((ckey, id)) = s.clock.pop_front() else { break };
+        let Some((ckey, id)) = s.clock.pop_front() else {
+            break;
+        };
         match s.entries.get_mut(&ckey) {
-            Some(Entry { id: eid, state: State::Ready { referenced, .. }, .. }) if *eid == id => {
+            Some(Entry {
+                id: eid,
+                state: State::Ready { referenced, .. },
+                ..
+            }) if *eid == id => {
                 if *referenced {
                     *referenced = false;
                     s.clock.push_back((ckey, id));
@@ -476,7 +594,10 @@ impl FillGuard {
     pub fn complete(mut self, reply: &[u8]) {
         self.done = true;
         let reply = Bytes::copy_from_slice(reply);
-        for w in self.cache.complete(&self.ckey, self.home, self.token, &reply, self.how) {
+        for w in self
+            .cache
+            .complete(&self.ckey, self.home, self.token, &reply, self.how)
+        {
             let _ = w.send(Ok(reply.clone()));
         }
     }
@@ -526,14 +647,18 @@ pub fn wanted(set: &crate::plugin::PluginSet) -> Option<(Vec<Bytes>, u64)> {
 /// a lost connection flushes the cache at once, and a change of the plugins' prefixes
 /// starts over with new connections and an empty cache.
 pub fn track(shared: Arc<crate::server::Shared>) {
-    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
         tracing::error!("cannot start the cache's tracking connections");
         return;
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let mut shutdown = shared.shutdown.clone();
-        let mut trackers: HashMap<Arc<str>, (Arc<AtomicBool>, tokio::task::JoinHandle<()>)> = HashMap::new();
+        let mut trackers: HashMap<Arc<str>, (Arc<AtomicBool>, tokio::task::JoinHandle<()>)> =
+            HashMap::new();
         let mut current: Option<(Vec<Bytes>, u64)> = None;
         let cache = shared.cache.clone();
         loop {
@@ -549,13 +674,19 @@ pub fn track(shared: Arc<crate::server::Shared>) {
                 }
                 if let Some((prefixes, max_memory)) = &want {
                     cache.configure(prefixes.clone(), *max_memory);
-                    tracing::info!(prefixes = prefixes.len(), max_memory, "response cache on; opening tracking connections");
+                    tracing::info!(
+                        prefixes = prefixes.len(),
+                        max_memory,
+                        "response cache on; opening tracking connections"
+                    );
                 } else if current.is_some() {
                     tracing::info!("response cache off (no plugin uses it)");
                 }
                 current = want;
             }
-            let Some((prefixes, _)) = &current else { continue };
+            let Some((prefixes, _)) = &current else {
+                continue;
+            };
             let epoch = cache.epoch();
             let topo = shared.topology.load();
             trackers.retain(|addr, (_, h)| {
@@ -570,11 +701,20 @@ pub fn track(shared: Arc<crate::server::Shared>) {
                     continue;
                 }
                 let up = Arc::new(AtomicBool::new(false));
-                let node = crate::backend::NodeSettings { addr: addr.clone(), ..shared.node_settings.clone() };
-                let h = tokio::task::spawn_local(tracker(node, prefixes.clone(), up.clone(), cache.clone()));
+                let node = crate::backend::NodeSettings {
+                    addr: addr.clone(),
+                    ..shared.node_settings.clone()
+                };
+                let h = tokio::task::spawn_local(tracker(
+                    node,
+                    prefixes.clone(),
+                    up.clone(),
+                    cache.clone(),
+                ));
                 trackers.insert(addr.clone(), (up, h));
             }
-            let all_up = topo.complete() && trackers.values().all(|(up, _)| up.load(Ordering::Acquire));
+            let all_up =
+                topo.complete() && trackers.values().all(|(up, _)| up.load(Ordering::Acquire));
             if all_up {
                 cache.activate(epoch);
             } else {
@@ -586,10 +726,16 @@ pub fn track(shared: Arc<crate::server::Shared>) {
 }
 
 /// One tracking connection: subscribes to invalidations, then applies them until it breaks.
-async fn tracker(node: crate::backend::NodeSettings, prefixes: Vec<Bytes>, up: Arc<AtomicBool>, cache: Arc<Cache>) {
+async fn tracker(
+    node: crate::backend::NodeSettings,
+    prefixes: Vec<Bytes>,
+    up: Arc<AtomicBool>,
+    cache: Arc<Cache>,
+) {
     let addr = node.addr.clone();
     let result: Result<(), String> = async {
-        let mut stream = crate::backend::connect(&node, crate::backend::ConnKey { db: 0, proto: 3 }).await?;
+        let mut stream =
+            crate::backend::connect(&node, crate::backend::ConnKey { db: 0, proto: 3 }).await?;
         let mut args: Vec<&[u8]> = vec![b"CLIENT", b"TRACKING", b"on", b"BCAST"];
         for p in &prefixes {
             args.push(b"PREFIX");
@@ -623,7 +769,9 @@ async fn tracker(node: crate::backend::NodeSettings, prefixes: Vec<Bytes>, up: A
 /// Applies a `>2 invalidate [keys]` push (`_` instead of keys: everything was flushed).
 fn apply_push(cache: &Cache, frame: &Bytes) {
     use crate::protocol::Value;
-    let Ok(Value::Array(items)) = Value::parse(frame) else { return };
+    let Ok(Value::Array(items)) = Value::parse(frame) else {
+        return;
+    };
     match items.as_slice() {
         [Value::Bulk(kind), keys] if kind.eq_ignore_ascii_case(b"invalidate") => match keys {
             Value::Array(keys) => {

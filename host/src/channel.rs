@@ -43,7 +43,11 @@ pub struct Receiver<T>(Rc<OneshotCell<T>>);
 
 /// A one-value channel.
 pub fn oneshot<T>() -> (Sender<T>, Receiver<T>) {
-    let cell = Rc::new(OneshotCell { value: Cell::new(None), waker: Cell::new(None), done: Cell::new(false) });
+    let cell = Rc::new(OneshotCell {
+        value: Cell::new(None),
+        waker: Cell::new(None),
+        done: Cell::new(false),
+    });
     (Sender(Some(cell.clone())), Receiver(cell))
 }
 
@@ -119,7 +123,11 @@ pub struct QueueReceiver<T>(Rc<QueueInner<T>>);
 
 /// An unbounded queue with one receiver.
 pub fn queue<T>() -> (QueueSender<T>, QueueReceiver<T>) {
-    let inner = Rc::new(QueueInner { items: RefCell::new(VecDeque::new()), waker: Cell::new(None), senders: Cell::new(1) });
+    let inner = Rc::new(QueueInner {
+        items: RefCell::new(VecDeque::new()),
+        waker: Cell::new(None),
+        senders: Cell::new(1),
+    });
     (QueueSender(inner.clone()), QueueReceiver(inner))
 }
 
@@ -205,7 +213,9 @@ mod tests {
 
     #[test]
     fn awaiting_wakes_on_send_and_on_drop() {
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         let local = tokio::task::LocalSet::new();
         local.block_on(&rt, async {
             let (tx, rx) = oneshot::<u32>();

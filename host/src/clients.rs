@@ -70,7 +70,11 @@ impl SignalWatch {
         if bits != 0 {
             return Poll::Ready(bits);
         }
-        if !self.registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+        if !self
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
             if let Ok(mut slot) = info.waker.lock() {
                 *slot = Some(cx.waker().clone());
             }
@@ -129,7 +133,8 @@ impl ClientInfo {
     pub fn line(&self, table: &crate::commands::CommandTable) -> String {
         let now = Instant::now();
         let age = now.duration_since(self.created).as_secs();
-        let idle_ms = (now.duration_since(self.created).as_millis() as u64).saturating_sub(self.last_active_ms.load(Ordering::Relaxed));
+        let idle_ms = (now.duration_since(self.created).as_millis() as u64)
+            .saturating_sub(self.last_active_ms.load(Ordering::Relaxed));
         let f = self.flags.load(Ordering::Relaxed);
         let mut flags = String::new();
         if f & flag::MULTI != 0 {
@@ -144,7 +149,11 @@ impl ClientInfo {
         if flags.is_empty() {
             flags.push('N');
         }
-        let text = |m: &Mutex<Bytes>| m.lock().map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+        let text = |m: &Mutex<Bytes>| {
+            m.lock()
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default()
+        };
         let user = self.user.lock().map(|u| u.clone()).unwrap_or_default();
         let cmd = table.display_name(self.last_cmd.load(Ordering::Relaxed));
         format!(
@@ -193,7 +202,9 @@ impl Clients {
     /// Reserves a connection slot; `false` when `max` are connected already.
     pub fn try_reserve(&self, max: usize) -> bool {
         self.count
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| if n < max { Some(n + 1) } else { None })
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                if n < max { Some(n + 1) } else { None }
+            })
             .is_ok()
     }
 
@@ -219,7 +230,10 @@ impl Clients {
     /// Connections closed since start for going over `client_query_buffer_limit` and
     /// `client_output_buffer_limit`.
     pub fn limit_closed(&self) -> (u64, u64) {
-        (self.query_limit_closed.load(Ordering::Relaxed), self.output_limit_closed.load(Ordering::Relaxed))
+        (
+            self.query_limit_closed.load(Ordering::Relaxed),
+            self.output_limit_closed.load(Ordering::Relaxed),
+        )
     }
 
     /// Counts a TLS handshake with a client that failed or timed out.
@@ -239,7 +253,10 @@ impl Clients {
 
     /// Connections accepted since start, and refused for `max_clients`.
     pub fn totals(&self) -> (u64, u64) {
-        (self.next_id.load(Ordering::Relaxed), self.rejected.load(Ordering::Relaxed))
+        (
+            self.next_id.load(Ordering::Relaxed),
+            self.rejected.load(Ordering::Relaxed),
+        )
     }
 
     /// Registers a connection that holds a reserved slot.
@@ -286,6 +303,9 @@ impl Clients {
 
     /// A snapshot of all clients, by id.
     pub fn snapshot(&self) -> Vec<Arc<ClientInfo>> {
-        self.all.lock().map(|all| all.values().cloned().collect()).unwrap_or_default()
+        self.all
+            .lock()
+            .map(|all| all.values().cloned().collect())
+            .unwrap_or_default()
     }
 }

@@ -82,11 +82,19 @@ pub struct Spec {
 }
 
 const fn spec(name: &'static str, kind: Kind) -> Spec {
-    Spec { name, kind, no_auth: false }
+    Spec {
+        name,
+        kind,
+        no_auth: false,
+    }
 }
 
 const fn no_auth(name: &'static str, kind: Kind) -> Spec {
-    Spec { name, kind, no_auth: true }
+    Spec {
+        name,
+        kind,
+        no_auth: true,
+    }
 }
 
 /// What respire tells the client for commands it cannot proxy.
@@ -246,9 +254,17 @@ enum BeginSearch {
 #[derive(Debug, Clone, PartialEq)]
 enum FindKeys {
     /// Up to `lastkey` (relative to the first key; negative counts from the end, divided by `limit` when set).
-    Range { lastkey: i64, keystep: i64, limit: i64 },
+    Range {
+        lastkey: i64,
+        keystep: i64,
+        limit: i64,
+    },
     /// A count of keys at `keynumidx` (relative), keys from `firstkey` (relative).
-    Keynum { keynumidx: i64, firstkey: i64, keystep: i64 },
+    Keynum {
+        keynumidx: i64,
+        firstkey: i64,
+        keystep: i64,
+    },
     /// Not described.
     Unknown,
 }
@@ -273,13 +289,35 @@ pub mod access {
 
 /// Redis's ACL categories, in the order of the `category` flags of respire's plugin contract.
 pub const CATEGORIES: [&str; 21] = [
-    "keyspace", "read", "write", "set", "sortedset", "list", "hash", "string", "bitmap", "hyperloglog", "geo", "stream",
-    "pubsub", "admin", "fast", "slow", "blocking", "dangerous", "connection", "transaction", "scripting",
+    "keyspace",
+    "read",
+    "write",
+    "set",
+    "sortedset",
+    "list",
+    "hash",
+    "string",
+    "bitmap",
+    "hyperloglog",
+    "geo",
+    "stream",
+    "pubsub",
+    "admin",
+    "fast",
+    "slow",
+    "blocking",
+    "dangerous",
+    "connection",
+    "transaction",
+    "scripting",
 ];
 
 /// The bit of a category in [`CommandInfo::category_bits`] (0 for an unknown one).
 pub fn category_bit(name: &str) -> u32 {
-    CATEGORIES.iter().position(|c| c.eq_ignore_ascii_case(name.trim_start_matches('@'))).map_or(0, |i| 1 << i)
+    CATEGORIES
+        .iter()
+        .position(|c| c.eq_ignore_ascii_case(name.trim_start_matches('@')))
+        .map_or(0, |i| 1 << i)
 }
 
 /// What Redis says about a command: arity, flags, categories and where its keys are.
@@ -345,7 +383,11 @@ impl CommandInfo {
             if first <= 0 || step <= 0 {
                 return;
             }
-            let how = if self.has(flags::WRITE) { access::READ | access::WRITE } else { access::READ };
+            let how = if self.has(flags::WRITE) {
+                access::READ | access::WRITE
+            } else {
+                access::READ
+            };
             let last = if last < 0 { argc + last } else { last };
             let mut i = first;
             while i <= last && i < argc {
@@ -358,14 +400,21 @@ impl CommandInfo {
             let first = match &spec.begin {
                 BeginSearch::Index(i) => *i,
                 BeginSearch::Keyword { keyword, startfrom } => {
-                    let (start, end, dir) = if *startfrom >= 0 { (*startfrom, argc - 1, 1) } else { (argc + startfrom, 1, -1) };
+                    let (start, end, dir) = if *startfrom >= 0 {
+                        (*startfrom, argc - 1, 1)
+                    } else {
+                        (argc + startfrom, 1, -1)
+                    };
                     let mut found = None;
                     let mut i = start;
                     loop {
                         if i < 1 || i >= argc {
                             break;
                         }
-                        if args.argv(i as usize).is_some_and(|a| a.eq_ignore_ascii_case(keyword)) {
+                        if args
+                            .argv(i as usize)
+                            .is_some_and(|a| a.eq_ignore_ascii_case(keyword))
+                        {
                             found = Some(i + 1);
                             break;
                         }
@@ -382,7 +431,11 @@ impl CommandInfo {
                 BeginSearch::Unknown => continue,
             };
             let (first, last, step) = match &spec.find {
-                FindKeys::Range { lastkey, keystep, limit } => {
+                FindKeys::Range {
+                    lastkey,
+                    keystep,
+                    limit,
+                } => {
                     let last = if *lastkey >= 0 {
                         first.saturating_add(*lastkey)
                     } else if *limit <= 1 {
@@ -392,14 +445,28 @@ impl CommandInfo {
                     };
                     (first, last, *keystep)
                 }
-                FindKeys::Keynum { keynumidx, firstkey, keystep } => {
+                FindKeys::Keynum {
+                    keynumidx,
+                    firstkey,
+                    keystep,
+                } => {
                     let idx = first.saturating_add(*keynumidx);
-                    let Some(n) = args.argv(idx.max(0) as usize).and_then(parse_i64).filter(|n| *n >= 0) else {
+                    let Some(n) = args
+                        .argv(idx.max(0) as usize)
+                        .and_then(parse_i64)
+                        .filter(|n| *n >= 0)
+                    else {
                         continue;
                     };
                     let first = first.saturating_add(*firstkey);
                     // Client-supplied counts: saturate rather than overflow (keys past argc are ignored).
-                    (first, first.saturating_add(n.saturating_mul(*keystep.max(&1))).saturating_sub(1), *keystep)
+                    (
+                        first,
+                        first
+                            .saturating_add(n.saturating_mul(*keystep.max(&1)))
+                            .saturating_sub(1),
+                        *keystep,
+                    )
                 }
                 FindKeys::Unknown => continue,
             };
@@ -448,7 +515,10 @@ impl CommandTable {
                 map.insert(info.name.as_bytes().into(), Arc::new(info));
             }
         }
-        Some(CommandTable { map, names: Vec::new() })
+        Some(CommandTable {
+            map,
+            names: Vec::new(),
+        })
     }
 
     /// Adds or replaces the commands of `other` (the backend's own description wins).
@@ -477,19 +547,29 @@ impl CommandTable {
                 }
             }
         }
-        self.names = names.iter().map(|n| String::from_utf8_lossy(n).into_owned()).collect();
+        self.names = names
+            .iter()
+            .map(|n| String::from_utf8_lossy(n).into_owned())
+            .collect();
         self.names.clone()
     }
 
     /// The name (`get`, `client|list`) of a [`CommandInfo::display_id`], `NULL` for none.
     pub fn display_name(&self, display_id: u32) -> String {
         let (id, sub) = ((display_id >> 16) as usize, (display_id & 0xffff) as usize);
-        let Some(name) = self.names.get(id) else { return "NULL".into() };
+        let Some(name) = self.names.get(id) else {
+            return "NULL".into();
+        };
         if sub == 0 {
             return name.clone();
         }
-        let Some(info) = self.map.get(name.as_bytes()) else { return name.clone() };
-        info.subcommands.values().find(|s| usize::from(s.sub) == sub).map_or_else(|| name.clone(), |s| s.name.clone())
+        let Some(info) = self.map.get(name.as_bytes()) else {
+            return name.clone();
+        };
+        info.subcommands
+            .values()
+            .find(|s| usize::from(s.sub) == sub)
+            .map_or_else(|| name.clone(), |s| s.name.clone())
     }
 
     /// Number of top-level commands.
@@ -518,8 +598,14 @@ impl CommandTable {
     /// How respire handles the command in `args` and what Redis says about it, in one lookup.
     pub fn resolve<A: Args + ?Sized>(&self, args: &A) -> Resolved<'_> {
         match self.get(args) {
-            Some(info) => Resolved { spec: info.spec, info: Some(info) },
-            None => Resolved { spec: lookup(args.argv(0).unwrap_or_default()), info: None },
+            Some(info) => Resolved {
+                spec: info.spec,
+                info: Some(info),
+            },
+            None => Resolved {
+                spec: lookup(args.argv(0).unwrap_or_default()),
+                info: None,
+            },
         }
     }
 }
@@ -533,7 +619,10 @@ fn lower(name: &[u8]) -> Option<LowerName> {
     for (d, s) in buf.iter_mut().zip(name) {
         *d = s.to_ascii_lowercase();
     }
-    Some(LowerName { buf, len: name.len() })
+    Some(LowerName {
+        buf,
+        len: name.len(),
+    })
 }
 
 struct LowerName {
@@ -560,12 +649,20 @@ fn parse_info(v: &Value, parent: Option<&'static Spec>) -> Option<CommandInfo> {
             }
         }
     }
-    let legacy = (f.get(3).and_then(Value::as_int).unwrap_or(0), f.get(4).and_then(Value::as_int).unwrap_or(0), f.get(5).and_then(Value::as_int).unwrap_or(0));
+    let legacy = (
+        f.get(3).and_then(Value::as_int).unwrap_or(0),
+        f.get(4).and_then(Value::as_int).unwrap_or(0),
+        f.get(5).and_then(Value::as_int).unwrap_or(0),
+    );
     let mut categories = Vec::new();
     if let Some(Value::Array(items)) = f.get(6) {
         for i in items {
             if let Some(b) = i.as_bytes() {
-                categories.push(String::from_utf8_lossy(b).trim_start_matches('@').to_lowercase());
+                categories.push(
+                    String::from_utf8_lossy(b)
+                        .trim_start_matches('@')
+                        .to_lowercase(),
+                );
             }
         }
     }
@@ -579,25 +676,59 @@ fn parse_info(v: &Value, parent: Option<&'static Spec>) -> Option<CommandInfo> {
     if let Some(Value::Array(subs)) = f.get(9) {
         for s in subs {
             if let Some(info) = parse_info(s, Some(spec)) {
-                let short: Box<[u8]> = info.name.rsplit('|').next().unwrap_or(&info.name).as_bytes().into();
+                let short: Box<[u8]> = info
+                    .name
+                    .rsplit('|')
+                    .next()
+                    .unwrap_or(&info.name)
+                    .as_bytes()
+                    .into();
                 subcommands.insert(short, Arc::new(info));
             }
         }
     }
     let category_bits = categories.iter().fold(0, |b, c| b | category_bit(c));
     let command_len = name.find('|').unwrap_or(name.len());
-    Some(CommandInfo { name, command_len, arity, flags: fl, categories, category_bits, key_specs, legacy, subcommands, spec, sub: 0, id: crate::stats::OTHER })
+    Some(CommandInfo {
+        name,
+        command_len,
+        arity,
+        flags: fl,
+        categories,
+        category_bits,
+        key_specs,
+        legacy,
+        subcommands,
+        spec,
+        sub: 0,
+        id: crate::stats::OTHER,
+    })
 }
 
 fn parse_key_spec(spec: &Value) -> KeySpec {
-    let int = |v: Option<&Value>, k: &str| v.and_then(|v| v.get(k)).and_then(Value::as_int).unwrap_or(0);
-    let kind = |v: Option<&Value>| v.and_then(|v| v.get("type")).and_then(|t| t.as_bytes()).map(|b| b.to_ascii_lowercase()).unwrap_or_default();
+    let int = |v: Option<&Value>, k: &str| {
+        v.and_then(|v| v.get(k))
+            .and_then(Value::as_int)
+            .unwrap_or(0)
+    };
+    let kind = |v: Option<&Value>| {
+        v.and_then(|v| v.get("type"))
+            .and_then(|t| t.as_bytes())
+            .map(|b| b.to_ascii_lowercase())
+            .unwrap_or_default()
+    };
     let bs = spec.get("begin_search");
     let bs_spec = bs.and_then(|b| b.get("spec"));
     let begin = match kind(bs).as_slice() {
         b"index" => BeginSearch::Index(int(bs_spec, "index")),
-        b"keyword" => match bs_spec.and_then(|s| s.get("keyword")).and_then(|k| k.as_bytes()) {
-            Some(kw) => BeginSearch::Keyword { keyword: kw.clone(), startfrom: int(bs_spec, "startfrom") },
+        b"keyword" => match bs_spec
+            .and_then(|s| s.get("keyword"))
+            .and_then(|k| k.as_bytes())
+        {
+            Some(kw) => BeginSearch::Keyword {
+                keyword: kw.clone(),
+                startfrom: int(bs_spec, "startfrom"),
+            },
             None => BeginSearch::Unknown,
         },
         _ => BeginSearch::Unknown,
@@ -605,7 +736,11 @@ fn parse_key_spec(spec: &Value) -> KeySpec {
     let fk = spec.get("find_keys");
     let fk_spec = fk.and_then(|f| f.get("spec"));
     let find = match kind(fk).as_slice() {
-        b"range" => FindKeys::Range { lastkey: int(fk_spec, "lastkey"), keystep: int(fk_spec, "keystep"), limit: int(fk_spec, "limit") },
+        b"range" => FindKeys::Range {
+            lastkey: int(fk_spec, "lastkey"),
+            keystep: int(fk_spec, "keystep"),
+            limit: int(fk_spec, "limit"),
+        },
         b"keynum" => FindKeys::Keynum {
             keynumidx: int(fk_spec, "keynumidx"),
             firstkey: int(fk_spec, "firstkey"),
@@ -627,7 +762,11 @@ fn parse_key_spec(spec: &Value) -> KeySpec {
     if access == 0 {
         access = access::READ | access::WRITE;
     }
-    KeySpec { begin, find, access }
+    KeySpec {
+        begin,
+        find,
+        access,
+    }
 }
 
 #[cfg(test)]
@@ -646,10 +785,15 @@ mod tests {
     }
 
     fn keys(table: &CommandTable, cmd: &str) -> Vec<String> {
-        let args: Vec<Bytes> = cmd.split(' ').map(|a| Bytes::copy_from_slice(a.as_bytes())).collect();
+        let args: Vec<Bytes> = cmd
+            .split(' ')
+            .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+            .collect();
         let mut pos = Vec::new();
         table.get(&args).unwrap().key_positions(&args, &mut pos);
-        pos.iter().map(|&i| String::from_utf8_lossy(&args[i]).into_owned()).collect()
+        pos.iter()
+            .map(|&i| String::from_utf8_lossy(&args[i]).into_owned())
+            .collect()
     }
 
     #[test]
@@ -663,7 +807,10 @@ mod tests {
         assert_eq!(keys(&t, "EVAL s 0 arg"), Vec::<String>::new());
         assert_eq!(keys(&t, "XREAD COUNT 1 STREAMS s1 s2 0 0"), ["s1", "s2"]);
         assert_eq!(keys(&t, "XREADGROUP GROUP g c STREAMS s1 >"), ["s1"]);
-        assert_eq!(keys(&t, "ZUNIONSTORE dst 2 a b WEIGHTS 1 2"), ["dst", "a", "b"]);
+        assert_eq!(
+            keys(&t, "ZUNIONSTORE dst 2 a b WEIGHTS 1 2"),
+            ["dst", "a", "b"]
+        );
         assert_eq!(keys(&t, "BLMPOP 0 2 a b LEFT"), ["a", "b"]);
         assert_eq!(keys(&t, "OBJECT ENCODING k"), ["k"]);
         assert_eq!(keys(&t, "XINFO STREAM s"), ["s"]);
@@ -675,7 +822,12 @@ mod tests {
         let get = t.get(&[Bytes::from("GeT")][..]).unwrap();
         assert!(get.has(flags::READONLY) && !get.has(flags::WRITE));
         assert!(get.categories.iter().any(|c| c == "read"));
-        assert_eq!(t.get(&[Bytes::from("client"), Bytes::from("LIST")][..]).unwrap().name, "client|list");
+        assert_eq!(
+            t.get(&[Bytes::from("client"), Bytes::from("LIST")][..])
+                .unwrap()
+                .name,
+            "client|list"
+        );
     }
 
     #[test]

@@ -118,7 +118,11 @@ impl Default for OutputLimits {
     fn default() -> Self {
         OutputLimits {
             normal: OutputLimit::default(),
-            pubsub: OutputLimit { hard: 32 * 1024 * 1024, soft: 8 * 1024 * 1024, soft_seconds: 60 },
+            pubsub: OutputLimit {
+                hard: 32 * 1024 * 1024,
+                soft: 8 * 1024 * 1024,
+                soft_seconds: 60,
+            },
         }
     }
 }
@@ -149,10 +153,18 @@ impl TryFrom<String> for OutputLimit {
     fn try_from(s: String) -> Result<Self, String> {
         let parts: Vec<&str> = s.split_whitespace().collect();
         let [hard, soft, secs] = parts[..] else {
-            return Err(format!("{s:?} is not \"<hard> <soft> <soft seconds>\", e.g. \"32mb 8mb 60\""));
+            return Err(format!(
+                "{s:?} is not \"<hard> <soft> <soft seconds>\", e.g. \"32mb 8mb 60\""
+            ));
         };
-        let secs = secs.parse::<u64>().map_err(|_| format!("{secs:?} is not a number of seconds"))?;
-        Ok(OutputLimit { hard: redis_memory(hard)?, soft: redis_memory(soft)?, soft_seconds: secs })
+        let secs = secs
+            .parse::<u64>()
+            .map_err(|_| format!("{secs:?} is not a number of seconds"))?;
+        Ok(OutputLimit {
+            hard: redis_memory(hard)?,
+            soft: redis_memory(soft)?,
+            soft_seconds: secs,
+        })
     }
 }
 
@@ -172,7 +184,11 @@ fn redis_memory(s: &str) -> Result<u64, String> {
         "gb" => 1024 * 1024 * 1024,
         _ => return Err(format!("{s:?}: unknown unit {unit:?}")),
     };
-    digits.parse::<u64>().ok().and_then(|n| n.checked_mul(mul)).ok_or_else(|| format!("{s:?} is not a size"))
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .ok_or_else(|| format!("{s:?} is not a size"))
 }
 
 /// Where read-only commands are sent.
@@ -211,15 +227,23 @@ impl ShardSpec {
     pub fn parts(&self) -> Result<crate::topology::ShardParts, ConfigError> {
         match self {
             ShardSpec::Address(a) => Ok((a.clone(), Vec::new(), Vec::new())),
-            ShardSpec::Full { master, replicas, slots } => {
+            ShardSpec::Full {
+                master,
+                replicas,
+                slots,
+            } => {
                 let mut ranges = Vec::new();
                 for r in slots {
                     let (a, b) = r.split_once('-').unwrap_or((r, r));
                     let (Ok(a), Ok(b)) = (a.trim().parse::<u16>(), b.trim().parse::<u16>()) else {
-                        return Err(ConfigError::Invalid(format!("shards: {r:?} is not a slot range like \"0-5460\"")));
+                        return Err(ConfigError::Invalid(format!(
+                            "shards: {r:?} is not a slot range like \"0-5460\""
+                        )));
                     };
                     if a > b || b >= 16384 {
-                        return Err(ConfigError::Invalid(format!("shards: slot range {r:?} is outside 0-16383")));
+                        return Err(ConfigError::Invalid(format!(
+                            "shards: slot range {r:?} is outside 0-16383"
+                        )));
                     }
                     ranges.push((a, b));
                 }
@@ -406,16 +430,25 @@ impl Default for Backend {
 impl Config {
     /// Reads and parses a file (not yet validated).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
         Self::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.into(), message },
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.into(),
+                message,
+            },
             other => other,
         })
     }
 
     /// Parses TOML text (not yet validated).
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse { path: PathBuf::new(), message: e.to_string().trim_end().to_string() })
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string().trim_end().to_string(),
+        })
     }
 
     /// The plugin artifact cache folder in effect (none: off).
@@ -434,11 +467,17 @@ impl Config {
             return bad("listen: an address is needed unless tls.listen serves the clients".into());
         }
         if !self.listen.is_empty() && self.listen.parse::<SocketAddr>().is_err() {
-            return bad(format!("listen: {:?} is not an address like \"127.0.0.1:6380\"", self.listen));
+            return bad(format!(
+                "listen: {:?} is not an address like \"127.0.0.1:6380\"",
+                self.listen
+            ));
         }
         if let Some(t) = &self.tls {
             if t.listen.parse::<SocketAddr>().is_err() {
-                return bad(format!("tls.listen: {:?} is not an address like \"127.0.0.1:6390\"", t.listen));
+                return bad(format!(
+                    "tls.listen: {:?} is not an address like \"127.0.0.1:6390\"",
+                    t.listen
+                ));
             }
             if t.auth_clients != ClientAuth::No && t.ca_file.is_none() {
                 return bad("tls: auth_clients = \"yes\" (the default, as Redis) or \"optional\" needs ca_file to verify client \
@@ -451,7 +490,9 @@ impl Config {
         }
         if let Some(m) = &self.metrics {
             if m.parse::<SocketAddr>().is_err() {
-                return bad(format!("metrics: {m:?} is not an address like \"127.0.0.1:9379\""));
+                return bad(format!(
+                    "metrics: {m:?} is not an address like \"127.0.0.1:9379\""
+                ));
             }
         }
         if self.workers > 1024 {
@@ -477,9 +518,18 @@ impl Config {
         }
         if self.protected_mode && !self.auth_required() {
             // A TLS listener that requires client certificates lets no one in without one.
-            let tls_open = self.tls.as_ref().filter(|t| t.auth_clients != ClientAuth::Yes).map(|t| t.listen.as_str());
-            for addr in std::iter::once(self.listen.as_str()).filter(|a| !a.is_empty()).chain(tls_open) {
-                let loopback = addr.parse::<SocketAddr>().is_ok_and(|a| a.ip().is_loopback());
+            let tls_open = self
+                .tls
+                .as_ref()
+                .filter(|t| t.auth_clients != ClientAuth::Yes)
+                .map(|t| t.listen.as_str());
+            for addr in std::iter::once(self.listen.as_str())
+                .filter(|a| !a.is_empty())
+                .chain(tls_open)
+            {
+                let loopback = addr
+                    .parse::<SocketAddr>()
+                    .is_ok_and(|a| a.ip().is_loopback());
                 if !loopback {
                     return bad(format!(
                         "protected mode: {addr} is not a loopback address and clients need no password; set requirepass \
@@ -494,7 +544,9 @@ impl Config {
                 return bad(format!("users: invalid user name {:?}", u.name));
             }
             if u.name == "default" && self.requirepass.is_some() {
-                return bad("users: \"default\" is set by requirepass; use one or the other".into());
+                return bad(
+                    "users: \"default\" is set by requirepass; use one or the other".into(),
+                );
             }
             if !seen.insert(&u.name) {
                 return bad(format!("users: {:?} is listed twice", u.name));
@@ -511,7 +563,12 @@ impl Config {
         if b.sentinel.is_empty() != b.master_names.is_empty() {
             return bad("backend: --sentinel and --master-name go together (backend.sentinel and backend.master_names)".into());
         }
-        for addr in b.address.iter().chain(b.cluster.iter()).chain(b.sentinel.iter()) {
+        for addr in b
+            .address
+            .iter()
+            .chain(b.cluster.iter())
+            .chain(b.sentinel.iter())
+        {
             check_host_port(addr)?;
         }
         let mut with_slots = 0;
@@ -527,7 +584,8 @@ impl Config {
         }
         if with_slots > 0 {
             let specs: Vec<_> = b.shards.iter().filter_map(|s| s.parts().ok()).collect();
-            crate::topology::Topology::shards(&specs).map_err(|e| ConfigError::Invalid(format!("backend.shards: {e}")))?;
+            crate::topology::Topology::shards(&specs)
+                .map_err(|e| ConfigError::Invalid(format!("backend.shards: {e}")))?;
         }
         if b.topology_refresh.is_zero() {
             return bad("backend.topology_refresh must be more than 0s".into());
@@ -536,7 +594,9 @@ impl Config {
             return bad("backend.connections must be between 1 and 64".into());
         }
         if b.connect_timeout.is_zero() || b.command_timeout.is_zero() {
-            return bad("backend.connect_timeout and backend.command_timeout must be more than 0s".into());
+            return bad(
+                "backend.connect_timeout and backend.command_timeout must be more than 0s".into(),
+            );
         }
         if let Some(t) = &b.tls {
             if t.cert_file.is_some() != t.key_file.is_some() {
@@ -544,7 +604,9 @@ impl Config {
             }
         }
         if b.reconnect_min.is_zero() || b.reconnect_max < b.reconnect_min {
-            return bad("backend: reconnect_min must be more than 0s and at most reconnect_max".into());
+            return bad(
+                "backend: reconnect_min must be more than 0s and at most reconnect_max".into(),
+            );
         }
         Ok(())
     }
@@ -554,7 +616,9 @@ impl Config {
         if self.workers > 0 {
             self.workers
         } else {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
         }
     }
 
@@ -568,8 +632,12 @@ impl Config {
 
 fn check_host_port(addr: &str) -> Result<(), ConfigError> {
     match addr.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => Ok(()),
-        _ => Err(ConfigError::Invalid(format!("backend: {addr:?} is not \"host:port\""))),
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+            Ok(())
+        }
+        _ => Err(ConfigError::Invalid(format!(
+            "backend: {addr:?} is not \"host:port\""
+        ))),
     }
 }
 
@@ -592,7 +660,9 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_rejected_with_location() {
-        let e = Config::parse("listen = \"127.0.0.1:1\"\nlisten_adress = 1\n").unwrap_err().to_string();
+        let e = Config::parse("listen = \"127.0.0.1:1\"\nlisten_adress = 1\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("listen_adress"), "{e}");
         assert!(e.contains("line 2"), "{e}");
     }
@@ -600,7 +670,12 @@ mod tests {
     #[test]
     fn contradictions_are_rejected() {
         let c = Config::parse("[backend]\n").unwrap();
-        assert!(c.validate().unwrap_err().to_string().contains("exactly one"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("exactly one")
+        );
         let c = Config::parse("[backend]\naddress = \"nohost\"\n").unwrap();
         assert!(c.validate().is_err());
     }
@@ -608,13 +683,38 @@ mod tests {
     #[test]
     fn output_limits_read_redis_syntax() {
         let c = Config::parse("[client_output_buffer_limit]\nnormal = \"1gb 256MB 30\"\n").unwrap();
-        assert_eq!(c.client_output_buffer_limit.normal, OutputLimit { hard: 1 << 30, soft: 256 << 20, soft_seconds: 30 });
-        assert_eq!(c.client_output_buffer_limit.pubsub, OutputLimit { hard: 32 << 20, soft: 8 << 20, soft_seconds: 60 });
+        assert_eq!(
+            c.client_output_buffer_limit.normal,
+            OutputLimit {
+                hard: 1 << 30,
+                soft: 256 << 20,
+                soft_seconds: 30
+            }
+        );
+        assert_eq!(
+            c.client_output_buffer_limit.pubsub,
+            OutputLimit {
+                hard: 32 << 20,
+                soft: 8 << 20,
+                soft_seconds: 60
+            }
+        );
         let c = Config::parse("[client_output_buffer_limit]\npubsub = \"2k 1000 0\"\n").unwrap();
-        assert_eq!(c.client_output_buffer_limit.pubsub, OutputLimit { hard: 2000, soft: 1000, soft_seconds: 0 });
+        assert_eq!(
+            c.client_output_buffer_limit.pubsub,
+            OutputLimit {
+                hard: 2000,
+                soft: 1000,
+                soft_seconds: 0
+            }
+        );
         assert!(!c.client_output_buffer_limit.normal.is_set());
         for bad in ["32mb 8mb", "32xb 8mb 60", "-1 0 0", "1 2 x"] {
-            let e = Config::parse(&format!("[client_output_buffer_limit]\npubsub = \"{bad}\"\n")).unwrap_err().to_string();
+            let e = Config::parse(&format!(
+                "[client_output_buffer_limit]\npubsub = \"{bad}\"\n"
+            ))
+            .unwrap_err()
+            .to_string();
             assert!(e.contains("pubsub"), "{bad}: {e}");
         }
     }
@@ -624,10 +724,19 @@ mod tests {
         let base = "[backend]\naddress = \"127.0.0.1:6379\"\n";
         let c = Config::parse(&format!("listen = \"0.0.0.0:6380\"\n{base}")).unwrap();
         let e = c.validate().unwrap_err().to_string();
-        assert!(e.contains("protected mode") && e.contains("0.0.0.0:6380"), "{e}");
-        let c = Config::parse(&format!("listen = \"0.0.0.0:6380\"\nrequirepass = \"s3cret\"\n{base}")).unwrap();
+        assert!(
+            e.contains("protected mode") && e.contains("0.0.0.0:6380"),
+            "{e}"
+        );
+        let c = Config::parse(&format!(
+            "listen = \"0.0.0.0:6380\"\nrequirepass = \"s3cret\"\n{base}"
+        ))
+        .unwrap();
         c.validate().unwrap();
-        let c = Config::parse(&format!("listen = \"0.0.0.0:6380\"\nprotected_mode = false\n{base}")).unwrap();
+        let c = Config::parse(&format!(
+            "listen = \"0.0.0.0:6380\"\nprotected_mode = false\n{base}"
+        ))
+        .unwrap();
         c.validate().unwrap();
         let c = Config::parse(&format!("listen = \"[::1]:6380\"\n{base}")).unwrap();
         c.validate().unwrap();
@@ -636,23 +745,55 @@ mod tests {
     #[test]
     fn tls_settings_are_checked() {
         let base = "[backend]\naddress = \"127.0.0.1:6379\"\n";
-        let tls = |extra: &str| format!("[tls]\nlisten = \"0.0.0.0:6390\"\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n{extra}{base}");
+        let tls = |extra: &str| {
+            format!(
+                "[tls]\nlisten = \"0.0.0.0:6390\"\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n{extra}{base}"
+            )
+        };
         // Client certificates are required by default (as Redis), which needs a CA.
-        let e = Config::parse(&tls("")).unwrap().validate().unwrap_err().to_string();
+        let e = Config::parse(&tls(""))
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("ca_file"), "{e}");
         let c = Config::parse(&tls("ca_file = \"ca.pem\"\n")).unwrap();
         assert_eq!(c.tls.as_ref().unwrap().auth_clients, ClientAuth::Yes);
         c.validate().unwrap();
         // Without client certificates, an open TLS address needs a password (protected mode).
-        let e = Config::parse(&tls("auth_clients = \"no\"\n")).unwrap().validate().unwrap_err().to_string();
-        assert!(e.contains("protected mode") && e.contains("0.0.0.0:6390"), "{e}");
-        Config::parse(&format!("requirepass = \"x\"\n{}", tls("auth_clients = \"optional\"\nca_file = \"ca.pem\"\n"))).unwrap().validate().unwrap();
+        let e = Config::parse(&tls("auth_clients = \"no\"\n"))
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("protected mode") && e.contains("0.0.0.0:6390"),
+            "{e}"
+        );
+        Config::parse(&format!(
+            "requirepass = \"x\"\n{}",
+            tls("auth_clients = \"optional\"\nca_file = \"ca.pem\"\n")
+        ))
+        .unwrap()
+        .validate()
+        .unwrap();
         assert!(Config::parse(&tls("auth_clients = \"maybe\"\n")).is_err());
         // Only TLS: `listen = ""`.
-        let c = Config::parse(&format!("listen = \"\"\n{}", tls("ca_file = \"ca.pem\"\n"))).unwrap();
+        let c =
+            Config::parse(&format!("listen = \"\"\n{}", tls("ca_file = \"ca.pem\"\n"))).unwrap();
         c.validate().unwrap();
-        assert!(Config::parse(&format!("listen = \"\"\n{base}")).unwrap().validate().is_err());
-        let e = Config::parse(&format!("{base}[backend.tls]\nca_file = \"ca.pem\"\ncert_file = \"c.pem\"\n")).unwrap().validate().unwrap_err();
+        assert!(
+            Config::parse(&format!("listen = \"\"\n{base}"))
+                .unwrap()
+                .validate()
+                .is_err()
+        );
+        let e = Config::parse(&format!(
+            "{base}[backend.tls]\nca_file = \"ca.pem\"\ncert_file = \"c.pem\"\n"
+        ))
+        .unwrap()
+        .validate()
+        .unwrap_err();
         assert!(e.to_string().contains("go together"), "{e}");
     }
 
@@ -664,8 +805,17 @@ mod tests {
         assert_eq!(c.max_pipeline, d.max_pipeline);
         assert_eq!(c.max_pipeline_bytes, d.max_pipeline_bytes);
         assert_eq!(c.client_query_buffer_limit, d.client_query_buffer_limit);
-        assert_eq!(c.client_output_buffer_limit.normal, d.client_output_buffer_limit.normal);
-        assert_eq!(c.client_output_buffer_limit.pubsub, d.client_output_buffer_limit.pubsub);
-        assert_eq!((c.protected_mode, c.auth_failure_limit), (d.protected_mode, d.auth_failure_limit));
+        assert_eq!(
+            c.client_output_buffer_limit.normal,
+            d.client_output_buffer_limit.normal
+        );
+        assert_eq!(
+            c.client_output_buffer_limit.pubsub,
+            d.client_output_buffer_limit.pubsub
+        );
+        assert_eq!(
+            (c.protected_mode, c.auth_failure_limit),
+            (d.protected_mode, d.auth_failure_limit)
+        );
     }
 }

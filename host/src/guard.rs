@@ -42,7 +42,12 @@ impl Bucket {
 impl AuthThrottle {
     /// `burst` failed attempts per address before throttling; 0 turns it off.
     pub fn new(burst: u32) -> AuthThrottle {
-        AuthThrottle { burst: f64::from(burst), buckets: Mutex::new(HashMap::new()), failures: AtomicU64::new(0), refused: AtomicU64::new(0) }
+        AuthThrottle {
+            burst: f64::from(burst),
+            buckets: Mutex::new(HashMap::new()),
+            failures: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        }
     }
 
     /// Takes an attempt for `ip`; `Err` with the time until one is available when there is none.
@@ -50,7 +55,9 @@ impl AuthThrottle {
         if self.burst == 0.0 {
             return Ok(());
         }
-        let Ok(mut map) = self.buckets.lock() else { return Ok(()) };
+        let Ok(mut map) = self.buckets.lock() else {
+            return Ok(());
+        };
         if map.len() >= PRUNE_AT && !map.contains_key(&ip) {
             let burst = self.burst;
             map.retain(|_, b| {
@@ -58,7 +65,10 @@ impl AuthThrottle {
                 b.tokens < burst
             });
         }
-        let b = map.entry(ip).or_insert(Bucket { tokens: self.burst, at: now });
+        let b = map.entry(ip).or_insert(Bucket {
+            tokens: self.burst,
+            at: now,
+        });
         b.refill(self.burst, now);
         if b.tokens >= 1.0 {
             b.tokens -= 1.0;
@@ -87,7 +97,10 @@ impl AuthThrottle {
 
     /// Failed attempts, and attempts refused unchecked, since start.
     pub fn totals(&self) -> (u64, u64) {
-        (self.failures.load(Ordering::Relaxed), self.refused.load(Ordering::Relaxed))
+        (
+            self.failures.load(Ordering::Relaxed),
+            self.refused.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -107,7 +120,10 @@ mod tests {
             t.outcome(a, false);
         }
         let wait = t.attempt(a, now).unwrap_err();
-        assert!(wait > Duration::from_millis(900) && wait <= Duration::from_secs(1), "{wait:?}");
+        assert!(
+            wait > Duration::from_millis(900) && wait <= Duration::from_secs(1),
+            "{wait:?}"
+        );
         // Another address is not affected.
         t.attempt(b, now).unwrap();
         // A second later one more attempt is allowed, not more.

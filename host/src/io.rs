@@ -44,15 +44,31 @@ impl Stream {
     fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let buffered = match self {
             Stream::Tcp(_) => false,
-            Stream::TlsServer(s) => s.get_mut().1.process_new_packets().map_or(true, |st| st.plaintext_bytes_to_read() > 0),
-            Stream::TlsClient(s) => s.get_mut().1.process_new_packets().map_or(true, |st| st.plaintext_bytes_to_read() > 0),
+            Stream::TlsServer(s) => s
+                .get_mut()
+                .1
+                .process_new_packets()
+                .map_or(true, |st| st.plaintext_bytes_to_read() > 0),
+            Stream::TlsClient(s) => s
+                .get_mut()
+                .1
+                .process_new_packets()
+                .map_or(true, |st| st.plaintext_bytes_to_read() > 0),
         };
-        if buffered { Poll::Ready(Ok(())) } else { self.tcp().poll_read_ready(cx) }
+        if buffered {
+            Poll::Ready(Ok(()))
+        } else {
+            self.tcp().poll_read_ready(cx)
+        }
     }
 }
 
 impl AsyncRead for Stream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Stream::TlsServer(s) => Pin::new(&mut **s).poll_read(cx, buf),
@@ -62,7 +78,11 @@ impl AsyncRead for Stream {
 }
 
 impl AsyncWrite for Stream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Stream::TlsServer(s) => Pin::new(&mut **s).poll_write(cx, buf),
@@ -105,7 +125,13 @@ pub enum IoEvent {
 
 /// Writes from `out` while the socket accepts it, and reads into `input` when `reading`;
 /// ready when either made progress.
-pub fn poll_io(stream: &mut Stream, cx: &mut Context<'_>, out: &mut BytesMut, input: &mut BytesMut, reading: bool) -> Poll<IoEvent> {
+pub fn poll_io(
+    stream: &mut Stream,
+    cx: &mut Context<'_>,
+    out: &mut BytesMut,
+    input: &mut BytesMut,
+    reading: bool,
+) -> Poll<IoEvent> {
     let wrote = match poll_write_out(stream, cx, out) {
         Ok(wrote) => wrote,
         Err(closed) => return Poll::Ready(closed),
@@ -115,13 +141,22 @@ pub fn poll_io(stream: &mut Stream, cx: &mut Context<'_>, out: &mut BytesMut, in
             return Poll::Ready(ev);
         }
     }
-    if wrote { Poll::Ready(IoEvent::Wrote) } else { Poll::Pending }
+    if wrote {
+        Poll::Ready(IoEvent::Wrote)
+    } else {
+        Poll::Pending
+    }
 }
 
 /// Writes from `out` while the socket accepts it and, when `reading`, waits until the socket
 /// has input, without a buffer to read into: a session that sits idle holds no input buffer
 /// (it reads into its worker's, and keeps only a partial command of its own).
-pub fn poll_write_and_readable(stream: &mut Stream, cx: &mut Context<'_>, out: &mut BytesMut, reading: bool) -> Poll<IoEvent> {
+pub fn poll_write_and_readable(
+    stream: &mut Stream,
+    cx: &mut Context<'_>,
+    out: &mut BytesMut,
+    reading: bool,
+) -> Poll<IoEvent> {
     let wrote = match poll_write_out(stream, cx, out) {
         Ok(wrote) => wrote,
         Err(closed) => return Poll::Ready(closed),
@@ -133,12 +168,20 @@ pub fn poll_write_and_readable(stream: &mut Stream, cx: &mut Context<'_>, out: &
             Poll::Pending => {}
         }
     }
-    if wrote { Poll::Ready(IoEvent::Wrote) } else { Poll::Pending }
+    if wrote {
+        Poll::Ready(IoEvent::Wrote)
+    } else {
+        Poll::Pending
+    }
 }
 
 /// Writes from `out` while the socket accepts it: whether anything was written, or the event
 /// that ended the connection.
-fn poll_write_out(stream: &mut Stream, cx: &mut Context<'_>, out: &mut BytesMut) -> Result<bool, IoEvent> {
+fn poll_write_out(
+    stream: &mut Stream,
+    cx: &mut Context<'_>,
+    out: &mut BytesMut,
+) -> Result<bool, IoEvent> {
     let mut wrote = false;
     while !out.is_empty() {
         match Pin::new(&mut *stream).poll_write(cx, out) {
@@ -161,7 +204,11 @@ fn poll_write_out(stream: &mut Stream, cx: &mut Context<'_>, out: &mut BytesMut)
 
 /// Reads what the socket has into `input` (through `poll_read`, so that a short read clears
 /// the socket's readiness); `Pending` when the readiness was stale.
-pub fn poll_read_into(stream: &mut Stream, cx: &mut Context<'_>, input: &mut BytesMut) -> Poll<IoEvent> {
+pub fn poll_read_into(
+    stream: &mut Stream,
+    cx: &mut Context<'_>,
+    input: &mut BytesMut,
+) -> Poll<IoEvent> {
     if input.capacity() - input.len() < READ_CHUNK / 4 {
         input.reserve(READ_CHUNK);
     }

@@ -13,9 +13,28 @@ use respire::server::Server;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Turns transparent huge pages off for this process, as Redis does for itself (`disable-thp`).
+/// mimalloc asks for huge pages on its regions and returns freed parts of them to the system;
+/// touching such a part again makes the kernel zero a whole 2 MiB page. Measured with a
+/// subscriber that does not read while 64 KiB messages arrive: 95% of the worker's time went to
+/// zeroing pages and it relayed ≈30 MB/s; without huge pages it keeps up with Redis.
+#[allow(unsafe_code)]
+fn disable_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: PR_SET_THP_DISABLE takes plain integers and touches no memory of ours.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+}
+
 /// A Redis proxy programmable with WebAssembly plugins.
 #[derive(Parser, Debug)]
-#[command(name = "respire", version, about, args_conflicts_with_subcommands = false)]
+#[command(
+    name = "respire",
+    version,
+    about,
+    args_conflicts_with_subcommands = false
+)]
 struct Cli {
     #[command(flatten)]
     opts: Opts,
@@ -38,13 +57,31 @@ struct Opts {
     #[arg(long, global = true, value_name = "ADDRS", value_delimiter = ',', conflicts_with_all = ["shards", "sentinel"])]
     cluster: Option<Vec<String>>,
     /// Standalone Redis shards, comma-separated.
-    #[arg(long, global = true, value_name = "ADDRS", value_delimiter = ',', conflicts_with = "sentinel")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "ADDRS",
+        value_delimiter = ',',
+        conflicts_with = "sentinel"
+    )]
     shards: Option<Vec<String>>,
     /// Redis Sentinel addresses, comma-separated (with --master-name).
-    #[arg(long, global = true, value_name = "ADDRS", value_delimiter = ',', requires = "master_name")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "ADDRS",
+        value_delimiter = ',',
+        requires = "master_name"
+    )]
     sentinel: Option<Vec<String>>,
     /// Master name(s) the sentinels monitor, comma-separated (several: shards by hash slot).
-    #[arg(long, global = true, value_name = "NAMES", value_delimiter = ',', requires = "sentinel")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "NAMES",
+        value_delimiter = ',',
+        requires = "sentinel"
+    )]
     master_name: Option<Vec<String>>,
     /// Folder of Wasm plugins to load and watch.
     #[arg(long, global = true, value_name = "DIR")]
@@ -59,14 +96,26 @@ struct Opts {
     #[arg(long, global = true, value_name = "N")]
     workers: Option<usize>,
     /// Password clients must give with AUTH.
-    #[arg(long, global = true, value_name = "PASS", env = "RESPIRE_REQUIREPASS", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        value_name = "PASS",
+        env = "RESPIRE_REQUIREPASS",
+        hide_env_values = true
+    )]
     requirepass: Option<String>,
     /// "yes" (the default) refuses to listen on a non-loopback address while clients need no
     /// password, as Redis's protected mode; "no" allows it.
     #[arg(long, global = true, value_name = "yes|no", value_parser = yes_no)]
     protected_mode: Option<bool>,
     /// Password respire uses to authenticate to the backends.
-    #[arg(long, global = true, value_name = "PASS", env = "RESPIRE_BACKEND_PASSWORD", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        value_name = "PASS",
+        env = "RESPIRE_BACKEND_PASSWORD",
+        hide_env_values = true
+    )]
     backend_password: Option<String>,
 }
 
@@ -91,7 +140,11 @@ enum PluginCmd {
     },
 }
 
-fn plugin_check(file: &std::path::Path, settings: Option<&std::path::Path>, cache: Option<&std::path::Path>) -> ExitCode {
+fn plugin_check(
+    file: &std::path::Path,
+    settings: Option<&std::path::Path>,
+    cache: Option<&std::path::Path>,
+) -> ExitCode {
     let cache = match cache {
         Some(p) if p.as_os_str().is_empty() => None,
         Some(p) => Some(p.to_path_buf()),
@@ -108,7 +161,8 @@ fn plugin_check(file: &std::path::Path, settings: Option<&std::path::Path>, cach
     let path = match settings {
         // Use the given settings: stage the plugin next to a copy of them.
         Some(s) => {
-            let dir = std::env::temp_dir().join(format!("respire-plugin-check-{}", std::process::id()));
+            let dir =
+                std::env::temp_dir().join(format!("respire-plugin-check-{}", std::process::id()));
             let name = file.file_name().map(|n| n.to_owned()).unwrap_or_default();
             let copied = std::fs::create_dir_all(&dir)
                 .and_then(|_| std::fs::copy(file, dir.join(&name)))
@@ -126,12 +180,30 @@ fn plugin_check(file: &std::path::Path, settings: Option<&std::path::Path>, cach
         Ok(p) => {
             let m = &p.manifest;
             println!("plugin {} {}", m.name, m.version);
-            println!("  commands:   {}", if m.commands.is_empty() { "-".into() } else { m.commands.join(" ") });
-            println!("  categories: {}", if m.categories.is_empty() { "-".into() } else { m.categories.join(" ") });
+            println!(
+                "  commands:   {}",
+                if m.commands.is_empty() {
+                    "-".into()
+                } else {
+                    m.commands.join(" ")
+                }
+            );
+            println!(
+                "  categories: {}",
+                if m.categories.is_empty() {
+                    "-".into()
+                } else {
+                    m.categories.join(" ")
+                }
+            );
             if !m.key_prefixes.is_empty() {
                 println!("  keys under: {}", m.key_prefixes.join(" "));
             }
-            println!("  hooks:      {}{}", if m.on_request { "request " } else { "" }, if m.on_response { "response" } else { "" });
+            println!(
+                "  hooks:      {}{}",
+                if m.on_request { "request " } else { "" },
+                if m.on_response { "response" } else { "" }
+            );
             if let Some(r) = p.response_summary() {
                 println!("  responses:  {r}");
             }
@@ -169,7 +241,13 @@ fn build_config(o: &Opts) -> Result<Config, String> {
         c.backend.cluster = o.cluster.clone().unwrap_or_default();
         c.backend.sentinel = o.sentinel.clone().unwrap_or_default();
         c.backend.master_names = o.master_name.clone().unwrap_or_default();
-        c.backend.shards = o.shards.clone().unwrap_or_default().into_iter().map(respire::config::ShardSpec::Address).collect();
+        c.backend.shards = o
+            .shards
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .map(respire::config::ShardSpec::Address)
+            .collect();
     }
     if let Some(v) = o.workers {
         c.workers = v;
@@ -197,16 +275,25 @@ fn build_config(o: &Opts) -> Result<Config, String> {
 }
 
 fn main() -> ExitCode {
+    disable_transparent_huge_pages();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    if let Some(Cmd::Plugin { action: PluginCmd::Check { file } }) = &cli.command {
-        return plugin_check(file, cli.opts.config.as_deref(), cli.opts.plugin_cache.as_deref().map(std::path::Path::new));
+    if let Some(Cmd::Plugin {
+        action: PluginCmd::Check { file },
+    }) = &cli.command
+    {
+        return plugin_check(
+            file,
+            cli.opts.config.as_deref(),
+            cli.opts.plugin_cache.as_deref().map(std::path::Path::new),
+        );
     }
     let config = match build_config(&cli.opts) {
         Ok(c) => c,
@@ -223,7 +310,11 @@ fn main() -> ExitCode {
     let wanted = config.max_clients as u64 + 1024;
     match rlimit::increase_nofile_limit(wanted) {
         Ok(got) if got < wanted => {
-            tracing::warn!(limit = got, wanted, "open file limit is lower than max_clients needs");
+            tracing::warn!(
+                limit = got,
+                wanted,
+                "open file limit is lower than max_clients needs"
+            );
         }
         _ => {}
     }

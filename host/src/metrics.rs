@@ -5,7 +5,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, LazyLock, Mutex};
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder, core::Collector,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+    core::Collector,
 };
 use tracing::{info, warn};
 
@@ -20,8 +21,8 @@ pub const MAX_SERIES: usize = 1000;
 
 /// Default histogram buckets: 10 µs to 10 s.
 pub const LATENCY_BUCKETS: &[f64] = &[
-    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0,
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
 /// Registers a collector, or finds the one already registered under the same definition.
@@ -56,13 +57,22 @@ pub fn int_gauge(name: &str, help: &str) -> prometheus::IntGauge {
 /// A histogram family of respire's own (constant, valid names and labels).
 #[allow(clippy::expect_used)]
 fn histogram_vec(name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
-    register(HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels).expect("valid metric definition"))
+    register(
+        HistogramVec::new(
+            HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+            labels,
+        )
+        .expect("valid metric definition"),
+    )
 }
 
 /// A gauge family of respire's own (constant, valid names and labels).
 #[allow(clippy::expect_used)]
 fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> prometheus::IntGaugeVec {
-    register(prometheus::IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition"))
+    register(
+        prometheus::IntGaugeVec::new(Opts::new(name, help), labels)
+            .expect("valid metric definition"),
+    )
 }
 
 /// Metrics about backend connections, routing and the topology.
@@ -86,21 +96,40 @@ pub struct BackendStats {
 /// The backend metrics of the process.
 pub fn backend_stats() -> &'static BackendStats {
     static S: LazyLock<BackendStats> = LazyLock::new(|| BackendStats {
-        connections: gauge_vec("respire_backend_connections", "Open connections to backend nodes, by node.", &["node"]),
-        connects: counter_vec("respire_backend_connects_total", "Connection attempts to backend nodes, by node and result.", &["node", "result"]),
+        connections: gauge_vec(
+            "respire_backend_connections",
+            "Open connections to backend nodes, by node.",
+            &["node"],
+        ),
+        connects: counter_vec(
+            "respire_backend_connects_total",
+            "Connection attempts to backend nodes, by node and result.",
+            &["node", "result"],
+        ),
         lost: counter_vec(
             "respire_backend_connections_lost_total",
             "Backend connections that broke, by node and reason (closed, error, timeout: no reply within command_timeout).",
             &["node", "reason"],
         ),
-        redirections: counter_vec("respire_redirections_total", "Cluster redirections respire followed, by kind (moved, ask).", &["kind"]),
+        redirections: counter_vec(
+            "respire_redirections_total",
+            "Cluster redirections respire followed, by kind (moved, ask).",
+            &["kind"],
+        ),
         retries: counter_vec(
             "respire_retries_total",
             "Requests respire sent again, by reason (tryagain, failover: waiting for a new master, single-flight).",
             &["reason"],
         ),
-        topology_updates: counter_vec("respire_topology_updates_total", "New topologies published, by source (refresh, moved).", &["source"]),
-        failovers: int_counter("respire_failovers_total", "Nodes that took over slots from another master in a topology refresh (failovers, and resharding)."),
+        topology_updates: counter_vec(
+            "respire_topology_updates_total",
+            "New topologies published, by source (refresh, moved).",
+            &["source"],
+        ),
+        failovers: int_counter(
+            "respire_failovers_total",
+            "Nodes that took over slots from another master in a topology refresh (failovers, and resharding).",
+        ),
     });
     &S
 }
@@ -124,13 +153,21 @@ pub struct PluginStats {
 /// The plugin metrics of the process.
 pub fn plugin_stats() -> &'static PluginStats {
     static S: LazyLock<PluginStats> = LazyLock::new(|| PluginStats {
-        calls: counter_vec("respire_plugin_calls_total", "Plugin hook calls by plugin, hook and result.", &["plugin", "hook", "result"]),
+        calls: counter_vec(
+            "respire_plugin_calls_total",
+            "Plugin hook calls by plugin, hook and result.",
+            &["plugin", "hook", "result"],
+        ),
         failures: counter_vec(
             "respire_plugin_failures_total",
             "Plugin calls that failed (trap, timeout, memory, start), by plugin and hook.",
             &["plugin", "hook", "kind"],
         ),
-        reloads: counter_vec("respire_plugin_reloads_total", "Plugin folder changes applied, by result.", &["result"]),
+        reloads: counter_vec(
+            "respire_plugin_reloads_total",
+            "Plugin folder changes applied, by result.",
+            &["result"],
+        ),
         dropped_updates: counter_vec(
             "respire_plugin_metric_updates_dropped_total",
             "Metric updates from plugins that were dropped (unknown metric, wrong labels, too many series).",
@@ -145,7 +182,10 @@ pub fn plugin_stats() -> &'static PluginStats {
             "respire_plugin_call_duration_seconds",
             "Time spent in plugin hook calls (wall time, effects included), by plugin and hook.",
             &["plugin", "hook"],
-            &[0.000001, 0.0000025, 0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.1],
+            &[
+                0.000001, 0.0000025, 0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005,
+                0.001, 0.0025, 0.005, 0.01, 0.1,
+            ],
         ),
     });
     &S
@@ -275,8 +315,16 @@ static PLUGIN_METRICS: LazyLock<Mutex<Registered>> = LazyLock::new(Mutex::defaul
 /// `respire_plugin_<plugin>_<name>` with every character Prometheus does not allow made `_`.
 pub fn plugin_metric_name(plugin: &str, name: &str) -> String {
     let mut s = String::from("respire_plugin_");
-    for c in plugin.chars().chain(std::iter::once('_')).chain(name.chars()) {
-        s.push(if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' });
+    for c in plugin
+        .chars()
+        .chain(std::iter::once('_'))
+        .chain(name.chars())
+    {
+        s.push(if c.is_ascii_alphanumeric() || c == '_' {
+            c
+        } else {
+            '_'
+        });
     }
     s
 }
@@ -298,14 +346,28 @@ pub fn plugin_metrics(plugin: &str, defs: &[MetricDef]) -> Result<Vec<Arc<Plugin
             }
         }
         let labels: Vec<&str> = d.labels.iter().map(String::as_str).collect();
-        let help = if d.help.trim().is_empty() { format!("{} (plugin {plugin})", d.name) } else { d.help.clone() };
+        let help = if d.help.trim().is_empty() {
+            format!("{} (plugin {plugin})", d.name)
+        } else {
+            d.help.clone()
+        };
         let opts = Opts::new(full.clone(), help.clone());
         let made = match d.kind {
-            MetricKind::Counter => prometheus::CounterVec::new(opts, &labels).map(Collectors::Counter),
+            MetricKind::Counter => {
+                prometheus::CounterVec::new(opts, &labels).map(Collectors::Counter)
+            }
             MetricKind::Gauge => prometheus::GaugeVec::new(opts, &labels).map(Collectors::Gauge),
             MetricKind::Histogram => {
-                let buckets = if d.buckets.is_empty() { LATENCY_BUCKETS.to_vec() } else { d.buckets.clone() };
-                HistogramVec::new(HistogramOpts::new(full.clone(), help).buckets(buckets), &labels).map(Collectors::Histogram)
+                let buckets = if d.buckets.is_empty() {
+                    LATENCY_BUCKETS.to_vec()
+                } else {
+                    d.buckets.clone()
+                };
+                HistogramVec::new(
+                    HistogramOpts::new(full.clone(), help).buckets(buckets),
+                    &labels,
+                )
+                .map(Collectors::Histogram)
             }
         }
         .map_err(|e| format!("metric {:?}: {e}", d.name))?;
@@ -348,18 +410,50 @@ pub fn render(shared: &crate::server::Shared) -> Vec<u8> {
     let (query_closed, output_closed) = shared.clients.limit_closed();
     let (auth_failed, auth_refused) = shared.auth_throttle.totals();
     let lines: [(&str, &str, &str, String); 11] = [
-        ("respire_build_info", "gauge", "respire's version (always 1).", format!("{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))),
-        ("respire_uptime_seconds", "gauge", "Seconds since respire started.", format!(" {}", shared.started.elapsed().as_secs_f64())),
-        ("respire_client_connections", "gauge", "Client connections open now.", format!(" {}", shared.clients.count())),
-        ("respire_client_connections_total", "counter", "Client connections accepted since start.", format!(" {accepted}")),
-        ("respire_client_connections_rejected_total", "counter", "Client connections refused because max_clients were open.", format!(" {rejected}")),
+        (
+            "respire_build_info",
+            "gauge",
+            "respire's version (always 1).",
+            format!("{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION")),
+        ),
+        (
+            "respire_uptime_seconds",
+            "gauge",
+            "Seconds since respire started.",
+            format!(" {}", shared.started.elapsed().as_secs_f64()),
+        ),
+        (
+            "respire_client_connections",
+            "gauge",
+            "Client connections open now.",
+            format!(" {}", shared.clients.count()),
+        ),
+        (
+            "respire_client_connections_total",
+            "counter",
+            "Client connections accepted since start.",
+            format!(" {accepted}"),
+        ),
+        (
+            "respire_client_connections_rejected_total",
+            "counter",
+            "Client connections refused because max_clients were open.",
+            format!(" {rejected}"),
+        ),
         (
             "respire_client_limit_disconnections_total",
             "counter",
             "Client connections closed for going over a buffer limit.",
-            format!("{{limit=\"query_buffer\"}} {query_closed}\nrespire_client_limit_disconnections_total{{limit=\"output_buffer\"}} {output_closed}"),
+            format!(
+                "{{limit=\"query_buffer\"}} {query_closed}\nrespire_client_limit_disconnections_total{{limit=\"output_buffer\"}} {output_closed}"
+            ),
         ),
-        ("respire_auth_failures_total", "counter", "Failed AUTH attempts (wrong user or password).", format!(" {auth_failed}")),
+        (
+            "respire_auth_failures_total",
+            "counter",
+            "Failed AUTH attempts (wrong user or password).",
+            format!(" {auth_failed}"),
+        ),
         (
             "respire_auth_throttled_total",
             "counter",
@@ -372,11 +466,23 @@ pub fn render(shared: &crate::server::Shared) -> Vec<u8> {
             "TLS handshakes with clients that failed (no or a wrong certificate, not TLS) or timed out.",
             format!(" {}", shared.clients.tls_failed()),
         ),
-        ("respire_topology_masters", "gauge", "Masters in the current topology.", format!(" {}", topo.shards.len())),
-        ("respire_topology_nodes", "gauge", "Nodes (masters and replicas) in the current topology.", format!(" {}", topo.nodes.len())),
+        (
+            "respire_topology_masters",
+            "gauge",
+            "Masters in the current topology.",
+            format!(" {}", topo.shards.len()),
+        ),
+        (
+            "respire_topology_nodes",
+            "gauge",
+            "Nodes (masters and replicas) in the current topology.",
+            format!(" {}", topo.nodes.len()),
+        ),
     ];
     for (name, kind, help, value) in lines {
-        more.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{value}\n"));
+        more.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{value}\n"
+        ));
     }
     crate::stats::render_process(&mut more);
     buf.extend_from_slice(more.as_bytes());
@@ -458,10 +564,17 @@ async fn ready(shared: &crate::server::Shared) -> Result<(), String> {
     }
     let timeout = shared.config.backend.connect_timeout;
     for m in topo.masters() {
-        let Some(addr) = topo.nodes.get(m).cloned() else { continue };
-        let node = crate::backend::NodeSettings { addr: addr.clone(), ..shared.node_settings.clone() };
+        let Some(addr) = topo.nodes.get(m).cloned() else {
+            continue;
+        };
+        let node = crate::backend::NodeSettings {
+            addr: addr.clone(),
+            ..shared.node_settings.clone()
+        };
         let probe = async {
-            let mut s = crate::backend::open(&node).await.map_err(std::io::Error::other)?;
+            let mut s = crate::backend::open(&node)
+                .await
+                .map_err(std::io::Error::other)?;
             s.send(b"PING\r\n").await?;
             let mut b = [0u8; 64];
             match s.read(&mut b).await? {
@@ -509,24 +622,49 @@ pub async fn serve(
                 async move {
                     const TEXT: &str = "text/plain; charset=utf-8";
                     let (status, ctype, body) = match req.uri().path() {
-                        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", Bytes::from(render(&shared))),
+                        "/metrics" => (
+                            StatusCode::OK,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                            Bytes::from(render(&shared)),
+                        ),
                         "/health" => (StatusCode::OK, TEXT, Bytes::from_static(b"ok\n")),
                         "/ready" => match ready(&shared).await {
                             Ok(()) => (StatusCode::OK, TEXT, Bytes::from_static(b"ready\n")),
-                            Err(why) => (StatusCode::SERVICE_UNAVAILABLE, TEXT, Bytes::from(format!("not ready: {why}\n"))),
+                            Err(why) => (
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                TEXT,
+                                Bytes::from(format!("not ready: {why}\n")),
+                            ),
                         },
-                        "/plugins" => (StatusCode::OK, "application/json", Bytes::from(plugins_json(&shared))),
-                        "/topology" => (StatusCode::OK, "application/json", Bytes::from(topology_json(&shared))),
-                        _ => (StatusCode::NOT_FOUND, TEXT, Bytes::from_static(b"not found\n")),
+                        "/plugins" => (
+                            StatusCode::OK,
+                            "application/json",
+                            Bytes::from(plugins_json(&shared)),
+                        ),
+                        "/topology" => (
+                            StatusCode::OK,
+                            "application/json",
+                            Bytes::from(topology_json(&shared)),
+                        ),
+                        _ => (
+                            StatusCode::NOT_FOUND,
+                            TEXT,
+                            Bytes::from_static(b"not found\n"),
+                        ),
                     };
                     let mut resp = Response::new(Full::new(body));
                     *resp.status_mut() = status;
-                    resp.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(ctype));
+                    resp.headers_mut().insert(
+                        hyper::header::CONTENT_TYPE,
+                        hyper::header::HeaderValue::from_static(ctype),
+                    );
                     Ok::<_, std::convert::Infallible>(resp)
                 }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await;
         });
     }
 }

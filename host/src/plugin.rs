@@ -30,9 +30,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::Deserialize;
+use smallvec::SmallVec;
 use thiserror::Error;
 use tracing::{info, warn};
-use smallvec::SmallVec;
 use wasmtime::component::{Component, ComponentType, Linker, Lower};
 use wasmtime::{Config, Engine, ResourceLimiter, Store};
 
@@ -48,7 +48,8 @@ mod bindings {
 mod traffic;
 
 pub use bindings::respire::plugin::types::{
-    Client, Manifest, MetricKind as WitMetricKind, RequestAction, RequestBatch, RequestResults, ResponseBatch, ResponseResults, Update, Updates,
+    Client, Manifest, MetricKind as WitMetricKind, RequestAction, RequestBatch, RequestResults,
+    ResponseBatch, ResponseResults, Update, Updates,
 };
 use bindings::{Plugin, PluginPre};
 
@@ -157,12 +158,21 @@ pub struct ClientHandle {
 impl ClientHandle {
     /// The client's id and generation as a batch carries them.
     fn words(&self) -> [u32; 3] {
-        [self.details.id as u32, (self.details.id >> 32) as u32, self.generation]
+        [
+            self.details.id as u32,
+            (self.details.id >> 32) as u32,
+            self.generation,
+        ]
     }
 }
 
 impl ResourceLimiter for StoreData {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.max_memory {
             self.memory_denied = true;
             return Ok(false);
@@ -170,7 +180,12 @@ impl ResourceLimiter for StoreData {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= 100_000)
     }
 
@@ -291,7 +306,10 @@ impl PluginCtx {
     fn record_now(&self, u: &Update) {
         match self.series_labels(u.series) {
             Some((m, labels)) => m.record(&labels, u.value),
-            None => plugin_stats().dropped_updates.with_label_values(&[&*self.name]).inc(),
+            None => plugin_stats()
+                .dropped_updates
+                .with_label_values(&[&*self.name])
+                .inc(),
         }
     }
 
@@ -340,7 +358,10 @@ impl PluginCtx {
         let i = series as usize;
         if local.series.len() <= i {
             if i >= MAX_SERIES_IDS {
-                plugin_stats().dropped_updates.with_label_values(&[&*self.name]).inc();
+                plugin_stats()
+                    .dropped_updates
+                    .with_label_values(&[&*self.name])
+                    .inc();
                 return;
             }
             local.series.resize_with(i + 1, || None);
@@ -369,7 +390,10 @@ impl PluginCtx {
             LocalSeries::Histogram(h) if ok => h.observe(value),
             LocalSeries::Gauge(g) if ok => g.set(value),
             _ => {
-                plugin_stats().dropped_updates.with_label_values(&[&*self.name]).inc();
+                plugin_stats()
+                    .dropped_updates
+                    .with_label_values(&[&*self.name])
+                    .inc();
                 return;
             }
         }
@@ -393,9 +417,19 @@ impl PluginCtx {
     /// The bucket (limiter, key) of a command's takes when it is one take from a bucket held in
     /// respire, by a plugin without shared limiters: such takes of consecutive commands may be
     /// summed.
-    fn single_local_take<'t>(&self, takes: &[&'t bindings::respire::plugin::types::Take]) -> Option<(u32, &'t str)> {
+    fn single_local_take<'t>(
+        &self,
+        takes: &[&'t bindings::respire::plugin::types::Take],
+    ) -> Option<(u32, &'t str)> {
         match takes {
-            [t] if !self.has_shared && self.limiters.get(t.limiter as usize).is_some_and(|l| !l.shared) => Some((t.limiter, t.key.as_str())),
+            [t] if !self.has_shared
+                && self
+                    .limiters
+                    .get(t.limiter as usize)
+                    .is_some_and(|l| !l.shared) =>
+            {
+                Some((t.limiter, t.key.as_str()))
+            }
             _ => None,
         }
     }
@@ -404,20 +438,36 @@ impl PluginCtx {
     /// Takes on shared limiters go to `gate` (respire asks Redis before the command goes on);
     /// the local takes of a plugin with shared limiters are noted there too, to be given back
     /// if Redis refuses.
-    fn take_all(self: &Arc<Self>, takes: &[&bindings::respire::plugin::types::Take], gate: &mut Option<Box<Gate>>) -> Result<(), String> {
+    fn take_all(
+        self: &Arc<Self>,
+        takes: &[&bindings::respire::plugin::types::Take],
+        gate: &mut Option<Box<Gate>>,
+    ) -> Result<(), String> {
         for (i, t) in takes.iter().enumerate() {
             let Some(l) = self.limiters.get(t.limiter as usize) else {
                 self.refund(&takes[..i]);
-                return Err(format!("ERR rate limit #{} is not declared by plugin {}", t.limiter, self.name));
+                return Err(format!(
+                    "ERR rate limit #{} is not declared by plugin {}",
+                    t.limiter, self.name
+                ));
             };
             if l.shared {
                 let g = gate.get_or_insert_default();
-                g.shared.push(SharedTake { ctx: self.clone(), limiter: l.name.clone(), rule: l.rule, key: t.key.clone(), cost: t.cost });
+                g.shared.push(SharedTake {
+                    ctx: self.clone(),
+                    limiter: l.name.clone(),
+                    rule: l.rule,
+                    key: t.key.clone(),
+                    cost: t.cost,
+                });
                 continue;
             }
             if let Err(wait) = self.state.take(&self.name, &l.name, l.rule, &t.key, t.cost) {
                 self.refund(&takes[..i]);
-                plugin_stats().rate_limited.with_label_values(&[&*self.name, &l.name]).inc();
+                plugin_stats()
+                    .rate_limited
+                    .with_label_values(&[&*self.name, &l.name])
+                    .inc();
                 return Err(rate_limit_error(&l.name, wait));
             }
         }
@@ -425,7 +475,8 @@ impl PluginCtx {
             let g = gate.get_or_insert_default();
             for t in takes {
                 if let Some(l) = self.limiters.get(t.limiter as usize).filter(|l| !l.shared) {
-                    g.refunds.push((self.clone(), l.name.clone(), t.key.clone(), t.cost));
+                    g.refunds
+                        .push((self.clone(), l.name.clone(), t.key.clone(), t.cost));
                 }
             }
         }
@@ -462,7 +513,9 @@ impl LocalMetrics {
 /// `u64::MAX`: never).
 pub fn rate_limit_error(limiter: &str, wait: u64) -> String {
     if wait == u64::MAX {
-        format!("ERR rate limit '{limiter}' exceeded, and this command costs more than the limit allows")
+        format!(
+            "ERR rate limit '{limiter}' exceeded, and this command costs more than the limit allows"
+        )
     } else {
         format!("ERR rate limit '{limiter}' exceeded, retry in {wait} ms")
     }
@@ -492,17 +545,26 @@ pub struct SharedTake {
 impl SharedTake {
     /// The Redis key of the bucket: one hash slot per bucket (the whole name is the hash tag).
     pub fn redis_key(&self) -> String {
-        format!("{{respire:ratelimit:{}:{}:{}}}", self.ctx.name, self.limiter, self.key)
+        format!(
+            "{{respire:ratelimit:{}:{}:{}}}",
+            self.ctx.name, self.limiter, self.key
+        )
     }
 
     /// Counts a refusal.
     pub fn note_refused(&self) {
-        plugin_stats().rate_limited.with_label_values(&[&*self.ctx.name, &self.limiter]).inc();
+        plugin_stats()
+            .rate_limited
+            .with_label_values(&[&*self.ctx.name, &self.limiter])
+            .inc();
     }
 
     /// Counts a take Redis could not answer (the command was let through).
     pub fn note_error(&self, error: &str) {
-        plugin_stats().failures.with_label_values(&[&*self.ctx.name, "request", "shared-limiter"]).inc();
+        plugin_stats()
+            .failures
+            .with_label_values(&[&*self.ctx.name, "request", "shared-limiter"])
+            .inc();
         tracing::debug!(plugin = %self.ctx.name, limiter = %self.limiter, error, "shared rate limit not checked; command let through");
     }
 }
@@ -545,44 +607,74 @@ fn random_bytes(len: u64) -> Vec<u8> {
 /// We do not link `wasmtime-wasi` here: its synchronous bindings block on a Tokio runtime,
 /// which panics inside respire's workers (measured: a plugin's panic message on stderr took
 /// the worker down). A plugin logs through the host's `log` import instead.
-fn link_wasi_minimum(linker: &mut Linker<StoreData>, engine: &Engine, component: &Component) -> wasmtime::Result<()> {
-    let names: Vec<String> = component.component_type().imports(engine).map(|(n, _)| n.to_string()).collect();
+fn link_wasi_minimum(
+    linker: &mut Linker<StoreData>,
+    engine: &Engine,
+    component: &Component,
+) -> wasmtime::Result<()> {
+    let names: Vec<String> = component
+        .component_type()
+        .imports(engine)
+        .map(|(n, _)| n.to_string())
+        .collect();
     for name in names {
         let base = name.split('@').next().unwrap_or_default();
         match base {
             "wasi:random/random" => {
                 let mut i = linker.instance(&name)?;
-                i.func_wrap("get-random-bytes", |_, (len,): (u64,)| Ok((random_bytes(len),)))?;
+                i.func_wrap("get-random-bytes", |_, (len,): (u64,)| {
+                    Ok((random_bytes(len),))
+                })?;
                 i.func_wrap("get-random-u64", |_, (): ()| Ok((fastrand::u64(..),)))?;
             }
             "wasi:random/insecure" => {
                 let mut i = linker.instance(&name)?;
-                i.func_wrap("get-insecure-random-bytes", |_, (len,): (u64,)| Ok((random_bytes(len),)))?;
-                i.func_wrap("get-insecure-random-u64", |_, (): ()| Ok((fastrand::u64(..),)))?;
+                i.func_wrap("get-insecure-random-bytes", |_, (len,): (u64,)| {
+                    Ok((random_bytes(len),))
+                })?;
+                i.func_wrap("get-insecure-random-u64", |_, (): ()| {
+                    Ok((fastrand::u64(..),))
+                })?;
             }
             "wasi:random/insecure-seed" => {
                 let mut i = linker.instance(&name)?;
-                i.func_wrap("insecure-seed", |_, (): ()| Ok(((fastrand::u64(..), fastrand::u64(..)),)))?;
+                i.func_wrap("insecure-seed", |_, (): ()| {
+                    Ok(((fastrand::u64(..), fastrand::u64(..)),))
+                })?;
             }
             "wasi:cli/environment" => {
                 let mut i = linker.instance(&name)?;
-                i.func_wrap("get-environment", |_, (): ()| Ok((Vec::<(String, String)>::new(),)))?;
+                i.func_wrap("get-environment", |_, (): ()| {
+                    Ok((Vec::<(String, String)>::new(),))
+                })?;
                 i.func_wrap("get-arguments", |_, (): ()| Ok((Vec::<String>::new(),)))?;
                 i.func_wrap("initial-cwd", |_, (): ()| Ok((None::<String>,)))?;
             }
             "wasi:clocks/monotonic-clock" => {
                 let start = std::time::Instant::now();
                 let mut i = linker.instance(&name)?;
-                i.func_wrap("now", move |_, (): ()| Ok((start.elapsed().as_nanos() as u64,)))?;
+                i.func_wrap("now", move |_, (): ()| {
+                    Ok((start.elapsed().as_nanos() as u64,))
+                })?;
                 i.func_wrap("resolution", |_, (): ()| Ok((1u64,)))?;
             }
             "wasi:clocks/wall-clock" => {
                 let mut i = linker.instance(&name)?;
                 i.func_wrap("now", |_, (): ()| {
-                    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-                    Ok((Datetime { seconds: d.as_secs(), nanoseconds: d.subsec_nanos() },))
+                    let d = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default();
+                    Ok((Datetime {
+                        seconds: d.as_secs(),
+                        nanoseconds: d.subsec_nanos(),
+                    },))
                 })?;
-                i.func_wrap("resolution", |_, (): ()| Ok((Datetime { seconds: 0, nanoseconds: 1 },)))?;
+                i.func_wrap("resolution", |_, (): ()| {
+                    Ok((Datetime {
+                        seconds: 0,
+                        nanoseconds: 1,
+                    },))
+                })?;
             }
             _ => {}
         }
@@ -605,11 +697,17 @@ impl bindings::respire::plugin::host::Host for StoreData {
     }
 
     fn client_info(&mut self, id: u64) -> Option<Client> {
-        self.clients.iter().find(|c| c.id == id).map(|c| Client::clone(c))
+        self.clients
+            .iter()
+            .find(|c| c.id == id)
+            .map(|c| Client::clone(c))
     }
 
     fn now_ms(&mut self) -> u64 {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
     }
 
     fn series(&mut self, metric: u32, labels: Vec<String>) -> Option<u32> {
@@ -631,7 +729,10 @@ impl bindings::respire::plugin::host::Host for StoreData {
 
     fn counter_add(&mut self, key: String, delta: i64, ttl_ms: u64) -> i64 {
         match &self.ctx {
-            Some(ctx) => ctx.state.counter_add(&self.name, &key, delta, Duration::from_millis(ttl_ms)),
+            Some(ctx) => {
+                ctx.state
+                    .counter_add(&self.name, &key, delta, Duration::from_millis(ttl_ms))
+            }
             None => 0,
         }
     }
@@ -645,7 +746,9 @@ impl bindings::respire::plugin::host::Host for StoreData {
 
     fn counter_top(&mut self, prefix: String, count: u32) -> Vec<(String, i64)> {
         match &self.ctx {
-            Some(ctx) => ctx.state.counter_top(&self.name, &prefix, count.min(10_000) as usize),
+            Some(ctx) => ctx
+                .state
+                .counter_top(&self.name, &prefix, count.min(10_000) as usize),
             None => Vec::new(),
         }
     }
@@ -691,7 +794,11 @@ pub fn default_cache_dir() -> Option<PathBuf> {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").filter(|v| !v.is_empty()).map(|h| PathBuf::from(h).join(".cache")))?;
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|h| PathBuf::from(h).join(".cache"))
+        })?;
     Some(base.join("respire").join("plugins"))
 }
 
@@ -731,7 +838,12 @@ impl Runtime {
                 }
             })
             .map_err(|e| e.to_string())?;
-        Ok(Runtime { engine, cache_dir, compiled: std::sync::Mutex::default(), state: Arc::default() })
+        Ok(Runtime {
+            engine,
+            cache_dir,
+            compiled: std::sync::Mutex::default(),
+            state: Arc::default(),
+        })
     }
 
     /// The machine code of a plugin: from this process, from the artifact cache, or compiled
@@ -739,17 +851,25 @@ impl Runtime {
     fn compile(&self, path: &Path) -> Result<(Component, Compiled), PluginError> {
         use sha2::Digest;
         use std::hash::{Hash, Hasher};
-        let err = |message: String| PluginError::Load { path: path.into(), message };
+        let err = |message: String| PluginError::Load {
+            path: path.into(),
+            message,
+        };
         let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
         let mut engine_hash = std::collections::hash_map::DefaultHasher::new();
-        self.engine.precompile_compatibility_hash().hash(&mut engine_hash);
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut engine_hash);
         let digest = sha2::Sha256::digest(&bytes);
         let mut key: String = digest.iter().map(|b| format!("{b:02x}")).collect();
         key.push_str(&format!("-{:016x}", engine_hash.finish()));
         if let Some(c) = self.compiled.lock().ok().and_then(|m| m.get(&key).cloned()) {
             return Ok((c, Compiled::Memory));
         }
-        let artifact = self.cache_dir.as_ref().map(|d| d.join(format!("{key}.cwasm")));
+        let artifact = self
+            .cache_dir
+            .as_ref()
+            .map(|d| d.join(format!("{key}.cwasm")));
         let mut from_disk = None;
         if let Some(a) = artifact.as_ref().filter(|a| a.exists()) {
             match deserialize_artifact(&self.engine, a) {
@@ -789,19 +909,30 @@ impl Runtime {
 
     /// Compiles a plugin file, reads its settings, and checks it by running `init` once.
     pub fn load(&self, path: &Path) -> Result<LoadedPlugin, PluginError> {
-        let file_name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let file_name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         // Taken before reading, so that a change made while loading is seen by the next scan.
         let stamp = fingerprint(path);
         let settings_path = path.with_extension("toml");
         let settings = if settings_path.exists() {
-            let text = std::fs::read_to_string(&settings_path)
-                .map_err(|e| PluginError::Settings { path: settings_path.clone(), message: e.to_string() })?;
-            toml::from_str::<PluginSettings>(&text).map_err(|e| PluginError::Settings { path: settings_path.clone(), message: e.to_string() })?
+            let text =
+                std::fs::read_to_string(&settings_path).map_err(|e| PluginError::Settings {
+                    path: settings_path.clone(),
+                    message: e.to_string(),
+                })?;
+            toml::from_str::<PluginSettings>(&text).map_err(|e| PluginError::Settings {
+                path: settings_path.clone(),
+                message: e.to_string(),
+            })?
         } else {
             PluginSettings::default()
         };
         let (component, compiled) = self.compile(path)?;
-        if let Some(theirs) = contract_of(&self.engine, &component).filter(|v| v != CONTRACT_VERSION) {
+        if let Some(theirs) =
+            contract_of(&self.engine, &component).filter(|v| v != CONTRACT_VERSION)
+        {
             return Err(PluginError::Load {
                 path: path.into(),
                 message: format!(
@@ -811,18 +942,30 @@ impl Runtime {
         }
         let link = || -> wasmtime::Result<_> {
             let mut linker = Linker::new(&self.engine);
-            Plugin::add_to_linker::<StoreData, wasmtime::component::HasSelf<StoreData>>(&mut linker, |d| d)?;
+            Plugin::add_to_linker::<StoreData, wasmtime::component::HasSelf<StoreData>>(
+                &mut linker,
+                |d| d,
+            )?;
             link_wasi_minimum(&mut linker, &self.engine, &component)?;
             linker.instantiate_pre(&component)
         };
-        let pre = link().map_err(|e| PluginError::Load { path: path.into(), message: format!("{e:#}") })?;
-        let pre = PluginPre::new(pre).map_err(|e| PluginError::Load { path: path.into(), message: format!("{e:#}") })?;
+        let pre = link().map_err(|e| PluginError::Load {
+            path: path.into(),
+            message: format!("{e:#}"),
+        })?;
+        let pre = PluginPre::new(pre).map_err(|e| PluginError::Load {
+            path: path.into(),
+            message: format!("{e:#}"),
+        })?;
         let config = toml::to_string(&settings.config).unwrap_or_default();
         let name: Arc<str> = Arc::from(file_name.as_str());
-        let init_err = |message: String| PluginError::Init { name: file_name.clone(), message };
+        let init_err = |message: String| PluginError::Init {
+            name: file_name.clone(),
+            message,
+        };
         // Check it: instantiate and init once, as every worker will.
-        let (_, manifest) =
-            new_instance(&self.engine, &pre, &name, &settings, &config, None).map_err(|e| init_err(format!("{e:#}")))?;
+        let (_, manifest) = new_instance(&self.engine, &pre, &name, &settings, &config, None)
+            .map_err(|e| init_err(format!("{e:#}")))?;
         let manifest = manifest.map_err(init_err)?;
         let defs: Vec<crate::metrics::MetricDef> = manifest
             .metrics
@@ -843,9 +986,19 @@ impl Runtime {
         let mut limiters = Vec::with_capacity(manifest.limiters.len());
         for l in &manifest.limiters {
             if !(l.rate.is_finite() && l.rate >= 0.0) || l.burst == 0 {
-                return Err(init_err(format!("limiter {:?}: rate must be ≥ 0 and burst ≥ 1", l.name)));
+                return Err(init_err(format!(
+                    "limiter {:?}: rate must be ≥ 0 and burst ≥ 1",
+                    l.name
+                )));
             }
-            limiters.push(LimiterDef { name: l.name.clone(), rule: Rule { rate: l.rate, burst: l.burst }, shared: l.shared });
+            limiters.push(LimiterDef {
+                name: l.name.clone(),
+                rule: Rule {
+                    rate: l.rate,
+                    burst: l.burst,
+                },
+                shared: l.shared,
+            });
         }
         let has_shared = limiters.iter().any(|l| l.shared);
         let traffic = traffic::Traffic::check(&manifest).map_err(init_err)?;
@@ -861,14 +1014,29 @@ impl Runtime {
         });
         Ok(LoadedPlugin {
             responds: manifest.on_response || !ctx.traffic.is_empty(),
-            commands: manifest.commands.iter().map(|c| c.to_ascii_lowercase()).collect(),
-            key_prefixes: if manifest.key_prefixes.is_empty() || manifest.key_prefixes.iter().any(String::is_empty) {
+            commands: manifest
+                .commands
+                .iter()
+                .map(|c| c.to_ascii_lowercase())
+                .collect(),
+            key_prefixes: if manifest.key_prefixes.is_empty()
+                || manifest.key_prefixes.iter().any(String::is_empty)
+            {
                 None
             } else {
-                Some(manifest.key_prefixes.iter().map(|p| p.as_bytes().to_vec()).collect())
+                Some(
+                    manifest
+                        .key_prefixes
+                        .iter()
+                        .map(|p| p.as_bytes().to_vec())
+                        .collect(),
+                )
             },
             all: manifest.categories.iter().any(|c| c == "all"),
-            category_bits: manifest.categories.iter().fold(0, |b, c| b | crate::commands::category_bit(c)),
+            category_bits: manifest
+                .categories
+                .iter()
+                .fold(0, |b, c| b | crate::commands::category_bit(c)),
             file_name,
             name,
             engine: self.engine.clone(),
@@ -887,8 +1055,20 @@ impl Runtime {
     /// reported and left out; the others still load.
     pub fn load_dir(&self, dir: &Path) -> (Vec<Arc<LoadedPlugin>>, Vec<PluginError>) {
         let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
-            Ok(rd) => rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "wasm")).collect(),
-            Err(e) => return (Vec::new(), vec![PluginError::Load { path: dir.into(), message: e.to_string() }]),
+            Ok(rd) => rd
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
+                .collect(),
+            Err(e) => {
+                return (
+                    Vec::new(),
+                    vec![PluginError::Load {
+                        path: dir.into(),
+                        message: e.to_string(),
+                    }],
+                );
+            }
         };
         files.sort();
         let mut loaded = Vec::new();
@@ -905,7 +1085,12 @@ impl Runtime {
                 }
             }
         }
-        loaded.sort_by(|a, b| a.settings.order.cmp(&b.settings.order).then(a.file_name.cmp(&b.file_name)));
+        loaded.sort_by(|a, b| {
+            a.settings
+                .order
+                .cmp(&b.settings.order)
+                .then(a.file_name.cmp(&b.file_name))
+        });
         (loaded, errors)
     }
 }
@@ -974,7 +1159,9 @@ fn new_instance(
             }
             Some((since, extensions)) => {
                 *extensions += 1;
-                let used = since.zip(thread_cpu()).map(|(s, now)| now.saturating_sub(s));
+                let used = since
+                    .zip(thread_cpu())
+                    .map(|(s, now)| now.saturating_sub(s));
                 if *extensions > 50 || used.is_none_or(|u| u >= d.budget / 2) {
                     Ok(wasmtime::UpdateDeadline::Interrupt)
                 } else {
@@ -998,7 +1185,14 @@ impl LoadedPlugin {
 
     /// A fresh instance with `init` run.
     pub fn instantiate(&self) -> Result<Instance, String> {
-        match new_instance(&self.engine, &self.pre, &self.name, &self.settings, &self.config, Some(self.ctx.clone())) {
+        match new_instance(
+            &self.engine,
+            &self.pre,
+            &self.name,
+            &self.settings,
+            &self.config,
+            Some(self.ctx.clone()),
+        ) {
             Ok((inst, Ok(_))) => Ok(inst),
             Ok((_, Err(e))) => Err(e),
             Err(e) => Err(format!("{e:#}")),
@@ -1008,7 +1202,9 @@ impl LoadedPlugin {
 
 /// CPU time used by this thread so far.
 fn thread_cpu() -> Option<Duration> {
-    cpu_time::ThreadTime::try_now().ok().map(|t| t.as_duration())
+    cpu_time::ThreadTime::try_now()
+        .ok()
+        .map(|t| t.as_duration())
 }
 
 fn ticks(budget: Duration) -> u64 {
@@ -1080,15 +1276,29 @@ impl Instance {
     }
 
     /// Calls the request hook on a batch within the plugin's time budget (per command).
-    fn on_requests(&mut self, budget: Duration, clients: &[Arc<Client>], batch: &RequestBatch) -> Result<RequestResults, (Failure, String)> {
+    fn on_requests(
+        &mut self,
+        budget: Duration,
+        clients: &[Arc<Client>],
+        batch: &RequestBatch,
+    ) -> Result<RequestResults, (Failure, String)> {
         self.start_call(budget, batch.requests.len() / REQUEST_WORDS, clients);
-        self.plugin.call_on_requests(&mut self.store, batch).map_err(|e| (self.failure(&e), format!("{e:#}")))
+        self.plugin
+            .call_on_requests(&mut self.store, batch)
+            .map_err(|e| (self.failure(&e), format!("{e:#}")))
     }
 
     /// Calls the response hook on a batch within the plugin's time budget (per reply).
-    fn on_responses(&mut self, budget: Duration, clients: &[Arc<Client>], batch: &ResponseBatch) -> Result<ResponseResults, (Failure, String)> {
+    fn on_responses(
+        &mut self,
+        budget: Duration,
+        clients: &[Arc<Client>],
+        batch: &ResponseBatch,
+    ) -> Result<ResponseResults, (Failure, String)> {
         self.start_call(budget, batch.responses.len() / RESPONSE_WORDS, clients);
-        self.plugin.call_on_responses(&mut self.store, batch).map_err(|e| (self.failure(&e), format!("{e:#}")))
+        self.plugin
+            .call_on_responses(&mut self.store, batch)
+            .map_err(|e| (self.failure(&e), format!("{e:#}")))
     }
 }
 
@@ -1209,8 +1419,14 @@ impl LoadedPlugin {
         if !m.on_response {
             return None;
         }
-        let mode = if m.observe_responses { "observe" } else { "replace" };
-        let Some(f) = &m.response_filter else { return Some(format!("{mode}, every reply")) };
+        let mode = if m.observe_responses {
+            "observe"
+        } else {
+            "replace"
+        };
+        let Some(f) = &m.response_filter else {
+            return Some(format!("{mode}, every reply"));
+        };
         let mut which = Vec::new();
         if f.sample > 0 {
             which.push(format!("1 in {}", f.sample));
@@ -1233,10 +1449,17 @@ impl LoadedPlugin {
         m.traffic
             .iter()
             .map(|t| {
-                let name = m.metrics.get(t.metric as usize).map_or("?", |m| m.name.as_str());
+                let name = m
+                    .metrics
+                    .get(t.metric as usize)
+                    .map_or("?", |m| m.name.as_str());
                 let value = traffic::value_name(t.value);
                 let labels: Vec<String> = t.labels.iter().map(traffic::label_name).collect();
-                if labels.is_empty() { format!("{name} = {value}") } else { format!("{name} = {value} by {}", labels.join(", ")) }
+                if labels.is_empty() {
+                    format!("{name} = {value}")
+                } else {
+                    format!("{name} = {value} by {}", labels.join(", "))
+                }
             })
             .collect()
     }
@@ -1244,11 +1467,15 @@ impl LoadedPlugin {
     /// Whether its response hook is called for this reply (its filter: a sample, the size of
     /// the reply or of the command, errors). `cmd_bytes` is asked for only when needed.
     fn takes_reply(&self, reply: &[u8], cmd_bytes: impl FnOnce() -> usize) -> bool {
-        let Some(f) = &self.manifest.response_filter else { return true };
+        let Some(f) = &self.manifest.response_filter else {
+            return true;
+        };
         if f.errors && matches!(reply.first(), Some(b'-' | b'!')) {
             return true;
         }
-        if f.min_bytes > 0 && (reply.len() as u64 >= f.min_bytes || cmd_bytes() as u64 >= f.min_bytes) {
+        if f.min_bytes > 0
+            && (reply.len() as u64 >= f.min_bytes || cmd_bytes() as u64 >= f.min_bytes)
+        {
             return true;
         }
         f.sample == 1 || f.sample > 1 && fastrand::u32(..f.sample) == 0
@@ -1261,11 +1488,12 @@ type FileStamp = (u64, std::time::SystemTime);
 /// What identifies a plugin's files for reloading: `NAME.wasm`'s stamp and `NAME.toml`'s, if any.
 type Fingerprint = Option<(u64, std::time::SystemTime, Option<FileStamp>)>;
 
-
 /// The fingerprint of a plugin file and its settings.
 fn fingerprint(wasm: &Path) -> Fingerprint {
     let m = std::fs::metadata(wasm).ok()?;
-    let s = std::fs::metadata(wasm.with_extension("toml")).ok().and_then(|m| Some((m.len(), m.modified().ok()?)));
+    let s = std::fs::metadata(wasm.with_extension("toml"))
+        .ok()
+        .and_then(|m| Some((m.len(), m.modified().ok()?)));
     Some((m.len(), m.modified().ok()?, s))
 }
 
@@ -1296,14 +1524,19 @@ pub fn watch(shared: Arc<crate::server::Shared>, dir: PathBuf) {
     use notify::Watcher;
     const QUIET: Duration = Duration::from_millis(200);
     const POLL: Duration = Duration::from_secs(1);
-    let Some(rt) = shared.plugin_runtime.as_ref() else { return };
+    let Some(rt) = shared.plugin_runtime.as_ref() else {
+        return;
+    };
     let (tx, rx) = std::sync::mpsc::channel();
     let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
         if ev.is_ok_and(|e| changes(&e)) {
             let _ = tx.send(());
         }
     })
-    .and_then(|mut w| w.watch(&dir, notify::RecursiveMode::NonRecursive).map(|_| w));
+    .and_then(|mut w| {
+        w.watch(&dir, notify::RecursiveMode::NonRecursive)
+            .map(|_| w)
+    });
     if let Err(e) = &watcher {
         warn!(error = %e, dir = %dir.display(), "cannot watch the plugin folder for events; polling it every second");
     }
@@ -1314,12 +1547,19 @@ pub fn watch(shared: Arc<crate::server::Shared>, dir: PathBuf) {
         .load()
         .plugins
         .iter()
-        .map(|p| (dir.join(format!("{}.wasm", p.file_name)), (p.stamp, p.clone())))
+        .map(|p| {
+            (
+                dir.join(format!("{}.wasm", p.file_name)),
+                (p.stamp, p.clone()),
+            )
+        })
         .collect();
     // Files that failed to load, so that they are not retried (and logged) until they change.
-    let mut rejected: std::collections::HashMap<PathBuf, Fingerprint> = std::collections::HashMap::new();
+    let mut rejected: std::collections::HashMap<PathBuf, Fingerprint> =
+        std::collections::HashMap::new();
     // Changes seen by polling, loaded when still the same at the next poll.
-    let mut pending: std::collections::HashMap<PathBuf, Fingerprint> = std::collections::HashMap::new();
+    let mut pending: std::collections::HashMap<PathBuf, Fingerprint> =
+        std::collections::HashMap::new();
     let mut settled = false;
     loop {
         if *shared.shutdown.borrow() {
@@ -1341,7 +1581,11 @@ pub fn watch(shared: Arc<crate::server::Shared>, dir: PathBuf) {
             return;
         }
         let mut files: Vec<PathBuf> = match std::fs::read_dir(&dir) {
-            Ok(rd) => rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "wasm")).collect(),
+            Ok(rd) => rd
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
+                .collect(),
             Err(_) => continue,
         };
         files.sort();
@@ -1352,7 +1596,8 @@ pub fn watch(shared: Arc<crate::server::Shared>, dir: PathBuf) {
             seen.insert(f.clone());
             let fp = fingerprint(&f);
             let old = known.get(&f).cloned();
-            let unchanged = old.as_ref().is_some_and(|(old_fp, _)| *old_fp == fp) || rejected.get(&f) == Some(&fp);
+            let unchanged = old.as_ref().is_some_and(|(old_fp, _)| *old_fp == fp)
+                || rejected.get(&f) == Some(&fp);
             // The first scan after start is trusted like an event: it closes the gap between
             // loading and watching.
             let wait = polled && settled && pending.insert(f.clone(), fp) != Some(fp);
@@ -1378,7 +1623,10 @@ pub fn watch(shared: Arc<crate::server::Shared>, dir: PathBuf) {
                 }
                 Err(e) => {
                     warn!(error = %e, "plugin change rejected; the running version stays");
-                    plugin_stats().reloads.with_label_values(&["rejected"]).inc();
+                    plugin_stats()
+                        .reloads
+                        .with_label_values(&["rejected"])
+                        .inc();
                     rejected.insert(f.clone(), fp);
                     if let Some((_, p)) = old {
                         next.push(p);
@@ -1392,7 +1640,10 @@ pub fn watch(shared: Arc<crate::server::Shared>, dir: PathBuf) {
             let keep = seen.contains(path);
             if !keep {
                 info!(plugin = %p.manifest.name, "plugin unloaded");
-                plugin_stats().reloads.with_label_values(&["unloaded"]).inc();
+                plugin_stats()
+                    .reloads
+                    .with_label_values(&["unloaded"])
+                    .inc();
             }
             keep
         });
@@ -1400,9 +1651,17 @@ pub fn watch(shared: Arc<crate::server::Shared>, dir: PathBuf) {
         pending.retain(|path, _| seen.contains(path));
         changed |= known.len() != before;
         if changed {
-            next.sort_by(|a, b| a.settings.order.cmp(&b.settings.order).then(a.file_name.cmp(&b.file_name)));
+            next.sort_by(|a, b| {
+                a.settings
+                    .order
+                    .cmp(&b.settings.order)
+                    .then(a.file_name.cmp(&b.file_name))
+            });
             let version = shared.plugins.load().version + 1;
-            shared.plugins.store(Arc::new(PluginSet { version, plugins: next }));
+            shared.plugins.store(Arc::new(PluginSet {
+                version,
+                plugins: next,
+            }));
         }
     }
 }
@@ -1466,7 +1725,10 @@ pub struct ChainResponse<'a> {
 /// Logs a failed call (once per burst: at the 1st, 2nd, 4th, 8th … failure) and counts it.
 fn note_failure(plugin: &LoadedPlugin, hook: &str, kind: &str, error: &str) {
     let n = plugin.failures.fetch_add(1, Ordering::Relaxed) + 1;
-    plugin_stats().failures.with_label_values(&[&plugin.file_name, hook, kind]).inc();
+    plugin_stats()
+        .failures
+        .with_label_values(&[&plugin.file_name, hook, kind])
+        .inc();
     if n.is_power_of_two() {
         warn!(plugin = %plugin.file_name, hook, kind, failures = n, error = %error, "plugin call failed; instance recycled");
     }
@@ -1480,7 +1742,11 @@ const CONTRACT_VERSION: &str = "0.4.0";
 /// interfaces it imports (none when it imports none of them).
 fn contract_of(engine: &Engine, component: &Component) -> Option<String> {
     let ty = component.component_type();
-    ty.imports(engine).find_map(|(name, _)| name.strip_prefix("respire:plugin/").and_then(|n| n.split_once('@')).map(|(_, v)| v.to_string()))
+    ty.imports(engine).find_map(|(name, _)| {
+        name.strip_prefix("respire:plugin/")
+            .and_then(|n| n.split_once('@'))
+            .map(|(_, v)| v.to_string())
+    })
 }
 
 /// Numbers per command in a batch's `requests`, per reply in `responses` (the contract's
@@ -1508,7 +1774,13 @@ impl BatchBuilder {
     }
 
     /// Adds a command (its name in lower case) and its `REQUEST_WORDS` numbers.
-    fn push(&mut self, client: &ClientHandle, cmd: &crate::protocol::Command, categories: u32, keys: &[(u32, u8)]) {
+    fn push(
+        &mut self,
+        client: &ClientHandle,
+        cmd: &crate::protocol::Command,
+        categories: u32,
+        keys: &[(u32, u8)],
+    ) {
         let start = self.data.len() as u32;
         let first_end = self.ends.len() as u32;
         let first_key = self.keys.len() as u32;
@@ -1531,12 +1803,22 @@ impl BatchBuilder {
             self.keys.push(k);
         }
         self.words.extend_from_slice(&client.words());
-        self.words.extend_from_slice(&[start, first_end, cmd.len() as u32, categories, first_key, keys.len() as u32]);
+        self.words.extend_from_slice(&[
+            start,
+            first_end,
+            cmd.len() as u32,
+            categories,
+            first_key,
+            keys.len() as u32,
+        ]);
     }
 }
 
 /// A command's keys as the contract numbers them (0 is the first argument after the name).
-fn key_list(cmd: &crate::protocol::Command, info: Option<&crate::commands::CommandInfo>) -> SmallVec<[(u32, u8); 2]> {
+fn key_list(
+    cmd: &crate::protocol::Command,
+    info: Option<&crate::commands::CommandInfo>,
+) -> SmallVec<[(u32, u8); 2]> {
     let mut keys = SmallVec::new();
     if let Some(info) = info {
         info.for_each_key(cmd, |i, how| keys.push(((i - 1) as u32, how)));
@@ -1576,7 +1858,9 @@ impl InChain<'_> {
     /// Whether the plugin is to see it for its keys: it has one under the plugin's prefixes,
     /// or the plugin has none.
     fn in_scope(&mut self, plugin: &LoadedPlugin) -> bool {
-        let Some(prefixes) = &plugin.key_prefixes else { return true };
+        let Some(prefixes) = &plugin.key_prefixes else {
+            return true;
+        };
         self.keys();
         let cmd = self.rewritten.as_ref().unwrap_or(self.original);
         keys_under(prefixes, cmd, self.keys.as_deref().unwrap_or_default())
@@ -1585,7 +1869,10 @@ impl InChain<'_> {
 
 /// Whether one of a command's keys (as [`key_list`] numbers them) starts with one of `prefixes`.
 fn keys_under(prefixes: &[Vec<u8>], cmd: &crate::protocol::Command, keys: &[(u32, u8)]) -> bool {
-    keys.iter().any(|&(i, _)| cmd.arg(i as usize + 1).is_some_and(|k| prefixes.iter().any(|p| k.starts_with(p))))
+    keys.iter().any(|&(i, _)| {
+        cmd.arg(i as usize + 1)
+            .is_some_and(|k| prefixes.iter().any(|p| k.starts_with(p)))
+    })
 }
 
 impl PluginSet {
@@ -1613,7 +1900,11 @@ impl PluginSet {
             }
             let in_scope = match &p.key_prefixes {
                 None => true,
-                Some(prefixes) => keys_under(prefixes, cmd, keys.get_or_insert_with(|| key_list(cmd, Some(info)))),
+                Some(prefixes) => keys_under(
+                    prefixes,
+                    cmd,
+                    keys.get_or_insert_with(|| key_list(cmd, Some(info))),
+                ),
             };
             if in_scope && f(pi, p.manifest.on_request) {
                 break;
@@ -1624,8 +1915,14 @@ impl PluginSet {
 
     /// Whether some plugin of the set would run a hook for this command as the client sent
     /// it, or record its traffic. Commands the table does not know always count as seen.
-    pub fn any_sees(&self, cmd: &crate::protocol::Command, info: Option<&crate::commands::CommandInfo>) -> bool {
-        let Some(info) = info else { return !self.plugins.is_empty() };
+    pub fn any_sees(
+        &self,
+        cmd: &crate::protocol::Command,
+        info: Option<&crate::commands::CommandInfo>,
+    ) -> bool {
+        let Some(info) = info else {
+            return !self.plugins.is_empty();
+        };
         let mut seen = false;
         self.for_each_seeing(cmd, info, |_, _| {
             seen = true;
@@ -1647,8 +1944,14 @@ impl PluginSet {
         info: Option<&crate::commands::CommandInfo>,
         start: std::time::Instant,
     ) -> Option<(Decision, Option<Box<ResponseChain>>)> {
-        let continue_ = || Decision::Continue { rewritten: None, cache: None, gate: None };
-        let Some(info) = info else { return set.plugins.is_empty().then(|| (continue_(), None)) };
+        let continue_ = || Decision::Continue {
+            rewritten: None,
+            cache: None,
+            gate: None,
+        };
+        let Some(info) = info else {
+            return set.plugins.is_empty().then(|| (continue_(), None));
+        };
         let mut responses: SmallVec<[u16; 4]> = SmallVec::new();
         let mut request = false;
         let keys = set.for_each_seeing(cmd, info, |pi, has_request| {
@@ -1663,7 +1966,17 @@ impl PluginSet {
             return Some((continue_(), None));
         }
         let keys = keys.unwrap_or_else(|| key_list(cmd, Some(info)));
-        Some((continue_(), Some(Box::new(ResponseChain::new(set, responses, cmd.clone(), Some(info), keys, start)))))
+        Some((
+            continue_(),
+            Some(Box::new(ResponseChain::new(
+                set,
+                responses,
+                cmd.clone(),
+                Some(info),
+                keys,
+                start,
+            ))),
+        ))
     }
 }
 
@@ -1690,7 +2003,10 @@ impl ResponseChain {
 }
 
 /// A command's name in lower case: the table's (no allocation) when it knows the command.
-fn lower_name<'a>(cmd: &crate::protocol::Command, info: Option<&'a crate::commands::CommandInfo>) -> std::borrow::Cow<'a, str> {
+fn lower_name<'a>(
+    cmd: &crate::protocol::Command,
+    info: Option<&'a crate::commands::CommandInfo>,
+) -> std::borrow::Cow<'a, str> {
     match info {
         Some(i) => std::borrow::Cow::Borrowed(i.command_name()),
         None => std::borrow::Cow::Owned(String::from_utf8_lossy(cmd.name()).to_ascii_lowercase()),
@@ -1714,7 +2030,12 @@ fn clients_of<'a>(handles: impl Iterator<Item = &'a ClientHandle>) -> Vec<Arc<Cl
 }
 
 /// Applies a plugin's decision about one command of the chain (nothing once it is stopped).
-fn apply_action<'a, B>(it: &mut InChain<'a>, action: RequestAction, table: &'a CommandTable, built: &mut Option<B>) {
+fn apply_action<'a, B>(
+    it: &mut InChain<'a>,
+    action: RequestAction,
+    table: &'a CommandTable,
+    built: &mut Option<B>,
+) {
     if it.stopped.is_some() {
         return;
     }
@@ -1723,10 +2044,16 @@ fn apply_action<'a, B>(it: &mut InChain<'a>, action: RequestAction, table: &'a C
         RequestAction::Deny(msg) => it.stopped = Some(Decision::Deny(msg)),
         RequestAction::Respond(bytes) => it.stopped = Some(Decision::Respond(bytes)),
         RequestAction::Cache(c) => {
-            let asked = crate::cache::CacheFor { ttl: Duration::from_millis(c.ttl_ms), empty_ttl: Duration::from_millis(c.empty_ttl_ms) };
+            let asked = crate::cache::CacheFor {
+                ttl: Duration::from_millis(c.ttl_ms),
+                empty_ttl: Duration::from_millis(c.empty_ttl_ms),
+            };
             it.cache = Some(match it.cache {
                 None => asked,
-                Some(prev) => crate::cache::CacheFor { ttl: prev.ttl.min(asked.ttl), empty_ttl: prev.empty_ttl.min(asked.empty_ttl) },
+                Some(prev) => crate::cache::CacheFor {
+                    ttl: prev.ttl.min(asked.ttl),
+                    empty_ttl: prev.empty_ttl.min(asked.empty_ttl),
+                },
             });
         }
         RequestAction::Rewrite(new_args) => {
@@ -1748,7 +2075,12 @@ impl WorkerPlugins {
     /// The instances of `set`: the current generation, the previous one, or a new current one
     /// when `set` is newer (the old current becomes the previous). `None` for an older set.
     fn generation(&mut self, set: &PluginSet) -> Option<&mut Generation> {
-        let fresh = || Generation { version: set.version, instances: (0..set.plugins.len()).map(|_| PluginSlot::default()).collect() };
+        let fresh = || Generation {
+            version: set.version,
+            instances: (0..set.plugins.len())
+                .map(|_| PluginSlot::default())
+                .collect(),
+        };
         match (&self.current, &self.previous) {
             (Some(c), _) if c.version == set.version => self.current.as_mut(),
             (_, Some(p)) if p.version == set.version => self.previous.as_mut(),
@@ -1770,8 +2102,19 @@ impl WorkerPlugins {
         table: &'a CommandTable,
         batch: &[ChainRequest<'a>],
     ) -> Vec<(Decision, Option<Box<ResponseChain>>)> {
-        let continue_ = || (Decision::Continue { rewritten: None, cache: None, gate: None }, None);
-        let Some(generation) = self.generation(set) else { return batch.iter().map(|_| continue_()).collect() };
+        let continue_ = || {
+            (
+                Decision::Continue {
+                    rewritten: None,
+                    cache: None,
+                    gate: None,
+                },
+                None,
+            )
+        };
+        let Some(generation) = self.generation(set) else {
+            return batch.iter().map(|_| continue_()).collect();
+        };
         let mut items: Vec<InChain<'a>> = batch
             .iter()
             .map(|r| InChain {
@@ -1793,22 +2136,32 @@ impl WorkerPlugins {
         let mut built: Option<(Vec<usize>, RequestBatch, Vec<Arc<Client>>)> = None;
         let mut hits: Vec<(usize, std::rc::Rc<Repeat>)> = Vec::new();
         for (pi, plugin) in set.plugins.iter().enumerate() {
-            let Some(slot) = generation.instances.get_mut(pi) else { continue };
+            let Some(slot) = generation.instances.get_mut(pi) else {
+                continue;
+            };
             members.clear();
             hits.clear();
             for (i, it) in items.iter_mut().enumerate() {
                 if it.stopped.is_some() {
                     continue;
                 }
-                let serves = !plugin.manifest.serves.is_empty() && plugin.manifest.serves.iter().any(|v| *v == *it.name);
-                let wants = plugin.wants(&it.name, it.info.map_or(0, |i| i.category_bits)) && it.in_scope(plugin);
+                let serves = !plugin.manifest.serves.is_empty()
+                    && plugin.manifest.serves.iter().any(|v| *v == *it.name);
+                let wants = plugin.wants(&it.name, it.info.map_or(0, |i| i.category_bits))
+                    && it.in_scope(plugin);
                 if plugin.responds && wants {
                     it.responses.push(pi as u16);
                 }
                 if (wants && plugin.manifest.on_request) || serves {
-                    let repeat = if slot.repeats.is_empty() { None } else { repeat_key(it).and_then(|k| slot.repeats.get(&k)) };
+                    let repeat = if slot.repeats.is_empty() {
+                        None
+                    } else {
+                        repeat_key(it).and_then(|k| slot.repeats.get(&k))
+                    };
                     match repeat {
-                        Some(r) if r.generation == it.client.generation => hits.push((i, r.clone())),
+                        Some(r) if r.generation == it.client.generation => {
+                            hits.push((i, r.clone()))
+                        }
                         _ => members.push(i),
                     }
                 }
@@ -1823,7 +2176,10 @@ impl WorkerPlugins {
                 let Some(inst) = slot.get(plugin, "request") else {
                     if plugin.settings.on_error == OnError::Closed {
                         for &i in &members {
-                            items[i].stopped = Some(Decision::Deny(format!("ERR respire: plugin {} is failing", plugin.file_name)));
+                            items[i].stopped = Some(Decision::Deny(format!(
+                                "ERR respire: plugin {} is failing",
+                                plugin.file_name
+                            )));
                         }
                     }
                     break 'call None;
@@ -1833,15 +2189,35 @@ impl WorkerPlugins {
                     for &i in &members {
                         let it = &mut items[i];
                         it.keys();
-                        b.push(it.client, it.cmd(), it.info.map_or(0, |i| i.category_bits), it.keys.as_deref().unwrap_or_default());
+                        b.push(
+                            it.client,
+                            it.cmd(),
+                            it.info.map_or(0, |i| i.category_bits),
+                            it.keys.as_deref().unwrap_or_default(),
+                        );
                     }
                     let clients = clients_of(members.iter().map(|&i| items[i].client));
-                    built = Some((members.clone(), RequestBatch { data: b.data, ends: b.ends, keys: b.keys, requests: b.words }, clients));
+                    built = Some((
+                        members.clone(),
+                        RequestBatch {
+                            data: b.data,
+                            ends: b.ends,
+                            keys: b.keys,
+                            requests: b.words,
+                        },
+                        clients,
+                    ));
                 }
-                let Some((_, wit, clients)) = &built else { break 'call None };
+                let Some((_, wit, clients)) = &built else {
+                    break 'call None;
+                };
                 let started = std::time::Instant::now();
                 let result = inst.on_requests(plugin.settings.time_budget, clients, wit);
-                plugin.ctx.stats.request_seconds.observe(started.elapsed().as_secs_f64());
+                plugin
+                    .ctx
+                    .stats
+                    .request_seconds
+                    .observe(started.elapsed().as_secs_f64());
                 match result {
                     Ok(r) => {
                         slot.succeeded();
@@ -1854,7 +2230,10 @@ impl WorkerPlugins {
                         slot.failed();
                         if plugin.settings.on_error == OnError::Closed {
                             for &i in &members {
-                                items[i].stopped = Some(Decision::Deny(format!("ERR respire: plugin {} failed", plugin.file_name)));
+                                items[i].stopped = Some(Decision::Deny(format!(
+                                    "ERR respire: plugin {} failed",
+                                    plugin.file_name
+                                )));
                             }
                         }
                         None
@@ -1887,24 +2266,35 @@ impl WorkerPlugins {
                     }
                 }
                 for &r in &repeatable {
-                    let Some(&i) = members.get(r as usize) else { continue };
+                    let Some(&i) = members.get(r as usize) else {
+                        continue;
+                    };
                     let action = action_of[r as usize].unwrap_or(&RequestAction::Continue);
                     if matches!(action, RequestAction::Rewrite(_)) {
                         continue;
                     }
-                    let Some(key) = repeat_key(&items[i]) else { continue };
+                    let Some(key) = repeat_key(&items[i]) else {
+                        continue;
+                    };
                     let from = order.partition_point(|t| t.request < r);
                     let to = order.partition_point(|t| t.request <= r);
                     let takes = order[from..to].iter().map(|t| (*t).clone()).collect();
-                    let repeat = Repeat { generation: items[i].client.generation, action: action.clone(), takes };
+                    let repeat = Repeat {
+                        generation: items[i].client.generation,
+                        action: action.clone(),
+                        takes,
+                    };
                     slot.repeats.insert(key, std::rc::Rc::new(repeat));
                 }
             }
             // Tokens first, per command and in the batch's order, all or nothing: a refusal
             // stops that command. The repeated decisions' takes are taken again with the call's.
-            let hit_takes: Vec<&bindings::respire::plugin::types::Take> = hits.iter().flat_map(|(_, r)| r.takes.iter()).collect();
-            let mut groups: Vec<(usize, &[&bindings::respire::plugin::types::Take])> =
-                order.chunk_by(|a, b| a.request == b.request).filter_map(|g| Some((*members.get(g[0].request as usize)?, g))).collect();
+            let hit_takes: Vec<&bindings::respire::plugin::types::Take> =
+                hits.iter().flat_map(|(_, r)| r.takes.iter()).collect();
+            let mut groups: Vec<(usize, &[&bindings::respire::plugin::types::Take])> = order
+                .chunk_by(|a, b| a.request == b.request)
+                .filter_map(|g| Some((*members.get(g[0].request as usize)?, g)))
+                .collect();
             if !hit_takes.is_empty() {
                 let mut at = 0;
                 for (i, r) in &hits {
@@ -1951,7 +2341,9 @@ impl WorkerPlugins {
                 apply_action(&mut items[i], r.action.clone(), table, &mut built);
             }
             for d in decisions {
-                let Some(&i) = members.get(d.request as usize) else { continue };
+                let Some(&i) = members.get(d.request as usize) else {
+                    continue;
+                };
                 apply_action(&mut items[i], d.action, table, &mut built);
             }
         }
@@ -1965,11 +2357,22 @@ impl WorkerPlugins {
                     it.keys();
                     let keys = it.keys.take().unwrap_or_default();
                     let cmd = it.cmd().clone();
-                    Some(Box::new(ResponseChain::new(set, it.responses, cmd, it.info, keys, now)))
+                    Some(Box::new(ResponseChain::new(
+                        set,
+                        it.responses,
+                        cmd,
+                        it.info,
+                        keys,
+                        now,
+                    )))
                 };
                 // Refused or answered by a plugin: shared buckets are not asked; local tokens stay
                 // taken, as for any refusal by a later plugin.
-                let decision = it.stopped.unwrap_or(Decision::Continue { rewritten: it.rewritten.map(Box::new), cache: it.cache, gate: it.gate });
+                let decision = it.stopped.unwrap_or(Decision::Continue {
+                    rewritten: it.rewritten.map(Box::new),
+                    cache: it.cache,
+                    gate: it.gate,
+                });
                 (decision, chain)
             })
             .collect()
@@ -1978,9 +2381,15 @@ impl WorkerPlugins {
     /// Runs the response hooks owed on a batch of replies (each plugin once, in reverse chain
     /// order, with every reply that owes it a hook) and applies their effects: for each
     /// reply, the one to send instead, when a plugin replaced it.
-    pub fn on_responses(&mut self, batch: &[ChainResponse<'_>], record_traffic: bool) -> Vec<Option<Vec<u8>>> {
+    pub fn on_responses(
+        &mut self,
+        batch: &[ChainResponse<'_>],
+        record_traffic: bool,
+    ) -> Vec<Option<Vec<u8>>> {
         let mut replaced: Vec<Option<Vec<u8>>> = batch.iter().map(|_| None).collect();
-        let Some(first) = batch.first() else { return replaced };
+        let Some(first) = batch.first() else {
+            return replaced;
+        };
         // Chains of one plugin set go together (a reload may leave replies of the old one).
         let sets: Vec<Arc<PluginSet>> = {
             let mut v: Vec<Arc<PluginSet>> = vec![first.chain.set.clone()];
@@ -1992,19 +2401,35 @@ impl WorkerPlugins {
             v
         };
         for set in sets {
-            let Some(generation) = self.generation(&set) else { continue };
+            let Some(generation) = self.generation(&set) else {
+                continue;
+            };
             for pi in (0..set.plugins.len()).rev() {
                 let members: Vec<usize> = (0..batch.len())
-                    .filter(|&i| Arc::ptr_eq(&batch[i].chain.set, &set) && batch[i].chain.due.contains(&(pi as u16)))
+                    .filter(|&i| {
+                        Arc::ptr_eq(&batch[i].chain.set, &set)
+                            && batch[i].chain.due.contains(&(pi as u16))
+                    })
                     .collect();
                 if members.is_empty() {
                     continue;
                 }
-                let Some(plugin) = set.plugins.get(pi) else { continue };
-                let Some(slot) = generation.instances.get_mut(pi) else { continue };
-                let Some(inst) = slot.get(plugin, "response") else { continue };
+                let Some(plugin) = set.plugins.get(pi) else {
+                    continue;
+                };
+                let Some(slot) = generation.instances.get_mut(pi) else {
+                    continue;
+                };
+                let Some(inst) = slot.get(plugin, "response") else {
+                    continue;
+                };
                 let mut b = BatchBuilder::new(members.len(), RESPONSE_WORDS);
-                let mut replies = Vec::with_capacity(members.iter().map(|&i| replaced[i].as_deref().unwrap_or(batch[i].reply).len()).sum());
+                let mut replies = Vec::with_capacity(
+                    members
+                        .iter()
+                        .map(|&i| replaced[i].as_deref().unwrap_or(batch[i].reply).len())
+                        .sum(),
+                );
                 let now = std::time::Instant::now();
                 for &i in &members {
                     let r = &batch[i];
@@ -2013,13 +2438,28 @@ impl WorkerPlugins {
                     let reply_start = replies.len() as u32;
                     replies.extend_from_slice(reply);
                     let us = now.saturating_duration_since(r.chain.start).as_micros() as u64;
-                    b.words.extend_from_slice(&[reply_start, replies.len() as u32, us as u32, (us >> 32) as u32]);
+                    b.words.extend_from_slice(&[
+                        reply_start,
+                        replies.len() as u32,
+                        us as u32,
+                        (us >> 32) as u32,
+                    ]);
                 }
                 let clients = clients_of(members.iter().map(|&i| batch[i].client));
-                let wit = ResponseBatch { data: b.data, ends: b.ends, keys: b.keys, responses: b.words, replies };
+                let wit = ResponseBatch {
+                    data: b.data,
+                    ends: b.ends,
+                    keys: b.keys,
+                    responses: b.words,
+                    replies,
+                };
                 let started = std::time::Instant::now();
                 let result = inst.on_responses(plugin.settings.time_budget, &clients, &wit);
-                plugin.ctx.stats.response_seconds.observe(started.elapsed().as_secs_f64());
+                plugin
+                    .ctx
+                    .stats
+                    .response_seconds
+                    .observe(started.elapsed().as_secs_f64());
                 match result {
                     Ok(r) => {
                         slot.succeeded();
@@ -2027,13 +2467,26 @@ impl WorkerPlugins {
                         plugin.ctx.apply(&mut slot.metrics, &r.updates);
                         slot.metrics.flush();
                         // An observing hook's replacements are ignored (its replies went out already).
-                        let replacements = if plugin.manifest.observe_responses { Vec::new() } else { r.replacements };
+                        let replacements = if plugin.manifest.observe_responses {
+                            Vec::new()
+                        } else {
+                            r.replacements
+                        };
                         for rep in replacements {
-                            let Some(&i) = members.get(rep.response as usize) else { continue };
-                            if crate::protocol::reply_len(&rep.reply).ok().flatten() == Some(rep.reply.len()) {
+                            let Some(&i) = members.get(rep.response as usize) else {
+                                continue;
+                            };
+                            if crate::protocol::reply_len(&rep.reply).ok().flatten()
+                                == Some(rep.reply.len())
+                            {
                                 replaced[i] = Some(rep.reply);
                             } else {
-                                note_failure(plugin, "response", "invalid-reply", "the replacement is not one complete RESP reply");
+                                note_failure(
+                                    plugin,
+                                    "response",
+                                    "invalid-reply",
+                                    "the replacement is not one complete RESP reply",
+                                );
                             }
                         }
                     }
@@ -2041,8 +2494,11 @@ impl WorkerPlugins {
                         plugin.ctx.stats.response_err.inc();
                         note_failure(plugin, "response", kind.as_str(), &e);
                         slot.failed();
-                        if plugin.settings.on_error == OnError::Closed && !plugin.manifest.observe_responses {
-                            let text = format!("-ERR respire: plugin {} failed\r\n", plugin.file_name);
+                        if plugin.settings.on_error == OnError::Closed
+                            && !plugin.manifest.observe_responses
+                        {
+                            let text =
+                                format!("-ERR respire: plugin {} failed\r\n", plugin.file_name);
                             for &i in &members {
                                 replaced[i] = Some(text.clone().into_bytes());
                             }
@@ -2065,13 +2521,24 @@ impl WorkerPlugins {
     /// is held, its traffic metrics are recorded now (a held reply's are recorded by
     /// [`WorkerPlugins::on_responses`], on the reply the client gets).
     /// `now`: when the reply arrived (its latency ends there).
-    pub fn on_reply(&mut self, chain: &mut ResponseChain, reply: &[u8], now: std::time::Instant) -> ReplyRoute {
+    pub fn on_reply(
+        &mut self,
+        chain: &mut ResponseChain,
+        reply: &[u8],
+        now: std::time::Instant,
+    ) -> ReplyRoute {
         let mut hold = false;
         chain.due.clear();
         let mut cmd_bytes = None;
         for &pi in &chain.plugins {
-            let Some(p) = chain.set.plugins.get(pi as usize) else { continue };
-            if p.manifest.on_response && p.takes_reply(reply, || *cmd_bytes.get_or_insert_with(|| traffic::command_bytes(&chain.cmd))) {
+            let Some(p) = chain.set.plugins.get(pi as usize) else {
+                continue;
+            };
+            if p.manifest.on_response
+                && p.takes_reply(reply, || {
+                    *cmd_bytes.get_or_insert_with(|| traffic::command_bytes(&chain.cmd))
+                })
+            {
                 chain.due.push(pi);
                 hold |= !p.manifest.observe_responses;
             }
@@ -2080,26 +2547,39 @@ impl WorkerPlugins {
             return ReplyRoute::Hold;
         }
         self.record_traffic(chain, reply, now);
-        if chain.due.is_empty() { ReplyRoute::Done } else { ReplyRoute::Observe }
+        if chain.due.is_empty() {
+            ReplyRoute::Done
+        } else {
+            ReplyRoute::Observe
+        }
     }
 
     /// Records a reply's traffic metrics, for every plugin of its chain that has some.
     fn record_traffic(&mut self, chain: &ResponseChain, reply: &[u8], now: std::time::Instant) {
         let mut facts = None;
         for &pi in &chain.plugins {
-            let Some(p) = chain.set.plugins.get(pi as usize) else { continue };
+            let Some(p) = chain.set.plugins.get(pi as usize) else {
+                continue;
+            };
             if p.ctx.traffic.is_empty() {
                 continue;
             }
             let f = facts.get_or_insert_with(|| traffic::ReplyFacts {
                 name_id: chain.name_id,
                 cmd: &chain.cmd,
-                first_key: chain.keys.first().and_then(|&(i, _)| chain.cmd.arg(i as usize + 1)),
+                first_key: chain
+                    .keys
+                    .first()
+                    .and_then(|&(i, _)| chain.cmd.arg(i as usize + 1)),
                 reply,
                 seconds: now.saturating_duration_since(chain.start).as_secs_f64(),
             });
-            let Some(generation) = self.generation(&chain.set) else { return };
-            let Some(slot) = generation.instances.get_mut(pi as usize) else { continue };
+            let Some(generation) = self.generation(&chain.set) else {
+                return;
+            };
+            let Some(slot) = generation.instances.get_mut(pi as usize) else {
+                continue;
+            };
             slot.traffic.record(&p.ctx, &mut slot.metrics, f);
             self.dirty = true;
         }
@@ -2111,7 +2591,10 @@ impl WorkerPlugins {
         if !std::mem::take(&mut self.dirty) {
             return;
         }
-        for generation in [&mut self.current, &mut self.previous].into_iter().flatten() {
+        for generation in [&mut self.current, &mut self.previous]
+            .into_iter()
+            .flatten()
+        {
             for slot in &mut generation.instances {
                 slot.metrics.flush();
             }
@@ -2124,13 +2607,18 @@ impl WorkerPlugins {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     #[test]
     fn the_contract_version_is_the_wit_package_version() {
         let wit = include_str!("../../wit/plugin.wit");
-        let package = wit.lines().find(|l| l.starts_with("package ")).unwrap_or_default();
-        assert_eq!(package, format!("package respire:plugin@{};", super::CONTRACT_VERSION));
+        let package = wit
+            .lines()
+            .find(|l| l.starts_with("package "))
+            .unwrap_or_default();
+        assert_eq!(
+            package,
+            format!("package respire:plugin@{};", super::CONTRACT_VERSION)
+        );
     }
 }

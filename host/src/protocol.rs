@@ -87,7 +87,10 @@ pub struct RequestLimits {
 
 impl Default for RequestLimits {
     fn default() -> Self {
-        RequestLimits { max_args: 1024 * 1024, max_bulk: 512 * 1024 * 1024 }
+        RequestLimits {
+            max_args: 1024 * 1024,
+            max_bulk: 512 * 1024 * 1024,
+        }
     }
 }
 
@@ -111,7 +114,8 @@ pub const INLINE_ARGS: usize = 6;
 impl Command {
     /// Builds a command from arguments (encoded as a RESP array of bulk strings).
     pub fn from_args<A: AsRef<[u8]>>(args: &[A]) -> Self {
-        let mut out = BytesMut::with_capacity(16 + args.iter().map(|a| a.as_ref().len() + 16).sum::<usize>());
+        let mut out =
+            BytesMut::with_capacity(16 + args.iter().map(|a| a.as_ref().len() + 16).sum::<usize>());
         let mut spans = SmallVec::with_capacity(args.len());
         array_header(&mut out, args.len());
         for a in args {
@@ -122,7 +126,10 @@ impl Command {
             spans.push((start as u32, (start + a.len()) as u32));
             out.extend_from_slice(b"\r\n");
         }
-        Command { raw: out.freeze(), spans }
+        Command {
+            raw: out.freeze(),
+            spans,
+        }
     }
 
     /// The command name, as sent.
@@ -154,7 +161,9 @@ impl Command {
 
     /// The arguments in order, the name first.
     pub fn iter(&self) -> impl DoubleEndedIterator<Item = &[u8]> + ExactSizeIterator + '_ {
-        self.spans.iter().map(|&(s, e)| self.raw.get(s as usize..e as usize).unwrap_or_default())
+        self.spans
+            .iter()
+            .map(|&(s, e)| self.raw.get(s as usize..e as usize).unwrap_or_default())
     }
 
     /// The arguments as owned views, the name first.
@@ -314,7 +323,9 @@ impl RequestParser {
                         if buf[self.pos] != b'$' {
                             return Err(ProtocolError::ExpectedBulk(buf[self.pos] as char));
                         }
-                        let Line::Int(len, eol) = line else { return Err(ProtocolError::InvalidBulkLength) };
+                        let Line::Int(len, eol) = line else {
+                            return Err(ProtocolError::InvalidBulkLength);
+                        };
                         if len < 0 || len as u64 > limits.max_bulk as u64 {
                             return Err(ProtocolError::InvalidBulkLength);
                         }
@@ -350,7 +361,10 @@ impl RequestParser {
             }
             let raw = buf.split_to(self.pos).freeze();
             self.pos = 0;
-            return Ok(Some(Command { raw, spans: std::mem::take(&mut self.ranges) }));
+            return Ok(Some(Command {
+                raw,
+                spans: std::mem::take(&mut self.ranges),
+            }));
         }
     }
 }
@@ -409,7 +423,12 @@ pub fn split_args(line: &[u8]) -> Option<Vec<Bytes>> {
                     return None;
                 }
                 let c = line[i];
-                if c == b'\\' && i + 3 < n && line[i + 1] == b'x' && is_hex(line[i + 2]) && is_hex(line[i + 3]) {
+                if c == b'\\'
+                    && i + 3 < n
+                    && line[i + 1] == b'x'
+                    && is_hex(line[i + 2])
+                    && is_hex(line[i + 3])
+                {
                     cur.push(hex_val(line[i + 2]) * 16 + hex_val(line[i + 3]));
                     i += 3;
                 } else if c == b'\\' && i + 1 < n {
@@ -574,7 +593,11 @@ pub fn parse_i64(s: &[u8]) -> Option<i64> {
     if s == b"0" {
         return Some(0);
     }
-    let (neg, digits) = if s[0] == b'-' { (true, &s[1..]) } else { (false, s) };
+    let (neg, digits) = if s[0] == b'-' {
+        (true, &s[1..])
+    } else {
+        (false, s)
+    };
     if digits.is_empty() || digits[0] == b'0' {
         return None;
     }
@@ -584,7 +607,11 @@ pub fn parse_i64(s: &[u8]) -> Option<i64> {
             return None;
         }
         let d = i64::from(c - b'0');
-        v = if neg { v.checked_mul(10)?.checked_sub(d)? } else { v.checked_mul(10)?.checked_add(d)? };
+        v = if neg {
+            v.checked_mul(10)?.checked_sub(d)?
+        } else {
+            v.checked_mul(10)?.checked_add(d)?
+        };
     }
     Some(v)
 }
@@ -649,7 +676,9 @@ pub fn reply_len(buf: &[u8]) -> Result<Option<usize>, ProtocolError> {
                     return Err(ProtocolError::InvalidReply);
                 }
                 // The attribute map, then the reply it annotates.
-                remaining = remaining.saturating_add((n as usize).saturating_mul(2)).saturating_add(1);
+                remaining = remaining
+                    .saturating_add((n as usize).saturating_mul(2))
+                    .saturating_add(1);
             }
             _ => return Err(ProtocolError::InvalidReply),
         }
@@ -710,7 +739,10 @@ impl Value {
     /// Looks a key up in a map, or in a flat array of alternating keys and values (RESP2 maps).
     pub fn get(&self, key: &str) -> Option<&Value> {
         match self {
-            Value::Map(pairs) => pairs.iter().find(|(k, _)| k.as_bytes().is_some_and(|b| b == key.as_bytes())).map(|(_, v)| v),
+            Value::Map(pairs) => pairs
+                .iter()
+                .find(|(k, _)| k.as_bytes().is_some_and(|b| b == key.as_bytes()))
+                .map(|(_, v)| v),
             Value::Array(items) => items
                 .chunks(2)
                 .find(|c| c.len() == 2 && c[0].as_bytes().is_some_and(|b| b == key.as_bytes()))
@@ -903,9 +935,18 @@ mod tests {
     #[test]
     fn huge_declared_counts_do_not_wrap_the_reply_length() {
         let huge = i64::MAX;
-        for head in [format!("*{huge}\r\n"), format!("%{huge}\r\n"), format!("|{huge}\r\n"), format!("~{huge}\r\n")] {
+        for head in [
+            format!("*{huge}\r\n"),
+            format!("%{huge}\r\n"),
+            format!("|{huge}\r\n"),
+            format!("~{huge}\r\n"),
+        ] {
             let input = [head.repeat(3).as_bytes(), b":1\r\n+OK\r\n"].concat();
-            assert_eq!(reply_len(&input).unwrap(), None, "{head:?}: incomplete, not a short length");
+            assert_eq!(
+                reply_len(&input).unwrap(),
+                None,
+                "{head:?}: incomplete, not a short length"
+            );
         }
         let crash = b"*3\r\n*4\r\n*3\r\n-*3\r\n*3\r\n(3*4\r\n*28333331666666666665\r\n*4\r\n*2833333166666666665\r\n";
         assert!(!matches!(reply_len(crash), Ok(Some(_))));
@@ -926,20 +967,30 @@ mod tests {
 
     #[test]
     fn a_nul_byte_ends_an_inline_line_as_in_redis() {
-        let args = |b: &[u8]| split_args(b).map(|v| v.iter().map(|a| a.to_vec()).collect::<Vec<_>>());
-        assert_eq!(args(b"GET a\0b c"), Some(vec![b"GET".to_vec(), b"a".to_vec()]));
+        let args =
+            |b: &[u8]| split_args(b).map(|v| v.iter().map(|a| a.to_vec()).collect::<Vec<_>>());
+        assert_eq!(
+            args(b"GET a\0b c"),
+            Some(vec![b"GET".to_vec(), b"a".to_vec()])
+        );
         assert_eq!(args(b"\0GET"), Some(vec![]));
         assert_eq!(args(b"GET \"a\0\""), None);
     }
 
     #[test]
     fn multibulk_and_inline() {
-        let (cmds, r) = parse_all(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\nPING\r\n  set  \"a b\" 'c\\'d'\r\n\r\n*0\r\n", true);
+        let (cmds, r) = parse_all(
+            b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\nPING\r\n  set  \"a b\" 'c\\'d'\r\n\r\n*0\r\n",
+            true,
+        );
         assert!(r.is_ok());
         assert_eq!(cmds.len(), 3);
         assert_eq!(cmds[0], vec![Bytes::from("GET"), Bytes::from("k")]);
         assert_eq!(cmds[1], vec![Bytes::from("PING")]);
-        assert_eq!(cmds[2], vec![Bytes::from("set"), Bytes::from("a b"), Bytes::from("c'd")]);
+        assert_eq!(
+            cmds[2],
+            vec![Bytes::from("set"), Bytes::from("a b"), Bytes::from("c'd")]
+        );
     }
 
     #[test]
@@ -964,15 +1015,42 @@ mod tests {
 
     #[test]
     fn redis_error_texts() {
-        assert_eq!(parse_all(b"*x\r\n", true).1, Err(ProtocolError::InvalidMultibulkLength));
-        assert_eq!(parse_all(b"*1\r\n:1\r\n", true).1, Err(ProtocolError::ExpectedBulk(':')));
-        assert_eq!(parse_all(b"*1\r\n$-5\r\n", true).1, Err(ProtocolError::InvalidBulkLength));
-        assert_eq!(parse_all(b"*20\r\n", false).1, Err(ProtocolError::UnauthMultibulkLength));
-        assert_eq!(parse_all(b"*1\r\n$20000\r\n", false).1, Err(ProtocolError::UnauthBulkLength));
-        assert_eq!(parse_all(b"*1\r\n$10000000000\r\n", true).1, Err(ProtocolError::InvalidBulkLength));
-        assert_eq!(parse_all(b"set \"a\r\n", true).1, Err(ProtocolError::UnbalancedQuotes));
-        assert_eq!(parse_all(b"set \"a\"b\r\n", true).1, Err(ProtocolError::UnbalancedQuotes));
-        assert_eq!(parse_all(&[b'a'; MAX_INLINE + 1], true).1, Err(ProtocolError::TooBigInline));
+        assert_eq!(
+            parse_all(b"*x\r\n", true).1,
+            Err(ProtocolError::InvalidMultibulkLength)
+        );
+        assert_eq!(
+            parse_all(b"*1\r\n:1\r\n", true).1,
+            Err(ProtocolError::ExpectedBulk(':'))
+        );
+        assert_eq!(
+            parse_all(b"*1\r\n$-5\r\n", true).1,
+            Err(ProtocolError::InvalidBulkLength)
+        );
+        assert_eq!(
+            parse_all(b"*20\r\n", false).1,
+            Err(ProtocolError::UnauthMultibulkLength)
+        );
+        assert_eq!(
+            parse_all(b"*1\r\n$20000\r\n", false).1,
+            Err(ProtocolError::UnauthBulkLength)
+        );
+        assert_eq!(
+            parse_all(b"*1\r\n$10000000000\r\n", true).1,
+            Err(ProtocolError::InvalidBulkLength)
+        );
+        assert_eq!(
+            parse_all(b"set \"a\r\n", true).1,
+            Err(ProtocolError::UnbalancedQuotes)
+        );
+        assert_eq!(
+            parse_all(b"set \"a\"b\r\n", true).1,
+            Err(ProtocolError::UnbalancedQuotes)
+        );
+        assert_eq!(
+            parse_all(&[b'a'; MAX_INLINE + 1], true).1,
+            Err(ProtocolError::TooBigInline)
+        );
         assert_eq!(
             ProtocolError::ExpectedBulk('x').reply_text(),
             "ERR Protocol error: expected '$', got 'x'"
@@ -999,7 +1077,12 @@ mod tests {
             b"*-1\r\n",
             b"_\r\n",
         ] {
-            assert_eq!(reply_len(frame).unwrap(), Some(frame.len()), "{:?}", String::from_utf8_lossy(frame));
+            assert_eq!(
+                reply_len(frame).unwrap(),
+                Some(frame.len()),
+                "{:?}",
+                String::from_utf8_lossy(frame)
+            );
             for cut in 0..frame.len() {
                 assert_eq!(reply_len(&frame[..cut]).unwrap(), None);
             }
@@ -1013,8 +1096,14 @@ mod tests {
 
     #[test]
     fn values() {
-        let v = Value::parse(&Bytes::from_static(b"%2\r\n+server\r\n+redis\r\n+version\r\n$5\r\n7.0.1\r\n")).unwrap();
-        assert_eq!(v.get("version").and_then(|v| v.as_bytes()).unwrap(), &Bytes::from("7.0.1"));
+        let v = Value::parse(&Bytes::from_static(
+            b"%2\r\n+server\r\n+redis\r\n+version\r\n$5\r\n7.0.1\r\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            v.get("version").and_then(|v| v.as_bytes()).unwrap(),
+            &Bytes::from("7.0.1")
+        );
         let v = Value::parse(&Bytes::from_static(b"*2\r\n$5\r\nproto\r\n:2\r\n")).unwrap();
         assert_eq!(v.get("proto").and_then(|v| v.as_int()), Some(2));
     }

@@ -71,8 +71,6 @@ impl SubKind {
 pub struct Subscriber {
     /// The session's id.
     pub sid: u64,
-    /// RESP version the session speaks.
-    pub proto: u8,
     /// The session's message queue.
     pub tx: mpsc::UnboundedSender<Bytes>,
 }
@@ -105,7 +103,10 @@ pub struct Hub {
 impl Hub {
     /// A hub for one worker.
     pub fn new(shared: Arc<Shared>) -> Hub {
-        Hub { conns: Rc::default(), shared }
+        Hub {
+            conns: Rc::default(),
+            shared,
+        }
     }
 
     fn conn(&self, node: &Rc<NodeSettings>) -> Rc<HubConn> {
@@ -113,9 +114,14 @@ impl Hub {
             return c.clone();
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        let conn = Rc::new(HubConn { registry: RefCell::default(), commands: tx });
+        let conn = Rc::new(HubConn {
+            registry: RefCell::default(),
+            commands: tx,
+        });
         tokio::task::spawn_local(run(self.clone(), node.clone(), conn.clone(), rx));
-        self.conns.borrow_mut().insert(node.addr.clone(), conn.clone());
+        self.conns
+            .borrow_mut()
+            .insert(node.addr.clone(), conn.clone());
         conn
     }
 
@@ -135,12 +141,26 @@ impl Hub {
             .borrow()
             .entries
             .keys()
-            .filter_map(|(k, n)| owner(*k, n).filter(|o| o != addr).map(|o| ((*k, n.clone()), o)))
+            .filter_map(|(k, n)| {
+                owner(*k, n)
+                    .filter(|o| o != addr)
+                    .map(|o| ((*k, n.clone()), o))
+            })
             .collect();
         for ((kind, name), to) in moving {
-            let Some(entry) = conn.registry.borrow_mut().entries.remove(&(kind, name.clone())) else { continue };
+            let Some(entry) = conn
+                .registry
+                .borrow_mut()
+                .entries
+                .remove(&(kind, name.clone()))
+            else {
+                continue;
+            };
             debug!(channel = %String::from_utf8_lossy(&name), from = %addr, %to, "subscription moved");
-            let node = Rc::new(NodeSettings { addr: to, ..self.shared.node_settings.clone() });
+            let node = Rc::new(NodeSettings {
+                addr: to,
+                ..self.shared.node_settings.clone()
+            });
             for s in entry.sessions {
                 drop(self.subscribe(&node, kind, name.clone(), s));
             }
@@ -165,27 +185,40 @@ impl Hub {
                 hub.shared.topology.request_refresh();
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 let topo = hub.shared.topology.load();
-                let Some(owner) = topo.master_of(slot).and_then(|m| topo.nodes.get(m).cloned()) else { continue };
+                let Some(owner) = topo
+                    .master_of(slot)
+                    .and_then(|m| topo.nodes.get(m).cloned())
+                else {
+                    continue;
+                };
                 if owner == from {
                     continue;
                 }
                 debug!(channel = %String::from_utf8_lossy(&name), to = %owner, "shard channel subscribers moved");
-                let node = Rc::new(NodeSettings { addr: owner, ..hub.shared.node_settings.clone() });
+                let node = Rc::new(NodeSettings {
+                    addr: owner,
+                    ..hub.shared.node_settings.clone()
+                });
                 for s in sessions {
                     // The sessions already count this subscription: no confirmation to wait for.
                     drop(hub.subscribe(&node, SubKind::Shard, name.clone(), s));
                 }
                 return;
             }
-            let (r2, r3) = both_protocols(&ended);
             for s in sessions {
-                let _ = s.tx.send(if s.proto >= 3 { r3.clone() } else { r2.clone() });
+                let _ = s.tx.send(ended.clone());
             }
         });
     }
 
     /// Adds a session to `name`; the receiver fires once the backend has confirmed the subscription.
-    pub fn subscribe(&self, node: &Rc<NodeSettings>, kind: SubKind, name: Bytes, sub: Subscriber) -> oneshot::Receiver<()> {
+    pub fn subscribe(
+        &self,
+        node: &Rc<NodeSettings>,
+        kind: SubKind,
+        name: Bytes,
+        sub: Subscriber,
+    ) -> oneshot::Receiver<()> {
         let conn = self.conn(node);
         let (tx, rx) = oneshot::channel();
         let mut reg = conn.registry.borrow_mut();
@@ -212,7 +245,9 @@ impl Hub {
         let key = (kind, name.clone());
         for conn in conns {
             let mut reg = conn.registry.borrow_mut();
-            let Some(entry) = reg.entries.get_mut(&key) else { continue };
+            let Some(entry) = reg.entries.get_mut(&key) else {
+                continue;
+            };
             entry.sessions.retain(|s| s.sid != sid);
             if entry.sessions.is_empty() {
                 reg.entries.remove(&key);
@@ -225,7 +260,12 @@ impl Hub {
 }
 
 /// The subscriber connection's task: (re)connect, subscribe to everything registered, relay messages.
-async fn run(hub: Hub, node: Rc<NodeSettings>, conn: Rc<HubConn>, mut commands: mpsc::UnboundedReceiver<Bytes>) {
+async fn run(
+    hub: Hub,
+    node: Rc<NodeSettings>,
+    conn: Rc<HubConn>,
+    mut commands: mpsc::UnboundedReceiver<Bytes>,
+) {
     let key = ConnKey { db: 0, proto: 3 };
     let mut backoff = node.reconnect_min;
     loop {
@@ -289,9 +329,15 @@ async fn run(hub: Hub, node: Rc<NodeSettings>, conn: Rc<HubConn>, mut commands: 
 /// Handles every complete frame in `rbuf`.
 fn relay(hub: &Hub, addr: &Arc<str>, conn: &HubConn, rbuf: &mut BytesMut) -> Result<(), String> {
     loop {
-        let Some(frame) = next_reply(rbuf).map_err(|e| e.to_string())? else { return Ok(()) };
-        let Some((_, items)) = elements(&frame) else { continue };
-        let Some(kind) = items.first().and_then(bulk_text) else { continue };
+        let Some(frame) = next_reply(rbuf).map_err(|e| e.to_string())? else {
+            return Ok(());
+        };
+        let Some((_, items)) = elements(&frame) else {
+            continue;
+        };
+        let Some(kind) = items.first().and_then(bulk_text) else {
+            continue;
+        };
         let name = items.get(1).and_then(bulk_text);
         match (kind.as_ref(), name) {
             (b"subscribe" | b"psubscribe" | b"ssubscribe", Some(name)) => {
@@ -309,14 +355,22 @@ fn relay(hub: &Hub, addr: &Arc<str>, conn: &HubConn, rbuf: &mut BytesMut) -> Res
                 }
             }
             (b"message" | b"smessage", Some(channel)) => {
-                let k = if kind.as_ref() == b"message" { SubKind::Channel } else { SubKind::Shard };
+                let k = if kind.as_ref() == b"message" {
+                    SubKind::Channel
+                } else {
+                    SubKind::Shard
+                };
                 fan_out(conn, k, channel, &frame);
             }
             (b"pmessage", Some(pattern)) => fan_out(conn, SubKind::Pattern, pattern, &frame),
             (b"sunsubscribe", Some(channel)) => {
                 // The slot moved away from this node: follow it to its new master.
                 debug!(channel = %String::from_utf8_lossy(&channel), "shard channel unsubscribed by the server");
-                let removed = conn.registry.borrow_mut().entries.remove(&(SubKind::Shard, channel.clone()));
+                let removed = conn
+                    .registry
+                    .borrow_mut()
+                    .entries
+                    .remove(&(SubKind::Shard, channel.clone()));
                 if let Some(e) = removed {
                     if !e.sessions.is_empty() {
                         hub.rehome(addr.clone(), channel, e.sessions, frame.clone());
@@ -330,24 +384,32 @@ fn relay(hub: &Hub, addr: &Arc<str>, conn: &HubConn, rbuf: &mut BytesMut) -> Res
 
 fn fan_out(conn: &HubConn, kind: SubKind, name: Bytes, frame: &Bytes) {
     let reg = conn.registry.borrow();
-    let Some(entry) = reg.entries.get(&(kind, name)) else { return };
-    let (r2, r3) = both_protocols(frame);
+    let Some(entry) = reg.entries.get(&(kind, name)) else {
+        return;
+    };
+    // The frame as it came (a view of the read buffer, not a copy): each session writes it in
+    // its own protocol (`in_protocol`).
     for s in &entry.sessions {
-        let _ = s.tx.send(if s.proto >= 3 { r3.clone() } else { r2.clone() });
+        let _ = s.tx.send(frame.clone());
     }
 }
 
-/// The frame as a RESP2 array and as a RESP3 push.
-fn both_protocols(frame: &Bytes) -> (Bytes, Bytes) {
-    let mut r2 = BytesMut::from(&frame[..]);
-    let mut r3 = BytesMut::from(&frame[..]);
-    if let Some(b) = r2.first_mut() {
-        *b = b'*';
+/// The type byte a message frame starts with for a client speaking `proto`: a RESP3 push, or a
+/// RESP2 array (the rest of the frame is the same in both).
+pub fn message_type(proto: u8) -> u8 {
+    if proto >= 3 { b'>' } else { b'*' }
+}
+
+/// The message frame in `proto`: the frame itself when it already is, else a copy with the
+/// type byte changed.
+pub fn in_protocol(frame: Bytes, proto: u8) -> Bytes {
+    let want = message_type(proto);
+    if frame.first().is_none_or(|&b| b == want) {
+        return frame;
     }
-    if let Some(b) = r3.first_mut() {
-        *b = b'>';
-    }
-    (r2.freeze(), r3.freeze())
+    let mut f = BytesMut::from(&frame[..]);
+    f[0] = want;
+    f.freeze()
 }
 
 /// The text of a bulk or simple string frame.

@@ -113,7 +113,10 @@ fn fan_out(name: &[u8], sub: &[u8]) -> Option<Merge> {
     } else if eq(name, "randomkey") {
         Some(Merge::FirstNonNil)
     } else if eq(name, "info") {
-        Some(Merge::Info { ours: Arc::from(""), replaced: Vec::new() })
+        Some(Merge::Info {
+            ours: Arc::from(""),
+            replaced: Vec::new(),
+        })
     } else if eq(name, "script") {
         if eq(sub, "load") {
             Some(Merge::First)
@@ -180,7 +183,11 @@ pub fn plan<A: Args + ?Sized>(args: &A, info: Option<&CommandInfo>, topo: &Topol
     }
     // Keyless: fan-out commands go to every master.
     if let Some(m) = fan_out(name, args.argv(1).unwrap_or_default()) {
-        return if masters > 1 { Plan::FanOut(m) } else { Plan::Single(None) };
+        return if masters > 1 {
+            Plan::FanOut(m)
+        } else {
+            Plan::Single(None)
+        };
     }
     if eq(name, "scan") {
         return plan_scan(args, masters);
@@ -197,19 +204,35 @@ type Group = (u32, u16, SmallVec<[u32; 8]>);
 /// per shard over standalone servers (which do not care about slots: fewer commands for
 /// Redis to run and fewer replies to merge). `keys` are the keys' positions and slots.
 /// Every sub-command is encoded into one buffer and split off it (one allocation).
-fn split_keys<A: Args + ?Sized>(args: &A, keys: &[(usize, u16)], merge: Merge, width: usize, topo: &Topology) -> Plan {
+fn split_keys<A: Args + ?Sized>(
+    args: &A,
+    keys: &[(usize, u16)],
+    merge: Merge,
+    width: usize,
+    topo: &Topology,
+) -> Plan {
     let arg = |i: usize| args.argv(i).unwrap_or_default();
     let by_slot = topo.kind == crate::topology::BackendKind::Cluster;
     let mut groups: SmallVec<[Group; 4]> = SmallVec::new();
     for (i, &(_, slot)) in keys.iter().enumerate() {
-        let group = if by_slot { u32::from(slot) } else { topo.slots.get(slot as usize).map_or(u32::from(slot) | 1 << 20, |&s| u32::from(s)) };
+        let group = if by_slot {
+            u32::from(slot)
+        } else {
+            topo.slots
+                .get(slot as usize)
+                .map_or(u32::from(slot) | 1 << 20, |&s| u32::from(s))
+        };
         match groups.iter_mut().find(|g| g.0 == group) {
             Some(g) => g.2.push(i as u32),
             None => groups.push((group, slot, SmallVec::from_slice(&[i as u32]))),
         }
     }
     let name = arg(0);
-    let size: usize = groups.len() * (name.len() + 32) + keys.iter().map(|&(p, _)| (0..width).map(|w| arg(p + w).len() + 16).sum::<usize>()).sum::<usize>();
+    let size: usize = groups.len() * (name.len() + 32)
+        + keys
+            .iter()
+            .map(|&(p, _)| (0..width).map(|w| arg(p + w).len() + 16).sum::<usize>())
+            .sum::<usize>();
     let mut out = BytesMut::with_capacity(size);
     let mut parts = Vec::with_capacity(groups.len());
     for (_, slot, idx) in groups {
@@ -222,7 +245,11 @@ fn split_keys<A: Args + ?Sized>(args: &A, keys: &[(usize, u16)], merge: Merge, w
             }
         }
         let data = out.split().freeze();
-        parts.push(Part { slot, data, positions: idx });
+        parts.push(Part {
+            slot,
+            data,
+            positions: idx,
+        });
     }
     Plan::Split(merge, parts)
 }
@@ -231,7 +258,10 @@ fn plan_scan<A: Args + ?Sized>(args: &A, masters: usize) -> Plan {
     let Some(cursor) = args.argv(1) else {
         return Plan::Error("ERR wrong number of arguments for 'scan' command".into());
     };
-    let Some(cursor) = std::str::from_utf8(cursor).ok().and_then(|c| c.parse::<u64>().ok()) else {
+    let Some(cursor) = std::str::from_utf8(cursor)
+        .ok()
+        .and_then(|c| c.parse::<u64>().ok())
+    else {
         return Plan::Error("ERR invalid cursor".into());
     };
     let ordinal = (cursor & ((1 << SCAN_NODE_BITS) - 1)) as usize;
@@ -239,12 +269,17 @@ fn plan_scan<A: Args + ?Sized>(args: &A, masters: usize) -> Plan {
     if ordinal >= masters {
         return Plan::Error("ERR invalid cursor".into());
     }
-    let mut sub: Vec<&[u8]> = (0..args.argc()).map(|i| args.argv(i).unwrap_or_default()).collect();
+    let mut sub: Vec<&[u8]> = (0..args.argc())
+        .map(|i| args.argv(i).unwrap_or_default())
+        .collect();
     let c = node_cursor.to_string();
     sub[1] = c.as_bytes();
     let mut out = BytesMut::new();
     resp::encode_args(&mut out, &sub);
-    Plan::Scan { ordinal, data: out.freeze() }
+    Plan::Scan {
+        ordinal,
+        data: out.freeze(),
+    }
 }
 
 /// Where the elements of an array reply of `n` elements start (`None` if it is not one).
@@ -303,17 +338,25 @@ pub fn merge(how: &Merge, replies: &[Bytes], parts: &[Part]) -> Bytes {
     if let Some(e) = replies.iter().find(|r| is_error(r)) {
         return e.clone();
     }
-    let bad = || Bytes::from_static(b"-ERR respire: unexpected reply from a backend while merging\r\n");
+    let bad =
+        || Bytes::from_static(b"-ERR respire: unexpected reply from a backend while merging\r\n");
     match how {
         Merge::Mget(n) => {
             // Where each value lies: (reply, start, end), by key position.
             let mut at: SmallVec<[(u32, u32, u32); 16]> = SmallVec::from_elem((u32::MAX, 0, 0), *n);
             let mut total = 16;
             for (ri, (r, part)) in replies.iter().zip(parts).enumerate() {
-                let Some(mut pos) = array_body(r, part.positions.len()) else { return bad() };
+                let Some(mut pos) = array_body(r, part.positions.len()) else {
+                    return bad();
+                };
                 for &k in &part.positions {
-                    let Some(len) = reply_len(r.get(pos..).unwrap_or_default()).ok().flatten() else { return bad() };
-                    let Some(slot) = at.get_mut(k as usize) else { return bad() };
+                    let Some(len) = reply_len(r.get(pos..).unwrap_or_default()).ok().flatten()
+                    else {
+                        return bad();
+                    };
+                    let Some(slot) = at.get_mut(k as usize) else {
+                        return bad();
+                    };
                     *slot = (ri as u32, pos as u32, (pos + len) as u32);
                     total += len;
                     pos += len;
@@ -322,7 +365,10 @@ pub fn merge(how: &Merge, replies: &[Bytes], parts: &[Part]) -> Bytes {
             let mut out = BytesMut::with_capacity(total);
             resp::array_header(&mut out, *n);
             for &(ri, s, e) in &at {
-                match replies.get(ri as usize).and_then(|r| r.get(s as usize..e as usize)) {
+                match replies
+                    .get(ri as usize)
+                    .and_then(|r| r.get(s as usize..e as usize))
+                {
                     Some(v) => out.extend_from_slice(v),
                     None => return bad(),
                 }
@@ -349,7 +395,9 @@ pub fn merge(how: &Merge, replies: &[Bytes], parts: &[Part]) -> Bytes {
             let mut all: Vec<Bytes> = Vec::new();
             let mut kind = b'*';
             for r in replies {
-                let Some((k, elems)) = elements(r) else { return bad() };
+                let Some((k, elems)) = elements(r) else {
+                    return bad();
+                };
                 kind = k;
                 for e in elems {
                     if *how == Merge::Concat || !all.contains(&e) {
@@ -363,12 +411,19 @@ pub fn merge(how: &Merge, replies: &[Bytes], parts: &[Part]) -> Bytes {
             }
             out.freeze()
         }
-        Merge::FirstNonNil => replies.iter().find(|r| !is_nil(r)).or(replies.first()).cloned().unwrap_or_else(bad),
+        Merge::FirstNonNil => replies
+            .iter()
+            .find(|r| !is_nil(r))
+            .or(replies.first())
+            .cloned()
+            .unwrap_or_else(bad),
         Merge::First => replies.first().cloned().unwrap_or_else(bad),
         Merge::AndInts => {
             let mut acc: Option<Vec<i64>> = None;
             for r in replies {
-                let Some((_, elems)) = elements(r) else { return bad() };
+                let Some((_, elems)) = elements(r) else {
+                    return bad();
+                };
                 let ints: Option<Vec<i64>> = elems.iter().map(|e| int_of(e)).collect();
                 let Some(ints) = ints else { return bad() };
                 acc = Some(match acc {
@@ -387,7 +442,9 @@ pub fn merge(how: &Merge, replies: &[Bytes], parts: &[Part]) -> Bytes {
             let mut pairs: Vec<(Bytes, i64)> = Vec::new();
             let mut kind = b'*';
             for r in replies {
-                let Some((k, elems)) = elements(r) else { return bad() };
+                let Some((k, elems)) = elements(r) else {
+                    return bad();
+                };
                 kind = k;
                 for c in elems.chunks(2) {
                     let [name, count] = c else { return bad() };
@@ -398,7 +455,11 @@ pub fn merge(how: &Merge, replies: &[Bytes], parts: &[Part]) -> Bytes {
                     }
                 }
             }
-            let mut out = if kind == b'%' { header(b'%', pairs.len()) } else { header(kind, pairs.len() * 2) };
+            let mut out = if kind == b'%' {
+                header(b'%', pairs.len())
+            } else {
+                header(kind, pairs.len() * 2)
+            };
             for (name, n) in pairs {
                 out.extend_from_slice(&name);
                 resp::int(&mut out, n);
@@ -407,13 +468,30 @@ pub fn merge(how: &Merge, replies: &[Bytes], parts: &[Part]) -> Bytes {
         }
         Merge::Info { ours, replaced } => merge_info(replies, ours, replaced).unwrap_or_else(bad),
         Merge::Scan { ordinal, total } => {
-            let Some(r) = replies.first() else { return bad() };
-            let Some((_, elems)) = elements(r) else { return bad() };
-            let [cursor, keys] = elems.as_slice() else { return bad() };
-            let Some(text) = cursor.get(cursor.iter().position(|&b| b == b'\n').map(|i| i + 1).unwrap_or(0)..cursor.len().saturating_sub(2)) else {
+            let Some(r) = replies.first() else {
                 return bad();
             };
-            let Some(node_cursor) = std::str::from_utf8(text).ok().and_then(|t| t.parse::<u64>().ok()) else { return bad() };
+            let Some((_, elems)) = elements(r) else {
+                return bad();
+            };
+            let [cursor, keys] = elems.as_slice() else {
+                return bad();
+            };
+            let Some(text) = cursor.get(
+                cursor
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map(|i| i + 1)
+                    .unwrap_or(0)..cursor.len().saturating_sub(2),
+            ) else {
+                return bad();
+            };
+            let Some(node_cursor) = std::str::from_utf8(text)
+                .ok()
+                .and_then(|t| t.parse::<u64>().ok())
+            else {
+                return bad();
+            };
             let next = if node_cursor > u64::MAX >> SCAN_NODE_BITS {
                 // Does not fit beside the master's number: an error, not a cursor that skips keys.
                 return Bytes::from_static(b"-ERR respire: a backend's SCAN cursor is too large to combine with the shard number\r\n");
@@ -447,12 +525,18 @@ fn merge_info(replies: &[Bytes], ours: &str, replaced: &[String]) -> Option<Byte
     for (_, t) in &texts {
         let text = String::from_utf8_lossy(t);
         for line in text.lines() {
-            let Some(rest) = line.strip_prefix("db") else { continue };
-            let Some((n, fields)) = rest.split_once(':') else { continue };
+            let Some(rest) = line.strip_prefix("db") else {
+                continue;
+            };
+            let Some((n, fields)) = rest.split_once(':') else {
+                continue;
+            };
             let Ok(n) = n.parse::<u32>() else { continue };
             let e = dbs.entry(n).or_default();
             for f in fields.split(',') {
-                let Some((k, v)) = f.split_once('=') else { continue };
+                let Some((k, v)) = f.split_once('=') else {
+                    continue;
+                };
                 let v: i64 = v.trim().parse().unwrap_or(0);
                 match k {
                     "keys" => e[0] += v,
@@ -522,20 +606,33 @@ mod tests {
     }
 
     fn args(s: &str) -> Vec<Bytes> {
-        s.split(' ').map(|a| Bytes::copy_from_slice(a.as_bytes())).collect()
+        s.split(' ')
+            .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+            .collect()
     }
 
     fn three() -> Topology {
-        Topology::shards(&[("a:1".into(), vec![], vec![]), ("b:1".into(), vec![], vec![]), ("c:1".into(), vec![], vec![])]).unwrap()
+        Topology::shards(&[
+            ("a:1".into(), vec![], vec![]),
+            ("b:1".into(), vec![], vec![]),
+            ("c:1".into(), vec![], vec![]),
+        ])
+        .unwrap()
     }
 
     #[test]
     fn single_crossslot_and_split() {
         let t = CommandTable::builtin();
         let topo = three();
-        assert!(matches!(plan(&t, &args("GET foo"), &topo), Plan::Single(Some(12182))));
+        assert!(matches!(
+            plan(&t, &args("GET foo"), &topo),
+            Plan::Single(Some(12182))
+        ));
         assert!(matches!(plan(&t, &args("PING"), &topo), Plan::Single(None)));
-        assert!(matches!(plan(&t, &args("RENAME {a}x {a}y"), &topo), Plan::Single(Some(_))));
+        assert!(matches!(
+            plan(&t, &args("RENAME {a}x {a}y"), &topo),
+            Plan::Single(Some(_))
+        ));
         match plan(&t, &args("RENAME a b"), &topo) {
             Plan::Error(e) => assert_eq!(e, CROSSSLOT),
             p => panic!("{p:?}"),
@@ -544,16 +641,28 @@ mod tests {
             Plan::Split(Merge::Mget(3), parts) => {
                 assert_eq!(parts.len(), 2);
                 assert_eq!(parts[0].positions.as_slice(), &[0, 2]);
-                assert_eq!(&parts[0].data[..], b"*3\r\n$4\r\nMGET\r\n$1\r\na\r\n$4\r\n{a}c\r\n");
+                assert_eq!(
+                    &parts[0].data[..],
+                    b"*3\r\n$4\r\nMGET\r\n$1\r\na\r\n$4\r\n{a}c\r\n"
+                );
             }
             p => panic!("{p:?}"),
         }
         match plan(&t, &args("MSET a 1 b 2"), &topo) {
-            Plan::Split(Merge::AllOk, parts) => assert_eq!(&parts[1].data[..], b"*3\r\n$4\r\nMSET\r\n$1\r\nb\r\n$1\r\n2\r\n"),
+            Plan::Split(Merge::AllOk, parts) => assert_eq!(
+                &parts[1].data[..],
+                b"*3\r\n$4\r\nMSET\r\n$1\r\nb\r\n$1\r\n2\r\n"
+            ),
             p => panic!("{p:?}"),
         }
-        assert!(matches!(plan(&t, &args("MSETNX a 1 b 2"), &topo), Plan::Error(_)));
-        assert!(matches!(plan(&t, &args("DBSIZE"), &topo), Plan::FanOut(Merge::SumInt)));
+        assert!(matches!(
+            plan(&t, &args("MSETNX a 1 b 2"), &topo),
+            Plan::Error(_)
+        ));
+        assert!(matches!(
+            plan(&t, &args("DBSIZE"), &topo),
+            Plan::FanOut(Merge::SumInt)
+        ));
     }
 
     #[test]
@@ -562,41 +671,77 @@ mod tests {
         let keys: Vec<String> = (0..10).map(|i| format!("key:{i}")).collect();
         let cmd = format!("MGET {}", keys.join(" "));
         let mut shards = three();
-        let Plan::Split(Merge::Mget(10), parts) = plan(&t, &args(&cmd), &shards) else { panic!() };
+        let Plan::Split(Merge::Mget(10), parts) = plan(&t, &args(&cmd), &shards) else {
+            panic!()
+        };
         // Ten keys in ten slots, three servers: one MGET per server, each key exactly once.
         assert_eq!(parts.len(), 3, "{parts:?}");
-        let mut seen: Vec<usize> = parts.iter().flat_map(|p| p.positions.iter().map(|&i| i as usize)).collect();
+        let mut seen: Vec<usize> = parts
+            .iter()
+            .flat_map(|p| p.positions.iter().map(|&i| i as usize))
+            .collect();
         seen.sort();
         assert_eq!(seen, (0..10).collect::<Vec<_>>());
         for p in &parts {
             let shard = shards.slots[p.slot as usize];
-            assert!(p.positions.iter().all(|&i| shards.slots[key_slot(keys[i as usize].as_bytes()) as usize] == shard));
+            assert!(
+                p.positions.iter().all(|&i| shards.slots
+                    [key_slot(keys[i as usize].as_bytes()) as usize]
+                    == shard)
+            );
         }
         // The same topology as a Redis Cluster: one command per slot.
         shards.kind = crate::topology::BackendKind::Cluster;
-        let Plan::Split(_, parts) = plan(&t, &args(&cmd), &shards) else { panic!() };
+        let Plan::Split(_, parts) = plan(&t, &args(&cmd), &shards) else {
+            panic!()
+        };
         assert_eq!(parts.len(), 10);
     }
 
     #[test]
     fn merges() {
         let parts = vec![
-            Part { slot: 0, data: Bytes::new(), positions: SmallVec::from_slice(&[0, 2]) },
-            Part { slot: 1, data: Bytes::new(), positions: SmallVec::from_slice(&[1]) },
+            Part {
+                slot: 0,
+                data: Bytes::new(),
+                positions: SmallVec::from_slice(&[0, 2]),
+            },
+            Part {
+                slot: 1,
+                data: Bytes::new(),
+                positions: SmallVec::from_slice(&[1]),
+            },
         ];
         let r = merge(
             &Merge::Mget(3),
-            &[Bytes::from_static(b"*2\r\n$1\r\na\r\n$-1\r\n"), Bytes::from_static(b"*1\r\n$1\r\nb\r\n")],
+            &[
+                Bytes::from_static(b"*2\r\n$1\r\na\r\n$-1\r\n"),
+                Bytes::from_static(b"*1\r\n$1\r\nb\r\n"),
+            ],
             &parts,
         );
         assert_eq!(&r[..], b"*3\r\n$1\r\na\r\n$1\r\nb\r\n$-1\r\n");
-        let r = merge(&Merge::SumInt, &[Bytes::from_static(b":2\r\n"), Bytes::from_static(b":3\r\n")], &[]);
+        let r = merge(
+            &Merge::SumInt,
+            &[Bytes::from_static(b":2\r\n"), Bytes::from_static(b":3\r\n")],
+            &[],
+        );
         assert_eq!(&r[..], b":5\r\n");
-        let r = merge(&Merge::AllOk, &[Bytes::from_static(b"+OK\r\n"), Bytes::from_static(b"-ERR x\r\n")], &[]);
+        let r = merge(
+            &Merge::AllOk,
+            &[
+                Bytes::from_static(b"+OK\r\n"),
+                Bytes::from_static(b"-ERR x\r\n"),
+            ],
+            &[],
+        );
         assert_eq!(&r[..], b"-ERR x\r\n");
         let r = merge(
             &Merge::SumPairs,
-            &[Bytes::from_static(b"*2\r\n$1\r\nc\r\n:1\r\n"), Bytes::from_static(b"*2\r\n$1\r\nc\r\n:2\r\n")],
+            &[
+                Bytes::from_static(b"*2\r\n$1\r\nc\r\n:1\r\n"),
+                Bytes::from_static(b"*2\r\n$1\r\nc\r\n:2\r\n"),
+            ],
             &[],
         );
         assert_eq!(&r[..], b"*2\r\n$1\r\nc\r\n:3\r\n");
@@ -606,19 +751,56 @@ mod tests {
     fn scan_cursor_walks_every_master() {
         let topo = three();
         let t = CommandTable::builtin();
-        let Plan::Scan { ordinal, data } = plan(&t, &args("SCAN 0 COUNT 10"), &topo) else { panic!() };
-        assert_eq!((ordinal, &data[..]), (0, &b"*4\r\n$4\r\nSCAN\r\n$1\r\n0\r\n$5\r\nCOUNT\r\n$2\r\n10\r\n"[..]));
+        let Plan::Scan { ordinal, data } = plan(&t, &args("SCAN 0 COUNT 10"), &topo) else {
+            panic!()
+        };
+        assert_eq!(
+            (ordinal, &data[..]),
+            (
+                0,
+                &b"*4\r\n$4\r\nSCAN\r\n$1\r\n0\r\n$5\r\nCOUNT\r\n$2\r\n10\r\n"[..]
+            )
+        );
         // Master 0 finished: the cursor moves to master 1.
-        let r = merge(&Merge::Scan { ordinal: 0, total: 3 }, &[Bytes::from_static(b"*2\r\n$1\r\n0\r\n*0\r\n")], &[]);
+        let r = merge(
+            &Merge::Scan {
+                ordinal: 0,
+                total: 3,
+            },
+            &[Bytes::from_static(b"*2\r\n$1\r\n0\r\n*0\r\n")],
+            &[],
+        );
         assert_eq!(&r[..], b"*2\r\n$1\r\n1\r\n*0\r\n");
         // Master 1 has more: its cursor 5 is kept in the high bits.
-        let r = merge(&Merge::Scan { ordinal: 1, total: 3 }, &[Bytes::from_static(b"*2\r\n$1\r\n5\r\n*1\r\n$1\r\nk\r\n")], &[]);
+        let r = merge(
+            &Merge::Scan {
+                ordinal: 1,
+                total: 3,
+            },
+            &[Bytes::from_static(b"*2\r\n$1\r\n5\r\n*1\r\n$1\r\nk\r\n")],
+            &[],
+        );
         let c = (5u64 << 10) | 1;
-        assert_eq!(String::from_utf8_lossy(&r), format!("*2\r\n${}\r\n{c}\r\n*1\r\n$1\r\nk\r\n", c.to_string().len()));
-        let Plan::Scan { ordinal, data } = plan(&t, &args(&format!("SCAN {c}")), &topo) else { panic!() };
-        assert_eq!((ordinal, &data[..]), (1, &b"*2\r\n$4\r\nSCAN\r\n$1\r\n5\r\n"[..]));
+        assert_eq!(
+            String::from_utf8_lossy(&r),
+            format!("*2\r\n${}\r\n{c}\r\n*1\r\n$1\r\nk\r\n", c.to_string().len())
+        );
+        let Plan::Scan { ordinal, data } = plan(&t, &args(&format!("SCAN {c}")), &topo) else {
+            panic!()
+        };
+        assert_eq!(
+            (ordinal, &data[..]),
+            (1, &b"*2\r\n$4\r\nSCAN\r\n$1\r\n5\r\n"[..])
+        );
         // The last master finishing ends the scan.
-        let r = merge(&Merge::Scan { ordinal: 2, total: 3 }, &[Bytes::from_static(b"*2\r\n$1\r\n0\r\n*0\r\n")], &[]);
+        let r = merge(
+            &Merge::Scan {
+                ordinal: 2,
+                total: 3,
+            },
+            &[Bytes::from_static(b"*2\r\n$1\r\n0\r\n*0\r\n")],
+            &[],
+        );
         assert_eq!(&r[..], b"*2\r\n$1\r\n0\r\n*0\r\n");
     }
 
@@ -632,14 +814,31 @@ mod tests {
             resp::bulk(&mut o, body);
             o.freeze()
         };
-        let r = merge(&Merge::Info { ours: Arc::from(""), replaced: Vec::new() }, &[fix(&a), fix(&b)], &[]);
+        let r = merge(
+            &Merge::Info {
+                ours: Arc::from(""),
+                replaced: Vec::new(),
+            },
+            &[fix(&a), fix(&b)],
+            &[],
+        );
         let text = String::from_utf8_lossy(&r);
-        assert!(text.contains("db0:keys=5,expires=1,avg_ttl=5\r\n"), "{text}");
+        assert!(
+            text.contains("db0:keys=5,expires=1,avg_ttl=5\r\n"),
+            "{text}"
+        );
         assert!(text.contains("redis_version:7"), "{text}");
         // respire's sections go before the keyspace, in place of the ones they replace.
         let a = Bytes::from_static(b"$60\r\n# Server\r\nv:7\r\n\r\n# Clients\r\nconnected_clients:9\r\n\r\n# Keyspace\r\ndb0:keys=1\r\n\r\n");
         let ours = Arc::from("# Clients\r\nconnected_clients:2\r\n\r\n");
-        let r = merge(&Merge::Info { ours, replaced: vec!["clients".into()] }, &[fix(&a)], &[]);
+        let r = merge(
+            &Merge::Info {
+                ours,
+                replaced: vec!["clients".into()],
+            },
+            &[fix(&a)],
+            &[],
+        );
         let text = String::from_utf8_lossy(&r);
         assert!(
             text.ends_with("# Server\r\nv:7\r\n\r\n# Clients\r\nconnected_clients:2\r\n\r\n# Keyspace\r\ndb0:keys=1,expires=0,avg_ttl=0\r\n\r\n"),

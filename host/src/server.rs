@@ -125,7 +125,10 @@ impl Worker {
             return p.clone();
         }
         let b = &self.shared.config.backend;
-        let node = Rc::new(NodeSettings { addr: addr.clone(), ..self.shared.node_settings.clone() });
+        let node = Rc::new(NodeSettings {
+            addr: addr.clone(),
+            ..self.shared.node_settings.clone()
+        });
         let pool = Rc::new(Pool::new(node, b.connections, b.idle_exclusive));
         self.pools.borrow_mut().insert(addr.clone(), pool.clone());
         pool
@@ -147,25 +150,48 @@ impl Server {
         config.validate()?;
         let mut threads = Vec::new();
         let server_tls = match &config.tls {
-            Some(t) => Some(Arc::new(crate::tls::ServerTls::load(t).map_err(|e| ServerError::Tls(format!("tls: {e}")))?)),
+            Some(t) => Some(Arc::new(
+                crate::tls::ServerTls::load(t)
+                    .map_err(|e| ServerError::Tls(format!("tls: {e}")))?,
+            )),
             None => None,
         };
         let client_tls = match &config.backend.tls {
-            Some(t) => Some(Arc::new(crate::tls::ClientTls::load(t).map_err(|e| ServerError::Tls(format!("backend.tls: {e}")))?)),
+            Some(t) => {
+                Some(Arc::new(crate::tls::ClientTls::load(t).map_err(|e| {
+                    ServerError::Tls(format!("backend.tls: {e}"))
+                })?))
+            }
             None => None,
         };
         // The plain listener (unless `listen` is empty) and the TLS one.
         let mut listeners = Vec::new();
         let tls_listen = config.tls.as_ref().map(|t| t.listen.as_str());
-        for (addr, tls) in [(Some(config.listen.as_str()).filter(|a| !a.is_empty()), false), (tls_listen, true)] {
+        for (addr, tls) in [
+            (
+                Some(config.listen.as_str()).filter(|a| !a.is_empty()),
+                false,
+            ),
+            (tls_listen, true),
+        ] {
             let Some(addr) = addr else { continue };
-            let bad = |source| ServerError::Bind { addr: addr.to_string(), source };
-            let parsed: SocketAddr = addr.parse().map_err(|_| bad(std::io::ErrorKind::InvalidInput.into()))?;
+            let bad = |source| ServerError::Bind {
+                addr: addr.to_string(),
+                source,
+            };
+            let parsed: SocketAddr = addr
+                .parse()
+                .map_err(|_| bad(std::io::ErrorKind::InvalidInput.into()))?;
             let l = bind(parsed).map_err(bad)?;
             let local = l.local_addr().map_err(ServerError::Start)?;
             listeners.push((l, local, tls));
         }
-        let local = listeners.iter().find(|l| !l.2).or(listeners.first()).map(|l| l.1).ok_or_else(|| ServerError::Start(std::io::ErrorKind::InvalidInput.into()))?;
+        let local = listeners
+            .iter()
+            .find(|l| !l.2)
+            .or(listeners.first())
+            .map(|l| l.1)
+            .ok_or_else(|| ServerError::Start(std::io::ErrorKind::InvalidInput.into()))?;
         let tls_addr = listeners.iter().find(|l| l.2).map(|l| l.1);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let b = &config.backend;
@@ -184,7 +210,10 @@ impl Server {
         let learnt = !matches!(discovery, Discovery::Static);
         let topology = TopologyState::new(topology, discovery);
         if learnt {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ServerError::Start)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(ServerError::Start)?;
             if let Err(e) = rt.block_on(topology.refresh_once(&node_settings)) {
                 warn!(error = %e, "the topology is not known yet; requests wait for it (up to failover_timeout)");
             }
@@ -194,17 +223,33 @@ impl Server {
         let node_id = node_id_for(&local);
         let (plugins, plugin_runtime) = match &config.plugins {
             Some(dir) => {
-                let rt = crate::plugin::Runtime::new(config.plugin_cache_dir()).map_err(|e| ServerError::Plugins(e.to_string()))?;
+                let rt = crate::plugin::Runtime::new(config.plugin_cache_dir())
+                    .map_err(|e| ServerError::Plugins(e.to_string()))?;
                 let (loaded, errors) = rt.load_dir(dir);
                 if !errors.is_empty() && loaded.is_empty() && std::fs::read_dir(dir).is_err() {
-                    return Err(ServerError::Plugins(errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")));
+                    return Err(ServerError::Plugins(
+                        errors
+                            .iter()
+                            .map(|e| e.to_string())
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                    ));
                 }
-                (crate::plugin::PluginSet { version: 1, plugins: loaded }, Some(rt))
+                (
+                    crate::plugin::PluginSet {
+                        version: 1,
+                        plugins: loaded,
+                    },
+                    Some(rt),
+                )
             }
             None => (crate::plugin::PluginSet::default(), None),
         };
         let shared = Arc::new(Shared {
-            limits: RequestLimits { max_args: config.max_args, max_bulk: config.max_bulk.as_u64() as usize },
+            limits: RequestLimits {
+                max_args: config.max_args,
+                max_bulk: config.max_bulk.as_u64() as usize,
+            },
             clients: Clients::default(),
             shutdown: shutdown_rx,
             topology,
@@ -230,14 +275,21 @@ impl Server {
             threads.push(t);
         }
         if let Some(addr) = shared.config.metrics.clone() {
-            let listener = std::net::TcpListener::bind(&addr).map_err(|source| ServerError::Bind { addr: addr.clone(), source })?;
+            let listener =
+                std::net::TcpListener::bind(&addr).map_err(|source| ServerError::Bind {
+                    addr: addr.clone(),
+                    source,
+                })?;
             listener.set_nonblocking(true).map_err(ServerError::Start)?;
             let shutdown = shared.shutdown.clone();
             let admin = shared.clone();
             let t = std::thread::Builder::new()
                 .name("respire-metrics".into())
                 .spawn(move || {
-                    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
                         Ok(rt) => rt,
                         Err(e) => return error!(error = %e, "cannot start the metrics endpoint"),
                     };
@@ -292,7 +344,13 @@ impl Server {
         threads.push(t);
         let plain = (!shared.config.listen.is_empty()).then_some(local);
         info!(listen = ?plain, tls = ?tls_addr, workers = shared.config.worker_count(), "respire listening");
-        Ok(Server { addr: local, tls_addr, shutdown: shutdown_tx, shared, threads })
+        Ok(Server {
+            addr: local,
+            tls_addr,
+            shutdown: shutdown_tx,
+            shared,
+            threads,
+        })
     }
 
     /// The address the plain listener is bound to (the TLS one's when there is no plain one).
@@ -321,7 +379,10 @@ impl Server {
 
     /// Runs until SIGINT or SIGTERM, then shuts down gracefully.
     pub fn run_until_signal(self) -> Result<(), ServerError> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ServerError::Start)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(ServerError::Start)?;
         rt.block_on(async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
             tokio::select! {
@@ -351,8 +412,15 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 /// An accepted connection: the socket, the peer, and whether it came to the TLS listener.
 type NewConn = (std::net::TcpStream, SocketAddr, bool);
 
-fn acceptor_main(shared: Arc<Shared>, listeners: Vec<(std::net::TcpListener, bool)>, workers: Vec<mpsc::UnboundedSender<NewConn>>) {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+fn acceptor_main(
+    shared: Arc<Shared>,
+    listeners: Vec<(std::net::TcpListener, bool)>,
+    workers: Vec<mpsc::UnboundedSender<NewConn>>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             error!(error = %e, "cannot start the acceptor");
@@ -372,7 +440,13 @@ fn acceptor_main(shared: Arc<Shared>, listeners: Vec<(std::net::TcpListener, boo
                     return;
                 }
             };
-            tasks.push(tokio::task::spawn_local(accept_loop(shared.clone(), listener, tls, workers.clone(), next.clone())));
+            tasks.push(tokio::task::spawn_local(accept_loop(
+                shared.clone(),
+                listener,
+                tls,
+                workers.clone(),
+                next.clone(),
+            )));
         }
         for t in tasks {
             let _ = t.await;
@@ -380,7 +454,13 @@ fn acceptor_main(shared: Arc<Shared>, listeners: Vec<(std::net::TcpListener, boo
     });
 }
 
-async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: bool, workers: Rc<Vec<mpsc::UnboundedSender<NewConn>>>, next: Rc<Cell<usize>>) {
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    tls: bool,
+    workers: Rc<Vec<mpsc::UnboundedSender<NewConn>>>,
+    next: Rc<Cell<usize>>,
+) {
     let mut shutdown = shared.shutdown.clone();
     loop {
         tokio::select! {
@@ -418,7 +498,10 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: bool, work
 }
 
 fn worker_main(shared: Arc<Shared>, mut conns: mpsc::UnboundedReceiver<NewConn>) {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             error!(error = %e, "cannot start a worker");
@@ -453,12 +536,20 @@ fn worker_main(shared: Arc<Shared>, mut conns: mpsc::UnboundedReceiver<NewConn>)
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         if worker.sessions.get() > 0 {
-            warn!(open = worker.sessions.get(), "closing connections still open after the shutdown timeout");
+            warn!(
+                open = worker.sessions.get(),
+                "closing connections still open after the shutdown timeout"
+            );
         }
     });
 }
 
-fn start_session(worker: &Rc<Worker>, std_stream: std::net::TcpStream, peer: SocketAddr, tls: bool) {
+fn start_session(
+    worker: &Rc<Worker>,
+    std_stream: std::net::TcpStream,
+    peer: SocketAddr,
+    tls: bool,
+) {
     use std::os::fd::AsRawFd;
     let shared = &worker.shared;
     let stream = match TcpStream::from_std(std_stream) {
@@ -476,17 +567,21 @@ fn start_session(worker: &Rc<Worker>, std_stream: std::net::TcpStream, peer: Soc
         let shared = &w.shared;
         let stream = match (tls, &shared.tls, &shared.config.tls) {
             (false, _, _) => Some(crate::io::Stream::Tcp(stream)),
-            (true, Some(acceptor), Some(settings)) => match tokio::time::timeout(settings.handshake_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(s)) => Some(crate::io::Stream::TlsServer(Box::new(s))),
-                Ok(Err(e)) => {
-                    debug!(%peer, error = %e, "TLS handshake with a client failed");
-                    None
+            (true, Some(acceptor), Some(settings)) => {
+                match tokio::time::timeout(settings.handshake_timeout, acceptor.accept(stream))
+                    .await
+                {
+                    Ok(Ok(s)) => Some(crate::io::Stream::TlsServer(Box::new(s))),
+                    Ok(Err(e)) => {
+                        debug!(%peer, error = %e, "TLS handshake with a client failed");
+                        None
+                    }
+                    Err(_) => {
+                        debug!(%peer, "TLS handshake with a client timed out");
+                        None
+                    }
                 }
-                Err(_) => {
-                    debug!(%peer, "TLS handshake with a client timed out");
-                    None
-                }
-            },
+            }
             (true, _, _) => None,
         };
         match stream {
@@ -503,20 +598,33 @@ fn start_session(worker: &Rc<Worker>, std_stream: std::net::TcpStream, peer: Soc
     });
 }
 
-fn initial_topology(config: &Config, settings: &NodeSettings) -> Result<(Topology, Discovery), ServerError> {
+fn initial_topology(
+    config: &Config,
+    settings: &NodeSettings,
+) -> Result<(Topology, Discovery), ServerError> {
     let b = &config.backend;
     if let Some(addr) = &b.address {
         return Ok((Topology::standalone(addr), Discovery::Static));
     }
     if !b.shards.is_empty() {
-        let specs: Vec<_> = b.shards.iter().map(|s| s.parts()).collect::<Result<_, _>>()?;
-        let t = Topology::shards(&specs).map_err(|e| crate::config::ConfigError::Invalid(format!("backend.shards: {e}")))?;
+        let specs: Vec<_> = b
+            .shards
+            .iter()
+            .map(|s| s.parts())
+            .collect::<Result<_, _>>()?;
+        let t = Topology::shards(&specs)
+            .map_err(|e| crate::config::ConfigError::Invalid(format!("backend.shards: {e}")))?;
         return Ok((t, Discovery::Static));
     }
     // Learnt from the cluster or the sentinels: a placeholder until discovery answers
     // (tried once at start, then kept fresh by the manager thread).
     let (kind, discovery) = if b.sentinel.is_empty() {
-        (BackendKind::Cluster, Discovery::Cluster { seeds: b.cluster.clone() })
+        (
+            BackendKind::Cluster,
+            Discovery::Cluster {
+                seeds: b.cluster.clone(),
+            },
+        )
     } else {
         let sentinel_settings = NodeSettings {
             username: None,
@@ -524,10 +632,28 @@ fn initial_topology(config: &Config, settings: &NodeSettings) -> Result<(Topolog
             readonly: false,
             ..settings.clone()
         };
-        let kind = if b.master_names.len() == 1 { BackendKind::Standalone } else { BackendKind::Shards };
-        (kind, Discovery::Sentinel { sentinels: b.sentinel.clone(), names: b.master_names.clone(), settings: sentinel_settings })
+        let kind = if b.master_names.len() == 1 {
+            BackendKind::Standalone
+        } else {
+            BackendKind::Shards
+        };
+        (
+            kind,
+            Discovery::Sentinel {
+                sentinels: b.sentinel.clone(),
+                names: b.master_names.clone(),
+                settings: sentinel_settings,
+            },
+        )
     };
-    let empty = Topology { version: 1, kind, nodes: Vec::new(), shards: Vec::new(), slots: vec![NO_SHARD; SLOTS], managed: true };
+    let empty = Topology {
+        version: 1,
+        kind,
+        nodes: Vec::new(),
+        shards: Vec::new(),
+        slots: vec![NO_SHARD; SLOTS],
+        managed: true,
+    };
     Ok((empty, discovery))
 }
 
@@ -536,13 +662,21 @@ fn initial_topology(config: &Config, settings: &NodeSettings) -> Result<(Topolog
 fn startup_commands(settings: &NodeSettings, topo: &Topology) -> CommandTable {
     let mut table = CommandTable::builtin();
     let addrs: Vec<Arc<str>> = topo.masters().map(|m| topo.nodes[m].clone()).collect();
-    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
         return table;
     };
     let fetched = rt.block_on(async {
         for addr in addrs {
-            let node = NodeSettings { addr: addr.clone(), ..settings.clone() };
-            let Ok(mut stream) = backend::connect(&node, ConnKey { db: 0, proto: 2 }).await else { continue };
+            let node = NodeSettings {
+                addr: addr.clone(),
+                ..settings.clone()
+            };
+            let Ok(mut stream) = backend::connect(&node, ConnKey { db: 0, proto: 2 }).await else {
+                continue;
+            };
             let mut out = bytes::BytesMut::new();
             protocol::encode_args(&mut out, &["COMMAND"]);
             let io = async {
@@ -560,7 +694,10 @@ fn startup_commands(settings: &NodeSettings, topo: &Topology) -> CommandTable {
     });
     match fetched {
         Some(live) => {
-            info!(commands = live.len(), "command table merged from the backend");
+            info!(
+                commands = live.len(),
+                "command table merged from the backend"
+            );
             table.merge(live);
         }
         None => info!(commands = table.len(), "using the built-in command table"),
@@ -569,7 +706,10 @@ fn startup_commands(settings: &NodeSettings, topo: &Topology) -> CommandTable {
 }
 
 fn topology_main(shared: Arc<Shared>) {
-    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
         error!("cannot start the topology manager");
         return;
     };

@@ -31,9 +31,9 @@ use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::Poll;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -44,11 +44,14 @@ use tracing::debug;
 use crate::backend::{BackendConn, BackendError, ConnKey, Reply, ReplyRx};
 use crate::channel::TryRecvError;
 use crate::clients::{ClientInfo, flag};
-use crate::config::ReadFrom;
 use crate::commands::{self, Kind, Local, Resolved};
+use crate::config::ReadFrom;
 use crate::io::{IoEvent, Stream, poll_read_into, poll_write_and_readable, write_now};
+use crate::plugin::{
+    ChainRequest, ChainResponse, Client as PluginClient, ClientHandle, Decision, ReplyRoute,
+    ResponseChain,
+};
 use crate::protocol::{self as resp, Command, RequestParser};
-use crate::plugin::{ChainRequest, ChainResponse, Client as PluginClient, ClientHandle, Decision, ReplyRoute, ResponseChain};
 use crate::pubsub::SubKind;
 use crate::router::{self, CROSSSLOT, Merge, Plan};
 use crate::server::Worker;
@@ -66,6 +69,10 @@ const BIG_REQUEST: usize = 16 * 1024;
 
 /// Most redirections followed for one command before the client gets the error.
 const MAX_REDIRECTS: u8 = 5;
+/// Pub/sub messages already queued for a session are written together up to this much output
+/// (one write for a burst of small messages; a client that does not read gets one at a time,
+/// so its output limit is checked after each).
+const PUSH_BATCH_BYTES: usize = 64 * 1024;
 /// Most `TRYAGAIN` retries for one command.
 const MAX_TRYAGAIN: u8 = 10;
 /// The reply when no master serves a slot (Redis Cluster's own text).
@@ -98,8 +105,27 @@ struct Retry {
 }
 
 impl Retry {
-    fn new(addr: Arc<str>, data: Bytes, slot: Option<u16>, idempotent: bool, exclusive: bool, blocking: bool) -> Retry {
-        Retry { addr, data, attempts: 0, tryagain: 0, blocking, exclusive, conn: None, slot, idempotent, deadline: None, unsent: false }
+    fn new(
+        addr: Arc<str>,
+        data: Bytes,
+        slot: Option<u16>,
+        idempotent: bool,
+        exclusive: bool,
+        blocking: bool,
+    ) -> Retry {
+        Retry {
+            addr,
+            data,
+            attempts: 0,
+            tryagain: 0,
+            blocking,
+            exclusive,
+            conn: None,
+            slot,
+            idempotent,
+            deadline: None,
+            unsent: false,
+        }
     }
 }
 
@@ -121,7 +147,11 @@ enum Slot {
     /// A reply respire produced while earlier replies were still owed.
     Ready(Bytes),
     /// A reply coming from a backend.
-    Waiting { rx: ReplyRx, silent: bool, retry: Option<Retry> },
+    Waiting {
+        rx: ReplyRx,
+        silent: bool,
+        retry: Option<Retry>,
+    },
     /// Replies of several backend requests, merged into one.
     Merge(Box<MergeSlot>),
 }
@@ -419,7 +449,10 @@ pub async fn run(worker: Rc<Worker>, stream: Stream, info: Arc<ClientInfo>) {
 
 impl Session {
     fn key(&self) -> ConnKey {
-        ConnKey { db: self.db, proto: self.proto }
+        ConnKey {
+            db: self.db,
+            proto: self.proto,
+        }
     }
 
     fn cluster_mode(&self) -> bool {
@@ -442,7 +475,11 @@ impl Session {
         let idle = self.worker.shared.config.timeout;
         // One timer for the idle timeout, re-armed only when it fires (from the last
         // activity), not on every command.
-        let idle_timer = tokio::time::sleep(if idle.is_zero() { Duration::from_secs(86_400) } else { idle });
+        let idle_timer = tokio::time::sleep(if idle.is_zero() {
+            Duration::from_secs(86_400)
+        } else {
+            idle
+        });
         tokio::pin!(idle_timer);
         let mut last_read = Instant::now();
         let mut signals = crate::clients::SignalWatch::default();
@@ -477,7 +514,9 @@ impl Session {
                     continue;
                 }
                 if self.stream_start.is_some() && self.staged.is_empty() && self.hooked.is_none() {
-                    let Some((first, node)) = self.stream_start.take() else { continue };
+                    let Some((first, node)) = self.stream_start.take() else {
+                        continue;
+                    };
                     if !self.flush_all().await {
                         return;
                     }
@@ -496,11 +535,25 @@ impl Session {
             if !self.output_within_limit(self.subscribed()) {
                 return;
             }
-            if self.closing && self.queue.is_empty() && self.out.is_empty() && self.gated.is_none() && self.staged.is_empty() && self.hooked.is_none() {
+            if self.closing
+                && self.queue.is_empty()
+                && self.out.is_empty()
+                && self.gated.is_none()
+                && self.staged.is_empty()
+                && self.hooked.is_none()
+            {
                 return;
             }
-            let reading = !self.closing && !self.held_back && self.stalled.is_none() && self.stream_start.is_none() && self.gated.is_none();
-            let idle_applies = !idle.is_zero() && self.waiting == 0 && !self.in_multi && !self.watching && !self.subscribed();
+            let reading = !self.closing
+                && !self.held_back
+                && self.stalled.is_none()
+                && self.stream_start.is_none()
+                && self.gated.is_none();
+            let idle_applies = !idle.is_zero()
+                && self.waiting == 0
+                && !self.in_multi
+                && !self.watching
+                && !self.subscribed();
             let out_before = self.out.len();
             let closing = self.closing;
             let info = &*self.info;
@@ -525,7 +578,12 @@ impl Session {
                         }
                     }
                     Some(Slot::Merge(m)) => {
-                        if let Some((i, rx)) = m.parts.iter_mut().enumerate().find_map(|(i, p)| p.rx.as_mut().map(|rx| (i, rx))) {
+                        if let Some((i, rx)) = m
+                            .parts
+                            .iter_mut()
+                            .enumerate()
+                            .find_map(|(i, p)| p.rx.as_mut().map(|rx| (i, rx)))
+                        {
                             if let Poll::Ready(r) = Pin::new(rx).poll(cx) {
                                 return Poll::Ready(Wake::Reply(i, r.ok()));
                             }
@@ -571,7 +629,9 @@ impl Session {
                     self.on_result(part, r);
                 }
                 Wake::Io(IoEvent::Readable) => {
-                    self.worker.stats.bytes(0, out_before.saturating_sub(self.out.len()));
+                    self.worker
+                        .stats
+                        .bytes(0, out_before.saturating_sub(self.out.len()));
                     match self.read_input().await {
                         Some(IoEvent::Closed(_)) => return,
                         Some(_) => {
@@ -587,7 +647,10 @@ impl Session {
                     }
                 }
                 Wake::Io(IoEvent::Read) => {}
-                Wake::Io(IoEvent::Wrote) => self.worker.stats.bytes(0, out_before.saturating_sub(self.out.len())),
+                Wake::Io(IoEvent::Wrote) => self
+                    .worker
+                    .stats
+                    .bytes(0, out_before.saturating_sub(self.out.len())),
                 Wake::Io(IoEvent::Closed(_)) => return,
                 Wake::Gate(verdict) => self.on_gate(verdict),
                 Wake::Verdicts(Some(decided)) => {
@@ -598,7 +661,16 @@ impl Session {
                 Wake::Hooked(Some(replies)) => self.on_hooked(replies),
                 // The worker is going away.
                 Wake::Verdicts(None) | Wake::Hooked(None) => return,
-                Wake::Push(frame) => self.on_message(frame),
+                Wake::Push(frame) => {
+                    self.on_message(frame);
+                    // What else has arrived, while the output is small: one write for the lot.
+                    while self.out.len() < PUSH_BATCH_BYTES {
+                        let Some(Ok(frame)) = self.push_rx.as_mut().map(|rx| rx.try_recv()) else {
+                            break;
+                        };
+                        self.on_message(frame);
+                    }
+                }
                 Wake::Idle => {
                     let due = last_read + idle;
                     if self.now() >= due {
@@ -671,13 +743,21 @@ impl Session {
         let before = self.out.len();
         let (stream, out) = (&mut self.stream, &mut self.out);
         // `flush` too: TLS may hold records the socket has not taken yet.
-        let ok = async { stream.write_all_buf(out).await?; stream.flush().await }.await.is_ok();
+        let ok = async {
+            stream.write_all_buf(out).await?;
+            stream.flush().await
+        }
+        .await
+        .is_ok();
         self.worker.stats.bytes(0, before - self.out.len());
         ok
     }
 
     fn note_activity(&mut self) {
-        let ms = self.now().saturating_duration_since(self.info.created.into()).as_millis() as u64;
+        let ms = self
+            .now()
+            .saturating_duration_since(self.info.created.into())
+            .as_millis() as u64;
         self.info.last_active_ms.store(ms, Ordering::Relaxed);
         self.info.last_cmd.store(self.last_cmd, Ordering::Relaxed);
     }
@@ -701,7 +781,8 @@ impl Session {
     /// Whether `max_pipeline` replies, or `max_pipeline_bytes` of big requests, are owed.
     fn pipeline_full(&self) -> bool {
         let cfg = &self.worker.shared.config;
-        self.queue.len() >= cfg.max_pipeline || self.big_bytes as u64 >= cfg.max_pipeline_bytes.as_u64()
+        self.queue.len() >= cfg.max_pipeline
+            || self.big_bytes as u64 >= cfg.max_pipeline_bytes.as_u64()
     }
 
     /// Applies `client_query_buffer_limit` to the input held; `false` when the client must be
@@ -712,7 +793,10 @@ impl Session {
             return true;
         }
         tracing::warn!(client = self.info.id, addr = %self.info.addr, bytes = self.inbuf.len(), "closing client that reached client_query_buffer_limit");
-        self.worker.shared.clients.note_limit_closed(crate::clients::Limit::QueryBuffer);
+        self.worker
+            .shared
+            .clients
+            .note_limit_closed(crate::clients::Limit::QueryBuffer);
         false
     }
 
@@ -723,7 +807,9 @@ impl Session {
         let limits = &self.worker.shared.config.client_output_buffer_limit;
         let limit = if pubsub { limits.pubsub } else { limits.normal };
         let len = self.out.len() as u64;
-        if !limit.is_set() || (limit.soft == 0 || len < limit.soft) && (limit.hard == 0 || len < limit.hard) {
+        if !limit.is_set()
+            || (limit.soft == 0 || len < limit.soft) && (limit.hard == 0 || len < limit.hard)
+        {
             self.soft_since = None;
             return true;
         }
@@ -739,21 +825,29 @@ impl Session {
         }
         let class = if pubsub { "pubsub" } else { "normal" };
         tracing::warn!(client = self.info.id, addr = %self.info.addr, bytes = len, class, "closing client that reached its client_output_buffer_limit");
-        self.worker.shared.clients.note_limit_closed(crate::clients::Limit::OutputBuffer);
+        self.worker
+            .shared
+            .clients
+            .note_limit_closed(crate::clients::Limit::OutputBuffer);
         false
     }
 
     fn process_input(&mut self) {
         self.batch_start = self.now();
         self.refresh_topology();
-        self.has_plugins = self.worker.shared.config.plugins.is_some() && !self.worker.shared.plugins.load().plugins.is_empty();
+        self.has_plugins = self.worker.shared.config.plugins.is_some()
+            && !self.worker.shared.plugins.load().plugins.is_empty();
         while self.can_take() {
             if let Some(((cmd, res), pre)) = self.deferred.pop_front() {
                 self.handle_with(cmd, res, pre);
                 continue;
             }
             if !self.has_plugins {
-                match self.parser.parse(&mut self.inbuf, &self.worker.shared.limits, self.authenticated) {
+                match self.parser.parse(
+                    &mut self.inbuf,
+                    &self.worker.shared.limits,
+                    self.authenticated,
+                ) {
                     Ok(Some(cmd)) => self.handle(cmd, None),
                     Ok(None) => break,
                     Err(e) => self.protocol_error(e),
@@ -774,7 +868,11 @@ impl Session {
             let set = self.worker.shared.plugins.load_full();
             let start = self.batch_start.into_std();
             loop {
-                match self.parser.parse(&mut self.inbuf, &self.worker.shared.limits, self.authenticated) {
+                match self.parser.parse(
+                    &mut self.inbuf,
+                    &self.worker.shared.limits,
+                    self.authenticated,
+                ) {
                     Ok(Some(cmd)) => {
                         let res = table.resolve(&cmd);
                         let kind = res.spec.kind;
@@ -784,7 +882,9 @@ impl Session {
                                 p.push(crate::stage::unseen());
                             }
                         } else if let Some(p) = pre.as_mut() {
-                            match crate::plugin::PluginSet::decide_without_chain(&set, &cmd, res.info, start) {
+                            match crate::plugin::PluginSet::decide_without_chain(
+                                &set, &cmd, res.info, start,
+                            ) {
                                 Some(d) => {
                                     seen.push(d.1.is_some());
                                     p.push(d);
@@ -801,9 +901,19 @@ impl Session {
                         batch.push((cmd, res));
                         let ends = matches!(
                             kind,
-                            Kind::Local(Local::Auth | Local::Hello | Local::Select | Local::Reset | Local::Client | Local::Quit) | Kind::Stream
+                            Kind::Local(
+                                Local::Auth
+                                    | Local::Hello
+                                    | Local::Select
+                                    | Local::Reset
+                                    | Local::Client
+                                    | Local::Quit
+                            ) | Kind::Stream
                         );
-                        if ends || batch.len() >= MAX_PLUGIN_BATCH || bytes >= MAX_PLUGIN_BATCH_BYTES {
+                        if ends
+                            || batch.len() >= MAX_PLUGIN_BATCH
+                            || bytes >= MAX_PLUGIN_BATCH_BYTES
+                        {
                             break;
                         }
                     }
@@ -821,7 +931,8 @@ impl Session {
             }
             self.run_batch(batch, seen, pre);
         }
-        self.held_back = self.pipeline_full() && (!self.inbuf.is_empty() || !self.deferred.is_empty());
+        self.held_back =
+            self.pipeline_full() && (!self.inbuf.is_empty() || !self.deferred.is_empty());
     }
 
     fn protocol_error(&mut self, e: resp::ProtocolError) {
@@ -840,7 +951,12 @@ impl Session {
     /// `seen`: whether the plugins see each command (see `plugins_see`); `pre`: every
     /// command's decision when none needs a request hook (see
     /// [`crate::plugin::PluginSet::decide_without_chain`]): the batch then goes on at once.
-    fn run_batch(&mut self, batch: Vec<crate::stage::ResolvedCommand>, seen: Vec<bool>, pre: Option<Vec<PreDecision>>) {
+    fn run_batch(
+        &mut self,
+        batch: Vec<crate::stage::ResolvedCommand>,
+        seen: Vec<bool>,
+        pre: Option<Vec<PreDecision>>,
+    ) {
         let worker = self.worker.clone();
         if let Some(pre) = pre {
             for (cmd, pre) in batch.into_iter().zip(pre) {
@@ -861,7 +977,11 @@ impl Session {
     }
 
     /// Handles a command whose request hooks ran, or keeps it for later behind a stalled one.
-    fn take_decided(&mut self, (cmd, res): crate::stage::ResolvedCommand, pre: Option<PreDecision>) {
+    fn take_decided(
+        &mut self,
+        (cmd, res): crate::stage::ResolvedCommand,
+        pre: Option<PreDecision>,
+    ) {
         if self.can_take() {
             self.handle_with(cmd, res, pre);
         } else if !self.closing {
@@ -872,7 +992,11 @@ impl Session {
     /// Whether the request hooks see a command (not the ones that authenticate or end the
     /// connection, nor anything an unauthenticated client is refused).
     fn plugins_see(&self, spec: &commands::Spec) -> bool {
-        (self.authenticated || spec.no_auth) && !matches!(spec.kind, Kind::Local(Local::Auth | Local::Hello | Local::Quit | Local::Reset))
+        (self.authenticated || spec.no_auth)
+            && !matches!(
+                spec.kind,
+                Kind::Local(Local::Auth | Local::Hello | Local::Quit | Local::Reset)
+            )
     }
 
     // ---- replies ----------------------------------------------------------
@@ -943,7 +1067,11 @@ impl Session {
         while self.hooks.front().is_some_and(|(s, _)| *s < seq) {
             self.hooks.pop_front();
         }
-        let mut chain = if self.hooks.front().is_some_and(|(s, _)| *s == seq) { self.hooks.pop_front().map(|(_, c)| c) } else { None };
+        let mut chain = if self.hooks.front().is_some_and(|(s, _)| *s == seq) {
+            self.hooks.pop_front().map(|(_, c)| c)
+        } else {
+            None
+        };
         if let Some(c) = chain.take() {
             chain = self.triage_reply(c, &bytes, || bytes.clone());
         }
@@ -982,7 +1110,8 @@ impl Session {
         } else if self.out.len() > mark {
             let reply = self.out.split_off(mark);
             let replaced = self.run_response_plugins(chain, &reply);
-            self.out.extend_from_slice(replaced.as_deref().unwrap_or(&reply));
+            self.out
+                .extend_from_slice(replaced.as_deref().unwrap_or(&reply));
         }
     }
 
@@ -1008,7 +1137,12 @@ impl Session {
                     Err(TryRecvError::Closed) => (0, Err(self.lost())),
                 },
                 Some(Slot::Merge(m)) => {
-                    let Some((i, rx)) = m.parts.iter_mut().enumerate().find_map(|(i, p)| p.rx.as_mut().map(|rx| (i, rx))) else {
+                    let Some((i, rx)) = m
+                        .parts
+                        .iter_mut()
+                        .enumerate()
+                        .find_map(|(i, p)| p.rx.as_mut().map(|rx| (i, rx)))
+                    else {
                         // All parts answered (cannot stay here, but never spin).
                         return;
                     };
@@ -1025,9 +1159,18 @@ impl Session {
 
     /// Handles a backend result for the front slot: follows a redirection, or completes the slot.
     fn on_result(&mut self, part: usize, reply: Reply) {
-        let ctx = RedirectCtx { worker: &self.worker, topo: &self.topo, key: self.key(), sid: self.info.id };
+        let ctx = RedirectCtx {
+            worker: &self.worker,
+            topo: &self.topo,
+            key: self.key(),
+            sid: self.info.id,
+        };
         match self.queue.front_mut() {
-            Some(Slot::Waiting { rx, retry: Some(retry), .. }) => {
+            Some(Slot::Waiting {
+                rx,
+                retry: Some(retry),
+                ..
+            }) => {
                 if let Some(new_rx) = ctx.follow(&reply, retry) {
                     *rx = new_rx;
                     return;
@@ -1080,7 +1223,10 @@ impl Session {
     }
 
     fn lost(&self) -> BackendError {
-        BackendError::Lost { addr: Arc::from("backend"), reason: "reply dropped".into() }
+        BackendError::Lost {
+            addr: Arc::from("backend"),
+            reason: "reply dropped".into(),
+        }
     }
 
     // ---- dispatch ---------------------------------------------------------
@@ -1131,8 +1277,17 @@ impl Session {
             return;
         }
         if self.pushed > pushed {
-            let sent = if self.slowlog { self.last_sent.take() } else { None };
-            self.stats.push_back(Stat { seq: self.pushed - 1, id, start, sent });
+            let sent = if self.slowlog {
+                self.last_sent.take()
+            } else {
+                None
+            };
+            self.stats.push_back(Stat {
+                seq: self.pushed - 1,
+                id,
+                start,
+                sent,
+            });
             return;
         }
         let error = matches!(self.out.get(mark), Some(b'-') | Some(b'!'));
@@ -1148,8 +1303,11 @@ impl Session {
         }
         let now = self.now();
         while self.stats.front().is_some_and(|s| s.seq <= seq) {
-            let Some(s) = self.stats.pop_front() else { break };
-            let error = s.seq == seq && matches!(reply.and_then(|r| r.first()), Some(b'-') | Some(b'!'));
+            let Some(s) = self.stats.pop_front() else {
+                break;
+            };
+            let error =
+                s.seq == seq && matches!(reply.and_then(|r| r.first()), Some(b'-') | Some(b'!'));
             let elapsed = now.saturating_duration_since(s.start);
             self.worker.stats.record(s.id, error, elapsed);
             let threshold = self.worker.shared.config.slowlog_log_slower_than;
@@ -1169,11 +1327,27 @@ impl Session {
                     Ok(Some(c)) => c.to_args(),
                     _ => Vec::new(),
                 };
-                (args, node.map(|n| self.node_addr(n)).unwrap_or_else(|| Arc::from("")))
+                (
+                    args,
+                    node.map(|n| self.node_addr(n))
+                        .unwrap_or_else(|| Arc::from("")),
+                )
             }
-            None => (vec![Bytes::from(self.worker.shared.command_names.get(s.id as usize).cloned().unwrap_or_default())], Arc::from("")),
+            None => (
+                vec![Bytes::from(
+                    self.worker
+                        .shared
+                        .command_names
+                        .get(s.id as usize)
+                        .cloned()
+                        .unwrap_or_default(),
+                )],
+                Arc::from(""),
+            ),
         };
-        let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
         let name = self.info.name.lock().map(|n| n.clone()).unwrap_or_default();
         let entry = crate::stats::SlowEntry {
             id: 0,
@@ -1184,7 +1358,10 @@ impl Session {
             name,
             node,
         };
-        self.worker.shared.slowlog.push(entry, self.worker.shared.config.slowlog_max_len);
+        self.worker
+            .shared
+            .slowlog
+            .push(entry, self.worker.shared.config.slowlog_max_len);
     }
 
     fn handle_command(&mut self, mut cmd: Command, res: Resolved<'_>, pre: Option<PreDecision>) {
@@ -1206,7 +1383,11 @@ impl Session {
             };
             chain = c;
             match decision {
-                Decision::Continue { rewritten, cache, gate: g } => {
+                Decision::Continue {
+                    rewritten,
+                    cache,
+                    gate: g,
+                } => {
                     if let Some(new) = rewritten {
                         cmd = *new;
                         res = worker.shared.commands.resolve(&cmd);
@@ -1223,9 +1404,12 @@ impl Session {
                 }
                 Decision::Respond(bytes) => {
                     if resp::reply_len(&bytes).ok().flatten() != Some(bytes.len()) {
-                        return self.with_hook(chain, |s| s.reply_error("ERR respire: a plugin answered with an invalid reply"));
+                        return self.with_hook(chain, |s| {
+                            s.reply_error("ERR respire: a plugin answered with an invalid reply")
+                        });
                     }
-                    return self.with_hook(chain, |s| s.reply_with(|o, _| o.extend_from_slice(&bytes)));
+                    return self
+                        .with_hook(chain, |s| s.reply_with(|o, _| o.extend_from_slice(&bytes)));
                 }
             }
             if matches!(res.spec.kind, Kind::Stream | Kind::Unsubscribe) {
@@ -1235,7 +1419,13 @@ impl Session {
         }
         if let Some(gate) = gate {
             let rx = self.start_gate(gate);
-            self.gated = Some(Box::new(Gated { rx, cmd, chain, cache_for, stat: None }));
+            self.gated = Some(Box::new(Gated {
+                rx,
+                cmd,
+                chain,
+                cache_for,
+                stat: None,
+            }));
             return;
         }
         self.proceed(cmd, res, chain, cache_for);
@@ -1298,7 +1488,13 @@ impl Session {
     /// Redis answered a gated command's shared takes.
     fn on_gate(&mut self, verdict: Result<Result<(), String>, oneshot::error::RecvError>) {
         let Some(g) = self.gated.take() else { return };
-        let Gated { cmd, chain, cache_for, stat, .. } = *g;
+        let Gated {
+            cmd,
+            chain,
+            cache_for,
+            stat,
+            ..
+        } = *g;
         let worker = self.worker.clone();
         let res = worker.shared.commands.resolve(&cmd);
         let (pushed, mark) = (self.pushed, self.out.len());
@@ -1330,7 +1526,10 @@ impl Session {
             self.tx_keys.clear();
             return None;
         }
-        if [&b"flushall"[..], b"flushdb", b"swapdb"].iter().any(|n| name.eq_ignore_ascii_case(n)) {
+        if [&b"flushall"[..], b"flushdb", b"swapdb"]
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n))
+        {
             cache.flush();
             return (!self.in_multi).then_some(After::Flush);
         }
@@ -1362,11 +1561,20 @@ impl Session {
         how: crate::cache::CacheFor,
         chain: &mut Option<Box<ResponseChain>>,
     ) -> CacheRead {
-        if self.in_multi || self.writes_in_flight > 0 || self.subscribed() || res.spec.kind != Kind::Forward {
+        if self.in_multi
+            || self.writes_in_flight > 0
+            || self.subscribed()
+            || res.spec.kind != Kind::Forward
+        {
             return CacheRead::Pass;
         }
-        let Some(info) = res.info else { return CacheRead::Pass };
-        if !info.has(commands::flags::READONLY) || info.has(commands::flags::RANDOM) || info.has(commands::flags::BLOCKING) {
+        let Some(info) = res.info else {
+            return CacheRead::Pass;
+        };
+        if !info.has(commands::flags::READONLY)
+            || info.has(commands::flags::RANDOM)
+            || info.has(commands::flags::BLOCKING)
+        {
             return CacheRead::Pass;
         }
         let mut keys = Vec::new();
@@ -1380,7 +1588,9 @@ impl Session {
         // session's is owed elsewhere (replies stay in order).
         let slot = if self.cluster_mode() {
             let first = crate::topology::key_slot(&keys[0]);
-            keys.iter().all(|k| crate::topology::key_slot(k) == first).then_some(Some(first))
+            keys.iter()
+                .all(|k| crate::topology::key_slot(k) == first)
+                .then_some(Some(first))
         } else {
             Some(None)
         };
@@ -1389,22 +1599,38 @@ impl Session {
             let node = self.read_node(res, slot, Use::Shared, master).ok()?;
             Some((node, slot))
         });
-        let may_wait = node.is_some() && (self.waiting == 0 || self.last_target == Some(Target::Flight));
+        let may_wait =
+            node.is_some() && (self.waiting == 0 || self.last_target == Some(Target::Flight));
         let ckey = crate::cache::cache_key(self.db, self.proto, cmd);
         match cache.lookup(ckey, keys, how, may_wait) {
             crate::cache::Lookup::Hit(bytes) => {
-                self.with_hook(chain.take(), |s| s.reply_with(|o, _| o.extend_from_slice(&bytes)));
+                self.with_hook(chain.take(), |s| {
+                    s.reply_with(|o, _| o.extend_from_slice(&bytes))
+                });
                 CacheRead::Done
             }
             crate::cache::Lookup::Wait(rx) => {
                 let rx = ReplyRx::Remote(rx);
-                let Some((node, slot)) = node else { return CacheRead::Pass };
-                let mut retry = Retry::new(self.node_addr(node), cmd.to_resp(), slot, true, false, false);
+                let Some((node, slot)) = node else {
+                    return CacheRead::Pass;
+                };
+                let mut retry = Retry::new(
+                    self.node_addr(node),
+                    cmd.to_resp(),
+                    slot,
+                    true,
+                    false,
+                    false,
+                );
                 retry.unsent = true;
                 let hook = chain.take();
                 self.with_hook(hook, |s| {
                     let silent = s.take_silent();
-                    s.push_slot(Slot::Waiting { rx, silent, retry: Some(retry) });
+                    s.push_slot(Slot::Waiting {
+                        rx,
+                        silent,
+                        retry: Some(retry),
+                    });
                     s.waiting += 1;
                     s.last_target = Some(Target::Flight);
                 });
@@ -1443,7 +1669,9 @@ impl Session {
     /// Runs the cache work owed up to slot `seq`, whose reply is `reply` (`None`: not shown).
     fn run_after(&mut self, seq: u64, reply: Option<&[u8]>) {
         while self.after.front().is_some_and(|(s, _)| *s <= seq) {
-            let Some((s, a)) = self.after.pop_front() else { break };
+            let Some((s, a)) = self.after.pop_front() else {
+                break;
+            };
             if !matches!(a, After::Fill(_)) {
                 self.writes_in_flight = self.writes_in_flight.saturating_sub(1);
             }
@@ -1476,7 +1704,10 @@ impl Session {
         if self.proto == 2 && self.subscribed() {
             // RESP2 subscribe mode allows only these, as in Redis.
             match spec.kind {
-                Kind::Stream | Kind::Unsubscribe | Kind::Local(Local::Quit) | Kind::Local(Local::Reset)
+                Kind::Stream
+                | Kind::Unsubscribe
+                | Kind::Local(Local::Quit)
+                | Kind::Local(Local::Reset)
                     if !cmd.name().eq_ignore_ascii_case(b"monitor") => {}
                 Kind::Local(Local::Ping) => {
                     let msg = cmd.arg_bytes(1).unwrap_or_default();
@@ -1521,7 +1752,11 @@ impl Session {
                 self.route(cmd, res, Use::Blocking);
             }
             Kind::MaybeBlocking => {
-                let how = if commands::has_block_option(&cmd) { Use::Blocking } else { Use::Shared };
+                let how = if commands::has_block_option(&cmd) {
+                    Use::Blocking
+                } else {
+                    Use::Shared
+                };
                 self.route(cmd, res, how);
             }
             Kind::Stream => {
@@ -1552,21 +1787,33 @@ impl Session {
 
     /// The client as plugins see it.
     fn plugin_client(&mut self) -> &ClientHandle {
-        if self.plugin_client.as_ref().is_some_and(|c| c.details.db != self.db || c.details.protocol != self.proto) {
+        if self
+            .plugin_client
+            .as_ref()
+            .is_some_and(|c| c.details.db != self.db || c.details.protocol != self.proto)
+        {
             self.plugin_client = None;
         }
         if self.plugin_client.is_none() {
             self.client_generation = self.client_generation.wrapping_add(1);
         }
-        let (info, db, protocol, generation) = (&self.info, self.db, self.proto, self.client_generation);
-        self.plugin_client.get_or_insert_with(|| ClientHandle { generation, details: Arc::new(PluginClient {
-            id: info.id,
-            addr: info.addr.to_string(),
-            user: info.user.lock().map(|u| u.clone()).unwrap_or_default(),
-            db,
-            name: info.name.lock().map(|n| String::from_utf8_lossy(&n).into_owned()).unwrap_or_default(),
-            protocol,
-        }) })
+        let (info, db, protocol, generation) =
+            (&self.info, self.db, self.proto, self.client_generation);
+        self.plugin_client.get_or_insert_with(|| ClientHandle {
+            generation,
+            details: Arc::new(PluginClient {
+                id: info.id,
+                addr: info.addr.to_string(),
+                user: info.user.lock().map(|u| u.clone()).unwrap_or_default(),
+                db,
+                name: info
+                    .name
+                    .lock()
+                    .map(|n| String::from_utf8_lossy(&n).into_owned())
+                    .unwrap_or_default(),
+                protocol,
+            }),
+        })
     }
 
     /// Runs the request hooks of the plugins that want this one command.
@@ -1575,19 +1822,46 @@ impl Session {
         // A guard, not a clone: the set is cloned only when a response hook needs it later.
         let set = worker.shared.plugins.load();
         let client = self.plugin_client().clone();
-        let one = [ChainRequest { client: &client, cmd, info: res.info }];
-        let mut out = worker.plugins.borrow_mut().on_requests(&set, worker.shared.commands, &one);
-        out.pop().unwrap_or((Decision::Continue { rewritten: None, cache: None, gate: None }, None))
+        let one = [ChainRequest {
+            client: &client,
+            cmd,
+            info: res.info,
+        }];
+        let mut out = worker
+            .plugins
+            .borrow_mut()
+            .on_requests(&set, worker.shared.commands, &one);
+        out.pop().unwrap_or((
+            Decision::Continue {
+                rewritten: None,
+                cache: None,
+                gate: None,
+            },
+            None,
+        ))
     }
 
     /// Runs what the plugins owe one reply written at once: the replacement, if a plugin made
     /// one (hooks that may replace it run now; observing ones in the stage, on a copy).
-    fn run_response_plugins(&mut self, chain: Box<ResponseChain>, reply: &BytesMut) -> Option<Vec<u8>> {
+    fn run_response_plugins(
+        &mut self,
+        chain: Box<ResponseChain>,
+        reply: &BytesMut,
+    ) -> Option<Vec<u8>> {
         let chain = self.triage_reply(chain, reply, || Bytes::copy_from_slice(reply))?;
         let worker = self.worker.clone();
         let client = self.plugin_client().clone();
-        let one = [ChainResponse { client: &client, chain: &chain, reply }];
-        let replaced = worker.plugins.borrow_mut().on_responses(&one, true).pop().flatten();
+        let one = [ChainResponse {
+            client: &client,
+            chain: &chain,
+            reply,
+        }];
+        let replaced = worker
+            .plugins
+            .borrow_mut()
+            .on_responses(&one, true)
+            .pop()
+            .flatten();
         worker.stage.flush_later();
         replaced
     }
@@ -1595,7 +1869,12 @@ impl Session {
     /// What the plugins owe a reply: `None` when it can be written now (its traffic metrics
     /// recorded, a copy — made by `copy` — handed to observing hooks), or the chain to hold it
     /// for, for hooks that may replace it.
-    fn triage_reply(&mut self, mut chain: Box<ResponseChain>, reply: &[u8], copy: impl FnOnce() -> Bytes) -> Option<Box<ResponseChain>> {
+    fn triage_reply(
+        &mut self,
+        mut chain: Box<ResponseChain>,
+        reply: &[u8],
+        copy: impl FnOnce() -> Bytes,
+    ) -> Option<Box<ResponseChain>> {
         let worker = self.worker.clone();
         let now = self.now().into_std();
         let route = worker.plugins.borrow_mut().on_reply(&mut chain, reply, now);
@@ -1667,7 +1946,13 @@ impl Session {
     }
 
     /// The node a read goes to under `read_from`: a replica of the slot's shard, or `master`.
-    fn read_node(&self, res: Resolved<'_>, slot: Option<u16>, how: Use, master: usize) -> Result<usize, &'static str> {
+    fn read_node(
+        &self,
+        res: Resolved<'_>,
+        slot: Option<u16>,
+        how: Use,
+        master: usize,
+    ) -> Result<usize, &'static str> {
         let mode = self.worker.shared.config.backend.read_from;
         let Some(slot) = slot else { return Ok(master) };
         if mode == ReadFrom::Master || how != Use::Shared {
@@ -1676,10 +1961,18 @@ impl Session {
         if !res.has(commands::flags::READONLY) {
             return Ok(master);
         }
-        let replicas = self.topo.slots.get(slot as usize).and_then(|&s| self.topo.shards.get(s as usize)).map(|s| s.replicas.as_slice()).unwrap_or_default();
+        let replicas = self
+            .topo
+            .slots
+            .get(slot as usize)
+            .and_then(|&s| self.topo.shards.get(s as usize))
+            .map(|s| s.replicas.as_slice())
+            .unwrap_or_default();
         match (replicas.is_empty(), mode) {
             (false, _) => Ok(replicas[(self.info.id % replicas.len() as u64) as usize]),
-            (true, ReadFrom::Replica) => Err("ERR respire: no replica is available for this key (read_from = \"replica\")"),
+            (true, ReadFrom::Replica) => {
+                Err("ERR respire: no replica is available for this key (read_from = \"replica\")")
+            }
             (true, _) => Ok(master),
         }
     }
@@ -1694,9 +1987,14 @@ impl Session {
         }
         let plan = router::plan(&cmd, res.info, &self.topo);
         match plan {
-            Plan::Single(slot) => match self.node_for(slot).and_then(|n| self.read_node(res, slot, how, n)) {
+            Plan::Single(slot) => match self
+                .node_for(slot)
+                .and_then(|n| self.read_node(res, slot, how, n))
+            {
                 Ok(node) => self.send(cmd, res, node, how, slot),
-                Err(e) if self.topo.managed && e == CLUSTERDOWN => self.send_when_master_known(cmd, res, slot, how),
+                Err(e) if self.topo.managed && e == CLUSTERDOWN => {
+                    self.send_when_master_known(cmd, res, slot, how)
+                }
                 Err(e) => {
                     self.worker.shared.topology.request_refresh();
                     self.reply_error(e);
@@ -1726,8 +2024,13 @@ impl Session {
             }
             Plan::FanOut(merge) => {
                 let data = cmd.to_resp();
-                let targets: Vec<(usize, Bytes, Option<u16>)> =
-                    self.topo.shards.iter().enumerate().map(|(i, s)| (s.master, data.clone(), self.topo.slot_of_shard(i))).collect();
+                let targets: Vec<(usize, Bytes, Option<u16>)> = self
+                    .topo
+                    .shards
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| (s.master, data.clone(), self.topo.slot_of_shard(i)))
+                    .collect();
                 self.send_parts(cmd, res, merge, Vec::new(), targets)
             }
             Plan::Scan { ordinal, data } => {
@@ -1737,7 +2040,13 @@ impl Session {
                     return false;
                 };
                 let slot = self.topo.slot_of_shard(ordinal);
-                self.send_parts(cmd, res, Merge::Scan { ordinal, total }, Vec::new(), vec![(node, data, slot)])
+                self.send_parts(
+                    cmd,
+                    res,
+                    Merge::Scan { ordinal, total },
+                    Vec::new(),
+                    vec![(node, data, slot)],
+                )
             }
         }
     }
@@ -1759,11 +2068,29 @@ impl Session {
         }
         let name = cmd.name();
         let plain_set = name.eq_ignore_ascii_case(b"set")
-            && !cmd.iter().skip(3).any(|a| a.eq_ignore_ascii_case(b"nx") || a.eq_ignore_ascii_case(b"xx") || a.eq_ignore_ascii_case(b"get"));
+            && !cmd.iter().skip(3).any(|a| {
+                a.eq_ignore_ascii_case(b"nx")
+                    || a.eq_ignore_ascii_case(b"xx")
+                    || a.eq_ignore_ascii_case(b"get")
+            });
         plain_set
             || [
-                &b"mset"[..], b"setex", b"psetex", b"hset", b"hmset", b"sadd", b"srem", b"hdel", b"zrem", b"expire", b"pexpire",
-                b"expireat", b"pexpireat", b"persist", b"del", b"unlink",
+                &b"mset"[..],
+                b"setex",
+                b"psetex",
+                b"hset",
+                b"hmset",
+                b"sadd",
+                b"srem",
+                b"hdel",
+                b"zrem",
+                b"expire",
+                b"pexpire",
+                b"expireat",
+                b"pexpireat",
+                b"persist",
+                b"del",
+                b"unlink",
             ]
             .iter()
             .any(|n| name.eq_ignore_ascii_case(n))
@@ -1771,8 +2098,18 @@ impl Session {
 
     /// Queues a command whose slot has no known master yet: it is sent once one is known
     /// (within `failover_timeout`).
-    fn send_when_master_known(&mut self, cmd: Command, res: Resolved<'_>, slot: Option<u16>, how: Use) -> bool {
-        let target = if how == Use::Shared { Target::Shared(self.key()) } else { Target::Exclusive };
+    fn send_when_master_known(
+        &mut self,
+        cmd: Command,
+        res: Resolved<'_>,
+        slot: Option<u16>,
+        how: Use,
+    ) -> bool {
+        let target = if how == Use::Shared {
+            Target::Shared(self.key())
+        } else {
+            Target::Exclusive
+        };
         let mut c = Some(cmd);
         if !self.barrier(&mut c, target) {
             return false;
@@ -1783,23 +2120,53 @@ impl Session {
             return false;
         }
         let idempotent = self.idempotent(&cmd, res);
-        let mut retry = Retry::new(Arc::from(""), cmd.to_resp(), slot, idempotent, how != Use::Shared, how == Use::Blocking);
-        let ctx = RedirectCtx { worker: &self.worker, topo: &self.topo, key: self.key(), sid: self.info.id };
-        let unavailable = Err(BackendError::Unavailable { addr: Arc::from("cluster"), reason: "no master serves this slot".into() });
+        let mut retry = Retry::new(
+            Arc::from(""),
+            cmd.to_resp(),
+            slot,
+            idempotent,
+            how != Use::Shared,
+            how == Use::Blocking,
+        );
+        let ctx = RedirectCtx {
+            worker: &self.worker,
+            topo: &self.topo,
+            key: self.key(),
+            sid: self.info.id,
+        };
+        let unavailable = Err(BackendError::Unavailable {
+            addr: Arc::from("cluster"),
+            reason: "no master serves this slot".into(),
+        });
         let Some(rx) = ctx.wait_for_master(&mut retry, unavailable) else {
             self.reply_error(CLUSTERDOWN);
             return false;
         };
         let silent = self.take_silent();
-        self.push_slot(Slot::Waiting { rx, silent, retry: Some(retry) });
+        self.push_slot(Slot::Waiting {
+            rx,
+            silent,
+            retry: Some(retry),
+        });
         self.waiting += 1;
         self.last_target = Some(target);
         true
     }
 
     /// Sends a single command to `node` (shared, or an exclusive connection for blocking/WATCH).
-    fn send(&mut self, cmd: Command, res: Resolved<'_>, node: usize, how: Use, slot: Option<u16>) -> bool {
-        let target = if how == Use::Shared { Target::Shared(self.key()) } else { Target::Exclusive };
+    fn send(
+        &mut self,
+        cmd: Command,
+        res: Resolved<'_>,
+        node: usize,
+        how: Use,
+        slot: Option<u16>,
+    ) -> bool {
+        let target = if how == Use::Shared {
+            Target::Shared(self.key())
+        } else {
+            Target::Exclusive
+        };
         let mut c = Some(cmd);
         if !self.barrier(&mut c, target) {
             return false;
@@ -1825,12 +2192,24 @@ impl Session {
         if self.slowlog {
             self.last_sent = Some((data.clone(), Some(node)));
         }
-        self.push_waiting(rx, data, how != Use::Shared, blocking, node, slot, idempotent);
+        self.push_waiting(
+            rx,
+            data,
+            how != Use::Shared,
+            blocking,
+            node,
+            slot,
+            idempotent,
+        );
         true
     }
 
     fn node_addr(&self, node: usize) -> Arc<str> {
-        self.topo.nodes.get(node).cloned().unwrap_or_else(|| Arc::from(""))
+        self.topo
+            .nodes
+            .get(node)
+            .cloned()
+            .unwrap_or_else(|| Arc::from(""))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1844,11 +2223,24 @@ impl Session {
         slot: Option<u16>,
         idempotent: bool,
     ) {
-        let retry = self.topo.managed.then(|| Retry::new(self.node_addr(node), data, slot, idempotent, exclusive, blocking));
+        let retry = self.topo.managed.then(|| {
+            Retry::new(
+                self.node_addr(node),
+                data,
+                slot,
+                idempotent,
+                exclusive,
+                blocking,
+            )
+        });
         let silent = self.take_silent();
         self.push_slot(Slot::Waiting { rx, silent, retry });
         self.waiting += 1;
-        self.last_target = Some(if exclusive { Target::Exclusive } else { Target::Shared(self.key()) });
+        self.last_target = Some(if exclusive {
+            Target::Exclusive
+        } else {
+            Target::Shared(self.key())
+        });
     }
 
     /// Sends several requests on shared connections and queues one merged reply.
@@ -1877,10 +2269,19 @@ impl Session {
         for (node, data, slot) in targets {
             let rx = self.shared_conn(node).send(data.clone(), 0, false);
             let retry = Retry::new(self.node_addr(node), data, slot, idempotent, false, false);
-            parts.push(PartState { rx: Some(rx), reply: None, retry });
+            parts.push(PartState {
+                rx: Some(rx),
+                reply: None,
+                retry,
+            });
         }
         let silent = self.take_silent();
-        self.push_slot(Slot::Merge(Box::new(MergeSlot { silent, how, layout, parts })));
+        self.push_slot(Slot::Merge(Box::new(MergeSlot {
+            silent,
+            how,
+            layout,
+            parts,
+        })));
         self.waiting += 1;
         self.last_target = Some(Target::Shared(self.key()));
         true
@@ -1899,7 +2300,12 @@ impl Session {
         if let Some(Some(c)) = self.conns.get(node) {
             return c.clone();
         }
-        let addr = self.topo.nodes.get(node).cloned().unwrap_or_else(|| Arc::from(""));
+        let addr = self
+            .topo
+            .nodes
+            .get(node)
+            .cloned()
+            .unwrap_or_else(|| Arc::from(""));
         let c = self.worker.pool(&addr).shared(key, self.info.id);
         self.conns[node] = Some(c.clone());
         c
@@ -1907,7 +2313,12 @@ impl Session {
 
     /// The exclusive connection on `node`, checked out if needed; an error if the session is pinned elsewhere.
     fn exclusive_on(&mut self, node: usize) -> Result<BackendConn, &'static str> {
-        let addr = self.topo.nodes.get(node).cloned().unwrap_or_else(|| Arc::from(""));
+        let addr = self
+            .topo
+            .nodes
+            .get(node)
+            .cloned()
+            .unwrap_or_else(|| Arc::from(""));
         let key = self.key();
         let pinned = self.in_multi || self.watching;
         if let Some(ex) = &self.exclusive {
@@ -1922,7 +2333,11 @@ impl Session {
             self.release_exclusive(false);
         }
         let conn = self.worker.pool(&addr).checkout(key);
-        self.exclusive = Some(Exclusive { addr, key, conn: conn.clone() });
+        self.exclusive = Some(Exclusive {
+            addr,
+            key,
+            conn: conn.clone(),
+        });
         self.exclusive_dirty = false;
         Ok(conn)
     }
@@ -1948,7 +2363,8 @@ impl Session {
     /// Gives the exclusive connection back to the pool when it is clean, or drops it (closing it).
     fn release_exclusive(&mut self, session_ending: bool) {
         if let Some(ex) = self.exclusive.take() {
-            let clean = self.waiting == 0 && !self.in_multi && !self.watching && !self.exclusive_dirty;
+            let clean =
+                self.waiting == 0 && !self.in_multi && !self.watching && !self.exclusive_dirty;
             if clean {
                 self.worker.pool(&ex.addr).checkin(ex.key, ex.conn);
             }
@@ -1970,7 +2386,11 @@ impl Session {
             // The connection is known: the watched one, or the only node's.
             let w = self.worker.clone();
             let res = w.shared.commands.resolve(&cmd);
-            let sent = if self.watching { self.send_exclusive_pinned(cmd) } else { self.send(cmd, res, 0, Use::Watch, None) };
+            let sent = if self.watching {
+                self.send_exclusive_pinned(cmd)
+            } else {
+                self.send(cmd, res, 0, Use::Watch, None)
+            };
             if sent {
                 self.set_multi(true);
             }
@@ -1996,7 +2416,11 @@ impl Session {
                     // Nothing was queued: an empty transaction.
                     self.set_multi(false);
                     self.watching = false;
-                    if exec { self.reply_with(|o, _| resp::array_header(o, 0)) } else { self.reply_ok() }
+                    if exec {
+                        self.reply_with(|o, _| resp::array_header(o, 0))
+                    } else {
+                        self.reply_ok()
+                    }
                 } else if self.tx_poisoned && exec {
                     let discard = Command::from_args(&["DISCARD"]);
                     self.reply_mode_silent_once();
@@ -2010,7 +2434,8 @@ impl Session {
                 }
             }
             _ => {
-                if matches!(kind, Kind::Local(l) if !matches!(l, Local::Ping | Local::Echo | Local::Info | Local::Slowlog)) {
+                if matches!(kind, Kind::Local(l) if !matches!(l, Local::Ping | Local::Echo | Local::Info | Local::Slowlog))
+                {
                     self.exclusive_dirty = true;
                 }
                 if !self.cluster_mode() {
@@ -2020,10 +2445,12 @@ impl Session {
                 // The node of this command's keys; keyless commands follow the transaction.
                 let node = match router::plan(&cmd, res.info, &self.topo) {
                     Plan::Single(Some(slot)) => self.node_for(Some(slot)),
-                    Plan::Single(None) | Plan::FanOut(_) | Plan::Scan { .. } => match &self.exclusive {
-                        Some(ex) => Ok(self.topo.node_index(&ex.addr).unwrap_or(usize::MAX)),
-                        None => self.node_for(None),
-                    },
+                    Plan::Single(None) | Plan::FanOut(_) | Plan::Scan { .. } => {
+                        match &self.exclusive {
+                            Some(ex) => Ok(self.topo.node_index(&ex.addr).unwrap_or(usize::MAX)),
+                            None => self.node_for(None),
+                        }
+                    }
                     Plan::Split(..) | Plan::Error(_) => Err(CROSSSLOT),
                 };
                 let node = match node {
@@ -2048,7 +2475,10 @@ impl Session {
                     self.push_waiting(rx, data, true, false, node, None, false);
                     return;
                 }
-                let same = self.exclusive.as_ref().is_some_and(|ex| self.topo.node_index(&ex.addr) == Some(node));
+                let same = self
+                    .exclusive
+                    .as_ref()
+                    .is_some_and(|ex| self.topo.node_index(&ex.addr) == Some(node));
                 if !same {
                     self.tx_poisoned = true;
                     return self.reply_error(CROSSSLOT);
@@ -2076,7 +2506,11 @@ impl Session {
             self.stalled = Some(cmd);
             return;
         }
-        let node = if !self.cluster_mode() { Ok(0) } else { self.node_for(None) };
+        let node = if !self.cluster_mode() {
+            Ok(0)
+        } else {
+            self.node_for(None)
+        };
         match node {
             Ok(n) => self.stream_start = Some((cmd, n)),
             Err(e) => self.reply_error(e),
@@ -2086,15 +2520,33 @@ impl Session {
 
 /// Runs the GCRA script for one shared bucket: 0 when `cost` tokens were granted, else the
 /// ms to wait; an error when Redis could not answer.
-async fn shared_take(worker: &Rc<Worker>, sid: u64, t: &crate::plugin::SharedTake, cost: i64) -> Result<u64, String> {
+async fn shared_take(
+    worker: &Rc<Worker>,
+    sid: u64,
+    t: &crate::plugin::SharedTake,
+    cost: i64,
+) -> Result<u64, String> {
     let key = t.redis_key();
     let topo = worker.shared.topology.load();
-    let node = topo.master_of(crate::topology::key_slot(key.as_bytes())).ok_or("no master serves the bucket's slot")?;
+    let node = topo
+        .master_of(crate::topology::key_slot(key.as_bytes()))
+        .ok_or("no master serves the bucket's slot")?;
     let addr = topo.nodes.get(node).cloned().ok_or("no such node")?;
-    let interval = if t.rule.rate > 0.0 { 1000.0 / t.rule.rate } else { 1e15 };
+    let interval = if t.rule.rate > 0.0 {
+        1000.0 / t.rule.rate
+    } else {
+        1e15
+    };
     let mut data = BytesMut::new();
-    let args = [interval.to_string(), t.rule.burst.to_string(), cost.to_string()];
-    resp::encode_args(&mut data, &["EVAL", GCRA, "1", &key, &args[0], &args[1], &args[2]]);
+    let args = [
+        interval.to_string(),
+        t.rule.burst.to_string(),
+        cost.to_string(),
+    ];
+    resp::encode_args(
+        &mut data,
+        &["EVAL", GCRA, "1", &key, &args[0], &args[1], &args[2]],
+    );
     let conn = worker.pool(&addr).shared(ConnKey { db: 0, proto: 2 }, sid);
     let rx = conn.send(data.freeze(), 0, false);
     let reply = match tokio::time::timeout(worker.shared.config.backend.command_timeout, rx).await {
@@ -2122,8 +2574,16 @@ impl RedirectCtx<'_> {
     fn follow(&self, reply: &Reply, retry: &mut Retry) -> Option<ReplyRx> {
         if std::mem::take(&mut retry.unsent) && matches!(reply, Err(BackendError::Lost { .. })) {
             // The client whose request this one waited for went away: send it now.
-            crate::metrics::backend_stats().retries.with_label_values(&["single-flight"]).inc();
-            return Some(self.worker.pool(&retry.addr).shared(self.key, self.sid).send(retry.data.clone(), 0, false));
+            crate::metrics::backend_stats()
+                .retries
+                .with_label_values(&["single-flight"])
+                .inc();
+            return Some(
+                self.worker
+                    .pool(&retry.addr)
+                    .shared(self.key, self.sid)
+                    .send(retry.data.clone(), 0, false),
+            );
         }
         let frame = match reply {
             Ok(f) => f,
@@ -2131,13 +2591,25 @@ impl RedirectCtx<'_> {
                 // A node failed: the map may be stale, and a new master may be on its way.
                 self.worker.shared.topology.request_refresh();
                 let safe = matches!(e, BackendError::Unavailable { .. }) || retry.idempotent;
-                return if safe { self.wait_for_master(retry, reply.clone()) } else { None };
+                return if safe {
+                    self.wait_for_master(retry, reply.clone())
+                } else {
+                    None
+                };
             }
         };
         if frame.first() != Some(&b'-') {
             return None;
         }
-        if [&b"-CLUSTERDOWN"[..], b"-READONLY", b"-LOADING", b"-MASTERDOWN"].iter().any(|p| frame.starts_with(p)) {
+        if [
+            &b"-CLUSTERDOWN"[..],
+            b"-READONLY",
+            b"-LOADING",
+            b"-MASTERDOWN",
+        ]
+        .iter()
+        .any(|p| frame.starts_with(p))
+        {
             // Not run: the node is not (or not yet) a master that serves this slot.
             self.worker.shared.topology.request_refresh();
             return self.wait_for_master(retry, reply.clone());
@@ -2146,12 +2618,23 @@ impl RedirectCtx<'_> {
             // A multi-key command during a slot migration: retry after a short pause
             // (10 ms doubling up to 200 ms: about 1.5 s in all).
             retry.tryagain += 1;
-            crate::metrics::backend_stats().retries.with_label_values(&["tryagain"]).inc();
+            crate::metrics::backend_stats()
+                .retries
+                .with_label_values(&["tryagain"])
+                .inc();
             debug!(node = %retry.addr, attempt = retry.tryagain, "TRYAGAIN: retrying");
             let pool = self.worker.pool(&retry.addr);
-            let conn = if retry.exclusive { pool.checkout(self.key) } else { pool.shared(self.key, self.sid) };
+            let conn = if retry.exclusive {
+                pool.checkout(self.key)
+            } else {
+                pool.shared(self.key, self.sid)
+            };
             let (tx, rx) = crate::backend::reply_channel();
-            let (data, blocking, delay) = (retry.data.clone(), retry.blocking, Duration::from_millis((10u64 << retry.tryagain).min(200)));
+            let (data, blocking, delay) = (
+                retry.data.clone(),
+                retry.blocking,
+                Duration::from_millis((10u64 << retry.tryagain).min(200)),
+            );
             if retry.exclusive {
                 retry.conn = Some(conn.clone());
             }
@@ -2176,7 +2659,10 @@ impl RedirectCtx<'_> {
         let slot: u16 = slot.parse().ok()?;
         let addr = normalize_addr(addr, self.topo);
         retry.attempts += 1;
-        crate::metrics::backend_stats().redirections.with_label_values(&[if ask { "ask" } else { "moved" }]).inc();
+        crate::metrics::backend_stats()
+            .redirections
+            .with_label_values(&[if ask { "ask" } else { "moved" }])
+            .inc();
         let shared = &self.worker.shared;
         if !ask {
             shared.topology.moved(slot, &addr);
@@ -2213,15 +2699,25 @@ impl RedirectCtx<'_> {
             return None;
         }
         let now = Instant::now();
-        let deadline = *retry.deadline.get_or_insert(now + self.worker.shared.config.backend.failover_timeout);
+        let deadline = *retry
+            .deadline
+            .get_or_insert(now + self.worker.shared.config.backend.failover_timeout);
         if now >= deadline {
             return None;
         }
-        crate::metrics::backend_stats().retries.with_label_values(&["failover"]).inc();
+        crate::metrics::backend_stats()
+            .retries
+            .with_label_values(&["failover"])
+            .inc();
         let (tx, rx) = crate::backend::reply_channel();
         let worker = self.worker.clone();
         let (key, sid, slot) = (self.key, self.sid, retry.slot);
-        let (data, blocking, exclusive, idempotent) = (retry.data.clone(), retry.blocking, retry.exclusive, retry.idempotent);
+        let (data, blocking, exclusive, idempotent) = (
+            retry.data.clone(),
+            retry.blocking,
+            retry.exclusive,
+            retry.idempotent,
+        );
         tokio::task::spawn_local(async move {
             let mut last = last;
             let mut delay = Duration::from_millis(20);
@@ -2234,16 +2730,35 @@ impl RedirectCtx<'_> {
                     Some(s) => topo.master_of(s),
                     None => topo.shards.first().map(|s| s.master),
                 };
-                let Some(addr) = master.and_then(|m| topo.nodes.get(m).cloned()) else { continue };
+                let Some(addr) = master.and_then(|m| topo.nodes.get(m).cloned()) else {
+                    continue;
+                };
                 let pool = worker.pool(&addr);
-                let conn = if exclusive { pool.checkout(key) } else { pool.shared(key, sid) };
-                let r = conn.send(data.clone(), 0, blocking).await.unwrap_or_else(|_| {
-                    Err(BackendError::Unavailable { addr: addr.clone(), reason: "connection closed".into() })
-                });
+                let conn = if exclusive {
+                    pool.checkout(key)
+                } else {
+                    pool.shared(key, sid)
+                };
+                let r = conn
+                    .send(data.clone(), 0, blocking)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(BackendError::Unavailable {
+                            addr: addr.clone(),
+                            reason: "connection closed".into(),
+                        })
+                    });
                 let again = match &r {
                     Err(BackendError::Unavailable { .. }) => true,
                     Err(BackendError::Lost { .. }) => idempotent,
-                    Ok(f) => [&b"-CLUSTERDOWN"[..], b"-READONLY", b"-LOADING", b"-MASTERDOWN"].iter().any(|p| f.starts_with(p)),
+                    Ok(f) => [
+                        &b"-CLUSTERDOWN"[..],
+                        b"-READONLY",
+                        b"-LOADING",
+                        b"-MASTERDOWN",
+                    ]
+                    .iter()
+                    .any(|p| f.starts_with(p)),
                 };
                 if !again {
                     tx.send(r);
@@ -2261,7 +2776,11 @@ impl RedirectCtx<'_> {
 /// (e.g. `:7001` with an empty host): fill the host in from the known nodes.
 fn normalize_addr(addr: &str, topo: &Topology) -> String {
     if let Some(port) = addr.strip_prefix(':') {
-        if let Some(host) = topo.nodes.first().and_then(|n| n.rsplit_once(':').map(|(h, _)| h.to_string())) {
+        if let Some(host) = topo
+            .nodes
+            .first()
+            .and_then(|n| n.rsplit_once(':').map(|(h, _)| h.to_string()))
+        {
             return format!("{host}:{port}");
         }
     }

@@ -24,8 +24,8 @@ use std::task::{Poll, Waker};
 use bytes::Bytes;
 
 use crate::channel::{self, Receiver, Sender};
-use crate::plugin::{ChainRequest, ChainResponse, ClientHandle, Decision, ResponseChain};
 use crate::commands::Resolved;
+use crate::plugin::{ChainRequest, ChainResponse, ClientHandle, Decision, ResponseChain};
 use crate::protocol::Command;
 use crate::server::Worker;
 
@@ -35,7 +35,14 @@ pub type PreDecision = (Decision, Option<Box<ResponseChain>>);
 /// The decision for a command the plugins do not see (commands they are never shown, such
 /// as `AUTH`, and commands no plugin asked for): continue, no response hooks.
 pub fn unseen() -> PreDecision {
-    (Decision::Continue { rewritten: None, cache: None, gate: None }, None)
+    (
+        Decision::Continue {
+            rewritten: None,
+            cache: None,
+            gate: None,
+        },
+        None,
+    )
 }
 
 /// A command read from a client with its entry in the command table, looked up once.
@@ -80,24 +87,46 @@ pub struct Stage {
 
 impl Stage {
     /// Hands commands over; their decisions (with the commands) arrive on the receiver.
-    pub fn submit_requests(&self, client: ClientHandle, cmds: Vec<ResolvedCommand>, seen: Vec<bool>) -> Receiver<Decided> {
+    pub fn submit_requests(
+        &self,
+        client: ClientHandle,
+        cmds: Vec<ResolvedCommand>,
+        seen: Vec<bool>,
+    ) -> Receiver<Decided> {
         let (done, rx) = channel::oneshot();
-        self.requests.borrow_mut().push(Requests { client, cmds, seen, done });
+        self.requests.borrow_mut().push(Requests {
+            client,
+            cmds,
+            seen,
+            done,
+        });
         self.wake();
         rx
     }
 
     /// Hands replies over; the replies to send (replaced or not) arrive on the receiver.
-    pub fn submit_responses(&self, client: ClientHandle, replies: Vec<(Bytes, Option<Box<ResponseChain>>)>) -> Receiver<Vec<Bytes>> {
+    pub fn submit_responses(
+        &self,
+        client: ClientHandle,
+        replies: Vec<(Bytes, Option<Box<ResponseChain>>)>,
+    ) -> Receiver<Vec<Bytes>> {
         let (done, rx) = channel::oneshot();
-        self.responses.borrow_mut().push(Responses { client, replies, done });
+        self.responses.borrow_mut().push(Responses {
+            client,
+            replies,
+            done,
+        });
         self.wake();
         rx
     }
 
     /// Hands over a reply that was written already, for the observing hooks its chain owes.
     pub fn submit_observed(&self, client: ClientHandle, reply: Bytes, chain: Box<ResponseChain>) {
-        self.observed.borrow_mut().push(Observed { client, reply, chain });
+        self.observed.borrow_mut().push(Observed {
+            client,
+            reply,
+            chain,
+        });
         self.wake();
     }
 
@@ -120,7 +149,11 @@ pub async fn run(worker: Rc<Worker>) {
     loop {
         std::future::poll_fn(|cx| {
             let stage = &worker.stage;
-            if stage.requests.borrow().is_empty() && stage.responses.borrow().is_empty() && stage.observed.borrow().is_empty() && !stage.flush.get() {
+            if stage.requests.borrow().is_empty()
+                && stage.responses.borrow().is_empty()
+                && stage.observed.borrow().is_empty()
+                && !stage.flush.get()
+            {
                 worker.stage.waker.set(Some(cx.waker().clone()));
                 Poll::Pending
             } else {
@@ -138,7 +171,14 @@ pub async fn run(worker: Rc<Worker>) {
         }
         let observed = std::mem::take(&mut *worker.stage.observed.borrow_mut());
         if !observed.is_empty() {
-            let batch: Vec<ChainResponse<'_>> = observed.iter().map(|o| ChainResponse { client: &o.client, chain: &o.chain, reply: &o.reply }).collect();
+            let batch: Vec<ChainResponse<'_>> = observed
+                .iter()
+                .map(|o| ChainResponse {
+                    client: &o.client,
+                    chain: &o.chain,
+                    reply: &o.reply,
+                })
+                .collect();
             worker.plugins.borrow_mut().on_responses(&batch, false);
         }
         // Traffic metrics recorded by sessions, or above for held replies.
@@ -150,17 +190,42 @@ pub async fn run(worker: Rc<Worker>) {
 fn run_requests(worker: &Rc<Worker>, subs: Vec<Requests>) {
     let table = worker.shared.commands;
     let set = worker.shared.plugins.load();
-    let mut decisions = {
-        let batch: Vec<ChainRequest<'_>> = subs
-            .iter()
-            .flat_map(|s| {
-                s.cmds.iter().zip(&s.seen).filter(|(_, seen)| **seen).map(|((cmd, res), _)| ChainRequest { client: &s.client, cmd, info: res.info })
+    let mut decisions =
+        {
+            let batch: Vec<ChainRequest<'_>> =
+                subs.iter()
+                    .flat_map(|s| {
+                        s.cmds.iter().zip(&s.seen).filter(|(_, seen)| **seen).map(
+                            |((cmd, res), _)| ChainRequest {
+                                client: &s.client,
+                                cmd,
+                                info: res.info,
+                            },
+                        )
+                    })
+                    .collect();
+            worker
+                .plugins
+                .borrow_mut()
+                .on_requests(&set, table, &batch)
+                .into_iter()
+        };
+    for s in subs {
+        let out = s
+            .cmds
+            .into_iter()
+            .zip(s.seen)
+            .map(|(cmd, seen)| {
+                (
+                    cmd,
+                    if seen {
+                        decisions.next()
+                    } else {
+                        Some(unseen())
+                    },
+                )
             })
             .collect();
-        worker.plugins.borrow_mut().on_requests(&set, table, &batch).into_iter()
-    };
-    for s in subs {
-        let out = s.cmds.into_iter().zip(s.seen).map(|(cmd, seen)| (cmd, if seen { decisions.next() } else { Some(unseen()) })).collect();
         s.done.send(out);
     }
 }
@@ -169,18 +234,32 @@ fn run_responses(worker: &Rc<Worker>, subs: Vec<Responses>) {
     let mut replaced = {
         let batch: Vec<ChainResponse<'_>> = subs
             .iter()
-            .flat_map(|s| s.replies.iter().filter_map(|(reply, chain)| chain.as_deref().map(|chain| ChainResponse { client: &s.client, chain, reply })))
+            .flat_map(|s| {
+                s.replies.iter().filter_map(|(reply, chain)| {
+                    chain.as_deref().map(|chain| ChainResponse {
+                        client: &s.client,
+                        chain,
+                        reply,
+                    })
+                })
+            })
             .collect();
-        worker.plugins.borrow_mut().on_responses(&batch, true).into_iter()
+        worker
+            .plugins
+            .borrow_mut()
+            .on_responses(&batch, true)
+            .into_iter()
     };
     for s in subs {
         let out = s
             .replies
             .into_iter()
-            .map(|(reply, chain)| match chain.and_then(|_| replaced.next().flatten()) {
-                Some(r) => Bytes::from(r),
-                None => reply,
-            })
+            .map(
+                |(reply, chain)| match chain.and_then(|_| replaced.next().flatten()) {
+                    Some(r) => Bytes::from(r),
+                    None => reply,
+                },
+            )
             .collect();
         s.done.send(out);
     }

@@ -54,7 +54,8 @@ impl Shard {
             b.refill(now);
             b.tokens < b.burst
         });
-        self.counters.retain(|_, c| c.expires.is_none_or(|e| e > now));
+        self.counters
+            .retain(|_, c| c.expires.is_none_or(|e| e > now));
     }
 }
 
@@ -75,7 +76,10 @@ pub struct SharedState {
 
 impl Default for SharedState {
     fn default() -> Self {
-        SharedState { shards: (0..SHARDS).map(|_| Mutex::default()).collect(), hasher: RandomState::new() }
+        SharedState {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: RandomState::new(),
+        }
     }
 }
 
@@ -99,17 +103,41 @@ impl SharedState {
 
     /// Takes `cost` tokens from bucket `key` of `limiter`: the tokens left, or the
     /// milliseconds until `cost` tokens are there (nothing is taken then).
-    pub fn take(&self, plugin: &str, limiter: &str, rule: Rule, key: &str, cost: u32) -> Result<u32, u64> {
+    pub fn take(
+        &self,
+        plugin: &str,
+        limiter: &str,
+        rule: Rule,
+        key: &str,
+        cost: u32,
+    ) -> Result<u32, u64> {
         self.take_at(plugin, limiter, rule, key, cost, Instant::now())
     }
 
-    fn take_at(&self, plugin: &str, limiter: &str, rule: Rule, key: &str, cost: u32, now: Instant) -> Result<u32, u64> {
+    fn take_at(
+        &self,
+        plugin: &str,
+        limiter: &str,
+        rule: Rule,
+        key: &str,
+        cost: u32,
+        now: Instant,
+    ) -> Result<u32, u64> {
         let k = entry_key(plugin, limiter, key);
         let mut shard = self.shard(&k);
         shard.tick(now);
         let burst = f64::from(rule.burst);
-        let rate = if rule.rate.is_finite() { rule.rate.max(0.0) } else { 0.0 };
-        let b = shard.buckets.entry(k).or_insert(Bucket { tokens: burst, at: now, rate, burst });
+        let rate = if rule.rate.is_finite() {
+            rule.rate.max(0.0)
+        } else {
+            0.0
+        };
+        let b = shard.buckets.entry(k).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+            rate,
+            burst,
+        });
         // A changed rule (the plugin was reloaded) applies from now on.
         b.rate = rate;
         b.burst = burst;
@@ -141,16 +169,30 @@ impl SharedState {
         self.counter_add_at(plugin, key, delta, ttl, Instant::now())
     }
 
-    fn counter_add_at(&self, plugin: &str, key: &str, delta: i64, ttl: Duration, now: Instant) -> i64 {
+    fn counter_add_at(
+        &self,
+        plugin: &str,
+        key: &str,
+        delta: i64,
+        ttl: Duration,
+        now: Instant,
+    ) -> i64 {
         let k = entry_key(plugin, "", key);
         let mut shard = self.shard(&k);
         shard.tick(now);
-        let c = shard.counters.entry(k).or_insert(Counter { value: 0, expires: None });
+        let c = shard.counters.entry(k).or_insert(Counter {
+            value: 0,
+            expires: None,
+        });
         if c.expires.is_some_and(|e| e <= now) {
             c.value = 0;
         }
         c.value = c.value.saturating_add(delta);
-        c.expires = if ttl.is_zero() { None } else { now.checked_add(ttl) };
+        c.expires = if ttl.is_zero() {
+            None
+        } else {
+            now.checked_add(ttl)
+        };
         c.value
     }
 
@@ -183,7 +225,8 @@ impl SharedState {
                 }
             }
         }
-        let order = |a: &(String, i64), b: &(String, i64)| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0));
+        let order =
+            |a: &(String, i64), b: &(String, i64)| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0));
         if found.len() > count && count > 0 {
             found.select_nth_unstable_by(count - 1, order);
         }
@@ -214,29 +257,47 @@ mod tests {
     #[test]
     fn a_bucket_allows_its_burst_then_refills_at_its_rate() {
         let s = SharedState::default();
-        let rule = Rule { rate: 10.0, burst: 3 };
+        let rule = Rule {
+            rate: 10.0,
+            burst: 3,
+        };
         let t0 = Instant::now();
         assert_eq!(s.take_at("p", "l", rule, "k", 1, t0), Ok(2));
         assert_eq!(s.take_at("p", "l", rule, "k", 1, t0), Ok(1));
         assert_eq!(s.take_at("p", "l", rule, "k", 1, t0), Ok(0));
         // One token comes back every 100 ms.
         assert_eq!(s.take_at("p", "l", rule, "k", 1, t0), Err(100));
-        assert_eq!(s.take_at("p", "l", rule, "k", 1, t0 + Duration::from_millis(60)), Err(40));
-        assert_eq!(s.take_at("p", "l", rule, "k", 1, t0 + Duration::from_millis(100)), Ok(0));
+        assert_eq!(
+            s.take_at("p", "l", rule, "k", 1, t0 + Duration::from_millis(60)),
+            Err(40)
+        );
+        assert_eq!(
+            s.take_at("p", "l", rule, "k", 1, t0 + Duration::from_millis(100)),
+            Ok(0)
+        );
         // Other keys, limiters and plugins have buckets of their own.
         assert_eq!(s.take_at("p", "l", rule, "other", 1, t0), Ok(2));
         assert_eq!(s.take_at("p", "m", rule, "k", 1, t0), Ok(2));
         assert_eq!(s.take_at("q", "l", rule, "k", 1, t0), Ok(2));
         // Never more than the burst, however long it waits.
-        assert_eq!(s.take_at("p", "l", rule, "k", 1, t0 + Duration::from_secs(60)), Ok(2));
+        assert_eq!(
+            s.take_at("p", "l", rule, "k", 1, t0 + Duration::from_secs(60)),
+            Ok(2)
+        );
         // A cost above the burst can never be paid.
-        assert_eq!(s.take_at("p", "l", rule, "k", 4, t0 + Duration::from_secs(60)), Err(u64::MAX));
+        assert_eq!(
+            s.take_at("p", "l", rule, "k", 4, t0 + Duration::from_secs(60)),
+            Err(u64::MAX)
+        );
     }
 
     #[test]
     fn refunds_give_tokens_back_up_to_the_burst() {
         let s = SharedState::default();
-        let rule = Rule { rate: 0.001, burst: 2 };
+        let rule = Rule {
+            rate: 0.001,
+            burst: 2,
+        };
         let t0 = Instant::now();
         assert_eq!(s.take_at("p", "l", rule, "k", 2, t0), Ok(0));
         s.refund("p", "l", "k", 1);
@@ -251,26 +312,67 @@ mod tests {
         let t0 = Instant::now();
         let ttl = Duration::from_millis(100);
         assert_eq!(s.counter_add_at("p", "c", 5, ttl, t0), 5);
-        assert_eq!(s.counter_add_at("p", "c", -2, ttl, t0 + Duration::from_millis(50)), 3);
-        assert_eq!(s.counter_get_at("p", "c", t0 + Duration::from_millis(149)), 3);
-        assert_eq!(s.counter_get_at("p", "c", t0 + Duration::from_millis(150)), 0);
-        assert_eq!(s.counter_add_at("p", "c", 1, ttl, t0 + Duration::from_millis(200)), 1);
-        assert_eq!(s.counter_get_at("q", "c", t0), 0, "plugins do not see each other's counters");
-        assert_eq!(s.counter_add_at("p", "forever", i64::MAX, Duration::ZERO, t0), i64::MAX);
-        assert_eq!(s.counter_add_at("p", "forever", 1, Duration::ZERO, t0 + Duration::from_secs(3600)), i64::MAX);
+        assert_eq!(
+            s.counter_add_at("p", "c", -2, ttl, t0 + Duration::from_millis(50)),
+            3
+        );
+        assert_eq!(
+            s.counter_get_at("p", "c", t0 + Duration::from_millis(149)),
+            3
+        );
+        assert_eq!(
+            s.counter_get_at("p", "c", t0 + Duration::from_millis(150)),
+            0
+        );
+        assert_eq!(
+            s.counter_add_at("p", "c", 1, ttl, t0 + Duration::from_millis(200)),
+            1
+        );
+        assert_eq!(
+            s.counter_get_at("q", "c", t0),
+            0,
+            "plugins do not see each other's counters"
+        );
+        assert_eq!(
+            s.counter_add_at("p", "forever", i64::MAX, Duration::ZERO, t0),
+            i64::MAX
+        );
+        assert_eq!(
+            s.counter_add_at(
+                "p",
+                "forever",
+                1,
+                Duration::ZERO,
+                t0 + Duration::from_secs(3600)
+            ),
+            i64::MAX
+        );
     }
 
     #[test]
     fn counter_top_gives_the_largest_counters_under_a_prefix() {
         let s = SharedState::default();
-        for (k, v) in [("hot:a", 5), ("hot:b", 9), ("hot:c", 1), ("hot:d", 9), ("cold:x", 100)] {
+        for (k, v) in [
+            ("hot:a", 5),
+            ("hot:b", 9),
+            ("hot:c", 1),
+            ("hot:d", 9),
+            ("cold:x", 100),
+        ] {
             s.counter_add("p", k, v, Duration::ZERO);
         }
         s.counter_add("q", "hot:z", 50, Duration::ZERO);
         s.counter_add("p", "hot:gone", 70, Duration::from_nanos(1));
         std::thread::sleep(Duration::from_millis(2));
         let top = s.counter_top("p", "hot:", 3);
-        assert_eq!(top, vec![("hot:b".to_string(), 9), ("hot:d".to_string(), 9), ("hot:a".to_string(), 5)]);
+        assert_eq!(
+            top,
+            vec![
+                ("hot:b".to_string(), 9),
+                ("hot:d".to_string(), 9),
+                ("hot:a".to_string(), 5)
+            ]
+        );
         assert_eq!(s.counter_top("p", "hot:", 10).len(), 4);
         assert!(s.counter_top("p", "none:", 10).is_empty());
         assert!(s.counter_top("p", "hot:", 0).is_empty());
@@ -280,7 +382,10 @@ mod tests {
     fn sweeping_drops_full_buckets_and_expired_counters() {
         let s = SharedState::default();
         let t0 = Instant::now();
-        let rule = Rule { rate: 1000.0, burst: 1 };
+        let rule = Rule {
+            rate: 1000.0,
+            burst: 1,
+        };
         for i in 0..200 {
             s.take_at("p", "l", rule, &format!("k{i}"), 1, t0).unwrap();
             s.counter_add_at("p", &format!("c{i}"), 1, Duration::from_millis(1), t0);

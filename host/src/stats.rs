@@ -25,8 +25,25 @@ pub const OTHER: u16 = u16::MAX;
 
 /// Bucket bounds in nanoseconds (then +Inf): [`LATENCY_BUCKETS`] (checked by a test).
 const BOUNDS_NS: [u64; 19] = [
-    10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000, 25_000_000, 50_000_000,
-    100_000_000, 250_000_000, 500_000_000, 1_000_000_000, 2_500_000_000, 5_000_000_000, 10_000_000_000,
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    5_000_000_000,
+    10_000_000_000,
 ];
 
 fn bump(a: &AtomicU64, n: u64) {
@@ -62,7 +79,11 @@ impl WorkerStats {
     }
 
     fn slot(&self, id: u16) -> usize {
-        if (id as usize) < self.commands { id as usize } else { self.commands }
+        if (id as usize) < self.commands {
+            id as usize
+        } else {
+            self.commands
+        }
     }
 
     /// Counts a reply to command `id` (its number in the command table, or [`OTHER`]).
@@ -91,7 +112,12 @@ struct Registry {
     workers: Vec<Arc<WorkerStats>>,
 }
 
-static REGISTRY: LazyLock<Mutex<Registry>> = LazyLock::new(|| Mutex::new(Registry { names: Arc::default(), workers: Vec::new() }));
+static REGISTRY: LazyLock<Mutex<Registry>> = LazyLock::new(|| {
+    Mutex::new(Registry {
+        names: Arc::default(),
+        workers: Vec::new(),
+    })
+});
 
 /// A new worker's block of counters; `names` are the command table's names by number.
 pub fn register_worker(names: &Arc<Vec<String>>) -> Arc<WorkerStats> {
@@ -143,13 +169,20 @@ pub fn render(out: &mut String) {
         bytes_out += w.bytes_out.load(Ordering::Relaxed);
     }
     let name = |i: usize| r.names.get(i).map_or("other", String::as_str);
-    let _ = writeln!(out, "# HELP respire_commands_total Commands answered, by command and result (ok, error).");
+    let _ = writeln!(
+        out,
+        "# HELP respire_commands_total Commands answered, by command and result (ok, error)."
+    );
     let _ = writeln!(out, "# TYPE respire_commands_total counter");
     for i in 0..n {
         for (k, result) in ["ok", "error"].iter().enumerate() {
             let v = calls[i * 2 + k];
             if v > 0 {
-                let _ = writeln!(out, "respire_commands_total{{command=\"{}\",result=\"{result}\"}} {v}", name(i));
+                let _ = writeln!(
+                    out,
+                    "respire_commands_total{{command=\"{}\",result=\"{result}\"}} {v}",
+                    name(i)
+                );
             }
         }
     }
@@ -166,16 +199,42 @@ pub fn render(out: &mut String) {
         let mut cumulative = 0;
         for (b, le) in LATENCY_BUCKETS.iter().enumerate() {
             cumulative += buckets[i * nb + b];
-            let _ = writeln!(out, "respire_command_duration_seconds_bucket{{command=\"{}\",le=\"{le}\"}} {cumulative}", name(i));
+            let _ = writeln!(
+                out,
+                "respire_command_duration_seconds_bucket{{command=\"{}\",le=\"{le}\"}} {cumulative}",
+                name(i)
+            );
         }
-        let _ = writeln!(out, "respire_command_duration_seconds_bucket{{command=\"{}\",le=\"+Inf\"}} {count}", name(i));
-        let _ = writeln!(out, "respire_command_duration_seconds_sum{{command=\"{}\"}} {}", name(i), sums[i] as f64 / 1e9);
-        let _ = writeln!(out, "respire_command_duration_seconds_count{{command=\"{}\"}} {count}", name(i));
+        let _ = writeln!(
+            out,
+            "respire_command_duration_seconds_bucket{{command=\"{}\",le=\"+Inf\"}} {count}",
+            name(i)
+        );
+        let _ = writeln!(
+            out,
+            "respire_command_duration_seconds_sum{{command=\"{}\"}} {}",
+            name(i),
+            sums[i] as f64 / 1e9
+        );
+        let _ = writeln!(
+            out,
+            "respire_command_duration_seconds_count{{command=\"{}\"}} {count}",
+            name(i)
+        );
     }
-    let _ = writeln!(out, "# HELP respire_client_bytes_total Bytes read from (in) and written to (out) client connections.");
+    let _ = writeln!(
+        out,
+        "# HELP respire_client_bytes_total Bytes read from (in) and written to (out) client connections."
+    );
     let _ = writeln!(out, "# TYPE respire_client_bytes_total counter");
-    let _ = writeln!(out, "respire_client_bytes_total{{direction=\"in\"}} {bytes_in}");
-    let _ = writeln!(out, "respire_client_bytes_total{{direction=\"out\"}} {bytes_out}");
+    let _ = writeln!(
+        out,
+        "respire_client_bytes_total{{direction=\"in\"}} {bytes_in}"
+    );
+    let _ = writeln!(
+        out,
+        "respire_client_bytes_total{{direction=\"out\"}} {bytes_out}"
+    );
 }
 
 /// One slow-log entry.
@@ -221,7 +280,11 @@ impl SlowLog {
 
     /// How many entries are kept.
     pub fn len(&self) -> usize {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner()).1.len()
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .len()
     }
 
     /// Whether no entry is kept.
@@ -231,7 +294,11 @@ impl SlowLog {
 
     /// Forgets every entry.
     pub fn reset(&self) {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner()).1.clear();
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .clear();
     }
 }
 
@@ -241,7 +308,10 @@ pub fn slowlog_args(args: &[Bytes]) -> Vec<Bytes> {
     let mut kept: Vec<Bytes> = Vec::with_capacity(args.len().min(32));
     for (i, a) in args.iter().enumerate() {
         if i == 31 && args.len() > 32 {
-            kept.push(Bytes::from(format!("... ({} more arguments)", args.len() - 31)));
+            kept.push(Bytes::from(format!(
+                "... ({} more arguments)",
+                args.len() - 31
+            )));
             break;
         }
         if a.len() > 128 {
@@ -258,9 +328,13 @@ pub fn slowlog_args(args: &[Bytes]) -> Vec<Bytes> {
 /// Process metrics from `/proc/self` (Linux): CPU seconds, resident and virtual memory,
 /// open and maximum file descriptors, start time.
 pub fn render_process(out: &mut String) {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return };
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return;
+    };
     // Fields after the command name (which is in parentheses and may hold spaces).
-    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return };
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return;
+    };
     let f: Vec<&str> = rest.split_whitespace().collect();
     let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // Linux reports times in clock ticks (USER_HZ, 100) and memory in pages (4 KiB on
@@ -270,23 +344,67 @@ pub fn render_process(out: &mut String) {
     let (utime, stime, start, vsize, rss) = (num(11), num(12), num(19), num(20), num(21));
     let boot = std::fs::read_to_string("/proc/stat")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("btime ").and_then(|v| v.trim().parse::<f64>().ok())))
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("btime ")
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+            })
+        })
         .unwrap_or(0.0);
-    let fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0);
+    let fds = std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0);
     let max_fds = std::fs::read_to_string("/proc/self/limits")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Max open files")).and_then(|l| l.split_whitespace().nth(3)?.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3)?.parse::<f64>().ok())
+        })
         .unwrap_or(0.0);
     let metrics: [(&str, &str, &str, f64); 6] = [
-        ("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.", (utime + stime) / ticks),
-        ("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", rss * page),
-        ("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", vsize),
-        ("process_open_fds", "gauge", "Number of open file descriptors.", fds as f64),
-        ("process_max_fds", "gauge", "Maximum number of open file descriptors.", max_fds),
-        ("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.", boot + start / ticks),
+        (
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            (utime + stime) / ticks,
+        ),
+        (
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            rss * page,
+        ),
+        (
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes.",
+            vsize,
+        ),
+        (
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            fds as f64,
+        ),
+        (
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+            max_fds,
+        ),
+        (
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+            boot + start / ticks,
+        ),
     ];
     for (name, kind, help, v) in metrics {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+        );
     }
 }
 
@@ -297,7 +415,10 @@ mod tests {
 
     #[test]
     fn bucket_bounds_are_the_latency_buckets() {
-        let want: Vec<u64> = LATENCY_BUCKETS.iter().map(|s| (s * 1e9).round() as u64).collect();
+        let want: Vec<u64> = LATENCY_BUCKETS
+            .iter()
+            .map(|s| (s * 1e9).round() as u64)
+            .collect();
         assert_eq!(BOUNDS_NS.to_vec(), want);
         let w = WorkerStats::new(1);
         w.record(0, false, Duration::from_micros(10));
@@ -331,13 +452,45 @@ mod tests {
         drop(r);
         let mut out = String::new();
         render(&mut out);
-        assert!(out.contains("respire_commands_total{command=\"get\",result=\"ok\"} 1\n"), "{out}");
-        assert!(out.contains("respire_commands_total{command=\"get\",result=\"error\"} 1\n"), "{out}");
-        assert!(out.contains("respire_commands_total{command=\"other\",result=\"ok\"} 1\n"), "{out}");
-        assert!(out.contains("respire_command_duration_seconds_bucket{command=\"get\",le=\"0.00001\"} 1\n"), "{out}");
-        assert!(out.contains("respire_command_duration_seconds_bucket{command=\"get\",le=\"0.005\"} 2\n"), "{out}");
-        assert!(out.contains("respire_command_duration_seconds_bucket{command=\"other\",le=\"10\"} 0\n"), "{out}");
-        assert!(out.contains("respire_command_duration_seconds_bucket{command=\"other\",le=\"+Inf\"} 1\n"), "{out}");
-        assert!(!out.contains("command=\"set\""), "unused commands have no series");
+        assert!(
+            out.contains("respire_commands_total{command=\"get\",result=\"ok\"} 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("respire_commands_total{command=\"get\",result=\"error\"} 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("respire_commands_total{command=\"other\",result=\"ok\"} 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "respire_command_duration_seconds_bucket{command=\"get\",le=\"0.00001\"} 1\n"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "respire_command_duration_seconds_bucket{command=\"get\",le=\"0.005\"} 2\n"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "respire_command_duration_seconds_bucket{command=\"other\",le=\"10\"} 0\n"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "respire_command_duration_seconds_bucket{command=\"other\",le=\"+Inf\"} 1\n"
+            ),
+            "{out}"
+        );
+        assert!(
+            !out.contains("command=\"set\""),
+            "unused commands have no series"
+        );
     }
 }

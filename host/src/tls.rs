@@ -32,22 +32,41 @@ impl ServerTls {
     /// Reads the files named in `settings`.
     pub fn load(settings: &Tls) -> Result<ServerTls, String> {
         let (config, digest) = server_config(settings)?;
-        Ok(ServerTls { settings: settings.clone(), current: ArcSwap::from_pointee(config), digest: std::sync::Mutex::new(digest) })
+        Ok(ServerTls {
+            settings: settings.clone(),
+            current: ArcSwap::from_pointee(config),
+            digest: std::sync::Mutex::new(digest),
+        })
     }
 
     /// Performs the server side of the handshake with the configuration now in force.
-    pub async fn accept(&self, tcp: TcpStream) -> std::io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
-        tokio_rustls::TlsAcceptor::from(self.current.load_full()).accept(tcp).await
+    pub async fn accept(
+        &self,
+        tcp: TcpStream,
+    ) -> std::io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
+        tokio_rustls::TlsAcceptor::from(self.current.load_full())
+            .accept(tcp)
+            .await
     }
 
     fn files(&self) -> Vec<PathBuf> {
-        [Some(&self.settings.cert_file), Some(&self.settings.key_file), self.settings.ca_file.as_ref()].into_iter().flatten().cloned().collect()
+        [
+            Some(&self.settings.cert_file),
+            Some(&self.settings.key_file),
+            self.settings.ca_file.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect()
     }
 
     /// Reads the files again if their contents changed since they were last tried: whether a
     /// new configuration is in force (files that do not load are not retried until they change).
     fn reload(&self) -> Result<bool, String> {
-        reload_if_changed(&self.digest, &self.files(), &self.current, || server_config(&self.settings).map(|(c, _)| c))
+        reload_if_changed(&self.digest, &self.files(), &self.current, || {
+            server_config(&self.settings).map(|(c, _)| c)
+        })
     }
 }
 
@@ -60,7 +79,9 @@ pub struct ClientTls {
 
 impl std::fmt::Debug for ClientTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientTls").field("settings", &self.settings).finish_non_exhaustive()
+        f.debug_struct("ClientTls")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
     }
 }
 
@@ -68,27 +89,49 @@ impl ClientTls {
     /// Reads the files named in `settings`.
     pub fn load(settings: &BackendTls) -> Result<ClientTls, String> {
         let (config, digest) = client_config(settings)?;
-        Ok(ClientTls { settings: settings.clone(), current: ArcSwap::from_pointee(config), digest: std::sync::Mutex::new(digest) })
+        Ok(ClientTls {
+            settings: settings.clone(),
+            current: ArcSwap::from_pointee(config),
+            digest: std::sync::Mutex::new(digest),
+        })
     }
 
     /// Performs the client side of the handshake with the node at `addr` ("host:port"). The
     /// name sent (SNI) and checked against the node's certificate is `server_name` when set,
     /// else the address's host (a DNS name or an IP address).
-    pub async fn connect(&self, addr: &str, tcp: TcpStream) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    pub async fn connect(
+        &self,
+        addr: &str,
+        tcp: TcpStream,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
         let host = match &self.settings.server_name {
             Some(name) => name.clone(),
             None => host_of(addr).to_string(),
         };
-        let name = ServerName::try_from(host.clone()).map_err(|_| format!("{host:?} is not a valid TLS server name"))?;
-        tokio_rustls::TlsConnector::from(self.current.load_full()).connect(name, tcp).await.map_err(|e| format!("TLS handshake: {e}"))
+        let name = ServerName::try_from(host.clone())
+            .map_err(|_| format!("{host:?} is not a valid TLS server name"))?;
+        tokio_rustls::TlsConnector::from(self.current.load_full())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS handshake: {e}"))
     }
 
     fn files(&self) -> Vec<PathBuf> {
-        [Some(&self.settings.ca_file), self.settings.cert_file.as_ref(), self.settings.key_file.as_ref()].into_iter().flatten().cloned().collect()
+        [
+            Some(&self.settings.ca_file),
+            self.settings.cert_file.as_ref(),
+            self.settings.key_file.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect()
     }
 
     fn reload(&self) -> Result<bool, String> {
-        reload_if_changed(&self.digest, &self.files(), &self.current, || client_config(&self.settings).map(|(c, _)| c))
+        reload_if_changed(&self.digest, &self.files(), &self.current, || {
+            client_config(&self.settings).map(|(c, _)| c)
+        })
     }
 }
 
@@ -101,7 +144,9 @@ fn reload_if_changed<C>(
     current: &ArcSwap<C>,
     build: impl FnOnce() -> Result<C, String>,
 ) -> Result<bool, String> {
-    let Ok(mut last) = last.lock() else { return Ok(false) };
+    let Ok(mut last) = last.lock() else {
+        return Ok(false);
+    };
     match digest(files) {
         Some(d) if d != *last => *last = d,
         // Unchanged, or being replaced (a file missing for a moment).
@@ -114,7 +159,9 @@ fn reload_if_changed<C>(
 /// The host part of "host:port" (IPv6 brackets removed).
 fn host_of(addr: &str) -> &str {
     let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
-    host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host)
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -122,34 +169,61 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 fn server_config(s: &Tls) -> Result<(rustls::ServerConfig, [u8; 32]), String> {
-    let files: Vec<PathBuf> = [Some(&s.cert_file), Some(&s.key_file), s.ca_file.as_ref()].into_iter().flatten().cloned().collect();
+    let files: Vec<PathBuf> = [Some(&s.cert_file), Some(&s.key_file), s.ca_file.as_ref()]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
     let digest = digest(&files).ok_or_else(|| "cannot read the certificate files".to_string())?;
-    let builder = rustls::ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions().map_err(|e| e.to_string())?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
     let auth = s.auth_clients;
     let builder = match (&s.ca_file, auth) {
         (_, ClientAuth::No) => builder.with_no_client_auth(),
         (Some(ca), _) => {
             let roots = Arc::new(roots(ca)?);
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider());
-            let verifier = if auth == ClientAuth::Optional { verifier.allow_unauthenticated() } else { verifier };
-            builder.with_client_cert_verifier(verifier.build().map_err(|e| format!("{}: {e}", ca.display()))?)
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider());
+            let verifier = if auth == ClientAuth::Optional {
+                verifier.allow_unauthenticated()
+            } else {
+                verifier
+            };
+            builder.with_client_cert_verifier(
+                verifier
+                    .build()
+                    .map_err(|e| format!("{}: {e}", ca.display()))?,
+            )
         }
-        (None, _) => return Err("tls.auth_clients needs tls.ca_file to verify client certificates against".into()),
+        (None, _) => {
+            return Err(
+                "tls.auth_clients needs tls.ca_file to verify client certificates against".into(),
+            );
+        }
     };
-    let mut config = builder.with_single_cert(certs(&s.cert_file)?, key(&s.key_file)?).map_err(|e| format!("{}: {e}", s.cert_file.display()))?;
+    let mut config = builder
+        .with_single_cert(certs(&s.cert_file)?, key(&s.key_file)?)
+        .map_err(|e| format!("{}: {e}", s.cert_file.display()))?;
     config.alpn_protocols.clear();
     Ok((config, digest))
 }
 
 fn client_config(s: &BackendTls) -> Result<(rustls::ClientConfig, [u8; 32]), String> {
-    let files: Vec<PathBuf> = [Some(&s.ca_file), s.cert_file.as_ref(), s.key_file.as_ref()].into_iter().flatten().cloned().collect();
+    let files: Vec<PathBuf> = [Some(&s.ca_file), s.cert_file.as_ref(), s.key_file.as_ref()]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
     let digest = digest(&files).ok_or_else(|| "cannot read the certificate files".to_string())?;
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots(&s.ca_file)?);
     let config = match (&s.cert_file, &s.key_file) {
-        (Some(cert), Some(k)) => builder.with_client_auth_cert(certs(cert)?, key(k)?).map_err(|e| format!("{}: {e}", cert.display()))?,
+        (Some(cert), Some(k)) => builder
+            .with_client_auth_cert(certs(cert)?, key(k)?)
+            .map_err(|e| format!("{}: {e}", cert.display()))?,
         (None, None) => builder.with_no_client_auth(),
         _ => return Err("backend.tls: cert_file and key_file go together".into()),
     };
@@ -173,7 +247,9 @@ fn key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
 fn roots(path: &Path) -> Result<RootCertStore, String> {
     let mut store = RootCertStore::empty();
     for cert in certs(path)? {
-        store.add(cert).map_err(|e| format!("{}: {e}", path.display()))?;
+        store
+            .add(cert)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
     }
     Ok(store)
 }
@@ -190,11 +266,20 @@ fn digest(files: &[PathBuf]) -> Option<[u8; 32]> {
 }
 
 /// Watches the TLS files and reloads them when they change, until shutdown.
-pub fn watch(server: Option<Arc<ServerTls>>, client: Option<Arc<ClientTls>>, shutdown: tokio::sync::watch::Receiver<bool>) {
+pub fn watch(
+    server: Option<Arc<ServerTls>>,
+    client: Option<Arc<ClientTls>>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     use notify::Watcher;
     const QUIET: Duration = Duration::from_millis(200);
     const POLL: Duration = Duration::from_secs(2);
-    let mut dirs: Vec<PathBuf> = server.iter().flat_map(|s| s.files()).chain(client.iter().flat_map(|c| c.files())).filter_map(|f| parent(&f)).collect();
+    let mut dirs: Vec<PathBuf> = server
+        .iter()
+        .flat_map(|s| s.files())
+        .chain(client.iter().flat_map(|c| c.files()))
+        .filter_map(|f| parent(&f))
+        .collect();
     dirs.sort();
     dirs.dedup();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -227,14 +312,18 @@ pub fn watch(server: Option<Arc<ServerTls>>, client: Option<Arc<ClientTls>>, shu
             match s.reload() {
                 Ok(true) => info!("TLS certificate for clients reloaded"),
                 Ok(false) => {}
-                Err(e) => warn!(error = %e, "TLS files for clients changed but do not load; the previous ones stay in force"),
+                Err(e) => {
+                    warn!(error = %e, "TLS files for clients changed but do not load; the previous ones stay in force")
+                }
             }
         }
         if let Some(c) = &client {
             match c.reload() {
                 Ok(true) => info!("TLS settings for backends reloaded"),
                 Ok(false) => {}
-                Err(e) => warn!(error = %e, "TLS files for backends changed but do not load; the previous ones stay in force"),
+                Err(e) => {
+                    warn!(error = %e, "TLS files for backends changed but do not load; the previous ones stay in force")
+                }
             }
         }
     }
@@ -242,7 +331,11 @@ pub fn watch(server: Option<Arc<ServerTls>>, client: Option<Arc<ClientTls>>, shu
 
 fn parent(f: &Path) -> Option<PathBuf> {
     let p = f.parent()?;
-    Some(if p.as_os_str().is_empty() { PathBuf::from(".") } else { p.to_path_buf() })
+    Some(if p.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        p.to_path_buf()
+    })
 }
 
 #[cfg(test)]

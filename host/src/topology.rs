@@ -90,7 +90,10 @@ impl Topology {
             version: 1,
             kind: BackendKind::Standalone,
             nodes: vec![Arc::from(addr)],
-            shards: vec![Shard { master: 0, replicas: Vec::new() }],
+            shards: vec![Shard {
+                master: 0,
+                replicas: Vec::new(),
+            }],
             slots: vec![0; SLOTS],
             managed: false,
         }
@@ -112,7 +115,10 @@ impl Topology {
         for (master, replicas, _) in specs {
             let m = index(master, &mut nodes);
             let r = replicas.iter().map(|a| index(a, &mut nodes)).collect();
-            shards.push(Shard { master: m, replicas: r });
+            shards.push(Shard {
+                master: m,
+                replicas: r,
+            });
         }
         let mut slots = vec![NO_SHARD; SLOTS];
         let explicit = specs.iter().any(|(_, _, ranges)| !ranges.is_empty());
@@ -136,7 +142,14 @@ impl Topology {
                 *slot = (s * n / SLOTS) as u16;
             }
         }
-        Ok(Topology { version: 1, kind: BackendKind::Shards, nodes, shards, slots, managed: false })
+        Ok(Topology {
+            version: 1,
+            kind: BackendKind::Shards,
+            nodes,
+            shards,
+            slots,
+            managed: false,
+        })
     }
 
     /// The master address serving `slot`.
@@ -175,7 +188,10 @@ impl Topology {
 
     /// A slot served by shard `shard` (to re-route a request meant for that shard).
     pub fn slot_of_shard(&self, shard: usize) -> Option<u16> {
-        self.slots.iter().position(|&s| s as usize == shard).map(|s| s as u16)
+        self.slots
+            .iter()
+            .position(|&s| s as usize == shard)
+            .map(|s| s as u16)
     }
 
     /// Whether every slot has a master.
@@ -192,25 +208,48 @@ impl Topology {
     /// ports (`CLUSTER SHARDS` gives both ports of a TLS cluster; `CLUSTER SLOTS` and
     /// redirections give the one of the asking connection's kind).
     pub fn from_cluster_shards(reply: &Value, tls: bool) -> Option<Topology> {
-        let Value::Array(shards) = reply else { return None };
+        let Value::Array(shards) = reply else {
+            return None;
+        };
         let mut builder = Builder::default();
         for shard in shards {
-            let Some(Value::Array(slots)) = shard.get("slots") else { continue };
-            let Some(Value::Array(nodes)) = shard.get("nodes") else { continue };
+            let Some(Value::Array(slots)) = shard.get("slots") else {
+                continue;
+            };
+            let Some(Value::Array(nodes)) = shard.get("nodes") else {
+                continue;
+            };
             let mut master = None;
             let mut replicas = Vec::new();
             for n in nodes {
-                let (first, second) = if tls { ("tls-port", "port") } else { ("port", "tls-port") };
-                let port = n.get(first).or_else(|| n.get(second)).and_then(Value::as_int);
+                let (first, second) = if tls {
+                    ("tls-port", "port")
+                } else {
+                    ("port", "tls-port")
+                };
+                let port = n
+                    .get(first)
+                    .or_else(|| n.get(second))
+                    .and_then(Value::as_int);
                 let host = n
                     .get("endpoint")
                     .and_then(|v| v.as_bytes())
                     .filter(|e| !e.is_empty() && e.as_ref() != b"?")
                     .or_else(|| n.get("ip").and_then(|v| v.as_bytes()));
-                let (Some(port), Some(host)) = (port, host) else { continue };
+                let (Some(port), Some(host)) = (port, host) else {
+                    continue;
+                };
                 let addr = format!("{}:{port}", String::from_utf8_lossy(host));
-                let role = n.get("role").and_then(|v| v.as_bytes()).map(|b| b.to_ascii_lowercase()).unwrap_or_default();
-                let health = n.get("health").and_then(|v| v.as_bytes()).map(|b| b.to_ascii_lowercase()).unwrap_or_default();
+                let role = n
+                    .get("role")
+                    .and_then(|v| v.as_bytes())
+                    .map(|b| b.to_ascii_lowercase())
+                    .unwrap_or_default();
+                let health = n
+                    .get("health")
+                    .and_then(|v| v.as_bytes())
+                    .map(|b| b.to_ascii_lowercase())
+                    .unwrap_or_default();
                 if role == b"master" {
                     master = Some(addr);
                 } else if health == b"online" {
@@ -238,18 +277,27 @@ impl Topology {
 
     /// Builds a cluster topology from a `CLUSTER SLOTS` reply.
     pub fn from_cluster_slots(reply: &Value) -> Option<Topology> {
-        let Value::Array(entries) = reply else { return None };
+        let Value::Array(entries) = reply else {
+            return None;
+        };
         let mut builder = Builder::default();
         for e in entries {
             let Value::Array(f) = e else { continue };
-            let (Some(a), Some(b)) = (f.first().and_then(Value::as_int), f.get(1).and_then(Value::as_int)) else { continue };
+            let (Some(a), Some(b)) = (
+                f.first().and_then(Value::as_int),
+                f.get(1).and_then(Value::as_int),
+            ) else {
+                continue;
+            };
             let addr = |v: &Value| -> Option<String> {
                 let Value::Array(n) = v else { return None };
                 let host = n.first()?.as_bytes()?;
                 let port = n.get(1)?.as_int()?;
                 Some(format!("{}:{port}", String::from_utf8_lossy(host)))
             };
-            let Some(master) = f.get(2).and_then(addr) else { continue };
+            let Some(master) = f.get(2).and_then(addr) else {
+                continue;
+            };
             let replicas = f.iter().skip(3).filter_map(addr).collect();
             builder.add(master, replicas, &[(a, b)]);
         }
@@ -296,14 +344,24 @@ impl Builder {
                 nodes.push(Arc::from(rep.as_str()));
                 r.push(nodes.len() - 1);
             }
-            shards.push(Shard { master: m, replicas: r });
+            shards.push(Shard {
+                master: m,
+                replicas: r,
+            });
             for &(a, b) in ranges {
                 for s in a.max(0)..=b.min(SLOTS as i64 - 1) {
                     slots[s as usize] = i as u16;
                 }
             }
         }
-        Some(Topology { version: 0, kind: BackendKind::Cluster, nodes, shards, slots, managed: true })
+        Some(Topology {
+            version: 0,
+            kind: BackendKind::Cluster,
+            nodes,
+            shards,
+            slots,
+            managed: true,
+        })
     }
 }
 
@@ -389,7 +447,9 @@ impl TopologyState {
 
     /// Records a `MOVED slot addr` redirection: the slot now belongs to `addr`.
     pub fn moved(&self, slot: u16, addr: &str) {
-        let Ok(_guard) = self.patch.lock() else { return };
+        let Ok(_guard) = self.patch.lock() else {
+            return;
+        };
         let cur = self.load();
         if let Some(m) = cur.master_of(slot) {
             if &*cur.nodes[m] == addr {
@@ -411,13 +471,19 @@ impl TopologyState {
                 for s in t.shards.iter_mut() {
                     s.replicas.retain(|&r| r != node);
                 }
-                t.shards.push(Shard { master: node, replicas: Vec::new() });
+                t.shards.push(Shard {
+                    master: node,
+                    replicas: Vec::new(),
+                });
                 t.shards.len() - 1
             }
         };
         t.slots[slot as usize] = shard as u16;
         debug!(slot, addr, "slot moved");
-        crate::metrics::backend_stats().topology_updates.with_label_values(&["moved"]).inc();
+        crate::metrics::backend_stats()
+            .topology_updates
+            .with_label_values(&["moved"])
+            .inc();
         self.publish(t);
         self.request_refresh();
     }
@@ -427,7 +493,11 @@ impl TopologyState {
         match &self.discovery {
             Discovery::Static => Ok(()),
             Discovery::Cluster { seeds } => self.refresh_cluster(settings, seeds).await,
-            Discovery::Sentinel { sentinels, names, settings: s } => {
+            Discovery::Sentinel {
+                sentinels,
+                names,
+                settings: s,
+            } => {
                 let mut last_err = String::from("no sentinels to ask");
                 for addr in sentinels {
                     match fetch_from_sentinel(s, addr, names).await {
@@ -446,13 +516,26 @@ impl TopologyState {
     /// Logs slots moving between masters: the first move of an episode at once, later ones
     /// summed up at most every [`RESHARDING_LOG_EVERY`] (the metrics count every move).
     fn note_resharding(&self, source: &str, slots: usize) {
-        let Ok(mut r) = self.resharding.lock() else { return };
+        let Ok(mut r) = self.resharding.lock() else {
+            return;
+        };
         r.slots += slots;
         r.refreshes += 1;
         let now = Instant::now();
-        if r.logged.is_none_or(|at| now.duration_since(at) >= RESHARDING_LOG_EVERY) {
-            info!(source, slots = r.slots, refreshes = r.refreshes, "slots moved between masters (resharding)");
-            *r = Resharding { logged: Some(now), slots: 0, refreshes: 0 };
+        if r.logged
+            .is_none_or(|at| now.duration_since(at) >= RESHARDING_LOG_EVERY)
+        {
+            info!(
+                source,
+                slots = r.slots,
+                refreshes = r.refreshes,
+                "slots moved between masters (resharding)"
+            );
+            *r = Resharding {
+                logged: Some(now),
+                slots: 0,
+                refreshes: 0,
+            };
         }
     }
 
@@ -460,7 +543,9 @@ impl TopologyState {
         let cur = self.load();
         if !t.same_as(&cur) {
             // Masters that now serve slots another node served: failovers (and resharding).
-            let master = |topo: &Topology, s: u16| topo.master_of(s).and_then(|m| topo.nodes.get(m)).cloned();
+            let master = |topo: &Topology, s: u16| {
+                topo.master_of(s).and_then(|m| topo.nodes.get(m)).cloned()
+            };
             let mut taken_over = std::collections::HashSet::new();
             let mut moved = 0usize;
             for s in 0..SLOTS as u16 {
@@ -471,33 +556,54 @@ impl TopologyState {
                     moved += 1;
                 }
             }
-            let masters = |topo: &Topology| topo.masters().filter_map(|m| topo.nodes.get(m).cloned()).collect::<std::collections::HashSet<_>>();
+            let masters = |topo: &Topology| {
+                topo.masters()
+                    .filter_map(|m| topo.nodes.get(m).cloned())
+                    .collect::<std::collections::HashSet<_>>()
+            };
             // The same masters with slots moved between them: resharding, which refreshes the
             // topology after every batch of migrated slots — logged once per episode, then at
             // most every RESHARDING_LOG_EVERY with what moved in between.
             let resharding = masters(&cur) == masters(&t);
             if !taken_over.is_empty() {
-                crate::metrics::backend_stats().failovers.inc_by(taken_over.len() as u64);
+                crate::metrics::backend_stats()
+                    .failovers
+                    .inc_by(taken_over.len() as u64);
                 if resharding {
                     self.note_resharding(source, moved);
                 } else {
-                    warn!(source, nodes = taken_over.len(), "slots changed master (a failover, a lost or a new master)");
+                    warn!(
+                        source,
+                        nodes = taken_over.len(),
+                        "slots changed master (a failover, a lost or a new master)"
+                    );
                 }
             }
-            let listed = || t.masters().map(|m| t.nodes[m].to_string()).collect::<Vec<_>>();
+            let listed = || {
+                t.masters()
+                    .map(|m| t.nodes[m].to_string())
+                    .collect::<Vec<_>>()
+            };
             if resharding && moved > 0 {
                 debug!(source, shards = t.shards.len(), masters = ?listed(), "topology updated");
             } else {
                 info!(source, shards = t.shards.len(), masters = ?listed(), "topology updated");
             }
             if let Ok(_guard) = self.patch.lock() {
-                crate::metrics::backend_stats().topology_updates.with_label_values(&["refresh"]).inc();
+                crate::metrics::backend_stats()
+                    .topology_updates
+                    .with_label_values(&["refresh"])
+                    .inc();
                 self.publish(t);
             }
         }
     }
 
-    async fn refresh_cluster(&self, settings: &NodeSettings, seeds: &[String]) -> Result<(), String> {
+    async fn refresh_cluster(
+        &self,
+        settings: &NodeSettings,
+        seeds: &[String],
+    ) -> Result<(), String> {
         let cur = self.load();
         let mut candidates: Vec<String> = cur.masters().map(|m| cur.nodes[m].to_string()).collect();
         for n in cur.nodes.iter() {
@@ -552,17 +658,30 @@ impl TopologyState {
     /// Keeps the topology fresh: on a timer, when asked (at most every `min_gap`), and on
     /// Sentinel's `+switch-master` announcements.
     pub async fn manage(&self, settings: NodeSettings, interval: Duration, min_gap: Duration) {
-        tokio::join!(self.refresh_loop(settings, interval, min_gap), self.watch_sentinels());
+        tokio::join!(
+            self.refresh_loop(settings, interval, min_gap),
+            self.watch_sentinels()
+        );
     }
 
     /// Listens for `+switch-master` on any reachable sentinel and refreshes at once when one comes.
     async fn watch_sentinels(&self) {
-        let Discovery::Sentinel { sentinels, settings, .. } = &self.discovery else { return };
+        let Discovery::Sentinel {
+            sentinels,
+            settings,
+            ..
+        } = &self.discovery
+        else {
+            return;
+        };
         let mut i = 0usize;
         loop {
             let addr = &sentinels[i % sentinels.len()];
             i += 1;
-            let node = NodeSettings { addr: Arc::from(addr.as_str()), ..settings.clone() };
+            let node = NodeSettings {
+                addr: Arc::from(addr.as_str()),
+                ..settings.clone()
+            };
             if let Ok(mut stream) = backend::connect(&node, ConnKey { db: 0, proto: 2 }).await {
                 let mut out = BytesMut::new();
                 protocol::encode_args(&mut out, &["SUBSCRIBE", "+switch-master"]);
@@ -599,8 +718,15 @@ impl TopologyState {
 }
 
 /// Asks one sentinel for the master (and healthy replicas) of every name.
-async fn fetch_from_sentinel(settings: &NodeSettings, addr: &str, names: &[String]) -> Result<Topology, String> {
-    let node = NodeSettings { addr: Arc::from(addr), ..settings.clone() };
+async fn fetch_from_sentinel(
+    settings: &NodeSettings,
+    addr: &str,
+    names: &[String],
+) -> Result<Topology, String> {
+    let node = NodeSettings {
+        addr: Arc::from(addr),
+        ..settings.clone()
+    };
     let mut stream = backend::connect(&node, ConnKey { db: 0, proto: 2 }).await?;
     let mut out = BytesMut::new();
     for name in names {
@@ -612,30 +738,53 @@ async fn fetch_from_sentinel(settings: &NodeSettings, addr: &str, names: &[Strin
         let mut buf = BytesMut::new();
         let mut specs: Vec<ShardParts> = Vec::new();
         for name in names {
-            let master = Value::parse(&backend::read_frame(&mut stream, &mut buf).await?).map_err(|e| e.to_string())?;
-            let replicas = Value::parse(&backend::read_frame(&mut stream, &mut buf).await?).map_err(|e| e.to_string())?;
+            let master = Value::parse(&backend::read_frame(&mut stream, &mut buf).await?)
+                .map_err(|e| e.to_string())?;
+            let replicas = Value::parse(&backend::read_frame(&mut stream, &mut buf).await?)
+                .map_err(|e| e.to_string())?;
             let Value::Array(m) = master else {
                 return Err(format!("sentinel does not know master {name:?}"));
             };
-            let (Some(host), Some(port)) = (m.first().and_then(|v| v.as_bytes()), m.get(1).and_then(Value::as_int)) else {
+            let (Some(host), Some(port)) = (
+                m.first().and_then(|v| v.as_bytes()),
+                m.get(1).and_then(Value::as_int),
+            ) else {
                 return Err(format!("unexpected reply for master {name:?}"));
             };
             let mut reps = Vec::new();
             if let Value::Array(list) = replicas {
                 for r in &list {
-                    let flags = r.get("flags").and_then(|f| f.as_bytes()).map(|f| String::from_utf8_lossy(f).into_owned()).unwrap_or_default();
-                    if flags.contains("s_down") || flags.contains("o_down") || flags.contains("disconnected") {
+                    let flags = r
+                        .get("flags")
+                        .and_then(|f| f.as_bytes())
+                        .map(|f| String::from_utf8_lossy(f).into_owned())
+                        .unwrap_or_default();
+                    if flags.contains("s_down")
+                        || flags.contains("o_down")
+                        || flags.contains("disconnected")
+                    {
                         continue;
                     }
-                    if let (Some(h), Some(p)) = (r.get("ip").and_then(|v| v.as_bytes()), r.get("port").and_then(Value::as_int)) {
+                    if let (Some(h), Some(p)) = (
+                        r.get("ip").and_then(|v| v.as_bytes()),
+                        r.get("port").and_then(Value::as_int),
+                    ) {
                         reps.push(format!("{}:{p}", String::from_utf8_lossy(h)));
                     }
                 }
             }
-            specs.push((format!("{}:{port}", String::from_utf8_lossy(host)), reps, Vec::new()));
+            specs.push((
+                format!("{}:{port}", String::from_utf8_lossy(host)),
+                reps,
+                Vec::new(),
+            ));
         }
         let mut t = Topology::shards(&specs)?;
-        t.kind = if names.len() == 1 { BackendKind::Standalone } else { BackendKind::Shards };
+        t.kind = if names.len() == 1 {
+            BackendKind::Standalone
+        } else {
+            BackendKind::Shards
+        };
         t.managed = true;
         Ok(t)
     };
@@ -646,7 +795,10 @@ async fn fetch_from_sentinel(settings: &NodeSettings, addr: &str, names: &[Strin
 }
 
 async fn fetch_topology(settings: &NodeSettings, addr: &str) -> Result<Topology, String> {
-    let node = NodeSettings { addr: Arc::from(addr), ..settings.clone() };
+    let node = NodeSettings {
+        addr: Arc::from(addr),
+        ..settings.clone()
+    };
     let mut stream = backend::connect(&node, ConnKey { db: 0, proto: 2 }).await?;
     let mut buf = BytesMut::new();
     let ask = |args: &[&str]| {
@@ -681,7 +833,11 @@ async fn fetch_topology(settings: &NodeSettings, addr: &str) -> Result<Topology,
 
 /// Node indexes by address for the current topology (used when rebuilding caches).
 pub fn index_by_addr(t: &Topology) -> HashMap<Arc<str>, usize> {
-    t.nodes.iter().enumerate().map(|(i, a)| (a.clone(), i)).collect()
+    t.nodes
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (a.clone(), i))
+        .collect()
 }
 
 #[cfg(test)]
@@ -694,7 +850,10 @@ mod tests {
     fn slots_match_redis() {
         assert_eq!(key_slot(b"foo"), 12182);
         assert_eq!(key_slot(b"123456789"), 12739);
-        assert_eq!(key_slot(b"{user1000}.following"), key_slot(b"{user1000}.followers"));
+        assert_eq!(
+            key_slot(b"{user1000}.following"),
+            key_slot(b"{user1000}.followers")
+        );
         assert_eq!(key_slot(b"{user1000}.following"), key_slot(b"user1000"));
         assert_eq!(key_slot(b"foo{}{bar}"), key_slot(b"foo{}{bar}"));
         assert_ne!(key_slot(b"foo{}{bar}"), key_slot(b"bar"));
@@ -704,9 +863,21 @@ mod tests {
 
     #[test]
     fn even_split_and_explicit_ranges() {
-        let t = Topology::shards(&[("a:1".into(), vec![], vec![]), ("b:1".into(), vec![], vec![]), ("c:1".into(), vec![], vec![])]).unwrap();
-        assert_eq!(t.ranges(), vec![vec![(0, 5461)], vec![(5462, 10922)], vec![(10923, 16383)]]);
-        let e = Topology::shards(&[("a:1".into(), vec![], vec![(0, 100)]), ("b:1".into(), vec![], vec![(101, 16383)])]).unwrap();
+        let t = Topology::shards(&[
+            ("a:1".into(), vec![], vec![]),
+            ("b:1".into(), vec![], vec![]),
+            ("c:1".into(), vec![], vec![]),
+        ])
+        .unwrap();
+        assert_eq!(
+            t.ranges(),
+            vec![vec![(0, 5461)], vec![(5462, 10922)], vec![(10923, 16383)]]
+        );
+        let e = Topology::shards(&[
+            ("a:1".into(), vec![], vec![(0, 100)]),
+            ("b:1".into(), vec![], vec![(101, 16383)]),
+        ])
+        .unwrap();
         assert_eq!(e.master_of(100), Some(0));
         assert!(Topology::shards(&[("a:1".into(), vec![], vec![(0, 100)])]).is_err());
     }
@@ -727,7 +898,11 @@ mod tests {
 
     #[test]
     fn moved_patches_one_slot() {
-        let t = Topology::shards(&[("a:1".into(), vec![], vec![]), ("b:1".into(), vec![], vec![])]).unwrap();
+        let t = Topology::shards(&[
+            ("a:1".into(), vec![], vec![]),
+            ("b:1".into(), vec![], vec![]),
+        ])
+        .unwrap();
         let st = TopologyState::new(t, Discovery::Static);
         let v = st.version();
         st.moved(0, "b:1");
@@ -735,6 +910,12 @@ mod tests {
         assert!(st.version() > v);
         st.moved(1, "c:1");
         assert_eq!(&*st.load().nodes[st.load().master_of(1).unwrap()], "c:1");
-        assert_eq!(st.load().master_of(2).map(|m| st.load().nodes[m].to_string()).as_deref(), Some("a:1"));
+        assert_eq!(
+            st.load()
+                .master_of(2)
+                .map(|m| st.load().nodes[m].to_string())
+                .as_deref(),
+            Some("a:1")
+        );
     }
 }

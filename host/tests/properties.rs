@@ -16,7 +16,10 @@ use respire::topology::{Topology, key_slot};
 /// Feeds `input` to a parser in pieces cut at `cuts`; returns the commands and whether it
 /// ended with an error.
 fn parse_in_pieces(input: &[u8], cuts: &[usize]) -> (Vec<Vec<Vec<u8>>>, bool) {
-    let limits = RequestLimits { max_args: 1024, max_bulk: 1 << 20 };
+    let limits = RequestLimits {
+        max_args: 1024,
+        max_bulk: 1 << 20,
+    };
     let mut parser = RequestParser::new();
     let mut buf = BytesMut::new();
     let mut got = Vec::new();
@@ -32,7 +35,11 @@ fn parse_in_pieces(input: &[u8], cuts: &[usize]) -> (Vec<Vec<Vec<u8>>>, bool) {
                 Ok(Some(cmd)) => {
                     // Every command consumes bytes: more commands than bytes is a parser that
                     // does not advance.
-                    assert!(got.len() < input.len(), "more commands than input bytes: {:?}", String::from_utf8_lossy(input));
+                    assert!(
+                        got.len() < input.len(),
+                        "more commands than input bytes: {:?}",
+                        String::from_utf8_lossy(input)
+                    );
                     got.push(cmd.iter().map(<[u8]>::to_vec).collect())
                 }
                 Ok(None) => break,
@@ -49,8 +56,12 @@ fn reply() -> impl Strategy<Value = Vec<u8>> {
         "[a-zA-Z ]{0,12}".prop_map(|s| format!("+{s}\r\n").into_bytes()),
         "[A-Z]{1,8} [a-z ]{0,12}".prop_map(|s| format!("-{s}\r\n").into_bytes()),
         any::<i64>().prop_map(|n| format!(":{n}\r\n").into_bytes()),
-        proptest::collection::vec(any::<u8>(), 0..40)
-            .prop_map(|b| [format!("${}\r\n", b.len()).into_bytes(), b, b"\r\n".to_vec()].concat()),
+        proptest::collection::vec(any::<u8>(), 0..40).prop_map(|b| [
+            format!("${}\r\n", b.len()).into_bytes(),
+            b,
+            b"\r\n".to_vec()
+        ]
+        .concat()),
         Just(b"$-1\r\n".to_vec()),
         Just(b"*-1\r\n".to_vec()),
         Just(b"_\r\n".to_vec()),
@@ -60,11 +71,23 @@ fn reply() -> impl Strategy<Value = Vec<u8>> {
         "[a-z]{0,10}".prop_map(|s| format!("={}\r\ntxt:{s}\r\n", s.len() + 4).into_bytes()),
     ];
     leaf.prop_recursive(6, 64, 6, |inner| {
-        (prop_oneof![Just('*'), Just('~'), Just('>'), Just('%')], proptest::collection::vec(inner, 0..6)).prop_map(|(kind, items)| {
-            let n = if kind == '%' { items.len() / 2 } else { items.len() };
-            let take = if kind == '%' { n * 2 } else { n };
-            [format!("{kind}{n}\r\n").into_bytes(), items[..take].concat()].concat()
-        })
+        (
+            prop_oneof![Just('*'), Just('~'), Just('>'), Just('%')],
+            proptest::collection::vec(inner, 0..6),
+        )
+            .prop_map(|(kind, items)| {
+                let n = if kind == '%' {
+                    items.len() / 2
+                } else {
+                    items.len()
+                };
+                let take = if kind == '%' { n * 2 } else { n };
+                [
+                    format!("{kind}{n}\r\n").into_bytes(),
+                    items[..take].concat(),
+                ]
+                .concat()
+            })
     })
 }
 
@@ -209,6 +232,17 @@ proptest! {
 fn a_master_cursor_too_big_for_the_shared_cursor_is_an_error_not_a_wrong_cursor() {
     let too_big = (1u64 << 54).to_string();
     let reply = format!("*2\r\n${}\r\n{too_big}\r\n*0\r\n", too_big.len());
-    let merged = merge(&Merge::Scan { ordinal: 1, total: 3 }, &[Bytes::from(reply)], &[]);
-    assert!(merged.starts_with(b"-ERR"), "{}", String::from_utf8_lossy(&merged));
+    let merged = merge(
+        &Merge::Scan {
+            ordinal: 1,
+            total: 3,
+        },
+        &[Bytes::from(reply)],
+        &[],
+    );
+    assert!(
+        merged.starts_with(b"-ERR"),
+        "{}",
+        String::from_utf8_lossy(&merged)
+    );
 }

@@ -35,16 +35,27 @@ fn special(c: u8) -> bool {
 impl Pattern {
     /// Prepares `pattern` (Redis glob syntax).
     pub fn new(pattern: &[u8]) -> Pattern {
-        let literal = pattern.iter().position(|&c| special(c)).unwrap_or(pattern.len());
+        let literal = pattern
+            .iter()
+            .position(|&c| special(c))
+            .unwrap_or(pattern.len());
         let rest = &pattern[literal..];
         let shape = if rest.is_empty() {
             Shape::Exact
         } else if rest.iter().all(|&c| c == b'*') {
-            if literal == 0 { Shape::Any } else { Shape::Prefix }
+            if literal == 0 {
+                Shape::Any
+            } else {
+                Shape::Prefix
+            }
         } else {
             Shape::General
         };
-        Pattern { pattern: pattern.to_vec(), shape, literal }
+        Pattern {
+            pattern: pattern.to_vec(),
+            shape,
+            literal,
+        }
     }
 
     /// Whether `s` matches.
@@ -54,7 +65,9 @@ impl Pattern {
             Shape::Any => true,
             Shape::Exact => s == lit,
             Shape::Prefix => s.starts_with(lit),
-            Shape::General => s.starts_with(lit) && match_at(&self.pattern[self.literal..], &s[self.literal..], 0),
+            Shape::General => {
+                s.starts_with(lit) && match_at(&self.pattern[self.literal..], &s[self.literal..], 0)
+            }
         }
     }
 
@@ -183,20 +196,67 @@ mod tests {
         for (p, s) in yes {
             assert!(matches(p.as_bytes(), s.as_bytes()), "{p} should match {s}");
         }
-        let no = [("cache:*", "cach:x"), ("h?llo", "hllo"), ("h[ae]llo", "hillo"), ("h[^e]llo", "hello"), ("a\\*b", "axb"), ("abc", "abcd"), ("", "x")];
+        let no = [
+            ("cache:*", "cach:x"),
+            ("h?llo", "hllo"),
+            ("h[ae]llo", "hillo"),
+            ("h[^e]llo", "hello"),
+            ("a\\*b", "axb"),
+            ("abc", "abcd"),
+            ("", "x"),
+        ];
         for (p, s) in no {
-            assert!(!matches(p.as_bytes(), s.as_bytes()), "{p} should not match {s}");
+            assert!(
+                !matches(p.as_bytes(), s.as_bytes()),
+                "{p} should not match {s}"
+            );
         }
     }
 
     #[test]
     fn prepared_patterns_match_as_the_general_matcher_does() {
-        let patterns = ["*", "**", "", "abc", "cache:*", "cache:**", "user:*:profile", "h?llo", "h[ae]llo", "a\\*b", "*:id", "ab[", "x*y*z"];
-        let strings = ["", "abc", "abcd", "cache:", "cache:user:1", "cach:x", "user:7:profile", "user:7:profiles", "hello", "hallo", "a*b", "axb", "svc:id", "ab[", "abx", "xyz", "x_y_z_"];
+        let patterns = [
+            "*",
+            "**",
+            "",
+            "abc",
+            "cache:*",
+            "cache:**",
+            "user:*:profile",
+            "h?llo",
+            "h[ae]llo",
+            "a\\*b",
+            "*:id",
+            "ab[",
+            "x*y*z",
+        ];
+        let strings = [
+            "",
+            "abc",
+            "abcd",
+            "cache:",
+            "cache:user:1",
+            "cach:x",
+            "user:7:profile",
+            "user:7:profiles",
+            "hello",
+            "hallo",
+            "a*b",
+            "axb",
+            "svc:id",
+            "ab[",
+            "abx",
+            "xyz",
+            "x_y_z_",
+        ];
         for p in patterns {
             let prepared = Pattern::new(p.as_bytes());
             for s in strings {
-                assert_eq!(prepared.matches(s.as_bytes()), matches(p.as_bytes(), s.as_bytes()), "{p:?} against {s:?}");
+                assert_eq!(
+                    prepared.matches(s.as_bytes()),
+                    matches(p.as_bytes(), s.as_bytes()),
+                    "{p:?} against {s:?}"
+                );
             }
         }
     }

@@ -63,8 +63,8 @@ pub mod glob;
 
 pub use bindings::respire::plugin::host::Level;
 pub use bindings::respire::plugin::types::{
-    CacheFor, CacheSettings, Category, Client, KeyAccess, Limiter, Manifest, Metric, MetricKind, RequestAction, ResponseFilter, TrafficLabel,
-    TrafficMetric, TrafficValue,
+    CacheFor, CacheSettings, Category, Client, KeyAccess, Limiter, Manifest, Metric, MetricKind,
+    RequestAction, ResponseFilter, TrafficLabel, TrafficMetric, TrafficValue,
 };
 
 /// Which client a command comes from, without its details: respire's id for the connection,
@@ -128,18 +128,46 @@ fn range(from: u32, n: u32) -> std::ops::Range<usize> {
 impl<'a> Command<'a> {
     /// The command described by `words` (its `REQUEST_WORDS` numbers) and the client it came from.
     #[doc(hidden)]
-    pub fn from_batch(data: &'a [u8], ends: &'a [u32], keys: &'a [u32], words: &[u32]) -> (ClientRef, Command<'a>) {
-        let [id_low, id_high, generation, start, first_end, n_ends, categories, first_key, n_keys] = match words.get(..REQUEST_WORDS) {
+    pub fn from_batch(
+        data: &'a [u8],
+        ends: &'a [u32],
+        keys: &'a [u32],
+        words: &[u32],
+    ) -> (ClientRef, Command<'a>) {
+        let [
+            id_low,
+            id_high,
+            generation,
+            start,
+            first_end,
+            n_ends,
+            categories,
+            first_key,
+            n_keys,
+        ] = match words.get(..REQUEST_WORDS) {
             Some(&[a, b, c, d, e, f, g, h, i]) => [a, b, c, d, e, f, g, h, i],
             _ => [0; REQUEST_WORDS],
         };
-        let client = ClientRef { id: u64::from(id_low) | (u64::from(id_high) << 32), generation };
+        let client = ClientRef {
+            id: u64::from(id_low) | (u64::from(id_high) << 32),
+            generation,
+        };
         let start = start as usize;
         let ends = ends.get(range(first_end, n_ends)).unwrap_or_default();
         let keys = keys.get(range(first_key, n_keys)).unwrap_or_default();
         let name_end = ends.first().map_or(start, |e| *e as usize);
         let name = data.get(start..name_end).map(name_str).unwrap_or_default();
-        (client, Command { name, categories: Category::from_bits_retain(categories), data, start, ends, keys })
+        (
+            client,
+            Command {
+                name,
+                categories: Category::from_bits_retain(categories),
+                data,
+                start,
+                ends,
+                keys,
+            },
+        )
     }
 
     /// Whether the command is in all of these categories (`Category::WRITE`, …).
@@ -185,7 +213,9 @@ impl<'a> Command<'a> {
     /// Bytes of the name and all arguments together.
     #[inline]
     pub fn size(&self) -> usize {
-        self.ends.last().map_or(0, |e| (*e as usize).saturating_sub(self.start))
+        self.ends
+            .last()
+            .map_or(0, |e| (*e as usize).saturating_sub(self.start))
     }
 
     /// Every argument after the name.
@@ -220,7 +250,9 @@ pub fn category(name: &str) -> Option<Category> {
         ("scripting", Category::SCRIPTING),
     ];
     let name = name.trim_start_matches('@');
-    ALL.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, c)| *c)
+    ALL.iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, c)| *c)
 }
 
 /// Names a metric by its position among the manifest's metrics (the first declared is 0).
@@ -270,19 +302,22 @@ impl Manifest {
     /// prefixes: respire checks the keys itself, so the plugin is not called for the others
     /// (nor for keyless commands). An empty prefix stands for every command: no filter.
     pub fn key_prefixes(mut self, prefixes: &[&str]) -> Manifest {
-        self.key_prefixes.extend(prefixes.iter().map(|p| p.to_string()));
+        self.key_prefixes
+            .extend(prefixes.iter().map(|p| p.to_string()));
         self
     }
 
     /// Run the hooks for these commands (lower case).
     pub fn commands(mut self, names: &[&str]) -> Manifest {
-        self.commands.extend(names.iter().map(|n| n.to_ascii_lowercase()));
+        self.commands
+            .extend(names.iter().map(|n| n.to_ascii_lowercase()));
         self
     }
 
     /// Run the hooks for commands in these ACL categories (`read`, `write`, …, or `all`).
     pub fn categories(mut self, names: &[&str]) -> Manifest {
-        self.categories.extend(names.iter().map(|n| n.to_ascii_lowercase()));
+        self.categories
+            .extend(names.iter().map(|n| n.to_ascii_lowercase()));
         self
     }
 
@@ -305,7 +340,11 @@ impl Manifest {
     /// reason), those of at least `min_bytes` or answering a command of at least `min_bytes`
     /// (0: none for this reason), and error replies when `errors`.
     pub fn response_filter(mut self, sample: u32, min_bytes: u64, errors: bool) -> Manifest {
-        self.response_filter = Some(ResponseFilter { sample, min_bytes, errors });
+        self.response_filter = Some(ResponseFilter {
+            sample,
+            min_bytes,
+            errors,
+        });
         self
     }
 
@@ -321,8 +360,17 @@ impl Manifest {
     ///     .metric(Metric::counter("commands_total", "Commands").labels(&["command", "result"]))
     ///     .traffic(COMMANDS, TrafficValue::Count, &[TrafficLabel::Command, TrafficLabel::Result]);
     /// ```
-    pub fn traffic(mut self, metric: MetricId, value: TrafficValue, labels: &[TrafficLabel]) -> Manifest {
-        self.traffic.push(TrafficMetric { metric: metric.0, value, labels: labels.to_vec() });
+    pub fn traffic(
+        mut self,
+        metric: MetricId,
+        value: TrafficValue,
+        labels: &[TrafficLabel],
+    ) -> Manifest {
+        self.traffic.push(TrafficMetric {
+            metric: metric.0,
+            value,
+            labels: labels.to_vec(),
+        });
         self
     }
 
@@ -336,7 +384,8 @@ impl Manifest {
     /// Commands this plugin implements (`metrics.hotkeys`): `on_request` is called for them
     /// whatever else the manifest says, and should answer them with `Respond` or `Deny`.
     pub fn serves(mut self, names: &[&str]) -> Manifest {
-        self.serves.extend(names.iter().map(|n| n.to_ascii_lowercase()));
+        self.serves
+            .extend(names.iter().map(|n| n.to_ascii_lowercase()));
         self
     }
 
@@ -354,7 +403,12 @@ impl Manifest {
 
     /// Declares a token bucket; the next id is `LimiterId(number declared before)`.
     pub fn limiter(mut self, name: &str, rate_per_second: f64, burst: u32) -> Manifest {
-        self.limiters.push(Limiter { name: name.to_string(), rate: rate_per_second, burst, shared: false });
+        self.limiters.push(Limiter {
+            name: name.to_string(),
+            rate: rate_per_second,
+            burst,
+            shared: false,
+        });
         self
     }
 
@@ -362,21 +416,35 @@ impl Manifest {
     /// front of it enforces one quota (a round trip to Redis per take); the next id is
     /// `LimiterId(number declared before)`.
     pub fn shared_limiter(mut self, name: &str, rate_per_second: f64, burst: u32) -> Manifest {
-        self.limiters.push(Limiter { name: name.to_string(), rate: rate_per_second, burst, shared: true });
+        self.limiters.push(Limiter {
+            name: name.to_string(),
+            rate: rate_per_second,
+            burst,
+            shared: true,
+        });
         self
     }
 
     /// Uses respire's response cache for keys under these prefixes (empty: every key), holding
     /// at most `max_memory` bytes. Hooks then answer [`RequestAction::Cache`] for what to cache.
     pub fn cache(mut self, prefixes: &[&str], max_memory: u64) -> Manifest {
-        self.cache = Some(CacheSettings { prefixes: prefixes.iter().map(|p| p.to_string()).collect(), max_memory });
+        self.cache = Some(CacheSettings {
+            prefixes: prefixes.iter().map(|p| p.to_string()).collect(),
+            max_memory,
+        });
         self
     }
 }
 
 impl Metric {
     fn of(kind: MetricKind, name: &str, help: &str) -> Metric {
-        Metric { name: name.to_string(), help: help.to_string(), kind, labels: Vec::new(), buckets: Vec::new() }
+        Metric {
+            name: name.to_string(),
+            help: help.to_string(),
+            kind,
+            labels: Vec::new(),
+            buckets: Vec::new(),
+        }
     }
 
     /// A counter (updates add to it).
@@ -430,7 +498,12 @@ impl Effects {
     /// Only request hooks may take tokens.
     #[inline]
     pub fn take(&mut self, limiter: LimiterId, key: impl Into<String>, cost: u32) {
-        self.takes.push(Take { request: self.current, limiter: limiter.0, key: key.into(), cost });
+        self.takes.push(Take {
+            request: self.current,
+            limiter: limiter.0,
+            key: key.into(),
+            cost,
+        });
     }
 
     /// Changes a metric: a counter adds `value`, a gauge is set to it, a histogram observes it.
@@ -484,7 +557,8 @@ impl Effects {
     #[inline]
     pub fn done(&mut self, action: &RequestAction) {
         if self.repeatable.last() == Some(&self.current)
-            && (self.series.len() != self.updates_before || matches!(action, RequestAction::Rewrite(_)))
+            && (self.series.len() != self.updates_before
+                || matches!(action, RequestAction::Rewrite(_)))
         {
             self.repeatable.pop();
         }
@@ -492,7 +566,14 @@ impl Effects {
 
     #[doc(hidden)]
     pub fn into_parts(self) -> (Vec<Take>, Updates, Vec<u32>) {
-        (self.takes, Updates { series: self.series, values: self.values }, self.repeatable)
+        (
+            self.takes,
+            Updates {
+                series: self.series,
+                values: self.values,
+            },
+            self.repeatable,
+        )
     }
 }
 
@@ -604,12 +685,23 @@ pub trait Plugin: Sized + 'static {
     fn init(config: &str) -> Result<(Self, Manifest), String>;
 
     /// Runs before a matching command goes to Redis. Default: continue.
-    fn on_request(&mut self, _client: &Client, _command: &Command<'_>, _effects: &mut Effects) -> RequestAction {
+    fn on_request(
+        &mut self,
+        _client: &Client,
+        _command: &Command<'_>,
+        _effects: &mut Effects,
+    ) -> RequestAction {
         RequestAction::Continue
     }
 
     /// Runs with the reply to a matching command, before the client gets it. Default: continue.
-    fn on_response(&mut self, _client: &Client, _command: &Command<'_>, _reply: &Reply<'_>, _effects: &mut Effects) -> ResponseAction {
+    fn on_response(
+        &mut self,
+        _client: &Client,
+        _command: &Command<'_>,
+        _reply: &Reply<'_>,
+        _effects: &mut Effects,
+    ) -> ResponseAction {
         ResponseAction::Continue
     }
 }
@@ -629,7 +721,14 @@ pub mod clients {
 
     /// A client respire did not describe (not in the batch: cannot happen with a sound host).
     fn unknown(id: u64) -> Client {
-        Client { id, addr: String::new(), user: "default".into(), db: 0, name: String::new(), protocol: 2 }
+        Client {
+            id,
+            addr: String::new(),
+            user: "default".into(),
+            db: 0,
+            name: String::new(),
+            protocol: 2,
+        }
     }
 
     thread_local! {
@@ -641,7 +740,10 @@ pub mod clients {
     /// Runs `f` with the details of `r`, fetching them from respire when they changed.
     pub fn with<T>(r: ClientRef, f: impl FnOnce(&Client) -> T) -> T {
         LAST.with(|l| {
-            let hit = l.borrow().as_ref().is_some_and(|(id, g, _)| *id == r.id && *g == r.generation);
+            let hit = l
+                .borrow()
+                .as_ref()
+                .is_some_and(|(id, g, _)| *id == r.id && *g == r.generation);
             if !hit {
                 let client = lookup(r);
                 *l.borrow_mut() = Some((r.id, r.generation, client));
@@ -655,9 +757,13 @@ pub mod clients {
 
     fn lookup(r: ClientRef) -> Client {
         CACHE.with(|c| {
-            let fresh = c.borrow().get(&r.id).is_some_and(|(g, _)| *g == r.generation);
+            let fresh = c
+                .borrow()
+                .get(&r.id)
+                .is_some_and(|(g, _)| *g == r.generation);
             if !fresh {
-                let details = crate::bindings::respire::plugin::host::client_info(r.id).unwrap_or_else(|| unknown(r.id));
+                let details = crate::bindings::respire::plugin::host::client_info(r.id)
+                    .unwrap_or_else(|| unknown(r.id));
                 let mut c = c.borrow_mut();
                 if c.len() >= MAX {
                     c.clear();
@@ -840,7 +946,16 @@ pub mod reply {
             b':' => (Value::Int(number(text)?), used),
             b'_' => (Value::Nil, used),
             b'#' => (Value::Bool(text == b"t"), used),
-            b',' => (Value::Double(std::str::from_utf8(text).ok()?.replace("inf", "Infinity").parse().ok()?), used),
+            b',' => (
+                Value::Double(
+                    std::str::from_utf8(text)
+                        .ok()?
+                        .replace("inf", "Infinity")
+                        .parse()
+                        .ok()?,
+                ),
+                used,
+            ),
             b'(' => (Value::Bulk(text), used),
             b'$' | b'=' | b'!' => {
                 let n = number(text)?;
@@ -848,7 +963,14 @@ pub mod reply {
                     return Some((Value::Nil, used));
                 }
                 let (data, u) = blob(n)?;
-                (if t == b'!' { Value::Error(data) } else { Value::Bulk(data) }, u)
+                (
+                    if t == b'!' {
+                        Value::Error(data)
+                    } else {
+                        Value::Bulk(data)
+                    },
+                    u,
+                )
             }
             b'*' | b'~' | b'>' => {
                 let n = number(text)?;
@@ -968,7 +1090,10 @@ mod tests {
         // 2: marked and rewritten — dropped.
         fx.at(2);
         fx.repeatable();
-        fx.done(&RequestAction::Rewrite(vec![b"get".to_vec(), b"k".to_vec()]));
+        fx.done(&RequestAction::Rewrite(vec![
+            b"get".to_vec(),
+            b"k".to_vec(),
+        ]));
         // 3: not marked; 4: marked, with a take and a refusal — kept.
         fx.at(3);
         fx.done(&RequestAction::Continue);

@@ -9,7 +9,10 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use criterion::{Criterion, criterion_group, criterion_main};
 use respire::commands::CommandTable;
-use respire::plugin::{ChainRequest, ChainResponse, Client, ClientHandle, Decision, PluginSet, ResponseChain, Runtime, WorkerPlugins};
+use respire::plugin::{
+    ChainRequest, ChainResponse, Client, ClientHandle, Decision, PluginSet, ResponseChain, Runtime,
+    WorkerPlugins,
+};
 use respire::protocol::{Command, RequestLimits, RequestParser, reply_len};
 use respire::topology::{Topology, key_slot};
 
@@ -18,12 +21,21 @@ fn args(parts: &[&str]) -> Command {
 }
 
 fn framing(c: &mut Criterion) {
-    let limits = RequestLimits { max_args: 1 << 20, max_bulk: 512 << 20 };
+    let limits = RequestLimits {
+        max_args: 1 << 20,
+        max_bulk: 512 << 20,
+    };
     let mut one = Vec::new();
     let value = "x".repeat(32);
     for i in 0..16 {
         let key = format!("key:{i:06}");
-        one.extend_from_slice(format!("*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n$32\r\n{value}\r\n", key.len()).as_bytes());
+        one.extend_from_slice(
+            format!(
+                "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n$32\r\n{value}\r\n",
+                key.len()
+            )
+            .as_bytes(),
+        );
     }
     c.bench_function("parse 16 pipelined SETs", |b| {
         let mut parser = RequestParser::new();
@@ -36,15 +48,27 @@ fn framing(c: &mut Criterion) {
             assert_eq!(n, 48);
         })
     });
-    let reply = format!("*10\r\n{}", "$32\r\nxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\r\n".repeat(10));
+    let reply = format!(
+        "*10\r\n{}",
+        "$32\r\nxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\r\n".repeat(10)
+    );
     c.bench_function("measure a 10-element array reply", |b| {
-        b.iter(|| assert_eq!(reply_len(std::hint::black_box(reply.as_bytes())).unwrap(), Some(reply.len())))
+        b.iter(|| {
+            assert_eq!(
+                reply_len(std::hint::black_box(reply.as_bytes())).unwrap(),
+                Some(reply.len())
+            )
+        })
     });
 }
 
 fn routing(c: &mut Criterion) {
-    c.bench_function("key_slot plain key", |b| b.iter(|| key_slot(std::hint::black_box(b"user:1000:profile"))));
-    c.bench_function("key_slot hash tag", |b| b.iter(|| key_slot(std::hint::black_box(b"{user:1000}:profile"))));
+    c.bench_function("key_slot plain key", |b| {
+        b.iter(|| key_slot(std::hint::black_box(b"user:1000:profile")))
+    });
+    c.bench_function("key_slot hash tag", |b| {
+        b.iter(|| key_slot(std::hint::black_box(b"{user:1000}:profile")))
+    });
     let table = CommandTable::builtin();
     let get = args(&["GET", "user:1000"]);
     c.bench_function("command table: GET info and keys", |b| {
@@ -56,21 +80,45 @@ fn routing(c: &mut Criterion) {
             assert_eq!(keys.len(), 1);
         })
     });
-    c.bench_function("command table: resolve GET (handling and description)", |b| {
-        b.iter(|| assert!(table.resolve(std::hint::black_box(&get)).info.is_some()))
-    });
+    c.bench_function(
+        "command table: resolve GET (handling and description)",
+        |b| b.iter(|| assert!(table.resolve(std::hint::black_box(&get)).info.is_some())),
+    );
     let shard = |a: &str| (a.to_string(), Vec::new(), Vec::new());
-    let topo = Topology::shards(&[shard("127.0.0.1:7001"), shard("127.0.0.1:7002"), shard("127.0.0.1:7003")]).unwrap();
-    let names: Vec<String> = std::iter::once("MGET".to_string()).chain((0..10).map(|i| format!("key:{i}"))).collect();
+    let topo = Topology::shards(&[
+        shard("127.0.0.1:7001"),
+        shard("127.0.0.1:7002"),
+        shard("127.0.0.1:7003"),
+    ])
+    .unwrap();
+    let names: Vec<String> = std::iter::once("MGET".to_string())
+        .chain((0..10).map(|i| format!("key:{i}")))
+        .collect();
     let mget = Command::from_args(&names);
     c.bench_function("plan MGET of 10 keys over 3 shards", |b| {
-        b.iter(|| std::hint::black_box(respire::router::plan(std::hint::black_box(&mget), table.get(&mget), &topo)))
+        b.iter(|| {
+            std::hint::black_box(respire::router::plan(
+                std::hint::black_box(&mget),
+                table.get(&mget),
+                &topo,
+            ))
+        })
     });
 }
 
 /// Runs the request chain on one command.
-fn run_one(w: &mut WorkerPlugins, set: &Arc<PluginSet>, table: &CommandTable, client: &ClientHandle, cmd: &Command) -> (Decision, Option<Box<ResponseChain>>) {
-    let batch = [ChainRequest { client, cmd, info: table.get(cmd) }];
+fn run_one(
+    w: &mut WorkerPlugins,
+    set: &Arc<PluginSet>,
+    table: &CommandTable,
+    client: &ClientHandle,
+    cmd: &Command,
+) -> (Decision, Option<Box<ResponseChain>>) {
+    let batch = [ChainRequest {
+        client,
+        cmd,
+        info: table.get(cmd),
+    }];
     w.on_requests(set, table, &batch).pop().unwrap()
 }
 
@@ -78,19 +126,39 @@ fn run_one(w: &mut WorkerPlugins, set: &Arc<PluginSet>, table: &CommandTable, cl
 fn plugin_set(rt: &Runtime, probes: &[(&str, &str)]) -> (tempfile::TempDir, Arc<PluginSet>) {
     let dir = tempfile::tempdir().unwrap();
     for (name, config) in probes {
-        std::fs::copy(respire_tests::probe_plugin(), dir.path().join(format!("{name}.wasm"))).unwrap();
+        std::fs::copy(
+            respire_tests::probe_plugin(),
+            dir.path().join(format!("{name}.wasm")),
+        )
+        .unwrap();
         std::fs::write(dir.path().join(format!("{name}.toml")), config).unwrap();
     }
     let (plugins, errors) = rt.load_dir(dir.path());
     assert!(errors.is_empty(), "{errors:?}");
-    (dir, Arc::new(PluginSet { version: 1, plugins }))
+    (
+        dir,
+        Arc::new(PluginSet {
+            version: 1,
+            plugins,
+        }),
+    )
 }
 
 fn plugins(c: &mut Criterion) {
     let rt = Runtime::new(None).unwrap();
     let table = CommandTable::builtin();
-    let details = Client { id: 7, addr: "127.0.0.1:50000".into(), user: "default".into(), db: 0, name: String::new(), protocol: 2 };
-    let client = ClientHandle { details: Arc::new(details.clone()), generation: 1 };
+    let details = Client {
+        id: 7,
+        addr: "127.0.0.1:50000".into(),
+        user: "default".into(),
+        db: 0,
+        name: String::new(),
+        protocol: 2,
+    };
+    let client = ClientHandle {
+        details: Arc::new(details.clone()),
+        generation: 1,
+    };
     let get = args(&["GET", "user:1000"]);
     let pass = "[config]\ncategories = \"all\"\ncount = false\n";
 
@@ -101,35 +169,60 @@ fn plugins(c: &mut Criterion) {
     });
 
     // A client whose details changed since the last call: the plugin fetches them.
-    let mut changed = ClientHandle { details: Arc::new(details), generation: 1 };
-    c.bench_function("plugin: one pass-through request hook, client details fetched", |b| {
-        b.iter(|| {
-            changed.generation = changed.generation.wrapping_add(1);
-            std::hint::black_box(run_one(&mut w, &one, &table, &changed, &get))
-        })
-    });
+    let mut changed = ClientHandle {
+        details: Arc::new(details),
+        generation: 1,
+    };
+    c.bench_function(
+        "plugin: one pass-through request hook, client details fetched",
+        |b| {
+            b.iter(|| {
+                changed.generation = changed.generation.wrapping_add(1);
+                std::hint::black_box(run_one(&mut w, &one, &table, &changed, &get))
+            })
+        },
+    );
     let ping = args(&["PING"]);
     c.bench_function("plugin: one pass-through request hook, no arguments", |b| {
         b.iter(|| std::hint::black_box(run_one(&mut w, &one, &table, &client, &ping)))
     });
-    let (_d0, other) = plugin_set(&rt, &[("other", "[config]\ncommands = \"set\"\ncount = false\n")]);
+    let (_d0, other) = plugin_set(
+        &rt,
+        &[("other", "[config]\ncommands = \"set\"\ncount = false\n")],
+    );
     c.bench_function("plugin: chain with no plugin for the command", |b| {
         b.iter(|| std::hint::black_box(run_one(&mut w, &other, &table, &client, &get)))
     });
 
-    let (_d2, four) = plugin_set(&rt, &[("p1", pass), ("p2", pass), ("p3", pass), ("p4", pass)]);
+    let (_d2, four) = plugin_set(
+        &rt,
+        &[("p1", pass), ("p2", pass), ("p3", pass), ("p4", pass)],
+    );
     let mut w = WorkerPlugins::default();
     c.bench_function("plugin: chain of four request hooks", |b| {
         b.iter(|| std::hint::black_box(run_one(&mut w, &four, &table, &client, &get)))
     });
 
-    let (_d3, effects) = plugin_set(&rt, &[("count", "[config]\ncommands = \"get\"\nrate = 1000000\nburst = 1000000\n")]);
+    let (_d3, effects) = plugin_set(
+        &rt,
+        &[(
+            "count",
+            "[config]\ncommands = \"get\"\nrate = 1000000\nburst = 1000000\n",
+        )],
+    );
     let mut w = WorkerPlugins::default();
-    c.bench_function("plugin: request hook with a host call, a metric and a token take", |b| {
-        b.iter(|| std::hint::black_box(run_one(&mut w, &effects, &table, &client, &get)))
-    });
+    c.bench_function(
+        "plugin: request hook with a host call, a metric and a token take",
+        |b| b.iter(|| std::hint::black_box(run_one(&mut w, &effects, &table, &client, &get))),
+    );
 
-    let (_d4, resp) = plugin_set(&rt, &[("resp", "[config]\ncommands = \"get\"\ncount = false\nresponses = true\n")]);
+    let (_d4, resp) = plugin_set(
+        &rt,
+        &[(
+            "resp",
+            "[config]\ncommands = \"get\"\ncount = false\nresponses = true\n",
+        )],
+    );
     let mut w = WorkerPlugins::default();
     let reply = b"$32\r\nxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\r\n";
     c.bench_function("plugin: request and response hooks (reply replaced)", |b| {
@@ -137,33 +230,71 @@ fn plugins(c: &mut Criterion) {
             let (_, chain) = run_one(&mut w, &resp, &table, &client, &get);
             let mut chain = chain.unwrap();
             w.on_reply(&mut chain, reply, std::time::Instant::now());
-            std::hint::black_box(w.on_responses(&[ChainResponse { client: &client, chain: &chain, reply }], true))
+            std::hint::black_box(w.on_responses(
+                &[ChainResponse {
+                    client: &client,
+                    chain: &chain,
+                    reply,
+                }],
+                true,
+            ))
         })
     });
 
     // A pipeline of 16 GETs through the chain of four: one call per plugin for all 16.
-    let gets: Vec<Command> = (0..16).map(|i| args(&["GET", &format!("user:{i}")])).collect();
+    let gets: Vec<Command> = (0..16)
+        .map(|i| args(&["GET", &format!("user:{i}")]))
+        .collect();
     let mut w = WorkerPlugins::default();
-    c.bench_function("plugin: chain of four request hooks, batch of 16 (per batch)", |b| {
-        b.iter(|| {
-            let batch: Vec<ChainRequest<'_>> = gets.iter().map(|g| ChainRequest { client: &client, cmd: g, info: table.get(g) }).collect();
-            std::hint::black_box(w.on_requests(&four, &table, &batch))
-        })
-    });
+    c.bench_function(
+        "plugin: chain of four request hooks, batch of 16 (per batch)",
+        |b| {
+            b.iter(|| {
+                let batch: Vec<ChainRequest<'_>> = gets
+                    .iter()
+                    .map(|g| ChainRequest {
+                        client: &client,
+                        cmd: g,
+                        info: table.get(g),
+                    })
+                    .collect();
+                std::hint::black_box(w.on_requests(&four, &table, &batch))
+            })
+        },
+    );
     let mut w = WorkerPlugins::default();
-    let mut chains: Vec<Box<ResponseChain>> = gets.iter().map(|g| run_one(&mut w, &resp, &table, &client, g).1.unwrap()).collect();
+    let mut chains: Vec<Box<ResponseChain>> = gets
+        .iter()
+        .map(|g| run_one(&mut w, &resp, &table, &client, g).1.unwrap())
+        .collect();
     for chain in &mut chains {
         w.on_reply(chain, reply, std::time::Instant::now());
     }
-    c.bench_function("plugin: response hook replacing the reply, batch of 16 (per batch)", |b| {
-        b.iter(|| {
-            let batch: Vec<ChainResponse<'_>> = chains.iter().map(|chain| ChainResponse { client: &client, chain, reply }).collect();
-            std::hint::black_box(w.on_responses(&batch, true))
-        })
-    });
+    c.bench_function(
+        "plugin: response hook replacing the reply, batch of 16 (per batch)",
+        |b| {
+            b.iter(|| {
+                let batch: Vec<ChainResponse<'_>> = chains
+                    .iter()
+                    .map(|chain| ChainResponse {
+                        client: &client,
+                        chain,
+                        reply,
+                    })
+                    .collect();
+                std::hint::black_box(w.on_responses(&batch, true))
+            })
+        },
+    );
 
     // Traffic metrics: five series per reply, recorded by respire without a call.
-    let (_d5, traffic) = plugin_set(&rt, &[("t", "[config]\ncommands = \"get\"\ntraffic = true\nrequests = false\n")]);
+    let (_d5, traffic) = plugin_set(
+        &rt,
+        &[(
+            "t",
+            "[config]\ncommands = \"get\"\ntraffic = true\nrequests = false\n",
+        )],
+    );
     let mut w = WorkerPlugins::default();
     let mut chain = run_one(&mut w, &traffic, &table, &client, &get).1.unwrap();
     c.bench_function("plugin: traffic metrics of one reply (no call)", |b| {

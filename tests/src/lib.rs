@@ -52,7 +52,10 @@ fn wait_for_ping(port: u16, timeout: Duration, what: &str, log: &Path) -> Result
                 if let Ok(n) = s.read(&mut buf) {
                     let reply = &buf[..n];
                     // Any reply: PONG, NOAUTH, respire's own errors, or a plugin's answer.
-                    if reply.first().is_some_and(|b| matches!(b, b'+' | b'-' | b'$')) {
+                    if reply
+                        .first()
+                        .is_some_and(|b| matches!(b, b'+' | b'-' | b'$'))
+                    {
                         return Ok(());
                     }
                 }
@@ -84,7 +87,12 @@ impl RedisServer {
     /// Starts a server with extra `redis-server` arguments (`["--requirepass", "x"]`).
     pub fn start_with(extra: &[&str]) -> RedisServer {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut s = RedisServer { port: free_port(), extra: extra.iter().map(|s| s.to_string()).collect(), dir, child: None };
+        let mut s = RedisServer {
+            port: free_port(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            dir,
+            child: None,
+        };
         s.spawn().expect("start redis-server");
         s
     }
@@ -119,7 +127,12 @@ impl RedisServer {
     /// Starts a server on a given port (for "the backend comes up later").
     pub fn start_on(port: u16) -> RedisServer {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut s = RedisServer { port, extra: Vec::new(), dir, child: None };
+        let mut s = RedisServer {
+            port,
+            extra: Vec::new(),
+            dir,
+            child: None,
+        };
         s.spawn().expect("start redis-server");
         s
     }
@@ -127,7 +140,18 @@ impl RedisServer {
     fn spawn(&mut self) -> Result<()> {
         let log = self.dir.path().join("redis.log");
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--enable-debug-command", "yes"])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--enable-debug-command",
+                "yes",
+            ])
             .arg("--dir")
             .arg(self.dir.path())
             .arg("--logfile")
@@ -137,7 +161,9 @@ impl RedisServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .context("redis-server is not installed: run the README's test command, which installs it")?;
+            .context(
+                "redis-server is not installed: run the README's test command, which installs it",
+            )?;
         self.child = Some(child);
         wait_for_ping(self.port, Duration::from_secs(10), "redis-server", &log)
     }
@@ -186,9 +212,7 @@ impl Cluster {
     pub fn start(masters: usize, replicas: usize) -> Cluster {
         let total = masters * (1 + replicas);
         let nodes: Vec<RedisServer> = (0..total)
-            .map(|_| {
-RedisServer::start_cluster_node()
-            })
+            .map(|_| RedisServer::start_cluster_node())
             .collect();
         let mut cmd = Command::new("redis-cli");
         cmd.arg("--cluster").arg("create");
@@ -197,8 +221,16 @@ RedisServer::start_cluster_node()
         }
         cmd.args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"]);
         let out = cmd.output().expect("redis-cli --cluster create");
-        assert!(out.status.success(), "cluster create failed: {}", String::from_utf8_lossy(&out.stdout));
-        let c = Cluster { nodes, masters, tls_ports: Vec::new() };
+        assert!(
+            out.status.success(),
+            "cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let c = Cluster {
+            nodes,
+            masters,
+            tls_ports: Vec::new(),
+        };
         c.wait_healthy(Duration::from_secs(30));
         c
     }
@@ -214,18 +246,31 @@ RedisServer::start_cluster_node()
             .map(|&p| {
                 let mut args = files.redis_args(p);
                 args.extend(["--tls-cluster", "yes", "--tls-replication", "yes"].map(String::from));
-                RedisServer::start_cluster_node_with(&args.iter().map(String::as_str).collect::<Vec<_>>())
+                RedisServer::start_cluster_node_with(
+                    &args.iter().map(String::as_str).collect::<Vec<_>>(),
+                )
             })
             .collect();
         let mut cmd = Command::new("redis-cli");
-        cmd.args(files.cli_args(true)).arg("--cluster").arg("create");
+        cmd.args(files.cli_args(true))
+            .arg("--cluster")
+            .arg("create");
         for p in &tls_ports {
             cmd.arg(format!("127.0.0.1:{p}"));
         }
         cmd.args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"]);
         let out = cmd.output().expect("redis-cli --cluster create");
-        assert!(out.status.success(), "cluster create failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        let c = Cluster { nodes, masters, tls_ports };
+        assert!(
+            out.status.success(),
+            "cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let c = Cluster {
+            nodes,
+            masters,
+            tls_ports,
+        };
         c.wait_healthy(Duration::from_secs(30));
         c
     }
@@ -237,7 +282,12 @@ RedisServer::start_cluster_node()
 
     /// Comma-separated seed addresses (the first two nodes).
     pub fn seeds(&self) -> String {
-        self.nodes.iter().take(2).map(|n| n.addr()).collect::<Vec<_>>().join(",")
+        self.nodes
+            .iter()
+            .take(2)
+            .map(|n| n.addr())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// The node id of node `i`.
@@ -247,12 +297,19 @@ RedisServer::start_cluster_node()
 
     /// Index of the node with this port.
     pub fn index_of(&self, port: u16) -> usize {
-        self.nodes.iter().position(|n| n.port == port).expect("a node of this cluster")
+        self.nodes
+            .iter()
+            .position(|n| n.port == port)
+            .expect("a node of this cluster")
     }
 
     /// The port of the master that owns `key`'s slot (per node 0's view).
     pub fn owner_port(&self, key: &str) -> u16 {
-        let slot: i64 = self.cli(0, &["CLUSTER", "KEYSLOT", key]).trim().parse().expect("slot");
+        let slot: i64 = self
+            .cli(0, &["CLUSTER", "KEYSLOT", key])
+            .trim()
+            .parse()
+            .expect("slot");
         for line in self.cli(0, &["CLUSTER", "NODES"]).lines() {
             let f: Vec<&str> = line.split(' ').collect();
             if f.len() < 9 || !f[2].contains("master") {
@@ -263,7 +320,12 @@ RedisServer::start_cluster_node()
                 if let (Ok(a), Ok(b)) = (a.parse::<i64>(), b.parse::<i64>())
                     && (a..=b).contains(&slot)
                 {
-                    return f[1].split('@').next().and_then(|a| a.rsplit(':').next()).and_then(|p| p.parse().ok()).expect("port");
+                    return f[1]
+                        .split('@')
+                        .next()
+                        .and_then(|a| a.rsplit(':').next())
+                        .and_then(|p| p.parse().ok())
+                        .expect("port");
                 }
             }
         }
@@ -272,7 +334,8 @@ RedisServer::start_cluster_node()
 
     /// Whether node `i` is currently a master.
     pub fn is_master(&self, i: usize) -> bool {
-        self.cli(i, &["INFO", "replication"]).contains("role:master")
+        self.cli(i, &["INFO", "replication"])
+            .contains("role:master")
     }
 
     /// Adds an empty master (a new redis-server joined with `redis-cli --cluster add-node`).
@@ -282,7 +345,11 @@ RedisServer::start_cluster_node()
             .args(["--cluster", "add-node", &node.addr(), &self.nodes[0].addr()])
             .output()
             .expect("redis-cli --cluster add-node");
-        assert!(out.status.success(), "add-node failed: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            out.status.success(),
+            "add-node failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
         self.nodes.push(node);
         self.masters += 1;
         self.nodes.len() - 1
@@ -290,7 +357,11 @@ RedisServer::start_cluster_node()
 
     /// Runs a command on node `i` with redis-cli and returns its output.
     pub fn cli(&self, i: usize, args: &[&str]) -> String {
-        let out = Command::new("redis-cli").args(["-p", &self.nodes[i].port.to_string()]).args(args).output().expect("redis-cli");
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.nodes[i].port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -299,10 +370,17 @@ RedisServer::start_cluster_node()
         let mut ports = Vec::new();
         for line in self.cli(0, &["CLUSTER", "NODES"]).lines() {
             let f: Vec<&str> = line.split(' ').collect();
-            if f.len() >= 9 && f[2].contains("master") && !f[2].contains("fail")
-                && let Some(p) = f[1].split('@').next().and_then(|a| a.rsplit(':').next()).and_then(|p| p.parse().ok()) {
-                    ports.push(p);
-                }
+            if f.len() >= 9
+                && f[2].contains("master")
+                && !f[2].contains("fail")
+                && let Some(p) = f[1]
+                    .split('@')
+                    .next()
+                    .and_then(|a| a.rsplit(':').next())
+                    .and_then(|p| p.parse().ok())
+            {
+                ports.push(p);
+            }
         }
         ports.sort();
         ports
@@ -312,8 +390,13 @@ RedisServer::start_cluster_node()
     pub fn wait_healthy(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
-            let ok = (0..self.nodes.len()).all(|i| self.cli(i, &["CLUSTER", "INFO"]).contains("cluster_state:ok"));
-            let slots: Vec<String> = (0..self.nodes.len()).map(|i| normalize_slots(&self.cli(i, &["CLUSTER", "SLOTS"]))).collect();
+            let ok = (0..self.nodes.len()).all(|i| {
+                self.cli(i, &["CLUSTER", "INFO"])
+                    .contains("cluster_state:ok")
+            });
+            let slots: Vec<String> = (0..self.nodes.len())
+                .map(|i| normalize_slots(&self.cli(i, &["CLUSTER", "SLOTS"])))
+                .collect();
             let agree = slots.windows(2).all(|w| w[0] == w[1]);
             let synced = (0..self.nodes.len()).all(|i| {
                 let info = self.cli(i, &["INFO", "replication"]);
@@ -324,12 +407,16 @@ RedisServer::start_cluster_node()
             let shards_ok = (0..self.nodes.len()).all(|i| {
                 let text = self.cli(i, &["CLUSTER", "SHARDS"]);
                 let count = |w: &str| text.lines().filter(|l| l.trim() == w).count();
-                count("online") == self.nodes.len() && count("replica") == self.nodes.len() - self.masters
+                count("online") == self.nodes.len()
+                    && count("replica") == self.nodes.len() - self.masters
             });
             if ok && agree && synced && shards_ok {
                 return;
             }
-            assert!(Instant::now() < deadline, "cluster not healthy within {timeout:?}");
+            assert!(
+                Instant::now() < deadline,
+                "cluster not healthy within {timeout:?}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -374,7 +461,11 @@ impl SentinelSetup {
         let mut servers = vec![master];
         for _ in 0..replicas {
             let mport = servers[0].port.to_string();
-            servers.push(RedisServer::start_with(&["--replicaof", "127.0.0.1", &mport]));
+            servers.push(RedisServer::start_with(&[
+                "--replicaof",
+                "127.0.0.1",
+                &mport,
+            ]));
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         for s in &servers[1..] {
@@ -408,11 +499,19 @@ impl SentinelSetup {
                 SentinelProc { port, _dir: dir, child }
             })
             .collect();
-        let setup = SentinelSetup { servers, sentinels, name: name.to_string() };
+        let setup = SentinelSetup {
+            servers,
+            sentinels,
+            name: name.to_string(),
+        };
         for s in &setup.sentinels {
             loop {
-                let reps = cli(s.port, &["SENTINEL", "REPLICAS", name]).matches("master-link-status").count();
-                let others = cli(s.port, &["SENTINEL", "SENTINELS", name]).matches("runid").count();
+                let reps = cli(s.port, &["SENTINEL", "REPLICAS", name])
+                    .matches("master-link-status")
+                    .count();
+                let others = cli(s.port, &["SENTINEL", "SENTINELS", name])
+                    .matches("runid")
+                    .count();
                 if reps == replicas && others == 2 {
                     break;
                 }
@@ -425,19 +524,33 @@ impl SentinelSetup {
 
     /// "host:port,…" of the sentinels.
     pub fn addrs(&self) -> String {
-        self.sentinels.iter().map(|s| format!("127.0.0.1:{}", s.port)).collect::<Vec<_>>().join(",")
+        self.sentinels
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// The port of the master according to the first sentinel.
     pub fn master_port(&self) -> u16 {
-        let out = cli(self.sentinels[0].port, &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", &self.name]);
-        out.lines().nth(1).and_then(|p| p.trim().parse().ok()).unwrap_or(0)
+        let out = cli(
+            self.sentinels[0].port,
+            &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", &self.name],
+        );
+        out.lines()
+            .nth(1)
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or(0)
     }
 }
 
 /// Runs redis-cli against a port and returns its output.
 pub fn cli(port: u16, args: &[&str]) -> String {
-    let out = Command::new("redis-cli").args(["-p", &port.to_string()]).args(args).output().expect("redis-cli");
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -463,7 +576,11 @@ fn wasm_artifact(name: &str) -> PathBuf {
     build_plugins();
     let exe = std::env::current_exe().expect("current exe");
     // target/<profile>/deps/<test> → target/wasm32-wasip2/release/<name>.wasm
-    let target = exe.parent().and_then(|d| d.parent()).and_then(|d| d.parent()).expect("target dir");
+    let target = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .and_then(|d| d.parent())
+        .expect("target dir");
     target.join(format!("wasm32-wasip2/release/{name}.wasm"))
 }
 
@@ -490,19 +607,37 @@ pub fn shipped_plugin(name: &str) -> PathBuf {
 /// `GET path` over HTTP/1.1 on loopback: the status code and the body.
 pub fn http_get(port: u16, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the HTTP endpoint");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").expect("send request");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send request");
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).expect("read response");
     let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
 /// The value of one series in a Prometheus text exposition (`name{labels}` exactly as printed).
 pub fn metric_value(exposition: &str, series: &str) -> Option<f64> {
-    exposition.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    exposition.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// Path of the `respire` binary built next to the running test executable.
@@ -518,7 +653,13 @@ pub fn respire_bin() -> PathBuf {
             let status = Command::new(cargo)
                 // The same selection as the test command's build, so features unify the same
                 // way and this is a no-op after it.
-                .args(["build", "--quiet", "--workspace", "--all-targets", "--manifest-path"])
+                .args([
+                    "build",
+                    "--quiet",
+                    "--workspace",
+                    "--all-targets",
+                    "--manifest-path",
+                ])
                 .arg(manifest)
                 .status();
             assert!(status.is_ok_and(|s| s.success()), "building respire failed");
@@ -528,7 +669,11 @@ pub fn respire_bin() -> PathBuf {
     // target/<profile>/deps/<test> → target/<profile>/respire
     let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
     let bin = dir.join("respire");
-    assert!(bin.exists(), "{} is missing: run the README's test command (it builds respire before testing)", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing: run the README's test command (it builds respire before testing)",
+        bin.display()
+    );
     bin
 }
 
@@ -569,7 +714,10 @@ impl Respire {
         let child = Command::new(respire_bin())
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             // Compiled plugins go to this instance's own folder unless a test says otherwise.
             .env("XDG_CACHE_HOME", dir.path())
             .stdin(Stdio::null())
@@ -577,7 +725,11 @@ impl Respire {
             .stderr(logf)
             .spawn()
             .expect("spawn respire");
-        let r = Respire { port, dir, child: Some(child) };
+        let r = Respire {
+            port,
+            dir,
+            child: Some(child),
+        };
         wait_for_ping(port, Duration::from_secs(10), "respire", &log).expect("respire starts");
         r
     }
@@ -601,7 +753,9 @@ impl Respire {
 
     /// Its open file descriptors now.
     pub fn fd_count(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map(|d| d.count()).expect("proc fd")
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .expect("proc fd")
     }
 
     /// Its process id; panics when it has exited.
@@ -632,7 +786,9 @@ impl Respire {
     /// Sends SIGTERM and waits (up to `timeout`) for a clean exit; returns the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let child = self.child.as_mut()?;
-        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(st)) = child.try_wait() {
@@ -665,9 +821,19 @@ impl Raw {
     /// Connects to a port on 127.0.0.1.
     pub fn connect(port: u16) -> Raw {
         let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
         s.set_nodelay(true).expect("nodelay");
         Raw { s }
+    }
+
+    /// Caps the socket's receive buffer (and turns the kernel's autotuning of it off): a
+    /// client that never reads then holds a known amount in the kernel whatever the machine's
+    /// `tcp_rmem` (up to 32 MiB on some).
+    pub fn limit_receive_buffer(&self, bytes: usize) {
+        socket2::SockRef::from(&self.s)
+            .set_recv_buffer_size(bytes)
+            .expect("SO_RCVBUF");
     }
 
     /// Sends bytes.
@@ -795,7 +961,17 @@ pub const DATA_TYPES: &[&[&str]] = &[
     &["XLEN", "st"],
     &["XRANGE", "st", "-", "+"],
     &["XGROUP", "CREATE", "st", "g", "0"],
-    &["XREADGROUP", "GROUP", "g", "c1", "COUNT", "1", "STREAMS", "st", ">"],
+    &[
+        "XREADGROUP",
+        "GROUP",
+        "g",
+        "c1",
+        "COUNT",
+        "1",
+        "STREAMS",
+        "st",
+        ">",
+    ],
     &["XACK", "st", "g", "1-1"],
     &["XPENDING", "st", "g"],
     &["XREAD", "COUNT", "5", "STREAMS", "st", "0"],
@@ -806,7 +982,13 @@ pub const DATA_TYPES: &[&[&str]] = &[
     &["GETBIT", "bits", "7"],
     &["BITCOUNT", "bits"],
     &["BITPOS", "bits", "1"],
-    &["EVAL", "return {KEYS[1], ARGV[1], redis.call('INCR', KEYS[1])}", "1", "counter", "arg"],
+    &[
+        "EVAL",
+        "return {KEYS[1], ARGV[1], redis.call('INCR', KEYS[1])}",
+        "1",
+        "counter",
+        "arg",
+    ],
     &["SCRIPT", "LOAD", "return 42"],
     &["EVALSHA", "1fa00e76656cc152ad327c13fe365858fd7be306", "0"],
     &["EVAL", "return redis.error_reply('boom')", "0"],
@@ -868,7 +1050,9 @@ impl LoadReport {
         let mut prev = None::<Instant>;
         for t in times {
             match (start, prev) {
-                (Some(s), Some(p)) if t.duration_since(p) < Duration::from_secs(1) => longest = longest.max(t.duration_since(s)),
+                (Some(s), Some(p)) if t.duration_since(p) < Duration::from_secs(1) => {
+                    longest = longest.max(t.duration_since(s))
+                }
                 _ => start = Some(t),
             }
             prev = Some(t);
@@ -914,7 +1098,8 @@ impl Load {
             .map(|t| {
                 let stop = stop.clone();
                 std::thread::spawn(move || {
-                    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).expect("client");
+                    let client =
+                        redis::Client::open(format!("redis://127.0.0.1:{port}/")).expect("client");
                     let mut report = LoadReport::default();
                     let mut con: Option<redis::Connection> = None;
                     let mut i: i64 = 0;
@@ -923,18 +1108,21 @@ impl Load {
                         i += 1;
                         let c = match con.as_mut() {
                             Some(c) => c,
-                            None => match client.get_connection_with_timeout(Duration::from_secs(5)) {
-                                Ok(c) => con.insert(c),
-                                Err(e) => {
-                                    report.errors.push((Instant::now(), e.to_string()));
-                                    std::thread::sleep(Duration::from_millis(10));
-                                    continue;
+                            None => {
+                                match client.get_connection_with_timeout(Duration::from_secs(5)) {
+                                    Ok(c) => con.insert(c),
+                                    Err(e) => {
+                                        report.errors.push((Instant::now(), e.to_string()));
+                                        std::thread::sleep(Duration::from_millis(10));
+                                        continue;
+                                    }
                                 }
-                            },
+                            }
                         };
                         let key = format!("load:{t}:{}", i % 200);
                         let start = Instant::now();
-                        let set: redis::RedisResult<()> = redis::cmd("SET").arg(&key).arg(i).query(c);
+                        let set: redis::RedisResult<()> =
+                            redis::cmd("SET").arg(&key).arg(i).query(c);
                         match set {
                             Ok(()) => {
                                 report.ops += 1;
@@ -950,7 +1138,8 @@ impl Load {
                             }
                         }
                         let start = Instant::now();
-                        let got: redis::RedisResult<Option<i64>> = redis::cmd("GET").arg(&key).query(c);
+                        let got: redis::RedisResult<Option<i64>> =
+                            redis::cmd("GET").arg(&key).query(c);
                         match got {
                             Ok(v) => {
                                 report.ops += 1;
@@ -991,8 +1180,14 @@ impl Load {
 }
 
 /// Acknowledged writes that no longer read back (through `port`), as (key, expected, found).
-pub fn lost_writes(port: u16, acked: &std::collections::HashMap<String, i64>) -> Vec<(String, i64, Option<i64>)> {
-    let mut con = redis::Client::open(format!("redis://127.0.0.1:{port}/")).expect("client").get_connection().expect("connect");
+pub fn lost_writes(
+    port: u16,
+    acked: &std::collections::HashMap<String, i64>,
+) -> Vec<(String, i64, Option<i64>)> {
+    let mut con = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+        .expect("client")
+        .get_connection()
+        .expect("connect");
     let mut lost = Vec::new();
     for (k, v) in acked {
         let got: Option<i64> = redis::cmd("GET").arg(k).query(&mut con).expect("GET");
@@ -1019,26 +1214,83 @@ impl TlsFiles {
                 .current_dir(dir.path())
                 .args(args)
                 .output()
-                .expect("openssl is not installed: run the README's test command, which installs it");
-            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+                .expect(
+                    "openssl is not installed: run the README's test command, which installs it",
+                );
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         };
-        let key = |file: &str| openssl(&["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", file]);
+        let key = |file: &str| {
+            openssl(&[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-out",
+                file,
+            ])
+        };
         key("ca.key");
         let subject = format!("/O=respire test/CN=respire test CA {name}");
-        openssl(&["req", "-x509", "-new", "-key", "ca.key", "-sha256", "-days", "3650", "-subj", &subject]
+        openssl(
+            &[
+                "req", "-x509", "-new", "-key", "ca.key", "-sha256", "-days", "3650", "-subj",
+                &subject,
+            ]
             .into_iter()
-            .chain(["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-out", "ca.crt"])
-            .collect::<Vec<_>>());
+            .chain([
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+                "-out",
+                "ca.crt",
+            ])
+            .collect::<Vec<_>>(),
+        );
         for (who, ext) in [
-            ("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\nkeyUsage=critical,digitalSignature\n"),
-            ("client", "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\n"),
+            (
+                "server",
+                "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\nkeyUsage=critical,digitalSignature\n",
+            ),
+            (
+                "client",
+                "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\n",
+            ),
         ] {
             std::fs::write(dir.path().join(format!("{who}.ext")), ext).expect("write ext");
             key(&format!("{who}.key"));
-            openssl(&["req", "-new", "-key", &format!("{who}.key"), "-subj", &format!("/O=respire test/CN={who}"), "-out", &format!("{who}.csr")]);
             openssl(&[
-                "x509", "-req", "-in", &format!("{who}.csr"), "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "365", "-sha256",
-                "-extfile", &format!("{who}.ext"), "-out", &format!("{who}.crt"),
+                "req",
+                "-new",
+                "-key",
+                &format!("{who}.key"),
+                "-subj",
+                &format!("/O=respire test/CN={who}"),
+                "-out",
+                &format!("{who}.csr"),
+            ]);
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{who}.csr"),
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "365",
+                "-sha256",
+                "-extfile",
+                &format!("{who}.ext"),
+                "-out",
+                &format!("{who}.crt"),
             ]);
         }
         TlsFiles { dir }
@@ -1046,24 +1298,41 @@ impl TlsFiles {
 
     /// The path of one of the files: `ca.crt`, `server.crt`, `server.key`, `client.crt`, `client.key`.
     pub fn path(&self, file: &str) -> String {
-        self.dir.path().join(file).to_str().expect("utf-8 path").to_string()
+        self.dir
+            .path()
+            .join(file)
+            .to_str()
+            .expect("utf-8 path")
+            .to_string()
     }
 
     /// `redis-server` arguments serving TLS on `tls_port` with these files (client
     /// certificates required, as Redis's default).
     pub fn redis_args(&self, tls_port: u16) -> Vec<String> {
-        ["--tls-port", &tls_port.to_string(), "--tls-cert-file", &self.path("server.crt"), "--tls-key-file", &self.path("server.key")]
-            .into_iter()
-            .chain(["--tls-ca-cert-file", &self.path("ca.crt")])
-            .map(String::from)
-            .collect()
+        [
+            "--tls-port",
+            &tls_port.to_string(),
+            "--tls-cert-file",
+            &self.path("server.crt"),
+            "--tls-key-file",
+            &self.path("server.key"),
+        ]
+        .into_iter()
+        .chain(["--tls-ca-cert-file", &self.path("ca.crt")])
+        .map(String::from)
+        .collect()
     }
 
     /// `redis-cli` arguments for a TLS connection trusting this CA, with the client certificate when `cert`.
     pub fn cli_args(&self, cert: bool) -> Vec<String> {
         let mut a = vec!["--tls".to_string(), "--cacert".into(), self.path("ca.crt")];
         if cert {
-            a.extend(["--cert".into(), self.path("client.crt"), "--key".into(), self.path("client.key")]);
+            a.extend([
+                "--cert".into(),
+                self.path("client.crt"),
+                "--key".into(),
+                self.path("client.key"),
+            ]);
         }
         a
     }
@@ -1071,8 +1340,17 @@ impl TlsFiles {
 
 /// Runs redis-cli with these arguments against a port; its standard output and error together.
 pub fn cli_with(port: u16, pre: &[String], args: &[&str]) -> String {
-    let out = Command::new("redis-cli").args(pre).args(["-p", &port.to_string()]).args(args).output().expect("redis-cli");
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    let out = Command::new("redis-cli")
+        .args(pre)
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 /// A TLS connection (rustls) for byte-exact checks.
@@ -1089,33 +1367,49 @@ impl TlsConn {
         use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
         let mut roots = rustls::RootCertStore::empty();
         for c in CertificateDer::pem_file_iter(ca).map_err(std::io::Error::other)? {
-            roots.add(c.map_err(std::io::Error::other)?).map_err(std::io::Error::other)?;
+            roots
+                .add(c.map_err(std::io::Error::other)?)
+                .map_err(std::io::Error::other)?;
         }
-        let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(std::io::Error::other)?
-            .with_root_certificates(roots);
+        let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(std::io::Error::other)?
+        .with_root_certificates(roots);
         let config = match cert {
             Some((c, k)) => {
-                let chain = CertificateDer::pem_file_iter(c).map_err(std::io::Error::other)?.collect::<Result<Vec<_>, _>>().map_err(std::io::Error::other)?;
+                let chain = CertificateDer::pem_file_iter(c)
+                    .map_err(std::io::Error::other)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(std::io::Error::other)?;
                 let key = PrivateKeyDer::from_pem_file(k).map_err(std::io::Error::other)?;
-                builder.with_client_auth_cert(chain, key).map_err(std::io::Error::other)?
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(std::io::Error::other)?
             }
             None => builder.with_no_client_auth(),
         };
         let name = ServerName::try_from("127.0.0.1").map_err(std::io::Error::other)?;
-        let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).map_err(std::io::Error::other)?;
+        let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name)
+            .map_err(std::io::Error::other)?;
         let mut sock = TcpStream::connect(("127.0.0.1", port))?;
         sock.set_read_timeout(Some(Duration::from_secs(10)))?;
         while conn.is_handshaking() {
             conn.complete_io(&mut sock)?;
         }
-        Ok(TlsConn { s: rustls::StreamOwned::new(conn, sock) })
+        Ok(TlsConn {
+            s: rustls::StreamOwned::new(conn, sock),
+        })
     }
 
     /// The subject common name's bytes are somewhere in the server's certificate: whether `cn` appears in it.
     pub fn server_cert_mentions(&self, cn: &str) -> bool {
-        self.s.conn.peer_certificates().and_then(|c| c.first()).is_some_and(|c| c.windows(cn.len()).any(|w| w == cn.as_bytes()))
+        self.s
+            .conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .is_some_and(|c| c.windows(cn.len()).any(|w| w == cn.as_bytes()))
     }
 
     /// Sends `req`, reads until `n` complete replies arrived (or the connection ended); the raw bytes.

@@ -6,23 +6,49 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
-use respire_tests::{Cluster, Raw, RedisServer, Respire, http_get, metric_value, resp, shipped_plugin};
+use respire_tests::{
+    Cluster, Raw, RedisServer, Respire, http_get, metric_value, resp, shipped_plugin,
+};
 
 /// respire in front of `redis` with cache-policy loaded with these settings, and its metrics port.
-fn cached_proxy(redis: &RedisServer, settings: &str, workers: &str) -> (Respire, u16, tempfile::TempDir) {
+fn cached_proxy(
+    redis: &RedisServer,
+    settings: &str,
+    workers: &str,
+) -> (Respire, u16, tempfile::TempDir) {
     cached_proxy_args(&["--backend", &redis.addr()], settings, workers)
 }
 
-fn cached_proxy_args(backend: &[&str], settings: &str, workers: &str) -> (Respire, u16, tempfile::TempDir) {
+fn cached_proxy_args(
+    backend: &[&str],
+    settings: &str,
+    workers: &str,
+) -> (Respire, u16, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(shipped_plugin("cache_policy"), dir.path().join("cache-policy.wasm")).unwrap();
+    std::fs::copy(
+        shipped_plugin("cache_policy"),
+        dir.path().join("cache-policy.wasm"),
+    )
+    .unwrap();
     std::fs::write(dir.path().join("cache-policy.toml"), settings).unwrap();
     let port = respire_tests::free_port();
     let mut args = backend.to_vec();
     let metrics = format!("127.0.0.1:{port}");
-    args.extend(["--plugins", dir.path().to_str().unwrap(), "--metrics", &metrics, "--workers", workers]);
+    args.extend([
+        "--plugins",
+        dir.path().to_str().unwrap(),
+        "--metrics",
+        &metrics,
+        "--workers",
+        workers,
+    ]);
     let proxy = Respire::start_args(&args);
-    wait_metric(port, "respire_cache_active", |v| v == 1.0, "the cache to start serving");
+    wait_metric(
+        port,
+        "respire_cache_active",
+        |v| v == 1.0,
+        "the cache to start serving",
+    );
     (proxy, port, dir)
 }
 
@@ -47,7 +73,10 @@ fn wait_metric(port: u16, series: &str, ok: impl Fn(f64) -> bool, what: &str) ->
         if ok(v) {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what} ({series} = {v})");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what} ({series} = {v})"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -65,7 +94,10 @@ fn until(p: &mut Raw, cmd: &[&[u8]], want: &str) -> Duration {
         if got == want {
             return start.elapsed();
         }
-        assert!(start.elapsed() < Duration::from_secs(5), "still {got:?} instead of {want:?} after 5 s");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "still {got:?} instead of {want:?} after 5 s"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
 }
@@ -80,7 +112,10 @@ fn until_cached(p: &mut Raw, mport: u16, cmd: &[&[u8]], want: &str) {
         if metric(mport, "respire_cache_hits_total") - before == 1.0 {
             return;
         }
-        assert!(start.elapsed() < Duration::from_secs(5), "{cmd:?} is still not served from the cache after 5 s");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{cmd:?} is still not served from the cache after 5 s"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -91,32 +126,64 @@ fn hits_are_served_while_redis_is_paused() {
     let (proxy, mport, _dir) = cached_proxy(&redis, USERS, "2");
     let mut p = Raw::connect(proxy.port);
     assert_eq!(text(&mut p, &[b"SET", b"user:1", b"alice"]), "+OK\r\n");
-    assert_eq!(text(&mut p, &[b"HSET", b"user:h", b"name", b"bob"]), ":1\r\n");
+    assert_eq!(
+        text(&mut p, &[b"HSET", b"user:h", b"name", b"bob"]),
+        ":1\r\n"
+    );
     // Misses fill the cache.
     until_cached(&mut p, mport, &[b"GET", b"user:1"], "$5\r\nalice\r\n");
-    until_cached(&mut p, mport, &[b"HGETALL", b"user:h"], "*2\r\n$4\r\nname\r\n$3\r\nbob\r\n");
+    until_cached(
+        &mut p,
+        mport,
+        &[b"HGETALL", b"user:h"],
+        "*2\r\n$4\r\nname\r\n$3\r\nbob\r\n",
+    );
     let mut p3 = Raw::connect(proxy.port);
     assert!(text(&mut p3, &[b"HELLO", b"3"]).starts_with('%'));
-    until_cached(&mut p3, mport, &[b"HGETALL", b"user:h"], "%1\r\n$4\r\nname\r\n$3\r\nbob\r\n");
+    until_cached(
+        &mut p3,
+        mport,
+        &[b"HGETALL", b"user:h"],
+        "%1\r\n$4\r\nname\r\n$3\r\nbob\r\n",
+    );
     let hits = metric(mport, "respire_cache_hits_total");
 
     // Redis answers nobody for 2 s; cached replies still come at once, in both protocols,
     // from any connection (and worker).
     let mut direct = Raw::connect(redis.port);
-    assert_eq!(text(&mut direct, &[b"CLIENT", b"PAUSE", b"2000", b"ALL"]), "+OK\r\n");
+    assert_eq!(
+        text(&mut direct, &[b"CLIENT", b"PAUSE", b"2000", b"ALL"]),
+        "+OK\r\n"
+    );
     let start = Instant::now();
     let mut fresh = Raw::connect(proxy.port);
     assert_eq!(text(&mut fresh, &[b"GET", b"user:1"]), "$5\r\nalice\r\n");
-    assert_eq!(text(&mut p, &[b"HGETALL", b"user:h"]), "*2\r\n$4\r\nname\r\n$3\r\nbob\r\n");
-    assert_eq!(text(&mut p3, &[b"HGETALL", b"user:h"]), "%1\r\n$4\r\nname\r\n$3\r\nbob\r\n");
+    assert_eq!(
+        text(&mut p, &[b"HGETALL", b"user:h"]),
+        "*2\r\n$4\r\nname\r\n$3\r\nbob\r\n"
+    );
+    assert_eq!(
+        text(&mut p3, &[b"HGETALL", b"user:h"]),
+        "%1\r\n$4\r\nname\r\n$3\r\nbob\r\n"
+    );
     let served = start.elapsed();
-    assert!(served < Duration::from_millis(1000), "cached replies took {served:?} while Redis was paused");
+    assert!(
+        served < Duration::from_millis(1000),
+        "cached replies took {served:?} while Redis was paused"
+    );
     assert_eq!(metric(mport, "respire_cache_hits_total") - hits, 3.0);
     // Not cached: another database, an uncached prefix. These wait for Redis.
     assert_eq!(text(&mut fresh, &[b"GET", b"product:1"]), "$-1\r\n");
-    assert!(start.elapsed() >= Duration::from_millis(1500), "an uncached read must have waited for the pause");
+    assert!(
+        start.elapsed() >= Duration::from_millis(1500),
+        "an uncached read must have waited for the pause"
+    );
     assert_eq!(text(&mut fresh, &[b"SELECT", b"1"]), "+OK\r\n");
-    assert_eq!(text(&mut fresh, &[b"GET", b"user:1"]), "$-1\r\n", "replies are cached per database");
+    assert_eq!(
+        text(&mut fresh, &[b"GET", b"user:1"]),
+        "$-1\r\n",
+        "replies are cached per database"
+    );
 }
 
 #[test]
@@ -134,7 +201,14 @@ fn writes_through_respire_and_directly_on_redis_invalidate() {
     assert_eq!(text(&mut p, &[b"SET", b"user:1", b"v2"]), "+OK\r\n");
     assert_eq!(text(&mut other, &[b"GET", b"user:1"]), "$2\r\nv2\r\n");
     // Pipelined: a client sees its own write in the same batch.
-    let got = p.roundtrip(&[resp(&[b"APPEND", b"user:1", b"x"]), resp(&[b"GET", b"user:1"])].concat(), 2);
+    let got = p.roundtrip(
+        &[
+            resp(&[b"APPEND", b"user:1", b"x"]),
+            resp(&[b"GET", b"user:1"]),
+        ]
+        .concat(),
+        2,
+    );
     assert_eq!(String::from_utf8_lossy(&got), ":3\r\n$3\r\nv2x\r\n");
 
     // Directly on Redis: the tracking push drops it.
@@ -144,14 +218,36 @@ fn writes_through_respire_and_directly_on_redis_invalidate() {
     println!("a direct write reached the cache in {took:?}");
 
     // A multi-key read is dropped when any of its keys changes.
-    assert_eq!(text(&mut p, &[b"MSET", b"user:a", b"1", b"user:b", b"2"]), "+OK\r\n");
-    assert_eq!(text(&mut p, &[b"MGET", b"user:a", b"user:b"]), "*2\r\n$1\r\n1\r\n$1\r\n2\r\n");
+    assert_eq!(
+        text(&mut p, &[b"MSET", b"user:a", b"1", b"user:b", b"2"]),
+        "+OK\r\n"
+    );
+    assert_eq!(
+        text(&mut p, &[b"MGET", b"user:a", b"user:b"]),
+        "*2\r\n$1\r\n1\r\n$1\r\n2\r\n"
+    );
     assert_eq!(text(&mut direct, &[b"SET", b"user:b", b"3"]), "+OK\r\n");
-    until(&mut p, &[b"MGET", b"user:a", b"user:b"], "*2\r\n$1\r\n1\r\n$1\r\n3\r\n");
+    until(
+        &mut p,
+        &[b"MGET", b"user:a", b"user:b"],
+        "*2\r\n$1\r\n1\r\n$1\r\n3\r\n",
+    );
     // Expiry, deletion and transactions count as writes.
     assert_eq!(text(&mut p, &[b"GET", b"user:a"]), "$1\r\n1\r\n");
-    let got = p.roundtrip(&[resp(&[b"MULTI"]), resp(&[b"DEL", b"user:a"]), resp(&[b"EXEC"]), resp(&[b"GET", b"user:a"])].concat(), 4);
-    assert_eq!(String::from_utf8_lossy(&got), "+OK\r\n+QUEUED\r\n*1\r\n:1\r\n$-1\r\n");
+    let got = p.roundtrip(
+        &[
+            resp(&[b"MULTI"]),
+            resp(&[b"DEL", b"user:a"]),
+            resp(&[b"EXEC"]),
+            resp(&[b"GET", b"user:a"]),
+        ]
+        .concat(),
+        4,
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "+OK\r\n+QUEUED\r\n*1\r\n:1\r\n$-1\r\n"
+    );
     // FLUSHALL on Redis drops everything (a null invalidation).
     assert_eq!(text(&mut p, &[b"GET", b"user:b"]), "$1\r\n3\r\n");
     assert_eq!(text(&mut direct, &[b"FLUSHALL"]), "+OK\r\n");
@@ -202,9 +298,20 @@ fn no_stale_read_under_concurrent_writers() {
                     let before = acked.load(Ordering::SeqCst);
                     let got = text(&mut r, &[b"GET", b"user:n"]);
                     let v: i64 = got.lines().nth(1).unwrap().parse().unwrap();
-                    assert!(v >= before, "stale read: {v} after the writer had {before} acknowledged");
-                    let d: i64 = text(&mut r, &[b"GET", b"user:d"]).lines().nth(1).unwrap().parse().unwrap();
-                    assert!(d >= last_d, "a reader went back in time on user:d: {d} after {last_d}");
+                    assert!(
+                        v >= before,
+                        "stale read: {v} after the writer had {before} acknowledged"
+                    );
+                    let d: i64 = text(&mut r, &[b"GET", b"user:d"])
+                        .lines()
+                        .nth(1)
+                        .unwrap()
+                        .parse()
+                        .unwrap();
+                    assert!(
+                        d >= last_d,
+                        "a reader went back in time on user:d: {d} after {last_d}"
+                    );
                     last_d = d;
                     reads += 1;
                 }
@@ -219,8 +326,15 @@ fn no_stale_read_under_concurrent_writers() {
     assert!(reads > 100, "readers made only {reads} reads");
     // Once the writers stop, everyone sees the final values.
     let mut p = Raw::connect(proxy.port);
-    assert_eq!(text(&mut p, &[b"GET", b"user:n"]), format!("${}\r\n{WRITES}\r\n", WRITES.to_string().len()));
-    until(&mut p, &[b"GET", b"user:d"], &format!("${}\r\n{WRITES}\r\n", WRITES.to_string().len()));
+    assert_eq!(
+        text(&mut p, &[b"GET", b"user:n"]),
+        format!("${}\r\n{WRITES}\r\n", WRITES.to_string().len())
+    );
+    until(
+        &mut p,
+        &[b"GET", b"user:d"],
+        &format!("${}\r\n{WRITES}\r\n", WRITES.to_string().len()),
+    );
 }
 
 #[test]
@@ -233,7 +347,10 @@ fn concurrent_misses_make_one_request() {
     assert_eq!(text(&mut direct, &[b"CONFIG", b"RESETSTAT"]), "+OK\r\n");
     let waits = metric(mport, "respire_cache_single_flight_waits_total");
     // Redis holds every request for 500 ms, so all ten clients miss at the same time.
-    assert_eq!(text(&mut direct, &[b"CLIENT", b"PAUSE", b"500", b"ALL"]), "+OK\r\n");
+    assert_eq!(
+        text(&mut direct, &[b"CLIENT", b"PAUSE", b"500", b"ALL"]),
+        "+OK\r\n"
+    );
     let clients: Vec<_> = (0..10)
         .map(|_| {
             let port = proxy.port;
@@ -244,35 +361,58 @@ fn concurrent_misses_make_one_request() {
         assert_eq!(c.join().unwrap(), "$1\r\nx\r\n");
     }
     let stats = text(&mut direct, &[b"INFO", b"commandstats"]);
-    let calls = stats.lines().find(|l| l.starts_with("cmdstat_get:")).unwrap_or_default().to_string();
-    assert!(calls.starts_with("cmdstat_get:calls=1,"), "Redis saw {calls:?}");
-    assert_eq!(metric(mport, "respire_cache_single_flight_waits_total") - waits, 9.0);
+    let calls = stats
+        .lines()
+        .find(|l| l.starts_with("cmdstat_get:"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        calls.starts_with("cmdstat_get:calls=1,"),
+        "Redis saw {calls:?}"
+    );
+    assert_eq!(
+        metric(mport, "respire_cache_single_flight_waits_total") - waits,
+        9.0
+    );
 }
 
 #[test]
 fn memory_stays_under_the_cap_by_evicting() {
     let redis = RedisServer::start();
-    let settings = "[config]\nmax_memory = \"64KiB\"\n[[config.rules]]\nkeys = \"user:*\"\nttl = \"60s\"\n";
+    let settings =
+        "[config]\nmax_memory = \"64KiB\"\n[[config.rules]]\nkeys = \"user:*\"\nttl = \"60s\"\n";
     let (proxy, mport, _dir) = cached_proxy(&redis, settings, "1");
     let mut p = Raw::connect(proxy.port);
     let value = vec![b'v'; 1000];
     for i in 0..300 {
-        assert_eq!(text(&mut p, &[b"SET", format!("user:{i}").as_bytes(), &value]), "+OK\r\n");
+        assert_eq!(
+            text(&mut p, &[b"SET", format!("user:{i}").as_bytes(), &value]),
+            "+OK\r\n"
+        );
     }
     let want = format!("$1000\r\n{}\r\n", String::from_utf8_lossy(&value));
     for _ in 0..2 {
         for i in 0..300 {
-            assert_eq!(text(&mut p, &[b"GET", format!("user:{i}").as_bytes()]), want);
+            assert_eq!(
+                text(&mut p, &[b"GET", format!("user:{i}").as_bytes()]),
+                want
+            );
         }
     }
     let bytes = metric(mport, "respire_cache_bytes");
-    assert!(bytes > 0.0 && bytes <= 64.0 * 1024.0, "the cache holds {bytes} bytes, over its 64 KiB");
+    assert!(
+        bytes > 0.0 && bytes <= 64.0 * 1024.0,
+        "the cache holds {bytes} bytes, over its 64 KiB"
+    );
     assert!(metric(mport, "respire_cache_evictions_total") > 100.0);
     // A sequential scan larger than the cache never hits (as with any LRU), but the most
     // recently read keys are still there.
     let hits = metric(mport, "respire_cache_hits_total");
     for i in 295..300 {
-        assert_eq!(text(&mut p, &[b"GET", format!("user:{i}").as_bytes()]), want);
+        assert_eq!(
+            text(&mut p, &[b"GET", format!("user:{i}").as_bytes()]),
+            want
+        );
     }
     assert_eq!(metric(mport, "respire_cache_hits_total") - hits, 5.0);
 }
@@ -290,22 +430,42 @@ fn a_lost_tracking_connection_flushes_the_cache() {
     let list = text(&mut direct, &[b"CLIENT", b"LIST"]);
     let id = list
         .lines()
-        .find(|l| l.split(' ').any(|f| f.starts_with("flags=") && f.contains('t')))
+        .find(|l| {
+            l.split(' ')
+                .any(|f| f.starts_with("flags=") && f.contains('t'))
+        })
         .and_then(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
         .unwrap_or_else(|| panic!("no tracking connection in {list}"))
         .to_string();
-    assert_eq!(text(&mut direct, &[b"CLIENT", b"KILL", b"ID", id.as_bytes()]), ":1\r\n");
-    wait_metric(mport, "respire_cache_flushes_total", |v| v > flushes, "the cache to be flushed");
+    assert_eq!(
+        text(&mut direct, &[b"CLIENT", b"KILL", b"ID", id.as_bytes()]),
+        ":1\r\n"
+    );
+    wait_metric(
+        mport,
+        "respire_cache_flushes_total",
+        |v| v > flushes,
+        "the cache to be flushed",
+    );
     // A write respire could not hear of is never hidden by the old reply.
     assert_eq!(text(&mut direct, &[b"SET", b"user:t", b"v2"]), "+OK\r\n");
     assert_eq!(text(&mut p, &[b"GET", b"user:t"]), "$2\r\nv2\r\n");
     // The connection comes back and the cache serves again.
-    wait_metric(mport, "respire_cache_active", |v| v == 1.0, "the cache to serve again");
+    wait_metric(
+        mport,
+        "respire_cache_active",
+        |v| v == 1.0,
+        "the cache to serve again",
+    );
     assert_eq!(text(&mut p, &[b"GET", b"user:t"]), "$2\r\nv2\r\n");
     let hits = metric(mport, "respire_cache_hits_total");
     assert_eq!(text(&mut p, &[b"GET", b"user:t"]), "$2\r\nv2\r\n");
     assert_eq!(metric(mport, "respire_cache_hits_total") - hits, 1.0);
-    assert!(proxy.log().contains("cache tracking connection lost"), "{}", proxy.log());
+    assert!(
+        proxy.log().contains("cache tracking connection lost"),
+        "{}",
+        proxy.log()
+    );
 }
 
 #[test]
@@ -317,7 +477,9 @@ fn over_a_cluster_every_node_reports_its_writes() {
     for k in &keys {
         assert_eq!(text(&mut p, &[b"SET", k.as_bytes(), b"old"]), "+OK\r\n");
     }
-    let mget: Vec<&[u8]> = std::iter::once(&b"MGET"[..]).chain(keys.iter().map(|k| k.as_bytes())).collect();
+    let mget: Vec<&[u8]> = std::iter::once(&b"MGET"[..])
+        .chain(keys.iter().map(|k| k.as_bytes()))
+        .collect();
     let old = format!("*12\r\n{}", "$3\r\nold\r\n".repeat(12));
     // The writes' invalidations come on three other connections and may land after the first
     // MGET's reply was kept, dropping it: a few tries, until a repeated MGET is a hit.
@@ -365,14 +527,31 @@ fn empty_replies_are_cached_only_when_asked_and_settings_reload_live() {
     assert_eq!(text(&mut p, &[b"GET", b"item:none"]), "$-1\r\n");
     assert_eq!(hits() - before, 1.0, "only the user's nil is a hit");
     // Creating the key drops the remembered nil.
-    assert_eq!(text(&mut direct, &[b"SET", b"user:none", b"now"]), "+OK\r\n");
+    assert_eq!(
+        text(&mut direct, &[b"SET", b"user:none", b"now"]),
+        "+OK\r\n"
+    );
     until(&mut p, &[b"GET", b"user:none"], "$3\r\nnow\r\n");
 
     // New settings while the client stays connected: only item:* is cached from now on.
     let flushes = metric(mport, "respire_cache_flushes_total");
-    std::fs::write(dir.path().join("cache-policy.toml"), "[config]\n[[config.rules]]\nkeys = \"item:*\"\nttl = \"60s\"\n").unwrap();
-    wait_metric(mport, "respire_cache_flushes_total", |v| v > flushes, "the cache to restart with the new settings");
-    wait_metric(mport, "respire_cache_active", |v| v == 1.0, "the cache to serve again");
+    std::fs::write(
+        dir.path().join("cache-policy.toml"),
+        "[config]\n[[config.rules]]\nkeys = \"item:*\"\nttl = \"60s\"\n",
+    )
+    .unwrap();
+    wait_metric(
+        mport,
+        "respire_cache_flushes_total",
+        |v| v > flushes,
+        "the cache to restart with the new settings",
+    );
+    wait_metric(
+        mport,
+        "respire_cache_active",
+        |v| v == 1.0,
+        "the cache to serve again",
+    );
     assert_eq!(text(&mut direct, &[b"SET", b"item:1", b"i"]), "+OK\r\n");
     // item:1 is cached now (it becomes a hit) …
     until_cached(&mut p, mport, &[b"GET", b"item:1"], "$1\r\ni\r\n");
@@ -381,7 +560,11 @@ fn empty_replies_are_cached_only_when_asked_and_settings_reload_live() {
     let before = hits();
     assert_eq!(text(&mut p, &[b"GET", b"item:1"]), "$1\r\ni\r\n");
     assert_eq!(text(&mut p, &[b"GET", b"user:none"]), "$3\r\nnow\r\n");
-    assert_eq!(hits() - before, 1.0, "item:1 is a hit, user:none is no longer cached");
+    assert_eq!(
+        hits() - before,
+        1.0,
+        "item:1 is a hit, user:none is no longer cached"
+    );
     // Redis now reports writes under the new prefix.
     assert_eq!(text(&mut direct, &[b"SET", b"item:1", b"j"]), "+OK\r\n");
     until(&mut p, &[b"GET", b"item:1"], "$1\r\nj\r\n");

@@ -16,7 +16,11 @@ fn compare_with_single_redis(proxy_port: u16, script: &[&[&str]]) {
 
 /// The data-type script without database switching (a cluster has only database 0).
 fn cluster_script() -> Vec<&'static [&'static str]> {
-    DATA_TYPES.iter().copied().filter(|c| c[0] != "SELECT" && !c.contains(&"in2")).collect()
+    DATA_TYPES
+        .iter()
+        .copied()
+        .filter(|c| c[0] != "SELECT" && !c.contains(&"in2"))
+        .collect()
 }
 
 const SPLIT: &[&[&str]] = &[
@@ -34,7 +38,12 @@ const SPLIT: &[&[&str]] = &[
     &["GET", "{t}2"],
     &["KEYS", "{t}*"],
     &["SCRIPT", "LOAD", "return 7"],
-    &["SCRIPT", "EXISTS", "a2f3e2fd5d8d4d6e3ac2ac1e7fe5a4b9b1f0f3a0", "fd8d76f3dc2e26d0d42cd0c22de7fe4ba0fd8bc7"],
+    &[
+        "SCRIPT",
+        "EXISTS",
+        "a2f3e2fd5d8d4d6e3ac2ac1e7fe5a4b9b1f0f3a0",
+        "fd8d76f3dc2e26d0d42cd0c22de7fe4ba0fd8bc7",
+    ],
     &["EVAL", "return redis.call('GET', KEYS[1])", "1", "{t}2"],
     &["PUBSUB", "NUMSUB", "nobody"],
     &["PUBSUB", "NUMPAT"],
@@ -58,7 +67,10 @@ fn cluster_behaves_like_one_redis() {
     let masters = cluster.master_ports();
     assert_eq!(masters.len(), 3);
     for port in &masters {
-        let mut direct = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap().get_connection().unwrap();
+        let mut direct = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+            .unwrap()
+            .get_connection()
+            .unwrap();
         let n: i64 = redis::cmd("DBSIZE").query(&mut direct).unwrap();
         assert!(n > 50, "master {port} holds only {n} of 300 keys");
     }
@@ -85,10 +97,21 @@ fn multi_key_commands_need_one_slot() {
         &[b"EVAL", b"return 1", b"2", b"a", b"b"],
         &[b"BLPOP", b"a", b"b", b"1"],
     ] {
-        assert_eq!(String::from_utf8_lossy(&p.roundtrip(&resp(cmd), 1)), crossslot, "{:?}", String::from_utf8_lossy(cmd[0]));
+        assert_eq!(
+            String::from_utf8_lossy(&p.roundtrip(&resp(cmd), 1)),
+            crossslot,
+            "{:?}",
+            String::from_utf8_lossy(cmd[0])
+        );
     }
-    assert_eq!(p.roundtrip(&resp(&[b"MSETNX", b"{x}a", b"1", b"{x}b", b"2"]), 1), b":1\r\n");
-    assert_eq!(p.roundtrip(&resp(&[b"SELECT", b"1"]), 1), b"-ERR SELECT is not allowed in cluster mode\r\n");
+    assert_eq!(
+        p.roundtrip(&resp(&[b"MSETNX", b"{x}a", b"1", b"{x}b", b"2"]), 1),
+        b":1\r\n"
+    );
+    assert_eq!(
+        p.roundtrip(&resp(&[b"SELECT", b"1"]), 1),
+        b"-ERR SELECT is not allowed in cluster mode\r\n"
+    );
 }
 
 #[test]
@@ -106,8 +129,14 @@ fn scan_returns_every_key_exactly_once() {
     let mut cursor: u64 = 0;
     let mut calls = 0;
     loop {
-        let (next, keys): (u64, Vec<String>) =
-            redis::cmd("SCAN").arg(cursor).arg("MATCH").arg("scan:*").arg("COUNT").arg(50).query(&mut con).unwrap();
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg("scan:*")
+            .arg("COUNT")
+            .arg(50)
+            .query(&mut con)
+            .unwrap();
         for k in keys {
             assert!(k.starts_with("scan:"), "{k}");
             assert!(seen.insert(k.clone()), "{k} returned twice");
@@ -120,7 +149,12 @@ fn scan_returns_every_key_exactly_once() {
         cursor = next;
     }
     assert_eq!(seen.len(), 1000);
-    let typed: (u64, Vec<String>) = redis::cmd("SCAN").arg(0).arg("TYPE").arg("hash").query(&mut con).unwrap();
+    let typed: (u64, Vec<String>) = redis::cmd("SCAN")
+        .arg(0)
+        .arg("TYPE")
+        .arg("hash")
+        .query(&mut con)
+        .unwrap();
     assert!(typed.1.is_empty());
     let bad: redis::RedisResult<Value> = redis::cmd("SCAN").arg("notanumber").query(&mut con);
     assert!(bad.unwrap_err().to_string().contains("invalid cursor"));
@@ -135,14 +169,33 @@ fn transactions_blocking_and_pubsub_over_a_cluster() {
     let mut p = Raw::connect(proxy.port);
     // A transaction on one node.
     let got = p.roundtrip(
-        &[resp(&[b"MULTI"]), resp(&[b"SET", b"{u}a", b"1"]), resp(&[b"INCR", b"{u}b"]), resp(&[b"PING"]), resp(&[b"EXEC"])].concat(),
+        &[
+            resp(&[b"MULTI"]),
+            resp(&[b"SET", b"{u}a", b"1"]),
+            resp(&[b"INCR", b"{u}b"]),
+            resp(&[b"PING"]),
+            resp(&[b"EXEC"]),
+        ]
+        .concat(),
         5,
     );
-    assert_eq!(String::from_utf8_lossy(&got), "+OK\r\n+QUEUED\r\n+QUEUED\r\n+QUEUED\r\n*3\r\n+OK\r\n:1\r\n+PONG\r\n");
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "+OK\r\n+QUEUED\r\n+QUEUED\r\n+QUEUED\r\n*3\r\n+OK\r\n:1\r\n+PONG\r\n"
+    );
     // Keys of another node inside the transaction abort it, as Redis Cluster would.
-    let other = (0..100).map(|i| format!("k{i}")).find(|k| slot_node(&cluster, k) != slot_node(&cluster, "{u}a")).unwrap();
+    let other = (0..100)
+        .map(|i| format!("k{i}"))
+        .find(|k| slot_node(&cluster, k) != slot_node(&cluster, "{u}a"))
+        .unwrap();
     let got = p.roundtrip(
-        &[resp(&[b"MULTI"]), resp(&[b"SET", b"{u}a", b"2"]), resp(&[b"SET", other.as_bytes(), b"x"]), resp(&[b"EXEC"])].concat(),
+        &[
+            resp(&[b"MULTI"]),
+            resp(&[b"SET", b"{u}a", b"2"]),
+            resp(&[b"SET", other.as_bytes(), b"x"]),
+            resp(&[b"EXEC"]),
+        ]
+        .concat(),
         4,
     );
     assert_eq!(
@@ -151,24 +204,45 @@ fn transactions_blocking_and_pubsub_over_a_cluster() {
     );
     assert_eq!(p.roundtrip(&resp(&[b"GET", b"{u}a"]), 1), b"$1\r\n1\r\n");
     // An empty transaction.
-    assert_eq!(p.roundtrip(&[resp(&[b"MULTI"]), resp(&[b"EXEC"])].concat(), 2), b"+OK\r\n*0\r\n");
+    assert_eq!(
+        p.roundtrip(&[resp(&[b"MULTI"]), resp(&[b"EXEC"])].concat(), 2),
+        b"+OK\r\n*0\r\n"
+    );
     // WATCH aborts when the key changes.
     let mut other_con = proxy.conn();
-    let got = p.roundtrip(&[resp(&[b"WATCH", b"{u}a"]), resp(&[b"GET", b"{u}a"])].concat(), 2);
+    let got = p.roundtrip(
+        &[resp(&[b"WATCH", b"{u}a"]), resp(&[b"GET", b"{u}a"])].concat(),
+        2,
+    );
     assert_eq!(got, b"+OK\r\n$1\r\n1\r\n");
     let _: () = other_con.set("{u}a", "changed").unwrap();
-    let got = p.roundtrip(&[resp(&[b"MULTI"]), resp(&[b"SET", b"{u}a", b"mine"]), resp(&[b"EXEC"])].concat(), 3);
+    let got = p.roundtrip(
+        &[
+            resp(&[b"MULTI"]),
+            resp(&[b"SET", b"{u}a", b"mine"]),
+            resp(&[b"EXEC"]),
+        ]
+        .concat(),
+        3,
+    );
     assert_eq!(got, b"+OK\r\n+QUEUED\r\n*-1\r\n");
     // BLPOP on the right node, released by a producer.
     let client = proxy.client();
     let waiter = std::thread::spawn(move || {
         let mut c = client.get_connection().unwrap();
-        let v: (String, String) = redis::cmd("BLPOP").arg("jobs").arg(10).query(&mut c).unwrap();
+        let v: (String, String) = redis::cmd("BLPOP")
+            .arg("jobs")
+            .arg(10)
+            .query(&mut c)
+            .unwrap();
         v
     });
     std::thread::sleep(Duration::from_millis(300));
     let _: () = other_con.rpush("jobs", "j1").unwrap();
-    assert_eq!(waiter.join().unwrap(), ("jobs".to_string(), "j1".to_string()));
+    assert_eq!(
+        waiter.join().unwrap(),
+        ("jobs".to_string(), "j1".to_string())
+    );
     // Pub/Sub across nodes, and sharded Pub/Sub by slot.
     let mut sub_con = proxy.conn();
     let mut sub = sub_con.as_pubsub();
@@ -176,19 +250,40 @@ fn transactions_blocking_and_pubsub_over_a_cluster() {
     sub.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     // Redis Cluster carries PUBLISH to every node over its bus (the count it returns is the
     // receiving node's own subscribers, so it is not checked here).
-    let _: i64 = redis::cmd("PUBLISH").arg("news").arg("hello").query(&mut other_con).unwrap();
-    assert_eq!(sub.get_message().unwrap().get_payload::<String>().unwrap(), "hello");
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg("news")
+        .arg("hello")
+        .query(&mut other_con)
+        .unwrap();
+    assert_eq!(
+        sub.get_message().unwrap().get_payload::<String>().unwrap(),
+        "hello"
+    );
     drop(sub);
     let mut s = Raw::connect(proxy.port);
     let got = s.roundtrip(&resp(&[b"SSUBSCRIBE", b"orders"]), 1);
-    assert_eq!(String::from_utf8_lossy(&got), "*3\r\n$10\r\nssubscribe\r\n$6\r\norders\r\n:1\r\n");
-    let receivers: i64 = redis::cmd("SPUBLISH").arg("orders").arg("o1").query(&mut other_con).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "*3\r\n$10\r\nssubscribe\r\n$6\r\norders\r\n:1\r\n"
+    );
+    let receivers: i64 = redis::cmd("SPUBLISH")
+        .arg("orders")
+        .arg("o1")
+        .query(&mut other_con)
+        .unwrap();
     assert_eq!(receivers, 1);
-    assert_eq!(String::from_utf8_lossy(&s.read_replies(1)), "*3\r\n$8\r\nsmessage\r\n$6\r\norders\r\n$2\r\no1\r\n");
+    assert_eq!(
+        String::from_utf8_lossy(&s.read_replies(1)),
+        "*3\r\n$8\r\nsmessage\r\n$6\r\norders\r\n$2\r\no1\r\n"
+    );
 }
 
 fn slot_node(cluster: &Cluster, key: &str) -> String {
-    let slot: i64 = cluster.cli(0, &["CLUSTER", "KEYSLOT", key]).trim().parse().unwrap();
+    let slot: i64 = cluster
+        .cli(0, &["CLUSTER", "KEYSLOT", key])
+        .trim()
+        .parse()
+        .unwrap();
     for line in cluster.cli(0, &["CLUSTER", "NODES"]).lines() {
         let f: Vec<&str> = line.split(' ').collect();
         if !f.get(2).is_some_and(|r| r.contains("master")) {
@@ -197,9 +292,10 @@ fn slot_node(cluster: &Cluster, key: &str) -> String {
         for r in &f[8..] {
             let (a, b) = r.split_once('-').unwrap_or((r, r));
             if let (Ok(a), Ok(b)) = (a.parse::<i64>(), b.parse::<i64>())
-                && (a..=b).contains(&slot) {
-                    return f[0].to_string();
-                }
+                && (a..=b).contains(&slot)
+            {
+                return f[0].to_string();
+            }
         }
     }
     panic!("no owner for slot {slot}");
@@ -217,18 +313,44 @@ fn moved_and_ask_are_hidden_from_clients() {
     let mut con = proxy.conn();
     let _: () = con.set("moving", "v1").unwrap();
     let _: () = con.set("{moving}2", "v2").unwrap();
-    let slot: u16 = cluster.cli(0, &["CLUSTER", "KEYSLOT", "moving"]).trim().parse().unwrap();
+    let slot: u16 = cluster
+        .cli(0, &["CLUSTER", "KEYSLOT", "moving"])
+        .trim()
+        .parse()
+        .unwrap();
     let owner_id = slot_node(&cluster, "moving");
     let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
-    let src = (0..3).find(|&i| node_id(&cluster, ports[i]) == owner_id).unwrap();
+    let src = (0..3)
+        .find(|&i| node_id(&cluster, ports[i]) == owner_id)
+        .unwrap();
     let dst = (src + 1) % 3;
     let src_id = node_id(&cluster, ports[src]);
     let dst_id = node_id(&cluster, ports[dst]);
     let s = slot.to_string();
     // Start migrating: the slot is MIGRATING on src and IMPORTING on dst; move one key only.
-    assert!(cluster.cli(dst, &["CLUSTER", "SETSLOT", &s, "IMPORTING", &src_id]).contains("OK"));
-    assert!(cluster.cli(src, &["CLUSTER", "SETSLOT", &s, "MIGRATING", &dst_id]).contains("OK"));
-    let out = cluster.cli(src, &["MIGRATE", "127.0.0.1", &ports[dst].to_string(), "", "0", "5000", "KEYS", "moving"]);
+    assert!(
+        cluster
+            .cli(dst, &["CLUSTER", "SETSLOT", &s, "IMPORTING", &src_id])
+            .contains("OK")
+    );
+    assert!(
+        cluster
+            .cli(src, &["CLUSTER", "SETSLOT", &s, "MIGRATING", &dst_id])
+            .contains("OK")
+    );
+    let out = cluster.cli(
+        src,
+        &[
+            "MIGRATE",
+            "127.0.0.1",
+            &ports[dst].to_string(),
+            "",
+            "0",
+            "5000",
+            "KEYS",
+            "moving",
+        ],
+    );
     assert!(out.contains("OK"), "{out}");
     // src answers ASK for the migrated key: respire follows it.
     let v: String = con.get("moving").unwrap();
@@ -240,13 +362,33 @@ fn moved_and_ask_are_hidden_from_clients() {
     std::thread::scope(|scope| {
         scope.spawn(|| {
             std::thread::sleep(Duration::from_millis(250));
-            let out = cluster.cli(src, &["MIGRATE", "127.0.0.1", &ports[dst].to_string(), "", "0", "5000", "KEYS", "{moving}2"]);
+            let out = cluster.cli(
+                src,
+                &[
+                    "MIGRATE",
+                    "127.0.0.1",
+                    &ports[dst].to_string(),
+                    "",
+                    "0",
+                    "5000",
+                    "KEYS",
+                    "{moving}2",
+                ],
+            );
             assert!(out.contains("OK"), "{out}");
             for i in 0..3 {
-                assert!(cluster.cli(i, &["CLUSTER", "SETSLOT", &s, "NODE", &dst_id]).contains("OK"));
+                assert!(
+                    cluster
+                        .cli(i, &["CLUSTER", "SETSLOT", &s, "NODE", &dst_id])
+                        .contains("OK")
+                );
             }
         });
-        let both: Vec<String> = redis::cmd("MGET").arg("moving").arg("{moving}2").query(&mut con).unwrap();
+        let both: Vec<String> = redis::cmd("MGET")
+            .arg("moving")
+            .arg("{moving}2")
+            .query(&mut con)
+            .unwrap();
         assert_eq!(both, vec!["v1", "v2"]);
     });
     for _ in 0..20 {
@@ -268,22 +410,37 @@ fn respire_presents_itself_as_a_one_node_cluster() {
     let cluster = Cluster::start(3, 0);
     let proxy = Respire::start_args(&["--cluster", &cluster.seeds()]);
     let mut con = proxy.conn();
-    let slots: Vec<(i64, i64, Vec<Value>)> = redis::cmd("CLUSTER").arg("SLOTS").query(&mut con).unwrap();
+    let slots: Vec<(i64, i64, Vec<Value>)> =
+        redis::cmd("CLUSTER").arg("SLOTS").query(&mut con).unwrap();
     assert_eq!(slots.len(), 1);
     assert_eq!((slots[0].0, slots[0].1), (0, 16383));
     let node = &slots[0].2;
     assert_eq!(node[0], Value::BulkString(b"127.0.0.1".to_vec()));
     assert_eq!(node[1], Value::Int(i64::from(proxy.port)));
     let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut con).unwrap();
-    assert!(info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:1"), "{info}");
-    let slot: i64 = redis::cmd("CLUSTER").arg("KEYSLOT").arg("foo").query(&mut con).unwrap();
+    assert!(
+        info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:1"),
+        "{info}"
+    );
+    let slot: i64 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg("foo")
+        .query(&mut con)
+        .unwrap();
     assert_eq!(slot, 12182);
     let nodes: String = redis::cmd("CLUSTER").arg("NODES").query(&mut con).unwrap();
-    assert!(nodes.contains(&format!("127.0.0.1:{}@0 myself,master", proxy.port)), "{nodes}");
+    assert!(
+        nodes.contains(&format!("127.0.0.1:{}@0 myself,master", proxy.port)),
+        "{nodes}"
+    );
     let ok: String = redis::cmd("READONLY").query(&mut con).unwrap();
     assert_eq!(ok, "OK");
     let _: () = con.set("foo", "bar").unwrap();
-    let n: i64 = redis::cmd("CLUSTER").arg("COUNTKEYSINSLOT").arg(12182).query(&mut con).unwrap();
+    let n: i64 = redis::cmd("CLUSTER")
+        .arg("COUNTKEYSINSLOT")
+        .arg(12182)
+        .query(&mut con)
+        .unwrap();
     assert_eq!(n, 1);
 }
 
@@ -311,7 +468,11 @@ print("ok")
 "#,
         port = proxy.port
     );
-    let out = std::process::Command::new("python3").arg("-c").arg(&script).output().unwrap();
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
     assert!(
         out.status.success() && String::from_utf8_lossy(&out.stdout).contains("ok"),
         "redis-py RedisCluster failed:\n{}\n{}",
@@ -323,14 +484,20 @@ print("ok")
 #[test]
 fn standalone_shards_place_keys_by_slot() {
     let shards: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
-    let list = shards.iter().map(|s| s.addr()).collect::<Vec<_>>().join(",");
+    let list = shards
+        .iter()
+        .map(|s| s.addr())
+        .collect::<Vec<_>>()
+        .join(",");
     let proxy = Respire::start_args(&["--shards", &list]);
     let mut con = proxy.conn();
     for i in 0..300 {
         let _: () = con.set(format!("s:{i}"), i).unwrap();
     }
     for s in &shards {
-        let n: i64 = redis::cmd("DBSIZE").query(&mut s.client().get_connection().unwrap()).unwrap();
+        let n: i64 = redis::cmd("DBSIZE")
+            .query(&mut s.client().get_connection().unwrap())
+            .unwrap();
         assert!(n > 50, "shard {} holds {n}", s.port);
     }
     // The shard holding a key is the one its slot falls to (even split of 16384 slots).
@@ -341,22 +508,40 @@ fn standalone_shards_place_keys_by_slot() {
     compare_with_single_redis(proxy.port, SPLIT);
     // SELECT works over standalone shards.
     let mut p = Raw::connect(proxy.port);
-    let got = p.roundtrip(&[resp(&[b"SELECT", b"2"]), resp(&[b"SET", b"x", b"y"]), resp(&[b"GET", b"x"])].concat(), 3);
+    let got = p.roundtrip(
+        &[
+            resp(&[b"SELECT", b"2"]),
+            resp(&[b"SET", b"x", b"y"]),
+            resp(&[b"GET", b"x"]),
+        ]
+        .concat(),
+        3,
+    );
     assert_eq!(got, b"+OK\r\n+OK\r\n$1\r\ny\r\n");
 }
 
 #[test]
 fn reads_go_to_replicas_when_asked() {
     let cluster = Cluster::start(3, 1);
-    let seeds: Vec<String> = cluster.seeds().split(',').map(|s| format!("\"{s}\"")).collect();
-    let proxy = Respire::with_config(&format!("[backend]\ncluster = [{}]\nread_from = \"replica\"\n", seeds.join(", ")));
+    let seeds: Vec<String> = cluster
+        .seeds()
+        .split(',')
+        .map(|s| format!("\"{s}\""))
+        .collect();
+    let proxy = Respire::with_config(&format!(
+        "[backend]\ncluster = [{}]\nread_from = \"replica\"\n",
+        seeds.join(", ")
+    ));
     let mut con = proxy.conn();
     for i in 0..30 {
         let _: () = con.set(format!("r:{i}"), i).unwrap();
     }
     // Let replication catch up on every master.
     for port in cluster.master_ports() {
-        let mut m = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap().get_connection().unwrap();
+        let mut m = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+            .unwrap()
+            .get_connection()
+            .unwrap();
         let _: i64 = redis::cmd("WAIT").arg(1).arg(2000).query(&mut m).unwrap();
     }
     for i in 0..30 {
@@ -366,7 +551,10 @@ fn reads_go_to_replicas_when_asked() {
     let gets = |role: &str| -> i64 {
         let mut total = 0;
         for (i, n) in cluster.nodes.iter().enumerate() {
-            if !cluster.cli(i, &["INFO", "replication"]).contains(&format!("role:{role}")) {
+            if !cluster
+                .cli(i, &["INFO", "replication"])
+                .contains(&format!("role:{role}"))
+            {
                 continue;
             }
             let _ = n;
@@ -390,23 +578,46 @@ fn shard_subscriptions_follow_their_slot() {
     let proxy = Respire::start_args(&["--cluster", &cluster.seeds()]);
     let mut s = Raw::connect(proxy.port);
     let got = s.roundtrip(&resp(&[b"SSUBSCRIBE", b"orders"]), 1);
-    assert_eq!(String::from_utf8_lossy(&got), "*3\r\n$10\r\nssubscribe\r\n$6\r\norders\r\n:1\r\n");
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "*3\r\n$10\r\nssubscribe\r\n$6\r\norders\r\n:1\r\n"
+    );
     // Hand the channel's slot to another master (no keys live in it).
-    let slot = cluster.cli(0, &["CLUSTER", "KEYSLOT", "orders"]).trim().to_string();
+    let slot = cluster
+        .cli(0, &["CLUSTER", "KEYSLOT", "orders"])
+        .trim()
+        .to_string();
     let owner = slot_node(&cluster, "orders");
     let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
-    let new_owner = (0..3).map(|i| node_id(&cluster, ports[i])).find(|id| *id != owner).unwrap();
+    let new_owner = (0..3)
+        .map(|i| node_id(&cluster, ports[i]))
+        .find(|id| *id != owner)
+        .unwrap();
     for i in 0..3 {
-        assert!(cluster.cli(i, &["CLUSTER", "SETSLOT", &slot, "NODE", &new_owner]).contains("OK"));
+        assert!(
+            cluster
+                .cli(i, &["CLUSTER", "SETSLOT", &slot, "NODE", &new_owner])
+                .contains("OK")
+        );
     }
     // Messages published to the new owner reach the subscriber once respire has moved it.
     let mut publisher = proxy.conn();
     let mut delivered = false;
     for i in 0..50 {
-        let n: i64 = redis::cmd("SPUBLISH").arg("orders").arg(format!("o{i}")).query(&mut publisher).unwrap();
+        let n: i64 = redis::cmd("SPUBLISH")
+            .arg("orders")
+            .arg(format!("o{i}"))
+            .query(&mut publisher)
+            .unwrap();
         if n == 1 {
             let got = String::from_utf8_lossy(&s.read_replies(1)).into_owned();
-            assert_eq!(got, format!("*3\r\n$8\r\nsmessage\r\n$6\r\norders\r\n${}\r\no{i}\r\n", format!("o{i}").len()));
+            assert_eq!(
+                got,
+                format!(
+                    "*3\r\n$8\r\nsmessage\r\n$6\r\norders\r\n${}\r\no{i}\r\n",
+                    format!("o{i}").len()
+                )
+            );
             delivered = true;
             break;
         }

@@ -38,11 +38,18 @@ fn data_types_resp3_match_direct_redis() {
         let got = p.roundtrip(&req, 1);
         if i == 0 {
             let got = String::from_utf8_lossy(&got);
-            assert!(got.starts_with("%7\r\n$6\r\nserver\r\n$5\r\nredis\r\n$7\r\nversion\r\n"), "{got}");
+            assert!(
+                got.starts_with("%7\r\n$6\r\nserver\r\n$5\r\nredis\r\n$7\r\nversion\r\n"),
+                "{got}"
+            );
             assert!(got.contains("$5\r\nproto\r\n:3\r\n"), "{got}");
             continue;
         }
-        assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&want), "command #{i} {cmd:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&want),
+            "command #{i} {cmd:?}"
+        );
     }
 }
 
@@ -66,10 +73,22 @@ fn malformed_input_closes_only_that_connection() {
     let mut good = proxy.conn();
     let _: () = good.set("k", "v").unwrap();
     for (bad, err) in [
-        (&b"*1\r\n:5\r\n"[..], "-ERR Protocol error: expected '$', got ':'\r\n"),
-        (b"*abc\r\n", "-ERR Protocol error: invalid multibulk length\r\n"),
-        (b"*1\r\n$-3\r\n", "-ERR Protocol error: invalid bulk length\r\n"),
-        (b"*1\r\n$999999999999\r\n", "-ERR Protocol error: invalid bulk length\r\n"),
+        (
+            &b"*1\r\n:5\r\n"[..],
+            "-ERR Protocol error: expected '$', got ':'\r\n",
+        ),
+        (
+            b"*abc\r\n",
+            "-ERR Protocol error: invalid multibulk length\r\n",
+        ),
+        (
+            b"*1\r\n$-3\r\n",
+            "-ERR Protocol error: invalid bulk length\r\n",
+        ),
+        (
+            b"*1\r\n$999999999999\r\n",
+            "-ERR Protocol error: invalid bulk length\r\n",
+        ),
     ] {
         let mut p = Raw::connect(proxy.port);
         // A good command first: it is answered before the error.
@@ -142,12 +161,23 @@ fn select_is_isolated_between_clients_sharing_backend_connections() {
         assert_eq!((va.as_str(), vb.as_str()), ("db1", "db0"));
     }
     let mut direct = redis.client().get_connection().unwrap();
-    redis::cmd("SELECT").arg(1).query::<()>(&mut direct).unwrap();
+    redis::cmd("SELECT")
+        .arg(1)
+        .query::<()>(&mut direct)
+        .unwrap();
     let v: String = direct.get("k").unwrap();
     assert_eq!(v, "db1");
     // Pipelined switch: SELECT then GET in one batch sees the new database.
     let mut p = Raw::connect(proxy.port);
-    let got = p.roundtrip(&[resp(&[b"SET", b"k", b"x"]), resp(&[b"SELECT", b"1"]), resp(&[b"GET", b"k"])].concat(), 3);
+    let got = p.roundtrip(
+        &[
+            resp(&[b"SET", b"k", b"x"]),
+            resp(&[b"SELECT", b"1"]),
+            resp(&[b"GET", b"k"]),
+        ]
+        .concat(),
+        3,
+    );
     assert_eq!(String::from_utf8_lossy(&got), "+OK\r\n+OK\r\n$3\r\ndb1\r\n");
 }
 
@@ -158,7 +188,12 @@ fn transactions_and_watch() {
     let mut a = proxy.conn();
     let mut other = proxy.conn();
     // A committed transaction.
-    let (x, y): (i64, i64) = redis::pipe().atomic().incr("x", 1).incr("y", 2).query(&mut a).unwrap();
+    let (x, y): (i64, i64) = redis::pipe()
+        .atomic()
+        .incr("x", 1)
+        .incr("y", 2)
+        .query(&mut a)
+        .unwrap();
     assert_eq!((x, y), (1, 2));
     // An aborted one: the watched key changes before EXEC.
     redis::cmd("WATCH").arg("x").query::<()>(&mut a).unwrap();
@@ -167,12 +202,20 @@ fn transactions_and_watch() {
     let q: String = redis::cmd("INCR").arg("x").query(&mut a).unwrap();
     assert_eq!(q, "QUEUED");
     let r: Value = redis::cmd("EXEC").query(&mut a).unwrap();
-    assert_eq!(r, Value::Nil, "EXEC after a WATCHed key changed returns nil");
+    assert_eq!(
+        r,
+        Value::Nil,
+        "EXEC after a WATCHed key changed returns nil"
+    );
     let x: i64 = a.get("x").unwrap();
     assert_eq!(x, 100);
     // Commands of another client are not swallowed by a transaction in progress.
     redis::cmd("MULTI").query::<()>(&mut a).unwrap();
-    let _: String = redis::cmd("SET").arg("t").arg("in-tx").query(&mut a).unwrap();
+    let _: String = redis::cmd("SET")
+        .arg("t")
+        .arg("in-tx")
+        .query(&mut a)
+        .unwrap();
     let t: Option<String> = other.get("t").unwrap();
     assert_eq!(t, None, "queued command must not run before EXEC");
     let _: () = other.set("u", 1).unwrap();
@@ -183,7 +226,14 @@ fn transactions_and_watch() {
     // Errors inside MULTI behave as in Redis.
     let mut p = Raw::connect(proxy.port);
     let got = p.roundtrip(
-        &[resp(&[b"MULTI"]), resp(&[b"SET", b"k"]), resp(&[b"EXEC"]), resp(&[b"DISCARD"]), resp(&[b"GET", b"t"])].concat(),
+        &[
+            resp(&[b"MULTI"]),
+            resp(&[b"SET", b"k"]),
+            resp(&[b"EXEC"]),
+            resp(&[b"DISCARD"]),
+            resp(&[b"GET", b"t"]),
+        ]
+        .concat(),
         5,
     );
     assert_eq!(
@@ -200,7 +250,11 @@ fn blpop_is_released_by_a_producer_and_does_not_block_others() {
     let waiter = std::thread::spawn(move || {
         let mut c = client.get_connection().unwrap();
         let start = Instant::now();
-        let v: (String, String) = redis::cmd("BLPOP").arg("jobs").arg(10).query(&mut c).unwrap();
+        let v: (String, String) = redis::cmd("BLPOP")
+            .arg("jobs")
+            .arg(10)
+            .query(&mut c)
+            .unwrap();
         (v, start.elapsed())
     });
     std::thread::sleep(Duration::from_millis(300));
@@ -212,7 +266,10 @@ fn blpop_is_released_by_a_producer_and_does_not_block_others() {
     let _: () = other.rpush("jobs", "job-1").unwrap();
     let ((list, job), waited) = waiter.join().unwrap();
     assert_eq!((list.as_str(), job.as_str()), ("jobs", "job-1"));
-    assert!(waited >= Duration::from_millis(250), "BLPOP returned before the push");
+    assert!(
+        waited >= Duration::from_millis(250),
+        "BLPOP returned before the push"
+    );
 }
 
 #[test]
@@ -231,7 +288,10 @@ fn client_disconnecting_mid_block_releases_the_backend() {
     std::thread::sleep(Duration::from_millis(100));
     let len: i64 = direct.llen("q").unwrap();
     assert_eq!(len, 1, "an element was popped for a client that was gone");
-    let blocked: String = redis::cmd("INFO").arg("clients").query(&mut direct).unwrap();
+    let blocked: String = redis::cmd("INFO")
+        .arg("clients")
+        .query(&mut direct)
+        .unwrap();
     assert!(blocked.contains("blocked_clients:0"), "{blocked}");
 }
 
@@ -247,7 +307,11 @@ fn pubsub_with_a_publisher_on_another_connection() {
     let mut publisher = proxy.conn();
     let mut receivers = 0;
     for _ in 0..50 {
-        receivers = redis::cmd("PUBLISH").arg("news").arg("m0").query::<i64>(&mut publisher).unwrap();
+        receivers = redis::cmd("PUBLISH")
+            .arg("news")
+            .arg("m0")
+            .query::<i64>(&mut publisher)
+            .unwrap();
         if receivers == 1 {
             break;
         }
@@ -258,11 +322,19 @@ fn pubsub_with_a_publisher_on_another_connection() {
     assert_eq!(msg.get_channel_name(), "news");
     assert_eq!(msg.get_payload::<String>().unwrap(), "m0");
     for i in 1..=20 {
-        let _: i64 = redis::cmd("PUBLISH").arg(if i % 2 == 0 { "news" } else { "ev:x" }).arg(format!("m{i}")).query(&mut publisher).unwrap();
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(if i % 2 == 0 { "news" } else { "ev:x" })
+            .arg(format!("m{i}"))
+            .query(&mut publisher)
+            .unwrap();
     }
     for i in 1..=20 {
         let msg = sub.get_message().unwrap();
-        assert_eq!(msg.get_payload::<String>().unwrap(), format!("m{i}"), "messages arrive in order");
+        assert_eq!(
+            msg.get_payload::<String>().unwrap(),
+            format!("m{i}"),
+            "messages arrive in order"
+        );
     }
 }
 
@@ -274,11 +346,21 @@ fn resp3_client_gets_push_messages() {
     let hello = p.roundtrip(&resp(&[b"HELLO", b"3"]), 1);
     assert!(hello.starts_with(b"%7\r\n"));
     let got = p.roundtrip(&resp(&[b"SUBSCRIBE", b"c"]), 1);
-    assert_eq!(String::from_utf8_lossy(&got), ">3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n");
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        ">3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n"
+    );
     let mut publisher = proxy.conn();
-    let _: i64 = redis::cmd("PUBLISH").arg("c").arg("hi").query(&mut publisher).unwrap();
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg("c")
+        .arg("hi")
+        .query(&mut publisher)
+        .unwrap();
     let got = p.read_replies(1);
-    assert_eq!(String::from_utf8_lossy(&got), ">3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$2\r\nhi\r\n");
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        ">3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$2\r\nhi\r\n"
+    );
     // RESP3 allows ordinary commands on a subscribed connection.
     let got = p.roundtrip(&resp(&[b"SET", b"k", b"v"]), 1);
     assert_eq!(String::from_utf8_lossy(&got), "+OK\r\n");
@@ -318,7 +400,9 @@ async fn five_hundred_concurrent_clients() {
             let mut con = client.get_multiplexed_async_connection().await.unwrap();
             for i in 0..20 {
                 let key = format!("c{c}:k{i}");
-                let _: () = redis::AsyncCommands::set(&mut con, &key, format!("{c}-{i}")).await.unwrap();
+                let _: () = redis::AsyncCommands::set(&mut con, &key, format!("{c}-{i}"))
+                    .await
+                    .unwrap();
                 let v: String = redis::AsyncCommands::get(&mut con, &key).await.unwrap();
                 assert_eq!(v, format!("{c}-{i}"));
             }
@@ -331,7 +415,10 @@ async fn five_hundred_concurrent_clients() {
     let mut direct = redis.client().get_connection().unwrap();
     let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut direct).unwrap();
     let from_respire = list.lines().filter(|l| l.contains("name=respire")).count();
-    assert!(from_respire <= 8, "{from_respire} backend connections for 500 clients:\n{list}");
+    assert!(
+        from_respire <= 8,
+        "{from_respire} backend connections for 500 clients:\n{list}"
+    );
     let dbsize: i64 = redis::cmd("DBSIZE").query(&mut direct).unwrap();
     assert_eq!(dbsize, 10_000);
 }
@@ -369,11 +456,18 @@ fn authentication_at_respire() {
     // HELLO with AUTH authenticates and switches protocol in one step.
     let mut q = Raw::connect(proxy.port);
     let got = q.roundtrip(&resp(&[b"HELLO", b"3", b"AUTH", b"alice", b"wonder"]), 1);
-    assert!(got.starts_with(b"%7\r\n"), "{}", String::from_utf8_lossy(&got));
+    assert!(
+        got.starts_with(b"%7\r\n"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
     // Unauthenticated clients cannot send big requests (as in Redis).
     let mut r = Raw::connect(proxy.port);
     let got = r.roundtrip(b"*20\r\n", 1);
-    assert_eq!(String::from_utf8_lossy(&got), "-ERR Protocol error: unauthenticated multibulk length\r\n");
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "-ERR Protocol error: unauthenticated multibulk length\r\n"
+    );
     // The redis crate's own AUTH path works.
     let c = redis::Client::open(format!("redis://alice:wonder@127.0.0.1:{}/", proxy.port)).unwrap();
     let mut con = c.get_connection().unwrap();
@@ -400,20 +494,45 @@ fn client_commands_are_about_respire_clients() {
     let proxy = Respire::start(&redis.addr(), &[]);
     let mut a = proxy.conn();
     let mut b = proxy.conn();
-    redis::cmd("CLIENT").arg("SETNAME").arg("alpha").query::<()>(&mut a).unwrap();
+    redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg("alpha")
+        .query::<()>(&mut a)
+        .unwrap();
     let name: String = redis::cmd("CLIENT").arg("GETNAME").query(&mut a).unwrap();
     assert_eq!(name, "alpha");
     let id_b: i64 = redis::cmd("CLIENT").arg("ID").query(&mut b).unwrap();
     let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut a).unwrap();
-    assert!(list.lines().any(|l| l.contains("name=alpha") && l.contains("cmd=client|list")), "{list}");
-    assert!(list.lines().any(|l| l.starts_with(&format!("id={id_b} "))), "{list}");
-    assert!(!list.contains("name=respire"), "backend connections are not respire's clients");
+    assert!(
+        list.lines()
+            .any(|l| l.contains("name=alpha") && l.contains("cmd=client|list")),
+        "{list}"
+    );
+    assert!(
+        list.lines().any(|l| l.starts_with(&format!("id={id_b} "))),
+        "{list}"
+    );
+    assert!(
+        !list.contains("name=respire"),
+        "backend connections are not respire's clients"
+    );
     let info: String = redis::cmd("CLIENT").arg("INFO").query(&mut a).unwrap();
-    assert!(info.contains("name=alpha") && info.ends_with('\n'), "{info}");
-    let killed: i64 = redis::cmd("CLIENT").arg("KILL").arg("ID").arg(id_b).query(&mut a).unwrap();
+    assert!(
+        info.contains("name=alpha") && info.ends_with('\n'),
+        "{info}"
+    );
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(id_b)
+        .query(&mut a)
+        .unwrap();
     assert_eq!(killed, 1);
     std::thread::sleep(Duration::from_millis(100));
-    assert!(redis::cmd("PING").query::<String>(&mut b).is_err(), "killed client is disconnected");
+    assert!(
+        redis::cmd("PING").query::<String>(&mut b).is_err(),
+        "killed client is disconnected"
+    );
     let pong: String = redis::cmd("PING").query(&mut a).unwrap();
     assert_eq!(pong, "PONG");
 }
@@ -444,7 +563,15 @@ fn quit_answers_ok_and_closes() {
     let redis = RedisServer::start();
     let proxy = Respire::start(&redis.addr(), &[]);
     let mut p = Raw::connect(proxy.port);
-    let got = p.roundtrip(&[resp(&[b"SET", b"q", b"1"]), resp(&[b"QUIT"]), resp(&[b"SET", b"q", b"2"])].concat(), 2);
+    let got = p.roundtrip(
+        &[
+            resp(&[b"SET", b"q", b"1"]),
+            resp(&[b"QUIT"]),
+            resp(&[b"SET", b"q", b"2"]),
+        ]
+        .concat(),
+        2,
+    );
     assert_eq!(String::from_utf8_lossy(&got), "+OK\r\n+OK\r\n");
     assert!(p.closed());
     let v: String = redis.client().get_connection().unwrap().get("q").unwrap();
@@ -456,14 +583,24 @@ fn redis_cli_through_respire() {
     let redis = RedisServer::start();
     let proxy = Respire::start(&redis.addr(), &[]);
     let run = |args: &[&str]| {
-        let out = std::process::Command::new("redis-cli").args(["-p", &proxy.port.to_string()]).args(args).output().unwrap();
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &proxy.port.to_string()])
+            .args(args)
+            .output()
+            .unwrap();
         assert!(out.status.success());
         String::from_utf8_lossy(&out.stdout).trim_end().to_string()
     };
     assert_eq!(run(&["SET", "cli", "value"]), "OK");
     assert_eq!(run(&["GET", "cli"]), "value");
-    assert_eq!(run(&["--no-raw", "-3", "HSET", "h", "a", "1"]), "(integer) 1");
-    assert_eq!(run(&["--no-raw", "LRANGE", "nolist", "0", "-1"]), "(empty array)");
+    assert_eq!(
+        run(&["--no-raw", "-3", "HSET", "h", "a", "1"]),
+        "(integer) 1"
+    );
+    assert_eq!(
+        run(&["--no-raw", "LRANGE", "nolist", "0", "-1"]),
+        "(empty array)"
+    );
     assert!(run(&["INFO", "server"]).contains("redis_version:"));
     assert!(run(&["COMMAND", "COUNT"]).parse::<u32>().unwrap() > 200);
 }
@@ -475,7 +612,12 @@ fn backend_down_at_start_then_up() {
     let mut p = Raw::connect(proxy.port);
     let got = p.roundtrip(&resp(&[b"GET", b"k"]), 1);
     let text = String::from_utf8_lossy(&got);
-    assert!(text.starts_with(&format!("-ERR respire: backend 127.0.0.1:{port} is unavailable")), "{text}");
+    assert!(
+        text.starts_with(&format!(
+            "-ERR respire: backend 127.0.0.1:{port} is unavailable"
+        )),
+        "{text}"
+    );
     // Local commands still work.
     assert_eq!(p.roundtrip(&resp(&[b"PING"]), 1), b"+PONG\r\n");
     // Once Redis is there, the same connection works (after the reconnect backoff).
@@ -486,7 +628,11 @@ fn backend_down_at_start_then_up() {
         if got == b"+OK\r\n" {
             break;
         }
-        assert!(Instant::now() < deadline, "never reconnected: {}", String::from_utf8_lossy(&got));
+        assert!(
+            Instant::now() < deadline,
+            "never reconnected: {}",
+            String::from_utf8_lossy(&got)
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -534,7 +680,10 @@ fn backend_restarted_under_load() {
         let (ok, _errors) = w.join().unwrap();
         total_ok += ok;
     }
-    assert!(after.iter().all(|ok| *ok), "clients fail after the backend came back: {after:?}");
+    assert!(
+        after.iter().all(|ok| *ok),
+        "clients fail after the backend came back: {after:?}"
+    );
     assert!(total_ok > 100);
 }
 
@@ -544,9 +693,17 @@ fn graceful_shutdown_delivers_owed_replies() {
     let mut proxy = Respire::start(&redis.addr(), &[]);
     let mut p = Raw::connect(proxy.port);
     // A slow command is in flight when SIGTERM arrives.
-    p.send(&[resp(&[b"DEBUG", b"SLEEP", b"0.5"]), resp(&[b"SET", b"after-sleep", b"1"])].concat());
+    p.send(
+        &[
+            resp(&[b"DEBUG", b"SLEEP", b"0.5"]),
+            resp(&[b"SET", b"after-sleep", b"1"]),
+        ]
+        .concat(),
+    );
     std::thread::sleep(Duration::from_millis(100));
-    let status = proxy.terminate(Duration::from_secs(10)).expect("respire exits");
+    let status = proxy
+        .terminate(Duration::from_secs(10))
+        .expect("respire exits");
     assert!(status.success(), "exit status {status:?}");
     let got = p.read_replies(2);
     assert_eq!(String::from_utf8_lossy(&got), "+OK\r\n+OK\r\n");
@@ -558,14 +715,20 @@ fn graceful_shutdown_delivers_owed_replies() {
 #[test]
 fn max_clients_is_enforced() {
     let redis = RedisServer::start();
-    let proxy = Respire::with_config(&format!("max_clients = 3\n[backend]\naddress = \"{}\"\n", redis.addr()));
+    let proxy = Respire::with_config(&format!(
+        "max_clients = 3\n[backend]\naddress = \"{}\"\n",
+        redis.addr()
+    ));
     std::thread::sleep(Duration::from_millis(100));
     let mut held: Vec<Raw> = (0..3).map(|_| Raw::connect(proxy.port)).collect();
     for h in held.iter_mut() {
         assert_eq!(h.roundtrip(b"PING\r\n", 1), b"+PONG\r\n");
     }
     let mut extra = Raw::connect(proxy.port);
-    assert_eq!(extra.read_replies(1), b"-ERR max number of clients reached\r\n");
+    assert_eq!(
+        extra.read_replies(1),
+        b"-ERR max number of clients reached\r\n"
+    );
     assert!(extra.closed());
     drop(held.pop());
     std::thread::sleep(Duration::from_millis(200));
@@ -576,13 +739,24 @@ fn max_clients_is_enforced() {
 #[test]
 fn slow_backend_replies_time_out_with_a_clear_error() {
     let redis = RedisServer::start();
-    let proxy = Respire::with_config(&format!("[backend]\naddress = \"{}\"\ncommand_timeout = \"300ms\"\n", redis.addr()));
+    let proxy = Respire::with_config(&format!(
+        "[backend]\naddress = \"{}\"\ncommand_timeout = \"300ms\"\n",
+        redis.addr()
+    ));
     let mut p = Raw::connect(proxy.port);
     let start = Instant::now();
     let got = p.roundtrip(&resp(&[b"DEBUG", b"SLEEP", b"1"]), 1);
     let text = String::from_utf8_lossy(&got);
-    assert!(text.starts_with("-ERR respire: connection to backend") && text.contains("no reply within 300ms"), "{text}");
-    assert!(start.elapsed() < Duration::from_millis(900), "timed out after {:?}", start.elapsed());
+    assert!(
+        text.starts_with("-ERR respire: connection to backend")
+            && text.contains("no reply within 300ms"),
+        "{text}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_millis(900),
+        "timed out after {:?}",
+        start.elapsed()
+    );
     // Blocking commands are exempt: a 1 s BLPOP is not cut short.
     let got = p.roundtrip(&resp(&[b"BLPOP", b"nothing", b"1"]), 1);
     assert_eq!(String::from_utf8_lossy(&got), "*-1\r\n");
@@ -622,22 +796,37 @@ fn a_thousand_subscribers_share_a_few_backend_connections() {
     for i in 0..1000 {
         let mut s = Raw::connect(proxy.port);
         let channel: &[u8] = if i % 2 == 0 { b"ticks" } else { b"tic*" };
-        let verb: &[u8] = if i % 2 == 0 { b"SUBSCRIBE" } else { b"PSUBSCRIBE" };
+        let verb: &[u8] = if i % 2 == 0 {
+            b"SUBSCRIBE"
+        } else {
+            b"PSUBSCRIBE"
+        };
         s.send(&resp(&[verb, channel]));
         subs.push(s);
     }
     for (i, s) in subs.iter_mut().enumerate() {
         let got = s.read_replies(1);
-        let want = if i % 2 == 0 { "*3\r\n$9\r\nsubscribe\r\n$5\r\nticks\r\n:1\r\n" } else { "*3\r\n$10\r\npsubscribe\r\n$4\r\ntic*\r\n:1\r\n" };
+        let want = if i % 2 == 0 {
+            "*3\r\n$9\r\nsubscribe\r\n$5\r\nticks\r\n:1\r\n"
+        } else {
+            "*3\r\n$10\r\npsubscribe\r\n$4\r\ntic*\r\n:1\r\n"
+        };
         assert_eq!(String::from_utf8_lossy(&got), want);
     }
     let mut direct = redis.client().get_connection().unwrap();
     let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut direct).unwrap();
     let backend_conns = list.lines().filter(|l| l.contains("name=respire")).count();
-    assert!(backend_conns <= 4, "{backend_conns} backend connections for 1000 subscribers:\n{list}");
+    assert!(
+        backend_conns <= 4,
+        "{backend_conns} backend connections for 1000 subscribers:\n{list}"
+    );
     let mut publisher = proxy.conn();
     for m in 0..20 {
-        let _: i64 = redis::cmd("PUBLISH").arg("ticks").arg(format!("m{m}")).query(&mut publisher).unwrap();
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg("ticks")
+            .arg(format!("m{m}"))
+            .query(&mut publisher)
+            .unwrap();
     }
     for (i, s) in subs.iter_mut().enumerate() {
         let got = String::from_utf8_lossy(&s.read_replies(20)).into_owned();
@@ -645,25 +834,47 @@ fn a_thousand_subscribers_share_a_few_backend_connections() {
             .map(|m| {
                 let msg = format!("m{m}");
                 if i % 2 == 0 {
-                    format!("*3\r\n$7\r\nmessage\r\n$5\r\nticks\r\n${}\r\n{msg}\r\n", msg.len())
+                    format!(
+                        "*3\r\n$7\r\nmessage\r\n$5\r\nticks\r\n${}\r\n{msg}\r\n",
+                        msg.len()
+                    )
                 } else {
-                    format!("*4\r\n$8\r\npmessage\r\n$4\r\ntic*\r\n$5\r\nticks\r\n${}\r\n{msg}\r\n", msg.len())
+                    format!(
+                        "*4\r\n$8\r\npmessage\r\n$4\r\ntic*\r\n$5\r\nticks\r\n${}\r\n{msg}\r\n",
+                        msg.len()
+                    )
                 }
             })
             .collect();
         assert_eq!(got, want, "subscriber {i}");
     }
     // Unsubscribing leaves subscribe mode; other subscribers keep receiving.
-    let got = subs[0].roundtrip(&[resp(&[b"UNSUBSCRIBE"]), resp(&[b"GET", b"k"])].concat(), 2);
-    assert_eq!(String::from_utf8_lossy(&got), "*3\r\n$11\r\nunsubscribe\r\n$5\r\nticks\r\n:0\r\n$-1\r\n");
+    let got = subs[0].roundtrip(
+        &[resp(&[b"UNSUBSCRIBE"]), resp(&[b"GET", b"k"])].concat(),
+        2,
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "*3\r\n$11\r\nunsubscribe\r\n$5\r\nticks\r\n:0\r\n$-1\r\n"
+    );
     let got = subs[2].roundtrip(&resp(&[b"GET", b"k"]), 1);
     assert_eq!(
         String::from_utf8_lossy(&got),
         "-ERR Can't execute 'get': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context\r\n"
     );
-    assert_eq!(subs[2].roundtrip(&resp(&[b"PING"]), 1), b"*2\r\n$4\r\npong\r\n$0\r\n\r\n");
-    let _: i64 = redis::cmd("PUBLISH").arg("ticks").arg("last").query(&mut publisher).unwrap();
-    assert_eq!(String::from_utf8_lossy(&subs[2].read_replies(1)), "*3\r\n$7\r\nmessage\r\n$5\r\nticks\r\n$4\r\nlast\r\n");
+    assert_eq!(
+        subs[2].roundtrip(&resp(&[b"PING"]), 1),
+        b"*2\r\n$4\r\npong\r\n$0\r\n\r\n"
+    );
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg("ticks")
+        .arg("last")
+        .query(&mut publisher)
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&subs[2].read_replies(1)),
+        "*3\r\n$7\r\nmessage\r\n$5\r\nticks\r\n$4\r\nlast\r\n"
+    );
 }
 
 #[test]
@@ -684,8 +895,14 @@ fn idle_clients_cost_little_memory() {
         assert_eq!(c.read_replies(1), b"+PONG\r\n");
     }
     let per_client = (proxy.rss_kib().saturating_sub(before)) * 1024 / n as u64;
-    assert!(per_client <= 16 * 1024, "{per_client} bytes of RSS per idle client");
+    assert!(
+        per_client <= 16 * 1024,
+        "{per_client} bytes of RSS per idle client"
+    );
     // They still work.
     let c = conns.last_mut().unwrap();
-    assert_eq!(c.roundtrip(&resp(&[b"ECHO", b"still here"]), 1), b"$10\r\nstill here\r\n");
+    assert_eq!(
+        c.roundtrip(&resp(&[b"ECHO", b"still here"]), 1),
+        b"$10\r\nstill here\r\n"
+    );
 }

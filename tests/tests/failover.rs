@@ -13,7 +13,10 @@ use respire_tests::{Cluster, Load, Raw, Respire, lost_writes, resp};
 fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {
-        assert!(Instant::now() < deadline, "{what} did not happen within {timeout:?}");
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within {timeout:?}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -23,7 +26,13 @@ fn a_replica(cluster: &Cluster) -> (usize, usize) {
     for i in 0..cluster.nodes.len() {
         let info = cluster.cli(i, &["INFO", "replication"]);
         if info.contains("role:slave") {
-            let port: u16 = info.lines().find_map(|l| l.strip_prefix("master_port:")).unwrap().trim().parse().unwrap();
+            let port: u16 = info
+                .lines()
+                .find_map(|l| l.strip_prefix("master_port:"))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
             return (i, cluster.index_of(port));
         }
     }
@@ -37,16 +46,30 @@ fn manual_failover_is_invisible() {
     let (replica, master) = a_replica(&cluster);
     let load = Load::start(proxy.port, 8);
     std::thread::sleep(Duration::from_millis(500));
-    assert!(cluster.cli(replica, &["CLUSTER", "FAILOVER"]).contains("OK"));
-    wait_until("the replica's promotion", Duration::from_secs(20), || cluster.is_master(replica) && !cluster.is_master(master));
+    assert!(
+        cluster
+            .cli(replica, &["CLUSTER", "FAILOVER"])
+            .contains("OK")
+    );
+    wait_until("the replica's promotion", Duration::from_secs(20), || {
+        cluster.is_master(replica) && !cluster.is_master(master)
+    });
     std::thread::sleep(Duration::from_millis(1000));
     let report = load.stop();
     eprintln!("{}", report.summary("CLUSTER FAILOVER"));
     assert!(report.ops > 1000, "{}", report.summary("too little load"));
-    assert!(report.errors.is_empty(), "{}", report.summary("errors during failover"));
+    assert!(
+        report.errors.is_empty(),
+        "{}",
+        report.summary("errors during failover")
+    );
     assert_eq!(report.wrong_reads, 0);
     let lost = lost_writes(proxy.port, &report.acked);
-    assert!(lost.is_empty(), "acknowledged writes lost: {:?}", &lost[..lost.len().min(5)]);
+    assert!(
+        lost.is_empty(),
+        "acknowledged writes lost: {:?}",
+        &lost[..lost.len().min(5)]
+    );
 }
 
 #[test]
@@ -58,18 +81,38 @@ fn live_resharding_is_invisible() {
     let (from, to) = (cluster.id(0), cluster.id(1));
     let out = Command::new("redis-cli")
         .args(["--cluster", "reshard", &cluster.nodes[0].addr()])
-        .args(["--cluster-from", &from, "--cluster-to", &to, "--cluster-slots", "1200", "--cluster-yes"])
+        .args([
+            "--cluster-from",
+            &from,
+            "--cluster-to",
+            &to,
+            "--cluster-slots",
+            "1200",
+            "--cluster-yes",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "reshard failed: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "reshard failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     std::thread::sleep(Duration::from_millis(500));
     let report = load.stop();
     eprintln!("{}", report.summary("reshard 1200 slots"));
     assert!(report.ops > 1000);
-    assert!(report.errors.is_empty(), "{}", report.summary("errors during resharding"));
+    assert!(
+        report.errors.is_empty(),
+        "{}",
+        report.summary("errors during resharding")
+    );
     assert_eq!(report.wrong_reads, 0);
     let lost = lost_writes(proxy.port, &report.acked);
-    assert!(lost.is_empty(), "acknowledged writes lost: {:?}", &lost[..lost.len().min(5)]);
+    assert!(
+        lost.is_empty(),
+        "acknowledged writes lost: {:?}",
+        &lost[..lost.len().min(5)]
+    );
 }
 
 #[test]
@@ -79,22 +122,45 @@ fn adding_a_master_and_rebalancing_is_invisible() {
     let load = Load::start(proxy.port, 8);
     std::thread::sleep(Duration::from_millis(500));
     let new = cluster.add_master();
-    wait_until("the new node to join", Duration::from_secs(20), || cluster.cli(new, &["CLUSTER", "INFO"]).contains("cluster_state:ok"));
+    wait_until("the new node to join", Duration::from_secs(20), || {
+        cluster
+            .cli(new, &["CLUSTER", "INFO"])
+            .contains("cluster_state:ok")
+    });
     cluster.wait_healthy(Duration::from_secs(30));
     let out = Command::new("redis-cli")
-        .args(["--cluster", "rebalance", &cluster.nodes[0].addr(), "--cluster-use-empty-masters"])
+        .args([
+            "--cluster",
+            "rebalance",
+            &cluster.nodes[0].addr(),
+            "--cluster-use-empty-masters",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "rebalance failed: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "rebalance failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     std::thread::sleep(Duration::from_millis(500));
     let report = load.stop();
     eprintln!("{}", report.summary("add a master + rebalance"));
-    assert!(report.errors.is_empty(), "{}", report.summary("errors during rebalance"));
+    assert!(
+        report.errors.is_empty(),
+        "{}",
+        report.summary("errors during rebalance")
+    );
     assert_eq!(report.wrong_reads, 0);
     let lost = lost_writes(proxy.port, &report.acked);
-    assert!(lost.is_empty(), "acknowledged writes lost: {:?}", &lost[..lost.len().min(5)]);
+    assert!(
+        lost.is_empty(),
+        "acknowledged writes lost: {:?}",
+        &lost[..lost.len().min(5)]
+    );
     // The new master serves keys now.
-    let n: i64 = redis::cmd("DBSIZE").query(&mut cluster.nodes[new].client().get_connection().unwrap()).unwrap();
+    let n: i64 = redis::cmd("DBSIZE")
+        .query(&mut cluster.nodes[new].client().get_connection().unwrap())
+        .unwrap();
     assert!(n > 0);
 }
 
@@ -107,15 +173,25 @@ fn killed_master_is_replaced_without_a_stream_of_errors() {
     std::thread::sleep(Duration::from_millis(500));
     // A client that only uses keys of the surviving masters is not held up by the dead one.
     let dead_port = cluster.nodes[master].port;
-    let healthy_key = (0..100).map(|i| format!("healthy:{i}")).find(|k| cluster.owner_port(k) != dead_port).unwrap();
+    let healthy_key = (0..100)
+        .map(|i| format!("healthy:{i}"))
+        .find(|k| cluster.owner_port(k) != dead_port)
+        .unwrap();
     let port = proxy.port;
     let bystander = std::thread::spawn(move || {
-        let mut con = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap().get_connection().unwrap();
+        let mut con = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+            .unwrap()
+            .get_connection()
+            .unwrap();
         let mut slowest = Duration::ZERO;
         let until = Instant::now() + Duration::from_secs(4);
         while Instant::now() < until {
             let start = Instant::now();
-            let _: () = redis::cmd("SET").arg(&healthy_key).arg(1).query(&mut con).unwrap();
+            let _: () = redis::cmd("SET")
+                .arg(&healthy_key)
+                .arg(1)
+                .query(&mut con)
+                .unwrap();
             slowest = slowest.max(start.elapsed());
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -123,20 +199,36 @@ fn killed_master_is_replaced_without_a_stream_of_errors() {
     });
     let killed_at = Instant::now();
     cluster.nodes[master].kill();
-    wait_until("the replica's promotion", Duration::from_secs(30), || cluster.is_master(replica));
+    wait_until("the replica's promotion", Duration::from_secs(30), || {
+        cluster.is_master(replica)
+    });
     let promoted_after = killed_at.elapsed();
     let slowest = bystander.join().unwrap();
-    assert!(slowest < Duration::from_millis(500), "a client of a healthy shard waited {slowest:?}");
+    assert!(
+        slowest < Duration::from_millis(500),
+        "a client of a healthy shard waited {slowest:?}"
+    );
     std::thread::sleep(Duration::from_millis(1000));
     let report = load.stop();
-    eprintln!("{} (promotion after {promoted_after:?})", report.summary("SIGKILL a master"));
-    assert!(report.errors.len() <= 8, "{}", report.summary("a stream of errors"));
+    eprintln!(
+        "{} (promotion after {promoted_after:?})",
+        report.summary("SIGKILL a master")
+    );
+    assert!(
+        report.errors.len() <= 8,
+        "{}",
+        report.summary("a stream of errors")
+    );
     assert_eq!(report.wrong_reads, 0, "misrouted or out-of-order replies");
     // Writes the old master acknowledged but had not replicated yet are lost by Redis itself
     // (asynchronous replication); respire keeps nothing it acknowledged in flight.
     let lost = lost_writes(proxy.port, &report.acked);
     eprintln!("writes lost to asynchronous replication: {}", lost.len());
-    assert!(lost.len() <= 8 * 2, "too many lost writes for an asynchronous replica: {}", lost.len());
+    assert!(
+        lost.len() <= 8 * 2,
+        "too many lost writes for an asynchronous replica: {}",
+        lost.len()
+    );
 }
 
 #[test]
@@ -144,35 +236,72 @@ fn subscribers_keep_receiving_across_failover_and_resharding() {
     let cluster = Cluster::start(3, 1);
     let proxy = Respire::start_args(&["--cluster", &cluster.seeds()]);
     let mut sub = Raw::connect(proxy.port);
-    assert!(sub.roundtrip(&resp(&[b"SUBSCRIBE", b"feed"]), 1).starts_with(b"*3\r\n$9\r\nsubscribe"));
+    assert!(
+        sub.roundtrip(&resp(&[b"SUBSCRIBE", b"feed"]), 1)
+            .starts_with(b"*3\r\n$9\r\nsubscribe")
+    );
     let mut publisher = proxy.conn();
     let expect = |n: &str, publisher: &mut redis::Connection, sub: &mut Raw| {
-        let _: i64 = redis::cmd("PUBLISH").arg("feed").arg(n).query(publisher).unwrap();
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg("feed")
+            .arg(n)
+            .query(publisher)
+            .unwrap();
         let got = String::from_utf8_lossy(&sub.read_replies(1)).into_owned();
-        assert!(got.ends_with(&format!("{n}\r\n")), "expected {n}, got {got:?}");
+        assert!(
+            got.ends_with(&format!("{n}\r\n")),
+            "expected {n}, got {got:?}"
+        );
     };
     expect("before", &mut publisher, &mut sub);
     // The master respire subscribes on: the first by address (the lowest port here).
-    let hub_master = (0..cluster.nodes.len()).filter(|&i| cluster.is_master(i)).min_by_key(|&i| cluster.nodes[i].port).unwrap();
+    let hub_master = (0..cluster.nodes.len())
+        .filter(|&i| cluster.is_master(i))
+        .min_by_key(|&i| cluster.nodes[i].port)
+        .unwrap();
     let replica_of = |cluster: &Cluster, m: usize| {
         (0..cluster.nodes.len())
-            .find(|&i| cluster.cli(i, &["INFO", "replication"]).contains(&format!("master_port:{}", cluster.nodes[m].port)))
+            .find(|&i| {
+                cluster
+                    .cli(i, &["INFO", "replication"])
+                    .contains(&format!("master_port:{}", cluster.nodes[m].port))
+            })
             .unwrap()
     };
     // 1. A manual failover of that master.
     let replica = replica_of(&cluster, hub_master);
-    assert!(cluster.cli(replica, &["CLUSTER", "FAILOVER"]).contains("OK"));
-    wait_until("promotion", Duration::from_secs(20), || cluster.is_master(replica) && !cluster.is_master(hub_master));
+    assert!(
+        cluster
+            .cli(replica, &["CLUSTER", "FAILOVER"])
+            .contains("OK")
+    );
+    wait_until("promotion", Duration::from_secs(20), || {
+        cluster.is_master(replica) && !cluster.is_master(hub_master)
+    });
     expect("after-failover", &mut publisher, &mut sub);
     // 2. Resharding (once every node agrees on the new configuration, as redis-cli requires).
     cluster.wait_healthy(Duration::from_secs(30));
-    let masters: Vec<usize> = (0..cluster.nodes.len()).filter(|&i| cluster.is_master(i)).collect();
+    let masters: Vec<usize> = (0..cluster.nodes.len())
+        .filter(|&i| cluster.is_master(i))
+        .collect();
     let out = Command::new("redis-cli")
         .args(["--cluster", "reshard", &cluster.nodes[masters[0]].addr()])
-        .args(["--cluster-from", &cluster.id(masters[0]), "--cluster-to", &cluster.id(masters[1]), "--cluster-slots", "1000", "--cluster-yes"])
+        .args([
+            "--cluster-from",
+            &cluster.id(masters[0]),
+            "--cluster-to",
+            &cluster.id(masters[1]),
+            "--cluster-slots",
+            "1000",
+            "--cluster-yes",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "reshard failed: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "reshard failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     expect("after-reshard", &mut publisher, &mut sub);
     // 3. The node holding the subscription is killed: respire subscribes elsewhere.
     let mut cluster = cluster;
@@ -180,13 +309,20 @@ fn subscribers_keep_receiving_across_failover_and_resharding() {
     cluster.nodes[hub_node].kill();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let _: i64 = redis::cmd("PUBLISH").arg("feed").arg("after-kill").query(&mut publisher).unwrap();
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg("feed")
+            .arg("after-kill")
+            .query(&mut publisher)
+            .unwrap();
         sub.set_timeout(Duration::from_millis(500));
         let got = String::from_utf8_lossy(&sub.read_replies(1)).into_owned();
         if got.ends_with("after-kill\r\n") {
             break;
         }
-        assert!(Instant::now() < deadline, "the subscription did not survive losing its node");
+        assert!(
+            Instant::now() < deadline,
+            "the subscription did not survive losing its node"
+        );
     }
 }
 
@@ -209,7 +345,11 @@ fn sentinel_failover_is_followed() {
     let report = load.stop();
     eprintln!("{}", report.summary("Sentinel failover after SIGKILL"));
     assert!(report.ops > 1000);
-    assert!(report.errors.len() <= 8, "{}", report.summary("a stream of errors"));
+    assert!(
+        report.errors.len() <= 8,
+        "{}",
+        report.summary("a stream of errors")
+    );
     assert_eq!(report.wrong_reads, 0);
     let lost = lost_writes(proxy.port, &report.acked);
     eprintln!("writes lost to asynchronous replication: {}", lost.len());

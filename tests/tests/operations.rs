@@ -14,7 +14,12 @@ fn text(p: &mut Raw, cmd: &[&[u8]]) -> String {
 
 fn proxy_with_metrics(redis: &RedisServer, extra: &[&str]) -> (Respire, u16) {
     let port = free_port();
-    let mut args = vec!["--metrics".to_string(), format!("127.0.0.1:{port}"), "--workers".into(), "2".into()];
+    let mut args = vec![
+        "--metrics".to_string(),
+        format!("127.0.0.1:{port}"),
+        "--workers".into(),
+        "2".into(),
+    ];
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     (Respire::start(&redis.addr(), &args), port)
@@ -26,13 +31,21 @@ fn request_metrics_after_a_known_workload() {
     let (proxy, port) = proxy_with_metrics(&redis, &[]);
     let (_, before) = http_get(port, "/metrics");
     let v0 = |s: &str| metric_value(&before, s).unwrap_or(0.0);
-    let (pings, accepted) = (v0("respire_commands_total{command=\"ping\",result=\"ok\"}"), v0("respire_client_connections_total"));
+    let (pings, accepted) = (
+        v0("respire_commands_total{command=\"ping\",result=\"ok\"}"),
+        v0("respire_client_connections_total"),
+    );
     let mut a = Raw::connect(proxy.port);
     let mut b = Raw::connect(proxy.port);
     for i in 0..100 {
-        assert_eq!(text(&mut a, &[b"SET", format!("k{i}").as_bytes(), b"v"]), "+OK\r\n");
+        assert_eq!(
+            text(&mut a, &[b"SET", format!("k{i}").as_bytes(), b"v"]),
+            "+OK\r\n"
+        );
     }
-    let batch: Vec<u8> = (0..50).flat_map(|i| resp(&[b"GET", format!("k{i}").as_bytes()])).collect();
+    let batch: Vec<u8> = (0..50)
+        .flat_map(|i| resp(&[b"GET", format!("k{i}").as_bytes()]))
+        .collect();
     b.roundtrip(&batch, 50);
     for _ in 0..5 {
         assert!(text(&mut b, &[b"LPUSH", b"k1", b"x"]).starts_with("-WRONGTYPE"));
@@ -42,20 +55,51 @@ fn request_metrics_after_a_known_workload() {
     let (status, body) = http_get(port, "/metrics");
     assert_eq!(status, 200);
     let v = |s: &str| metric_value(&body, s).unwrap_or_else(|| panic!("{s} missing in\n{body}"));
-    assert_eq!(v("respire_commands_total{command=\"set\",result=\"ok\"}"), 100.0);
-    assert_eq!(v("respire_commands_total{command=\"get\",result=\"ok\"}"), 50.0);
-    assert_eq!(v("respire_commands_total{command=\"lpush\",result=\"error\"}"), 5.0);
-    assert_eq!(v("respire_commands_total{command=\"ping\",result=\"ok\"}") - pings, 1.0);
-    assert_eq!(v("respire_commands_total{command=\"other\",result=\"error\"}"), 1.0);
-    assert_eq!(v("respire_command_duration_seconds_count{command=\"set\"}"), 100.0);
-    assert_eq!(v("respire_command_duration_seconds_bucket{command=\"get\",le=\"+Inf\"}"), 50.0);
+    assert_eq!(
+        v("respire_commands_total{command=\"set\",result=\"ok\"}"),
+        100.0
+    );
+    assert_eq!(
+        v("respire_commands_total{command=\"get\",result=\"ok\"}"),
+        50.0
+    );
+    assert_eq!(
+        v("respire_commands_total{command=\"lpush\",result=\"error\"}"),
+        5.0
+    );
+    assert_eq!(
+        v("respire_commands_total{command=\"ping\",result=\"ok\"}") - pings,
+        1.0
+    );
+    assert_eq!(
+        v("respire_commands_total{command=\"other\",result=\"error\"}"),
+        1.0
+    );
+    assert_eq!(
+        v("respire_command_duration_seconds_count{command=\"set\"}"),
+        100.0
+    );
+    assert_eq!(
+        v("respire_command_duration_seconds_bucket{command=\"get\",le=\"+Inf\"}"),
+        50.0
+    );
     assert!(v("respire_command_duration_seconds_sum{command=\"set\"}") > 0.0);
     assert_eq!(v("respire_client_connections_total") - accepted, 2.0);
     assert!(v("respire_client_connections") >= 2.0);
     assert!(v("respire_client_bytes_total{direction=\"in\"}") > 100.0 * 20.0);
     assert!(v("respire_client_bytes_total{direction=\"out\"}") > 100.0 * 5.0);
-    assert!(v(&format!("respire_backend_connections{{node=\"{}\"}}", redis.addr())) >= 1.0);
-    assert!(v(&format!("respire_backend_connects_total{{node=\"{}\",result=\"ok\"}}", redis.addr())) >= 1.0);
+    assert!(
+        v(&format!(
+            "respire_backend_connections{{node=\"{}\"}}",
+            redis.addr()
+        )) >= 1.0
+    );
+    assert!(
+        v(&format!(
+            "respire_backend_connects_total{{node=\"{}\",result=\"ok\"}}",
+            redis.addr()
+        )) >= 1.0
+    );
     assert!(v("process_open_fds") > 3.0);
     assert!(v("process_resident_memory_bytes") > 1e6);
     assert_eq!(v("respire_build_info{version=\"0.1.0\"}"), 1.0);
@@ -64,7 +108,11 @@ fn request_metrics_after_a_known_workload() {
     drop(redis);
     assert!(text(&mut a, &[b"GET", b"k1"]).starts_with('-'));
     let (_, body) = http_get(port, "/metrics");
-    let lost: f64 = body.lines().filter(|l| l.starts_with("respire_backend_connections_lost_total{")).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum();
+    let lost: f64 = body
+        .lines()
+        .filter(|l| l.starts_with("respire_backend_connections_lost_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
     assert!(lost >= 1.0, "{body}");
 }
 
@@ -86,16 +134,29 @@ fn the_exposition_passes_promtool_and_a_real_prometheus_scrapes_it() {
         .expect("promtool (Debian package prometheus; the README's test command installs it)");
     std::io::Write::write_all(check.stdin.as_mut().unwrap(), body.as_bytes()).unwrap();
     let out = check.wait_with_output().unwrap();
-    assert!(out.status.success(), "promtool: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // A Prometheus server scraping respire every second.
     let dir = tempfile::tempdir().unwrap();
     let prom_port = free_port();
-    let config = format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: respire\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n");
+    let config = format!(
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: respire\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n"
+    );
     std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
     let mut prom = Command::new("prometheus")
-        .arg(format!("--config.file={}", dir.path().join("prometheus.yml").display()))
-        .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+        .arg(format!(
+            "--config.file={}",
+            dir.path().join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
         .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -117,17 +178,40 @@ fn the_exposition_passes_promtool_and_a_real_prometheus_scrapes_it() {
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    assert!(found.contains("\"job\":\"respire\"") && found.contains("\"10\"]"), "{found}");
+    assert!(
+        found.contains("\"job\":\"respire\"") && found.contains("\"10\"]"),
+        "{found}"
+    );
     // Every query of the shipped Grafana dashboard is valid PromQL over these metrics.
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let dashboard = std::fs::read_to_string(root.join("examples/grafana-dashboard.json")).unwrap();
-    let exprs: Vec<String> = dashboard.lines().filter_map(|l| l.trim().strip_prefix("\"expr\": \"")).map(|e| e.trim_end_matches(',').trim_end_matches('"').replace("\\\"", "\"")).collect();
+    let exprs: Vec<String> = dashboard
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("\"expr\": \""))
+        .map(|e| {
+            e.trim_end_matches(',')
+                .trim_end_matches('"')
+                .replace("\\\"", "\"")
+        })
+        .collect();
     assert!(exprs.len() >= 14, "{exprs:?}");
     for e in exprs {
         let q = e.replace("$__rate_interval", "1m").replace("$job", ".*");
-        let encoded: String = q.bytes().map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") }).collect();
+        let encoded: String = q
+            .bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect();
         let (status, body) = http_get(prom_port, &format!("/api/v1/query?query={encoded}"));
-        assert!(status == 200 && body.contains("\"status\":\"success\""), "{q}: {status} {body}");
+        assert!(
+            status == 200 && body.contains("\"status\":\"success\""),
+            "{q}: {status} {body}"
+        );
     }
     let _ = prom.kill();
     let _ = prom.wait();
@@ -139,8 +223,15 @@ fn admin_views_info_and_slowlog() {
     let (proxy, port) = proxy_with_metrics(&redis, &[]);
     let (status, topo) = http_get(port, "/topology");
     assert_eq!(status, 200);
-    assert!(topo.contains("\"kind\": \"standalone\"") && topo.contains(&format!("\"master\": \"{}\"", redis.addr())), "{topo}");
-    assert!(topo.contains("\"complete\": true") && topo.contains("16383"), "{topo}");
+    assert!(
+        topo.contains("\"kind\": \"standalone\"")
+            && topo.contains(&format!("\"master\": \"{}\"", redis.addr())),
+        "{topo}"
+    );
+    assert!(
+        topo.contains("\"complete\": true") && topo.contains("16383"),
+        "{topo}"
+    );
     assert_eq!(http_get(port, "/health").0, 200);
 
     let mut p = Raw::connect(proxy.port);
@@ -151,19 +242,41 @@ fn admin_views_info_and_slowlog() {
     assert!(!info.contains("# Server"), "{info}");
     // Everything: Redis's sections with respire's own, and the keyspace.
     let info = text(&mut p, &[b"INFO"]);
-    for want in ["# Server\r\nredis_version:", "# Respire\r\nrespire_version:0.1.0", "# Stats\r\ntotal_connections_received:", "total_commands_processed:", "# Plugins\r\nplugins:0", "# Topology\r\n", "shard_0:master=", "# Keyspace\r\ndb0:keys=1,"] {
+    for want in [
+        "# Server\r\nredis_version:",
+        "# Respire\r\nrespire_version:0.1.0",
+        "# Stats\r\ntotal_connections_received:",
+        "total_commands_processed:",
+        "# Plugins\r\nplugins:0",
+        "# Topology\r\n",
+        "shard_0:master=",
+        "# Keyspace\r\ndb0:keys=1,",
+    ] {
         assert!(info.contains(want), "{want:?} missing in {info}");
     }
-    assert_eq!(info.matches("# Clients").count(), 1, "respire's clients section replaces Redis's: {info}");
+    assert_eq!(
+        info.matches("# Clients").count(),
+        1,
+        "respire's clients section replaces Redis's: {info}"
+    );
     let memory = text(&mut p, &[b"INFO", b"memory"]);
-    assert!(memory.contains("# Memory\r\nused_memory:") && !memory.contains("# Respire"), "{memory}");
+    assert!(
+        memory.contains("# Memory\r\nused_memory:") && !memory.contains("# Respire"),
+        "{memory}"
+    );
     let mut p3 = Raw::connect(proxy.port);
     assert!(text(&mut p3, &[b"HELLO", b"3"]).starts_with('%'));
-    assert!(text(&mut p3, &[b"INFO", b"respire"]).starts_with("="), "RESP3 INFO is a verbatim string");
+    assert!(
+        text(&mut p3, &[b"INFO", b"respire"]).starts_with("="),
+        "RESP3 INFO is a verbatim string"
+    );
 
     // The slow log: DEBUG SLEEP is slower than the 10 ms default.
     assert_eq!(text(&mut p, &[b"SLOWLOG", b"RESET"]), "+OK\r\n");
-    assert_eq!(text(&mut p, &[b"CLIENT", b"SETNAME", b"sleeper"]), "+OK\r\n");
+    assert_eq!(
+        text(&mut p, &[b"CLIENT", b"SETNAME", b"sleeper"]),
+        "+OK\r\n"
+    );
     assert_eq!(text(&mut p, &[b"DEBUG", b"SLEEP", b"0.05"]), "+OK\r\n");
     assert_eq!(text(&mut p, &[b"GET", b"a"]), "$1\r\n1\r\n");
     assert_eq!(text(&mut p, &[b"SLOWLOG", b"LEN"]), ":1\r\n");
@@ -172,10 +285,20 @@ fn admin_views_info_and_slowlog() {
     assert_eq!(&lines[..2], ["*1", "*7"], "{got}");
     let micros: u64 = lines[4][1..].parse().unwrap();
     assert!((50_000..5_000_000).contains(&micros), "{got}");
-    assert_eq!(&lines[5..12], ["*3", "$5", "DEBUG", "$5", "SLEEP", "$4", "0.05"], "{got}");
-    assert!(got.contains("sleeper") && got.contains(&redis.addr()) && got.contains("127.0.0.1:"), "{got}");
+    assert_eq!(
+        &lines[5..12],
+        ["*3", "$5", "DEBUG", "$5", "SLEEP", "$4", "0.05"],
+        "{got}"
+    );
+    assert!(
+        got.contains("sleeper") && got.contains(&redis.addr()) && got.contains("127.0.0.1:"),
+        "{got}"
+    );
     assert!(text(&mut p, &[b"SLOWLOG", b"GET", b"x"]).starts_with("-ERR count should be"));
-    assert!(text(&mut p, &[b"SLOWLOG", b"NOPE"]).starts_with("-ERR unknown subcommand 'NOPE'. Try SLOWLOG HELP."));
+    assert!(
+        text(&mut p, &[b"SLOWLOG", b"NOPE"])
+            .starts_with("-ERR unknown subcommand 'NOPE'. Try SLOWLOG HELP.")
+    );
     assert_eq!(text(&mut p, &[b"SLOWLOG", b"RESET"]), "+OK\r\n");
     assert_eq!(text(&mut p, &[b"SLOWLOG", b"LEN"]), ":0\r\n");
 }
@@ -205,33 +328,62 @@ fn the_demo_starts_serves_and_stops_cleanly() {
     loop {
         if let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", rport)) {
             drop(s);
-            if std::fs::read_to_string(log.path()).unwrap_or_default().contains("Press Ctrl-C to stop") {
+            if std::fs::read_to_string(log.path())
+                .unwrap_or_default()
+                .contains("Press Ctrl-C to stop")
+            {
                 break;
             }
         }
         if let Ok(Some(st)) = demo.try_wait() {
-            panic!("the demo exited with {st}: {}", std::fs::read_to_string(log.path()).unwrap_or_default());
+            panic!(
+                "the demo exited with {st}: {}",
+                std::fs::read_to_string(log.path()).unwrap_or_default()
+            );
         }
-        assert!(Instant::now() < deadline, "the demo did not come up: {}", std::fs::read_to_string(log.path()).unwrap_or_default());
+        assert!(
+            Instant::now() < deadline,
+            "the demo did not come up: {}",
+            std::fs::read_to_string(log.path()).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     // What the demo says to try works: keys over several masters, the ACL, the cache.
     let mut p = Raw::connect(rport);
-    assert_eq!(text(&mut p, &[b"MSET", b"a", b"1", b"b", b"2", b"c", b"3"]), "+OK\r\n");
-    assert_eq!(text(&mut p, &[b"MGET", b"a", b"b", b"c"]), "*3\r\n$1\r\n1\r\n$1\r\n2\r\n$1\r\n3\r\n");
+    assert_eq!(
+        text(&mut p, &[b"MSET", b"a", b"1", b"b", b"2", b"c", b"3"]),
+        "+OK\r\n"
+    );
+    assert_eq!(
+        text(&mut p, &[b"MGET", b"a", b"b", b"c"]),
+        "*3\r\n$1\r\n1\r\n$1\r\n2\r\n$1\r\n3\r\n"
+    );
     assert!(text(&mut p, &[b"FLUSHALL"]).starts_with("-NOPERM"));
     assert_eq!(text(&mut p, &[b"SET", b"user:1", b"alice"]), "+OK\r\n");
     let (_, body) = http_get(mport, "/metrics");
-    assert!(body.contains("respire_commands_total{command=\"mset\",result=\"ok\"} 1"), "{body}");
-    assert!(body.contains("respire_plugin_metrics_commands_total"), "{body}");
+    assert!(
+        body.contains("respire_commands_total{command=\"mset\",result=\"ok\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("respire_plugin_metrics_commands_total"),
+        "{body}"
+    );
     let (status, plugins) = http_get(mport, "/plugins");
     assert_eq!(status, 200);
-    for name in ["\"acl\"", "\"rate-limit\"", "\"cache-policy\"", "\"metrics\""] {
+    for name in [
+        "\"acl\"",
+        "\"rate-limit\"",
+        "\"cache-policy\"",
+        "\"metrics\"",
+    ] {
         assert!(plugins.contains(name), "{name} is not loaded: {plugins}");
     }
     let prometheus_up = std::net::TcpStream::connect(("127.0.0.1", pport)).is_ok();
     // Stopped like Ctrl-C: everything it started goes away.
-    let _ = Command::new("kill").args(["-INT", &demo.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-INT", &demo.id().to_string()])
+        .status();
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Ok(Some(st)) = demo.try_wait() {
@@ -243,9 +395,18 @@ fn the_demo_starts_serves_and_stops_cleanly() {
     let out = std::fs::read_to_string(log.path()).unwrap_or_default();
     assert!(status.success(), "{status}: {out}");
     assert!(out.contains("==> stopping"), "{out}");
-    assert!(std::net::TcpStream::connect(("127.0.0.1", rport)).is_err(), "respire still runs after the demo stopped");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", rport)).is_err(),
+        "respire still runs after the demo stopped"
+    );
     if prometheus_up {
-        assert!(std::net::TcpStream::connect(("127.0.0.1", pport)).is_err(), "Prometheus still runs after the demo stopped");
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", pport)).is_err(),
+            "Prometheus still runs after the demo stopped"
+        );
     }
-    assert!(out.contains("Prometheus scrapes respire"), "Prometheus is installed by the test command, so the demo starts it: {out}");
+    assert!(
+        out.contains("Prometheus scrapes respire"),
+        "Prometheus is installed by the test command, so the demo starts it: {out}"
+    );
 }

@@ -13,7 +13,9 @@ use std::sync::Mutex;
 
 use rustc_hash::FxHashMap;
 
-use super::bindings::respire::plugin::types::{Manifest, MetricKind, TrafficLabel, TrafficMetric, TrafficValue};
+use super::bindings::respire::plugin::types::{
+    Manifest, MetricKind, TrafficLabel, TrafficMetric, TrafficValue,
+};
 use super::{LocalMetrics, PluginCtx};
 
 /// The label of key prefixes past the plugin's `max-key-prefixes`, and of commands respire
@@ -43,22 +45,43 @@ impl Traffic {
         let mut by_code = false;
         for (i, t) in manifest.traffic.iter().enumerate() {
             let Some(m) = manifest.metrics.get(t.metric as usize) else {
-                return Err(format!("traffic metric #{i} names metric #{}, which is not declared", t.metric));
+                return Err(format!(
+                    "traffic metric #{i} names metric #{}, which is not declared",
+                    t.metric
+                ));
             };
             let kind_ok = match t.value {
                 TrafficValue::Count => matches!(m.kind, MetricKind::Counter),
                 _ => matches!(m.kind, MetricKind::Histogram),
             };
             if !kind_ok {
-                let want = if matches!(t.value, TrafficValue::Count) { "a counter" } else { "a histogram" };
-                return Err(format!("traffic metric #{i} ({}): {} needs {want}", m.name, value_name(t.value)));
+                let want = if matches!(t.value, TrafficValue::Count) {
+                    "a counter"
+                } else {
+                    "a histogram"
+                };
+                return Err(format!(
+                    "traffic metric #{i} ({}): {} needs {want}",
+                    m.name,
+                    value_name(t.value)
+                ));
             }
             if t.labels.len() != m.labels.len() {
-                return Err(format!("traffic metric #{i} ({}): {} label sources for {} labels", m.name, t.labels.len(), m.labels.len()));
+                return Err(format!(
+                    "traffic metric #{i} ({}): {} label sources for {} labels",
+                    m.name,
+                    t.labels.len(),
+                    m.labels.len()
+                ));
             }
             for l in &t.labels {
                 match l {
-                    TrafficLabel::KeyPrefix(0) => return Err(format!("traffic metric #{i} ({}): a key prefix needs at least one segment", m.name)),
+                    TrafficLabel::KeyPrefix(0) => {
+                        return Err(format!(
+                            "traffic metric #{i} ({}): a key prefix needs at least one segment",
+                            m.name
+                        ));
+                    }
                     TrafficLabel::KeyPrefix(n) => segments = segments.max(*n as usize),
                     TrafficLabel::ErrorCode => by_code = true,
                     TrafficLabel::Command | TrafficLabel::Result => {}
@@ -148,7 +171,10 @@ fn error_code(reply: &[u8]) -> Option<&[u8]> {
         }
         _ => return None,
     };
-    let end = text.iter().position(|b| *b == b' ' || *b == b'\r').unwrap_or(text.len());
+    let end = text
+        .iter()
+        .position(|b| *b == b' ' || *b == b'\r')
+        .unwrap_or(text.len());
     Some(&text[..end])
 }
 
@@ -174,7 +200,11 @@ impl TrafficCache {
         s.clear();
         s.extend_from_slice(&f.name_id.to_le_bytes());
         s.push(u8::from(code.is_some()));
-        let code = if t.by_code { code.unwrap_or_default() } else { &[] };
+        let code = if t.by_code {
+            code.unwrap_or_default()
+        } else {
+            &[]
+        };
         let code = &code[..code.len().min(255)];
         s.push(code.len() as u8);
         s.extend_from_slice(code);
@@ -202,7 +232,8 @@ impl TrafficCache {
                     if self.known.len() >= MAX_REMEMBERED {
                         self.known.clear();
                     }
-                    self.known.insert(self.scratch.clone().into_boxed_slice(), s.clone());
+                    self.known
+                        .insert(self.scratch.clone().into_boxed_slice(), s.clone());
                     s
                 }
             };
@@ -216,7 +247,9 @@ impl TrafficCache {
                 TrafficValue::Count => 1.0,
                 TrafficValue::Latency => f.seconds,
                 TrafficValue::ReplyBytes => f.reply.len() as f64,
-                TrafficValue::RequestBytes => *request_bytes.get_or_insert_with(|| command_bytes(f.cmd)) as f64,
+                TrafficValue::RequestBytes => {
+                    *request_bytes.get_or_insert_with(|| command_bytes(f.cmd)) as f64
+                }
             };
             ctx.apply_one(local, series, value);
         }
@@ -231,7 +264,11 @@ pub(super) fn command_bytes(cmd: &crate::protocol::Command) -> usize {
 /// The series of every traffic metric for a reply (made when new).
 fn series_of(ctx: &PluginCtx, f: &ReplyFacts<'_>, code: Option<&[u8]>) -> Rc<[Option<u32>]> {
     let t = &ctx.traffic;
-    let command = if f.name_id == crate::stats::OTHER { OTHER.to_string() } else { String::from_utf8_lossy(f.cmd.name()).to_ascii_lowercase() };
+    let command = if f.name_id == crate::stats::OTHER {
+        OTHER.to_string()
+    } else {
+        String::from_utf8_lossy(f.cmd.name()).to_ascii_lowercase()
+    };
     t.defs
         .iter()
         .map(|def| {
@@ -242,7 +279,9 @@ fn series_of(ctx: &PluginCtx, f: &ReplyFacts<'_>, code: Option<&[u8]>) -> Rc<[Op
                     TrafficLabel::Result => if code.is_some() { "error" } else { "ok" }.to_string(),
                     TrafficLabel::ErrorCode => String::from_utf8_lossy(code?).into_owned(),
                     TrafficLabel::KeyPrefix(n) => match f.first_key {
-                        Some(k) => t.prefix_label(&String::from_utf8_lossy(prefix_of(k, *n as usize))),
+                        Some(k) => {
+                            t.prefix_label(&String::from_utf8_lossy(prefix_of(k, *n as usize)))
+                        }
                         None => String::new(),
                     },
                 });
@@ -262,9 +301,15 @@ mod tests {
         assert_eq!(prefix_of(b"svc:user:42", 2), b"svc:user");
         assert_eq!(prefix_of(b"plain", 2), b"plain");
         assert_eq!(prefix_of(b":lead", 1), b"");
-        assert_eq!(error_code(b"-WRONGTYPE Operation against a key\r\n"), Some(&b"WRONGTYPE"[..]));
+        assert_eq!(
+            error_code(b"-WRONGTYPE Operation against a key\r\n"),
+            Some(&b"WRONGTYPE"[..])
+        );
         assert_eq!(error_code(b"-ERR\r\n"), Some(&b"ERR"[..]));
-        assert_eq!(error_code(b"!21\r\nSYNTAX invalid syntax\r\n"), Some(&b"SYNTAX"[..]));
+        assert_eq!(
+            error_code(b"!21\r\nSYNTAX invalid syntax\r\n"),
+            Some(&b"SYNTAX"[..])
+        );
         assert_eq!(error_code(b"+OK\r\n"), None);
         assert_eq!(error_code(b"$5\r\n-ERR \r\n"), None);
     }

@@ -73,7 +73,8 @@ impl Session {
                 self.reply_with(|o, _| resp::int(o, slot));
             }
             (b"countkeysinslot", 3) | (b"getkeysinslot", 4) => {
-                let Some(slot) = parse_i64(&args[2]).filter(|s| (0..SLOTS as i64).contains(s)) else {
+                let Some(slot) = parse_i64(&args[2]).filter(|s| (0..SLOTS as i64).contains(s))
+                else {
                     return self.reply_error("ERR Invalid slot");
                 };
                 // Route by a key of that slot: the command goes to the slot's owner.
@@ -86,15 +87,20 @@ impl Session {
                     None => self.reply_error(super::CLUSTERDOWN),
                 }
             }
-            (b"info" | b"myid" | b"slots" | b"shards" | b"nodes" | b"keyslot" | b"countkeysinslot" | b"getkeysinslot", _) => {
+            (
+                b"info" | b"myid" | b"slots" | b"shards" | b"nodes" | b"keyslot"
+                | b"countkeysinslot" | b"getkeysinslot",
+                _,
+            ) => {
                 let s = String::from_utf8_lossy(&sub).into_owned();
                 self.wrong_args(&format!("cluster|{s}"));
             }
             _ => {
                 let s = String::from_utf8_lossy(&args[1]).to_uppercase();
-                self.reply_error(&format!("ERR respire: CLUSTER {s} is not supported through the proxy"));
+                self.reply_error(&format!(
+                    "ERR respire: CLUSTER {s} is not supported through the proxy"
+                ));
             }
         }
     }
 }
-

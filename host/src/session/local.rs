@@ -7,17 +7,19 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 
 use super::{ReplyMode, Session, Target, Use};
-use crate::topology::BackendKind;
 use crate::backend;
 use crate::clients::flag;
 use crate::commands::{Local, Resolved};
 use crate::protocol::{self as resp, Command, parse_i64};
+use crate::topology::BackendKind;
 
 impl Session {
     // ---- local commands ---------------------------------------------------
 
     pub(super) fn wrong_args(&mut self, name: &str) {
-        self.reply_error(&format!("ERR wrong number of arguments for '{name}' command"));
+        self.reply_error(&format!(
+            "ERR wrong number of arguments for '{name}' command"
+        ));
     }
 
     pub(super) fn local(&mut self, which: Local, cmd: Command, res: Resolved<'_>) {
@@ -60,13 +62,32 @@ impl Session {
     fn info(&mut self, cmd: Command, res: Resolved<'_>) {
         let args = cmd.to_args();
         const OURS: [&str; 5] = ["respire", "clients", "stats", "plugins", "topology"];
-        let asked: Vec<String> = args.iter().skip(1).map(|a| String::from_utf8_lossy(a).to_ascii_lowercase()).collect();
-        let everything = asked.is_empty() || asked.iter().any(|a| a == "all" || a == "default" || a == "everything");
-        let ours: Vec<&str> = OURS.iter().copied().filter(|s| everything || asked.iter().any(|a| a == s)).collect();
+        let asked: Vec<String> = args
+            .iter()
+            .skip(1)
+            .map(|a| String::from_utf8_lossy(a).to_ascii_lowercase())
+            .collect();
+        let everything = asked.is_empty()
+            || asked
+                .iter()
+                .any(|a| a == "all" || a == "default" || a == "everything");
+        let ours: Vec<&str> = OURS
+            .iter()
+            .copied()
+            .filter(|s| everything || asked.iter().any(|a| a == s))
+            .collect();
         let text = self.respire_info(&ours);
-        let theirs: Vec<&String> = asked.iter().filter(|a| !OURS.contains(&a.as_str())).collect();
-        let masters: Vec<(usize, Option<u16>)> =
-            self.topo.shards.iter().enumerate().map(|(i, s)| (s.master, self.topo.slot_of_shard(i))).collect();
+        let theirs: Vec<&String> = asked
+            .iter()
+            .filter(|a| !OURS.contains(&a.as_str()))
+            .collect();
+        let masters: Vec<(usize, Option<u16>)> = self
+            .topo
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.master, self.topo.slot_of_shard(i)))
+            .collect();
         if (!everything && theirs.is_empty()) || masters.is_empty() {
             return self.reply_with(|o, proto| resp::verbatim(o, text.as_bytes(), proto));
         }
@@ -78,9 +99,19 @@ impl Session {
         }
         let forward = Command::from_args(&sent);
         let data = forward.to_resp();
-        let replaced = ours.iter().filter(|s| **s == "clients" || **s == "stats").map(|s| s.to_string()).collect();
-        let how = crate::router::Merge::Info { ours: std::sync::Arc::from(text), replaced };
-        let targets = masters.into_iter().map(|(node, slot)| (node, data.clone(), slot)).collect();
+        let replaced = ours
+            .iter()
+            .filter(|s| **s == "clients" || **s == "stats")
+            .map(|s| s.to_string())
+            .collect();
+        let how = crate::router::Merge::Info {
+            ours: std::sync::Arc::from(text),
+            replaced,
+        };
+        let targets = masters
+            .into_iter()
+            .map(|(node, slot)| (node, data.clone(), slot))
+            .collect();
         self.send_parts(forward, res, how, Vec::new(), targets);
     }
 
@@ -105,8 +136,16 @@ impl Session {
                     line(&mut b, "process_id", &std::process::id());
                     line(&mut b, "listen", &shared.config.listen);
                     line(&mut b, "workers", &shared.config.worker_count());
-                    line(&mut b, "uptime_in_seconds", &shared.started.elapsed().as_secs());
-                    line(&mut b, "backend_mode", &format!("{:?}", topo.kind).to_ascii_lowercase());
+                    line(
+                        &mut b,
+                        "uptime_in_seconds",
+                        &shared.started.elapsed().as_secs(),
+                    );
+                    line(
+                        &mut b,
+                        "backend_mode",
+                        &format!("{:?}", topo.kind).to_ascii_lowercase(),
+                    );
                     section("Respire", b);
                 }
                 "clients" => {
@@ -125,8 +164,16 @@ impl Session {
                     line(&mut b, "total_net_input_bytes", &bytes_in);
                     line(&mut b, "total_net_output_bytes", &bytes_out);
                     let (query_closed, output_closed) = shared.clients.limit_closed();
-                    line(&mut b, "client_query_buffer_limit_disconnections", &query_closed);
-                    line(&mut b, "client_output_buffer_limit_disconnections", &output_closed);
+                    line(
+                        &mut b,
+                        "client_query_buffer_limit_disconnections",
+                        &query_closed,
+                    );
+                    line(
+                        &mut b,
+                        "client_output_buffer_limit_disconnections",
+                        &output_closed,
+                    );
                     line(&mut b, "cache_hits", &hits);
                     line(&mut b, "cache_misses", &misses);
                     line(&mut b, "cache_entries", &entries);
@@ -142,7 +189,10 @@ impl Session {
                         let failures = p.failures.load(Ordering::Relaxed);
                         let desc = format!(
                             "name={},version={},order={},on_error={:?},failures={failures}",
-                            p.manifest.name, p.manifest.version, p.settings.order, p.settings.on_error
+                            p.manifest.name,
+                            p.manifest.version,
+                            p.settings.order,
+                            p.settings.on_error
                         )
                         .to_ascii_lowercase();
                         line(&mut b, &format!("plugin_{}", p.file_name), &desc);
@@ -150,17 +200,40 @@ impl Session {
                     section("Plugins", b);
                 }
                 "topology" => {
-                    let served = topo.slots.iter().filter(|&&s| (s as usize) < topo.shards.len()).count();
+                    let served = topo
+                        .slots
+                        .iter()
+                        .filter(|&&s| (s as usize) < topo.shards.len())
+                        .count();
                     line(&mut b, "topology_version", &topo.version);
                     line(&mut b, "masters", &topo.shards.len());
-                    line(&mut b, "replicas", &topo.shards.iter().map(|s| s.replicas.len()).sum::<usize>());
+                    line(
+                        &mut b,
+                        "replicas",
+                        &topo.shards.iter().map(|s| s.replicas.len()).sum::<usize>(),
+                    );
                     line(&mut b, "slots_served", &served);
                     for (i, (shard, ranges)) in topo.shards.iter().zip(topo.ranges()).enumerate() {
-                        let node = |n: usize| topo.nodes.get(n).map(|a| a.to_string()).unwrap_or_default();
-                        let replicas: Vec<String> = shard.replicas.iter().map(|&r| node(r)).collect();
-                        let slots: Vec<String> =
-                            ranges.iter().map(|(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") }).collect();
-                        let desc = format!("master={},replicas={},slots={}", node(shard.master), replicas.join("|"), slots.join("|"));
+                        let node =
+                            |n: usize| topo.nodes.get(n).map(|a| a.to_string()).unwrap_or_default();
+                        let replicas: Vec<String> =
+                            shard.replicas.iter().map(|&r| node(r)).collect();
+                        let slots: Vec<String> = ranges
+                            .iter()
+                            .map(|(a, b)| {
+                                if a == b {
+                                    a.to_string()
+                                } else {
+                                    format!("{a}-{b}")
+                                }
+                            })
+                            .collect();
+                        let desc = format!(
+                            "master={},replicas={},slots={}",
+                            node(shard.master),
+                            replicas.join("|"),
+                            slots.join("|")
+                        );
                         line(&mut b, &format!("shard_{i}"), &desc);
                     }
                     section("Topology", b);
@@ -175,7 +248,10 @@ impl Session {
     /// end to end than `slowlog_log_slower_than`, with the client and the backend node.
     fn slowlog(&mut self, cmd: Command) {
         let args = cmd.to_args();
-        let sub = cmd.arg(1).map(|s| s.to_ascii_lowercase()).unwrap_or_default();
+        let sub = cmd
+            .arg(1)
+            .map(|s| s.to_ascii_lowercase())
+            .unwrap_or_default();
         let argc = args.len();
         let log = &self.worker.shared.slowlog;
         match (sub.as_slice(), argc) {
@@ -193,7 +269,10 @@ impl Session {
                     Some(c) => match parse_i64(c) {
                         Some(-1) => usize::MAX,
                         Some(n) if n >= 0 => n as usize,
-                        _ => return self.reply_error("ERR count should be greater than or equal to -1"),
+                        _ => {
+                            return self
+                                .reply_error("ERR count should be greater than or equal to -1");
+                        }
                     },
                 };
                 let entries = log.get(count);
@@ -243,7 +322,9 @@ impl Session {
             _ if argc < 2 => self.wrong_args("slowlog"),
             _ => {
                 let shown = String::from_utf8_lossy(cmd.arg(1).unwrap_or_default()).into_owned();
-                self.reply_error(&format!("ERR unknown subcommand '{shown}'. Try SLOWLOG HELP."));
+                self.reply_error(&format!(
+                    "ERR unknown subcommand '{shown}'. Try SLOWLOG HELP."
+                ));
             }
         }
     }
@@ -296,7 +377,10 @@ impl Session {
             }
         } else {
             // Every user's password is compared, so the time taken does not tell which exist.
-            cfg.users.iter().fold(false, |found, u| (constant_time_eq(u.password.as_bytes(), pass) & (u.name.as_bytes() == user)) | found)
+            cfg.users.iter().fold(false, |found, u| {
+                (constant_time_eq(u.password.as_bytes(), pass) & (u.name.as_bytes() == user))
+                    | found
+            })
         };
         shared.auth_throttle.outcome(ip, ok);
         if !ok {
@@ -339,7 +423,10 @@ impl Session {
             match parse_i64(v) {
                 Some(n) if (2..=3).contains(&n) => proto = n as u8,
                 Some(_) => return self.reply_error("NOPROTO unsupported protocol version"),
-                None => return self.reply_error("ERR Protocol version is not an integer or out of range"),
+                None => {
+                    return self
+                        .reply_error("ERR Protocol version is not an integer or out of range");
+                }
             }
             let mut i = 2;
             while i < args.len() {
@@ -373,7 +460,9 @@ impl Session {
             }
         }
         if proto != self.proto && self.watching {
-            return self.reply_error("ERR respire: HELLO cannot change the protocol while keys are WATCHed");
+            return self.reply_error(
+                "ERR respire: HELLO cannot change the protocol while keys are WATCHed",
+            );
         }
         self.proto = proto;
         self.info.resp.store(proto, Ordering::Relaxed);
@@ -431,7 +520,9 @@ impl Session {
     /// Validates and sets the client name; replies with an error and returns `false` if invalid.
     pub(super) fn set_name(&mut self, name: Bytes) -> bool {
         if name.iter().any(|&c| !(b'!'..=b'~').contains(&c)) {
-            self.reply_error("ERR Client names cannot contain spaces, newlines or special characters.");
+            self.reply_error(
+                "ERR Client names cannot contain spaces, newlines or special characters.",
+            );
             return false;
         }
         if let Ok(mut n) = self.info.name.lock() {
@@ -447,7 +538,8 @@ impl Session {
             return self.wrong_args("client");
         };
         let argc = args.len();
-        let arity_error = |s: &mut Self| s.wrong_args(&format!("client|{}", String::from_utf8_lossy(&sub)));
+        let arity_error =
+            |s: &mut Self| s.wrong_args(&format!("client|{}", String::from_utf8_lossy(&sub)));
         match sub.as_slice() {
             b"id" if argc == 2 => {
                 let id = self.info.id as i64;
@@ -455,7 +547,13 @@ impl Session {
             }
             b"getname" if argc == 2 => {
                 let name = self.info.name.lock().map(|n| n.clone()).unwrap_or_default();
-                self.reply_with(|o, p| if name.is_empty() { resp::null(o, p) } else { resp::bulk(o, &name) });
+                self.reply_with(|o, p| {
+                    if name.is_empty() {
+                        resp::null(o, p)
+                    } else {
+                        resp::bulk(o, &name)
+                    }
+                });
             }
             b"setname" if argc == 3 => {
                 if self.set_name(args[2].clone()) {
@@ -485,7 +583,9 @@ impl Session {
                 };
                 if value.iter().any(|&c| !(b'!'..=b'~').contains(&c)) {
                     let a = String::from_utf8_lossy(&attr).into_owned();
-                    return self.reply_error(&format!("ERR {a} cannot contain spaces, newlines or special characters."));
+                    return self.reply_error(&format!(
+                        "ERR {a} cannot contain spaces, newlines or special characters."
+                    ));
                 }
                 if let Ok(mut s) = slot.lock() {
                     *s = value;
@@ -519,10 +619,12 @@ impl Session {
             b"getredir" if argc == 2 => self.reply_with(|o, _| resp::int(o, -1)),
             b"tracking" | b"caching" | b"unblock" => {
                 let s = String::from_utf8_lossy(&sub).to_uppercase();
-                self.reply_error(&format!("ERR respire: CLIENT {s} is not supported through the proxy"));
+                self.reply_error(&format!(
+                    "ERR respire: CLIENT {s} is not supported through the proxy"
+                ));
             }
-            b"id" | b"getname" | b"setname" | b"info" | b"kill" | b"setinfo" | b"reply" | b"no-evict" | b"no-touch"
-            | b"getredir" => arity_error(self),
+            b"id" | b"getname" | b"setname" | b"info" | b"kill" | b"setinfo" | b"reply"
+            | b"no-evict" | b"no-touch" | b"getredir" => arity_error(self),
             // PAUSE, UNPAUSE, HELP, TRACKINGINFO and anything newer go to Redis.
             _ => {
                 self.route(cmd, res, Use::Shared);
@@ -539,7 +641,10 @@ impl Session {
             let opt = args[i].to_ascii_lowercase();
             if opt == b"type" && i + 1 < args.len() {
                 let t = args[i + 1].to_ascii_lowercase();
-                if !matches!(t.as_slice(), b"normal" | b"master" | b"replica" | b"slave" | b"pubsub") {
+                if !matches!(
+                    t.as_slice(),
+                    b"normal" | b"master" | b"replica" | b"slave" | b"pubsub"
+                ) {
                     let t = String::from_utf8_lossy(&args[i + 1]).into_owned();
                     return self.reply_error(&format!("ERR Unknown client type '{t}'"));
                 }
@@ -587,7 +692,10 @@ impl Session {
         if args.len() == 3 {
             // Old form: CLIENT KILL addr:port
             let addr = args[2].clone();
-            match clients.iter().find(|c| c.addr.to_string().as_bytes() == addr.as_ref()) {
+            match clients
+                .iter()
+                .find(|c| c.addr.to_string().as_bytes() == addr.as_ref())
+            {
                 Some(c) => {
                     c.kill();
                     self.reply_ok();
@@ -648,7 +756,9 @@ impl Session {
             if id.is_some_and(|id| id != c.id)
                 || addr.is_some_and(|a| a != c.addr)
                 || laddr.is_some_and(|a| a != c.laddr)
-                || user.as_ref().is_some_and(|u| c.user.lock().map(|cu| *cu != *u).unwrap_or(true))
+                || user
+                    .as_ref()
+                    .is_some_and(|u| c.user.lock().map(|cu| *cu != *u).unwrap_or(true))
                 || maxage.is_some_and(|m| c.created.elapsed().as_secs() < m)
                 || kind.as_ref().is_some_and(|k| {
                     let pubsub = c.flags.load(Ordering::Relaxed) & flag::PUBSUB != 0;
@@ -678,6 +788,9 @@ impl Session {
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     use sha2::Digest;
     let (x, y) = (sha2::Sha256::digest(a), sha2::Sha256::digest(b));
-    let diff = x.iter().zip(y.iter()).fold(0u8, |acc, (p, q)| acc | (p ^ q));
+    let diff = x
+        .iter()
+        .zip(y.iter())
+        .fold(0u8, |acc, (p, q)| acc | (p ^ q));
     std::hint::black_box(diff) == 0
 }

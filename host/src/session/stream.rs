@@ -18,12 +18,20 @@ impl Session {
     pub(super) async fn relay_stream(&mut self, first: Command, node_index: usize) -> StreamEnd {
         // Give back a clean exclusive connection; a stream needs its own.
         self.release_exclusive(false);
-        let addr = self.topo.nodes.get(node_index).cloned().unwrap_or_else(|| std::sync::Arc::from(""));
+        let addr = self
+            .topo
+            .nodes
+            .get(node_index)
+            .cloned()
+            .unwrap_or_else(|| std::sync::Arc::from(""));
         let node = self.worker.pool(&addr).node().clone();
         let mut backend = match backend::connect(&node, self.key()).await {
             Ok(s) => s,
             Err(reason) => {
-                let e = BackendError::Unavailable { addr: node.addr.clone(), reason };
+                let e = BackendError::Unavailable {
+                    addr: node.addr.clone(),
+                    reason,
+                };
                 self.reply_error(&e.to_string());
                 return StreamEnd::Reset;
             }
@@ -38,7 +46,11 @@ impl Session {
             // Client commands go to the backend, except the few respire must answer.
             let mut reset = false;
             while !self.closing {
-                match self.parser.parse(&mut self.inbuf, &self.worker.shared.limits, self.authenticated) {
+                match self.parser.parse(
+                    &mut self.inbuf,
+                    &self.worker.shared.limits,
+                    self.authenticated,
+                ) {
                     Ok(Some(cmd)) => match commands::lookup(cmd.name()).kind {
                         Kind::Local(Local::Quit) => {
                             resp::simple(&mut self.out, "OK");
@@ -49,7 +61,10 @@ impl Session {
                             break;
                         }
                         Kind::Local(Local::Auth) | Kind::Local(Local::Client) => {
-                            resp::error(&mut self.out, "ERR respire: AUTH and CLIENT are not available in subscribe or monitor mode");
+                            resp::error(
+                                &mut self.out,
+                                "ERR respire: AUTH and CLIENT are not available in subscribe or monitor mode",
+                            );
                         }
                         _ => cmd.encode_into(&mut to_backend),
                     },
@@ -66,7 +81,10 @@ impl Session {
                 break StreamEnd::Reset;
             }
             if write_now(&mut backend, &mut to_backend).is_err() {
-                resp::error(&mut self.out, "ERR respire: connection to backend was lost; subscriptions ended");
+                resp::error(
+                    &mut self.out,
+                    "ERR respire: connection to backend was lost; subscriptions ended",
+                );
                 self.closing = true;
             }
             if !self.try_flush() {
@@ -86,7 +104,11 @@ impl Session {
                 let signal = signals.poll(&info, cx).is_ready();
                 let from = poll_io(&mut backend, cx, &mut to_backend, &mut from_backend, true);
                 let to = poll_io(stream, cx, out, inbuf, true);
-                if signal || from.is_ready() || to.is_ready() { Poll::Ready((signal, from, to)) } else { Poll::Pending }
+                if signal || from.is_ready() || to.is_ready() {
+                    Poll::Ready((signal, from, to))
+                } else {
+                    Poll::Pending
+                }
             })
             .await;
             if signal {
@@ -104,7 +126,10 @@ impl Session {
                     }
                 },
                 Poll::Ready(IoEvent::Closed(_)) => {
-                    resp::error(&mut self.out, "ERR respire: connection to backend was lost; subscriptions ended");
+                    resp::error(
+                        &mut self.out,
+                        "ERR respire: connection to backend was lost; subscriptions ended",
+                    );
                     self.closing = true;
                 }
                 _ => {}

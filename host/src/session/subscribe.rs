@@ -28,7 +28,10 @@ impl Session {
     /// Subscriptions counted in (un)subscribe replies for `kind`: channels and patterns
     /// together, shard channels on their own (as Redis counts them).
     fn sub_count(&self, kind: SubKind) -> i64 {
-        self.subs.iter().filter(|(k, _)| (*k == SubKind::Shard) == (kind == SubKind::Shard)).count() as i64
+        self.subs
+            .iter()
+            .filter(|(k, _)| (*k == SubKind::Shard) == (kind == SubKind::Shard))
+            .count() as i64
     }
 
     /// Whether the client is in subscribe mode.
@@ -63,13 +66,22 @@ impl Session {
             }
         } else {
             // Channels and patterns: one master for the whole worker (cluster PUBLISH reaches every node).
-            self.topo.shards.first().map(|s| s.master).ok_or(CLUSTERDOWN)
+            self.topo
+                .shards
+                .first()
+                .map(|s| s.master)
+                .ok_or(CLUSTERDOWN)
         };
         let node = match node {
             Ok(n) => n,
             Err(e) => return self.reply_error(e),
         };
-        let addr = self.topo.nodes.get(node).cloned().unwrap_or_else(|| Arc::from(""));
+        let addr = self
+            .topo
+            .nodes
+            .get(node)
+            .cloned()
+            .unwrap_or_else(|| Arc::from(""));
         let settings = self.worker.pool(&addr).node().clone();
         let tx = self.push_sender();
         let verb = crate::commands::display_name(cmd.name());
@@ -77,8 +89,15 @@ impl Session {
         let mut waits = Vec::new();
         for name in &args[1..] {
             if self.subs.insert((kind, name.clone())) {
-                let sub = Subscriber { sid: self.info.id, proto: self.proto, tx: tx.clone() };
-                waits.push(self.worker.hub.subscribe(&settings, kind, name.clone(), sub));
+                let sub = Subscriber {
+                    sid: self.info.id,
+                    tx: tx.clone(),
+                };
+                waits.push(
+                    self.worker
+                        .hub
+                        .subscribe(&settings, kind, name.clone(), sub),
+                );
             }
             let count = self.sub_count(kind);
             resp::push_header(&mut frames, 3, self.proto);
@@ -100,7 +119,11 @@ impl Session {
             done.send(Ok(frames));
         });
         let silent = self.take_silent();
-        self.push_slot(Slot::Waiting { rx, silent, retry: None });
+        self.push_slot(Slot::Waiting {
+            rx,
+            silent,
+            retry: None,
+        });
         self.waiting += 1;
     }
 
@@ -111,7 +134,12 @@ impl Session {
         let names: Vec<Bytes> = if args.len() > 1 {
             args[1..].to_vec()
         } else {
-            let mut all: Vec<Bytes> = self.subs.iter().filter(|(k, _)| *k == kind).map(|(_, n)| n.clone()).collect();
+            let mut all: Vec<Bytes> = self
+                .subs
+                .iter()
+                .filter(|(k, _)| *k == kind)
+                .map(|(_, n)| n.clone())
+                .collect();
             all.sort();
             all
         };
@@ -150,7 +178,9 @@ impl Session {
 
     /// A message from the hub: delivered in order with replies, unless the session left its channel.
     pub(super) fn on_message(&mut self, frame: Bytes) {
-        let Some((kind, name, ended)) = message_target(&frame) else { return };
+        let Some((kind, name, ended)) = message_target(&frame) else {
+            return;
+        };
         if ended {
             // The server ended a shard subscription (its slot moved): tell the client with its own count.
             if !self.subs.remove(&(kind, name.clone())) {
@@ -170,11 +200,15 @@ impl Session {
         self.deliver(frame);
     }
 
+    /// Writes a message frame (as the hub relays it, or built here) in the client's protocol.
     fn deliver(&mut self, frame: Bytes) {
-        if self.queue.is_empty() {
-            self.out.extend_from_slice(&frame);
-        } else {
-            self.push_slot(Slot::Ready(frame));
+        if !self.queue.is_empty() {
+            return self.push_slot(Slot::Ready(crate::pubsub::in_protocol(frame, self.proto)));
+        }
+        if let Some(rest) = frame.get(1..) {
+            self.out
+                .extend_from_slice(&[crate::pubsub::message_type(self.proto)]);
+            self.out.extend_from_slice(rest);
         }
     }
 }

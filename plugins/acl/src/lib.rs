@@ -83,7 +83,10 @@ enum Which {
 }
 
 fn client_ip(addr: &str) -> Option<IpAddr> {
-    addr.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()).or_else(|| addr.parse().ok())
+    addr.parse::<std::net::SocketAddr>()
+        .ok()
+        .map(|a| a.ip())
+        .or_else(|| addr.parse().ok())
 }
 
 impl Acl {
@@ -98,22 +101,38 @@ impl Acl {
                 UserConfig::Full { rules, from } => (rules, from),
             };
             let rules = Rules::parse(&rules).map_err(|e| format!("users.{name}: {e}"))?;
-            let from = from.iter().map(|c| Cidr::parse(c)).collect::<Result<Vec<_>, _>>().map_err(|e| format!("users.{name}.from: {e}"))?;
+            let from = from
+                .iter()
+                .map(|c| Cidr::parse(c))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("users.{name}.from: {e}"))?;
             users.insert(name, User { rules, from });
         }
         let mut networks = Vec::new();
         for (i, n) in c.networks.iter().enumerate() {
             let cidr = Cidr::parse(&n.cidr).map_err(|e| format!("networks[{i}].cidr: {e}"))?;
-            networks.push((cidr, Rules::parse(&n.rules).map_err(|e| format!("networks[{i}].rules: {e}"))?));
+            networks.push((
+                cidr,
+                Rules::parse(&n.rules).map_err(|e| format!("networks[{i}].rules: {e}"))?,
+            ));
         }
-        Ok(Acl { default, users, networks, last: None })
+        Ok(Acl {
+            default,
+            users,
+            networks,
+            last: None,
+        })
     }
 
     fn which(&self, client: &Client) -> Which {
         let ip = client_ip(&client.addr);
         if let Some(u) = self.users.get(&client.user) {
             if !u.from.is_empty() && !ip.is_some_and(|ip| u.from.iter().any(|c| c.contains(ip))) {
-                return Which::Refused(format!("NOPERM User {} is not allowed from {}", client.user, ip.map(|i| i.to_string()).unwrap_or_default()));
+                return Which::Refused(format!(
+                    "NOPERM User {} is not allowed from {}",
+                    client.user,
+                    ip.map(|i| i.to_string()).unwrap_or_default()
+                ));
             }
             return Which::User(client.user.clone());
         }
@@ -139,7 +158,10 @@ impl Acl {
     /// the verdict holds for every command of this client with this name and these categories
     /// (it did not depend on the arguments: a subcommand, keys or channels).
     pub fn check_cached(&mut self, client: &Client, cmd: &Command) -> (Option<String>, bool) {
-        let fresh = self.last.as_ref().is_some_and(|(id, user, _)| *id == client.id && *user == client.user);
+        let fresh = self
+            .last
+            .as_ref()
+            .is_some_and(|(id, user, _)| *id == client.id && *user == client.user);
         if !fresh {
             let which = self.which(client);
             self.last = Some((client.id, client.user.clone(), which));
@@ -167,7 +189,12 @@ impl Acl {
     }
 
     fn check_rules(rules: &Rules, client: &Client, cmd: &Command) -> (Option<String>, bool) {
-        let sub = rules::container(cmd.name).then(|| cmd.arg(0).map(|a| String::from_utf8_lossy(a).to_ascii_lowercase())).flatten();
+        let sub = rules::container(cmd.name)
+            .then(|| {
+                cmd.arg(0)
+                    .map(|a| String::from_utf8_lossy(a).to_ascii_lowercase())
+            })
+            .flatten();
         // The subcommand is an argument: a verdict that looked at it is not repeatable.
         let by_name = sub.is_none();
         if !rules.allows_command(cmd.name, sub.as_deref(), cmd.categories) {
@@ -175,9 +202,17 @@ impl Acl {
                 Some(s) => format!("{}|{}", cmd.name, s),
                 None => cmd.name.to_string(),
             };
-            return (Some(format!("NOPERM User {} has no permissions to run the '{shown}' command", client.user)), by_name);
+            return (
+                Some(format!(
+                    "NOPERM User {} has no permissions to run the '{shown}' command",
+                    client.user
+                )),
+                by_name,
+            );
         }
-        let by_name = by_name && rules.allows_all_keys() && (rules.allows_all_channels() || !cmd.is(Category::PUBSUB));
+        let by_name = by_name
+            && rules.allows_all_keys()
+            && (rules.allows_all_channels() || !cmd.is(Category::PUBSUB));
         (Self::check_args(rules, cmd), by_name)
     }
 
@@ -206,7 +241,10 @@ impl Acl {
 impl Plugin for Acl {
     fn init(config: &str) -> Result<(Self, Manifest), String> {
         let acl = Acl::from_config(config)?;
-        Ok((acl, Manifest::new("acl", env!("CARGO_PKG_VERSION")).categories(&["all"])))
+        Ok((
+            acl,
+            Manifest::new("acl", env!("CARGO_PKG_VERSION")).categories(&["all"]),
+        ))
     }
 
     fn on_request(&mut self, client: &Client, cmd: &Command, fx: &mut Effects) -> RequestAction {
@@ -223,7 +261,10 @@ impl Plugin for Acl {
 
 /// Access a key needs, as the rules name it.
 pub fn needs(access: KeyAccess) -> (bool, bool) {
-    (access.contains(KeyAccess::READ), access.contains(KeyAccess::WRITE))
+    (
+        access.contains(KeyAccess::READ),
+        access.contains(KeyAccess::WRITE),
+    )
 }
 
 #[cfg(target_arch = "wasm32")]

@@ -9,13 +9,29 @@ use respire_sdk::glob;
 /// Commands whose first argument is a subcommand that rules may name (`+config|get`).
 pub fn container(name: &str) -> bool {
     // Most commands are not containers: the first letter rules most out without comparing names.
-    if !matches!(name.as_bytes().first(), Some(b'a' | b'c' | b'f' | b'l' | b'm' | b'o' | b'p' | b's' | b'x')) {
+    if !matches!(
+        name.as_bytes().first(),
+        Some(b'a' | b'c' | b'f' | b'l' | b'm' | b'o' | b'p' | b's' | b'x')
+    ) {
         return false;
     }
     matches!(
         name,
-        "acl" | "client" | "cluster" | "command" | "config" | "function" | "latency" | "memory" | "module" | "object" | "pubsub"
-            | "script" | "slowlog" | "xgroup" | "xinfo"
+        "acl"
+            | "client"
+            | "cluster"
+            | "command"
+            | "config"
+            | "function"
+            | "latency"
+            | "memory"
+            | "module"
+            | "object"
+            | "pubsub"
+            | "script"
+            | "slowlog"
+            | "xgroup"
+            | "xinfo"
     )
 }
 
@@ -42,13 +58,21 @@ impl Rules {
     /// Parses space-separated rules, as `ACL SETUSER` takes them (without passwords:
     /// identities and passwords are respire's `[[users]]`).
     pub fn parse(text: &str) -> Result<Rules, String> {
-        let mut r = Rules { enabled: true, ..Rules::default() };
+        let mut r = Rules {
+            enabled: true,
+            ..Rules::default()
+        };
         for tok in text.split_whitespace() {
             let lower = tok.to_ascii_lowercase();
             match lower.as_str() {
                 "on" => r.enabled = true,
                 "off" => r.enabled = false,
-                "reset" => r = Rules { enabled: true, ..Rules::default() },
+                "reset" => {
+                    r = Rules {
+                        enabled: true,
+                        ..Rules::default()
+                    }
+                }
                 "allcommands" => r.commands.push((true, Matcher::All)),
                 "nocommands" => r.commands.push((false, Matcher::All)),
                 "allkeys" => r.keys.push((glob::Pattern::new(b"*"), true, true)),
@@ -58,25 +82,43 @@ impl Rules {
                 "nopass" | "resetpass" => {}
                 _ => {
                     if let Some(rest) = tok.strip_prefix('~') {
-                        r.keys.push((glob::Pattern::new(rest.as_bytes()), true, true));
+                        r.keys
+                            .push((glob::Pattern::new(rest.as_bytes()), true, true));
                     } else if let Some(rest) = tok.strip_prefix('%') {
-                        let (perm, pat) = rest.split_once('~').ok_or_else(|| format!("'{tok}': expected %R~, %W~ or %RW~"))?;
+                        let (perm, pat) = rest
+                            .split_once('~')
+                            .ok_or_else(|| format!("'{tok}': expected %R~, %W~ or %RW~"))?;
                         let perm = perm.to_ascii_uppercase();
                         if perm.is_empty() || perm.chars().any(|c| c != 'R' && c != 'W') {
                             return Err(format!("'{tok}': expected %R~, %W~ or %RW~"));
                         }
-                        r.keys.push((glob::Pattern::new(pat.as_bytes()), perm.contains('R'), perm.contains('W')));
+                        r.keys.push((
+                            glob::Pattern::new(pat.as_bytes()),
+                            perm.contains('R'),
+                            perm.contains('W'),
+                        ));
                     } else if let Some(rest) = tok.strip_prefix('&') {
                         r.channels.push(rest.as_bytes().to_vec());
-                    } else if tok.starts_with('>') || tok.starts_with('<') || tok.starts_with('#') || tok.starts_with('!') {
-                        return Err(format!("'{tok}': passwords belong in respire's [[users]], not in ACL rules"));
-                    } else if let Some(rest) = lower.strip_prefix('+').or_else(|| lower.strip_prefix('-')) {
+                    } else if tok.starts_with('>')
+                        || tok.starts_with('<')
+                        || tok.starts_with('#')
+                        || tok.starts_with('!')
+                    {
+                        return Err(format!(
+                            "'{tok}': passwords belong in respire's [[users]], not in ACL rules"
+                        ));
+                    } else if let Some(rest) =
+                        lower.strip_prefix('+').or_else(|| lower.strip_prefix('-'))
+                    {
                         let allow = lower.starts_with('+');
                         let m = if let Some(cat) = rest.strip_prefix('@') {
                             if cat == "all" {
                                 Matcher::All
                             } else {
-                                Matcher::Category(respire_sdk::category(cat).ok_or_else(|| format!("'{tok}': unknown category"))?)
+                                Matcher::Category(
+                                    respire_sdk::category(cat)
+                                        .ok_or_else(|| format!("'{tok}': unknown category"))?,
+                                )
                             }
                         } else if let Some((c, s)) = rest.split_once('|') {
                             Matcher::Subcommand(c.to_string(), s.to_string())
@@ -119,14 +161,22 @@ impl Rules {
     /// granted by some pattern that matches it.
     pub fn allows_key(&self, key: &[u8], access: KeyAccess) -> bool {
         let (read, write) = crate::needs(access);
-        let granted = |want_read: bool| self.keys.iter().any(|(p, r, w)| (if want_read { *r } else { *w }) && p.matches(key));
+        let granted = |want_read: bool| {
+            self.keys
+                .iter()
+                .any(|(p, r, w)| (if want_read { *r } else { *w }) && p.matches(key))
+        };
         (!read || granted(true)) && (!write || granted(false))
     }
 
     /// Whether the rules allow every key, for reading and for writing: then what they allow
     /// depends on the command alone.
     pub fn allows_all_keys(&self) -> bool {
-        let all = |read: bool| self.keys.iter().any(|(p, r, w)| (if read { *r } else { *w }) && p.matches_all());
+        let all = |read: bool| {
+            self.keys
+                .iter()
+                .any(|(p, r, w)| (if read { *r } else { *w }) && p.matches_all())
+        };
         all(true) && all(false)
     }
 
@@ -138,7 +188,14 @@ impl Rules {
     /// Whether the rules allow this channel (`literal`: a `PSUBSCRIBE` pattern, which must
     /// be one of the allowed patterns exactly, as in Redis).
     pub fn allows_channel(&self, channel: &[u8], literal: bool) -> bool {
-        self.channels.iter().any(|p| p == b"*" || if literal { p == channel } else { glob::matches(p, channel) })
+        self.channels.iter().any(|p| {
+            p == b"*"
+                || if literal {
+                    p == channel
+                } else {
+                    glob::matches(p, channel)
+                }
+        })
     }
 }
 
@@ -153,9 +210,18 @@ impl Cidr {
     /// Parses `addr/bits` or `addr`.
     pub fn parse(s: &str) -> Result<Cidr, String> {
         let (a, b) = s.split_once('/').unwrap_or((s, ""));
-        let net: IpAddr = a.trim().parse().map_err(|_| format!("'{s}' is not an address"))?;
+        let net: IpAddr = a
+            .trim()
+            .parse()
+            .map_err(|_| format!("'{s}' is not an address"))?;
         let max = if net.is_ipv4() { 32 } else { 128 };
-        let bits = if b.is_empty() { max } else { b.trim().parse::<u8>().map_err(|_| format!("'{s}': bad prefix length"))? };
+        let bits = if b.is_empty() {
+            max
+        } else {
+            b.trim()
+                .parse::<u8>()
+                .map_err(|_| format!("'{s}': bad prefix length"))?
+        };
         if bits > max {
             return Err(format!("'{s}': prefix longer than {max}"));
         }
@@ -170,11 +236,19 @@ impl Cidr {
         };
         match (self.net, ip) {
             (IpAddr::V4(n), IpAddr::V4(i)) => {
-                let mask = if self.bits == 0 { 0 } else { u32::MAX << (32 - u32::from(self.bits)) };
+                let mask = if self.bits == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - u32::from(self.bits))
+                };
                 u32::from(n) & mask == u32::from(i) & mask
             }
             (IpAddr::V6(n), IpAddr::V6(i)) => {
-                let mask = if self.bits == 0 { 0 } else { u128::MAX << (128 - u32::from(self.bits)) };
+                let mask = if self.bits == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - u32::from(self.bits))
+                };
                 u128::from(n) & mask == u128::from(i) & mask
             }
             _ => false,
@@ -189,11 +263,26 @@ mod tests {
     #[test]
     fn the_last_matching_command_rule_decides() {
         let r = Rules::parse("+@all -@dangerous +keys -config|set").unwrap_or_default();
-        assert!(r.allows_command("get", None, Category::READ | Category::STRING | Category::FAST));
-        assert!(!r.allows_command("flushall", None, Category::KEYSPACE | Category::WRITE | Category::DANGEROUS));
-        assert!(r.allows_command("keys", None, Category::KEYSPACE | Category::READ | Category::DANGEROUS));
+        assert!(r.allows_command(
+            "get",
+            None,
+            Category::READ | Category::STRING | Category::FAST
+        ));
+        assert!(!r.allows_command(
+            "flushall",
+            None,
+            Category::KEYSPACE | Category::WRITE | Category::DANGEROUS
+        ));
+        assert!(r.allows_command(
+            "keys",
+            None,
+            Category::KEYSPACE | Category::READ | Category::DANGEROUS
+        ));
         assert!(!r.allows_command("config", Some("set"), Category::ADMIN | Category::DANGEROUS));
-        assert!(r.allows_command("unknowncmd", None, Category::empty()), "+@all includes commands respire does not know");
+        assert!(
+            r.allows_command("unknowncmd", None, Category::empty()),
+            "+@all includes commands respire does not know"
+        );
         let none = Rules::parse("").unwrap_or_default();
         assert!(!none.allows_command("ping", None, Category::FAST | Category::CONNECTION));
         let off = Rules::parse("+@all off").unwrap_or_default();
@@ -211,7 +300,9 @@ mod tests {
         assert!(!r.allows_key(b"inbox:1", KeyAccess::READ));
         assert!(!r.allows_key(b"other", KeyAccess::READ));
         let reset = Rules::parse("allkeys resetkeys ~a").unwrap_or_default();
-        assert!(reset.allows_key(b"a", KeyAccess::READ) && !reset.allows_key(b"b", KeyAccess::READ));
+        assert!(
+            reset.allows_key(b"a", KeyAccess::READ) && !reset.allows_key(b"b", KeyAccess::READ)
+        );
     }
 
     #[test]
@@ -227,7 +318,11 @@ mod tests {
             ("", false, false),
         ] {
             let r = Rules::parse(rules).unwrap_or_default();
-            assert_eq!((r.allows_all_keys(), r.allows_all_channels()), (all_keys, all_channels), "{rules}");
+            assert_eq!(
+                (r.allows_all_keys(), r.allows_all_channels()),
+                (all_keys, all_channels),
+                "{rules}"
+            );
         }
     }
 
@@ -237,7 +332,10 @@ mod tests {
         assert!(r.allows_channel(b"events:login", false));
         assert!(!r.allows_channel(b"other", false));
         assert!(r.allows_channel(b"events:*", true));
-        assert!(!r.allows_channel(b"events:l*", true), "PSUBSCRIBE patterns must be allowed literally");
+        assert!(
+            !r.allows_channel(b"events:l*", true),
+            "PSUBSCRIBE patterns must be allowed literally"
+        );
     }
 
     #[test]
@@ -250,10 +348,19 @@ mod tests {
 
     #[test]
     fn cidr_ranges() {
-        let c = Cidr::parse("10.1.0.0/16").unwrap_or(Cidr { net: IpAddr::from([0, 0, 0, 0]), bits: 32 });
+        let c = Cidr::parse("10.1.0.0/16").unwrap_or(Cidr {
+            net: IpAddr::from([0, 0, 0, 0]),
+            bits: 32,
+        });
         assert!(c.contains("10.1.2.3".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))));
         assert!(!c.contains("10.2.0.1".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))));
-        assert!(c.contains("::ffff:10.1.9.9".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))));
+        assert!(
+            c.contains(
+                "::ffff:10.1.9.9"
+                    .parse()
+                    .unwrap_or(IpAddr::from([0, 0, 0, 0]))
+            )
+        );
         assert!(Cidr::parse("10.0.0.0/33").is_err());
         assert!(Cidr::parse("0.0.0.0/0").is_ok_and(|c| c.contains(IpAddr::from([8, 8, 8, 8]))));
     }

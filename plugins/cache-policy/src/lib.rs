@@ -29,10 +29,47 @@ use serde::Deserialize;
 /// Reads cached when a rule names no commands: common reads whose reply depends only on
 /// their keys and arguments.
 pub const DEFAULT_COMMANDS: &[&str] = &[
-    "get", "mget", "getrange", "strlen", "exists", "type", "hget", "hmget", "hgetall", "hkeys", "hvals", "hlen", "hexists",
-    "hstrlen", "smembers", "sismember", "smismember", "scard", "zrange", "zrangebyscore", "zrevrange", "zrevrangebyscore",
-    "zscore", "zmscore", "zcard", "zcount", "zrank", "zrevrank", "lrange", "llen", "lindex", "pfcount", "getbit", "bitcount",
-    "xlen", "xrange", "xrevrange", "geopos", "geodist", "geosearch", "json.get",
+    "get",
+    "mget",
+    "getrange",
+    "strlen",
+    "exists",
+    "type",
+    "hget",
+    "hmget",
+    "hgetall",
+    "hkeys",
+    "hvals",
+    "hlen",
+    "hexists",
+    "hstrlen",
+    "smembers",
+    "sismember",
+    "smismember",
+    "scard",
+    "zrange",
+    "zrangebyscore",
+    "zrevrange",
+    "zrevrangebyscore",
+    "zscore",
+    "zmscore",
+    "zcard",
+    "zcount",
+    "zrank",
+    "zrevrank",
+    "lrange",
+    "llen",
+    "lindex",
+    "pfcount",
+    "getbit",
+    "bitcount",
+    "xlen",
+    "xrange",
+    "xrevrange",
+    "geopos",
+    "geodist",
+    "geosearch",
+    "json.get",
 ];
 
 #[derive(Deserialize)]
@@ -97,7 +134,9 @@ impl CachePolicy {
         let mut prefixes: Vec<String> = Vec::new();
         for (i, r) in config.rules.iter().enumerate() {
             if r.keys.is_empty() {
-                return Err(format!("rules[{i}]: keys must be a pattern (\"*\" for every key)"));
+                return Err(format!(
+                    "rules[{i}]: keys must be a pattern (\"*\" for every key)"
+                ));
             }
             let names: Vec<String> = if r.commands.is_empty() {
                 DEFAULT_COMMANDS.iter().map(|c| c.to_string()).collect()
@@ -116,11 +155,18 @@ impl CachePolicy {
                 prefixes.push(String::from_utf8_lossy(pattern.literal_prefix()).into_owned());
             }
             let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-            rules.push(Rule { pattern, how: CacheFor { ttl_ms: ms(r.ttl), empty_ttl_ms: ms(r.empty_ttl) } });
+            rules.push(Rule {
+                pattern,
+                how: CacheFor {
+                    ttl_ms: ms(r.ttl),
+                    empty_ttl_ms: ms(r.empty_ttl),
+                },
+            });
         }
         let prefix_refs: Vec<&str> = prefixes.iter().map(String::as_str).collect();
         let command_refs: Vec<&str> = commands.iter().map(String::as_str).collect();
-        let mut manifest = Manifest::new("cache-policy", env!("CARGO_PKG_VERSION")).commands(&command_refs);
+        let mut manifest =
+            Manifest::new("cache-policy", env!("CARGO_PKG_VERSION")).commands(&command_refs);
         if !prefixes.is_empty() {
             manifest = manifest.cache(&prefix_refs, config.max_memory.as_u64());
         }
@@ -128,14 +174,24 @@ impl CachePolicy {
         // with a key under a caching rule's literal start can be cached: respire need not pass
         // the others, and none at all without a caching rule. (A pattern that starts with a
         // pattern character has an empty start, which passes everything.)
-        manifest = if prefixes.is_empty() { manifest.without_requests() } else { manifest.key_prefixes(&prefix_refs) };
+        manifest = if prefixes.is_empty() {
+            manifest.without_requests()
+        } else {
+            manifest.key_prefixes(&prefix_refs)
+        };
         Ok((CachePolicy { rules, by_command }, manifest))
     }
 
     /// The caching decision for a command.
     pub fn decide(&self, cmd: &Command) -> RequestAction {
-        let Some(candidates) = self.by_command.get(cmd.name) else { return RequestAction::Continue };
-        match candidates.iter().filter_map(|&i| self.rules.get(i)).find(|r| r.matches(cmd)) {
+        let Some(candidates) = self.by_command.get(cmd.name) else {
+            return RequestAction::Continue;
+        };
+        match candidates
+            .iter()
+            .filter_map(|&i| self.rules.get(i))
+            .find(|r| r.matches(cmd))
+        {
             Some(r) if r.how.ttl_ms > 0 => RequestAction::Cache(r.how),
             _ => RequestAction::Continue,
         }
@@ -174,16 +230,41 @@ empty_ttl = "1s"
 "#;
         let (p, m) = CachePolicy::from_config(text).unwrap();
         let cache = m.cache.unwrap();
-        assert_eq!(cache.prefixes, vec!["user:".to_string()], "a 0s rule caches nothing, so it needs no tracking");
-        assert_eq!(m.key_prefixes, vec!["user:".to_string()], "only commands with a key under a caching rule are passed");
+        assert_eq!(
+            cache.prefixes,
+            vec!["user:".to_string()],
+            "a 0s rule caches nothing, so it needs no tracking"
+        );
+        assert_eq!(
+            m.key_prefixes,
+            vec!["user:".to_string()],
+            "only commands with a key under a caching rule are passed"
+        );
         assert_eq!(cache.max_memory, 1 << 20);
-        assert!(m.commands.contains(&"get".to_string()) && m.commands.contains(&"hgetall".to_string()));
-        assert_eq!((p.rules[1].how.ttl_ms, p.rules[1].how.empty_ttl_ms), (30_000, 1000));
-        let (_, every) = CachePolicy::from_config("[[rules]]\nkeys = \"*:profile\"\nttl = \"1s\"\n").unwrap();
-        assert_eq!(every.key_prefixes, vec![String::new()], "a pattern with no literal start passes every command");
-        let (_, none) = CachePolicy::from_config("[[rules]]\nkeys = \"s:*\"\nttl = \"0s\"\n").unwrap();
-        assert!(!none.on_request, "without a caching rule there is nothing to decide");
-        assert!(CachePolicy::from_config("[[rules]]\nkeys = \"x\"\n").is_err(), "ttl is required");
+        assert!(
+            m.commands.contains(&"get".to_string()) && m.commands.contains(&"hgetall".to_string())
+        );
+        assert_eq!(
+            (p.rules[1].how.ttl_ms, p.rules[1].how.empty_ttl_ms),
+            (30_000, 1000)
+        );
+        let (_, every) =
+            CachePolicy::from_config("[[rules]]\nkeys = \"*:profile\"\nttl = \"1s\"\n").unwrap();
+        assert_eq!(
+            every.key_prefixes,
+            vec![String::new()],
+            "a pattern with no literal start passes every command"
+        );
+        let (_, none) =
+            CachePolicy::from_config("[[rules]]\nkeys = \"s:*\"\nttl = \"0s\"\n").unwrap();
+        assert!(
+            !none.on_request,
+            "without a caching rule there is nothing to decide"
+        );
+        assert!(
+            CachePolicy::from_config("[[rules]]\nkeys = \"x\"\n").is_err(),
+            "ttl is required"
+        );
         assert!(CachePolicy::from_config("bogus = 1").is_err());
     }
 }

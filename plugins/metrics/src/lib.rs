@@ -28,7 +28,10 @@
 //! (big keys).
 use std::time::Duration;
 
-use respire_sdk::{Client, Command, Effects, Manifest, Metric, MetricId, Plugin, Reply, RequestAction, ResponseAction, TrafficLabel, TrafficValue, host, reply};
+use respire_sdk::{
+    Client, Command, Effects, Manifest, Metric, MetricId, Plugin, Reply, RequestAction,
+    ResponseAction, TrafficLabel, TrafficValue, host, reply,
+};
 use serde::Deserialize;
 
 const COMMANDS: MetricId = MetricId(0);
@@ -111,7 +114,11 @@ impl KeyStats {
     /// Counts `weight` uses of `key`; at a window change, publishes the last window's tops.
     fn count(&mut self, key: &[u8], weight: i64, fx: &mut Effects) {
         let window = host::now_ms() / self.window_ms;
-        host::counter_add(&format!("{HOT}{window}:{}", String::from_utf8_lossy(key)), weight, self.window_ms * 3);
+        host::counter_add(
+            &format!("{HOT}{window}:{}", String::from_utf8_lossy(key)),
+            weight,
+            self.window_ms * 3,
+        );
         if window != self.window {
             self.window = window;
             self.publish(window, fx);
@@ -122,19 +129,37 @@ impl KeyStats {
     fn hot(&self, window: u64, count: u32) -> Vec<(String, i64)> {
         let prefix = format!("{HOT}{}:", window.saturating_sub(1));
         let secs = self.window_ms as f64 / 1000.0;
-        host::counter_top(&prefix, count).into_iter().map(|(k, n)| (k[prefix.len()..].to_string(), (n as f64 / secs).round() as i64)).collect()
+        host::counter_top(&prefix, count)
+            .into_iter()
+            .map(|(k, n)| {
+                (
+                    k[prefix.len()..].to_string(),
+                    (n as f64 / secs).round() as i64,
+                )
+            })
+            .collect()
     }
 
     /// Big keys: (key, bytes).
     fn big(&self, count: u32) -> Vec<(String, i64)> {
-        host::counter_top(BIG, count).into_iter().map(|(k, n)| (k[BIG.len()..].to_string(), n)).collect()
+        host::counter_top(BIG, count)
+            .into_iter()
+            .map(|(k, n)| (k[BIG.len()..].to_string(), n))
+            .collect()
     }
 
     /// Sets the key gauges to the current tops and removes keys that left them.
     fn publish(&mut self, window: u64, fx: &mut Effects) {
         let hot = self.hot(window, self.hot_keys);
-        let big = if self.big_keys > 0 { self.big(self.big_keys) } else { Vec::new() };
-        for (metric, now, before) in [(HOT_KEYS, &hot, &mut self.published_hot), (BIG_KEYS, &big, &mut self.published_big)] {
+        let big = if self.big_keys > 0 {
+            self.big(self.big_keys)
+        } else {
+            Vec::new()
+        };
+        for (metric, now, before) in [
+            (HOT_KEYS, &hot, &mut self.published_hot),
+            (BIG_KEYS, &big, &mut self.published_big),
+        ] {
             for old in before.iter() {
                 if !now.iter().any(|(k, _)| k == old) {
                     fx.record(metric, &[old], f64::NAN);
@@ -158,7 +183,12 @@ impl KeyStats {
 
 /// A reply listing keys with a number each: an array of `[key, number]` pairs.
 fn key_list(items: &[(String, i64)]) -> Vec<u8> {
-    reply::array(&items.iter().map(|(k, v)| reply::array(&[reply::bulk(k.as_bytes()), reply::int(*v)])).collect::<Vec<_>>())
+    reply::array(
+        &items
+            .iter()
+            .map(|(k, v)| reply::array(&[reply::bulk(k.as_bytes()), reply::int(*v)]))
+            .collect::<Vec<_>>(),
+    )
 }
 
 impl Plugin for Metrics {
@@ -167,9 +197,18 @@ impl Plugin for Metrics {
         if c.hot_window.as_millis() == 0 || c.hot_sample == 0 {
             return Err("hot_window and hot_sample must be above zero".into());
         }
-        let size_buckets = [16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0];
-        let mut commands = Metric::counter("commands_total", "Commands answered, by command, key prefix and result (ok, error).");
-        commands = if c.prefix_segments > 0 { commands.labels(&["command", "prefix", "result"]) } else { commands.labels(&["command", "result"]) };
+        let size_buckets = [
+            16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0,
+        ];
+        let mut commands = Metric::counter(
+            "commands_total",
+            "Commands answered, by command, key prefix and result (ok, error).",
+        );
+        commands = if c.prefix_segments > 0 {
+            commands.labels(&["command", "prefix", "result"])
+        } else {
+            commands.labels(&["command", "result"])
+        };
         let mut manifest = Manifest::new("metrics", env!("CARGO_PKG_VERSION"))
             .categories(&["all"])
             .without_requests()
@@ -190,21 +229,51 @@ impl Plugin for Metrics {
         let segments = u32::try_from(c.prefix_segments).unwrap_or(u32::MAX);
         manifest = if segments > 0 {
             manifest
-                .traffic(COMMANDS, TrafficValue::Count, &[TrafficLabel::Command, TrafficLabel::KeyPrefix(segments), TrafficLabel::Result])
-                .traffic(PREFIX_LATENCY, TrafficValue::Latency, &[TrafficLabel::KeyPrefix(segments)])
+                .traffic(
+                    COMMANDS,
+                    TrafficValue::Count,
+                    &[
+                        TrafficLabel::Command,
+                        TrafficLabel::KeyPrefix(segments),
+                        TrafficLabel::Result,
+                    ],
+                )
+                .traffic(
+                    PREFIX_LATENCY,
+                    TrafficValue::Latency,
+                    &[TrafficLabel::KeyPrefix(segments)],
+                )
         } else {
-            manifest.traffic(COMMANDS, TrafficValue::Count, &[TrafficLabel::Command, TrafficLabel::Result])
+            manifest.traffic(
+                COMMANDS,
+                TrafficValue::Count,
+                &[TrafficLabel::Command, TrafficLabel::Result],
+            )
         };
         manifest = manifest
             .traffic(LATENCY, TrafficValue::Latency, &[TrafficLabel::Command])
-            .traffic(REPLY_BYTES, TrafficValue::ReplyBytes, &[TrafficLabel::Command])
-            .traffic(REQUEST_BYTES, TrafficValue::RequestBytes, &[TrafficLabel::Command])
+            .traffic(
+                REPLY_BYTES,
+                TrafficValue::ReplyBytes,
+                &[TrafficLabel::Command],
+            )
+            .traffic(
+                REQUEST_BYTES,
+                TrafficValue::RequestBytes,
+                &[TrafficLabel::Command],
+            )
             .traffic(ERRORS, TrafficValue::Count, &[TrafficLabel::ErrorCode]);
         // The hook sees a sample of replies (hot keys) and the big ones (big keys), only to look.
         if c.hot_keys > 0 || c.big_keys > 0 {
             let sample = if c.hot_keys > 0 { c.hot_sample } else { 0 };
-            let min_bytes = if c.big_keys > 0 { c.big_key_bytes.max(1) } else { 0 };
-            manifest = manifest.observing_responses().response_filter(sample, min_bytes, false);
+            let min_bytes = if c.big_keys > 0 {
+                c.big_key_bytes.max(1)
+            } else {
+                0
+            };
+            manifest = manifest
+                .observing_responses()
+                .response_filter(sample, min_bytes, false);
         }
         let hot = KeyStats {
             hot_keys: c.hot_keys,
@@ -222,10 +291,22 @@ impl Plugin for Metrics {
     fn on_request(&mut self, _client: &Client, cmd: &Command, _fx: &mut Effects) -> RequestAction {
         let count = match cmd.arg(0) {
             None => 10,
-            Some(n) => match std::str::from_utf8(n).ok().and_then(|n| n.parse::<u32>().ok()) {
+            Some(n) => match std::str::from_utf8(n)
+                .ok()
+                .and_then(|n| n.parse::<u32>().ok())
+            {
                 Some(n) if cmd.len() == 1 => n.min(1000),
-                _ if cmd.len() > 1 => return RequestAction::Deny(format!("ERR wrong number of arguments for '{}' command", cmd.name)),
-                _ => return RequestAction::Deny("ERR value is not an integer or out of range".into()),
+                _ if cmd.len() > 1 => {
+                    return RequestAction::Deny(format!(
+                        "ERR wrong number of arguments for '{}' command",
+                        cmd.name
+                    ));
+                }
+                _ => {
+                    return RequestAction::Deny(
+                        "ERR value is not an integer or out of range".into(),
+                    );
+                }
             },
         };
         let items = match cmd.name {
@@ -235,17 +316,32 @@ impl Plugin for Metrics {
         RequestAction::Respond(key_list(&items))
     }
 
-    fn on_response(&mut self, _client: &Client, cmd: &Command, reply: &Reply, fx: &mut Effects) -> ResponseAction {
-        let Some((key, access)) = cmd.keys().next() else { return ResponseAction::Continue };
+    fn on_response(
+        &mut self,
+        _client: &Client,
+        cmd: &Command,
+        reply: &Reply,
+        fx: &mut Effects,
+    ) -> ResponseAction {
+        let Some((key, access)) = cmd.keys().next() else {
+            return ResponseAction::Continue;
+        };
         // respire passes every reply (or command) of at least big_key_bytes, and one in
         // hot_sample of the others: a big one counts once, a sampled one for the sample.
-        let big = self.hot.big_keys > 0 && (reply.raw().len() as u64 >= self.hot.big_bytes || cmd.size() as u64 >= self.hot.big_bytes);
+        let big = self.hot.big_keys > 0
+            && (reply.raw().len() as u64 >= self.hot.big_bytes
+                || cmd.size() as u64 >= self.hot.big_bytes);
         if self.hot.hot_keys > 0 {
-            self.hot.count(key, if big { 1 } else { i64::from(self.hot.sample) }, fx);
+            self.hot
+                .count(key, if big { 1 } else { i64::from(self.hot.sample) }, fx);
         }
         if big && !reply.is_error() {
             // A read's reply, or what a write sends (its arguments), tells the value's size.
-            let size = if access.contains(respire_sdk::KeyAccess::WRITE) { cmd.size().saturating_sub(cmd.name.len() + key.len()) } else { reply.raw().len() };
+            let size = if access.contains(respire_sdk::KeyAccess::WRITE) {
+                cmd.size().saturating_sub(cmd.name.len() + key.len())
+            } else {
+                reply.raw().len()
+            };
             if size as u64 >= self.hot.big_bytes {
                 self.hot.note_big(key, size as u64);
             }

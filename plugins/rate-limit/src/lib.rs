@@ -110,7 +110,11 @@ impl Rule {
         if !self.commands.is_empty() && !self.commands.iter().any(|c| c == cmd.name) {
             return None;
         }
-        let matched = self.categories.iter().find(|(_, c)| cmd.categories.intersects(*c)).map(|(n, _)| n.as_str());
+        let matched = self
+            .categories
+            .iter()
+            .find(|(_, c)| cmd.categories.intersects(*c))
+            .map(|(n, _)| n.as_str());
         if !self.categories.is_empty() && matched.is_none() {
             return None;
         }
@@ -139,7 +143,10 @@ impl Rule {
                     // Keyless commands are not limited by a prefix rule.
                     let (k, _) = cmd.keys().next()?;
                     let k = String::from_utf8_lossy(k);
-                    let end = k.match_indices(':').nth(self.prefix_segments.saturating_sub(1)).map_or(k.len(), |(i, _)| i);
+                    let end = k
+                        .match_indices(':')
+                        .nth(self.prefix_segments.saturating_sub(1))
+                        .map_or(k.len(), |(i, _)| i);
                     key.push_str(&k[..end]);
                 }
             }
@@ -157,25 +164,40 @@ impl RateLimit {
     /// Compiles the configuration: the rules and the manifest that declares their buckets.
     pub fn from_config(text: &str) -> Result<(RateLimit, Manifest), String> {
         let c: Config = respire_sdk::config(text)?;
-        let mut manifest = Manifest::new("rate-limit", env!("CARGO_PKG_VERSION")).categories(&["all"]);
+        let mut manifest =
+            Manifest::new("rate-limit", env!("CARGO_PKG_VERSION")).categories(&["all"]);
         let mut rules = Vec::new();
         for r in c.rules {
             if !(r.rate.is_finite() && r.rate > 0.0) {
-                return Err(format!("rule {:?}: rate must be a positive number of commands per second", r.name));
+                return Err(format!(
+                    "rule {:?}: rate must be a positive number of commands per second",
+                    r.name
+                ));
             }
             let burst = r.burst.unwrap_or(r.rate.ceil() as u32).max(1);
             if r.cost > burst {
-                return Err(format!("rule {:?}: cost {} is above the burst {burst}: no command could pass", r.name, r.cost));
+                return Err(format!(
+                    "rule {:?}: cost {} is above the burst {burst}: no command could pass",
+                    r.name, r.cost
+                ));
             }
             let mut categories = Vec::new();
             for name in &r.categories {
-                let cat = respire_sdk::category(name).ok_or_else(|| format!("rule {:?}: unknown category {name:?}", r.name))?;
+                let cat = respire_sdk::category(name)
+                    .ok_or_else(|| format!("rule {:?}: unknown category {name:?}", r.name))?;
                 categories.push((name.trim_start_matches('@').to_ascii_lowercase(), cat));
             }
             if r.prefix_segments == 0 {
-                return Err(format!("rule {:?}: prefix_segments must be at least 1", r.name));
+                return Err(format!(
+                    "rule {:?}: prefix_segments must be at least 1",
+                    r.name
+                ));
             }
-            manifest = if r.shared { manifest.shared_limiter(&r.name, r.rate, burst) } else { manifest.limiter(&r.name, r.rate, burst) };
+            manifest = if r.shared {
+                manifest.shared_limiter(&r.name, r.rate, burst)
+            } else {
+                manifest.limiter(&r.name, r.rate, burst)
+            };
             rules.push(Rule {
                 by: r.by,
                 commands: r.commands.iter().map(|c| c.to_ascii_lowercase()).collect(),
@@ -198,7 +220,9 @@ impl Plugin for RateLimit {
         // client with this name: respire may take them again without asking. A prefix is a key's.
         let mut repeatable = true;
         for (i, rule) in self.rules.iter().enumerate() {
-            let Some(matched) = rule.applies(cmd) else { continue };
+            let Some(matched) = rule.applies(cmd) else {
+                continue;
+            };
             if rule.by.contains(&By::Prefix) {
                 repeatable = false;
             }
@@ -231,9 +255,18 @@ mod tests {
     fn bad_rules_are_refused() {
         for (bad, says) in [
             ("[[rules]]\nname = \"r\"\nrate = 0\n", "rate must be"),
-            ("[[rules]]\nname = \"r\"\nrate = 10\nburst = 2\ncost = 3\n", "above the burst"),
-            ("[[rules]]\nname = \"r\"\nrate = 10\ncategories = [\"nosuch\"]\n", "unknown category"),
-            ("[[rules]]\nname = \"r\"\nrate = 10\nby = [\"planet\"]\n", "planet"),
+            (
+                "[[rules]]\nname = \"r\"\nrate = 10\nburst = 2\ncost = 3\n",
+                "above the burst",
+            ),
+            (
+                "[[rules]]\nname = \"r\"\nrate = 10\ncategories = [\"nosuch\"]\n",
+                "unknown category",
+            ),
+            (
+                "[[rules]]\nname = \"r\"\nrate = 10\nby = [\"planet\"]\n",
+                "planet",
+            ),
         ] {
             let e = RateLimit::from_config(bad).err().unwrap_or_default();
             assert!(e.contains(says), "{bad}: {e}");

@@ -8,10 +8,19 @@
 //! loadgen --port 6380 --clients 50 --requests 200000 --ratio 1:4 --keys 100000 --size 32 --pipeline 1
 //! loadgen --port 6380 --clients 50 --rate 40000 --seconds 10        # open loop at 40k ops/s
 //! loadgen --port 6380 --idle 10000 --seconds 5    # 10,000 connections that PING once, then sit idle
+//! loadgen --port 6380 --subscribers 50 --publish-port 6379 --requests 200000 --size 64
 //! ```
 //! Prints one line: `ops=… p50_us=… p99_us=… p999_us=… max_us=… errors=… seconds=…`
 //! (`--idle`: `idle=N` once every connection has answered its PING, then `closed` at the end).
+//!
+//! `--subscribers N`: pub/sub fan-out. N clients of `--port` SUBSCRIBE to one channel; one
+//! publisher on `--publish-port` (Redis itself, so that only delivery goes through the target)
+//! PUBLISHes `--requests` messages of `--size` bytes, `--pipeline` at a time, staying at most
+//! 1,000 messages ahead of the slowest subscriber (no output-buffer limit is reached). `ops` is
+//! messages per second each subscriber received, `requests` the deliveries (messages ×
+//! subscribers), latencies from PUBLISH to delivery, `errors` messages that never arrived.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -34,6 +43,8 @@ struct Args {
     pipeline: usize,
     threads: usize,
     idle: usize,
+    subscribers: usize,
+    publish_port: u16,
 }
 
 fn parse() -> Result<Args> {
@@ -51,6 +62,8 @@ fn parse() -> Result<Args> {
         pipeline: 1,
         threads: 1,
         idle: 0,
+        subscribers: 0,
+        publish_port: 6379,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -72,6 +85,8 @@ fn parse() -> Result<Args> {
             "--pipeline" => a.pipeline = val()?.parse()?,
             "--threads" => a.threads = val()?.parse()?,
             "--idle" => a.idle = val()?.parse()?,
+            "--subscribers" => a.subscribers = val()?.parse()?,
+            "--publish-port" => a.publish_port = val()?.parse()?,
             "--help" | "-h" => {
                 println!("see the module documentation at the top of tests/src/bin/loadgen.rs");
                 std::process::exit(0);
@@ -81,6 +96,9 @@ fn parse() -> Result<Args> {
     }
     if a.clients == 0 || a.pipeline == 0 || a.sets + a.gets == 0 || a.keys == 0 {
         bail!("clients, pipeline, keys and the ratio must be above zero");
+    }
+    if a.subscribers > 0 && a.size < 20 {
+        bail!("--subscribers needs --size of at least 20 (messages carry their send time)");
     }
     if a.rate > 0.0 && a.seconds <= 0.0 {
         a.seconds = 10.0;
@@ -92,12 +110,17 @@ fn parse() -> Result<Args> {
 fn scan_replies(buf: &[u8], want: usize) -> (usize, usize, usize) {
     let (mut n, mut errors, mut at) = (0, 0, 0);
     while n < want {
-        let Some(line_end) = buf[at..].windows(2).position(|w| w == b"\r\n") else { break };
+        let Some(line_end) = buf[at..].windows(2).position(|w| w == b"\r\n") else {
+            break;
+        };
         let line = &buf[at..at + line_end];
         let mut end = at + line_end + 2;
         match line.first() {
             Some(b'$') => {
-                let len: i64 = std::str::from_utf8(&line[1..]).ok().and_then(|s| s.parse().ok()).unwrap_or(-1);
+                let len: i64 = std::str::from_utf8(&line[1..])
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(-1);
                 if len >= 0 {
                     end += len as usize + 2;
                     if end > buf.len() {
@@ -120,7 +143,14 @@ struct Outcome {
     errors: u64,
 }
 
-async fn client(args: Args, mut s: TcpStream, id: usize, start: Instant, deadline: Option<Instant>, quota: u64) -> Result<Outcome> {
+async fn client(
+    args: Args,
+    mut s: TcpStream,
+    id: usize,
+    start: Instant,
+    deadline: Option<Instant>,
+    quota: u64,
+) -> Result<Outcome> {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let value = vec![b'x'; args.size];
     let value_header = format!("${}\r\n", value.len()).into_bytes();
@@ -132,7 +162,8 @@ async fn client(args: Args, mut s: TcpStream, id: usize, start: Instant, deadlin
         rng
     };
     // Open loop: this client's share of the rate, requests evenly spaced from `start`.
-    let interval = (args.rate > 0.0).then(|| Duration::from_secs_f64(args.clients as f64 * args.pipeline as f64 / args.rate));
+    let interval = (args.rate > 0.0)
+        .then(|| Duration::from_secs_f64(args.clients as f64 * args.pipeline as f64 / args.rate));
     let mut out = Vec::with_capacity(4096);
     let mut buf = vec![0u8; 64 * 1024];
     let mut have = 0usize;
@@ -216,7 +247,9 @@ async fn idle(args: &Args) -> Result<()> {
     let mut conns = Vec::with_capacity(args.idle);
     for chunk in 0..args.idle.div_ceil(500) {
         let n = (args.idle - chunk * 500).min(500);
-        let opened: Vec<_> = (0..n).map(|_| TcpStream::connect((args.host.as_str(), args.port))).collect();
+        let opened: Vec<_> = (0..n)
+            .map(|_| TcpStream::connect((args.host.as_str(), args.port)))
+            .collect();
         for c in opened {
             let mut s = c.await.context("connect")?;
             s.write_all(b"*1\r\n$4\r\nPING\r\n").await?;
@@ -237,25 +270,222 @@ async fn idle(args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// How far the publisher may run ahead of the slowest subscriber, in messages.
+const PUBLISH_WINDOW: u64 = 1000;
+
+/// One subscriber: reads messages until `messages` arrived or `deadline`, recording each one's
+/// latency from the send time it carries. Returns (histogram, messages received).
+async fn subscriber(
+    mut s: TcpStream,
+    messages: u64,
+    epoch: Instant,
+    deadline: Instant,
+    seen: std::sync::Arc<AtomicU64>,
+) -> Result<(Histogram<u64>, u64)> {
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let (mut have, mut got) = (0usize, 0u64);
+    while got < messages {
+        let r = match tokio::time::timeout_at(deadline.into(), s.read(&mut buf[have..])).await {
+            Ok(r) => r?,
+            Err(_) => break,
+        };
+        if r == 0 {
+            bail!("subscriber connection closed after {got} messages");
+        }
+        have += r;
+        let now = epoch.elapsed().as_nanos() as u64;
+        let mut at = 0;
+        // `*3\r\n$7\r\nmessage\r\n$<n>\r\n<channel>\r\n$<n>\r\n<send time, 20 digits>…\r\n`
+        while let Some(end) = message_end(&buf[at..have]) {
+            let body = &buf[at..at + end];
+            if let Some(sent) = send_time(body) {
+                hist.saturating_record((now.saturating_sub(sent) / 1000).max(1));
+                got += 1;
+            }
+            at += end;
+        }
+        buf.copy_within(at..have, 0);
+        have -= at;
+        if have == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+        seen.store(got, Ordering::Relaxed);
+    }
+    Ok((hist, got))
+}
+
+/// The length of the complete three-element array at the start of `b`, if it is all there.
+fn message_end(b: &[u8]) -> Option<usize> {
+    let mut at = b.windows(2).position(|w| w == b"\r\n")? + 2;
+    for _ in 0..3 {
+        let line = b.get(at..)?.windows(2).position(|w| w == b"\r\n")?;
+        let len: usize = std::str::from_utf8(b.get(at + 1..at + line)?)
+            .ok()?
+            .parse()
+            .ok()?;
+        at += line + 2 + len + 2;
+        if at > b.len() {
+            return None;
+        }
+    }
+    Some(at)
+}
+
+/// The send time (nanoseconds since the run's epoch) a message's payload starts with.
+fn send_time(message: &[u8]) -> Option<u64> {
+    // The payload is the last bulk string: after its `$<len>\r\n`.
+    let payload_at = message
+        .windows(2)
+        .enumerate()
+        .filter(|(_, w)| *w == b"\r\n")
+        .nth(5)?
+        .0
+        + 2;
+    std::str::from_utf8(message.get(payload_at..payload_at + 20)?)
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// Pub/sub fan-out through the target (see the module documentation).
+async fn fan_out(args: &Args) -> Result<(Histogram<u64>, u64, u64, f64)> {
+    let channel = b"loadgen-bench";
+    let mut subs = Vec::with_capacity(args.subscribers);
+    for _ in 0..args.subscribers {
+        let mut s = TcpStream::connect((args.host.as_str(), args.port))
+            .await
+            .context("connect")?;
+        s.write_all(format!("*2\r\n$9\r\nSUBSCRIBE\r\n${}\r\n", channel.len()).as_bytes())
+            .await?;
+        s.write_all(channel).await?;
+        s.write_all(b"\r\n").await?;
+        let mut b = vec![0u8; 64];
+        let want =
+            format!("*3\r\n$9\r\nsubscribe\r\n${}\r\n", channel.len()).len() + channel.len() + 6;
+        s.read_exact(&mut b[..want])
+            .await
+            .context("SUBSCRIBE reply")?;
+        subs.push(s);
+    }
+    // Each SUBSCRIBE was answered (respire answers once the backend confirmed): every message
+    // published from now on reaches every subscriber.
+    let mut publisher = TcpStream::connect((args.host.as_str(), args.publish_port))
+        .await
+        .context("connect to the publisher port")?;
+    publisher.set_nodelay(true)?;
+    let messages = args.requests;
+    let epoch = Instant::now();
+    let deadline = epoch + Duration::from_secs(120);
+    let seen: Vec<_> = (0..subs.len())
+        .map(|_| std::sync::Arc::new(AtomicU64::new(0)))
+        .collect();
+    let tasks: Vec<_> = subs
+        .into_iter()
+        .zip(&seen)
+        .map(|(s, seen)| tokio::spawn(subscriber(s, messages, epoch, deadline, seen.clone())))
+        .collect();
+    let mut out = Vec::new();
+    let mut replies = vec![0u8; 64 * 1024];
+    let mut sent = 0u64;
+    while sent < messages && Instant::now() < deadline {
+        let slowest = seen
+            .iter()
+            .map(|s| s.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(sent);
+        if sent >= slowest + PUBLISH_WINDOW {
+            tokio::time::sleep(Duration::from_micros(50)).await;
+            continue;
+        }
+        let batch = (args.pipeline as u64).min(messages - sent);
+        out.clear();
+        for _ in 0..batch {
+            let mut payload = format!("{:020}", epoch.elapsed().as_nanos() as u64).into_bytes();
+            payload.resize(args.size, b'x');
+            out.extend_from_slice(
+                format!("*3\r\n$7\r\nPUBLISH\r\n${}\r\n", channel.len()).as_bytes(),
+            );
+            out.extend_from_slice(channel);
+            out.extend_from_slice(format!("\r\n${}\r\n", payload.len()).as_bytes());
+            out.extend_from_slice(&payload);
+            out.extend_from_slice(b"\r\n");
+        }
+        publisher.write_all(&out).await?;
+        // Each reply is `:<receivers>\r\n`.
+        let mut lines = 0u64;
+        while lines < batch {
+            let n = publisher.read(&mut replies).await?;
+            if n == 0 {
+                bail!("publisher connection closed");
+            }
+            lines += replies[..n].iter().filter(|&&b| b == b'\n').count() as u64;
+        }
+        sent += batch;
+    }
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let (mut delivered, mut lost) = (0u64, 0u64);
+    for t in tasks {
+        let (h, got) = t.await??;
+        hist.add(&h)?;
+        delivered += got;
+        lost += messages - got.min(messages);
+    }
+    let secs = epoch.elapsed().as_secs_f64();
+    Ok((hist, delivered, lost, secs))
+}
+
 fn main() -> Result<()> {
     let args = parse()?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(args.threads.max(1)).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.max(1))
+        .enable_all()
+        .build()?;
     if args.idle > 0 {
         return rt.block_on(idle(&args));
+    }
+    if args.subscribers > 0 {
+        let (hist, delivered, lost, secs) = rt.block_on(fan_out(&args))?;
+        println!(
+            "ops={:.0} p50_us={} p99_us={} p999_us={} max_us={} errors={} requests={} seconds={:.2}",
+            delivered as f64 / args.subscribers as f64 / secs,
+            hist.value_at_quantile(0.5),
+            hist.value_at_quantile(0.99),
+            hist.value_at_quantile(0.999),
+            hist.max(),
+            lost,
+            delivered,
+            secs
+        );
+        return Ok(());
     }
     let (hist, done, errors, secs) = rt.block_on(async {
         // Every client connects first, so that connecting never delays a request that is due.
         let mut streams = Vec::with_capacity(args.clients);
         for _ in 0..args.clients {
-            let s = TcpStream::connect((args.host.as_str(), args.port)).await.context("connect")?;
+            let s = TcpStream::connect((args.host.as_str(), args.port))
+                .await
+                .context("connect")?;
             s.set_nodelay(true)?;
             streams.push(s);
         }
-        let start = Instant::now() + if args.rate > 0.0 { Duration::from_millis(5) } else { Duration::ZERO };
+        let start = Instant::now()
+            + if args.rate > 0.0 {
+                Duration::from_millis(5)
+            } else {
+                Duration::ZERO
+            };
         let deadline = (args.seconds > 0.0).then(|| start + Duration::from_secs_f64(args.seconds));
-        let quota = if deadline.is_some() { 0 } else { args.requests.div_ceil(args.clients as u64) };
-        let tasks: Vec<_> =
-            streams.into_iter().enumerate().map(|(i, s)| tokio::spawn(client(args.clone(), s, i, start, deadline, quota))).collect();
+        let quota = if deadline.is_some() {
+            0
+        } else {
+            args.requests.div_ceil(args.clients as u64)
+        };
+        let tasks: Vec<_> = streams
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| tokio::spawn(client(args.clone(), s, i, start, deadline, quota)))
+            .collect();
         let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
         let (mut done, mut errors) = (0, 0);
         for t in tasks {

@@ -13,8 +13,14 @@ const HUGE: usize = 8 << 20;
 
 impl Plugin for Misbehave {
     fn init(config: &str) -> Result<(Self, Manifest), String> {
-        let deny_all = config.lines().any(|l| l.replace(' ', "") == "deny_all=true");
-        let manifest = if deny_all { Manifest::new("deny-all", "0.1.0").categories(&["all"]) } else { Manifest::new("misbehave", "0.1.0").commands(&["get"]) };
+        let deny_all = config
+            .lines()
+            .any(|l| l.replace(' ', "") == "deny_all=true");
+        let manifest = if deny_all {
+            Manifest::new("deny-all", "0.1.0").categories(&["all"])
+        } else {
+            Manifest::new("misbehave", "0.1.0").commands(&["get"])
+        };
         Ok((Misbehave { deny_all }, manifest))
     }
 

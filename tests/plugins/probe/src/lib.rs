@@ -27,8 +27,8 @@
 //! Every request-hook call adds 1 to the shared counter `calls` (a host call) and to the
 //! metric `calls_total{command}` (an effect). `ECHO probe:<tag>:calls` answers the counter.
 use respire_sdk::{
-    Category, Client, Command, Effects, KeyAccess, LimiterId, Manifest, Metric, MetricId, Plugin, Reply, RequestAction, ResponseAction, TrafficLabel,
-    TrafficValue, host, reply,
+    Category, Client, Command, Effects, KeyAccess, LimiterId, Manifest, Metric, MetricId, Plugin,
+    Reply, RequestAction, ResponseAction, TrafficLabel, TrafficValue, host, reply,
 };
 
 const CALLS: MetricId = MetricId(0);
@@ -60,36 +60,88 @@ impl Plugin for Probe {
         let tag = setting(config, "tag").unwrap_or("probe").to_string();
         let mut manifest = Manifest::new(&format!("probe-{tag}"), "0.1.0")
             .metric(Metric::counter("calls_total", "Request hook calls").labels(&["command"]))
-            .metric(Metric::histogram("reply_seconds", "Time to the reply").buckets(&[0.0001, 0.001, 0.01, 0.1, 1.0]));
-        let commands: Vec<&str> = setting(config, "commands").unwrap_or("").split_whitespace().collect();
-        let categories: Vec<&str> = setting(config, "categories").unwrap_or("").split_whitespace().collect();
-        manifest = manifest.commands(&commands).categories(&categories).commands(&["echo"]);
-        let key_prefixes: Vec<&str> = setting(config, "key_prefixes").unwrap_or("").split_whitespace().collect();
+            .metric(
+                Metric::histogram("reply_seconds", "Time to the reply")
+                    .buckets(&[0.0001, 0.001, 0.01, 0.1, 1.0]),
+            );
+        let commands: Vec<&str> = setting(config, "commands")
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        let categories: Vec<&str> = setting(config, "categories")
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        manifest = manifest
+            .commands(&commands)
+            .categories(&categories)
+            .commands(&["echo"]);
+        let key_prefixes: Vec<&str> = setting(config, "key_prefixes")
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
         manifest = manifest.key_prefixes(&key_prefixes);
         let rate = match setting(config, "rate") {
             Some(r) => Some(r.parse::<f64>().map_err(|e| format!("rate: {e}"))?),
             None => None,
         };
-        let burst = setting(config, "burst").and_then(|b| b.parse().ok()).unwrap_or(1);
+        let burst = setting(config, "burst")
+            .and_then(|b| b.parse().ok())
+            .unwrap_or(1);
         manifest = manifest.limiter("per-client", rate.unwrap_or(1.0), burst);
         let responses = setting(config, "responses") == Some("true");
         if responses {
-            manifest = if setting(config, "observe") == Some("true") { manifest.observing_responses() } else { manifest.with_responses() };
+            manifest = if setting(config, "observe") == Some("true") {
+                manifest.observing_responses()
+            } else {
+                manifest.with_responses()
+            };
         }
         if let Some(f) = setting(config, "filter") {
             let f: Vec<&str> = f.split_whitespace().collect();
-            let [sample, min_bytes, errors] = f[..] else { return Err("filter: SAMPLE MIN_BYTES ERRORS".into()) };
-            manifest = manifest.response_filter(sample.parse().map_err(|_| "filter: sample")?, min_bytes.parse().map_err(|_| "filter: min_bytes")?, errors == "true");
+            let [sample, min_bytes, errors] = f[..] else {
+                return Err("filter: SAMPLE MIN_BYTES ERRORS".into());
+            };
+            manifest = manifest.response_filter(
+                sample.parse().map_err(|_| "filter: sample")?,
+                min_bytes.parse().map_err(|_| "filter: min_bytes")?,
+                errors == "true",
+            );
         }
         if setting(config, "traffic") == Some("true") {
-            let (c, e, l, q, r) = (MetricId(2), MetricId(3), MetricId(4), MetricId(5), MetricId(6));
+            let (c, e, l, q, r) = (
+                MetricId(2),
+                MetricId(3),
+                MetricId(4),
+                MetricId(5),
+                MetricId(6),
+            );
             manifest = manifest
-                .metric(Metric::counter("t_commands_total", "Commands").labels(&["command", "prefix", "result"]))
+                .metric(
+                    Metric::counter("t_commands_total", "Commands")
+                        .labels(&["command", "prefix", "result"]),
+                )
                 .metric(Metric::counter("t_errors_total", "Errors").labels(&["code"]))
                 .metric(Metric::histogram("t_latency_seconds", "Latency").labels(&["command"]))
-                .metric(Metric::histogram("t_request_bytes", "Command sizes").labels(&["command"]).buckets(&[10.0, 100.0]))
-                .metric(Metric::histogram("t_reply_bytes", "Reply sizes").labels(&["command"]).buckets(&[10.0, 100.0]))
-                .traffic(c, TrafficValue::Count, &[TrafficLabel::Command, TrafficLabel::KeyPrefix(1), TrafficLabel::Result])
+                .metric(
+                    Metric::histogram("t_request_bytes", "Command sizes")
+                        .labels(&["command"])
+                        .buckets(&[10.0, 100.0]),
+                )
+                .metric(
+                    Metric::histogram("t_reply_bytes", "Reply sizes")
+                        .labels(&["command"])
+                        .buckets(&[10.0, 100.0]),
+                )
+                .traffic(
+                    c,
+                    TrafficValue::Count,
+                    &[
+                        TrafficLabel::Command,
+                        TrafficLabel::KeyPrefix(1),
+                        TrafficLabel::Result,
+                    ],
+                )
                 .traffic(e, TrafficValue::Count, &[TrafficLabel::ErrorCode])
                 .traffic(l, TrafficValue::Latency, &[TrafficLabel::Command])
                 .traffic(q, TrafficValue::RequestBytes, &[TrafficLabel::Command])
@@ -110,7 +162,17 @@ impl Plugin for Probe {
         let protect = setting(config, "protect").map(|p| p.as_bytes().to_vec());
         let refuse_dangerous = setting(config, "refuse_dangerous") == Some("true");
         let repeat = setting(config, "repeat") == Some("true");
-        let probe = Probe { tag, prefix, limit: rate.is_some(), limit_all, responses, count, protect, refuse_dangerous, repeat };
+        let probe = Probe {
+            tag,
+            prefix,
+            limit: rate.is_some(),
+            limit_all,
+            responses,
+            count,
+            protect,
+            refuse_dangerous,
+            repeat,
+        };
         Ok((probe, manifest))
     }
 
@@ -122,7 +184,8 @@ impl Plugin for Probe {
         if !self.repeat {
             fx.inc(CALLS, &[cmd.name]);
         }
-        if cmd.name == "echo" && cmd.arg(0) == Some(format!("probe:{}:calls", self.tag).as_bytes()) {
+        if cmd.name == "echo" && cmd.arg(0) == Some(format!("probe:{}:calls", self.tag).as_bytes())
+        {
             return RequestAction::Respond(reply::int(host::counter_get("calls")));
         }
         if self.refuse_dangerous && cmd.is(Category::DANGEROUS) {
@@ -132,7 +195,9 @@ impl Plugin for Probe {
             return RequestAction::Deny(format!("NOPERM '{}' is dangerous", cmd.name));
         }
         if let Some(p) = &self.protect
-            && cmd.keys().any(|(k, how)| how.contains(KeyAccess::WRITE) && k.starts_with(p))
+            && cmd
+                .keys()
+                .any(|(k, how)| how.contains(KeyAccess::WRITE) && k.starts_with(p))
         {
             return RequestAction::Deny("NOPERM No permissions to access a key".into());
         }
@@ -140,12 +205,24 @@ impl Plugin for Probe {
             return RequestAction::Deny(format!("NOPERM denied by probe {}", self.tag));
         }
         if self.limit {
-            fx.take(PER_CLIENT, if self.limit_all { "all" } else { client.addr.as_str() }, 1);
+            fx.take(
+                PER_CLIENT,
+                if self.limit_all {
+                    "all"
+                } else {
+                    client.addr.as_str()
+                },
+                1,
+            );
         }
         if let (Some(prefix), "get" | "set") = (&self.prefix, cmd.name) {
             let mut args: Vec<Vec<u8>> = vec![cmd.name.as_bytes().to_vec()];
             for (i, a) in cmd.args().enumerate() {
-                args.push(if i == 0 { [prefix.as_slice(), a].concat() } else { a.to_vec() });
+                args.push(if i == 0 {
+                    [prefix.as_slice(), a].concat()
+                } else {
+                    a.to_vec()
+                });
             }
             return RequestAction::Rewrite(args);
         }
@@ -155,13 +232,21 @@ impl Plugin for Probe {
         RequestAction::Continue
     }
 
-    fn on_response(&mut self, _client: &Client, _cmd: &Command, r: &Reply, fx: &mut Effects) -> ResponseAction {
+    fn on_response(
+        &mut self,
+        _client: &Client,
+        _cmd: &Command,
+        r: &Reply,
+        fx: &mut Effects,
+    ) -> ResponseAction {
         if !self.responses {
             return ResponseAction::Continue;
         }
         fx.record(LATENCY, &[], r.elapsed_us() as f64 / 1e6);
         match r.value() {
-            Some(reply::Value::Bulk(data)) => ResponseAction::Replace(reply::bulk(&[data, b"|", self.tag.as_bytes()].concat())),
+            Some(reply::Value::Bulk(data)) => {
+                ResponseAction::Replace(reply::bulk(&[data, b"|", self.tag.as_bytes()].concat()))
+            }
             _ => ResponseAction::Continue,
         }
     }
