@@ -360,7 +360,7 @@ async fn fan_out(args: &Args) -> Result<(Histogram<u64>, u64, u64, f64)> {
             .await?;
         s.write_all(channel).await?;
         s.write_all(b"\r\n").await?;
-        let mut b = vec![0u8; 64];
+        let mut b = [0u8; 64];
         let want =
             format!("*3\r\n$9\r\nsubscribe\r\n${}\r\n", channel.len()).len() + channel.len() + 6;
         s.read_exact(&mut b[..want])
