@@ -1870,8 +1870,14 @@ impl InChain<'_> {
 /// Whether one of a command's keys (as [`key_list`] numbers them) starts with one of `prefixes`.
 fn keys_under(prefixes: &[Vec<u8>], cmd: &crate::protocol::Command, keys: &[(u32, u8)]) -> bool {
     keys.iter().any(|&(i, _)| {
-        cmd.arg(i as usize + 1)
-            .is_some_and(|k| prefixes.iter().any(|p| k.starts_with(p)))
+        cmd.arg(i as usize + 1).is_some_and(|k| {
+            // The first byte before the comparison (a call per prefix otherwise).
+            prefixes.iter().any(|p| match (p.first(), k.first()) {
+                (None, _) => true,
+                (Some(a), Some(b)) => a == b && k.starts_with(p),
+                (Some(_), None) => false,
+            })
+        })
     })
 }
 
@@ -2141,30 +2147,59 @@ impl WorkerPlugins {
             };
             members.clear();
             hits.clear();
+            // What the last command decided for this plugin — whether it asks for it by name or
+            // category, serves it, and its remembered decision — holds for the next one from the
+            // same client with the same table entry (name and categories): a pipeline is mostly
+            // such a run. Its keys are checked for each.
+            let mut last: Option<(&ClientHandle, &crate::commands::CommandInfo, bool, bool)> =
+                None;
+            // The run's remembered decision, once looked up (`Some(None)`: there is none).
+            let mut last_repeat: Option<Option<std::rc::Rc<Repeat>>> = None;
             for (i, it) in items.iter_mut().enumerate() {
                 if it.stopped.is_some() {
                     continue;
                 }
-                let serves = !plugin.manifest.serves.is_empty()
-                    && plugin.manifest.serves.iter().any(|v| *v == *it.name);
-                let wants = plugin.wants(&it.name, it.info.map_or(0, |i| i.category_bits))
-                    && it.in_scope(plugin);
+                let same = match (last, it.info) {
+                    (Some((c, info, _, _)), Some(now)) => {
+                        std::ptr::eq(c, it.client) && std::ptr::eq(info, now)
+                    }
+                    _ => false,
+                };
+                let (asks, serves) = match last {
+                    Some((_, _, asks, serves)) if same => (asks, serves),
+                    _ => {
+                        let serves = !plugin.manifest.serves.is_empty()
+                            && plugin.manifest.serves.iter().any(|v| *v == *it.name);
+                        let asks =
+                            plugin.wants(&it.name, it.info.map_or(0, |i| i.category_bits));
+                        (asks, serves)
+                    }
+                };
+                let wants = asks && it.in_scope(plugin);
                 if plugin.responds && wants {
                     it.responses.push(pi as u16);
                 }
+                if !same {
+                    last_repeat = None;
+                }
                 if (wants && plugin.manifest.on_request) || serves {
-                    let repeat = if slot.repeats.is_empty() {
-                        None
-                    } else {
-                        repeat_key(it).and_then(|k| slot.repeats.get(&k))
+                    let repeat = match &last_repeat {
+                        Some(r) => r,
+                        None => last_repeat.insert(if slot.repeats.is_empty() {
+                            None
+                        } else {
+                            repeat_key(it)
+                                .and_then(|k| slot.repeats.get(&k))
+                                .filter(|r| r.generation == it.client.generation)
+                                .cloned()
+                        }),
                     };
                     match repeat {
-                        Some(r) if r.generation == it.client.generation => {
-                            hits.push((i, r.clone()))
-                        }
-                        _ => members.push(i),
+                        Some(r) => hits.push((i, r.clone())),
+                        None => members.push(i),
                     }
                 }
+                last = it.info.map(|info| (it.client, info, asks, serves));
             }
             if members.is_empty() && hits.is_empty() {
                 continue;
@@ -2338,7 +2373,9 @@ impl WorkerPlugins {
             drop(groups);
             drop(order);
             for (i, r) in hits.drain(..) {
-                apply_action(&mut items[i], r.action.clone(), table, &mut built);
+                if !matches!(r.action, RequestAction::Continue) {
+                    apply_action(&mut items[i], r.action.clone(), table, &mut built);
+                }
             }
             for d in decisions {
                 let Some(&i) = members.get(d.request as usize) else {

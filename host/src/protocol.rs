@@ -100,12 +100,23 @@ type Span = (u32, u32);
 /// One client command: the frame as received (or encoded) and where each argument lies
 /// in it. Arguments are read as slices of the frame, so parsing a command allocates
 /// nothing for up to [`INLINE_ARGS`] arguments and touches no reference count per argument.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Command {
     /// The complete RESP frame (for inline commands and rewrites: the arguments encoded).
     raw: Bytes,
     /// Where each argument lies in `raw`; `spans[0]` is the command name.
     spans: SmallVec<[Span; INLINE_ARGS]>,
+}
+
+impl Clone for Command {
+    /// The spans copied as a block (`SmallVec`'s own `clone` goes through `extend`, an
+    /// element at a time; a command's response chain holds a copy of it).
+    fn clone(&self) -> Self {
+        Command {
+            raw: self.raw.clone(),
+            spans: SmallVec::from_slice(&self.spans),
+        }
+    }
 }
 
 /// Arguments a [`Command`] holds without a heap allocation.

@@ -657,6 +657,60 @@ fn a_plugin_scoped_to_key_prefixes_sees_only_commands_with_such_a_key() {
     );
 }
 
+/// A remembered decision is applied to a client's later commands of the same kind in scope,
+/// also when commands out of the plugin's key prefixes come between them in a pipeline.
+#[test]
+fn repeated_decisions_hold_across_commands_out_of_scope() {
+    let redis = RedisServer::start();
+    let settings = "[config]\ntag = \"q\"\ncommands = \"get\"\nkey_prefixes = \"a:\"\nrepeat = true\nrate = 0.001\nburst = 8\nlimit_by = \"all\"\n";
+    let dir = probe_dir(&[("q", settings)]);
+    let port = respire_tests::free_port();
+    let proxy = Respire::start(
+        &redis.addr(),
+        &[
+            "--plugins",
+            dir.path().to_str().unwrap(),
+            "--metrics",
+            &format!("127.0.0.1:{port}"),
+            "--workers",
+            "1",
+        ],
+    );
+    let mut c = Raw::connect(proxy.port);
+    assert_eq!(c.roundtrip(&resp(&[b"GET", b"a:1"]), 1), b"$-1\r\n");
+    // Out of scope first, then in and out alternately: the ten GETs of a:1 take a token each
+    // (the bucket of 8 has 7 left), the others none.
+    let batch: Vec<u8> = (0..20)
+        .flat_map(|i| resp(&[b"GET", if i % 2 == 0 { b"c:1" } else { b"a:1" }]))
+        .collect();
+    let got = String::from_utf8(c.roundtrip(&batch, 20)).unwrap();
+    let replies: Vec<&str> = got.split_inclusive("\r\n").collect();
+    assert_eq!(replies.len(), 20, "{got:?}");
+    for (i, r) in replies.iter().enumerate() {
+        let refused = r.starts_with("-ERR rate limit 'per-client' exceeded");
+        // In scope: the 2nd, 4th … of the batch; the 8th in-scope GET of the batch (i = 15)
+        // is the first the bucket cannot pay for.
+        let want_refused = i % 2 == 1 && i >= 15;
+        assert_eq!(refused, want_refused, "reply {i}: {got:?}");
+        if !refused {
+            assert_eq!(*r, "$-1\r\n", "reply {i}: {got:?}");
+        }
+    }
+    // The plugin was called for the first GET only; respire repeated its decision ten times.
+    let (_, body) = respire_tests::http_get(port, "/metrics");
+    let v = |s: &str| respire_tests::metric_value(&body, s);
+    assert_eq!(
+        v("respire_plugin_calls_total{hook=\"request\",plugin=\"q\",result=\"ok\"}"),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        v("respire_plugin_calls_total{hook=\"request\",plugin=\"q\",result=\"repeated\"}"),
+        Some(10.0),
+        "{body}"
+    );
+}
+
 #[test]
 fn plugin_and_respire_metrics_are_served() {
     let redis = RedisServer::start();
