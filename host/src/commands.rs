@@ -610,6 +610,47 @@ impl CommandTable {
     }
 }
 
+/// The last command a client sent, as it spelled it, with what the table says of it: a client
+/// mostly sends runs of one command (a pipeline of GETs), and comparing a few bytes costs a
+/// fraction of a table lookup (hashing, probing and comparing the lower-cased name).
+#[derive(Default)]
+pub struct LastCommand {
+    name: [u8; 16],
+    len: u8,
+    resolved: Option<Resolved<'static>>,
+}
+
+impl CommandTable {
+    /// [`CommandTable::resolve`], answered from `last` when the client sent the same name (as
+    /// spelled) and the command has no subcommands (whose entry depends on the next argument).
+    pub fn resolve_again<A: Args + ?Sized>(
+        &'static self,
+        args: &A,
+        last: &mut LastCommand,
+    ) -> Resolved<'static> {
+        let name = args.argv(0).unwrap_or_default();
+        if let Some(r) = last.resolved
+            && usize::from(last.len) == name.len()
+            && last.name.get(..name.len()) == Some(name)
+        {
+            return r;
+        }
+        let r = self.resolve(args);
+        // Not a subcommand's entry either: the next one may name another subcommand.
+        let cacheable = r
+            .info
+            .is_some_and(|i| i.subcommands.is_empty() && i.command_len == i.name.len())
+            && name.len() <= 16;
+        last.resolved = None;
+        if cacheable {
+            last.name[..name.len()].copy_from_slice(name);
+            last.len = name.len() as u8;
+            last.resolved = Some(r);
+        }
+        r
+    }
+}
+
 /// Lower-cases a short name into a stack buffer (`None` if longer than any command name).
 fn lower(name: &[u8]) -> Option<LowerName> {
     if name.len() > 48 {
@@ -782,6 +823,34 @@ mod tests {
         assert_eq!(lookup(b"get").kind, Kind::Forward);
         assert_eq!(lookup(b"averyveryverylongcommandname").kind, Kind::Forward);
         assert!(lookup(b"AUTH").no_auth);
+    }
+
+    /// The last-command shortcut gives what a lookup gives, whatever came before: the same
+    /// name, another spelling, a command with subcommands, an unknown command, a long name.
+    #[test]
+    fn resolving_again_gives_what_a_lookup_gives() {
+        let t: &'static CommandTable = Box::leak(Box::new(CommandTable::builtin()));
+        let mut last = LastCommand::default();
+        let seq = [
+            "GET k", "GET k", "get k", "SET k v", "CLIENT SETNAME x", "CLIENT INFO", "CLIENT INFO",
+            "NOSUCH a", "NOSUCH a", "GET k", "OBJECT ENCODING k", "OBJECT FREQ k",
+            "averyveryverylongcommandname a", "averyveryverylongcommandname a", "GEt k", "MULTI",
+            "EXEC", "GETSET k v", "GET k",
+        ];
+        for cmd in seq {
+            let args: Vec<Bytes> = cmd
+                .split(' ')
+                .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+                .collect();
+            let want = t.resolve(&args);
+            let got = t.resolve_again(&args, &mut last);
+            assert!(std::ptr::eq(want.spec, got.spec), "{cmd}");
+            match (want.info, got.info) {
+                (Some(w), Some(g)) => assert!(std::ptr::eq(w, g), "{cmd}: {} {}", w.name, g.name),
+                (None, None) => {}
+                (w, g) => panic!("{cmd}: {w:?} {g:?}"),
+            }
+        }
     }
 
     fn keys(table: &CommandTable, cmd: &str) -> Vec<String> {

@@ -318,6 +318,8 @@ pub struct Session {
     subs: HashSet<(SubKind, Bytes)>,
     /// The plugin chain is not empty (checked once per batch).
     has_plugins: bool,
+    /// The last command looked up in the command table (see [`commands::LastCommand`]).
+    last_command: commands::LastCommand,
     /// The client as plugins see it (rebuilt when it changes).
     plugin_client: Option<ClientHandle>,
     /// The generation of the last `plugin_client` made.
@@ -408,6 +410,7 @@ pub async fn run(worker: Rc<Worker>, stream: Stream, info: Arc<ClientInfo>) {
         last_cmd: commands::NO_DISPLAY_ID,
         subs: HashSet::new(),
         has_plugins: false,
+        last_command: commands::LastCommand::default(),
         plugin_client: None,
         client_generation: 0,
         pushed: 0,
@@ -874,7 +877,7 @@ impl Session {
                     self.authenticated,
                 ) {
                     Ok(Some(cmd)) => {
-                        let res = table.resolve(&cmd);
+                        let res = table.resolve_again(&cmd, &mut self.last_command);
                         let kind = res.spec.kind;
                         if !self.plugins_see(res.spec) {
                             seen.push(false);
@@ -1233,7 +1236,11 @@ impl Session {
 
     /// Handles a command; `pre` carries the request chain's decision when it already ran.
     fn handle(&mut self, cmd: Command, pre: Option<PreDecision>) {
-        let res = self.worker.shared.commands.resolve(&cmd);
+        let res = self
+            .worker
+            .shared
+            .commands
+            .resolve_again(&cmd, &mut self.last_command);
         self.handle_with(cmd, res, pre);
     }
 
