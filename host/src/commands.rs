@@ -336,6 +336,9 @@ pub struct CommandInfo {
     /// The same as bits (see [`CATEGORIES`]).
     pub category_bits: u32,
     key_specs: Vec<KeySpec>,
+    /// The access of the one key at argument 1, when that is all the key specs say (`GET`,
+    /// `SET`, `INCR`, `HSET` …: most commands): the keys are found without reading the specs.
+    single_key: Option<u8>,
     /// (first, last, step) key positions from before key specs existed.
     legacy: (i64, i64, i64),
     subcommands: HashMap<Box<[u8]>, Arc<CommandInfo>>,
@@ -365,6 +368,11 @@ impl CommandInfo {
         self.name.get(..self.command_len).unwrap_or(&self.name)
     }
 
+    /// The access of its one key at argument 1, when that is its only key (see `single_key`).
+    pub fn single_key(&self) -> Option<u8> {
+        self.single_key
+    }
+
     /// Whether a flag bit is set.
     pub fn has(&self, flag: u32) -> bool {
         self.flags & flag != 0
@@ -377,6 +385,12 @@ impl CommandInfo {
 
     /// Calls `f` with the position of every key in `args` and how the command uses it.
     pub fn for_each_key<A: Args + ?Sized>(&self, args: &A, mut f: impl FnMut(usize, u8)) {
+        if let Some(access) = self.single_key {
+            if args.argc() > 1 {
+                f(1, access);
+            }
+            return;
+        }
         let argc = args.argc() as i64;
         if self.key_specs.is_empty() {
             let (first, last, step) = self.legacy;
@@ -730,6 +744,20 @@ fn parse_info(v: &Value, parent: Option<&'static Spec>) -> Option<CommandInfo> {
     }
     let category_bits = categories.iter().fold(0, |b, c| b | category_bit(c));
     let command_len = name.find('|').unwrap_or(name.len());
+    let single_key = match key_specs.as_slice() {
+        [
+            KeySpec {
+                begin: BeginSearch::Index(1),
+                find: FindKeys::Range {
+                    lastkey: 0,
+                    keystep,
+                    ..
+                },
+                access,
+            },
+        ] if *keystep > 0 => Some(*access),
+        _ => None,
+    };
     Some(CommandInfo {
         name,
         command_len,
@@ -738,6 +766,7 @@ fn parse_info(v: &Value, parent: Option<&'static Spec>) -> Option<CommandInfo> {
         categories,
         category_bits,
         key_specs,
+        single_key,
         legacy,
         subcommands,
         spec,
@@ -850,6 +879,44 @@ mod tests {
                 (None, None) => {}
                 (w, g) => panic!("{cmd}: {w:?} {g:?}"),
             }
+        }
+    }
+
+    /// The one-key shortcut finds what the key specs find, for every command it applies to and
+    /// any number of arguments; and it applies to the common one-key commands.
+    #[test]
+    fn the_single_key_shortcut_agrees_with_the_key_specs() {
+        let t = CommandTable::builtin();
+        let mut checked = 0;
+        let mut all: Vec<&CommandInfo> = Vec::new();
+        for info in t.map.values() {
+            all.push(info);
+            all.extend(info.subcommands.values().map(|s| &**s));
+        }
+        for info in all {
+            let Some(_) = info.single_key else { continue };
+            let mut slow = info.clone();
+            slow.single_key = None;
+            for argc in 1..6 {
+                let args: Vec<Bytes> = (0..argc)
+                    .map(|i| Bytes::from(format!("a{i}")))
+                    .collect();
+                let mut fast_keys = Vec::new();
+                info.for_each_key(&args, |i, how| fast_keys.push((i, how)));
+                let mut slow_keys = Vec::new();
+                slow.for_each_key(&args, |i, how| slow_keys.push((i, how)));
+                assert_eq!(fast_keys, slow_keys, "{} with {argc} arguments", info.name);
+            }
+            checked += 1;
+        }
+        assert!(checked > 100, "{checked}");
+        for name in ["get", "set", "incr", "hset", "lpush", "expire", "zadd"] {
+            let info = t.get(&vec![Bytes::from(name)]).unwrap();
+            assert!(info.single_key.is_some(), "{name}");
+        }
+        for name in ["mget", "mset", "del", "eval", "xread", "publish"] {
+            let info = t.get(&vec![Bytes::from(name)]).unwrap();
+            assert!(info.single_key.is_none(), "{name}");
         }
     }
 

@@ -153,6 +153,13 @@ fn fan_out(name: &[u8], sub: &[u8]) -> Option<Merge> {
 /// Decides where `args` go over a topology with several masters (or a cluster); `info` is
 /// the command's description from the command table, if it has one.
 pub fn plan<A: Args + ?Sized>(args: &A, info: Option<&CommandInfo>, topo: &Topology) -> Plan {
+    // The commonest case first: one key, at argument 1.
+    if let Some(info) = info
+        && info.single_key().is_some()
+        && let Some(key) = args.argv(1)
+    {
+        return Plan::Single(Some(key_slot(key)));
+    }
     let name = args.argv(0).unwrap_or_default();
     let masters = topo.shards.len();
     // Key-based routing: the common case, decided from the key positions alone.
