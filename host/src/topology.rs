@@ -32,15 +32,20 @@ pub const NO_SHARD: u16 = u16::MAX;
 
 /// The hash slot of a key, as Redis Cluster computes it.
 pub fn key_slot(key: &[u8]) -> u16 {
-    let hashed = match key.iter().position(|&b| b == b'{') {
-        Some(open) => match key[open + 1..].iter().position(|&b| b == b'}') {
+    let hashed = match memchr::memchr(b'{', key) {
+        Some(open) => match memchr::memchr(b'}', &key[open + 1..]) {
             Some(len) if len > 0 => &key[open + 1..open + 1 + len],
             _ => key,
         },
         None => key,
     };
-    crc16::State::<crc16::XMODEM>::calculate(hashed) % SLOTS as u16
+    SLOT_CRC.checksum(hashed) % SLOTS as u16
 }
+
+/// Redis Cluster's CRC16 (CCITT/XMODEM), with the `crc` crate's 16-bytes-at-a-step tables
+/// (8 KiB, built at compile time): a key of 16 bytes costs ≈70 instructions instead of ≈140
+/// a byte at a time (the `crc16` crate's way; callgrind, GET over a 3-master cluster).
+static SLOT_CRC: crc::Crc<u16, crc::Table<16>> = crc::Crc::<u16, crc::Table<16>>::new(&crc::CRC_16_XMODEM);
 
 /// A static shard: master address, replica addresses, slot ranges (inclusive).
 pub type ShardParts = (String, Vec<String>, Vec<(u16, u16)>);
@@ -859,6 +864,19 @@ mod tests {
         assert_ne!(key_slot(b"foo{}{bar}"), key_slot(b"bar"));
         assert_eq!(key_slot(b"foo{{bar}}zap"), key_slot(b"{bar"));
         assert_eq!(key_slot(b""), 0);
+        // What `CLUSTER KEYSLOT` answers (Redis 7.0): keys longer than one 16-byte step of
+        // the table, and braces that make no tag.
+        for (key, slot) in [
+            (&b"key:000000012345"[..], 12533),
+            (b"user:1234:profile:settings:long-key-name-here", 1956),
+            (b"session:9f8e7d6c5b4a39281706f5e4d3c2b1a0", 3560),
+            (b"{}abc", 5980),
+            (b"abc{", 3048),
+            (b"a{b}c{d}", 3300),
+            (b"{{x}}", 11068),
+        ] {
+            assert_eq!(key_slot(key), slot, "{}", String::from_utf8_lossy(key));
+        }
     }
 
     #[test]
