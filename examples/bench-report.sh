@@ -53,11 +53,7 @@ trap cleanup EXIT
 
 # The four shipped plugins with their sample settings; the rate limit takes a token per
 # command but never refuses.
-mkdir -p "$work/all"
-for p in acl rate-limit cache-policy metrics; do
-  cp "$target_dir/wasm32-wasip2/release/${p//-/_}.wasm" "$work/all/$p.wasm"
-  cp "plugins/$p/$p.toml" "$work/all/$p.toml"
-done
+copy_shipped_plugins "$work/all"
 printf 'order = 20\n[[config.rules]]\nname = "per-client"\nrate = 1e12\nby = ["client"]\n' > "$work/all/rate-limit.toml"
 printf 'max_clients = %s\n' "$((IDLE + 1000))" > "$work/respire.toml"
 
