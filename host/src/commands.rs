@@ -748,11 +748,12 @@ fn parse_info(v: &Value, parent: Option<&'static Spec>) -> Option<CommandInfo> {
         [
             KeySpec {
                 begin: BeginSearch::Index(1),
-                find: FindKeys::Range {
-                    lastkey: 0,
-                    keystep,
-                    ..
-                },
+                find:
+                    FindKeys::Range {
+                        lastkey: 0,
+                        keystep,
+                        ..
+                    },
                 access,
             },
         ] if *keystep > 0 => Some(*access),
@@ -861,10 +862,25 @@ mod tests {
         let t: &'static CommandTable = Box::leak(Box::new(CommandTable::builtin()));
         let mut last = LastCommand::default();
         let seq = [
-            "GET k", "GET k", "get k", "SET k v", "CLIENT SETNAME x", "CLIENT INFO", "CLIENT INFO",
-            "NOSUCH a", "NOSUCH a", "GET k", "OBJECT ENCODING k", "OBJECT FREQ k",
-            "averyveryverylongcommandname a", "averyveryverylongcommandname a", "GEt k", "MULTI",
-            "EXEC", "GETSET k v", "GET k",
+            "GET k",
+            "GET k",
+            "get k",
+            "SET k v",
+            "CLIENT SETNAME x",
+            "CLIENT INFO",
+            "CLIENT INFO",
+            "NOSUCH a",
+            "NOSUCH a",
+            "GET k",
+            "OBJECT ENCODING k",
+            "OBJECT FREQ k",
+            "averyveryverylongcommandname a",
+            "averyveryverylongcommandname a",
+            "GEt k",
+            "MULTI",
+            "EXEC",
+            "GETSET k v",
+            "GET k",
         ];
         for cmd in seq {
             let args: Vec<Bytes> = cmd
@@ -898,9 +914,7 @@ mod tests {
             let mut slow = info.clone();
             slow.single_key = None;
             for argc in 1..6 {
-                let args: Vec<Bytes> = (0..argc)
-                    .map(|i| Bytes::from(format!("a{i}")))
-                    .collect();
+                let args: Vec<Bytes> = (0..argc).map(|i| Bytes::from(format!("a{i}"))).collect();
                 let mut fast_keys = Vec::new();
                 info.for_each_key(&args, |i, how| fast_keys.push((i, how)));
                 let mut slow_keys = Vec::new();

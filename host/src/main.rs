@@ -108,10 +108,21 @@ mod alloc {
                         let mut block = (p, layout);
                         for new_size in [size * 3, size / 2 + 1] {
                             let q = Allocator.realloc(block.0, block.1, new_size);
-                            assert_eq!(q as usize % align, 0, "realloc to {new_size}, align {align}");
+                            assert_eq!(
+                                q as usize % align,
+                                0,
+                                "realloc to {new_size}, align {align}"
+                            );
                             let kept = size.min(new_size);
-                            assert!(std::slice::from_raw_parts(q, kept).iter().all(|&b| b == 0xa5));
-                            block = (q, Layout::from_size_align(new_size, align).unwrap_or(layout));
+                            assert!(
+                                std::slice::from_raw_parts(q, kept)
+                                    .iter()
+                                    .all(|&b| b == 0xa5)
+                            );
+                            block = (
+                                q,
+                                Layout::from_size_align(new_size, align).unwrap_or(layout),
+                            );
                         }
                         Allocator.dealloc(block.0, block.1);
                         let z = Allocator.alloc_zeroed(layout);

@@ -2151,8 +2151,7 @@ impl WorkerPlugins {
             // category, serves it, and its remembered decision — holds for the next one from the
             // same client with the same table entry (name and categories): a pipeline is mostly
             // such a run. Its keys are checked for each.
-            let mut last: Option<(&ClientHandle, &crate::commands::CommandInfo, bool, bool)> =
-                None;
+            let mut last: Option<(&ClientHandle, &crate::commands::CommandInfo, bool, bool)> = None;
             // The run's remembered decision, once looked up (`Some(None)`: there is none).
             let mut last_repeat: Option<Option<std::rc::Rc<Repeat>>> = None;
             for (i, it) in items.iter_mut().enumerate() {
@@ -2170,8 +2169,7 @@ impl WorkerPlugins {
                     _ => {
                         let serves = !plugin.manifest.serves.is_empty()
                             && plugin.manifest.serves.iter().any(|v| *v == *it.name);
-                        let asks =
-                            plugin.wants(&it.name, it.info.map_or(0, |i| i.category_bits));
+                        let asks = plugin.wants(&it.name, it.info.map_or(0, |i| i.category_bits));
                         (asks, serves)
                     }
                 };

@@ -45,7 +45,8 @@ pub fn key_slot(key: &[u8]) -> u16 {
 /// Redis Cluster's CRC16 (CCITT/XMODEM), with the `crc` crate's 16-bytes-at-a-step tables
 /// (8 KiB, built at compile time): a key of 16 bytes costs ≈70 instructions instead of ≈140
 /// a byte at a time (the `crc16` crate's way; callgrind, GET over a 3-master cluster).
-static SLOT_CRC: crc::Crc<u16, crc::Table<16>> = crc::Crc::<u16, crc::Table<16>>::new(&crc::CRC_16_XMODEM);
+static SLOT_CRC: crc::Crc<u16, crc::Table<16>> =
+    crc::Crc::<u16, crc::Table<16>>::new(&crc::CRC_16_XMODEM);
 
 /// A static shard: master address, replica addresses, slot ranges (inclusive).
 pub type ShardParts = (String, Vec<String>, Vec<(u16, u16)>);
