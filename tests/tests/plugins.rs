@@ -6,6 +6,24 @@ use std::process::Command;
 
 use respire_tests::{Raw, RedisServer, Respire, hello_plugin, resp, respire_bin};
 
+/// respire in front of `redis` with the plugins in `dir`, `workers` workers and a metrics
+/// endpoint; and that endpoint's port.
+fn plugin_proxy(redis: &RedisServer, dir: &tempfile::TempDir, workers: u32) -> (Respire, u16) {
+    let port = respire_tests::free_port();
+    let proxy = Respire::start(
+        &redis.addr(),
+        &[
+            "--plugins",
+            dir.path().to_str().unwrap(),
+            "--metrics",
+            &format!("127.0.0.1:{port}"),
+            "--workers",
+            &workers.to_string(),
+        ],
+    );
+    (proxy, port)
+}
+
 fn plugin_dir(settings: Option<&str>) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(hello_plugin(), dir.path().join("hello.wasm")).unwrap();
@@ -500,18 +518,7 @@ fn repeatable_decisions_are_applied_again_without_a_call() {
     let redis = RedisServer::start();
     let settings = "[config]\ntag = \"r\"\ncommands = \"get keys\"\nrepeat = true\nrefuse_dangerous = true\nrate = 0.001\nburst = 8\nlimit_by = \"all\"\n";
     let dir = probe_dir(&[("r", settings)]);
-    let port = respire_tests::free_port();
-    let proxy = Respire::start(
-        &redis.addr(),
-        &[
-            "--plugins",
-            dir.path().to_str().unwrap(),
-            "--metrics",
-            &format!("127.0.0.1:{port}"),
-            "--workers",
-            "1",
-        ],
-    );
+    let (proxy, port) = plugin_proxy(&redis, &dir, 1);
     let mut c = Raw::connect(proxy.port);
     let refused = |r: &[u8]| {
         String::from_utf8_lossy(r).starts_with("-ERR rate limit 'per-client' exceeded, retry in ")
@@ -591,18 +598,7 @@ fn a_plugin_scoped_to_key_prefixes_sees_only_commands_with_such_a_key() {
         "scoped",
         "[config]\ntag = \"s\"\ncommands = \"get mget\"\nkey_prefixes = \"a: b:\"\nresponses = true\n",
     )]);
-    let port = respire_tests::free_port();
-    let proxy = Respire::start(
-        &redis.addr(),
-        &[
-            "--plugins",
-            dir.path().to_str().unwrap(),
-            "--metrics",
-            &format!("127.0.0.1:{port}"),
-            "--workers",
-            "1",
-        ],
-    );
+    let (proxy, port) = plugin_proxy(&redis, &dir, 1);
     let mut c = Raw::connect(proxy.port);
     for k in ["a:1", "b:1", "c:1", "c:2", "ab"] {
         assert_eq!(
@@ -664,18 +660,7 @@ fn repeated_decisions_hold_across_commands_out_of_scope() {
     let redis = RedisServer::start();
     let settings = "[config]\ntag = \"q\"\ncommands = \"get\"\nkey_prefixes = \"a:\"\nrepeat = true\nrate = 0.001\nburst = 8\nlimit_by = \"all\"\n";
     let dir = probe_dir(&[("q", settings)]);
-    let port = respire_tests::free_port();
-    let proxy = Respire::start(
-        &redis.addr(),
-        &[
-            "--plugins",
-            dir.path().to_str().unwrap(),
-            "--metrics",
-            &format!("127.0.0.1:{port}"),
-            "--workers",
-            "1",
-        ],
-    );
+    let (proxy, port) = plugin_proxy(&redis, &dir, 1);
     let mut c = Raw::connect(proxy.port);
     assert_eq!(c.roundtrip(&resp(&[b"GET", b"a:1"]), 1), b"$-1\r\n");
     // Out of scope first, then in and out alternately: the ten GETs of a:1 take a token each
@@ -724,18 +709,7 @@ fn plugin_and_respire_metrics_are_served() {
     )
     .unwrap();
     std::fs::write(dir.path().join("misbehave.toml"), "time_budget = \"2ms\"\n").unwrap();
-    let port = respire_tests::free_port();
-    let proxy = Respire::start(
-        &redis.addr(),
-        &[
-            "--plugins",
-            dir.path().to_str().unwrap(),
-            "--metrics",
-            &format!("127.0.0.1:{port}"),
-            "--workers",
-            "1",
-        ],
-    );
+    let (proxy, port) = plugin_proxy(&redis, &dir, 1);
     let mut p = Raw::connect(proxy.port);
     for _ in 0..3 {
         assert_eq!(p.roundtrip(&resp(&[b"GET", b"a"]), 1), b"$-1\r\n");
@@ -847,18 +821,7 @@ fn plugins_see_categories_and_keys_with_their_access() {
 fn a_plugin_that_keeps_failing_is_backed_off() {
     let redis = RedisServer::start();
     let dir = misbehave_dir("on_error = \"open\"\n");
-    let port = respire_tests::free_port();
-    let proxy = Respire::start(
-        &redis.addr(),
-        &[
-            "--plugins",
-            dir.path().to_str().unwrap(),
-            "--workers",
-            "1",
-            "--metrics",
-            &format!("127.0.0.1:{port}"),
-        ],
-    );
+    let (proxy, port) = plugin_proxy(&redis, &dir, 1);
     let mut p = Raw::connect(proxy.port);
     // 500 failing commands in one pipeline: every one is still answered (on_error = "open");
     // the pipeline crosses into the plugin in a few batches, so it traps a few times only.
@@ -1188,18 +1151,7 @@ fn traffic_metrics_are_recorded_by_respire_without_a_call() {
         text.contains("traffic:    t_errors_total = count by error-code"),
         "{text}"
     );
-    let port = respire_tests::free_port();
-    let proxy = Respire::start(
-        &redis.addr(),
-        &[
-            "--plugins",
-            dir.path().to_str().unwrap(),
-            "--metrics",
-            &format!("127.0.0.1:{port}"),
-            "--workers",
-            "2",
-        ],
-    );
+    let (proxy, port) = plugin_proxy(&redis, &dir, 2);
     // Over two connections (both workers), pipelined and not.
     let mut a = Raw::connect(proxy.port);
     let mut b = Raw::connect(proxy.port);
@@ -1322,18 +1274,7 @@ fn an_observing_response_hook_never_changes_or_holds_a_reply() {
         "o",
         "[config]\ntag = \"o\"\ncommands = \"get\"\nresponses = true\nobserve = true\ncount = false\n",
     )]);
-    let port = respire_tests::free_port();
-    let proxy = Respire::start(
-        &redis.addr(),
-        &[
-            "--plugins",
-            dir.path().to_str().unwrap(),
-            "--metrics",
-            &format!("127.0.0.1:{port}"),
-            "--workers",
-            "1",
-        ],
-    );
+    let (proxy, port) = plugin_proxy(&redis, &dir, 1);
     let mut c = Raw::connect(proxy.port);
     assert_eq!(c.roundtrip(&resp(&[b"SET", b"k", b"v"]), 1), b"+OK\r\n");
     let batch: Vec<u8> = (0..20).flat_map(|_| resp(&[b"GET", b"k"])).collect();
@@ -1423,18 +1364,7 @@ fn a_sampled_response_hook_sees_about_one_reply_in_the_sample() {
         "s",
         "[config]\ntag = \"s\"\ncommands = \"get\"\nresponses = true\nobserve = true\nfilter = \"10 0 false\"\ncount = false\n",
     )]);
-    let port = respire_tests::free_port();
-    let proxy = Respire::start(
-        &redis.addr(),
-        &[
-            "--plugins",
-            dir.path().to_str().unwrap(),
-            "--metrics",
-            &format!("127.0.0.1:{port}"),
-            "--workers",
-            "1",
-        ],
-    );
+    let (proxy, port) = plugin_proxy(&redis, &dir, 1);
     let mut c = Raw::connect(proxy.port);
     let batch: Vec<u8> = (0..100).flat_map(|_| resp(&[b"GET", b"k"])).collect();
     for _ in 0..50 {
