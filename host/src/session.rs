@@ -2307,12 +2307,7 @@ impl Session {
         if let Some(Some(c)) = self.conns.get(node) {
             return c.clone();
         }
-        let addr = self
-            .topo
-            .nodes
-            .get(node)
-            .cloned()
-            .unwrap_or_else(|| Arc::from(""));
+        let addr = self.node_addr(node);
         let c = self.worker.pool(&addr).shared(key, self.info.id);
         self.conns[node] = Some(c.clone());
         c
@@ -2320,12 +2315,7 @@ impl Session {
 
     /// The exclusive connection on `node`, checked out if needed; an error if the session is pinned elsewhere.
     fn exclusive_on(&mut self, node: usize) -> Result<BackendConn, &'static str> {
-        let addr = self
-            .topo
-            .nodes
-            .get(node)
-            .cloned()
-            .unwrap_or_else(|| Arc::from(""));
+        let addr = self.node_addr(node);
         let key = self.key();
         let pinned = self.in_multi || self.watching;
         if let Some(ex) = &self.exclusive {

@@ -4,8 +4,6 @@
 //! The session keeps its own subscription set: replies carry its own counts,
 //! and messages for channels it has left are dropped even if already queued.
 
-use std::sync::Arc;
-
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
@@ -76,12 +74,7 @@ impl Session {
             Ok(n) => n,
             Err(e) => return self.reply_error(e),
         };
-        let addr = self
-            .topo
-            .nodes
-            .get(node)
-            .cloned()
-            .unwrap_or_else(|| Arc::from(""));
+        let addr = self.node_addr(node);
         let settings = self.worker.pool(&addr).node().clone();
         let tx = self.push_sender();
         let verb = crate::commands::display_name(cmd.name());
