@@ -176,7 +176,7 @@ if has latency; then
     for f in 25 50 75 100; do
       rate=$(echo "$sat * $f / 100" | bc -l)
       for name in direct respire; do
-        measure "lat,$f,$name" "$name" 0 load --clients 50 --rate "$rate" --seconds "$LATENCY_SECONDS" --ratio 1:4 --threads 2
+        measure "lat,$f,$name" "$name" 0 load --clients 50 --rate "$rate" --seconds "$LATENCY_SECONDS" --ratio 1:4 --threads 1
       done
     done
     echo "latency: round $round of $ROUNDS done" >&2

@@ -2,7 +2,8 @@
 //! connections, closed loop (as fast as replies come) or open loop (a fixed rate; when the
 //! server's replies hold a connection up past the next request's due time, latency counts
 //! from that due time, so a stall is not hidden), with exact latency percentiles (HDR
-//! histograms).
+//! histograms). Open loop runs a single-threaded runtime per `--threads` and paces requests
+//! with a 250 µs timerfd tick (tokio's own timers would release them in millisecond bursts).
 //!
 //! ```text
 //! loadgen --port 6380 --clients 50 --requests 200000 --ratio 1:4 --keys 100000 --size 32 --pipeline 1
@@ -20,12 +21,18 @@
 //! messages per second each subscriber received, `requests` the deliveries (messages ×
 //! subscribers), latencies from PUBLISH to delivery, `errors` messages that never arrived.
 
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use hdrhistogram::Histogram;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 
 #[derive(Clone)]
@@ -143,14 +150,64 @@ struct Outcome {
     errors: u64,
 }
 
+impl Outcome {
+    fn new() -> Result<Outcome> {
+        Ok(Outcome {
+            hist: Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?,
+            done: 0,
+            errors: 0,
+        })
+    }
+
+    fn add(&mut self, o: Outcome) -> Result<()> {
+        self.hist.add(&o.hist)?;
+        self.done += o.done;
+        self.errors += o.errors;
+        Ok(())
+    }
+}
+
+/// When a load starts and stops: at `deadline`, or after `quota` requests per connection.
+#[derive(Clone, Copy)]
+struct Run {
+    start: Instant,
+    deadline: Option<Instant>,
+    quota: u64,
+}
+
+/// Runs the connections `streams` (numbered) on the current runtime, paced (open loop) or
+/// not, and adds up what they measured.
+async fn clients(
+    args: Args,
+    streams: Vec<(usize, std::net::TcpStream)>,
+    run: Run,
+    paced: bool,
+) -> Result<Outcome> {
+    let pacer = paced.then(Pacer::start).transpose()?;
+    let mut tasks = Vec::with_capacity(streams.len());
+    for (i, s) in streams {
+        let s = TcpStream::from_std(s)?;
+        tasks.push(tokio::spawn(client(args.clone(), s, i, run, pacer.clone())));
+    }
+    let mut total = Outcome::new()?;
+    for t in tasks {
+        total.add(t.await??)?;
+    }
+    Ok(total)
+}
+
 async fn client(
     args: Args,
     mut s: TcpStream,
     id: usize,
-    start: Instant,
-    deadline: Option<Instant>,
-    quota: u64,
+    run: Run,
+    pacer: Option<Arc<Pacer>>,
 ) -> Result<Outcome> {
+    let Run {
+        start,
+        deadline,
+        quota,
+    } = run;
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let value = vec![b'x'; args.size];
     let value_header = format!("${}\r\n", value.len()).into_bytes();
@@ -162,8 +219,12 @@ async fn client(
         rng
     };
     // Open loop: this client's share of the rate, requests evenly spaced from `start`.
-    let interval = (args.rate > 0.0)
-        .then(|| Duration::from_secs_f64(args.clients as f64 * args.pipeline as f64 / args.rate));
+    let interval = pacer.map(|p| {
+        (
+            p,
+            Duration::from_secs_f64(args.clients as f64 * args.pipeline as f64 / args.rate),
+        )
+    });
     let mut out = Vec::with_capacity(4096);
     let mut buf = vec![0u8; 64 * 1024];
     let mut have = 0usize;
@@ -176,15 +237,16 @@ async fn client(
             break;
         }
         let due = match interval {
-            Some(iv) => {
+            Some((ref pacer, iv)) => {
                 let due = start + iv.mul_f64(batch_no as f64 + (id as f64 / args.clients as f64));
                 if Instant::now() >= due {
                     // Held up by the server's previous replies: the wait counts (no
                     // coordinated omission).
                     due
                 } else {
-                    // On time: timers fire up to a millisecond late, which must not count.
-                    tokio::time::sleep_until(due.into()).await;
+                    // On time: the pacer's tick may wake this connection up to `PACER_TICK`
+                    // late, which must not count.
+                    pacer.sleep_until(due).await;
                     Instant::now()
                 }
             }
@@ -240,6 +302,91 @@ async fn client(
         done += args.pipeline as u64;
     }
     Ok(Outcome { hist, done, errors })
+}
+
+/// Open-loop pacing. tokio's timers round up to the next millisecond, so every connection
+/// due within one millisecond would send at the same instant: bursts of dozens of requests
+/// whose queueing, not the server, would make the latency. A pacer is a task on a periodic
+/// timerfd (exact, no timer slack) that wakes, every `PACER_TICK`, the connections that are
+/// due; each thread has its own, so a wake-up never crosses threads.
+struct Pacer {
+    waiting: Mutex<Vec<(Instant, Waker)>>,
+}
+
+const PACER_TICK: Duration = Duration::from_micros(250);
+
+/// A timerfd as tokio's reactor takes it (nix's `TimerFd` gives only `AsFd`).
+struct Timer(TimerFd);
+
+impl AsRawFd for Timer {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+impl Pacer {
+    /// Starts a pacer on the current runtime.
+    fn start() -> Result<Arc<Pacer>> {
+        let timer = TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+        )?;
+        timer.set(
+            Expiration::Interval(TimeSpec::from_duration(PACER_TICK)),
+            TimerSetTimeFlags::empty(),
+        )?;
+        // SAFETY: the timerfd is owned by the `Timer` the `AsyncFd` owns, so the descriptor
+        // stays open, and the same, until the `AsyncFd` is dropped.
+        #[allow(unsafe_code)]
+        let timer = unsafe { AsyncFd::register_with_interest(Timer(timer), Interest::READABLE) }
+            .map_err(|e| anyhow::anyhow!("timerfd: {e}"))?;
+        let pacer = Arc::new(Pacer {
+            waiting: Mutex::new(Vec::new()),
+        });
+        let weak = Arc::downgrade(&pacer);
+        tokio::spawn(async move {
+            loop {
+                let Ok(mut ready) = timer.readable().await else {
+                    return;
+                };
+                // The expiry count; EAGAIN when the readiness was stale.
+                if ready.get_inner().0.wait().is_err() {
+                    ready.clear_ready();
+                    continue;
+                }
+                let Some(pacer) = weak.upgrade() else { return };
+                let now = Instant::now();
+                let Ok(mut waiting) = pacer.waiting.lock() else {
+                    return;
+                };
+                let mut i = 0;
+                while i < waiting.len() {
+                    if waiting[i].0 <= now {
+                        waiting.swap_remove(i).1.wake();
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+        });
+        Ok(pacer)
+    }
+
+    /// Returns at the first tick at or after `due` (at once if it has passed).
+    async fn sleep_until(&self, due: Instant) {
+        let mut registered = false;
+        std::future::poll_fn(|cx| {
+            if Instant::now() >= due {
+                return Poll::Ready(());
+            }
+            if !registered && let Ok(mut waiting) = self.waiting.lock() {
+                waiting.push((due, cx.waker().clone()));
+                registered = true;
+            }
+            Poll::Pending
+        })
+        .await
+    }
 }
 
 /// Opens `n` connections that each PING once, reports them, holds them for `seconds`.
@@ -459,43 +606,65 @@ fn main() -> Result<()> {
         );
         return Ok(());
     }
-    let (hist, done, errors, secs) = rt.block_on(async {
-        // Every client connects first, so that connecting never delays a request that is due.
-        let mut streams = Vec::with_capacity(args.clients);
-        for _ in 0..args.clients {
-            let s = TcpStream::connect((args.host.as_str(), args.port))
-                .await
-                .context("connect")?;
-            s.set_nodelay(true)?;
-            streams.push(s);
-        }
-        let start = Instant::now()
-            + if args.rate > 0.0 {
-                Duration::from_millis(5)
-            } else {
-                Duration::ZERO
-            };
-        let deadline = (args.seconds > 0.0).then(|| start + Duration::from_secs_f64(args.seconds));
-        let quota = if deadline.is_some() {
-            0
+    // Every client connects first, so that connecting never delays a request that is due.
+    let mut streams = Vec::with_capacity(args.clients);
+    for i in 0..args.clients {
+        let s = std::net::TcpStream::connect((args.host.as_str(), args.port)).context("connect")?;
+        s.set_nodelay(true)?;
+        s.set_nonblocking(true)?;
+        streams.push((i, s));
+    }
+    let start = Instant::now()
+        + if args.rate > 0.0 {
+            Duration::from_millis(20)
         } else {
-            args.requests.div_ceil(args.clients as u64)
+            Duration::ZERO
         };
-        let tasks: Vec<_> = streams
-            .into_iter()
-            .enumerate()
-            .map(|(i, s)| tokio::spawn(client(args.clone(), s, i, start, deadline, quota)))
-            .collect();
-        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-        let (mut done, mut errors) = (0, 0);
-        for t in tasks {
-            let o = t.await??;
-            hist.add(&o.hist)?;
-            done += o.done;
-            errors += o.errors;
+    let deadline = (args.seconds > 0.0).then(|| start + Duration::from_secs_f64(args.seconds));
+    let quota = if deadline.is_some() {
+        0
+    } else {
+        args.requests.div_ceil(args.clients as u64)
+    };
+    let run = Run {
+        start,
+        deadline,
+        quota,
+    };
+    let total = if args.rate > 0.0 {
+        // Open loop: a single-threaded runtime and a pacer per thread, so that waking a
+        // connection that is due never crosses threads.
+        drop(rt);
+        let threads = args.threads.max(1);
+        let mut shares: Vec<Vec<_>> = (0..threads).map(|_| Vec::new()).collect();
+        for (i, s) in streams {
+            shares[i % threads].push((i, s));
         }
-        Ok::<_, anyhow::Error>((hist, done, errors, start.elapsed().as_secs_f64()))
-    })?;
+        let handles: Vec<_> = shares
+            .into_iter()
+            .map(|share| {
+                let args = args.clone();
+                std::thread::spawn(move || {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?
+                        .block_on(clients(args, share, run, true))
+                })
+            })
+            .collect();
+        let mut total = Outcome::new()?;
+        for h in handles {
+            let o = h
+                .join()
+                .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
+            total.add(o)?;
+        }
+        total
+    } else {
+        rt.block_on(clients(args.clone(), streams, run, false))?
+    };
+    let (hist, done, errors) = (total.hist, total.done, total.errors);
+    let secs = start.elapsed().as_secs_f64();
     println!(
         "ops={:.0} p50_us={} p99_us={} p999_us={} max_us={} errors={} requests={} seconds={:.2}",
         done as f64 / secs,
