@@ -192,6 +192,11 @@ impl Command {
         self.raw.clone()
     }
 
+    /// The command as RESP bytes, taken out of the command (no copy, no count taken).
+    pub fn into_resp(self) -> Bytes {
+        self.raw
+    }
+
     /// The command as RESP bytes, borrowed.
     pub fn raw(&self) -> &Bytes {
         &self.raw

@@ -2179,29 +2179,33 @@ impl Session {
             return false;
         }
         let Some(cmd) = c else { return false };
-        let data = cmd.to_resp();
+        let idempotent = self.topo.managed && self.idempotent(&cmd, res);
+        // The frame goes to the backend; a reference is kept only for the slow log and for a
+        // retry (every clone and drop of a shared buffer is an atomic count).
+        let data = cmd.into_resp();
+        let logged = self.slowlog.then(|| data.clone());
+        let retry = self.topo.managed.then(|| data.clone());
         let blocking = how == Use::Blocking;
         let rx = if how == Use::Shared {
             if self.exclusive.is_some() && !self.in_multi && !self.watching {
                 self.release_exclusive(false);
             }
-            self.shared_conn(node).send(data.clone(), 0, false)
+            self.shared_conn(node).send(data, 0, false)
         } else {
             match self.exclusive_on(node) {
-                Ok(conn) => conn.send(data.clone(), 0, blocking),
+                Ok(conn) => conn.send(data, 0, blocking),
                 Err(e) => {
                     self.reply_error(e);
                     return false;
                 }
             }
         };
-        let idempotent = self.topo.managed && self.idempotent(&cmd, res);
-        if self.slowlog {
-            self.last_sent = Some((data.clone(), Some(node)));
+        if let Some(data) = logged {
+            self.last_sent = Some((data, Some(node)));
         }
         self.push_waiting(
             rx,
-            data,
+            retry,
             how != Use::Shared,
             blocking,
             node,
@@ -2223,14 +2227,15 @@ impl Session {
     fn push_waiting(
         &mut self,
         rx: ReplyRx,
-        data: Bytes,
+        retry: Option<Bytes>,
         exclusive: bool,
         blocking: bool,
         node: usize,
         slot: Option<u16>,
         idempotent: bool,
     ) {
-        let retry = self.topo.managed.then(|| {
+        // What a redirect or failover sends again (managed topologies only).
+        let retry = retry.map(|data| {
             Retry::new(
                 self.node_addr(node),
                 data,
@@ -2350,10 +2355,11 @@ impl Session {
             self.reply_error("ERR respire: the transaction's connection is gone");
             return false;
         };
-        let data = cmd.to_resp();
-        let rx = ex.conn.send(data.clone(), 0, false);
+        let data = cmd.into_resp();
+        let retry = self.topo.managed.then(|| data.clone());
+        let rx = ex.conn.send(data, 0, false);
         let node = self.topo.node_index(&ex.addr).unwrap_or(usize::MAX);
-        self.push_waiting(rx, data, true, false, node, None, false);
+        self.push_waiting(rx, retry, true, false, node, None, false);
         true
     }
 
@@ -2467,9 +2473,10 @@ impl Session {
                     resp::encode_args(&mut data, &["MULTI"]);
                     cmd.encode_into(&mut data);
                     let data = data.freeze();
-                    let rx = conn.send(data.clone(), 1, false);
+                    let retry = self.topo.managed.then(|| data.clone());
+                    let rx = conn.send(data, 1, false);
                     self.multi_deferred = false;
-                    self.push_waiting(rx, data, true, false, node, None, false);
+                    self.push_waiting(rx, retry, true, false, node, None, false);
                     return;
                 }
                 let same = self
