@@ -89,6 +89,8 @@ port_of[direct]=$redis_port
 targets="direct respire plugins twemproxy"
 
 cpu_of() { awk -v hz="$(getconf CLK_TCK)" '{ sub(/.*\) /, ""); split($0, f, " "); print (f[12] + f[13]) / hz }' "/proc/$1/stat"; }
+# CPU of this script's finished children (the load generators): cutime + cstime.
+children_cpu() { awk -v hz="$(getconf CLK_TCK)" '{ sub(/.*\) /, ""); split($0, f, " "); print (f[14] + f[15]) / hz }' "/proc/$$/stat"; }
 rss_of() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 field() { sed -E "s/.*$1=([0-9.]+).*/\\1/" <<<"$2"; }
 fmt() { printf "%.${2:-2}f" "$1"; }
@@ -96,14 +98,17 @@ fmt() { printf "%.${2:-2}f" "$1"; }
 # Fill the keys once so that GETs find values.
 "$target_dir"/release/loadgen --port "$redis_port" --clients 50 --requests 200000 --ratio 1:0 >/dev/null
 
-declare -A ops p50 p99 p999 cpu
+declare -A ops p50 p99 p999 cpu rcpu gcpu
 
 # Runs one measurement of KIND ("bench" for redis-benchmark arguments, "load" for loadgen
-# arguments) against NAME, recording ops/s, latency and the proxy's CPU under KEY.
+# arguments) against NAME, recording ops/s, latency and CPU under KEY: the proxy's, Redis's
+# and the load generator's, each in seconds per million requests.
 measure() { # KEY NAME REQUESTS KIND ARGS…
   local key=$1 name=$2 n=$3 kind=$4; shift 4
   local port=${port_of[$name]} before=0 line
   [ -n "${pid_of[$name]:-}" ] && before=$(cpu_of "${pid_of[$name]}")
+  local redis_before gen_before
+  redis_before=$(cpu_of "$redis_pid"); gen_before=$(children_cpu)
   if [ "$kind" = bench ]; then
     line=$(redis-benchmark -p "$port" -n "$n" "$@" --csv 2>/dev/null | awk -F',' '/^"/ && !/^"test"/ { gsub(/"/, ""); split($0, f, ","); print "ops=" f[2] " p50_ms=" f[5] " p99_ms=" f[7]; exit }')
     ops[$key]+="$(field ops "$line") "; p50[$key]+="$(echo "$(field p50_ms "$line") * 1000" | bc -l) "; p99[$key]+="$(echo "$(field p99_ms "$line") * 1000" | bc -l) "
@@ -115,6 +120,15 @@ measure() { # KEY NAME REQUESTS KIND ARGS…
   if [ -n "${pid_of[$name]:-}" ]; then
     cpu[$key]+="$(echo "($(cpu_of "${pid_of[$name]}") - $before) * 1000000 / $n" | bc -l) "
   fi
+  rcpu[$key]+="$(echo "($(cpu_of "$redis_pid") - $redis_before) * 1000000 / $n" | bc -l) "
+  gcpu[$key]+="$(echo "($(children_cpu) - $gen_before) * 1000000 / $n" | bc -l) "
+}
+# The CPU columns of KEY: proxy | Redis | load generator | all three.
+cpu_cols() {
+  local k=$1 c="–" all
+  [ -n "${cpu[$k]:-}" ] && c=$(fmt "$(med "${cpu[$k]}")")
+  all=$(echo "$(med "${rcpu[$k]}") + $(med "${gcpu[$k]}") + $( [ -n "${cpu[$k]:-}" ] && med "${cpu[$k]}" || echo 0)" | bc -l)
+  echo "$c | $(fmt "$(med "${rcpu[$k]}")") | $(fmt "$(med "${gcpu[$k]}")") | $(fmt "$all")"
 }
 med() { echo "${1:-}" | median; }
 
@@ -134,14 +148,15 @@ if has throughput; then
   echo
   echo "## SET and GET, 50 clients, 32-byte values (redis-benchmark, $REQUESTS requests)"
   echo
-  echo "| test | pipeline | target | ops/s | × direct | p50 µs | p99 µs | proxy CPU s per M requests |"
-  echo "|---|---:|---|---:|---:|---:|---:|---:|"
+  echo "CPU columns: seconds per million requests, of the proxy, of Redis, of the load generator, and of all three."
+  echo
+  echo "| test | pipeline | target | ops/s | × direct | p50 µs | p99 µs | proxy CPU | Redis CPU | load gen CPU | all CPU |"
+  echo "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
   for p in 1 16; do for t in set get; do
     d=$(med "${ops[tp,$t,$p,direct]}")
     for name in $targets; do
       k="tp,$t,$p,$name"; o=$(med "${ops[$k]}")
-      c="–"; [ -n "${cpu[$k]:-}" ] && c=$(fmt "$(med "${cpu[$k]}")")
-      echo "| ${t^^} | $p | $name | $(fmt "$o" 0) | $(fmt "$(echo "$o / $d" | bc -l)") | $(fmt "$(med "${p50[$k]}")" 0) | $(fmt "$(med "${p99[$k]}")" 0) | $c |"
+      echo "| ${t^^} | $p | $name | $(fmt "$o" 0) | $(fmt "$(echo "$o / $d" | bc -l)") | $(fmt "$(med "${p50[$k]}")" 0) | $(fmt "$(med "${p99[$k]}")" 0) | $(cpu_cols "$k") |"
     done
   done; done
 fi
@@ -158,14 +173,13 @@ if has mix; then
   echo
   echo "## 20% SET / 80% GET over 100,000 keys, 32-byte values, no pipelining (loadgen, closed loop, $REQUESTS requests)"
   echo
-  echo "| connections | target | ops/s | × direct | p50 µs | p99 µs | proxy CPU s per M requests |"
-  echo "|---:|---|---:|---:|---:|---:|---:|"
+  echo "| connections | target | ops/s | × direct | p50 µs | p99 µs | proxy CPU | Redis CPU | load gen CPU | all CPU |"
+  echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
   for c in 50 200; do
     d=$(med "${ops[mix,$c,direct]}")
     for name in $targets; do
       k="mix,$c,$name"; o=$(med "${ops[$k]}")
-      cp="–"; [ -n "${cpu[$k]:-}" ] && cp=$(fmt "$(med "${cpu[$k]}")")
-      echo "| $c | $name | $(fmt "$o" 0) | $(fmt "$(echo "$o / $d" | bc -l)") | $(med "${p50[$k]}") | $(med "${p99[$k]}") | $cp |"
+      echo "| $c | $name | $(fmt "$o" 0) | $(fmt "$(echo "$o / $d" | bc -l)") | $(med "${p50[$k]}") | $(med "${p99[$k]}") | $(cpu_cols "$k") |"
     done
   done
 fi
