@@ -80,7 +80,7 @@ pub struct Shared {
     /// The node id respire reports in `CLUSTER` replies.
     pub node_id: String,
     /// The plugin chain (empty without `--plugins`), swapped whole on reload.
-    pub plugins: arc_swap::ArcSwap<crate::plugin::PluginSet>,
+    pub plugins: crate::plugin::PluginSetCell,
     /// The plugin engine, kept alive with its epoch thread.
     pub plugin_runtime: Option<crate::plugin::Runtime>,
     /// The response cache plugins drive.
@@ -116,9 +116,30 @@ pub struct Worker {
     pub read_buf: RefCell<bytes::BytesMut>,
     /// Where sessions hand commands and replies for the plugins' hooks (see [`crate::stage`]).
     pub stage: crate::stage::Stage,
+    /// The plugin set this worker last saw (see [`Worker::plugin_set`]).
+    plugin_set: RefCell<Arc<crate::plugin::PluginSet>>,
 }
 
 impl Worker {
+    /// The running plugin set: this worker's reference while the set's version holds.
+    pub fn plugin_set(&self) -> Arc<crate::plugin::PluginSet> {
+        let version = self.shared.plugins.version();
+        {
+            let set = self.plugin_set.borrow();
+            if set.version == version {
+                return set.clone();
+            }
+        }
+        let set = self.shared.plugins.load();
+        *self.plugin_set.borrow_mut() = set.clone();
+        set
+    }
+
+    /// Whether any plugin is running.
+    pub fn has_plugins(&self) -> bool {
+        self.shared.config.plugins.is_some() && !self.plugin_set().plugins.is_empty()
+    }
+
     /// This worker's connections to the node at `addr`.
     pub fn pool(&self, addr: &Arc<str>) -> Rc<Pool> {
         if let Some(p) = self.pools.borrow().get(addr) {
@@ -256,7 +277,7 @@ impl Server {
             commands: Box::leak(Box::new(commands)),
             node_settings,
             node_id,
-            plugins: arc_swap::ArcSwap::from_pointee(plugins),
+            plugins: crate::plugin::PluginSetCell::new(plugins),
             plugin_runtime,
             cache: Arc::default(),
             command_names,
@@ -519,6 +540,7 @@ fn worker_main(shared: Arc<Shared>, mut conns: mpsc::UnboundedReceiver<NewConn>)
             stats: crate::stats::register_worker(&shared.command_names),
             read_buf: RefCell::default(),
             stage: crate::stage::Stage::default(),
+            plugin_set: RefCell::new(shared.plugins.load()),
         });
         tokio::task::spawn_local(crate::stage::run(worker.clone()));
         let mut shutdown = shared.shutdown.clone();

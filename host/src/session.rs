@@ -838,8 +838,7 @@ impl Session {
     fn process_input(&mut self) {
         self.batch_start = self.now();
         self.refresh_topology();
-        self.has_plugins = self.worker.shared.config.plugins.is_some()
-            && !self.worker.shared.plugins.load().plugins.is_empty();
+        self.has_plugins = self.worker.has_plugins();
         while self.can_take() {
             if let Some(((cmd, res), pre)) = self.deferred.pop_front() {
                 self.handle_with(cmd, res, pre);
@@ -868,7 +867,7 @@ impl Session {
             let mut pre: Option<Vec<PreDecision>> = Some(Vec::new());
             let mut bytes = 0;
             let table = self.worker.shared.commands;
-            let set = self.worker.shared.plugins.load_full();
+            let set = self.worker.plugin_set();
             let start = self.batch_start.into_std();
             loop {
                 match self.parser.parse(
@@ -1826,8 +1825,7 @@ impl Session {
     /// Runs the request hooks of the plugins that want this one command.
     fn run_request_plugins(&mut self, cmd: &Command, res: Resolved<'_>) -> PreDecision {
         let worker = self.worker.clone();
-        // A guard, not a clone: the set is cloned only when a response hook needs it later.
-        let set = worker.shared.plugins.load();
+        let set = worker.plugin_set();
         let client = self.plugin_client().clone();
         let one = [ChainRequest {
             client: &client,

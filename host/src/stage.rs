@@ -189,7 +189,7 @@ pub async fn run(worker: Rc<Worker>) {
 
 fn run_requests(worker: &Rc<Worker>, subs: Vec<Requests>) {
     let table = worker.shared.commands;
-    let set = worker.shared.plugins.load();
+    let set = worker.plugin_set();
     let mut decisions =
         {
             let batch: Vec<ChainRequest<'_>> =
