@@ -33,11 +33,8 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 # All four, with their sample settings (the rate limit raised out of the way).
-mkdir -p "$work/all" "$work/cache"
-for p in acl rate-limit cache-policy metrics; do
-  cp "$target_dir/wasm32-wasip2/release/${p//-/_}.wasm" "$work/all/$p.wasm"
-  cp "plugins/$p/$p.toml" "$work/all/$p.toml"
-done
+copy_shipped_plugins "$work/all"
+mkdir -p "$work/cache"
 printf 'order = 20\n[[config.rules]]\nname = "per-client"\nrate = 1e12\nby = ["client"]\n' > "$work/all/rate-limit.toml"
 # The cache alone, over redis-benchmark's keys.
 cp "$target_dir"/wasm32-wasip2/release/cache_policy.wasm "$work/cache/cache-policy.wasm"
