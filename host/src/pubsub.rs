@@ -33,7 +33,6 @@ use tracing::{debug, warn};
 use crate::backend::{self, ConnKey, NodeSettings};
 use crate::io::{IoEvent, poll_io, write_now};
 use crate::protocol::{self as resp, next_reply};
-use crate::router::elements;
 use crate::server::Shared;
 use crate::topology::key_slot;
 
@@ -72,7 +71,21 @@ pub struct Subscriber {
     /// The session's id.
     pub sid: u64,
     /// The session's message queue.
-    pub tx: mpsc::UnboundedSender<Bytes>,
+    pub tx: mpsc::UnboundedSender<Message>,
+}
+
+/// A message for a session, with what the hub read from it (so the session need not parse
+/// the frame again).
+pub struct Message {
+    /// The namespace of `name`.
+    pub kind: SubKind,
+    /// The channel, or the pattern of a `pmessage`.
+    pub name: Bytes,
+    /// The frame as Redis sent it (a view of the hub's read buffer).
+    pub frame: Bytes,
+    /// The server ended the subscription (`sunsubscribe`: its slot moved) rather than
+    /// carrying a message.
+    pub ended: bool,
 }
 
 #[derive(Default)]
@@ -206,7 +219,12 @@ impl Hub {
                 return;
             }
             for s in sessions {
-                let _ = s.tx.send(ended.clone());
+                let _ = s.tx.send(Message {
+                    kind: SubKind::Shard,
+                    name: name.clone(),
+                    frame: ended.clone(),
+                    ended: true,
+                });
             }
         });
     }
@@ -332,13 +350,9 @@ fn relay(hub: &Hub, addr: &Arc<str>, conn: &HubConn, rbuf: &mut BytesMut) -> Res
         let Some(frame) = next_reply(rbuf).map_err(|e| e.to_string())? else {
             return Ok(());
         };
-        let Some((_, items)) = elements(&frame) else {
+        let Some((kind, name)) = head(&frame) else {
             continue;
         };
-        let Some(kind) = items.first().and_then(bulk_text) else {
-            continue;
-        };
-        let name = items.get(1).and_then(bulk_text);
         match (kind.as_ref(), name) {
             (b"subscribe" | b"psubscribe" | b"ssubscribe", Some(name)) => {
                 let k = match kind.as_ref() {
@@ -384,14 +398,46 @@ fn relay(hub: &Hub, addr: &Arc<str>, conn: &HubConn, rbuf: &mut BytesMut) -> Res
 
 fn fan_out(conn: &HubConn, kind: SubKind, name: Bytes, frame: &Bytes) {
     let reg = conn.registry.borrow();
-    let Some(entry) = reg.entries.get(&(kind, name)) else {
+    let Some(entry) = reg.entries.get(&(kind, name.clone())) else {
         return;
     };
     // The frame as it came (a view of the read buffer, not a copy): each session writes it in
     // its own protocol (`in_protocol`).
     for s in &entry.sessions {
-        let _ = s.tx.send(frame.clone());
+        let _ = s.tx.send(Message {
+            kind,
+            name: name.clone(),
+            frame: frame.clone(),
+            ended: false,
+        });
     }
+}
+
+/// The first two elements of an array or push frame as text (the kind — `message`,
+/// `subscribe` … — and the channel or pattern), as views of the frame; the rest is not read.
+fn head(frame: &Bytes) -> Option<(Bytes, Option<Bytes>)> {
+    if !matches!(frame.first(), Some(b'*' | b'>')) {
+        return None;
+    }
+    let eol = memchr::memchr(b'\r', frame)?;
+    let n = resp::parse_i64(&frame[1..eol])?;
+    let mut pos = eol + 2;
+    let element = |pos: &mut usize| -> Option<Bytes> {
+        let len = resp::reply_len(frame.get(*pos..)?).ok()??;
+        let e = frame.slice(*pos..*pos + len);
+        *pos += len;
+        Some(e)
+    };
+    if n < 1 {
+        return None;
+    }
+    let kind = bulk_text(&element(&mut pos)?)?;
+    let name = if n >= 2 {
+        element(&mut pos).and_then(|e| bulk_text(&e))
+    } else {
+        None
+    };
+    Some((kind, name))
 }
 
 /// The type byte a message frame starts with for a client speaking `proto`: a RESP3 push, or a
@@ -427,19 +473,4 @@ fn bulk_text(frame: &Bytes) -> Option<Bytes> {
         }
         _ => None,
     }
-}
-
-/// The channel (or pattern, for `pmessage`) a frame from the hub belongs to, its kind, and
-/// whether it ends the subscription (`sunsubscribe` sent by the server) rather than carrying a message.
-pub fn message_target(frame: &Bytes) -> Option<(SubKind, Bytes, bool)> {
-    let (_, items) = elements(frame)?;
-    let kind = items.first().and_then(bulk_text)?;
-    let name = items.get(1).and_then(bulk_text)?;
-    Some(match kind.as_ref() {
-        b"message" => (SubKind::Channel, name, false),
-        b"pmessage" => (SubKind::Pattern, name, false),
-        b"smessage" => (SubKind::Shard, name, false),
-        b"sunsubscribe" => (SubKind::Shard, name, true),
-        _ => return None,
-    })
 }

@@ -242,7 +242,7 @@ enum Wake {
     /// Redis answered a gated command's shared tokens.
     Gate(Result<Result<(), String>, oneshot::error::RecvError>),
     /// A message from a subscriber connection.
-    Push(Bytes),
+    Push(crate::pubsub::Message),
     /// The plugin stage decided about this session's commands.
     Verdicts(Option<crate::stage::Decided>),
     /// The plugin stage ran the response hooks of this session's replies.
@@ -363,8 +363,10 @@ pub struct Session {
     /// The slow log is on.
     slowlog: bool,
     /// Messages from the worker's subscriber connections.
-    push_tx: Option<mpsc::UnboundedSender<Bytes>>,
-    push_rx: Option<mpsc::UnboundedReceiver<Bytes>>,
+    push_tx: Option<mpsc::UnboundedSender<crate::pubsub::Message>>,
+    push_rx: Option<mpsc::UnboundedReceiver<crate::pubsub::Message>>,
+    /// Messages queued when the session last left a channel (see `note_left`).
+    stale_messages: usize,
     /// `max_pipeline` replies (or `max_pipeline_bytes` of big requests) are owed: further input
     /// waits, unread, until some arrive.
     held_back: bool,
@@ -434,6 +436,7 @@ pub async fn run(worker: Rc<Worker>, stream: Stream, info: Arc<ClientInfo>) {
         slowlog: false,
         push_tx: None,
         push_rx: None,
+        stale_messages: 0,
         held_back: false,
         big: VecDeque::new(),
         big_bytes: 0,

@@ -878,6 +878,91 @@ fn a_thousand_subscribers_share_a_few_backend_connections() {
 }
 
 #[test]
+fn no_message_of_a_channel_after_its_unsubscribe_reply() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let redis = RedisServer::start();
+    let proxy = Respire::start(&redis.addr(), &["--workers", "1"]);
+    let mut sub = Raw::connect(proxy.port);
+    assert_eq!(
+        String::from_utf8_lossy(&sub.roundtrip(&resp(&[b"SUBSCRIBE", b"a", b"b"]), 2)),
+        "*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n*3\r\n$9\r\nsubscribe\r\n$1\r\nb\r\n:2\r\n"
+    );
+    // A publisher on Redis itself, both channels in turn, until told to stop (at most 20 s
+    // and 500,000 messages), then `end` on `b`.
+    let stop = Arc::new(AtomicBool::new(false));
+    let t0 = Instant::now();
+    let publisher = {
+        let (port, stop) = (redis.port, stop.clone());
+        std::thread::spawn(move || {
+            let mut p = Raw::connect(port);
+            for batch in 0..5000 {
+                if stop.load(Ordering::Relaxed) || t0.elapsed() > Duration::from_secs(20) {
+                    break;
+                }
+                let mut req = Vec::new();
+                for i in 0..100 {
+                    let channel: &[u8] = if i % 2 == 0 { b"a" } else { b"b" };
+                    req.extend_from_slice(&resp(&[
+                        b"PUBLISH",
+                        channel,
+                        format!("{batch}-{i}").as_bytes(),
+                    ]));
+                }
+                p.roundtrip(&req, 100);
+            }
+            p.roundtrip(&resp(&[b"PUBLISH", b"b", b"end"]), 1);
+        })
+    };
+    // Messages of `a` may come before the unsubscribe reply, never after; `b` goes on.
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 65536];
+    let (mut seen, mut replied, mut a_after, mut b_after) = (0, false, 0, 0);
+    'read: loop {
+        let n = sub.read_some(&mut tmp).unwrap();
+        assert!(n > 0, "respire closed the subscriber");
+        buf.extend_from_slice(&tmp[..n]);
+        let mut at = 0;
+        while let Ok(Some(len)) = respire::protocol::reply_len(&buf[at..]) {
+            let text = String::from_utf8_lossy(&buf[at..at + len]).into_owned();
+            at += len;
+            seen += 1;
+            if seen == 500 {
+                sub.send(&resp(&[b"UNSUBSCRIBE", b"a"]));
+            }
+            if text == "*3\r\n$11\r\nunsubscribe\r\n$1\r\na\r\n:1\r\n" {
+                replied = true;
+            } else if text.starts_with("*3\r\n$7\r\nmessage\r\n$1\r\na\r\n") {
+                a_after += usize::from(replied);
+            } else if text.starts_with("*3\r\n$7\r\nmessage\r\n$1\r\nb\r\n") {
+                if text.ends_with("$3\r\nend\r\n") {
+                    break 'read;
+                }
+                if replied {
+                    b_after += 1;
+                    if b_after == 1000 {
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                }
+            } else {
+                panic!("unexpected frame {text:?}");
+            }
+        }
+        buf.drain(..at);
+    }
+    publisher.join().unwrap();
+    assert!(
+        replied,
+        "no unsubscribe reply before `end` (after {seen} frames)"
+    );
+    assert_eq!(a_after, 0, "messages of `a` after its unsubscribe reply");
+    assert!(
+        b_after >= 1000,
+        "only {b_after} messages of `b` after the reply"
+    );
+}
+
+#[test]
 fn idle_clients_cost_little_memory() {
     // Each idle connection holds no read buffer of its own (reads go through its worker's)
     // and an output buffer only as large as it needed.

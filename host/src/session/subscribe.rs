@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use super::{CLUSTERDOWN, Session, Slot};
 use crate::clients::flag;
 use crate::protocol::{self as resp, Command};
-use crate::pubsub::{SubKind, Subscriber, message_target};
+use crate::pubsub::{Message, SubKind, Subscriber};
 use crate::router::{self, CROSSSLOT, Plan};
 
 fn kind_of(name: &[u8]) -> SubKind {
@@ -37,7 +37,7 @@ impl Session {
         !self.subs.is_empty()
     }
 
-    fn push_sender(&mut self) -> mpsc::UnboundedSender<Bytes> {
+    fn push_sender(&mut self) -> mpsc::UnboundedSender<Message> {
         match &self.push_tx {
             Some(tx) => tx.clone(),
             None => {
@@ -147,6 +147,7 @@ impl Session {
         for name in names {
             if self.subs.remove(&(kind, name.clone())) {
                 self.worker.hub.unsubscribe(kind, &name, self.info.id);
+                self.note_left();
             }
             let count = self.sub_count(kind);
             resp::push_header(&mut frames, 3, self.proto);
@@ -166,19 +167,34 @@ impl Session {
         for (kind, name) in self.subs.drain() {
             self.worker.hub.unsubscribe(kind, &name, self.info.id);
         }
+        self.note_left();
         self.info.set_flag(flag::PUBSUB, false);
     }
 
+    /// The session left a channel: the hub sends nothing more for it, but messages for it may
+    /// already be queued. Only those are checked against the subscriptions (a hash of the
+    /// channel per message otherwise, for a session that never leaves one).
+    fn note_left(&mut self) {
+        self.stale_messages = self.push_rx.as_ref().map_or(0, |rx| rx.len());
+    }
+
     /// A message from the hub: delivered in order with replies, unless the session left its channel.
-    pub(super) fn on_message(&mut self, frame: Bytes) {
-        let Some((kind, name, ended)) = message_target(&frame) else {
-            return;
-        };
+    pub(super) fn on_message(&mut self, msg: Message) {
+        let Message {
+            kind,
+            name,
+            frame,
+            ended,
+        } = msg;
+        // Whether the session may have left this channel since the hub sent the message.
+        let check = self.stale_messages > 0;
+        self.stale_messages = self.stale_messages.saturating_sub(1);
         if ended {
             // The server ended a shard subscription (its slot moved): tell the client with its own count.
             if !self.subs.remove(&(kind, name.clone())) {
                 return;
             }
+            self.note_left();
             let count = self.sub_count(SubKind::Shard);
             let mut f = BytesMut::new();
             resp::push_header(&mut f, 3, self.proto);
@@ -187,7 +203,7 @@ impl Session {
             resp::int(&mut f, count);
             return self.deliver(f.freeze());
         }
-        if !self.subs.contains(&(kind, name)) {
+        if check && !self.subs.contains(&(kind, name)) {
             return;
         }
         self.deliver(frame);
