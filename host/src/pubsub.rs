@@ -347,11 +347,22 @@ async fn run(
 /// Handles every complete frame in `rbuf`.
 fn relay(hub: &Hub, addr: &Arc<str>, conn: &HubConn, rbuf: &mut BytesMut) -> Result<(), String> {
     loop {
-        let Some(frame) = next_reply(rbuf).map_err(|e| e.to_string())? else {
-            return Ok(());
-        };
-        let Some((kind, name)) = head(&frame) else {
-            continue;
+        // Messages and subscription replies in one pass; anything else the general way.
+        let (frame, kind, name) = match simple_push(rbuf) {
+            Some((len, kind, name)) => {
+                let frame = rbuf.split_to(len).freeze();
+                let (kind, name) = (frame.slice(kind), name.map(|n| frame.slice(n)));
+                (frame, kind, name)
+            }
+            None => {
+                let Some(frame) = next_reply(rbuf).map_err(|e| e.to_string())? else {
+                    return Ok(());
+                };
+                let Some((kind, name)) = head(&frame) else {
+                    continue;
+                };
+                (frame, kind, name)
+            }
         };
         match (kind.as_ref(), name) {
             (b"subscribe" | b"psubscribe" | b"ssubscribe", Some(name)) => {
@@ -413,6 +424,64 @@ fn fan_out(conn: &HubConn, kind: SubKind, name: Bytes, frame: &Bytes) {
     }
 }
 
+/// A complete push or array frame of at most four bulk strings and integers at the start of
+/// `buf` — every message (`message`, `pmessage`, `smessage`) and subscription reply is one —
+/// read in one pass: its length, and where the text of its first two elements lies. `None`
+/// for anything else, or a frame not fully arrived (the general parser then decides).
+fn simple_push(
+    buf: &[u8],
+) -> Option<(
+    usize,
+    std::ops::Range<usize>,
+    Option<std::ops::Range<usize>>,
+)> {
+    /// A non-negative number ending in `\r\n` at `buf[at..]`: the number and where the line ends.
+    fn number(buf: &[u8], mut at: usize) -> Option<(usize, usize)> {
+        let start = at;
+        let mut n: usize = 0;
+        while let Some(&c) = buf.get(at) {
+            if !c.is_ascii_digit() || at - start >= 12 {
+                break;
+            }
+            n = n * 10 + usize::from(c - b'0');
+            at += 1;
+        }
+        // Digits, without a leading zero (as the general parser reads numbers), then CRLF.
+        let canonical = at > start && (buf[start] != b'0' || at == start + 1);
+        (canonical && buf.get(at..at + 2)? == b"\r\n").then_some((n, at + 2))
+    }
+    if !matches!(buf.first(), Some(b'>' | b'*')) {
+        return None;
+    }
+    let (count, mut at) = number(buf, 1)?;
+    if !(1..=4).contains(&count) {
+        return None;
+    }
+    let mut texts: [Option<std::ops::Range<usize>>; 2] = [None, None];
+    for i in 0..count {
+        match buf.get(at)? {
+            b'$' => {
+                let (len, start) = number(buf, at + 1)?;
+                let end = start.checked_add(len)?;
+                if buf.get(end..end + 2)? != b"\r\n" {
+                    return None;
+                }
+                if let Some(t) = texts.get_mut(i) {
+                    *t = Some(start..end);
+                }
+                at = end + 2;
+            }
+            b':' => {
+                let (_, next) = number(buf, at + 1)?;
+                at = next;
+            }
+            _ => return None,
+        }
+    }
+    let [kind, name] = texts;
+    Some((at, kind?, name))
+}
+
 /// The first two elements of an array or push frame as text (the kind — `message`,
 /// `subscribe` … — and the channel or pattern), as views of the frame; the rest is not read.
 fn head(frame: &Bytes) -> Option<(Bytes, Option<Bytes>)> {
@@ -472,5 +541,65 @@ fn bulk_text(frame: &Bytes) -> Option<Bytes> {
             (end >= 1).then(|| frame.slice(1..end))
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frame's length and its first two elements' text.
+    type Read = (usize, Option<(Bytes, Option<Bytes>)>);
+
+    /// What the general path makes of the frame at the start of `buf` (`None`: not complete).
+    fn general(buf: &[u8]) -> Option<Read> {
+        let mut b = BytesMut::from(buf);
+        let frame = next_reply(&mut b).ok()??;
+        Some((frame.len(), head(&frame)))
+    }
+
+    #[test]
+    fn the_one_pass_reading_of_messages_agrees_with_the_general_parser() {
+        let frames: &[&[u8]] = &[
+            b">3\r\n$7\r\nmessage\r\n$5\r\nticks\r\n$2\r\nm1\r\n",
+            b"*3\r\n$7\r\nmessage\r\n$0\r\n\r\n$0\r\n\r\n",
+            b">4\r\n$8\r\npmessage\r\n$4\r\ntic*\r\n$5\r\nticks\r\n$4\r\na\r\nb\r\n",
+            b">3\r\n$8\r\nsmessage\r\n$3\r\n{a}\r\n$12\r\nbinary\r\n\x00\xff..\r\n",
+            b">3\r\n$9\r\nsubscribe\r\n$5\r\nticks\r\n:1\r\n",
+            b">3\r\n$12\r\nsunsubscribe\r\n$1\r\nx\r\n:0\r\n",
+            b">3\r\n$11\r\nunsubscribe\r\n$-1\r\n:0\r\n",
+            b">2\r\n$4\r\npong\r\n$0\r\n\r\n",
+            b">1\r\n$4\r\npong\r\n",
+            b"+OK\r\n",
+            b">3\r\n+message\r\n$1\r\na\r\n$1\r\nb\r\n",
+            b">3\r\n$7\r\nmessage\r\n$1\r\na\r\n:-1\r\n",
+            b">5\r\n$7\r\nmessage\r\n$1\r\na\r\n$1\r\nb\r\n$1\r\nc\r\n$1\r\nd\r\n",
+            b">3\r\n$7\r\nmessage\r\n$01\r\na\r\n$1\r\nb\r\n",
+            b"*0\r\n",
+        ];
+        for frame in frames {
+            // Whole, followed by another frame, and every incomplete prefix.
+            let mut two = frame.to_vec();
+            two.extend_from_slice(b">1\r\n$4\r\npong\r\n");
+            for buf in [frame.to_vec(), two]
+                .into_iter()
+                .chain((0..frame.len()).map(|n| frame[..n].to_vec()))
+            {
+                let Some((len, kind, name)) = simple_push(&buf) else {
+                    continue;
+                };
+                let text = |r: std::ops::Range<usize>| Bytes::copy_from_slice(&buf[r]);
+                assert_eq!(
+                    Some((len, Some((text(kind), name.map(text))))),
+                    general(&buf),
+                    "{:?}",
+                    String::from_utf8_lossy(&buf)
+                );
+            }
+        }
+        // The usual frames take the one pass.
+        assert!(simple_push(frames[0]).is_some());
+        assert!(simple_push(frames[2]).is_some());
+        assert!(simple_push(frames[4]).is_some());
     }
 }
