@@ -349,9 +349,11 @@ impl Pacer {
                 let Ok(mut ready) = timer.readable().await else {
                     return;
                 };
-                // The expiry count; EAGAIN when the readiness was stale.
-                if ready.get_inner().0.wait().is_err() {
-                    ready.clear_ready();
+                // The expiry count (EAGAIN when the readiness was stale); either way the timer
+                // is not readable now, until its next expiry.
+                let fired = ready.get_inner().0.wait().is_ok();
+                ready.clear_ready();
+                if !fired {
                     continue;
                 }
                 let Some(pacer) = weak.upgrade() else { return };
