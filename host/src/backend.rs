@@ -134,7 +134,8 @@ pub struct NodeSettings {
     pub reconnect_min: Duration,
     /// Longest reconnect delay.
     pub reconnect_max: Duration,
-    /// Send `READONLY` after connecting (Redis Cluster: lets replicas serve reads; a no-op on masters).
+    /// Send `READONLY` after connecting (Redis Cluster, `read_from` other than `master`: lets
+    /// replicas serve reads; a no-op on masters until one becomes a replica).
     pub readonly: bool,
     /// TLS to the node, when configured.
     pub tls: Option<Arc<crate::tls::ClientTls>>,

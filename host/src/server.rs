@@ -224,7 +224,10 @@ impl Server {
             command_timeout: b.command_timeout,
             reconnect_min: b.reconnect_min,
             reconnect_max: b.reconnect_max,
-            readonly: !b.cluster.is_empty(),
+            // Only when reads may go to replicas: a connection in READONLY mode to a master
+            // that a failover turns into a replica would answer reads for its old slots
+            // itself, from a copy that may lag behind the new master, instead of MOVED.
+            readonly: !b.cluster.is_empty() && b.read_from != crate::config::ReadFrom::Master,
             tls: client_tls.clone(),
         };
         let (topology, discovery) = initial_topology(&config, &node_settings)?;

@@ -573,6 +573,74 @@ fn reads_go_to_replicas_when_asked() {
 }
 
 #[test]
+fn reads_stay_on_masters_across_a_failover() {
+    let cluster = Cluster::start(3, 1);
+    let proxy = Respire::start_args(&["--cluster", &cluster.seeds()]);
+    let mut con = proxy.conn();
+    for i in 0..60 {
+        let _: () = con.set(format!("f:{i}"), i).unwrap();
+    }
+    // With reads going to masters (the default), respire's connections are not READONLY: a
+    // master that becomes a replica must answer them MOVED, not serve its own copy.
+    for port in cluster.master_ports() {
+        let list = respire_tests::cli(port, &["CLIENT", "LIST"]);
+        for line in list.lines().filter(|l| l.contains("name=respire")) {
+            let flags = line
+                .split(' ')
+                .find_map(|f| f.strip_prefix("flags="))
+                .unwrap_or_default();
+            assert!(
+                !flags.contains('r'),
+                "a READONLY backend connection: {line}"
+            );
+        }
+    }
+    let get_calls = |i: usize| -> i64 {
+        cluster
+            .cli(i, &["INFO", "commandstats"])
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_get:calls="))
+            .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+    };
+    // A replica takes over; respire's map still names the old master for its slots.
+    let (replica, master) = (0..cluster.nodes.len())
+        .find_map(|i| {
+            let info = cluster.cli(i, &["INFO", "replication"]);
+            info.contains("role:slave").then(|| {
+                let port: u16 = info
+                    .lines()
+                    .find_map(|l| l.strip_prefix("master_port:"))
+                    .unwrap()
+                    .trim()
+                    .parse()
+                    .unwrap();
+                (i, cluster.index_of(port))
+            })
+        })
+        .unwrap();
+    assert!(
+        cluster
+            .cli(replica, &["CLUSTER", "FAILOVER"])
+            .contains("OK")
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !(cluster.is_master(replica) && !cluster.is_master(master)) {
+        assert!(std::time::Instant::now() < deadline, "no promotion");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let served_before = get_calls(master);
+    for i in 0..60 {
+        let v: i64 = con.get(format!("f:{i}")).unwrap();
+        assert_eq!(v, i);
+    }
+    assert_eq!(
+        get_calls(master),
+        served_before,
+        "the demoted master served reads (a replica's copy may lag behind)"
+    );
+}
+
+#[test]
 fn shard_subscriptions_follow_their_slot() {
     let cluster = Cluster::start(3, 0);
     let proxy = Respire::start_args(&["--cluster", &cluster.seeds()]);
