@@ -146,8 +146,19 @@ impl Worker {
             return p.clone();
         }
         let b = &self.shared.config.backend;
+        // READONLY (replica reads asked for) only on connections to a replica: one to a master
+        // would keep it if a failover demoted that master, and be answered from its copy.
+        let readonly = self.shared.node_settings.readonly && {
+            let topo = self.shared.topology.load();
+            topo.shards.iter().any(|s| {
+                s.replicas
+                    .iter()
+                    .any(|&r| topo.nodes.get(r).is_some_and(|a| a == addr))
+            })
+        };
         let node = Rc::new(NodeSettings {
             addr: addr.clone(),
+            readonly,
             ..self.shared.node_settings.clone()
         });
         let pool = Rc::new(Pool::new(node, b.connections, b.idle_exclusive));
@@ -224,9 +235,10 @@ impl Server {
             command_timeout: b.command_timeout,
             reconnect_min: b.reconnect_min,
             reconnect_max: b.reconnect_max,
-            // Only when reads may go to replicas: a connection in READONLY mode to a master
-            // that a failover turns into a replica would answer reads for its old slots
-            // itself, from a copy that may lag behind the new master, instead of MOVED.
+            // Only when reads may go to replicas, and then only to replicas (see
+            // `Worker::pool`): a connection in READONLY mode to a master that a failover turns
+            // into a replica would answer reads for its old slots itself, from a copy that may
+            // lag behind the new master, instead of MOVED.
             readonly: !b.cluster.is_empty() && b.read_from != crate::config::ReadFrom::Master,
             tls: client_tls.clone(),
         };

@@ -570,6 +570,24 @@ fn reads_go_to_replicas_when_asked() {
     assert_eq!(gets("master"), 0);
     // Writes still go to masters.
     let _: () = con.set("r:write", 1).unwrap();
+    // READONLY on the connections to replicas only: a master demoted by a failover must not
+    // serve reads on a connection that was opened to it as a master.
+    for i in 0..cluster.nodes.len() {
+        let replica = cluster
+            .cli(i, &["INFO", "replication"])
+            .contains("role:slave");
+        for line in cluster
+            .cli(i, &["CLIENT", "LIST"])
+            .lines()
+            .filter(|l| l.contains("name=respire"))
+        {
+            let flags = line
+                .split(' ')
+                .find_map(|f| f.strip_prefix("flags="))
+                .unwrap_or_default();
+            assert_eq!(flags.contains('r'), replica, "{line}");
+        }
+    }
 }
 
 #[test]
