@@ -332,6 +332,24 @@ impl Cluster {
         panic!("no master owns slot {slot}");
     }
 
+    /// A replica and its master's index.
+    pub fn a_replica(&self) -> (usize, usize) {
+        for i in 0..self.nodes.len() {
+            let info = self.cli(i, &["INFO", "replication"]);
+            if info.contains("role:slave") {
+                let port: u16 = info
+                    .lines()
+                    .find_map(|l| l.strip_prefix("master_port:"))
+                    .expect("master_port")
+                    .trim()
+                    .parse()
+                    .expect("a port");
+                return (i, self.index_of(port));
+            }
+        }
+        panic!("no replica");
+    }
+
     /// Whether node `i` is currently a master.
     pub fn is_master(&self, i: usize) -> bool {
         self.cli(i, &["INFO", "replication"])
@@ -691,6 +709,21 @@ impl Respire {
         let mut args = vec!["--backend", backend];
         args.extend_from_slice(extra);
         Self::start_args(&args)
+    }
+
+    /// Starts respire in front of `backend` with the plugins in `plugins`, a metrics endpoint
+    /// and extra flags; returns it with the metrics endpoint's port.
+    pub fn with_plugins(backend: &str, plugins: &Path, extra: &[&str]) -> (Respire, u16) {
+        let metrics_port = free_port();
+        let metrics = format!("127.0.0.1:{metrics_port}");
+        let mut args = vec![
+            "--plugins",
+            plugins.to_str().expect("utf-8 path"),
+            "--metrics",
+            &metrics,
+        ];
+        args.extend_from_slice(extra);
+        (Self::start(backend, &args), metrics_port)
     }
 
     /// Starts respire with a configuration file of this text (plus `--listen`).

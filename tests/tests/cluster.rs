@@ -520,6 +520,31 @@ fn standalone_shards_place_keys_by_slot() {
     assert_eq!(got, b"+OK\r\n+OK\r\n$1\r\ny\r\n");
 }
 
+/// GETs node `i` has run (`INFO commandstats`).
+fn get_calls(cluster: &Cluster, i: usize) -> i64 {
+    cluster
+        .cli(i, &["INFO", "commandstats"])
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_get:calls="))
+        .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+}
+
+/// The flags (`CLIENT LIST`) of respire's connections to node `i`, with their lines.
+fn respire_connection_flags(cluster: &Cluster, i: usize) -> Vec<(String, String)> {
+    cluster
+        .cli(i, &["CLIENT", "LIST"])
+        .lines()
+        .filter(|l| l.contains("name=respire"))
+        .map(|line| {
+            let flags = line
+                .split(' ')
+                .find_map(|f| f.strip_prefix("flags="))
+                .unwrap_or_default();
+            (flags.to_string(), line.to_string())
+        })
+        .collect()
+}
+
 #[test]
 fn reads_go_to_replicas_when_asked() {
     let cluster = Cluster::start(3, 1);
@@ -549,22 +574,14 @@ fn reads_go_to_replicas_when_asked() {
         assert_eq!(v, i);
     }
     let gets = |role: &str| -> i64 {
-        let mut total = 0;
-        for (i, n) in cluster.nodes.iter().enumerate() {
-            if !cluster
-                .cli(i, &["INFO", "replication"])
-                .contains(&format!("role:{role}"))
-            {
-                continue;
-            }
-            let _ = n;
-            for line in cluster.cli(i, &["INFO", "commandstats"]).lines() {
-                if let Some(rest) = line.strip_prefix("cmdstat_get:calls=") {
-                    total += rest.split(',').next().unwrap().parse::<i64>().unwrap();
-                }
-            }
-        }
-        total
+        (0..cluster.nodes.len())
+            .filter(|&i| {
+                cluster
+                    .cli(i, &["INFO", "replication"])
+                    .contains(&format!("role:{role}"))
+            })
+            .map(|i| get_calls(&cluster, i))
+            .sum()
     };
     assert_eq!(gets("slave"), 30, "every GET was served by a replica");
     assert_eq!(gets("master"), 0);
@@ -576,15 +593,7 @@ fn reads_go_to_replicas_when_asked() {
         let replica = cluster
             .cli(i, &["INFO", "replication"])
             .contains("role:slave");
-        for line in cluster
-            .cli(i, &["CLIENT", "LIST"])
-            .lines()
-            .filter(|l| l.contains("name=respire"))
-        {
-            let flags = line
-                .split(' ')
-                .find_map(|f| f.strip_prefix("flags="))
-                .unwrap_or_default();
+        for (flags, line) in respire_connection_flags(&cluster, i) {
             assert_eq!(flags.contains('r'), replica, "{line}");
         }
     }
@@ -601,41 +610,15 @@ fn reads_stay_on_masters_across_a_failover() {
     // With reads going to masters (the default), respire's connections are not READONLY: a
     // master that becomes a replica must answer them MOVED, not serve its own copy.
     for port in cluster.master_ports() {
-        let list = respire_tests::cli(port, &["CLIENT", "LIST"]);
-        for line in list.lines().filter(|l| l.contains("name=respire")) {
-            let flags = line
-                .split(' ')
-                .find_map(|f| f.strip_prefix("flags="))
-                .unwrap_or_default();
+        for (flags, line) in respire_connection_flags(&cluster, cluster.index_of(port)) {
             assert!(
                 !flags.contains('r'),
                 "a READONLY backend connection: {line}"
             );
         }
     }
-    let get_calls = |i: usize| -> i64 {
-        cluster
-            .cli(i, &["INFO", "commandstats"])
-            .lines()
-            .find_map(|l| l.strip_prefix("cmdstat_get:calls="))
-            .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
-    };
     // A replica takes over; respire's map still names the old master for its slots.
-    let (replica, master) = (0..cluster.nodes.len())
-        .find_map(|i| {
-            let info = cluster.cli(i, &["INFO", "replication"]);
-            info.contains("role:slave").then(|| {
-                let port: u16 = info
-                    .lines()
-                    .find_map(|l| l.strip_prefix("master_port:"))
-                    .unwrap()
-                    .trim()
-                    .parse()
-                    .unwrap();
-                (i, cluster.index_of(port))
-            })
-        })
-        .unwrap();
+    let (replica, master) = cluster.a_replica();
     assert!(
         cluster
             .cli(replica, &["CLUSTER", "FAILOVER"])
@@ -646,13 +629,13 @@ fn reads_stay_on_masters_across_a_failover() {
         assert!(std::time::Instant::now() < deadline, "no promotion");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let served_before = get_calls(master);
+    let served_before = get_calls(&cluster, master);
     for i in 0..60 {
         let v: i64 = con.get(format!("f:{i}")).unwrap();
         assert_eq!(v, i);
     }
     assert_eq!(
-        get_calls(master),
+        get_calls(&cluster, master),
         served_before,
         "the demoted master served reads (a replica's copy may lag behind)"
     );

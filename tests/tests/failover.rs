@@ -21,29 +21,11 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// A replica and its master's index.
-fn a_replica(cluster: &Cluster) -> (usize, usize) {
-    for i in 0..cluster.nodes.len() {
-        let info = cluster.cli(i, &["INFO", "replication"]);
-        if info.contains("role:slave") {
-            let port: u16 = info
-                .lines()
-                .find_map(|l| l.strip_prefix("master_port:"))
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap();
-            return (i, cluster.index_of(port));
-        }
-    }
-    panic!("no replica");
-}
-
 #[test]
 fn manual_failover_is_invisible() {
     let cluster = Cluster::start(3, 1);
     let proxy = Respire::start_args(&["--cluster", &cluster.seeds()]);
-    let (replica, master) = a_replica(&cluster);
+    let (replica, master) = cluster.a_replica();
     let load = Load::start(proxy.port, 8);
     std::thread::sleep(Duration::from_millis(500));
     assert!(
@@ -168,7 +150,7 @@ fn adding_a_master_and_rebalancing_is_invisible() {
 fn killed_master_is_replaced_without_a_stream_of_errors() {
     let mut cluster = Cluster::start(3, 1);
     let proxy = Respire::start_args(&["--cluster", &cluster.seeds()]);
-    let (replica, master) = a_replica(&cluster);
+    let (replica, master) = cluster.a_replica();
     let load = Load::start(proxy.port, 8);
     std::thread::sleep(Duration::from_millis(500));
     // A client that only uses keys of the surviving masters is not held up by the dead one.

@@ -9,19 +9,11 @@ use respire_tests::{Raw, RedisServer, Respire, hello_plugin, resp, respire_bin};
 /// respire in front of `redis` with the plugins in `dir`, `workers` workers and a metrics
 /// endpoint; and that endpoint's port.
 fn plugin_proxy(redis: &RedisServer, dir: &tempfile::TempDir, workers: u32) -> (Respire, u16) {
-    let port = respire_tests::free_port();
-    let proxy = Respire::start(
+    Respire::with_plugins(
         &redis.addr(),
-        &[
-            "--plugins",
-            dir.path().to_str().unwrap(),
-            "--metrics",
-            &format!("127.0.0.1:{port}"),
-            "--workers",
-            &workers.to_string(),
-        ],
-    );
-    (proxy, port)
+        dir.path(),
+        &["--workers", &workers.to_string()],
+    )
 }
 
 fn plugin_dir(settings: Option<&str>) -> tempfile::TempDir {
@@ -866,16 +858,7 @@ fn admin_endpoints_report_plugins_and_readiness() {
         "probe",
         "order = 5\non_error = \"closed\"\n[config]\ntag = \"p\"\ncommands = \"get\"\nresponses = true\n",
     )]);
-    let port = respire_tests::free_port();
-    let proxy = Respire::start(
-        &redis.addr(),
-        &[
-            "--plugins",
-            dir.path().to_str().unwrap(),
-            "--metrics",
-            &format!("127.0.0.1:{port}"),
-        ],
-    );
+    let (proxy, port) = Respire::with_plugins(&redis.addr(), dir.path(), &[]);
     let (status, body) = respire_tests::http_get(port, "/plugins");
     assert_eq!(status, 200);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();

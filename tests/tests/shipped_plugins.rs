@@ -266,16 +266,7 @@ fn traffic_metrics_by_command_prefix_and_error() {
         "acl",
         "order = 10\n[config]\ndefault = \"+@all -flushall ~*\"\n",
     );
-    let port = respire_tests::free_port();
-    let proxy = Respire::start(
-        &redis.addr(),
-        &[
-            "--plugins",
-            dir.path().to_str().unwrap(),
-            "--metrics",
-            &format!("127.0.0.1:{port}"),
-        ],
-    );
+    let (proxy, port) = Respire::with_plugins(&redis.addr(), dir.path(), &[]);
     let mut p = Raw::connect(proxy.port);
     for i in 0..3 {
         assert_eq!(
@@ -541,18 +532,7 @@ fn hot_and_big_keys_across_workers() {
     let redis = RedisServer::start();
     let settings = "[config]\nhot_keys = 3\nhot_sample = 1\nhot_window = \"500ms\"\nbig_keys = 5\nbig_key_bytes = 1000\n";
     let dir = plugin_dir("metrics", settings);
-    let port = respire_tests::free_port();
-    let proxy = Respire::start(
-        &redis.addr(),
-        &[
-            "--plugins",
-            dir.path().to_str().unwrap(),
-            "--metrics",
-            &format!("127.0.0.1:{port}"),
-            "--workers",
-            "2",
-        ],
-    );
+    let (proxy, port) = Respire::with_plugins(&redis.addr(), dir.path(), &["--workers", "2"]);
     // Two clients (one per worker): "hot" 4 times as often as "warm", "cold" once.
     let mut a = Raw::connect(proxy.port);
     let mut b = Raw::connect(proxy.port);
