@@ -588,6 +588,17 @@ fn int_line(buf: &[u8], from: usize) -> Line {
     int_line_checked(buf, from)
 }
 
+/// A line holding a number of at least zero at `buf[from..]`, read as the parsers read
+/// header lines: the number and where the next line starts. `None` for a negative number,
+/// anything else, or a line not fully arrived.
+#[inline]
+pub(crate) fn count_line(buf: &[u8], from: usize) -> Option<(usize, usize)> {
+    match int_line(buf, from) {
+        Line::Int(n, eol) => Some((usize::try_from(n).ok()?, eol + 2)),
+        _ => None,
+    }
+}
+
 /// [`int_line`] for lines that are not plain digits (or have not fully arrived).
 #[cold]
 #[inline(never)]

@@ -435,21 +435,7 @@ fn simple_push(
     std::ops::Range<usize>,
     Option<std::ops::Range<usize>>,
 )> {
-    /// A non-negative number ending in `\r\n` at `buf[at..]`: the number and where the line ends.
-    fn number(buf: &[u8], mut at: usize) -> Option<(usize, usize)> {
-        let start = at;
-        let mut n: usize = 0;
-        while let Some(&c) = buf.get(at) {
-            if !c.is_ascii_digit() || at - start >= 12 {
-                break;
-            }
-            n = n * 10 + usize::from(c - b'0');
-            at += 1;
-        }
-        // Digits, without a leading zero (as the general parser reads numbers), then CRLF.
-        let canonical = at > start && (buf[start] != b'0' || at == start + 1);
-        (canonical && buf.get(at..at + 2)? == b"\r\n").then_some((n, at + 2))
-    }
+    let number = resp::count_line;
     if !matches!(buf.first(), Some(b'>' | b'*')) {
         return None;
     }
