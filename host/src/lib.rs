@@ -57,3 +57,4 @@ pub mod state;
 pub mod stats;
 pub mod tls;
 pub mod topology;
+pub mod versioned;

@@ -1311,44 +1311,6 @@ pub struct PluginSet {
     pub plugins: Vec<Arc<LoadedPlugin>>,
 }
 
-/// The running plugin set, replaced whole by a reload, with its version beside it: a worker
-/// compares the version (one atomic load) and keeps its own reference to the set while it
-/// holds (`Worker::plugin_set`), instead of loading it through `arc_swap` for every batch
-/// (≈450 instructions per batch for the two loads a batch made).
-pub struct PluginSetCell {
-    current: arc_swap::ArcSwap<PluginSet>,
-    version: std::sync::atomic::AtomicU64,
-}
-
-impl PluginSetCell {
-    /// Starts with `set`.
-    pub fn new(set: PluginSet) -> PluginSetCell {
-        PluginSetCell {
-            version: std::sync::atomic::AtomicU64::new(set.version),
-            current: arc_swap::ArcSwap::from_pointee(set),
-        }
-    }
-
-    /// The version of the current set (cheap: compare before loading).
-    pub fn version(&self) -> u64 {
-        self.version.load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    /// The current set.
-    pub fn load(&self) -> Arc<PluginSet> {
-        self.current.load_full()
-    }
-
-    /// Replaces the set; its version is published after it, so a reader that sees the new
-    /// version loads the new set.
-    pub fn store(&self, set: PluginSet) {
-        let version = set.version;
-        self.current.store(Arc::new(set));
-        self.version
-            .store(version, std::sync::atomic::Ordering::Release);
-    }
-}
-
 /// A worker's instances of one plugin set.
 struct Generation {
     version: u64,
@@ -1696,10 +1658,13 @@ pub fn watch(shared: Arc<crate::server::Shared>, dir: PathBuf) {
                     .then(a.file_name.cmp(&b.file_name))
             });
             let version = shared.plugins.load().version + 1;
-            shared.plugins.store(PluginSet {
+            shared.plugins.store(
+                PluginSet {
+                    version,
+                    plugins: next,
+                },
                 version,
-                plugins: next,
-            });
+            );
         }
     }
 }

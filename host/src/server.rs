@@ -79,8 +79,9 @@ pub struct Shared {
     pub node_settings: NodeSettings,
     /// The node id respire reports in `CLUSTER` replies.
     pub node_id: String,
-    /// The plugin chain (empty without `--plugins`), swapped whole on reload.
-    pub plugins: crate::plugin::PluginSetCell,
+    /// The plugin chain (empty without `--plugins`), swapped whole on reload; workers keep
+    /// their own reference while its version holds ([`Worker::plugin_set`]).
+    pub plugins: crate::versioned::Versioned<crate::plugin::PluginSet>,
     /// The plugin engine, kept alive with its epoch thread.
     pub plugin_runtime: Option<crate::plugin::Runtime>,
     /// The response cache plugins drive.
@@ -121,23 +122,24 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// The running plugin set: this worker's reference while the set's version holds.
-    pub fn plugin_set(&self) -> Arc<crate::plugin::PluginSet> {
+    /// This worker's reference to the running plugin set, loaded again when its version
+    /// changed (a reload).
+    fn current_plugin_set(&self) -> std::cell::Ref<'_, Arc<crate::plugin::PluginSet>> {
         let version = self.shared.plugins.version();
-        {
-            let set = self.plugin_set.borrow();
-            if set.version == version {
-                return set.clone();
-            }
+        if self.plugin_set.borrow().version != version {
+            *self.plugin_set.borrow_mut() = self.shared.plugins.load();
         }
-        let set = self.shared.plugins.load();
-        *self.plugin_set.borrow_mut() = set.clone();
-        set
+        self.plugin_set.borrow()
+    }
+
+    /// The running plugin set.
+    pub fn plugin_set(&self) -> Arc<crate::plugin::PluginSet> {
+        self.current_plugin_set().clone()
     }
 
     /// Whether any plugin is running.
     pub fn has_plugins(&self) -> bool {
-        self.shared.config.plugins.is_some() && !self.plugin_set().plugins.is_empty()
+        self.shared.config.plugins.is_some() && !self.current_plugin_set().plugins.is_empty()
     }
 
     /// This worker's connections to the node at `addr`.
@@ -292,7 +294,10 @@ impl Server {
             commands: Box::leak(Box::new(commands)),
             node_settings,
             node_id,
-            plugins: crate::plugin::PluginSetCell::new(plugins),
+            plugins: {
+                let version = plugins.version;
+                crate::versioned::Versioned::new(plugins, version)
+            },
             plugin_runtime,
             cache: Arc::default(),
             command_names,

@@ -13,11 +13,9 @@
 //! the next command goes to the right node before the full refresh lands.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
@@ -384,8 +382,7 @@ struct Resharding {
 
 /// The current topology and how to change it.
 pub struct TopologyState {
-    current: ArcSwap<Topology>,
-    version: AtomicU64,
+    current: crate::versioned::Versioned<Topology>,
     patch: Mutex<()>,
     /// Slot moves not logged yet (see [`TopologyState::note_resharding`]).
     resharding: Mutex<Resharding>,
@@ -420,8 +417,7 @@ impl TopologyState {
     pub fn new(initial: Topology, discovery: Discovery) -> TopologyState {
         let version = initial.version;
         TopologyState {
-            current: ArcSwap::from_pointee(initial),
-            version: AtomicU64::new(version),
+            current: crate::versioned::Versioned::new(initial, version),
             patch: Mutex::new(()),
             resharding: Mutex::new(Resharding::default()),
             refresh: Notify::new(),
@@ -431,19 +427,18 @@ impl TopologyState {
 
     /// The version of the current snapshot (cheap: compare before loading).
     pub fn version(&self) -> u64 {
-        self.version.load(Ordering::Acquire)
+        self.current.version()
     }
 
     /// The current snapshot.
     pub fn load(&self) -> Arc<Topology> {
-        self.current.load_full()
+        self.current.load()
     }
 
     fn publish(&self, mut t: Topology) {
-        let v = self.version.load(Ordering::Acquire) + 1;
+        let v = self.current.version() + 1;
         t.version = v;
-        self.current.store(Arc::new(t));
-        self.version.store(v, Ordering::Release);
+        self.current.store(t, v);
     }
 
     /// Asks the manager for a refresh soon.
