@@ -368,9 +368,11 @@ impl CommandInfo {
         self.name.get(..self.command_len).unwrap_or(&self.name)
     }
 
-    /// The access of its one key at argument 1, when that is its only key (see `single_key`).
-    pub fn single_key(&self) -> Option<u8> {
-        self.single_key
+    /// Its key and how it uses it, when its key specs say it has exactly one, at argument 1
+    /// (see `single_key`); `None` otherwise, or when the argument is missing.
+    pub fn only_key<'a, A: Args + ?Sized>(&self, args: &'a A) -> Option<(&'a [u8], u8)> {
+        let access = self.single_key?;
+        Some((args.argv(1)?, access))
     }
 
     /// Whether a flag bit is set.
@@ -385,8 +387,8 @@ impl CommandInfo {
 
     /// Calls `f` with the position of every key in `args` and how the command uses it.
     pub fn for_each_key<A: Args + ?Sized>(&self, args: &A, mut f: impl FnMut(usize, u8)) {
-        if let Some(access) = self.single_key {
-            if args.argc() > 1 {
+        if self.single_key.is_some() {
+            if let Some((_, access)) = self.only_key(args) {
                 f(1, access);
             }
             return;

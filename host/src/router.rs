@@ -154,10 +154,7 @@ fn fan_out(name: &[u8], sub: &[u8]) -> Option<Merge> {
 /// the command's description from the command table, if it has one.
 pub fn plan<A: Args + ?Sized>(args: &A, info: Option<&CommandInfo>, topo: &Topology) -> Plan {
     // The commonest case first: one key, at argument 1.
-    if let Some(info) = info
-        && info.single_key().is_some()
-        && let Some(key) = args.argv(1)
-    {
+    if let Some((key, _)) = info.and_then(|i| i.only_key(args)) {
         return Plan::Single(Some(key_slot(key)));
     }
     let name = args.argv(0).unwrap_or_default();
