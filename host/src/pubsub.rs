@@ -435,11 +435,10 @@ fn simple_push(
     std::ops::Range<usize>,
     Option<std::ops::Range<usize>>,
 )> {
-    let number = resp::count_line;
     if !matches!(buf.first(), Some(b'>' | b'*')) {
         return None;
     }
-    let (count, mut at) = number(buf, 1)?;
+    let (count, mut at) = resp::count_line(buf, 1)?;
     if !(1..=4).contains(&count) {
         return None;
     }
@@ -447,7 +446,7 @@ fn simple_push(
     for i in 0..count {
         match buf.get(at)? {
             b'$' => {
-                let (len, start) = number(buf, at + 1)?;
+                let (len, start) = resp::count_line(buf, at + 1)?;
                 let end = start.checked_add(len)?;
                 if buf.get(end..end + 2)? != b"\r\n" {
                     return None;
@@ -458,7 +457,7 @@ fn simple_push(
                 at = end + 2;
             }
             b':' => {
-                let (_, next) = number(buf, at + 1)?;
+                let (_, next) = resp::count_line(buf, at + 1)?;
                 at = next;
             }
             _ => return None,
@@ -474,16 +473,14 @@ fn head(frame: &Bytes) -> Option<(Bytes, Option<Bytes>)> {
     if !matches!(frame.first(), Some(b'*' | b'>')) {
         return None;
     }
-    let eol = memchr::memchr(b'\r', frame)?;
-    let n = resp::parse_i64(&frame[1..eol])?;
-    let mut pos = eol + 2;
+    let (n, mut pos) = resp::count_line(frame, 1)?;
     let element = |pos: &mut usize| -> Option<Bytes> {
         let len = resp::reply_len(frame.get(*pos..)?).ok()??;
         let e = frame.slice(*pos..*pos + len);
         *pos += len;
         Some(e)
     };
-    if n < 1 {
+    if n == 0 {
         return None;
     }
     let kind = bulk_text(&element(&mut pos)?)?;
