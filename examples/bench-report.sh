@@ -88,9 +88,10 @@ wait_port "$twem_port"
 port_of[direct]=$redis_port
 targets="direct respire plugins twemproxy"
 
-cpu_of() { awk -v hz="$(getconf CLK_TCK)" '{ sub(/.*\) /, ""); split($0, f, " "); print (f[12] + f[13]) / hz }' "/proc/$1/stat"; }
-# CPU of this script's finished children (the load generators): cutime + cstime.
-children_cpu() { awk -v hz="$(getconf CLK_TCK)" '{ sub(/.*\) /, ""); split($0, f, " "); print (f[14] + f[15]) / hz }' "/proc/$$/stat"; }
+# Seconds in fields N and N+1 of /proc/PID/stat, counted after the command name.
+stat_seconds() { awk -v hz="$(getconf CLK_TCK)" -v n="$2" '{ sub(/.*\) /, ""); split($0, f, " "); print (f[n] + f[n + 1]) / hz }' "/proc/$1/stat"; }
+cpu_of() { stat_seconds "$1" 12; }          # utime + stime
+children_cpu() { stat_seconds "$$" 14; }    # cutime + cstime: this script's finished children (the load generators)
 rss_of() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 field() { sed -E "s/.*$1=([0-9.]+).*/\\1/" <<<"$2"; }
 fmt() { printf "%.${2:-2}f" "$1"; }
@@ -125,10 +126,10 @@ measure() { # KEY NAME REQUESTS KIND ARGS…
 }
 # The CPU columns of KEY: proxy | Redis | load generator | all three.
 cpu_cols() {
-  local k=$1 c="–" all
-  [ -n "${cpu[$k]:-}" ] && c=$(fmt "$(med "${cpu[$k]}")")
-  all=$(echo "$(med "${rcpu[$k]}") + $(med "${gcpu[$k]}") + $( [ -n "${cpu[$k]:-}" ] && med "${cpu[$k]}" || echo 0)" | bc -l)
-  echo "$c | $(fmt "$(med "${rcpu[$k]}")") | $(fmt "$(med "${gcpu[$k]}")") | $(fmt "$all")"
+  local k=$1 proxy=0 c="–" r g
+  if [ -n "${cpu[$k]:-}" ]; then proxy=$(med "${cpu[$k]}"); c=$(fmt "$proxy"); fi
+  r=$(med "${rcpu[$k]}"); g=$(med "${gcpu[$k]}")
+  echo "$c | $(fmt "$r") | $(fmt "$g") | $(fmt "$(echo "$proxy + $r + $g" | bc -l)")"
 }
 med() { echo "${1:-}" | median; }
 
