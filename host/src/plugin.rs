@@ -25,6 +25,7 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -1697,10 +1698,15 @@ pub struct ChainRequest<'a> {
     pub info: Option<&'a crate::commands::CommandInfo>,
 }
 
+/// A worker's reference to a plugin set. Commands' response chains each hold one, and an
+/// `Rc` is counted without atomic operations: a clone of the `Arc` per command wrote to a
+/// cache line every worker shares.
+pub type WorkerSet = Rc<Arc<PluginSet>>;
+
 /// What the plugins owe one command's reply: response hooks (in reverse chain order) and
 /// traffic metrics.
 pub struct ResponseChain {
-    set: Arc<PluginSet>,
+    set: WorkerSet,
     /// The plugins with a response side that see the command.
     plugins: SmallVec<[u16; 4]>,
     /// Those whose response hook is called for this reply (its filter let it through; set
@@ -1948,7 +1954,7 @@ impl PluginSet {
     /// with a response side — skips the stage. Commands the table does not know always go
     /// through. `start`: when respire read the command.
     pub fn decide_without_chain(
-        set: &Arc<PluginSet>,
+        set: &WorkerSet,
         cmd: &crate::protocol::Command,
         info: Option<&crate::commands::CommandInfo>,
         start: std::time::Instant,
@@ -1991,7 +1997,7 @@ impl PluginSet {
 
 impl ResponseChain {
     fn new(
-        set: &Arc<PluginSet>,
+        set: &WorkerSet,
         plugins: SmallVec<[u16; 4]>,
         cmd: crate::protocol::Command,
         info: Option<&crate::commands::CommandInfo>,
@@ -2107,7 +2113,7 @@ impl WorkerPlugins {
     /// with the response hooks owed for its reply.
     pub fn on_requests<'a>(
         &mut self,
-        set: &Arc<PluginSet>,
+        set: &WorkerSet,
         table: &'a CommandTable,
         batch: &[ChainRequest<'a>],
     ) -> Vec<(Decision, Option<Box<ResponseChain>>)> {
@@ -2429,10 +2435,10 @@ impl WorkerPlugins {
             return replaced;
         };
         // Chains of one plugin set go together (a reload may leave replies of the old one).
-        let sets: Vec<Arc<PluginSet>> = {
-            let mut v: Vec<Arc<PluginSet>> = vec![first.chain.set.clone()];
+        let sets: Vec<WorkerSet> = {
+            let mut v: Vec<WorkerSet> = vec![first.chain.set.clone()];
             for r in batch {
-                if !v.iter().any(|s| Arc::ptr_eq(s, &r.chain.set)) {
+                if !v.iter().any(|s| Rc::ptr_eq(s, &r.chain.set)) {
                     v.push(r.chain.set.clone());
                 }
             }
@@ -2445,7 +2451,7 @@ impl WorkerPlugins {
             for pi in (0..set.plugins.len()).rev() {
                 let members: Vec<usize> = (0..batch.len())
                     .filter(|&i| {
-                        Arc::ptr_eq(&batch[i].chain.set, &set)
+                        Rc::ptr_eq(&batch[i].chain.set, &set)
                             && batch[i].chain.due.contains(&(pi as u16))
                     })
                     .collect();

@@ -118,22 +118,22 @@ pub struct Worker {
     /// Where sessions hand commands and replies for the plugins' hooks (see [`crate::stage`]).
     pub stage: crate::stage::Stage,
     /// The plugin set this worker last saw (see [`Worker::plugin_set`]).
-    plugin_set: RefCell<Arc<crate::plugin::PluginSet>>,
+    plugin_set: RefCell<crate::plugin::WorkerSet>,
 }
 
 impl Worker {
     /// This worker's reference to the running plugin set, loaded again when its version
     /// changed (a reload).
-    fn current_plugin_set(&self) -> std::cell::Ref<'_, Arc<crate::plugin::PluginSet>> {
+    fn current_plugin_set(&self) -> std::cell::Ref<'_, crate::plugin::WorkerSet> {
         let version = self.shared.plugins.version();
         if self.plugin_set.borrow().version != version {
-            *self.plugin_set.borrow_mut() = self.shared.plugins.load();
+            *self.plugin_set.borrow_mut() = Rc::new(self.shared.plugins.load());
         }
         self.plugin_set.borrow()
     }
 
     /// The running plugin set.
-    pub fn plugin_set(&self) -> Arc<crate::plugin::PluginSet> {
+    pub fn plugin_set(&self) -> crate::plugin::WorkerSet {
         self.current_plugin_set().clone()
     }
 
@@ -560,7 +560,7 @@ fn worker_main(shared: Arc<Shared>, mut conns: mpsc::UnboundedReceiver<NewConn>)
             stats: crate::stats::register_worker(&shared.command_names),
             read_buf: RefCell::default(),
             stage: crate::stage::Stage::default(),
-            plugin_set: RefCell::new(shared.plugins.load()),
+            plugin_set: RefCell::new(Rc::new(shared.plugins.load())),
         });
         tokio::task::spawn_local(crate::stage::run(worker.clone()));
         let mut shutdown = shared.shutdown.clone();

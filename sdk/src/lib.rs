@@ -711,6 +711,7 @@ pub trait Plugin: Sized + 'static {
 #[doc(hidden)]
 pub mod clients {
     use std::cell::RefCell;
+    use std::rc::Rc;
 
     use rustc_hash::FxHashMap as HashMap;
 
@@ -732,49 +733,45 @@ pub mod clients {
     }
 
     thread_local! {
-        static CACHE: RefCell<HashMap<u64, (u32, Client)>> = RefCell::new(HashMap::default());
+        static CACHE: RefCell<HashMap<u64, (u32, Rc<Client>)>> = RefCell::new(HashMap::default());
         /// The last client asked about (a batch is mostly one client's pipeline).
-        static LAST: RefCell<Option<(u64, u32, Client)>> = const { RefCell::new(None) };
+        static LAST: RefCell<Option<(u64, u32, Rc<Client>)>> = const { RefCell::new(None) };
     }
 
-    /// Runs `f` with the details of `r`, fetching them from respire when they changed.
+    /// Runs `f` with the details of `r`, fetching them from respire when they changed. The
+    /// details are shared, not copied, and nothing is borrowed while `f` runs.
     pub fn with<T>(r: ClientRef, f: impl FnOnce(&Client) -> T) -> T {
-        LAST.with(|l| {
-            let hit = l
-                .borrow()
-                .as_ref()
-                .is_some_and(|(id, g, _)| *id == r.id && *g == r.generation);
-            if !hit {
-                let client = lookup(r);
-                *l.borrow_mut() = Some((r.id, r.generation, client));
+        let client = LAST.with(|l| {
+            if let Some((id, generation, client)) = &*l.borrow()
+                && *id == r.id
+                && *generation == r.generation
+            {
+                return client.clone();
             }
-            match l.borrow().as_ref() {
-                Some((_, _, client)) => f(client),
-                None => f(&unknown(r.id)),
-            }
-        })
+            let client = lookup(r);
+            *l.borrow_mut() = Some((r.id, r.generation, client.clone()));
+            client
+        });
+        f(&client)
     }
 
-    fn lookup(r: ClientRef) -> Client {
+    fn lookup(r: ClientRef) -> Rc<Client> {
         CACHE.with(|c| {
-            let fresh = c
-                .borrow()
-                .get(&r.id)
-                .is_some_and(|(g, _)| *g == r.generation);
-            if !fresh {
-                let details = crate::bindings::respire::plugin::host::client_info(r.id)
-                    .unwrap_or_else(|| unknown(r.id));
-                let mut c = c.borrow_mut();
-                if c.len() >= MAX {
-                    c.clear();
-                }
-                c.insert(r.id, (r.generation, details));
+            if let Some((generation, client)) = c.borrow().get(&r.id)
+                && *generation == r.generation
+            {
+                return client.clone();
             }
-            let c = c.borrow();
-            match c.get(&r.id) {
-                Some((_, client)) => client.clone(),
-                None => unknown(r.id),
+            let details = Rc::new(
+                crate::bindings::respire::plugin::host::client_info(r.id)
+                    .unwrap_or_else(|| unknown(r.id)),
+            );
+            let mut c = c.borrow_mut();
+            if c.len() >= MAX {
+                c.clear();
             }
+            c.insert(r.id, (r.generation, details.clone()));
+            details
         })
     }
 }

@@ -4,6 +4,7 @@
 //!   cargo bench -p respire-tests --bench micro
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::rc::Rc;
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -11,7 +12,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use respire::commands::CommandTable;
 use respire::plugin::{
     ChainRequest, ChainResponse, Client, ClientHandle, Decision, PluginSet, ResponseChain, Runtime,
-    WorkerPlugins,
+    WorkerPlugins, WorkerSet,
 };
 use respire::protocol::{Command, RequestLimits, RequestParser, reply_len};
 use respire::topology::{Topology, key_slot};
@@ -109,7 +110,7 @@ fn routing(c: &mut Criterion) {
 /// Runs the request chain on one command.
 fn run_one(
     w: &mut WorkerPlugins,
-    set: &Arc<PluginSet>,
+    set: &WorkerSet,
     table: &CommandTable,
     client: &ClientHandle,
     cmd: &Command,
@@ -123,7 +124,7 @@ fn run_one(
 }
 
 /// A plugin folder with the probe plugin as `NAME.wasm` per (name, config) pair.
-fn plugin_set(rt: &Runtime, probes: &[(&str, &str)]) -> (tempfile::TempDir, Arc<PluginSet>) {
+fn plugin_set(rt: &Runtime, probes: &[(&str, &str)]) -> (tempfile::TempDir, WorkerSet) {
     let dir = tempfile::tempdir().unwrap();
     for (name, config) in probes {
         std::fs::copy(
@@ -137,10 +138,10 @@ fn plugin_set(rt: &Runtime, probes: &[(&str, &str)]) -> (tempfile::TempDir, Arc<
     assert!(errors.is_empty(), "{errors:?}");
     (
         dir,
-        Arc::new(PluginSet {
+        Rc::new(Arc::new(PluginSet {
             version: 1,
             plugins,
-        }),
+        })),
     )
 }
 
