@@ -1840,7 +1840,8 @@ struct InChain<'a> {
     client: &'a ClientHandle,
     /// Its lower-case name.
     name: std::borrow::Cow<'a, str>,
-    rewritten: Option<crate::protocol::Command>,
+    /// Boxed: rare, and an item of every batch carries the field.
+    rewritten: Option<Box<crate::protocol::Command>>,
     original: &'a crate::protocol::Command,
     info: Option<&'a crate::commands::CommandInfo>,
     /// A plugin refused or answered it.
@@ -1854,7 +1855,7 @@ struct InChain<'a> {
 
 impl InChain<'_> {
     fn cmd(&self) -> &crate::protocol::Command {
-        self.rewritten.as_ref().unwrap_or(self.original)
+        self.rewritten.as_deref().unwrap_or(self.original)
     }
 
     fn keys(&mut self) -> &[(u32, u8)] {
@@ -1871,7 +1872,7 @@ impl InChain<'_> {
             return true;
         };
         self.keys();
-        let cmd = self.rewritten.as_ref().unwrap_or(self.original);
+        let cmd = self.rewritten.as_deref().unwrap_or(self.original);
         keys_under(prefixes, cmd, self.keys.as_deref().unwrap_or_default())
     }
 }
@@ -2079,7 +2080,7 @@ fn apply_action<'a, B>(
                 // The table outlives the batch: look the new command up there.
                 it.info = table.get(&new);
                 it.name = std::borrow::Cow::Owned(String::from_utf8_lossy(n).to_ascii_lowercase());
-                it.rewritten = Some(new);
+                it.rewritten = Some(Box::new(new));
                 it.keys = None;
             }
         }
@@ -2413,7 +2414,7 @@ impl WorkerPlugins {
                 // Refused or answered by a plugin: shared buckets are not asked; local tokens stay
                 // taken, as for any refusal by a later plugin.
                 let decision = it.stopped.unwrap_or(Decision::Continue {
-                    rewritten: it.rewritten.map(Box::new),
+                    rewritten: it.rewritten,
                     cache: it.cache,
                     gate: it.gate,
                 });
