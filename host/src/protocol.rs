@@ -924,6 +924,16 @@ pub fn verbatim(out: &mut BytesMut, text: &[u8], proto: u8) {
 }
 
 fn header(out: &mut BytesMut, kind: u8, n: i64) {
+    // Counts and lengths below 100 (most of them) written in one go.
+    if (0..100).contains(&n) {
+        let n = n as u8;
+        if n < 10 {
+            out.extend_from_slice(&[kind, b'0' + n, b'\r', b'\n']);
+        } else {
+            out.extend_from_slice(&[kind, b'0' + n / 10, b'0' + n % 10, b'\r', b'\n']);
+        }
+        return;
+    }
     let mut tmp = [0u8; 24];
     let s = fmt_i64(&mut tmp, n);
     out.reserve(s.len() + 3);
@@ -955,6 +965,19 @@ fn fmt_i64(tmp: &mut [u8; 24], n: i64) -> &[u8] {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
+
+    #[test]
+    fn headers_are_written_as_decimal_for_every_size() {
+        for n in (-20..=1_200).chain([i64::MAX, i64::MIN + 1, -1, 99, 100, 999_999]) {
+            let mut out = BytesMut::new();
+            header(&mut out, b'$', n);
+            assert_eq!(&out[..], format!("${n}\r\n").as_bytes());
+        }
+        let mut out = BytesMut::new();
+        array_header(&mut out, 7);
+        bulk(&mut out, b"value-of-12-");
+        assert_eq!(&out[..], b"*7\r\n$12\r\nvalue-of-12-\r\n");
+    }
 
     /// Found by the cargo-fuzz target `reply_framing`: nested aggregates declaring huge counts
     /// overflowed the count of elements still to read (a panic with overflow checks, a wrapped

@@ -217,7 +217,14 @@ fn split_keys<A: Args + ?Sized>(
 ) -> Plan {
     let arg = |i: usize| args.argv(i).unwrap_or_default();
     let by_slot = topo.kind == crate::topology::BackendKind::Cluster;
-    let mut groups: SmallVec<[Group; 4]> = SmallVec::new();
+    // Room for every group at once (growing 4, 8, 16 moved them twice): at most one per key,
+    // and over standalone servers one per server.
+    let most = if by_slot {
+        keys.len()
+    } else {
+        keys.len().min(topo.shards.len() + 1)
+    };
+    let mut groups: SmallVec<[Group; 4]> = SmallVec::with_capacity(most);
     for (i, &(_, slot)) in keys.iter().enumerate() {
         let group = if by_slot {
             u32::from(slot)
