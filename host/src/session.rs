@@ -141,6 +141,17 @@ struct MergeSlot {
     how: Merge,
     layout: Vec<router::Part>,
     parts: Vec<PartState>,
+    /// The first part still waiting for its reply: parts are answered in order (a redirected
+    /// part waits again in its place), so every part before it has its reply.
+    next: usize,
+}
+
+impl MergeSlot {
+    /// The part whose reply is awaited now, with its receiver.
+    fn awaited(&mut self) -> Option<(usize, &mut ReplyRx)> {
+        let i = self.next;
+        self.parts.get_mut(i)?.rx.as_mut().map(|rx| (i, rx))
+    }
 }
 
 enum Slot {
@@ -584,12 +595,7 @@ impl Session {
                         }
                     }
                     Some(Slot::Merge(m)) => {
-                        if let Some((i, rx)) = m
-                            .parts
-                            .iter_mut()
-                            .enumerate()
-                            .find_map(|(i, p)| p.rx.as_mut().map(|rx| (i, rx)))
-                        {
+                        if let Some((i, rx)) = m.awaited() {
                             if let Poll::Ready(r) = Pin::new(rx).poll(cx) {
                                 return Poll::Ready(Wake::Reply(i, r.ok()));
                             }
@@ -1142,12 +1148,7 @@ impl Session {
                     Err(TryRecvError::Closed) => (0, Err(self.lost())),
                 },
                 Some(Slot::Merge(m)) => {
-                    let Some((i, rx)) = m
-                        .parts
-                        .iter_mut()
-                        .enumerate()
-                        .find_map(|(i, p)| p.rx.as_mut().map(|rx| (i, rx)))
-                    else {
+                    let Some((i, rx)) = m.awaited() else {
                         // All parts answered (cannot stay here, but never spin).
                         return;
                     };
@@ -1190,7 +1191,10 @@ impl Session {
                     p.rx = None;
                     p.reply = Some(reply);
                 }
-                if m.parts.iter().any(|p| p.reply.is_none()) {
+                while m.parts.get(m.next).is_some_and(|p| p.reply.is_some()) {
+                    m.next += 1;
+                }
+                if m.next < m.parts.len() {
                     return;
                 }
                 if let (seq, Some(Slot::Merge(m))) = self.pop_slot() {
@@ -2217,11 +2221,7 @@ impl Session {
     }
 
     fn node_addr(&self, node: usize) -> Arc<str> {
-        self.topo
-            .nodes
-            .get(node)
-            .cloned()
-            .unwrap_or_else(|| Arc::from(""))
+        self.topo.node_addr(node)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -2294,6 +2294,7 @@ impl Session {
             how,
             layout,
             parts,
+            next: 0,
         })));
         self.waiting += 1;
         self.last_target = Some(Target::Shared(self.key()));
@@ -2301,7 +2302,9 @@ impl Session {
     }
 
     /// The session's shared connection to `node` for its current database and protocol.
-    fn shared_conn(&mut self, node: usize) -> BackendConn {
+    /// Borrowed, not cloned: a handle is three reference counts, taken and dropped for every
+    /// request otherwise.
+    fn shared_conn(&mut self, node: usize) -> &BackendConn {
         let key = self.key();
         if self.conns_key != key {
             self.conns.clear();
@@ -2310,13 +2313,13 @@ impl Session {
         if self.conns.len() <= node {
             self.conns.resize(node + 1, None);
         }
-        if let Some(Some(c)) = self.conns.get(node) {
-            return c.clone();
+        let id = self.info.id;
+        match &mut self.conns[node] {
+            Some(c) => c,
+            slot @ None => {
+                slot.insert(self.worker.pool(&self.topo.node_addr(node)).shared(key, id))
+            }
         }
-        let addr = self.node_addr(node);
-        let c = self.worker.pool(&addr).shared(key, self.info.id);
-        self.conns[node] = Some(c.clone());
-        c
     }
 
     /// The exclusive connection on `node`, checked out if needed; an error if the session is pinned elsewhere.

@@ -88,6 +88,11 @@ pub struct Topology {
 }
 
 impl Topology {
+    /// The address of node `i` (empty for an index it does not have).
+    pub fn node_addr(&self, i: usize) -> Arc<str> {
+        self.nodes.get(i).cloned().unwrap_or_else(|| Arc::from(""))
+    }
+
     /// One standalone server owning every slot.
     pub fn standalone(addr: &str) -> Topology {
         Topology {

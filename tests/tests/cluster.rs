@@ -357,6 +357,25 @@ fn moved_and_ask_are_hidden_from_clients() {
     assert_eq!(v, "v1");
     let v: String = con.get("{moving}2").unwrap();
     assert_eq!(v, "v2");
+    // A command split over slots whose first or later part is redirected: the other part's
+    // reply is kept and the merged reply is whole, in key order.
+    let elsewhere = ["elsewhere", "other", "third"]
+        .into_iter()
+        .find(|k| cluster.cli(0, &["CLUSTER", "KEYSLOT", k]).trim() != s)
+        .unwrap();
+    let _: () = con.set(elsewhere, "v0").unwrap();
+    let later: Vec<String> = redis::cmd("MGET")
+        .arg(elsewhere)
+        .arg("moving")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(later, vec!["v0", "v1"]);
+    let first: Vec<String> = redis::cmd("MGET")
+        .arg("moving")
+        .arg(elsewhere)
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(first, vec!["v1", "v0"]);
     // A multi-key read while the slot is half migrated gets TRYAGAIN from Redis: respire retries
     // until the migration finishes (a moment later, in another thread); src then answers MOVED.
     std::thread::scope(|scope| {
