@@ -232,6 +232,12 @@ impl Cache {
         self.active.load(Ordering::Acquire)
     }
 
+    /// Whether a reply that read `key` may be kept (it is under one of the prefixes).
+    pub fn may_hold(&self, key: &[u8]) -> bool {
+        let prefixes = self.prefixes.load();
+        prefixes.is_empty() || prefixes.iter().any(|p| key.starts_with(p))
+    }
+
     /// Whether replies for these keys may be kept (all under the plugins' prefixes).
     pub fn covers(&self, keys: &[Bytes]) -> bool {
         let prefixes = self.prefixes.load();
@@ -295,6 +301,15 @@ impl Cache {
                     foreign = remove_entry(&mut s, &ckey, home);
                 }
                 None => {}
+            }
+            // Checked again under the lock: a flush (when serving stops, as it does before the
+            // prefixes change) takes this lock after turning serving off, so nothing is kept
+            // past it, and nothing is kept for keys outside the prefixes of the moment (writes
+            // to other keys are not looked up, see `invalidate`).
+            if !self.is_active() || !self.covers(&keys) {
+                drop(s);
+                self.cleanup(foreign);
+                return Lookup::Off;
             }
             STATS.misses.inc();
             let size = ckey.len() + OVERHEAD + keys.iter().map(|k| k.len()).sum::<usize>();
@@ -360,6 +375,12 @@ impl Cache {
 
     /// Drops every reply that read `key` (in any database).
     pub fn invalidate(&self, key: &[u8]) {
+        // Only keys under the prefixes are ever kept (checked again by `lookup` under the
+        // shard's lock, with the prefixes of the moment): a write to any other key has
+        // nothing to drop, and costs no hash and no lock shared with the other workers.
+        if !self.may_hold(key) {
+            return;
+        }
         let i = self.shard_of(key);
         let refs = {
             let mut s = self.lock(i);

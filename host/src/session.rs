@@ -1550,8 +1550,13 @@ impl Session {
         if info.has(commands::flags::READONLY) {
             return None;
         }
+        // Only keys the cache may hold (under its prefixes) are dropped: most writes have none.
         let mut keys = Vec::new();
-        info.for_each_key(cmd, |i, _| keys.extend(cmd.arg_bytes(i)));
+        info.for_each_key(cmd, |i, _| {
+            if cmd.arg(i).is_some_and(|k| cache.may_hold(k)) {
+                keys.extend(cmd.arg_bytes(i));
+            }
+        });
         if keys.is_empty() {
             return None;
         }
