@@ -104,6 +104,9 @@ pub struct Worker {
     pub shared: Arc<Shared>,
     /// This worker's backend connections, per node address.
     pools: RefCell<HashMap<Arc<str>, Rc<Pool>>>,
+    /// The topology's node addresses as this worker's own `Rc`s, by node index, for the
+    /// topology version `.0` (see [`Worker::node_addr`]).
+    node_addrs: RefCell<(u64, Vec<Rc<str>>)>,
     /// Sessions running on this worker.
     pub sessions: Cell<usize>,
     /// This worker's shared subscriber connections.
@@ -143,10 +146,11 @@ impl Worker {
     }
 
     /// This worker's connections to the node at `addr`.
-    pub fn pool(&self, addr: &Arc<str>) -> Rc<Pool> {
+    pub fn pool(&self, addr: &str) -> Rc<Pool> {
         if let Some(p) = self.pools.borrow().get(addr) {
             return p.clone();
         }
+        let addr: Arc<str> = Arc::from(addr);
         let b = &self.shared.config.backend;
         // READONLY (replica reads asked for) only on connections to a replica: one to a master
         // would keep it if a failover demoted that master, and be answered from its copy.
@@ -155,7 +159,7 @@ impl Worker {
             topo.shards.iter().any(|s| {
                 s.replicas
                     .iter()
-                    .any(|&r| topo.nodes.get(r).is_some_and(|a| a == addr))
+                    .any(|&r| topo.nodes.get(r).is_some_and(|a| *a == addr))
             })
         };
         let node = Rc::new(NodeSettings {
@@ -164,8 +168,26 @@ impl Worker {
             ..self.shared.node_settings.clone()
         });
         let pool = Rc::new(Pool::new(node, b.connections, b.idle_exclusive));
-        self.pools.borrow_mut().insert(addr.clone(), pool.clone());
+        self.pools.borrow_mut().insert(addr, pool.clone());
         pool
+    }
+
+    /// The address of node `node` of `topo`, as this worker's own `Rc`: a request's retry
+    /// record holds one, and cloning the topology's `Arc<str>` instead would write, per
+    /// request, to a cache line every worker shares.
+    pub fn node_addr(&self, topo: &crate::topology::Topology, node: usize) -> Rc<str> {
+        let mut known = self.node_addrs.borrow_mut();
+        if known.0 != topo.version {
+            if topo.version < known.0 {
+                // A session still on an older map: its own copy (it catches up at its next batch).
+                return Rc::from(topo.nodes.get(node).map_or("", |a| &**a));
+            }
+            *known = (
+                topo.version,
+                topo.nodes.iter().map(|a| Rc::from(&**a)).collect(),
+            );
+        }
+        known.1.get(node).cloned().unwrap_or_else(|| Rc::from(""))
     }
 }
 
@@ -554,6 +576,7 @@ fn worker_main(shared: Arc<Shared>, mut conns: mpsc::UnboundedReceiver<NewConn>)
         let worker = Rc::new(Worker {
             shared: shared.clone(),
             pools: RefCell::default(),
+            node_addrs: RefCell::default(),
             sessions: Cell::new(0),
             hub: crate::pubsub::Hub::new(shared.clone()),
             plugins: RefCell::default(),

@@ -81,7 +81,7 @@ const CLUSTERDOWN: &str = "CLUSTERDOWN Hash slot not served";
 /// What is needed to re-send a command after a redirection.
 struct Retry {
     /// The node the request was last sent to.
-    addr: Arc<str>,
+    addr: Rc<str>,
     data: Bytes,
     /// Redirections followed so far.
     attempts: u8,
@@ -106,7 +106,7 @@ struct Retry {
 
 impl Retry {
     fn new(
-        addr: Arc<str>,
+        addr: Rc<str>,
         data: Bytes,
         slot: Option<u16>,
         idempotent: bool,
@@ -1633,7 +1633,7 @@ impl Session {
                     return CacheRead::Pass;
                 };
                 let mut retry = Retry::new(
-                    self.node_addr(node),
+                    self.retry_addr(node),
                     cmd.to_resp(),
                     slot,
                     true,
@@ -2138,7 +2138,7 @@ impl Session {
         }
         let idempotent = self.idempotent(&cmd, res);
         let mut retry = Retry::new(
-            Arc::from(""),
+            Rc::from(""),
             cmd.to_resp(),
             slot,
             idempotent,
@@ -2229,6 +2229,11 @@ impl Session {
         self.topo.node_addr(node)
     }
 
+    /// The address a retry record keeps (see [`Worker::node_addr`]).
+    fn retry_addr(&self, node: usize) -> Rc<str> {
+        self.worker.node_addr(&self.topo, node)
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn push_waiting(
         &mut self,
@@ -2243,7 +2248,7 @@ impl Session {
         // What a redirect or failover sends again (managed topologies only).
         let retry = retry.map(|data| {
             Retry::new(
-                self.node_addr(node),
+                self.retry_addr(node),
                 data,
                 slot,
                 idempotent,
@@ -2286,7 +2291,7 @@ impl Session {
         }
         for (node, data, slot) in targets {
             let rx = self.shared_conn(node).send(data.clone(), 0, false);
-            let retry = Retry::new(self.node_addr(node), data, slot, idempotent, false, false);
+            let retry = Retry::new(self.retry_addr(node), data, slot, idempotent, false, false);
             parts.push(PartState {
                 rx: Some(rx),
                 reply: None,
@@ -2688,7 +2693,7 @@ impl RedirectCtx<'_> {
         } else {
             (retry.data.clone(), 0)
         };
-        let addr: Arc<str> = Arc::from(addr.as_str());
+        let addr: Rc<str> = Rc::from(addr.as_str());
         let pool = self.worker.pool(&addr);
         retry.addr = addr.clone();
         debug!(slot, node = %addr, ask, "following a redirection");
