@@ -189,6 +189,11 @@ impl Default for Cache {
     }
 }
 
+/// Whether `key` is under one of `prefixes` (none: every key is).
+fn under(prefixes: &[Bytes], key: &[u8]) -> bool {
+    prefixes.is_empty() || prefixes.iter().any(|p| key.starts_with(p))
+}
+
 /// Whether a reply counts as empty for `empty_ttl`.
 fn is_empty_reply(reply: &[u8]) -> bool {
     matches!(
@@ -232,20 +237,18 @@ impl Cache {
         self.active.load(Ordering::Acquire)
     }
 
-    /// Whether a reply that read `key` may be kept (it is under one of the prefixes).
-    pub fn may_hold(&self, key: &[u8]) -> bool {
+    /// Which keys a reply may be kept for (those under the prefixes), the prefixes read once:
+    /// the only keys a write has to drop (`lookup` checks them again under the shard's lock, with
+    /// the prefixes of the moment).
+    pub fn keeps(&self) -> impl Fn(&[u8]) -> bool + '_ {
         let prefixes = self.prefixes.load();
-        prefixes.is_empty() || prefixes.iter().any(|p| key.starts_with(p))
+        move |key| under(&prefixes, key)
     }
 
     /// Whether replies for these keys may be kept (all under the plugins' prefixes).
     pub fn covers(&self, keys: &[Bytes]) -> bool {
         let prefixes = self.prefixes.load();
-        !keys.is_empty()
-            && (prefixes.is_empty()
-                || keys
-                    .iter()
-                    .all(|k| prefixes.iter().any(|p| k.starts_with(p))))
+        !keys.is_empty() && keys.iter().all(|k| under(&prefixes, k))
     }
 
     /// Looks a command up; `keys` are the keys it reads (the first decides its shard). With
@@ -305,7 +308,7 @@ impl Cache {
             // Checked again under the lock: a flush (when serving stops, as it does before the
             // prefixes change) takes this lock after turning serving off, so nothing is kept
             // past it, and nothing is kept for keys outside the prefixes of the moment (writes
-            // to other keys are not looked up, see `invalidate`).
+            // drop only keys under them, see `keeps`).
             if !self.is_active() || !self.covers(&keys) {
                 drop(s);
                 self.cleanup(foreign);
@@ -373,14 +376,10 @@ impl Cache {
         }
     }
 
-    /// Drops every reply that read `key` (in any database).
+    /// Drops every reply that read `key` (in any database). Writes call it only for the keys
+    /// the cache keeps (see [`Cache::keeps`]): for any other key it would find nothing, after a
+    /// hash and a lock shared with the other workers.
     pub fn invalidate(&self, key: &[u8]) {
-        // Only keys under the prefixes are ever kept (checked again by `lookup` under the
-        // shard's lock, with the prefixes of the moment): a write to any other key has
-        // nothing to drop, and costs no hash and no lock shared with the other workers.
-        if !self.may_hold(key) {
-            return;
-        }
         let i = self.shard_of(key);
         let refs = {
             let mut s = self.lock(i);

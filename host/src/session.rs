@@ -1550,13 +1550,15 @@ impl Session {
         if info.has(commands::flags::READONLY) {
             return None;
         }
-        // Only keys the cache may hold (under its prefixes) are dropped: most writes have none.
+        // Only keys the cache keeps (under its prefixes) are dropped: most writes have none.
+        let keeps = cache.keeps();
         let mut keys = Vec::new();
         info.for_each_key(cmd, |i, _| {
-            if cmd.arg(i).is_some_and(|k| cache.may_hold(k)) {
+            if cmd.arg(i).is_some_and(&keeps) {
                 keys.extend(cmd.arg_bytes(i));
             }
         });
+        drop(keeps);
         if keys.is_empty() {
             return None;
         }
