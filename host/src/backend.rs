@@ -22,7 +22,7 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use thiserror::Error;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until, timeout};
@@ -99,6 +99,35 @@ impl std::future::Future for ReplyRx {
     }
 }
 
+/// The replies of a group of commands sent as one request (see [`BackendConn::send_group`]):
+/// their frames back to back, and a bit per command (the first at bit 0) set when its reply
+/// is an error.
+pub type GroupReply = Result<(Bytes, u64), BackendError>;
+
+/// Where a backend connection delivers a group's replies.
+pub type GroupTx = channel::Sender<GroupReply>;
+
+/// The most commands a group may hold (one bit each in [`GroupReply`]).
+pub const MAX_GROUP: usize = 64;
+
+/// Where a request's reply goes.
+pub enum Sink {
+    /// One reply.
+    One(ReplyTx),
+    /// The replies of this many commands, delivered together.
+    Group(GroupTx, u8),
+}
+
+impl Sink {
+    /// Delivers a failure.
+    fn fail(self, e: BackendError) {
+        match self {
+            Sink::One(tx) => tx.send(Err(e)),
+            Sink::Group(tx, _) => tx.send(Err(e)),
+        }
+    }
+}
+
 /// A reply channel of this worker.
 pub fn reply_channel() -> (ReplyTx, ReplyRx) {
     let (tx, rx) = channel::oneshot();
@@ -114,7 +143,7 @@ pub struct Request {
     /// Blocking commands are exempt from the command timeout.
     pub blocking: bool,
     /// Where the reply goes.
-    pub reply: ReplyTx,
+    pub reply: Sink,
 }
 
 /// How to reach and log in to one backend node.
@@ -290,15 +319,25 @@ impl BackendConn {
 
     /// Queues a request whose reply goes to `reply`.
     pub fn send_to(&self, data: Bytes, skip: u8, blocking: bool, reply: ReplyTx) {
+        self.push(data, skip, blocking, Sink::One(reply));
+    }
+
+    /// Queues `count` (at most [`MAX_GROUP`]) commands, not blocking ones, as one request:
+    /// their replies arrive together on `reply`, split off the connection's input once.
+    pub fn send_group(&self, data: Bytes, count: u8, reply: GroupTx) {
+        self.push(data, 0, false, Sink::Group(reply, count));
+    }
+
+    fn push(&self, data: Bytes, skip: u8, blocking: bool, reply: Sink) {
         if !self.state.alive.get() {
-            return reply.send(Err(BackendError::Unavailable {
+            return reply.fail(BackendError::Unavailable {
                 addr: self.node.addr.clone(),
                 reason: "connection closed".into(),
-            }));
+            });
         }
         if let Some(e) = self.state.failing.borrow().as_ref() {
             // The node is unreachable: fail at once rather than pile requests up.
-            return reply.send(Err(e.clone()));
+            return reply.fail(e.clone());
         }
         self.tx.push(Request {
             data,
@@ -386,10 +425,10 @@ async fn run(
                     reason,
                 };
                 if let Some(req) = first.take() {
-                    req.reply.send(Err(err.clone()));
+                    req.reply.fail(err.clone());
                 }
                 while let Some(req) = rx.try_recv() {
-                    req.reply.send(Err(err.clone()));
+                    req.reply.fail(err.clone());
                 }
                 if mode == Mode::Exclusive {
                     break;
@@ -403,7 +442,7 @@ async fn run(
                     tokio::select! {
                         _ = sleep_until(deadline) => break,
                         req = rx.recv() => match req {
-                            Some(req) => req.reply.send(Err(err.clone())),
+                            Some(req) => req.reply.fail(err.clone()),
                             None => { state.alive.set(false); return; }
                         }
                     }
@@ -416,10 +455,10 @@ async fn run(
     }
     state.alive.set(false);
     for req in rx.drain() {
-        req.reply.send(Err(BackendError::Unavailable {
+        req.reply.fail(BackendError::Unavailable {
             addr: node.addr.clone(),
             reason: "connection closed".into(),
-        }));
+        });
     }
 }
 
@@ -429,8 +468,14 @@ enum End {
 }
 
 struct InFlight {
-    reply: ReplyTx,
+    reply: Sink,
     skip: u8,
+    /// A group's progress: replies counted so far, where they end in the read buffer, which
+    /// are errors, and those set aside when a push frame came between them.
+    got: u8,
+    scanned: usize,
+    errors: u64,
+    partial: Option<BytesMut>,
     /// Bytes appended to the write buffer over the connection's life, up to the end of this request.
     end: u64,
     /// Deadline for the reply, if the command is not a blocking one.
@@ -484,6 +529,10 @@ async fn serve(
             inflight.push_back(InFlight {
                 reply: req.reply,
                 skip: req.skip,
+                got: 0,
+                scanned: 0,
+                errors: 0,
+                partial: None,
                 end: appended,
                 deadline: (!req.blocking).then_some(deadline),
             });
@@ -525,7 +574,7 @@ async fn serve(
                 ping.as_mut().reset(Instant::now() + HEALTH_INTERVAL);
                 if !used && inflight.is_empty() && pending.is_none() {
                     let (reply, _) = reply_channel();
-                    pending = Some(Request { data: Bytes::from_static(b"*1\r\n$4\r\nPING\r\n"), skip: 0, blocking: false, reply });
+                    pending = Some(Request { data: Bytes::from_static(b"*1\r\n$4\r\nPING\r\n"), skip: 0, blocking: false, reply: Sink::One(reply) });
                 }
                 used = false;
             }
@@ -550,14 +599,14 @@ async fn serve(
                     reason: reason.clone(),
                 }
             };
-            f.reply.send(Err(e));
+            f.reply.fail(e);
         }
         if let Some(req) = pending.take() {
             // Taken from the queue but never written: it did not reach Redis.
-            req.reply.send(Err(BackendError::Unavailable {
+            req.reply.fail(BackendError::Unavailable {
                 addr: node.addr.clone(),
                 reason: reason.clone(),
-            }));
+            });
         }
     }
     end
@@ -565,6 +614,19 @@ async fn serve(
 
 fn dispatch_replies(rbuf: &mut BytesMut, inflight: &mut VecDeque<InFlight>) -> Result<(), String> {
     loop {
+        if let Some(front) = inflight.front_mut()
+            && let Sink::Group(_, count) = front.reply
+        {
+            let Some(replies) = take_group(rbuf, front, count).map_err(|e| e.to_string())? else {
+                return Ok(());
+            };
+            if let Some(f) = inflight.pop_front()
+                && let Sink::Group(tx, _) = f.reply
+            {
+                tx.send(Ok(replies));
+            }
+            continue;
+        }
         let Some(frame) = protocol::next_reply(rbuf).map_err(|e| e.to_string())? else {
             return Ok(());
         };
@@ -579,10 +641,56 @@ fn dispatch_replies(rbuf: &mut BytesMut, inflight: &mut VecDeque<InFlight>) -> R
             front.skip -= 1;
             continue;
         }
-        if let Some(f) = inflight.pop_front() {
-            f.reply.send(Ok(frame));
+        if let Some(f) = inflight.pop_front()
+            && let Sink::One(tx) = f.reply
+        {
+            tx.send(Ok(frame));
         }
     }
+}
+
+/// Counts the replies of the group at the front where they lie in `rbuf` (from where the
+/// last call stopped); once all `count` are in, splits them off at once: the frames and
+/// which are errors. `None` when more bytes are needed.
+fn take_group(
+    rbuf: &mut BytesMut,
+    front: &mut InFlight,
+    count: u8,
+) -> Result<Option<(Bytes, u64)>, protocol::ProtocolError> {
+    let mut off = front.scanned;
+    while front.got < count {
+        let Some(n) = protocol::reply_len(&rbuf[off..])? else {
+            front.scanned = off;
+            return Ok(None);
+        };
+        match rbuf[off] {
+            b'>' => {
+                // Not a reply (see above): cut out, keeping the group's replies before it.
+                if off > 0 {
+                    front
+                        .partial
+                        .get_or_insert_with(BytesMut::new)
+                        .extend_from_slice(&rbuf[..off]);
+                }
+                rbuf.advance(off + n);
+                off = 0;
+                continue;
+            }
+            b'-' | b'!' => front.errors |= 1 << front.got,
+            _ => {}
+        }
+        off += n;
+        front.got += 1;
+    }
+    let frames = match front.partial.take() {
+        None => rbuf.split_to(off).freeze(),
+        Some(mut p) => {
+            p.extend_from_slice(&rbuf[..off]);
+            rbuf.advance(off);
+            p.freeze()
+        }
+    };
+    Ok(Some((frames, front.errors)))
 }
 
 /// A worker's backend connections to one node.
@@ -645,5 +753,75 @@ impl Pool {
         if list.len() < self.max_idle {
             list.push(conn);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+
+    fn inflight(reply: Sink, skip: u8) -> InFlight {
+        InFlight {
+            reply,
+            skip,
+            got: 0,
+            scanned: 0,
+            errors: 0,
+            partial: None,
+            end: 0,
+            deadline: None,
+        }
+    }
+
+    /// Replies of a group, a single request and another group, arriving a few bytes at a
+    /// time with a push frame among them: each request gets exactly its replies, a group's
+    /// in one piece with its errors marked.
+    #[test]
+    fn grouped_replies_are_split_off_together_whatever_the_reads() {
+        let group1 = b"+OK\r\n-ERR no\r\n$3\r\nfoo\r\n".as_slice();
+        let push = b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n".as_slice();
+        let single = b"*2\r\n:1\r\n$-1\r\n".as_slice();
+        let group2 = b":7\r\n!5\r\nerror\r\n_\r\n".as_slice();
+        let mut wire = Vec::new();
+        wire.extend_from_slice(&group1[..14]);
+        wire.extend_from_slice(push);
+        wire.extend_from_slice(&group1[14..]);
+        wire.extend_from_slice(b"+ASKING-OK\r\n");
+        wire.extend_from_slice(single);
+        wire.extend_from_slice(group2);
+        for step in [1, 3, 7, wire.len()] {
+            let (g1, mut r1) = channel::oneshot();
+            let (s, mut r2) = channel::oneshot();
+            let (g2, mut r3) = channel::oneshot();
+            let mut q = VecDeque::from([
+                inflight(Sink::Group(g1, 3), 0),
+                inflight(Sink::One(s), 1),
+                inflight(Sink::Group(g2, 3), 0),
+            ]);
+            let mut rbuf = BytesMut::new();
+            for piece in wire.chunks(step) {
+                rbuf.extend_from_slice(piece);
+                dispatch_replies(&mut rbuf, &mut q).unwrap();
+            }
+            assert!(q.is_empty() && rbuf.is_empty(), "step {step}");
+            let (frames, errors) = r1.try_recv().unwrap().unwrap();
+            assert_eq!(&frames[..], group1, "step {step}");
+            assert_eq!(errors, 0b010);
+            assert_eq!(&r2.try_recv().unwrap().unwrap()[..], single);
+            let (frames, errors) = r3.try_recv().unwrap().unwrap();
+            assert_eq!(&frames[..], group2);
+            assert_eq!(errors, 0b010);
+        }
+    }
+
+    /// A reply nobody asked for is an error of the connection (it is out of step).
+    #[test]
+    fn a_reply_beyond_the_requests_is_an_error() {
+        let (g, _r) = channel::oneshot();
+        let mut q = VecDeque::from([inflight(Sink::Group(g, 1), 0)]);
+        let mut rbuf = BytesMut::from(&b"+OK\r\n+OK\r\n"[..]);
+        assert!(dispatch_replies(&mut rbuf, &mut q).is_err());
     }
 }

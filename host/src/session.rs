@@ -41,7 +41,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::backend::{BackendConn, BackendError, ConnKey, Reply, ReplyRx};
+use crate::backend::{BackendConn, BackendError, ConnKey, GroupReply, GroupTx, Reply, ReplyRx};
 use crate::channel::TryRecvError;
 use crate::clients::{ClientInfo, flag};
 use crate::commands::{self, Kind, Local, Resolved};
@@ -66,6 +66,10 @@ const MAX_PLUGIN_BATCH_BYTES: usize = 1024 * 1024;
 /// Requests at least this big count towards `max_pipeline_bytes` (smaller ones are bounded
 /// by `max_pipeline` times this).
 const BIG_REQUEST: usize = 16 * 1024;
+
+/// Commands up to this size may share a backend request with the ones before them (see
+/// [`OpenGroup`]); bigger ones go as they are, without a copy.
+const GROUP_COMMAND_BYTES: usize = 1024;
 
 /// Most redirections followed for one command before the client gets the error.
 const MAX_REDIRECTS: u8 = 5;
@@ -165,6 +169,33 @@ enum Slot {
     },
     /// Replies of several backend requests, merged into one.
     Merge(Box<MergeSlot>),
+    /// The replies of `count` commands sent together as one backend request (see
+    /// [`OpenGroup`]), each written as it came.
+    Group {
+        rx: crate::channel::Receiver<GroupReply>,
+        count: u8,
+    },
+}
+
+/// Consecutive commands of a client for the same shared connection, in one slot and one
+/// backend request: the backend splits their replies off its input at once and the session
+/// writes them in one piece, where each command would otherwise cost its own request, reply
+/// channel, slot and write. Only commands whose reply respire passes on untouched are
+/// grouped (no response hook, no cache work, no redirect to follow: unmanaged topologies),
+/// and only small ones (they are copied together). The group is sent when the session is
+/// about to wait, or before anything else goes to a shared connection.
+struct OpenGroup {
+    conn: BackendConn,
+    node: usize,
+    key: ConnKey,
+    /// The group's slot.
+    seq: u64,
+    /// The first command, sent as it is when no other joins it.
+    first: Bytes,
+    /// All of them, once there are two or more.
+    data: BytesMut,
+    count: u8,
+    tx: GroupTx,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -206,6 +237,8 @@ struct Stat {
     start: Instant,
     /// What was sent to the backend, and to which node (kept only for the slow log).
     sent: Option<(Bytes, Option<usize>)>,
+    /// Its place in its slot's group (0 when the slot is not a group).
+    idx: u8,
 }
 
 /// GCRA over Redis's clock: `KEYS[1]` holds the bucket's theoretical arrival time (ms);
@@ -248,6 +281,8 @@ enum Wake {
     Shutdown,
     /// A reply for part `.0` of the front slot (`None`: its sender went away).
     Reply(usize, Option<Reply>),
+    /// The replies of the group at the front (`None`: its sender went away).
+    Group(Option<GroupReply>),
     /// The client's socket.
     Io(IoEvent),
     /// Redis answered a gated command's shared tokens.
@@ -387,6 +422,14 @@ pub struct Session {
     big_bytes: usize,
     /// Since when the output has been over the soft limit of the client's class.
     soft_since: Option<Instant>,
+    /// Commands grouped for a shared connection, not sent yet.
+    open: Option<OpenGroup>,
+    /// Commands in group slots beyond one per slot (they count against `max_pipeline`).
+    grouped_extra: usize,
+    /// The command being dispatched may join a group (no response hook or cache work).
+    may_group: bool,
+    /// The command just dispatched joined a group: its slot and place in it.
+    grouped_now: Option<(u64, u8)>,
 }
 
 /// Serves one client connection until it closes.
@@ -452,9 +495,15 @@ pub async fn run(worker: Rc<Worker>, stream: Stream, info: Arc<ClientInfo>) {
         big: VecDeque::new(),
         big_bytes: 0,
         soft_since: None,
+        open: None,
+        grouped_extra: 0,
+        may_group: false,
+        grouped_now: None,
     };
     s.slowlog = slowlog;
     s.serve().await;
+    // Commands read before the client went away still go (as they would have at once).
+    s.flush_group();
     // Writes whose replies never reached the front: they may have run, drop what they touched.
     s.run_after(u64::MAX, None);
     s.unsubscribe_all();
@@ -571,6 +620,8 @@ impl Session {
                 && !self.in_multi
                 && !self.watching
                 && !self.subscribed();
+            // Everything read so far goes to the backends before the session waits.
+            self.flush_group();
             let out_before = self.out.len();
             let closing = self.closing;
             let info = &*self.info;
@@ -599,6 +650,11 @@ impl Session {
                             if let Poll::Ready(r) = Pin::new(rx).poll(cx) {
                                 return Poll::Ready(Wake::Reply(i, r.ok()));
                             }
+                        }
+                    }
+                    Some(Slot::Group { rx, .. }) => {
+                        if let Poll::Ready(r) = Pin::new(rx).poll(cx) {
+                            return Poll::Ready(Wake::Group(r.ok()));
                         }
                     }
                     _ => {}
@@ -639,6 +695,10 @@ impl Session {
                 Wake::Reply(part, r) => {
                     let r = r.unwrap_or_else(|| Err(self.lost()));
                     self.on_result(part, r);
+                }
+                Wake::Group(r) => {
+                    let r = r.unwrap_or_else(|| Err(self.lost()));
+                    self.on_group(r);
                 }
                 Wake::Io(IoEvent::Readable) => {
                     self.worker
@@ -793,7 +853,7 @@ impl Session {
     /// Whether `max_pipeline` replies, or `max_pipeline_bytes` of big requests, are owed.
     fn pipeline_full(&self) -> bool {
         let cfg = &self.worker.shared.config;
-        self.queue.len() >= cfg.max_pipeline
+        self.queue.len() + self.grouped_extra >= cfg.max_pipeline
             || self.big_bytes as u64 >= cfg.max_pipeline_bytes.as_u64()
     }
 
@@ -1068,11 +1128,18 @@ impl Session {
 
     /// Writes the reply of slot `seq`, after the response hooks owed for it.
     fn emit(&mut self, seq: u64, bytes: Bytes) {
+        let error = matches!(bytes.first(), Some(b'-') | Some(b'!'));
+        self.emit_with(seq, bytes, u64::from(error));
+    }
+
+    /// [`Session::emit`] for a slot whose reply may be a group's: bit i of `errors` says
+    /// whether the reply of its command i is an error.
+    fn emit_with(&mut self, seq: u64, bytes: Bytes, errors: u64) {
         if !self.after.is_empty() {
             self.run_after(seq, Some(&bytes));
         }
         if !self.stats.is_empty() {
-            self.finish_stats(seq, Some(&bytes));
+            self.finish_stats(seq, Some(errors));
         }
         // Hooks of slots that had no reply to show (CLIENT REPLY OFF/SKIP) are dropped.
         while self.hooks.front().is_some_and(|(s, _)| *s < seq) {
@@ -1147,6 +1214,15 @@ impl Session {
                     Err(TryRecvError::Empty) => return,
                     Err(TryRecvError::Closed) => (0, Err(self.lost())),
                 },
+                Some(Slot::Group { rx, .. }) => {
+                    let r = match rx.try_recv() {
+                        Ok(r) => r,
+                        Err(TryRecvError::Empty) => return,
+                        Err(TryRecvError::Closed) => Err(self.lost()),
+                    };
+                    self.on_group(r);
+                    continue;
+                }
                 Some(Slot::Merge(m)) => {
                     let Some((i, rx)) = m.awaited() else {
                         // All parts answered (cannot stay here, but never spin).
@@ -1160,6 +1236,28 @@ impl Session {
                 }
             };
             self.on_result(part, r);
+        }
+    }
+
+    /// The replies of the group at the front: written as they came (a failure answers each
+    /// of its commands).
+    fn on_group(&mut self, r: GroupReply) {
+        let (seq, Some(Slot::Group { count, .. })) = self.pop_slot() else {
+            return;
+        };
+        self.waiting -= 1;
+        self.grouped_extra -= usize::from(count.saturating_sub(1));
+        match r {
+            Ok((frames, errors)) => self.emit_with(seq, frames, errors),
+            Err(e) => {
+                let mut one = BytesMut::new();
+                resp::error(&mut one, &e.to_string());
+                let mut all = BytesMut::with_capacity(one.len() * usize::from(count));
+                for _ in 0..count {
+                    all.extend_from_slice(&one);
+                }
+                self.emit_with(seq, all.freeze(), u64::MAX);
+            }
         }
     }
 
@@ -1277,6 +1375,21 @@ impl Session {
     /// Counts a command in the metrics: now when its reply was written at once, when its
     /// reply slot completes when one was queued, later when it stalled or waits at a gate.
     fn note_stat(&mut self, (id, start): (u16, Instant), pushed: u64, mark: usize) {
+        if let Some((seq, idx)) = self.grouped_now.take() {
+            let sent = if self.slowlog {
+                self.last_sent.take()
+            } else {
+                None
+            };
+            self.stats.push_back(Stat {
+                seq,
+                id,
+                start,
+                sent,
+                idx,
+            });
+            return;
+        }
         if let Some(g) = self.gated.as_mut() {
             if g.stat.is_none() {
                 g.stat = Some((id, start));
@@ -1300,6 +1413,7 @@ impl Session {
                 id,
                 start,
                 sent,
+                idx: 0,
             });
             return;
         }
@@ -1310,7 +1424,9 @@ impl Session {
 
     /// Counts the replies owed up to slot `seq`, whose reply is `reply` (`None`: not shown),
     /// and logs the slow ones.
-    fn finish_stats(&mut self, seq: u64, reply: Option<&[u8]>) {
+    /// `errors`: which replies of slot `seq` are errors, a bit per command of a group
+    /// (`None`: the reply is not shown).
+    fn finish_stats(&mut self, seq: u64, errors: Option<u64>) {
         if self.stats.is_empty() {
             return;
         }
@@ -1319,8 +1435,7 @@ impl Session {
             let Some(s) = self.stats.pop_front() else {
                 break;
             };
-            let error =
-                s.seq == seq && matches!(reply.and_then(|r| r.first()), Some(b'-') | Some(b'!'));
+            let error = s.seq == seq && errors.is_some_and(|e| (e >> s.idx) & 1 == 1);
             let elapsed = now.saturating_duration_since(s.start);
             self.worker.stats.record(s.id, error, elapsed);
             let threshold = self.worker.shared.config.slowlog_log_slower_than;
@@ -1453,6 +1568,9 @@ impl Session {
         cache_for: Option<crate::cache::CacheFor>,
     ) {
         if !self.worker.shared.cache.is_active() {
+            if chain.is_none() {
+                return self.dispatch_groupable(cmd, res);
+            }
             return self.with_hook(chain, |s| s.dispatch(cmd, res));
         }
         let mut after = self.cache_write(&cmd, res);
@@ -1463,9 +1581,19 @@ impl Session {
                 CacheRead::Pass => {}
             }
         }
+        if chain.is_none() && after.is_none() {
+            return self.dispatch_groupable(cmd, res);
+        }
         let pushed = self.pushed;
         self.with_hook(chain, |s| s.dispatch(cmd, res));
         self.note_after(pushed, after);
+    }
+
+    /// Dispatches a command whose reply needs nothing of respire: it may join a group.
+    fn dispatch_groupable(&mut self, cmd: Command, res: Resolved<'_>) {
+        self.may_group = true;
+        self.dispatch(cmd, res);
+        self.may_group = false;
     }
 
     /// Asks Redis for the shared tokens of a command (in order; all or nothing): resolves to
@@ -2191,6 +2319,22 @@ impl Session {
             return false;
         }
         let Some(cmd) = c else { return false };
+        if how == Use::Shared
+            && self.may_group
+            && !self.topo.managed
+            && self.reply_mode == ReplyMode::On
+            && cmd.raw().len() <= GROUP_COMMAND_BYTES
+        {
+            if self.exclusive.is_some() && !self.in_multi && !self.watching {
+                self.release_exclusive(false);
+            }
+            let data = cmd.into_resp();
+            if self.slowlog {
+                self.last_sent = Some((data.clone(), Some(node)));
+            }
+            self.join_group(node, data);
+            return true;
+        }
         let idempotent = self.topo.managed && self.idempotent(&cmd, res);
         // The frame goes to the backend; a reference is kept only for the slow log and for a
         // retry (every clone and drop of a shared buffer is an atomic count).
@@ -2313,10 +2457,75 @@ impl Session {
         true
     }
 
+    /// Adds a command for the shared connection of `node` to the open group, or opens one
+    /// (with a slot of its own) when it cannot join: the open group is for another
+    /// connection, has slots after its own, or is full.
+    fn join_group(&mut self, node: usize, data: Bytes) {
+        let key = self.key();
+        if let Some(g) = self.open.as_mut()
+            && g.node == node
+            && g.key == key
+            && g.seq + 1 == self.pushed
+            && usize::from(g.count) < crate::backend::MAX_GROUP
+        {
+            if g.count == 1 {
+                g.data.reserve(g.first.len() + data.len() * 16);
+                g.data.extend_from_slice(&g.first);
+            }
+            g.data.extend_from_slice(&data);
+            let idx = g.count;
+            g.count += 1;
+            if let Some(Slot::Group { count, .. }) = self.queue.back_mut() {
+                *count += 1;
+            }
+            self.grouped_extra += 1;
+            self.grouped_now = Some((g.seq, idx));
+            self.last_target = Some(Target::Shared(key));
+            return;
+        }
+        self.flush_group();
+        let conn = self.conn_on(node).clone();
+        let (tx, rx) = crate::channel::oneshot();
+        let seq = self.pushed;
+        self.push_slot(Slot::Group { rx, count: 1 });
+        self.waiting += 1;
+        self.last_target = Some(Target::Shared(key));
+        self.grouped_now = Some((seq, 0));
+        self.open = Some(OpenGroup {
+            conn,
+            node,
+            key,
+            seq,
+            first: data,
+            data: BytesMut::new(),
+            count: 1,
+            tx,
+        });
+    }
+
+    /// Sends the open group, if any.
+    fn flush_group(&mut self) {
+        if let Some(g) = self.open.take() {
+            let data = if g.count == 1 {
+                g.first
+            } else {
+                g.data.freeze()
+            };
+            g.conn.send_group(data, g.count, g.tx);
+        }
+    }
+
+    /// The session's shared connection to `node` for its current database and protocol, after
+    /// the open group (whose commands came first) was sent.
+    fn shared_conn(&mut self, node: usize) -> &BackendConn {
+        self.flush_group();
+        self.conn_on(node)
+    }
+
     /// The session's shared connection to `node` for its current database and protocol.
     /// Borrowed, not cloned: a handle is three reference counts, taken and dropped for every
     /// request otherwise.
-    fn shared_conn(&mut self, node: usize) -> &BackendConn {
+    fn conn_on(&mut self, node: usize) -> &BackendConn {
         let key = self.key();
         if self.conns_key != key {
             self.conns.clear();

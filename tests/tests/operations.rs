@@ -50,6 +50,19 @@ fn request_metrics_after_a_known_workload() {
     for _ in 0..5 {
         assert!(text(&mut b, &[b"LPUSH", b"k1", b"x"]).starts_with("-WRONGTYPE"));
     }
+    // Pipelined, errors among successes are counted command by command (respire sends such
+    // runs to Redis as one request), also past the 64 commands one request holds.
+    let mixed: Vec<u8> = (0..100)
+        .flat_map(|i| {
+            if i % 4 == 3 {
+                resp(&[b"LPUSH", b"k1", b"x"])
+            } else {
+                resp(&[b"GET", format!("k{i}").as_bytes()])
+            }
+        })
+        .collect();
+    let got = b.roundtrip(&mixed, 100);
+    assert_eq!(String::from_utf8_lossy(&got).matches("-WRONGTYPE").count(), 25);
     assert_eq!(text(&mut a, &[b"PING"]), "+PONG\r\n");
     assert!(text(&mut a, &[b"NOSUCHCOMMAND"]).starts_with("-ERR unknown command"));
     let (status, body) = http_get(port, "/metrics");
@@ -61,11 +74,11 @@ fn request_metrics_after_a_known_workload() {
     );
     assert_eq!(
         v("respire_commands_total{command=\"get\",result=\"ok\"}"),
-        50.0
+        125.0
     );
     assert_eq!(
         v("respire_commands_total{command=\"lpush\",result=\"error\"}"),
-        5.0
+        30.0
     );
     assert_eq!(
         v("respire_commands_total{command=\"ping\",result=\"ok\"}") - pings,
@@ -81,7 +94,7 @@ fn request_metrics_after_a_known_workload() {
     );
     assert_eq!(
         v("respire_command_duration_seconds_bucket{command=\"get\",le=\"+Inf\"}"),
-        50.0
+        125.0
     );
     assert!(v("respire_command_duration_seconds_sum{command=\"set\"}") > 0.0);
     assert_eq!(v("respire_client_connections_total") - accepted, 2.0);
@@ -294,6 +307,25 @@ fn admin_views_info_and_slowlog() {
         got.contains("sleeper") && got.contains(&redis.addr()) && got.contains("127.0.0.1:"),
         "{got}"
     );
+    // Pipelined behind the sleep, the next commands are slow too (their replies wait for
+    // it); each entry shows its own command.
+    assert_eq!(text(&mut p, &[b"SLOWLOG", b"RESET"]), "+OK\r\n");
+    let batch = [
+        resp(&[b"DEBUG", b"SLEEP", b"0.05"]),
+        resp(&[b"GET", b"a"]),
+        resp(&[b"SET", b"b", b"1"]),
+    ]
+    .concat();
+    assert_eq!(p.roundtrip(&batch, 3), b"+OK\r\n$1\r\n1\r\n+OK\r\n");
+    assert_eq!(text(&mut p, &[b"SLOWLOG", b"LEN"]), ":3\r\n");
+    let got = text(&mut p, &[b"SLOWLOG", b"GET"]);
+    for args in [
+        "*3\r\n$5\r\nDEBUG\r\n$5\r\nSLEEP\r\n$4\r\n0.05\r\n",
+        "*2\r\n$3\r\nGET\r\n$1\r\na\r\n",
+        "*3\r\n$3\r\nSET\r\n$1\r\nb\r\n$1\r\n1\r\n",
+    ] {
+        assert!(got.contains(args), "{args:?} not in {got}");
+    }
     assert!(text(&mut p, &[b"SLOWLOG", b"GET", b"x"]).starts_with("-ERR count should be"));
     assert!(
         text(&mut p, &[b"SLOWLOG", b"NOPE"])
