@@ -1431,12 +1431,21 @@ impl Session {
             return;
         }
         let now = self.now();
+        // Commands of one batch share their start: their time is worked out once.
+        let mut last: Option<(Instant, Duration)> = None;
         while self.stats.front().is_some_and(|s| s.seq <= seq) {
             let Some(s) = self.stats.pop_front() else {
                 break;
             };
             let error = s.seq == seq && errors.is_some_and(|e| (e >> s.idx) & 1 == 1);
-            let elapsed = now.saturating_duration_since(s.start);
+            let elapsed = match last {
+                Some((start, elapsed)) if start == s.start => elapsed,
+                _ => {
+                    let elapsed = now.saturating_duration_since(s.start);
+                    last = Some((s.start, elapsed));
+                    elapsed
+                }
+            };
             self.worker.stats.record(s.id, error, elapsed);
             let threshold = self.worker.shared.config.slowlog_log_slower_than;
             if self.slowlog && elapsed.as_micros() >= threshold.max(0) as u128 {
