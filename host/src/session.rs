@@ -180,10 +180,10 @@ enum Slot {
 /// Consecutive commands of a client for the same shared connection, in one slot and one
 /// backend request: the backend splits their replies off its input at once and the session
 /// writes them in one piece, where each command would otherwise cost its own request, reply
-/// channel, slot and write. Only commands whose reply respire passes on untouched are
-/// grouped (no response hook, no cache work, no redirect to follow: unmanaged topologies),
-/// and only small ones (they are copied together). The group is sent when the session is
-/// about to wait, or before anything else goes to a shared connection.
+/// channel, slot and write. Only commands with no cache work and no redirect to follow
+/// (unmanaged topologies) are grouped, and only small ones (they are copied together);
+/// replies owing response hooks are split apart again for them. The group is sent when
+/// the session is about to wait, or before anything else goes to a shared connection.
 struct OpenGroup {
     conn: BackendConn,
     node: usize,
@@ -374,7 +374,8 @@ pub struct Session {
     pushed: u64,
     popped: u64,
     /// Response hooks owed, by the sequence number of the slot whose reply they run on.
-    hooks: VecDeque<(u64, Box<ResponseChain>)>,
+    /// (With its command's place in the slot's group.)
+    hooks: VecDeque<(u64, u8, Box<ResponseChain>)>,
     /// Response hooks owed for the stalled command.
     stalled_hook: Option<Box<ResponseChain>>,
     /// Commands whose request hooks ran with their batch, waiting behind a stalled or gated one.
@@ -1129,12 +1130,12 @@ impl Session {
     /// Writes the reply of slot `seq`, after the response hooks owed for it.
     fn emit(&mut self, seq: u64, bytes: Bytes) {
         let error = matches!(bytes.first(), Some(b'-') | Some(b'!'));
-        self.emit_with(seq, bytes, u64::from(error));
+        self.emit_with(seq, bytes, u64::from(error), 1);
     }
 
-    /// [`Session::emit`] for a slot whose reply may be a group's: bit i of `errors` says
-    /// whether the reply of its command i is an error.
-    fn emit_with(&mut self, seq: u64, bytes: Bytes, errors: u64) {
+    /// [`Session::emit`] for a slot whose reply may be the replies of a group of `count`
+    /// commands: bit i of `errors` says whether the reply of its command i is an error.
+    fn emit_with(&mut self, seq: u64, bytes: Bytes, errors: u64, count: u8) {
         if !self.after.is_empty() {
             self.run_after(seq, Some(&bytes));
         }
@@ -1142,14 +1143,50 @@ impl Session {
             self.finish_stats(seq, Some(errors));
         }
         // Hooks of slots that had no reply to show (CLIENT REPLY OFF/SKIP) are dropped.
-        while self.hooks.front().is_some_and(|(s, _)| *s < seq) {
+        while self.hooks.front().is_some_and(|(s, _, _)| *s < seq) {
             self.hooks.pop_front();
         }
-        let mut chain = if self.hooks.front().is_some_and(|(s, _)| *s == seq) {
-            self.hooks.pop_front().map(|(_, c)| c)
+        if count > 1 && self.hooks.front().is_some_and(|(s, _, _)| *s == seq) {
+            return self.emit_group_hooked(seq, &bytes, count);
+        }
+        let chain = if self.hooks.front().is_some_and(|(s, _, _)| *s == seq) {
+            self.hooks.pop_front().map(|(_, _, c)| c)
         } else {
             None
         };
+        self.emit_one(bytes, chain);
+    }
+
+    /// The replies of a group some of whose commands owe response hooks: one by one, each
+    /// with its hooks.
+    fn emit_group_hooked(&mut self, seq: u64, bytes: &Bytes, count: u8) {
+        let mut off = 0;
+        for idx in 0..count {
+            if off >= bytes.len() {
+                break;
+            }
+            // The backend counted them already; anything else is passed on whole.
+            let n = match resp::reply_len(&bytes[off..]) {
+                Ok(Some(n)) => n,
+                _ => bytes.len() - off,
+            };
+            let frame = bytes.slice(off..off + n);
+            off += n;
+            let chain = if self
+                .hooks
+                .front()
+                .is_some_and(|(s, i, _)| *s == seq && *i == idx)
+            {
+                self.hooks.pop_front().map(|(_, _, c)| c)
+            } else {
+                None
+            };
+            self.emit_one(frame, chain);
+        }
+    }
+
+    /// Writes one reply after the response hooks owed for it (held while they run).
+    fn emit_one(&mut self, bytes: Bytes, mut chain: Option<Box<ResponseChain>>) {
         if let Some(c) = chain.take() {
             chain = self.triage_reply(c, &bytes, || bytes.clone());
         }
@@ -1183,8 +1220,10 @@ impl Session {
         f(self);
         if !was_stalled && self.stalled.is_some() {
             self.stalled_hook = Some(chain);
+        } else if let Some((seq, idx)) = self.grouped_now {
+            self.hooks.push_back((seq, idx, chain));
         } else if self.pushed > pushed {
-            self.hooks.push_back((pushed, chain));
+            self.hooks.push_back((pushed, 0, chain));
         } else if self.out.len() > mark {
             let reply = self.out.split_off(mark);
             let replaced = self.run_response_plugins(chain, &reply);
@@ -1248,7 +1287,7 @@ impl Session {
         self.waiting -= 1;
         self.grouped_extra -= usize::from(count.saturating_sub(1));
         match r {
-            Ok((frames, errors)) => self.emit_with(seq, frames, errors),
+            Ok((frames, errors)) => self.emit_with(seq, frames, errors, count),
             Err(e) => {
                 let mut one = BytesMut::new();
                 resp::error(&mut one, &e.to_string());
@@ -1256,7 +1295,7 @@ impl Session {
                 for _ in 0..count {
                     all.extend_from_slice(&one);
                 }
-                self.emit_with(seq, all.freeze(), u64::MAX);
+                self.emit_with(seq, all.freeze(), u64::MAX, count);
             }
         }
     }
@@ -1368,6 +1407,7 @@ impl Session {
         let id = res.info.map_or(crate::stats::OTHER, |i| i.id);
         let (pushed, mark) = (self.pushed, self.out.len());
         self.last_sent = None;
+        self.grouped_now = None;
         self.handle_command(cmd, res, pre);
         self.note_stat((id, self.batch_start), pushed, mark);
     }
@@ -1577,10 +1617,7 @@ impl Session {
         cache_for: Option<crate::cache::CacheFor>,
     ) {
         if !self.worker.shared.cache.is_active() {
-            if chain.is_none() {
-                return self.dispatch_groupable(cmd, res);
-            }
-            return self.with_hook(chain, |s| s.dispatch(cmd, res));
+            return self.with_hook(chain, |s| s.dispatch_groupable(cmd, res));
         }
         let mut after = self.cache_write(&cmd, res);
         if let (Some(how), None) = (cache_for, &after) {
@@ -1590,16 +1627,17 @@ impl Session {
                 CacheRead::Pass => {}
             }
         }
-        if chain.is_none() && after.is_none() {
-            return self.dispatch_groupable(cmd, res);
+        if after.is_none() {
+            return self.with_hook(chain, |s| s.dispatch_groupable(cmd, res));
         }
         let pushed = self.pushed;
         self.with_hook(chain, |s| s.dispatch(cmd, res));
         self.note_after(pushed, after);
     }
 
-    /// Dispatches a command whose reply needs nothing of respire: it may join a group.
+    /// Dispatches a command whose reply needs no cache work: it may join a group.
     fn dispatch_groupable(&mut self, cmd: Command, res: Resolved<'_>) {
+        self.grouped_now = None;
         self.may_group = true;
         self.dispatch(cmd, res);
         self.may_group = false;

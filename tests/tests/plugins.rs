@@ -418,6 +418,22 @@ fn hooks_run_in_chain_order_and_responses_in_reverse() {
         want.push_str(&format!("+OK\r\n${}\r\n{v}\r\n+PONG\r\n", v.len()));
     }
     assert_eq!(got, want);
+    // Runs longer than respire sends to Redis in one request, mixing commands with hooks and
+    // one without (INCR, not asked for): each reply still gets exactly its own hooks.
+    let mut batch = Vec::new();
+    for i in 0..200 {
+        let key = format!("q{i}");
+        batch.extend(resp(&[b"SET", key.as_bytes(), key.as_bytes()]));
+        batch.extend(resp(&[b"INCR", b"n"]));
+        batch.extend(resp(&[b"GET", key.as_bytes()]));
+    }
+    let got = String::from_utf8(p.roundtrip(&batch, 600)).unwrap();
+    let mut want = String::new();
+    for i in 0..200 {
+        let v = format!("q{i}|2|1");
+        want.push_str(&format!("+OK\r\n:{}\r\n${}\r\n{v}\r\n", i + 1, v.len()));
+    }
+    assert_eq!(got, want);
     // A reply that is not a bulk string is left alone.
     assert_eq!(p.roundtrip(&resp(&[b"GET", b"missing"]), 1), b"$-1\r\n");
     // A plugin that stops the chain: the hooks before it see its reply, the ones after it do not run.
