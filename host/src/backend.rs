@@ -99,10 +99,31 @@ impl std::future::Future for ReplyRx {
     }
 }
 
-/// The replies of a group of commands sent as one request (see [`BackendConn::send_group`]):
-/// their frames back to back, and a bit per command (the first at bit 0) set when its reply
-/// is an error.
-pub type GroupReply = Result<(Bytes, u64), BackendError>;
+/// The replies of a group of commands sent as one request (see [`BackendConn::send_group`]).
+pub type GroupReply = Result<GroupFrames, BackendError>;
+
+/// A group's replies.
+pub struct GroupFrames {
+    /// Their frames, back to back.
+    pub bytes: Bytes,
+    /// A bit per command (the first at bit 0), set when its reply is an error.
+    pub errors: u64,
+    /// Where each frame ends in `bytes`, when asked for.
+    pub ends: Vec<u32>,
+}
+
+impl GroupFrames {
+    /// The frame of reply `i`, when the ends were asked for.
+    pub fn frame(&self, i: usize) -> Option<Bytes> {
+        let end = *self.ends.get(i)? as usize;
+        let start = if i == 0 {
+            0
+        } else {
+            *self.ends.get(i - 1)? as usize
+        };
+        (start <= end && end <= self.bytes.len()).then(|| self.bytes.slice(start..end))
+    }
+}
 
 /// Where a backend connection delivers a group's replies.
 pub type GroupTx = channel::Sender<GroupReply>;
@@ -114,8 +135,9 @@ pub const MAX_GROUP: usize = 64;
 pub enum Sink {
     /// One reply.
     One(ReplyTx),
-    /// The replies of this many commands, delivered together.
-    Group(GroupTx, u8),
+    /// The replies of this many commands, delivered together (with where each ends, if
+    /// asked for).
+    Group(GroupTx, u8, bool),
 }
 
 impl Sink {
@@ -123,7 +145,7 @@ impl Sink {
     fn fail(self, e: BackendError) {
         match self {
             Sink::One(tx) => tx.send(Err(e)),
-            Sink::Group(tx, _) => tx.send(Err(e)),
+            Sink::Group(tx, _, _) => tx.send(Err(e)),
         }
     }
 }
@@ -323,9 +345,10 @@ impl BackendConn {
     }
 
     /// Queues `count` (at most [`MAX_GROUP`]) commands, not blocking ones, as one request:
-    /// their replies arrive together on `reply`, split off the connection's input once.
-    pub fn send_group(&self, data: Bytes, count: u8, reply: GroupTx) {
-        self.push(data, 0, false, Sink::Group(reply, count));
+    /// their replies arrive together on `reply`, split off the connection's input once;
+    /// `ends`: say where each reply ends.
+    pub fn send_group(&self, data: Bytes, count: u8, ends: bool, reply: GroupTx) {
+        self.push(data, 0, false, Sink::Group(reply, count, ends));
     }
 
     fn push(&self, data: Bytes, skip: u8, blocking: bool, reply: Sink) {
@@ -476,10 +499,30 @@ struct InFlight {
     scanned: usize,
     errors: u64,
     partial: Option<BytesMut>,
+    /// The group's reply bytes so far, and where each reply ends (when asked for).
+    taken: u32,
+    ends: Vec<u32>,
     /// Bytes appended to the write buffer over the connection's life, up to the end of this request.
     end: u64,
     /// Deadline for the reply, if the command is not a blocking one.
     deadline: Option<Instant>,
+}
+
+impl InFlight {
+    fn new(reply: Sink, skip: u8, end: u64, deadline: Option<Instant>) -> InFlight {
+        InFlight {
+            reply,
+            skip,
+            got: 0,
+            scanned: 0,
+            errors: 0,
+            partial: None,
+            taken: 0,
+            ends: Vec::new(),
+            end,
+            deadline,
+        }
+    }
 }
 
 /// How long a connection may sit idle before it checks its node with `PING`.
@@ -526,16 +569,12 @@ async fn serve(
             wbuf.extend_from_slice(&req.data);
             appended += req.data.len() as u64;
             used = true;
-            inflight.push_back(InFlight {
-                reply: req.reply,
-                skip: req.skip,
-                got: 0,
-                scanned: 0,
-                errors: 0,
-                partial: None,
-                end: appended,
-                deadline: (!req.blocking).then_some(deadline),
-            });
+            inflight.push_back(InFlight::new(
+                req.reply,
+                req.skip,
+                appended,
+                (!req.blocking).then_some(deadline),
+            ));
             if wbuf.len() >= HIGH_WATER {
                 break;
             }
@@ -615,13 +654,14 @@ async fn serve(
 fn dispatch_replies(rbuf: &mut BytesMut, inflight: &mut VecDeque<InFlight>) -> Result<(), String> {
     loop {
         if let Some(front) = inflight.front_mut()
-            && let Sink::Group(_, count) = front.reply
+            && let Sink::Group(_, count, ends) = front.reply
         {
-            let Some(replies) = take_group(rbuf, front, count).map_err(|e| e.to_string())? else {
+            let Some(replies) = take_group(rbuf, front, count, ends).map_err(|e| e.to_string())?
+            else {
                 return Ok(());
             };
             if let Some(f) = inflight.pop_front()
-                && let Sink::Group(tx, _) = f.reply
+                && let Sink::Group(tx, _, _) = f.reply
             {
                 tx.send(Ok(replies));
             }
@@ -651,12 +691,13 @@ fn dispatch_replies(rbuf: &mut BytesMut, inflight: &mut VecDeque<InFlight>) -> R
 
 /// Counts the replies of the group at the front where they lie in `rbuf` (from where the
 /// last call stopped); once all `count` are in, splits them off at once: the frames and
-/// which are errors. `None` when more bytes are needed.
+/// which are errors (and where each ends, with `ends`). `None` when more bytes are needed.
 fn take_group(
     rbuf: &mut BytesMut,
     front: &mut InFlight,
     count: u8,
-) -> Result<Option<(Bytes, u64)>, protocol::ProtocolError> {
+    ends: bool,
+) -> Result<Option<GroupFrames>, protocol::ProtocolError> {
     let mut off = front.scanned;
     while front.got < count {
         let Some(n) = protocol::reply_len(&rbuf[off..])? else {
@@ -681,6 +722,13 @@ fn take_group(
         }
         off += n;
         front.got += 1;
+        if ends {
+            if front.ends.capacity() == 0 {
+                front.ends.reserve_exact(usize::from(count));
+            }
+            front.taken = front.taken.saturating_add(n as u32);
+            front.ends.push(front.taken);
+        }
     }
     let frames = match front.partial.take() {
         None => rbuf.split_to(off).freeze(),
@@ -690,7 +738,11 @@ fn take_group(
             p.freeze()
         }
     };
-    Ok(Some((frames, front.errors)))
+    Ok(Some(GroupFrames {
+        bytes: frames,
+        errors: front.errors,
+        ends: std::mem::take(&mut front.ends),
+    }))
 }
 
 /// A worker's backend connections to one node.
@@ -763,16 +815,7 @@ mod tests {
     use super::*;
 
     fn inflight(reply: Sink, skip: u8) -> InFlight {
-        InFlight {
-            reply,
-            skip,
-            got: 0,
-            scanned: 0,
-            errors: 0,
-            partial: None,
-            end: 0,
-            deadline: None,
-        }
+        InFlight::new(reply, skip, 0, None)
     }
 
     /// Replies of a group, a single request and another group, arriving a few bytes at a
@@ -796,9 +839,9 @@ mod tests {
             let (s, mut r2) = channel::oneshot();
             let (g2, mut r3) = channel::oneshot();
             let mut q = VecDeque::from([
-                inflight(Sink::Group(g1, 3), 0),
+                inflight(Sink::Group(g1, 3, true), 0),
                 inflight(Sink::One(s), 1),
-                inflight(Sink::Group(g2, 3), 0),
+                inflight(Sink::Group(g2, 3, false), 0),
             ]);
             let mut rbuf = BytesMut::new();
             for piece in wire.chunks(step) {
@@ -806,13 +849,16 @@ mod tests {
                 dispatch_replies(&mut rbuf, &mut q).unwrap();
             }
             assert!(q.is_empty() && rbuf.is_empty(), "step {step}");
-            let (frames, errors) = r1.try_recv().unwrap().unwrap();
-            assert_eq!(&frames[..], group1, "step {step}");
-            assert_eq!(errors, 0b010);
+            let g = r1.try_recv().unwrap().unwrap();
+            assert_eq!(&g.bytes[..], group1, "step {step}");
+            assert_eq!(g.errors, 0b010);
+            assert_eq!(g.ends, [5, 14, 23]);
+            assert_eq!(g.frame(1).as_deref(), Some(&b"-ERR no\r\n"[..]));
             assert_eq!(&r2.try_recv().unwrap().unwrap()[..], single);
-            let (frames, errors) = r3.try_recv().unwrap().unwrap();
-            assert_eq!(&frames[..], group2);
-            assert_eq!(errors, 0b010);
+            let g = r3.try_recv().unwrap().unwrap();
+            assert_eq!(&g.bytes[..], group2);
+            assert_eq!(g.errors, 0b010);
+            assert!(g.ends.is_empty());
         }
     }
 
@@ -820,7 +866,7 @@ mod tests {
     #[test]
     fn a_reply_beyond_the_requests_is_an_error() {
         let (g, _r) = channel::oneshot();
-        let mut q = VecDeque::from([inflight(Sink::Group(g, 1), 0)]);
+        let mut q = VecDeque::from([inflight(Sink::Group(g, 1, false), 0)]);
         let mut rbuf = BytesMut::from(&b"+OK\r\n+OK\r\n"[..]);
         assert!(dispatch_replies(&mut rbuf, &mut q).is_err());
     }

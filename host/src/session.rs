@@ -37,11 +37,14 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use smallvec::SmallVec;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::backend::{BackendConn, BackendError, ConnKey, GroupReply, GroupTx, Reply, ReplyRx};
+use crate::backend::{
+    BackendConn, BackendError, ConnKey, GroupFrames, GroupReply, GroupTx, Reply, ReplyRx,
+};
 use crate::channel::TryRecvError;
 use crate::clients::{ClientInfo, flag};
 use crate::commands::{self, Kind, Local, Resolved};
@@ -148,6 +151,9 @@ struct MergeSlot {
     /// The first part still waiting for its reply: parts are answered in order (a redirected
     /// part waits again in its place), so every part before it has its reply.
     next: usize,
+    /// The parts are a group's commands (see [`OpenGroup`]): their replies are written one
+    /// after another, not merged.
+    each: bool,
 }
 
 impl MergeSlot {
@@ -169,33 +175,266 @@ enum Slot {
     },
     /// Replies of several backend requests, merged into one.
     Merge(Box<MergeSlot>),
-    /// The replies of `count` commands sent together as one backend request (see
-    /// [`OpenGroup`]), each written as it came.
-    Group {
-        rx: crate::channel::Receiver<GroupReply>,
-        count: u8,
-    },
+    /// The replies of commands sent together (see [`OpenGroup`]), written in order.
+    Group(GroupSlot),
 }
 
-/// Consecutive commands of a client for the same shared connection, in one slot and one
-/// backend request: the backend splits their replies off its input at once and the session
-/// writes them in one piece, where each command would otherwise cost its own request, reply
-/// channel, slot and write. Only commands with no cache work and no redirect to follow
-/// (unmanaged topologies) are grouped, and only small ones (they are copied together);
-/// replies owing response hooks are split apart again for them. The group is sent when
-/// the session is about to wait, or before anything else goes to a shared connection.
+/// Consecutive commands of a client for the shared connections of one database, in one slot
+/// and one backend request per connection (a *part*): each backend splits its part's replies
+/// off its input at once, and the session writes them, in the commands' order, when all
+/// parts have answered, where each command would otherwise cost its own request, reply
+/// channel, slot and write. Only commands with no cache work are grouped, and only small ones
+/// (a part's commands are copied together); replies owing response hooks are taken apart
+/// again for them. Over a cluster or Sentinel, a part whose replies include a redirection or
+/// a failure goes back to one retry per command (see [`Session::group_to_merge`]). The group
+/// is sent when the session is about to wait, or before anything else goes to a shared
+/// connection.
 struct OpenGroup {
-    conn: BackendConn,
-    node: usize,
     key: ConnKey,
     /// The group's slot.
     seq: u64,
+    parts: SmallVec<[OpenPart; 1]>,
+    /// Commands in all.
+    count: u8,
+}
+
+/// A group's commands for one connection, not sent yet.
+struct OpenPart {
+    conn: BackendConn,
+    node: usize,
     /// The first command, sent as it is when no other joins it.
     first: Bytes,
     /// All of them, once there are two or more.
     data: BytesMut,
     count: u8,
     tx: GroupTx,
+}
+
+/// The most connections one group goes to.
+const MAX_GROUP_PARTS: usize = 16;
+
+/// A group's slot (see [`OpenGroup`]).
+struct GroupSlot {
+    parts: SmallVec<[GroupPart; 1]>,
+    /// Each command's part, in order (empty while there is one part).
+    order: Vec<u8>,
+    /// Commands in all.
+    count: u8,
+}
+
+/// One part of a group's slot.
+struct GroupPart {
+    rx: Option<crate::channel::Receiver<GroupReply>>,
+    reply: Option<GroupReply>,
+    /// Over a cluster or Sentinel: the node's address, what the part sent and, per command,
+    /// where it ends in that and the slot of its keys, for following a redirection or a
+    /// failover.
+    addr: Option<Rc<str>>,
+    data: Bytes,
+    sent: Vec<(u32, Option<u16>)>,
+}
+
+impl GroupPart {
+    /// Its replies, one frame each.
+    fn frames(f: &GroupFrames) -> Vec<Bytes> {
+        if f.ends.is_empty() {
+            return split_frames(&f.bytes, 64);
+        }
+        (0..f.ends.len()).filter_map(|i| f.frame(i)).collect()
+    }
+
+    /// What its command `i` sent, and the slot of its keys.
+    fn request(&self, i: usize) -> (Bytes, Option<u16>) {
+        let Some(&(end, slot)) = self.sent.get(i) else {
+            return (Bytes::new(), None);
+        };
+        let start = if i == 0 {
+            0
+        } else {
+            self.sent.get(i - 1).map_or(0, |s| s.0)
+        };
+        let (start, end) = (start as usize, end as usize);
+        if start <= end && end <= self.data.len() {
+            (self.data.slice(start..end), slot)
+        } else {
+            (Bytes::new(), slot)
+        }
+    }
+}
+
+impl GroupSlot {
+    /// Takes the replies that have arrived; ready once every part has answered.
+    fn poll_parts(&mut self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        let mut all = true;
+        for p in &mut self.parts {
+            if let Some(rx) = p.rx.as_mut() {
+                match Pin::new(rx).poll(cx) {
+                    Poll::Ready(r) => {
+                        p.reply = Some(r.unwrap_or_else(|_| Err(lost())));
+                        p.rx = None;
+                    }
+                    Poll::Pending => all = false,
+                }
+            }
+        }
+        if all { Poll::Ready(()) } else { Poll::Pending }
+    }
+
+    /// [`GroupSlot::poll_parts`] without waiting: whether every part has answered.
+    fn try_parts(&mut self) -> bool {
+        let mut all = true;
+        for p in &mut self.parts {
+            if let Some(rx) = p.rx.as_mut() {
+                match rx.try_recv() {
+                    Ok(r) => {
+                        p.reply = Some(r);
+                        p.rx = None;
+                    }
+                    Err(TryRecvError::Closed) => {
+                        p.reply = Some(Err(lost()));
+                        p.rx = None;
+                    }
+                    Err(TryRecvError::Empty) => all = false,
+                }
+            }
+        }
+        all
+    }
+
+    /// Whether a reply must be followed (a redirection, a node that cannot serve, a failed
+    /// connection) rather than passed on.
+    fn needs_following(&self) -> bool {
+        self.parts.iter().any(|p| match &p.reply {
+            Some(Ok(f)) => {
+                f.errors != 0
+                    && GroupPart::frames(f)
+                        .iter()
+                        .enumerate()
+                        .any(|(i, frame)| (f.errors >> i) & 1 == 1 && to_follow(frame))
+            }
+            _ => true,
+        })
+    }
+
+    /// Every command's reply, in order.
+    fn replies(&self) -> Vec<Reply> {
+        // Which reply of its part each command's is.
+        let mut next: SmallVec<[usize; 8]> = SmallVec::from_elem(0, self.parts.len());
+        // Parts whose ends were not asked for (one part), taken apart here.
+        let split: SmallVec<[Vec<Bytes>; 1]> = self
+            .parts
+            .iter()
+            .map(|p| match &p.reply {
+                Some(Ok(f)) if f.ends.is_empty() => split_frames(&f.bytes, 64),
+                _ => Vec::new(),
+            })
+            .collect();
+        (0..usize::from(self.count))
+            .map(|i| {
+                let pi = self.order.get(i).map_or(0, |&p| usize::from(p));
+                let j = next.get(pi).copied().unwrap_or(0);
+                if let Some(n) = next.get_mut(pi) {
+                    *n += 1;
+                }
+                match self.parts.get(pi).and_then(|p| p.reply.as_ref()) {
+                    Some(Err(e)) => Err(e.clone()),
+                    Some(Ok(f)) if !f.ends.is_empty() => f.frame(j).ok_or_else(lost),
+                    Some(Ok(_)) => split
+                        .get(pi)
+                        .and_then(|v| v.get(j))
+                        .cloned()
+                        .ok_or_else(lost),
+                    None => Err(lost()),
+                }
+            })
+            .collect()
+    }
+}
+
+/// Adds a command to part `part` of the open group `g` (whose slot is `gs`); returns its
+/// place in the group.
+fn append_to_group(
+    g: &mut OpenGroup,
+    gs: &mut GroupSlot,
+    part: usize,
+    data: Bytes,
+    slot: Option<u16>,
+) -> u8 {
+    if gs.parts.len() > 1 {
+        gs.order.push(part as u8);
+    }
+    gs.count += 1;
+    if let Some(op) = g.parts.get_mut(part) {
+        match op.count {
+            0 => op.first = data,
+            1 => {
+                op.data.reserve(op.first.len() + data.len() * 16);
+                op.data.extend_from_slice(&op.first);
+                op.data.extend_from_slice(&data);
+            }
+            _ => op.data.extend_from_slice(&data),
+        }
+        op.count += 1;
+        if let Some(p) = gs.parts.get_mut(part)
+            && p.addr.is_some()
+        {
+            let end = if op.count == 1 {
+                op.first.len()
+            } else {
+                op.data.len()
+            };
+            p.sent.push((end as u32, slot));
+        }
+    }
+    let idx = g.count;
+    g.count += 1;
+    idx
+}
+
+/// The frames of replies lying back to back (at most `max`); a tail that is not one is
+/// passed on whole.
+fn split_frames(bytes: &Bytes, max: usize) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off < bytes.len() && out.len() < max {
+        let n = match resp::reply_len(&bytes[off..]) {
+            Ok(Some(n)) => n,
+            _ => bytes.len() - off,
+        };
+        out.push(bytes.slice(off..off + n));
+        off += n;
+    }
+    out
+}
+
+/// An error reply respire follows over a cluster or Sentinel (see [`RedirectCtx::follow`]).
+fn to_follow(frame: &[u8]) -> bool {
+    [
+        &b"-MOVED "[..],
+        b"-ASK ",
+        b"-TRYAGAIN",
+        b"-CLUSTERDOWN",
+        b"-READONLY",
+        b"-LOADING",
+        b"-MASTERDOWN",
+    ]
+    .iter()
+    .any(|p| frame.starts_with(p))
+}
+
+/// A reply that never came.
+fn lost() -> BackendError {
+    BackendError::Lost {
+        addr: Arc::from("backend"),
+        reason: "reply dropped".into(),
+    }
+}
+
+/// An error reply's frame.
+fn error_frame(e: &BackendError) -> Bytes {
+    let mut b = BytesMut::new();
+    resp::error(&mut b, &e.to_string());
+    b.freeze()
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -281,8 +520,8 @@ enum Wake {
     Shutdown,
     /// A reply for part `.0` of the front slot (`None`: its sender went away).
     Reply(usize, Option<Reply>),
-    /// The replies of the group at the front (`None`: its sender went away).
-    Group(Option<GroupReply>),
+    /// Every part of the group at the front has answered.
+    Group,
     /// The client's socket.
     Io(IoEvent),
     /// Redis answered a gated command's shared tokens.
@@ -653,11 +892,10 @@ impl Session {
                             }
                         }
                     }
-                    Some(Slot::Group { rx, .. }) => {
-                        if let Poll::Ready(r) = Pin::new(rx).poll(cx) {
-                            return Poll::Ready(Wake::Group(r.ok()));
-                        }
-                    }
+                    Some(Slot::Group(g)) => match g.poll_parts(cx) {
+                        Poll::Ready(()) => return Poll::Ready(Wake::Group),
+                        Poll::Pending => {}
+                    },
                     _ => {}
                 }
                 if let Poll::Ready(ev) = poll_write_and_readable(stream, cx, out, reading) {
@@ -697,10 +935,7 @@ impl Session {
                     let r = r.unwrap_or_else(|| Err(self.lost()));
                     self.on_result(part, r);
                 }
-                Wake::Group(r) => {
-                    let r = r.unwrap_or_else(|| Err(self.lost()));
-                    self.on_group(r);
-                }
+                Wake::Group => self.on_group(),
                 Wake::Io(IoEvent::Readable) => {
                     self.worker
                         .stats
@@ -1136,18 +1371,20 @@ impl Session {
     /// [`Session::emit`] for a slot whose reply may be the replies of a group of `count`
     /// commands: bit i of `errors` says whether the reply of its command i is an error.
     fn emit_with(&mut self, seq: u64, bytes: Bytes, errors: u64, count: u8) {
-        if !self.after.is_empty() {
-            self.run_after(seq, Some(&bytes));
-        }
-        if !self.stats.is_empty() {
-            self.finish_stats(seq, Some(errors));
-        }
         // Hooks of slots that had no reply to show (CLIENT REPLY OFF/SKIP) are dropped.
         while self.hooks.front().is_some_and(|(s, _, _)| *s < seq) {
             self.hooks.pop_front();
         }
         if count > 1 && self.hooks.front().is_some_and(|(s, _, _)| *s == seq) {
-            return self.emit_group_hooked(seq, &bytes, count);
+            // Some of the group's replies owe hooks: one by one, each with its own.
+            let frames = split_frames(&bytes, usize::from(count));
+            return self.emit_frames(seq, frames, errors);
+        }
+        if !self.after.is_empty() {
+            self.run_after(seq, Some(&bytes));
+        }
+        if !self.stats.is_empty() {
+            self.finish_stats(seq, Some(errors));
         }
         let chain = if self.hooks.front().is_some_and(|(s, _, _)| *s == seq) {
             self.hooks.pop_front().map(|(_, _, c)| c)
@@ -1157,25 +1394,22 @@ impl Session {
         self.emit_one(bytes, chain);
     }
 
-    /// The replies of a group some of whose commands owe response hooks: one by one, each
-    /// with its hooks.
-    fn emit_group_hooked(&mut self, seq: u64, bytes: &Bytes, count: u8) {
-        let mut off = 0;
-        for idx in 0..count {
-            if off >= bytes.len() {
-                break;
-            }
-            // The backend counted them already; anything else is passed on whole.
-            let n = match resp::reply_len(&bytes[off..]) {
-                Ok(Some(n)) => n,
-                _ => bytes.len() - off,
-            };
-            let frame = bytes.slice(off..off + n);
-            off += n;
+    /// Writes the replies of a group's slot one by one, each after its response hooks.
+    fn emit_frames(&mut self, seq: u64, frames: Vec<Bytes>, errors: u64) {
+        if !self.after.is_empty() {
+            self.run_after(seq, None);
+        }
+        if !self.stats.is_empty() {
+            self.finish_stats(seq, Some(errors));
+        }
+        while self.hooks.front().is_some_and(|(s, _, _)| *s < seq) {
+            self.hooks.pop_front();
+        }
+        for (idx, frame) in frames.into_iter().enumerate() {
             let chain = if self
                 .hooks
                 .front()
-                .is_some_and(|(s, i, _)| *s == seq && *i == idx)
+                .is_some_and(|(s, i, _)| *s == seq && usize::from(*i) == idx)
             {
                 self.hooks.pop_front().map(|(_, _, c)| c)
             } else {
@@ -1253,13 +1487,11 @@ impl Session {
                     Err(TryRecvError::Empty) => return,
                     Err(TryRecvError::Closed) => (0, Err(self.lost())),
                 },
-                Some(Slot::Group { rx, .. }) => {
-                    let r = match rx.try_recv() {
-                        Ok(r) => r,
-                        Err(TryRecvError::Empty) => return,
-                        Err(TryRecvError::Closed) => Err(self.lost()),
-                    };
-                    self.on_group(r);
+                Some(Slot::Group(g)) => {
+                    if !g.try_parts() {
+                        return;
+                    }
+                    self.on_group();
                     continue;
                 }
                 Some(Slot::Merge(m)) => {
@@ -1278,26 +1510,170 @@ impl Session {
         }
     }
 
-    /// The replies of the group at the front: written as they came (a failure answers each
-    /// of its commands).
-    fn on_group(&mut self, r: GroupReply) {
-        let (seq, Some(Slot::Group { count, .. })) = self.pop_slot() else {
+    /// Every part of the group at the front has answered: its replies are written in the
+    /// commands' order (a part that failed answers each of its commands with the error), or,
+    /// over a cluster or Sentinel when some must be followed, it goes on as one retry per
+    /// command.
+    fn on_group(&mut self) {
+        if let Some(Slot::Group(g)) = self.queue.front()
+            && g.parts.iter().any(|p| p.addr.is_some())
+            && g.needs_following()
+        {
+            return self.group_to_merge();
+        }
+        let (seq, Some(Slot::Group(mut g))) = self.pop_slot() else {
             return;
         };
         self.waiting -= 1;
-        self.grouped_extra -= usize::from(count.saturating_sub(1));
-        match r {
-            Ok((frames, errors)) => self.emit_with(seq, frames, errors, count),
-            Err(e) => {
-                let mut one = BytesMut::new();
-                resp::error(&mut one, &e.to_string());
-                let mut all = BytesMut::with_capacity(one.len() * usize::from(count));
-                for _ in 0..count {
-                    all.extend_from_slice(&one);
+        self.grouped_extra -= usize::from(g.count.saturating_sub(1));
+        if g.parts.len() == 1
+            && matches!(
+                g.parts.first(),
+                Some(GroupPart {
+                    reply: Some(Ok(_)),
+                    ..
+                })
+            )
+            && let Some(GroupPart {
+                reply: Some(Ok(f)), ..
+            }) = g.parts.pop()
+        {
+            return self.emit_with(seq, f.bytes, f.errors, g.count);
+        }
+        let mut errors = 0u64;
+        let frames: Vec<Bytes> = g
+            .replies()
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let f = r.unwrap_or_else(|e| error_frame(&e));
+                if matches!(f.first(), Some(b'-') | Some(b'!')) {
+                    errors |= 1 << i;
                 }
-                self.emit_with(seq, all.freeze(), u64::MAX, count);
+                f
+            })
+            .collect();
+        self.emit_frames(seq, frames, errors);
+    }
+
+    /// Turns the group at the front into a retry per command, each following its reply as a
+    /// command sent alone would (see [`RedirectCtx::follow`]); its replies are written in
+    /// order once all are in.
+    fn group_to_merge(&mut self) {
+        let Some(front) = self.queue.front_mut() else {
+            return;
+        };
+        let Slot::Group(g) = std::mem::replace(front, Slot::Ready(Bytes::new())) else {
+            return;
+        };
+        let replies = g.replies();
+        let mut taken: SmallVec<[usize; 4]> = SmallVec::from_elem(0, g.parts.len());
+        let mut parts = Vec::with_capacity(replies.len());
+        for (i, reply) in replies.into_iter().enumerate() {
+            let pi = g.order.get(i).map_or(0, |&p| usize::from(p));
+            let (Some(part), Some(n)) = (g.parts.get(pi), taken.get_mut(pi)) else {
+                continue;
+            };
+            let (data, slot) = part.request(*n);
+            *n += 1;
+            let idempotent = self.idempotent_request(&data);
+            let addr = part.addr.clone().unwrap_or_else(|| Rc::from(""));
+            parts.push(PartState {
+                rx: None,
+                reply: Some(reply),
+                retry: Retry::new(addr, data, slot, idempotent, false, false),
+            });
+        }
+        let ctx = RedirectCtx {
+            worker: &self.worker,
+            topo: &self.topo,
+            key: self.key(),
+            sid: self.info.id,
+        };
+        for p in &mut parts {
+            if let Some(reply) = &p.reply
+                && let Some(rx) = ctx.follow(reply, &mut p.retry)
+            {
+                p.rx = Some(rx);
+                p.reply = None;
             }
         }
+        self.grouped_extra -= usize::from(g.count.saturating_sub(1));
+        if let Some(front) = self.queue.front_mut() {
+            *front = Slot::Merge(Box::new(MergeSlot {
+                silent: false,
+                how: Merge::First,
+                layout: Vec::new(),
+                parts,
+                next: 0,
+                each: true,
+            }));
+        }
+        self.complete_merge();
+    }
+
+    /// Whether a request (one command's frame) may be sent again after its connection broke.
+    fn idempotent_request(&self, data: &Bytes) -> bool {
+        let mut buf = BytesMut::from(&data[..]);
+        match RequestParser::new().parse(&mut buf, &self.worker.shared.limits, true) {
+            Ok(Some(cmd)) => {
+                let res = self.worker.shared.commands.resolve(&cmd);
+                self.idempotent(&cmd, res)
+            }
+            _ => false,
+        }
+    }
+
+    /// Completes the merge at the front once all its parts have replied.
+    fn complete_merge(&mut self) {
+        let Some(Slot::Merge(m)) = self.queue.front_mut() else {
+            return;
+        };
+        while m.parts.get(m.next).is_some_and(|p| p.reply.is_some()) {
+            m.next += 1;
+        }
+        if m.next < m.parts.len() {
+            return;
+        }
+        let (seq, Some(Slot::Merge(m))) = self.pop_slot() else {
+            return;
+        };
+        self.waiting -= 1;
+        if m.silent {
+            self.run_after(seq, None);
+            self.finish_stats(seq, None);
+            return;
+        }
+        if m.each {
+            let mut errors = 0u64;
+            let frames: Vec<Bytes> = m
+                .parts
+                .into_iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let f = match p.reply {
+                        Some(Ok(f)) => f,
+                        Some(Err(e)) => error_frame(&e),
+                        None => error_frame(&lost()),
+                    };
+                    if matches!(f.first(), Some(b'-') | Some(b'!')) {
+                        errors |= 1 << i;
+                    }
+                    f
+                })
+                .collect();
+            return self.emit_frames(seq, frames, errors);
+        }
+        let mut replies = Vec::with_capacity(m.parts.len());
+        for p in m.parts {
+            match p.reply {
+                Some(Ok(frame)) => replies.push(frame),
+                Some(Err(e)) => return self.emit_reply(seq, Err(e)),
+                None => return,
+            }
+        }
+        let merged = router::merge(&m.how, &replies, &m.layout);
+        self.emit(seq, merged);
     }
 
     /// Handles a backend result for the front slot: follows a redirection, or completes the slot.
@@ -1328,32 +1704,7 @@ impl Session {
                     p.rx = None;
                     p.reply = Some(reply);
                 }
-                while m.parts.get(m.next).is_some_and(|p| p.reply.is_some()) {
-                    m.next += 1;
-                }
-                if m.next < m.parts.len() {
-                    return;
-                }
-                if let (seq, Some(Slot::Merge(m))) = self.pop_slot() {
-                    self.waiting -= 1;
-                    if m.silent {
-                        self.run_after(seq, None);
-                        self.finish_stats(seq, None);
-                    }
-                    if !m.silent {
-                        let mut replies = Vec::with_capacity(m.parts.len());
-                        for p in m.parts {
-                            match p.reply {
-                                Some(Ok(frame)) => replies.push(frame),
-                                Some(Err(e)) => return self.emit_reply(seq, Err(e)),
-                                None => return,
-                            }
-                        }
-                        let merged = router::merge(&m.how, &replies, &m.layout);
-                        self.emit(seq, merged);
-                    }
-                }
-                return;
+                return self.complete_merge();
             }
             _ => {}
         }
@@ -1369,10 +1720,7 @@ impl Session {
     }
 
     fn lost(&self) -> BackendError {
-        BackendError::Lost {
-            addr: Arc::from("backend"),
-            reason: "reply dropped".into(),
-        }
+        lost()
     }
 
     // ---- dispatch ---------------------------------------------------------
@@ -2368,7 +2716,6 @@ impl Session {
         let Some(cmd) = c else { return false };
         if how == Use::Shared
             && self.may_group
-            && !self.topo.managed
             && self.reply_mode == ReplyMode::On
             && cmd.raw().len() <= GROUP_COMMAND_BYTES
         {
@@ -2379,7 +2726,7 @@ impl Session {
             if self.slowlog {
                 self.last_sent = Some((data.clone(), Some(node)));
             }
-            self.join_group(node, data);
+            self.join_group(node, data, slot);
             return true;
         }
         let idempotent = self.topo.managed && self.idempotent(&cmd, res);
@@ -2498,6 +2845,7 @@ impl Session {
             layout,
             parts,
             next: 0,
+            each: false,
         })));
         self.waiting += 1;
         self.last_target = Some(Target::Shared(self.key()));
@@ -2505,60 +2853,134 @@ impl Session {
     }
 
     /// Adds a command for the shared connection of `node` to the open group, or opens one
-    /// (with a slot of its own) when it cannot join: the open group is for another
-    /// connection, has slots after its own, or is full.
-    fn join_group(&mut self, node: usize, data: Bytes) {
+    /// (with a slot of its own) when it cannot join: the open group is for another database,
+    /// has slots after its own, or is full. `slot`: the slot of its keys (for a retry).
+    fn join_group(&mut self, node: usize, data: Bytes, slot: Option<u16>) {
         let key = self.key();
+        // The common case: the open group has a part for this connection.
         if let Some(g) = self.open.as_mut()
-            && g.node == node
             && g.key == key
             && g.seq + 1 == self.pushed
             && usize::from(g.count) < crate::backend::MAX_GROUP
+            && let Some(part) = g.parts.iter().position(|p| p.node == node)
+            && let Some(Slot::Group(gs)) = self.queue.back_mut()
         {
-            if g.count == 1 {
-                g.data.reserve(g.first.len() + data.len() * 16);
-                g.data.extend_from_slice(&g.first);
-            }
-            g.data.extend_from_slice(&data);
-            let idx = g.count;
-            g.count += 1;
-            if let Some(Slot::Group { count, .. }) = self.queue.back_mut() {
-                *count += 1;
-            }
+            let idx = append_to_group(g, gs, part, data, slot);
             self.grouped_extra += 1;
             self.grouped_now = Some((g.seq, idx));
             self.last_target = Some(Target::Shared(key));
             return;
         }
-        self.flush_group();
-        let conn = self.conn_on(node).clone();
-        let (tx, rx) = crate::channel::oneshot();
-        let seq = self.pushed;
-        self.push_slot(Slot::Group { rx, count: 1 });
-        self.waiting += 1;
-        self.last_target = Some(Target::Shared(key));
-        self.grouped_now = Some((seq, 0));
-        self.open = Some(OpenGroup {
-            conn,
-            node,
-            key,
-            seq,
-            first: data,
-            data: BytesMut::new(),
-            count: 1,
-            tx,
+        self.join_group_slow(node, data, slot);
+    }
+
+    /// [`Session::join_group`] when a group or a part must be opened first.
+    #[inline(never)]
+    fn join_group_slow(&mut self, node: usize, data: Bytes, slot: Option<u16>) {
+        let key = self.key();
+        let joinable = self.open.as_ref().is_some_and(|g| {
+            g.key == key
+                && g.seq + 1 == self.pushed
+                && usize::from(g.count) < crate::backend::MAX_GROUP
+                && (g.parts.len() < MAX_GROUP_PARTS || g.parts.iter().any(|p| p.node == node))
         });
+        if !joinable {
+            self.flush_group();
+            let seq = self.pushed;
+            self.push_slot(Slot::Group(GroupSlot {
+                parts: SmallVec::new(),
+                order: Vec::new(),
+                count: 0,
+            }));
+            self.waiting += 1;
+            self.open = Some(OpenGroup {
+                key,
+                seq,
+                parts: SmallVec::new(),
+                count: 0,
+            });
+        }
+        let known = self
+            .open
+            .as_ref()
+            .and_then(|g| g.parts.iter().position(|p| p.node == node));
+        let new_part = match known {
+            Some(_) => None,
+            None => {
+                let conn = self.conn_on(node).clone();
+                let addr = self.topo.managed.then(|| self.retry_addr(node));
+                Some((conn, addr))
+            }
+        };
+        let (Some(g), Some(Slot::Group(gs))) = (self.open.as_mut(), self.queue.back_mut()) else {
+            return;
+        };
+        let part = match (known, new_part) {
+            (Some(pi), _) => pi,
+            (None, Some((conn, addr))) => {
+                let (tx, rx) = crate::channel::oneshot();
+                g.parts.push(OpenPart {
+                    conn,
+                    node,
+                    first: Bytes::new(),
+                    data: BytesMut::new(),
+                    count: 0,
+                    tx,
+                });
+                let managed = addr.is_some();
+                gs.parts.push(GroupPart {
+                    rx: Some(rx),
+                    reply: None,
+                    addr,
+                    data: Bytes::new(),
+                    sent: if managed {
+                        Vec::with_capacity(16)
+                    } else {
+                        Vec::new()
+                    },
+                });
+                if gs.parts.len() == 2 {
+                    gs.parts.reserve(2);
+                    g.parts.reserve(2);
+                    let mut order = Vec::with_capacity(32);
+                    order.resize(usize::from(gs.count), 0);
+                    gs.order = order;
+                }
+                gs.parts.len() - 1
+            }
+            (None, None) => return,
+        };
+        let idx = append_to_group(g, gs, part, data, slot);
+        let seq = g.seq;
+        if idx > 0 {
+            self.grouped_extra += 1;
+        }
+        self.grouped_now = Some((seq, idx));
+        self.last_target = Some(Target::Shared(key));
     }
 
     /// Sends the open group, if any.
     fn flush_group(&mut self) {
         if let Some(g) = self.open.take() {
-            let data = if g.count == 1 {
-                g.first
-            } else {
-                g.data.freeze()
-            };
-            g.conn.send_group(data, g.count, g.tx);
+            let managed = self.topo.managed;
+            // Where each reply ends is needed to put several parts' replies back in order,
+            // and to follow one of them.
+            let ends = managed || g.parts.len() > 1;
+            let at = g.seq.checked_sub(self.popped).map(|i| i as usize);
+            for (i, p) in g.parts.into_iter().enumerate() {
+                let data = if p.count == 1 {
+                    p.first
+                } else {
+                    p.data.freeze()
+                };
+                if managed
+                    && let Some(Slot::Group(gs)) = at.and_then(|at| self.queue.get_mut(at))
+                    && let Some(part) = gs.parts.get_mut(i)
+                {
+                    part.data = data.clone();
+                }
+                p.conn.send_group(data, p.count, ends, p.tx);
+            }
         }
     }
 

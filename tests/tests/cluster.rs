@@ -357,6 +357,19 @@ fn moved_and_ask_are_hidden_from_clients() {
     assert_eq!(v, "v1");
     let v: String = con.get("{moving}2").unwrap();
     assert_eq!(v, "v2");
+    // Pipelined, commands for several nodes (sent as one request per node) with some
+    // redirected by ASK among them: every reply is right and in order.
+    let mut pipe = redis::pipe();
+    for i in 0..20 {
+        pipe.cmd("GET").arg("moving");
+        pipe.cmd("SET").arg(format!("p{i}")).arg(i);
+        pipe.cmd("GET").arg("{moving}2");
+        pipe.cmd("GET").arg(format!("p{i}"));
+    }
+    let got: Vec<String> = pipe.query(&mut con).unwrap();
+    for (i, chunk) in got.chunks(4).enumerate() {
+        assert_eq!(chunk, ["v1", "OK", "v2", &i.to_string()], "round {i}");
+    }
     // A command split over slots whose first or later part is redirected: the other part's
     // reply is kept and the merged reply is whole, in key order.
     let elsewhere = ["elsewhere", "other", "third"]
@@ -422,6 +435,64 @@ fn moved_and_ask_are_hidden_from_clients() {
         .get("{moving}2")
         .unwrap();
     assert_eq!(direct, "v3", "the write went to the new owner");
+    // The slot moves back behind respire's back: a pipeline for it gets MOVED replies, which
+    // respire follows command by command, keeping the order and the writes.
+    for (from, to) in [(dst, src)] {
+        let (from_id, to_id) = (node_id(&cluster, ports[from]), node_id(&cluster, ports[to]));
+        assert!(
+            cluster
+                .cli(to, &["CLUSTER", "SETSLOT", &s, "IMPORTING", &from_id])
+                .contains("OK")
+        );
+        assert!(
+            cluster
+                .cli(from, &["CLUSTER", "SETSLOT", &s, "MIGRATING", &to_id])
+                .contains("OK")
+        );
+        let out = cluster.cli(
+            from,
+            &[
+                "MIGRATE",
+                "127.0.0.1",
+                &ports[to].to_string(),
+                "",
+                "0",
+                "5000",
+                "KEYS",
+                "moving",
+                "{moving}2",
+            ],
+        );
+        assert!(out.contains("OK"), "{out}");
+        for i in 0..3 {
+            assert!(
+                cluster
+                    .cli(i, &["CLUSTER", "SETSLOT", &s, "NODE", &to_id])
+                    .contains("OK")
+            );
+        }
+    }
+    let mut pipe = redis::pipe();
+    for i in 0..30 {
+        pipe.cmd("GET").arg("moving");
+        pipe.cmd("INCR").arg("{moving}n");
+        pipe.cmd("GET").arg(format!("p{}", i % 20));
+    }
+    let got: Vec<String> = pipe.query(&mut con).unwrap();
+    for (i, chunk) in got.chunks(3).enumerate() {
+        assert_eq!(
+            chunk,
+            ["v1", &(i + 1).to_string(), &(i % 20).to_string()],
+            "after MOVED, round {i}"
+        );
+    }
+    let back: String = redis::Client::open(format!("redis://127.0.0.1:{}/", ports[src]))
+        .unwrap()
+        .get_connection()
+        .unwrap()
+        .get("{moving}n")
+        .unwrap();
+    assert_eq!(back, "30", "the writes went to the owner, once each");
 }
 
 #[test]

@@ -232,7 +232,11 @@ fn backend_lost_mid_pipeline_answers_every_command() {
         if got == b"+OK\r\n" {
             break;
         }
-        assert!(Instant::now() < deadline, "{}", String::from_utf8_lossy(&got));
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let mut req = Vec::new();

@@ -62,7 +62,10 @@ fn request_metrics_after_a_known_workload() {
         })
         .collect();
     let got = b.roundtrip(&mixed, 100);
-    assert_eq!(String::from_utf8_lossy(&got).matches("-WRONGTYPE").count(), 25);
+    assert_eq!(
+        String::from_utf8_lossy(&got).matches("-WRONGTYPE").count(),
+        25
+    );
     assert_eq!(text(&mut a, &[b"PING"]), "+PONG\r\n");
     assert!(text(&mut a, &[b"NOSUCHCOMMAND"]).starts_with("-ERR unknown command"));
     let (status, body) = http_get(port, "/metrics");
