@@ -1395,6 +1395,7 @@ impl Session {
     }
 
     /// Writes the replies of a group's slot one by one, each after its response hooks.
+    #[inline(never)]
     fn emit_frames(&mut self, seq: u64, frames: Vec<Bytes>, errors: u64) {
         if !self.after.is_empty() {
             self.run_after(seq, None);
@@ -1559,6 +1560,7 @@ impl Session {
     /// Turns the group at the front into a retry per command, each following its reply as a
     /// command sent alone would (see [`RedirectCtx::follow`]); its replies are written in
     /// order once all are in.
+    #[inline(never)]
     fn group_to_merge(&mut self) {
         let Some(front) = self.queue.front_mut() else {
             return;
@@ -1613,6 +1615,7 @@ impl Session {
     }
 
     /// Whether a request (one command's frame) may be sent again after its connection broke.
+    #[inline(never)]
     fn idempotent_request(&self, data: &Bytes) -> bool {
         let mut buf = BytesMut::from(&data[..]);
         match RequestParser::new().parse(&mut buf, &self.worker.shared.limits, true) {
@@ -1625,6 +1628,7 @@ impl Session {
     }
 
     /// Completes the merge at the front once all its parts have replied.
+    #[inline(never)]
     fn complete_merge(&mut self) {
         let Some(Slot::Merge(m)) = self.queue.front_mut() else {
             return;
