@@ -191,11 +191,48 @@ enum Slot {
 /// connection.
 struct OpenGroup {
     key: ConnKey,
-    /// The group's slot.
+    /// The group's slot (which gets `order` and `count`, and each part what it sent, when
+    /// the group is sent).
     seq: u64,
     parts: SmallVec<[OpenPart; 1]>,
+    /// Each command's part, in order (empty while there is one part).
+    order: Vec<u8>,
     /// Commands in all.
     count: u8,
+    /// Over a cluster or Sentinel: what each command sent is kept for a retry.
+    managed: bool,
+}
+
+impl OpenGroup {
+    /// Adds a command to part `part`; returns its place in the group.
+    fn add(&mut self, part: usize, data: Bytes, slot: Option<u16>) -> u8 {
+        if self.parts.len() > 1 {
+            self.order.push(part as u8);
+        }
+        if let Some(op) = self.parts.get_mut(part) {
+            match op.count {
+                0 => op.first = data,
+                1 => {
+                    op.data.reserve(op.first.len() + data.len() * 16);
+                    op.data.extend_from_slice(&op.first);
+                    op.data.extend_from_slice(&data);
+                }
+                _ => op.data.extend_from_slice(&data),
+            }
+            op.count += 1;
+            if self.managed {
+                let end = if op.count == 1 {
+                    op.first.len()
+                } else {
+                    op.data.len()
+                };
+                op.sent.push((end as u32, slot));
+            }
+        }
+        let idx = self.count;
+        self.count += 1;
+        idx
+    }
 }
 
 /// A group's commands for one connection, not sent yet.
@@ -208,6 +245,8 @@ struct OpenPart {
     data: BytesMut,
     count: u8,
     tx: GroupTx,
+    /// Over a cluster or Sentinel: where each command ends and the slot of its keys.
+    sent: Vec<(u32, Option<u16>)>,
 }
 
 /// The most connections one group goes to.
@@ -349,46 +388,6 @@ impl GroupSlot {
             })
             .collect()
     }
-}
-
-/// Adds a command to part `part` of the open group `g` (whose slot is `gs`); returns its
-/// place in the group.
-fn append_to_group(
-    g: &mut OpenGroup,
-    gs: &mut GroupSlot,
-    part: usize,
-    data: Bytes,
-    slot: Option<u16>,
-) -> u8 {
-    if gs.parts.len() > 1 {
-        gs.order.push(part as u8);
-    }
-    gs.count += 1;
-    if let Some(op) = g.parts.get_mut(part) {
-        match op.count {
-            0 => op.first = data,
-            1 => {
-                op.data.reserve(op.first.len() + data.len() * 16);
-                op.data.extend_from_slice(&op.first);
-                op.data.extend_from_slice(&data);
-            }
-            _ => op.data.extend_from_slice(&data),
-        }
-        op.count += 1;
-        if let Some(p) = gs.parts.get_mut(part)
-            && p.addr.is_some()
-        {
-            let end = if op.count == 1 {
-                op.first.len()
-            } else {
-                op.data.len()
-            };
-            p.sent.push((end as u32, slot));
-        }
-    }
-    let idx = g.count;
-    g.count += 1;
-    idx
 }
 
 /// The frames of replies lying back to back (at most `max`); a tail that is not one is
@@ -2867,9 +2866,8 @@ impl Session {
             && g.seq + 1 == self.pushed
             && usize::from(g.count) < crate::backend::MAX_GROUP
             && let Some(part) = g.parts.iter().position(|p| p.node == node)
-            && let Some(Slot::Group(gs)) = self.queue.back_mut()
         {
-            let idx = append_to_group(g, gs, part, data, slot);
+            let idx = g.add(part, data, slot);
             self.grouped_extra += 1;
             self.grouped_now = Some((g.seq, idx));
             self.last_target = Some(Target::Shared(key));
@@ -2901,7 +2899,9 @@ impl Session {
                 key,
                 seq,
                 parts: SmallVec::new(),
+                order: Vec::new(),
                 count: 0,
+                managed: self.topo.managed,
             });
         }
         let known = self
@@ -2930,31 +2930,31 @@ impl Session {
                     data: BytesMut::new(),
                     count: 0,
                     tx,
-                });
-                let managed = addr.is_some();
-                gs.parts.push(GroupPart {
-                    rx: Some(rx),
-                    reply: None,
-                    addr,
-                    data: Bytes::new(),
-                    sent: if managed {
+                    sent: if g.managed {
                         Vec::with_capacity(16)
                     } else {
                         Vec::new()
                     },
                 });
-                if gs.parts.len() == 2 {
+                gs.parts.push(GroupPart {
+                    rx: Some(rx),
+                    reply: None,
+                    addr,
+                    data: Bytes::new(),
+                    sent: Vec::new(),
+                });
+                if g.parts.len() == 2 {
                     gs.parts.reserve(2);
                     g.parts.reserve(2);
                     let mut order = Vec::with_capacity(32);
-                    order.resize(usize::from(gs.count), 0);
-                    gs.order = order;
+                    order.resize(usize::from(g.count), 0);
+                    g.order = order;
                 }
-                gs.parts.len() - 1
+                g.parts.len() - 1
             }
             (None, None) => return,
         };
-        let idx = append_to_group(g, gs, part, data, slot);
+        let idx = g.add(part, data, slot);
         let seq = g.seq;
         if idx > 0 {
             self.grouped_extra += 1;
@@ -2965,26 +2965,34 @@ impl Session {
 
     /// Sends the open group, if any.
     fn flush_group(&mut self) {
-        if let Some(g) = self.open.take() {
-            let managed = self.topo.managed;
-            // Where each reply ends is needed to put several parts' replies back in order,
-            // and to follow one of them.
-            let ends = managed || g.parts.len() > 1;
-            let at = g.seq.checked_sub(self.popped).map(|i| i as usize);
-            for (i, p) in g.parts.into_iter().enumerate() {
-                let data = if p.count == 1 {
-                    p.first
-                } else {
-                    p.data.freeze()
-                };
-                if managed
-                    && let Some(Slot::Group(gs)) = at.and_then(|at| self.queue.get_mut(at))
-                    && let Some(part) = gs.parts.get_mut(i)
-                {
-                    part.data = data.clone();
-                }
-                p.conn.send_group(data, p.count, ends, p.tx);
+        let Some(g) = self.open.take() else {
+            return;
+        };
+        // Where each reply ends is needed to put several parts' replies back in order, and
+        // to follow one of them.
+        let ends = g.managed || g.parts.len() > 1;
+        let at = g.seq.checked_sub(self.popped).map(|i| i as usize);
+        let mut slot = match at.and_then(|at| self.queue.get_mut(at)) {
+            Some(Slot::Group(gs)) => {
+                gs.count = g.count;
+                gs.order = g.order;
+                Some(gs)
             }
+            _ => None,
+        };
+        for (i, p) in g.parts.into_iter().enumerate() {
+            let data = if p.count == 1 {
+                p.first
+            } else {
+                p.data.freeze()
+            };
+            if g.managed
+                && let Some(part) = slot.as_mut().and_then(|gs| gs.parts.get_mut(i))
+            {
+                part.data = data.clone();
+                part.sent = p.sent;
+            }
+            p.conn.send_group(data, p.count, ends, p.tx);
         }
     }
 
