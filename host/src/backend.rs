@@ -135,9 +135,42 @@ pub const MAX_GROUP: usize = 64;
 pub enum Sink {
     /// One reply.
     One(ReplyTx),
-    /// The replies of this many commands, delivered together (with where each ends, if
-    /// asked for).
-    Group(GroupTx, u8, bool),
+    /// The replies of several commands, delivered together.
+    Group(Box<GroupSink>),
+}
+
+/// Where a group's replies go, and how far they have arrived.
+pub struct GroupSink {
+    tx: GroupTx,
+    /// Its commands.
+    count: u8,
+    /// Say where each reply ends.
+    want_ends: bool,
+    /// Replies counted so far, where they end in the read buffer, which are errors, and
+    /// those set aside when a push frame came between them.
+    got: u8,
+    scanned: usize,
+    errors: u64,
+    partial: Option<BytesMut>,
+    /// The reply bytes so far, and where each reply ends (when asked for).
+    taken: u32,
+    ends: Vec<u32>,
+}
+
+impl GroupSink {
+    fn new(tx: GroupTx, count: u8, want_ends: bool) -> GroupSink {
+        GroupSink {
+            tx,
+            count,
+            want_ends,
+            got: 0,
+            scanned: 0,
+            errors: 0,
+            partial: None,
+            taken: 0,
+            ends: Vec::new(),
+        }
+    }
 }
 
 impl Sink {
@@ -145,7 +178,7 @@ impl Sink {
     fn fail(self, e: BackendError) {
         match self {
             Sink::One(tx) => tx.send(Err(e)),
-            Sink::Group(tx, _, _) => tx.send(Err(e)),
+            Sink::Group(g) => g.tx.send(Err(e)),
         }
     }
 }
@@ -348,7 +381,8 @@ impl BackendConn {
     /// their replies arrive together on `reply`, split off the connection's input once;
     /// `ends`: say where each reply ends.
     pub fn send_group(&self, data: Bytes, count: u8, ends: bool, reply: GroupTx) {
-        self.push(data, 0, false, Sink::Group(reply, count, ends));
+        let sink = GroupSink::new(reply, count, ends);
+        self.push(data, 0, false, Sink::Group(Box::new(sink)));
     }
 
     fn push(&self, data: Bytes, skip: u8, blocking: bool, reply: Sink) {
@@ -493,15 +527,6 @@ enum End {
 struct InFlight {
     reply: Sink,
     skip: u8,
-    /// A group's progress: replies counted so far, where they end in the read buffer, which
-    /// are errors, and those set aside when a push frame came between them.
-    got: u8,
-    scanned: usize,
-    errors: u64,
-    partial: Option<BytesMut>,
-    /// The group's reply bytes so far, and where each reply ends (when asked for).
-    taken: u32,
-    ends: Vec<u32>,
     /// Bytes appended to the write buffer over the connection's life, up to the end of this request.
     end: u64,
     /// Deadline for the reply, if the command is not a blocking one.
@@ -513,12 +538,6 @@ impl InFlight {
         InFlight {
             reply,
             skip,
-            got: 0,
-            scanned: 0,
-            errors: 0,
-            partial: None,
-            taken: 0,
-            ends: Vec::new(),
             end,
             deadline,
         }
@@ -654,16 +673,15 @@ async fn serve(
 fn dispatch_replies(rbuf: &mut BytesMut, inflight: &mut VecDeque<InFlight>) -> Result<(), String> {
     loop {
         if let Some(front) = inflight.front_mut()
-            && let Sink::Group(_, count, ends) = front.reply
+            && let Sink::Group(g) = &mut front.reply
         {
-            let Some(replies) = take_group(rbuf, front, count, ends).map_err(|e| e.to_string())?
-            else {
+            let Some(replies) = take_group(rbuf, g).map_err(|e| e.to_string())? else {
                 return Ok(());
             };
             if let Some(f) = inflight.pop_front()
-                && let Sink::Group(tx, _, _) = f.reply
+                && let Sink::Group(g) = f.reply
             {
-                tx.send(Ok(replies));
+                g.tx.send(Ok(replies));
             }
             continue;
         }
@@ -690,26 +708,23 @@ fn dispatch_replies(rbuf: &mut BytesMut, inflight: &mut VecDeque<InFlight>) -> R
 }
 
 /// Counts the replies of the group at the front where they lie in `rbuf` (from where the
-/// last call stopped); once all `count` are in, splits them off at once: the frames and
-/// which are errors (and where each ends, with `ends`). `None` when more bytes are needed.
+/// last call stopped); once all are in, splits them off at once: the frames and which are
+/// errors (and where each ends, when asked for). `None` when more bytes are needed.
 fn take_group(
     rbuf: &mut BytesMut,
-    front: &mut InFlight,
-    count: u8,
-    ends: bool,
+    g: &mut GroupSink,
 ) -> Result<Option<GroupFrames>, protocol::ProtocolError> {
-    let mut off = front.scanned;
-    while front.got < count {
+    let mut off = g.scanned;
+    while g.got < g.count {
         let Some(n) = protocol::reply_len(&rbuf[off..])? else {
-            front.scanned = off;
+            g.scanned = off;
             return Ok(None);
         };
         match rbuf[off] {
             b'>' => {
                 // Not a reply (see above): cut out, keeping the group's replies before it.
                 if off > 0 {
-                    front
-                        .partial
+                    g.partial
                         .get_or_insert_with(BytesMut::new)
                         .extend_from_slice(&rbuf[..off]);
                 }
@@ -717,20 +732,20 @@ fn take_group(
                 off = 0;
                 continue;
             }
-            b'-' | b'!' => front.errors |= 1 << front.got,
+            b'-' | b'!' => g.errors |= 1 << g.got,
             _ => {}
         }
         off += n;
-        front.got += 1;
-        if ends {
-            if front.ends.capacity() == 0 {
-                front.ends.reserve_exact(usize::from(count));
+        g.got += 1;
+        if g.want_ends {
+            if g.ends.capacity() == 0 {
+                g.ends.reserve_exact(usize::from(g.count));
             }
-            front.taken = front.taken.saturating_add(n as u32);
-            front.ends.push(front.taken);
+            g.taken = g.taken.saturating_add(n as u32);
+            g.ends.push(g.taken);
         }
     }
-    let frames = match front.partial.take() {
+    let frames = match g.partial.take() {
         None => rbuf.split_to(off).freeze(),
         Some(mut p) => {
             p.extend_from_slice(&rbuf[..off]);
@@ -740,8 +755,8 @@ fn take_group(
     };
     Ok(Some(GroupFrames {
         bytes: frames,
-        errors: front.errors,
-        ends: std::mem::take(&mut front.ends),
+        errors: g.errors,
+        ends: std::mem::take(&mut g.ends),
     }))
 }
 
@@ -818,6 +833,10 @@ mod tests {
         InFlight::new(reply, skip, 0, None)
     }
 
+    fn group(tx: GroupTx, count: u8, want_ends: bool) -> Sink {
+        Sink::Group(Box::new(GroupSink::new(tx, count, want_ends)))
+    }
+
     /// Replies of a group, a single request and another group, arriving a few bytes at a
     /// time with a push frame among them: each request gets exactly its replies, a group's
     /// in one piece with its errors marked.
@@ -839,9 +858,9 @@ mod tests {
             let (s, mut r2) = channel::oneshot();
             let (g2, mut r3) = channel::oneshot();
             let mut q = VecDeque::from([
-                inflight(Sink::Group(g1, 3, true), 0),
+                inflight(group(g1, 3, true), 0),
                 inflight(Sink::One(s), 1),
-                inflight(Sink::Group(g2, 3, false), 0),
+                inflight(group(g2, 3, false), 0),
             ]);
             let mut rbuf = BytesMut::new();
             for piece in wire.chunks(step) {
@@ -866,7 +885,7 @@ mod tests {
     #[test]
     fn a_reply_beyond_the_requests_is_an_error() {
         let (g, _r) = channel::oneshot();
-        let mut q = VecDeque::from([inflight(Sink::Group(g, 1, false), 0)]);
+        let mut q = VecDeque::from([inflight(group(g, 1, false), 0)]);
         let mut rbuf = BytesMut::from(&b"+OK\r\n+OK\r\n"[..]);
         assert!(dispatch_replies(&mut rbuf, &mut q).is_err());
     }

@@ -176,7 +176,7 @@ enum Slot {
     /// Replies of several backend requests, merged into one.
     Merge(Box<MergeSlot>),
     /// The replies of commands sent together (see [`OpenGroup`]), written in order.
-    Group(GroupSlot),
+    Group(Box<GroupSlot>),
 }
 
 /// Consecutive commands of a client for the shared connections of one database, in one slot
@@ -669,6 +669,9 @@ pub struct Session {
     may_group: bool,
     /// The command just dispatched joined a group: its slot and place in it.
     grouped_now: Option<(u64, u8)>,
+    /// More commands of the client's batch follow the one being handled: a group pays only
+    /// then (or when one is open already).
+    pipelined: bool,
 }
 
 /// Serves one client connection until it closes.
@@ -738,6 +741,7 @@ pub async fn run(worker: Rc<Worker>, stream: Stream, info: Arc<ClientInfo>) {
         grouped_extra: 0,
         may_group: false,
         grouped_now: None,
+        pipelined: false,
     };
     s.slowlog = slowlog;
     s.serve().await;
@@ -1145,6 +1149,7 @@ impl Session {
         self.has_plugins = self.worker.has_plugins();
         while self.can_take() {
             if let Some(((cmd, res), pre)) = self.deferred.pop_front() {
+                self.pipelined = !self.deferred.is_empty() || !self.inbuf.is_empty();
                 self.handle_with(cmd, res, pre);
                 continue;
             }
@@ -1154,7 +1159,10 @@ impl Session {
                     &self.worker.shared.limits,
                     self.authenticated,
                 ) {
-                    Ok(Some(cmd)) => self.handle(cmd, None),
+                    Ok(Some(cmd)) => {
+                        self.pipelined = !self.inbuf.is_empty();
+                        self.handle(cmd, None)
+                    }
                     Ok(None) => break,
                     Err(e) => self.protocol_error(e),
                 }
@@ -1265,6 +1273,7 @@ impl Session {
     ) {
         let worker = self.worker.clone();
         if let Some(pre) = pre {
+            self.pipelined = batch.len() > 1;
             for (cmd, pre) in batch.into_iter().zip(pre) {
                 self.take_decided(cmd, Some(pre));
             }
@@ -1277,6 +1286,7 @@ impl Session {
     /// The plugin stage decided about a batch of this session's commands.
     fn on_verdicts(&mut self, decided: crate::stage::Decided) {
         self.verdicts = None;
+        self.pipelined = decided.len() > 1;
         for (cmd, pre) in decided {
             self.take_decided(cmd, pre);
         }
@@ -2719,6 +2729,7 @@ impl Session {
         let Some(cmd) = c else { return false };
         if how == Use::Shared
             && self.may_group
+            && (self.pipelined || self.open.is_some())
             && self.reply_mode == ReplyMode::On
             && cmd.raw().len() <= GROUP_COMMAND_BYTES
         {
@@ -2889,11 +2900,11 @@ impl Session {
         if !joinable {
             self.flush_group();
             let seq = self.pushed;
-            self.push_slot(Slot::Group(GroupSlot {
+            self.push_slot(Slot::Group(Box::new(GroupSlot {
                 parts: SmallVec::new(),
                 order: Vec::new(),
                 count: 0,
-            }));
+            })));
             self.waiting += 1;
             self.open = Some(OpenGroup {
                 key,
@@ -2964,7 +2975,15 @@ impl Session {
     }
 
     /// Sends the open group, if any.
+    #[inline]
     fn flush_group(&mut self) {
+        if self.open.is_some() {
+            self.send_open_group();
+        }
+    }
+
+    #[inline(never)]
+    fn send_open_group(&mut self) {
         let Some(g) = self.open.take() else {
             return;
         };
