@@ -205,6 +205,7 @@ struct OpenGroup {
 
 impl OpenGroup {
     /// Adds a command to part `part`; returns its place in the group.
+    #[inline(always)]
     fn add(&mut self, part: usize, data: Bytes, slot: Option<u16>) -> u8 {
         if self.parts.len() > 1 {
             self.order.push(part as u8);
