@@ -3046,6 +3046,9 @@ impl Session {
 
     /// The exclusive connection on `node`, checked out if needed; an error if the session is pinned elsewhere.
     fn exclusive_on(&mut self, node: usize) -> Result<BackendConn, &'static str> {
+        // What the session sent before goes first (a transaction over shards starts here
+        // without waiting for the replies owed).
+        self.flush_group();
         let addr = self.node_addr(node);
         let key = self.key();
         let pinned = self.in_multi || self.watching;

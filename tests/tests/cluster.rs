@@ -208,6 +208,27 @@ fn transactions_blocking_and_pubsub_over_a_cluster() {
         p.roundtrip(&[resp(&[b"MULTI"]), resp(&[b"EXEC"])].concat(), 2),
         b"+OK\r\n*0\r\n"
     );
+    // Pipelined behind writes of the same client, a transaction sees them (its connection is
+    // another one than theirs).
+    for i in 0..20 {
+        let key = format!("{{u}}n{i}");
+        let got = p.roundtrip(
+            &[
+                resp(&[b"SET", key.as_bytes(), b"10"]),
+                resp(&[b"APPEND", b"{u}log", b"x"]),
+                resp(&[b"MULTI"]),
+                resp(&[b"INCR", key.as_bytes()]),
+                resp(&[b"EXEC"]),
+            ]
+            .concat(),
+            5,
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            format!("+OK\r\n:{}\r\n+OK\r\n+QUEUED\r\n*1\r\n:11\r\n", i + 1),
+            "round {i}"
+        );
+    }
     // WATCH aborts when the key changes.
     let mut other_con = proxy.conn();
     let got = p.roundtrip(
