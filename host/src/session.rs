@@ -1536,7 +1536,9 @@ impl Session {
             return;
         };
         self.waiting -= 1;
-        self.grouped_extra -= usize::from(g.count.saturating_sub(1));
+        self.grouped_extra = self
+            .grouped_extra
+            .saturating_sub(usize::from(g.count.saturating_sub(1)));
         if g.parts.len() == 1
             && matches!(
                 g.parts.first(),
@@ -1610,7 +1612,9 @@ impl Session {
                 p.reply = None;
             }
         }
-        self.grouped_extra -= usize::from(g.count.saturating_sub(1));
+        self.grouped_extra = self
+            .grouped_extra
+            .saturating_sub(usize::from(g.count.saturating_sub(1)));
         if let Some(front) = self.queue.front_mut() {
             *front = Slot::Merge(Box::new(MergeSlot {
                 silent: false,
