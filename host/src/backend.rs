@@ -128,8 +128,10 @@ impl GroupFrames {
 /// Where a backend connection delivers a group's replies.
 pub type GroupTx = channel::Sender<GroupReply>;
 
-/// The most commands a group may hold (one bit each in [`GroupReply`]).
-pub const MAX_GROUP: usize = 64;
+/// The most commands a group may hold (at most 64: one bit each in [`GroupFrames`]). A
+/// group's replies stay in respire until all have arrived, so this also bounds how many big
+/// values one group holds at once (a client's batch of 16 is one group).
+pub const MAX_GROUP: usize = 16;
 
 /// Where a request's reply goes.
 pub enum Sink {

@@ -51,7 +51,7 @@ fn request_metrics_after_a_known_workload() {
         assert!(text(&mut b, &[b"LPUSH", b"k1", b"x"]).starts_with("-WRONGTYPE"));
     }
     // Pipelined, errors among successes are counted command by command (respire sends such
-    // runs to Redis as one request), also past the 64 commands one request holds.
+    // runs to Redis as one request), also past the 16 commands one request holds.
     let mixed: Vec<u8> = (0..100)
         .flat_map(|i| {
             if i % 4 == 3 {
