@@ -42,9 +42,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::backend::{
-    BackendConn, BackendError, ConnKey, GroupFrames, GroupReply, GroupTx, Reply, ReplyRx,
-};
+use crate::backend::{BackendConn, BackendError, ConnKey, GroupReply, GroupTx, Reply, ReplyRx};
 use crate::channel::TryRecvError;
 use crate::clients::{ClientInfo, flag};
 use crate::commands::{self, Kind, Local, Resolved};
@@ -204,6 +202,13 @@ struct OpenGroup {
 }
 
 impl OpenGroup {
+    /// Whether a command for `key` may join, the group's slot being the last of `pushed`.
+    fn open_to(&self, key: ConnKey, pushed: u64) -> bool {
+        self.key == key
+            && self.seq + 1 == pushed
+            && usize::from(self.count) < crate::backend::MAX_GROUP
+    }
+
     /// Adds a command to part `part`; returns its place in the group.
     #[inline(always)]
     fn add(&mut self, part: usize, data: Bytes, slot: Option<u16>) -> u8 {
@@ -275,14 +280,6 @@ struct GroupPart {
 }
 
 impl GroupPart {
-    /// Its replies, one frame each.
-    fn frames(f: &GroupFrames) -> Vec<Bytes> {
-        if f.ends.is_empty() {
-            return split_frames(&f.bytes, 64);
-        }
-        (0..f.ends.len()).filter_map(|i| f.frame(i)).collect()
-    }
-
     /// What its command `i` sent, and the slot of its keys.
     fn request(&self, i: usize) -> (Bytes, Option<u16>) {
         let Some(&(end, slot)) = self.sent.get(i) else {
@@ -342,33 +339,22 @@ impl GroupSlot {
     }
 
     /// Whether a reply must be followed (a redirection, a node that cannot serve, a failed
-    /// connection) rather than passed on.
+    /// connection) rather than passed on. Only over a cluster or Sentinel, whose groups
+    /// always ask where each reply ends.
     fn needs_following(&self) -> bool {
         self.parts.iter().any(|p| match &p.reply {
-            Some(Ok(f)) => {
-                f.errors != 0
-                    && GroupPart::frames(f)
-                        .iter()
-                        .enumerate()
-                        .any(|(i, frame)| (f.errors >> i) & 1 == 1 && to_follow(frame))
-            }
+            Some(Ok(f)) => (0..f.ends.len()).any(|i| {
+                (f.errors >> i) & 1 == 1 && f.frame(i).is_some_and(|frame| to_follow(&frame))
+            }),
             _ => true,
         })
     }
 
-    /// Every command's reply, in order.
+    /// Every command's reply, in order. Only for groups that asked where each reply ends
+    /// (several parts, or a cluster or Sentinel); one part's replies otherwise go on whole.
     fn replies(&self) -> Vec<Reply> {
         // Which reply of its part each command's is.
         let mut next: SmallVec<[usize; 8]> = SmallVec::from_elem(0, self.parts.len());
-        // Parts whose ends were not asked for (one part), taken apart here.
-        let split: SmallVec<[Vec<Bytes>; 1]> = self
-            .parts
-            .iter()
-            .map(|p| match &p.reply {
-                Some(Ok(f)) if f.ends.is_empty() => split_frames(&f.bytes, 64),
-                _ => Vec::new(),
-            })
-            .collect();
         (0..usize::from(self.count))
             .map(|i| {
                 let pi = self.order.get(i).map_or(0, |&p| usize::from(p));
@@ -378,12 +364,7 @@ impl GroupSlot {
                 }
                 match self.parts.get(pi).and_then(|p| p.reply.as_ref()) {
                     Some(Err(e)) => Err(e.clone()),
-                    Some(Ok(f)) if !f.ends.is_empty() => f.frame(j).ok_or_else(lost),
-                    Some(Ok(_)) => split
-                        .get(pi)
-                        .and_then(|v| v.get(j))
-                        .cloned()
-                        .ok_or_else(lost),
+                    Some(Ok(f)) => f.frame(j).ok_or_else(lost),
                     None => Err(lost()),
                 }
             })
@@ -435,6 +416,22 @@ fn error_frame(e: &BackendError) -> Bytes {
     let mut b = BytesMut::new();
     resp::error(&mut b, &e.to_string());
     b.freeze()
+}
+
+/// Commands' replies as frames (a failure as its error reply), with a bit per error reply.
+fn frames_of(replies: impl Iterator<Item = Reply>) -> (Vec<Bytes>, u64) {
+    let mut errors = 0u64;
+    let frames = replies
+        .enumerate()
+        .map(|(i, r)| {
+            let f = r.unwrap_or_else(|e| error_frame(&e));
+            if matches!(f.first(), Some(b'-') | Some(b'!')) {
+                errors |= 1 << i;
+            }
+            f
+        })
+        .collect();
+    (frames, errors)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -936,7 +933,7 @@ impl Session {
                 Wake::Kill => return,
                 Wake::Shutdown => self.closing = true,
                 Wake::Reply(part, r) => {
-                    let r = r.unwrap_or_else(|| Err(self.lost()));
+                    let r = r.unwrap_or_else(|| Err(lost()));
                     self.on_result(part, r);
                 }
                 Wake::Group => self.on_group(),
@@ -1444,14 +1441,8 @@ impl Session {
     }
 
     fn emit_reply(&mut self, seq: u64, r: Reply) {
-        match r {
-            Ok(frame) => self.emit(seq, frame),
-            Err(e) => {
-                let mut b = BytesMut::new();
-                resp::error(&mut b, &e.to_string());
-                self.emit(seq, b.freeze());
-            }
-        }
+        let frame = r.unwrap_or_else(|e| error_frame(&e));
+        self.emit(seq, frame);
     }
 
     /// Runs `f` (which answers one command) and makes `chain`'s response hooks run on the
@@ -1496,7 +1487,7 @@ impl Session {
                 Some(Slot::Waiting { rx, .. }) => match rx.try_recv() {
                     Ok(r) => (0, r),
                     Err(TryRecvError::Empty) => return,
-                    Err(TryRecvError::Closed) => (0, Err(self.lost())),
+                    Err(TryRecvError::Closed) => (0, Err(lost())),
                 },
                 Some(Slot::Group(g)) => {
                     if !g.try_parts() {
@@ -1513,7 +1504,7 @@ impl Session {
                     match rx.try_recv() {
                         Ok(r) => (i, r),
                         Err(TryRecvError::Empty) => return,
-                        Err(TryRecvError::Closed) => (i, Err(self.lost())),
+                        Err(TryRecvError::Closed) => (i, Err(lost())),
                     }
                 }
             };
@@ -1539,33 +1530,13 @@ impl Session {
         self.grouped_extra = self
             .grouped_extra
             .saturating_sub(usize::from(g.count.saturating_sub(1)));
-        if g.parts.len() == 1
-            && matches!(
-                g.parts.first(),
-                Some(GroupPart {
-                    reply: Some(Ok(_)),
-                    ..
-                })
-            )
-            && let Some(GroupPart {
-                reply: Some(Ok(f)), ..
-            }) = g.parts.pop()
+        // One part that answered: its replies go on whole.
+        if let [GroupPart { reply, .. }] = g.parts.as_mut_slice()
+            && let Some(Ok(f)) = reply.take_if(|r| r.is_ok())
         {
             return self.emit_with(seq, f.bytes, f.errors, g.count);
         }
-        let mut errors = 0u64;
-        let frames: Vec<Bytes> = g
-            .replies()
-            .into_iter()
-            .enumerate()
-            .map(|(i, r)| {
-                let f = r.unwrap_or_else(|e| error_frame(&e));
-                if matches!(f.first(), Some(b'-') | Some(b'!')) {
-                    errors |= 1 << i;
-                }
-                f
-            })
-            .collect();
+        let (frames, errors) = frames_of(g.replies().into_iter());
         self.emit_frames(seq, frames, errors);
     }
 
@@ -1663,23 +1634,11 @@ impl Session {
             return;
         }
         if m.each {
-            let mut errors = 0u64;
-            let frames: Vec<Bytes> = m
+            let replies = m
                 .parts
                 .into_iter()
-                .enumerate()
-                .map(|(i, p)| {
-                    let f = match p.reply {
-                        Some(Ok(f)) => f,
-                        Some(Err(e)) => error_frame(&e),
-                        None => error_frame(&lost()),
-                    };
-                    if matches!(f.first(), Some(b'-') | Some(b'!')) {
-                        errors |= 1 << i;
-                    }
-                    f
-                })
-                .collect();
+                .map(|p| p.reply.unwrap_or_else(|| Err(lost())));
+            let (frames, errors) = frames_of(replies);
             return self.emit_frames(seq, frames, errors);
         }
         let mut replies = Vec::with_capacity(m.parts.len());
@@ -1735,10 +1694,6 @@ impl Session {
                 self.finish_stats(seq, None);
             }
         }
-    }
-
-    fn lost(&self) -> BackendError {
-        lost()
     }
 
     // ---- dispatch ---------------------------------------------------------
@@ -2738,9 +2693,7 @@ impl Session {
             && self.reply_mode == ReplyMode::On
             && cmd.raw().len() <= GROUP_COMMAND_BYTES
         {
-            if self.exclusive.is_some() && !self.in_multi && !self.watching {
-                self.release_exclusive(false);
-            }
+            self.release_unpinned_exclusive();
             let data = cmd.into_resp();
             if self.slowlog {
                 self.last_sent = Some((data.clone(), Some(node)));
@@ -2756,9 +2709,7 @@ impl Session {
         let retry = self.topo.managed.then(|| data.clone());
         let blocking = how == Use::Blocking;
         let rx = if how == Use::Shared {
-            if self.exclusive.is_some() && !self.in_multi && !self.watching {
-                self.release_exclusive(false);
-            }
+            self.release_unpinned_exclusive();
             self.shared_conn(node).send(data, 0, false)
         } else {
             match self.exclusive_on(node) {
@@ -2839,9 +2790,7 @@ impl Session {
             return false;
         }
         let Some(cmd) = c else { return false };
-        if self.exclusive.is_some() && !self.in_multi && !self.watching {
-            self.release_exclusive(false);
-        }
+        self.release_unpinned_exclusive();
         let mut parts = Vec::with_capacity(targets.len());
         let idempotent = self.topo.managed && self.idempotent(&cmd, res);
         if self.slowlog {
@@ -2877,10 +2826,9 @@ impl Session {
     fn join_group(&mut self, node: usize, data: Bytes, slot: Option<u16>) {
         let key = self.key();
         // The common case: the open group has a part for this connection.
+        let pushed = self.pushed;
         if let Some(g) = self.open.as_mut()
-            && g.key == key
-            && g.seq + 1 == self.pushed
-            && usize::from(g.count) < crate::backend::MAX_GROUP
+            && g.open_to(key, pushed)
             && let Some(part) = g.parts.iter().position(|p| p.node == node)
         {
             let idx = g.add(part, data, slot);
@@ -2897,9 +2845,7 @@ impl Session {
     fn join_group_slow(&mut self, node: usize, data: Bytes, slot: Option<u16>) {
         let key = self.key();
         let joinable = self.open.as_ref().is_some_and(|g| {
-            g.key == key
-                && g.seq + 1 == self.pushed
-                && usize::from(g.count) < crate::backend::MAX_GROUP
+            g.open_to(key, self.pushed)
                 && (g.parts.len() < MAX_GROUP_PARTS || g.parts.iter().any(|p| p.node == node))
         });
         if !joinable {
@@ -3094,6 +3040,14 @@ impl Session {
         let node = self.topo.node_index(&ex.addr).unwrap_or(usize::MAX);
         self.push_waiting(rx, retry, true, false, node, None, false);
         true
+    }
+
+    /// A command for a shared connection ends the use of an exclusive one that no transaction
+    /// or watch pins.
+    fn release_unpinned_exclusive(&mut self) {
+        if self.exclusive.is_some() && !self.in_multi && !self.watching {
+            self.release_exclusive(false);
+        }
     }
 
     /// Gives the exclusive connection back to the pool when it is clean, or drops it (closing it).
