@@ -718,12 +718,16 @@ fn take_group(
 ) -> Result<Option<GroupFrames>, protocol::ProtocolError> {
     let mut off = g.scanned;
     while g.got < g.count {
-        let Some(n) = protocol::reply_len(&rbuf[off..])? else {
+        // `off` never passes the buffer's end (only this group consumes it meanwhile).
+        let rest = rbuf
+            .get(off..)
+            .ok_or(protocol::ProtocolError::InvalidReply)?;
+        let Some(n) = protocol::reply_len(rest)? else {
             g.scanned = off;
             return Ok(None);
         };
-        match rbuf[off] {
-            b'>' => {
+        match rest.first() {
+            Some(b'>') => {
                 // Not a reply (see above): cut out, keeping the group's replies before it.
                 if off > 0 {
                     g.partial
@@ -734,7 +738,7 @@ fn take_group(
                 off = 0;
                 continue;
             }
-            b'-' | b'!' => g.errors |= 1 << g.got,
+            Some(b'-' | b'!') => g.errors |= 1 << g.got,
             _ => {}
         }
         off += n;
