@@ -85,8 +85,10 @@ pub enum Plan {
     Single(Option<u16>),
     /// Refused with this error.
     Error(String),
-    /// One sub-command per slot, merged.
-    Split(Merge, Vec<Part>),
+    /// One sub-command per slot (or per shard over standalone servers), merged; the parts'
+    /// data lie back to back, in order, in the third field, so that a node's consecutive
+    /// parts can go to it as one request. Over a cluster the parts come grouped by shard.
+    Split(Merge, Vec<Part>, Bytes),
     /// The same command to every master, merged.
     FanOut(Merge),
     /// `SCAN`: master `ordinal` with this (rewritten) command.
@@ -227,7 +229,13 @@ fn split_keys<A: Args + ?Sized>(
     let mut groups: SmallVec<[Group; 4]> = SmallVec::with_capacity(most);
     for (i, &(_, slot)) in keys.iter().enumerate() {
         let group = if by_slot {
-            u32::from(slot)
+            // The shard above the slot: sorted by it, a shard's parts come together.
+            let shard = topo
+                .slots
+                .get(usize::from(slot))
+                .copied()
+                .unwrap_or(u16::MAX);
+            u32::from(shard) << 16 | u32::from(slot)
         } else {
             topo.slots
                 .get(slot as usize)
@@ -238,6 +246,10 @@ fn split_keys<A: Args + ?Sized>(
             None => groups.push((group, slot, SmallVec::from_slice(&[i as u32]))),
         }
     }
+    // Over a cluster, a shard's slots one after another: its parts then go as one request.
+    if by_slot {
+        groups.sort_unstable_by_key(|g| g.0);
+    }
     let name = arg(0);
     let size: usize = groups.len() * (name.len() + 32)
         + keys
@@ -245,24 +257,34 @@ fn split_keys<A: Args + ?Sized>(
             .map(|&(p, _)| (0..width).map(|w| arg(p + w).len() + 16).sum::<usize>())
             .sum::<usize>();
     let mut out = BytesMut::with_capacity(size);
-    let mut parts = Vec::with_capacity(groups.len());
-    for (_, slot, idx) in groups {
+    let mut ends: SmallVec<[usize; 8]> = SmallVec::with_capacity(groups.len());
+    for (_, _, idx) in &groups {
         resp::array_header(&mut out, 1 + idx.len() * width);
         resp::bulk(&mut out, name);
-        for &i in &idx {
+        for &i in idx {
             let p = keys[i as usize].0;
             for w in 0..width {
                 resp::bulk(&mut out, arg(p + w));
             }
         }
-        let data = out.split().freeze();
-        parts.push(Part {
-            slot,
-            data,
-            positions: idx,
-        });
+        ends.push(out.len());
     }
-    Plan::Split(merge, parts)
+    let all = out.freeze();
+    let mut start = 0;
+    let parts = groups
+        .into_iter()
+        .zip(ends)
+        .map(|((_, slot, idx), end)| {
+            let data = all.slice(start..end);
+            start = end;
+            Part {
+                slot,
+                data,
+                positions: idx,
+            }
+        })
+        .collect();
+    Plan::Split(merge, parts, all)
 }
 
 fn plan_scan<A: Args + ?Sized>(args: &A, masters: usize) -> Plan {
@@ -649,7 +671,7 @@ mod tests {
             p => panic!("{p:?}"),
         }
         match plan(&t, &args("MGET a b {a}c"), &topo) {
-            Plan::Split(Merge::Mget(3), parts) => {
+            Plan::Split(Merge::Mget(3), parts, _) => {
                 assert_eq!(parts.len(), 2);
                 assert_eq!(parts[0].positions.as_slice(), &[0, 2]);
                 assert_eq!(
@@ -660,7 +682,7 @@ mod tests {
             p => panic!("{p:?}"),
         }
         match plan(&t, &args("MSET a 1 b 2"), &topo) {
-            Plan::Split(Merge::AllOk, parts) => assert_eq!(
+            Plan::Split(Merge::AllOk, parts, _) => assert_eq!(
                 &parts[1].data[..],
                 b"*3\r\n$4\r\nMSET\r\n$1\r\nb\r\n$1\r\n2\r\n"
             ),
@@ -682,7 +704,7 @@ mod tests {
         let keys: Vec<String> = (0..10).map(|i| format!("key:{i}")).collect();
         let cmd = format!("MGET {}", keys.join(" "));
         let mut shards = three();
-        let Plan::Split(Merge::Mget(10), parts) = plan(&t, &args(&cmd), &shards) else {
+        let Plan::Split(Merge::Mget(10), parts, _) = plan(&t, &args(&cmd), &shards) else {
             panic!()
         };
         // Ten keys in ten slots, three servers: one MGET per server, each key exactly once.
@@ -703,10 +725,35 @@ mod tests {
         }
         // The same topology as a Redis Cluster: one command per slot.
         shards.kind = crate::topology::BackendKind::Cluster;
-        let Plan::Split(_, parts) = plan(&t, &args(&cmd), &shards) else {
+        let Plan::Split(_, parts, all) = plan(&t, &args(&cmd), &shards) else {
             panic!()
         };
         assert_eq!(parts.len(), 10);
+        // A shard's parts come one after another, back to back in `all` (sent as one request).
+        let order: Vec<u16> = parts
+            .iter()
+            .map(|p| shards.slots[p.slot as usize])
+            .collect();
+        assert!(order.is_sorted(), "{order:?}");
+        assert_eq!(
+            order
+                .iter()
+                .collect::<std::collections::BTreeSet<_>>()
+                .len(),
+            3
+        );
+        let joined: Vec<u8> = parts.iter().flat_map(|p| p.data.to_vec()).collect();
+        assert_eq!(joined, all.to_vec());
+        for p in &parts {
+            let keys_here: Vec<&str> = p
+                .positions
+                .iter()
+                .map(|&i| keys[i as usize].as_str())
+                .collect();
+            let mut expect = BytesMut::new();
+            resp::encode_args(&mut expect, &[&["MGET"][..], &keys_here].concat());
+            assert_eq!(p.data, expect.freeze());
+        }
     }
 
     #[test]

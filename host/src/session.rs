@@ -152,6 +152,19 @@ struct MergeSlot {
     /// The parts are a group's commands (see [`OpenGroup`]): their replies are written one
     /// after another, not merged.
     each: bool,
+    /// Parts sent to one node as one request (their own `rx` is `None` until a redirection
+    /// re-sends one of them).
+    runs: Vec<PartRun>,
+}
+
+/// Consecutive parts of a split for one node, sent as one request (over a cluster a split
+/// has a part per slot, and a node serves several): their replies arrive together and go to
+/// parts `first..first + count`, each of which is then followed on its own.
+struct PartRun {
+    rx: Option<crate::channel::Receiver<GroupReply>>,
+    reply: Option<GroupReply>,
+    first: u32,
+    count: u8,
 }
 
 impl MergeSlot {
@@ -159,6 +172,37 @@ impl MergeSlot {
     fn awaited(&mut self) -> Option<(usize, &mut ReplyRx)> {
         let i = self.next;
         self.parts.get_mut(i)?.rx.as_mut().map(|rx| (i, rx))
+    }
+
+    /// Takes the replies of the runs that have answered; whether any had.
+    fn poll_runs(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        let mut any = false;
+        for run in &mut self.runs {
+            if let Some(rx) = run.rx.as_mut()
+                && let Poll::Ready(r) = Pin::new(rx).poll(cx)
+            {
+                run.reply = Some(r.unwrap_or_else(|_| Err(lost())));
+                run.rx = None;
+                any = true;
+            }
+        }
+        any
+    }
+
+    /// [`MergeSlot::poll_runs`] without waiting.
+    fn try_runs(&mut self) -> bool {
+        let mut any = false;
+        for run in &mut self.runs {
+            let r = match run.rx.as_mut().map(|rx| rx.try_recv()) {
+                Some(Ok(r)) => r,
+                Some(Err(TryRecvError::Closed)) => Err(lost()),
+                Some(Err(TryRecvError::Empty)) | None => continue,
+            };
+            run.reply = Some(r);
+            run.rx = None;
+            any = true;
+        }
+        any
     }
 }
 
@@ -519,6 +563,8 @@ enum Wake {
     Reply(usize, Option<Reply>),
     /// Every part of the group at the front has answered.
     Group,
+    /// Parts of the split at the front sent to one node together have answered.
+    Runs,
     /// The client's socket.
     Io(IoEvent),
     /// Redis answered a gated command's shared tokens.
@@ -887,6 +933,9 @@ impl Session {
                         }
                     }
                     Some(Slot::Merge(m)) => {
+                        if !m.runs.is_empty() && m.poll_runs(cx) {
+                            return Poll::Ready(Wake::Runs);
+                        }
                         if let Some((i, rx)) = m.awaited() {
                             if let Poll::Ready(r) = Pin::new(rx).poll(cx) {
                                 return Poll::Ready(Wake::Reply(i, r.ok()));
@@ -937,6 +986,7 @@ impl Session {
                     self.on_result(part, r);
                 }
                 Wake::Group => self.on_group(),
+                Wake::Runs => self.on_runs(),
                 Wake::Io(IoEvent::Readable) => {
                     self.worker
                         .stats
@@ -1497,6 +1547,10 @@ impl Session {
                     continue;
                 }
                 Some(Slot::Merge(m)) => {
+                    if !m.runs.is_empty() && m.try_runs() {
+                        self.on_runs();
+                        continue;
+                    }
                     let Some((i, rx)) = m.awaited() else {
                         // All parts answered (cannot stay here, but never spin).
                         return;
@@ -1594,6 +1648,7 @@ impl Session {
                 parts,
                 next: 0,
                 each: true,
+                runs: Vec::new(),
             }));
         }
         self.complete_merge();
@@ -1694,6 +1749,43 @@ impl Session {
                 self.finish_stats(seq, None);
             }
         }
+    }
+
+    /// Hands the replies of the split's runs that have answered to their parts, following
+    /// each part's redirection or failure as [`Session::on_result`] does.
+    #[inline(never)]
+    fn on_runs(&mut self) {
+        let ctx = RedirectCtx {
+            worker: &self.worker,
+            topo: &self.topo,
+            key: self.key(),
+            sid: self.info.id,
+        };
+        let Some(Slot::Merge(m)) = self.queue.front_mut() else {
+            return;
+        };
+        for run in &mut m.runs {
+            let Some(reply) = run.reply.take() else {
+                continue;
+            };
+            for k in 0..usize::from(run.count) {
+                let Some(p) = m.parts.get_mut(run.first as usize + k) else {
+                    break;
+                };
+                let r = match &reply {
+                    Ok(f) => f.frame(k).ok_or_else(lost),
+                    Err(e) => Err(e.clone()),
+                };
+                // Only an error can be followed: values go straight in.
+                let error = r.as_ref().map_or(true, |f| f.first() == Some(&b'-'));
+                if error && let Some(rx) = ctx.follow(&r, &mut p.retry) {
+                    p.rx = Some(rx);
+                } else {
+                    p.reply = Some(r);
+                }
+            }
+        }
+        self.complete_merge();
     }
 
     // ---- dispatch ---------------------------------------------------------
@@ -2524,7 +2616,7 @@ impl Session {
                 self.reply_error(CROSSSLOT);
                 false
             }
-            Plan::Split(merge, parts) => {
+            Plan::Split(merge, parts, all) => {
                 let mut targets = Vec::with_capacity(parts.len());
                 for p in &parts {
                     match self.topo.master_of(p.slot) {
@@ -2535,7 +2627,7 @@ impl Session {
                         }
                     }
                 }
-                self.send_parts(cmd, res, merge, parts, targets)
+                self.send_parts(cmd, res, merge, parts, targets, Some(all))
             }
             Plan::FanOut(merge) => {
                 let data = cmd.to_resp();
@@ -2546,7 +2638,7 @@ impl Session {
                     .enumerate()
                     .map(|(i, s)| (s.master, data.clone(), self.topo.slot_of_shard(i)))
                     .collect();
-                self.send_parts(cmd, res, merge, Vec::new(), targets)
+                self.send_parts(cmd, res, merge, Vec::new(), targets, None)
             }
             Plan::Scan { ordinal, data } => {
                 let total = self.topo.shards.len();
@@ -2561,6 +2653,7 @@ impl Session {
                     Merge::Scan { ordinal, total },
                     Vec::new(),
                     vec![(node, data, slot)],
+                    None,
                 )
             }
         }
@@ -2776,7 +2869,9 @@ impl Session {
         });
     }
 
-    /// Sends several requests on shared connections and queues one merged reply.
+    /// Sends several requests on shared connections and queues one merged reply. `all`: the
+    /// targets' data back to back, when they lie so: consecutive targets on one node then go
+    /// as one request (a run).
     fn send_parts(
         &mut self,
         cmd: Command,
@@ -2784,6 +2879,7 @@ impl Session {
         how: Merge,
         layout: Vec<router::Part>,
         targets: Vec<(usize, Bytes, Option<u16>)>,
+        all: Option<Bytes>,
     ) -> bool {
         let mut c = Some(cmd);
         if !self.barrier(&mut c, Target::Shared(self.key())) {
@@ -2797,14 +2893,51 @@ impl Session {
             let node = (targets.len() == 1).then(|| targets[0].0);
             self.last_sent = Some((cmd.to_resp(), node));
         }
-        for (node, data, slot) in targets {
-            let rx = self.shared_conn(node).send(data.clone(), 0, false);
-            let retry = Retry::new(self.retry_addr(node), data, slot, idempotent, false, false);
-            parts.push(PartState {
-                rx: Some(rx),
-                reply: None,
-                retry,
-            });
+        let mut runs = Vec::new();
+        // Where the next target's data starts in `all`.
+        let mut at = 0;
+        let mut i = 0;
+        while let Some(&(node, _, _)) = targets.get(i) {
+            // The run of targets for this node (up to a group's size), when their data lie
+            // back to back in `all`.
+            let mut n = 1;
+            if all.is_some() {
+                while n < crate::backend::MAX_GROUP
+                    && targets.get(i + n).is_some_and(|t| t.0 == node)
+                {
+                    n += 1;
+                }
+            }
+            let run = targets.get(i..i + n).unwrap_or_default();
+            let len: usize = run.iter().map(|t| t.1.len()).sum();
+            let joined = match &all {
+                Some(all) if n > 1 && at + len <= all.len() => Some(all.slice(at..at + len)),
+                _ => None,
+            };
+            if let Some(data) = joined {
+                let (tx, rx) = crate::channel::oneshot();
+                self.shared_conn(node).send_group(data, n as u8, true, tx);
+                runs.push(PartRun {
+                    rx: Some(rx),
+                    reply: None,
+                    first: i as u32,
+                    count: n as u8,
+                });
+            } else {
+                n = 1;
+            }
+            let addr = self.retry_addr(node);
+            for (j, (_, data, slot)) in run.iter().take(n).enumerate() {
+                let rx =
+                    (n == 1 && j == 0).then(|| self.shared_conn(node).send(data.clone(), 0, false));
+                parts.push(PartState {
+                    rx,
+                    reply: None,
+                    retry: Retry::new(addr.clone(), data.clone(), *slot, idempotent, false, false),
+                });
+            }
+            at += run.iter().take(n).map(|t| t.1.len()).sum::<usize>();
+            i += n;
         }
         let silent = self.take_silent();
         self.push_slot(Slot::Merge(Box::new(MergeSlot {
@@ -2814,6 +2947,7 @@ impl Session {
             parts,
             next: 0,
             each: false,
+            runs,
         })));
         self.waiting += 1;
         self.last_target = Some(Target::Shared(self.key()));

@@ -136,43 +136,59 @@ proptest! {
         present in proptest::collection::hash_map("[a-z]{1,3}", proptest::collection::vec(any::<u8>(), 0..8), 0..20),
     ) {
         let shard = |a: &str| (a.to_string(), Vec::new(), Vec::new());
-        let topo = Topology::shards(&[shard("127.0.0.1:7001"), shard("127.0.0.1:7002"), shard("127.0.0.1:7003")]).unwrap();
-        let table = CommandTable::builtin();
-        let args: Vec<Vec<u8>> = std::iter::once(b"MGET".to_vec()).chain(keys.iter().map(|k| k.as_bytes().to_vec())).collect();
-        let cmd = Command::from_args(&args);
-        let store: HashMap<Vec<u8>, Vec<u8>> = present.into_iter().map(|(k, v)| (k.into_bytes(), v)).collect();
-        let value_reply = |k: &[u8]| match store.get(k) {
-            Some(v) => [format!("${}\r\n", v.len()).into_bytes(), v.clone(), b"\r\n".to_vec()].concat(),
-            None => b"$-1\r\n".to_vec(),
-        };
-        let want: Vec<u8> = [format!("*{}\r\n", keys.len()).into_bytes(), keys.iter().flat_map(|k| value_reply(k.as_bytes())).collect()].concat();
-        match plan(&cmd, table.get(&cmd), &topo) {
-            Plan::Split(how, parts) => {
-                prop_assert_eq!(&how, &Merge::Mget(keys.len()));
-                let mut replies = Vec::new();
-                for p in &parts {
-                    // Each part is an MGET of keys that one master holds.
-                    let mut buf = BytesMut::from(&p.data[..]);
-                    let sub = RequestParser::new().parse(&mut buf, &RequestLimits::default(), true).unwrap().unwrap();
-                    prop_assert!(sub.name().eq_ignore_ascii_case(b"MGET"));
-                    let owner = topo.master_of(p.slot);
-                    let sub_keys: Vec<&[u8]> = sub.iter().skip(1).collect();
-                    for k in &sub_keys {
-                        prop_assert_eq!(topo.master_of(key_slot(k)), owner);
+        let mut topo = Topology::shards(&[shard("127.0.0.1:7001"), shard("127.0.0.1:7002"), shard("127.0.0.1:7003")]).unwrap();
+        // Standalone servers (a part per server), then the same map as a Redis Cluster (a part
+        // per slot, a server's parts together).
+        for cluster in [false, true] {
+            if cluster {
+                topo.kind = respire::topology::BackendKind::Cluster;
+            }
+            let table = CommandTable::builtin();
+            let args: Vec<Vec<u8>> = std::iter::once(b"MGET".to_vec()).chain(keys.iter().map(|k| k.as_bytes().to_vec())).collect();
+            let cmd = Command::from_args(&args);
+            let store: HashMap<Vec<u8>, Vec<u8>> = present.iter().map(|(k, v)| (k.clone().into_bytes(), v.clone())).collect();
+            let value_reply = |k: &[u8]| match store.get(k) {
+                Some(v) => [format!("${}\r\n", v.len()).into_bytes(), v.clone(), b"\r\n".to_vec()].concat(),
+                None => b"$-1\r\n".to_vec(),
+            };
+            let want: Vec<u8> = [format!("*{}\r\n", keys.len()).into_bytes(), keys.iter().flat_map(|k| value_reply(k.as_bytes())).collect()].concat();
+            match plan(&cmd, table.get(&cmd), &topo) {
+                Plan::Split(how, parts, all) => {
+                    prop_assert_eq!(&how, &Merge::Mget(keys.len()));
+                    // The parts lie back to back in `all`, each master's one after another.
+                    prop_assert_eq!(parts.iter().flat_map(|p| p.data.to_vec()).collect::<Vec<u8>>(), all.to_vec());
+                    let owners: Vec<Option<usize>> = parts.iter().map(|p| topo.master_of(p.slot)).collect();
+                    for (i, o) in owners.iter().enumerate() {
+                        prop_assert!(!owners[..i].contains(o) || owners[i - 1] == *o, "{:?}", owners);
                     }
-                    let body: Vec<u8> = sub_keys.iter().flat_map(|k| value_reply(k)).collect();
-                    replies.push(Bytes::from([format!("*{}\r\n", sub_keys.len()).into_bytes(), body].concat()));
+                    let mut replies = Vec::new();
+                    for p in &parts {
+                        // Each part is an MGET of keys that one master holds.
+                        let mut buf = BytesMut::from(&p.data[..]);
+                        let sub = RequestParser::new().parse(&mut buf, &RequestLimits::default(), true).unwrap().unwrap();
+                        prop_assert!(sub.name().eq_ignore_ascii_case(b"MGET"));
+                        let owner = topo.master_of(p.slot);
+                        let sub_keys: Vec<&[u8]> = sub.iter().skip(1).collect();
+                        for k in &sub_keys {
+                            prop_assert_eq!(topo.master_of(key_slot(k)), owner);
+                            if cluster {
+                                prop_assert_eq!(key_slot(k), p.slot);
+                            }
+                        }
+                        let body: Vec<u8> = sub_keys.iter().flat_map(|k| value_reply(k)).collect();
+                        replies.push(Bytes::from([format!("*{}\r\n", sub_keys.len()).into_bytes(), body].concat()));
+                    }
+                    prop_assert_eq!(merge(&how, &replies, &parts).to_vec(), want);
                 }
-                prop_assert_eq!(merge(&how, &replies, &parts).to_vec(), want);
-            }
-            // All keys on one master: sent whole, and one server answers it as is.
-            Plan::Single(Some(slot)) => {
-                let owner = topo.master_of(slot);
-                for k in &keys {
-                    prop_assert_eq!(topo.master_of(key_slot(k.as_bytes())), owner);
+                // All keys on one master: sent whole, and one server answers it as is.
+                Plan::Single(Some(slot)) => {
+                    let owner = topo.master_of(slot);
+                    for k in &keys {
+                        prop_assert_eq!(topo.master_of(key_slot(k.as_bytes())), owner);
+                    }
                 }
+                other => prop_assert!(false, "unexpected plan {:?}", other),
             }
-            other => prop_assert!(false, "unexpected plan {:?}", other),
         }
     }
 }

@@ -1067,6 +1067,9 @@ pub struct LoadReport {
     pub errors: Vec<(Instant, String)>,
     /// Reads that returned something other than the value just written (misrouted or out of order).
     pub wrong_reads: u64,
+    /// Reads (`GET`, `MGET`) answered with an error: respire sends a read again after a
+    /// failover, so there should be none.
+    pub read_errors: u64,
     /// The last acknowledged value of every key written.
     pub acked: std::collections::HashMap<String, i64>,
     /// Latencies of successful commands.
@@ -1106,9 +1109,10 @@ impl LoadReport {
     /// One line for the test output.
     pub fn summary(&self, event: &str) -> String {
         format!(
-            "{event}: {} ops, {} errors, longest error window {:?}, {} wrong reads, p99 {:?}, first error: {:?}",
+            "{event}: {} ops, {} errors ({} on reads), longest error window {:?}, {} wrong reads, p99 {:?}, first error: {:?}",
             self.ops,
             self.errors.len(),
+            self.read_errors,
             self.longest_error_window(),
             self.wrong_reads,
             self.percentile(99.0),
@@ -1136,6 +1140,8 @@ impl Load {
                     let mut report = LoadReport::default();
                     let mut con: Option<redis::Connection> = None;
                     let mut i: i64 = 0;
+                    // Keys whose last write failed (it may have been applied or not).
+                    let mut uncertain = std::collections::HashSet::new();
                     // Bounded: at most a million writes per client, and the stop flag.
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 1_000_000 {
                         i += 1;
@@ -1167,9 +1173,44 @@ impl Load {
                                     con = None;
                                 }
                                 report.errors.push((Instant::now(), e.to_string()));
+                                // It may or may not have been applied.
+                                uncertain.insert(key);
                                 continue;
                             }
                         }
+                        uncertain.remove(&key);
+                        if i % 5 == 0 {
+                            // A read of the last ten keys written, split over the shards: each
+                            // must hold its last acknowledged value.
+                            let keys: Vec<String> = ((i - 9).max(1)..=i)
+                                .map(|j| format!("load:{t}:{}", j % 200))
+                                .collect();
+                            let start = Instant::now();
+                            let got: redis::RedisResult<Vec<Option<i64>>> =
+                                redis::cmd("MGET").arg(&keys).query(c);
+                            match got {
+                                Ok(vals) => {
+                                    report.ops += 1;
+                                    report.latencies.push(start.elapsed());
+                                    let wrong = keys.iter().zip(&vals).any(|(k, v)| {
+                                        !uncertain.contains(k)
+                                            && report.acked.get(k).is_some_and(|a| *v != Some(*a))
+                                    });
+                                    if wrong || vals.len() != keys.len() {
+                                        report.wrong_reads += 1;
+                                    }
+                                }
+                                Err(e) => {
+                                    if e.is_io_error() || e.is_connection_dropped() {
+                                        con = None;
+                                    }
+                                    report.errors.push((Instant::now(), e.to_string()));
+                                    report.read_errors += 1;
+                                    continue;
+                                }
+                            }
+                        }
+                        let Some(c) = con.as_mut() else { continue };
                         let start = Instant::now();
                         let got: redis::RedisResult<Option<i64>> =
                             redis::cmd("GET").arg(&key).query(c);
@@ -1186,6 +1227,7 @@ impl Load {
                                     con = None;
                                 }
                                 report.errors.push((Instant::now(), e.to_string()));
+                                report.read_errors += 1;
                             }
                         }
                     }
@@ -1205,6 +1247,7 @@ impl Load {
             all.ops += r.ops;
             all.errors.extend(r.errors);
             all.wrong_reads += r.wrong_reads;
+            all.read_errors += r.read_errors;
             all.acked.extend(r.acked);
             all.latencies.extend(r.latencies);
         }

@@ -112,7 +112,7 @@ impl Session {
             .into_iter()
             .map(|(node, slot)| (node, data.clone(), slot))
             .collect();
-        self.send_parts(forward, res, how, Vec::new(), targets);
+        self.send_parts(forward, res, how, Vec::new(), targets, None);
     }
 
     /// The text of respire's `INFO` sections, each followed by a blank line.
