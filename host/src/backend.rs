@@ -19,6 +19,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -262,8 +263,15 @@ pub async fn open(node: &NodeSettings) -> Result<Stream, String> {
     }
 }
 
-/// Opens a connection and performs the handshake: `HELLO proto [AUTH …]`, `CLIENT SETNAME respire`, `SELECT db`.
+/// Opens a connection and performs the handshake: `HELLO proto [AUTH …] SETNAME respire`
+/// (one command that Redis runs even while a script is busy, so that `SCRIPT KILL` can get
+/// through on a new connection), then `SELECT db`.
 pub async fn connect(node: &NodeSettings, key: ConnKey) -> Result<Stream, String> {
+    connect_with_id(node, key).await.map(|(stream, _)| stream)
+}
+
+/// [`connect`], with the connection's client id on the server (from `HELLO`; 0 if absent).
+pub async fn connect_with_id(node: &NodeSettings, key: ConnKey) -> Result<(Stream, i64), String> {
     let fut = async {
         let mut stream = open(node).await?;
         let mut out = BytesMut::new();
@@ -271,12 +279,14 @@ pub async fn connect(node: &NodeSettings, key: ConnKey) -> Result<Stream, String
         match &node.password {
             Some(pass) => {
                 let user = node.username.as_deref().unwrap_or("default");
-                protocol::encode_args(&mut out, &["HELLO", &proto, "AUTH", user, pass]);
+                protocol::encode_args(
+                    &mut out,
+                    &["HELLO", &proto, "AUTH", user, pass, "SETNAME", "respire"],
+                );
             }
-            None => protocol::encode_args(&mut out, &["HELLO", &proto]),
+            None => protocol::encode_args(&mut out, &["HELLO", &proto, "SETNAME", "respire"]),
         }
-        protocol::encode_args(&mut out, &["CLIENT", "SETNAME", "respire"]);
-        let mut expected = 2;
+        let mut expected = 1;
         if node.readonly {
             protocol::encode_args(&mut out, &["READONLY"]);
             expected += 1;
@@ -287,11 +297,13 @@ pub async fn connect(node: &NodeSettings, key: ConnKey) -> Result<Stream, String
         }
         stream.send(&out).await.map_err(|e| e.to_string())?;
         let mut buf = BytesMut::with_capacity(1024);
+        let mut id = 0;
         for i in 0..expected {
             let frame = read_frame(&mut stream, &mut buf).await?;
             match Value::parse(&frame).map_err(|e| e.to_string())? {
                 Value::Error(e) => return Err(String::from_utf8_lossy(&e).into_owned()),
                 hello if i == 0 => {
+                    id = hello.get("id").and_then(|v| v.as_int()).unwrap_or(0);
                     if let Some(v) = hello.get("version").and_then(|v| v.as_bytes()) {
                         if let Ok(mut slot) = BACKEND_VERSION.lock() {
                             *slot = Some(String::from_utf8_lossy(v).into_owned());
@@ -304,7 +316,7 @@ pub async fn connect(node: &NodeSettings, key: ConnKey) -> Result<Stream, String
         if !buf.is_empty() {
             return Err("unexpected data after handshake".into());
         }
-        Ok(stream)
+        Ok((stream, id))
     };
     match timeout(node.connect_timeout, fut).await {
         Ok(r) => r,
@@ -343,6 +355,9 @@ struct ConnState {
     /// While the node cannot be reached (between reconnect attempts): the error that
     /// requests get at once instead of queueing.
     failing: RefCell<Option<BackendError>>,
+    /// The connection's client id on the server (0 until connected), for `CLIENT UNBLOCK`
+    /// from any worker.
+    id: Arc<AtomicI64>,
 }
 
 /// A handle to one pipelined backend connection. The connection's task ends (closing
@@ -362,6 +377,7 @@ impl BackendConn {
             alive: Cell::new(true),
             connected: Cell::new(false),
             failing: RefCell::new(None),
+            id: Arc::new(AtomicI64::new(0)),
         });
         tokio::task::spawn_local(run(node.clone(), key, mode, rx, state.clone()));
         BackendConn { tx, state, node }
@@ -406,6 +422,11 @@ impl BackendConn {
         });
     }
 
+    /// The connection's client id on the server, once connected (0 before).
+    pub fn server_id(&self) -> Arc<AtomicI64> {
+        self.state.id.clone()
+    }
+
     /// The task is still running.
     pub fn is_alive(&self) -> bool {
         self.state.alive.get()
@@ -436,8 +457,9 @@ async fn run(
     };
     loop {
         let stats = crate::metrics::backend_stats();
-        match connect(&node, key).await {
-            Ok(stream) => {
+        match connect_with_id(&node, key).await {
+            Ok((stream, id)) => {
+                state.id.store(id, Ordering::Relaxed);
                 stats.connects.with_label_values(&[&node.addr, "ok"]).inc();
                 let open = stats.connections.with_label_values(&[&node.addr]);
                 open.inc();

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
@@ -46,6 +46,9 @@ pub struct ClientInfo {
     signals: AtomicU8,
     /// Wakes the session when signalled (registered once by the session, not per wake-up).
     waker: Mutex<Option<Waker>>,
+    /// While blocked: the node and the server's client id of the connection the blocking
+    /// command waits on (the id is 0 until that connection is up), for `CLIENT UNBLOCK`.
+    pub blocked_on: Mutex<Option<(Arc<str>, Arc<AtomicI64>)>>,
 }
 
 /// Bits of the requests a session gets from other threads.
@@ -218,6 +221,15 @@ impl Clients {
         self.count.load(Ordering::Acquire)
     }
 
+    /// Clients waiting on a blocking command (`INFO`'s `blocked_clients`).
+    pub fn blocked(&self) -> usize {
+        self.all.lock().map_or(0, |all| {
+            all.values()
+                .filter(|c| c.flags.load(Ordering::Relaxed) & flag::BLOCKED != 0)
+                .count()
+        })
+    }
+
     /// Counts a connection closed because it went over a buffer limit.
     pub fn note_limit_closed(&self, limit: Limit) {
         let c = match limit {
@@ -279,6 +291,7 @@ impl Clients {
             flags: AtomicU8::new(0),
             signals: AtomicU8::new(0),
             waker: Mutex::new(None),
+            blocked_on: Mutex::new(None),
         });
         if let Ok(mut all) = self.all.lock() {
             all.insert(id, info.clone());
@@ -302,6 +315,11 @@ impl Clients {
     }
 
     /// A snapshot of all clients, by id.
+    /// The client with this id, if connected.
+    pub fn get(&self, id: u64) -> Option<Arc<ClientInfo>> {
+        self.all.lock().ok()?.get(&id).cloned()
+    }
+
     pub fn snapshot(&self) -> Vec<Arc<ClientInfo>> {
         self.all
             .lock()

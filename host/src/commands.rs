@@ -33,6 +33,9 @@ pub enum Kind {
     Blocking,
     /// `XREAD` / `XREADGROUP`: blocking only with a `BLOCK` option.
     MaybeBlocking,
+    /// `SCRIPT` / `FUNCTION`: forwarded; `KILL` on a connection of its own (a shared one
+    /// may be waiting behind the script it stops).
+    ScriptControl,
     /// `SUBSCRIBE`, `PSUBSCRIBE`, `SSUBSCRIBE`, `MONITOR`: the connection becomes a stream.
     Stream,
     /// `UNSUBSCRIBE`, `PUNSUBSCRIBE`, `SUNSUBSCRIBE` outside subscribe mode.
@@ -117,6 +120,7 @@ static TABLE: &[Spec] = &[
     spec("discard", Kind::EndTransaction),
     spec("echo", Kind::Local(Local::Echo)),
     spec("exec", Kind::EndTransaction),
+    spec("function", Kind::ScriptControl),
     no_auth("hello", Kind::Local(Local::Hello)),
     spec("info", Kind::Local(Local::Info)),
     spec("monitor", Kind::Stream),
@@ -130,6 +134,7 @@ static TABLE: &[Spec] = &[
     spec("readwrite", Kind::ClusterConnection),
     spec("replconf", Kind::Refused(REPLICATION)),
     no_auth("reset", Kind::Local(Local::Reset)),
+    spec("script", Kind::ScriptControl),
     spec("select", Kind::Local(Local::Select)),
     spec("slowlog", Kind::Local(Local::Slowlog)),
     spec("ssubscribe", Kind::Stream),

@@ -594,6 +594,9 @@ enum Use {
     Shared,
     /// An exclusive connection: a blocking command.
     Blocking,
+    /// An exclusive connection for a command that must not wait behind others (`SCRIPT
+    /// KILL`), not a blocking one.
+    Exclusive,
     /// An exclusive connection that stays pinned: `WATCH`.
     Watch,
 }
@@ -716,6 +719,9 @@ pub struct Session {
     /// More commands of the client's batch follow the one being handled: a group pays only
     /// then (or when one is open already).
     pipelined: bool,
+    /// The slot of the last blocking command sent, while its reply is owed: the client is
+    /// blocked (`b` in `CLIENT LIST`, counted in `INFO`'s `blocked_clients`).
+    blocked_until: Option<u64>,
 }
 
 /// Serves one client connection until it closes.
@@ -786,6 +792,7 @@ pub async fn run(worker: Rc<Worker>, stream: Stream, info: Arc<ClientInfo>) {
         may_group: false,
         grouped_now: None,
         pipelined: false,
+        blocked_until: None,
     };
     s.slowlog = slowlog;
     s.serve().await;
@@ -1408,6 +1415,9 @@ impl Session {
         let slot = self.queue.pop_front();
         if slot.is_some() {
             self.popped += 1;
+            if self.blocked_until.is_some_and(|b| b <= seq) {
+                self.unmark_blocked();
+            }
             while let Some(&(last, n)) = self.big.front() {
                 if last > seq {
                     break;
@@ -2357,15 +2367,26 @@ impl Session {
                 }
             }
             Kind::Blocking => {
-                self.route(cmd, res, Use::Blocking);
+                if self.route(cmd, res, Use::Blocking) {
+                    self.mark_blocked();
+                }
             }
             Kind::MaybeBlocking => {
-                let how = if commands::has_block_option(&cmd) {
-                    Use::Blocking
+                if commands::has_block_option(&cmd) {
+                    if self.route(cmd, res, Use::Blocking) {
+                        self.mark_blocked();
+                    }
                 } else {
-                    Use::Shared
-                };
-                self.route(cmd, res, how);
+                    self.route(cmd, res, Use::Shared);
+                }
+            }
+            Kind::ScriptControl => {
+                // `SCRIPT KILL` / `FUNCTION KILL` on a connection of their own: the shared
+                // one may be waiting behind the very script they stop.
+                let kill = cmd
+                    .arg_bytes(1)
+                    .is_some_and(|s| s.eq_ignore_ascii_case(b"kill"));
+                self.route(cmd, res, if kill { Use::Exclusive } else { Use::Shared });
             }
             Kind::Stream => {
                 if cmd.name().eq_ignore_ascii_case(b"monitor") {
@@ -2390,6 +2411,24 @@ impl Session {
                     self.route(cmd, res, Use::Shared);
                 }
             }
+        }
+    }
+
+    /// The blocking command just sent (the last slot) blocks the client until its reply:
+    /// `CLIENT LIST` shows it, `INFO` counts it and `CLIENT UNBLOCK` finds its connection.
+    fn mark_blocked(&mut self) {
+        self.blocked_until = Some(self.pushed.saturating_sub(1));
+        self.info.set_flag(flag::BLOCKED, true);
+        if let (Some(ex), Ok(mut on)) = (&self.exclusive, self.info.blocked_on.lock()) {
+            *on = Some((ex.addr.clone(), ex.conn.server_id()));
+        }
+    }
+
+    fn unmark_blocked(&mut self) {
+        self.blocked_until = None;
+        self.info.set_flag(flag::BLOCKED, false);
+        if let Ok(mut on) = self.info.blocked_on.lock() {
+            *on = None;
         }
     }
 
@@ -2805,7 +2844,16 @@ impl Session {
             self.release_unpinned_exclusive();
             self.shared_conn(node).send(data, 0, false)
         } else {
-            match self.exclusive_on(node) {
+            // `SCRIPT KILL` on database 0: a new connection's `SELECT` would get `BUSY`.
+            let key = if how == Use::Exclusive {
+                ConnKey {
+                    db: 0,
+                    proto: self.proto,
+                }
+            } else {
+                self.key()
+            };
+            match self.exclusive_for(node, key) {
                 Ok(conn) => conn.send(data, 0, blocking),
                 Err(e) => {
                     self.reply_error(e);
@@ -3130,11 +3178,15 @@ impl Session {
 
     /// The exclusive connection on `node`, checked out if needed; an error if the session is pinned elsewhere.
     fn exclusive_on(&mut self, node: usize) -> Result<BackendConn, &'static str> {
+        self.exclusive_for(node, self.key())
+    }
+
+    /// [`Session::exclusive_on`] for database and protocol `key`.
+    fn exclusive_for(&mut self, node: usize, key: ConnKey) -> Result<BackendConn, &'static str> {
         // What the session sent before goes first (a transaction over shards starts here
         // without waiting for the replies owed).
         self.flush_group();
         let addr = self.node_addr(node);
-        let key = self.key();
         let pinned = self.in_multi || self.watching;
         if let Some(ex) = &self.exclusive {
             if ex.addr == addr && ex.key == key && (pinned || ex.conn.is_alive()) {

@@ -378,12 +378,120 @@ fn blpop_is_released_by_a_producer_and_does_not_block_others() {
     for i in 0..20 {
         let _: () = other.set("free", i).unwrap();
     }
+    // The waiting client shows as blocked, as it would on Redis (tests and tools wait for
+    // `blocked_clients` before they push).
+    let info = |c: &mut redis::Connection| -> String {
+        redis::cmd("INFO").arg("clients").query(c).unwrap()
+    };
+    assert!(
+        info(&mut other).contains("blocked_clients:1\r\n"),
+        "{}",
+        info(&mut other)
+    );
+    let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut other).unwrap();
+    assert_eq!(
+        list.lines().filter(|l| l.contains(" flags=b ")).count(),
+        1,
+        "{list}"
+    );
     let _: () = other.rpush("jobs", "job-1").unwrap();
     let ((list, job), waited) = waiter.join().unwrap();
     assert_eq!((list.as_str(), job.as_str()), ("jobs", "job-1"));
     assert!(
+        info(&mut other).contains("blocked_clients:0\r\n"),
+        "{}",
+        info(&mut other)
+    );
+    assert!(
         waited >= Duration::from_millis(250),
         "BLPOP returned before the push"
+    );
+}
+
+#[test]
+fn client_unblock_and_script_kill_reach_the_blocked_command() {
+    let redis = RedisServer::start();
+    // One worker: every client of the test shares its backend connection.
+    let proxy = Respire::start(&redis.addr(), &["--workers", "1"]);
+    let mut admin = Raw::connect(proxy.port);
+    let blocked_id = |admin: &mut Raw| -> String {
+        for _ in 0..100 {
+            let list = String::from_utf8_lossy(&admin.roundtrip(&resp(&[b"CLIENT", b"LIST"]), 1))
+                .into_owned();
+            if let Some(line) = list.lines().find(|l| l.contains(" flags=b ")) {
+                let id = line.split(' ').find_map(|f| f.strip_prefix("id=")).unwrap();
+                return id
+                    .trim_start_matches(|c: char| !c.is_ascii_digit())
+                    .to_string();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("no blocked client");
+    };
+    // TIMEOUT (the default): the blocked command answers as if it had timed out.
+    let mut waiter = Raw::connect(proxy.port);
+    waiter.send(&resp(&[b"BLPOP", b"never", b"0"]));
+    let id = blocked_id(&mut admin);
+    assert_eq!(
+        admin.roundtrip(&resp(&[b"CLIENT", b"UNBLOCK", id.as_bytes()]), 1),
+        b":1\r\n"
+    );
+    assert_eq!(waiter.read_replies(1), b"*-1\r\n");
+    // ERROR: it gets Redis's -UNBLOCKED error; the client goes on working.
+    waiter.send(&resp(&[b"BRPOP", b"never", b"0"]));
+    let id = blocked_id(&mut admin);
+    assert_eq!(
+        admin.roundtrip(&resp(&[b"CLIENT", b"UNBLOCK", id.as_bytes(), b"ERROR"]), 1),
+        b":1\r\n"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&waiter.read_replies(1)),
+        "-UNBLOCKED client unblocked via CLIENT UNBLOCK\r\n"
+    );
+    assert_eq!(waiter.roundtrip(&resp(&[b"PING"]), 1), b"+PONG\r\n");
+    // A client that is not blocked, an unknown one, and bad arguments, as Redis answers them.
+    let own = String::from_utf8_lossy(&waiter.roundtrip(&resp(&[b"CLIENT", b"ID"]), 1))
+        .trim_start_matches(':')
+        .trim()
+        .to_string();
+    for id in [own.as_str(), "999999"] {
+        assert_eq!(
+            admin.roundtrip(&resp(&[b"CLIENT", b"UNBLOCK", id.as_bytes()]), 1),
+            b":0\r\n"
+        );
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&admin.roundtrip(&resp(&[b"CLIENT", b"UNBLOCK", b"x"]), 1)),
+        "-ERR value is not an integer or out of range\r\n"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&admin.roundtrip(&resp(&[b"CLIENT", b"UNBLOCK", b"1", b"NOW"]), 1)),
+        "-ERR CLIENT UNBLOCK reason should be TIMEOUT or ERROR\r\n"
+    );
+    // A script that never ends holds the shared connection; SCRIPT KILL still reaches Redis
+    // (from a client on database 3 too) and the script's caller gets Redis's error.
+    // (Redis serves other connections during a script once it has run this long.)
+    assert_eq!(
+        admin.roundtrip(&resp(&[b"CONFIG", b"SET", b"lua-time-limit", b"10"]), 1),
+        b"+OK\r\n"
+    );
+    let mut scripted = Raw::connect(proxy.port);
+    scripted.send(&resp(&[b"EVAL", b"while true do end", b"0"]));
+    std::thread::sleep(Duration::from_millis(300));
+    let mut killer = Raw::connect(proxy.port);
+    assert_eq!(killer.roundtrip(&resp(&[b"SELECT", b"3"]), 1), b"+OK\r\n");
+    let killed =
+        String::from_utf8_lossy(&killer.roundtrip(&resp(&[b"SCRIPT", b"KILL"]), 1)).into_owned();
+    assert_eq!(killed, "+OK\r\n");
+    let reply = String::from_utf8_lossy(&scripted.read_replies(1)).into_owned();
+    assert!(
+        reply.starts_with("-ERR Script killed by user with SCRIPT KILL"),
+        "{reply}"
+    );
+    assert_eq!(admin.roundtrip(&resp(&[b"PING"]), 1), b"+PONG\r\n");
+    assert_eq!(
+        String::from_utf8_lossy(&killer.roundtrip(&resp(&[b"SCRIPT", b"KILL"]), 1)),
+        "-NOTBUSY No scripts in execution right now.\r\n"
     );
 }
 

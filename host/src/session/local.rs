@@ -151,6 +151,7 @@ impl Session {
                 "clients" => {
                     line(&mut b, "connected_clients", &shared.clients.count());
                     line(&mut b, "maxclients", &shared.config.max_clients);
+                    line(&mut b, "blocked_clients", &shared.clients.blocked());
                     section("Clients", b);
                 }
                 "stats" => {
@@ -617,19 +618,61 @@ impl Session {
                 }
             }
             b"getredir" if argc == 2 => self.reply_with(|o, _| resp::int(o, -1)),
-            b"tracking" | b"caching" | b"unblock" => {
+            b"unblock" if argc == 3 || argc == 4 => self.client_unblock(cmd, &args),
+            b"tracking" | b"caching" => {
                 let s = String::from_utf8_lossy(&sub).to_uppercase();
                 self.reply_error(&format!(
                     "ERR respire: CLIENT {s} is not supported through the proxy"
                 ));
             }
             b"id" | b"getname" | b"setname" | b"info" | b"kill" | b"setinfo" | b"reply"
-            | b"no-evict" | b"no-touch" | b"getredir" => arity_error(self),
+            | b"no-evict" | b"no-touch" | b"getredir" | b"unblock" => arity_error(self),
             // PAUSE, UNPAUSE, HELP, TRACKINGINFO and anything newer go to Redis.
             _ => {
                 self.route(cmd, res, Use::Shared);
             }
         }
+    }
+
+    /// `CLIENT UNBLOCK id [TIMEOUT|ERROR]`: the client's blocking command waits on a
+    /// connection of its own, so Redis unblocks that connection (the command then answers as
+    /// it would on Redis) and says whether it was blocked.
+    pub(super) fn client_unblock(&mut self, cmd: Command, args: &[Bytes]) {
+        let mode = match args.get(3).map(|m| m.to_ascii_lowercase()) {
+            None => "TIMEOUT",
+            Some(m) if m == b"timeout" => "TIMEOUT",
+            Some(m) if m == b"error" => "ERROR",
+            Some(_) => {
+                return self.reply_error("ERR CLIENT UNBLOCK reason should be TIMEOUT or ERROR");
+            }
+        };
+        let Some(id) = args.get(2).and_then(|a| parse_i64(a)) else {
+            return self.reply_error("ERR value is not an integer or out of range");
+        };
+        let blocked_on = u64::try_from(id)
+            .ok()
+            .and_then(|id| self.worker.shared.clients.get(id))
+            .filter(|t| t.flags.load(Ordering::Relaxed) & flag::BLOCKED != 0)
+            .and_then(|t| t.blocked_on.lock().ok()?.clone());
+        let target = blocked_on.and_then(|(addr, server_id)| {
+            let node = self.topo.nodes.iter().position(|n| *n == addr)?;
+            let server_id = server_id.load(Ordering::Relaxed);
+            (server_id > 0).then_some((node, server_id))
+        });
+        let Some((node, server_id)) = target else {
+            return self.reply_with(|o, _| resp::int(o, 0));
+        };
+        let mut c = Some(cmd);
+        if !self.barrier(&mut c, Target::Shared(self.key())) {
+            return;
+        }
+        let mut data = bytes::BytesMut::new();
+        resp::encode_args(
+            &mut data,
+            &["CLIENT", "UNBLOCK", &server_id.to_string(), mode],
+        );
+        let rx = self.shared_conn(node).send(data.freeze(), 0, false);
+        self.push_waiting(rx, None, false, false, node, None, false);
     }
 
     pub(super) fn client_list(&mut self, cmd: &Command) {
