@@ -33,9 +33,10 @@ pub enum Kind {
     Blocking,
     /// `XREAD` / `XREADGROUP`: blocking only with a `BLOCK` option.
     MaybeBlocking,
-    /// `SCRIPT` / `FUNCTION`: forwarded; `KILL` on a connection of its own (a shared one
-    /// may be waiting behind the script it stops).
-    ScriptControl,
+    /// `SCRIPT`, `FUNCTION`, `CONFIG`: forwarded, with subcommands respire acts on too:
+    /// `KILL` goes on a connection of its own (a shared one may be waiting behind the script
+    /// it stops), `CONFIG RESETSTAT` also resets respire's counters.
+    Control,
     /// `SUBSCRIBE`, `PSUBSCRIBE`, `SSUBSCRIBE`, `MONITOR`: the connection becomes a stream.
     Stream,
     /// `UNSUBSCRIBE`, `PUNSUBSCRIBE`, `SUNSUBSCRIBE` outside subscribe mode.
@@ -117,10 +118,11 @@ static TABLE: &[Spec] = &[
     spec("bzpopmin", Kind::Blocking),
     spec("client", Kind::Local(Local::Client)),
     spec("cluster", Kind::Cluster),
+    spec("config", Kind::Control),
     spec("discard", Kind::EndTransaction),
     spec("echo", Kind::Local(Local::Echo)),
     spec("exec", Kind::EndTransaction),
-    spec("function", Kind::ScriptControl),
+    spec("function", Kind::Control),
     no_auth("hello", Kind::Local(Local::Hello)),
     spec("info", Kind::Local(Local::Info)),
     spec("monitor", Kind::Stream),
@@ -134,7 +136,7 @@ static TABLE: &[Spec] = &[
     spec("readwrite", Kind::ClusterConnection),
     spec("replconf", Kind::Refused(REPLICATION)),
     no_auth("reset", Kind::Local(Local::Reset)),
-    spec("script", Kind::ScriptControl),
+    spec("script", Kind::Control),
     spec("select", Kind::Local(Local::Select)),
     spec("slowlog", Kind::Local(Local::Slowlog)),
     spec("ssubscribe", Kind::Stream),

@@ -580,21 +580,68 @@ fn merge_info(replies: &[Bytes], ours: &str, replaced: &[String]) -> Option<Byte
             }
         }
     }
+    // respire's sections that Redis also has (`replaced`) are merged into Redis's, field by
+    // field: respire's value where it has one (its clients, its counters), Redis's fields
+    // otherwise, respire's other fields at the section's end. The rest go before `Keyspace`.
+    let mut merging: Vec<(String, Vec<(String, bool)>)> = Vec::new();
+    let mut rest = String::new();
+    for part in ours.split("\r\n\r\n").filter(|p| !p.is_empty()) {
+        let mut lines = part.split("\r\n");
+        let header = lines.next().unwrap_or_default();
+        let name = header.trim_start_matches("# ").trim().to_ascii_lowercase();
+        if replaced.contains(&name) {
+            merging.push((name, lines.map(|l| (l.to_string(), false)).collect()));
+        } else {
+            rest.push_str(part);
+            rest.push_str("\r\n\r\n");
+        }
+    }
+    let field = |l: &str| l.split_once(':').map(|(k, _)| k.to_string());
     let text = String::from_utf8_lossy(&first);
+    // A section Redis did not send goes whole with the others.
+    let sent: Vec<String> = text
+        .split("\r\n")
+        .filter_map(|l| l.strip_prefix("# "))
+        .map(|n| n.trim().to_ascii_lowercase())
+        .collect();
+    for part in ours.split("\r\n\r\n").filter(|p| !p.is_empty()) {
+        let name = part.split("\r\n").next().unwrap_or_default();
+        let name = name.trim_start_matches("# ").trim().to_ascii_lowercase();
+        if replaced.contains(&name) && !sent.contains(&name) {
+            merging.retain(|(n, _)| *n != name);
+            rest.push_str(part);
+            rest.push_str("\r\n\r\n");
+        }
+    }
     let mut out = String::new();
     let mut in_keyspace = false;
-    let mut skipping = false;
-    let mut placed = ours.is_empty();
-    for line in text.split("\r\n") {
-        if let Some(section) = line.strip_prefix("# ") {
-            let section = section.trim().to_ascii_lowercase();
-            skipping = replaced.contains(&section);
-            if skipping {
-                continue;
+    // The section being merged (an index into `merging`).
+    let mut current: Option<usize> = None;
+    let mut placed = rest.is_empty();
+    let flush = |out: &mut String,
+                 current: &mut Option<usize>,
+                 merging: &mut Vec<(String, Vec<(String, bool)>)>| {
+        if let Some(fields) = current.take().and_then(|i| merging.get_mut(i)) {
+            for (line, used) in &mut fields.1 {
+                if !*used {
+                    out.push_str(line);
+                    out.push_str("\r\n");
+                    *used = true;
+                }
             }
+        }
+    };
+    for line in text.split("\r\n") {
+        if line.is_empty() {
+            flush(&mut out, &mut current, &mut merging);
+        }
+        if let Some(section) = line.strip_prefix("# ") {
+            flush(&mut out, &mut current, &mut merging);
+            let section = section.trim().to_ascii_lowercase();
+            current = merging.iter().position(|(n, _)| *n == section);
             in_keyspace = section == "keyspace";
             if in_keyspace && !placed {
-                out.push_str(ours);
+                out.push_str(&rest);
                 placed = true;
             }
             out.push_str(line);
@@ -606,12 +653,23 @@ fn merge_info(replies: &[Bytes], ours: &str, replaced: &[String]) -> Option<Byte
             }
             continue;
         }
-        if skipping || (in_keyspace && line.starts_with("db")) {
+        if in_keyspace && line.starts_with("db") {
             continue;
         }
-        out.push_str(line);
+        let ours_line = current
+            .and_then(|i| merging.get_mut(i))
+            .and_then(|(_, fields)| {
+                let k = field(line)?;
+                let (l, used) = fields
+                    .iter_mut()
+                    .find(|(l, _)| field(l).as_deref() == Some(&k))?;
+                *used = true;
+                Some(l.clone())
+            });
+        out.push_str(ours_line.as_deref().unwrap_or(line));
         out.push_str("\r\n");
     }
+    flush(&mut out, &mut current, &mut merging);
     // `split` leaves one empty piece after the final CRLF.
     while out.ends_with("\r\n\r\n") {
         out.truncate(out.len() - 2);
@@ -620,7 +678,7 @@ fn merge_info(replies: &[Bytes], ours: &str, replaced: &[String]) -> Option<Byte
         if !out.is_empty() {
             out.push_str("\r\n");
         }
-        out.push_str(ours.trim_end_matches("\r\n"));
+        out.push_str(rest.trim_end_matches("\r\n"));
         out.push_str("\r\n");
     }
     let mut buf = BytesMut::new();
@@ -886,20 +944,24 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("redis_version:7"), "{text}");
-        // respire's sections go before the keyspace, in place of the ones they replace.
-        let a = Bytes::from_static(b"$60\r\n# Server\r\nv:7\r\n\r\n# Clients\r\nconnected_clients:9\r\n\r\n# Keyspace\r\ndb0:keys=1\r\n\r\n");
-        let ours = Arc::from("# Clients\r\nconnected_clients:2\r\n\r\n");
+        // Sections Redis has too are merged field by field where Redis put them: respire's
+        // values win, Redis's other fields stay, respire's own come at the end. respire's
+        // other sections go before the keyspace; one Redis did not send comes whole.
+        let a = Bytes::from_static(b"$99\r\n# Server\r\nv:7\r\n\r\n# Clients\r\nconnected_clients:9\r\ntracking_clients:4\r\nblocked_clients:3\r\n\r\n# Keyspace\r\ndb0:keys=1\r\n\r\n");
+        let ours = Arc::from(
+            "# Respire\r\nworkers:2\r\n\r\n# Clients\r\nconnected_clients:2\r\nblocked_clients:1\r\nmaxclients:50\r\n\r\n# Stats\r\ntotal_error_replies:0\r\n\r\n",
+        );
         let r = merge(
             &Merge::Info {
                 ours,
-                replaced: vec!["clients".into()],
+                replaced: vec!["clients".into(), "stats".into()],
             },
             &[fix(&a)],
             &[],
         );
         let text = String::from_utf8_lossy(&r);
         assert!(
-            text.ends_with("# Server\r\nv:7\r\n\r\n# Clients\r\nconnected_clients:2\r\n\r\n# Keyspace\r\ndb0:keys=1,expires=0,avg_ttl=0\r\n\r\n"),
+            text.ends_with("# Server\r\nv:7\r\n\r\n# Clients\r\nconnected_clients:2\r\ntracking_clients:4\r\nblocked_clients:1\r\nmaxclients:50\r\n\r\n# Respire\r\nworkers:2\r\n\r\n# Stats\r\ntotal_error_replies:0\r\n\r\n# Keyspace\r\ndb0:keys=1,expires=0,avg_ttl=0\r\n\r\n"),
             "{text}"
         );
     }

@@ -96,6 +96,49 @@ pub struct Shared {
     pub auth_throttle: crate::guard::AuthThrottle,
     /// TLS towards clients, when configured.
     pub tls: Option<Arc<crate::tls::ServerTls>>,
+    /// The counters' values at the last `CONFIG RESETSTAT` (see [`Counters`]).
+    pub counters_base: std::sync::Mutex<Counters>,
+}
+
+/// The counters `INFO stats` reports, in this order: connections received, connections
+/// rejected, commands processed, error replies, bytes in, bytes out, connections closed over
+/// the query buffer limit and over the output buffer limit, cache hits, cache misses.
+pub type Counters = [u64; 10];
+
+impl Shared {
+    /// The counters since start or the last `CONFIG RESETSTAT`.
+    pub fn counters(&self) -> Counters {
+        let now = self.raw_counters();
+        let base = self.counters_base.lock().map(|b| *b).unwrap_or_default();
+        std::array::from_fn(|i| now[i].saturating_sub(base[i]))
+    }
+
+    /// `CONFIG RESETSTAT`: the counters start again from zero.
+    pub fn reset_counters(&self) {
+        let now = self.raw_counters();
+        if let Ok(mut base) = self.counters_base.lock() {
+            *base = now;
+        }
+    }
+
+    fn raw_counters(&self) -> Counters {
+        let (accepted, rejected) = self.clients.totals();
+        let (commands, errors, bytes_in, bytes_out) = crate::stats::totals();
+        let (query_closed, output_closed) = self.clients.limit_closed();
+        let (hits, misses, _, _) = crate::cache::counters();
+        [
+            accepted,
+            rejected,
+            commands,
+            errors,
+            bytes_in,
+            bytes_out,
+            query_closed,
+            output_closed,
+            hits,
+            misses,
+        ]
+    }
 }
 
 /// What one worker thread owns.
@@ -327,6 +370,7 @@ impl Server {
             started: std::time::Instant::now(),
             auth_throttle: crate::guard::AuthThrottle::new(config.auth_failure_limit),
             tls: server_tls.clone(),
+            counters_base: std::sync::Mutex::default(),
             config,
         });
         if server_tls.is_some() || client_tls.is_some() {

@@ -2380,12 +2380,15 @@ impl Session {
                     self.route(cmd, res, Use::Shared);
                 }
             }
-            Kind::ScriptControl => {
+            Kind::Control => {
+                let sub = cmd.arg_bytes(1).unwrap_or_default();
+                let config = cmd.name().eq_ignore_ascii_case(b"config");
+                if config && sub.eq_ignore_ascii_case(b"resetstat") && cmd.len() == 2 {
+                    self.worker.shared.reset_counters();
+                }
                 // `SCRIPT KILL` / `FUNCTION KILL` on a connection of their own: the shared
                 // one may be waiting behind the very script they stop.
-                let kill = cmd
-                    .arg_bytes(1)
-                    .is_some_and(|s| s.eq_ignore_ascii_case(b"kill"));
+                let kill = !config && sub.eq_ignore_ascii_case(b"kill");
                 self.route(cmd, res, if kill { Use::Exclusive } else { Use::Shared });
             }
             Kind::Stream => {

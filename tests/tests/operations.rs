@@ -253,9 +253,45 @@ fn admin_views_info_and_slowlog() {
     let mut p = Raw::connect(proxy.port);
     assert_eq!(text(&mut p, &[b"SET", b"a", b"1"]), "+OK\r\n");
     // respire's sections only: no round trip to Redis.
-    let info = text(&mut p, &[b"INFO", b"clients"]);
-    assert!(info.contains("# Clients\r\nconnected_clients:"), "{info}");
+    let info = text(&mut p, &[b"INFO", b"respire"]);
+    assert!(info.contains("# Respire\r\nrespire_version:"), "{info}");
     assert!(!info.contains("# Server"), "{info}");
+    // A section Redis has too: Redis's fields, respire's values for its own clients.
+    let info = text(&mut p, &[b"INFO", b"clients"]);
+    assert!(
+        info.contains("# Clients\r\nconnected_clients:1\r\n"),
+        "{info}"
+    );
+    assert!(info.contains("\r\nblocked_clients:0\r\n"), "{info}");
+    assert!(
+        info.contains("\r\ntracking_clients:"),
+        "Redis's fields stay: {info}"
+    );
+    assert!(!info.contains("# Server"), "{info}");
+    // CONFIG RESETSTAT resets respire's counters with Redis's; Redis's fields stay beside
+    // respire's.
+    assert!(text(&mut p, &[b"GET", b"a", b"extra"]).starts_with("-ERR wrong number"));
+    assert_eq!(text(&mut p, &[b"CONFIG", b"RESETSTAT"]), "+OK\r\n");
+    assert!(text(&mut p, &[b"INCR", b"a", b"b"]).starts_with("-ERR wrong number"));
+    let stats = text(&mut p, &[b"INFO", b"stats"]);
+    for want in [
+        "\r\ntotal_error_replies:1\r\n",
+        "\r\nexpired_keys:0\r\n",
+        "\r\nkeyspace_hits:",
+        "\r\ncache_hits:0\r\n",
+    ] {
+        assert!(stats.contains(want), "{want:?} missing in {stats}");
+    }
+    assert_eq!(stats.matches("total_error_replies").count(), 1, "{stats}");
+    let processed: u64 = stats
+        .split("\r\n")
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(
+        (1..=3).contains(&processed),
+        "counted from the reset: {stats}"
+    );
     // Everything: Redis's sections with respire's own, and the keyspace.
     let info = text(&mut p, &[b"INFO"]);
     for want in [

@@ -77,9 +77,10 @@ impl Session {
             .filter(|s| everything || asked.iter().any(|a| a == s))
             .collect();
         let text = self.respire_info(&ours);
+        // Redis has a clients and a stats section too: respire's fields go into Redis's.
         let theirs: Vec<&String> = asked
             .iter()
-            .filter(|a| !OURS.contains(&a.as_str()))
+            .filter(|a| !OURS.contains(&a.as_str()) || *a == "clients" || *a == "stats")
             .collect();
         let masters: Vec<(usize, Option<u16>)> = self
             .topo
@@ -155,16 +156,25 @@ impl Session {
                     section("Clients", b);
                 }
                 "stats" => {
-                    let (accepted, rejected) = shared.clients.totals();
-                    let (commands, errors, bytes_in, bytes_out) = crate::stats::totals();
-                    let (hits, misses, entries, bytes) = crate::cache::counters();
+                    let [
+                        accepted,
+                        rejected,
+                        commands,
+                        errors,
+                        bytes_in,
+                        bytes_out,
+                        query_closed,
+                        output_closed,
+                        hits,
+                        misses,
+                    ] = shared.counters();
+                    let (_, _, entries, bytes) = crate::cache::counters();
                     line(&mut b, "total_connections_received", &accepted);
                     line(&mut b, "rejected_connections", &rejected);
                     line(&mut b, "total_commands_processed", &commands);
                     line(&mut b, "total_error_replies", &errors);
                     line(&mut b, "total_net_input_bytes", &bytes_in);
                     line(&mut b, "total_net_output_bytes", &bytes_out);
-                    let (query_closed, output_closed) = shared.clients.limit_closed();
                     line(
                         &mut b,
                         "client_query_buffer_limit_disconnections",
