@@ -609,7 +609,7 @@ fn merge_info(replies: &[Bytes], ours: &str, replaced: &[String]) -> Option<Byte
         let name = name.trim_start_matches("# ").trim().to_ascii_lowercase();
         if replaced.contains(&name) && !sent.contains(&name) {
             merging.retain(|(n, _)| *n != name);
-            rest.push_str(part);
+            rest.push_str(&part.replace(":+", ":"));
             rest.push_str("\r\n\r\n");
         }
     }
@@ -624,7 +624,7 @@ fn merge_info(replies: &[Bytes], ours: &str, replaced: &[String]) -> Option<Byte
         if let Some(fields) = current.take().and_then(|i| merging.get_mut(i)) {
             for (line, used) in &mut fields.1 {
                 if !*used {
-                    out.push_str(line);
+                    out.push_str(&line.replacen(":+", ":", 1));
                     out.push_str("\r\n");
                     *used = true;
                 }
@@ -664,7 +664,16 @@ fn merge_info(replies: &[Bytes], ours: &str, replaced: &[String]) -> Option<Byte
                     .iter_mut()
                     .find(|(l, _)| field(l).as_deref() == Some(&k))?;
                 *used = true;
-                Some(l.clone())
+                // `k:+n`: n added to Redis's value.
+                match l.split_once(":+") {
+                    Some((k, n)) => {
+                        let theirs = line.split_once(':').map_or("0", |(_, v)| v);
+                        let sum =
+                            theirs.parse::<i64>().unwrap_or(0) + n.parse::<i64>().unwrap_or(0);
+                        Some(format!("{k}:{sum}"))
+                    }
+                    None => Some(l.clone()),
+                }
             });
         out.push_str(ours_line.as_deref().unwrap_or(line));
         out.push_str("\r\n");
@@ -949,7 +958,7 @@ mod tests {
         // other sections go before the keyspace; one Redis did not send comes whole.
         let a = Bytes::from_static(b"$99\r\n# Server\r\nv:7\r\n\r\n# Clients\r\nconnected_clients:9\r\ntracking_clients:4\r\nblocked_clients:3\r\n\r\n# Keyspace\r\ndb0:keys=1\r\n\r\n");
         let ours = Arc::from(
-            "# Respire\r\nworkers:2\r\n\r\n# Clients\r\nconnected_clients:2\r\nblocked_clients:1\r\nmaxclients:50\r\n\r\n# Stats\r\ntotal_error_replies:0\r\n\r\n",
+            "# Respire\r\nworkers:2\r\n\r\n# Clients\r\nconnected_clients:2\r\nblocked_clients:1\r\nmaxclients:50\r\n\r\n# Stats\r\ntotal_error_replies:+3\r\n\r\n",
         );
         let r = merge(
             &Merge::Info {
@@ -961,7 +970,26 @@ mod tests {
         );
         let text = String::from_utf8_lossy(&r);
         assert!(
-            text.ends_with("# Server\r\nv:7\r\n\r\n# Clients\r\nconnected_clients:2\r\ntracking_clients:4\r\nblocked_clients:1\r\nmaxclients:50\r\n\r\n# Respire\r\nworkers:2\r\n\r\n# Stats\r\ntotal_error_replies:0\r\n\r\n# Keyspace\r\ndb0:keys=1,expires=0,avg_ttl=0\r\n\r\n"),
+            text.ends_with("# Server\r\nv:7\r\n\r\n# Clients\r\nconnected_clients:2\r\ntracking_clients:4\r\nblocked_clients:1\r\nmaxclients:50\r\n\r\n# Respire\r\nworkers:2\r\n\r\n# Stats\r\ntotal_error_replies:3\r\n\r\n# Keyspace\r\ndb0:keys=1,expires=0,avg_ttl=0\r\n\r\n"),
+            "{text}"
+        );
+        // `+n`: added to Redis's own count.
+        let a = Bytes::from_static(
+            b"$60\r\n# Stats\r\ntotal_error_replies:5\r\nexpired_keys:2\r\n\r\n# Keyspace\r\n\r\n",
+        );
+        let r = merge(
+            &Merge::Info {
+                ours: Arc::from(
+                    "# Stats\r\ntotal_error_replies:+3\r\nrespire_error_replies:4\r\n\r\n",
+                ),
+                replaced: vec!["stats".into()],
+            },
+            &[fix(&a)],
+            &[],
+        );
+        let text = String::from_utf8_lossy(&r);
+        assert!(
+            text.contains("# Stats\r\ntotal_error_replies:8\r\nexpired_keys:2\r\nrespire_error_replies:4\r\n\r\n# Keyspace"),
             "{text}"
         );
     }

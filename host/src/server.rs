@@ -98,12 +98,15 @@ pub struct Shared {
     pub tls: Option<Arc<crate::tls::ServerTls>>,
     /// The counters' values at the last `CONFIG RESETSTAT` (see [`Counters`]).
     pub counters_base: std::sync::Mutex<Counters>,
+    /// Error replies respire made itself (Redis never saw those commands).
+    pub local_errors: std::sync::atomic::AtomicU64,
 }
 
 /// The counters `INFO stats` reports, in this order: connections received, connections
 /// rejected, commands processed, error replies, bytes in, bytes out, connections closed over
-/// the query buffer limit and over the output buffer limit, cache hits, cache misses.
-pub type Counters = [u64; 10];
+/// the query buffer limit and over the output buffer limit, cache hits, cache misses, error
+/// replies respire made itself.
+pub type Counters = [u64; 11];
 
 impl Shared {
     /// The counters since start or the last `CONFIG RESETSTAT`.
@@ -137,6 +140,7 @@ impl Shared {
             output_closed,
             hits,
             misses,
+            self.local_errors.load(std::sync::atomic::Ordering::Relaxed),
         ]
     }
 }
@@ -371,6 +375,7 @@ impl Server {
             auth_throttle: crate::guard::AuthThrottle::new(config.auth_failure_limit),
             tls: server_tls.clone(),
             counters_base: std::sync::Mutex::default(),
+            local_errors: std::sync::atomic::AtomicU64::new(0),
             config,
         });
         if server_tls.is_some() || client_tls.is_some() {

@@ -1397,6 +1397,11 @@ impl Session {
     }
 
     fn reply_error(&mut self, msg: &str) {
+        // Counted apart: `INFO`'s `total_error_replies` is Redis's count plus respire's own.
+        self.worker
+            .shared
+            .local_errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.reply_with(|o, _| resp::error(o, msg));
     }
 

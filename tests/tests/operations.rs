@@ -276,6 +276,8 @@ fn admin_views_info_and_slowlog() {
     let stats = text(&mut p, &[b"INFO", b"stats"]);
     for want in [
         "\r\ntotal_error_replies:1\r\n",
+        "\r\nrespire_error_replies:1\r\n",
+        "\r\ntotal_commands_processed:",
         "\r\nexpired_keys:0\r\n",
         "\r\nkeyspace_hits:",
         "\r\ncache_hits:0\r\n",
@@ -285,7 +287,7 @@ fn admin_views_info_and_slowlog() {
     assert_eq!(stats.matches("total_error_replies").count(), 1, "{stats}");
     let processed: u64 = stats
         .split("\r\n")
-        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .find_map(|l| l.strip_prefix("respire_commands_processed:"))
         .and_then(|v| v.parse().ok())
         .unwrap();
     assert!(
@@ -298,7 +300,7 @@ fn admin_views_info_and_slowlog() {
         "# Server\r\nredis_version:",
         "# Respire\r\nrespire_version:0.1.0",
         "# Stats\r\ntotal_connections_received:",
-        "total_commands_processed:",
+        "respire_commands_processed:",
         "# Plugins\r\nplugins:0",
         "# Topology\r\n",
         "shard_0:master=",

@@ -90,6 +90,8 @@ impl Session {
             .map(|(i, s)| (s.master, self.topo.slot_of_shard(i)))
             .collect();
         if (!everything && theirs.is_empty()) || masters.is_empty() {
+            // Nothing of Redis's to add to.
+            let text = text.replace(":+", ":");
             return self.reply_with(|o, proto| resp::verbatim(o, text.as_bytes(), proto));
         }
         let mut sent = vec![Bytes::from_static(b"INFO")];
@@ -167,12 +169,17 @@ impl Session {
                         output_closed,
                         hits,
                         misses,
+                        local_errors,
                     ] = shared.counters();
                     let (_, _, entries, bytes) = crate::cache::counters();
                     line(&mut b, "total_connections_received", &accepted);
                     line(&mut b, "rejected_connections", &rejected);
-                    line(&mut b, "total_commands_processed", &commands);
-                    line(&mut b, "total_error_replies", &errors);
+                    // Redis's count of the commands it ran, and of its error replies plus
+                    // respire's own (`+`: added to Redis's value); respire's counts of what
+                    // its clients sent and got are its own fields.
+                    line(&mut b, "total_error_replies", &format!("+{local_errors}"));
+                    line(&mut b, "respire_commands_processed", &commands);
+                    line(&mut b, "respire_error_replies", &errors);
                     line(&mut b, "total_net_input_bytes", &bytes_in);
                     line(&mut b, "total_net_output_bytes", &bytes_out);
                     line(
