@@ -1387,6 +1387,17 @@ impl Session {
         if self.take_silent() {
             return;
         }
+        self.reply_always(f);
+    }
+
+    /// A reply that `CLIENT REPLY OFF|SKIP` does not silence: subscription confirmations
+    /// are pushes, which Redis delivers regardless (the mode still moves on).
+    fn reply_push(&mut self, f: impl FnOnce(&mut BytesMut, u8)) {
+        let _ = self.take_silent();
+        self.reply_always(f);
+    }
+
+    fn reply_always(&mut self, f: impl FnOnce(&mut BytesMut, u8)) {
         if self.queue.is_empty() && self.staged.is_empty() && self.hooked.is_none() {
             f(&mut self.out, self.proto);
         } else {

@@ -519,6 +519,42 @@ fn client_disconnecting_mid_block_releases_the_backend() {
 }
 
 #[test]
+fn subscriptions_are_confirmed_under_client_reply_off_as_redis_does() {
+    // Confirmations and messages are pushes: Redis delivers them even with CLIENT REPLY OFF.
+    let redis = RedisServer::start();
+    let proxy = Respire::start(&redis.addr(), &["--workers", "1"]);
+    let run = |port: u16, hello3: bool| -> Vec<u8> {
+        let mut s = Raw::connect(port);
+        if hello3 {
+            assert!(s.roundtrip(&resp(&[b"HELLO", b"3"]), 1).starts_with(b"%"));
+        }
+        s.send(&resp(&[b"CLIENT", b"REPLY", b"OFF"]));
+        s.send(&resp(&[b"SUBSCRIBE", b"ch"]));
+        s.send(&resp(&[b"PSUBSCRIBE", b"c*"]));
+        let mut got = s.read_replies(2);
+        let mut p = Raw::connect(port);
+        assert_eq!(
+            p.roundtrip(&resp(&[b"PUBLISH", b"ch", b"hi"]), 1),
+            b":2\r\n"
+        );
+        got.extend(s.read_replies(2));
+        s.send(&resp(&[b"UNSUBSCRIBE", b"ch"]));
+        s.send(&resp(&[b"PUNSUBSCRIBE"]));
+        got.extend(s.read_replies(2));
+        got
+    };
+    for hello3 in [false, true] {
+        let direct = run(redis.port, hello3);
+        assert_eq!(
+            String::from_utf8_lossy(&run(proxy.port, hello3)),
+            String::from_utf8_lossy(&direct),
+            "RESP3: {hello3}"
+        );
+        assert!(direct.ends_with(b"punsubscribe\r\n$2\r\nc*\r\n:0\r\n"));
+    }
+}
+
+#[test]
 fn pubsub_with_a_publisher_on_another_connection() {
     let redis = RedisServer::start();
     let proxy = Respire::start(&redis.addr(), &[]);

@@ -101,7 +101,7 @@ impl Session {
         self.info.set_flag(flag::PUBSUB, true);
         let frames = frames.freeze();
         if waits.is_empty() {
-            return self.reply_with(|o, _| o.extend_from_slice(&frames));
+            return self.reply_push(|o, _| o.extend_from_slice(&frames));
         }
         // Reply once the backend has confirmed, so no message published after the reply is missed.
         let (done, rx) = crate::backend::reply_channel();
@@ -111,10 +111,11 @@ impl Session {
             }
             done.send(Ok(frames));
         });
-        let silent = self.take_silent();
+        // A push: delivered even under `CLIENT REPLY OFF` (the mode still moves on).
+        let _ = self.take_silent();
         self.push_slot(Slot::Waiting {
             rx,
-            silent,
+            silent: false,
             retry: None,
         });
         self.waiting += 1;
@@ -159,7 +160,7 @@ impl Session {
             self.info.set_flag(flag::PUBSUB, false);
         }
         let frames = frames.freeze();
-        self.reply_with(|o, _| o.extend_from_slice(&frames));
+        self.reply_push(|o, _| o.extend_from_slice(&frames));
     }
 
     /// Leaves every subscription (RESET, disconnect).
