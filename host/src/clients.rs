@@ -132,8 +132,9 @@ impl ClientInfo {
         self.signals.load(Ordering::Acquire) & signal::KILL != 0
     }
 
-    /// The `CLIENT LIST` / `CLIENT INFO` line for this client (without newline).
-    pub fn line(&self, table: &crate::commands::CommandTable) -> String {
+    /// The `CLIENT LIST` / `CLIENT INFO` line for this client (without newline); `qbuf`: the
+    /// bytes of its requests read and not yet answered (known for the calling client).
+    pub fn line(&self, table: &crate::commands::CommandTable, qbuf: usize) -> String {
         let now = Instant::now();
         let age = now.duration_since(self.created).as_secs();
         let idle_ms = (now.duration_since(self.created).as_millis() as u64)
@@ -160,7 +161,7 @@ impl ClientInfo {
         let user = self.user.lock().map(|u| u.clone()).unwrap_or_default();
         let cmd = table.display_name(self.last_cmd.load(Ordering::Relaxed));
         format!(
-            "id={} addr={} laddr={} fd={} name={} age={} idle={} flags={} db={} sub=0 psub=0 ssub=0 multi={} qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 events=r cmd={} user={} redir=-1 resp={} lib-name={} lib-ver={}",
+            "id={} addr={} laddr={} fd={} name={} age={} idle={} flags={} db={} sub=0 psub=0 ssub=0 multi={} qbuf={} qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 events=r cmd={} user={} redir=-1 resp={} lib-name={} lib-ver={}",
             self.id,
             self.addr,
             self.laddr,
@@ -171,6 +172,7 @@ impl ClientInfo {
             flags,
             self.db.load(Ordering::Relaxed),
             if f & flag::MULTI != 0 { 0 } else { -1 },
+            qbuf,
             cmd,
             user,
             self.resp.load(Ordering::Relaxed),

@@ -370,7 +370,10 @@ impl Server {
             plugin_runtime,
             cache: Arc::default(),
             command_names,
-            slowlog: crate::stats::SlowLog::default(),
+            slowlog: crate::stats::SlowLog::new(
+                config.slowlog_log_slower_than,
+                config.slowlog_max_len,
+            ),
             started: std::time::Instant::now(),
             auth_throttle: crate::guard::AuthThrottle::new(config.auth_failure_limit),
             tls: server_tls.clone(),

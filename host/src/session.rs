@@ -52,7 +52,7 @@ use crate::plugin::{
     ChainRequest, ChainResponse, Client as PluginClient, ClientHandle, Decision, ReplyRoute,
     ResponseChain,
 };
-use crate::protocol::{self as resp, Command, RequestParser};
+use crate::protocol::{self as resp, Command, RequestParser, parse_i64};
 use crate::pubsub::SubKind;
 use crate::router::{self, CROSSSLOT, Merge, Plan};
 use crate::server::Worker;
@@ -727,7 +727,7 @@ pub struct Session {
 /// Serves one client connection until it closes.
 pub async fn run(worker: Rc<Worker>, stream: Stream, info: Arc<ClientInfo>) {
     let authenticated = !worker.shared.config.auth_required();
-    let slowlog = worker.shared.config.slowlog_log_slower_than >= 0;
+    let slowlog = worker.shared.slowlog.threshold() >= 0;
     let topo = worker.shared.topology.load();
     let mut s = Session {
         worker,
@@ -1200,6 +1200,7 @@ impl Session {
 
     fn process_input(&mut self) {
         self.batch_start = self.now();
+        self.slowlog = self.worker.shared.slowlog.threshold() >= 0;
         self.refresh_topology();
         self.has_plugins = self.worker.has_plugins();
         while self.can_take() {
@@ -1926,7 +1927,7 @@ impl Session {
                 }
             };
             self.worker.stats.record(s.id, error, elapsed);
-            let threshold = self.worker.shared.config.slowlog_log_slower_than;
+            let threshold = self.worker.shared.slowlog.threshold();
             if self.slowlog && elapsed.as_micros() >= threshold.max(0) as u128 {
                 self.log_slow(s, elapsed);
             }
@@ -1977,7 +1978,7 @@ impl Session {
         self.worker
             .shared
             .slowlog
-            .push(entry, self.worker.shared.config.slowlog_max_len);
+            .push(entry, self.worker.shared.slowlog.max_len());
     }
 
     fn handle_command(&mut self, mut cmd: Command, res: Resolved<'_>, pre: Option<PreDecision>) {
@@ -2402,6 +2403,9 @@ impl Session {
                 if config && sub.eq_ignore_ascii_case(b"resetstat") && cmd.len() == 2 {
                     self.worker.shared.reset_counters();
                 }
+                if config && sub.eq_ignore_ascii_case(b"set") {
+                    self.config_set_slowlog(&cmd);
+                }
                 // `SCRIPT KILL` / `FUNCTION KILL` on a connection of their own: the shared
                 // one may be waiting behind the very script they stop.
                 let kill = !config && sub.eq_ignore_ascii_case(b"kill");
@@ -2430,6 +2434,26 @@ impl Session {
                     self.route(cmd, res, Use::Shared);
                 }
             }
+        }
+    }
+
+    /// `CONFIG SET` of the slow log's settings applies to respire's slow log too (the
+    /// command still goes to Redis, for its own).
+    fn config_set_slowlog(&self, cmd: &Command) {
+        let log = &self.worker.shared.slowlog;
+        let mut i = 2;
+        while let (Some(name), Some(value)) = (cmd.arg_bytes(i), cmd.arg_bytes(i + 1)) {
+            let value = parse_i64(&value);
+            if name.eq_ignore_ascii_case(b"slowlog-log-slower-than") {
+                if let Some(us) = value {
+                    log.set_threshold(us);
+                }
+            } else if name.eq_ignore_ascii_case(b"slowlog-max-len") {
+                if let Some(n) = value.and_then(|n| usize::try_from(n).ok()) {
+                    log.set_max_len(n);
+                }
+            }
+            i += 2;
         }
     }
 

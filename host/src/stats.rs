@@ -260,9 +260,46 @@ pub struct SlowEntry {
 #[derive(Default)]
 pub struct SlowLog {
     entries: Mutex<(u64, VecDeque<SlowEntry>)>,
+    /// `slowlog_log_slower_than` in µs (negative: off), and `slowlog_max_len`; set from the
+    /// configuration and by `CONFIG SET slowlog-log-slower-than|slowlog-max-len`.
+    threshold: std::sync::atomic::AtomicI64,
+    max_len: std::sync::atomic::AtomicUsize,
 }
 
 impl SlowLog {
+    /// A slow log with these settings.
+    pub fn new(threshold_us: i64, max_len: usize) -> SlowLog {
+        let log = SlowLog::default();
+        log.set_threshold(threshold_us);
+        log.set_max_len(max_len);
+        log
+    }
+
+    /// Commands slower than this (µs) are logged; negative: none.
+    pub fn threshold(&self) -> i64 {
+        self.threshold.load(Ordering::Relaxed)
+    }
+
+    /// See [`SlowLog::threshold`].
+    pub fn set_threshold(&self, us: i64) {
+        self.threshold.store(us, Ordering::Relaxed);
+    }
+
+    /// How many entries are kept.
+    pub fn max_len(&self) -> usize {
+        self.max_len.load(Ordering::Relaxed)
+    }
+
+    /// See [`SlowLog::max_len`]; the oldest entries beyond it go at once.
+    pub fn set_max_len(&self, n: usize) {
+        self.max_len.store(n, Ordering::Relaxed);
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .truncate(n);
+    }
+
     /// Adds an entry (`max` entries are kept; the oldest go first).
     pub fn push(&self, mut e: SlowEntry, max: usize) {
         let mut g = self.entries.lock().unwrap_or_else(|p| p.into_inner());

@@ -580,7 +580,8 @@ impl Session {
             }
             b"info" if argc == 2 => {
                 self.note_activity();
-                let line = format!("{}\n", self.info.line(self.worker.shared.commands));
+                let qbuf = cmd.raw().len() + self.inbuf.len();
+                let line = format!("{}\n", self.info.line(self.worker.shared.commands, qbuf));
                 self.reply_with(|o, p| resp::verbatim(o, line.as_bytes(), p));
             }
             b"list" => {
@@ -740,7 +741,13 @@ impl Session {
                     continue;
                 }
             }
-            text.push_str(&c.line(self.worker.shared.commands));
+            // The caller's query buffer holds this command and what follows it, as in Redis.
+            let qbuf = if c.id == self.info.id {
+                cmd.raw().len() + self.inbuf.len()
+            } else {
+                0
+            };
+            text.push_str(&c.line(self.worker.shared.commands, qbuf));
             text.push('\n');
         }
         self.reply_with(|o, p| resp::verbatim(o, text.as_bytes(), p));
@@ -805,7 +812,17 @@ impl Session {
                     Some(n) if n >= 0 => maxage = Some(n as u64),
                     _ => return self.reply_error("ERR value is not an integer or out of range"),
                 },
-                b"type" => kind = Some(val.to_ascii_lowercase()),
+                b"type" => {
+                    let t = val.to_ascii_lowercase();
+                    if !matches!(
+                        t.as_slice(),
+                        b"normal" | b"master" | b"replica" | b"slave" | b"pubsub"
+                    ) {
+                        let t = String::from_utf8_lossy(val).into_owned();
+                        return self.reply_error(&format!("ERR Unknown client type '{t}'"));
+                    }
+                    kind = Some(t);
+                }
                 _ => return self.reply_error("ERR syntax error"),
             }
             i += 2;

@@ -37,6 +37,7 @@ impl Session {
             }
         };
         self.info.set_flag(flag::PUBSUB, true);
+        let monitor = first.name().eq_ignore_ascii_case(b"monitor");
         let mut signals = crate::clients::SignalWatch::default();
         let info = self.info.clone();
         let mut to_backend = BytesMut::new();
@@ -117,6 +118,8 @@ impl Session {
             match from {
                 Poll::Ready(IoEvent::Read) => loop {
                     match resp::next_reply(&mut from_backend) {
+                        // respire's own connections saying hello are not the clients' commands.
+                        Ok(Some(frame)) if monitor && own_handshake(&frame) => {}
                         Ok(Some(frame)) => self.out.extend_from_slice(&frame),
                         Ok(None) => break,
                         Err(_) => {
@@ -143,4 +146,10 @@ impl Session {
         self.info.set_flag(flag::PUBSUB, false);
         end
     }
+}
+
+/// Whether a `MONITOR` line is respire's own connection handshake (`HELLO … SETNAME respire`).
+fn own_handshake(line: &[u8]) -> bool {
+    line.ends_with(b"\"SETNAME\" \"respire\"\r\n")
+        && memchr::memmem::find(line, b"] \"HELLO\"").is_some()
 }
