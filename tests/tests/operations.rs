@@ -483,3 +483,70 @@ fn the_demo_starts_serves_and_stops_cleanly() {
         "Prometheus is installed by the test command, so the demo starts it: {out}"
     );
 }
+
+#[test]
+fn introspection_answers_as_redis_does() {
+    let redis = RedisServer::start();
+    let proxy = Respire::start(&redis.addr(), &["--workers", "1"]);
+    let mut p = Raw::connect(proxy.port);
+    // CONFIG SET of the slow log's settings applies to respire's slow log (and Redis's).
+    assert_eq!(text(&mut p, &[b"SLOWLOG", b"RESET"]), "+OK\r\n");
+    assert_eq!(
+        text(
+            &mut p,
+            &[b"CONFIG", b"SET", b"slowlog-log-slower-than", b"0"]
+        ),
+        "+OK\r\n"
+    );
+    for i in 0..5u8 {
+        assert_eq!(text(&mut p, &[b"SET", b"k", &[b'0' + i]]), "+OK\r\n");
+    }
+    let len: usize = text(&mut p, &[b"SLOWLOG", b"LEN"])[1..]
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(len >= 5, "every command is slower than 0 µs: {len}");
+    assert_eq!(
+        text(&mut p, &[b"CONFIG", b"SET", b"slowlog-max-len", b"2"]),
+        "+OK\r\n"
+    );
+    assert_eq!(text(&mut p, &[b"SLOWLOG", b"LEN"]), ":2\r\n");
+    assert_eq!(
+        text(
+            &mut p,
+            &[b"CONFIG", b"SET", b"slowlog-log-slower-than", b"-1"]
+        ),
+        "+OK\r\n"
+    );
+    assert_eq!(text(&mut p, &[b"SLOWLOG", b"RESET"]), "+OK\r\n");
+    assert_eq!(text(&mut p, &[b"GET", b"k"]), "$1\r\n4\r\n");
+    assert_eq!(text(&mut p, &[b"SLOWLOG", b"LEN"]), ":0\r\n");
+    // CLIENT KILL with a type Redis does not know.
+    assert_eq!(
+        text(&mut p, &[b"CLIENT", b"KILL", b"TYPE", b"wrong_type"]),
+        "-ERR Unknown client type 'wrong_type'\r\n"
+    );
+    // The caller's query buffer holds the command being answered (26 bytes here).
+    let info = text(&mut p, &[b"CLIENT", b"INFO"]);
+    assert!(info.contains(" qbuf=26 "), "{info}");
+    // MONITOR shows the clients' commands, not respire's own new connections saying hello
+    // (a transaction opens one).
+    let mut m = Raw::connect(proxy.port);
+    assert_eq!(text(&mut m, &[b"MONITOR"]), "+OK\r\n");
+    std::thread::sleep(Duration::from_millis(100));
+    let mut t = Raw::connect(proxy.port);
+    assert_eq!(text(&mut t, &[b"SELECT", b"5"]), "+OK\r\n");
+    assert_eq!(text(&mut t, &[b"MULTI"]), "+OK\r\n");
+    assert_eq!(text(&mut t, &[b"SET", b"in-tx", b"1"]), "+QUEUED\r\n");
+    assert_eq!(text(&mut t, &[b"EXEC"]), "*1\r\n+OK\r\n");
+    let lines = String::from_utf8_lossy(&m.read_replies(3)).into_owned();
+    assert!(!lines.contains("\"HELLO\""), "{lines}");
+    let first = lines.lines().next().unwrap_or_default();
+    assert!(
+        first.contains("\"SELECT\" \"5\"")
+            || first.contains("\"multi\"")
+            || first.contains("\"MULTI\""),
+        "{lines}"
+    );
+    assert!(lines.contains("\"in-tx\""), "{lines}");
+}
