@@ -1900,6 +1900,19 @@ impl Session {
         let error = matches!(self.out.get(mark), Some(b'-') | Some(b'!'));
         let elapsed = self.now().saturating_duration_since(start);
         self.worker.stats.record(id, error, elapsed);
+        if self.slowlog {
+            let sent = self.last_sent.take();
+            if elapsed.as_micros() >= self.worker.shared.slowlog.threshold().max(0) as u128 {
+                let stat = Stat {
+                    seq: 0,
+                    id,
+                    start,
+                    sent,
+                    idx: 0,
+                };
+                self.log_slow(stat, elapsed);
+            }
+        }
     }
 
     /// Counts the replies owed up to slot `seq`, whose reply is `reply` (`None`: not shown),
@@ -2367,7 +2380,13 @@ impl Session {
             Kind::Forward => {
                 self.route(cmd, res, Use::Shared);
             }
-            Kind::Local(l) => self.local(l, cmd, res),
+            Kind::Local(l) => {
+                // Answered here: the slow log shows it as sent (Redis logs `PING` too).
+                if self.slowlog {
+                    self.last_sent = Some((cmd.to_resp(), None));
+                }
+                self.local(l, cmd, res)
+            }
             Kind::Multi => self.multi(cmd),
             Kind::Watch => {
                 if self.route(cmd, res, Use::Watch) {

@@ -802,7 +802,20 @@ impl Session {
                     Ok(a) => laddr = Some(a),
                     Err(_) => return self.reply_error("ERR No such client"),
                 },
-                b"user" => user = Some(text),
+                b"user" => {
+                    let known = text == "default"
+                        || self
+                            .worker
+                            .shared
+                            .config
+                            .users
+                            .iter()
+                            .any(|u| u.name == text);
+                    if !known {
+                        return self.reply_error(&format!("ERR No such user '{text}'"));
+                    }
+                    user = Some(text)
+                }
                 b"skipme" => match val.to_ascii_lowercase().as_slice() {
                     b"yes" => skipme = true,
                     b"no" => skipme = false,

@@ -38,6 +38,8 @@ impl Session {
         };
         self.info.set_flag(flag::PUBSUB, true);
         let monitor = first.name().eq_ignore_ascii_case(b"monitor");
+        // respire's connections whose handshake is under way (see `own_handshake`).
+        let mut greeting: Vec<Vec<u8>> = Vec::new();
         let mut signals = crate::clients::SignalWatch::default();
         let info = self.info.clone();
         let mut to_backend = BytesMut::new();
@@ -119,7 +121,7 @@ impl Session {
                 Poll::Ready(IoEvent::Read) => loop {
                     match resp::next_reply(&mut from_backend) {
                         // respire's own connections saying hello are not the clients' commands.
-                        Ok(Some(frame)) if monitor && own_handshake(&frame) => {}
+                        Ok(Some(frame)) if monitor && own_handshake(&frame, &mut greeting) => {}
                         Ok(Some(frame)) => self.out.extend_from_slice(&frame),
                         Ok(None) => break,
                         Err(_) => {
@@ -148,8 +150,30 @@ impl Session {
     }
 }
 
-/// Whether a `MONITOR` line is respire's own connection handshake (`HELLO … SETNAME respire`).
-fn own_handshake(line: &[u8]) -> bool {
-    line.ends_with(b"\"SETNAME\" \"respire\"\r\n")
-        && memchr::memmem::find(line, b"] \"HELLO\"").is_some()
+/// Whether a `MONITOR` line is respire's own connection handshake: `HELLO … SETNAME respire`,
+/// then `SELECT` or `READONLY` from the same connection (`greeting`: connections seen saying
+/// hello whose first other command has not come yet).
+fn own_handshake(line: &[u8], greeting: &mut Vec<Vec<u8>>) -> bool {
+    // `+1700000000.000000 [db addr] "CMD" …`
+    let Some(open) = memchr::memchr(b'[', line) else {
+        return false;
+    };
+    let Some(close) = memchr::memchr(b']', &line[open..]).map(|c| open + c) else {
+        return false;
+    };
+    let Some(addr) = line[open..close].split(|&b| b == b' ').nth(1) else {
+        return false;
+    };
+    let rest = &line[close..];
+    if line.ends_with(b"\"SETNAME\" \"respire\"\r\n") && rest.starts_with(b"] \"HELLO\"") {
+        if greeting.len() < 64 {
+            greeting.push(addr.to_vec());
+        }
+        return true;
+    }
+    let Some(at) = greeting.iter().position(|a| a == addr) else {
+        return false;
+    };
+    greeting.swap_remove(at);
+    rest.starts_with(b"] \"SELECT\"") || rest.starts_with(b"] \"READONLY\"")
 }
