@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Runs Redis's own test suite (the `tests/` of the installed redis-server's Debian source
+# package) against respire in front of one Redis, as Redis's CI runs it against an external
+# server: `--host/--port`, without the tests that need replication or DEBUG.
+#
+#   bash examples/redis-test-suite.sh                 # the units below (~10 min)
+#   UNITS="unit/type/list unit/multi" bash examples/redis-test-suite.sh
+#
+# Some tests are skipped for reasons of the proxy's design, not of Redis's semantics (the
+# list is `skip` below, each with its reason). The report is the suite's own output; the
+# last lines list the failures. Not part of the test command: it fetches the source.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source examples/common.sh
+ensure_commands redis-server:redis-server redis-cli:redis-tools tclsh:tcl
+cargo build --release --locked -p respire >/dev/null
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+# The source of the Redis that is installed (its tests match its behaviour).
+version=$(dpkg-query -W -f '${source:Version}' redis-server 2>/dev/null || true)
+(
+  cd "$work"
+  src=/etc/apt/sources.list.d/respire-deb-src.sources
+  if ! apt-get source --download-only "redis=$version" >/dev/null 2>&1; then
+    # Debian's sources are off by default: the same mirrors, for sources, for this download.
+    sed 's/^Types: deb$/Types: deb-src/' /etc/apt/sources.list.d/debian.sources | as_root tee "$src" >/dev/null
+    as_root apt-get update -qq
+    apt-get source --download-only "redis=$version" >/dev/null 2>&1 || apt-get source --download-only redis >/dev/null
+    as_root rm -f "$src"
+    as_root apt-get update -qq
+  fi
+  tar xzf redis_*.orig.tar.gz
+)
+suite=$(echo "$work"/redis-*/)
+
+UNITS=${UNITS:-"unit/type/string unit/type/incr unit/type/list unit/type/list-2 unit/type/list-3 unit/type/hash unit/type/set unit/type/zset unit/type/stream unit/type/stream-cgroups unit/keyspace unit/expire unit/multi unit/scripting unit/functions unit/pubsub unit/pubsubshard unit/protocol unit/sort unit/scan unit/dump unit/bitops unit/bitfield unit/geo unit/hyperloglog unit/info-command unit/info unit/other unit/introspection unit/introspection-2 unit/slowlog unit/lazyfree unit/limits unit/auth unit/quit"}
+
+# Skipped, with the reason (patterns: a leading / makes a regular expression).
+cat > "$work/skip" <<'EOF'
+/ACL
+RESET clears authenticated state
+RESET clears client state
+/[Tt]imedout
+/SCRIPT KILL
+/FUNCTION KILL
+/[Bb]usy
+/kill
+SLOWLOG - Rewritten commands are logged as their original command
+/query buffer resized
+LATENCY HISTOGRAM sub commands
+Blocking XREADGROUP: key deleted
+HSCAN with encoding listpack
+EOF
+# - ACL users and AUTH as one of them: clients authenticate to respire (its own users and
+#   the acl plugin), not to Redis's ACL, since many clients share each backend connection.
+# - CLIENT TRACKING (RESET clears client state): not supported through the proxy.
+# - A script that never ends while other clients wait: through respire, the other clients'
+#   commands queue behind it on the shared connection instead of getting -BUSY, and respire
+#   answers PING itself. SCRIPT KILL and FUNCTION KILL themselves do get through.
+# - The order of two slow-log entries written by two clients at the same moment.
+# - Query buffer sizes: respire reads into buffers of its own, Redis sees one connection.
+# - LATENCY HISTOGRAM after CONFIG RESETSTAT: Redis also counts respire's own commands.
+# - A blocking XREADGROUP and another client's DEL sent at once, without waiting for the
+#   block: the blocking command may need a new connection of its own, so the DEL can run
+#   first.
+# - HSCAN's listpack case, run after the other units on one server: an earlier unit leaves a
+#   smaller hash-max-listpack-entries (it passes alone).
+
+rport=$(free_port); pport=$(free_port)
+redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no --dir "$work" \
+  --logfile "$work/redis.log" --enable-debug-command yes &
+pids+=($!)
+wait_port "$rport"
+RUST_LOG=warn "$target_dir"/release/respire --listen "127.0.0.1:$pport" --backend "127.0.0.1:$rport" \
+  --workers 2 2>"$work/respire.log" &
+pids+=($!)
+wait_port "$pport"
+
+args=()
+for u in $UNITS; do args+=(--single "$u"); done
+cd "$suite"
+set +e
+tclsh tests/test_helper.tcl --host 127.0.0.1 --port "$pport" --timeout 120 \
+  --tags -needs:repl --tags -needs:debug --skipfile "$work/skip" "${args[@]}"
+status=$?
+set -e
+echo "respire's log:" >&2
+tail -n 20 "$work/respire.log" >&2
+exit $status
