@@ -102,18 +102,58 @@ pub struct Shared {
     pub local_errors: std::sync::atomic::AtomicU64,
 }
 
-/// The counters `INFO stats` reports, in this order: connections received, connections
-/// rejected, commands processed, error replies, bytes in, bytes out, connections closed over
-/// the query buffer limit and over the output buffer limit, cache hits, cache misses, error
-/// replies respire made itself.
-pub type Counters = [u64; 11];
+/// The counters `INFO stats` reports.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Counters {
+    /// Client connections accepted.
+    pub accepted: u64,
+    /// Client connections refused (`maxclients`).
+    pub rejected: u64,
+    /// Commands clients sent.
+    pub commands: u64,
+    /// Error replies clients got.
+    pub errors: u64,
+    /// Bytes from clients.
+    pub bytes_in: u64,
+    /// Bytes to clients.
+    pub bytes_out: u64,
+    /// Connections closed over the query buffer limit.
+    pub query_closed: u64,
+    /// Connections closed over the output buffer limit.
+    pub output_closed: u64,
+    /// Replies from respire's cache.
+    pub cache_hits: u64,
+    /// Cache lookups that missed.
+    pub cache_misses: u64,
+    /// Error replies respire made itself.
+    pub local_errors: u64,
+}
+
+impl Counters {
+    /// What was counted since `base`.
+    fn since(self, base: Counters) -> Counters {
+        Counters {
+            accepted: self.accepted.saturating_sub(base.accepted),
+            rejected: self.rejected.saturating_sub(base.rejected),
+            commands: self.commands.saturating_sub(base.commands),
+            errors: self.errors.saturating_sub(base.errors),
+            bytes_in: self.bytes_in.saturating_sub(base.bytes_in),
+            bytes_out: self.bytes_out.saturating_sub(base.bytes_out),
+            query_closed: self.query_closed.saturating_sub(base.query_closed),
+            output_closed: self.output_closed.saturating_sub(base.output_closed),
+            cache_hits: self.cache_hits.saturating_sub(base.cache_hits),
+            cache_misses: self.cache_misses.saturating_sub(base.cache_misses),
+            local_errors: self.local_errors.saturating_sub(base.local_errors),
+        }
+    }
+}
 
 impl Shared {
     /// The counters since start or the last `CONFIG RESETSTAT`.
     pub fn counters(&self) -> Counters {
         let now = self.raw_counters();
         let base = self.counters_base.lock().map(|b| *b).unwrap_or_default();
-        std::array::from_fn(|i| now[i].saturating_sub(base[i]))
+        now.since(base)
     }
 
     /// `CONFIG RESETSTAT`: the counters start again from zero.
@@ -128,8 +168,8 @@ impl Shared {
         let (accepted, rejected) = self.clients.totals();
         let (commands, errors, bytes_in, bytes_out) = crate::stats::totals();
         let (query_closed, output_closed) = self.clients.limit_closed();
-        let (hits, misses, _, _) = crate::cache::counters();
-        [
+        let (cache_hits, cache_misses, _, _) = crate::cache::counters();
+        Counters {
             accepted,
             rejected,
             commands,
@@ -138,10 +178,10 @@ impl Shared {
             bytes_out,
             query_closed,
             output_closed,
-            hits,
-            misses,
-            self.local_errors.load(std::sync::atomic::Ordering::Relaxed),
-        ]
+            cache_hits,
+            cache_misses,
+            local_errors: self.local_errors.load(std::sync::atomic::Ordering::Relaxed),
+        }
     }
 }
 

@@ -3245,8 +3245,7 @@ impl Session {
 
     /// [`Session::exclusive_on`] for database and protocol `key`.
     fn exclusive_for(&mut self, node: usize, key: ConnKey) -> Result<BackendConn, &'static str> {
-        // What the session sent before goes first (a transaction over shards starts here
-        // without waiting for the replies owed).
+        // What the session sent before goes out first.
         self.flush_group();
         let addr = self.node_addr(node);
         let pinned = self.in_multi || self.watching;
@@ -3399,6 +3398,14 @@ impl Session {
                     }
                 };
                 if self.multi_deferred {
+                    // Commands sent before on shared connections run first: their replies
+                    // come before the transaction starts (a write on one connection and a
+                    // command on another may reach Redis in either order).
+                    let mut c = Some(cmd);
+                    if !self.barrier(&mut c, Target::Exclusive) {
+                        return;
+                    }
+                    let Some(cmd) = c else { return };
                     let Ok(conn) = self.exclusive_on(node) else {
                         self.tx_poisoned = true;
                         return self.reply_error(CROSSSLOT);

@@ -1127,6 +1127,19 @@ pub struct Load {
     threads: Vec<std::thread::JoinHandle<LoadReport>>,
 }
 
+/// A read of the load failed: counted, and the connection dropped if it broke.
+fn read_failed(
+    e: &redis::RedisError,
+    con: &mut Option<redis::Connection>,
+    report: &mut LoadReport,
+) {
+    if e.is_io_error() || e.is_connection_dropped() {
+        *con = None;
+    }
+    report.errors.push((Instant::now(), e.to_string()));
+    report.read_errors += 1;
+}
+
 impl Load {
     /// Starts `clients` threads, each with its own connection to `port`.
     pub fn start(port: u16, clients: usize) -> Load {
@@ -1201,11 +1214,7 @@ impl Load {
                                     }
                                 }
                                 Err(e) => {
-                                    if e.is_io_error() || e.is_connection_dropped() {
-                                        con = None;
-                                    }
-                                    report.errors.push((Instant::now(), e.to_string()));
-                                    report.read_errors += 1;
+                                    read_failed(&e, &mut con, &mut report);
                                     continue;
                                 }
                             }
@@ -1222,13 +1231,7 @@ impl Load {
                                     report.wrong_reads += 1;
                                 }
                             }
-                            Err(e) => {
-                                if e.is_io_error() || e.is_connection_dropped() {
-                                    con = None;
-                                }
-                                report.errors.push((Instant::now(), e.to_string()));
-                                report.read_errors += 1;
-                            }
+                            Err(e) => read_failed(&e, &mut con, &mut report),
                         }
                     }
                     report

@@ -209,8 +209,8 @@ fn transactions_blocking_and_pubsub_over_a_cluster() {
         b"+OK\r\n*0\r\n"
     );
     // Pipelined behind writes of the same client, a transaction sees them (its connection is
-    // another one than theirs).
-    for i in 0..20 {
+    // another one than theirs: it waits for their replies before it starts).
+    for i in 0..100 {
         let key = format!("{{u}}n{i}");
         let got = p.roundtrip(
             &[

@@ -158,42 +158,34 @@ impl Session {
                     section("Clients", b);
                 }
                 "stats" => {
-                    let [
-                        accepted,
-                        rejected,
-                        commands,
-                        errors,
-                        bytes_in,
-                        bytes_out,
-                        query_closed,
-                        output_closed,
-                        hits,
-                        misses,
-                        local_errors,
-                    ] = shared.counters();
+                    let c = shared.counters();
                     let (_, _, entries, bytes) = crate::cache::counters();
-                    line(&mut b, "total_connections_received", &accepted);
-                    line(&mut b, "rejected_connections", &rejected);
+                    line(&mut b, "total_connections_received", &c.accepted);
+                    line(&mut b, "rejected_connections", &c.rejected);
                     // Redis's count of the commands it ran, and of its error replies plus
                     // respire's own (`+`: added to Redis's value); respire's counts of what
                     // its clients sent and got are its own fields.
-                    line(&mut b, "total_error_replies", &format!("+{local_errors}"));
-                    line(&mut b, "respire_commands_processed", &commands);
-                    line(&mut b, "respire_error_replies", &errors);
-                    line(&mut b, "total_net_input_bytes", &bytes_in);
-                    line(&mut b, "total_net_output_bytes", &bytes_out);
+                    line(
+                        &mut b,
+                        "total_error_replies",
+                        &format!("+{}", c.local_errors),
+                    );
+                    line(&mut b, "respire_commands_processed", &c.commands);
+                    line(&mut b, "respire_error_replies", &c.errors);
+                    line(&mut b, "total_net_input_bytes", &c.bytes_in);
+                    line(&mut b, "total_net_output_bytes", &c.bytes_out);
                     line(
                         &mut b,
                         "client_query_buffer_limit_disconnections",
-                        &query_closed,
+                        &c.query_closed,
                     );
                     line(
                         &mut b,
                         "client_output_buffer_limit_disconnections",
-                        &output_closed,
+                        &c.output_closed,
                     );
-                    line(&mut b, "cache_hits", &hits);
-                    line(&mut b, "cache_misses", &misses);
+                    line(&mut b, "cache_hits", &c.cache_hits);
+                    line(&mut b, "cache_misses", &c.cache_misses);
                     line(&mut b, "cache_entries", &entries);
                     line(&mut b, "cache_bytes", &bytes);
                     line(&mut b, "slowlog_len", &shared.slowlog.len());
