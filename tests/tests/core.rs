@@ -480,8 +480,16 @@ fn client_unblock_and_script_kill_reach_the_blocked_command() {
     std::thread::sleep(Duration::from_millis(300));
     let mut killer = Raw::connect(proxy.port);
     assert_eq!(killer.roundtrip(&resp(&[b"SELECT", b"3"]), 1), b"+OK\r\n");
-    let killed =
-        String::from_utf8_lossy(&killer.roundtrip(&resp(&[b"SCRIPT", b"KILL"]), 1)).into_owned();
+    // (On a slow machine the script may not have started yet: NOTBUSY, try again.)
+    let mut killed = String::new();
+    for _ in 0..50 {
+        killed = String::from_utf8_lossy(&killer.roundtrip(&resp(&[b"SCRIPT", b"KILL"]), 1))
+            .into_owned();
+        if !killed.starts_with("-NOTBUSY") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(killed, "+OK\r\n");
     let reply = String::from_utf8_lossy(&scripted.read_replies(1)).into_owned();
     assert!(
