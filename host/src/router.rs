@@ -36,6 +36,9 @@ pub enum Merge {
     Mget(usize),
     /// Every part must say `+OK`.
     AllOk,
+    /// `+OK` if one part says so, the first reply otherwise (`SCRIPT KILL` on every master:
+    /// one of them runs the script).
+    AnyOk,
     /// Integers added up.
     SumInt,
     /// Arrays concatenated.
@@ -368,7 +371,10 @@ fn header(kind: u8, n: usize) -> BytesMut {
 /// Combines the parts' replies (in part order) into one reply; a part's error
 /// reply becomes the whole reply, as a cluster client would report it.
 pub fn merge(how: &Merge, replies: &[Bytes], parts: &[Part]) -> Bytes {
-    if let Some(e) = replies.iter().find(|r| is_error(r)) {
+    // An error from one part is the reply (but for `AnyOk`, where the others' errors are expected).
+    if *how != Merge::AnyOk
+        && let Some(e) = replies.iter().find(|r| is_error(r))
+    {
         return e.clone();
     }
     let bad =
@@ -451,6 +457,12 @@ pub fn merge(how: &Merge, replies: &[Bytes], parts: &[Part]) -> Bytes {
             .cloned()
             .unwrap_or_else(bad),
         Merge::First => replies.first().cloned().unwrap_or_else(bad),
+        Merge::AnyOk => replies
+            .iter()
+            .find(|r| r.as_ref() == b"+OK\r\n")
+            .or(replies.first())
+            .cloned()
+            .unwrap_or_else(bad),
         Merge::AndInts => {
             let mut acc: Option<Vec<i64>> = None;
             for r in replies {
@@ -821,6 +833,20 @@ mod tests {
             resp::encode_args(&mut expect, &[&["MGET"][..], &keys_here].concat());
             assert_eq!(p.data, expect.freeze());
         }
+    }
+
+    #[test]
+    fn any_ok_takes_the_part_that_did_it() {
+        let notbusy = Bytes::from_static(b"-NOTBUSY No scripts in execution right now.\r\n");
+        let ok = Bytes::from_static(b"+OK\r\n");
+        let r = merge(
+            &Merge::AnyOk,
+            &[notbusy.clone(), ok.clone(), notbusy.clone()],
+            &[],
+        );
+        assert_eq!(r, ok);
+        let r = merge(&Merge::AnyOk, &[notbusy.clone(), notbusy.clone()], &[]);
+        assert_eq!(r, notbusy);
     }
 
     #[test]

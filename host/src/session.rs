@@ -2428,7 +2428,11 @@ impl Session {
                 // `SCRIPT KILL` / `FUNCTION KILL` on a connection of their own: the shared
                 // one may be waiting behind the very script they stop.
                 let kill = !config && sub.eq_ignore_ascii_case(b"kill");
-                self.route(cmd, res, if kill { Use::Exclusive } else { Use::Shared });
+                if kill && self.cluster_mode() && self.topo.shards.len() > 1 {
+                    self.kill_everywhere(cmd);
+                } else {
+                    self.route(cmd, res, if kill { Use::Exclusive } else { Use::Shared });
+                }
             }
             Kind::Stream => {
                 if cmd.name().eq_ignore_ascii_case(b"monitor") {
@@ -2454,6 +2458,56 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// `SCRIPT KILL` / `FUNCTION KILL` over several masters: the script runs on one of them,
+    /// so every master gets it, each on a connection of its own (a shared one may be waiting
+    /// behind the script); `+OK` if one stopped it, the first reply (`-NOTBUSY`) otherwise.
+    fn kill_everywhere(&mut self, cmd: Command) {
+        let mut c = Some(cmd);
+        if !self.barrier(&mut c, Target::Exclusive) {
+            return;
+        }
+        let Some(cmd) = c else { return };
+        self.flush_group();
+        let data = cmd.into_resp();
+        let key = ConnKey {
+            db: 0,
+            proto: self.proto,
+        };
+        let masters: Vec<usize> = self.topo.masters().collect();
+        let mut parts = Vec::with_capacity(masters.len());
+        for node in masters {
+            let conn = self.worker.pool(&self.node_addr(node)).checkout(key);
+            let rx = conn.send(data.clone(), 0, false);
+            let mut retry = Retry::new(
+                self.retry_addr(node),
+                data.clone(),
+                None,
+                false,
+                true,
+                false,
+            );
+            // Kept until the reply: the connection closes with its last handle.
+            retry.conn = Some(conn);
+            parts.push(PartState {
+                rx: Some(rx),
+                reply: None,
+                retry,
+            });
+        }
+        let silent = self.take_silent();
+        self.push_slot(Slot::Merge(Box::new(MergeSlot {
+            silent,
+            how: Merge::AnyOk,
+            layout: Vec::new(),
+            parts,
+            next: 0,
+            each: false,
+            runs: Vec::new(),
+        })));
+        self.waiting += 1;
+        self.last_target = Some(Target::Exclusive);
     }
 
     /// `CONFIG SET` of the slow log's settings applies to respire's slow log too (the

@@ -183,6 +183,34 @@ fn transactions_blocking_and_pubsub_over_a_cluster() {
         String::from_utf8_lossy(&got),
         "+OK\r\n+QUEUED\r\n+QUEUED\r\n+QUEUED\r\n*3\r\n+OK\r\n:1\r\n+PONG\r\n"
     );
+    // A script that never ends on one master: SCRIPT KILL through respire reaches it (every
+    // master gets it, on connections of their own), and the script's caller gets Redis's error.
+    for i in 0..3 {
+        assert!(
+            cluster
+                .cli(i, &["CONFIG", "SET", "lua-time-limit", "10"])
+                .contains("OK")
+        );
+    }
+    let mut scripted = Raw::connect(proxy.port);
+    scripted.send(&resp(&[b"EVAL", b"while true do end", b"1", b"{u}loop"]));
+    std::thread::sleep(Duration::from_millis(300));
+    let mut killed = String::new();
+    for _ in 0..50 {
+        killed =
+            String::from_utf8_lossy(&p.roundtrip(&resp(&[b"SCRIPT", b"KILL"]), 1)).into_owned();
+        if !killed.starts_with("-NOTBUSY") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(killed, "+OK\r\n");
+    let reply = String::from_utf8_lossy(&scripted.read_replies(1)).into_owned();
+    assert!(reply.starts_with("-ERR Script killed by user"), "{reply}");
+    assert_eq!(
+        String::from_utf8_lossy(&p.roundtrip(&resp(&[b"SCRIPT", b"KILL"]), 1)),
+        "-NOTBUSY No scripts in execution right now.\r\n"
+    );
     // Keys of another node inside the transaction abort it, as Redis Cluster would.
     let other = (0..100)
         .map(|i| format!("k{i}"))
