@@ -11,6 +11,7 @@
 //!   one sub-command per slot, replies merged in key order.
 //! - Fan-out with aggregation: `DBSIZE`, `KEYS`, `FLUSHALL`, `FLUSHDB`,
 //!   `RANDOMKEY`, `SCRIPT LOAD|EXISTS|FLUSH`, `FUNCTION LOAD|DELETE|FLUSH|RESTORE`,
+//!   `CONFIG SET|RESETSTAT|REWRITE`,
 //!   `PUBSUB CHANNELS|NUMSUB|NUMPAT|SHARDCHANNELS|SHARDNUMSUB`, `INFO`.
 //! - `SCAN` walks the masters one after the other behind one cursor: the low
 //!   10 bits name the master (in address order), the rest is that master's cursor.
@@ -128,6 +129,13 @@ fn fan_out(name: &[u8], sub: &[u8]) -> Option<Merge> {
         } else if eq(sub, "exists") {
             Some(Merge::AndInts)
         } else if eq(sub, "flush") {
+            Some(Merge::AllOk)
+        } else {
+            None
+        }
+    } else if eq(name, "config") {
+        // Settings hold for the whole keyspace (encodings, limits, the slow log): every master.
+        if eq(sub, "set") || eq(sub, "resetstat") || eq(sub, "rewrite") {
             Some(Merge::AllOk)
         } else {
             None

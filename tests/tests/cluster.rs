@@ -183,15 +183,17 @@ fn transactions_blocking_and_pubsub_over_a_cluster() {
         String::from_utf8_lossy(&got),
         "+OK\r\n+QUEUED\r\n+QUEUED\r\n+QUEUED\r\n*3\r\n+OK\r\n:1\r\n+PONG\r\n"
     );
+    // CONFIG SET goes to every master (settings hold for the whole keyspace).
+    assert_eq!(
+        p.roundtrip(&resp(&[b"CONFIG", b"SET", b"lua-time-limit", b"10"]), 1),
+        b"+OK\r\n"
+    );
+    for i in 0..3 {
+        let got = cluster.cli(i, &["CONFIG", "GET", "lua-time-limit"]);
+        assert!(got.contains("\n10"), "node {i}: {got}");
+    }
     // A script that never ends on one master: SCRIPT KILL through respire reaches it (every
     // master gets it, on connections of their own), and the script's caller gets Redis's error.
-    for i in 0..3 {
-        assert!(
-            cluster
-                .cli(i, &["CONFIG", "SET", "lua-time-limit", "10"])
-                .contains("OK")
-        );
-    }
     let mut scripted = Raw::connect(proxy.port);
     scripted.send(&resp(&[b"EVAL", b"while true do end", b"1", b"{u}loop"]));
     std::thread::sleep(Duration::from_millis(300));
