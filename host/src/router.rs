@@ -44,7 +44,7 @@ pub enum Merge {
     SumInt,
     /// Arrays concatenated.
     Concat,
-    /// The first reply that is not nil.
+    /// A reply that is not nil, the masters taken in turn (`RANDOMKEY`).
     FirstNonNil,
     /// The first reply (all parts did the same thing).
     First,
@@ -458,12 +458,18 @@ pub fn merge(how: &Merge, replies: &[Bytes], parts: &[Part]) -> Bytes {
             }
             out.freeze()
         }
-        Merge::FirstNonNil => replies
-            .iter()
-            .find(|r| !is_nil(r))
-            .or(replies.first())
-            .cloned()
-            .unwrap_or_else(bad),
+        Merge::FirstNonNil => {
+            // Starting from another master each time: a key of every master can come up.
+            static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let start = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let n = replies.len().max(1);
+            (0..replies.len())
+                .filter_map(|i| replies.get((start + i) % n))
+                .find(|r| !is_nil(r))
+                .or(replies.first())
+                .cloned()
+                .unwrap_or_else(bad)
+        }
         Merge::First => replies.first().cloned().unwrap_or_else(bad),
         Merge::AnyOk => replies
             .iter()
@@ -841,6 +847,24 @@ mod tests {
             resp::encode_args(&mut expect, &[&["MGET"][..], &keys_here].concat());
             assert_eq!(p.data, expect.freeze());
         }
+    }
+
+    #[test]
+    fn randomkey_comes_from_every_master_in_turn() {
+        let nil = Bytes::from_static(b"$-1\r\n");
+        let (a, b) = (
+            Bytes::from_static(b"$1\r\na\r\n"),
+            Bytes::from_static(b"$1\r\nb\r\n"),
+        );
+        let replies = [nil.clone(), a.clone(), b.clone()];
+        let seen: std::collections::BTreeSet<Bytes> = (0..12)
+            .map(|_| merge(&Merge::FirstNonNil, &replies, &[]))
+            .collect();
+        assert_eq!(seen, [a, b].into_iter().collect());
+        assert_eq!(
+            merge(&Merge::FirstNonNil, &[nil.clone(), nil.clone()], &[]),
+            nil
+        );
     }
 
     #[test]
