@@ -81,6 +81,23 @@ fn cluster_behaves_like_one_redis() {
     assert_eq!(values, (0..300).collect::<Vec<i64>>());
     let info: String = redis::cmd("INFO").arg("keyspace").query(&mut con).unwrap();
     assert!(info.contains("db0:keys=300,"), "{info}");
+    // RANDOMKEY: a key of each master comes up (one key per master here).
+    let _: () = redis::cmd("FLUSHALL").query(&mut con).unwrap();
+    for k in ["a", "b", "c"] {
+        let _: () = con.set(k, 1).unwrap();
+    }
+    let owners: std::collections::BTreeSet<String> = ["a", "b", "c"]
+        .iter()
+        .map(|k| slot_node(&cluster, k))
+        .collect();
+    assert_eq!(owners.len(), 3, "a, b and c live on three masters");
+    let seen: std::collections::BTreeSet<String> = (0..30)
+        .map(|_| redis::cmd("RANDOMKEY").query(&mut con).unwrap())
+        .collect();
+    assert_eq!(
+        seen,
+        ["a", "b", "c"].map(String::from).into_iter().collect()
+    );
 }
 
 #[test]
