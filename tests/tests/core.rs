@@ -414,10 +414,17 @@ fn client_unblock_and_script_kill_reach_the_blocked_command() {
     // One worker: every client of the test shares its backend connection.
     let proxy = Respire::start(&redis.addr(), &["--workers", "1"]);
     let mut admin = Raw::connect(proxy.port);
+    // As tools do: wait until INFO counts the client blocked, then find it in CLIENT LIST.
     let blocked_id = |admin: &mut Raw| -> String {
         for _ in 0..100 {
+            let info = String::from_utf8_lossy(&admin.roundtrip(&resp(&[b"INFO", b"clients"]), 1))
+                .into_owned();
             let list = String::from_utf8_lossy(&admin.roundtrip(&resp(&[b"CLIENT", b"LIST"]), 1))
                 .into_owned();
+            if !info.contains("blocked_clients:1\r\n") {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
             if let Some(line) = list.lines().find(|l| l.contains(" flags=b ")) {
                 let id = line.split(' ').find_map(|f| f.strip_prefix("id=")).unwrap();
                 return id

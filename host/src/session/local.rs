@@ -154,7 +154,12 @@ impl Session {
                 "clients" => {
                     line(&mut b, "connected_clients", &shared.clients.count());
                     line(&mut b, "maxclients", &shared.config.max_clients);
-                    line(&mut b, "blocked_clients", &shared.clients.blocked());
+                    // Over one master its own count is exact: a client counts once Redis has
+                    // it blocked (respire flags it when it sends the command). Over several,
+                    // respire's count (the section is the first master's).
+                    if topo.shards.len() > 1 {
+                        line(&mut b, "blocked_clients", &shared.clients.blocked());
+                    }
                     section("Clients", b);
                 }
                 "stats" => {
