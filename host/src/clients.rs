@@ -316,12 +316,12 @@ impl Clients {
         }
     }
 
-    /// A snapshot of all clients, by id.
     /// The client with this id, if connected.
     pub fn get(&self, id: u64) -> Option<Arc<ClientInfo>> {
         self.all.lock().ok()?.get(&id).cloned()
     }
 
+    /// A snapshot of all clients, by id.
     pub fn snapshot(&self) -> Vec<Arc<ClientInfo>> {
         self.all
             .lock()

@@ -609,36 +609,27 @@ fn merge_info(replies: &[Bytes], ours: &str, replaced: &[String]) -> Option<Byte
     // respire's sections that Redis also has (`replaced`) are merged into Redis's, field by
     // field: respire's value where it has one (its clients, its counters), Redis's fields
     // otherwise, respire's other fields at the section's end. The rest go before `Keyspace`.
+    // A section Redis did not send goes whole with the others.
+    let text = String::from_utf8_lossy(&first);
+    let sent: Vec<String> = text
+        .split("\r\n")
+        .filter_map(|l| l.strip_prefix("# "))
+        .map(|n| n.trim().to_ascii_lowercase())
+        .collect();
     let mut merging: Vec<(String, Vec<(String, bool)>)> = Vec::new();
     let mut rest = String::new();
     for part in ours.split("\r\n\r\n").filter(|p| !p.is_empty()) {
         let mut lines = part.split("\r\n");
         let header = lines.next().unwrap_or_default();
         let name = header.trim_start_matches("# ").trim().to_ascii_lowercase();
-        if replaced.contains(&name) {
+        if replaced.contains(&name) && sent.contains(&name) {
             merging.push((name, lines.map(|l| (l.to_string(), false)).collect()));
         } else {
-            rest.push_str(part);
-            rest.push_str("\r\n\r\n");
-        }
-    }
-    let field = |l: &str| l.split_once(':').map(|(k, _)| k.to_string());
-    let text = String::from_utf8_lossy(&first);
-    // A section Redis did not send goes whole with the others.
-    let sent: Vec<String> = text
-        .split("\r\n")
-        .filter_map(|l| l.strip_prefix("# "))
-        .map(|n| n.trim().to_ascii_lowercase())
-        .collect();
-    for part in ours.split("\r\n\r\n").filter(|p| !p.is_empty()) {
-        let name = part.split("\r\n").next().unwrap_or_default();
-        let name = name.trim_start_matches("# ").trim().to_ascii_lowercase();
-        if replaced.contains(&name) && !sent.contains(&name) {
-            merging.retain(|(n, _)| *n != name);
             rest.push_str(&part.replace(":+", ":"));
             rest.push_str("\r\n\r\n");
         }
     }
+    let field = |l: &str| l.split_once(':').map(|(k, _)| k.to_string());
     let mut out = String::new();
     let mut in_keyspace = false;
     // The section being merged (an index into `merging`).

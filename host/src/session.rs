@@ -2496,18 +2496,13 @@ impl Session {
                 retry,
             });
         }
-        let silent = self.take_silent();
-        self.push_slot(Slot::Merge(Box::new(MergeSlot {
-            silent,
-            how: Merge::AnyOk,
-            layout: Vec::new(),
+        self.push_merge(
+            Merge::AnyOk,
+            Vec::new(),
             parts,
-            next: 0,
-            each: false,
-            runs: Vec::new(),
-        })));
-        self.waiting += 1;
-        self.last_target = Some(Target::Exclusive);
+            Vec::new(),
+            Target::Exclusive,
+        );
     }
 
     /// `CONFIG SET` of the slow log's settings applies to respire's slow log too (the
@@ -3103,6 +3098,19 @@ impl Session {
             at += run.iter().take(n).map(|t| t.1.len()).sum::<usize>();
             i += n;
         }
+        self.push_merge(how, layout, parts, runs, Target::Shared(self.key()));
+        true
+    }
+
+    /// Queues the merged reply of `parts` (sent to `target`).
+    fn push_merge(
+        &mut self,
+        how: Merge,
+        layout: Vec<router::Part>,
+        parts: Vec<PartState>,
+        runs: Vec<PartRun>,
+        target: Target,
+    ) {
         let silent = self.take_silent();
         self.push_slot(Slot::Merge(Box::new(MergeSlot {
             silent,
@@ -3114,8 +3122,7 @@ impl Session {
             runs,
         })));
         self.waiting += 1;
-        self.last_target = Some(Target::Shared(self.key()));
-        true
+        self.last_target = Some(target);
     }
 
     /// Adds a command for the shared connection of `node` to the open group, or opens one
