@@ -49,6 +49,8 @@ pub struct ClientInfo {
     /// While blocked: the node and the server's client id of the connection the blocking
     /// command waits on (the id is 0 until that connection is up), for `CLIENT UNBLOCK`.
     pub blocked_on: Mutex<Option<(Arc<str>, Arc<AtomicI64>)>>,
+    /// Channels, patterns and shard channels subscribed to (`sub`, `psub`, `ssub`).
+    pub subscriptions: [AtomicU32; 3],
 }
 
 /// Bits of the requests a session gets from other threads.
@@ -161,7 +163,7 @@ impl ClientInfo {
         let user = self.user.lock().map(|u| u.clone()).unwrap_or_default();
         let cmd = table.display_name(self.last_cmd.load(Ordering::Relaxed));
         format!(
-            "id={} addr={} laddr={} fd={} name={} age={} idle={} flags={} db={} sub=0 psub=0 ssub=0 multi={} qbuf={} qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 events=r cmd={} user={} redir=-1 resp={} lib-name={} lib-ver={}",
+            "id={} addr={} laddr={} fd={} name={} age={} idle={} flags={} db={} sub={} psub={} ssub={} multi={} qbuf={} qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 events=r cmd={} user={} redir=-1 resp={} lib-name={} lib-ver={}",
             self.id,
             self.addr,
             self.laddr,
@@ -171,6 +173,9 @@ impl ClientInfo {
             idle_ms / 1000,
             flags,
             self.db.load(Ordering::Relaxed),
+            self.subscriptions[0].load(Ordering::Relaxed),
+            self.subscriptions[1].load(Ordering::Relaxed),
+            self.subscriptions[2].load(Ordering::Relaxed),
             if f & flag::MULTI != 0 { 0 } else { -1 },
             qbuf,
             cmd,
@@ -180,6 +185,76 @@ impl ClientInfo {
             text(&self.lib_ver),
         )
     }
+}
+
+/// The `MONITOR` clients, fed the commands respire answers itself (`PING`, `SELECT`, …):
+/// Redis's own `MONITOR` stream, which they also get, carries every other command.
+#[derive(Debug, Default)]
+pub struct Monitors {
+    count: AtomicUsize,
+    sinks: Mutex<Vec<tokio::sync::mpsc::UnboundedSender<Bytes>>>,
+}
+
+impl Monitors {
+    /// Whether a `MONITOR` client may be listening (one relaxed load: the common answer is no).
+    pub fn active(&self) -> bool {
+        self.count.load(Ordering::Relaxed) > 0
+    }
+
+    /// A new `MONITOR` client's feed (it ends when the receiver is dropped).
+    pub fn join(&self) -> tokio::sync::mpsc::UnboundedReceiver<Bytes> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        if let Ok(mut sinks) = self.sinks.lock() {
+            sinks.push(tx);
+            self.count.store(sinks.len(), Ordering::Relaxed);
+        }
+        rx
+    }
+
+    /// Sends a `MONITOR` line to every listening client.
+    pub fn feed(&self, line: Bytes) {
+        if let Ok(mut sinks) = self.sinks.lock() {
+            sinks.retain(|tx| tx.send(line.clone()).is_ok());
+            self.count.store(sinks.len(), Ordering::Relaxed);
+        }
+    }
+}
+
+/// A `MONITOR` line as Redis writes it: `+<seconds>.<micros> [<db> <addr>] "arg" …`, each
+/// argument quoted and escaped as Redis's `sdscatrepr` does.
+pub fn monitor_line<'a>(db: u32, addr: &SocketAddr, args: impl Iterator<Item = &'a [u8]>) -> Bytes {
+    use std::fmt::Write as _;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let mut line = String::with_capacity(64);
+    let _ = write!(
+        line,
+        "+{}.{:06} [{db} {addr}]",
+        now.as_secs(),
+        now.subsec_micros()
+    );
+    for a in args {
+        line.push_str(" \"");
+        for &c in a {
+            match c {
+                b'\\' => line.push_str("\\\\"),
+                b'"' => line.push_str("\\\""),
+                b'\n' => line.push_str("\\n"),
+                b'\r' => line.push_str("\\r"),
+                b'\t' => line.push_str("\\t"),
+                7 => line.push_str("\\a"),
+                8 => line.push_str("\\b"),
+                c if c.is_ascii_graphic() || c == b' ' => line.push(char::from(c)),
+                c => {
+                    let _ = write!(line, "\\x{c:02x}");
+                }
+            }
+        }
+        line.push('"');
+    }
+    line.push_str("\r\n");
+    Bytes::from(line)
 }
 
 /// A per-client limit whose breach closes the connection.
@@ -294,6 +369,7 @@ impl Clients {
             signals: AtomicU8::new(0),
             waker: Mutex::new(None),
             blocked_on: Mutex::new(None),
+            subscriptions: Default::default(),
         });
         if let Ok(mut all) = self.all.lock() {
             all.insert(id, info.clone());

@@ -33,14 +33,18 @@ pub enum Kind {
     Blocking,
     /// `XREAD` / `XREADGROUP`: blocking only with a `BLOCK` option.
     MaybeBlocking,
-    /// `SCRIPT`, `FUNCTION`, `CONFIG`: forwarded, with subcommands respire acts on too:
+    /// `SCRIPT`, `FUNCTION`, `CONFIG`, `ACL`: forwarded, with subcommands respire acts on too:
     /// `KILL` goes on a connection of its own (a shared one may be waiting behind the script
-    /// it stops), `CONFIG RESETSTAT` also resets respire's counters.
+    /// it stops), `CONFIG RESETSTAT` also resets respire's counters, and changes of the
+    /// credentials respire logs in to Redis with are refused.
     Control,
     /// `SUBSCRIBE`, `PSUBSCRIBE`, `SSUBSCRIBE`, `MONITOR`: the connection becomes a stream.
     Stream,
     /// `UNSUBSCRIBE`, `PUNSUBSCRIBE`, `SUNSUBSCRIBE` outside subscribe mode.
     Unsubscribe,
+    /// `PUBLISH`, `SPUBLISH`, `PUBSUB`: forwarded; the subscriber counts in their replies are
+    /// corrected for respire's shared subscriber connections (see [`crate::pubsub::Census`]).
+    Receivers,
     /// Refused with the given reason.
     Refused(&'static str),
     /// `CLUSTER …`: answered by respire over shards (it presents itself as one node), forwarded otherwise.
@@ -106,6 +110,7 @@ const REPLICATION: &str = "ERR respire: replication commands cannot be sent thro
 
 /// The table, sorted by name (checked by a test).
 static TABLE: &[Spec] = &[
+    spec("acl", Kind::Control),
     spec("asking", Kind::ClusterConnection),
     no_auth("auth", Kind::Local(Local::Auth)),
     spec("blmove", Kind::Blocking),
@@ -130,6 +135,8 @@ static TABLE: &[Spec] = &[
     spec("ping", Kind::Local(Local::Ping)),
     spec("psubscribe", Kind::Stream),
     spec("psync", Kind::Refused(REPLICATION)),
+    spec("publish", Kind::Receivers),
+    spec("pubsub", Kind::Receivers),
     spec("punsubscribe", Kind::Unsubscribe),
     no_auth("quit", Kind::Local(Local::Quit)),
     spec("readonly", Kind::ClusterConnection),
@@ -139,6 +146,7 @@ static TABLE: &[Spec] = &[
     spec("script", Kind::Control),
     spec("select", Kind::Local(Local::Select)),
     spec("slowlog", Kind::Local(Local::Slowlog)),
+    spec("spublish", Kind::Receivers),
     spec("ssubscribe", Kind::Stream),
     spec("subscribe", Kind::Stream),
     spec("sunsubscribe", Kind::Unsubscribe),

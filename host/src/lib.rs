@@ -18,6 +18,7 @@
 //! - [`tls`]: rustls configurations for clients and backends, reloaded when their files change.
 //! - [`channel`]: request and reply channels between the tasks of one worker (no atomics).
 //! - [`pubsub`]: shared subscriber connections with fan-out to sessions.
+//! - [`glob`]: Redis's glob patterns (the SDK's own source, shared): `PUBLISH` counts pattern subscribers.
 //! - [`cache`]: the response cache plugins drive, kept fresh by `CLIENT TRACKING`.
 //! - [`plugin`]: the WebAssembly plugin host (wasmtime components) and the request chain.
 //! - [`stage`]: a worker's plugin stage: every session's hooks of one event-loop turn in one call per plugin.
@@ -43,6 +44,8 @@ pub mod channel;
 pub mod clients;
 pub mod commands;
 pub mod config;
+#[path = "../../sdk/src/glob.rs"]
+pub mod glob;
 pub mod guard;
 pub mod io;
 pub mod metrics;

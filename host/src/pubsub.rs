@@ -16,14 +16,18 @@
 //! `sunsubscribe`), its subscribers follow it there. Messages published while
 //! a subscription is being moved can be missed, as with any Redis client.
 //!
-//! Known difference from a single Redis: `PUBLISH` returns the number of
-//! receiving connections on the node, and respire's shared connection counts
-//! once however many clients it serves; `PUBSUB NUMSUB` likewise.
+//! Redis counts respire's shared connection once however many clients it
+//! serves, so the replies that count subscribers (`PUBLISH`, `SPUBLISH`,
+//! `PUBSUB NUMSUB|SHARDNUMSUB`) are corrected by the [`Census`] of all workers'
+//! subscriptions: each of respire's connections subscribed to the name counts
+//! as the clients it serves.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -62,6 +66,102 @@ impl SubKind {
             SubKind::Pattern => "PUNSUBSCRIBE",
             SubKind::Shard => "SUNSUBSCRIBE",
         }
+    }
+}
+
+/// How many of respire's clients are subscribed to each channel, pattern and shard
+/// channel, over all workers, and how many subscriptions respire's shared connections hold
+/// in Redis for them. Redis counts each of those connections once; the difference
+/// (`clients - conns`) corrects the counts Redis gives (`PUBLISH`'s receivers,
+/// `PUBSUB NUMSUB`) to what they would be if every client were connected to Redis itself.
+#[derive(Default)]
+pub struct Census {
+    tallies: Mutex<[HashMap<Bytes, Tally>; 3]>,
+    /// Names tallied, of every kind (0: nothing to correct; no lock taken).
+    names: AtomicUsize,
+    /// Patterns tallied (a `PUBLISH` looks for matching ones only when there are some).
+    patterns: AtomicUsize,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Tally {
+    clients: i64,
+    conns: i64,
+}
+
+impl SubKind {
+    fn index(self) -> usize {
+        match self {
+            SubKind::Channel => 0,
+            SubKind::Pattern => 1,
+            SubKind::Shard => 2,
+        }
+    }
+}
+
+impl Census {
+    /// Adds `clients` subscribed clients and `conns` backend subscriptions to `name`.
+    fn change(&self, kind: SubKind, name: &Bytes, clients: i64, conns: i64) {
+        if clients == 0 && conns == 0 {
+            return;
+        }
+        let Ok(mut tallies) = self.tallies.lock() else {
+            return;
+        };
+        let Some(map) = tallies.get_mut(kind.index()) else {
+            return;
+        };
+        let t = map.entry(name.clone()).or_insert_with(|| {
+            self.names.fetch_add(1, Ordering::Relaxed);
+            if kind == SubKind::Pattern {
+                self.patterns.fetch_add(1, Ordering::Relaxed);
+            }
+            Tally::default()
+        });
+        t.clients += clients;
+        t.conns += conns;
+        if t.clients <= 0 && t.conns <= 0 {
+            map.remove(name);
+            self.names.fetch_sub(1, Ordering::Relaxed);
+            if kind == SubKind::Pattern {
+                self.patterns.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Whether no client of respire is subscribed to anything (Redis's counts are right as they are).
+    pub fn is_empty(&self) -> bool {
+        self.names.load(Ordering::Relaxed) == 0
+    }
+
+    /// What to add to Redis's count of `name`'s subscribers (`PUBSUB NUMSUB`,
+    /// `SPUBLISH`'s receivers).
+    pub fn correction(&self, kind: SubKind, name: &[u8]) -> i64 {
+        let Ok(tallies) = self.tallies.lock() else {
+            return 0;
+        };
+        tallies
+            .get(kind.index())
+            .and_then(|m| m.get(name))
+            .map_or(0, |t| t.clients - t.conns)
+    }
+
+    /// What to add to Redis's count of `PUBLISH channel`'s receivers: the channel's
+    /// subscribers, and those of every pattern that matches it.
+    pub fn publish_correction(&self, channel: &[u8]) -> i64 {
+        let Ok(tallies) = self.tallies.lock() else {
+            return 0;
+        };
+        let [channels, patterns, _] = &*tallies;
+        let mut d = channels.get(channel).map_or(0, |t| t.clients - t.conns);
+        if self.patterns.load(Ordering::Relaxed) > 0 {
+            for (p, t) in patterns {
+                if crate::glob::matches(p, channel) {
+                    d += t.clients - t.conns;
+                }
+            }
+        }
+        d
     }
 }
 
@@ -169,6 +269,9 @@ impl Hub {
             else {
                 continue;
             };
+            self.shared
+                .census
+                .change(kind, &name, -(entry.sessions.len() as i64), -1);
             debug!(channel = %String::from_utf8_lossy(&name), from = %addr, %to, "subscription moved");
             let node = Rc::new(NodeSettings {
                 addr: to,
@@ -242,8 +345,13 @@ impl Hub {
         let mut reg = conn.registry.borrow_mut();
         let entry = reg.entries.entry((kind, name.clone())).or_default();
         let first = entry.sessions.is_empty() && !entry.confirmed && entry.waiters.is_empty();
+        let before = entry.sessions.len();
         entry.sessions.retain(|s| s.sid != sub.sid);
+        let new = entry.sessions.len() == before;
         entry.sessions.push(sub);
+        self.shared
+            .census
+            .change(kind, &name, i64::from(new), i64::from(first));
         if entry.confirmed {
             let _ = tx.send(());
         } else {
@@ -266,8 +374,14 @@ impl Hub {
             let Some(entry) = reg.entries.get_mut(&key) else {
                 continue;
             };
+            let before = entry.sessions.len();
             entry.sessions.retain(|s| s.sid != sid);
-            if entry.sessions.is_empty() {
+            let gone = before - entry.sessions.len();
+            let last = entry.sessions.is_empty();
+            self.shared
+                .census
+                .change(kind, name, -(gone as i64), -i64::from(last));
+            if last {
                 reg.entries.remove(&key);
                 let mut out = BytesMut::new();
                 resp::encode_args(&mut out, &[kind.unsubscribe_cmd().as_bytes(), name]);
@@ -397,6 +511,12 @@ fn relay(hub: &Hub, addr: &Arc<str>, conn: &HubConn, rbuf: &mut BytesMut) -> Res
                     .entries
                     .remove(&(SubKind::Shard, channel.clone()));
                 if let Some(e) = removed {
+                    hub.shared.census.change(
+                        SubKind::Shard,
+                        &channel,
+                        -(e.sessions.len() as i64),
+                        -1,
+                    );
                     if !e.sessions.is_empty() {
                         hub.rehome(addr.clone(), channel, e.sessions, frame.clone());
                     }

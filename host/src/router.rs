@@ -54,6 +54,11 @@ pub enum Merge {
     Union,
     /// Flat `[name, count, …]` pairs (or maps) with counts added per name.
     SumPairs,
+    /// [`Merge::SumInt`], plus a correction (a receiver count: `PUBLISH`).
+    SumIntPlus(i64),
+    /// [`Merge::SumPairs`], plus a correction for each name given (encoded as a bulk string):
+    /// subscriber counts, `PUBSUB NUMSUB`.
+    SumPairsPlus(Vec<(Bytes, i64)>),
     /// `INFO`: the first node's text with the keyspace section added up, its sections named
     /// in `replaced` left out and `ours` (respire's sections) put before the keyspace.
     Info {
@@ -426,8 +431,11 @@ pub fn merge(how: &Merge, replies: &[Bytes], parts: &[Part]) -> Bytes {
             Some(r) => r.clone(),
             None => Bytes::from_static(b"+OK\r\n"),
         },
-        Merge::SumInt => {
-            let mut sum = 0i64;
+        Merge::SumInt | Merge::SumIntPlus(_) => {
+            let mut sum = match how {
+                Merge::SumIntPlus(d) => *d,
+                _ => 0,
+            };
             for r in replies {
                 match int_of(r) {
                     Some(n) => sum = sum.saturating_add(n),
@@ -435,7 +443,14 @@ pub fn merge(how: &Merge, replies: &[Bytes], parts: &[Part]) -> Bytes {
                 }
             }
             let mut out = BytesMut::new();
-            resp::int(&mut out, sum);
+            resp::int(
+                &mut out,
+                if sum < 0 && *how != Merge::SumInt {
+                    0
+                } else {
+                    sum
+                },
+            );
             out.freeze()
         }
         Merge::Concat | Merge::Union => {
@@ -497,7 +512,7 @@ pub fn merge(how: &Merge, replies: &[Bytes], parts: &[Part]) -> Bytes {
             }
             out.freeze()
         }
-        Merge::SumPairs => {
+        Merge::SumPairs | Merge::SumPairsPlus(_) => {
             let mut pairs: Vec<(Bytes, i64)> = Vec::new();
             let mut kind = b'*';
             for r in replies {
@@ -511,6 +526,13 @@ pub fn merge(how: &Merge, replies: &[Bytes], parts: &[Part]) -> Bytes {
                     match pairs.iter_mut().find(|p| p.0 == name) {
                         Some(p) => p.1 += n,
                         None => pairs.push((name.clone(), n)),
+                    }
+                }
+            }
+            if let Merge::SumPairsPlus(plus) = how {
+                for (name, n) in &mut pairs {
+                    if let Some((_, d)) = plus.iter().find(|p| p.0 == *name) {
+                        *n = (*n + d).max(0);
                     }
                 }
             }

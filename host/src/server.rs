@@ -100,6 +100,10 @@ pub struct Shared {
     pub counters_base: std::sync::Mutex<Counters>,
     /// Error replies respire made itself (Redis never saw those commands).
     pub local_errors: std::sync::atomic::AtomicU64,
+    /// Every worker's subscriptions, to correct Redis's subscriber counts.
+    pub census: crate::pubsub::Census,
+    /// `MONITOR` clients, shown the commands respire answers itself.
+    pub monitors: crate::clients::Monitors,
 }
 
 /// The counters `INFO stats` reports.
@@ -419,6 +423,8 @@ impl Server {
             tls: server_tls.clone(),
             counters_base: std::sync::Mutex::default(),
             local_errors: std::sync::atomic::AtomicU64::new(0),
+            census: crate::pubsub::Census::default(),
+            monitors: crate::clients::Monitors::default(),
             config,
         });
         if server_tls.is_some() || client_tls.is_some() {

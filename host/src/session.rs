@@ -2385,6 +2385,9 @@ impl Session {
                 if self.slowlog {
                     self.last_sent = Some((cmd.to_resp(), None));
                 }
+                if self.worker.shared.monitors.active() {
+                    self.monitor_local(l, &cmd, res);
+                }
                 self.local(l, cmd, res)
             }
             Kind::Multi => self.multi(cmd),
@@ -2417,6 +2420,9 @@ impl Session {
                 }
             }
             Kind::Control => {
+                if let Some(msg) = self.locks_respire_out(&cmd) {
+                    return self.reply_error(&msg);
+                }
                 let sub = cmd.arg_bytes(1).unwrap_or_default();
                 let config = cmd.name().eq_ignore_ascii_case(b"config");
                 if config && sub.eq_ignore_ascii_case(b"resetstat") && cmd.len() == 2 {
@@ -2443,6 +2449,9 @@ impl Session {
             }
             Kind::Unsubscribe => self.unsubscribe(&cmd),
             Kind::Refused(msg) => self.reply_error(msg),
+            Kind::Receivers => {
+                self.receivers(cmd, res);
+            }
             Kind::Cluster => {
                 if self.cluster_mode() {
                     self.cluster(cmd);
@@ -2458,6 +2467,84 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// `PUBLISH`, `SPUBLISH`, `PUBSUB`. Over several masters `PUBLISH` goes to the first one,
+    /// where respire's subscriber connections listen (standalone shards do not pass messages
+    /// on to each other; a cluster does, to every node). When respire's clients are subscribed
+    /// to what the reply counts, the count is corrected (see [`crate::pubsub::Census`]).
+    fn receivers(&mut self, cmd: Command, res: Resolved<'_>) -> bool {
+        let name = cmd.name();
+        let publish = name.eq_ignore_ascii_case(b"publish");
+        let census = &self.worker.shared.census;
+        let plus = if census.is_empty() {
+            None
+        } else if publish || name.eq_ignore_ascii_case(b"spublish") {
+            let channel = cmd.arg_bytes(1).unwrap_or_default();
+            let d = if publish {
+                census.publish_correction(&channel)
+            } else {
+                census.correction(SubKind::Shard, &channel)
+            };
+            (d != 0).then_some(Merge::SumIntPlus(d))
+        } else {
+            let sub = cmd.arg_bytes(1).unwrap_or_default();
+            let kind = if sub.eq_ignore_ascii_case(b"numsub") {
+                Some(SubKind::Channel)
+            } else if sub.eq_ignore_ascii_case(b"shardnumsub") {
+                Some(SubKind::Shard)
+            } else {
+                None
+            };
+            kind.and_then(|kind| {
+                let plus: Vec<(Bytes, i64)> = (2..cmd.len())
+                    .filter_map(|i| cmd.arg_bytes(i))
+                    .filter_map(|ch| {
+                        let d = census.correction(kind, &ch);
+                        (d != 0).then(|| {
+                            let mut b = BytesMut::new();
+                            crate::protocol::bulk(&mut b, &ch);
+                            (b.freeze(), d)
+                        })
+                    })
+                    .collect();
+                (!plus.is_empty()).then_some(Merge::SumPairsPlus(plus))
+            })
+        };
+        let first = self.topo.shards.first().map(|s| s.master);
+        let Some(how) = plus else {
+            return match first {
+                Some(node) if publish && self.cluster_mode() => {
+                    self.send(cmd, res, node, Use::Shared, None)
+                }
+                _ => self.route(cmd, res, Use::Shared),
+            };
+        };
+        // The count is corrected in a merge of the replies of the nodes the command goes to.
+        let targets: Vec<(usize, Bytes, Option<u16>)> = if publish || !self.cluster_mode() {
+            match first {
+                Some(node) => vec![(node, cmd.to_resp(), None)],
+                None => return self.route(cmd, res, Use::Shared),
+            }
+        } else {
+            match router::plan(&cmd, res.info, &self.topo) {
+                Plan::Single(slot) => match self.node_for(slot) {
+                    Ok(node) => vec![(node, cmd.to_resp(), slot)],
+                    Err(_) => return self.route(cmd, res, Use::Shared),
+                },
+                Plan::FanOut(_) => {
+                    let data = cmd.to_resp();
+                    (0..self.topo.shards.len())
+                        .filter_map(|i| {
+                            let s = self.topo.shards.get(i)?;
+                            Some((s.master, data.clone(), self.topo.slot_of_shard(i)))
+                        })
+                        .collect()
+                }
+                _ => return self.route(cmd, res, Use::Shared),
+            }
+        };
+        self.send_parts(cmd, res, how, Vec::new(), targets, None)
     }
 
     /// `SCRIPT KILL` / `FUNCTION KILL` over several masters: the script runs on one of them,
@@ -2503,6 +2590,61 @@ impl Session {
             Vec::new(),
             Target::Exclusive,
         );
+    }
+
+    /// Why a command would change the credentials respire logs in to Redis with, if it would:
+    /// `CONFIG SET requirepass`, or `ACL SETUSER` / `ACL DELUSER` of respire's own backend
+    /// user. Applied, it would lock every new backend connection out (and with it every
+    /// client), so it is refused: such a change is made on Redis and in respire's
+    /// configuration together.
+    fn locks_respire_out(&self, cmd: &Command) -> Option<String> {
+        let name = cmd.name();
+        let sub = cmd.arg_bytes(1)?;
+        if name.eq_ignore_ascii_case(b"config") && sub.eq_ignore_ascii_case(b"set") {
+            let mut i = 2;
+            while let Some(param) = cmd.arg_bytes(i) {
+                if param.eq_ignore_ascii_case(b"requirepass") {
+                    return Some(
+                        "ERR respire: CONFIG SET requirepass would lock respire out of Redis; \
+                         change the password on Redis and in respire's backend.password together"
+                            .into(),
+                    );
+                }
+                i += 2;
+            }
+            return None;
+        }
+        let acl = name.eq_ignore_ascii_case(b"acl")
+            && (sub.eq_ignore_ascii_case(b"setuser") || sub.eq_ignore_ascii_case(b"deluser"));
+        if !acl {
+            return None;
+        }
+        let own = self
+            .worker
+            .shared
+            .config
+            .backend
+            .username
+            .as_deref()
+            .unwrap_or("default");
+        if own == "default" && sub.eq_ignore_ascii_case(b"deluser") {
+            return None; // Redis refuses to delete it itself.
+        }
+        let last = if sub.eq_ignore_ascii_case(b"setuser") {
+            2
+        } else {
+            cmd.len().saturating_sub(1)
+        };
+        (2..=last)
+            .filter_map(|i| cmd.arg_bytes(i))
+            .any(|user| user[..] == *own.as_bytes())
+            .then(|| {
+                format!(
+                    "ERR respire: ACL {} {own} would change the user respire logs in to Redis as; \
+                     change it on Redis and in respire's backend settings together",
+                    String::from_utf8_lossy(&sub).to_uppercase()
+                )
+            })
     }
 
     /// `CONFIG SET` of the slow log's settings applies to respire's slow log too (the

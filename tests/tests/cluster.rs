@@ -311,23 +311,32 @@ fn transactions_blocking_and_pubsub_over_a_cluster() {
         waiter.join().unwrap(),
         ("jobs".to_string(), "j1".to_string())
     );
-    // Pub/Sub across nodes, and sharded Pub/Sub by slot.
+    // Pub/Sub across nodes, and sharded Pub/Sub by slot. The count PUBLISH returns is the
+    // number of respire's clients that receive it (three here, over two workers' subscriber
+    // connections), whichever node the publishing client's commands go to.
     let mut sub_con = proxy.conn();
     let mut sub = sub_con.as_pubsub();
     sub.subscribe("news").unwrap();
     sub.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    // Redis Cluster carries PUBLISH to every node over its bus (the count it returns is the
-    // receiving node's own subscribers, so it is not checked here).
-    let _: i64 = redis::cmd("PUBLISH")
-        .arg("news")
-        .arg("hello")
-        .query(&mut other_con)
-        .unwrap();
-    assert_eq!(
-        sub.get_message().unwrap().get_payload::<String>().unwrap(),
-        "hello"
-    );
+    let mut others: Vec<Raw> = (0..2).map(|_| Raw::connect(proxy.port)).collect();
+    for o in &mut others {
+        o.roundtrip(&resp(&[b"SUBSCRIBE", b"news"]), 1);
+    }
+    for i in 0..4 {
+        let mut publisher = proxy.conn();
+        let n: i64 = redis::cmd("PUBLISH")
+            .arg("news")
+            .arg(format!("hello{i}"))
+            .query(&mut publisher)
+            .unwrap();
+        assert_eq!(n, 3, "publisher {i}");
+        assert_eq!(
+            sub.get_message().unwrap().get_payload::<String>().unwrap(),
+            format!("hello{i}")
+        );
+    }
     drop(sub);
+    drop(others);
     let mut s = Raw::connect(proxy.port);
     let got = s.roundtrip(&resp(&[b"SSUBSCRIBE", b"orders"]), 1);
     assert_eq!(
@@ -722,6 +731,24 @@ fn standalone_shards_place_keys_by_slot() {
         3,
     );
     assert_eq!(got, b"+OK\r\n+OK\r\n$1\r\ny\r\n");
+    // Pub/sub: standalone servers do not pass messages on to each other, yet every message
+    // reaches the subscriber, whichever connection publishes it.
+    let mut sub = Raw::connect(proxy.port);
+    sub.roundtrip(&resp(&[b"SUBSCRIBE", b"news"]), 1);
+    for i in 0..6 {
+        let mut publisher = proxy.conn();
+        let n: i64 = redis::cmd("PUBLISH")
+            .arg("news")
+            .arg(format!("m{i}"))
+            .query(&mut publisher)
+            .unwrap();
+        assert_eq!(n, 1, "message {i}");
+        let got = sub.read_replies(1);
+        assert_eq!(
+            got,
+            resp(&[b"message", b"news", format!("m{i}").as_bytes()])
+        );
+    }
 }
 
 /// GETs node `i` has run (`INFO commandstats`).

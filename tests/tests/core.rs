@@ -613,6 +613,122 @@ fn pubsub_with_a_publisher_on_another_connection() {
     }
 }
 
+/// `PUBLISH` and `PUBSUB NUMSUB` count clients, as on Redis: respire's subscriber connection
+/// serves several clients and Redis counts it once, so respire corrects the counts (with one
+/// worker, all the clients share one subscriber connection). A client subscribed to Redis
+/// itself counts too.
+#[test]
+fn publish_and_numsub_count_clients_as_redis_does() {
+    let redis = RedisServer::start();
+    let proxy = Respire::start(&redis.addr(), &["--workers", "1"]);
+    let subscribe = |port: u16, args: &[&[u8]]| {
+        let mut c = Raw::connect(port);
+        c.roundtrip(&resp(args), args.len() - 1);
+        c
+    };
+    let mut subs = vec![
+        subscribe(proxy.port, &[b"SUBSCRIBE", b"ch", b"other"]),
+        subscribe(proxy.port, &[b"SUBSCRIBE", b"ch"]),
+        subscribe(proxy.port, &[b"PSUBSCRIBE", b"c*"]),
+        subscribe(proxy.port, &[b"SSUBSCRIBE", b"sh"]),
+        subscribe(proxy.port, &[b"SSUBSCRIBE", b"sh"]),
+    ];
+    let mut direct = subscribe(redis.port, &[b"SUBSCRIBE", b"ch"]);
+    let mut p = proxy.conn();
+    let counts = |p: &mut redis::Connection| -> (i64, i64, Vec<redis::Value>, Vec<redis::Value>) {
+        let publish: i64 = redis::cmd("PUBLISH").arg("ch").arg("m").query(p).unwrap();
+        let spublish: i64 = redis::cmd("SPUBLISH").arg("sh").arg("m").query(p).unwrap();
+        let numsub = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg("ch")
+            .arg("other")
+            .arg("none")
+            .query(p)
+            .unwrap();
+        let shardnumsub = redis::cmd("PUBSUB")
+            .arg("SHARDNUMSUB")
+            .arg("sh")
+            .query(p)
+            .unwrap();
+        (publish, spublish, numsub, shardnumsub)
+    };
+    let pairs = |v: &[(&str, i64)]| -> Vec<redis::Value> {
+        v.iter()
+            .flat_map(|(n, c)| {
+                [
+                    redis::Value::BulkString(n.as_bytes().to_vec()),
+                    redis::Value::Int(*c),
+                ]
+            })
+            .collect()
+    };
+    // Three subscribers of `ch` (one of them on Redis directly) and one of `c*`.
+    let want = (
+        4,
+        2,
+        pairs(&[("ch", 3), ("other", 1), ("none", 0)]),
+        pairs(&[("sh", 2)]),
+    );
+    assert_eq!(counts(&mut p), want);
+    // `CLIENT LIST` shows each client's own subscriptions, as Redis does.
+    let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut p).unwrap();
+    for fields in [
+        "flags=P db=0 sub=2 psub=0 ssub=0",
+        "flags=P db=0 sub=1 psub=0 ssub=0",
+        "flags=P db=0 sub=0 psub=1 ssub=0",
+        "flags=P db=0 sub=0 psub=0 ssub=1",
+        "flags=N db=0 sub=0 psub=0 ssub=0",
+    ] {
+        assert!(list.contains(fields), "{fields} in {list}");
+    }
+    let mut d = redis.client().get_connection().unwrap();
+    // Clients leave: the counts follow (unsubscribing reaches Redis a moment later).
+    subs[1].roundtrip(&resp(&[b"UNSUBSCRIBE"]), 1);
+    drop(subs.remove(4));
+    direct.roundtrip(&resp(&[b"UNSUBSCRIBE"]), 1);
+    let want = (
+        2,
+        1,
+        pairs(&[("ch", 1), ("other", 1), ("none", 0)]),
+        pairs(&[("sh", 1)]),
+    );
+    let mut got = counts(&mut p);
+    for _ in 0..100 {
+        if got == want {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        got = counts(&mut p);
+    }
+    assert_eq!(got, want);
+    let direct_numsub: Vec<redis::Value> = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg("ch")
+        .query(&mut d)
+        .unwrap();
+    assert_eq!(
+        direct_numsub,
+        pairs(&[("ch", 1)]),
+        "Redis itself sees one connection"
+    );
+    // Nobody left: Redis's counts as they are.
+    drop(subs);
+    let want = (
+        0,
+        0,
+        pairs(&[("ch", 0), ("other", 0), ("none", 0)]),
+        pairs(&[("sh", 0)]),
+    );
+    for _ in 0..100 {
+        got = counts(&mut p);
+        if got == want {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(got, want);
+}
+
 #[test]
 fn resp3_client_gets_push_messages() {
     let redis = RedisServer::start();

@@ -538,16 +538,25 @@ fn introspection_answers_as_redis_does() {
     let info = text(&mut p, &[b"CLIENT", b"INFO"]);
     assert!(info.contains(" qbuf=26 "), "{info}");
     // MONITOR shows the clients' commands, not respire's own new connections saying hello
-    // (a transaction opens one).
+    // (a transaction opens one). Commands respire answers itself are shown too, as Redis
+    // shows them (quoted, with the client's database and address), but not administrative
+    // ones nor AUTH and HELLO.
     let mut m = Raw::connect(proxy.port);
     assert_eq!(text(&mut m, &[b"MONITOR"]), "+OK\r\n");
     std::thread::sleep(Duration::from_millis(100));
     let mut t = Raw::connect(proxy.port);
+    assert_eq!(text(&mut t, &[b"PING"]), "+PONG\r\n");
+    assert!(text(&mut t, &[b"HELLO", b"2"]).starts_with("*14\r\n"));
+    assert!(text(&mut t, &[b"CLIENT", b"LIST"]).starts_with('$'));
+    assert_eq!(
+        text(&mut t, &[b"ECHO", b"a\"b\n\x01"]),
+        "$5\r\na\"b\n\x01\r\n"
+    );
     assert_eq!(text(&mut t, &[b"SELECT", b"5"]), "+OK\r\n");
     assert_eq!(text(&mut t, &[b"MULTI"]), "+OK\r\n");
     assert_eq!(text(&mut t, &[b"SET", b"in-tx", b"1"]), "+QUEUED\r\n");
     assert_eq!(text(&mut t, &[b"EXEC"]), "*1\r\n+OK\r\n");
-    let lines = String::from_utf8_lossy(&m.read_replies(3)).into_owned();
+    let lines = String::from_utf8_lossy(&m.read_replies(6)).into_owned();
     assert!(!lines.contains("\"HELLO\""), "{lines}");
     let shown: Vec<&str> = lines
         .lines()
@@ -555,7 +564,28 @@ fn introspection_answers_as_redis_does() {
         .collect();
     assert_eq!(
         shown,
-        ["\"MULTI\"", "\"SET\" \"in-tx\" \"1\"", "\"EXEC\""],
+        [
+            "\"PING\"",
+            "\"ECHO\" \"a\\\"b\\n\\x01\"",
+            "\"SELECT\" \"5\"",
+            "\"MULTI\"",
+            "\"SET\" \"in-tx\" \"1\"",
+            "\"EXEC\""
+        ],
+        "{lines}"
+    );
+    // Lines of commands respire answered name the client and the database it was in.
+    let first = lines.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with('+') && first.contains(" [0 127.0.0.1:"),
+        "{first}"
+    );
+    assert!(
+        lines
+            .lines()
+            .nth(2)
+            .unwrap_or_default()
+            .contains(" [0 127.0.0.1:"),
         "{lines}"
     );
 }

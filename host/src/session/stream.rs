@@ -38,6 +38,8 @@ impl Session {
         };
         self.info.set_flag(flag::PUBSUB, true);
         let monitor = first.name().eq_ignore_ascii_case(b"monitor");
+        // The commands respire answers itself, which Redis never sees.
+        let mut local_lines = monitor.then(|| self.worker.shared.monitors.join());
         // respire's connections whose handshake is under way (see `own_handshake`).
         let mut greeting: Vec<Vec<u8>> = Vec::new();
         let mut signals = crate::clients::SignalWatch::default();
@@ -107,7 +109,14 @@ impl Session {
                 let signal = signals.poll(&info, cx).is_ready();
                 let from = poll_io(&mut backend, cx, &mut to_backend, &mut from_backend, true);
                 let to = poll_io(stream, cx, out, inbuf, true);
-                if signal || from.is_ready() || to.is_ready() {
+                let mut local = false;
+                if let Some(rx) = local_lines.as_mut() {
+                    while let Poll::Ready(Some(line)) = rx.poll_recv(cx) {
+                        out.extend_from_slice(&line);
+                        local = true;
+                    }
+                }
+                if signal || from.is_ready() || to.is_ready() || local {
                     Poll::Ready((signal, from, to))
                 } else {
                     Poll::Pending
@@ -147,6 +156,35 @@ impl Session {
         };
         self.info.set_flag(flag::PUBSUB, false);
         end
+    }
+}
+
+impl Session {
+    /// Shows a command respire answers itself to `MONITOR` clients, as Redis would: not the
+    /// administrative ones, nor those carrying a password (`AUTH`, `HELLO`), nor `QUIT`.
+    pub(super) fn monitor_local(&self, which: Local, cmd: &Command, res: commands::Resolved<'_>) {
+        let admin_client = || {
+            let sub = cmd.arg(1).unwrap_or_default();
+            [
+                &b"kill"[..],
+                b"list",
+                b"pause",
+                b"unpause",
+                b"no-evict",
+                b"unblock",
+            ]
+            .iter()
+            .any(|s| sub.eq_ignore_ascii_case(s))
+        };
+        let shown = match which {
+            Local::Auth | Local::Hello | Local::Quit => false,
+            Local::Client => !admin_client(),
+            _ => !res.has(commands::flags::ADMIN),
+        };
+        if shown {
+            let line = crate::clients::monitor_line(self.db, &self.info.addr, cmd.iter());
+            self.worker.shared.monitors.feed(line);
+        }
     }
 }
 

@@ -32,6 +32,21 @@ impl Session {
             .count() as i64
     }
 
+    /// Shows the subscription counts in `CLIENT LIST` (`sub`, `psub`, `ssub`).
+    fn show_subscriptions(&self) {
+        let mut n = [0u32; 3];
+        for (k, _) in &self.subs {
+            n[match k {
+                SubKind::Channel => 0,
+                SubKind::Pattern => 1,
+                SubKind::Shard => 2,
+            }] += 1;
+        }
+        for (shown, n) in self.info.subscriptions.iter().zip(n) {
+            shown.store(n, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     /// Whether the client is in subscribe mode.
     pub(super) fn subscribed(&self) -> bool {
         !self.subs.is_empty()
@@ -99,6 +114,7 @@ impl Session {
             resp::int(&mut frames, count);
         }
         self.info.set_flag(flag::PUBSUB, true);
+        self.show_subscriptions();
         let frames = frames.freeze();
         if waits.is_empty() {
             return self.reply_push(|o, _| o.extend_from_slice(&frames));
@@ -159,6 +175,7 @@ impl Session {
         if self.subs.is_empty() {
             self.info.set_flag(flag::PUBSUB, false);
         }
+        self.show_subscriptions();
         let frames = frames.freeze();
         self.reply_push(|o, _| o.extend_from_slice(&frames));
     }
@@ -170,6 +187,7 @@ impl Session {
         }
         self.note_left();
         self.info.set_flag(flag::PUBSUB, false);
+        self.show_subscriptions();
     }
 
     /// The session left a channel: the hub sends nothing more for it, but messages for it may
@@ -196,6 +214,7 @@ impl Session {
                 return;
             }
             self.note_left();
+            self.show_subscriptions();
             let count = self.sub_count(SubKind::Shard);
             let mut f = BytesMut::new();
             resp::push_header(&mut f, 3, self.proto);
