@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use redis::{Commands, Value};
-use respire_tests::{DATA_TYPES, Raw, RedisServer, Respire, assert_same_replies, resp};
+use respire_tests::{DATA_TYPES, Raw, RedisServer, Respire, assert_same_replies, cli, resp};
 
 /// Runs the same commands on a direct connection to one Redis and through respire
 /// in front of another (identical) Redis, and asserts byte-identical replies.
@@ -1381,4 +1381,52 @@ fn idle_clients_cost_little_memory() {
         c.roundtrip(&resp(&[b"ECHO", b"still here"]), 1),
         b"$10\r\nstill here\r\n"
     );
+}
+
+/// A client cannot change the credentials respire logs in to Redis with: applied, they would
+/// lock every new backend connection (and with it every client) out. Other users' ACLs and
+/// other settings go through.
+#[test]
+fn changing_respires_own_credentials_is_refused() {
+    let redis = RedisServer::start();
+    let proxy = Respire::start(&redis.addr(), &[]);
+    let mut p = Raw::connect(proxy.port);
+    let mut ask =
+        |args: &[&[u8]]| String::from_utf8_lossy(&p.roundtrip(&resp(args), 1)).into_owned();
+    let refused = ask(&[
+        b"CONFIG",
+        b"SET",
+        b"maxmemory-policy",
+        b"allkeys-lru",
+        b"requirepass",
+        b"x",
+    ]);
+    assert!(
+        refused.starts_with("-ERR respire: CONFIG SET requirepass"),
+        "{refused}"
+    );
+    assert!(
+        ask(&[b"ACL", b"SETUSER", b"default", b"resetpass"])
+            .starts_with("-ERR respire: ACL SETUSER default")
+    );
+    assert_eq!(
+        ask(&[b"ACL", b"SETUSER", b"app", b"on", b">pw", b"+get"]),
+        "+OK\r\n"
+    );
+    assert_eq!(ask(&[b"ACL", b"DELUSER", b"app"]), ":1\r\n");
+    assert_eq!(
+        ask(&[b"CONFIG", b"SET", b"maxmemory-policy", b"allkeys-lru"]),
+        "+OK\r\n"
+    );
+    // Nothing of the refused commands was applied: Redis still needs no password, and new
+    // backend connections (a blocking command opens one) still log in.
+    let direct = cli(redis.port, &["CONFIG", "GET", "requirepass"]);
+    assert_eq!(direct.lines().nth(1).unwrap_or_default(), "", "{direct}");
+    assert_eq!(
+        cli(redis.port, &["CONFIG", "GET", "maxmemory-policy"])
+            .lines()
+            .nth(1),
+        Some("allkeys-lru")
+    );
+    assert_eq!(ask(&[b"BLPOP", b"nothing", b"0.01"]), "*-1\r\n");
 }
