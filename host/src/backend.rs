@@ -574,6 +574,25 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 /// Write buffer size above which no more requests are taken until the socket drains.
 const HIGH_WATER: usize = 4 * 1024 * 1024;
 
+/// Whether `node` is busy running a script or function past its `busy-reply-threshold`: it
+/// then answers `-BUSY` to another connection, and a request waiting behind the script is
+/// waiting, not lost. `false` when the node does not answer at all (hung) or answers normally.
+async fn node_is_busy(node: &NodeSettings) -> bool {
+    use tokio::io::AsyncWriteExt;
+    let probe = async {
+        let mut stream = match connect(node, ConnKey { db: 0, proto: 2 }).await {
+            Ok(s) => s,
+            Err(e) => return e.starts_with("BUSY"),
+        };
+        if stream.write_all(b"*1\r\n$4\r\nPING\r\n").await.is_err() {
+            return false;
+        }
+        let mut buf = BytesMut::new();
+        matches!(read_frame(&mut stream, &mut buf).await, Ok(f) if f.starts_with(b"-BUSY"))
+    };
+    timeout(node.connect_timeout, probe).await.unwrap_or(false)
+}
+
 async fn serve(
     node: &NodeSettings,
     mut stream: Stream,
@@ -597,6 +616,9 @@ async fn serve(
     let ping = tokio::time::sleep(HEALTH_INTERVAL);
     tokio::pin!(ping);
     let mut used = false;
+    // When the oldest request is past its deadline: is the node busy with a long script (keep
+    // waiting) or not answering (give the connection up)?
+    let mut probe: Option<std::pin::Pin<Box<dyn Future<Output = bool> + '_>>> = None;
     let end = loop {
         // Take everything queued since we last ran: one write per batch.
         let now = Instant::now();
@@ -642,6 +664,13 @@ async fn serve(
                     if let Err(e) = dispatch_replies(&mut rbuf, &mut inflight) {
                         break End::Failed(e);
                     }
+                    // Replies are coming: the request now first was waiting behind the others
+                    // (a long script, say), its time starts now.
+                    if let Some(f) = inflight.front_mut()
+                        && f.deadline.is_some_and(|d| d <= now)
+                    {
+                        f.deadline = Some(Instant::now() + node.command_timeout);
+                    }
                 }
                 IoEvent::Wrote | IoEvent::Readable => {}
                 IoEvent::Closed(e) => {
@@ -660,8 +689,24 @@ async fn serve(
                 }
                 used = false;
             }
-            _ = &mut timer, if armed.is_some() => {
-                break End::Failed(format!("no reply within {:?}", node.command_timeout));
+            _ = &mut timer, if armed.is_some() && probe.is_none() => {
+                probe = Some(Box::pin(node_is_busy(node)));
+            }
+            busy = std::future::poll_fn(|cx| match probe.as_mut() {
+                Some(p) => p.as_mut().poll(cx),
+                None => std::task::Poll::Pending,
+            }), if probe.is_some() => {
+                probe = None;
+                let now = Instant::now();
+                if let Some(f) = inflight.front_mut()
+                    && f.deadline.is_some_and(|d| d <= now)
+                {
+                    if !busy {
+                        break End::Failed(format!("no reply within {:?}", node.command_timeout));
+                    }
+                    debug!(backend = %node.addr, "the node is busy running a script; still waiting");
+                    f.deadline = Some(now + node.command_timeout);
+                }
             }
         }
     };

@@ -178,6 +178,11 @@ impl RedisServer {
         redis::Client::open(format!("redis://127.0.0.1:{}/", self.port)).expect("client")
     }
 
+    /// Its process id (0 once killed).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
     /// Kills the server (SIGKILL) and waits for it to exit.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

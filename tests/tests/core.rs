@@ -1430,3 +1430,53 @@ fn changing_respires_own_credentials_is_refused() {
     );
     assert_eq!(ask(&[b"BLPOP", b"nothing", b"0.01"]), "*-1\r\n");
 }
+
+/// A script that runs past the command timeout holds the shared connection it came on.
+/// respire asks the node on another connection: it answers `-BUSY`, so the connection is
+/// waiting, not hung, and respire keeps it. The script's caller gets its result and the
+/// clients whose commands queued behind it get theirs (with one worker, all share it).
+#[test]
+fn a_long_script_outlasts_the_command_timeout() {
+    let redis = RedisServer::start_with(&["--busy-reply-threshold", "100"]);
+    let proxy = Respire::with_config(&format!(
+        "workers = 1\n[backend]\naddress = \"{}\"\ncommand_timeout = \"400ms\"\nconnect_timeout = \"300ms\"\n",
+        redis.addr()
+    ));
+    let script = "local s = tonumber(redis.call('TIME')[1]) \
+                  while tonumber(redis.call('TIME')[1]) - s < 2 do end \
+                  return 'done'";
+    let mut caller = Raw::connect(proxy.port);
+    caller.send(&resp(&[b"EVAL", script.as_bytes(), b"0"]));
+    std::thread::sleep(Duration::from_millis(200));
+    let mut other = Raw::connect(proxy.port);
+    let started = std::time::Instant::now();
+    assert_eq!(other.roundtrip(&resp(&[b"SET", b"k", b"v"]), 1), b"+OK\r\n");
+    assert!(
+        started.elapsed() > Duration::from_millis(500),
+        "the SET waited for the script"
+    );
+    assert_eq!(caller.read_replies(1), b"$4\r\ndone\r\n");
+    // A node that does not answer at all is still given up after the timeout.
+    let pid = redis.pid();
+    // SIGSTOP: the node hangs, its sockets stay open.
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let started = std::time::Instant::now();
+    let got = other.roundtrip(&resp(&[b"GET", b"k"]), 1);
+    let waited = started.elapsed();
+    std::process::Command::new("kill")
+        .args(["-CONT", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(
+        got.starts_with(b"-ERR respire: "),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    assert!(waited < Duration::from_secs(3), "given up after {waited:?}");
+}
