@@ -372,6 +372,16 @@ pub struct BackendConn {
 impl BackendConn {
     /// Starts the connection's task on the current worker (connects on first use).
     pub fn spawn(node: Rc<NodeSettings>, key: ConnKey, mode: Mode) -> BackendConn {
+        Self::start(node, key, mode, false)
+    }
+
+    /// An exclusive connection that connects now rather than on its first request: a spare,
+    /// ready when a blocking command needs it.
+    pub fn spawn_connected(node: Rc<NodeSettings>, key: ConnKey) -> BackendConn {
+        Self::start(node, key, Mode::Exclusive, true)
+    }
+
+    fn start(node: Rc<NodeSettings>, key: ConnKey, mode: Mode, eager: bool) -> BackendConn {
         let (tx, rx) = channel::queue();
         let state = Rc::new(ConnState {
             alive: Cell::new(true),
@@ -379,7 +389,7 @@ impl BackendConn {
             failing: RefCell::new(None),
             id: Arc::new(AtomicI64::new(0)),
         });
-        tokio::task::spawn_local(run(node.clone(), key, mode, rx, state.clone()));
+        tokio::task::spawn_local(run(node.clone(), key, mode, eager, rx, state.clone()));
         BackendConn { tx, state, node }
     }
 
@@ -442,17 +452,22 @@ async fn run(
     node: Rc<NodeSettings>,
     key: ConnKey,
     mode: Mode,
+    eager: bool,
     mut rx: QueueReceiver<Request>,
     state: Rc<ConnState>,
 ) {
     let mut backoff = node.reconnect_min;
     let mut failures = 0u32;
-    // Connect lazily: wait for the first request.
-    let mut first: Option<Request> = match rx.recv().await {
-        Some(r) => Some(r),
-        None => {
-            state.alive.set(false);
-            return;
+    // Connect lazily (but a spare): wait for the first request.
+    let mut first: Option<Request> = if eager {
+        None
+    } else {
+        match rx.recv().await {
+            Some(r) => Some(r),
+            None => {
+                state.alive.set(false);
+                return;
+            }
         }
     };
     loop {
@@ -833,6 +848,10 @@ fn take_group(
     }))
 }
 
+/// Exclusive connections kept connected for a key once it has used one (two: clients
+/// blocking one right after another each find one ready).
+const SPARES: usize = 2;
+
 /// A worker's backend connections to one node.
 pub struct Pool {
     node: Rc<NodeSettings>,
@@ -871,16 +890,23 @@ impl Pool {
         conns[i].clone()
     }
 
-    /// An exclusive connection for `key`: an idle one if a healthy one is kept, else a new one.
+    /// An exclusive connection for `key`: an idle one if a healthy one is kept (or the spare,
+    /// connected or connecting), else a new one. A spare then starts connecting for the next
+    /// checkout: a blocking command sent right after another client's would otherwise wait
+    /// for a handshake, and a command sent after both could reach Redis first.
     pub fn checkout(&self, key: ConnKey) -> BackendConn {
-        if let Some(list) = self.idle.borrow_mut().get_mut(&key) {
-            while let Some(c) = list.pop() {
-                if c.is_alive() && c.is_connected() {
-                    return c;
-                }
-            }
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.entry(key).or_default();
+        list.retain(BackendConn::is_alive);
+        // A connected one first; a spare still connecting is still ahead of a new one.
+        let found = match list.iter().rposition(BackendConn::is_connected) {
+            Some(i) => Some(list.swap_remove(i)),
+            None => list.pop(),
+        };
+        while list.len() < SPARES.min(self.max_idle) {
+            list.push(BackendConn::spawn_connected(self.node.clone(), key));
         }
-        BackendConn::spawn(self.node.clone(), key, Mode::Exclusive)
+        found.unwrap_or_else(|| BackendConn::spawn(self.node.clone(), key, Mode::Exclusive))
     }
 
     /// Returns a clean exclusive connection (nothing in flight, no transaction or watch) for reuse.

@@ -1480,3 +1480,63 @@ fn a_long_script_outlasts_the_command_timeout() {
     );
     assert!(waited < Duration::from_secs(3), "given up after {waited:?}");
 }
+
+/// A blocking command needs an exclusive connection. respire keeps two spares connected for
+/// a database once it has used one, so the next blocking commands go at once instead of after
+/// a handshake (connect, `HELLO`, `SELECT`), while another client's command, sent after them,
+/// overtakes them (Redis's test `BRPOPLPUSH with multiple blocked clients`, which does not
+/// wait for the clients to block, hung on this nearly every time).
+#[test]
+fn blocking_commands_find_a_connection_ready() {
+    let redis = RedisServer::start();
+    let proxy = Respire::start(&redis.addr(), &["--workers", "1"]);
+    let mut first = Raw::connect(proxy.port);
+    assert_eq!(
+        first.roundtrip(&resp(&[b"BLPOP", b"nothing", b"0.01"]), 1),
+        b"*-1\r\n"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let mut monitor = Raw::connect(redis.port);
+    assert_eq!(monitor.roundtrip(&resp(&[b"MONITOR"]), 1), b"+OK\r\n");
+    let mut rd: Vec<Raw> = (0..2).map(|_| Raw::connect(proxy.port)).collect();
+    for (i, c) in rd.iter_mut().enumerate() {
+        assert_eq!(c.roundtrip(&resp(&[b"SELECT", b"0"]), 1), b"+OK\r\n");
+        c.send(&resp(&[b"BLPOP", format!("list{i}").as_bytes(), b"0"]));
+    }
+    let mut r = Raw::connect(proxy.port);
+    let pushes = [
+        resp(&[b"LPUSH", b"list0", b"a"]),
+        resp(&[b"LPUSH", b"list1", b"b"]),
+    ]
+    .concat();
+    assert_eq!(r.roundtrip(&pushes, 2), b":1\r\n:1\r\n");
+    assert_eq!(rd[0].read_replies(1), resp(&[b"list0", b"a"]));
+    assert_eq!(rd[1].read_replies(1), resp(&[b"list1", b"b"]));
+    // Redis saw both BLPOPs come from connections that had said hello before it was watching.
+    let mut lines = String::new();
+    while lines.matches("\"LPUSH\"").count() < 2 {
+        lines.push_str(&String::from_utf8_lossy(&monitor.read_replies(1)));
+    }
+    let addr_of = |line: &str| {
+        line.split(' ')
+            .nth(2)
+            .unwrap_or_default()
+            .trim_end_matches(']')
+            .to_string()
+    };
+    let blpops: Vec<String> = lines
+        .lines()
+        .filter(|l| l.contains("\"BLPOP\""))
+        .map(addr_of)
+        .collect();
+    assert_eq!(blpops.len(), 2, "{lines}");
+    let hellos: Vec<String> = lines
+        .lines()
+        .filter(|l| l.contains("\"HELLO\""))
+        .map(addr_of)
+        .collect();
+    assert!(
+        blpops.iter().all(|a| !hellos.contains(a)),
+        "a BLPOP waited for a new connection's handshake:\n{lines}"
+    );
+}
