@@ -591,7 +591,9 @@ const HIGH_WATER: usize = 4 * 1024 * 1024;
 
 /// Whether `node` is busy running a script or function past its `busy-reply-threshold`: it
 /// then answers `-BUSY` to another connection, and a request waiting behind the script is
-/// waiting, not lost. `false` when the node does not answer at all (hung) or answers normally.
+/// waiting, not lost. `false` when the node does not answer within `command_timeout` (or
+/// `connect_timeout`, if shorter) at all (hung), or answers normally. A node that does not
+/// answer is so given up two command timeouts after the request was sent.
 async fn node_is_busy(node: &NodeSettings) -> bool {
     use tokio::io::AsyncWriteExt;
     let probe = async {
@@ -605,7 +607,9 @@ async fn node_is_busy(node: &NodeSettings) -> bool {
         let mut buf = BytesMut::new();
         matches!(read_frame(&mut stream, &mut buf).await, Ok(f) if f.starts_with(b"-BUSY"))
     };
-    timeout(node.connect_timeout, probe).await.unwrap_or(false)
+    timeout(node.connect_timeout.min(node.command_timeout), probe)
+        .await
+        .unwrap_or(false)
 }
 
 async fn serve(

@@ -353,8 +353,10 @@ pub struct Backend {
     /// How long to wait for a TCP connection and handshake. Default: "1s".
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// How long a command may wait for its reply before the connection is declared broken
-    /// (not applied to blocking commands). Default: "10s".
+    /// How long a command may wait for its reply before respire asks the node, on another
+    /// connection, whether it is busy with a script (`-BUSY`: wait on); a node that does not
+    /// answer that either within this time is declared broken (not applied to blocking
+    /// commands). Default: "10s".
     #[serde(with = "humantime_serde")]
     pub command_timeout: Duration,
     /// How long a request waits for a new master when its master has failed (Redis Cluster,

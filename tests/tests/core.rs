@@ -1143,6 +1143,8 @@ fn slow_backend_replies_time_out_with_a_clear_error() {
             && text.contains("no reply within 300ms"),
         "{text}"
     );
+    // After 300 ms, respire asks the node on another connection whether it is busy with a
+    // script; it does not answer within another 300 ms either.
     assert!(
         start.elapsed() < Duration::from_millis(900),
         "timed out after {:?}",
