@@ -80,6 +80,21 @@ start_cluster() {
 # Where cargo builds (CARGO_TARGET_DIR when set).
 target_dir=${CARGO_TARGET_DIR:-target}
 
+# start_redis_and_respire DIR: one Redis (DEBUG enabled, as test suites want it) and respire
+# with two workers in front of it, logs in DIR; sets `rport` and `pport` and adds both to `pids`.
+start_redis_and_respire() {
+  local dir=$1
+  rport=$(free_port); pport=$(free_port)
+  redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no --dir "$dir" \
+    --logfile "$dir/redis.log" --enable-debug-command yes &
+  pids+=($!)
+  wait_port "$rport"
+  RUST_LOG=warn "$target_dir"/release/respire --listen "127.0.0.1:$pport" --backend "127.0.0.1:$rport" \
+    --workers 2 2>"$dir/respire.log" &
+  pids+=($!)
+  wait_port "$pport"
+}
+
 # copy_shipped_plugins DIR: the four shipped plugins (release builds, from CARGO_TARGET_DIR when
 # it is set) with their sample settings.
 copy_shipped_plugins() {

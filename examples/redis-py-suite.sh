@@ -35,15 +35,7 @@ FILES=${FILES:-"tests/test_commands.py tests/test_pipeline.py tests/test_pubsub.
   tests/test_asyncio/test_connection.py tests/test_asyncio/test_monitor.py
   tests/test_asyncio/test_connection_pool.py tests/test_asyncio/test_encoding.py"}
 
-rport=$(free_port); pport=$(free_port)
-redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no --dir "$work" \
-  --logfile "$work/redis.log" --enable-debug-command yes &
-pids+=($!)
-wait_port "$rport"
-RUST_LOG=warn "$target_dir"/release/respire --listen "127.0.0.1:$pport" --backend "127.0.0.1:$rport" \
-  --workers 2 2>"$work/respire.log" &
-pids+=($!)
-wait_port "$pport"
+start_redis_and_respire "$work"
 
 run() { # name port
   redis-cli -p "$rport" flushall >/dev/null

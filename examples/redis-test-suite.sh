@@ -73,15 +73,7 @@ EOF
 # - HSCAN's listpack case, run after the other units on one server: an earlier unit leaves a
 #   smaller hash-max-listpack-entries (it passes alone).
 
-rport=$(free_port); pport=$(free_port)
-redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no --dir "$work" \
-  --logfile "$work/redis.log" --enable-debug-command yes &
-pids+=($!)
-wait_port "$rport"
-RUST_LOG=warn "$target_dir"/release/respire --listen "127.0.0.1:$pport" --backend "127.0.0.1:$rport" \
-  --workers 2 2>"$work/respire.log" &
-pids+=($!)
-wait_port "$pport"
+start_redis_and_respire "$work"
 
 args=()
 for u in $UNITS; do args+=(--single "$u"); done
