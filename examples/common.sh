@@ -81,7 +81,8 @@ start_cluster() {
 target_dir=${CARGO_TARGET_DIR:-target}
 
 # start_redis_and_respire DIR: one Redis (DEBUG enabled, as test suites want it) and respire
-# with two workers in front of it, logs in DIR; sets `rport` and `pport` and adds both to `pids`.
+# with WORKERS workers (default 2) in front of it, logs in DIR; sets `rport` and `pport` and
+# adds both to `pids`.
 start_redis_and_respire() {
   local dir=$1
   rport=$(free_port); pport=$(free_port)
@@ -90,7 +91,7 @@ start_redis_and_respire() {
   pids+=($!)
   wait_port "$rport"
   RUST_LOG=warn "$target_dir"/release/respire --listen "127.0.0.1:$pport" --backend "127.0.0.1:$rport" \
-    --workers 2 2>"$dir/respire.log" &
+    --workers "${WORKERS:-2}" 2>"$dir/respire.log" &
   pids+=($!)
   wait_port "$pport"
 }

@@ -3544,6 +3544,13 @@ impl Session {
 
     fn handle_in_multi(&mut self, cmd: Command, res: Resolved<'_>) {
         let kind = res.spec.kind;
+        if kind == Kind::Control
+            && let Some(msg) = self.locks_respire_out(&cmd)
+        {
+            // As a command Redis refuses while queueing: the transaction will abort.
+            self.tx_poisoned = true;
+            return self.reply_error(&msg);
+        }
         match kind {
             Kind::Local(Local::Quit) | Kind::Local(Local::Reset) => {
                 if let Kind::Local(l) = kind {

@@ -1411,6 +1411,10 @@ fn changing_respires_own_credentials_is_refused() {
         ask(&[b"ACL", b"SETUSER", b"default", b"resetpass"])
             .starts_with("-ERR respire: ACL SETUSER default")
     );
+    // Inside a transaction too: the transaction aborts, as for a command Redis refuses.
+    assert_eq!(ask(&[b"MULTI"]), "+OK\r\n");
+    assert!(ask(&[b"CONFIG", b"SET", b"requirepass", b"x"]).starts_with("-ERR respire: "));
+    assert!(ask(&[b"EXEC"]).starts_with("-EXECABORT"));
     assert_eq!(
         ask(&[b"ACL", b"SETUSER", b"app", b"on", b">pw", b"+get"]),
         "+OK\r\n"
