@@ -902,10 +902,11 @@ impl Pool {
         let mut idle = self.idle.borrow_mut();
         let list = idle.entry(key).or_default();
         list.retain(BackendConn::is_alive);
-        // A connected one first; a spare still connecting is still ahead of a new one.
+        // A connected one first; else the spare that started connecting first, which is
+        // still ahead of a new one.
         let found = match list.iter().rposition(BackendConn::is_connected) {
             Some(i) => Some(list.swap_remove(i)),
-            None => list.pop(),
+            None => (!list.is_empty()).then(|| list.remove(0)),
         };
         while list.len() < SPARES.min(self.max_idle) {
             list.push(BackendConn::spawn_connected(self.node.clone(), key));

@@ -1501,7 +1501,18 @@ fn blocking_commands_find_a_connection_ready() {
         first.roundtrip(&resp(&[b"BLPOP", b"nothing", b"0.01"]), 1),
         b"*-1\r\n"
     );
-    std::thread::sleep(Duration::from_millis(300));
+    // The BLPOP's own connection (the client still holds it) and the two spares, connected.
+    let mut connected = 0;
+    for _ in 0..200 {
+        connected = cli(redis.port, &["CLIENT", "LIST"])
+            .matches("name=respire")
+            .count();
+        if connected >= 3 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(connected, 3, "respire's connections to Redis");
     let mut monitor = Raw::connect(redis.port);
     assert_eq!(monitor.roundtrip(&resp(&[b"MONITOR"]), 1), b"+OK\r\n");
     let mut rd: Vec<Raw> = (0..2).map(|_| Raw::connect(proxy.port)).collect();
