@@ -90,7 +90,8 @@ struct Tally {
 }
 
 impl SubKind {
-    fn index(self) -> usize {
+    /// Its place in arrays of the three kinds (`CLIENT LIST`'s `sub`, `psub`, `ssub`).
+    pub fn index(self) -> usize {
         match self {
             SubKind::Channel => 0,
             SubKind::Pattern => 1,
@@ -245,7 +246,7 @@ impl Hub {
         let owner = |kind: SubKind, name: &Bytes| -> Option<Arc<str>> {
             let m = match kind {
                 SubKind::Shard => topo.master_of(key_slot(name)),
-                _ => topo.shards.first().map(|s| s.master),
+                _ => topo.channels_master(),
             };
             m.and_then(|m| topo.nodes.get(m).cloned())
         };

@@ -2469,82 +2469,84 @@ impl Session {
         }
     }
 
-    /// `PUBLISH`, `SPUBLISH`, `PUBSUB`. Over several masters `PUBLISH` goes to the first one,
-    /// where respire's subscriber connections listen (standalone shards do not pass messages
-    /// on to each other; a cluster does, to every node). When respire's clients are subscribed
-    /// to what the reply counts, the count is corrected (see [`crate::pubsub::Census`]).
+    /// `PUBLISH`, `SPUBLISH`, `PUBSUB`. Over several masters `PUBLISH` goes where respire's
+    /// subscriber connections listen ([`Topology::channels_master`]). When respire's clients
+    /// are subscribed to what the reply counts, the count is corrected in a merge of the
+    /// replies (see [`crate::pubsub::Census`]).
     fn receivers(&mut self, cmd: Command, res: Resolved<'_>) -> bool {
-        let name = cmd.name();
-        let publish = name.eq_ignore_ascii_case(b"publish");
-        let census = &self.worker.shared.census;
-        let plus = if census.is_empty() {
-            None
-        } else if publish || name.eq_ignore_ascii_case(b"spublish") {
-            let channel = cmd.arg_bytes(1).unwrap_or_default();
-            let d = if publish {
-                census.publish_correction(&channel)
-            } else {
-                census.correction(SubKind::Shard, &channel)
-            };
-            (d != 0).then_some(Merge::SumIntPlus(d))
-        } else {
-            let sub = cmd.arg_bytes(1).unwrap_or_default();
-            let kind = if sub.eq_ignore_ascii_case(b"numsub") {
-                Some(SubKind::Channel)
-            } else if sub.eq_ignore_ascii_case(b"shardnumsub") {
-                Some(SubKind::Shard)
-            } else {
-                None
-            };
-            kind.and_then(|kind| {
-                let plus: Vec<(Bytes, i64)> = (2..cmd.len())
-                    .filter_map(|i| cmd.arg_bytes(i))
-                    .filter_map(|ch| {
-                        let d = census.correction(kind, &ch);
-                        (d != 0).then(|| {
-                            let mut b = BytesMut::new();
-                            crate::protocol::bulk(&mut b, &ch);
-                            (b.freeze(), d)
-                        })
-                    })
-                    .collect();
-                (!plus.is_empty()).then_some(Merge::SumPairsPlus(plus))
-            })
-        };
-        let first = self.topo.shards.first().map(|s| s.master);
-        let Some(how) = plus else {
-            return match first {
+        let publish = cmd.name().eq_ignore_ascii_case(b"publish");
+        let channels = self.topo.channels_master();
+        let Some(how) = self.receivers_correction(&cmd) else {
+            return match channels {
                 Some(node) if publish && self.cluster_mode() => {
                     self.send(cmd, res, node, Use::Shared, None)
                 }
                 _ => self.route(cmd, res, Use::Shared),
             };
         };
-        // The count is corrected in a merge of the replies of the nodes the command goes to.
-        let targets: Vec<(usize, Bytes, Option<u16>)> = if publish || !self.cluster_mode() {
-            match first {
-                Some(node) => vec![(node, cmd.to_resp(), None)],
-                None => return self.route(cmd, res, Use::Shared),
-            }
+        let targets = if publish || !self.cluster_mode() {
+            channels.map(|node| vec![(node, cmd.to_resp(), None)])
         } else {
             match router::plan(&cmd, res.info, &self.topo) {
-                Plan::Single(slot) => match self.node_for(slot) {
-                    Ok(node) => vec![(node, cmd.to_resp(), slot)],
-                    Err(_) => return self.route(cmd, res, Use::Shared),
-                },
-                Plan::FanOut(_) => {
-                    let data = cmd.to_resp();
-                    (0..self.topo.shards.len())
-                        .filter_map(|i| {
-                            let s = self.topo.shards.get(i)?;
-                            Some((s.master, data.clone(), self.topo.slot_of_shard(i)))
-                        })
-                        .collect()
-                }
-                _ => return self.route(cmd, res, Use::Shared),
+                Plan::Single(slot) => self
+                    .node_for(slot)
+                    .ok()
+                    .map(|node| vec![(node, cmd.to_resp(), slot)]),
+                Plan::FanOut(_) => Some(self.fan_out_targets(cmd.to_resp())),
+                _ => None,
             }
         };
-        self.send_parts(cmd, res, how, Vec::new(), targets, None)
+        match targets {
+            Some(targets) => self.send_parts(cmd, res, how, Vec::new(), targets, None),
+            // No master known: the usual way (it waits for one, or says why not).
+            None => self.route(cmd, res, Use::Shared),
+        }
+    }
+
+    /// The merge that corrects the subscriber counts of `PUBLISH`, `SPUBLISH` or
+    /// `PUBSUB NUMSUB|SHARDNUMSUB` for respire's own subscribers, if there is anything to add.
+    fn receivers_correction(&self, cmd: &Command) -> Option<Merge> {
+        let census = &self.worker.shared.census;
+        if census.is_empty() {
+            return None;
+        }
+        let name = cmd.name();
+        let first = cmd.arg_bytes(1).unwrap_or_default();
+        let kind = if name.eq_ignore_ascii_case(b"publish") {
+            let d = census.publish_correction(&first);
+            return (d != 0).then_some(Merge::SumIntPlus(d));
+        } else if name.eq_ignore_ascii_case(b"spublish") {
+            let d = census.correction(SubKind::Shard, &first);
+            return (d != 0).then_some(Merge::SumIntPlus(d));
+        } else if first.eq_ignore_ascii_case(b"numsub") {
+            SubKind::Channel
+        } else if first.eq_ignore_ascii_case(b"shardnumsub") {
+            SubKind::Shard
+        } else {
+            return None;
+        };
+        let plus: Vec<(Bytes, i64)> = (2..cmd.len())
+            .filter_map(|i| cmd.arg_bytes(i))
+            .filter_map(|ch| {
+                let d = census.correction(kind, &ch);
+                (d != 0).then(|| {
+                    let mut b = BytesMut::new();
+                    crate::protocol::bulk(&mut b, &ch);
+                    (b.freeze(), d)
+                })
+            })
+            .collect();
+        (!plus.is_empty()).then_some(Merge::SumPairsPlus(plus))
+    }
+
+    /// The same command (`data`) for every master, each with a slot it serves (for a retry).
+    fn fan_out_targets(&self, data: Bytes) -> Vec<(usize, Bytes, Option<u16>)> {
+        self.topo
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.master, data.clone(), self.topo.slot_of_shard(i)))
+            .collect()
     }
 
     /// `SCRIPT KILL` / `FUNCTION KILL` over several masters: the script runs on one of them,
@@ -2922,14 +2924,7 @@ impl Session {
                 self.send_parts(cmd, res, merge, parts, targets, Some(all))
             }
             Plan::FanOut(merge) => {
-                let data = cmd.to_resp();
-                let targets: Vec<(usize, Bytes, Option<u16>)> = self
-                    .topo
-                    .shards
-                    .iter()
-                    .enumerate()
-                    .map(|(i, s)| (s.master, data.clone(), self.topo.slot_of_shard(i)))
-                    .collect();
+                let targets = self.fan_out_targets(cmd.to_resp());
                 self.send_parts(cmd, res, merge, Vec::new(), targets, None)
             }
             Plan::Scan { ordinal, data } => {

@@ -175,6 +175,13 @@ impl Topology {
         self.shards.get(shard as usize).map(|s| s.master)
     }
 
+    /// The master where respire subscribes to channels and patterns, and so where `PUBLISH`
+    /// goes: the first. Standalone shards do not pass messages on to each other (a Redis
+    /// Cluster carries `PUBLISH` to every node, where any master would do).
+    pub fn channels_master(&self) -> Option<usize> {
+        self.shards.first().map(|s| s.master)
+    }
+
     /// Master node indexes, in shard order.
     pub fn masters(&self) -> impl Iterator<Item = usize> + '_ {
         self.shards.iter().map(|s| s.master)

@@ -157,9 +157,7 @@ impl Session {
         self.info.set_flag(flag::PUBSUB, false);
         end
     }
-}
 
-impl Session {
     /// Shows a command respire answers itself to `MONITOR` clients, as Redis would: not the
     /// administrative ones, nor those carrying a password (`AUTH`, `HELLO`), nor `QUIT`.
     pub(super) fn monitor_local(&self, which: Local, cmd: &Command, res: commands::Resolved<'_>) {

@@ -36,11 +36,9 @@ impl Session {
     fn show_subscriptions(&self) {
         let mut n = [0u32; 3];
         for (k, _) in &self.subs {
-            n[match k {
-                SubKind::Channel => 0,
-                SubKind::Pattern => 1,
-                SubKind::Shard => 2,
-            }] += 1;
+            if let Some(c) = n.get_mut(k.index()) {
+                *c += 1;
+            }
         }
         for (shown, n) in self.info.subscriptions.iter().zip(n) {
             shown.store(n, std::sync::atomic::Ordering::Relaxed);
@@ -78,12 +76,8 @@ impl Session {
                 _ => Err(CROSSSLOT),
             }
         } else {
-            // Channels and patterns: one master for the whole worker (cluster PUBLISH reaches every node).
-            self.topo
-                .shards
-                .first()
-                .map(|s| s.master)
-                .ok_or(CLUSTERDOWN)
+            // Channels and patterns: one master for the whole worker.
+            self.topo.channels_master().ok_or(CLUSTERDOWN)
         };
         let node = match node {
             Ok(n) => n,
