@@ -432,25 +432,18 @@ pub fn merge(how: &Merge, replies: &[Bytes], parts: &[Part]) -> Bytes {
             None => Bytes::from_static(b"+OK\r\n"),
         },
         Merge::SumInt | Merge::SumIntPlus(_) => {
-            let mut sum = match how {
-                Merge::SumIntPlus(d) => *d,
-                _ => 0,
-            };
+            let mut sum = 0i64;
             for r in replies {
                 match int_of(r) {
                     Some(n) => sum = sum.saturating_add(n),
                     None => return bad(),
                 }
             }
+            if let Merge::SumIntPlus(d) = how {
+                sum = sum.saturating_add(*d).max(0);
+            }
             let mut out = BytesMut::new();
-            resp::int(
-                &mut out,
-                if sum < 0 && *how != Merge::SumInt {
-                    0
-                } else {
-                    sum
-                },
-            );
+            resp::int(&mut out, sum);
             out.freeze()
         }
         Merge::Concat | Merge::Union => {
@@ -877,6 +870,29 @@ mod tests {
         assert_eq!(
             merge(&Merge::FirstNonNil, &[nil.clone(), nil.clone()], &[]),
             nil
+        );
+    }
+
+    /// Subscriber counts corrected for respire's own subscribers: added to the sum, never
+    /// below zero, per name for `NUMSUB` pairs (arrays and RESP3 maps).
+    #[test]
+    fn counts_are_corrected_after_summing() {
+        let ints = [Bytes::from_static(b":2\r\n"), Bytes::from_static(b":1\r\n")];
+        assert_eq!(&merge(&Merge::SumIntPlus(4), &ints, &[])[..], b":7\r\n");
+        assert_eq!(&merge(&Merge::SumIntPlus(-5), &ints, &[])[..], b":0\r\n");
+        let plus = vec![(Bytes::from_static(b"$2\r\nch\r\n"), 2)];
+        let pairs = [
+            Bytes::from_static(b"*4\r\n$2\r\nch\r\n:1\r\n$1\r\nx\r\n:0\r\n"),
+            Bytes::from_static(b"*4\r\n$2\r\nch\r\n:1\r\n$1\r\nx\r\n:3\r\n"),
+        ];
+        assert_eq!(
+            &merge(&Merge::SumPairsPlus(plus.clone()), &pairs, &[])[..],
+            b"*4\r\n$2\r\nch\r\n:4\r\n$1\r\nx\r\n:3\r\n"
+        );
+        let map = [Bytes::from_static(b"%1\r\n$2\r\nch\r\n:1\r\n")];
+        assert_eq!(
+            &merge(&Merge::SumPairsPlus(plus), &map, &[])[..],
+            b"%1\r\n$2\r\nch\r\n:3\r\n"
         );
     }
 
