@@ -348,7 +348,9 @@ pub struct Backend {
     pub password: Option<String>,
     /// Shared pipelined connections per worker, per backend node, database and protocol version. Default: 1.
     pub connections: usize,
-    /// Idle exclusive connections (transactions, blocking commands) kept per worker for reuse. Default: 8.
+    /// Idle exclusive connections (transactions, blocking commands) kept per worker for reuse.
+    /// Once a database has used one, two of them are kept connected ahead of need, so a
+    /// blocking command goes at once (0 keeps none). Default: 8.
     pub idle_exclusive: usize,
     /// How long to wait for a TCP connection and handshake. Default: "1s".
     #[serde(with = "humantime_serde")]
