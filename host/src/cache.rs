@@ -661,55 +661,106 @@ pub fn wanted(set: &crate::plugin::PluginSet) -> Option<(Vec<Bytes>, u64)> {
     Some((kept.into_iter().map(Bytes::from).collect(), max_memory))
 }
 
-/// Keeps the cache's tracking connections (runs on its own thread while respire runs):
-/// one per backend node, `CLIENT TRACKING on BCAST [PREFIX …]` over RESP3, whose
-/// invalidation pushes drop cached replies. The cache serves only while every node has one;
-/// a lost connection flushes the cache at once, and a change of the plugins' prefixes
-/// starts over with new connections and an empty cache.
+/// What the tracking connections are for: the response cache (its prefixes and memory
+/// bound) and clients' `CLIENT TRACKING` (every key).
+#[derive(Clone, PartialEq)]
+struct Want {
+    cache: Option<(Vec<Bytes>, u64)>,
+    clients: bool,
+}
+
+impl Want {
+    /// The `BCAST` prefixes the connections ask for (none: every key).
+    fn prefixes(&self) -> Vec<Bytes> {
+        match (&self.cache, self.clients) {
+            (Some((p, _)), false) => p.clone(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// A fence round on one tracking connection: a `PING` whose `PONG` comes after every
+/// invalidation Redis made before it (see [`crate::tracking::Tracking::fence`]).
+#[derive(Default)]
+struct Ping {
+    notify: tokio::sync::Notify,
+    round: AtomicU64,
+    answered: AtomicU64,
+}
+
+/// Keeps the tracking connections (runs on its own thread while respire runs): one per
+/// backend node, `CLIENT TRACKING on BCAST [PREFIX …]` over RESP3, whose invalidation pushes
+/// drop cached replies and reach the clients that track keys. They are open while a plugin
+/// uses the cache (over its prefixes) or a client tracks keys (over every key). The cache
+/// serves only while every node has one; a lost connection flushes the cache, and tells
+/// tracking clients to drop everything, at once; a change of what is wanted starts over
+/// with new connections and an empty cache.
 pub fn track(shared: Arc<crate::server::Shared>) {
     let Ok(rt) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     else {
-        tracing::error!("cannot start the cache's tracking connections");
+        tracing::error!("cannot start the tracking connections");
         return;
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let mut shutdown = shared.shutdown.clone();
-        let mut trackers: HashMap<Arc<str>, (Arc<AtomicBool>, tokio::task::JoinHandle<()>)> =
-            HashMap::new();
-        let mut current: Option<(Vec<Bytes>, u64)> = None;
+        type Handle = (Arc<AtomicBool>, Arc<Ping>, tokio::task::JoinHandle<()>);
+        let mut trackers: HashMap<Arc<str>, Handle> = HashMap::new();
+        let mut current: Option<Want> = None;
         let cache = shared.cache.clone();
+        // A fence round under way: when it started, its number.
+        let mut fence: Option<(Instant, u64)> = None;
+        let mut round = 0u64;
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break,
+                _ = shared.tracking.wake.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
-            let want = wanted(&shared.plugins.load());
+            let cache_want = wanted(&shared.plugins.load());
+            let clients = shared.tracking.wanted();
+            let want = (cache_want.is_some() || clients).then_some(Want {
+                cache: cache_want,
+                clients,
+            });
             if want != current {
                 cache.set_active(false);
-                for (_, (_, h)) in trackers.drain() {
+                for (_, (_, _, h)) in trackers.drain() {
                     h.abort();
                 }
-                if let Some((prefixes, max_memory)) = &want {
-                    cache.configure(prefixes.clone(), *max_memory);
+                shared.tracking.set_up(false, &shared.clients);
+                fence = None;
+                let old_cache = current.as_ref().and_then(|w| w.cache.clone());
+                let new_cache = want.as_ref().and_then(|w| w.cache.clone());
+                if new_cache != old_cache {
+                    if let Some((prefixes, max_memory)) = &new_cache {
+                        cache.configure(prefixes.clone(), *max_memory);
+                        tracing::info!(
+                            prefixes = prefixes.len(),
+                            max_memory,
+                            "response cache on; opening tracking connections"
+                        );
+                    } else if old_cache.is_some() {
+                        tracing::info!("response cache off (no plugin uses it)");
+                    }
+                }
+                let old_clients = current.as_ref().is_some_and(|w| w.clients);
+                if clients != old_clients {
                     tracing::info!(
-                        prefixes = prefixes.len(),
-                        max_memory,
-                        "response cache on; opening tracking connections"
+                        on = clients,
+                        "tracking of every key for clients' CLIENT TRACKING"
                     );
-                } else if current.is_some() {
-                    tracing::info!("response cache off (no plugin uses it)");
                 }
                 current = want;
             }
-            let Some((prefixes, _)) = &current else {
+            let Some(want) = &current else {
                 continue;
             };
             let epoch = cache.epoch();
             let topo = shared.topology.load();
-            trackers.retain(|addr, (_, h)| {
+            trackers.retain(|addr, (_, _, h)| {
                 let keep = topo.nodes.contains(addr);
                 if !keep {
                     h.abort();
@@ -717,28 +768,66 @@ pub fn track(shared: Arc<crate::server::Shared>) {
                 keep
             });
             for addr in &topo.nodes {
-                if trackers.get(addr).is_some_and(|(_, h)| !h.is_finished()) {
+                if trackers.get(addr).is_some_and(|(_, _, h)| !h.is_finished()) {
                     continue;
                 }
                 let up = Arc::new(AtomicBool::new(false));
+                let ping = Arc::new(Ping::default());
                 let node = crate::backend::NodeSettings {
                     addr: addr.clone(),
                     ..shared.node_settings.clone()
                 };
                 let h = tokio::task::spawn_local(tracker(
                     node,
-                    prefixes.clone(),
+                    want.clone(),
                     up.clone(),
-                    cache.clone(),
+                    ping.clone(),
+                    shared.clone(),
                 ));
-                trackers.insert(addr.clone(), (up, h));
+                trackers.insert(addr.clone(), (up, ping, h));
             }
-            let all_up =
-                topo.complete() && trackers.values().all(|(up, _)| up.load(Ordering::Acquire));
-            if all_up {
+            let all_up = topo.complete()
+                && trackers
+                    .values()
+                    .all(|(up, _, _)| up.load(Ordering::Acquire));
+            if all_up && want.cache.is_some() {
                 cache.activate(epoch);
             } else {
                 cache.set_active(false);
+            }
+            if want.clients {
+                shared.tracking.set_up(all_up, &shared.clients);
+                if !all_up {
+                    shared
+                        .tracking
+                        .expire_waiters("the tracking connections to Redis are not up");
+                }
+            }
+            // NOLOOP writes wait for their invalidations only until a fence round shows
+            // that every invalidation made before it has arrived.
+            match fence {
+                _ if !(all_up && want.clients) => fence = None,
+                None if shared.tracking.has_own_writes() => {
+                    round += 1;
+                    for (_, ping, _) in trackers.values() {
+                        ping.round.store(round, Ordering::Relaxed);
+                        ping.notify.notify_one();
+                    }
+                    fence = Some((Instant::now(), round));
+                }
+                Some((start, r)) => {
+                    if trackers
+                        .values()
+                        .all(|(_, p, _)| p.answered.load(Ordering::Relaxed) >= r)
+                    {
+                        shared.tracking.fence(start);
+                        fence = None;
+                    } else if start.elapsed() > Duration::from_secs(2) {
+                        // A connection was replaced meanwhile: start a new round.
+                        fence = None;
+                    }
+                }
+                None => {}
             }
         }
         cache.set_active(false);
@@ -748,14 +837,16 @@ pub fn track(shared: Arc<crate::server::Shared>) {
 /// One tracking connection: subscribes to invalidations, then applies them until it breaks.
 async fn tracker(
     node: crate::backend::NodeSettings,
-    prefixes: Vec<Bytes>,
+    want: Want,
     up: Arc<AtomicBool>,
-    cache: Arc<Cache>,
+    ping: Arc<Ping>,
+    shared: Arc<crate::server::Shared>,
 ) {
     let addr = node.addr.clone();
     let result: Result<(), String> = async {
         let mut stream =
             crate::backend::connect(&node, crate::backend::ConnKey { db: 0, proto: 3 }).await?;
+        let prefixes = want.prefixes();
         let mut args: Vec<&[u8]> = vec![b"CLIENT", b"TRACKING", b"on", b"BCAST"];
         for p in &prefixes {
             args.push(b"PREFIX");
@@ -771,38 +862,77 @@ async fn tracker(
         }
         up.store(true, Ordering::Release);
         tracing::debug!(node = %addr, "tracking connection up");
+        let mut pings = VecDeque::new();
         loop {
-            let frame = crate::backend::read_frame(&mut stream, &mut buf).await?;
-            apply_push(&cache, &frame);
+            tokio::select! {
+                frame = crate::backend::read_frame(&mut stream, &mut buf) => {
+                    let frame = frame?;
+                    if frame.first() == Some(&b'>') {
+                        apply_push(&shared, &want, &frame);
+                    } else if let Some(r) = pings.pop_front() {
+                        ping.answered.store(r, Ordering::Relaxed);
+                    }
+                }
+                _ = ping.notify.notified() => {
+                    pings.push_back(ping.round.load(Ordering::Relaxed));
+                    stream.send(b"*1\r\n$4\r\nPING\r\n").await.map_err(|e| e.to_string())?;
+                }
+            }
         }
     }
     .await;
-    // Invalidations may have been lost: nothing cached may be served any more.
+    // Invalidations may have been lost: nothing cached may be served any more, and tracking
+    // clients drop what they hold.
     up.store(false, Ordering::Release);
-    cache.tracker_lost();
+    if want.cache.is_some() {
+        shared.cache.tracker_lost();
+    }
+    if want.clients {
+        shared.tracking.set_up(false, &shared.clients);
+    }
     if let Err(e) = result {
-        tracing::warn!(node = %addr, error = %e, "cache tracking connection lost; cache flushed");
+        tracing::warn!(node = %addr, error = %e, "tracking connection lost; cache flushed");
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
 /// Applies a `>2 invalidate [keys]` push (`_` instead of keys: everything was flushed).
-fn apply_push(cache: &Cache, frame: &Bytes) {
+fn apply_push(shared: &crate::server::Shared, want: &Want, frame: &Bytes) {
     use crate::protocol::Value;
     let Ok(Value::Array(items)) = Value::parse(frame) else {
         return;
     };
-    match items.as_slice() {
-        [Value::Bulk(kind), keys] if kind.eq_ignore_ascii_case(b"invalidate") => match keys {
-            Value::Array(keys) => {
-                for k in keys {
-                    if let Value::Bulk(k) = k {
-                        cache.invalidate(k);
-                    }
+    let [Value::Bulk(kind), keys] = items.as_slice() else {
+        return;
+    };
+    if !kind.eq_ignore_ascii_case(b"invalidate") {
+        return;
+    }
+    match keys {
+        Value::Array(keys) => {
+            let keys: Vec<Bytes> = keys
+                .iter()
+                .filter_map(|k| match k {
+                    Value::Bulk(k) => Some(Bytes::copy_from_slice(k)),
+                    _ => None,
+                })
+                .collect();
+            if want.cache.is_some() {
+                for k in &keys {
+                    shared.cache.invalidate(k);
                 }
             }
-            _ => cache.flush(),
-        },
-        _ => {}
+            if want.clients {
+                shared.tracking.changed(&shared.clients, &keys);
+            }
+        }
+        _ => {
+            if want.cache.is_some() {
+                shared.cache.flush();
+            }
+            if want.clients {
+                shared.tracking.flushed(&shared.clients);
+            }
+        }
     }
 }

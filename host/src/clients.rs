@@ -51,6 +51,10 @@ pub struct ClientInfo {
     pub blocked_on: Mutex<Option<(Arc<str>, Arc<AtomicI64>)>>,
     /// Channels, patterns and shard channels subscribed to (`sub`, `psub`, `ssub`).
     pub subscriptions: [AtomicU32; 3],
+    /// Where tracking invalidations go (`redir=`: -1 when not tracking, 0 for itself).
+    pub redir: AtomicI64,
+    /// Tracking messages for the session (see [`signal::NOTES`]).
+    inbox: Mutex<Vec<crate::tracking::Note>>,
 }
 
 /// Bits of the requests a session gets from other threads.
@@ -59,6 +63,8 @@ pub mod signal {
     pub const KILL: u8 = 1;
     /// Graceful shutdown: stop reading, deliver what is owed, close.
     pub const SHUTDOWN: u8 = 2;
+    /// Tracking messages wait in the inbox (cleared by the session when it takes them).
+    pub const NOTES: u8 = 4;
 }
 
 /// The session's side of [`ClientInfo`]'s signals: polled with every wait, cheaply (an
@@ -102,6 +108,12 @@ pub mod flag {
     pub const PUBSUB: u8 = 2;
     /// Waiting on a blocking command (`b`).
     pub const BLOCKED: u8 = 4;
+    /// `CLIENT TRACKING on` (`t`).
+    pub const TRACKING: u8 = 8;
+    /// Its tracking redirection is gone (`R`).
+    pub const TRACKING_BROKEN: u8 = 16;
+    /// Tracking in `BCAST` mode (`B`).
+    pub const TRACKING_BCAST: u8 = 32;
 }
 
 impl ClientInfo {
@@ -129,6 +141,23 @@ impl ClientInfo {
         }
     }
 
+    /// Queues a tracking message for the session and wakes it.
+    pub fn notify(&self, note: crate::tracking::Note) {
+        if let Ok(mut inbox) = self.inbox.lock() {
+            inbox.push(note);
+        }
+        self.signal(signal::NOTES);
+    }
+
+    /// Takes the queued tracking messages (and clears the signal first, so none is missed).
+    pub fn take_notes(&self) -> Vec<crate::tracking::Note> {
+        self.signals.fetch_and(!signal::NOTES, Ordering::AcqRel);
+        self.inbox
+            .lock()
+            .map(|mut inbox| std::mem::take(&mut *inbox))
+            .unwrap_or_default()
+    }
+
     /// Whether `CLIENT KILL` asked this client to close.
     pub fn killed(&self) -> bool {
         self.signals.load(Ordering::Acquire) & signal::KILL != 0
@@ -143,14 +172,18 @@ impl ClientInfo {
             .saturating_sub(self.last_active_ms.load(Ordering::Relaxed));
         let f = self.flags.load(Ordering::Relaxed);
         let mut flags = String::new();
-        if f & flag::MULTI != 0 {
-            flags.push('x');
-        }
-        if f & flag::BLOCKED != 0 {
-            flags.push('b');
-        }
-        if f & flag::PUBSUB != 0 {
-            flags.push('P');
+        // In Redis's order.
+        for (bit, c) in [
+            (flag::PUBSUB, 'P'),
+            (flag::MULTI, 'x'),
+            (flag::BLOCKED, 'b'),
+            (flag::TRACKING, 't'),
+            (flag::TRACKING_BROKEN, 'R'),
+            (flag::TRACKING_BCAST, 'B'),
+        ] {
+            if f & bit != 0 {
+                flags.push(c);
+            }
         }
         if flags.is_empty() {
             flags.push('N');
@@ -163,7 +196,7 @@ impl ClientInfo {
         let user = self.user.lock().map(|u| u.clone()).unwrap_or_default();
         let cmd = table.display_name(self.last_cmd.load(Ordering::Relaxed));
         format!(
-            "id={} addr={} laddr={} fd={} name={} age={} idle={} flags={} db={} sub={} psub={} ssub={} multi={} qbuf={} qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 events=r cmd={} user={} redir=-1 resp={} lib-name={} lib-ver={}",
+            "id={} addr={} laddr={} fd={} name={} age={} idle={} flags={} db={} sub={} psub={} ssub={} multi={} qbuf={} qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 events=r cmd={} user={} redir={} resp={} lib-name={} lib-ver={}",
             self.id,
             self.addr,
             self.laddr,
@@ -180,6 +213,7 @@ impl ClientInfo {
             qbuf,
             cmd,
             user,
+            self.redir.load(Ordering::Relaxed),
             self.resp.load(Ordering::Relaxed),
             text(&self.lib_name),
             text(&self.lib_ver),
@@ -370,6 +404,8 @@ impl Clients {
             waker: Mutex::new(None),
             blocked_on: Mutex::new(None),
             subscriptions: Default::default(),
+            redir: AtomicI64::new(-1),
+            inbox: Mutex::new(Vec::new()),
         });
         if let Ok(mut all) = self.all.lock() {
             all.insert(id, info.clone());

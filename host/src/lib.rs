@@ -20,6 +20,7 @@
 //! - [`pubsub`]: shared subscriber connections with fan-out to sessions.
 //! - [`glob`]: Redis's glob patterns (the SDK's own source, shared): `PUBLISH` counts pattern subscribers.
 //! - [`cache`]: the response cache plugins drive, kept fresh by `CLIENT TRACKING`.
+//! - [`tracking`]: `CLIENT TRACKING` for respire's clients (their client-side caches).
 //! - [`plugin`]: the WebAssembly plugin host (wasmtime components) and the request chain.
 //! - [`stage`]: a worker's plugin stage: every session's hooks of one event-loop turn in one call per plugin.
 //! - [`stats`]: respire's own request metrics (per worker, added up when scraped) and slow log.
@@ -60,4 +61,5 @@ pub mod state;
 pub mod stats;
 pub mod tls;
 pub mod topology;
+pub mod tracking;
 pub mod versioned;

@@ -104,6 +104,8 @@ pub struct Shared {
     pub census: crate::pubsub::Census,
     /// `MONITOR` clients, shown the commands respire answers itself.
     pub monitors: crate::clients::Monitors,
+    /// `CLIENT TRACKING` of respire's clients.
+    pub tracking: crate::tracking::Tracking,
 }
 
 /// The counters `INFO stats` reports.
@@ -425,6 +427,7 @@ impl Server {
             local_errors: std::sync::atomic::AtomicU64::new(0),
             census: crate::pubsub::Census::default(),
             monitors: crate::clients::Monitors::default(),
+            tracking: crate::tracking::Tracking::default(),
             config,
         });
         if server_tls.is_some() || client_tls.is_some() {
@@ -470,9 +473,12 @@ impl Server {
                 .name("respire-plugins".into())
                 .spawn(move || crate::plugin::watch(s, dir))
                 .map_err(ServerError::Start)?;
+        }
+        {
+            // The tracking connections of the response cache and of clients' `CLIENT TRACKING`.
             let s = shared.clone();
             let t = std::thread::Builder::new()
-                .name("respire-cache".into())
+                .name("respire-tracking".into())
                 .spawn(move || crate::cache::track(s))
                 .map_err(ServerError::Start)?;
             threads.push(t);

@@ -26,6 +26,7 @@ mod cluster;
 mod local;
 mod stream;
 mod subscribe;
+mod tracking;
 
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
@@ -484,6 +485,8 @@ enum Target {
     Exclusive,
     /// Waiting for a reply another client's request will bring (the cache's single flight).
     Flight,
+    /// Waiting for the tracking connections before `CLIENT TRACKING on` is answered.
+    Tracking,
 }
 
 /// What the response cache needs done when a command's reply arrives.
@@ -571,6 +574,8 @@ enum Wake {
     Gate(Result<Result<(), String>, oneshot::error::RecvError>),
     /// A message from a subscriber connection.
     Push(crate::pubsub::Message),
+    /// Tracking messages wait in the client's inbox.
+    Notes,
     /// The plugin stage decided about this session's commands.
     Verdicts(Option<crate::stage::Decided>),
     /// The plugin stage ran the response hooks of this session's replies.
@@ -722,6 +727,10 @@ pub struct Session {
     /// The slot of the last blocking command sent, while its reply is owed: the client is
     /// blocked (`b` in `CLIENT LIST`, counted in `INFO`'s `blocked_clients`).
     blocked_until: Option<u64>,
+    /// `CLIENT TRACKING on`: the client's options (the table is in `Shared::tracking`).
+    tracking: Option<Box<crate::tracking::Mode>>,
+    /// `CLIENT CACHING yes|no` applies to the next command or transaction.
+    caching: bool,
 }
 
 /// Serves one client connection until it closes.
@@ -793,6 +802,8 @@ pub async fn run(worker: Rc<Worker>, stream: Stream, info: Arc<ClientInfo>) {
         grouped_now: None,
         pipelined: false,
         blocked_until: None,
+        tracking: None,
+        caching: false,
     };
     s.slowlog = slowlog;
     s.serve().await;
@@ -801,6 +812,7 @@ pub async fn run(worker: Rc<Worker>, stream: Stream, info: Arc<ClientInfo>) {
     // Writes whose replies never reached the front: they may have run, drop what they touched.
     s.run_after(u64::MAX, None);
     s.unsubscribe_all();
+    s.stop_tracking();
     s.release_exclusive(true);
     let id = s.info.id;
     s.worker.shared.clients.unregister(id);
@@ -929,6 +941,9 @@ impl Session {
                     if bits & crate::clients::signal::KILL != 0 {
                         return Poll::Ready(Wake::Kill);
                     }
+                    if bits & crate::clients::signal::NOTES != 0 {
+                        return Poll::Ready(Wake::Notes);
+                    }
                     if !closing {
                         return Poll::Ready(Wake::Shutdown);
                     }
@@ -1037,6 +1052,7 @@ impl Session {
                         self.on_message(frame);
                     }
                 }
+                Wake::Notes => self.on_notes(),
                 Wake::Idle => {
                     let due = last_read + idle;
                     if self.now() >= due {
@@ -2069,6 +2085,12 @@ impl Session {
         mut chain: Option<Box<ResponseChain>>,
         cache_for: Option<crate::cache::CacheFor>,
     ) {
+        if self.tracking.is_some() {
+            self.track_command(&cmd, res);
+        }
+        if self.worker.shared.tracking.clients() > 0 {
+            self.track_flush(&cmd);
+        }
         if !self.worker.shared.cache.is_active() {
             return self.with_hook(chain, |s| s.dispatch_groupable(cmd, res));
         }
@@ -2429,7 +2451,7 @@ impl Session {
                     self.worker.shared.reset_counters();
                 }
                 if config && sub.eq_ignore_ascii_case(b"set") {
-                    self.config_set_slowlog(&cmd);
+                    self.config_set_own(&cmd);
                 }
                 // `SCRIPT KILL` / `FUNCTION KILL` on a connection of their own: the shared
                 // one may be waiting behind the very script they stop.
@@ -2649,9 +2671,9 @@ impl Session {
             })
     }
 
-    /// `CONFIG SET` of the slow log's settings applies to respire's slow log too (the
-    /// command still goes to Redis, for its own).
-    fn config_set_slowlog(&self, cmd: &Command) {
+    /// `CONFIG SET` of the slow log's settings and of `tracking-table-max-keys` applies to
+    /// respire's slow log and tracking table too (the command still goes to Redis, for its own).
+    fn config_set_own(&self, cmd: &Command) {
         let log = &self.worker.shared.slowlog;
         let mut i = 2;
         while let (Some(name), Some(value)) = (cmd.arg_bytes(i), cmd.arg_bytes(i + 1)) {
@@ -2663,6 +2685,12 @@ impl Session {
             } else if name.eq_ignore_ascii_case(b"slowlog-max-len") {
                 if let Some(n) = value.and_then(|n| usize::try_from(n).ok()) {
                     log.set_max_len(n);
+                }
+            } else if name.eq_ignore_ascii_case(b"tracking-table-max-keys") {
+                // respire's tracking table is the one that fills (Redis's holds nothing).
+                if let Some(n) = value.and_then(|n| usize::try_from(n).ok()) {
+                    let shared = &self.worker.shared;
+                    shared.tracking.set_max_keys(n, &shared.clients);
                 }
             }
             i += 2;

@@ -154,6 +154,7 @@ impl Session {
                 "clients" => {
                     line(&mut b, "connected_clients", &shared.clients.count());
                     line(&mut b, "maxclients", &shared.config.max_clients);
+                    line(&mut b, "tracking_clients", &shared.tracking.clients());
                     // Over one master its own count is exact: a client counts once Redis has
                     // it blocked (respire flags it when it sends the command). Over several,
                     // respire's count (the section is the first master's).
@@ -194,6 +195,10 @@ impl Session {
                     line(&mut b, "cache_entries", &entries);
                     line(&mut b, "cache_bytes", &bytes);
                     line(&mut b, "slowlog_len", &shared.slowlog.len());
+                    let (keys, items, prefixes) = shared.tracking.totals();
+                    line(&mut b, "tracking_total_keys", &keys);
+                    line(&mut b, "tracking_total_items", &items);
+                    line(&mut b, "tracking_total_prefixes", &prefixes);
                     section("Stats", b);
                 }
                 "plugins" => {
@@ -355,6 +360,7 @@ impl Session {
             self.last_target = None;
         }
         self.unsubscribe_all();
+        self.stop_tracking();
         self.db = 0;
         self.proto = 2;
         self.reply_mode = ReplyMode::On;
@@ -632,17 +638,15 @@ impl Session {
                     self.reply_error("ERR syntax error");
                 }
             }
-            b"getredir" if argc == 2 => self.reply_with(|o, _| resp::int(o, -1)),
+            b"getredir" if argc == 2 => self.client_getredir(),
+            b"trackinginfo" if argc == 2 => self.client_trackinginfo(),
+            b"tracking" if argc >= 3 => self.client_tracking(&args),
+            b"caching" if argc >= 3 => self.client_caching(&args[2]),
             b"unblock" if argc == 3 || argc == 4 => self.client_unblock(cmd, &args),
-            b"tracking" | b"caching" => {
-                let s = String::from_utf8_lossy(&sub).to_uppercase();
-                self.reply_error(&format!(
-                    "ERR respire: CLIENT {s} is not supported through the proxy"
-                ));
-            }
             b"id" | b"getname" | b"setname" | b"info" | b"kill" | b"setinfo" | b"reply"
-            | b"no-evict" | b"no-touch" | b"getredir" | b"unblock" => arity_error(self),
-            // PAUSE, UNPAUSE, HELP, TRACKINGINFO and anything newer go to Redis.
+            | b"no-evict" | b"no-touch" | b"getredir" | b"unblock" | b"tracking" | b"caching"
+            | b"trackinginfo" => arity_error(self),
+            // PAUSE, UNPAUSE, HELP and anything newer go to Redis.
             _ => {
                 self.route(cmd, res, Use::Shared);
             }
