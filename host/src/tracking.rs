@@ -302,12 +302,7 @@ impl Tracking {
         if max == 0 || t.keys.len() <= max {
             return;
         }
-        let over: Vec<Bytes> = t
-            .keys
-            .keys()
-            .take(t.keys.len() - max)
-            .cloned()
-            .collect();
+        let over: Vec<Bytes> = t.keys.keys().take(t.keys.len() - max).cloned().collect();
         let notes = deliveries_for_keys(&mut t, &over, false);
         drop(t);
         self.send(notes, clients);
@@ -535,10 +530,8 @@ fn show(info: &ClientInfo, mode: Option<&Mode>, broken: bool) {
     info.set_flag(flag::TRACKING, mode.is_some());
     info.set_flag(flag::TRACKING_BROKEN, broken);
     info.set_flag(flag::TRACKING_BCAST, mode.is_some_and(|m| m.bcast));
-    info.redir.store(
-        mode.map_or(-1, |m| m.redirect as i64),
-        Ordering::Relaxed,
-    );
+    info.redir
+        .store(mode.map_or(-1, |m| m.redirect as i64), Ordering::Relaxed);
 }
 
 /// Checks `BCAST` prefixes as Redis does: none may be a prefix of another, new or existing.

@@ -1559,3 +1559,173 @@ fn blocking_commands_find_a_connection_ready() {
         "a BLPOP waited for a new connection's handshake:\n{lines}"
     );
 }
+
+/// What a set of clients sees of `CLIENT TRACKING` on `port`: replies and invalidation
+/// messages, in order. Each message is read as soon as the change that causes it is
+/// acknowledged, so the sequence is the same whatever the timing.
+fn tracking_scenario(port: u16) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut note = |b: Vec<u8>| seen.push(String::from_utf8_lossy(&b).into_owned());
+    let mut t = Raw::connect(port);
+    let mut w = Raw::connect(port);
+    let mut write = |args: &[&[u8]]| {
+        w.roundtrip(&resp(args), 1);
+    };
+    t.roundtrip(&resp(&[b"HELLO", b"3"]), 1);
+    note(t.roundtrip(&resp(&[b"CLIENT", b"TRACKING", b"on"]), 1));
+    // A key read is told once when another client changes it.
+    write(&[b"SET", b"k", b"1"]);
+    note(t.roundtrip(&resp(&[b"GET", b"k"]), 1));
+    write(&[b"SET", b"k", b"2"]);
+    note(t.read_replies(1));
+    // The client's own write: its reply, then the message.
+    note(t.roundtrip(&resp(&[b"GET", b"k"]), 1));
+    note(t.roundtrip(&resp(&[b"SET", b"k", b"3"]), 2));
+    // Each key of a multi-key read is told on its own.
+    note(t.roundtrip(&resp(&[b"MGET", b"a", b"b"]), 1));
+    write(&[b"MSET", b"a", b"1", b"b", b"2"]);
+    note(t.read_replies(2));
+    // OPTIN: only the read after CLIENT CACHING yes is tracked.
+    note(t.roundtrip(&resp(&[b"CLIENT", b"TRACKING", b"off"]), 1));
+    note(t.roundtrip(&resp(&[b"CLIENT", b"TRACKING", b"on", b"OPTIN"]), 1));
+    note(t.roundtrip(&resp(&[b"GET", b"x"]), 1));
+    note(t.roundtrip(&resp(&[b"CLIENT", b"CACHING", b"yes"]), 1));
+    note(t.roundtrip(&resp(&[b"CLIENT", b"TRACKINGINFO"]), 1));
+    note(t.roundtrip(&resp(&[b"GET", b"y"]), 1));
+    write(&[b"MSET", b"x", b"1", b"y", b"1"]);
+    note(t.read_replies(1));
+    // Nothing about `x` is queued before this PONG.
+    note(t.roundtrip(&resp(&[b"PING"]), 1));
+    note(t.roundtrip(&resp(&[b"CLIENT", b"TRACKINGINFO"]), 1));
+    note(t.roundtrip(&resp(&[b"CLIENT", b"GETREDIR"]), 1));
+    // Redis's checks, with its texts.
+    for args in [
+        &[&b"CLIENT"[..], b"TRACKING", b"on", b"BCAST"][..],
+        &[b"CLIENT", b"TRACKING", b"on", b"OPTOUT"],
+        &[b"CLIENT", b"TRACKING", b"on", b"OPTIN", b"OPTOUT"],
+        &[b"CLIENT", b"TRACKING", b"on", b"PREFIX", b"a"],
+        &[b"CLIENT", b"TRACKING", b"on", b"REDIRECT", b"999999"],
+        &[b"CLIENT", b"TRACKING", b"on", b"REDIRECT", b"x"],
+        &[b"CLIENT", b"TRACKING", b"maybe"],
+        &[b"CLIENT", b"TRACKING", b"on", b"NOPE"],
+        &[b"CLIENT", b"CACHING", b"no"],
+        &[b"CLIENT", b"CACHING", b"perhaps"],
+        &[b"CLIENT", b"TRACKING"],
+    ] {
+        note(t.roundtrip(&resp(args), 1));
+    }
+    // BCAST over two prefixes, NOLOOP, redirected to a RESP2 subscriber.
+    let mut r = Raw::connect(port);
+    let id = String::from_utf8_lossy(&r.roundtrip(&resp(&[b"CLIENT", b"ID"]), 1))
+        .trim_start_matches(':')
+        .trim_end()
+        .to_string();
+    r.roundtrip(&resp(&[b"SUBSCRIBE", b"__redis__:invalidate"]), 1);
+    let mut b = Raw::connect(port);
+    note(b.roundtrip(
+        &resp(&[
+            b"CLIENT",
+            b"TRACKING",
+            b"on",
+            b"BCAST",
+            b"NOLOOP",
+            b"REDIRECT",
+            id.as_bytes(),
+            b"PREFIX",
+            b"q:",
+            b"PREFIX",
+            b"p:",
+        ]),
+        1,
+    ));
+    note(b.roundtrip(
+        &resp(&[b"CLIENT", b"TRACKING", b"on", b"BCAST", b"PREFIX", b"p"]),
+        1,
+    ));
+    let info = b.roundtrip(&resp(&[b"CLIENT", b"TRACKINGINFO"]), 1);
+    // Client ids differ between the two runs.
+    note(
+        String::from_utf8_lossy(&info)
+            .replace(&format!("redirect\r\n:{id}\r\n"), "redirect\r\n:ID\r\n")
+            .into_bytes(),
+    );
+    // Its own write is not told (NOLOOP); the next message is about the other client's.
+    note(b.roundtrip(&resp(&[b"SET", b"p:mine", b"1"]), 1));
+    write(&[b"MSET", b"p:1", b"1", b"q:1", b"1", b"z:1", b"1"]);
+    note(r.read_replies(2));
+    // A flush: a null to every tracking client.
+    write(&[b"FLUSHALL"]);
+    note(r.read_replies(1));
+    note(t.read_replies(1));
+    note(r.roundtrip(&resp(&[b"PING"]), 1));
+    note(b.roundtrip(&resp(&[b"CLIENT", b"TRACKING", b"off"]), 1));
+    note(b.roundtrip(&resp(&[b"CLIENT", b"GETREDIR"]), 1));
+    seen
+}
+
+/// `CLIENT TRACKING` through respire tells clients what Redis would tell them, byte for byte:
+/// default mode, a client's own writes, OPTIN with CLIENT CACHING, BCAST prefixes with
+/// NOLOOP redirected to a RESP2 subscriber, flushes, TRACKINGINFO and every error text.
+#[test]
+fn client_tracking_matches_direct_redis() {
+    let direct = RedisServer::start();
+    let behind = RedisServer::start();
+    let proxy = Respire::start(&behind.addr(), &[]);
+    let want = tracking_scenario(direct.port);
+    let got = tracking_scenario(proxy.port);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(
+            g, w,
+            "step {i}: respire (left) differs from direct Redis (right)"
+        );
+    }
+    assert_eq!(got.len(), want.len());
+}
+
+/// When respire loses the tracking connection to Redis, changes may go unseen: tracking
+/// clients are told to drop everything (a null), again once it is back, and tracking goes on.
+#[test]
+fn tracking_clients_drop_everything_when_respire_loses_sight_of_changes() {
+    let redis = RedisServer::start();
+    let proxy = Respire::start(&redis.addr(), &[]);
+    let mut t = Raw::connect(proxy.port);
+    let mut w = Raw::connect(proxy.port);
+    t.roundtrip(&resp(&[b"HELLO", b"3"]), 1);
+    assert_eq!(
+        t.roundtrip(&resp(&[b"CLIENT", b"TRACKING", b"on"]), 1),
+        b"+OK\r\n"
+    );
+    t.roundtrip(&resp(&[b"GET", b"k"]), 1);
+    // respire's tracking connection, as Redis lists it.
+    let list = cli(redis.port, &["CLIENT", "LIST"]);
+    let tracker = list
+        .lines()
+        .find(|l| l.contains("cmd=client|tracking"))
+        .and_then(|l| l.split(' ').next())
+        .and_then(|id| id.strip_prefix("id="))
+        .unwrap_or_else(|| panic!("no tracking connection in {list}"))
+        .to_string();
+    assert_eq!(
+        cli(redis.port, &["CLIENT", "KILL", "ID", &tracker]).trim(),
+        "1"
+    );
+    let flush = b">2\r\n$10\r\ninvalidate\r\n_\r\n".repeat(2);
+    assert_eq!(
+        t.read_replies(2),
+        flush,
+        "a null when lost, another when back"
+    );
+    // Tracking goes on over the new connection.
+    t.roundtrip(&resp(&[b"GET", b"k"]), 1);
+    w.roundtrip(&resp(&[b"SET", b"k", b"1"]), 1);
+    assert_eq!(
+        t.read_replies(1),
+        b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n"
+    );
+    assert_eq!(t.roundtrip(&resp(&[b"PING"]), 1), b"+PONG\r\n");
+    let info = String::from_utf8_lossy(&w.roundtrip(&resp(&[b"INFO", b"clients"]), 1)).into_owned();
+    assert!(info.contains("tracking_clients:1\r\n"), "{info}");
+    assert!(
+        String::from_utf8_lossy(&w.roundtrip(&resp(&[b"CLIENT", b"LIST"]), 1)).contains("flags=t ")
+    );
+}

@@ -116,8 +116,9 @@ impl Session {
                 b"redirect" if more > 0 => {
                     j += 1;
                     if redirect != 0 {
-                        return self
-                            .reply_error("ERR A client can only redirect to a single other client");
+                        return self.reply_error(
+                            "ERR A client can only redirect to a single other client",
+                        );
                     }
                     let Some(id) = parse_i64(&args[j]) else {
                         return self.reply_error("ERR value is not an integer or out of range");
