@@ -891,7 +891,11 @@ async fn tracker(
         shared.tracking.set_up(false, &shared.clients);
     }
     if let Err(e) = result {
-        tracing::warn!(node = %addr, error = %e, "tracking connection lost; cache flushed");
+        if want.cache.is_some() {
+            tracing::warn!(node = %addr, error = %e, "cache tracking connection lost; cache flushed");
+        } else {
+            tracing::warn!(node = %addr, error = %e, "tracking connection lost; tracking clients told to drop what they cached");
+        }
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
