@@ -21,6 +21,7 @@
 //! - [`glob`]: Redis's glob patterns (the SDK's own source, shared): `PUBLISH` counts pattern subscribers.
 //! - [`cache`]: the response cache plugins drive, kept fresh by `CLIENT TRACKING`.
 //! - [`tracking`]: `CLIENT TRACKING` for respire's clients (their client-side caches).
+//! - [`invalidation`]: the tracking connections: Redis's reports of changed keys for both.
 //! - [`plugin`]: the WebAssembly plugin host (wasmtime components) and the request chain.
 //! - [`stage`]: a worker's plugin stage: every session's hooks of one event-loop turn in one call per plugin.
 //! - [`stats`]: respire's own request metrics (per worker, added up when scraped) and slow log.
@@ -48,6 +49,7 @@ pub mod config;
 #[path = "../../sdk/src/glob.rs"]
 pub mod glob;
 pub mod guard;
+pub mod invalidation;
 pub mod io;
 pub mod metrics;
 pub mod plugin;

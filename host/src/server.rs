@@ -479,7 +479,7 @@ impl Server {
             let s = shared.clone();
             let t = std::thread::Builder::new()
                 .name("respire-tracking".into())
-                .spawn(move || crate::cache::track(s))
+                .spawn(move || crate::invalidation::track(s))
                 .map_err(ServerError::Start)?;
             threads.push(t);
         }

@@ -731,6 +731,9 @@ pub struct Session {
     tracking: Option<Box<crate::tracking::Mode>>,
     /// `CLIENT CACHING yes|no` applies to the next command or transaction.
     caching: bool,
+    /// A write was sent while clients track keys: before its reply reaches the client, the
+    /// tracking connections are read (see [`crate::invalidation`]).
+    sync_tracking: bool,
 }
 
 /// Serves one client connection until it closes.
@@ -804,6 +807,7 @@ pub async fn run(worker: Rc<Worker>, stream: Stream, info: Arc<ClientInfo>) {
         blocked_until: None,
         tracking: None,
         caching: false,
+        sync_tracking: false,
     };
     s.slowlog = slowlog;
     s.serve().await;
@@ -900,6 +904,11 @@ impl Session {
                         }
                     }
                 }
+            }
+            if self.sync_tracking && !self.out.is_empty() {
+                // Tracking clients get their invalidations before the writer its answer.
+                crate::invalidation::sync(&self.worker.shared);
+                self.sync_tracking = !self.queue.is_empty();
             }
             if !self.out.is_empty() && !self.try_flush() {
                 return;
@@ -2089,7 +2098,7 @@ impl Session {
             self.track_command(&cmd, res);
         }
         if self.worker.shared.tracking.clients() > 0 {
-            self.track_flush(&cmd);
+            self.track_write(&cmd, res);
         }
         if !self.worker.shared.cache.is_active() {
             return self.with_hook(chain, |s| s.dispatch_groupable(cmd, res));

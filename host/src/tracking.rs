@@ -154,10 +154,13 @@ pub struct Tracking {
     table: Mutex<Table>,
     /// `CLIENT TRACKING on` replies waiting for the connections, with their deadlines.
     waiters: Mutex<Vec<(Instant, u64, oneshot::Sender<Reply>)>>,
-    /// When the last tracking client left (for [`LINGER`]).
-    idle_since: Mutex<Option<Instant>>,
+    /// When the last tracking client left (for [`LINGER`]): `None` before any tracked,
+    /// `Some(None)` while some track.
+    idle_since: Mutex<Option<Option<Instant>>>,
     /// Wakes the tracking thread (a client started tracking).
     pub wake: tokio::sync::Notify,
+    /// The tracking connections' read sides (see [`crate::invalidation::sync`]).
+    links: Mutex<Arc<Vec<Arc<crate::invalidation::Link>>>>,
 }
 
 impl Default for Tracking {
@@ -170,11 +173,45 @@ impl Default for Tracking {
             waiters: Mutex::default(),
             idle_since: Mutex::default(),
             wake: tokio::sync::Notify::new(),
+            links: Mutex::default(),
         }
     }
 }
 
 impl Tracking {
+    /// The tracking connections up now.
+    pub fn links(&self) -> Arc<Vec<Arc<crate::invalidation::Link>>> {
+        self.links.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Replaces the list of tracking connections.
+    pub fn set_links(&self, links: Vec<Arc<crate::invalidation::Link>>) {
+        if let Ok(mut l) = self.links.lock() {
+            *l = Arc::new(links);
+        }
+    }
+
+    /// A tracking connection is up.
+    pub fn add_link(&self, link: Arc<crate::invalidation::Link>) {
+        if let Ok(mut l) = self.links.lock() {
+            let mut v = l.as_ref().clone();
+            v.push(link);
+            *l = Arc::new(v);
+        }
+    }
+
+    /// A tracking connection went away.
+    pub fn remove_link(&self, link: &Arc<crate::invalidation::Link>) {
+        if let Ok(mut l) = self.links.lock() {
+            let v: Vec<_> = l
+                .iter()
+                .filter(|x| !Arc::ptr_eq(x, link))
+                .cloned()
+                .collect();
+            *l = Arc::new(v);
+        }
+    }
+
     fn table(&self) -> MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -201,15 +238,18 @@ impl Tracking {
     pub fn wanted(&self) -> bool {
         let mut idle = self.idle_since.lock().unwrap_or_else(|e| e.into_inner());
         if self.clients() > 0 || !self.waiters_empty() {
-            *idle = None;
+            *idle = Some(None);
             return true;
         }
         match *idle {
-            None => {
-                *idle = Some(Instant::now());
+            // Never wanted yet.
+            None => false,
+            // The last tracking client just left.
+            Some(None) => {
+                *idle = Some(Some(Instant::now()));
                 true
             }
-            Some(t) => t.elapsed() < LINGER,
+            Some(Some(t)) => t.elapsed() < LINGER,
         }
     }
 

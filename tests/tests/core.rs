@@ -1729,3 +1729,31 @@ fn tracking_clients_drop_everything_when_respire_loses_sight_of_changes() {
         String::from_utf8_lossy(&w.roundtrip(&resp(&[b"CLIENT", b"LIST"]), 1)).contains("flags=t ")
     );
 }
+
+/// As with one Redis, once a write is acknowledged the clients tracking its key have their
+/// invalidation ahead of any later reply: a client that reads after the writer's answer
+/// (told by the application, say) never gets its reply before the message. Two workers, so
+/// the writer and the reader are served by different threads.
+#[test]
+fn invalidations_come_before_the_writers_acknowledgement() {
+    let redis = RedisServer::start();
+    let proxy = Respire::start(&redis.addr(), &["--workers", "2"]);
+    let mut t = Raw::connect(proxy.port);
+    let mut w = Raw::connect(proxy.port);
+    t.roundtrip(&resp(&[b"HELLO", b"3"]), 1);
+    t.roundtrip(&resp(&[b"CLIENT", b"TRACKING", b"on"]), 1);
+    let push = b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n";
+    for i in 0..300 {
+        t.roundtrip(&resp(&[b"GET", b"k"]), 1);
+        assert_eq!(
+            w.roundtrip(&resp(&[b"SET", b"k", i.to_string().as_bytes()]), 1),
+            b"+OK\r\n"
+        );
+        let got = t.roundtrip(&resp(&[b"PING"]), 2);
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            format!("{}+PONG\r\n", String::from_utf8_lossy(push)),
+            "round {i}"
+        );
+    }
+}

@@ -68,10 +68,15 @@ impl Session {
         }
     }
 
-    /// `FLUSHALL`, `FLUSHDB`, `SWAPDB` from any client empty the tracking table at once, as in
-    /// Redis (`INFO` shows it); the clients are told when Redis's null comes back.
-    pub(super) fn track_flush(&self, cmd: &Command) {
+    /// A command of any client while clients track keys: a write's reply waits until the
+    /// tracking connections have been read; `FLUSHALL`, `FLUSHDB`, `SWAPDB` empty the
+    /// tracking table at once, as in Redis (`INFO` shows it), and the clients are told when
+    /// Redis's null comes back.
+    pub(super) fn track_write(&mut self, cmd: &Command, res: Resolved<'_>) {
         let name = cmd.name();
+        if res.info.is_some_and(|i| i.has(flags::WRITE)) || is_script(name) {
+            self.sync_tracking = true;
+        }
         if [&b"flushall"[..], b"flushdb", b"swapdb"]
             .iter()
             .any(|n| name.eq_ignore_ascii_case(n))
