@@ -10,7 +10,7 @@
 //! - A write through respire drops the replies that read its keys when it is sent and
 //!   again when its reply arrives (so a read that raced it on another connection cannot
 //!   leave an old value behind once the writer has its answer).
-//! - A write by anyone else is reported by Redis itself: [`track`] keeps a connection per
+//! - A write by anyone else is reported by Redis itself: [`crate::invalidation`] keeps a connection per
 //!   node with `CLIENT TRACKING on BCAST` (over the plugins' prefixes) and drops what it
 //!   names. The cache serves only while every node's tracking connection is up; when one
 //!   drops, everything is flushed before the next lookup.

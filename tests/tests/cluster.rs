@@ -353,6 +353,36 @@ fn transactions_blocking_and_pubsub_over_a_cluster() {
         String::from_utf8_lossy(&s.read_replies(1)),
         "*3\r\n$8\r\nsmessage\r\n$6\r\norders\r\n$2\r\no1\r\n"
     );
+    // CLIENT TRACKING over the three masters: a client that read keys on each is told of
+    // each change, whichever node made it, before the writer has its answer.
+    let mut t = Raw::connect(proxy.port);
+    let mut w = Raw::connect(proxy.port);
+    t.roundtrip(&resp(&[b"HELLO", b"3"]), 1);
+    assert_eq!(
+        t.roundtrip(&resp(&[b"CLIENT", b"TRACKING", b"on"]), 1),
+        b"+OK\r\n"
+    );
+    let keys: Vec<String> = (0..9).map(|i| format!("tracked{i}")).collect();
+    let nodes: std::collections::HashSet<u16> =
+        keys.iter().map(|k| cluster.owner_port(k)).collect();
+    assert_eq!(nodes.len(), 3, "the keys live on every master");
+    for k in &keys {
+        t.roundtrip(&resp(&[b"GET", k.as_bytes()]), 1);
+    }
+    for k in &keys {
+        assert_eq!(
+            w.roundtrip(&resp(&[b"SET", k.as_bytes(), b"v"]), 1),
+            b"+OK\r\n"
+        );
+        let got = t.roundtrip(&resp(&[b"PING"]), 2);
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            format!(
+                ">2\r\n$10\r\ninvalidate\r\n*1\r\n${}\r\n{k}\r\n+PONG\r\n",
+                k.len()
+            )
+        );
+    }
 }
 
 fn slot_node(cluster: &Cluster, key: &str) -> String {

@@ -106,7 +106,10 @@ impl Session {
             // Both sides at once, so that neither starves the other.
             let (stream, out, inbuf) = (&mut self.stream, &mut self.out, &mut self.inbuf);
             let (signal, from, to) = std::future::poll_fn(|cx| {
-                let signal = signals.poll(&info, cx).is_ready();
+                let signal = match signals.poll(&info, cx) {
+                    Poll::Ready(bits) => bits,
+                    Poll::Pending => 0,
+                };
                 let from = poll_io(&mut backend, cx, &mut to_backend, &mut from_backend, true);
                 let to = poll_io(stream, cx, out, inbuf, true);
                 let mut local = false;
@@ -116,14 +119,22 @@ impl Session {
                         local = true;
                     }
                 }
-                if signal || from.is_ready() || to.is_ready() || local {
+                if signal != 0 || from.is_ready() || to.is_ready() || local {
                     Poll::Ready((signal, from, to))
                 } else {
                     Poll::Pending
                 }
             })
             .await;
-            if signal {
+            if signal & crate::clients::signal::NOTES != 0 {
+                // Tracking messages (a RESP3 client that tracks keys, or a redirection target).
+                for note in self.info.take_notes() {
+                    if let Some(frame) = note.frame(self.proto, false) {
+                        self.out.extend_from_slice(&frame);
+                    }
+                }
+            }
+            if signal & !crate::clients::signal::NOTES != 0 {
                 break StreamEnd::Close;
             }
             match from {
