@@ -43,6 +43,23 @@ const MAX_KEYS: usize = 1_000_000;
 /// How long the all-keys tracking connections stay after the last tracking client left (so
 /// that clients that come and go do not reopen them each time).
 const LINGER: Duration = Duration::from_secs(30);
+/// Tracking series on the metrics endpoint (registered when first used).
+struct Stats {
+    clients: prometheus::IntGauge,
+    messages: prometheus::IntCounter,
+}
+
+static STATS: std::sync::LazyLock<Stats> = std::sync::LazyLock::new(|| Stats {
+    clients: crate::metrics::int_gauge(
+        "respire_tracking_clients",
+        "Clients with CLIENT TRACKING on",
+    ),
+    messages: crate::metrics::int_counter(
+        "respire_tracking_messages_total",
+        "Invalidation messages handed to tracking clients (or their redirection targets)",
+    ),
+});
+
 /// The channel Redis uses for invalidations to RESP2 clients.
 pub const CHANNEL: &[u8] = b"__redis__:invalidate";
 
@@ -280,7 +297,8 @@ impl Tracking {
                 )
                 .is_none();
             if fresh {
-                self.count.fetch_add(1, Ordering::Relaxed);
+                let n = self.count.fetch_add(1, Ordering::Relaxed) + 1;
+                STATS.clients.set(n as i64);
             }
         }
         show(info, Some(&mode), false);
@@ -299,7 +317,8 @@ impl Tracking {
     pub fn disable(&self, info: &ClientInfo) {
         let mut t = self.table();
         if t.clients.remove(&info.id).is_some() {
-            self.count.fetch_sub(1, Ordering::Relaxed);
+            let n = self.count.fetch_sub(1, Ordering::Relaxed) - 1;
+            STATS.clients.set(n as i64);
         }
         t.own.retain(|(id, _), _| *id != info.id);
         drop(t);
@@ -490,6 +509,7 @@ impl Tracking {
         if notes.is_empty() {
             return;
         }
+        STATS.messages.inc_by(notes.len() as u64);
         let mut t = self.table();
         for (id, keys) in notes {
             let Some(c) = t.clients.get_mut(&id) else {

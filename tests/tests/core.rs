@@ -1687,7 +1687,8 @@ fn client_tracking_matches_direct_redis() {
 #[test]
 fn tracking_clients_drop_everything_when_respire_loses_sight_of_changes() {
     let redis = RedisServer::start();
-    let proxy = Respire::start(&redis.addr(), &[]);
+    let mport = respire_tests::free_port();
+    let proxy = Respire::start(&redis.addr(), &["--metrics", &format!("127.0.0.1:{mport}")]);
     let mut t = Raw::connect(proxy.port);
     let mut w = Raw::connect(proxy.port);
     t.roundtrip(&resp(&[b"HELLO", b"3"]), 1);
@@ -1727,6 +1728,16 @@ fn tracking_clients_drop_everything_when_respire_loses_sight_of_changes() {
     assert!(info.contains("tracking_clients:1\r\n"), "{info}");
     assert!(
         String::from_utf8_lossy(&w.roundtrip(&resp(&[b"CLIENT", b"LIST"]), 1)).contains("flags=t ")
+    );
+    let (_, body) = respire_tests::http_get(mport, "/metrics");
+    assert_eq!(
+        respire_tests::metric_value(&body, "respire_tracking_clients"),
+        Some(1.0)
+    );
+    assert_eq!(
+        respire_tests::metric_value(&body, "respire_tracking_messages_total"),
+        Some(3.0),
+        "two nulls and one key"
     );
 }
 
