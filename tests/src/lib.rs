@@ -874,6 +874,17 @@ impl Raw {
             .expect("SO_RCVBUF");
     }
 
+    /// Connects as a RESP3 client with `CLIENT TRACKING on` (default mode).
+    pub fn tracking(port: u16) -> Raw {
+        let mut t = Raw::connect(port);
+        t.roundtrip(&resp(&[b"HELLO", b"3"]), 1);
+        assert_eq!(
+            t.roundtrip(&resp(&[b"CLIENT", b"TRACKING", b"on"]), 1),
+            b"+OK\r\n"
+        );
+        t
+    }
+
     /// Sends bytes.
     pub fn send(&mut self, b: &[u8]) {
         self.s.write_all(b).expect("send");

@@ -355,13 +355,8 @@ fn transactions_blocking_and_pubsub_over_a_cluster() {
     );
     // CLIENT TRACKING over the three masters: a client that read keys on each is told of
     // each change, whichever node made it, before the writer has its answer.
-    let mut t = Raw::connect(proxy.port);
+    let mut t = Raw::tracking(proxy.port);
     let mut w = Raw::connect(proxy.port);
-    t.roundtrip(&resp(&[b"HELLO", b"3"]), 1);
-    assert_eq!(
-        t.roundtrip(&resp(&[b"CLIENT", b"TRACKING", b"on"]), 1),
-        b"+OK\r\n"
-    );
     let keys: Vec<String> = (0..9).map(|i| format!("tracked{i}")).collect();
     let nodes: std::collections::HashSet<u16> =
         keys.iter().map(|k| cluster.owner_port(k)).collect();

@@ -1689,13 +1689,8 @@ fn tracking_clients_drop_everything_when_respire_loses_sight_of_changes() {
     let redis = RedisServer::start();
     let mport = respire_tests::free_port();
     let proxy = Respire::start(&redis.addr(), &["--metrics", &format!("127.0.0.1:{mport}")]);
-    let mut t = Raw::connect(proxy.port);
+    let mut t = Raw::tracking(proxy.port);
     let mut w = Raw::connect(proxy.port);
-    t.roundtrip(&resp(&[b"HELLO", b"3"]), 1);
-    assert_eq!(
-        t.roundtrip(&resp(&[b"CLIENT", b"TRACKING", b"on"]), 1),
-        b"+OK\r\n"
-    );
     t.roundtrip(&resp(&[b"GET", b"k"]), 1);
     // respire's tracking connection, as Redis lists it.
     let list = cli(redis.port, &["CLIENT", "LIST"]);
@@ -1749,10 +1744,8 @@ fn tracking_clients_drop_everything_when_respire_loses_sight_of_changes() {
 fn invalidations_come_before_the_writers_acknowledgement() {
     let redis = RedisServer::start();
     let proxy = Respire::start(&redis.addr(), &["--workers", "2"]);
-    let mut t = Raw::connect(proxy.port);
+    let mut t = Raw::tracking(proxy.port);
     let mut w = Raw::connect(proxy.port);
-    t.roundtrip(&resp(&[b"HELLO", b"3"]), 1);
-    t.roundtrip(&resp(&[b"CLIENT", b"TRACKING", b"on"]), 1);
     let push = b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n";
     for i in 0..300 {
         t.roundtrip(&resp(&[b"GET", b"k"]), 1);
