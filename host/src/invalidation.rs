@@ -323,7 +323,14 @@ async fn tracker(
     shared: Arc<Shared>,
 ) {
     let addr = node.addr.clone();
-    let mut registered: Option<Arc<Link>> = None;
+    // Out of the sessions' list when the task ends, however it ends (it may be aborted).
+    struct Registered<'a>(&'a Shared, Arc<Link>);
+    impl Drop for Registered<'_> {
+        fn drop(&mut self) {
+            self.0.tracking.remove_link(&self.1);
+        }
+    }
+    let mut registered: Option<Registered<'_>> = None;
     let result: Result<(), String> = async {
         let mut stream =
             crate::backend::connect(&node, crate::backend::ConnKey { db: 0, proto: 3 }).await?;
@@ -354,7 +361,7 @@ async fn tracker(
             ping: ping.clone(),
         });
         shared.tracking.add_link(link.clone());
-        registered = Some(link.clone());
+        registered = Some(Registered(&shared, link.clone()));
         up.store(true, Ordering::Release);
         tracing::debug!(node = %addr, "tracking connection up");
         loop {
@@ -367,9 +374,7 @@ async fn tracker(
         }
     }
     .await;
-    if let Some(link) = registered {
-        shared.tracking.remove_link(&link);
-    }
+    drop(registered);
     // Invalidations may have been lost: nothing cached may be served any more, and tracking
     // clients drop what they hold.
     up.store(false, Ordering::Release);
