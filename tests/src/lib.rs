@@ -905,6 +905,19 @@ impl Raw {
         }
     }
 
+    /// Reads `n` complete frames (replies or pushes), each on its own (fewer if the peer
+    /// closes or the read times out).
+    pub fn read_frames(&mut self, n: usize) -> Vec<Vec<u8>> {
+        let buf = self.read_replies(n);
+        let mut frames = Vec::new();
+        let mut rest = &buf[..];
+        while let Ok(Some(len)) = respire::protocol::reply_len(rest) {
+            frames.push(rest[..len].to_vec());
+            rest = &rest[len..];
+        }
+        frames
+    }
+
     /// Sends `req`, reads `n` replies.
     pub fn roundtrip(&mut self, req: &[u8], n: usize) -> Vec<u8> {
         self.send(req);

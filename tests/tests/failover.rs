@@ -179,6 +179,13 @@ fn killed_master_is_replaced_without_a_stream_of_errors() {
         }
         slowest
     });
+    // A client that tracks a key of the master about to die.
+    let tracked = (0..100)
+        .map(|i| format!("tracked:{i}"))
+        .find(|k| cluster.owner_port(k) == dead_port)
+        .unwrap();
+    let mut t = Raw::tracking(proxy.port);
+    t.roundtrip(&resp(&[b"GET", tracked.as_bytes()]), 1);
     let killed_at = Instant::now();
     cluster.nodes[master].kill();
     wait_until("the replica's promotion", Duration::from_secs(30), || {
@@ -213,6 +220,47 @@ fn killed_master_is_replaced_without_a_stream_of_errors() {
         "too many lost writes for an asynchronous replica: {}",
         lost.len()
     );
+    // The tracking client was told to drop everything when the master died (changes there
+    // could go unseen), and tracking goes on over the new master. While the tracking
+    // connections come back it may be told so again: those are nulls too.
+    let null = b">2\r\n$10\r\ninvalidate\r\n_\r\n".to_vec();
+    let first = t.read_frames(1);
+    assert!(
+        !first.is_empty() && first.iter().all(|f| *f == null),
+        "told when the master died: {first:?}"
+    );
+    let told = format!(
+        ">2\r\n$10\r\ninvalidate\r\n*1\r\n${}\r\n{tracked}\r\n",
+        tracked.len()
+    )
+    .into_bytes();
+    let mut w = Raw::connect(proxy.port);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        t.send(&[resp(&[b"GET", tracked.as_bytes()]), resp(&[b"PING"])].concat());
+        let mut frames = Vec::new();
+        while frames.last().map(Vec::as_slice) != Some(&b"+PONG\r\n"[..]) {
+            let f = t.read_frames(1);
+            assert!(!f.is_empty(), "no reply from respire");
+            frames.extend(f);
+        }
+        assert!(
+            frames
+                .iter()
+                .filter(|f| f.first() == Some(&b'>'))
+                .all(|f| *f == null)
+        );
+        assert_eq!(
+            w.roundtrip(&resp(&[b"SET", tracked.as_bytes(), b"after"]), 1),
+            b"+OK\r\n"
+        );
+        let f = t.read_frames(1);
+        if f.contains(&told) {
+            break;
+        }
+        assert!(!f.is_empty() && f.iter().all(|f| *f == null), "{f:?}");
+        assert!(Instant::now() < deadline, "tracking did not resume");
+    }
 }
 
 #[test]
