@@ -302,13 +302,13 @@ impl Tracking {
             }
         }
         show(info, Some(&mode), false);
+        let mut w = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
         if self.up.load(Ordering::Acquire) {
             return None;
         }
         let (tx, rx) = oneshot::channel();
-        if let Ok(mut w) = self.waiters.lock() {
-            w.push((Instant::now() + wait, info.id, tx));
-        }
+        w.push((Instant::now() + wait, info.id, tx));
+        drop(w);
         self.wake.notify_one();
         Some(rx)
     }
@@ -451,32 +451,30 @@ impl Tracking {
 
     /// The tracking connections are all up (`true`) or one is down.
     pub fn set_up(&self, up: bool, clients: &Clients) {
+        // `up` changes under the waiters' lock, which `enable` checks it under: no `+OK`
+        // waits for a change that already happened.
+        let mut w = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
         let was = self.up.swap(up, Ordering::AcqRel);
         if up && !was {
+            let waiters: Vec<(Instant, u64, oneshot::Sender<Reply>)> = w.drain(..).collect();
+            drop(w);
             // Changes made while a connection was down went unseen: clients that were
             // tracking then drop everything (those whose `+OK` waited did not track yet).
-            let waiting: HashSet<u64> = self
-                .waiters
-                .lock()
-                .map(|w| w.iter().map(|(_, id, _)| *id).collect())
-                .unwrap_or_default();
-            let mut t = self.table();
-            t.keys.clear();
-            t.items = 0;
+            // The table stays: an entry only means a client may hold the key.
+            let t = self.table();
             let notes: Vec<(u64, Option<Vec<Bytes>>)> = t
                 .clients
                 .keys()
-                .filter(|id| !waiting.contains(id))
+                .filter(|id| !waiters.iter().any(|(_, w, _)| w == *id))
                 .map(|&id| (id, None))
                 .collect();
             drop(t);
             self.send(notes, clients);
-            if let Ok(mut w) = self.waiters.lock() {
-                for (_, _, tx) in w.drain(..) {
-                    let _ = tx.send(Ok(Bytes::from_static(b"+OK\r\n")));
-                }
+            for (_, _, tx) in waiters {
+                let _ = tx.send(Ok(Bytes::from_static(b"+OK\r\n")));
             }
         } else if !up && was {
+            drop(w);
             self.flushed(clients);
         }
     }

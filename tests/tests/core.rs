@@ -1761,3 +1761,28 @@ fn invalidations_come_before_the_writers_acknowledgement() {
         );
     }
 }
+
+/// The first client to turn tracking on waits for respire's tracking connections; a read
+/// pipelined right behind `CLIENT TRACKING on` goes after them and is tracked.
+#[test]
+fn a_read_pipelined_behind_the_first_client_tracking_on_is_tracked() {
+    let redis = RedisServer::start();
+    let proxy = Respire::start(&redis.addr(), &[]);
+    let mut t = Raw::connect(proxy.port);
+    let mut w = Raw::connect(proxy.port);
+    t.roundtrip(&resp(&[b"HELLO", b"3"]), 1);
+    let got = t.roundtrip(
+        &[
+            resp(&[b"CLIENT", b"TRACKING", b"on"]),
+            resp(&[b"GET", b"k"]),
+        ]
+        .concat(),
+        2,
+    );
+    assert_eq!(got, b"+OK\r\n_\r\n");
+    assert_eq!(w.roundtrip(&resp(&[b"SET", b"k", b"1"]), 1), b"+OK\r\n");
+    assert_eq!(
+        t.roundtrip(&resp(&[b"PING"]), 2),
+        b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n+PONG\r\n"
+    );
+}
