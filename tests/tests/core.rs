@@ -1596,6 +1596,13 @@ fn tracking_scenario(port: u16) -> Vec<String> {
     note(t.read_replies(1));
     // Nothing about `x` is queued before this PONG.
     note(t.roundtrip(&resp(&[b"PING"]), 1));
+    // CLIENT CACHING yes holds for a whole transaction.
+    note(t.roundtrip(&resp(&[b"CLIENT", b"CACHING", b"yes"]), 1));
+    note(t.roundtrip(&resp(&[b"MULTI"]), 1));
+    note(t.roundtrip(&resp(&[b"GET", b"z"]), 1));
+    note(t.roundtrip(&resp(&[b"EXEC"]), 1));
+    write(&[b"SET", b"z", b"1"]);
+    note(t.read_replies(1));
     note(t.roundtrip(&resp(&[b"CLIENT", b"TRACKINGINFO"]), 1));
     note(t.roundtrip(&resp(&[b"CLIENT", b"GETREDIR"]), 1));
     // Redis's checks, with its texts.

@@ -40,7 +40,11 @@ impl Session {
         // `CLIENT CACHING` applies to the next command (or transaction), as in Redis.
         let caching = self.caching;
         let kind = res.spec.kind;
-        if kind != Kind::Local(Local::Client) && (!self.in_multi || kind == Kind::EndTransaction) {
+        // Kept by `CLIENT` itself, by `MULTI` and the commands queued after it, until `EXEC`.
+        let keep = kind == Kind::Local(Local::Client)
+            || kind == Kind::Multi
+            || (self.in_multi && kind != Kind::EndTransaction);
+        if !keep {
             self.caching = false;
         }
         let Some(info) = res.info else { return };
