@@ -1542,6 +1542,16 @@ impl Session {
         self.out.extend_from_slice(&bytes);
     }
 
+    /// A frame that is not a reply (a pub/sub message, a tracking invalidation): written
+    /// after every reply already owed, as Redis writes it after what it has answered.
+    fn emit_push(&mut self, frame: Bytes) {
+        if self.queue.is_empty() {
+            self.emit_one(frame, None);
+        } else {
+            self.push_slot(Slot::Ready(frame));
+        }
+    }
+
     fn emit_reply(&mut self, seq: u64, r: Reply) {
         let frame = r.unwrap_or_else(|e| error_frame(&e));
         self.emit(seq, frame);

@@ -225,8 +225,8 @@ impl Session {
 
     /// Writes a message frame (as the hub relays it, or built here) in the client's protocol.
     fn deliver(&mut self, frame: Bytes) {
-        if !self.queue.is_empty() {
-            return self.push_slot(Slot::Ready(crate::pubsub::in_protocol(frame, self.proto)));
+        if !self.queue.is_empty() || !self.staged.is_empty() || self.hooked.is_some() {
+            return self.emit_push(crate::pubsub::in_protocol(frame, self.proto));
         }
         if let Some(rest) = frame.get(1..) {
             self.out

@@ -94,11 +94,7 @@ impl Session {
         let subscribed = self.subscribed();
         for note in self.info.take_notes() {
             if let Some(frame) = note.frame(self.proto, subscribed) {
-                if self.queue.is_empty() {
-                    self.out.extend_from_slice(&frame);
-                } else {
-                    self.push_slot(Slot::Ready(frame));
-                }
+                self.emit_push(frame);
             }
         }
     }
