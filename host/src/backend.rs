@@ -484,7 +484,7 @@ async fn run(
                 failures = 0;
                 backoff = node.reconnect_min;
                 state.connected.set(true);
-                let end = serve(&node, stream, &mut rx, first.take()).await;
+                let end = serve(&node, stream, id, &mut rx, first.take()).await;
                 state.connected.set(false);
                 open.dec();
                 match end {
@@ -589,23 +589,39 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 /// Write buffer size above which no more requests are taken until the socket drains.
 const HIGH_WATER: usize = 4 * 1024 * 1024;
 
-/// Whether `node` is busy running a script or function past its `busy-reply-threshold`: it
-/// then answers `-BUSY` to another connection, and a request waiting behind the script is
-/// waiting, not lost. `false` when the node does not answer within `command_timeout` (or
-/// `connect_timeout`, if shorter) at all (hung), or answers normally. A node that does not
-/// answer is so given up two command timeouts after the request was sent.
-async fn node_is_busy(node: &NodeSettings) -> bool {
+/// Whether the connection `id` (the server's client id; 0 when unknown) is only waiting on
+/// `node`, asked on a new connection:
+/// - the node is busy running a script or function past its `busy-reply-threshold` (it
+///   answers `-BUSY`): the request is waiting behind it;
+/// - the node still lists the connection (`CLIENT LIST ID`): it holds the request (a
+///   `CLIENT PAUSE WRITE`, a slow command) and will answer.
+///
+/// `false` when the node does not answer within `command_timeout` (or `connect_timeout`, if
+/// shorter) at all (hung), or no longer knows the connection (it was lost on the way: the
+/// node restarted, the path dropped it without a reset). Such a connection is so given up
+/// two command timeouts after the request was sent.
+async fn still_held(node: &NodeSettings, id: i64) -> bool {
     use tokio::io::AsyncWriteExt;
     let probe = async {
         let mut stream = match connect(node, ConnKey { db: 0, proto: 2 }).await {
             Ok(s) => s,
             Err(e) => return e.starts_with("BUSY"),
         };
-        if stream.write_all(b"*1\r\n$4\r\nPING\r\n").await.is_err() {
+        let mut ask = BytesMut::new();
+        let id = id.to_string();
+        crate::protocol::encode_args(&mut ask, &[&b"CLIENT"[..], b"LIST", b"ID", id.as_bytes()]);
+        if stream.write_all(&ask).await.is_err() {
             return false;
         }
         let mut buf = BytesMut::new();
-        matches!(read_frame(&mut stream, &mut buf).await, Ok(f) if f.starts_with(b"-BUSY"))
+        match read_frame(&mut stream, &mut buf).await {
+            Ok(f) if f.starts_with(b"-BUSY") => true,
+            Ok(f) => {
+                let listed = format!("id={id} ");
+                memchr::memmem::find(&f, listed.as_bytes()).is_some()
+            }
+            Err(_) => false,
+        }
     };
     timeout(node.connect_timeout.min(node.command_timeout), probe)
         .await
@@ -615,6 +631,7 @@ async fn node_is_busy(node: &NodeSettings) -> bool {
 async fn serve(
     node: &NodeSettings,
     mut stream: Stream,
+    id: i64,
     rx: &mut QueueReceiver<Request>,
     first: Option<Request>,
 ) -> End {
@@ -635,8 +652,8 @@ async fn serve(
     let ping = tokio::time::sleep(HEALTH_INTERVAL);
     tokio::pin!(ping);
     let mut used = false;
-    // When the oldest request is past its deadline: is the node busy with a long script (keep
-    // waiting) or not answering (give the connection up)?
+    // When the oldest request is past its deadline: is it only held (a long script, a pause:
+    // keep waiting) or is the node or the connection gone (give the connection up)?
     let mut probe: Option<std::pin::Pin<Box<dyn Future<Output = bool> + '_>>> = None;
     let end = loop {
         // Take everything queued since we last ran: one write per batch.
@@ -709,7 +726,7 @@ async fn serve(
                 used = false;
             }
             _ = &mut timer, if armed.is_some() && probe.is_none() => {
-                probe = Some(Box::pin(node_is_busy(node)));
+                probe = Some(Box::pin(still_held(node, id)));
             }
             busy = std::future::poll_fn(|cx| match probe.as_mut() {
                 Some(p) => p.as_mut().poll(cx),
@@ -723,7 +740,7 @@ async fn serve(
                     if !busy {
                         break End::Failed(format!("no reply within {:?}", node.command_timeout));
                     }
-                    debug!(backend = %node.addr, "the node is busy running a script; still waiting");
+                    debug!(backend = %node.addr, "the node holds the request (a long script, a pause); still waiting");
                     f.deadline = Some(now + node.command_timeout);
                 }
             }

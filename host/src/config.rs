@@ -356,9 +356,11 @@ pub struct Backend {
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// How long a command may wait for its reply before respire asks the node, on another
-    /// connection, whether it is busy with a script (`-BUSY`: wait on); a node that does not
-    /// answer that either within this time is declared broken (not applied to blocking
-    /// commands). Default: "10s".
+    /// connection, whether the request is only held: the node is busy with a script (`-BUSY`)
+    /// or still lists the connection (`CLIENT LIST ID`: a `CLIENT PAUSE WRITE`, a slow
+    /// command); then it waits on. A node that does not answer that within this time, or no
+    /// longer knows the connection, has it declared broken (not applied to blocking commands).
+    /// Default: "10s".
     #[serde(with = "humantime_serde")]
     pub command_timeout: Duration,
     /// How long a request waits for a new master when its master has failed (Redis Cluster,

@@ -1793,3 +1793,28 @@ fn a_read_pipelined_behind_the_first_client_tracking_on_is_tracked() {
         b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n+PONG\r\n"
     );
 }
+
+/// `CLIENT PAUSE WRITE` on Redis holds writes past the command timeout: respire sees that the
+/// node still has the connection and waits, as a client of Redis would, instead of dropping
+/// the connection (and every request on it) as broken.
+#[test]
+fn a_write_held_by_client_pause_outlasts_the_command_timeout() {
+    let redis = RedisServer::start();
+    let proxy = Respire::with_config(&format!(
+        "workers = 1\n[backend]\naddress = \"{}\"\ncommand_timeout = \"300ms\"\nconnect_timeout = \"300ms\"\n",
+        redis.addr()
+    ));
+    let mut p = Raw::connect(proxy.port);
+    assert_eq!(p.roundtrip(&resp(&[b"SET", b"k", b"0"]), 1), b"+OK\r\n");
+    assert_eq!(
+        cli(redis.port, &["CLIENT", "PAUSE", "1500", "WRITE"]).trim(),
+        "OK"
+    );
+    let started = std::time::Instant::now();
+    assert_eq!(p.roundtrip(&resp(&[b"SET", b"k", b"1"]), 1), b"+OK\r\n");
+    assert!(
+        started.elapsed() > Duration::from_millis(1000),
+        "the write waited for the pause"
+    );
+    assert_eq!(p.roundtrip(&resp(&[b"GET", b"k"]), 1), b"$1\r\n1\r\n");
+}
