@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use respire_tests::{
-    Cluster, RedisServer, Respire, TlsConn, TlsFiles, cli, cli_with, free_port, resp,
+    Cluster, Raw, RedisServer, Respire, TlsConn, TlsFiles, cli, cli_with, free_port, resp,
 };
 
 /// Polls `check` until it holds or `within` passes.
@@ -362,6 +362,23 @@ fn cluster_over_tls() {
                 .any(|p| l.contains(&format!("laddr=127.0.0.1:{p}")))),
         "{list}"
     );
+    // CLIENT TRACKING over TLS tracking connections: each change on each master is told
+    // (the sessions read TLS tracking connections through tokio, not directly).
+    let mut t = Raw::tracking(respire.port);
+    let mut w = Raw::connect(respire.port);
+    for k in &keys {
+        t.roundtrip(&resp(&[b"GET", k.as_bytes()]), 1);
+    }
+    for k in &keys {
+        assert_eq!(
+            w.roundtrip(&resp(&[b"SET", k.as_bytes(), b"new"]), 1),
+            b"+OK\r\n"
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&t.read_replies(1)),
+            format!(">2\r\n$10\r\ninvalidate\r\n*1\r\n${}\r\n{k}\r\n", k.len())
+        );
+    }
 }
 
 #[test]
