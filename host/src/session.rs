@@ -3586,6 +3586,19 @@ impl Session {
 
     fn handle_in_multi(&mut self, cmd: Command, res: Resolved<'_>) {
         let kind = res.spec.kind;
+        if kind == Kind::Local(Local::Client)
+            && cmd.arg(1).is_some_and(|s| {
+                s.eq_ignore_ascii_case(b"tracking") || s.eq_ignore_ascii_case(b"caching")
+            })
+        {
+            // Queued, it would reach Redis on the transaction's connection and turn tracking
+            // on there, not for the client: refused, and the transaction aborts.
+            self.tx_poisoned = true;
+            let sub = String::from_utf8_lossy(cmd.arg(1).unwrap_or_default()).to_uppercase();
+            return self.reply_error(&format!(
+                "ERR respire: CLIENT {sub} is not allowed inside MULTI; send it before MULTI"
+            ));
+        }
         if kind == Kind::Control
             && let Some(msg) = self.locks_respire_out(&cmd)
         {

@@ -1792,6 +1792,28 @@ fn a_read_pipelined_behind_the_first_client_tracking_on_is_tracked() {
         t.roundtrip(&resp(&[b"PING"]), 2),
         b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n+PONG\r\n"
     );
+    // Inside MULTI it would reach Redis on the transaction's connection: refused, and the
+    // transaction aborts, as for a command Redis refuses while queueing.
+    let got = t.roundtrip(
+        &[
+            resp(&[b"MULTI"]),
+            resp(&[b"CLIENT", b"TRACKING", b"off"]),
+            resp(&[b"EXEC"]),
+        ]
+        .concat(),
+        3,
+    );
+    let got = String::from_utf8_lossy(&got);
+    assert!(
+        got.starts_with("+OK\r\n-ERR respire: CLIENT TRACKING is not allowed inside MULTI")
+            && got.ends_with("-EXECABORT Transaction discarded because of previous errors.\r\n"),
+        "{got}"
+    );
+    assert_eq!(
+        t.roundtrip(&resp(&[b"CLIENT", b"GETREDIR"]), 1),
+        b":0\r\n",
+        "still tracking"
+    );
 }
 
 /// `CLIENT PAUSE WRITE` on Redis holds writes past the command timeout: respire sees that the
