@@ -585,6 +585,23 @@ pub fn merge(how: &Merge, replies: &[Bytes], parts: &[Part]) -> Bytes {
 }
 
 /// Adds up the `# Keyspace` lines (`db0:keys=1,expires=0,avg_ttl=0`) of every node's `INFO`.
+/// `INFO stats` counters that add up over several masters: each master counts its own
+/// commands, keys and errors. The section's other fields are the first master's.
+const ADDED_UP: &[&str] = &[
+    "total_commands_processed",
+    "instantaneous_ops_per_sec",
+    "total_error_replies",
+    "unexpected_error_replies",
+    "expired_keys",
+    "expired_time_cap_reached_count",
+    "evicted_keys",
+    "evicted_clients",
+    "keyspace_hits",
+    "keyspace_misses",
+    "total_reads_processed",
+    "total_writes_processed",
+];
+
 fn merge_info(replies: &[Bytes], ours: &str, replaced: &[String]) -> Option<Bytes> {
     let texts: Vec<(bool, Bytes)> = replies
         .iter()
@@ -596,9 +613,25 @@ fn merge_info(replies: &[Bytes], ours: &str, replaced: &[String]) -> Option<Byte
         .collect::<Option<_>>()?;
     let (verbatim, first) = texts.first()?.clone();
     let mut dbs: std::collections::BTreeMap<u32, [i64; 3]> = Default::default();
+    let mut sums: std::collections::HashMap<&str, i64> = Default::default();
     for (_, t) in &texts {
         let text = String::from_utf8_lossy(t);
+        let mut in_stats = false;
         for line in text.lines() {
+            if let Some(section) = line.strip_prefix("# ") {
+                in_stats = section.trim().eq_ignore_ascii_case("stats");
+                continue;
+            }
+            if in_stats {
+                if let Some((k, v)) = line.split_once(':') {
+                    if let (Some(name), Ok(v)) =
+                        (ADDED_UP.iter().find(|n| **n == k), v.trim().parse::<i64>())
+                    {
+                        *sums.entry(*name).or_default() += v;
+                    }
+                }
+                continue;
+            }
             let Some(rest) = line.strip_prefix("db") else {
                 continue;
             };
@@ -663,13 +696,21 @@ fn merge_info(replies: &[Bytes], ours: &str, replaced: &[String]) -> Option<Byte
             }
         }
     };
+    let mut in_stats = false;
     for line in text.split("\r\n") {
         if line.is_empty() {
             flush(&mut out, &mut current, &mut merging);
         }
+        // A counter that adds up over masters: the sum, as if the first master had said it.
+        let summed = in_stats
+            .then(|| line.split_once(':'))
+            .flatten()
+            .and_then(|(k, _)| sums.get(k).map(|v| format!("{k}:{v}")));
+        let line = summed.as_deref().unwrap_or(line);
         if let Some(section) = line.strip_prefix("# ") {
             flush(&mut out, &mut current, &mut merging);
             let section = section.trim().to_ascii_lowercase();
+            in_stats = section == "stats";
             current = merging.iter().position(|(n, _)| *n == section);
             in_keyspace = section == "keyspace";
             if in_keyspace && !placed {
@@ -1077,6 +1118,33 @@ mod tests {
         let text = String::from_utf8_lossy(&r);
         assert!(
             text.contains("# Stats\r\ntotal_error_replies:8\r\nexpired_keys:2\r\nrespire_error_replies:4\r\n\r\n# Keyspace"),
+            "{text}"
+        );
+    }
+
+    /// Over several masters, the counters of `INFO stats` are added up (respire's `+n` on
+    /// top); fields that do not add up are the first master's.
+    #[test]
+    fn info_stats_counters_are_added_up() {
+        let node = |cmds: u32, hits: u32, channels: u32| {
+            let body = format!(
+                "# Stats\r\ntotal_commands_processed:{cmds}\r\nkeyspace_hits:{hits}\r\npubsub_channels:{channels}\r\ntotal_error_replies:1\r\n\r\n# Keyspace\r\n"
+            );
+            let mut o = BytesMut::new();
+            resp::bulk(&mut o, body.as_bytes());
+            o.freeze()
+        };
+        let r = merge(
+            &Merge::Info {
+                ours: Arc::from("# Stats\r\ntotal_error_replies:+3\r\n\r\n"),
+                replaced: vec!["stats".into()],
+            },
+            &[node(10, 1, 3), node(5, 2, 1), node(7, 0, 1)],
+            &[],
+        );
+        let text = String::from_utf8_lossy(&r);
+        assert!(
+            text.contains("# Stats\r\ntotal_commands_processed:22\r\nkeyspace_hits:3\r\npubsub_channels:3\r\ntotal_error_replies:6\r\n\r\n"),
             "{text}"
         );
     }
