@@ -196,6 +196,14 @@ pub fn lookup(name: &[u8]) -> &'static Spec {
     }
 }
 
+/// `FLUSHALL`, `FLUSHDB`, `SWAPDB`: a command that changes every key of a database at once
+/// (caches of replies and clients' tracking start over).
+pub fn empties_databases(name: &[u8]) -> bool {
+    [&b"flushall"[..], b"flushdb", b"swapdb"]
+        .iter()
+        .any(|n| name.eq_ignore_ascii_case(n))
+}
+
 /// Whether an `XREAD`/`XREADGROUP` call carries a `BLOCK` option (before `STREAMS`).
 pub fn has_block_option(cmd: &Command) -> bool {
     for a in cmd.iter().skip(1) {

@@ -2208,10 +2208,7 @@ impl Session {
             self.tx_keys.clear();
             return None;
         }
-        if [&b"flushall"[..], b"flushdb", b"swapdb"]
-            .iter()
-            .any(|n| name.eq_ignore_ascii_case(n))
-        {
+        if commands::empties_databases(name) {
             cache.flush();
             return (!self.in_multi).then_some(After::Flush);
         }

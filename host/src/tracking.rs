@@ -159,6 +159,17 @@ struct Table {
     own: HashMap<(u64, Bytes), OwnWrite>,
 }
 
+/// Whether the all-keys tracking connections are kept.
+#[derive(Clone, Copy)]
+enum Linger {
+    /// No client has tracked yet.
+    Never,
+    /// Clients track now.
+    Tracking,
+    /// The last tracking client left then.
+    Since(Instant),
+}
+
 /// The process's tracking state (in [`crate::server::Shared`]).
 pub struct Tracking {
     /// `tracking-table-max-keys` (0: no limit): beyond it, keys are dropped from the table
@@ -171,9 +182,8 @@ pub struct Tracking {
     table: Mutex<Table>,
     /// `CLIENT TRACKING on` replies waiting for the connections, with their deadlines.
     waiters: Mutex<Vec<(Instant, u64, oneshot::Sender<Reply>)>>,
-    /// When the last tracking client left (for [`LINGER`]): `None` before any tracked,
-    /// `Some(None)` while some track.
-    idle_since: Mutex<Option<Option<Instant>>>,
+    /// Whether clients track, or since when none has (for [`LINGER`]).
+    linger: Mutex<Linger>,
     /// Wakes the tracking thread (a client started tracking).
     pub wake: tokio::sync::Notify,
     /// The tracking connections' read sides (see [`crate::invalidation::sync`]).
@@ -188,7 +198,7 @@ impl Default for Tracking {
             up: AtomicBool::new(false),
             table: Mutex::default(),
             waiters: Mutex::default(),
-            idle_since: Mutex::default(),
+            linger: Mutex::new(Linger::Never),
             wake: tokio::sync::Notify::new(),
             links: Mutex::default(),
         }
@@ -253,20 +263,18 @@ impl Tracking {
     /// Whether the all-keys tracking connections are wanted: a client tracks, or one did
     /// within [`LINGER`].
     pub fn wanted(&self) -> bool {
-        let mut idle = self.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+        let mut linger = self.linger.lock().unwrap_or_else(|e| e.into_inner());
         if self.clients() > 0 || !self.waiters_empty() {
-            *idle = Some(None);
+            *linger = Linger::Tracking;
             return true;
         }
-        match *idle {
-            // Never wanted yet.
-            None => false,
-            // The last tracking client just left.
-            Some(None) => {
-                *idle = Some(Some(Instant::now()));
+        match *linger {
+            Linger::Never => false,
+            Linger::Tracking => {
+                *linger = Linger::Since(Instant::now());
                 true
             }
-            Some(Some(t)) => t.elapsed() < LINGER,
+            Linger::Since(t) => t.elapsed() < LINGER,
         }
     }
 

@@ -968,6 +968,18 @@ pub fn assert_same_replies(direct: u16, proxy: u16, script: &[&[&str]]) {
     }
 }
 
+/// The RESP3 push a tracking client gets when `key` changes.
+pub fn invalidation(key: &str) -> String {
+    format!(
+        ">2\r\n$10\r\ninvalidate\r\n*1\r\n${}\r\n{key}\r\n",
+        key.len()
+    )
+}
+
+/// The RESP3 push that tells a tracking client to drop everything (a flush, or changes that
+/// may have gone unseen).
+pub const INVALIDATE_ALL: &[u8] = b">2\r\n$10\r\ninvalidate\r\n_\r\n";
+
 /// Encodes a command as RESP.
 pub fn resp(args: &[&[u8]]) -> Vec<u8> {
     let mut out = format!("*{}\r\n", args.len()).into_bytes();

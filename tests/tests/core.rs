@@ -1712,7 +1712,7 @@ fn tracking_clients_drop_everything_when_respire_loses_sight_of_changes() {
         cli(redis.port, &["CLIENT", "KILL", "ID", &tracker]).trim(),
         "1"
     );
-    let flush = b">2\r\n$10\r\ninvalidate\r\n_\r\n".repeat(2);
+    let flush = respire_tests::INVALIDATE_ALL.repeat(2);
     assert_eq!(
         t.read_replies(2),
         flush,
@@ -1723,7 +1723,7 @@ fn tracking_clients_drop_everything_when_respire_loses_sight_of_changes() {
     w.roundtrip(&resp(&[b"SET", b"k", b"1"]), 1);
     assert_eq!(
         t.read_replies(1),
-        b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n"
+        respire_tests::invalidation("k").as_bytes()
     );
     assert_eq!(t.roundtrip(&resp(&[b"PING"]), 1), b"+PONG\r\n");
     let info = String::from_utf8_lossy(&w.roundtrip(&resp(&[b"INFO", b"clients"]), 1)).into_owned();
@@ -1753,7 +1753,7 @@ fn invalidations_come_before_the_writers_acknowledgement() {
     let proxy = Respire::start(&redis.addr(), &["--workers", "2"]);
     let mut t = Raw::tracking(proxy.port);
     let mut w = Raw::connect(proxy.port);
-    let push = b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n";
+    let push = respire_tests::invalidation("k");
     for i in 0..300 {
         t.roundtrip(&resp(&[b"GET", b"k"]), 1);
         assert_eq!(
@@ -1763,7 +1763,7 @@ fn invalidations_come_before_the_writers_acknowledgement() {
         let got = t.roundtrip(&resp(&[b"PING"]), 2);
         assert_eq!(
             String::from_utf8_lossy(&got),
-            format!("{}+PONG\r\n", String::from_utf8_lossy(push)),
+            format!("{push}+PONG\r\n"),
             "round {i}"
         );
     }
@@ -1790,7 +1790,7 @@ fn a_read_pipelined_behind_the_first_client_tracking_on_is_tracked() {
     assert_eq!(w.roundtrip(&resp(&[b"SET", b"k", b"1"]), 1), b"+OK\r\n");
     assert_eq!(
         t.roundtrip(&resp(&[b"PING"]), 2),
-        b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n+PONG\r\n"
+        format!("{}+PONG\r\n", respire_tests::invalidation("k")).as_bytes()
     );
     // Inside MULTI it would reach Redis on the transaction's connection: refused, and the
     // transaction aborts, as for a command Redis refuses while queueing.

@@ -223,17 +223,13 @@ fn killed_master_is_replaced_without_a_stream_of_errors() {
     // The tracking client was told to drop everything when the master died (changes there
     // could go unseen), and tracking goes on over the new master. While the tracking
     // connections come back it may be told so again: those are nulls too.
-    let null = b">2\r\n$10\r\ninvalidate\r\n_\r\n".to_vec();
+    let null = respire_tests::INVALIDATE_ALL.to_vec();
     let first = t.read_frames(1);
     assert!(
         !first.is_empty() && first.iter().all(|f| *f == null),
         "told when the master died: {first:?}"
     );
-    let told = format!(
-        ">2\r\n$10\r\ninvalidate\r\n*1\r\n${}\r\n{tracked}\r\n",
-        tracked.len()
-    )
-    .into_bytes();
+    let told = respire_tests::invalidation(&tracked).into_bytes();
     let mut w = Raw::connect(proxy.port);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

@@ -376,7 +376,7 @@ fn cluster_over_tls() {
         );
         assert_eq!(
             String::from_utf8_lossy(&t.read_replies(1)),
-            format!(">2\r\n$10\r\ninvalidate\r\n*1\r\n${}\r\n{k}\r\n", k.len())
+            respire_tests::invalidation(k)
         );
     }
 }

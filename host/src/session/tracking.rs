@@ -81,10 +81,7 @@ impl Session {
         if res.info.is_some_and(|i| i.has(flags::WRITE)) || is_script(name) {
             self.sync_tracking = true;
         }
-        if [&b"flushall"[..], b"flushdb", b"swapdb"]
-            .iter()
-            .any(|n| name.eq_ignore_ascii_case(n))
-        {
+        if crate::commands::empties_databases(name) {
             self.worker.shared.tracking.forget_keys();
         }
     }
