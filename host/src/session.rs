@@ -628,7 +628,7 @@ pub struct Session {
     /// A command that must wait until all owed replies have arrived.
     stalled: Option<Command>,
     /// A command that turns the connection into a stream once nothing is owed, and its node.
-    stream_start: Option<(Command, usize)>,
+    stream_start: Option<(Command, Vec<usize>)>,
     topo: Arc<Topology>,
     /// Shared connections for `conns_key`, by topology node index.
     conns: Vec<Option<BackendConn>>,
@@ -890,13 +890,13 @@ impl Session {
                     continue;
                 }
                 if self.stream_start.is_some() && self.staged.is_empty() && self.hooked.is_none() {
-                    let Some((first, node)) = self.stream_start.take() else {
+                    let Some((first, nodes)) = self.stream_start.take() else {
                         continue;
                     };
                     if !self.flush_all().await {
                         return;
                     }
-                    match self.relay_stream(first, node).await {
+                    match self.relay_stream(first, &nodes).await {
                         StreamEnd::Close => return,
                         StreamEnd::Reset => {
                             self.process_input();
@@ -3714,15 +3714,21 @@ impl Session {
             self.stalled = Some(cmd);
             return;
         }
-        let node = if !self.cluster_mode() {
-            Ok(0)
-        } else {
-            self.node_for(None)
-        };
-        match node {
-            Ok(n) => self.stream_start = Some((cmd, n)),
-            Err(e) => self.reply_error(e),
+        // Every node that runs the clients' commands: the masters, and their replicas when
+        // reads may go there.
+        let replicas = self.worker.shared.config.backend.read_from != ReadFrom::Master;
+        let nodes: Vec<usize> = self
+            .topo
+            .shards
+            .iter()
+            .flat_map(|s| {
+                std::iter::once(s.master).chain(s.replicas.iter().copied().filter(|_| replicas))
+            })
+            .collect();
+        if nodes.is_empty() {
+            return self.reply_error(CLUSTERDOWN);
         }
+        self.stream_start = Some((cmd, nodes));
     }
 }
 

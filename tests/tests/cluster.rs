@@ -668,6 +668,8 @@ fn respire_presents_itself_as_a_one_node_cluster() {
         nodes.contains(&format!("127.0.0.1:{}@0 myself,master", proxy.port)),
         "{nodes}"
     );
+    let links: Vec<Value> = redis::cmd("CLUSTER").arg("LINKS").query(&mut con).unwrap();
+    assert!(links.is_empty(), "one node has no links: {links:?}");
     let ok: String = redis::cmd("READONLY").query(&mut con).unwrap();
     assert_eq!(ok, "OK");
     let _: () = con.set("foo", "bar").unwrap();
@@ -677,6 +679,45 @@ fn respire_presents_itself_as_a_one_node_cluster() {
         .query(&mut con)
         .unwrap();
     assert_eq!(n, 1);
+}
+
+/// `MONITOR` through respire shows the commands of every master (it used to follow one,
+/// chosen per client), each once, after one `+OK`.
+#[test]
+fn monitor_shows_the_commands_run_on_every_master() {
+    let cluster = Cluster::start(3, 0);
+    let proxy = Respire::start_args(&["--cluster", &cluster.seeds()]);
+    // One key per master.
+    let mut keys: Vec<String> = Vec::new();
+    let mut owners = HashSet::new();
+    for i in 0.. {
+        let key = format!("mon:{i}");
+        if owners.insert(cluster.owner_port(&key)) {
+            keys.push(key);
+        }
+        if owners.len() == 3 {
+            break;
+        }
+    }
+    let mut monitor = Raw::connect(proxy.port);
+    assert_eq!(monitor.roundtrip(&resp(&[b"MONITOR"]), 1), b"+OK\r\n");
+    let mut client = Raw::connect(proxy.port);
+    for key in &keys {
+        assert_eq!(
+            client.roundtrip(&resp(&[b"GET", key.as_bytes()]), 1),
+            b"$-1\r\n"
+        );
+    }
+    let lines = String::from_utf8_lossy(&monitor.read_replies(3)).into_owned();
+    for key in &keys {
+        assert_eq!(
+            lines.matches(&format!("\"GET\" \"{key}\"")).count(),
+            1,
+            "{key} on port {} in:\n{lines}",
+            cluster.owner_port(key)
+        );
+    }
+    assert!(!lines.contains("+OK"), "{lines}");
 }
 
 #[test]

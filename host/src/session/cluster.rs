@@ -68,6 +68,8 @@ impl Session {
                 let line = format!("{id} {ip}:{port}@0 myself,master - 0 0 1 connected 0-{last}\n");
                 self.reply_with(|o, p| resp::verbatim(o, line.as_bytes(), p));
             }
+            // One node has no links to others.
+            (b"links", 2) => self.reply_with(|o, _| resp::array_header(o, 0)),
             (b"keyslot", 3) => {
                 let slot = i64::from(key_slot(&args[2]));
                 self.reply_with(|o, _| resp::int(o, slot));
@@ -88,7 +90,7 @@ impl Session {
                 }
             }
             (
-                b"info" | b"myid" | b"slots" | b"shards" | b"nodes" | b"keyslot"
+                b"info" | b"myid" | b"slots" | b"shards" | b"nodes" | b"links" | b"keyslot"
                 | b"countkeysinslot" | b"getkeysinslot",
                 _,
             ) => {

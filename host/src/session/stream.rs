@@ -1,4 +1,5 @@
-//! Subscriptions and MONITOR: the connection becomes a stream relayed to a dedicated backend connection.
+//! MONITOR: the connection becomes a stream relayed from dedicated backend connections, one
+//! per node that runs the clients' commands.
 
 use std::task::Poll;
 
@@ -14,39 +15,48 @@ use crate::protocol::{self as resp, Command};
 impl Session {
     // ---- streams (subscribe, monitor) -------------------------------------
 
-    /// Relays between the client and a dedicated backend connection.
-    pub(super) async fn relay_stream(&mut self, first: Command, node_index: usize) -> StreamEnd {
+    /// Relays between the client and dedicated backend connections, one per node in `nodes`
+    /// (every node that runs clients' commands, for `MONITOR`): their output merged as it
+    /// comes; the client's commands go to the first.
+    pub(super) async fn relay_stream(&mut self, first: Command, nodes: &[usize]) -> StreamEnd {
         // Give back a clean exclusive connection; a stream needs its own.
         self.release_exclusive(false);
-        let addr = self
-            .topo
-            .nodes
-            .get(node_index)
-            .cloned()
-            .unwrap_or_else(|| std::sync::Arc::from(""));
-        let node = self.worker.pool(&addr).node().clone();
-        let mut backend = match backend::connect(&node, self.key()).await {
-            Ok(s) => s,
-            Err(reason) => {
-                let e = BackendError::Unavailable {
-                    addr: node.addr.clone(),
-                    reason,
-                };
-                self.reply_error(&e.to_string());
+        let mut feeds = Vec::with_capacity(nodes.len());
+        for &index in nodes {
+            let addr = self.topo.node_addr(index);
+            let node = self.worker.pool(&addr).node().clone();
+            match start_feed(&node, self.key(), &first).await {
+                Ok(feed) => feeds.push(feed),
+                Err(Started::Refused(frame)) => {
+                    // The node refused (say, `NOPERM`): the client gets its answer, once.
+                    self.out.extend_from_slice(&frame);
+                    return StreamEnd::Reset;
+                }
+                Err(Started::Failed(reason)) => {
+                    let e = BackendError::Unavailable {
+                        addr: node.addr.clone(),
+                        reason,
+                    };
+                    self.reply_error(&e.to_string());
+                    return StreamEnd::Reset;
+                }
+            }
+        }
+        // Every node said `+OK`: the client gets one.
+        match feeds.first_mut() {
+            Some(feed) => self.out.extend_from_slice(&feed.ok),
+            None => {
+                self.reply_error(super::CLUSTERDOWN);
                 return StreamEnd::Reset;
             }
-        };
+        }
         self.info.set_flag(flag::PUBSUB, true);
         let monitor = first.name().eq_ignore_ascii_case(b"monitor");
         // The commands respire answers itself, which Redis never sees.
         let mut local_lines = monitor.then(|| self.worker.shared.monitors.join());
-        // respire's connections whose handshake is under way (see `own_handshake`).
-        let mut greeting: Vec<Vec<u8>> = Vec::new();
         let mut signals = crate::clients::SignalWatch::default();
         let info = self.info.clone();
         let mut to_backend = BytesMut::new();
-        let mut from_backend = BytesMut::with_capacity(16 * 1024);
-        first.encode_into(&mut to_backend);
         let end = loop {
             // Client commands go to the backend, except the few respire must answer.
             let mut reset = false;
@@ -85,11 +95,10 @@ impl Session {
                 resp::simple(&mut self.out, "RESET");
                 break StreamEnd::Reset;
             }
-            if write_now(&mut backend, &mut to_backend).is_err() {
-                resp::error(
-                    &mut self.out,
-                    "ERR respire: connection to backend was lost; subscriptions ended",
-                );
+            if let Some(feed) = feeds.first_mut()
+                && write_now(&mut feed.stream, &mut to_backend).is_err()
+            {
+                resp::error(&mut self.out, LOST);
                 self.closing = true;
             }
             if !self.try_flush() {
@@ -103,14 +112,30 @@ impl Session {
                 let _ = self.flush_all().await;
                 break StreamEnd::Close;
             }
-            // Both sides at once, so that neither starves the other.
+            // Every side at once, so that none starves the others.
             let (stream, out, inbuf) = (&mut self.stream, &mut self.out, &mut self.inbuf);
-            let (signal, from, to) = std::future::poll_fn(|cx| {
+            let (signal, lost, to) = std::future::poll_fn(|cx| {
                 let signal = match signals.poll(&info, cx) {
                     Poll::Ready(bits) => bits,
                     Poll::Pending => 0,
                 };
-                let from = poll_io(&mut backend, cx, &mut to_backend, &mut from_backend, true);
+                let mut lost = false;
+                let mut from = false;
+                for (i, feed) in feeds.iter_mut().enumerate() {
+                    let mut idle = BytesMut::new();
+                    let w = if i == 0 { &mut to_backend } else { &mut idle };
+                    match poll_io(&mut feed.stream, cx, w, &mut feed.input, true) {
+                        Poll::Ready(IoEvent::Read) => {
+                            from = true;
+                            if !feed.relay(out, monitor) {
+                                lost = true;
+                            }
+                        }
+                        Poll::Ready(IoEvent::Closed(_)) => lost = true,
+                        Poll::Ready(_) => from = true,
+                        Poll::Pending => {}
+                    }
+                }
                 let to = poll_io(stream, cx, out, inbuf, true);
                 let mut local = false;
                 if let Some(rx) = local_lines.as_mut() {
@@ -119,8 +144,8 @@ impl Session {
                         local = true;
                     }
                 }
-                if signal != 0 || from.is_ready() || to.is_ready() || local {
-                    Poll::Ready((signal, from, to))
+                if signal != 0 || lost || from || to.is_ready() || local {
+                    Poll::Ready((signal, lost, to))
                 } else {
                     Poll::Pending
                 }
@@ -137,27 +162,9 @@ impl Session {
             if signal & !crate::clients::signal::NOTES != 0 {
                 break StreamEnd::Close;
             }
-            match from {
-                Poll::Ready(IoEvent::Read) => loop {
-                    match resp::next_reply(&mut from_backend) {
-                        // respire's own connections saying hello are not the clients' commands.
-                        Ok(Some(frame)) if monitor && own_handshake(&frame, &mut greeting) => {}
-                        Ok(Some(frame)) => self.out.extend_from_slice(&frame),
-                        Ok(None) => break,
-                        Err(_) => {
-                            self.closing = true;
-                            break;
-                        }
-                    }
-                },
-                Poll::Ready(IoEvent::Closed(_)) => {
-                    resp::error(
-                        &mut self.out,
-                        "ERR respire: connection to backend was lost; subscriptions ended",
-                    );
-                    self.closing = true;
-                }
-                _ => {}
+            if lost {
+                resp::error(&mut self.out, LOST);
+                self.closing = true;
             }
             match to {
                 Poll::Ready(IoEvent::Read) => self.note_activity(),
@@ -223,4 +230,74 @@ fn own_handshake(line: &[u8], greeting: &mut Vec<Vec<u8>>) -> bool {
     };
     greeting.swap_remove(at);
     rest.starts_with(b"] \"SELECT\"") || rest.starts_with(b"] \"READONLY\"")
+}
+
+/// What a stream's client is told when a node's connection breaks.
+const LOST: &str = "ERR respire: connection to backend was lost; subscriptions ended";
+
+/// A stream's connection to one node.
+struct Feed {
+    stream: crate::io::Stream,
+    input: BytesMut,
+    /// The node's answer to the command that started the stream.
+    ok: bytes::Bytes,
+    /// respire's connections whose handshake is under way (see `own_handshake`).
+    greeting: Vec<Vec<u8>>,
+}
+
+/// Why a stream could not start on a node.
+enum Started {
+    /// It answered the command with an error (this frame).
+    Refused(bytes::Bytes),
+    /// It could not be reached, or did not answer.
+    Failed(String),
+}
+
+impl Feed {
+    /// Moves the complete frames read to `out`, leaving out respire's own handshakes from a
+    /// `MONITOR` stream; `false` when the node sent something that is not RESP.
+    fn relay(&mut self, out: &mut BytesMut, monitor: bool) -> bool {
+        loop {
+            match resp::next_reply(&mut self.input) {
+                // respire's own connections saying hello are not the clients' commands.
+                Ok(Some(frame)) if monitor && own_handshake(&frame, &mut self.greeting) => {}
+                Ok(Some(frame)) => out.extend_from_slice(&frame),
+                Ok(None) => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+/// Connects to `node` and sends it `first`, the command that starts the stream, and reads its answer.
+async fn start_feed(
+    node: &backend::NodeSettings,
+    key: backend::ConnKey,
+    first: &Command,
+) -> Result<Feed, Started> {
+    let mut stream = backend::connect(node, key).await.map_err(Started::Failed)?;
+    let mut out = BytesMut::new();
+    first.encode_into(&mut out);
+    let mut input = BytesMut::with_capacity(16 * 1024);
+    let answer = async {
+        stream.send(&out).await.map_err(|e| e.to_string())?;
+        backend::read_frame(&mut stream, &mut input).await
+    };
+    let ok = match tokio::time::timeout(node.command_timeout, answer).await {
+        Ok(Ok(frame)) if frame.first() == Some(&b'-') => return Err(Started::Refused(frame)),
+        Ok(Ok(frame)) => frame,
+        Ok(Err(reason)) => return Err(Started::Failed(reason)),
+        Err(_) => {
+            return Err(Started::Failed(format!(
+                "no answer within {:?}",
+                node.command_timeout
+            )));
+        }
+    };
+    Ok(Feed {
+        stream,
+        input,
+        ok,
+        greeting: Vec::new(),
+    })
 }
