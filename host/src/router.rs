@@ -67,9 +67,13 @@ pub enum Merge {
         /// Lower-case names of Redis's sections that `ours` replaces.
         replaced: Vec<String>,
     },
-    /// `SCAN` on master `ordinal` of `total`: the cursor is re-encoded.
+    /// `SCAN` on master `ordinal` of `total`, and the masters after it when the replies
+    /// include theirs: the replies are taken in order while each master finished (cursor 0),
+    /// the keys put together, and the cursor of the last one taken is re-encoded. One Redis
+    /// returns a small keyspace in one call; so does respire over several masters, instead
+    /// of an empty page per master that holds none of the keys matched.
     Scan {
-        /// Which master (in address order) answered.
+        /// Which master (in address order) answered first.
         ordinal: usize,
         /// How many masters there are.
         total: usize,
@@ -106,6 +110,10 @@ pub enum Plan {
         ordinal: usize,
         /// The command with the master's own cursor.
         data: Bytes,
+        /// The cursor starts that master: the masters after it get the same command (cursor
+        /// 0 for them too), so that a master finished in one call is followed by the next
+        /// in the same reply (see [`Merge::Scan`]).
+        chain: bool,
     },
 }
 
@@ -328,6 +336,7 @@ fn plan_scan<A: Args + ?Sized>(args: &A, masters: usize) -> Plan {
     Plan::Scan {
         ordinal,
         data: out.freeze(),
+        chain: node_cursor == 0,
     }
 }
 
@@ -542,46 +551,60 @@ pub fn merge(how: &Merge, replies: &[Bytes], parts: &[Part]) -> Bytes {
         }
         Merge::Info { ours, replaced } => merge_info(replies, ours, replaced).unwrap_or_else(bad),
         Merge::Scan { ordinal, total } => {
-            let Some(r) = replies.first() else {
-                return bad();
-            };
-            let Some((_, elems)) = elements(r) else {
-                return bad();
-            };
-            let [cursor, keys] = elems.as_slice() else {
-                return bad();
-            };
-            let Some(text) = cursor.get(
-                cursor
-                    .iter()
-                    .position(|&b| b == b'\n')
-                    .map(|i| i + 1)
-                    .unwrap_or(0)..cursor.len().saturating_sub(2),
-            ) else {
-                return bad();
-            };
-            let Some(node_cursor) = std::str::from_utf8(text)
-                .ok()
-                .and_then(|t| t.parse::<u64>().ok())
-            else {
-                return bad();
-            };
-            let next = if node_cursor > u64::MAX >> SCAN_NODE_BITS {
-                // Does not fit beside the master's number: an error, not a cursor that skips keys.
-                return Bytes::from_static(b"-ERR respire: a backend's SCAN cursor is too large to combine with the shard number\r\n");
-            } else if node_cursor != 0 {
-                (node_cursor << SCAN_NODE_BITS) | *ordinal as u64
-            } else if ordinal + 1 < *total {
-                (ordinal + 1) as u64
-            } else {
-                0
-            };
+            let mut keys: SmallVec<[Bytes; 4]> = SmallVec::new();
+            let mut count = 0;
+            let mut next = 0;
+            for (i, r) in replies.iter().enumerate() {
+                let Some((cursor, n, elems)) = scan_page(r) else {
+                    return bad();
+                };
+                keys.push(elems);
+                count += n;
+                let ordinal = ordinal + i;
+                if cursor > u64::MAX >> SCAN_NODE_BITS {
+                    // Does not fit beside the master's number: an error, not a cursor that skips keys.
+                    return Bytes::from_static(b"-ERR respire: a backend's SCAN cursor is too large to combine with the shard number\r\n");
+                }
+                if cursor != 0 {
+                    // This master has more: later masters' pages wait for their turn.
+                    next = (cursor << SCAN_NODE_BITS) | ordinal as u64;
+                    break;
+                }
+                next = if ordinal + 1 < *total {
+                    (ordinal + 1) as u64
+                } else {
+                    0
+                };
+            }
             let mut out = header(b'*', 2);
             resp::bulk(&mut out, next.to_string().as_bytes());
-            out.extend_from_slice(keys);
+            out.extend_from_slice(&header(b'*', count));
+            for k in keys {
+                out.extend_from_slice(&k);
+            }
             out.freeze()
         }
     }
+}
+
+/// A `SCAN` reply's cursor, its count of keys and their frames back to back.
+fn scan_page(frame: &Bytes) -> Option<(u64, usize, Bytes)> {
+    let (_, elems) = elements(frame)?;
+    let [cursor, keys] = elems.as_slice() else {
+        return None;
+    };
+    let text = cursor.get(
+        cursor
+            .iter()
+            .position(|&b| b == b'\n')
+            .map(|i| i + 1)
+            .unwrap_or(0)..cursor.len().saturating_sub(2),
+    )?;
+    let cursor = std::str::from_utf8(text).ok()?.parse::<u64>().ok()?;
+    let eol = memchr::memchr(b'\r', keys)?;
+    let n = usize::try_from(parse_i64(keys.get(1..eol)?)?).ok()?;
+    let body = array_body(keys, n)?;
+    Some((cursor, n, keys.slice(body..)))
 }
 
 /// Adds up the `# Keyspace` lines (`db0:keys=1,expires=0,avg_ttl=0`) of every node's `INFO`.
@@ -1004,14 +1027,20 @@ mod tests {
     fn scan_cursor_walks_every_master() {
         let topo = three();
         let t = CommandTable::builtin();
-        let Plan::Scan { ordinal, data } = plan(&t, &args("SCAN 0 COUNT 10"), &topo) else {
+        let Plan::Scan {
+            ordinal,
+            data,
+            chain,
+        } = plan(&t, &args("SCAN 0 COUNT 10"), &topo)
+        else {
             panic!()
         };
         assert_eq!(
-            (ordinal, &data[..]),
+            (ordinal, &data[..], chain),
             (
                 0,
-                &b"*4\r\n$4\r\nSCAN\r\n$1\r\n0\r\n$5\r\nCOUNT\r\n$2\r\n10\r\n"[..]
+                &b"*4\r\n$4\r\nSCAN\r\n$1\r\n0\r\n$5\r\nCOUNT\r\n$2\r\n10\r\n"[..],
+                true
             )
         );
         // Master 0 finished: the cursor moves to master 1.
@@ -1024,6 +1053,42 @@ mod tests {
             &[],
         );
         assert_eq!(&r[..], b"*2\r\n$1\r\n1\r\n*0\r\n");
+        // Starting a master, the masters after it answered too: pages are taken while their
+        // master finished, up to the first that has more.
+        let pages = [
+            Bytes::from_static(b"*2\r\n$1\r\n0\r\n*1\r\n$1\r\na\r\n"),
+            Bytes::from_static(b"*2\r\n$1\r\n0\r\n*0\r\n"),
+            Bytes::from_static(b"*2\r\n$1\r\n0\r\n*2\r\n$1\r\nb\r\n$1\r\nc\r\n"),
+        ];
+        let r = merge(
+            &Merge::Scan {
+                ordinal: 0,
+                total: 3,
+            },
+            &pages,
+            &[],
+        );
+        assert_eq!(
+            &r[..],
+            b"*2\r\n$1\r\n0\r\n*3\r\n$1\r\na\r\n$1\r\nb\r\n$1\r\nc\r\n"
+        );
+        let more = Bytes::from_static(b"*2\r\n$1\r\n7\r\n*1\r\n$1\r\nb\r\n");
+        let r = merge(
+            &Merge::Scan {
+                ordinal: 0,
+                total: 3,
+            },
+            &[pages[0].clone(), more, pages[2].clone()],
+            &[],
+        );
+        let c = (7u64 << 10) | 1;
+        assert_eq!(
+            String::from_utf8_lossy(&r),
+            format!(
+                "*2\r\n${}\r\n{c}\r\n*2\r\n$1\r\na\r\n$1\r\nb\r\n",
+                c.to_string().len()
+            )
+        );
         // Master 1 has more: its cursor 5 is kept in the high bits.
         let r = merge(
             &Merge::Scan {
@@ -1038,12 +1103,18 @@ mod tests {
             String::from_utf8_lossy(&r),
             format!("*2\r\n${}\r\n{c}\r\n*1\r\n$1\r\nk\r\n", c.to_string().len())
         );
-        let Plan::Scan { ordinal, data } = plan(&t, &args(&format!("SCAN {c}")), &topo) else {
+        let Plan::Scan {
+            ordinal,
+            data,
+            chain,
+        } = plan(&t, &args(&format!("SCAN {c}")), &topo)
+        else {
             panic!()
         };
+        // Within a master, only it is asked.
         assert_eq!(
-            (ordinal, &data[..]),
-            (1, &b"*2\r\n$4\r\nSCAN\r\n$1\r\n5\r\n"[..])
+            (ordinal, &data[..], chain),
+            (1, &b"*2\r\n$4\r\nSCAN\r\n$1\r\n5\r\n"[..], false)
         );
         // The last master finishing ends the scan.
         let r = merge(

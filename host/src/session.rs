@@ -2971,19 +2971,29 @@ impl Session {
                 let targets = self.fan_out_targets(cmd.to_resp());
                 self.send_parts(cmd, res, merge, Vec::new(), targets, None)
             }
-            Plan::Scan { ordinal, data } => {
+            Plan::Scan {
+                ordinal,
+                data,
+                chain,
+            } => {
                 let total = self.topo.shards.len();
-                let Some(node) = self.topo.shards.get(ordinal).map(|s| s.master) else {
+                if ordinal >= total {
                     self.reply_error("ERR invalid cursor");
                     return false;
-                };
-                let slot = self.topo.slot_of_shard(ordinal);
+                }
+                let last = if chain { total } else { ordinal + 1 };
+                let targets = (ordinal..last)
+                    .filter_map(|i| {
+                        let node = self.topo.shards.get(i)?.master;
+                        Some((node, data.clone(), self.topo.slot_of_shard(i)))
+                    })
+                    .collect();
                 self.send_parts(
                     cmd,
                     res,
                     Merge::Scan { ordinal, total },
                     Vec::new(),
-                    vec![(node, data, slot)],
+                    targets,
                     None,
                 )
             }

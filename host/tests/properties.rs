@@ -211,7 +211,7 @@ proptest! {
         for _ in 0..=expected.len() {
             let args = [b"SCAN".to_vec(), cursor.to_string().into_bytes(), b"COUNT".to_vec(), count.to_string().into_bytes()];
             let cmd = Command::from_args(&args);
-            let Plan::Scan { ordinal, data } = plan(&cmd, table.get(&cmd), &topo) else {
+            let Plan::Scan { ordinal, data, chain } = plan(&cmd, table.get(&cmd), &topo) else {
                 return Err(TestCaseError::fail(format!("SCAN {cursor} is not planned as a scan")));
             };
             // The master gets its own cursor, the other arguments unchanged.
@@ -222,18 +222,37 @@ proptest! {
             let count_text = count.to_string();
             prop_assert_eq!(sub[3], count_text.as_bytes());
             let node_cursor: u64 = std::str::from_utf8(sub[1]).unwrap().parse().unwrap();
-            asked.push((ordinal, node_cursor));
-            let walk = &walks[ordinal];
-            let at = if node_cursor == 0 { 0 } else { walk.iter().position(|&c| c == node_cursor).map_or(usize::MAX, |i| i + 1) };
-            prop_assert!(at != usize::MAX, "master {} was asked for a cursor it never gave: {}", ordinal, node_cursor);
-            let next = walk.get(at).copied().unwrap_or(0);
-            let reply = format!("*2\r\n${}\r\n{next}\r\n*1\r\n$1\r\nk\r\n", next.to_string().len());
-            let merged = merge(&Merge::Scan { ordinal, total: walks.len() }, &[Bytes::from(reply)], &[]);
-            // The client sees a well-formed reply with a decimal cursor and the keys.
+            // A call that starts a master goes to the masters after it too, with cursor 0.
+            prop_assert_eq!(chain, node_cursor == 0);
+            let last = if chain { walks.len() } else { ordinal + 1 };
+            let mut replies = Vec::new();
+            let mut taken = Vec::new();
+            let mut finished = true;
+            for (m, walk) in walks.iter().enumerate().take(last).skip(ordinal) {
+                let c = if m == ordinal { node_cursor } else { 0 };
+                let at = if c == 0 { 0 } else { walk.iter().position(|&x| x == c).map_or(usize::MAX, |i| i + 1) };
+                prop_assert!(at != usize::MAX, "master {} was asked for a cursor it never gave: {}", m, c);
+                let next = walk.get(at).copied().unwrap_or(0);
+                // Each page holds one key naming the master and the cursor it answered.
+                let key = format!("{m}:{c}");
+                if finished {
+                    asked.push((m, c));
+                    taken.push(key.clone());
+                    finished = next == 0;
+                }
+                replies.push(Bytes::from(format!("*2\r\n${}\r\n{next}\r\n*1\r\n${}\r\n{key}\r\n", next.to_string().len(), key.len())));
+            }
+            let merged = merge(&Merge::Scan { ordinal, total: walks.len() }, &replies, &[]);
+            // The client sees a well-formed reply with a decimal cursor and the keys of the
+            // pages taken, in order.
             prop_assert_eq!(reply_len(&merged).ok().flatten(), Some(merged.len()));
             let text = String::from_utf8_lossy(&merged).into_owned();
             let client_cursor: Vec<&str> = text.split("\r\n").collect();
-            prop_assert!(text.ends_with("*1\r\n$1\r\nk\r\n"), "{}", text);
+            let mut keys = format!("*{}\r\n", taken.len());
+            for k in &taken {
+                keys.push_str(&format!("${}\r\n{k}\r\n", k.len()));
+            }
+            prop_assert!(text.ends_with(&keys), "{} does not end with {}", text, keys);
             cursor = client_cursor[2].parse().unwrap();
             if cursor == 0 {
                 break;

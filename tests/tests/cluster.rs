@@ -136,6 +136,31 @@ fn scan_returns_every_key_exactly_once() {
     let cluster = Cluster::start(3, 0);
     let proxy = Respire::start_args(&["--cluster", &cluster.seeds()]);
     let mut con = proxy.conn();
+    // A keyspace small enough for one call of one Redis comes in one call over three masters
+    // too (it used to come one master per call, in pages empty where a master had no match).
+    let _: () = con.mset(&[("a", 1), ("b", 2), ("c", 3)]).unwrap();
+    let _: () = con.sadd("a-set", 1).unwrap();
+    let owners: HashSet<u16> = ["a", "b", "c"]
+        .iter()
+        .map(|k| cluster.owner_port(k))
+        .collect();
+    assert_eq!(owners.len(), 3);
+    let (next, mut keys): (u64, Vec<String>) = redis::cmd("SCAN").arg(0).query(&mut con).unwrap();
+    keys.sort();
+    assert_eq!(
+        (next, keys),
+        (0, vec!["a".into(), "a-set".into(), "b".into(), "c".into()])
+    );
+    let typed: (u64, Vec<String>) = redis::cmd("SCAN")
+        .arg(0)
+        .arg("MATCH")
+        .arg("a*")
+        .arg("TYPE")
+        .arg("set")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(typed, (0, vec!["a-set".to_string()]));
+    let _: () = redis::cmd("FLUSHALL").query(&mut con).unwrap();
     let mut pipe = redis::pipe();
     for i in 0..1000 {
         pipe.cmd("SET").arg(format!("scan:{i}")).arg(i).ignore();
