@@ -43,6 +43,11 @@ pub struct Config {
     pub listen: String,
     /// TLS for clients, on a listener of its own (as Redis's `tls-port`). Default: none.
     pub tls: Option<Tls>,
+    /// The address respire gives for itself in `CLUSTER SLOTS|SHARDS|NODES`, `"host:port"`
+    /// (an IP address or a hostname), for cluster-aware clients that reach respire through
+    /// NAT, a container's port mapping or a load balancer (Redis's `cluster-announce-ip`,
+    /// `-port` and `-hostname`). Default: none (the address the client connected to).
+    pub announce: Option<String>,
     /// Worker threads, each owning its client and backend connections. 0 means one per core. Default: 0.
     pub workers: usize,
     /// Most client connections at once; more are answered `-ERR max number of clients reached`. Default: 10000.
@@ -383,6 +388,7 @@ impl Default for Config {
         Config {
             listen: "127.0.0.1:6380".into(),
             tls: None,
+            announce: None,
             workers: 0,
             max_clients: 10_000,
             requirepass: None,
@@ -493,6 +499,13 @@ impl Config {
             if t.handshake_timeout.is_zero() {
                 return bad("tls.handshake_timeout must be more than 0s".into());
             }
+        }
+        if let Some(a) = &self.announce
+            && self.announced().is_none()
+        {
+            return bad(format!(
+                "announce: {a:?} is not \"host:port\" (a port from 1 to 65535; an IPv6 address in brackets)"
+            ));
         }
         if let Some(m) = &self.metrics {
             if m.parse::<SocketAddr>().is_err() {
@@ -636,6 +649,23 @@ impl Config {
     }
 }
 
+impl Config {
+    /// `announce` as host and port (an IPv6 address without its brackets), when set and valid.
+    pub fn announced(&self) -> Option<(&str, u16)> {
+        let (host, port) = self.announce.as_deref()?.rsplit_once(':')?;
+        let port = port.parse::<u16>().ok().filter(|&p| p > 0)?;
+        let host = match host.strip_prefix('[') {
+            Some(v6) => v6
+                .strip_suffix(']')
+                .filter(|h| h.parse::<std::net::Ipv6Addr>().is_ok())?,
+            None if host.contains(':') => return None,
+            None => host,
+        };
+        let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':');
+        (!host.is_empty() && host.chars().all(plain)).then_some((host, port))
+    }
+}
+
 fn check_host_port(addr: &str) -> Result<(), ConfigError> {
     match addr.rsplit_once(':') {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
@@ -684,6 +714,32 @@ mod tests {
         );
         let c = Config::parse("[backend]\naddress = \"nohost\"\n").unwrap();
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn announce_is_host_and_port() {
+        let base = "[backend]\naddress = \"127.0.0.1:6379\"\n";
+        for (a, want) in [
+            ("10.1.2.3:16380", Some(("10.1.2.3", 16380))),
+            ("respire.internal:6380", Some(("respire.internal", 6380))),
+            ("[2001:db8::7]:6380", Some(("2001:db8::7", 6380))),
+        ] {
+            let c = Config::parse(&format!("announce = \"{a}\"\n{base}")).unwrap();
+            c.validate().unwrap();
+            assert_eq!(c.announced(), want, "{a}");
+        }
+        for a in [
+            "respire",
+            "host:0",
+            "host:70000",
+            "2001:db8::7:6380",
+            ":6380",
+            "a b:1",
+        ] {
+            let c = Config::parse(&format!("announce = \"{a}\"\n{base}")).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("announce"), "{a}: {e}");
+        }
     }
 
     #[test]

@@ -173,6 +173,10 @@ struct Opts {
     /// Address to listen on for clients, e.g. 127.0.0.1:6380.
     #[arg(long, global = true, value_name = "ADDR")]
     listen: Option<String>,
+    /// Address respire gives for itself in CLUSTER SLOTS|SHARDS|NODES, host:port (behind NAT,
+    /// a port mapping or a load balancer).
+    #[arg(long, global = true, value_name = "HOST:PORT")]
+    announce: Option<String>,
     /// One standalone Redis server, host:port.
     #[arg(long, global = true, value_name = "ADDR", conflicts_with_all = ["cluster", "shards", "sentinel"])]
     backend: Option<String>,
@@ -356,6 +360,9 @@ fn build_config(o: &Opts) -> Result<Config, String> {
         Some(p) => Config::load(p).map_err(|e| e.to_string())?,
         None => Config::default(),
     };
+    if let Some(v) = &o.announce {
+        c.announce = Some(v.clone());
+    }
     if let Some(v) = &o.listen {
         c.listen = v.clone();
     }

@@ -706,6 +706,60 @@ fn respire_presents_itself_as_a_one_node_cluster() {
     assert_eq!(n, 1);
 }
 
+/// Behind NAT or a port mapping respire gives the address it is told to (`announce`), as
+/// Redis's `cluster-announce-*`: an IP address as is, a hostname as the endpoint.
+#[test]
+fn respire_announces_the_address_it_is_given() {
+    let cluster = Cluster::start(3, 0);
+    let by_ip = Respire::start_args(&[
+        "--cluster",
+        &cluster.seeds(),
+        "--announce",
+        "10.9.8.7:16380",
+    ]);
+    let mut con = by_ip.conn();
+    let slots: Vec<(i64, i64, Vec<Value>)> =
+        redis::cmd("CLUSTER").arg("SLOTS").query(&mut con).unwrap();
+    let node = &slots[0].2;
+    assert_eq!(node[0], Value::BulkString(b"10.9.8.7".to_vec()));
+    assert_eq!(node[1], Value::Int(16380));
+    let nodes: String = redis::cmd("CLUSTER").arg("NODES").query(&mut con).unwrap();
+    assert!(
+        nodes.contains(" 10.9.8.7:16380@0 myself,master "),
+        "{nodes}"
+    );
+    let by_name = Respire::start_args(&[
+        "--cluster",
+        &cluster.seeds(),
+        "--announce",
+        "respire.example:16381",
+    ]);
+    let mut raw = Raw::connect(by_name.port);
+    let slots =
+        String::from_utf8_lossy(&raw.roundtrip(&resp(&[b"CLUSTER", b"SLOTS"]), 1)).into_owned();
+    // The node: its endpoint, port, id (40 characters) and metadata (its IP).
+    assert!(
+        slots.contains("*4\r\n$15\r\nrespire.example\r\n:16381\r\n$40\r\n"),
+        "{slots}"
+    );
+    assert!(
+        slots.ends_with("*2\r\n$2\r\nip\r\n$9\r\n127.0.0.1\r\n"),
+        "{slots}"
+    );
+    let shards =
+        String::from_utf8_lossy(&raw.roundtrip(&resp(&[b"CLUSTER", b"SHARDS"]), 1)).into_owned();
+    assert!(
+        shards.contains("$8\r\nendpoint\r\n$15\r\nrespire.example\r\n$8\r\nhostname\r\n$15\r\nrespire.example\r\n"),
+        "{shards}"
+    );
+    let nodes =
+        String::from_utf8_lossy(&raw.roundtrip(&resp(&[b"CLUSTER", b"NODES"]), 1)).into_owned();
+    assert!(
+        nodes.contains(" 127.0.0.1:16381@0,respire.example myself,master "),
+        "{nodes}"
+    );
+}
+
 /// `MONITOR` through respire shows the commands of every master (it used to follow one,
 /// chosen per client), each once, after one `+OK`.
 #[test]

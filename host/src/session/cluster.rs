@@ -14,8 +14,26 @@ impl Session {
         };
         let argc = args.len();
         let id = self.worker.shared.node_id.clone();
-        let ip = self.info.laddr.ip().to_string();
-        let port = i64::from(self.info.laddr.port());
+        // Where clients reach respire: as configured (`announce`: an IP address, or a hostname
+        // that becomes the endpoint, as Redis's `cluster-preferred-endpoint-type hostname`),
+        // or where this client connected.
+        let local = self.info.laddr.ip().to_string();
+        let (endpoint, port, hostname) = match self.worker.shared.config.announced() {
+            Some((host, port)) => {
+                let name = host.parse::<std::net::IpAddr>().is_err();
+                (
+                    host.to_string(),
+                    i64::from(port),
+                    name.then(|| host.to_string()),
+                )
+            }
+            None => (local.clone(), i64::from(self.info.laddr.port()), None),
+        };
+        let ip = if hostname.is_some() {
+            local
+        } else {
+            endpoint.clone()
+        };
         let last = SLOTS as i64 - 1;
         match (sub.as_slice(), argc) {
             (b"info", 2) => {
@@ -34,10 +52,16 @@ impl Session {
                 resp::int(o, 0);
                 resp::int(o, last);
                 resp::array_header(o, 4);
-                resp::bulk(o, ip.as_bytes());
+                resp::bulk(o, endpoint.as_bytes());
                 resp::int(o, port);
                 resp::bulk(o, id.as_bytes());
-                resp::map_header(o, 0, p);
+                if hostname.is_some() {
+                    resp::map_header(o, 1, p);
+                    resp::bulk(o, b"ip");
+                    resp::bulk(o, ip.as_bytes());
+                } else {
+                    resp::map_header(o, 0, p);
+                }
             }),
             (b"shards", 2) => self.reply_with(|o, p| {
                 resp::array_header(o, 1);
@@ -48,7 +72,7 @@ impl Session {
                 resp::int(o, last);
                 resp::bulk(o, b"nodes");
                 resp::array_header(o, 1);
-                resp::map_header(o, 7, p);
+                resp::map_header(o, 7 + usize::from(hostname.is_some()), p);
                 resp::bulk(o, b"id");
                 resp::bulk(o, id.as_bytes());
                 resp::bulk(o, b"port");
@@ -56,7 +80,11 @@ impl Session {
                 resp::bulk(o, b"ip");
                 resp::bulk(o, ip.as_bytes());
                 resp::bulk(o, b"endpoint");
-                resp::bulk(o, ip.as_bytes());
+                resp::bulk(o, endpoint.as_bytes());
+                if let Some(h) = &hostname {
+                    resp::bulk(o, b"hostname");
+                    resp::bulk(o, h.as_bytes());
+                }
                 resp::bulk(o, b"role");
                 resp::bulk(o, b"master");
                 resp::bulk(o, b"replication-offset");
@@ -65,7 +93,12 @@ impl Session {
                 resp::bulk(o, b"online");
             }),
             (b"nodes", 2) => {
-                let line = format!("{id} {ip}:{port}@0 myself,master - 0 0 1 connected 0-{last}\n");
+                let name = hostname
+                    .as_deref()
+                    .map(|h| format!(",{h}"))
+                    .unwrap_or_default();
+                let line =
+                    format!("{id} {ip}:{port}@0{name} myself,master - 0 0 1 connected 0-{last}\n");
                 self.reply_with(|o, p| resp::verbatim(o, line.as_bytes(), p));
             }
             // One node has no links to others.
