@@ -13,7 +13,7 @@ use crate::io::{IoEvent, poll_io, write_now};
 use crate::protocol::{self as resp, Command};
 
 impl Session {
-    // ---- streams (subscribe, monitor) -------------------------------------
+    // ---- MONITOR -----------------------------------------------------------
 
     /// Relays between the client and dedicated backend connections, one per node in `nodes`
     /// (every node that runs clients' commands, for `MONITOR`): their output merged as it
@@ -22,11 +22,16 @@ impl Session {
         // Give back a clean exclusive connection; a stream needs its own.
         self.release_exclusive(false);
         let mut feeds = Vec::with_capacity(nodes.len());
+        // The first node's answer (`+OK`): the client gets one.
+        let mut answer = None;
         for &index in nodes {
             let addr = self.topo.node_addr(index);
             let node = self.worker.pool(&addr).node().clone();
             match start_feed(&node, self.key(), &first).await {
-                Ok(feed) => feeds.push(feed),
+                Ok((feed, ok)) => {
+                    answer.get_or_insert(ok);
+                    feeds.push(feed);
+                }
                 Err(Started::Refused(frame)) => {
                     // The node refused (say, `NOPERM`): the client gets its answer, once.
                     self.out.extend_from_slice(&frame);
@@ -42,18 +47,16 @@ impl Session {
                 }
             }
         }
-        // Every node said `+OK`: the client gets one.
-        match feeds.first_mut() {
-            Some(feed) => self.out.extend_from_slice(&feed.ok),
+        match answer {
+            Some(ok) => self.out.extend_from_slice(&ok),
             None => {
                 self.reply_error(super::CLUSTERDOWN);
                 return StreamEnd::Reset;
             }
         }
         self.info.set_flag(flag::PUBSUB, true);
-        let monitor = first.name().eq_ignore_ascii_case(b"monitor");
         // The commands respire answers itself, which Redis never sees.
-        let mut local_lines = monitor.then(|| self.worker.shared.monitors.join());
+        let mut local_lines = self.worker.shared.monitors.join();
         let mut signals = crate::clients::SignalWatch::default();
         let info = self.info.clone();
         let mut to_backend = BytesMut::new();
@@ -127,7 +130,7 @@ impl Session {
                     match poll_io(&mut feed.stream, cx, w, &mut feed.input, true) {
                         Poll::Ready(IoEvent::Read) => {
                             from = true;
-                            if !feed.relay(out, monitor) {
+                            if !feed.relay(out) {
                                 lost = true;
                             }
                         }
@@ -138,11 +141,9 @@ impl Session {
                 }
                 let to = poll_io(stream, cx, out, inbuf, true);
                 let mut local = false;
-                if let Some(rx) = local_lines.as_mut() {
-                    while let Poll::Ready(Some(line)) = rx.poll_recv(cx) {
-                        out.extend_from_slice(&line);
-                        local = true;
-                    }
+                while let Poll::Ready(Some(line)) = local_lines.poll_recv(cx) {
+                    out.extend_from_slice(&line);
+                    local = true;
                 }
                 if signal != 0 || lost || from || to.is_ready() || local {
                     Poll::Ready((signal, lost, to))
@@ -239,8 +240,6 @@ const LOST: &str = "ERR respire: connection to backend was lost; subscriptions e
 struct Feed {
     stream: crate::io::Stream,
     input: BytesMut,
-    /// The node's answer to the command that started the stream.
-    ok: bytes::Bytes,
     /// respire's connections whose handshake is under way (see `own_handshake`).
     greeting: Vec<Vec<u8>>,
 }
@@ -254,13 +253,13 @@ enum Started {
 }
 
 impl Feed {
-    /// Moves the complete frames read to `out`, leaving out respire's own handshakes from a
-    /// `MONITOR` stream; `false` when the node sent something that is not RESP.
-    fn relay(&mut self, out: &mut BytesMut, monitor: bool) -> bool {
+    /// Moves the complete frames read to `out`, leaving out respire's own handshakes; `false`
+    /// when the node sent something that is not RESP.
+    fn relay(&mut self, out: &mut BytesMut) -> bool {
         loop {
             match resp::next_reply(&mut self.input) {
                 // respire's own connections saying hello are not the clients' commands.
-                Ok(Some(frame)) if monitor && own_handshake(&frame, &mut self.greeting) => {}
+                Ok(Some(frame)) if own_handshake(&frame, &mut self.greeting) => {}
                 Ok(Some(frame)) => out.extend_from_slice(&frame),
                 Ok(None) => return true,
                 Err(_) => return false,
@@ -269,12 +268,13 @@ impl Feed {
     }
 }
 
-/// Connects to `node` and sends it `first`, the command that starts the stream, and reads its answer.
+/// Connects to `node`, sends it `first` (the command that starts the stream) and reads its
+/// answer: the feed and that answer.
 async fn start_feed(
     node: &backend::NodeSettings,
     key: backend::ConnKey,
     first: &Command,
-) -> Result<Feed, Started> {
+) -> Result<(Feed, bytes::Bytes), Started> {
     let mut stream = backend::connect(node, key).await.map_err(Started::Failed)?;
     let mut out = BytesMut::new();
     first.encode_into(&mut out);
@@ -294,10 +294,10 @@ async fn start_feed(
             )));
         }
     };
-    Ok(Feed {
+    let feed = Feed {
         stream,
         input,
-        ok,
         greeting: Vec::new(),
-    })
+    };
+    Ok((feed, ok))
 }
