@@ -393,8 +393,9 @@ fn header(kind: u8, n: usize) -> BytesMut {
 /// Combines the parts' replies (in part order) into one reply; a part's error
 /// reply becomes the whole reply, as a cluster client would report it.
 pub fn merge(how: &Merge, replies: &[Bytes], parts: &[Part]) -> Bytes {
-    // An error from one part is the reply (but for `AnyOk`, where the others' errors are expected).
-    if *how != Merge::AnyOk
+    // An error from one part is the reply (but for `AnyOk`, where the others' errors are
+    // expected, and `Scan`, where only the pages taken count).
+    if !matches!(how, Merge::AnyOk | Merge::Scan { .. })
         && let Some(e) = replies.iter().find(|r| is_error(r))
     {
         return e.clone();
@@ -555,6 +556,9 @@ pub fn merge(how: &Merge, replies: &[Bytes], parts: &[Part]) -> Bytes {
             let mut count = 0;
             let mut next = 0;
             for (i, r) in replies.iter().enumerate() {
+                if is_error(r) {
+                    return r.clone();
+                }
                 let Some((cursor, n, elems)) = scan_page(r) else {
                     return bad();
                 };
@@ -1089,6 +1093,22 @@ mod tests {
                 c.to_string().len()
             )
         );
+        // An error counts only in a page taken: a master whose turn has not come cannot
+        // fail the call; one whose page is taken does.
+        let down = Bytes::from_static(b"-LOADING Redis is loading the dataset in memory\r\n");
+        let mid = Bytes::from_static(b"*2\r\n$1\r\n7\r\n*1\r\n$1\r\nb\r\n");
+        let scan = Merge::Scan {
+            ordinal: 0,
+            total: 3,
+        };
+        let r = merge(&scan, &[mid.clone(), pages[1].clone(), down.clone()], &[]);
+        assert!(r.starts_with(b"*2\r\n"), "{}", String::from_utf8_lossy(&r));
+        let r = merge(
+            &scan,
+            &[pages[0].clone(), down.clone(), pages[2].clone()],
+            &[],
+        );
+        assert_eq!(r, down);
         // Master 1 has more: its cursor 5 is kept in the high bits.
         let r = merge(
             &Merge::Scan {

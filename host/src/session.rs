@@ -1762,6 +1762,11 @@ impl Session {
         for p in m.parts {
             match p.reply {
                 Some(Ok(frame)) => replies.push(frame),
+                // A `SCAN` page beyond the one the cursor needs may be dropped: its failure
+                // counts only if the merge takes it.
+                Some(Err(e)) if matches!(m.how, Merge::Scan { .. }) => {
+                    replies.push(error_frame(&e))
+                }
                 Some(Err(e)) => return self.emit_reply(seq, Err(e)),
                 None => return,
             }

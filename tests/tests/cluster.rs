@@ -838,7 +838,7 @@ print("ok")
 
 #[test]
 fn standalone_shards_place_keys_by_slot() {
-    let shards: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
+    let mut shards: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
     let list = shards
         .iter()
         .map(|s| s.addr())
@@ -891,6 +891,20 @@ fn standalone_shards_place_keys_by_slot() {
             resp(&[b"message", b"news", format!("m{i}").as_bytes()])
         );
     }
+    // SCAN asks the later shards too when it starts one, but a shard whose turn has not come
+    // cannot fail the call: with the last shard down, a page of the first still comes.
+    for i in 0..300 {
+        let _: () = con.set(format!("s:{i}"), i).unwrap();
+    }
+    // The shard walked last (static shards go in the order given).
+    shards[2].kill();
+    let (cursor, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+        .arg(0)
+        .arg("COUNT")
+        .arg(10)
+        .query(&mut con)
+        .unwrap();
+    assert!(cursor != 0 && !keys.is_empty(), "{cursor} {keys:?}");
 }
 
 /// GETs node `i` has run (`INFO commandstats`).
