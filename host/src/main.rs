@@ -284,21 +284,29 @@ fn plugin_check(
             return ExitCode::from(1);
         }
     };
+    // With settings given, the plugin is staged next to a copy of them in a directory of its
+    // own, removed when the check ends (`staging` is dropped on every return).
+    let staging;
     let staged;
     let path = match settings {
-        // Use the given settings: stage the plugin next to a copy of them.
         Some(s) => {
-            let dir =
-                std::env::temp_dir().join(format!("respire-plugin-check-{}", std::process::id()));
             let name = file.file_name().map(|n| n.to_owned()).unwrap_or_default();
-            let copied = std::fs::create_dir_all(&dir)
-                .and_then(|_| std::fs::copy(file, dir.join(&name)))
-                .and_then(|_| std::fs::copy(s, dir.join(&name).with_extension("toml")));
-            if let Err(e) = copied {
-                eprintln!("respire: {e}");
-                return ExitCode::from(1);
+            let copied = tempfile::Builder::new()
+                .prefix("respire-plugin-check-")
+                .tempdir()
+                .and_then(|dir| {
+                    std::fs::copy(file, dir.path().join(&name))?;
+                    std::fs::copy(s, dir.path().join(&name).with_extension("toml"))?;
+                    Ok(dir)
+                });
+            match copied {
+                Ok(dir) => staging = dir,
+                Err(e) => {
+                    eprintln!("respire: {e}");
+                    return ExitCode::from(1);
+                }
             }
-            staged = dir.join(name);
+            staged = staging.path().join(name);
             staged.as_path()
         }
         None => file,

@@ -81,7 +81,7 @@ fn check_rejects_bad_configs_with_the_reason() {
         ),
     ];
     for (i, (text, want)) in cases.iter().enumerate() {
-        let p = dir.join(format!("bad{i}.toml"));
+        let p = dir.path().join(format!("bad{i}.toml"));
         std::fs::write(&p, text).unwrap();
         let (ok, _, err) = respire(&["check", "--config", p.to_str().unwrap()]);
         assert!(!ok, "{text} was accepted");
@@ -97,7 +97,7 @@ fn check_rejects_bad_configs_with_the_reason() {
 #[test]
 fn flags_override_the_file() {
     let dir = tempfile_dir();
-    let p = dir.join("f.toml");
+    let p = dir.path().join("f.toml");
     std::fs::write(
         &p,
         "listen = \"not an address\"\n[backend]\naddress = \"127.0.0.1:6379\"\n",
@@ -125,20 +125,9 @@ fn flags_override_the_file() {
     assert!(ok, "{err}");
 }
 
-fn tempfile_dir() -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "respire-cli-{}-{}",
-        std::process::id(),
-        rand_suffix()
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn rand_suffix() -> u64 {
-    use std::time::{SystemTime, UNIX_EPOCH};
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
+fn tempfile_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("respire-cli-")
+        .tempdir()
         .unwrap()
-        .as_nanos() as u64
 }

@@ -97,17 +97,29 @@ fn plugin_check_prints_the_manifest_or_the_reason() {
     // The example settings file shipped with the plugin is valid.
     let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../examples/hello-plugin/hello.toml");
+    // It stages the plugin next to a copy of the settings in a temporary directory, and
+    // removes that directory when it is done.
+    let tmp = tempfile::tempdir().unwrap();
     let out = Command::new(respire_bin())
         .args(["plugin", "check"])
         .arg(dir.path().join("hello.wasm"))
         .arg("--config")
         .arg(&example)
+        .env("TMPDIR", tmp.path())
         .output()
         .unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "left behind in the temporary directory: {left:?}"
     );
     std::fs::write(dir.path().join("bad.wasm"), b"\0asm garbage").unwrap();
     let out = Command::new(respire_bin())
