@@ -37,7 +37,7 @@ version=$(dpkg-query -W -f '${source:Version}' redis-server 2>/dev/null || true)
 )
 suite=$(echo "$work"/redis-*/)
 
-UNITS=${UNITS:-"unit/type/string unit/type/incr unit/type/list unit/type/list-2 unit/type/list-3 unit/type/hash unit/type/set unit/type/zset unit/type/stream unit/type/stream-cgroups unit/keyspace unit/expire unit/multi unit/scripting unit/functions unit/pubsub unit/pubsubshard unit/protocol unit/sort unit/scan unit/dump unit/bitops unit/bitfield unit/geo unit/hyperloglog unit/info-command unit/info unit/other unit/introspection unit/introspection-2 unit/slowlog unit/lazyfree unit/limits unit/auth unit/quit unit/tracking"}
+UNITS=${UNITS:-"unit/type/string unit/type/incr unit/type/list unit/type/list-2 unit/type/list-3 unit/type/hash unit/type/set unit/type/zset unit/type/stream unit/type/stream-cgroups unit/keyspace unit/expire unit/multi unit/scripting unit/functions unit/pubsub unit/pubsubshard unit/protocol unit/sort unit/scan unit/dump unit/bitops unit/bitfield unit/geo unit/hyperloglog unit/info-command unit/info unit/other unit/introspection unit/introspection-2 unit/slowlog unit/lazyfree unit/limits unit/auth unit/quit unit/tracking unit/pause"}
 
 # Skipped, with the reason (patterns: a leading / makes a regular expression).
 cat > "$work/skip" <<'EOF'

@@ -52,6 +52,7 @@ pub mod guard;
 pub mod invalidation;
 pub mod io;
 pub mod metrics;
+pub mod pause;
 pub mod plugin;
 pub mod protocol;
 pub mod pubsub;

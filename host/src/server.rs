@@ -106,6 +106,8 @@ pub struct Shared {
     pub monitors: crate::clients::Monitors,
     /// `CLIENT TRACKING` of respire's clients.
     pub tracking: crate::tracking::Tracking,
+    /// The `CLIENT PAUSE` a client set through respire (see [`crate::pause`]).
+    pub pause: crate::pause::Pause,
 }
 
 /// The counters `INFO stats` reports.
@@ -428,6 +430,7 @@ impl Server {
             census: crate::pubsub::Census::default(),
             monitors: crate::clients::Monitors::default(),
             tracking: crate::tracking::Tracking::default(),
+            pause: crate::pause::Pause::default(),
             config,
         });
         if server_tls.is_some() || client_tls.is_some() {

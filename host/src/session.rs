@@ -24,6 +24,7 @@
 
 mod cluster;
 mod local;
+mod pause;
 mod stream;
 mod subscribe;
 mod tracking;
@@ -49,6 +50,7 @@ use crate::clients::{ClientInfo, flag};
 use crate::commands::{self, Kind, Local, Resolved};
 use crate::config::ReadFrom;
 use crate::io::{IoEvent, Stream, poll_read_into, poll_write_and_readable, write_now};
+use crate::pause::Hold;
 use crate::plugin::{
     ChainRequest, ChainResponse, Client as PluginClient, ClientHandle, Decision, ReplyRoute,
     ResponseChain,
@@ -449,6 +451,17 @@ fn to_follow(frame: &[u8]) -> bool {
 }
 
 /// A reply that never came.
+/// Whether Redis took a command, by its reply (`None`: not shown to the client, or never
+/// seen, which counts as taken): not an error, nor the nil of an aborted `EXEC`.
+fn took(reply: Option<&[u8]>) -> bool {
+    reply.is_none_or(|r| {
+        !(r.starts_with(b"-")
+            || r.starts_with(b"!")
+            || r.starts_with(b"*-1")
+            || r.starts_with(b"_"))
+    })
+}
+
 fn lost() -> BackendError {
     BackendError::Lost {
         addr: Arc::from("backend"),
@@ -497,12 +510,19 @@ enum After {
     Invalidate(Vec<Bytes>),
     /// `FLUSHALL`, `FLUSHDB`, `SWAPDB`: drop everything (again).
     Flush,
+    /// `CLIENT PAUSE` (alone or in a transaction): once Redis took it, respire holds what it
+    /// holds too, until the same end counted from now (never before Redis's).
+    Pause(crate::pause::Mode, Duration),
+    /// `CLIENT UNPAUSE`: once Redis took it, the commands respire holds go.
+    Unpause,
 }
 
 /// A command waiting for Redis to grant its shared rate-limit tokens; it goes on (or is
 /// refused) when the answer comes, and nothing after it is read meanwhile.
 struct Gated {
     rx: oneshot::Receiver<Result<(), String>>,
+    /// Held by a `CLIENT PAUSE`, not by a rate limit: the client counts as blocked meanwhile.
+    paused: Option<crate::pause::Held>,
     cmd: Command,
     chain: Option<Box<ResponseChain>>,
     cache_for: Option<crate::cache::CacheFor>,
@@ -727,6 +747,8 @@ pub struct Session {
     /// The slot of the last blocking command sent, while its reply is owed: the client is
     /// blocked (`b` in `CLIENT LIST`, counted in `INFO`'s `blocked_clients`).
     blocked_until: Option<u64>,
+    /// `CLIENT PAUSE` / `UNPAUSE` queued in the transaction: respire keeps it when `EXEC` runs.
+    tx_pause: Option<After>,
     /// `CLIENT TRACKING on`: the client's options (the table is in `Shared::tracking`).
     tracking: Option<Box<crate::tracking::Mode>>,
     /// `CLIENT CACHING yes|no` applies to the next command or transaction.
@@ -805,6 +827,7 @@ pub async fn run(worker: Rc<Worker>, stream: Stream, info: Arc<ClientInfo>) {
         grouped_now: None,
         pipelined: false,
         blocked_until: None,
+        tx_pause: None,
         tracking: None,
         caching: false,
         sync_tracking: false,
@@ -879,6 +902,18 @@ impl Session {
                     let stat = self.stalled_stat.take();
                     let worker = self.worker.clone();
                     let res = worker.shared.commands.resolve(&cmd);
+                    if after.is_none()
+                        && !self.in_multi
+                        && let Some(mode) = worker.shared.pause.current()
+                        && self.pause_holds(mode, &cmd, res) == Hold::Here
+                    {
+                        // A pause began while it waited for the replies before it.
+                        self.hold_for_pause(cmd, res, hook, None);
+                        if let (Some(g), Some(stat)) = (self.gated.as_mut(), stat) {
+                            g.stat = Some(stat);
+                        }
+                        continue;
+                    }
                     let (pushed, mark) = (self.pushed, self.out.len());
                     self.last_sent = None;
                     self.with_hook(hook, |s| s.dispatch(cmd, res));
@@ -2091,6 +2126,7 @@ impl Session {
             let rx = self.start_gate(gate);
             self.gated = Some(Box::new(Gated {
                 rx,
+                paused: None,
                 cmd,
                 chain,
                 cache_for,
@@ -2109,6 +2145,15 @@ impl Session {
         mut chain: Option<Box<ResponseChain>>,
         cache_for: Option<crate::cache::CacheFor>,
     ) {
+        // A transaction's commands go to its own connection: Redis holds them there.
+        if !self.in_multi
+            && let Some(mode) = self.worker.shared.pause.current()
+        {
+            // (What only Redis can tell goes on a connection of its own: see `dispatch`.)
+            if self.pause_holds(mode, &cmd, res) == Hold::Here {
+                return self.hold_for_pause(cmd, res, chain, cache_for);
+            }
+        }
         if self.tracking.is_some() {
             self.track_command(&cmd, res);
         }
@@ -2175,6 +2220,9 @@ impl Session {
     /// Redis answered a gated command's shared takes.
     fn on_gate(&mut self, verdict: Result<Result<(), String>, oneshot::error::RecvError>) {
         let Some(g) = self.gated.take() else { return };
+        if g.paused.is_some() && self.blocked_until.is_none() {
+            self.info.set_flag(flag::BLOCKED, false);
+        }
         let Gated {
             cmd,
             chain,
@@ -2383,6 +2431,19 @@ impl Session {
                 }
             }
             After::Flush => self.worker.shared.cache.flush(),
+            After::Pause(mode, timeout) => {
+                if took(reply) {
+                    self.worker
+                        .shared
+                        .pause
+                        .start(mode, timeout, std::time::Instant::now());
+                }
+            }
+            After::Unpause => {
+                if took(reply) {
+                    self.worker.shared.pause.stop();
+                }
+            }
         }
     }
 
@@ -2420,6 +2481,12 @@ impl Session {
             }
         }
         match spec.kind {
+            Kind::Forward if self.pause_own_connection(&cmd, res) => {
+                // Redis holds it there or runs it, and no other client waits behind it.
+                if self.route(cmd, res, Use::Blocking) {
+                    self.mark_blocked();
+                }
+            }
             Kind::Forward => {
                 self.route(cmd, res, Use::Shared);
             }
@@ -2478,7 +2545,7 @@ impl Session {
                 // one may be waiting behind the very script they stop.
                 let kill = !config && sub.eq_ignore_ascii_case(b"kill");
                 if kill && self.cluster_mode() && self.topo.shards.len() > 1 {
-                    self.kill_everywhere(cmd);
+                    self.everywhere(cmd, Merge::AnyOk);
                 } else {
                     self.route(cmd, res, if kill { Use::Exclusive } else { Use::Shared });
                 }
@@ -2592,15 +2659,19 @@ impl Session {
             .collect()
     }
 
-    /// `SCRIPT KILL` / `FUNCTION KILL` over several masters: the script runs on one of them,
-    /// so every master gets it, each on a connection of its own (a shared one may be waiting
-    /// behind the script); `+OK` if one stopped it, the first reply (`-NOTBUSY`) otherwise.
-    fn kill_everywhere(&mut self, cmd: Command) {
+    /// A command for every master, each on a connection of its own (a shared one may be
+    /// waiting behind what the command is about), the replies merged by `merge`:
+    /// - `SCRIPT KILL` / `FUNCTION KILL` over several masters: the script runs on one of
+    ///   them; `+OK` if one stopped it, the first reply (`-NOTBUSY`) otherwise;
+    /// - `CLIENT PAUSE` / `UNPAUSE`: every master, `+OK` when all took it.
+    ///
+    /// `false` when it waits behind replies owed on other connections.
+    fn everywhere(&mut self, cmd: Command, merge: Merge) -> bool {
         let mut c = Some(cmd);
         if !self.barrier(&mut c, Target::Exclusive) {
-            return;
+            return false;
         }
-        let Some(cmd) = c else { return };
+        let Some(cmd) = c else { return false };
         self.flush_group();
         let data = cmd.into_resp();
         let key = ConnKey {
@@ -2628,13 +2699,8 @@ impl Session {
                 retry,
             });
         }
-        self.push_merge(
-            Merge::AnyOk,
-            Vec::new(),
-            parts,
-            Vec::new(),
-            Target::Exclusive,
-        );
+        self.push_merge(merge, Vec::new(), parts, Vec::new(), Target::Exclusive);
+        true
     }
 
     /// Why a command would change the credentials respire logs in to Redis with, if it would:
@@ -2874,6 +2940,7 @@ impl Session {
         if !on {
             self.multi_deferred = false;
             self.tx_poisoned = false;
+            self.tx_pause = None;
         }
     }
 
@@ -3642,15 +3709,27 @@ impl Session {
                     self.set_multi(false);
                     self.watching = false;
                     self.reply_error("EXECABORT Transaction discarded because of previous errors.");
-                } else if self.send_exclusive_pinned(cmd) {
-                    self.set_multi(false);
-                    self.watching = false;
+                } else {
+                    let pushed = self.pushed;
+                    if self.send_exclusive_pinned(cmd) {
+                        let after = self.tx_pause.take().filter(|_| exec);
+                        self.set_multi(false);
+                        self.watching = false;
+                        if exec {
+                            self.exec_in_pause();
+                        }
+                        self.note_after(pushed, after);
+                    }
                 }
             }
             _ => {
                 if matches!(kind, Kind::Local(l) if !matches!(l, Local::Ping | Local::Echo | Local::Info | Local::Slowlog))
                 {
                     self.exclusive_dirty = true;
+                }
+                if let Some(a) = pause::pause_after(&cmd) {
+                    // It takes effect when the transaction has run, as in Redis.
+                    self.tx_pause = Some(a);
                 }
                 if !self.cluster_mode() {
                     self.send_exclusive_pinned(cmd);
@@ -3748,13 +3827,18 @@ impl Session {
 }
 
 /// Runs the GCRA script for one shared bucket: 0 when `cost` tokens were granted, else the
-/// ms to wait; an error when Redis could not answer.
+/// ms to wait; an error when Redis could not answer, or is paused by a `CLIENT PAUSE` made
+/// through respire (the command then goes on, as when Redis cannot answer).
 async fn shared_take(
     worker: &Rc<Worker>,
     sid: u64,
     t: &crate::plugin::SharedTake,
     cost: i64,
 ) -> Result<u64, String> {
+    if worker.shared.pause.current().is_some() {
+        // Redis would hold the script (it writes) on a connection other clients share.
+        return Err("Redis is paused (CLIENT PAUSE)".into());
+    }
     let key = t.redis_key();
     let topo = worker.shared.topology.load();
     let node = topo

@@ -7,7 +7,9 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use redis::{Commands, Value};
-use respire_tests::{Cluster, DATA_TYPES, Raw, RedisServer, Respire, assert_same_replies, resp};
+use respire_tests::{
+    Cluster, DATA_TYPES, Raw, RedisServer, Respire, assert_same_replies, cli, resp,
+};
 
 fn compare_with_single_redis(proxy_port: u16, script: &[&[&str]]) {
     let direct = RedisServer::start();
@@ -797,6 +799,70 @@ fn monitor_shows_the_commands_run_on_every_master() {
         );
     }
     assert!(!lines.contains("+OK"), "{lines}");
+}
+
+#[test]
+fn client_pause_reaches_every_master_and_holds_writes_in_respire() {
+    let cluster = Cluster::start(3, 0);
+    let proxy = Respire::start_args(&["--cluster", &cluster.seeds(), "--workers", "1"]);
+    let mut admin = Raw::connect(proxy.port);
+    assert_eq!(
+        admin.roundtrip(&resp(&[b"CLIENT", b"PAUSE", b"20000", b"WRITE"]), 1),
+        b"+OK\r\n"
+    );
+    // Every master is paused: a client of its own that publishes is held there.
+    let mut direct: Vec<Raw> = cluster
+        .master_ports()
+        .into_iter()
+        .map(|port| {
+            let mut c = Raw::connect(port);
+            c.send(&resp(&[b"PUBLISH", b"ch", b"m"]));
+            c
+        })
+        .collect();
+    for port in cluster.master_ports() {
+        let mut held = false;
+        for _ in 0..200 {
+            if cli(port, &["INFO", "clients"]).contains("blocked_clients:1\r\n") {
+                held = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(held, "master {port} is not paused");
+    }
+    // A write split over the three masters waits in respire; reads on every master go on.
+    let mut keys: Vec<String> = Vec::new();
+    let mut owners = HashSet::new();
+    for i in 0.. {
+        let key = format!("p:{i}");
+        if owners.insert(cluster.owner_port(&key)) {
+            keys.push(key);
+        }
+        if owners.len() == 3 {
+            break;
+        }
+    }
+    let k: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
+    let mut writer = Raw::connect(proxy.port);
+    writer.send(&resp(&[b"MSET", k[0], b"1", k[1], b"2", k[2], b"3"]));
+    let mut reader = Raw::connect(proxy.port);
+    assert_eq!(
+        reader.roundtrip(&resp(&[b"MGET", k[0], k[1], k[2]]), 1),
+        b"*3\r\n$-1\r\n$-1\r\n$-1\r\n"
+    );
+    assert_eq!(
+        admin.roundtrip(&resp(&[b"CLIENT", b"UNPAUSE"]), 1),
+        b"+OK\r\n"
+    );
+    assert_eq!(writer.read_replies(1), b"+OK\r\n");
+    for c in &mut direct {
+        assert_eq!(c.read_replies(1), b":0\r\n");
+    }
+    assert_eq!(
+        reader.roundtrip(&resp(&[b"MGET", k[0], k[1], k[2]]), 1),
+        b"*3\r\n$1\r\n1\r\n$1\r\n2\r\n$1\r\n3\r\n"
+    );
 }
 
 #[test]

@@ -511,6 +511,141 @@ fn client_unblock_and_script_kill_reach_the_blocked_command() {
 }
 
 #[test]
+fn client_pause_write_holds_writers_and_lets_readers_through() {
+    let redis = RedisServer::start();
+    // One worker: every client of the test shares its backend connection, so a write Redis
+    // held there would hold every read behind it.
+    let proxy = Respire::start(&redis.addr(), &["--workers", "1"]);
+    let mut admin = Raw::connect(proxy.port);
+    let mut reader = Raw::connect(proxy.port);
+    let ro_script = b"#!lua flags=no-writes\nreturn redis.call('GET', KEYS[1])";
+    let sha = String::from_utf8_lossy(&admin.roundtrip(&resp(&[b"SCRIPT", b"LOAD", ro_script]), 1))
+        .lines()
+        .nth(1)
+        .unwrap()
+        .to_string();
+    let blocked = |admin: &mut Raw| -> String {
+        let info = String::from_utf8_lossy(&admin.roundtrip(&resp(&[b"INFO", b"clients"]), 1))
+            .into_owned();
+        info.lines()
+            .find_map(|l| l.strip_prefix("blocked_clients:"))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let wait_blocked = |admin: &mut Raw, n: &str| {
+        for _ in 0..200 {
+            if blocked(admin) == n {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("blocked_clients is {}, not {n}", blocked(admin));
+    };
+    assert_eq!(
+        admin.roundtrip(&resp(&[b"CLIENT", b"PAUSE", b"20000", b"WRITE"]), 1),
+        b"+OK\r\n"
+    );
+    // A writer waits, and so does what it sent after the write.
+    let mut writer = Raw::connect(proxy.port);
+    writer.send(&resp(&[b"SET", b"k", b"v"]));
+    writer.send(&resp(&[b"GET", b"k"]));
+    // Redis itself is paused: a client of its own is held too.
+    let mut direct = Raw::connect(redis.port);
+    direct.send(&resp(&[b"SET", b"direct", b"1"]));
+    // Both count as blocked, as on Redis.
+    wait_blocked(&mut admin, "2");
+    // Readers are not held: reads, a read-only script by its SHA, a wrong write answered at once.
+    let t = Instant::now();
+    assert_eq!(reader.roundtrip(&resp(&[b"GET", b"k"]), 1), b"$-1\r\n");
+    assert_eq!(
+        reader.roundtrip(&resp(&[b"EVALSHA", sha.as_bytes(), b"1", b"k"]), 1),
+        b"$-1\r\n"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&reader.roundtrip(&resp(&[b"SET", b"k"]), 1)),
+        "-ERR wrong number of arguments for 'set' command\r\n"
+    );
+    assert_eq!(reader.roundtrip(&resp(&[b"PING"]), 1), b"+PONG\r\n");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_eq!(
+        admin.roundtrip(&resp(&[b"CLIENT", b"UNPAUSE"]), 1),
+        b"+OK\r\n"
+    );
+    assert_eq!(writer.read_replies(2), b"+OK\r\n$1\r\nv\r\n");
+    assert_eq!(direct.read_replies(1), b"+OK\r\n");
+    wait_blocked(&mut admin, "0");
+
+    // A pause ends by itself at its timeout.
+    assert_eq!(
+        admin.roundtrip(&resp(&[b"CLIENT", b"PAUSE", b"300", b"WRITE"]), 1),
+        b"+OK\r\n"
+    );
+    let t = Instant::now();
+    assert_eq!(writer.roundtrip(&resp(&[b"INCR", b"n"]), 1), b":1\r\n");
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        t.elapsed()
+    );
+
+    // In a transaction the pause starts when the transaction has run, as in Redis.
+    assert_eq!(
+        admin.roundtrip(
+            &[
+                resp(&[b"MULTI"]),
+                resp(&[b"SET", b"in-tx", b"1"]),
+                resp(&[b"CLIENT", b"PAUSE", b"20000", b"WRITE"]),
+                resp(&[b"EXEC"]),
+            ]
+            .concat(),
+            4
+        ),
+        b"+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n+OK\r\n+OK\r\n"
+    );
+    writer.send(&resp(&[b"PUBLISH", b"ch", b"m"]));
+    wait_blocked(&mut admin, "1");
+    assert_eq!(
+        reader.roundtrip(&resp(&[b"GET", b"in-tx"]), 1),
+        b"$1\r\n1\r\n"
+    );
+    assert_eq!(
+        admin.roundtrip(&resp(&[b"CLIENT", b"UNPAUSE"]), 1),
+        b"+OK\r\n"
+    );
+    assert_eq!(writer.read_replies(1), b":0\r\n");
+    // Arguments Redis refuses get its errors.
+    assert_eq!(
+        String::from_utf8_lossy(&admin.roundtrip(&resp(&[b"CLIENT", b"PAUSE", b"-1"]), 1)),
+        "-ERR timeout is negative\r\n"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(
+            &admin.roundtrip(&resp(&[b"CLIENT", b"PAUSE", b"10", b"reads"]), 1)
+        ),
+        "-ERR CLIENT PAUSE mode must be WRITE or ALL\r\n"
+    );
+    assert_eq!(
+        writer.roundtrip(&resp(&[b"SET", b"after", b"1"]), 1),
+        b"+OK\r\n"
+    );
+    // ALL holds reads too.
+    assert_eq!(
+        admin.roundtrip(&resp(&[b"CLIENT", b"PAUSE", b"300", b"ALL"]), 1),
+        b"+OK\r\n"
+    );
+    let t = Instant::now();
+    assert_eq!(
+        reader.roundtrip(&resp(&[b"GET", b"after"]), 1),
+        b"$1\r\n1\r\n"
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
 fn client_disconnecting_mid_block_releases_the_backend() {
     let redis = RedisServer::start();
     let proxy = Respire::start(&redis.addr(), &["--workers", "1"]);

@@ -528,6 +528,35 @@ fn a_shared_refusal_gives_local_tokens_back() {
 }
 
 #[test]
+fn a_shared_rate_limit_does_not_wait_behind_a_client_pause() {
+    let redis = RedisServer::start();
+    let rules = "[[config.rules]]\nname = \"quota\"\nrate = 1000\nburst = 100\ncommands = [\"get\"]\nshared = true\n";
+    let dir = plugin_dir("rate-limit", rules);
+    let proxy = Respire::start(
+        &redis.addr(),
+        &["--plugins", dir.path().to_str().unwrap(), "--workers", "1"],
+    );
+    let mut admin = Raw::connect(proxy.port);
+    assert_eq!(text(&mut admin, &[b"GET", b"k"]), "$-1\r\n");
+    assert_eq!(
+        text(&mut admin, &[b"CLIENT", b"PAUSE", b"20000", b"WRITE"]),
+        "+OK\r\n"
+    );
+    // The bucket's script writes: Redis would hold it, and every read behind it on the
+    // shared connection. The read goes on without asking Redis for the shared tokens.
+    let mut p = Raw::connect(proxy.port);
+    let t = std::time::Instant::now();
+    assert_eq!(text(&mut p, &[b"GET", b"k"]), "$-1\r\n");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(text(&mut admin, &[b"CLIENT", b"UNPAUSE"]), "+OK\r\n");
+    assert_eq!(text(&mut p, &[b"GET", b"k"]), "$-1\r\n");
+}
+
+#[test]
 fn hot_and_big_keys_across_workers() {
     let redis = RedisServer::start();
     let settings = "[config]\nhot_keys = 3\nhot_sample = 1\nhot_window = \"500ms\"\nbig_keys = 5\nbig_key_bytes = 1000\n";

@@ -158,8 +158,15 @@ impl Session {
                     // Over one master its own count is exact: a client counts once Redis has
                     // it blocked (respire flags it when it sends the command). Over several,
                     // respire's count (the section is the first master's).
+                    // Clients whose command a `CLIENT PAUSE` holds in respire are added.
                     if topo.shards.len() > 1 {
                         line(&mut b, "blocked_clients", &shared.clients.blocked());
+                    } else if shared.pause.held() > 0 {
+                        line(
+                            &mut b,
+                            "blocked_clients",
+                            &format!("+{}", shared.pause.held()),
+                        );
                     }
                     section("Clients", b);
                 }
@@ -646,7 +653,8 @@ impl Session {
             b"id" | b"getname" | b"setname" | b"info" | b"kill" | b"setinfo" | b"reply"
             | b"no-evict" | b"no-touch" | b"getredir" | b"unblock" | b"tracking" | b"caching"
             | b"trackinginfo" => arity_error(self),
-            // PAUSE, UNPAUSE, HELP and anything newer go to Redis.
+            b"pause" | b"unpause" => self.client_pause(cmd),
+            // HELP and anything newer go to Redis.
             _ => {
                 self.route(cmd, res, Use::Shared);
             }
