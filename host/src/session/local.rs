@@ -773,10 +773,12 @@ impl Session {
                 .find(|c| c.addr.to_string().as_bytes() == addr.as_ref())
             {
                 Some(c) => {
-                    c.kill();
                     self.reply_ok();
                     if c.id == self.info.id {
+                        // As Redis: closed once the reply is written.
                         self.closing = true;
+                    } else {
+                        c.kill();
                     }
                 }
                 None => self.reply_error("ERR No such client"),
@@ -866,17 +868,20 @@ impl Session {
             {
                 continue;
             }
+            killed += 1;
             if c.id == self.info.id {
                 if skipme {
+                    killed -= 1;
                     continue;
                 }
                 me = true;
+            } else {
+                c.kill();
             }
-            c.kill();
-            killed += 1;
         }
         self.reply_with(|o, _| resp::int(o, killed));
         if me {
+            // As Redis: the killer gets its count, then its connection is closed.
             self.closing = true;
         }
     }
