@@ -235,6 +235,21 @@ pub struct ConnKey {
     pub db: u32,
     /// RESP version negotiated with `HELLO`.
     pub proto: u8,
+    /// The lane of scripts and functions (`EVAL`, `FCALL`, …): shared connections of their
+    /// own, so that a script running past Redis's `busy-reply-threshold` holds no other
+    /// command behind it (the others get `-BUSY` from Redis, as its clients do).
+    pub scripts: bool,
+}
+
+impl ConnKey {
+    /// The key of database `db` with protocol `proto`, not the scripts' lane.
+    pub const fn new(db: u32, proto: u8) -> ConnKey {
+        ConnKey {
+            db,
+            proto,
+            scripts: false,
+        }
+    }
 }
 
 /// The version the backend reported in its `HELLO` reply, for respire's own `HELLO` replies.
@@ -603,7 +618,7 @@ const HIGH_WATER: usize = 4 * 1024 * 1024;
 async fn still_held(node: &NodeSettings, id: i64) -> bool {
     use tokio::io::AsyncWriteExt;
     let probe = async {
-        let mut stream = match connect(node, ConnKey { db: 0, proto: 2 }).await {
+        let mut stream = match connect(node, ConnKey::new(0, 2)).await {
             Ok(s) => s,
             Err(e) => return e.starts_with("BUSY"),
         };

@@ -196,6 +196,21 @@ pub fn lookup(name: &[u8]) -> &'static Spec {
     }
 }
 
+/// `EVAL`, `EVALSHA`, `FCALL` and their read-only forms: commands that run a script or a
+/// function, which may run past Redis's `busy-reply-threshold`.
+#[inline]
+pub fn is_script(name: &[u8]) -> bool {
+    match name.first() {
+        Some(b'e' | b'E') => [&b"eval"[..], b"evalsha", b"eval_ro", b"evalsha_ro"]
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n)),
+        Some(b'f' | b'F') => {
+            name.eq_ignore_ascii_case(b"fcall") || name.eq_ignore_ascii_case(b"fcall_ro")
+        }
+        _ => false,
+    }
+}
+
 /// `FLUSHALL`, `FLUSHDB`, `SWAPDB`: a command that changes every key of a database at once
 /// (caches of replies and clients' tracking start over).
 pub fn empties_databases(name: &[u8]) -> bool {

@@ -399,7 +399,7 @@ async fn run(
     conn: Rc<HubConn>,
     mut commands: mpsc::UnboundedReceiver<Bytes>,
 ) {
-    let key = ConnKey { db: 0, proto: 3 };
+    let key = ConnKey::new(0, 3);
     let mut backoff = node.reconnect_min;
     loop {
         let mut stream = match backend::connect(&node, key).await {

@@ -108,6 +108,9 @@ pub struct Shared {
     pub tracking: crate::tracking::Tracking,
     /// The `CLIENT PAUSE` a client set through respire (see [`crate::pause`]).
     pub pause: crate::pause::Pause,
+    /// Scripts and functions sent on the scripts' lane whose replies are owed: while there
+    /// are any, `PING` goes to Redis (which answers `-BUSY` during a long script).
+    pub scripts_in_flight: std::sync::atomic::AtomicUsize,
 }
 
 /// The counters `INFO stats` reports.
@@ -431,6 +434,7 @@ impl Server {
             monitors: crate::clients::Monitors::default(),
             tracking: crate::tracking::Tracking::default(),
             pause: crate::pause::Pause::default(),
+            scripts_in_flight: std::sync::atomic::AtomicUsize::new(0),
             config,
         });
         if server_tls.is_some() || client_tls.is_some() {
@@ -846,7 +850,7 @@ fn startup_commands(settings: &NodeSettings, topo: &Topology) -> CommandTable {
                 addr: addr.clone(),
                 ..settings.clone()
             };
-            let Ok(mut stream) = backend::connect(&node, ConnKey { db: 0, proto: 2 }).await else {
+            let Ok(mut stream) = backend::connect(&node, ConnKey::new(0, 2)).await else {
                 continue;
             };
             let mut out = bytes::BytesMut::new();

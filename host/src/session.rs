@@ -749,6 +749,9 @@ pub struct Session {
     blocked_until: Option<u64>,
     /// `CLIENT PAUSE` / `UNPAUSE` queued in the transaction: respire keeps it when `EXEC` runs.
     tx_pause: Option<After>,
+    /// The slots of scripts sent on the scripts' lane whose replies are owed (counted in
+    /// `Shared::scripts_in_flight`).
+    script_slots: VecDeque<u64>,
     /// `CLIENT TRACKING on`: the client's options (the table is in `Shared::tracking`).
     tracking: Option<Box<crate::tracking::Mode>>,
     /// `CLIENT CACHING yes|no` applies to the next command or transaction.
@@ -777,7 +780,7 @@ pub async fn run(worker: Rc<Worker>, stream: Stream, info: Arc<ClientInfo>) {
         stream_start: None,
         topo,
         conns: Vec::new(),
-        conns_key: ConnKey { db: 0, proto: 2 },
+        conns_key: ConnKey::new(0, 2),
         proto: 2,
         db: 0,
         authenticated,
@@ -828,6 +831,7 @@ pub async fn run(worker: Rc<Worker>, stream: Stream, info: Arc<ClientInfo>) {
         pipelined: false,
         blocked_until: None,
         tx_pause: None,
+        script_slots: VecDeque::new(),
         tracking: None,
         caching: false,
         sync_tracking: false,
@@ -841,6 +845,8 @@ pub async fn run(worker: Rc<Worker>, stream: Stream, info: Arc<ClientInfo>) {
     s.unsubscribe_all();
     s.stop_tracking();
     s.release_exclusive(true);
+    // Scripts whose replies never came are no longer this session's to count.
+    s.scripts_answered(u64::MAX);
     let id = s.info.id;
     s.worker.shared.clients.unregister(id);
     debug!(client = id, "client closed");
@@ -848,10 +854,7 @@ pub async fn run(worker: Rc<Worker>, stream: Stream, info: Arc<ClientInfo>) {
 
 impl Session {
     fn key(&self) -> ConnKey {
-        ConnKey {
-            db: self.db,
-            proto: self.proto,
-        }
+        ConnKey::new(self.db, self.proto)
     }
 
     fn cluster_mode(&self) -> bool {
@@ -1486,12 +1489,26 @@ impl Session {
         self.pushed += 1;
     }
 
+    /// The replies of scripts up to slot `seq` are in (or will never be).
+    fn scripts_answered(&mut self, seq: u64) {
+        while self.script_slots.front().is_some_and(|&s| s <= seq) {
+            self.script_slots.pop_front();
+            self.worker
+                .shared
+                .scripts_in_flight
+                .fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
     /// Takes the front slot with its sequence number.
     fn pop_slot(&mut self) -> (u64, Option<Slot>) {
         let seq = self.popped;
         let slot = self.queue.pop_front();
         if slot.is_some() {
             self.popped += 1;
+            if !self.script_slots.is_empty() {
+                self.scripts_answered(seq);
+            }
             if self.blocked_until.is_some_and(|b| b <= seq) {
                 self.unmark_blocked();
             }
@@ -2490,6 +2507,13 @@ impl Session {
             Kind::Forward => {
                 self.route(cmd, res, Use::Shared);
             }
+            Kind::Local(Local::Ping)
+                if self.worker.shared.scripts_in_flight.load(Ordering::Relaxed) > 0 =>
+            {
+                // A script may be running past `busy-reply-threshold`: Redis says whether it
+                // is busy (`-BUSY`), as a client pinging Redis would be told.
+                self.route(cmd, res, Use::Shared);
+            }
             Kind::Local(l) => {
                 // Answered here: the slow log shows it as sent (Redis logs `PING` too).
                 if self.slowlog {
@@ -2674,10 +2698,7 @@ impl Session {
         let Some(cmd) = c else { return false };
         self.flush_group();
         let data = cmd.into_resp();
-        let key = ConnKey {
-            db: 0,
-            proto: self.proto,
-        };
+        let key = ConnKey::new(0, self.proto);
         let masters: Vec<usize> = self.topo.masters().collect();
         let mut parts = Vec::with_capacity(masters.len());
         for node in masters {
@@ -3183,10 +3204,15 @@ impl Session {
         how: Use,
         slot: Option<u16>,
     ) -> bool {
-        let target = if how == Use::Shared {
-            Target::Shared(self.key())
-        } else {
-            Target::Exclusive
+        // Scripts and functions go on the scripts' lane (see `ConnKey::scripts`).
+        let scripts = how == Use::Shared && commands::is_script(cmd.name());
+        let target = match how {
+            Use::Shared if scripts => Target::Shared(ConnKey {
+                scripts: true,
+                ..self.key()
+            }),
+            Use::Shared => Target::Shared(self.key()),
+            _ => Target::Exclusive,
         };
         let mut c = Some(cmd);
         if !self.barrier(&mut c, target) {
@@ -3194,6 +3220,7 @@ impl Session {
         }
         let Some(cmd) = c else { return false };
         if how == Use::Shared
+            && !scripts
             && self.may_group
             && (self.pipelined || self.open.is_some())
             && self.reply_mode == ReplyMode::On
@@ -3214,16 +3241,27 @@ impl Session {
         let logged = self.slowlog.then(|| data.clone());
         let retry = self.topo.managed.then(|| data.clone());
         let blocking = how == Use::Blocking;
-        let rx = if how == Use::Shared {
+        let rx = if let (true, Target::Shared(key)) = (scripts, target) {
+            self.release_unpinned_exclusive();
+            self.flush_group();
+            let rx = self
+                .worker
+                .pool(&self.node_addr(node))
+                .shared(key, self.info.id)
+                .send(data, 0, false);
+            self.script_slots.push_back(self.pushed);
+            self.worker
+                .shared
+                .scripts_in_flight
+                .fetch_add(1, Ordering::Relaxed);
+            rx
+        } else if how == Use::Shared {
             self.release_unpinned_exclusive();
             self.shared_conn(node).send(data, 0, false)
         } else {
             // `SCRIPT KILL` on database 0: a new connection's `SELECT` would get `BUSY`.
             let key = if how == Use::Exclusive {
-                ConnKey {
-                    db: 0,
-                    proto: self.proto,
-                }
+                ConnKey::new(0, self.proto)
             } else {
                 self.key()
             };
@@ -3247,6 +3285,7 @@ impl Session {
             slot,
             idempotent,
         );
+        self.last_target = Some(target);
         true
     }
 
@@ -3860,7 +3899,7 @@ async fn shared_take(
         &mut data,
         &["EVAL", GCRA, "1", &key, &args[0], &args[1], &args[2]],
     );
-    let conn = worker.pool(&addr).shared(ConnKey { db: 0, proto: 2 }, sid);
+    let conn = worker.pool(&addr).shared(ConnKey::new(0, 2), sid);
     let rx = conn.send(data.freeze(), 0, false);
     let reply = match tokio::time::timeout(worker.shared.config.backend.command_timeout, rx).await {
         Ok(Ok(Ok(frame))) => frame,

@@ -475,8 +475,10 @@ fn client_unblock_and_script_kill_reach_the_blocked_command() {
         String::from_utf8_lossy(&admin.roundtrip(&resp(&[b"CLIENT", b"UNBLOCK", b"1", b"NOW"]), 1)),
         "-ERR CLIENT UNBLOCK reason should be TIMEOUT or ERROR\r\n"
     );
-    // A script that never ends holds the shared connection; SCRIPT KILL still reaches Redis
-    // (from a client on database 3 too) and the script's caller gets Redis's error.
+    // A script that never ends runs on the scripts' lane, not on the connection other
+    // clients share: they are told Redis is busy, as Redis's own clients are (`PING`
+    // included), instead of queueing behind it. SCRIPT KILL reaches Redis (from a client on
+    // database 3 too) and the script's caller gets Redis's error.
     // (Redis serves other connections during a script once it has run this long.)
     assert_eq!(
         admin.roundtrip(&resp(&[b"CONFIG", b"SET", b"lua-time-limit", b"10"]), 1),
@@ -485,6 +487,20 @@ fn client_unblock_and_script_kill_reach_the_blocked_command() {
     let mut scripted = Raw::connect(proxy.port);
     scripted.send(&resp(&[b"EVAL", b"while true do end", b"0"]));
     std::thread::sleep(Duration::from_millis(300));
+    let mut busy = String::new();
+    for _ in 0..50 {
+        busy = String::from_utf8_lossy(&admin.roundtrip(&resp(&[b"GET", b"k"]), 1)).into_owned();
+        if busy.starts_with("-BUSY ") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        busy.starts_with("-BUSY Redis is busy running a script"),
+        "{busy}"
+    );
+    let busy = String::from_utf8_lossy(&admin.roundtrip(&resp(&[b"PING"]), 1)).into_owned();
+    assert!(busy.starts_with("-BUSY "), "{busy}");
     let mut killer = Raw::connect(proxy.port);
     assert_eq!(killer.roundtrip(&resp(&[b"SELECT", b"3"]), 1), b"+OK\r\n");
     // (On a slow machine the script may not have started yet: NOTBUSY, try again.)
@@ -643,6 +659,34 @@ fn client_pause_write_holds_writers_and_lets_readers_through() {
         "{:?}",
         t.elapsed()
     );
+}
+
+#[test]
+fn scripts_keep_their_place_in_a_clients_pipeline() {
+    let redis = RedisServer::start();
+    let proxy = Respire::start(&redis.addr(), &["--workers", "1"]);
+    // Scripts go on a lane of their own: a client's pipeline still runs in its order.
+    let mut p = Raw::connect(proxy.port);
+    let mut pipeline = Vec::new();
+    let mut want = String::new();
+    for i in 0..50 {
+        let v = i.to_string();
+        pipeline.extend(resp(&[b"SET", b"k", v.as_bytes()]));
+        pipeline.extend(resp(&[
+            b"EVAL",
+            b"return redis.call('INCR', KEYS[1])",
+            b"1",
+            b"k",
+        ]));
+        pipeline.extend(resp(&[b"GET", b"k"]));
+        pipeline.extend(resp(&[b"FCALL_RO", b"nosuch", b"0"]));
+        let next = (i + 1).to_string();
+        want.push_str(&format!(
+            "+OK\r\n:{next}\r\n${}\r\n{next}\r\n-ERR Function not found\r\n",
+            next.len()
+        ));
+    }
+    assert_eq!(String::from_utf8_lossy(&p.roundtrip(&pipeline, 200)), want);
 }
 
 #[test]
@@ -1061,6 +1105,33 @@ fn client_commands_are_about_respire_clients() {
     );
     let pong: String = redis::cmd("PING").query(&mut a).unwrap();
     assert_eq!(pong, "PONG");
+    // A client that kills itself gets its reply first, then is closed (as on Redis), in
+    // both forms.
+    let mut me = Raw::connect(proxy.port);
+    let id = String::from_utf8_lossy(&me.roundtrip(&resp(&[b"CLIENT", b"ID"]), 1))
+        .trim_start_matches(':')
+        .trim()
+        .to_string();
+    assert_eq!(
+        me.roundtrip(
+            &resp(&[b"CLIENT", b"KILL", b"ID", id.as_bytes(), b"SKIPME", b"no"]),
+            1
+        ),
+        b":1\r\n"
+    );
+    assert!(me.closed());
+    let mut me = Raw::connect(proxy.port);
+    let info = String::from_utf8_lossy(&me.roundtrip(&resp(&[b"CLIENT", b"INFO"]), 1)).into_owned();
+    let addr = info
+        .split(' ')
+        .find_map(|f| f.strip_prefix("addr="))
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        me.roundtrip(&resp(&[b"CLIENT", b"KILL", addr.as_bytes()]), 1),
+        b"+OK\r\n"
+    );
+    assert!(me.closed());
 }
 
 #[test]
