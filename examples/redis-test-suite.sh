@@ -45,11 +45,6 @@ cat > "$work/skip" <<'EOF'
 RESET clears authenticated state
 Tracking only occurs for scripts when a command calls a read-only command
 Tracking invalidation message of eviction keys should be before response
-/[Tt]imedout
-/SCRIPT KILL
-/FUNCTION KILL
-/[Bb]usy
-/kill
 SLOWLOG - Rewritten commands are logged as their original command
 /query buffer resized
 LATENCY HISTOGRAM sub commands
@@ -63,9 +58,6 @@ EOF
 # - CLIENT TRACKING and eviction: Redis tells a client of a key evicted to make room for the
 #   client's command before that command's reply; through respire invalidations come from
 #   another connection and follow the replies owed (a cached value is dropped just after).
-# - A script that never ends while other clients wait: through respire, the other clients'
-#   commands queue behind it on the shared connection instead of getting -BUSY, and respire
-#   answers PING itself. SCRIPT KILL and FUNCTION KILL themselves do get through.
 # - The order of two slow-log entries written by two clients at the same moment.
 # - Query buffer sizes: respire reads into buffers of its own, Redis sees one connection.
 # - LATENCY HISTOGRAM after CONFIG RESETSTAT: Redis also counts respire's own commands.
