@@ -1021,6 +1021,16 @@ mod tests {
     }
 
     #[test]
+    fn scripts_and_functions_are_told_apart() {
+        for n in ["EVAL", "evalsha", "Eval_Ro", "EVALSHA_RO", "fcall", "FCALL_RO"] {
+            assert!(is_script(n.as_bytes()), "{n}");
+        }
+        for n in ["", "e", "evals", "exec", "function", "fcal", "get", "script"] {
+            assert!(!is_script(n.as_bytes()), "{n}");
+        }
+    }
+
+    #[test]
     fn xread_block_detection() {
         let cmd = |s: &str| Command::from_args(&s.split(' ').collect::<Vec<_>>());
         assert!(has_block_option(&cmd("XREAD COUNT 1 BLOCK 0 STREAMS s $")));
