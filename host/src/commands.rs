@@ -259,6 +259,8 @@ pub mod flags {
     pub const NO_AUTH: u32 = 1 << 8;
     /// Output may differ between calls with the same input.
     pub const RANDOM: u32 = 1 << 9;
+    /// respire's own, not Redis's: runs a script or a function ([`super::is_script`]).
+    pub const SCRIPT: u32 = 1 << 30;
 
     pub(super) fn from_name(name: &[u8]) -> u32 {
         match name {
@@ -744,6 +746,9 @@ fn parse_info(v: &Value, parent: Option<&'static Spec>) -> Option<CommandInfo> {
             }
         }
     }
+    if is_script(name.as_bytes()) {
+        fl |= flags::SCRIPT;
+    }
     let legacy = (
         f.get(3).and_then(Value::as_int).unwrap_or(0),
         f.get(4).and_then(Value::as_int).unwrap_or(0),
@@ -1022,12 +1027,29 @@ mod tests {
 
     #[test]
     fn scripts_and_functions_are_told_apart() {
-        for n in ["EVAL", "evalsha", "Eval_Ro", "EVALSHA_RO", "fcall", "FCALL_RO"] {
+        for n in [
+            "EVAL",
+            "evalsha",
+            "Eval_Ro",
+            "EVALSHA_RO",
+            "fcall",
+            "FCALL_RO",
+        ] {
             assert!(is_script(n.as_bytes()), "{n}");
         }
-        for n in ["", "e", "evals", "exec", "function", "fcal", "get", "script"] {
+        for n in [
+            "", "e", "evals", "exec", "function", "fcal", "get", "script",
+        ] {
             assert!(!is_script(n.as_bytes()), "{n}");
         }
+        // The table flags them, whatever Redis says of them.
+        let t = CommandTable::builtin();
+        for n in ["eval", "evalsha_ro", "fcall"] {
+            let cmd = crate::protocol::Command::from_args(&[n, "x", "0"]);
+            assert!(t.resolve(&cmd).has(flags::SCRIPT), "{n}");
+        }
+        let get = crate::protocol::Command::from_args(&["GET", "k"]);
+        assert!(!t.resolve(&get).has(flags::SCRIPT));
     }
 
     #[test]

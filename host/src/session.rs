@@ -3204,15 +3204,13 @@ impl Session {
         how: Use,
         slot: Option<u16>,
     ) -> bool {
-        // Scripts and functions go on the scripts' lane (see `ConnKey::scripts`).
-        let scripts = how == Use::Shared && commands::is_script(cmd.name());
-        let target = match how {
-            Use::Shared if scripts => Target::Shared(ConnKey {
-                scripts: true,
-                ..self.key()
-            }),
-            Use::Shared => Target::Shared(self.key()),
-            _ => Target::Exclusive,
+        if how == Use::Shared && res.has(commands::flags::SCRIPT) {
+            return self.send_script(cmd, res, node, slot);
+        }
+        let target = if how == Use::Shared {
+            Target::Shared(self.key())
+        } else {
+            Target::Exclusive
         };
         let mut c = Some(cmd);
         if !self.barrier(&mut c, target) {
@@ -3220,7 +3218,6 @@ impl Session {
         }
         let Some(cmd) = c else { return false };
         if how == Use::Shared
-            && !scripts
             && self.may_group
             && (self.pipelined || self.open.is_some())
             && self.reply_mode == ReplyMode::On
@@ -3241,21 +3238,7 @@ impl Session {
         let logged = self.slowlog.then(|| data.clone());
         let retry = self.topo.managed.then(|| data.clone());
         let blocking = how == Use::Blocking;
-        let rx = if let (true, Target::Shared(key)) = (scripts, target) {
-            self.release_unpinned_exclusive();
-            self.flush_group();
-            let rx = self
-                .worker
-                .pool(&self.node_addr(node))
-                .shared(key, self.info.id)
-                .send(data, 0, false);
-            self.script_slots.push_back(self.pushed);
-            self.worker
-                .shared
-                .scripts_in_flight
-                .fetch_add(1, Ordering::Relaxed);
-            rx
-        } else if how == Use::Shared {
+        let rx = if how == Use::Shared {
             self.release_unpinned_exclusive();
             self.shared_conn(node).send(data, 0, false)
         } else {
@@ -3285,6 +3268,48 @@ impl Session {
             slot,
             idempotent,
         );
+        true
+    }
+
+    /// [`Session::send`] of a script or function: on the scripts' lane (see
+    /// `ConnKey::scripts`), after the replies the client is owed on other connections.
+    #[inline(never)]
+    fn send_script(
+        &mut self,
+        cmd: Command,
+        res: Resolved<'_>,
+        node: usize,
+        slot: Option<u16>,
+    ) -> bool {
+        let key = ConnKey {
+            scripts: true,
+            ..self.key()
+        };
+        let target = Target::Shared(key);
+        let mut c = Some(cmd);
+        if !self.barrier(&mut c, target) {
+            return false;
+        }
+        let Some(cmd) = c else { return false };
+        self.release_unpinned_exclusive();
+        self.flush_group();
+        let idempotent = self.topo.managed && self.idempotent(&cmd, res);
+        let data = cmd.into_resp();
+        if self.slowlog {
+            self.last_sent = Some((data.clone(), Some(node)));
+        }
+        let retry = self.topo.managed.then(|| data.clone());
+        let rx = self
+            .worker
+            .pool(&self.node_addr(node))
+            .shared(key, self.info.id)
+            .send(data, 0, false);
+        self.script_slots.push_back(self.pushed);
+        self.worker
+            .shared
+            .scripts_in_flight
+            .fetch_add(1, Ordering::Relaxed);
+        self.push_waiting(rx, retry, false, false, node, slot, idempotent);
         self.last_target = Some(target);
         true
     }

@@ -1643,10 +1643,11 @@ fn changing_respires_own_credentials_is_refused() {
     assert_eq!(ask(&[b"BLPOP", b"nothing", b"0.01"]), "*-1\r\n");
 }
 
-/// A script that runs past the command timeout holds the shared connection it came on.
-/// respire asks the node on another connection: it answers `-BUSY`, so the connection is
-/// waiting, not hung, and respire keeps it. The script's caller gets its result and the
-/// clients whose commands queued behind it get theirs (with one worker, all share it).
+/// A script that runs past the command timeout holds the scripts' lane it came on. respire
+/// asks the node on another connection: it answers `-BUSY`, so the connection is waiting,
+/// not hung, and respire keeps it. The script's caller gets its result and a script queued
+/// behind it gets its own (with one worker, all share the lane); other commands get Redis's
+/// `-BUSY` meanwhile, as Redis's own clients do.
 #[test]
 fn a_long_script_outlasts_the_command_timeout() {
     let redis = RedisServer::start_with(&["--busy-reply-threshold", "100"]);
@@ -1661,11 +1662,26 @@ fn a_long_script_outlasts_the_command_timeout() {
     caller.send(&resp(&[b"EVAL", script.as_bytes(), b"0"]));
     std::thread::sleep(Duration::from_millis(200));
     let mut other = Raw::connect(proxy.port);
+    let got =
+        String::from_utf8_lossy(&other.roundtrip(&resp(&[b"SET", b"k", b"v"]), 1)).into_owned();
+    assert!(got.starts_with("-BUSY "), "{got}");
+    let mut queued = Raw::connect(proxy.port);
     let started = std::time::Instant::now();
-    assert_eq!(other.roundtrip(&resp(&[b"SET", b"k", b"v"]), 1), b"+OK\r\n");
+    assert_eq!(
+        queued.roundtrip(
+            &resp(&[
+                b"EVAL",
+                b"return redis.call('SET', KEYS[1], 'v')",
+                b"1",
+                b"k"
+            ]),
+            1
+        ),
+        b"+OK\r\n"
+    );
     assert!(
         started.elapsed() > Duration::from_millis(500),
-        "the SET waited for the script"
+        "the script waited for the script before it"
     );
     assert_eq!(caller.read_replies(1), b"$4\r\ndone\r\n");
     // A node that does not answer at all is still given up after the timeout.
