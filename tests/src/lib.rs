@@ -308,6 +308,23 @@ impl Cluster {
             .expect("a node of this cluster")
     }
 
+    /// One key per master (`prefix` and a number), in the order found.
+    pub fn key_per_master(&self, prefix: &str) -> Vec<String> {
+        let masters = self.master_ports().len();
+        let mut keys = Vec::new();
+        let mut owners = std::collections::HashSet::new();
+        for i in 0..100_000 {
+            let key = format!("{prefix}{i}");
+            if owners.insert(self.owner_port(&key)) {
+                keys.push(key);
+            }
+            if owners.len() == masters {
+                return keys;
+            }
+        }
+        panic!("no key of {prefix}N on every master");
+    }
+
     /// The port of the master that owns `key`'s slot (per node 0's view).
     pub fn owner_port(&self, key: &str) -> u16 {
         let slot: i64 = self

@@ -768,18 +768,7 @@ fn respire_announces_the_address_it_is_given() {
 fn monitor_shows_the_commands_run_on_every_master() {
     let cluster = Cluster::start(3, 0);
     let proxy = Respire::start_args(&["--cluster", &cluster.seeds()]);
-    // One key per master.
-    let mut keys: Vec<String> = Vec::new();
-    let mut owners = HashSet::new();
-    for i in 0.. {
-        let key = format!("mon:{i}");
-        if owners.insert(cluster.owner_port(&key)) {
-            keys.push(key);
-        }
-        if owners.len() == 3 {
-            break;
-        }
-    }
+    let keys = cluster.key_per_master("mon:");
     let mut monitor = Raw::connect(proxy.port);
     assert_eq!(monitor.roundtrip(&resp(&[b"MONITOR"]), 1), b"+OK\r\n");
     let mut client = Raw::connect(proxy.port);
@@ -832,17 +821,7 @@ fn client_pause_reaches_every_master_and_holds_writes_in_respire() {
         assert!(held, "master {port} is not paused");
     }
     // A write split over the three masters waits in respire; reads on every master go on.
-    let mut keys: Vec<String> = Vec::new();
-    let mut owners = HashSet::new();
-    for i in 0.. {
-        let key = format!("p:{i}");
-        if owners.insert(cluster.owner_port(&key)) {
-            keys.push(key);
-        }
-        if owners.len() == 3 {
-            break;
-        }
-    }
+    let keys = cluster.key_per_master("p:");
     let k: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
     let mut writer = Raw::connect(proxy.port);
     writer.send(&resp(&[b"MSET", k[0], b"1", k[1], b"2", k[2], b"3"]));
