@@ -3863,6 +3863,18 @@ impl Session {
 
     // ---- streams ----------------------------------------------------------
 
+    /// The nodes a `MONITOR` follows: every node that runs the clients' commands (the
+    /// masters, and their replicas when reads may go there).
+    fn monitored_nodes(&self, topo: &Topology) -> Vec<usize> {
+        let replicas = self.worker.shared.config.backend.read_from != ReadFrom::Master;
+        topo.shards
+            .iter()
+            .flat_map(|s| {
+                std::iter::once(s.master).chain(s.replicas.iter().copied().filter(|_| replicas))
+            })
+            .collect()
+    }
+
     fn start_stream(&mut self, cmd: Command) {
         if self.watching {
             // A subscription cannot share the watched connection.
@@ -3872,17 +3884,7 @@ impl Session {
             self.stalled = Some(cmd);
             return;
         }
-        // Every node that runs the clients' commands: the masters, and their replicas when
-        // reads may go there.
-        let replicas = self.worker.shared.config.backend.read_from != ReadFrom::Master;
-        let nodes: Vec<usize> = self
-            .topo
-            .shards
-            .iter()
-            .flat_map(|s| {
-                std::iter::once(s.master).chain(s.replicas.iter().copied().filter(|_| replicas))
-            })
-            .collect();
+        let nodes = self.monitored_nodes(&self.topo);
         if nodes.is_empty() {
             return self.reply_error(CLUSTERDOWN);
         }

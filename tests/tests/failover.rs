@@ -389,3 +389,84 @@ fn sentinel_failover_is_followed() {
     let v = respire_tests::cli(new, &["GET", "after"]);
     assert_eq!(v.trim(), "failover");
 }
+
+/// `MONITOR` follows the topology: after a replica takes over, the new master's commands show
+/// (the stream used to stay on the nodes it started on, the old master now a replica), once
+/// each (the old master's feed, which would repeat what it replicates, is dropped).
+#[test]
+fn monitor_follows_a_failover() {
+    let cluster = Cluster::start(3, 1);
+    let proxy = Respire::start_args(&["--cluster", &cluster.seeds()]);
+    let (replica, master) = cluster.a_replica();
+    // A hash tag on that master: every probe key goes there.
+    let port = cluster.nodes[master].port;
+    let tag = (0..)
+        .map(|i| format!("{{mf{i}}}"))
+        .find(|t| cluster.owner_port(t) == port)
+        .unwrap();
+    let mut monitor = Raw::connect(proxy.port);
+    assert_eq!(monitor.roundtrip(&resp(&[b"MONITOR"]), 1), b"+OK\r\n");
+    monitor.set_timeout(Duration::from_millis(200));
+    let mut lines = String::new();
+    let mut read_monitor = |lines: &mut String| {
+        let mut buf = [0u8; 65536];
+        while let Ok(n) = monitor.read_some(&mut buf) {
+            assert!(n > 0, "the MONITOR connection closed: {lines}");
+            lines.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    };
+    let mut client = Raw::connect(proxy.port);
+    assert_eq!(
+        client.roundtrip(
+            &resp(&[b"SET", format!("{tag}:before").as_bytes(), b"v"]),
+            1
+        ),
+        b"+OK\r\n"
+    );
+    assert!(
+        cluster
+            .cli(replica, &["CLUSTER", "FAILOVER"])
+            .contains("OK")
+    );
+    wait_until("promotion", Duration::from_secs(20), || {
+        cluster.is_master(replica) && !cluster.is_master(master)
+    });
+    // Probes until one shows: respire's topology and the stream catch up within seconds.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut n = 0;
+    loop {
+        n += 1;
+        // A read: a replica's MONITOR shows what it replicates, not the master's reads.
+        let key = format!("{tag}:after{n}");
+        assert_eq!(
+            client.roundtrip(&resp(&[b"GET", key.as_bytes()]), 1),
+            b"$-1\r\n"
+        );
+        read_monitor(&mut lines);
+        if lines.contains(&format!("\"GET\" \"{key}\"")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new master's commands never showed:\n{lines}"
+        );
+    }
+    assert!(
+        lines.contains(&format!("\"SET\" \"{tag}:before\"")),
+        "{lines}"
+    );
+    // Once each: a write shows on the new master, not again through the old one, which
+    // now replicates it.
+    let key = format!("{tag}:once");
+    assert_eq!(
+        client.roundtrip(&resp(&[b"SET", key.as_bytes(), b"v"]), 1),
+        b"+OK\r\n"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    read_monitor(&mut lines);
+    assert_eq!(
+        lines.matches(&format!("\"SET\" \"{key}\"")).count(),
+        1,
+        "{lines}"
+    );
+}

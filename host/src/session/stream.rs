@@ -1,9 +1,11 @@
 //! MONITOR: the connection becomes a stream relayed from dedicated backend connections, one
-//! per node that runs the clients' commands.
+//! per node that runs the clients' commands, following the topology as it changes.
 
+use std::sync::Arc;
 use std::task::Poll;
+use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 
 use super::{Session, StreamEnd};
 use crate::backend::{self, BackendError};
@@ -18,9 +20,16 @@ impl Session {
     /// Relays between the client and dedicated backend connections, one per node in `nodes`
     /// (every node that runs clients' commands, for `MONITOR`): their output merged as it
     /// comes; the client's commands go to the first.
+    ///
+    /// The stream follows the topology: about once a second a node that should be followed
+    /// and has no feed gets one (a new master, a replica promoted, a node back), and a node
+    /// no longer followed (a master turned replica, which would repeat what it replicates)
+    /// loses its feed. A feed whose connection breaks is dropped; the client is told only
+    /// when none is left.
     pub(super) async fn relay_stream(&mut self, first: Command, nodes: &[usize]) -> StreamEnd {
         // Give back a clean exclusive connection; a stream needs its own.
         self.release_exclusive(false);
+        let first = first.to_resp();
         let mut feeds = Vec::with_capacity(nodes.len());
         // The first node's answer (`+OK`): the client gets one.
         let mut answer = None;
@@ -60,6 +69,12 @@ impl Session {
         let mut signals = crate::clients::SignalWatch::default();
         let info = self.info.clone();
         let mut to_backend = BytesMut::new();
+        // Feeds being started for nodes the topology added, and the nodes they are for.
+        let (started_tx, mut started_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut starting: Vec<Arc<str>> = Vec::new();
+        let mut follow = tokio::time::interval(FOLLOW_EVERY);
+        follow.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        follow.reset();
         let end = loop {
             // Client commands go to the backend, except the few respire must answer.
             let mut reset = false;
@@ -98,9 +113,12 @@ impl Session {
                 resp::simple(&mut self.out, "RESET");
                 break StreamEnd::Reset;
             }
-            if let Some(feed) = feeds.first_mut()
+            while let Some(feed) = feeds.first_mut()
                 && write_now(&mut feed.stream, &mut to_backend).is_err()
             {
+                feeds.remove(0);
+            }
+            if feeds.is_empty() {
                 resp::error(&mut self.out, LOST);
                 self.closing = true;
             }
@@ -117,13 +135,13 @@ impl Session {
             }
             // Every side at once, so that none starves the others.
             let (stream, out, inbuf) = (&mut self.stream, &mut self.out, &mut self.inbuf);
-            let (signal, lost, to) = std::future::poll_fn(|cx| {
+            let (signal, lost, to, refollow) = std::future::poll_fn(|cx| {
                 let signal = match signals.poll(&info, cx) {
                     Poll::Ready(bits) => bits,
                     Poll::Pending => 0,
                 };
-                let mut lost = false;
                 let mut from = false;
+                let mut broken = false;
                 for (i, feed) in feeds.iter_mut().enumerate() {
                     let mut idle = BytesMut::new();
                     let w = if i == 0 { &mut to_backend } else { &mut idle };
@@ -131,27 +149,43 @@ impl Session {
                         Poll::Ready(IoEvent::Read) => {
                             from = true;
                             if !feed.relay(out) {
-                                lost = true;
+                                feed.broken = true;
                             }
                         }
-                        Poll::Ready(IoEvent::Closed(_)) => lost = true,
+                        Poll::Ready(IoEvent::Closed(_)) => feed.broken = true,
                         Poll::Ready(_) => from = true,
                         Poll::Pending => {}
                     }
+                    broken |= feed.broken;
                 }
+                if broken {
+                    feeds.retain(|f| !f.broken);
+                }
+                while let Poll::Ready(Some((addr, feed))) = started_rx.poll_recv(cx) {
+                    starting.retain(|a| *a != addr);
+                    if let Some(feed) = feed {
+                        feeds.push(feed);
+                    }
+                    from = true;
+                }
+                let lost = feeds.is_empty();
+                let refollow = follow.poll_tick(cx).is_ready();
                 let to = poll_io(stream, cx, out, inbuf, true);
                 let mut local = false;
                 while let Poll::Ready(Some(line)) = local_lines.poll_recv(cx) {
                     out.extend_from_slice(&line);
                     local = true;
                 }
-                if signal != 0 || lost || from || to.is_ready() || local {
-                    Poll::Ready((signal, lost, to))
+                if signal != 0 || lost || from || to.is_ready() || local || refollow {
+                    Poll::Ready((signal, lost, to, refollow))
                 } else {
                     Poll::Pending
                 }
             })
             .await;
+            if refollow {
+                self.follow_topology(&first, &mut feeds, &mut starting, &started_tx);
+            }
             if signal & crate::clients::signal::NOTES != 0 {
                 // Tracking messages (a RESP3 client that tracks keys, or a redirection target).
                 for note in self.info.take_notes() {
@@ -175,6 +209,42 @@ impl Session {
         };
         self.info.set_flag(flag::PUBSUB, false);
         end
+    }
+
+    /// Starts feeds for the nodes to follow that have none (in the background: a node down
+    /// must not hold the stream), and drops those of nodes no longer followed.
+    fn follow_topology(
+        &mut self,
+        first: &Bytes,
+        feeds: &mut Vec<Feed>,
+        starting: &mut Vec<Arc<str>>,
+        started: &tokio::sync::mpsc::UnboundedSender<(Arc<str>, Option<Feed>)>,
+    ) {
+        let topo = self.worker.shared.topology.load();
+        let wanted: Vec<Arc<str>> = self
+            .monitored_nodes(&topo)
+            .into_iter()
+            .map(|i| topo.node_addr(i))
+            .collect();
+        if wanted.is_empty() {
+            // No node known now (the cluster is down): keep what there is.
+            return;
+        }
+        if feeds.iter().any(|f| wanted.contains(&f.addr)) {
+            feeds.retain(|f| wanted.contains(&f.addr));
+        }
+        for addr in wanted {
+            if feeds.iter().any(|f| f.addr == addr) || starting.contains(&addr) {
+                continue;
+            }
+            starting.push(addr.clone());
+            let node = self.worker.pool(&addr).node().clone();
+            let (key, first, started) = (self.key(), first.clone(), started.clone());
+            tokio::task::spawn_local(async move {
+                let feed = start_feed(&node, key, &first).await.ok().map(|(f, _)| f);
+                let _ = started.send((addr, feed));
+            });
+        }
     }
 
     /// Shows a command respire answers itself to `MONITOR` clients, as Redis would: not the
@@ -233,11 +303,18 @@ fn own_handshake(line: &[u8], greeting: &mut Vec<Vec<u8>>) -> bool {
     rest.starts_with(b"] \"SELECT\"") || rest.starts_with(b"] \"READONLY\"")
 }
 
-/// What a stream's client is told when a node's connection breaks.
+/// What a stream's client is told when no node's connection is left.
 const LOST: &str = "ERR respire: connection to backend was lost; subscriptions ended";
+
+/// How often a stream checks that it follows the nodes the topology says it should.
+const FOLLOW_EVERY: Duration = Duration::from_secs(1);
 
 /// A stream's connection to one node.
 struct Feed {
+    /// The node's address.
+    addr: Arc<str>,
+    /// Its connection broke: it is dropped.
+    broken: bool,
     stream: crate::io::Stream,
     input: BytesMut,
     /// respire's connections whose handshake is under way (see `own_handshake`).
@@ -273,14 +350,13 @@ impl Feed {
 async fn start_feed(
     node: &backend::NodeSettings,
     key: backend::ConnKey,
-    first: &Command,
+    first: &[u8],
 ) -> Result<(Feed, bytes::Bytes), Started> {
     let mut stream = backend::connect(node, key).await.map_err(Started::Failed)?;
-    let mut out = BytesMut::new();
-    first.encode_into(&mut out);
+    let out = first;
     let mut input = BytesMut::with_capacity(16 * 1024);
     let answer = async {
-        stream.send(&out).await.map_err(|e| e.to_string())?;
+        stream.send(out).await.map_err(|e| e.to_string())?;
         backend::read_frame(&mut stream, &mut input).await
     };
     let ok = match tokio::time::timeout(node.command_timeout, answer).await {
@@ -295,6 +371,8 @@ async fn start_feed(
         }
     };
     let feed = Feed {
+        addr: Arc::from(node.addr.as_ref()),
+        broken: false,
         stream,
         input,
         greeting: Vec::new(),
