@@ -282,11 +282,36 @@ pub async fn open(node: &NodeSettings) -> Result<Stream, String> {
 /// (one command that Redis runs even while a script is busy, so that `SCRIPT KILL` can get
 /// through on a new connection), then `SELECT db`.
 pub async fn connect(node: &NodeSettings, key: ConnKey) -> Result<Stream, String> {
-    connect_with_id(node, key).await.map(|(stream, _)| stream)
+    connect_named(node, key, CLIENTS_NAME)
+        .await
+        .map(|(stream, _)| stream)
+}
+
+/// The name of the connections that carry clients' commands (and `MONITOR` feeds).
+pub const CLIENTS_NAME: &str = "respire";
+
+/// The name of respire's own connections (topology, the command table, probes, tracking):
+/// what they send is not a client's, and `MONITOR` through respire leaves it out.
+pub const INTERNAL_NAME: &str = "respire-internal";
+
+/// [`connect`] for one of respire's own connections (named [`INTERNAL_NAME`]).
+pub async fn connect_internal(node: &NodeSettings, key: ConnKey) -> Result<Stream, String> {
+    connect_named(node, key, INTERNAL_NAME)
+        .await
+        .map(|(stream, _)| stream)
 }
 
 /// [`connect`], with the connection's client id on the server (from `HELLO`; 0 if absent).
 pub async fn connect_with_id(node: &NodeSettings, key: ConnKey) -> Result<(Stream, i64), String> {
+    connect_named(node, key, CLIENTS_NAME).await
+}
+
+/// [`connect_with_id`] with the connection's name.
+async fn connect_named(
+    node: &NodeSettings,
+    key: ConnKey,
+    name: &str,
+) -> Result<(Stream, i64), String> {
     let fut = async {
         let mut stream = open(node).await?;
         let mut out = BytesMut::new();
@@ -296,10 +321,10 @@ pub async fn connect_with_id(node: &NodeSettings, key: ConnKey) -> Result<(Strea
                 let user = node.username.as_deref().unwrap_or("default");
                 protocol::encode_args(
                     &mut out,
-                    &["HELLO", &proto, "AUTH", user, pass, "SETNAME", "respire"],
+                    &["HELLO", &proto, "AUTH", user, pass, "SETNAME", name],
                 );
             }
-            None => protocol::encode_args(&mut out, &["HELLO", &proto, "SETNAME", "respire"]),
+            None => protocol::encode_args(&mut out, &["HELLO", &proto, "SETNAME", name]),
         }
         let mut expected = 1;
         if node.readonly {
@@ -618,7 +643,7 @@ const HIGH_WATER: usize = 4 * 1024 * 1024;
 async fn still_held(node: &NodeSettings, id: i64) -> bool {
     use tokio::io::AsyncWriteExt;
     let probe = async {
-        let mut stream = match connect(node, ConnKey::new(0, 2)).await {
+        let mut stream = match connect_internal(node, ConnKey::new(0, 2)).await {
             Ok(s) => s,
             Err(e) => return e.starts_with("BUSY"),
         };

@@ -332,7 +332,8 @@ async fn tracker(
     }
     let mut registered: Option<Registered<'_>> = None;
     let result: Result<(), String> = async {
-        let mut stream = crate::backend::connect(&node, crate::backend::ConnKey::new(0, 3)).await?;
+        let mut stream =
+            crate::backend::connect_internal(&node, crate::backend::ConnKey::new(0, 3)).await?;
         let prefixes = want.prefixes();
         let mut args: Vec<&[u8]> = vec![b"CLIENT", b"TRACKING", b"on", b"BCAST"];
         for p in &prefixes {

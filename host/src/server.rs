@@ -850,7 +850,7 @@ fn startup_commands(settings: &NodeSettings, topo: &Topology) -> CommandTable {
                 addr: addr.clone(),
                 ..settings.clone()
             };
-            let Ok(mut stream) = backend::connect(&node, ConnKey::new(0, 2)).await else {
+            let Ok(mut stream) = backend::connect_internal(&node, ConnKey::new(0, 2)).await else {
                 continue;
             };
             let mut out = bytes::BytesMut::new();

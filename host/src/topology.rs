@@ -703,7 +703,7 @@ impl TopologyState {
                 addr: Arc::from(addr.as_str()),
                 ..settings.clone()
             };
-            if let Ok(mut stream) = backend::connect(&node, ConnKey::new(0, 2)).await {
+            if let Ok(mut stream) = backend::connect_internal(&node, ConnKey::new(0, 2)).await {
                 let mut out = BytesMut::new();
                 protocol::encode_args(&mut out, &["SUBSCRIBE", "+switch-master"]);
                 if stream.send(&out).await.is_ok() {
@@ -748,7 +748,7 @@ async fn fetch_from_sentinel(
         addr: Arc::from(addr),
         ..settings.clone()
     };
-    let mut stream = backend::connect(&node, ConnKey::new(0, 2)).await?;
+    let mut stream = backend::connect_internal(&node, ConnKey::new(0, 2)).await?;
     let mut out = BytesMut::new();
     for name in names {
         protocol::encode_args(&mut out, &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", name]);
@@ -820,7 +820,7 @@ async fn fetch_topology(settings: &NodeSettings, addr: &str) -> Result<Topology,
         addr: Arc::from(addr),
         ..settings.clone()
     };
-    let mut stream = backend::connect(&node, ConnKey::new(0, 2)).await?;
+    let mut stream = backend::connect_internal(&node, ConnKey::new(0, 2)).await?;
     let mut buf = BytesMut::new();
     let ask = |args: &[&str]| {
         let mut out = BytesMut::new();

@@ -469,4 +469,6 @@ fn monitor_follows_a_failover() {
         1,
         "{lines}"
     );
+    // respire's own topology requests (it asked for the new layout) are not clients'.
+    assert!(!lines.contains("\"CLUSTER\" \"SHARDS\""), "{lines}");
 }

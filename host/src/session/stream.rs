@@ -275,10 +275,16 @@ impl Session {
     }
 }
 
-/// Whether a `MONITOR` line is respire's own connection handshake: `HELLO … SETNAME respire`,
-/// then `SELECT` or `READONLY` from the same connection (`greeting`: connections seen saying
-/// hello whose first other command has not come yet).
-fn own_handshake(line: &[u8], greeting: &mut Vec<Vec<u8>>) -> bool {
+/// Whether a `MONITOR` line is respire's own: a connection's handshake (`HELLO … SETNAME
+/// respire`, then `SELECT` or `READONLY` from the same connection; `greeting`: connections
+/// seen saying hello whose first other command has not come yet), or anything from one of
+/// respire's internal connections (named `respire-internal`: topology, command table, probes;
+/// `internal`: those seen, the latest few hundred).
+fn own_line(
+    line: &[u8],
+    greeting: &mut Vec<Vec<u8>>,
+    internal: &mut std::collections::VecDeque<Vec<u8>>,
+) -> bool {
     // `+1700000000.000000 [db addr] "CMD" …`
     let Some(open) = memchr::memchr(b'[', line) else {
         return false;
@@ -290,6 +296,17 @@ fn own_handshake(line: &[u8], greeting: &mut Vec<Vec<u8>>) -> bool {
         return false;
     };
     let rest = &line[close..];
+    if internal.iter().any(|a| a == addr) {
+        return true;
+    }
+    let internal_name = format!("\"SETNAME\" \"{}\"\r\n", backend::INTERNAL_NAME);
+    if line.ends_with(internal_name.as_bytes()) && rest.starts_with(b"] \"HELLO\"") {
+        if internal.len() >= 256 {
+            internal.pop_front();
+        }
+        internal.push_back(addr.to_vec());
+        return true;
+    }
     if line.ends_with(b"\"SETNAME\" \"respire\"\r\n") && rest.starts_with(b"] \"HELLO\"") {
         if greeting.len() < 64 {
             greeting.push(addr.to_vec());
@@ -317,8 +334,10 @@ struct Feed {
     broken: bool,
     stream: crate::io::Stream,
     input: BytesMut,
-    /// respire's connections whose handshake is under way (see `own_handshake`).
+    /// respire's connections whose handshake is under way (see `own_line`).
     greeting: Vec<Vec<u8>>,
+    /// respire's internal connections (see `own_line`).
+    internal: std::collections::VecDeque<Vec<u8>>,
 }
 
 /// Why a stream could not start on a node.
@@ -336,7 +355,7 @@ impl Feed {
         loop {
             match resp::next_reply(&mut self.input) {
                 // respire's own connections saying hello are not the clients' commands.
-                Ok(Some(frame)) if own_handshake(&frame, &mut self.greeting) => {}
+                Ok(Some(frame)) if own_line(&frame, &mut self.greeting, &mut self.internal) => {}
                 Ok(Some(frame)) => out.extend_from_slice(&frame),
                 Ok(None) => return true,
                 Err(_) => return false,
@@ -376,6 +395,7 @@ async fn start_feed(
         stream,
         input,
         greeting: Vec::new(),
+        internal: std::collections::VecDeque::new(),
     };
     Ok((feed, ok))
 }
