@@ -282,9 +282,7 @@ pub async fn open(node: &NodeSettings) -> Result<Stream, String> {
 /// (one command that Redis runs even while a script is busy, so that `SCRIPT KILL` can get
 /// through on a new connection), then `SELECT db`.
 pub async fn connect(node: &NodeSettings, key: ConnKey) -> Result<Stream, String> {
-    connect_named(node, key, CLIENTS_NAME)
-        .await
-        .map(|(stream, _)| stream)
+    connect_with_id(node, key).await.map(|(stream, _)| stream)
 }
 
 /// The name of the connections that carry clients' commands (and `MONITOR` feeds).

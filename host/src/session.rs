@@ -450,7 +450,6 @@ fn to_follow(frame: &[u8]) -> bool {
     .any(|p| frame.starts_with(p))
 }
 
-/// A reply that never came.
 /// Whether Redis took a command, by its reply (`None`: not shown to the client, or never
 /// seen, which counts as taken): not an error, nor the nil of an aborted `EXEC`.
 fn took(reply: Option<&[u8]>) -> bool {
@@ -462,6 +461,7 @@ fn took(reply: Option<&[u8]>) -> bool {
     })
 }
 
+/// A reply that never came.
 fn lost() -> BackendError {
     BackendError::Lost {
         addr: Arc::from("backend"),

@@ -868,16 +868,15 @@ impl Session {
             {
                 continue;
             }
-            killed += 1;
             if c.id == self.info.id {
                 if skipme {
-                    killed -= 1;
                     continue;
                 }
                 me = true;
             } else {
                 c.kill();
             }
+            killed += 1;
         }
         self.reply_with(|o, _| resp::int(o, killed));
         if me {

@@ -299,8 +299,7 @@ fn own_line(
     if internal.iter().any(|a| a == addr) {
         return true;
     }
-    let internal_name = format!("\"SETNAME\" \"{}\"\r\n", backend::INTERNAL_NAME);
-    if line.ends_with(internal_name.as_bytes()) && rest.starts_with(b"] \"HELLO\"") {
+    if line.ends_with(INTERNAL_HELLO_END) && rest.starts_with(b"] \"HELLO\"") {
         if internal.len() >= 256 {
             internal.pop_front();
         }
@@ -319,6 +318,10 @@ fn own_line(
     greeting.swap_remove(at);
     rest.starts_with(b"] \"SELECT\"") || rest.starts_with(b"] \"READONLY\"")
 }
+
+/// How the `MONITOR` line of an internal connection's `HELLO` ends (its name is
+/// [`backend::INTERNAL_NAME`]).
+const INTERNAL_HELLO_END: &[u8] = b"\"SETNAME\" \"respire-internal\"\r\n";
 
 /// What a stream's client is told when no node's connection is left.
 const LOST: &str = "ERR respire: connection to backend was lost; subscriptions ended";
@@ -372,10 +375,9 @@ async fn start_feed(
     first: &[u8],
 ) -> Result<(Feed, bytes::Bytes), Started> {
     let mut stream = backend::connect(node, key).await.map_err(Started::Failed)?;
-    let out = first;
     let mut input = BytesMut::with_capacity(16 * 1024);
     let answer = async {
-        stream.send(out).await.map_err(|e| e.to_string())?;
+        stream.send(first).await.map_err(|e| e.to_string())?;
         backend::read_frame(&mut stream, &mut input).await
     };
     let ok = match tokio::time::timeout(node.command_timeout, answer).await {
@@ -398,4 +400,31 @@ async fn start_feed(
         internal: std::collections::VecDeque::new(),
     };
     Ok((feed, ok))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn respire_own_lines_are_left_out() {
+        assert_eq!(
+            INTERNAL_HELLO_END,
+            format!("\"SETNAME\" \"{}\"\r\n", backend::INTERNAL_NAME).as_bytes()
+        );
+        let (mut greeting, mut internal) = (Vec::new(), std::collections::VecDeque::new());
+        let mut own = |l: &str| own_line(l.as_bytes(), &mut greeting, &mut internal);
+        // An internal connection: its hello and everything after it.
+        assert!(own(
+            "+1.0 [0 127.0.0.1:1] \"HELLO\" \"2\" \"SETNAME\" \"respire-internal\"\r\n"
+        ));
+        assert!(own("+1.1 [0 127.0.0.1:1] \"CLUSTER\" \"SHARDS\"\r\n"));
+        // A clients' connection: its handshake only, not the commands it carries.
+        assert!(own(
+            "+1.2 [0 127.0.0.1:2] \"HELLO\" \"2\" \"SETNAME\" \"respire\"\r\n"
+        ));
+        assert!(own("+1.3 [0 127.0.0.1:2] \"SELECT\" \"3\"\r\n"));
+        assert!(!own("+1.4 [3 127.0.0.1:2] \"GET\" \"k\"\r\n"));
+        assert!(!own("+1.5 [0 127.0.0.1:3] \"CLUSTER\" \"SHARDS\"\r\n"));
+    }
 }
