@@ -611,7 +611,6 @@ fn scan_page(frame: &Bytes) -> Option<(u64, usize, Bytes)> {
     Some((cursor, n, keys.slice(body..)))
 }
 
-/// Adds up the `# Keyspace` lines (`db0:keys=1,expires=0,avg_ttl=0`) of every node's `INFO`.
 /// `INFO stats` counters that add up over several masters: each master counts its own
 /// commands, keys and errors. The section's other fields are the first master's.
 const ADDED_UP: &[&str] = &[
@@ -629,6 +628,9 @@ const ADDED_UP: &[&str] = &[
     "total_writes_processed",
 ];
 
+/// `INFO` over several nodes (see [`Merge::Info`]): the first node's text, with the
+/// `# Keyspace` lines (`db0:keys=1,expires=0,avg_ttl=0`) and the [`ADDED_UP`] counters of
+/// every node added up, and respire's sections merged in.
 fn merge_info(replies: &[Bytes], ours: &str, replaced: &[String]) -> Option<Bytes> {
     let texts: Vec<(bool, Bytes)> = replies
         .iter()
