@@ -64,11 +64,9 @@ EOF
 # - HSCAN's listpack case, run after the other units on one server: an earlier unit leaves a
 #   smaller hash-max-listpack-entries (it passes alone).
 
-# One worker by default: several tests send a blocking command and, without waiting for it to
-# block, another client's command that must come after it. Two worker threads may send those
-# to Redis in either order (the README says so); one keeps the order respire read them in.
-# WORKERS=2 runs them over two threads.
-WORKERS=${WORKERS:-1}
+# Two workers by default (WORKERS=1 for one). Several tests send a blocking command and,
+# without waiting for it to block, another client's command that must come after it: the
+# suite's connections share a worker (`worker_affinity`), which keeps their order.
 start_redis_and_respire "$work"
 
 args=()

@@ -17,7 +17,7 @@
 //! error rather than queueing without bound.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -396,6 +396,63 @@ struct ConnState {
     /// The connection's client id on the server (0 until connected), for `CLIENT UNBLOCK`
     /// from any worker.
     id: Arc<AtomicI64>,
+    /// An exclusive connection's place among its pool's checkouts, until its first write
+    /// after the checkout (see [`Turns`]).
+    turn: Cell<Option<Turn>>,
+}
+
+/// The order in which a worker's exclusive connections to one node were checked out. Each
+/// checkout takes a turn, and the connection writes its first request only when every
+/// earlier turn is done: written, failed, or given back unused. A blocking command sent
+/// before another client's then reaches Redis first even when its connection was still
+/// shaking hands and the other's was not, or finished later (Redis writes the replies of
+/// one event-loop turn in reverse order, so handshakes started together end in reverse).
+#[derive(Default)]
+struct Turns {
+    issued: Cell<u64>,
+    /// Turns taken and not done yet.
+    open: RefCell<BTreeSet<u64>>,
+    done: tokio::sync::Notify,
+}
+
+/// One checkout's turn (see [`Turns`]); done when dropped.
+struct Turn {
+    turns: Rc<Turns>,
+    n: u64,
+}
+
+impl Turns {
+    fn take(self: &Rc<Self>) -> Turn {
+        let n = self.issued.get();
+        self.issued.set(n + 1);
+        self.open.borrow_mut().insert(n);
+        Turn {
+            turns: self.clone(),
+            n,
+        }
+    }
+}
+
+impl Turn {
+    /// Until every earlier turn is done.
+    async fn wait(&self) {
+        loop {
+            let done = self.turns.done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if self.turns.open.borrow().first() == Some(&self.n) {
+                return;
+            }
+            done.await;
+        }
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        self.turns.open.borrow_mut().remove(&self.n);
+        self.turns.done.notify_waiters();
+    }
 }
 
 /// A handle to one pipelined backend connection. The connection's task ends (closing
@@ -426,6 +483,7 @@ impl BackendConn {
             connected: Cell::new(false),
             failing: RefCell::new(None),
             id: Arc::new(AtomicI64::new(0)),
+            turn: Cell::new(None),
         });
         tokio::task::spawn_local(run(node.clone(), key, mode, eager, rx, state.clone()));
         BackendConn { tx, state, node }
@@ -522,7 +580,7 @@ async fn run(
                 failures = 0;
                 backoff = node.reconnect_min;
                 state.connected.set(true);
-                let end = serve(&node, stream, id, &mut rx, first.take()).await;
+                let end = serve(&node, stream, id, &mut rx, first.take(), &state).await;
                 state.connected.set(false);
                 open.dec();
                 match end {
@@ -588,6 +646,8 @@ async fn run(
         }
     }
     state.alive.set(false);
+    // A turn not used (the connection failed first) lets the later ones go.
+    drop(state.turn.take());
     for req in rx.drain() {
         req.reply.fail(BackendError::Unavailable {
             addr: node.addr.clone(),
@@ -672,6 +732,7 @@ async fn serve(
     id: i64,
     rx: &mut QueueReceiver<Request>,
     first: Option<Request>,
+    state: &ConnState,
 ) -> End {
     let mut wbuf = BytesMut::with_capacity(16 * 1024);
     let mut rbuf = BytesMut::with_capacity(16 * 1024);
@@ -718,9 +779,16 @@ async fn serve(
                 break;
             }
         }
+        // Checked out (exclusive): the first write waits for the earlier checkouts' (see
+        // `Turns`); nothing is in flight on the connection meanwhile.
+        let turn = state.turn.take();
+        if let Some(t) = &turn {
+            t.wait().await;
+        }
         if let Err(e) = write_now(&mut stream, &mut wbuf) {
             break End::Failed(e.to_string());
         }
+        drop(turn);
         let due = inflight.front().and_then(|f| f.deadline);
         if due != armed {
             if let Some(d) = due {
@@ -918,6 +986,8 @@ pub struct Pool {
     max_idle: usize,
     shared: RefCell<HashMap<ConnKey, Vec<BackendConn>>>,
     idle: RefCell<HashMap<ConnKey, Vec<BackendConn>>>,
+    /// The order of exclusive checkouts' first writes.
+    turns: Rc<Turns>,
 }
 
 impl Pool {
@@ -929,6 +999,7 @@ impl Pool {
             max_idle,
             shared: RefCell::default(),
             idle: RefCell::default(),
+            turns: Rc::default(),
         }
     }
 
@@ -958,19 +1029,24 @@ impl Pool {
         let list = idle.entry(key).or_default();
         list.retain(BackendConn::is_alive);
         // A connected one first; else the spare that started connecting first, which is
-        // still ahead of a new one.
-        let found = match list.iter().rposition(BackendConn::is_connected) {
-            Some(i) => Some(list.swap_remove(i)),
-            None => (!list.is_empty()).then(|| list.remove(0)),
+        // still ahead of a new one; else a new one, started before the new spares, so that
+        // this command goes ahead of the next client's, which takes a spare.
+        let conn = match list.iter().rposition(BackendConn::is_connected) {
+            Some(i) => list.swap_remove(i),
+            None if !list.is_empty() => list.remove(0),
+            None => BackendConn::spawn(self.node.clone(), key, Mode::Exclusive),
         };
         while list.len() < SPARES.min(self.max_idle) {
             list.push(BackendConn::spawn_connected(self.node.clone(), key));
         }
-        found.unwrap_or_else(|| BackendConn::spawn(self.node.clone(), key, Mode::Exclusive))
+        conn.state.turn.set(Some(self.turns.take()));
+        conn
     }
 
     /// Returns a clean exclusive connection (nothing in flight, no transaction or watch) for reuse.
     pub fn checkin(&self, key: ConnKey, conn: BackendConn) {
+        // Given back before its first write: the later checkouts need not wait for it.
+        drop(conn.state.turn.take());
         if !(conn.is_alive() && conn.is_connected()) {
             return;
         }
@@ -990,6 +1066,41 @@ mod tests {
 
     fn inflight(reply: Sink, skip: u8) -> InFlight {
         InFlight::new(reply, skip, 0, None)
+    }
+
+    /// Checkouts' first writes go in checkout order, whatever order their connections are
+    /// ready in; a turn given back unused holds no one up.
+    #[test]
+    fn turns_go_in_checkout_order() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async {
+            let turns = Rc::new(Turns::default());
+            let (a, b, c, d) = (turns.take(), turns.take(), turns.take(), turns.take());
+            let order = Rc::new(RefCell::new(Vec::new()));
+            let wait = |t: Turn, name: &'static str| {
+                let order = order.clone();
+                tokio::task::spawn_local(async move {
+                    t.wait().await;
+                    order.borrow_mut().push(name);
+                })
+            };
+            // The last turn is ready first, then the second: both wait for the first.
+            let (wd, wb) = (wait(d, "d"), wait(b, "b"));
+            tokio::task::yield_now().await;
+            assert!(order.borrow().is_empty());
+            // The third is given back unused; the first writes.
+            drop(c);
+            tokio::task::yield_now().await;
+            assert!(order.borrow().is_empty());
+            drop(a);
+            wb.await.unwrap();
+            wd.await.unwrap();
+            assert_eq!(*order.borrow(), ["b", "d"]);
+            assert!(turns.open.borrow().is_empty());
+        });
     }
 
     fn group(tx: GroupTx, count: u8, want_ends: bool) -> Sink {

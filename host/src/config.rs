@@ -50,6 +50,14 @@ pub struct Config {
     pub announce: Option<String>,
     /// Worker threads, each owning its client and backend connections. 0 means one per core. Default: 0.
     pub workers: usize,
+    /// Connections from one client address go to one worker thread (picked by a hash of the
+    /// address) while that worker serves fewer than this many connections, or no more than
+    /// any other worker; past that, to the worker serving the fewest. A client process's
+    /// connections then share a thread, so the commands it sends on several of them reach
+    /// Redis in the order it sent them, as with one Redis (a `BLPOP` on one connection, then
+    /// an `LPUSH` on another). 0 spreads every connection to the worker serving the fewest.
+    /// Default: 16.
+    pub worker_affinity: usize,
     /// Most client connections at once; more are answered `-ERR max number of clients reached`. Default: 10000.
     pub max_clients: usize,
     /// Password clients must give with `AUTH` (the `default` user). Default: none (no authentication).
@@ -390,6 +398,7 @@ impl Default for Config {
             tls: None,
             announce: None,
             workers: 0,
+            worker_affinity: 16,
             max_clients: 10_000,
             requirepass: None,
             users: Vec::new(),

@@ -222,6 +222,9 @@ struct Opts {
     /// Worker threads (0: one per core).
     #[arg(long, global = true, value_name = "N")]
     workers: Option<usize>,
+    /// Connections from one client address kept on one worker, up to N on it (0: spread).
+    #[arg(long, global = true, value_name = "N")]
+    worker_affinity: Option<usize>,
     /// Password clients must give with AUTH.
     #[arg(
         long,
@@ -389,6 +392,9 @@ fn build_config(o: &Opts) -> Result<Config, String> {
     }
     if let Some(v) = o.workers {
         c.workers = v;
+    }
+    if let Some(v) = o.worker_affinity {
+        c.worker_affinity = v;
     }
     if let Some(v) = &o.requirepass {
         c.requirepass = Some(v.clone());

@@ -1,7 +1,8 @@
 //! Listener, workers and shutdown.
 //!
-//! One acceptor thread takes connections and hands them round-robin to
-//! `workers` threads. Each worker runs a single-threaded tokio runtime and
+//! One acceptor thread takes connections and hands them to `workers` threads
+//! (a client address's connections to one worker while that keeps the load
+//! even, see [`Placement`]). Each worker runs a single-threaded tokio runtime and
 //! owns its sessions and backend connections outright (`Rc`, no locks on the
 //! request path). Process-wide state (configuration, the client list) is
 //! shared read-mostly through [`Shared`].
@@ -14,6 +15,7 @@ use std::cell::Cell;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -583,8 +585,74 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-/// An accepted connection: the socket, the peer, and whether it came to the TLS listener.
-type NewConn = (std::net::TcpStream, SocketAddr, bool);
+/// An accepted connection: the socket, the peer, whether it came to the TLS listener, and
+/// its place in its worker's count.
+type NewConn = (std::net::TcpStream, SocketAddr, bool, Seat);
+
+/// Where new connections go: to the worker a hash of the client address picks (its "home")
+/// while that worker serves fewer than `affinity` connections or no more than any other,
+/// else to the worker serving the fewest. One worker reads a client process's connections in
+/// the order their data arrived and sends on to Redis in that order; spread over threads,
+/// commands sent on two connections one after the other (a blocking pop, then another
+/// client's pop or push) could reach Redis in either order.
+struct Placement {
+    /// Connections each worker serves (taken when placed, given back when the connection
+    /// ends, see [`Seat`]).
+    loads: Vec<Arc<AtomicUsize>>,
+    affinity: usize,
+}
+
+/// A connection's place in its worker's count; dropped with the connection.
+pub(crate) struct Seat(Arc<AtomicUsize>);
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Placement {
+    fn new(workers: usize, affinity: usize) -> Placement {
+        Placement {
+            loads: (0..workers.max(1)).map(|_| Arc::default()).collect(),
+            affinity,
+        }
+    }
+
+    /// The worker for a connection from `ip`, and its seat there.
+    fn place(&self, ip: std::net::IpAddr) -> (usize, Seat) {
+        let loads: Vec<usize> = self
+            .loads
+            .iter()
+            .map(|l| l.load(Ordering::Relaxed))
+            .collect();
+        let home = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            ip.hash(&mut h);
+            (h.finish() % loads.len() as u64) as usize
+        };
+        let w = pick(&loads, home, self.affinity);
+        let load = &self.loads[w];
+        load.fetch_add(1, Ordering::Relaxed);
+        (w, Seat(load.clone()))
+    }
+}
+
+/// [`Placement::place`] over the workers' `loads`: `home` while it serves fewer than
+/// `affinity` or no more than any other, else the least loaded (the first after `home` on a
+/// tie, so that ties do not all fall on worker 0).
+fn pick(loads: &[usize], home: usize, affinity: usize) -> usize {
+    let n = loads.len();
+    let min = loads.iter().copied().min().unwrap_or(0);
+    if loads[home] < affinity || loads[home] <= min {
+        return home;
+    }
+    (1..n)
+        .map(|i| (home + i) % n)
+        .find(|&w| loads[w] == min)
+        .unwrap_or(home)
+}
 
 fn acceptor_main(
     shared: Arc<Shared>,
@@ -601,7 +669,7 @@ fn acceptor_main(
             return;
         }
     };
-    let next = Rc::new(Cell::new(0usize));
+    let placement = Rc::new(Placement::new(workers.len(), shared.config.worker_affinity));
     let workers = Rc::new(workers);
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
@@ -619,7 +687,7 @@ fn acceptor_main(
                 listener,
                 tls,
                 workers.clone(),
-                next.clone(),
+                placement.clone(),
             )));
         }
         for t in tasks {
@@ -633,7 +701,7 @@ async fn accept_loop(
     listener: TcpListener,
     tls: bool,
     workers: Rc<Vec<mpsc::UnboundedSender<NewConn>>>,
-    next: Rc<Cell<usize>>,
+    placement: Rc<Placement>,
 ) {
     let mut shutdown = shared.shutdown.clone();
     loop {
@@ -652,9 +720,9 @@ async fn accept_loop(
                     let _ = stream.set_nodelay(true);
                     match stream.into_std() {
                         Ok(s) => {
-                            let n = next.get();
-                            next.set(n.wrapping_add(1));
-                            if workers[n % workers.len()].send((s, peer, tls)).is_err() {
+                            let (w, seat) = placement.place(peer.ip());
+                            let sent = workers.get(w).map(|tx| tx.send((s, peer, tls, seat)));
+                            if !matches!(sent, Some(Ok(()))) {
                                 shared.clients.release();
                             }
                         }
@@ -702,7 +770,9 @@ fn worker_main(shared: Arc<Shared>, mut conns: mpsc::UnboundedReceiver<NewConn>)
             tokio::select! {
                 _ = shutdown.changed() => break,
                 c = conns.recv() => match c {
-                    Some((std_stream, peer, tls)) => start_session(&worker, std_stream, peer, tls),
+                    Some((std_stream, peer, tls, seat)) => {
+                        start_session(&worker, std_stream, peer, tls, seat)
+                    }
                     None => break,
                 }
             }
@@ -725,6 +795,7 @@ fn start_session(
     std_stream: std::net::TcpStream,
     peer: SocketAddr,
     tls: bool,
+    seat: Seat,
 ) {
     use std::os::fd::AsRawFd;
     let shared = &worker.shared;
@@ -771,6 +842,7 @@ fn start_session(
             }
         }
         w.sessions.set(w.sessions.get().saturating_sub(1));
+        drop(seat);
     });
 }
 
@@ -912,4 +984,66 @@ fn node_id_for(addr: &SocketAddr) -> String {
     }
     id.truncate(40);
     id
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+
+    /// Places `n` connections from addresses whose home is `homes[i % homes.len()]`, and
+    /// returns each worker's count.
+    fn fill(workers: usize, affinity: usize, homes: &[usize], n: usize) -> Vec<usize> {
+        let mut loads = vec![0; workers];
+        for i in 0..n {
+            let w = pick(&loads, homes[i % homes.len()], affinity);
+            loads[w] += 1;
+        }
+        loads
+    }
+
+    #[test]
+    fn a_few_connections_from_one_address_share_its_worker() {
+        assert_eq!(fill(2, 16, &[1], 16), [0, 16]);
+        assert_eq!(fill(4, 16, &[2], 3), [0, 0, 3, 0]);
+    }
+
+    #[test]
+    fn many_connections_from_one_address_are_spread_evenly() {
+        assert_eq!(fill(2, 16, &[0], 50), [25, 25]);
+        assert_eq!(fill(2, 16, &[1], 51), [25, 26]);
+        assert_eq!(fill(4, 16, &[3], 200), [50, 50, 50, 50]);
+    }
+
+    #[test]
+    fn without_affinity_every_connection_goes_to_the_least_loaded() {
+        assert_eq!(fill(2, 0, &[0], 2), [1, 1]);
+        assert_eq!(fill(3, 0, &[1], 7), [2, 3, 2]);
+    }
+
+    #[test]
+    fn addresses_with_other_homes_keep_to_theirs_while_the_load_allows() {
+        // Two addresses, two workers: each keeps its connections on its own worker.
+        assert_eq!(fill(2, 16, &[0, 1], 20), [10, 10]);
+        // A worker full of one address's connections sends another address's elsewhere.
+        let mut loads = vec![16, 0];
+        assert_eq!(pick(&loads, 0, 16), 1);
+        loads[1] = 16;
+        assert_eq!(pick(&loads, 0, 16), 0);
+    }
+
+    #[test]
+    fn a_seat_is_given_back_when_the_connection_ends() {
+        let p = Placement::new(2, 16);
+        let ip = "127.0.0.1".parse().unwrap();
+        let (w, seat) = p.place(ip);
+        let (w2, seat2) = p.place(ip);
+        assert_eq!(w, w2);
+        assert_eq!(p.loads[w].load(Ordering::Relaxed), 2);
+        drop(seat);
+        assert_eq!(p.loads[w].load(Ordering::Relaxed), 1);
+        drop(seat2);
+        assert_eq!(p.loads[w].load(Ordering::Relaxed), 0);
+    }
 }

@@ -41,6 +41,9 @@ fn cached_proxy_args(
         &metrics,
         "--workers",
         workers,
+        // Connections spread over the workers: the cache is the process's, not a worker's.
+        "--worker-affinity",
+        "0",
     ]);
     let proxy = Respire::start_args(&args);
     wait_metric(

@@ -339,7 +339,7 @@ fn transactions_blocking_and_pubsub_over_a_cluster() {
         ("jobs".to_string(), "j1".to_string())
     );
     // Pub/Sub across nodes, and sharded Pub/Sub by slot. The count PUBLISH returns is the
-    // number of respire's clients that receive it (three here, over two workers' subscriber
+    // number of respire's clients that receive it (three here, over the workers' subscriber
     // connections), whichever node the publishing client's commands go to.
     let mut sub_con = proxy.conn();
     let mut sub = sub_con.as_pubsub();

@@ -1782,6 +1782,85 @@ fn blocking_commands_find_a_connection_ready() {
     );
 }
 
+/// Blocking commands that need new backend connections (no spare is ready yet) reach Redis in
+/// the order their clients sent them, though the connections' handshakes end in reverse (Redis
+/// writes the replies of one event-loop turn last-come first): Redis serves blocked clients in
+/// the order they blocked, so the first to send gets the first element. Without the pool's
+/// turns the first client was not served first in any of four runs.
+#[test]
+fn blocking_commands_on_new_connections_keep_their_order() {
+    let redis = RedisServer::start();
+    for attempt in 0..5 {
+        // A fresh respire each time: its first blocking commands find no spare connection.
+        let proxy = Respire::start(&redis.addr(), &["--workers", "1"]);
+        let mut r = Raw::connect(proxy.port);
+        let mut clients: Vec<Raw> = (0..3).map(|_| Raw::connect(proxy.port)).collect();
+        for c in clients.iter_mut() {
+            c.send(&resp(&[b"BLPOP", b"queue", b"0"]));
+        }
+        // All three blocked on Redis, in the order they reached it.
+        let mut blocked = String::new();
+        for _ in 0..200 {
+            blocked = cli(redis.port, &["INFO", "clients"]);
+            if blocked.contains("blocked_clients:3") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(blocked.contains("blocked_clients:3"), "{blocked}");
+        let items: Vec<Vec<u8>> = (0..3).map(|i| format!("item{i}").into_bytes()).collect();
+        let mut push: Vec<&[u8]> = vec![b"RPUSH", b"queue"];
+        push.extend(items.iter().map(Vec::as_slice));
+        assert_eq!(r.roundtrip(&resp(&push), 1), b":3\r\n");
+        for (i, c) in clients.iter_mut().enumerate() {
+            assert_eq!(
+                c.read_replies(1),
+                resp(&[b"queue", &items[i]]),
+                "attempt {attempt}: client {i}"
+            );
+        }
+    }
+}
+
+/// Over several workers, the connections of one client address share a worker while few, so
+/// commands a client sends on two of them one after the other reach Redis in that order.
+/// Redis's `BRPOPLPUSH with multiple blocked clients` sends two blocking pops from two new
+/// connections, without waiting for them to block, then a push: the first popper must be
+/// served first. Spread over two workers (`--worker-affinity 0`) the second pop overtakes the
+/// first within the first few rounds, and the first then blocks for ever.
+#[test]
+fn blocked_clients_are_served_in_the_order_they_sent_their_commands() {
+    let redis = RedisServer::start();
+    let proxy = Respire::start(&redis.addr(), &["--workers", "2"]);
+    let mut r = Raw::connect(proxy.port);
+    for round in 0..40 {
+        r.roundtrip(&resp(&[b"DEL", b"blist", b"target1", b"target2"]), 1);
+        assert_eq!(
+            r.roundtrip(&resp(&[b"SET", b"target1", b"nolist"]), 1),
+            b"+OK\r\n"
+        );
+        let mut rd1 = Raw::connect(proxy.port);
+        let mut rd2 = Raw::connect(proxy.port);
+        rd1.set_timeout(Duration::from_secs(2));
+        rd1.send(&resp(&[b"BRPOPLPUSH", b"blist", b"target1", b"0"]));
+        rd2.send(&resp(&[b"BRPOPLPUSH", b"blist", b"target2", b"0"]));
+        assert_eq!(
+            r.roundtrip(&resp(&[b"LPUSH", b"blist", b"foo"]), 1),
+            b":1\r\n"
+        );
+        let first = String::from_utf8_lossy(&rd1.read_replies(1)).into_owned();
+        assert!(
+            first.starts_with("-WRONGTYPE"),
+            "round {round}: the first client got {first:?}"
+        );
+        assert_eq!(rd2.read_replies(1), b"$3\r\nfoo\r\n", "round {round}");
+        assert_eq!(
+            r.roundtrip(&resp(&[b"LRANGE", b"target2", b"0", b"-1"]), 1),
+            resp(&[b"foo"])
+        );
+    }
+}
+
 /// What a set of clients sees of `CLIENT TRACKING` on `port`: replies and invalidation
 /// messages, in order. Each message is read as soon as the change that causes it is
 /// acknowledged, so the sequence is the same whatever the timing.
@@ -1972,7 +2051,7 @@ fn tracking_clients_drop_everything_when_respire_loses_sight_of_changes() {
 #[test]
 fn invalidations_come_before_the_writers_acknowledgement() {
     let redis = RedisServer::start();
-    let proxy = Respire::start(&redis.addr(), &["--workers", "2"]);
+    let proxy = Respire::start(&redis.addr(), &["--workers", "2", "--worker-affinity", "0"]);
     let mut t = Raw::tracking(proxy.port);
     let mut w = Raw::connect(proxy.port);
     let push = respire_tests::invalidation("k");

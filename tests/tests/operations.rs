@@ -19,6 +19,9 @@ fn proxy_with_metrics(redis: &RedisServer, extra: &[&str]) -> (Respire, u16) {
         format!("127.0.0.1:{port}"),
         "--workers".into(),
         "2".into(),
+        // Connections spread over both workers: the metrics add up their counts.
+        "--worker-affinity".into(),
+        "0".into(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -365,7 +365,14 @@ fn a_plugin_is_called_only_for_the_commands_it_asked_for() {
     ]);
     let proxy = Respire::start(
         &redis.addr(),
-        &["--plugins", dir.path().to_str().unwrap(), "--workers", "2"],
+        &[
+            "--plugins",
+            dir.path().to_str().unwrap(),
+            "--workers",
+            "2",
+            "--worker-affinity",
+            "0",
+        ],
     );
     // Several connections, spread over both workers: the counter is shared by the instances.
     let mut conns: Vec<Raw> = (0..4).map(|_| Raw::connect(proxy.port)).collect();
@@ -464,7 +471,14 @@ fn token_buckets_are_shared_by_all_workers() {
     )]);
     let proxy = Respire::start(
         &redis.addr(),
-        &["--plugins", dir.path().to_str().unwrap(), "--workers", "2"],
+        &[
+            "--plugins",
+            dir.path().to_str().unwrap(),
+            "--workers",
+            "2",
+            "--worker-affinity",
+            "0",
+        ],
     );
     let mut conns: Vec<Raw> = (0..4).map(|_| Raw::connect(proxy.port)).collect();
     let (mut ok, mut limited) = (0, 0);
@@ -977,7 +991,14 @@ fn abusive_plugins_lose_no_acknowledged_write() {
         misbehave_dir("on_error = \"open\"\ntime_budget = \"100ms\"\nmax_memory = \"32MiB\"\n");
     let proxy = Respire::start(
         &redis.addr(),
-        &["--plugins", dir.path().to_str().unwrap(), "--workers", "2"],
+        &[
+            "--plugins",
+            dir.path().to_str().unwrap(),
+            "--workers",
+            "2",
+            "--worker-affinity",
+            "0",
+        ],
     );
     let stop = Arc::new(AtomicBool::new(false));
     let acked: Arc<Mutex<HashMap<String, i64>>> = Arc::default();

@@ -215,7 +215,14 @@ by = ["user", "command"]
     let dir = plugin_dir("rate-limit", rules);
     let proxy = Respire::start(
         &redis.addr(),
-        &["--plugins", dir.path().to_str().unwrap(), "--workers", "2"],
+        &[
+            "--plugins",
+            dir.path().to_str().unwrap(),
+            "--workers",
+            "2",
+            "--worker-affinity",
+            "0",
+        ],
     );
     let refused = |r: &str, rule: &str| {
         r.starts_with(&format!("-ERR rate limit '{rule}' exceeded, retry in "))
@@ -422,7 +429,14 @@ fn a_rate_limit_holds_its_configured_rate_under_load() {
     let dir = plugin_dir("rate-limit", rules);
     let proxy = Respire::start(
         &redis.addr(),
-        &["--plugins", dir.path().to_str().unwrap(), "--workers", "2"],
+        &[
+            "--plugins",
+            dir.path().to_str().unwrap(),
+            "--workers",
+            "2",
+            "--worker-affinity",
+            "0",
+        ],
     );
     let (ok, refused, elapsed) = hammer(&[proxy.port], "all", std::time::Duration::from_secs(3));
     let allowed = 300.0 * elapsed + 30.0;
@@ -561,7 +575,11 @@ fn hot_and_big_keys_across_workers() {
     let redis = RedisServer::start();
     let settings = "[config]\nhot_keys = 3\nhot_sample = 1\nhot_window = \"500ms\"\nbig_keys = 5\nbig_key_bytes = 1000\n";
     let dir = plugin_dir("metrics", settings);
-    let (proxy, port) = Respire::with_plugins(&redis.addr(), dir.path(), &["--workers", "2"]);
+    let (proxy, port) = Respire::with_plugins(
+        &redis.addr(),
+        dir.path(),
+        &["--workers", "2", "--worker-affinity", "0"],
+    );
     // Two clients (one per worker): "hot" 4 times as often as "warm", "cold" once.
     let mut a = Raw::connect(proxy.port);
     let mut b = Raw::connect(proxy.port);
