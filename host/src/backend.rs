@@ -235,20 +235,28 @@ pub struct ConnKey {
     pub db: u32,
     /// RESP version negotiated with `HELLO`.
     pub proto: u8,
-    /// The lane of scripts and functions (`EVAL`, `FCALL`, …): shared connections of their
-    /// own, so that a script running past Redis's `busy-reply-threshold` holds no other
-    /// command behind it (the others get `-BUSY` from Redis, as its clients do).
-    pub scripts: bool,
+    /// 0: the commands' connections. 1 to [`SCRIPT_LANES`]: the lanes of scripts and
+    /// functions (`EVAL`, `FCALL`, …), shared connections of their own, so that a script
+    /// running past Redis's `busy-reply-threshold` holds no other command behind it (the
+    /// others get `-BUSY` from Redis, as its clients do). Scripts take lane 1, or the next
+    /// when a script has held the one before for [`LANE_HELD`], so that they too get
+    /// Redis's answer (`-BUSY`) instead of waiting behind it.
+    pub lane: u8,
 }
 
+/// The scripts' lanes per database and protocol (see [`ConnKey::lane`]).
+pub const SCRIPT_LANES: u8 = 3;
+
+/// How long a scripts' lane may wait on its oldest request, without a byte of reply, before
+/// the next script takes the next lane. Shorter than any useful `busy-reply-threshold`:
+/// until that threshold Redis answers no one, so a script sent on another lane waits as
+/// long as behind the long one; past it, Redis answers it `-BUSY`.
+pub const LANE_HELD: Duration = Duration::from_millis(20);
+
 impl ConnKey {
-    /// The key of database `db` with protocol `proto`, not the scripts' lane.
+    /// The key of database `db` with protocol `proto`, not a scripts' lane.
     pub const fn new(db: u32, proto: u8) -> ConnKey {
-        ConnKey {
-            db,
-            proto,
-            scripts: false,
-        }
+        ConnKey { db, proto, lane: 0 }
     }
 }
 
@@ -399,6 +407,9 @@ struct ConnState {
     /// An exclusive connection's place among its pool's checkouts, until its first write
     /// after the checkout (see [`Turns`]).
     turn: Cell<Option<Turn>>,
+    /// A scripts' lane's (see [`ConnKey::lane`]), while requests are in flight: when it last
+    /// made progress (a request sent while none was in flight, or reply bytes read).
+    held_since: Cell<Option<Instant>>,
 }
 
 /// The order in which a worker's exclusive connections to one node were checked out. Each
@@ -484,6 +495,7 @@ impl BackendConn {
             failing: RefCell::new(None),
             id: Arc::new(AtomicI64::new(0)),
             turn: Cell::new(None),
+            held_since: Cell::new(None),
         });
         tokio::task::spawn_local(run(node.clone(), key, mode, eager, rx, state.clone()));
         BackendConn { tx, state, node }
@@ -542,6 +554,15 @@ impl BackendConn {
     pub fn is_connected(&self) -> bool {
         self.state.connected.get()
     }
+
+    /// How long a scripts' lane has waited on its oldest request without a byte of reply, at
+    /// `now` (zero when nothing is in flight; always zero on other connections).
+    pub fn held_for(&self, now: Instant) -> Duration {
+        self.state
+            .held_since
+            .get()
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t))
+    }
 }
 
 async fn run(
@@ -580,7 +601,17 @@ async fn run(
                 failures = 0;
                 backoff = node.reconnect_min;
                 state.connected.set(true);
-                let end = serve(&node, stream, id, &mut rx, first.take(), &state).await;
+                let end = serve(
+                    &node,
+                    stream,
+                    id,
+                    &mut rx,
+                    first.take(),
+                    &state,
+                    key.lane > 0,
+                )
+                .await;
+                state.held_since.set(None);
                 state.connected.set(false);
                 open.dec();
                 match end {
@@ -733,6 +764,7 @@ async fn serve(
     rx: &mut QueueReceiver<Request>,
     first: Option<Request>,
     state: &ConnState,
+    lane: bool,
 ) -> End {
     let mut wbuf = BytesMut::with_capacity(16 * 1024);
     let mut rbuf = BytesMut::with_capacity(16 * 1024);
@@ -789,6 +821,9 @@ async fn serve(
             break End::Failed(e.to_string());
         }
         drop(turn);
+        if lane && state.held_since.get().is_none() && !inflight.is_empty() {
+            state.held_since.set(Some(now));
+        }
         let due = inflight.front().and_then(|f| f.deadline);
         if due != armed {
             if let Some(d) = due {
@@ -805,6 +840,9 @@ async fn serve(
                 IoEvent::Read => {
                     if let Err(e) = dispatch_replies(&mut rbuf, &mut inflight) {
                         break End::Failed(e);
+                    }
+                    if lane {
+                        state.held_since.set((!inflight.is_empty()).then(Instant::now));
                     }
                     // Replies are coming: the request now first was waiting behind the others
                     // (a long script, say), its time starts now.

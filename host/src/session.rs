@@ -3281,10 +3281,20 @@ impl Session {
         node: usize,
         slot: Option<u16>,
     ) -> bool {
-        let key = ConnKey {
-            scripts: true,
+        // Lane 1, or the first lane a script is not holding (the last if all are).
+        let pool = self.worker.pool(&self.node_addr(node));
+        let now = self.now();
+        let mut key = ConnKey {
+            lane: 1,
             ..self.key()
         };
+        let mut conn = pool.shared(key, self.info.id);
+        while key.lane < crate::backend::SCRIPT_LANES
+            && conn.held_for(now) >= crate::backend::LANE_HELD
+        {
+            key.lane += 1;
+            conn = pool.shared(key, self.info.id);
+        }
         let target = Target::Shared(key);
         let mut c = Some(cmd);
         if !self.barrier(&mut c, target) {
@@ -3299,11 +3309,7 @@ impl Session {
             self.last_sent = Some((data.clone(), Some(node)));
         }
         let retry = self.topo.managed.then(|| data.clone());
-        let rx = self
-            .worker
-            .pool(&self.node_addr(node))
-            .shared(key, self.info.id)
-            .send(data, 0, false);
+        let rx = conn.send(data, 0, false);
         self.script_slots.push_back(self.pushed);
         self.worker
             .shared
