@@ -407,9 +407,10 @@ struct ConnState {
     /// An exclusive connection's place among its pool's checkouts, until its first write
     /// after the checkout (see [`Turns`]).
     turn: Cell<Option<Turn>>,
-    /// A scripts' lane's (see [`ConnKey::lane`]), while requests are in flight: when it last
-    /// made progress (a request sent while none was in flight, or reply bytes read).
-    held_since: Cell<Option<Instant>>,
+    /// A scripts' lane's (see [`ConnKey::lane`]), while requests are in flight: when it will
+    /// count as held, [`LANE_HELD`] after it last made progress (a request sent while none
+    /// was in flight, or reply bytes read).
+    held_from: Cell<Option<Instant>>,
 }
 
 /// The order in which a worker's exclusive connections to one node were checked out. Each
@@ -495,7 +496,7 @@ impl BackendConn {
             failing: RefCell::new(None),
             id: Arc::new(AtomicI64::new(0)),
             turn: Cell::new(None),
-            held_since: Cell::new(None),
+            held_from: Cell::new(None),
         });
         tokio::task::spawn_local(run(node.clone(), key, mode, eager, rx, state.clone()));
         BackendConn { tx, state, node }
@@ -555,13 +556,10 @@ impl BackendConn {
         self.state.connected.get()
     }
 
-    /// How long a scripts' lane has waited on its oldest request without a byte of reply, at
-    /// `now` (zero when nothing is in flight; always zero on other connections).
-    pub fn held_for(&self, now: Instant) -> Duration {
-        self.state
-            .held_since
-            .get()
-            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t))
+    /// Whether a scripts' lane has waited [`LANE_HELD`] or more on its oldest request,
+    /// without a byte of reply, at `now` (never on other connections).
+    pub fn is_held(&self, now: Instant) -> bool {
+        self.state.held_from.get().is_some_and(|t| now >= t)
     }
 }
 
@@ -611,7 +609,7 @@ async fn run(
                     key.lane > 0,
                 )
                 .await;
-                state.held_since.set(None);
+                state.held_from.set(None);
                 state.connected.set(false);
                 open.dec();
                 match end {
@@ -821,8 +819,8 @@ async fn serve(
             break End::Failed(e.to_string());
         }
         drop(turn);
-        if lane && state.held_since.get().is_none() && !inflight.is_empty() {
-            state.held_since.set(Some(now));
+        if lane && state.held_from.get().is_none() && !inflight.is_empty() {
+            state.held_from.set(Some(now + LANE_HELD));
         }
         let due = inflight.front().and_then(|f| f.deadline);
         if due != armed {
@@ -841,8 +839,9 @@ async fn serve(
                     if let Err(e) = dispatch_replies(&mut rbuf, &mut inflight) {
                         break End::Failed(e);
                     }
+                    // Progress: the wait starts again at the loop's next turn (its `now`).
                     if lane {
-                        state.held_since.set((!inflight.is_empty()).then(Instant::now));
+                        state.held_from.set(None);
                     }
                     // Replies are coming: the request now first was waiting behind the others
                     // (a long script, say), its time starts now.

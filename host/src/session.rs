@@ -44,7 +44,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::backend::{BackendConn, BackendError, ConnKey, GroupReply, GroupTx, Reply, ReplyRx};
+use crate::backend::{
+    BackendConn, BackendError, ConnKey, GroupReply, GroupTx, Reply, ReplyRx, SCRIPT_LANES,
+};
 use crate::channel::TryRecvError;
 use crate::clients::{ClientInfo, flag};
 use crate::commands::{self, Kind, Local, Resolved};
@@ -653,6 +655,9 @@ pub struct Session {
     /// Shared connections for `conns_key`, by topology node index.
     conns: Vec<Option<BackendConn>>,
     conns_key: ConnKey,
+    /// The first scripts' lane's connections for `lane_key`, by topology node index.
+    lane_conns: Vec<Option<BackendConn>>,
+    lane_key: ConnKey,
     proto: u8,
     db: u32,
     authenticated: bool,
@@ -781,6 +786,8 @@ pub async fn run(worker: Rc<Worker>, stream: Stream, info: Arc<ClientInfo>) {
         topo,
         conns: Vec::new(),
         conns_key: ConnKey::new(0, 2),
+        lane_conns: Vec::new(),
+        lane_key: ConnKey::new(0, 2),
         proto: 2,
         db: 0,
         authenticated,
@@ -867,6 +874,7 @@ impl Session {
         if v != self.topo.version {
             self.topo = self.worker.shared.topology.load();
             self.conns.clear();
+            self.lane_conns.clear();
         }
     }
 
@@ -3282,18 +3290,23 @@ impl Session {
         slot: Option<u16>,
     ) -> bool {
         // Lane 1, or the first lane a script is not holding (the last if all are).
-        let pool = self.worker.pool(&self.node_addr(node));
         let now = self.now();
         let mut key = ConnKey {
             lane: 1,
             ..self.key()
         };
-        let mut conn = pool.shared(key, self.info.id);
-        while key.lane < crate::backend::SCRIPT_LANES
-            && conn.held_for(now) >= crate::backend::LANE_HELD
-        {
-            key.lane += 1;
-            conn = pool.shared(key, self.info.id);
+        let mut other = None;
+        if self.lane_conn(node, key).is_held(now) {
+            let pool = self.worker.pool(&self.node_addr(node));
+            loop {
+                key.lane += 1;
+                let conn = pool.shared(key, self.info.id);
+                let held = conn.is_held(now);
+                other = Some(conn);
+                if key.lane == SCRIPT_LANES || !held {
+                    break;
+                }
+            }
         }
         let target = Target::Shared(key);
         let mut c = Some(cmd);
@@ -3309,7 +3322,10 @@ impl Session {
             self.last_sent = Some((data.clone(), Some(node)));
         }
         let retry = self.topo.managed.then(|| data.clone());
-        let rx = conn.send(data, 0, false);
+        let rx = match &other {
+            Some(conn) => conn.send(data, 0, false),
+            None => self.lane_conn(node, key).send(data, 0, false),
+        };
         self.script_slots.push_back(self.pushed);
         self.worker
             .shared
@@ -3625,6 +3641,25 @@ impl Session {
         }
         let id = self.info.id;
         match &mut self.conns[node] {
+            Some(c) => c,
+            slot @ None => {
+                slot.insert(self.worker.pool(&self.topo.node_addr(node)).shared(key, id))
+            }
+        }
+    }
+
+    /// The session's connection to `node` on the first scripts' lane for `key` (see
+    /// [`Session::conn_on`]).
+    fn lane_conn(&mut self, node: usize, key: ConnKey) -> &BackendConn {
+        if self.lane_key != key {
+            self.lane_conns.clear();
+            self.lane_key = key;
+        }
+        if self.lane_conns.len() <= node {
+            self.lane_conns.resize(node + 1, None);
+        }
+        let id = self.info.id;
+        match &mut self.lane_conns[node] {
             Some(c) => c,
             slot @ None => {
                 slot.insert(self.worker.pool(&self.topo.node_addr(node)).shared(key, id))
