@@ -3,7 +3,7 @@
 //! One [`Engine`] for the process (component model, epoch interruption for the
 //! per-call time budget, no concurrency support: measured ≈3× cheaper calls).
 //! Plugins are compiled and checked once (`init` must return a manifest) and
-//! kept as [`PluginPre`]s in a [`PluginSet`]; each worker instantiates its own
+//! kept as `PluginPre`s in a [`PluginSet`]; each worker instantiates its own
 //! instance of every plugin on first use and reuses it for every call (never
 //! one per request). A store carries a memory cap (`StoreLimits`) and an epoch
 //! deadline set before each call; a thread advances the epoch every

@@ -2,7 +2,7 @@
 //!
 //! One acceptor thread takes connections and hands them to `workers` threads
 //! (a client address's connections to one worker while that keeps the load
-//! even, see [`Placement`]). Each worker runs a single-threaded tokio runtime and
+//! even, see `Placement`). Each worker runs a single-threaded tokio runtime and
 //! owns its sessions and backend connections outright (`Rc`, no locks on the
 //! request path). Process-wide state (configuration, the client list) is
 //! shared read-mostly through [`Shared`].

@@ -261,7 +261,7 @@ impl Tracking {
     }
 
     /// Whether the all-keys tracking connections are wanted: a client tracks, or one did
-    /// within [`LINGER`].
+    /// within `LINGER`.
     pub fn wanted(&self) -> bool {
         let mut linger = self.linger.lock().unwrap_or_else(|e| e.into_inner());
         if self.clients() > 0 || !self.waiters_empty() {

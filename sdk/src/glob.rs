@@ -7,7 +7,7 @@ pub fn matches(pattern: &[u8], s: &[u8]) -> bool {
 
 /// A pattern prepared once for matching many strings: the common shapes (`*`, a literal,
 /// `prefix*`) match without the general matcher, and any other pattern is checked against
-/// its literal start first. Matches exactly what [`matches`] does.
+/// its literal start first. Matches exactly what [`matches()`] does.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pattern {
     pattern: Vec<u8>,
