@@ -62,12 +62,11 @@ bench_rounds() {
 start_cluster() {
   local dir=$1 p
   ports=()
+  cluster_dir=$dir
   for _ in 1 2 3 4 5 6; do
     p=$(free_port); mkdir -p "$dir/$p"
-    redis-server --port "$p" --bind 127.0.0.1 --save '' --appendonly no --dir "$dir/$p" --logfile "$dir/$p/redis.log" \
-      --cluster-enabled yes --cluster-config-file nodes.conf --cluster-port "$(free_port)" --cluster-node-timeout 3000 &
-    pids+=($!)
-    wait_port "$p"
+    free_port > "$dir/$p/cluster-port"
+    start_cluster_node "$p"
     ports+=("$p")
   done
   redis-cli --cluster create $(for p in "${ports[@]}"; do echo "127.0.0.1:$p"; done) --cluster-replicas 1 --cluster-yes >/dev/null
@@ -75,6 +74,19 @@ start_cluster() {
     redis-cli -p "${ports[0]}" cluster info | grep -q cluster_state:ok && break
     sleep 0.1
   done
+}
+
+# start_cluster_node PORT: starts (or starts again, after a kill) the cluster node of
+# start_cluster on PORT, with its directory, nodes.conf and cluster bus port; adds its pid to
+# `pids` and writes it to DIR/PORT/pid.
+start_cluster_node() {
+  local p=$1
+  redis-server --port "$p" --bind 127.0.0.1 --save '' --appendonly no --dir "$cluster_dir/$p" \
+    --logfile "$cluster_dir/$p/redis.log" --cluster-enabled yes --cluster-config-file nodes.conf \
+    --cluster-port "$(cat "$cluster_dir/$p/cluster-port")" --cluster-node-timeout 3000 &
+  pids+=($!)
+  echo $! > "$cluster_dir/$p/pid"
+  wait_port "$p"
 }
 
 # Where cargo builds (CARGO_TARGET_DIR when set).
