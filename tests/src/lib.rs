@@ -748,6 +748,24 @@ impl Respire {
         (Self::start(backend, &args), metrics_port)
     }
 
+    /// Starts respire in front of `backend` with the plugins in `plugins` and two workers
+    /// that connections are dealt to in turn (`--worker-affinity 0`), so that a test's few
+    /// connections from one address are served by both threads.
+    pub fn with_plugins_over_two_workers(backend: &str, plugins: &Path) -> Respire {
+        let plugins = plugins.to_str().expect("utf-8 path");
+        Self::start(
+            backend,
+            &[
+                "--plugins",
+                plugins,
+                "--workers",
+                "2",
+                "--worker-affinity",
+                "0",
+            ],
+        )
+    }
+
     /// Starts respire with a configuration file of this text (plus `--listen`).
     pub fn with_config(toml: &str) -> Respire {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -363,17 +363,7 @@ fn a_plugin_is_called_only_for_the_commands_it_asked_for() {
         ("a", "[config]\ntag = \"a\"\ncommands = \"set\"\n"),
         ("w", "[config]\ntag = \"w\"\ncategories = \"write\"\n"),
     ]);
-    let proxy = Respire::start(
-        &redis.addr(),
-        &[
-            "--plugins",
-            dir.path().to_str().unwrap(),
-            "--workers",
-            "2",
-            "--worker-affinity",
-            "0",
-        ],
-    );
+    let proxy = Respire::with_plugins_over_two_workers(&redis.addr(), dir.path());
     // Several connections, spread over both workers: the counter is shared by the instances.
     let mut conns: Vec<Raw> = (0..4).map(|_| Raw::connect(proxy.port)).collect();
     for (i, c) in conns.iter_mut().enumerate() {
@@ -469,17 +459,7 @@ fn token_buckets_are_shared_by_all_workers() {
         "limit",
         "[config]\ntag = \"l\"\ncommands = \"get\"\nrate = 0.01\nburst = 6\nlimit_by = \"all\"\n",
     )]);
-    let proxy = Respire::start(
-        &redis.addr(),
-        &[
-            "--plugins",
-            dir.path().to_str().unwrap(),
-            "--workers",
-            "2",
-            "--worker-affinity",
-            "0",
-        ],
-    );
+    let proxy = Respire::with_plugins_over_two_workers(&redis.addr(), dir.path());
     let mut conns: Vec<Raw> = (0..4).map(|_| Raw::connect(proxy.port)).collect();
     let (mut ok, mut limited) = (0, 0);
     for c in conns.iter_mut() {
@@ -989,17 +969,7 @@ fn abusive_plugins_lose_no_acknowledged_write() {
     // A budget that lets the plugin build its 8 MiB answer, and cuts the loop off.
     let dir =
         misbehave_dir("on_error = \"open\"\ntime_budget = \"100ms\"\nmax_memory = \"32MiB\"\n");
-    let proxy = Respire::start(
-        &redis.addr(),
-        &[
-            "--plugins",
-            dir.path().to_str().unwrap(),
-            "--workers",
-            "2",
-            "--worker-affinity",
-            "0",
-        ],
-    );
+    let proxy = Respire::with_plugins_over_two_workers(&redis.addr(), dir.path());
     let stop = Arc::new(AtomicBool::new(false));
     let acked: Arc<Mutex<HashMap<String, i64>>> = Arc::default();
     let refused: Arc<Mutex<Vec<(String, String)>>> = Arc::default();

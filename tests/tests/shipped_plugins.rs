@@ -213,17 +213,7 @@ commands = ["keys"]
 by = ["user", "command"]
 "#;
     let dir = plugin_dir("rate-limit", rules);
-    let proxy = Respire::start(
-        &redis.addr(),
-        &[
-            "--plugins",
-            dir.path().to_str().unwrap(),
-            "--workers",
-            "2",
-            "--worker-affinity",
-            "0",
-        ],
-    );
+    let proxy = Respire::with_plugins_over_two_workers(&redis.addr(), dir.path());
     let refused = |r: &str, rule: &str| {
         r.starts_with(&format!("-ERR rate limit '{rule}' exceeded, retry in "))
             && r.ends_with(" ms\r\n")
@@ -427,17 +417,7 @@ fn a_rate_limit_holds_its_configured_rate_under_load() {
     let redis = RedisServer::start();
     let rules = "[[config.rules]]\nname = \"all\"\nrate = 300\nburst = 30\ncommands = [\"get\"]\n";
     let dir = plugin_dir("rate-limit", rules);
-    let proxy = Respire::start(
-        &redis.addr(),
-        &[
-            "--plugins",
-            dir.path().to_str().unwrap(),
-            "--workers",
-            "2",
-            "--worker-affinity",
-            "0",
-        ],
-    );
+    let proxy = Respire::with_plugins_over_two_workers(&redis.addr(), dir.path());
     let (ok, refused, elapsed) = hammer(&[proxy.port], "all", std::time::Duration::from_secs(3));
     let allowed = 300.0 * elapsed + 30.0;
     eprintln!("{ok} allowed, {refused} refused in {elapsed:.2} s; the limit allows {allowed:.0}");
