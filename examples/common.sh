@@ -74,19 +74,32 @@ start_cluster() {
     redis-cli -p "${ports[0]}" cluster info | grep -q cluster_state:ok && break
     sleep 0.1
   done
+  # And every replica in sync: one that never synced with its master cannot take over from it
+  # (its data counts as too old), so a master lost before then would stay lost.
+  for _ in $(seq 200); do
+    [ "$(for p in "${ports[@]}"; do redis-cli -p "$p" info replication; done | grep -c master_link_status:up)" -ge 3 ] && break
+    sleep 0.1
+  done
 }
 
 # start_cluster_node PORT: starts (or starts again, after a kill) the cluster node of
 # start_cluster on PORT, with its directory, nodes.conf and cluster bus port; adds its pid to
-# `pids` and writes it to DIR/PORT/pid.
+# `pids` and writes it to DIR/PORT/pid. The server runs under a subshell that waits for it, so
+# that a node killed on purpose (SIGKILL) is not reported by the shell as a killed job.
 start_cluster_node() {
   local p=$1
-  redis-server --port "$p" --bind 127.0.0.1 --save '' --appendonly no --dir "$cluster_dir/$p" \
-    --logfile "$cluster_dir/$p/redis.log" --cluster-enabled yes --cluster-config-file nodes.conf \
-    --cluster-port "$(cat "$cluster_dir/$p/cluster-port")" --cluster-node-timeout 3000 &
-  pids+=($!)
-  echo $! > "$cluster_dir/$p/pid"
+  rm -f "$cluster_dir/$p/pid"
+  (
+    redis-server --port "$p" --bind 127.0.0.1 --save '' --appendonly no --dir "$cluster_dir/$p" \
+      --logfile "$cluster_dir/$p/redis.log" --cluster-enabled yes --cluster-config-file nodes.conf \
+      --cluster-port "$(cat "$cluster_dir/$p/cluster-port")" --cluster-node-timeout 3000 \
+      --repl-diskless-sync-delay 0 &
+    echo $! > "$cluster_dir/$p/pid"
+    exec 2>/dev/null
+    wait
+  ) &
   wait_port "$p"
+  pids+=("$(cat "$cluster_dir/$p/pid")")
 }
 
 # Where cargo builds (CARGO_TARGET_DIR when set).
