@@ -314,7 +314,9 @@ pub fn track(shared: Arc<Shared>) {
     });
 }
 
-/// One tracking connection: subscribes to invalidations, then applies them until it breaks.
+/// One node's tracking connection: subscribes to invalidations, applies them until it breaks,
+/// and connects again, backing off while the node cannot be reached (a node that is down stays
+/// in the map until the cluster forgets it). Runs until aborted.
 async fn tracker(
     node: crate::backend::NodeSettings,
     want: Want,
@@ -323,75 +325,105 @@ async fn tracker(
     shared: Arc<Shared>,
 ) {
     let addr = node.addr.clone();
-    // Out of the sessions' list when the task ends, however it ends (it may be aborted).
+    // Out of the sessions' list when the connection ends, however it ends (it may be aborted).
     struct Registered<'a>(&'a Shared, Arc<Link>);
     impl Drop for Registered<'_> {
         fn drop(&mut self) {
             self.0.tracking.remove_link(&self.1);
         }
     }
-    let mut registered: Option<Registered<'_>> = None;
-    let result: Result<(), String> = async {
-        let mut stream =
-            crate::backend::connect_internal(&node, crate::backend::ConnKey::new(0, 3)).await?;
-        let prefixes = want.prefixes();
-        let mut args: Vec<&[u8]> = vec![b"CLIENT", b"TRACKING", b"on", b"BCAST"];
-        for p in &prefixes {
-            args.push(b"PREFIX");
-            args.push(p);
-        }
-        let mut out = BytesMut::new();
-        crate::protocol::encode_args(&mut out, &args);
-        stream.send(&out).await.map_err(|e| e.to_string())?;
-        let mut buf = BytesMut::with_capacity(4096);
-        let ok = crate::backend::read_frame(&mut stream, &mut buf).await?;
-        if !ok.starts_with(b"+OK") {
-            return Err(String::from_utf8_lossy(&ok).trim_end().to_string());
-        }
-        let tls = !matches!(stream, Stream::Tcp(_));
-        let link = Arc::new(Link {
-            tls,
-            conn: Mutex::new(Some(Conn {
-                stream,
-                buf,
-                pings: VecDeque::new(),
-            })),
-            rearm: tokio::sync::Notify::new(),
-            want: want.clone(),
-            ping: ping.clone(),
-        });
-        shared.tracking.add_link(link.clone());
-        registered = Some(Registered(&shared, link.clone()));
-        up.store(true, Ordering::Release);
-        tracing::debug!(node = %addr, "tracking connection up");
-        loop {
-            tokio::select! {
-                r = std::future::poll_fn(|cx| link.drain(&shared, Some(cx))) => r?,
-                // A session drained the socket: poll again (and so register this task's waker).
-                _ = link.rearm.notified() => {}
-                _ = ping.notify.notified() => link.ping(ping.round.load(Ordering::Relaxed))?,
+    let mut backoff = node.reconnect_min;
+    // Attempts in a row that did not get the connection up.
+    let mut failures = 0u32;
+    // Whether the current outage has been logged.
+    let mut told = false;
+    loop {
+        let mut registered: Option<Registered<'_>> = None;
+        let result: Result<(), String> = async {
+            let mut stream =
+                crate::backend::connect_internal(&node, crate::backend::ConnKey::new(0, 3)).await?;
+            let prefixes = want.prefixes();
+            let mut args: Vec<&[u8]> = vec![b"CLIENT", b"TRACKING", b"on", b"BCAST"];
+            for p in &prefixes {
+                args.push(b"PREFIX");
+                args.push(p);
+            }
+            let mut out = BytesMut::new();
+            crate::protocol::encode_args(&mut out, &args);
+            stream.send(&out).await.map_err(|e| e.to_string())?;
+            let mut buf = BytesMut::with_capacity(4096);
+            let ok = crate::backend::read_frame(&mut stream, &mut buf).await?;
+            if !ok.starts_with(b"+OK") {
+                return Err(String::from_utf8_lossy(&ok).trim_end().to_string());
+            }
+            let tls = !matches!(stream, Stream::Tcp(_));
+            let link = Arc::new(Link {
+                tls,
+                conn: Mutex::new(Some(Conn {
+                    stream,
+                    buf,
+                    pings: VecDeque::new(),
+                })),
+                rearm: tokio::sync::Notify::new(),
+                want: want.clone(),
+                ping: ping.clone(),
+            });
+            shared.tracking.add_link(link.clone());
+            registered = Some(Registered(&shared, link.clone()));
+            up.store(true, Ordering::Release);
+            if failures > 0 {
+                tracing::info!(node = %addr, failures, "tracking connection up again");
+            } else {
+                tracing::debug!(node = %addr, "tracking connection up");
+            }
+            loop {
+                tokio::select! {
+                    r = std::future::poll_fn(|cx| link.drain(&shared, Some(cx))) => r?,
+                    // A session drained the socket: poll again (and so register this task's waker).
+                    _ = link.rearm.notified() => {}
+                    _ = ping.notify.notified() => link.ping(ping.round.load(Ordering::Relaxed))?,
+                }
             }
         }
-    }
-    .await;
-    drop(registered);
-    // Invalidations may have been lost: nothing cached may be served any more, and tracking
-    // clients drop what they hold.
-    up.store(false, Ordering::Release);
-    if want.cache.is_some() {
-        shared.cache.tracker_lost();
-    }
-    if want.clients {
-        shared.tracking.set_up(false, &shared.clients);
-    }
-    if let Err(e) = result {
+        .await;
+        drop(registered);
+        // Invalidations may have been lost: nothing cached may be served any more, and tracking
+        // clients drop what they hold.
+        let was_up = up.swap(false, Ordering::AcqRel);
         if want.cache.is_some() {
-            tracing::warn!(node = %addr, error = %e, "cache tracking connection lost; cache flushed");
-        } else {
-            tracing::warn!(node = %addr, error = %e, "tracking connection lost; tracking clients told to drop what they cached");
+            shared.cache.tracker_lost();
         }
+        if want.clients {
+            shared.tracking.set_up(false, &shared.clients);
+        }
+        if was_up {
+            failures = 0;
+            told = false;
+            backoff = node.reconnect_min;
+        } else {
+            failures = failures.saturating_add(1);
+        }
+        if let Err(e) = result {
+            // Said once when the connection is lost or cannot be made; the attempts that follow
+            // while the node stays unreachable are debug lines.
+            if std::mem::replace(&mut told, true) {
+                tracing::debug!(node = %addr, error = %e, failures, "tracking connection: reconnect failed");
+            } else if want.cache.is_some() {
+                tracing::warn!(node = %addr, error = %e, "cache tracking connection lost; cache flushed");
+            } else {
+                tracing::warn!(node = %addr, error = %e, "tracking connection lost; tracking clients told to drop what they cached");
+            }
+        }
+        // Back off with jitter while the node cannot be reached.
+        let delay = if failures == 0 {
+            node.reconnect_min
+        } else {
+            let d = backoff.mul_f64(0.5 + fastrand::f64());
+            backoff = (backoff * 2).min(node.reconnect_max);
+            d
+        };
+        tokio::time::sleep(delay).await;
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
 /// Applies a `>2 invalidate [keys]` push (`_` instead of keys: everything was flushed).

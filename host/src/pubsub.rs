@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::backend::{self, ConnKey, NodeSettings};
 use crate::io::{IoEvent, poll_io, write_now};
@@ -401,11 +401,18 @@ async fn run(
 ) {
     let key = ConnKey::new(0, 3);
     let mut backoff = node.reconnect_min;
+    // Attempts in a row that failed: the first is a warning, the others debug lines.
+    let mut failures = 0u32;
     loop {
         let mut stream = match backend::connect(&node, key).await {
             Ok(s) => s,
             Err(e) => {
-                warn!(backend = %node.addr, error = %e, "subscriber connection failed");
+                failures = failures.saturating_add(1);
+                if failures == 1 {
+                    warn!(backend = %node.addr, error = %e, "subscriber connection failed");
+                } else {
+                    debug!(backend = %node.addr, error = %e, failures, "subscriber connection: reconnect failed");
+                }
                 // The node may be gone for good (failover): move subscriptions to where they belong now.
                 hub.shared.topology.request_refresh();
                 if hub.move_off(&node.addr, &conn) {
@@ -421,6 +428,9 @@ async fn run(
                 continue;
             }
         };
+        if failures > 0 {
+            info!(backend = %node.addr, "subscriber connection up again");
+        }
         backoff = node.reconnect_min;
         // Subscribe to everything registered (after a reconnect, again); queued commands are now redundant.
         while commands.try_recv().is_ok() {}
@@ -456,6 +466,8 @@ async fn run(
             }
         };
         warn!(backend = %node.addr, %reason, "subscriber connection lost; resubscribing");
+        // The outage is said: attempts that fail from here on are debug lines.
+        failures = 1;
     }
 }
 

@@ -471,6 +471,52 @@ fn a_lost_tracking_connection_flushes_the_cache() {
     );
 }
 
+/// A node that stays down is said once in the log, not at every reconnection attempt (they
+/// back off), and the cache serves again once the node is back.
+#[test]
+fn a_node_down_for_a_while_is_logged_once_and_cached_again_when_back() {
+    let mut redis = RedisServer::start();
+    let (proxy, mport, _dir) = cached_proxy(&redis, USERS, "1");
+    wait_metric(
+        mport,
+        "respire_cache_active",
+        |v| v == 1.0,
+        "the cache to serve",
+    );
+    redis.kill();
+    wait_metric(
+        mport,
+        "respire_cache_active",
+        |v| v == 0.0,
+        "the cache to stop serving",
+    );
+    // Reconnection attempts went on meanwhile (every 100 ms before they backed off).
+    std::thread::sleep(Duration::from_secs(3));
+    let said = proxy
+        .log()
+        .matches("cache tracking connection lost")
+        .count();
+    assert_eq!(said, 1, "{}", proxy.log());
+    redis.restart();
+    wait_metric(
+        mport,
+        "respire_cache_active",
+        |v| v == 1.0,
+        "the cache to serve again",
+    );
+    assert!(
+        proxy.log().contains("tracking connection up again"),
+        "{}",
+        proxy.log()
+    );
+    let mut p = Raw::connect(proxy.port);
+    assert_eq!(text(&mut p, &[b"SET", b"user:back", b"v"]), "+OK\r\n");
+    assert_eq!(text(&mut p, &[b"GET", b"user:back"]), "$1\r\nv\r\n");
+    let hits = metric(mport, "respire_cache_hits_total");
+    assert_eq!(text(&mut p, &[b"GET", b"user:back"]), "$1\r\nv\r\n");
+    assert_eq!(metric(mport, "respire_cache_hits_total") - hits, 1.0);
+}
+
 #[test]
 fn over_a_cluster_every_node_reports_its_writes() {
     let cluster = Cluster::start(3, 1);

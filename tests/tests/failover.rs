@@ -8,7 +8,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use respire_tests::{Cluster, Load, Raw, Respire, lost_writes, resp};
+use respire_tests::{Cluster, Load, Raw, RedisServer, Respire, lost_writes, resp};
 
 fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -352,6 +352,48 @@ fn subscribers_keep_receiving_across_failover_and_resharding() {
             "the subscription did not survive losing its node"
         );
     }
+}
+
+/// A standalone Redis down for a while: the subscriber waits it out on the same connection
+/// (respire subscribes again once Redis is back), and respire's log says the outage once, not
+/// at every reconnection attempt.
+#[test]
+fn a_subscriber_waits_out_a_redis_restart_and_the_log_says_it_once() {
+    let mut redis = RedisServer::start();
+    let proxy = Respire::start(&redis.addr(), &[]);
+    let mut sub = Raw::connect(proxy.port);
+    let got = sub.roundtrip(&resp(&[b"SUBSCRIBE", b"news"]), 1);
+    assert!(String::from_utf8_lossy(&got).contains("news"), "{got:?}");
+    redis.kill();
+    // Reconnection attempts go on meanwhile (backing off from 50 ms).
+    std::thread::sleep(Duration::from_secs(3));
+    let log = proxy.log();
+    let said = log.matches("subscriber connection lost").count()
+        + log.matches("subscriber connection failed").count();
+    assert_eq!(said, 1, "{log}");
+    redis.restart();
+    let mut publisher = Raw::connect(proxy.port);
+    sub.set_timeout(Duration::from_millis(300));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // Counted once the subscription is made again (0 while respire reconnects).
+        let n = publisher.roundtrip(&resp(&[b"PUBLISH", b"news", b"back"]), 1);
+        let got = String::from_utf8_lossy(&sub.read_replies(1)).into_owned();
+        if got.ends_with("back\r\n") {
+            assert_eq!(n, b":1\r\n");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the subscription was not made again: {}",
+            proxy.log()
+        );
+    }
+    assert!(
+        proxy.log().contains("subscriber connection up again"),
+        "{}",
+        proxy.log()
+    );
 }
 
 #[test]
