@@ -98,7 +98,7 @@ chaos_log="$work/chaos.log"
          # the node is started again (empty: no persistence) and rejoins as a replica. Writes it
          # acknowledged but had not yet replicated are lost, as with Redis itself: soak.py
          # counts the ones acknowledged just before the kill apart (the kill's time is logged).
-         victim=$(masters | head -1)
+         m=($(masters)); victim=${m[$((step / 5 % ${#m[@]}))]}  # a different master each time
          echo "$SECONDS kill -9 master $victim at $(date +%s.%N)" >> "$chaos_log"
          kill -9 "$(cat "$work/$victim/pid")"
          for _ in $(seq 300); do
