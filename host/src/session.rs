@@ -634,6 +634,48 @@ struct Exclusive {
     conn: BackendConn,
 }
 
+/// A session's handles to shared connections, one per topology node, for one key (database,
+/// protocol, lane); asking for another key starts over.
+struct ConnCache {
+    key: ConnKey,
+    conns: Vec<Option<BackendConn>>,
+}
+
+impl Default for ConnCache {
+    fn default() -> Self {
+        ConnCache {
+            key: ConnKey::new(0, 2),
+            conns: Vec::new(),
+        }
+    }
+}
+
+impl ConnCache {
+    /// The handle for `node` and `key`, made by `open` the first time. Borrowed, not cloned:
+    /// a handle is three reference counts, taken and dropped for every request otherwise.
+    #[inline]
+    fn get(
+        &mut self,
+        node: usize,
+        key: ConnKey,
+        open: impl FnOnce() -> BackendConn,
+    ) -> &BackendConn {
+        if self.key != key {
+            self.conns.clear();
+            self.key = key;
+        }
+        if self.conns.len() <= node {
+            self.conns.resize(node + 1, None);
+        }
+        self.conns[node].get_or_insert_with(open)
+    }
+
+    /// Forgets every handle (the topology changed: node indexes mean other nodes).
+    fn clear(&mut self) {
+        self.conns.clear();
+    }
+}
+
 /// A client connection's state.
 pub struct Session {
     worker: Rc<Worker>,
@@ -652,12 +694,10 @@ pub struct Session {
     /// A command that turns the connection into a stream once nothing is owed, and its node.
     stream_start: Option<(Command, Vec<usize>)>,
     topo: Arc<Topology>,
-    /// Shared connections for `conns_key`, by topology node index.
-    conns: Vec<Option<BackendConn>>,
-    conns_key: ConnKey,
-    /// The first scripts' lane's connections for `lane_key`, by topology node index.
-    lane_conns: Vec<Option<BackendConn>>,
-    lane_key: ConnKey,
+    /// Shared connections for the current database and protocol, by topology node index.
+    conns: ConnCache,
+    /// The first scripts' lane's connections, by topology node index.
+    lane_conns: ConnCache,
     proto: u8,
     db: u32,
     authenticated: bool,
@@ -784,10 +824,8 @@ pub async fn run(worker: Rc<Worker>, stream: Stream, info: Arc<ClientInfo>) {
         stalled: None,
         stream_start: None,
         topo,
-        conns: Vec::new(),
-        conns_key: ConnKey::new(0, 2),
-        lane_conns: Vec::new(),
-        lane_key: ConnKey::new(0, 2),
+        conns: ConnCache::default(),
+        lane_conns: ConnCache::default(),
         proto: 2,
         db: 0,
         authenticated,
@@ -3628,43 +3666,21 @@ impl Session {
     }
 
     /// The session's shared connection to `node` for its current database and protocol.
-    /// Borrowed, not cloned: a handle is three reference counts, taken and dropped for every
-    /// request otherwise.
     fn conn_on(&mut self, node: usize) -> &BackendConn {
         let key = self.key();
-        if self.conns_key != key {
-            self.conns.clear();
-            self.conns_key = key;
-        }
-        if self.conns.len() <= node {
-            self.conns.resize(node + 1, None);
-        }
-        let id = self.info.id;
-        match &mut self.conns[node] {
-            Some(c) => c,
-            slot @ None => {
-                slot.insert(self.worker.pool(&self.topo.node_addr(node)).shared(key, id))
-            }
-        }
+        let (worker, topo, id) = (&self.worker, &self.topo, self.info.id);
+        self.conns.get(node, key, || {
+            worker.pool(&topo.node_addr(node)).shared(key, id)
+        })
     }
 
     /// The session's connection to `node` on the first scripts' lane for `key` (see
     /// [`Session::conn_on`]).
     fn lane_conn(&mut self, node: usize, key: ConnKey) -> &BackendConn {
-        if self.lane_key != key {
-            self.lane_conns.clear();
-            self.lane_key = key;
-        }
-        if self.lane_conns.len() <= node {
-            self.lane_conns.resize(node + 1, None);
-        }
-        let id = self.info.id;
-        match &mut self.lane_conns[node] {
-            Some(c) => c,
-            slot @ None => {
-                slot.insert(self.worker.pool(&self.topo.node_addr(node)).shared(key, id))
-            }
-        }
+        let (worker, topo, id) = (&self.worker, &self.topo, self.info.id);
+        self.lane_conns.get(node, key, || {
+            worker.pool(&topo.node_addr(node)).shared(key, id)
+        })
     }
 
     /// The exclusive connection on `node`, checked out if needed; an error if the session is pinned elsewhere.
