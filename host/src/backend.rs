@@ -556,6 +556,12 @@ impl BackendConn {
         self.state.connected.get()
     }
 
+    /// Gives up this checkout's turn (see [`Pool::checkout`]): for a request sent later (a
+    /// retry after a delay), which must not hold up the other checkouts' first writes.
+    pub fn pass_turn(&self) {
+        drop(self.state.turn.take());
+    }
+
     /// Whether a scripts' lane has waited [`LANE_HELD`] or more on its oldest request,
     /// without a byte of reply, at `now` (never on other connections).
     pub fn is_held(&self, now: Instant) -> bool {
@@ -1061,6 +1067,10 @@ impl Pool {
     /// connected or connecting), else a new one. A spare then starts connecting for the next
     /// checkout: a blocking command sent right after another client's would otherwise wait
     /// for a handshake, and a command sent after both could reach Redis first.
+    ///
+    /// The checkout takes a turn (see `Turns`): its first request is written after those of
+    /// the earlier checkouts. Send it at once, or give the turn up first
+    /// ([`BackendConn::pass_turn`]), or the later checkouts wait for it.
     pub fn checkout(&self, key: ConnKey) -> BackendConn {
         let mut idle = self.idle.borrow_mut();
         let list = idle.entry(key).or_default();

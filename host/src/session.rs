@@ -4072,6 +4072,8 @@ impl RedirectCtx<'_> {
                 Duration::from_millis((10u64 << retry.tryagain).min(200)),
             );
             if retry.exclusive {
+                // Sent after the delay: the other clients' checkouts go first meanwhile.
+                conn.pass_turn();
                 retry.conn = Some(conn.clone());
             }
             tokio::task::spawn_local(async move {
