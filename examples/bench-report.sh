@@ -35,7 +35,7 @@ LATENCY_SECONDS=${LATENCY_SECONDS:-5}
 source examples/common.sh
 ensure_commands redis-server:redis-server redis-benchmark:redis-tools nutcracker:nutcracker bc:bc taskset:util-linux
 rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
-cargo build --release --locked -p respire -p respire-tests --bin respire --bin loadgen >/dev/null
+cargo build --release --locked -p respire -p respire-tests --bin respire --bin loadgen --bin floor >/dev/null
 cargo build --release --locked --target wasm32-wasip2 \
   -p respire-plugin-acl -p respire-plugin-rate-limit -p respire-plugin-metrics -p respire-plugin-cache-policy >/dev/null
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
@@ -85,8 +85,15 @@ pids+=($!)
 pid_of[twemproxy]=$!
 port_of[twemproxy]=$twem_port
 wait_port "$twem_port"
+# The floor: the least a multiplexing proxy can do (tests/src/bin/floor.rs), as a yardstick.
+floor_port=$(free_port)
+$PIN_PROXY "$target_dir"/release/floor --listen "127.0.0.1:$floor_port" --backend "127.0.0.1:$redis_port" 2>"$work/floor.log" &
+pids+=($!)
+pid_of[floor]=$!
+port_of[floor]=$floor_port
+wait_port "$floor_port"
 port_of[direct]=$redis_port
-targets="direct respire plugins twemproxy"
+targets=${TARGETS:-"direct respire plugins twemproxy floor"}
 
 # Seconds in fields N and N+1 of /proc/PID/stat, counted after the command name.
 stat_seconds() { awk -v hz="$(getconf CLK_TCK)" -v n="$2" '{ sub(/.*\) /, ""); split($0, f, " "); print (f[n] + f[n + 1]) / hz }' "/proc/$1/stat"; }
