@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # respire's benchmark report: everything BENCHMARKS.md shows for one Redis, in one run.
 #
-# Direct Redis, respire, respire with the four shipped plugins and twemproxy (nutcracker)
-# run side by side and are measured alternately, round after round, so that drift on a shared
+# Direct Redis, respire, respire with the four shipped plugins, twemproxy (nutcracker) and the
+# floor (tests/src/bin/floor.rs: the least a multiplexing proxy can do, a yardstick) run side
+# by side and are measured alternately, round after round, so that drift on a shared
 # machine hits them alike; the tables give medians. By default (PIN=1) Redis is pinned to
 # core 0 and every proxy to core 1; the load generators float.
 #
@@ -19,6 +20,8 @@
 #   pubsub      1 and 50 subscribers through the target, one publisher on Redis, 64-byte
 #               messages (loadgen --subscribers): messages/s per subscriber, delivery latency,
 #               proxy CPU per million deliveries (twemproxy has no pub/sub)
+#
+# TARGETS narrows the throughput and mix sections, e.g. TARGETS="direct respire floor".
 #
 #   bash examples/bench-report.sh
 #   ROUNDS=5 REQUESTS=500000 SECTIONS="throughput mix" bash examples/bench-report.sh
