@@ -200,7 +200,8 @@ if has latency; then
   for round in $(seq "$ROUNDS"); do
     for f in 25 50 75 100; do
       rate=$(echo "$sat * $f / 100" | bc -l)
-      for name in direct respire; do
+      for name in direct respire floor; do
+        [[ " $targets " == *" $name "* ]] || continue
         measure "lat,$f,$name" "$name" 0 load --clients 50 --rate "$rate" --seconds "$LATENCY_SECONDS" --ratio 1:4 --threads 1
       done
     done
@@ -209,12 +210,23 @@ if has latency; then
   echo
   echo "## Latency against load: the mix, 50 connections, open loop at fractions of respire's saturation ($(fmt "$sat" 0) ops/s)"
   echo
-  echo "| load | rate ops/s | direct p50 / p99 / p99.9 µs | respire p50 / p99 / p99.9 µs | respire adds at p99 µs |"
-  echo "|---:|---:|---|---|---:|"
+  # The floor's columns when it is among the targets: what any multiplexing proxy adds here.
+  floor_on=0; [[ " $targets " == *" floor "* ]] && floor_on=1
+  if [ "$floor_on" = 1 ]; then
+    echo "| load | rate ops/s | direct p50 / p99 / p99.9 µs | respire p50 / p99 / p99.9 µs | respire adds at p99 µs | floor p50 / p99 / p99.9 µs | floor adds at p99 µs |"
+    echo "|---:|---:|---|---|---:|---|---:|"
+  else
+    echo "| load | rate ops/s | direct p50 / p99 / p99.9 µs | respire p50 / p99 / p99.9 µs | respire adds at p99 µs |"
+    echo "|---:|---:|---|---|---:|"
+  fi
   for f in 25 50 75 100; do
     dp99=$(med "${p99[lat,$f,direct]}"); rp99=$(med "${p99[lat,$f,respire]}")
-    echo "| $f% | $(fmt "$(echo "$sat * $f / 100" | bc -l)" 0) | $(med "${p50[lat,$f,direct]}") / $dp99 / $(med "${p999[lat,$f,direct]}") |" \
-      "$(med "${p50[lat,$f,respire]}") / $rp99 / $(med "${p999[lat,$f,respire]}") | $(echo "$rp99 - $dp99" | bc) |"
+    row="| $f% | $(fmt "$(echo "$sat * $f / 100" | bc -l)" 0) | $(med "${p50[lat,$f,direct]}") / $dp99 / $(med "${p999[lat,$f,direct]}") | $(med "${p50[lat,$f,respire]}") / $rp99 / $(med "${p999[lat,$f,respire]}") | $(echo "$rp99 - $dp99" | bc) |"
+    if [ "$floor_on" = 1 ]; then
+      fp99=$(med "${p99[lat,$f,floor]}")
+      row+=" $(med "${p50[lat,$f,floor]}") / $fp99 / $(med "${p999[lat,$f,floor]}") | $(echo "$fp99 - $dp99" | bc) |"
+    fi
+    echo "$row"
   done
 fi
 
