@@ -73,8 +73,10 @@ args=()
 for u in $UNITS; do args+=(--single "$u"); done
 cd "$suite"
 set +e
+tags=()
+for t in ${TAGS-"-needs:repl"}; do tags+=(--tags "$t"); done
 tclsh tests/test_helper.tcl --host 127.0.0.1 --port "$pport" --timeout 120 \
-  --tags -needs:repl --tags -needs:debug --skipfile "$work/skip" "${args[@]}"
+  "${tags[@]}" --skipfile "$work/skip" "${args[@]}" ${SUITE_ARGS:-}
 status=$?
 set -e
 echo "respire's log:" >&2

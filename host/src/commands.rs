@@ -40,6 +40,9 @@ pub enum Kind {
     Control,
     /// `SUBSCRIBE`, `PSUBSCRIBE`, `SSUBSCRIBE`, `MONITOR`: the connection becomes a stream.
     Stream,
+    /// `SYNC`, `PSYNC`: the connection becomes a replication link to the one master behind
+    /// respire, relayed byte for byte until either side closes it.
+    Replica,
     /// `UNSUBSCRIBE`, `PUNSUBSCRIBE`, `SUNSUBSCRIBE` outside subscribe mode.
     Unsubscribe,
     /// `PUBLISH`, `SPUBLISH`, `PUBSUB`: forwarded; the subscriber counts in their replies are
@@ -106,7 +109,8 @@ const fn no_auth(name: &'static str, kind: Kind) -> Spec {
 }
 
 /// What respire tells the client for commands it cannot proxy.
-const REPLICATION: &str = "ERR respire: replication commands cannot be sent through the proxy";
+const REPLICATION: &str =
+    "ERR respire: REPLCONF is for a replication link, which SYNC or PSYNC starts";
 
 /// The table, sorted by name (checked by a test).
 static TABLE: &[Spec] = &[
@@ -134,7 +138,7 @@ static TABLE: &[Spec] = &[
     spec("multi", Kind::Multi),
     spec("ping", Kind::Local(Local::Ping)),
     spec("psubscribe", Kind::Stream),
-    spec("psync", Kind::Refused(REPLICATION)),
+    spec("psync", Kind::Replica),
     spec("publish", Kind::Receivers),
     spec("pubsub", Kind::Receivers),
     spec("punsubscribe", Kind::Unsubscribe),
@@ -150,7 +154,7 @@ static TABLE: &[Spec] = &[
     spec("ssubscribe", Kind::Stream),
     spec("subscribe", Kind::Stream),
     spec("sunsubscribe", Kind::Unsubscribe),
-    spec("sync", Kind::Refused(REPLICATION)),
+    spec("sync", Kind::Replica),
     spec("unsubscribe", Kind::Unsubscribe),
     spec("unwatch", Kind::Unwatch),
     spec("wait", Kind::Blocking),

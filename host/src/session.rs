@@ -980,7 +980,13 @@ impl Session {
                     if !self.flush_all().await {
                         return;
                     }
-                    match self.relay_stream(first, &nodes).await {
+                    let replica = first.name().eq_ignore_ascii_case(b"sync")
+                        || first.name().eq_ignore_ascii_case(b"psync");
+                    let end = match nodes.first() {
+                        Some(&master) if replica => self.relay_replication(first, master).await,
+                        _ => self.relay_stream(first, &nodes).await,
+                    };
+                    match end {
                         StreamEnd::Close => return,
                         StreamEnd::Reset => {
                             self.process_input();
@@ -1388,6 +1394,7 @@ impl Session {
                                     | Local::Client
                                     | Local::Quit
                             ) | Kind::Stream
+                                | Kind::Replica
                         );
                         if ends
                             || batch.len() >= MAX_PLUGIN_BATCH
@@ -2180,7 +2187,10 @@ impl Session {
                         .with_hook(chain, |s| s.reply_with(|o, _| o.extend_from_slice(&bytes)));
                 }
             }
-            if matches!(res.spec.kind, Kind::Stream | Kind::Unsubscribe) {
+            if matches!(
+                res.spec.kind,
+                Kind::Stream | Kind::Unsubscribe | Kind::Replica
+            ) {
                 // Subscriptions and MONITOR answer with a stream, not one reply.
                 chain = None;
             }
@@ -2628,6 +2638,7 @@ impl Session {
                 }
             }
             Kind::Unsubscribe => self.unsubscribe(&cmd),
+            Kind::Replica => self.start_replica(cmd),
             Kind::Refused(msg) => self.reply_error(msg),
             Kind::Receivers => {
                 self.receivers(cmd, res);

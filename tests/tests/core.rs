@@ -2145,3 +2145,140 @@ fn a_write_held_by_client_pause_outlasts_the_command_timeout() {
     );
     assert_eq!(p.roundtrip(&resp(&[b"GET", b"k"]), 1), b"$1\r\n1\r\n");
 }
+
+/// Reads one `$count\r\n` line (Redis may send newlines first, as pings) and the `count`
+/// bytes of snapshot after it, as Redis's test suite reads a replication stream's start.
+fn read_snapshot(s: &mut std::net::TcpStream) -> Vec<u8> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        s.read_exact(&mut byte).expect("the link's first line");
+        if byte[0] == b'\n' && buf.last() == Some(&b'\r') {
+            break;
+        }
+        if !(byte[0] == b'\n' && buf.is_empty()) {
+            buf.push(byte[0]);
+        }
+    }
+    let line = String::from_utf8_lossy(&buf).trim_end().to_string();
+    let count: usize = line
+        .strip_prefix('$')
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("expected the snapshot's length, got {line:?}"));
+    let mut rdb = vec![0u8; count];
+    s.read_exact(&mut rdb).expect("the snapshot");
+    rdb
+}
+
+/// `SYNC` through respire in front of one Redis: the connection becomes a replication link,
+/// as Redis's own test suite uses it (`attach_to_replication_stream`): the snapshot, then the
+/// writes of every client as the master propagates them.
+#[test]
+fn the_replication_stream_can_be_read_through_respire() {
+    use std::io::{Read, Write};
+    let redis = RedisServer::start();
+    let proxy = Respire::start(&redis.addr(), &["--workers", "2"]);
+    let mut p = Raw::connect(proxy.port);
+    assert_eq!(
+        p.roundtrip(&resp(&[b"SET", b"before", b"1"]), 1),
+        b"+OK\r\n"
+    );
+    assert_eq!(
+        p.roundtrip(
+            &resp(&[b"CONFIG", b"SET", b"repl-ping-replica-period", b"3600"]),
+            1
+        ),
+        b"+OK\r\n"
+    );
+    let mut link = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    link.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    link.write_all(b"SYNC\r\n").unwrap();
+    let rdb = read_snapshot(&mut link);
+    assert!(
+        rdb.starts_with(b"REDIS"),
+        "a snapshot, not {:?}",
+        &rdb[..rdb.len().min(16)]
+    );
+    assert!(
+        rdb.windows(6).any(|w| w == b"before"),
+        "the snapshot holds the key written before"
+    );
+    assert_eq!(p.roundtrip(&resp(&[b"SET", b"foo", b"bar"]), 1), b"+OK\r\n");
+    assert_eq!(p.roundtrip(&resp(&[b"INCR", b"n"]), 1), b":1\r\n");
+    let want = [
+        resp(&[b"SELECT", b"0"]),
+        resp(&[b"SET", b"foo", b"bar"]),
+        resp(&[b"INCR", b"n"]),
+    ]
+    .concat();
+    let mut got = vec![0u8; want.len()];
+    link.read_exact(&mut got).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(&want)
+    );
+    let info = cli(redis.port, &["INFO", "replication"]);
+    assert!(info.contains("connected_slaves:1"), "{info}");
+    // Closing the link ends it on Redis; other clients go on.
+    drop(link);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cli(redis.port, &["INFO", "replication"]).contains("connected_slaves:0") {
+        assert!(
+            Instant::now() < deadline,
+            "the master still has the replica"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(p.roundtrip(&resp(&[b"GET", b"foo"]), 1), b"$3\r\nbar\r\n");
+}
+
+/// A Redis started with `replicaof` respire's address replicates the master behind it: the
+/// `PSYNC` link is relayed byte for byte, the replica's acknowledgements included.
+#[test]
+fn a_redis_replica_can_replicate_through_respire() {
+    let master = RedisServer::start();
+    let proxy = Respire::start(&master.addr(), &[]);
+    let mut p = Raw::connect(proxy.port);
+    assert_eq!(
+        p.roundtrip(&resp(&[b"SET", b"before", b"1"]), 1),
+        b"+OK\r\n"
+    );
+    let port = proxy.port.to_string();
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !cli(replica.port, &["INFO", "replication"]).contains("master_link_status:up") {
+        assert!(
+            Instant::now() < deadline,
+            "the replica's link did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(p.roundtrip(&resp(&[b"SET", b"after", b"2"]), 1), b"+OK\r\n");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while cli(replica.port, &["MGET", "before", "after"]).trim() != "1\n2" {
+        assert!(
+            Instant::now() < deadline,
+            "the replica did not get the writes"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The master counts the replica's acknowledgements: WAIT through respire sees it.
+    assert_eq!(p.roundtrip(&resp(&[b"WAIT", b"1", b"2000"]), 1), b":1\r\n");
+}
+
+/// With several shards there is no single master to replicate: a clear error, and the
+/// connection stays usable.
+#[test]
+fn sync_over_several_shards_is_refused() {
+    let shards: Vec<RedisServer> = (0..2).map(|_| RedisServer::start()).collect();
+    let list = format!("{},{}", shards[0].addr(), shards[1].addr());
+    let proxy = Respire::start_args(&["--shards", &list]);
+    let mut p = Raw::connect(proxy.port);
+    assert_eq!(
+        p.roundtrip(b"SYNC\r\n", 1),
+        b"-ERR respire: SYNC and PSYNC need a single master behind the proxy; there are 2\r\n"
+    );
+    assert_eq!(p.roundtrip(&resp(&[b"PING"]), 1), b"+PONG\r\n");
+}

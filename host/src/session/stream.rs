@@ -211,6 +211,86 @@ impl Session {
         end
     }
 
+    // ---- SYNC / PSYNC -----------------------------------------------------
+
+    /// `SYNC` / `PSYNC`: in front of a single master the connection becomes a replication
+    /// link to it (see [`Session::relay_replication`]), so that replication tools and tests
+    /// that read the replication stream work through respire. With several shards there is
+    /// no one master to replicate: an error.
+    pub(super) fn start_replica(&mut self, cmd: Command) {
+        if self.waiting > 0 {
+            // Redis refuses SYNC with replies still owed: the link starts after them.
+            self.stalled = Some(cmd);
+            return;
+        }
+        let masters: Vec<usize> = self.topo.shards.iter().map(|s| s.master).collect();
+        match masters.len() {
+            0 => self.reply_error(super::CLUSTERDOWN),
+            1 => self.stream_start = Some((cmd, masters)),
+            n => self.reply_error(&format!(
+                "ERR respire: SYNC and PSYNC need a single master behind the proxy; there are {n}"
+            )),
+        }
+    }
+
+    /// The replication link: a connection of its own to the master, the client's command and
+    /// everything after it relayed byte for byte both ways (the snapshot, the command stream,
+    /// the replica's `REPLCONF ACK`s) until either side closes it or the client is killed. The
+    /// client is closed then: the link's state is the master's and the replica's alone.
+    pub(super) async fn relay_replication(&mut self, first: Command, node: usize) -> StreamEnd {
+        self.release_exclusive(false);
+        let addr = self.topo.node_addr(node);
+        let settings = self.worker.pool(&addr).node().clone();
+        let mut link = match backend::connect(&settings, self.key()).await {
+            Ok(link) => link,
+            Err(reason) => {
+                let e = BackendError::Unavailable {
+                    addr: settings.addr.clone(),
+                    reason,
+                };
+                self.reply_error(&e.to_string());
+                return StreamEnd::Reset;
+            }
+        };
+        tracing::info!(client = self.info.id, addr = %self.info.addr, master = %addr, "replication link through respire");
+        let mut to_master = BytesMut::from(&first.to_resp()[..]);
+        to_master.extend_from_slice(&self.inbuf.split());
+        let mut to_client = BytesMut::with_capacity(64 * 1024);
+        let mut signals = crate::clients::SignalWatch::default();
+        let info = self.info.clone();
+        let stream = &mut self.stream;
+        loop {
+            let (signal, closed) = std::future::poll_fn(|cx| {
+                let signal = match signals.poll(&info, cx) {
+                    Poll::Ready(bits) => bits,
+                    Poll::Pending => 0,
+                };
+                // Each side is read only while the other has taken most of what it was given.
+                let reading = to_client.len() < LINK_BUFFER;
+                let from_master = poll_io(&mut link, cx, &mut to_master, &mut to_client, reading);
+                let reading = to_master.len() < LINK_BUFFER;
+                let from_client = poll_io(stream, cx, &mut to_client, &mut to_master, reading);
+                let closed = matches!(from_master, Poll::Ready(IoEvent::Closed(_)))
+                    || matches!(from_client, Poll::Ready(IoEvent::Closed(_)));
+                if signal != 0 || closed || from_master.is_ready() || from_client.is_ready() {
+                    Poll::Ready((signal, closed))
+                } else {
+                    Poll::Pending
+                }
+            })
+            .await;
+            if signal & crate::clients::signal::NOTES != 0 {
+                // Tracking messages have no place in a replication stream.
+                drop(info.take_notes());
+            }
+            if closed || signal & !crate::clients::signal::NOTES != 0 {
+                // What the master sent last still goes to the client, if it takes it now.
+                let _ = write_now(stream, &mut to_client);
+                break StreamEnd::Close;
+            }
+        }
+    }
+
     /// Starts feeds for the nodes to follow that have none (in the background: a node down
     /// must not hold the stream), and drops those of nodes no longer followed.
     fn follow_topology(
@@ -325,6 +405,10 @@ const INTERNAL_HELLO_END: &[u8] = b"\"SETNAME\" \"respire-internal\"\r\n";
 
 /// What a stream's client is told when no node's connection is left.
 const LOST: &str = "ERR respire: connection to backend was lost; subscriptions ended";
+
+/// How much a replication link holds for a side that does not read before it stops reading
+/// the other (the master then buffers, within its replica output limit).
+const LINK_BUFFER: usize = 256 * 1024;
 
 /// How often a stream checks that it follows the nodes the topology says it should.
 const FOLLOW_EVERY: Duration = Duration::from_secs(1);
