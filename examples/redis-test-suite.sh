@@ -36,6 +36,12 @@ version=$(dpkg-query -W -f '${source:Version}' redis-server 2>/dev/null || true)
   tar xzf redis_*.orig.tar.gz
 )
 suite=$(echo "$work"/redis-*/)
+# The suite runs the tools from its build tree (src/redis-cli, …): the installed ones, which
+# are of the same version.
+mkdir -p "$suite/src"
+for tool in redis-server redis-cli redis-benchmark redis-check-aof redis-check-rdb; do
+  command -v "$tool" >/dev/null && ln -sf "$(command -v "$tool")" "$suite/src/$tool"
+done
 
 UNITS=${UNITS:-"unit/type/string unit/type/incr unit/type/list unit/type/list-2 unit/type/list-3 unit/type/hash unit/type/set unit/type/zset unit/type/stream unit/type/stream-cgroups unit/keyspace unit/expire unit/multi unit/scripting unit/functions unit/pubsub unit/pubsubshard unit/protocol unit/sort unit/scan unit/dump unit/bitops unit/bitfield unit/geo unit/hyperloglog unit/info-command unit/info unit/other unit/introspection unit/introspection-2 unit/slowlog unit/lazyfree unit/limits unit/auth unit/quit unit/tracking unit/pause"}
 

@@ -89,6 +89,9 @@ pub struct Config {
     pub slowlog_log_slower_than: i64,
     /// Entries the slow log keeps. Default: 128.
     pub slowlog_max_len: usize,
+    /// `SLOWLOG GET` entries carry a seventh field, the backend node that ran the command.
+    /// Default: false (Redis's six fields).
+    pub slowlog_show_node: bool,
     /// Refuse to start listening on an address other than loopback while clients need no
     /// password (as Redis's `protected-mode`): set `requirepass`, or turn this off explicitly.
     /// Default: true.
@@ -412,6 +415,7 @@ impl Default for Config {
             metrics: None,
             slowlog_log_slower_than: 10_000,
             slowlog_max_len: 128,
+            slowlog_show_node: false,
             protected_mode: true,
             max_pipeline: 4096,
             max_pipeline_bytes: ByteSize::mib(64),

@@ -2047,7 +2047,10 @@ impl Session {
         self.worker.stats.record(id, error, elapsed);
         if self.slowlog {
             let sent = self.last_sent.take();
-            if elapsed.as_micros() >= self.worker.shared.slowlog.threshold().max(0) as u128 {
+            // The threshold when the command is done, as Redis checks it (the command that
+            // turns the log off is not logged).
+            let threshold = self.worker.shared.slowlog.threshold();
+            if threshold >= 0 && elapsed.as_micros() >= threshold as u128 {
                 let stat = Stat {
                     seq: 0,
                     id,
@@ -2086,7 +2089,7 @@ impl Session {
             };
             self.worker.stats.record(s.id, error, elapsed);
             let threshold = self.worker.shared.slowlog.threshold();
-            if self.slowlog && elapsed.as_micros() >= threshold.max(0) as u128 {
+            if self.slowlog && threshold >= 0 && elapsed.as_micros() >= threshold as u128 {
                 self.log_slow(s, elapsed);
             }
         }
@@ -2124,6 +2127,8 @@ impl Session {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         let name = self.info.name.lock().map(|n| n.clone()).unwrap_or_default();
+        let mut args = args;
+        crate::stats::redact(&mut args);
         let entry = crate::stats::SlowEntry {
             id: 0,
             timestamp: since.saturating_sub(elapsed).as_secs(),

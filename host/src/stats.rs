@@ -339,6 +339,65 @@ impl SlowLog {
     }
 }
 
+/// Replaces the arguments Redis keeps out of its slow log and `MONITOR` with `(redacted)`, by
+/// Redis's rules: `AUTH`'s user and password, `HELLO … AUTH user password`, everything after
+/// `ACL SETUSER`, the values of `CONFIG SET` for credentials (`masteruser`, `masterauth`,
+/// `requirepass`), and `MIGRATE … AUTH password` / `AUTH2 user password`.
+pub fn redact(args: &mut [Bytes]) {
+    const REDACTED: Bytes = Bytes::from_static(b"(redacted)");
+    let is = |a: &Bytes, s: &str| a.eq_ignore_ascii_case(s.as_bytes());
+    let Some(name) = args.first() else { return };
+    if is(name, "auth") {
+        for a in args.iter_mut().skip(1).take(2) {
+            *a = REDACTED;
+        }
+    } else if is(name, "hello") {
+        let mut j = 2;
+        while j < args.len() {
+            if is(&args[j], "auth") && j + 2 < args.len() {
+                args[j + 1] = REDACTED;
+                args[j + 2] = REDACTED;
+                j += 3;
+            } else {
+                j += 1;
+            }
+        }
+    } else if is(name, "acl") {
+        if args.len() >= 3 && is(&args[1], "setuser") {
+            for a in args.iter_mut().skip(2) {
+                *a = REDACTED;
+            }
+        }
+    } else if is(name, "config") {
+        if args.len() >= 2 && is(&args[1], "set") {
+            let mut j = 2;
+            while j + 1 < args.len() {
+                if ["masteruser", "masterauth", "requirepass"]
+                    .iter()
+                    .any(|c| is(&args[j], c))
+                {
+                    args[j + 1] = REDACTED;
+                }
+                j += 2;
+            }
+        }
+    } else if is(name, "migrate") {
+        let mut j = 6;
+        while j < args.len() {
+            if is(&args[j], "auth") && j + 1 < args.len() {
+                args[j + 1] = REDACTED;
+                j += 2;
+            } else if is(&args[j], "auth2") && j + 2 < args.len() {
+                args[j + 1] = REDACTED;
+                args[j + 2] = REDACTED;
+                j += 3;
+            } else {
+                j += 1;
+            }
+        }
+    }
+}
+
 /// A command's arguments as the slow log keeps them: at most 32 (the last saying how many
 /// more there were), each at most 128 bytes (saying how many more bytes there were).
 pub fn slowlog_args(args: &[Bytes]) -> Vec<Bytes> {
@@ -462,6 +521,43 @@ mod tests {
         w.record(0, false, Duration::from_nanos(10_001));
         assert_eq!(w.buckets[0].load(Ordering::Relaxed), 1);
         assert_eq!(w.buckets[1].load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn credentials_are_redacted_as_redis_does() {
+        let run = |cmd: &str| {
+            let mut args: Vec<Bytes> = cmd.split(' ').map(|a| Bytes::from(a.to_string())).collect();
+            redact(&mut args);
+            args.iter()
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert_eq!(run("AUTH pw"), "AUTH (redacted)");
+        assert_eq!(run("auth user pw"), "auth (redacted) (redacted)");
+        assert_eq!(
+            run("HELLO 3 AUTH u p SETNAME n"),
+            "HELLO 3 AUTH (redacted) (redacted) SETNAME n"
+        );
+        assert_eq!(
+            run("acl setuser u on >pw +@all"),
+            "acl setuser (redacted) (redacted) (redacted) (redacted)"
+        );
+        assert_eq!(run("acl getuser u"), "acl getuser u");
+        assert_eq!(
+            run("config set masterauth x maxmemory 10 requirepass y"),
+            "config set masterauth (redacted) maxmemory 10 requirepass (redacted)"
+        );
+        assert_eq!(run("config get masterauth"), "config get masterauth");
+        assert_eq!(
+            run("migrate h 1 key 9 5000 AUTH pw"),
+            "migrate h 1 key 9 5000 AUTH (redacted)"
+        );
+        assert_eq!(
+            run("migrate h 1 key 9 5000 COPY AUTH2 u pw"),
+            "migrate h 1 key 9 5000 COPY AUTH2 (redacted) (redacted)"
+        );
+        assert_eq!(run("migrate h 1 auth 9 5000"), "migrate h 1 auth 9 5000");
     }
 
     #[test]

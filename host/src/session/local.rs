@@ -303,10 +303,11 @@ impl Session {
                     },
                 };
                 let entries = log.get(count);
+                let node = self.worker.shared.config.slowlog_show_node;
                 self.reply_with(|o, _| {
                     resp::array_header(o, entries.len());
                     for e in &entries {
-                        resp::array_header(o, 7);
+                        resp::array_header(o, if node { 7 } else { 6 });
                         resp::int(o, e.id as i64);
                         resp::int(o, e.timestamp as i64);
                         resp::int(o, e.duration_us as i64);
@@ -316,7 +317,9 @@ impl Session {
                         }
                         resp::bulk(o, e.client.as_bytes());
                         resp::bulk(o, &e.name);
-                        resp::bulk(o, e.node.as_bytes());
+                        if node {
+                            resp::bulk(o, e.node.as_bytes());
+                        }
                     }
                 });
             }
@@ -327,7 +330,7 @@ impl Session {
                     "    Return top <count> entries from respire's slowlog (default: 10, -1 mean all).",
                     "    Entries are made of:",
                     "    id, timestamp, time in microseconds (end to end through respire), arguments array,",
-                    "    client IP and port, client name, backend node",
+                    "    client IP and port, client name, and the backend node with slowlog_show_node",
                     "LEN",
                     "    Return the length of the slowlog.",
                     "RESET",

@@ -328,7 +328,7 @@ impl Session {
     }
 
     /// Shows a command respire answers itself to `MONITOR` clients, as Redis would: not the
-    /// administrative ones, nor those carrying a password (`AUTH`, `HELLO`), nor `QUIT`.
+    /// administrative ones, and `AUTH` and `HELLO` with their credentials redacted.
     pub(super) fn monitor_local(&self, which: Local, cmd: &Command, res: commands::Resolved<'_>) {
         let admin_client = || {
             let sub = cmd.arg(1).unwrap_or_default();
@@ -344,12 +344,19 @@ impl Session {
             .any(|s| sub.eq_ignore_ascii_case(s))
         };
         let shown = match which {
-            Local::Auth | Local::Hello | Local::Quit => false,
+            // Shown with their credentials redacted, as Redis shows them.
+            Local::Auth | Local::Hello | Local::Quit => true,
             Local::Client => !admin_client(),
             _ => !res.has(commands::flags::ADMIN),
         };
         if shown {
-            let line = crate::clients::monitor_line(self.db, &self.info.addr, cmd.iter());
+            let line = if matches!(which, Local::Auth | Local::Hello) {
+                let mut args = cmd.to_args();
+                crate::stats::redact(&mut args);
+                crate::clients::monitor_line(self.db, &self.info.addr, args.iter().map(|a| &a[..]))
+            } else {
+                crate::clients::monitor_line(self.db, &self.info.addr, cmd.iter())
+            };
             self.worker.shared.monitors.feed(line);
         }
     }
