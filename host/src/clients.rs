@@ -114,6 +114,20 @@ pub mod flag {
     pub const TRACKING_BROKEN: u8 = 16;
     /// Tracking in `BCAST` mode (`B`).
     pub const TRACKING_BCAST: u8 = 32;
+    /// A replication link (`SYNC` / `PSYNC`, `S`): of type `replica`.
+    pub const REPLICA: u8 = 64;
+
+    /// Whether a client with these flags is of `CLIENT LIST` / `CLIENT KILL` type `kind`
+    /// (lowercase: `normal`, `master`, `replica`, `slave`, `pubsub`).
+    pub fn is_type(flags: u8, kind: &[u8]) -> bool {
+        let (pubsub, replica) = (flags & PUBSUB != 0, flags & REPLICA != 0);
+        match kind {
+            b"normal" => !pubsub && !replica,
+            b"pubsub" => pubsub && !replica,
+            b"replica" | b"slave" => replica,
+            _ => false,
+        }
+    }
 }
 
 impl ClientInfo {
@@ -174,6 +188,7 @@ impl ClientInfo {
         let mut flags = String::new();
         // In Redis's order.
         for (bit, c) in [
+            (flag::REPLICA, 'S'),
             (flag::PUBSUB, 'P'),
             (flag::MULTI, 'x'),
             (flag::BLOCKED, 'b'),

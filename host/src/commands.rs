@@ -40,8 +40,8 @@ pub enum Kind {
     Control,
     /// `SUBSCRIBE`, `PSUBSCRIBE`, `SSUBSCRIBE`, `MONITOR`: the connection becomes a stream.
     Stream,
-    /// `SYNC`, `PSYNC`: the connection becomes a replication link to the one master behind
-    /// respire, relayed byte for byte until either side closes it.
+    /// `SYNC`, `PSYNC`, `REPLCONF`: the connection becomes a replication link to the one
+    /// master behind respire, relayed byte for byte until either side closes it.
     Replica,
     /// `UNSUBSCRIBE`, `PUNSUBSCRIBE`, `SUNSUBSCRIBE` outside subscribe mode.
     Unsubscribe,
@@ -109,8 +109,6 @@ const fn no_auth(name: &'static str, kind: Kind) -> Spec {
 }
 
 /// What respire tells the client for commands it cannot proxy.
-const REPLICATION: &str =
-    "ERR respire: REPLCONF is for a replication link, which SYNC or PSYNC starts";
 
 /// The table, sorted by name (checked by a test).
 static TABLE: &[Spec] = &[
@@ -145,7 +143,7 @@ static TABLE: &[Spec] = &[
     no_auth("quit", Kind::Local(Local::Quit)),
     spec("readonly", Kind::ClusterConnection),
     spec("readwrite", Kind::ClusterConnection),
-    spec("replconf", Kind::Refused(REPLICATION)),
+    spec("replconf", Kind::Replica),
     no_auth("reset", Kind::Local(Local::Reset)),
     spec("script", Kind::Control),
     spec("select", Kind::Local(Local::Select)),

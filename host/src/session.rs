@@ -980,8 +980,7 @@ impl Session {
                     if !self.flush_all().await {
                         return;
                     }
-                    let replica = first.name().eq_ignore_ascii_case(b"sync")
-                        || first.name().eq_ignore_ascii_case(b"psync");
+                    let replica = commands::lookup(first.name()).kind == Kind::Replica;
                     let end = match nodes.first() {
                         Some(&master) if replica => self.relay_replication(first, master).await,
                         _ => self.relay_stream(first, &nodes).await,

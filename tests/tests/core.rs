@@ -2266,6 +2266,56 @@ fn a_redis_replica_can_replicate_through_respire() {
     }
     // The master counts the replica's acknowledgements: WAIT through respire sees it.
     assert_eq!(p.roundtrip(&resp(&[b"WAIT", b"1", b"2000"]), 1), b":1\r\n");
+    // The replica's REPLCONF reached the master: it knows the replica's port.
+    let info = cli(master.port, &["INFO", "replication"]);
+    assert!(
+        info.contains(&format!("port={},state=online", replica.port)),
+        "{info}"
+    );
+    // respire lists the link as a replica and CLIENT KILL TYPE replica ends it.
+    let list =
+        String::from_utf8_lossy(&p.roundtrip(&resp(&[b"CLIENT", b"LIST", b"TYPE", b"replica"]), 1))
+            .into_owned();
+    assert_eq!(list.matches("flags=S").count(), 1, "{list}");
+    let normal =
+        String::from_utf8_lossy(&p.roundtrip(&resp(&[b"CLIENT", b"LIST", b"TYPE", b"normal"]), 1))
+            .into_owned();
+    assert!(!normal.contains("flags=S"), "{normal}");
+    let id = list
+        .split_whitespace()
+        .find(|w| w.starts_with("id="))
+        .unwrap_or_default()
+        .to_string();
+    assert!(id.starts_with("id="), "{list}");
+    assert_eq!(
+        p.roundtrip(&resp(&[b"CLIENT", b"KILL", b"TYPE", b"slave"]), 1),
+        b":1\r\n"
+    );
+    // The link is gone; the replica connects again at once and continues where it was.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = String::from_utf8_lossy(
+            &p.roundtrip(&resp(&[b"CLIENT", b"LIST", b"TYPE", b"replica"]), 1),
+        )
+        .into_owned();
+        if !list.contains(&format!("{id} ")) && list.contains("flags=S") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the link was not cut and made again: {list}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(p.roundtrip(&resp(&[b"SET", b"later", b"3"]), 1), b"+OK\r\n");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while cli(replica.port, &["GET", "later"]).trim() != "3" {
+        assert!(
+            Instant::now() < deadline,
+            "the replica did not get the write after the kill"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// With several shards there is no single master to replicate: a clear error, and the
@@ -2278,7 +2328,7 @@ fn sync_over_several_shards_is_refused() {
     let mut p = Raw::connect(proxy.port);
     assert_eq!(
         p.roundtrip(b"SYNC\r\n", 1),
-        b"-ERR respire: SYNC and PSYNC need a single master behind the proxy; there are 2\r\n"
+        b"-ERR respire: replication (SYNC, PSYNC, REPLCONF) needs a single master behind the proxy; there are 2\r\n"
     );
     assert_eq!(p.roundtrip(&resp(&[b"PING"]), 1), b"+PONG\r\n");
 }

@@ -742,16 +742,11 @@ impl Session {
             if ids.as_ref().is_some_and(|ids| !ids.contains(&c.id)) {
                 continue;
             }
-            if let Some(k) = &kind {
-                let pubsub = c.flags.load(Ordering::Relaxed) & flag::PUBSUB != 0;
-                let ok = match k.as_slice() {
-                    b"normal" => !pubsub,
-                    b"pubsub" => pubsub,
-                    _ => false,
-                };
-                if !ok {
-                    continue;
-                }
+            if kind
+                .as_ref()
+                .is_some_and(|k| !flag::is_type(c.flags.load(Ordering::Relaxed), k))
+            {
+                continue;
             }
             // The caller's query buffer holds this command and what follows it, as in Redis.
             let qbuf = if c.id == self.info.id {
@@ -864,10 +859,9 @@ impl Session {
                     .as_ref()
                     .is_some_and(|u| c.user.lock().map(|cu| *cu != *u).unwrap_or(true))
                 || maxage.is_some_and(|m| c.created.elapsed().as_secs() < m)
-                || kind.as_ref().is_some_and(|k| {
-                    let pubsub = c.flags.load(Ordering::Relaxed) & flag::PUBSUB != 0;
-                    !(k.as_slice() == b"normal" && !pubsub || k.as_slice() == b"pubsub" && pubsub)
-                })
+                || kind
+                    .as_ref()
+                    .is_some_and(|k| !flag::is_type(c.flags.load(Ordering::Relaxed), k))
             {
                 continue;
             }

@@ -213,10 +213,11 @@ impl Session {
 
     // ---- SYNC / PSYNC -----------------------------------------------------
 
-    /// `SYNC` / `PSYNC`: in front of a single master the connection becomes a replication
-    /// link to it (see [`Session::relay_replication`]), so that replication tools and tests
-    /// that read the replication stream work through respire. With several shards there is
-    /// no one master to replicate: an error.
+    /// `SYNC`, `PSYNC` and `REPLCONF` (which a replica or `redis-cli --rdb` sends before
+    /// them, with its capabilities and filters): in front of a single master the connection
+    /// becomes a replication link to it (see [`Session::relay_replication`]), so that
+    /// replicas, replication tools and tests that read the replication stream work through
+    /// respire. With several shards there is no one master to replicate: an error.
     pub(super) fn start_replica(&mut self, cmd: Command) {
         if self.waiting > 0 {
             // Redis refuses SYNC with replies still owed: the link starts after them.
@@ -228,7 +229,7 @@ impl Session {
             0 => self.reply_error(super::CLUSTERDOWN),
             1 => self.stream_start = Some((cmd, masters)),
             n => self.reply_error(&format!(
-                "ERR respire: SYNC and PSYNC need a single master behind the proxy; there are {n}"
+                "ERR respire: replication (SYNC, PSYNC, REPLCONF) needs a single master behind the proxy; there are {n}"
             )),
         }
     }
@@ -253,6 +254,8 @@ impl Session {
             }
         };
         tracing::info!(client = self.info.id, addr = %self.info.addr, master = %addr, "replication link through respire");
+        // A replica from here on, for `CLIENT LIST` and `CLIENT KILL TYPE replica`.
+        self.info.set_flag(crate::clients::flag::REPLICA, true);
         let mut to_master = BytesMut::from(&first.to_resp()[..]);
         to_master.extend_from_slice(&self.inbuf.split());
         let mut to_client = BytesMut::with_capacity(64 * 1024);
