@@ -801,6 +801,10 @@ pub struct Session {
     tracking: Option<Box<crate::tracking::Mode>>,
     /// `CLIENT CACHING yes|no` applies to the next command or transaction.
     caching: bool,
+    /// A tracking client's transaction: the keys its queued commands write, and those a later
+    /// queued command reads again (see `track_command`).
+    tx_written: Vec<Bytes>,
+    tx_reread: Vec<Bytes>,
     /// A write was sent while clients track keys: before its reply reaches the client, the
     /// tracking connections are read (see [`crate::invalidation`]).
     sync_tracking: bool,
@@ -879,6 +883,8 @@ pub async fn run(worker: Rc<Worker>, stream: Stream, info: Arc<ClientInfo>) {
         script_slots: VecDeque::new(),
         tracking: None,
         caching: false,
+        tx_written: Vec::new(),
+        tx_reread: Vec::new(),
         sync_tracking: false,
     };
     s.slowlog = slowlog;

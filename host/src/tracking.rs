@@ -390,6 +390,23 @@ impl Tracking {
         }
     }
 
+    /// A transaction about to run writes these keys and then reads them: the invalidation its
+    /// own writes cause does not reach the client, which keeps tracking them (Redis registers
+    /// the read after the write).
+    pub fn reread_after_write(&self, id: u64, keys: Vec<Bytes>) {
+        let now = Instant::now();
+        let mut t = self.table();
+        for k in keys {
+            t.own.insert(
+                (id, k),
+                OwnWrite {
+                    sent: now,
+                    reread: true,
+                },
+            );
+        }
+    }
+
     /// Whether `NOLOOP` writes wait for their invalidations (the tracking thread then runs a
     /// fence round).
     pub fn has_own_writes(&self) -> bool {
@@ -573,7 +590,8 @@ fn deliveries_for_keys(
             if c.mode.bcast {
                 continue;
             }
-            if changes && c.mode.noloop {
+            // A NOLOOP client's own write, or a key a transaction read after writing it.
+            if changes {
                 if let Some(own) = t.own.remove(&(id, k.clone())) {
                     if own.reread {
                         keep.push(id);

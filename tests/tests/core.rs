@@ -1890,6 +1890,21 @@ fn tracking_scenario(port: u16) -> Vec<String> {
     note(t.roundtrip(&resp(&[b"MGET", b"a", b"b"]), 1));
     write(&[b"MSET", b"a", b"1", b"b", b"2"]);
     note(t.read_replies(2));
+    // A transaction that writes a key and then reads it: Redis registers the read after the
+    // write, so the client is not told of it and keeps tracking the key. A write after the
+    // read in a transaction is told, after the transaction's reply.
+    note(t.roundtrip(&resp(&[b"MULTI"]), 1));
+    note(t.roundtrip(&resp(&[b"SET", b"tx", b"1"]), 1));
+    note(t.roundtrip(&resp(&[b"GET", b"tx"]), 1));
+    note(t.roundtrip(&resp(&[b"EXEC"]), 1));
+    note(t.roundtrip(&resp(&[b"PING"]), 1));
+    write(&[b"SET", b"tx", b"2"]);
+    note(t.read_replies(1));
+    note(t.roundtrip(&resp(&[b"MULTI"]), 1));
+    note(t.roundtrip(&resp(&[b"GET", b"tx"]), 1));
+    note(t.roundtrip(&resp(&[b"INCR", b"tx"]), 1));
+    note(t.roundtrip(&resp(&[b"EXEC"]), 2));
+    note(t.roundtrip(&resp(&[b"PING"]), 1));
     // OPTIN: only the read after CLIENT CACHING yes is tracked.
     note(t.roundtrip(&resp(&[b"CLIENT", b"TRACKING", b"off"]), 1));
     note(t.roundtrip(&resp(&[b"CLIENT", b"TRACKING", b"on", b"OPTIN"]), 1));

@@ -63,6 +63,30 @@ impl Session {
             }
         }
         let read = info.has(flags::READONLY) || script;
+        if !mode.noloop && !mode.bcast && self.in_multi && kind != Kind::EndTransaction {
+            // In a transaction Redis registers a read when it runs, after the writes queued
+            // before it: their invalidation does not concern that read (a write after it
+            // does). NOLOOP clients have their own writes left out anyway.
+            if info.has(flags::WRITE) {
+                for k in keys() {
+                    self.tx_reread.retain(|r| *r != k);
+                    self.tx_written.push(k);
+                }
+            } else if read {
+                for k in keys() {
+                    if self.tx_written.contains(&k) && !self.tx_reread.contains(&k) {
+                        self.tx_reread.push(k);
+                    }
+                }
+            }
+        }
+        if kind == Kind::Multi || kind == Kind::EndTransaction {
+            if cmd.name().eq_ignore_ascii_case(b"exec") && !self.tx_reread.is_empty() {
+                tracking.reread_after_write(id, std::mem::take(&mut self.tx_reread));
+            }
+            self.tx_written.clear();
+            self.tx_reread.clear();
+        }
         let opted_out = (mode.optin && !caching) || (mode.optout && caching);
         if read && !mode.bcast && !opted_out && !info.has(flags::PUBSUB) {
             let keys = keys();
