@@ -93,7 +93,7 @@ start_cluster_node() {
     redis-server --port "$p" --bind 127.0.0.1 --save '' --appendonly no --dir "$cluster_dir/$p" \
       --logfile "$cluster_dir/$p/redis.log" --cluster-enabled yes --cluster-config-file nodes.conf \
       --cluster-port "$(cat "$cluster_dir/$p/cluster-port")" --cluster-node-timeout 3000 \
-      --repl-diskless-sync-delay 0 &
+      --repl-diskless-sync-delay 0 ${CLUSTER_NODE_ARGS:-} &
     echo $! > "$cluster_dir/$p/pid"
     exec 2>/dev/null
     wait

@@ -6,6 +6,7 @@
 #   bash examples/redis-test-suite.sh                 # the units below (~10 min)
 #   UNITS="unit/type/list unit/multi" bash examples/redis-test-suite.sh
 #   TAGS=-slow UNITS="<every unit>" bash examples/redis-test-suite.sh   # as Redis's external CI
+#   CLUSTER=1 TAGS=-slow UNITS="…" bash examples/redis-test-suite.sh    # --cluster-mode, over a cluster
 #
 # Some tests are skipped for reasons of the proxy's design, not of Redis's semantics (the
 # list is `skip` below, each with its reason). The report is the suite's own output; the
@@ -58,6 +59,7 @@ LATENCY HISTOGRAM sub commands
 HSCAN with encoding listpack
 Tracking gets notification of lazy expired keys
 SLOWLOG - EXEC is not logged, just executed commands
+verify reply buffer limits
 EOF
 # - ACL users and AUTH as one of them: clients authenticate to respire (its own users and
 #   the acl plugin), not to Redis's ACL, since many clients share each backend connection.
@@ -77,11 +79,25 @@ EOF
 #   from the client's own write, so the client is not told (Redis tells it).
 # - SLOWLOG and transactions: respire times commands end to end, and the commands of a
 #   transaction run inside its EXEC, so respire logs the EXEC; Redis logs the commands.
+# - Reply buffer sizes (`rbs` in CLIENT LIST): an idle respire client holds no reply buffer.
 
 # Two workers by default (WORKERS=1 for one). Several tests send a blocking command and,
 # without waiting for it to block, another client's command that must come after it: the
 # suite's connections share a worker (`worker_affinity`), which keeps their order.
-start_redis_and_respire "$work"
+if [ "${CLUSTER:-0}" = 1 ]; then
+  # As Redis's external CI runs the suite against a cluster (`--cluster-mode`: one database,
+  # the tests tagged cluster:skip left out), here through respire in front of a Redis Cluster
+  # of three masters and three replicas.
+  CLUSTER_NODE_ARGS="--enable-debug-command yes" start_cluster "$work/cluster"
+  pport=$(free_port)
+  RUST_LOG=warn "$target_dir"/release/respire --listen "127.0.0.1:$pport" --cluster "127.0.0.1:${ports[0]}" \
+    --workers "${WORKERS:-2}" 2>"$work/respire.log" &
+  pids+=($!)
+  wait_port "$pport"
+  SUITE_ARGS="--cluster-mode ${SUITE_ARGS:-}"
+else
+  start_redis_and_respire "$work"
+fi
 
 args=()
 for u in $UNITS; do args+=(--single "$u"); done
