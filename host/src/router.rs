@@ -161,6 +161,19 @@ fn fan_out(name: &[u8], sub: &[u8]) -> Option<Merge> {
         } else {
             None
         }
+    } else if eq(name, "debug") {
+        // Settings and reloads: every master's keyspace.
+        let all = [
+            "set-active-expire",
+            "quicklist-packed-threshold",
+            "set-skip-checksum-validation",
+            "set-disable-deny-scripts",
+            "replybuffer",
+            "pause-cron",
+            "reload",
+            "loadaof",
+        ];
+        all.iter().any(|a| eq(sub, a)).then_some(Merge::AllOk)
     } else if eq(name, "pubsub") {
         if eq(sub, "channels") || eq(sub, "shardchannels") {
             Some(Merge::Union)
@@ -174,6 +187,22 @@ fn fan_out(name: &[u8], sub: &[u8]) -> Option<Merge> {
     } else {
         None
     }
+}
+
+/// `DEBUG` subcommands about keys go to the keys' node (`OBJECT`, `SDSLEN`, `LISTPACK`,
+/// `QUICKLIST`, `DIGEST-VALUE`); the others run anywhere (`None`), except the settings that
+/// hold for the whole keyspace, which every master takes (see [`fan_out`]).
+fn plan_debug<A: Args + ?Sized>(args: &A) -> Option<Plan> {
+    let sub = args.argv(1)?;
+    let keyed = ["object", "sdslen", "listpack", "quicklist", "digest-value"];
+    if !keyed.iter().any(|k| eq(sub, k)) || args.argc() < 3 {
+        return None;
+    }
+    let first = key_slot(args.argv(2)?);
+    if (3..args.argc()).any(|i| key_slot(args.argv(i).unwrap_or_default()) != first) {
+        return Some(Plan::Error(CROSSSLOT.to_string()));
+    }
+    Some(Plan::Single(Some(first)))
 }
 
 /// Decides where `args` go over a topology with several masters (or a cluster); `info` is
@@ -210,6 +239,12 @@ pub fn plan<A: Args + ?Sized>(args: &A, info: Option<&CommandInfo>, topo: &Topol
             return split_keys(args, &keys, Merge::AllOk, 2, topo);
         }
         return Plan::Error(CROSSSLOT.to_string());
+    }
+    // `DEBUG`: Redis's table gives it no keys, but some subcommands take some.
+    if eq(name, "debug") {
+        if let Some(plan) = plan_debug(args) {
+            return plan;
+        }
     }
     // Keyless: fan-out commands go to every master.
     if let Some(m) = fan_out(name, args.argv(1).unwrap_or_default()) {
@@ -864,6 +899,32 @@ mod tests {
         assert!(matches!(
             plan(&t, &args("DBSIZE"), &topo),
             Plan::FanOut(Merge::SumInt)
+        ));
+    }
+
+    #[test]
+    fn debug_goes_to_the_keys_node_or_to_every_master() {
+        let t = CommandTable::builtin();
+        let topo = three();
+        assert!(matches!(
+            plan(&t, &args("DEBUG OBJECT foo"), &topo),
+            Plan::Single(Some(12182))
+        ));
+        assert!(matches!(
+            plan(&t, &args("debug digest-value {a}x {a}y"), &topo),
+            Plan::Single(Some(_))
+        ));
+        assert!(matches!(
+            plan(&t, &args("DEBUG DIGEST-VALUE a b"), &topo),
+            Plan::Error(_)
+        ));
+        assert!(matches!(
+            plan(&t, &args("DEBUG SET-ACTIVE-EXPIRE 0"), &topo),
+            Plan::FanOut(Merge::AllOk)
+        ));
+        assert!(matches!(
+            plan(&t, &args("DEBUG SLEEP 0"), &topo),
+            Plan::Single(None)
         ));
     }
 
