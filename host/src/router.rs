@@ -648,6 +648,18 @@ fn scan_page(frame: &Bytes) -> Option<(u64, usize, Bytes)> {
 
 /// `INFO stats` counters that add up over several masters: each master counts its own
 /// commands, keys and errors. The section's other fields are the first master's.
+/// `INFO` persistence fields of work in progress: over several masters, the highest (in
+/// progress if it is on any), so that a client waiting for a rewrite or a save to end waits
+/// for all of them.
+const IN_PROGRESS: &[&str] = &[
+    "loading",
+    "async_loading",
+    "rdb_bgsave_in_progress",
+    "aof_rewrite_in_progress",
+    "aof_rewrite_scheduled",
+    "module_fork_in_progress",
+];
+
 const ADDED_UP: &[&str] = &[
     "total_commands_processed",
     "instantaneous_ops_per_sec",
@@ -678,12 +690,14 @@ fn merge_info(replies: &[Bytes], ours: &str, replaced: &[String]) -> Option<Byte
     let (verbatim, first) = texts.first()?.clone();
     let mut dbs: std::collections::BTreeMap<u32, [i64; 3]> = Default::default();
     let mut sums: std::collections::HashMap<&str, i64> = Default::default();
+    let mut highs: std::collections::HashMap<&str, i64> = Default::default();
     for (_, t) in &texts {
         let text = String::from_utf8_lossy(t);
-        let mut in_stats = false;
+        let (mut in_stats, mut in_persistence) = (false, false);
         for line in text.lines() {
             if let Some(section) = line.strip_prefix("# ") {
                 in_stats = section.trim().eq_ignore_ascii_case("stats");
+                in_persistence = section.trim().eq_ignore_ascii_case("persistence");
                 continue;
             }
             if in_stats {
@@ -692,6 +706,18 @@ fn merge_info(replies: &[Bytes], ours: &str, replaced: &[String]) -> Option<Byte
                         (ADDED_UP.iter().find(|n| **n == k), v.trim().parse::<i64>())
                     {
                         *sums.entry(*name).or_default() += v;
+                    }
+                }
+                continue;
+            }
+            if in_persistence {
+                if let Some((k, v)) = line.split_once(':') {
+                    if let (Some(name), Ok(v)) = (
+                        IN_PROGRESS.iter().find(|n| **n == k),
+                        v.trim().parse::<i64>(),
+                    ) {
+                        let h = highs.entry(*name).or_default();
+                        *h = (*h).max(v);
                     }
                 }
                 continue;
@@ -760,21 +786,26 @@ fn merge_info(replies: &[Bytes], ours: &str, replaced: &[String]) -> Option<Byte
             }
         }
     };
-    let mut in_stats = false;
+    let (mut in_stats, mut in_persistence) = (false, false);
     for line in text.split("\r\n") {
         if line.is_empty() {
             flush(&mut out, &mut current, &mut merging);
         }
-        // A counter that adds up over masters: the sum, as if the first master had said it.
-        let summed = in_stats
-            .then(|| line.split_once(':'))
-            .flatten()
-            .and_then(|(k, _)| sums.get(k).map(|v| format!("{k}:{v}")));
+        // A counter that adds up over masters: the sum, as if the first master had said it;
+        // work in progress (a rewrite, a save, loading): in progress if it is on any master.
+        let summed = if in_stats || in_persistence {
+            let over = if in_stats { &sums } else { &highs };
+            line.split_once(':')
+                .and_then(|(k, _)| over.get(k).map(|v| format!("{k}:{v}")))
+        } else {
+            None
+        };
         let line = summed.as_deref().unwrap_or(line);
         if let Some(section) = line.strip_prefix("# ") {
             flush(&mut out, &mut current, &mut merging);
             let section = section.trim().to_ascii_lowercase();
             in_stats = section == "stats";
+            in_persistence = section == "persistence";
             current = merging.iter().position(|(n, _)| *n == section);
             in_keyspace = section == "keyspace";
             if in_keyspace && !placed {
@@ -1300,6 +1331,36 @@ mod tests {
         assert!(
             text.contains("# Stats\r\ntotal_commands_processed:22\r\nkeyspace_hits:3\r\npubsub_channels:3\r\ntotal_error_replies:6\r\n\r\n"),
             "{text}"
+        );
+    }
+
+    /// Over several masters, a rewrite or a save is in progress while it is on any of them
+    /// (a client waiting for `aof_rewrite_in_progress:0` waits for every master).
+    #[test]
+    fn info_work_in_progress_is_on_while_any_master_has_it() {
+        let node = |rewrite: u32, save: u32| {
+            let body = format!(
+                "# Persistence\r\nloading:0\r\naof_enabled:1\r\naof_rewrite_in_progress:{rewrite}\r\nrdb_bgsave_in_progress:{save}\r\n\r\n# Keyspace\r\n"
+            );
+            let mut o = BytesMut::new();
+            resp::bulk(&mut o, body.as_bytes());
+            o.freeze()
+        };
+        let info = Merge::Info {
+            ours: Arc::from(""),
+            replaced: Vec::new(),
+        };
+        let text =
+            |nodes: &[Bytes]| String::from_utf8_lossy(&merge(&info, nodes, &[])).into_owned();
+        let t = text(&[node(0, 0), node(1, 0), node(0, 1)]);
+        assert!(
+            t.contains("loading:0\r\naof_enabled:1\r\naof_rewrite_in_progress:1\r\nrdb_bgsave_in_progress:1\r\n"),
+            "{t}"
+        );
+        let t = text(&[node(0, 0), node(0, 0), node(0, 0)]);
+        assert!(
+            t.contains("aof_rewrite_in_progress:0\r\nrdb_bgsave_in_progress:0\r\n"),
+            "{t}"
         );
     }
 }
