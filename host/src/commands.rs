@@ -108,8 +108,6 @@ const fn no_auth(name: &'static str, kind: Kind) -> Spec {
     }
 }
 
-/// What respire tells the client for commands it cannot proxy.
-
 /// The table, sorted by name (checked by a test).
 static TABLE: &[Spec] = &[
     spec("acl", Kind::Control),
