@@ -107,7 +107,10 @@ MULTI propagation of SCRIPT FLUSH
 MULTI propagation of XREADGROUP
 MULTI + LPUSH + EXPIRE + DEBUG SLEEP on blocked client, key already expired
 LMPOP propagate as pop with count command to replica
+/and script timeout$
 EOF
+  # The "… and script timeout" tests of unit/multi: a keyless script runs on one master and
+  # makes only that one busy, while the transaction's keys are on another.
 else
   start_redis_and_respire "$work"
 fi
