@@ -377,33 +377,22 @@ impl Tracking {
 
     /// A `NOLOOP` client wrote these keys: it is not to be told of them.
     pub fn wrote(&self, id: u64, keys: impl Iterator<Item = Bytes>) {
-        let now = Instant::now();
-        let mut t = self.table();
-        for k in keys {
-            t.own.insert(
-                (id, k),
-                OwnWrite {
-                    sent: now,
-                    reread: false,
-                },
-            );
-        }
+        self.own_writes(id, keys, false);
     }
 
     /// A transaction about to run writes these keys and then reads them: the invalidation its
     /// own writes cause does not reach the client, which keeps tracking them (Redis registers
     /// the read after the write).
     pub fn reread_after_write(&self, id: u64, keys: Vec<Bytes>) {
-        let now = Instant::now();
+        self.own_writes(id, keys.into_iter(), true);
+    }
+
+    /// Notes the client's own writes of `keys`, sent now; `reread`: read again after them.
+    fn own_writes(&self, id: u64, keys: impl Iterator<Item = Bytes>, reread: bool) {
+        let sent = Instant::now();
         let mut t = self.table();
         for k in keys {
-            t.own.insert(
-                (id, k),
-                OwnWrite {
-                    sent: now,
-                    reread: true,
-                },
-            );
+            t.own.insert((id, k), OwnWrite { sent, reread });
         }
     }
 

@@ -252,13 +252,7 @@ impl Floor {
         let want = !self.backend_out.is_empty();
         if want != self.backend_writing {
             self.backend_writing = want;
-            let flags = if want {
-                EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT
-            } else {
-                EpollFlags::EPOLLIN
-            };
-            self.epoll
-                .modify(&self.backend, &mut EpollEvent::new(flags, BACKEND))?;
+            watch(&self.epoll, &self.backend, want, BACKEND)?;
         }
         Ok(())
     }
@@ -282,16 +276,21 @@ impl Floor {
         let want = !c.output.is_empty();
         if want != c.writing {
             c.writing = want;
-            let flags = if want {
-                EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT
-            } else {
-                EpollFlags::EPOLLIN
-            };
-            self.epoll
-                .modify(&c.stream, &mut EpollEvent::new(flags, slot as u64))?;
+            watch(&self.epoll, &c.stream, want, slot as u64)?;
         }
         Ok(())
     }
+}
+
+/// Waits for `stream` to be readable, and writable too while `writing` (output is left).
+fn watch(epoll: &Epoll, stream: &TcpStream, writing: bool, data: u64) -> Result<()> {
+    let flags = if writing {
+        EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT
+    } else {
+        EpollFlags::EPOLLIN
+    };
+    epoll.modify(stream, &mut EpollEvent::new(flags, data))?;
+    Ok(())
 }
 
 fn main() -> Result<()> {
