@@ -22,7 +22,7 @@ use bytes::{Bytes, BytesMut};
 use smallvec::SmallVec;
 
 use crate::commands::CommandInfo;
-use crate::protocol::{self as resp, Args, parse_i64, reply_len};
+use crate::protocol::{self as resp, Args, Value, parse_i64, reply_len};
 use crate::topology::{Topology, key_slot};
 
 /// Redis Cluster's error for keys in different slots.
@@ -48,6 +48,9 @@ pub enum Merge {
     FirstNonNil,
     /// The first reply (all parts did the same thing).
     First,
+    /// `LATENCY HISTOGRAM`: per command, the calls added up and the cumulative bucket counts
+    /// combined.
+    LatencyHistogram,
     /// Arrays of 0/1 combined element-wise: 1 only where every part says 1.
     AndInts,
     /// Arrays merged without duplicates.
@@ -158,6 +161,17 @@ fn fan_out(name: &[u8], sub: &[u8]) -> Option<Merge> {
             Some(Merge::First)
         } else if eq(sub, "flush") {
             Some(Merge::AllOk)
+        } else {
+            None
+        }
+    } else if eq(name, "latency") {
+        if eq(sub, "histogram") {
+            Some(Merge::LatencyHistogram)
+        } else if eq(sub, "latest") {
+            // Each master's latest events, one after the other.
+            Some(Merge::Concat)
+        } else if eq(sub, "reset") {
+            Some(Merge::SumInt)
         } else {
             None
         }
@@ -586,6 +600,7 @@ pub fn merge(how: &Merge, replies: &[Bytes], parts: &[Part]) -> Bytes {
             out.freeze()
         }
         Merge::Info { ours, replaced } => merge_info(replies, ours, replaced).unwrap_or_else(bad),
+        Merge::LatencyHistogram => merge_latency_histograms(replies).unwrap_or_else(bad),
         Merge::Scan { ordinal, total } => {
             let mut keys: SmallVec<[Bytes; 4]> = SmallVec::new();
             let mut count = 0;
@@ -648,6 +663,76 @@ fn scan_page(frame: &Bytes) -> Option<(u64, usize, Bytes)> {
 
 /// `INFO stats` counters that add up over several masters: each master counts its own
 /// commands, keys and errors. The section's other fields are the first master's.
+/// The pairs of a map, or of a flat array of alternating keys and values (RESP2).
+fn pairs(v: &Value) -> Option<Vec<(&Value, &Value)>> {
+    match v {
+        Value::Map(p) => Some(p.iter().map(|(k, v)| (k, v)).collect()),
+        Value::Array(items) if items.len() % 2 == 0 => {
+            Some(items.chunks(2).map(|c| (&c[0], &c[1])).collect())
+        }
+        _ => None,
+    }
+}
+
+/// `LATENCY HISTOGRAM` from every master as one: per command (in the order first seen), the
+/// calls added up and each bucket's cumulative count the sum of every master's count at or
+/// below that bucket.
+fn merge_latency_histograms(replies: &[Bytes]) -> Option<Bytes> {
+    type Buckets = Vec<(i64, i64)>;
+    let proto = if replies.first()?.first() == Some(&b'%') {
+        3
+    } else {
+        2
+    };
+    let mut commands: Vec<(Bytes, i64, Vec<Buckets>)> = Vec::new();
+    for r in replies {
+        let v = Value::parse(r).ok()?;
+        for (name, details) in pairs(&v)? {
+            let name = name.as_bytes()?.clone();
+            let calls = details.get("calls")?.as_int()?;
+            let buckets: Buckets = pairs(details.get("histogram_usec")?)?
+                .into_iter()
+                .map(|(b, n)| Some((b.as_int()?, n.as_int()?)))
+                .collect::<Option<_>>()?;
+            match commands.iter_mut().find(|(n, _, _)| *n == name) {
+                Some((_, c, h)) => {
+                    *c += calls;
+                    h.push(buckets);
+                }
+                None => commands.push((name, calls, vec![buckets])),
+            }
+        }
+    }
+    let mut out = BytesMut::new();
+    resp::map_header(&mut out, commands.len(), proto);
+    for (name, calls, histograms) in &commands {
+        let mut bounds: Vec<i64> = histograms.iter().flatten().map(|&(b, _)| b).collect();
+        bounds.sort_unstable();
+        bounds.dedup();
+        resp::bulk(&mut out, name);
+        resp::map_header(&mut out, 2, proto);
+        resp::bulk(&mut out, b"calls");
+        resp::int(&mut out, *calls);
+        resp::bulk(&mut out, b"histogram_usec");
+        resp::map_header(&mut out, bounds.len(), proto);
+        for b in bounds {
+            // A master's count at the highest bucket not above `b` (its buckets ascend).
+            let n: i64 = histograms
+                .iter()
+                .map(|h| {
+                    h.iter()
+                        .take_while(|&&(hb, _)| hb <= b)
+                        .last()
+                        .map_or(0, |&(_, n)| n)
+                })
+                .sum();
+            resp::int(&mut out, b);
+            resp::int(&mut out, n);
+        }
+    }
+    Some(out.freeze())
+}
+
 /// `INFO` persistence fields of work in progress: over several masters, the highest (in
 /// progress if it is on any), so that a client waiting for a rewrite or a save to end waits
 /// for all of them.
@@ -956,6 +1041,14 @@ mod tests {
         assert!(matches!(
             plan(&t, &args("DEBUG SLEEP 0"), &topo),
             Plan::Single(None)
+        ));
+        assert!(matches!(
+            plan(&t, &args("LATENCY LATEST"), &topo),
+            Plan::FanOut(Merge::Concat)
+        ));
+        assert!(matches!(
+            plan(&t, &args("latency histogram set"), &topo),
+            Plan::FanOut(Merge::LatencyHistogram)
         ));
     }
 
@@ -1331,6 +1424,28 @@ mod tests {
         assert!(
             text.contains("# Stats\r\ntotal_commands_processed:22\r\nkeyspace_hits:3\r\npubsub_channels:3\r\ntotal_error_replies:6\r\n\r\n"),
             "{text}"
+        );
+    }
+
+    /// `LATENCY HISTOGRAM` over masters: calls added up, cumulative buckets combined, in
+    /// RESP2 and RESP3.
+    #[test]
+    fn latency_histograms_of_masters_are_combined() {
+        let info = Merge::LatencyHistogram;
+        let a2 = Bytes::from_static(b"*4\r\n$3\r\nset\r\n*4\r\n$5\r\ncalls\r\n:2\r\n$14\r\nhistogram_usec\r\n*4\r\n:1\r\n:1\r\n:4\r\n:2\r\n$3\r\nget\r\n*4\r\n$5\r\ncalls\r\n:1\r\n$14\r\nhistogram_usec\r\n*2\r\n:2\r\n:1\r\n");
+        let b2 = Bytes::from_static(b"*2\r\n$3\r\nset\r\n*4\r\n$5\r\ncalls\r\n:3\r\n$14\r\nhistogram_usec\r\n*4\r\n:2\r\n:2\r\n:8\r\n:3\r\n");
+        let got = merge(&info, &[a2, b2], &[]);
+        // set: buckets 1, 2, 4, 8 → 1, 1+2, 2+2, 2+3; get only on the first master.
+        assert_eq!(
+            &got[..],
+            &b"*4\r\n$3\r\nset\r\n*4\r\n$5\r\ncalls\r\n:5\r\n$14\r\nhistogram_usec\r\n*8\r\n:1\r\n:1\r\n:2\r\n:3\r\n:4\r\n:4\r\n:8\r\n:5\r\n$3\r\nget\r\n*4\r\n$5\r\ncalls\r\n:1\r\n$14\r\nhistogram_usec\r\n*2\r\n:2\r\n:1\r\n"[..]
+        );
+        let a3 = Bytes::from_static(b"%1\r\n$3\r\nset\r\n%2\r\n$5\r\ncalls\r\n:1\r\n$14\r\nhistogram_usec\r\n%1\r\n:1\r\n:1\r\n");
+        let b3 = Bytes::from_static(b"%0\r\n");
+        let got = merge(&info, &[a3, b3], &[]);
+        assert_eq!(
+            &got[..],
+            &b"%1\r\n$3\r\nset\r\n%2\r\n$5\r\ncalls\r\n:1\r\n$14\r\nhistogram_usec\r\n%1\r\n:1\r\n:1\r\n"[..]
         );
     }
 
