@@ -1845,7 +1845,9 @@ fn blocked_clients_are_served_in_the_order_they_sent_their_commands() {
         );
         let mut rd1 = Raw::connect(proxy.port);
         let mut rd2 = Raw::connect(proxy.port);
-        rd1.set_timeout(Duration::from_secs(2));
+        // Overtaken, the first client blocks for ever: any timeout catches it; a short one
+        // also failed a debug build under a loaded CI machine (its reply took over 2 s).
+        rd1.set_timeout(Duration::from_secs(10));
         rd1.send(&resp(&[b"BRPOPLPUSH", b"blist", b"target1", b"0"]));
         rd2.send(&resp(&[b"BRPOPLPUSH", b"blist", b"target2", b"0"]));
         assert_eq!(
