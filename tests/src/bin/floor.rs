@@ -155,14 +155,8 @@ impl Floor {
                 return Ok(());
             }
         };
-        let owned;
-        let buf: &[u8] = if c.input.is_empty() {
-            &self.scratch[..n]
-        } else {
-            c.input.extend_from_slice(&self.scratch[..n]);
-            owned = std::mem::take(&mut c.input);
-            &owned
-        };
+        let mut owned = Vec::new();
+        let buf = with_carry(&mut c.input, &self.scratch[..n], &mut owned);
         let (mut at, mut commands) = (0, 0u32);
         loop {
             match frame_end(buf, at) {
@@ -193,14 +187,8 @@ impl Floor {
             Err(e) if would_block(&e) => return Ok(()),
             Err(e) => return Err(e.into()),
         };
-        let owned;
-        let buf: &[u8] = if self.backend_in.is_empty() {
-            &self.scratch[..n]
-        } else {
-            self.backend_in.extend_from_slice(&self.scratch[..n]);
-            owned = std::mem::take(&mut self.backend_in);
-            &owned
-        };
+        let mut owned = Vec::new();
+        let buf = with_carry(&mut self.backend_in, &self.scratch[..n], &mut owned);
         let mut at = 0;
         'replies: while at < buf.len() {
             let Some(front) = self.fifo.front_mut() else {
@@ -280,6 +268,17 @@ impl Floor {
         }
         Ok(())
     }
+}
+
+/// What to parse: the bytes just read alone or, after an incomplete rest carried over from
+/// the last read, both (the rest moved out of `carry` into `owned`).
+fn with_carry<'a>(carry: &mut Vec<u8>, fresh: &'a [u8], owned: &'a mut Vec<u8>) -> &'a [u8] {
+    if carry.is_empty() {
+        return fresh;
+    }
+    carry.extend_from_slice(fresh);
+    *owned = std::mem::take(carry);
+    owned
 }
 
 /// Waits for `stream` to be readable, and writable too while `writing` (output is left).
