@@ -1035,8 +1035,9 @@ fn take_group(
 /// Redis directly see this too (a command sent on each of three connections right after their
 /// replies came was served out of order in about one round in a hundred, never after a 1 ms
 /// pause). Through respire, blocking commands on new connections were served out of order in
-/// 1 of 4,500 runs of three clients and 2 of 1,500 runs of eight, and in none of 1,500 runs
-/// of eight with this wait. Only checkouts that find no spare ready ever wait for it.
+/// 1 of 4,500 runs of three clients and 2 of 1,500 runs of eight, and in 1 of 3,000 runs of
+/// eight with this wait (on a loaded machine the kernel can hold a request longer). Only
+/// checkouts that find no spare ready ever wait for it.
 const SETTLE: Duration = Duration::from_millis(1);
 
 /// Exclusive connections kept connected for a key once it has used one (two: clients
