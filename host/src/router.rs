@@ -661,8 +661,6 @@ fn scan_page(frame: &Bytes) -> Option<(u64, usize, Bytes)> {
     Some((cursor, n, keys.slice(body..)))
 }
 
-/// `INFO stats` counters that add up over several masters: each master counts its own
-/// commands, keys and errors. The section's other fields are the first master's.
 /// The pairs of a map, or of a flat array of alternating keys and values (RESP2).
 fn pairs(v: &Value) -> Option<Vec<(&Value, &Value)>> {
     match v {
@@ -745,6 +743,8 @@ const IN_PROGRESS: &[&str] = &[
     "module_fork_in_progress",
 ];
 
+/// `INFO stats` counters that add up over several masters: each master counts its own
+/// commands, keys and errors. The section's other fields are the first master's.
 const ADDED_UP: &[&str] = &[
     "total_commands_processed",
     "instantaneous_ops_per_sec",
