@@ -415,10 +415,11 @@ struct ConnState {
 
 /// The order in which a worker's exclusive connections to one node were checked out. Each
 /// checkout takes a turn, and the connection writes its first request only when every
-/// earlier turn is done: written, failed, or given back unused. A blocking command sent
-/// before another client's then reaches Redis first even when its connection was still
-/// shaking hands and the other's was not, or finished later (Redis writes the replies of
-/// one event-loop turn in reverse order, so handshakes started together end in reverse).
+/// earlier turn is done: written (and settled, see `SETTLE`), failed, or given back unused.
+/// A blocking command sent before another client's then reaches Redis first even when its
+/// connection was still shaking hands and the other's was not, or finished later (Redis
+/// writes the replies of one event-loop turn in reverse order, so handshakes started
+/// together end in reverse).
 #[derive(Default)]
 struct Turns {
     issued: Cell<u64>,
@@ -1036,8 +1037,8 @@ fn take_group(
 /// replies came was served out of order in about one round in a hundred, never after a 1 ms
 /// pause). Through respire, blocking commands on new connections were served out of order in
 /// 1 of 4,500 runs of three clients and 2 of 1,500 runs of eight, and in 1 of 3,000 runs of
-/// eight with this wait (on a loaded machine the kernel can hold a request longer). Only
-/// checkouts that find no spare ready ever wait for it.
+/// eight with this wait (on a loaded machine the kernel can hold a request longer). It holds
+/// up only checkouts behind one that found no spare ready (a new connection).
 const SETTLE: Duration = Duration::from_millis(1);
 
 /// Exclusive connections kept connected for a key once it has used one (two: clients
