@@ -156,9 +156,21 @@ pub(super) struct TrafficCache {
     /// where it does not apply, as a metric by error code to a reply that is not an error).
     known: FxHashMap<Box<[u8]>, Rc<[Option<u32>]>>,
     scratch: Vec<u8>,
-    /// The last reply's key and series: a batch is mostly runs of one command on one prefix.
-    last: Vec<u8>,
+    /// What labelled the last reply, and its series: a batch is mostly runs of one command on
+    /// one prefix, so a reply is compared with the last one field by field before anything is
+    /// packed or looked up.
+    last: Option<LastLabels>,
     last_series: Rc<[Option<u32>]>,
+}
+
+/// What labelled a reply (see [`TrafficCache::pack`]), kept to compare the next one with.
+struct LastLabels {
+    name_id: u16,
+    error: bool,
+    /// The error code, when a metric is labelled by it.
+    code: Vec<u8>,
+    /// The first key's prefix, when a metric is labelled by it and the command has a key.
+    prefix: Option<Vec<u8>>,
 }
 
 /// The error code of an error reply (`ERR`, `WRONGTYPE` …): `-CODE text` or RESP3's `!len` blob.
@@ -223,8 +235,25 @@ impl TrafficCache {
     pub(super) fn record(&mut self, ctx: &PluginCtx, local: &mut LocalMetrics, f: &ReplyFacts<'_>) {
         let t = &ctx.traffic;
         let code = error_code(f.reply);
-        self.pack(t, f, code);
-        if self.scratch != self.last || self.last_series.len() != t.defs.len() {
+        let code_label = if t.by_code {
+            code.map(|c| &c[..c.len().min(255)])
+        } else {
+            None
+        };
+        let prefix = if t.segments > 0 {
+            f.first_key.map(|k| prefix_of(k, t.segments))
+        } else {
+            None
+        };
+        let same = self.last_series.len() == t.defs.len()
+            && self.last.as_ref().is_some_and(|l| {
+                l.name_id == f.name_id
+                    && l.error == code.is_some()
+                    && l.code.as_slice() == code_label.unwrap_or_default()
+                    && l.prefix.as_deref() == prefix
+            });
+        if !same {
+            self.pack(t, f, code);
             let series = match self.known.get(self.scratch.as_slice()) {
                 Some(s) => s.clone(),
                 None => {
@@ -237,7 +266,23 @@ impl TrafficCache {
                     s
                 }
             };
-            self.last.clone_from(&self.scratch);
+            let last = self.last.get_or_insert_with(|| LastLabels {
+                name_id: 0,
+                error: false,
+                code: Vec::new(),
+                prefix: None,
+            });
+            last.name_id = f.name_id;
+            last.error = code.is_some();
+            last.code.clear();
+            last.code.extend_from_slice(code_label.unwrap_or_default());
+            match (prefix, &mut last.prefix) {
+                (Some(p), Some(kept)) => {
+                    kept.clear();
+                    kept.extend_from_slice(p);
+                }
+                (p, kept) => *kept = p.map(<[u8]>::to_vec),
+            }
             self.last_series = series;
         }
         let mut request_bytes = None;
