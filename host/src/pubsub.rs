@@ -16,6 +16,14 @@
 //! `sunsubscribe`), its subscribers follow it there. Messages published while
 //! a subscription is being moved can be missed, as with any Redis client.
 //!
+//! Keyspace notifications are the exception to "one master hears every message": Redis
+//! publishes them only on the node where the key lives, and a Redis Cluster does not carry
+//! them to the other nodes. A channel or pattern that can carry them (`__keyspace@…`,
+//! `__keyevent@…`, or a pattern such as `*` that may match those) is therefore also
+//! subscribed on every other master, as an *echo*: an echo delivers only keyspace
+//! notifications (the rest reaches respire on the main subscription already), to the
+//! sessions of the main subscription. Echoes follow the masters as the topology changes.
+//!
 //! Redis counts respire's shared connection once however many clients it
 //! serves, so the replies that count subscribers (`PUBLISH`, `SPUBLISH`,
 //! `PUBSUB NUMSUB|SHARDNUMSUB`) are corrected by the [`Census`] of all workers'
@@ -201,10 +209,30 @@ struct Registry {
     entries: HashMap<(SubKind, Bytes), Entry>,
 }
 
+/// A subscription held on a master only for the keyspace notifications it publishes; its
+/// subscribers are those of the main subscription, on another connection.
+#[derive(Default)]
+struct Echo {
+    confirmed: bool,
+    waiters: Vec<oneshot::Sender<()>>,
+}
+
 /// One shared subscriber connection to a node.
 struct HubConn {
     registry: RefCell<Registry>,
+    /// Echoes of subscriptions held on another node (see the module's documentation).
+    echoes: RefCell<HashMap<(SubKind, Bytes), Echo>>,
     commands: mpsc::UnboundedSender<Bytes>,
+    /// Nothing is held here any more: the connection closes (Redis then drops what it held).
+    retired: std::cell::Cell<bool>,
+}
+
+impl HubConn {
+    fn send(&self, cmd: &str, name: &[u8]) {
+        let mut out = BytesMut::new();
+        resp::encode_args(&mut out, &[cmd.as_bytes(), name]);
+        let _ = self.commands.send(out.freeze());
+    }
 }
 
 /// A worker's subscriber connections, by node address.
@@ -212,6 +240,38 @@ struct HubConn {
 pub struct Hub {
     conns: Rc<RefCell<HashMap<Arc<str>, Rc<HubConn>>>>,
     shared: Arc<Shared>,
+    /// Whether the task that keeps echoes on the current masters runs.
+    watching: Rc<std::cell::Cell<bool>>,
+}
+
+/// Keyspace notification channels: `__keyspace@<db>__:<key>` and `__keyevent@<db>__:<event>`.
+const KEYSPACE_PREFIXES: [&[u8]; 2] = [b"__keyspace@", b"__keyevent@"];
+
+/// Whether `channel` is a keyspace notification channel.
+fn is_keyspace_channel(channel: &[u8]) -> bool {
+    KEYSPACE_PREFIXES.iter().any(|p| channel.starts_with(p))
+}
+
+/// Whether a subscription may receive keyspace notifications: a keyspace channel, or a
+/// pattern whose fixed start (up to its first `*`, `?`, `[` or `\`) does not rule them out.
+fn may_carry_keyspace(kind: SubKind, name: &[u8]) -> bool {
+    match kind {
+        SubKind::Shard => false,
+        SubKind::Channel => is_keyspace_channel(name),
+        SubKind::Pattern => {
+            let Some(end) = name
+                .iter()
+                .position(|b| matches!(b, b'*' | b'?' | b'[' | b'\\'))
+            else {
+                // No wildcard: the pattern is the one channel it names.
+                return is_keyspace_channel(name);
+            };
+            let fixed = &name[..end];
+            KEYSPACE_PREFIXES
+                .iter()
+                .any(|p| p.starts_with(fixed) || fixed.starts_with(p))
+        }
+    }
 }
 
 impl Hub {
@@ -220,7 +280,16 @@ impl Hub {
         Hub {
             conns: Rc::default(),
             shared,
+            watching: Rc::default(),
         }
+    }
+
+    /// The settings of a connection to `addr`.
+    fn node(&self, addr: Arc<str>) -> Rc<NodeSettings> {
+        Rc::new(NodeSettings {
+            addr,
+            ..self.shared.node_settings.clone()
+        })
     }
 
     fn conn(&self, node: &Rc<NodeSettings>) -> Rc<HubConn> {
@@ -230,7 +299,9 @@ impl Hub {
         let (tx, rx) = mpsc::unbounded_channel();
         let conn = Rc::new(HubConn {
             registry: RefCell::default(),
+            echoes: RefCell::default(),
             commands: tx,
+            retired: std::cell::Cell::new(false),
         });
         tokio::task::spawn_local(run(self.clone(), node.clone(), conn.clone(), rx));
         self.conns
@@ -261,6 +332,11 @@ impl Hub {
                     .map(|o| ((*k, n.clone()), o))
             })
             .collect();
+        // Echoes stay while the node is a master (it is only unreachable for now); the watch
+        // puts them on the masters there are instead.
+        if !topo.masters().any(|m| topo.nodes.get(m) == Some(addr)) {
+            conn.echoes.borrow_mut().clear();
+        }
         for ((kind, name), to) in moving {
             let Some(entry) = conn
                 .registry
@@ -274,21 +350,21 @@ impl Hub {
                 .census
                 .change(kind, &name, -(entry.sessions.len() as i64), -1);
             debug!(channel = %String::from_utf8_lossy(&name), from = %addr, %to, "subscription moved");
-            let node = Rc::new(NodeSettings {
-                addr: to,
-                ..self.shared.node_settings.clone()
-            });
+            let node = self.node(to);
             for s in entry.sessions {
                 drop(self.subscribe(&node, kind, name.clone(), s));
             }
         }
-        if !conn.registry.borrow().entries.is_empty() {
+        if !conn.registry.borrow().entries.is_empty() || !conn.echoes.borrow().is_empty() {
             return false;
         }
         let mut conns = self.conns.borrow_mut();
         if conns.get(addr).is_some_and(|c| Rc::ptr_eq(c, conn)) {
             conns.remove(addr);
         }
+        conn.retired.set(true);
+        // Wakes its task, which closes the connection.
+        let _ = conn.commands.send(Bytes::new());
         true
     }
 
@@ -312,10 +388,7 @@ impl Hub {
                     continue;
                 }
                 debug!(channel = %String::from_utf8_lossy(&name), to = %owner, "shard channel subscribers moved");
-                let node = Rc::new(NodeSettings {
-                    addr: owner,
-                    ..hub.shared.node_settings.clone()
-                });
+                let node = hub.node(owner);
                 for s in sessions {
                     // The sessions already count this subscription: no confirmation to wait for.
                     drop(hub.subscribe(&node, SubKind::Shard, name.clone(), s));
@@ -359,11 +432,160 @@ impl Hub {
             entry.waiters.push(tx);
         }
         if first {
-            let mut out = BytesMut::new();
-            resp::encode_args(&mut out, &[kind.subscribe_cmd().as_bytes(), &name]);
-            let _ = conn.commands.send(out.freeze());
+            conn.send(kind.subscribe_cmd(), &name);
         }
-        rx
+        drop(reg);
+        if !may_carry_keyspace(kind, &name) {
+            return rx;
+        }
+        // Confirmed once the echoes are too, so that no notification after the reply is
+        // missed; but a master that cannot be reached for now holds the reply up for at most
+        // the connect timeout (its echo follows when it is back, or the watch moves it).
+        let echoes = self.add_echoes(&node.addr, kind, &name);
+        self.watch();
+        if echoes.is_empty() {
+            return rx;
+        }
+        let (tx, all) = oneshot::channel();
+        let patience = node.connect_timeout;
+        tokio::task::spawn_local(async move {
+            let _ = rx.await;
+            let _ = tokio::time::timeout(patience, async {
+                for w in echoes {
+                    let _ = w.await;
+                }
+            })
+            .await;
+            let _ = tx.send(());
+        });
+        all
+    }
+
+    /// Echoes `name`, held on `main`, on every other master of several; the receivers fire
+    /// once they are confirmed.
+    fn add_echoes(&self, main: &str, kind: SubKind, name: &Bytes) -> Vec<oneshot::Receiver<()>> {
+        let topo = self.shared.topology.load();
+        let mut waits = Vec::new();
+        if topo.shards.len() < 2 {
+            return waits;
+        }
+        for m in topo.masters() {
+            let Some(addr) = topo.nodes.get(m) else {
+                continue;
+            };
+            if &**addr == main {
+                continue;
+            }
+            let conn = self.conn(&self.node(addr.clone()));
+            if conn
+                .registry
+                .borrow()
+                .entries
+                .contains_key(&(kind, name.clone()))
+            {
+                continue;
+            }
+            let mut echoes = conn.echoes.borrow_mut();
+            let echo = echoes.entry((kind, name.clone())).or_insert_with(|| {
+                conn.send(kind.subscribe_cmd(), name);
+                Echo::default()
+            });
+            if !echo.confirmed {
+                let (tx, rx) = oneshot::channel();
+                echo.waiters.push(tx);
+                waits.push(rx);
+            }
+        }
+        waits
+    }
+
+    /// Starts the task that keeps echoes on the current masters, unless it runs: it looks at
+    /// the topology's version every 100 ms, and ends once nothing needs echoes.
+    fn watch(&self) {
+        if self.watching.replace(true) {
+            return;
+        }
+        let hub = self.clone();
+        tokio::task::spawn_local(async move {
+            let mut seen = hub.shared.topology.version();
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let now = hub.shared.topology.version();
+                if now != seen {
+                    seen = now;
+                    hub.reconcile_echoes();
+                }
+                let idle = hub.conns.borrow().values().all(|c| {
+                    c.echoes.borrow().is_empty()
+                        && !c
+                            .registry
+                            .borrow()
+                            .entries
+                            .keys()
+                            .any(|(k, n)| may_carry_keyspace(*k, n))
+                });
+                if idle {
+                    hub.watching.set(false);
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Puts echoes where the topology says they belong: for every subscription that may carry
+    /// keyspace notifications, on each master but the one holding it; no others.
+    fn reconcile_echoes(&self) {
+        let topo = self.shared.topology.load();
+        let is_master = |addr: &Arc<str>| topo.masters().any(|m| topo.nodes.get(m) == Some(addr));
+        let listed = |hub: &Hub| -> Vec<(Arc<str>, Rc<HubConn>)> {
+            hub.conns
+                .borrow()
+                .iter()
+                .map(|(a, c)| (a.clone(), c.clone()))
+                .collect()
+        };
+        // A node that stopped being a master (a failover that left it up as a replica) still
+        // hears what is published, but it would publish its own keyspace notifications too,
+        // again after the master's: subscriptions that may carry them leave it.
+        for (addr, c) in listed(self) {
+            let holds_keyspace = c
+                .registry
+                .borrow()
+                .entries
+                .keys()
+                .any(|(k, n)| may_carry_keyspace(*k, n));
+            if holds_keyspace && !is_master(&addr) && topo.channels_master().is_some() {
+                self.move_off(&addr, &c);
+            }
+        }
+        let conns = listed(self);
+        // Each subscription that wants echoes, and the node holding it.
+        let mut wanted: HashMap<(SubKind, Bytes), Arc<str>> = HashMap::new();
+        for (addr, c) in &conns {
+            for key in c.registry.borrow().entries.keys() {
+                if may_carry_keyspace(key.0, &key.1) {
+                    wanted.insert(key.clone(), addr.clone());
+                }
+            }
+        }
+        let several = topo.shards.len() >= 2;
+        for (addr, c) in &conns {
+            c.echoes.borrow_mut().retain(|key, _| {
+                let keep =
+                    several && is_master(addr) && wanted.get(key).is_some_and(|main| main != addr);
+                // Redis holds one subscription per name and connection: the main one, when
+                // this connection has become its home, stays.
+                if !keep && !c.registry.borrow().entries.contains_key(key) {
+                    c.send(key.0.unsubscribe_cmd(), &key.1);
+                }
+                keep
+            });
+        }
+        if several {
+            for ((kind, name), main) in &wanted {
+                drop(self.add_echoes(main, *kind, name));
+            }
+        }
     }
 
     /// Removes a session from `name` (wherever it is held); the backend subscription ends with its last session.
@@ -384,9 +606,21 @@ impl Hub {
                 .change(kind, name, -(gone as i64), -i64::from(last));
             if last {
                 reg.entries.remove(&key);
-                let mut out = BytesMut::new();
-                resp::encode_args(&mut out, &[kind.unsubscribe_cmd().as_bytes(), name]);
-                let _ = conn.commands.send(out.freeze());
+                conn.send(kind.unsubscribe_cmd(), name);
+            }
+        }
+        if may_carry_keyspace(kind, name) {
+            let conns: Vec<Rc<HubConn>> = self.conns.borrow().values().cloned().collect();
+            if conns
+                .iter()
+                .any(|c| c.registry.borrow().entries.contains_key(&key))
+            {
+                return;
+            }
+            for conn in conns {
+                if conn.echoes.borrow_mut().remove(&key).is_some() {
+                    conn.send(kind.unsubscribe_cmd(), name);
+                }
             }
         }
     }
@@ -441,9 +675,17 @@ async fn run(
                 entry.confirmed = false;
                 resp::encode_args(&mut wbuf, &[kind.subscribe_cmd().as_bytes(), name]);
             }
+            for ((kind, name), echo) in conn.echoes.borrow_mut().iter_mut() {
+                echo.confirmed = false;
+                resp::encode_args(&mut wbuf, &[kind.subscribe_cmd().as_bytes(), name]);
+            }
         }
         let mut rbuf = BytesMut::with_capacity(16 * 1024);
         let reason = loop {
+            if conn.retired.get() {
+                debug!(backend = %node.addr, "subscriber connection retired");
+                return;
+            }
             if let Err(e) = write_now(&mut stream, &mut wbuf) {
                 break e.to_string();
             }
@@ -498,8 +740,14 @@ fn relay(hub: &Hub, addr: &Arc<str>, conn: &HubConn, rbuf: &mut BytesMut) -> Res
                     b"psubscribe" => SubKind::Pattern,
                     _ => SubKind::Shard,
                 };
-                let mut reg = conn.registry.borrow_mut();
-                if let Some(e) = reg.entries.get_mut(&(k, name)) {
+                let key = (k, name);
+                if let Some(e) = conn.registry.borrow_mut().entries.get_mut(&key) {
+                    e.confirmed = true;
+                    for w in e.waiters.drain(..) {
+                        let _ = w.send(());
+                    }
+                }
+                if let Some(e) = conn.echoes.borrow_mut().get_mut(&key) {
                     e.confirmed = true;
                     for w in e.waiters.drain(..) {
                         let _ = w.send(());
@@ -512,9 +760,17 @@ fn relay(hub: &Hub, addr: &Arc<str>, conn: &HubConn, rbuf: &mut BytesMut) -> Res
                 } else {
                     SubKind::Shard
                 };
+                if k == SubKind::Channel && is_keyspace_channel(&channel) {
+                    echo_out(hub, conn, k, &channel, &frame);
+                }
                 fan_out(conn, k, channel, &frame);
             }
-            (b"pmessage", Some(pattern)) => fan_out(conn, SubKind::Pattern, pattern, &frame),
+            (b"pmessage", Some(pattern)) => {
+                if third_text(&frame).is_some_and(|c| is_keyspace_channel(&c)) {
+                    echo_out(hub, conn, SubKind::Pattern, &pattern, &frame);
+                }
+                fan_out(conn, SubKind::Pattern, pattern, &frame);
+            }
             (b"sunsubscribe", Some(channel)) => {
                 // The slot moved away from this node: follow it to its new master.
                 debug!(channel = %String::from_utf8_lossy(&channel), "shard channel unsubscribed by the server");
@@ -537,6 +793,25 @@ fn relay(hub: &Hub, addr: &Arc<str>, conn: &HubConn, rbuf: &mut BytesMut) -> Res
             }
             _ => {}
         }
+    }
+}
+
+/// A keyspace notification that came on an echo: to the sessions of the main subscription
+/// (unless this connection holds that too, and has delivered it).
+fn echo_out(hub: &Hub, conn: &HubConn, kind: SubKind, name: &Bytes, frame: &Bytes) {
+    let key = (kind, name.clone());
+    if !conn.echoes.borrow().contains_key(&key) || conn.registry.borrow().entries.contains_key(&key)
+    {
+        return;
+    }
+    let main = hub
+        .conns
+        .borrow()
+        .values()
+        .find(|c| c.registry.borrow().entries.contains_key(&key))
+        .cloned();
+    if let Some(main) = main {
+        fan_out(&main, kind, name.clone(), frame);
     }
 }
 
@@ -625,6 +900,22 @@ fn head(frame: &Bytes) -> Option<(Bytes, Option<Bytes>)> {
     Some((kind, name))
 }
 
+/// The third element of an array or push frame as text: the channel of a `pmessage`.
+fn third_text(frame: &Bytes) -> Option<Bytes> {
+    if !matches!(frame.first(), Some(b'*' | b'>')) {
+        return None;
+    }
+    let (n, mut pos) = resp::count_line(frame, 1)?;
+    if n < 3 {
+        return None;
+    }
+    for _ in 0..2 {
+        pos += resp::reply_len(frame.get(pos..)?).ok()??;
+    }
+    let len = resp::reply_len(frame.get(pos..)?).ok()??;
+    bulk_text(&frame.slice(pos..pos + len))
+}
+
 /// The type byte a message frame starts with for a client speaking `proto`: a RESP3 push, or a
 /// RESP2 array (the rest of the frame is the same in both).
 pub fn message_type(proto: u8) -> u8 {
@@ -672,6 +963,51 @@ mod tests {
         let mut b = BytesMut::from(buf);
         let frame = next_reply(&mut b).ok()??;
         Some((frame.len(), head(&frame)))
+    }
+
+    #[test]
+    fn subscriptions_that_may_carry_keyspace_notifications() {
+        let carries = |kind, name: &str| may_carry_keyspace(kind, name.as_bytes());
+        assert!(carries(SubKind::Channel, "__keyspace@0__:user:1"));
+        assert!(carries(SubKind::Channel, "__keyevent@3__:expired"));
+        assert!(!carries(SubKind::Channel, "news"));
+        assert!(!carries(SubKind::Channel, "__keys"));
+        for p in [
+            "*",
+            "__key*",
+            "__keyspace@*",
+            "__keyevent@0__:*",
+            "?_keyspace@0__:x",
+            "__k[e]y*",
+            "__keyspace@0__:user:\\*",
+        ] {
+            assert!(carries(SubKind::Pattern, p), "{p}");
+        }
+        for p in ["news*", "_x*", "__keyz*", "user:*", "__keyspac"] {
+            assert!(!carries(SubKind::Pattern, p), "{p}");
+        }
+        assert!(!carries(SubKind::Shard, "__keyspace@0__:x"));
+    }
+
+    #[test]
+    fn the_channel_of_a_pmessage() {
+        let frame = Bytes::from_static(
+            b">4\r\n$8\r\npmessage\r\n$1\r\n*\r\n$20\r\n__keyspace@0__:a:b:c\r\n$3\r\nset\r\n",
+        );
+        assert_eq!(
+            third_text(&frame).as_deref(),
+            Some(&b"__keyspace@0__:a:b:c"[..])
+        );
+        let message = Bytes::from_static(b"*3\r\n$7\r\nmessage\r\n$1\r\na\r\n$1\r\nb\r\n");
+        assert_eq!(third_text(&message).as_deref(), Some(&b"b"[..]));
+        assert_eq!(
+            third_text(&Bytes::from_static(b"*2\r\n$1\r\na\r\n$1\r\nb\r\n")),
+            None
+        );
+        assert_eq!(
+            third_text(&Bytes::from_static(b"*3\r\n$1\r\na\r\n$1\r\nb\r\n")),
+            None
+        );
     }
 
     #[test]

@@ -1126,3 +1126,143 @@ fn shard_subscriptions_follow_their_slot() {
     }
     assert!(delivered, "the subscription never moved to the new owner");
 }
+
+/// The bulk strings of a RESP2 message frame (`message`/`pmessage`, the pattern, the channel,
+/// the payload).
+fn message_fields(frame: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(frame);
+    let parts: Vec<&str> = text.split("\r\n").collect();
+    parts.iter().skip(2).step_by(2).map(|s| s.to_string()).collect()
+}
+
+/// Redis publishes a keyspace notification only on the node that holds the key: through
+/// respire a subscriber gets those of every master, each once, and ordinary messages once.
+/// `masters` are the backend masters, `owners` how many distinct masters the test's keys are on.
+fn keyspace_notifications_from_every_master(proxy: &Respire, masters: &[u16], owners: usize) {
+    assert!(owners >= 2, "the keys must be spread over several masters");
+    let mut p = Raw::connect(proxy.port);
+    assert_eq!(
+        p.roundtrip(
+            &resp(&[b"CONFIG", b"SET", b"notify-keyspace-events", b"KEA"]),
+            1
+        ),
+        b"+OK\r\n"
+    );
+    for &port in masters {
+        let got = cli(port, &["CONFIG", "GET", "notify-keyspace-events"]);
+        assert!(got.contains("AKE"), "master {port}: {got}");
+    }
+    let mut by_key = Raw::connect(proxy.port);
+    let got = by_key.roundtrip(&resp(&[b"PSUBSCRIBE", b"__keyspace@0__:ks:*"]), 1);
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "*3\r\n$10\r\npsubscribe\r\n$19\r\n__keyspace@0__:ks:*\r\n:1\r\n"
+    );
+    let mut by_event = Raw::connect(proxy.port);
+    by_event.roundtrip(&resp(&[b"SUBSCRIBE", b"__keyevent@0__:set"]), 1);
+    let mut everything = Raw::connect(proxy.port);
+    everything.roundtrip(&resp(&[b"PSUBSCRIBE", b"*"]), 1);
+
+    let keys: Vec<String> = (0..30).map(|i| format!("ks:{i}")).collect();
+    for k in &keys {
+        assert_eq!(
+            p.roundtrip(&resp(&[b"SET", k.as_bytes(), b"v"]), 1),
+            b"+OK\r\n"
+        );
+    }
+    assert_eq!(
+        p.roundtrip(&resp(&[b"PUBLISH", b"news", b"hello"]), 1),
+        b":1\r\n"
+    );
+
+    let want: HashSet<String> = keys.iter().cloned().collect();
+    // Per key, in any order across masters (each master publishes its own).
+    let got: HashSet<String> = by_key
+        .read_frames(30)
+        .iter()
+        .map(|f| {
+            let m = message_fields(f);
+            assert_eq!(m[0], "pmessage", "{m:?}");
+            assert_eq!(m[3], "set", "{m:?}");
+            m[2].strip_prefix("__keyspace@0__:").unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(got, want);
+    let got: HashSet<String> = by_event
+        .read_frames(30)
+        .iter()
+        .map(|f| {
+            let m = message_fields(f);
+            assert_eq!(&m[..2], ["message", "__keyevent@0__:set"], "{m:?}");
+            m[2].clone()
+        })
+        .collect();
+    assert_eq!(got, want);
+    // `*`: each key's two notifications and the message, once each.
+    let frames = everything.read_frames(61);
+    assert_eq!(frames.len(), 61);
+    let mut seen = HashSet::new();
+    for f in &frames {
+        let m = message_fields(f);
+        assert!(seen.insert(m.clone()), "delivered twice: {m:?}");
+    }
+    assert!(seen.contains(&vec![
+        "pmessage".to_string(),
+        "*".into(),
+        "news".into(),
+        "hello".into()
+    ]));
+    for s in [&mut by_key, &mut by_event, &mut everything] {
+        s.set_timeout(Duration::from_millis(300));
+        let mut tmp = [0u8; 256];
+        let extra = s.read_some(&mut tmp);
+        assert!(
+            extra.is_err(),
+            "more than expected: {:?}",
+            extra.map(|n| String::from_utf8_lossy(&tmp[..n]).into_owned())
+        );
+    }
+
+    // When the subscribers leave, respire leaves every master.
+    by_key.set_timeout(Duration::from_secs(5));
+    everything.set_timeout(Duration::from_secs(5));
+    by_key.roundtrip(&resp(&[b"PUNSUBSCRIBE"]), 1);
+    everything.roundtrip(&resp(&[b"PUNSUBSCRIBE"]), 1);
+    drop(by_event);
+    for &port in masters {
+        let mut left = false;
+        for _ in 0..50 {
+            let patterns = cli(port, &["PUBSUB", "NUMPAT"]);
+            let channels = cli(port, &["PUBSUB", "CHANNELS", "__key*"]);
+            if patterns.trim() == "0" && channels.trim().is_empty() {
+                left = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(left, "master {port} still has respire's subscriptions");
+    }
+}
+
+#[test]
+fn keyspace_notifications_over_a_cluster_and_over_shards() {
+    let cluster = Cluster::start(3, 0);
+    let proxy = Respire::start_args(&["--cluster", &cluster.seeds()]);
+    let owners: HashSet<String> = (0..30)
+        .map(|i| slot_node(&cluster, &format!("ks:{i}")))
+        .collect();
+    keyspace_notifications_from_every_master(&proxy, &cluster.master_ports(), owners.len());
+
+    let shards: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
+    let list = shards
+        .iter()
+        .map(|s| s.addr())
+        .collect::<Vec<_>>()
+        .join(",");
+    let proxy = Respire::start_args(&["--shards", &list]);
+    let owners: HashSet<usize> = (0..30)
+        .map(|i| respire::topology::key_slot(format!("ks:{i}").as_bytes()) as usize * 3 / 16384)
+        .collect();
+    let ports: Vec<u16> = shards.iter().map(|s| s.port).collect();
+    keyspace_notifications_from_every_master(&proxy, &ports, owners.len());
+}
