@@ -109,15 +109,11 @@ MULTI + LPUSH + EXPIRE + DEBUG SLEEP on blocked client, key already expired
 LMPOP propagate as pop with count command to replica
 /and script timeout$
 LATENCY HISTOGRAM all commands
-/^Keyspace notifications
 EOF
   # The "… and script timeout" tests of unit/multi: a keyless script runs on one master and
   # makes only that one busy, while the transaction's keys are on another.
   # LATENCY HISTOGRAM's count of CONFIG RESETSTAT: respire sends it to every master, and the
   # histograms of the masters are added up (3 calls for the client's one).
-  # Not done yet over a cluster (respire's gap, not Redis's): keyspace notifications come only
-  # from the master respire's shared subscriber connection is on (Redis publishes them on the
-  # key's node only, unlike PUBLISH).
 else
   start_redis_and_respire "$work"
 fi
