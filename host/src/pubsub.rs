@@ -20,9 +20,11 @@
 //! publishes them only on the node where the key lives, and a Redis Cluster does not carry
 //! them to the other nodes. A channel or pattern that can carry them (`__keyspace@…`,
 //! `__keyevent@…`, or a pattern such as `*` that may match those) is therefore also
-//! subscribed on every other master, as an *echo*: an echo delivers only keyspace
-//! notifications (the rest reaches respire on the main subscription already), to the
-//! sessions of the main subscription. Echoes follow the masters as the topology changes.
+//! subscribed on every other master, as an *echo*. A keyspace notification comes from one
+//! node only, on the one connection respire has to it, and goes to every session subscribed
+//! to the name, whichever connection holds its subscription; anything else reaches respire on
+//! every connection subscribed to the name and goes to that connection's sessions only.
+//! Echoes follow the masters as the topology changes.
 //!
 //! Redis counts respire's shared connection once however many clients it
 //! serves, so the replies that count subscribers (`PUBLISH`, `SPUBLISH`,
@@ -210,7 +212,7 @@ struct Registry {
 }
 
 /// A subscription held on a master only for the keyspace notifications it publishes; its
-/// subscribers are those of the main subscription, on another connection.
+/// subscribers are those of the name's subscriptions, on other connections.
 #[derive(Default)]
 struct Echo {
     confirmed: bool,
@@ -415,6 +417,8 @@ impl Hub {
         sub: Subscriber,
     ) -> oneshot::Receiver<()> {
         let conn = self.conn(node);
+        // Redis holds one subscription per name and connection: an echo here becomes this one.
+        conn.echoes.borrow_mut().remove(&(kind, name.clone()));
         let (tx, rx) = oneshot::channel();
         let mut reg = conn.registry.borrow_mut();
         let entry = reg.entries.entry((kind, name.clone())).or_default();
@@ -441,7 +445,7 @@ impl Hub {
         // Confirmed once the echoes are too, so that no notification after the reply is
         // missed; but a master that cannot be reached for now holds the reply up for at most
         // the connect timeout (its echo follows when it is back, or the watch moves it).
-        let echoes = self.add_echoes(&node.addr, kind, &name);
+        let echoes = self.add_echoes(kind, &name);
         self.watch();
         if echoes.is_empty() {
             return rx;
@@ -461,9 +465,9 @@ impl Hub {
         all
     }
 
-    /// Echoes `name`, held on `main`, on every other master of several; the receivers fire
-    /// once they are confirmed.
-    fn add_echoes(&self, main: &str, kind: SubKind, name: &Bytes) -> Vec<oneshot::Receiver<()>> {
+    /// Echoes `name` on every master of several that does not hold a subscription to it; the
+    /// receivers fire once they are confirmed.
+    fn add_echoes(&self, kind: SubKind, name: &Bytes) -> Vec<oneshot::Receiver<()>> {
         let topo = self.shared.topology.load();
         let mut waits = Vec::new();
         if topo.shards.len() < 2 {
@@ -473,9 +477,6 @@ impl Hub {
             let Some(addr) = topo.nodes.get(m) else {
                 continue;
             };
-            if &**addr == main {
-                continue;
-            }
             let conn = self.conn(&self.node(addr.clone()));
             if conn
                 .registry
@@ -533,7 +534,7 @@ impl Hub {
     }
 
     /// Puts echoes where the topology says they belong: for every subscription that may carry
-    /// keyspace notifications, on each master but the one holding it; no others.
+    /// keyspace notifications, on each master that does not hold it; no others.
     fn reconcile_echoes(&self) {
         let topo = self.shared.topology.load();
         let is_master = |addr: &Arc<str>| topo.masters().any(|m| topo.nodes.get(m) == Some(addr));
@@ -559,31 +560,31 @@ impl Hub {
             }
         }
         let conns = listed(self);
-        // Each subscription that wants echoes, and the node holding it.
-        let mut wanted: HashMap<(SubKind, Bytes), Arc<str>> = HashMap::new();
-        for (addr, c) in &conns {
+        // The subscriptions that want echoes.
+        let mut wanted: std::collections::HashSet<(SubKind, Bytes)> = Default::default();
+        for (_, c) in &conns {
             for key in c.registry.borrow().entries.keys() {
                 if may_carry_keyspace(key.0, &key.1) {
-                    wanted.insert(key.clone(), addr.clone());
+                    wanted.insert(key.clone());
                 }
             }
         }
         let several = topo.shards.len() >= 2;
         for (addr, c) in &conns {
             c.echoes.borrow_mut().retain(|key, _| {
-                let keep =
-                    several && is_master(addr) && wanted.get(key).is_some_and(|main| main != addr);
-                // Redis holds one subscription per name and connection: the main one, when
-                // this connection has become its home, stays.
-                if !keep && !c.registry.borrow().entries.contains_key(key) {
+                let held = c.registry.borrow().entries.contains_key(key);
+                let keep = several && is_master(addr) && wanted.contains(key) && !held;
+                // Redis holds one subscription per name and connection: one that this
+                // connection now holds for sessions of its own stays.
+                if !keep && !held {
                     c.send(key.0.unsubscribe_cmd(), &key.1);
                 }
                 keep
             });
         }
         if several {
-            for ((kind, name), main) in &wanted {
-                drop(self.add_echoes(main, *kind, name));
+            for (kind, name) in &wanted {
+                drop(self.add_echoes(*kind, name));
             }
         }
     }
@@ -615,6 +616,8 @@ impl Hub {
                 .iter()
                 .any(|c| c.registry.borrow().entries.contains_key(&key))
             {
+                // Sessions elsewhere still want this node's notifications.
+                drop(self.add_echoes(kind, name));
                 return;
             }
             for conn in conns {
@@ -761,15 +764,17 @@ fn relay(hub: &Hub, addr: &Arc<str>, conn: &HubConn, rbuf: &mut BytesMut) -> Res
                     SubKind::Shard
                 };
                 if k == SubKind::Channel && is_keyspace_channel(&channel) {
-                    echo_out(hub, conn, k, &channel, &frame);
+                    keyspace_out(hub, k, channel, &frame);
+                } else {
+                    fan_out(conn, k, channel, &frame);
                 }
-                fan_out(conn, k, channel, &frame);
             }
             (b"pmessage", Some(pattern)) => {
                 if third_text(&frame).is_some_and(|c| is_keyspace_channel(&c)) {
-                    echo_out(hub, conn, SubKind::Pattern, &pattern, &frame);
+                    keyspace_out(hub, SubKind::Pattern, pattern, &frame);
+                } else {
+                    fan_out(conn, SubKind::Pattern, pattern, &frame);
                 }
-                fan_out(conn, SubKind::Pattern, pattern, &frame);
             }
             (b"sunsubscribe", Some(channel)) => {
                 // The slot moved away from this node: follow it to its new master.
@@ -796,22 +801,11 @@ fn relay(hub: &Hub, addr: &Arc<str>, conn: &HubConn, rbuf: &mut BytesMut) -> Res
     }
 }
 
-/// A keyspace notification that came on an echo: to the sessions of the main subscription
-/// (unless this connection holds that too, and has delivered it).
-fn echo_out(hub: &Hub, conn: &HubConn, kind: SubKind, name: &Bytes, frame: &Bytes) {
-    let key = (kind, name.clone());
-    if !conn.echoes.borrow().contains_key(&key) || conn.registry.borrow().entries.contains_key(&key)
-    {
-        return;
-    }
-    let main = hub
-        .conns
-        .borrow()
-        .values()
-        .find(|c| c.registry.borrow().entries.contains_key(&key))
-        .cloned();
-    if let Some(main) = main {
-        fan_out(&main, kind, name.clone(), frame);
+/// A keyspace notification: published by one node, so it arrives once, on the connection to
+/// that node (a subscription or an echo), and goes to the sessions of every connection.
+fn keyspace_out(hub: &Hub, kind: SubKind, name: Bytes, frame: &Bytes) {
+    for c in hub.conns.borrow().values() {
+        fan_out(c, kind, name.clone(), frame);
     }
 }
 
