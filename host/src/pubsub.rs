@@ -91,6 +91,17 @@ pub struct Census {
     names: AtomicUsize,
     /// Patterns tallied (a `PUBLISH` looks for matching ones only when there are some).
     patterns: AtomicUsize,
+    /// Echo subscriptions of all workers (see the module's documentation), which Redis counts
+    /// like any other: by name, and patterns by node.
+    echoes: Mutex<EchoTally>,
+}
+
+#[derive(Default)]
+struct EchoTally {
+    /// Echo subscriptions to each channel and pattern, over all nodes and workers.
+    by_name: HashMap<(SubKind, Bytes), i64>,
+    /// Workers echoing each pattern on each node (Redis counts a pattern once per node).
+    patterns: HashMap<(Arc<str>, Bytes), i64>,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -140,21 +151,63 @@ impl Census {
         }
     }
 
+    /// An echo subscription to `name` on `node` was made (`delta` 1) or ended (-1).
+    fn echo_change(&self, node: &Arc<str>, kind: SubKind, name: &Bytes, delta: i64) {
+        let Ok(mut t) = self.echoes.lock() else {
+            return;
+        };
+        let n = t.by_name.entry((kind, name.clone())).or_default();
+        *n += delta;
+        if *n <= 0 {
+            t.by_name.remove(&(kind, name.clone()));
+        }
+        if kind == SubKind::Pattern {
+            let n = t.patterns.entry((node.clone(), name.clone())).or_default();
+            *n += delta;
+            if *n <= 0 {
+                t.patterns.remove(&(node.clone(), name.clone()));
+            }
+        }
+    }
+
+    /// Echo subscriptions to `name` (a `PUBSUB NUMSUB` over every master counts them).
+    fn echoes_of(&self, kind: SubKind, name: &[u8]) -> i64 {
+        let Ok(t) = self.echoes.lock() else {
+            return 0;
+        };
+        t.by_name
+            .get(&(kind, Bytes::copy_from_slice(name)))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// What to add to the sum of the masters' `PUBSUB NUMPAT`: less the patterns only echoes
+    /// hold on a node.
+    pub fn numpat_correction(&self) -> i64 {
+        let Ok(t) = self.echoes.lock() else {
+            return 0;
+        };
+        -(t.patterns.len() as i64)
+    }
+
     /// Whether no client of respire is subscribed to anything (Redis's counts are right as they are).
     pub fn is_empty(&self) -> bool {
         self.names.load(Ordering::Relaxed) == 0
     }
 
-    /// What to add to Redis's count of `name`'s subscribers (`PUBSUB NUMSUB`,
-    /// `SPUBLISH`'s receivers).
+    /// What to add to Redis's count of `name`'s subscribers (`PUBSUB NUMSUB` over every
+    /// master, `SPUBLISH`'s receivers).
     pub fn correction(&self, kind: SubKind, name: &[u8]) -> i64 {
-        let Ok(tallies) = self.tallies.lock() else {
-            return 0;
+        let d = {
+            let Ok(tallies) = self.tallies.lock() else {
+                return 0;
+            };
+            tallies
+                .get(kind.index())
+                .and_then(|m| m.get(name))
+                .map_or(0, |t| t.clients - t.conns)
         };
-        tallies
-            .get(kind.index())
-            .and_then(|m| m.get(name))
-            .map_or(0, |t| t.clients - t.conns)
+        d - self.echoes_of(kind, name)
     }
 
     /// What to add to Redis's count of `PUBLISH channel`'s receivers: the channel's
@@ -337,7 +390,9 @@ impl Hub {
         // Echoes stay while the node is a master (it is only unreachable for now); the watch
         // puts them on the masters there are instead.
         if !topo.masters().any(|m| topo.nodes.get(m) == Some(addr)) {
-            conn.echoes.borrow_mut().clear();
+            for ((kind, name), _) in conn.echoes.borrow_mut().drain() {
+                self.shared.census.echo_change(addr, kind, &name, -1);
+            }
         }
         for ((kind, name), to) in moving {
             let Some(entry) = conn
@@ -418,7 +473,14 @@ impl Hub {
     ) -> oneshot::Receiver<()> {
         let conn = self.conn(node);
         // Redis holds one subscription per name and connection: an echo here becomes this one.
-        conn.echoes.borrow_mut().remove(&(kind, name.clone()));
+        if conn
+            .echoes
+            .borrow_mut()
+            .remove(&(kind, name.clone()))
+            .is_some()
+        {
+            self.shared.census.echo_change(&node.addr, kind, &name, -1);
+        }
         let (tx, rx) = oneshot::channel();
         let mut reg = conn.registry.borrow_mut();
         let entry = reg.entries.entry((kind, name.clone())).or_default();
@@ -489,6 +551,7 @@ impl Hub {
             let mut echoes = conn.echoes.borrow_mut();
             let echo = echoes.entry((kind, name.clone())).or_insert_with(|| {
                 conn.send(kind.subscribe_cmd(), name);
+                self.shared.census.echo_change(addr, kind, name, 1);
                 Echo::default()
             });
             if !echo.confirmed {
@@ -579,6 +642,9 @@ impl Hub {
                 if !keep && !held {
                     c.send(key.0.unsubscribe_cmd(), &key.1);
                 }
+                if !keep {
+                    self.shared.census.echo_change(addr, key.0, &key.1, -1);
+                }
                 keep
             });
         }
@@ -611,18 +677,24 @@ impl Hub {
             }
         }
         if may_carry_keyspace(kind, name) {
-            let conns: Vec<Rc<HubConn>> = self.conns.borrow().values().cloned().collect();
+            let conns: Vec<(Arc<str>, Rc<HubConn>)> = self
+                .conns
+                .borrow()
+                .iter()
+                .map(|(a, c)| (a.clone(), c.clone()))
+                .collect();
             if conns
                 .iter()
-                .any(|c| c.registry.borrow().entries.contains_key(&key))
+                .any(|(_, c)| c.registry.borrow().entries.contains_key(&key))
             {
                 // Sessions elsewhere still want this node's notifications.
                 drop(self.add_echoes(kind, name));
                 return;
             }
-            for conn in conns {
+            for (addr, conn) in conns {
                 if conn.echoes.borrow_mut().remove(&key).is_some() {
                     conn.send(kind.unsubscribe_cmd(), name);
+                    self.shared.census.echo_change(&addr, kind, name, -1);
                 }
             }
         }

@@ -2719,6 +2719,10 @@ impl Session {
         } else if name.eq_ignore_ascii_case(b"spublish") {
             let d = census.correction(SubKind::Shard, &first);
             return (d != 0).then_some(Merge::SumIntPlus(d));
+        } else if first.eq_ignore_ascii_case(b"numpat") {
+            // Summed over the masters: the patterns respire echoes there are not the clients'.
+            let d = census.numpat_correction();
+            return (d != 0).then_some(Merge::SumIntPlus(d));
         } else if first.eq_ignore_ascii_case(b"numsub") {
             SubKind::Channel
         } else if first.eq_ignore_ascii_case(b"shardnumsub") {

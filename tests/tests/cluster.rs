@@ -1132,7 +1132,12 @@ fn shard_subscriptions_follow_their_slot() {
 fn message_fields(frame: &[u8]) -> Vec<String> {
     let text = String::from_utf8_lossy(frame);
     let parts: Vec<&str> = text.split("\r\n").collect();
-    parts.iter().skip(2).step_by(2).map(|s| s.to_string()).collect()
+    parts
+        .iter()
+        .skip(2)
+        .step_by(2)
+        .map(|s| s.to_string())
+        .collect()
 }
 
 /// Redis publishes a keyspace notification only on the node that holds the key: through
@@ -1162,6 +1167,17 @@ fn keyspace_notifications_from_every_master(proxy: &Respire, masters: &[u16], ow
     by_event.roundtrip(&resp(&[b"SUBSCRIBE", b"__keyevent@0__:set"]), 1);
     let mut everything = Raw::connect(proxy.port);
     everything.roundtrip(&resp(&[b"PSUBSCRIBE", b"*"]), 1);
+
+    // The counts are the clients', as on one Redis: respire's echoes on the other masters are
+    // not subscribers.
+    assert_eq!(
+        p.roundtrip(
+            &resp(&[b"PUBSUB", b"NUMSUB", b"__keyevent@0__:set", b"news"]),
+            1
+        ),
+        b"*4\r\n$18\r\n__keyevent@0__:set\r\n:1\r\n$4\r\nnews\r\n:0\r\n"
+    );
+    assert_eq!(p.roundtrip(&resp(&[b"PUBSUB", b"NUMPAT"]), 1), b":2\r\n");
 
     let keys: Vec<String> = (0..30).map(|i| format!("ks:{i}")).collect();
     for k in &keys {

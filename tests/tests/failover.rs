@@ -381,13 +381,23 @@ fn keyspace_notifications_follow_failovers() {
     let round = |what: &str, writer: &mut Raw, sub: &mut Raw| {
         for k in &keys {
             let got = writer.roundtrip(&resp(&[b"INCRBY", k.as_bytes(), b"2"]), 1);
-            assert!(got.starts_with(b":"), "{what}: {}", String::from_utf8_lossy(&got));
+            assert!(
+                got.starts_with(b":"),
+                "{what}: {}",
+                String::from_utf8_lossy(&got)
+            );
         }
         sub.set_timeout(Duration::from_secs(5));
         let mut got: Vec<String> = sub
             .read_frames(keys.len())
             .iter()
-            .map(|f| String::from_utf8_lossy(f).rsplit("\r\n").nth(1).unwrap_or("").to_string())
+            .map(|f| {
+                String::from_utf8_lossy(f)
+                    .rsplit("\r\n")
+                    .nth(1)
+                    .unwrap_or("")
+                    .to_string()
+            })
             .collect();
         got.sort();
         let mut want = keys.clone();
@@ -412,7 +422,10 @@ fn keyspace_notifications_follow_failovers() {
         .min_by_key(|&&i| cluster.nodes[i].port)
         .unwrap();
     let other = *masters.iter().find(|&&i| i != hub).unwrap();
-    for (name, master) in [("the subscription's master", hub), ("another master", other)] {
+    for (name, master) in [
+        ("the subscription's master", hub),
+        ("another master", other),
+    ] {
         let replica = (0..cluster.nodes.len())
             .find(|&i| {
                 cluster
@@ -436,7 +449,11 @@ fn keyspace_notifications_follow_failovers() {
             writer.roundtrip(&resp(&[b"GET", k.as_bytes()]), 1);
         }
         std::thread::sleep(Duration::from_millis(1000));
-        round(&format!("after a failover of {name}"), &mut writer, &mut sub);
+        round(
+            &format!("after a failover of {name}"),
+            &mut writer,
+            &mut sub,
+        );
     }
 }
 
