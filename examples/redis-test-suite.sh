@@ -109,9 +109,13 @@ MULTI + LPUSH + EXPIRE + DEBUG SLEEP on blocked client, key already expired
 LMPOP propagate as pop with count command to replica
 /and script timeout$
 LATENCY HISTOGRAM all commands
+FUNCTION - test function kill
+FUNCTION - test script kill not working on function
+FUNCTION - test function kill not working on eval
 EOF
-  # The "… and script timeout" tests of unit/multi: a keyless script runs on one master and
-  # makes only that one busy, while the transaction's keys are on another.
+  # The "… and script timeout" tests of unit/multi and the FUNCTION/SCRIPT KILL tests of
+  # unit/functions: a keyless script runs on one master and makes only that one busy, while
+  # the transaction's keys, or the test's PING, are on another.
   # LATENCY HISTOGRAM's count of CONFIG RESETSTAT: respire sends it to every master, and the
   # histograms of the masters are added up (3 calls for the client's one).
 else

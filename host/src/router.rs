@@ -42,6 +42,8 @@ pub enum Merge {
     AnyOk,
     /// Integers added up.
     SumInt,
+    /// The least integer (`LASTSAVE`: when every master had saved).
+    MinInt,
     /// Arrays concatenated.
     Concat,
     /// A reply that is not nil, the masters taken in turn (`RANDOMKEY`).
@@ -134,6 +136,14 @@ fn fan_out(name: &[u8], sub: &[u8]) -> Option<Merge> {
         Some(Merge::AllOk)
     } else if eq(name, "randomkey") {
         Some(Merge::FirstNonNil)
+    } else if eq(name, "bgsave") || eq(name, "bgrewriteaof") {
+        // Persistence is each master's, of its own keys: all of them save (and `DEBUG
+        // LOADAOF`, which every master runs, needs each one's AOF).
+        Some(Merge::First)
+    } else if eq(name, "save") {
+        Some(Merge::AllOk)
+    } else if eq(name, "lastsave") {
+        Some(Merge::MinInt)
     } else if eq(name, "info") {
         Some(Merge::Info {
             ours: Arc::from(""),
@@ -503,6 +513,18 @@ pub fn merge(how: &Merge, replies: &[Bytes], parts: &[Part]) -> Bytes {
             }
             let mut out = BytesMut::new();
             resp::int(&mut out, sum);
+            out.freeze()
+        }
+        Merge::MinInt => {
+            let mut least: Option<i64> = None;
+            for r in replies {
+                match int_of(r) {
+                    Some(n) => least = Some(least.map_or(n, |l| l.min(n))),
+                    None => return bad(),
+                }
+            }
+            let mut out = BytesMut::new();
+            resp::int(&mut out, least.unwrap_or(0));
             out.freeze()
         }
         Merge::Concat | Merge::Union => {
@@ -1016,6 +1038,24 @@ mod tests {
             plan(&t, &args("DBSIZE"), &topo),
             Plan::FanOut(Merge::SumInt)
         ));
+        // Persistence: every master saves its own keys.
+        for (cmd, merge) in [
+            ("BGSAVE", Merge::First),
+            ("BGREWRITEAOF", Merge::First),
+            ("SAVE", Merge::AllOk),
+            ("LASTSAVE", Merge::MinInt),
+        ] {
+            match plan(&t, &args(cmd), &topo) {
+                Plan::FanOut(m) => assert_eq!(m, merge, "{cmd}"),
+                p => panic!("{cmd}: {p:?}"),
+            }
+        }
+        let times = [
+            Bytes::from_static(b":1700000300\r\n"),
+            Bytes::from_static(b":1700000100\r\n"),
+            Bytes::from_static(b":1700000200\r\n"),
+        ];
+        assert_eq!(&merge(&Merge::MinInt, &times, &[])[..], b":1700000100\r\n");
     }
 
     #[test]

@@ -1282,3 +1282,81 @@ fn keyspace_notifications_over_a_cluster_and_over_shards() {
     let ports: Vec<u16> = shards.iter().map(|s| s.port).collect();
     keyspace_notifications_from_every_master(&proxy, &ports, owners.len());
 }
+
+/// A field of a node's `INFO persistence`.
+fn persistence_field(cluster: &Cluster, i: usize, field: &str) -> i64 {
+    cluster
+        .cli(i, &["INFO", "persistence"])
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(-1)
+}
+
+/// Each master persists its own keys: `BGSAVE`, `BGREWRITEAOF` and `SAVE` through respire run
+/// on every master, `LASTSAVE` is the oldest of their saves, and `DEBUG LOADAOF` (which every
+/// master runs) finds each master's AOF and keeps the data (Redis exits when it has none).
+#[test]
+fn persistence_commands_run_on_every_master() {
+    let cluster = Cluster::start(3, 0);
+    let proxy = Respire::start_args(&["--cluster", &cluster.seeds()]);
+    let mut p = Raw::connect(proxy.port);
+    for i in 0..30 {
+        let k = format!("p:{i}");
+        assert_eq!(
+            p.roundtrip(&resp(&[b"SET", k.as_bytes(), b"v"]), 1),
+            b"+OK\r\n"
+        );
+    }
+    let masters = cluster.master_ports().len();
+    let every = |field: &str, at_least: i64| {
+        (0..masters).all(|i| persistence_field(&cluster, i, field) >= at_least)
+    };
+    let wait = |what: &str, f: &dyn Fn() -> bool| {
+        for _ in 0..100 {
+            if f() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("{what} did not happen on every master");
+    };
+    assert_eq!(p.roundtrip(&resp(&[b"SAVE"]), 1), b"+OK\r\n");
+    assert!(every("rdb_saves", 1));
+    let saved = String::from_utf8_lossy(&p.roundtrip(&resp(&[b"LASTSAVE"]), 1)).into_owned();
+    let oldest = (0..masters)
+        .map(|i| persistence_field(&cluster, i, "rdb_last_save_time"))
+        .min()
+        .unwrap();
+    assert_eq!(saved, format!(":{oldest}\r\n"));
+    assert_eq!(
+        p.roundtrip(&resp(&[b"BGSAVE"]), 1),
+        b"+Background saving started\r\n"
+    );
+    wait("BGSAVE", &|| {
+        every("rdb_saves", 2) && every("rdb_bgsave_in_progress", 0)
+    });
+    assert_eq!(
+        p.roundtrip(
+            &resp(&[b"CONFIG", b"SET", b"aof-use-rdb-preamble", b"no"]),
+            1
+        ),
+        b"+OK\r\n"
+    );
+    assert_eq!(
+        p.roundtrip(&resp(&[b"BGREWRITEAOF"]), 1),
+        b"+Background append only file rewriting started\r\n"
+    );
+    wait("BGREWRITEAOF", &|| {
+        every("aof_rewrites", 1)
+            && (0..masters).all(|i| persistence_field(&cluster, i, "aof_rewrite_in_progress") == 0)
+    });
+    assert_eq!(p.roundtrip(&resp(&[b"DEBUG", b"LOADAOF"]), 1), b"+OK\r\n");
+    for i in 0..masters {
+        assert!(
+            cluster.cli(i, &["PING"]).contains("PONG"),
+            "master {i} is gone"
+        );
+    }
+    assert_eq!(p.roundtrip(&resp(&[b"DBSIZE"]), 1), b":30\r\n");
+}
