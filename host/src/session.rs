@@ -60,6 +60,10 @@ use crate::plugin::{
 use crate::protocol::{self as resp, Command, RequestParser, parse_i64};
 use crate::pubsub::SubKind;
 use crate::router::{self, CROSSSLOT, Merge, Plan};
+
+/// Most keyless commands a transaction holds before its first keyed one (its node unknown
+/// yet); later ones fix the node, as the first keyed command would.
+const MAX_HELD: usize = 64;
 use crate::server::Worker;
 use crate::topology::{BackendKind, Topology};
 
@@ -707,6 +711,9 @@ pub struct Session {
     in_multi: bool,
     /// MULTI acknowledged by respire but not sent yet: the node is chosen by the first keyed command.
     multi_deferred: bool,
+    /// Keyless commands queued (respire said `QUEUED`) before that first keyed command: they
+    /// go with it, after `MULTI`, to its node (or with `EXEC` to any master).
+    tx_held: Vec<Bytes>,
     /// A command queued in the transaction was refused by respire: EXEC must abort.
     tx_poisoned: bool,
     watching: bool,
@@ -837,6 +844,7 @@ pub async fn run(worker: Rc<Worker>, stream: Stream, info: Arc<ClientInfo>) {
         exclusive_dirty: false,
         in_multi: false,
         multi_deferred: false,
+        tx_held: Vec::new(),
         tx_poisoned: false,
         watching: false,
         reply_mode: ReplyMode::On,
@@ -3028,6 +3036,7 @@ impl Session {
     fn set_multi(&mut self, on: bool) {
         self.in_multi = on;
         self.tx_keys.clear();
+        self.tx_held.clear();
         self.info.set_flag(flag::MULTI, on);
         if !on {
             self.multi_deferred = false;
@@ -3839,8 +3848,20 @@ impl Session {
             }
             Kind::EndTransaction => {
                 let exec = cmd.name().eq_ignore_ascii_case(b"exec");
-                if self.multi_deferred {
-                    // Nothing was queued: an empty transaction.
+                if self.multi_deferred && exec && !self.tx_held.is_empty() {
+                    // Keyless commands only: the transaction runs on any master.
+                    let node = match self.node_for(None) {
+                        Ok(n) => n,
+                        Err(e) => {
+                            self.set_multi(false);
+                            self.watching = false;
+                            return self.reply_error(e);
+                        }
+                    };
+                    self.run_held(cmd, node);
+                } else if self.multi_deferred {
+                    // Nothing was sent to Redis: an empty transaction, or only keyless
+                    // commands, which DISCARD drops.
                     self.set_multi(false);
                     self.watching = false;
                     if exec {
@@ -3900,27 +3921,27 @@ impl Session {
                     }
                 };
                 if self.multi_deferred {
-                    // Commands sent before on shared connections run first: their replies
-                    // come before the transaction starts (a write on one connection and a
-                    // command on another may reach Redis in either order).
-                    let mut c = Some(cmd);
-                    if !self.barrier(&mut c, Target::Exclusive) {
-                        return;
+                    // A keyless command waits for the first keyed one, which decides the
+                    // node (Redis checks a command's arity when it queues it: so does respire).
+                    let keyless = matches!(
+                        router::plan(&cmd, res.info, &self.topo),
+                        Plan::Single(None) | Plan::FanOut(_) | Plan::Scan { .. }
+                    );
+                    if keyless
+                        && self.tx_held.len() < MAX_HELD
+                        && res.info.is_some_and(|i| {
+                            let n = cmd.len() as i64;
+                            if i.arity >= 0 {
+                                n == i.arity
+                            } else {
+                                n >= -i.arity
+                            }
+                        })
+                    {
+                        self.tx_held.push(cmd.into_resp());
+                        return self.reply_with(|o, _| resp::simple(o, "QUEUED"));
                     }
-                    let Some(cmd) = c else { return };
-                    let Ok(conn) = self.exclusive_on(node) else {
-                        self.tx_poisoned = true;
-                        return self.reply_error(CROSSSLOT);
-                    };
-                    // MULTI goes first; its +OK was already given by respire.
-                    let mut data = BytesMut::new();
-                    resp::encode_args(&mut data, &["MULTI"]);
-                    cmd.encode_into(&mut data);
-                    let data = data.freeze();
-                    let retry = self.topo.managed.then(|| data.clone());
-                    let rx = conn.send(data, 1, false);
-                    self.multi_deferred = false;
-                    self.push_waiting(rx, retry, true, false, node, None, false);
+                    self.run_held(cmd, node);
                     return;
                 }
                 let same = self
@@ -3934,6 +3955,73 @@ impl Session {
                 self.send_exclusive_pinned(cmd);
             }
         }
+    }
+
+    /// Starts a deferred transaction on `node`: `MULTI`, the keyless commands held (their
+    /// `QUEUED` already given by respire), then `cmd` — the first keyed command, or `EXEC` —
+    /// whose reply alone the client gets.
+    fn run_held(&mut self, cmd: Command, node: usize) {
+        // The exclusive connection of an earlier transaction (or blocking command) on another
+        // node or database: nothing of this transaction went on it, so once nothing is owed on
+        // it, it goes back to its pool and this transaction takes one of its node's.
+        let (addr, key) = (self.node_addr(node), self.key());
+        if self
+            .exclusive
+            .as_ref()
+            .is_some_and(|ex| ex.addr != addr || ex.key != key)
+        {
+            if self.waiting > 0 {
+                self.stalled = Some(cmd);
+                return;
+            }
+            if let Some(ex) = self.exclusive.take()
+                && !self.exclusive_dirty
+            {
+                self.worker.pool(&ex.addr).checkin(ex.key, ex.conn);
+            }
+            self.exclusive_dirty = false;
+        }
+        // Commands sent before on shared connections run first: their replies come before the
+        // transaction starts (a write on one connection and a command on another may reach
+        // Redis in either order).
+        let mut c = Some(cmd);
+        if !self.barrier(&mut c, Target::Exclusive) {
+            return;
+        }
+        let Some(cmd) = c else { return };
+        let exec = cmd.name().eq_ignore_ascii_case(b"exec");
+        let Ok(conn) = self.exclusive_on(node) else {
+            if exec {
+                self.set_multi(false);
+                self.watching = false;
+                return self
+                    .reply_error("EXECABORT Transaction discarded because of previous errors.");
+            }
+            self.tx_poisoned = true;
+            return self.reply_error(CROSSSLOT);
+        };
+        let mut data = BytesMut::new();
+        resp::encode_args(&mut data, &["MULTI"]);
+        for held in &self.tx_held {
+            data.extend_from_slice(held);
+        }
+        cmd.encode_into(&mut data);
+        let data = data.freeze();
+        let skip = 1 + self.tx_held.len() as u8;
+        self.tx_held.clear();
+        let retry = self.topo.managed.then(|| data.clone());
+        let rx = conn.send(data, skip, false);
+        self.multi_deferred = false;
+        if !exec {
+            return self.push_waiting(rx, retry, true, false, node, None, false);
+        }
+        let pushed = self.pushed;
+        let after = self.tx_pause.take();
+        self.set_multi(false);
+        self.watching = false;
+        self.push_waiting(rx, retry, true, false, node, None, false);
+        self.exec_in_pause();
+        self.note_after(pushed, after);
     }
 
     /// The next backend reply is not shown to the client.

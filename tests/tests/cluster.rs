@@ -1334,7 +1334,8 @@ fn persistence_commands_run_on_every_master() {
         b"+Background saving started\r\n"
     );
     wait("BGSAVE", &|| {
-        every("rdb_saves", 2) && every("rdb_bgsave_in_progress", 0)
+        every("rdb_saves", 2)
+            && (0..masters).all(|i| persistence_field(&cluster, i, "rdb_bgsave_in_progress") == 0)
     });
     assert_eq!(
         p.roundtrip(
@@ -1359,4 +1360,82 @@ fn persistence_commands_run_on_every_master() {
         );
     }
     assert_eq!(p.roundtrip(&resp(&[b"DBSIZE"]), 1), b":30\r\n");
+}
+
+/// A transaction's keyless commands before its first keyed one (`MULTI`, `PING`, `GET k`,
+/// `EXEC`) run on the key's node, whichever master that is; with keyless commands only it
+/// runs on any master; replies as from one Redis, queueing errors included.
+#[test]
+fn keyless_commands_lead_a_transaction_to_its_keys_node() {
+    let cluster = Cluster::start(3, 0);
+    let proxy = Respire::start_args(&["--cluster", &cluster.seeds()]);
+    // A key on each master.
+    let mut keys: Vec<String> = Vec::new();
+    for i in 0..100 {
+        let k = format!("t{i}");
+        let node = slot_node(&cluster, &k);
+        if !keys.iter().any(|o| slot_node(&cluster, o) == node) {
+            keys.push(k);
+        }
+    }
+    assert_eq!(keys.len(), 3);
+    let mut script: Vec<Vec<&str>> = Vec::new();
+    for k in &keys {
+        script.push(vec!["SET", k, "v"]);
+        script.push(vec!["MULTI"]);
+        script.push(vec!["PING"]);
+        script.push(vec!["ECHO", "x"]);
+        script.push(vec!["GET", k]);
+        script.push(vec!["INCR", k]);
+        script.push(vec!["EXEC"]);
+    }
+    for s in [
+        &["MULTI"][..],
+        &["PING"],
+        &["TIME", "extra"],
+        &["EXEC"],
+        &["MULTI"],
+        &["PING", "hello"],
+        &["ECHO", "x"],
+        &["EXEC"],
+        &["MULTI"],
+        &["PING"],
+        &["DISCARD"],
+        &["MULTI"],
+        &["EXEC"],
+        &["PING"],
+    ] {
+        script.push(s.to_vec());
+    }
+    // Transactions one after the other on different masters, nothing in between.
+    for k in &keys {
+        script.push(vec!["MULTI"]);
+        script.push(vec!["INCR", k]);
+        script.push(vec!["EXEC"]);
+    }
+    let script: Vec<&[&str]> = script.iter().map(|c| c.as_slice()).collect();
+    compare_with_single_redis(proxy.port, &script);
+    // The same, pipelined: each waits for the one before to be answered.
+    let direct = RedisServer::start();
+    let mut batch = Vec::new();
+    for k in &keys {
+        batch.extend(resp(&[b"SET", k.as_bytes(), b"1"]));
+    }
+    for round in 0..3 {
+        for k in &keys {
+            batch.extend(resp(&[b"MULTI"]));
+            if round == 1 {
+                batch.extend(resp(&[b"PING"]));
+            }
+            batch.extend(resp(&[b"INCR", k.as_bytes()]));
+            batch.extend(resp(&[b"EXEC"]));
+        }
+    }
+    let n = 3 + 3 * 3 * 3 + 3;
+    let want = Raw::connect(direct.port).roundtrip(&batch, n);
+    let got = Raw::connect(proxy.port).roundtrip(&batch, n);
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(&want)
+    );
 }
