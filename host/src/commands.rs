@@ -259,6 +259,8 @@ pub mod flags {
     pub const NO_AUTH: u32 = 1 << 8;
     /// Output may differ between calls with the same input.
     pub const RANDOM: u32 = 1 << 9;
+    /// Refused inside a transaction.
+    pub const NO_MULTI: u32 = 1 << 10;
     /// respire's own, not Redis's: runs a script or a function ([`super::is_script`]).
     pub const SCRIPT: u32 = 1 << 30;
 
@@ -274,6 +276,7 @@ pub mod flags {
             b"fast" => FAST,
             b"no_auth" => NO_AUTH,
             b"random" => RANDOM,
+            b"no_multi" => NO_MULTI,
             _ => 0,
         }
     }

@@ -3927,17 +3927,20 @@ impl Session {
                         router::plan(&cmd, res.info, &self.topo),
                         Plan::Single(None) | Plan::FanOut(_) | Plan::Scan { .. }
                     );
-                    if keyless
-                        && self.tx_held.len() < MAX_HELD
-                        && res.info.is_some_and(|i| {
-                            let n = cmd.len() as i64;
-                            if i.arity >= 0 {
-                                n == i.arity
-                            } else {
-                                n >= -i.arity
-                            }
-                        })
-                    {
+                    // Not those Redis answers with an error instead of QUEUED.
+                    let queued = |i: &commands::CommandInfo| {
+                        let n = cmd.len() as i64;
+                        let arity_ok = if i.arity >= 0 {
+                            n == i.arity
+                        } else {
+                            n >= -i.arity
+                        };
+                        arity_ok
+                            && !i.has(commands::flags::NO_MULTI)
+                            && !cmd.name().eq_ignore_ascii_case(b"multi")
+                            && !cmd.name().eq_ignore_ascii_case(b"watch")
+                    };
+                    if keyless && self.tx_held.len() < MAX_HELD && res.info.is_some_and(queued) {
                         self.tx_held.push(cmd.into_resp());
                         return self.reply_with(|o, _| resp::simple(o, "QUEUED"));
                     }

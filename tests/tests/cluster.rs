@@ -1404,6 +1404,12 @@ fn keyless_commands_lead_a_transaction_to_its_keys_node() {
         &["MULTI"],
         &["EXEC"],
         &["PING"],
+        // Answered with an error, not QUEUED, as by Redis.
+        &["MULTI"],
+        &["MULTI"],
+        &["PING"],
+        &["WATCH", "x"],
+        &["EXEC"],
     ] {
         script.push(s.to_vec());
     }
