@@ -113,13 +113,15 @@ FUNCTION - test function kill
 FUNCTION - test script kill not working on function
 FUNCTION - test function kill not working on eval
 MONITOR can log commands issued by functions
+FUNCTION - test fcall_ro with read only commands
 CONFIG sanity
 EOF
   # The "… and script timeout" tests of unit/multi and the FUNCTION/SCRIPT KILL tests of
   # unit/functions: a keyless script runs on one master and makes only that one busy, while
   # the transaction's keys, or the test's PING, are on another.
-  # MONITOR and functions: the test's keyless FCALL writes a key it does not declare, which
-  # Redis Cluster refuses unless the key is on the master the call went to.
+  # MONITOR and functions, FCALL_RO with read only commands: the test's keyless FCALL
+  # touches a key it does not declare, which Redis Cluster refuses unless the key is on the
+  # master the call went to.
   # CONFIG sanity sets every parameter CONFIG GET * shows (the first master's) back: `port`
   # and the like belong to one node, and every master cannot take the first one's.
   # LATENCY HISTOGRAM's count of CONFIG RESETSTAT: respire sends it to every master, and the
