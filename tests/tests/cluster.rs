@@ -1312,6 +1312,7 @@ fn persistence_commands_run_on_every_master() {
     let every = |field: &str, at_least: i64| {
         (0..masters).all(|i| persistence_field(&cluster, i, field) >= at_least)
     };
+    let none = |field: &str| (0..masters).all(|i| persistence_field(&cluster, i, field) == 0);
     let wait = |what: &str, f: &dyn Fn() -> bool| {
         for _ in 0..100 {
             if f() {
@@ -1334,8 +1335,7 @@ fn persistence_commands_run_on_every_master() {
         b"+Background saving started\r\n"
     );
     wait("BGSAVE", &|| {
-        every("rdb_saves", 2)
-            && (0..masters).all(|i| persistence_field(&cluster, i, "rdb_bgsave_in_progress") == 0)
+        every("rdb_saves", 2) && none("rdb_bgsave_in_progress")
     });
     assert_eq!(
         p.roundtrip(
@@ -1349,8 +1349,7 @@ fn persistence_commands_run_on_every_master() {
         b"+Background append only file rewriting started\r\n"
     );
     wait("BGREWRITEAOF", &|| {
-        every("aof_rewrites", 1)
-            && (0..masters).all(|i| persistence_field(&cluster, i, "aof_rewrite_in_progress") == 0)
+        every("aof_rewrites", 1) && none("aof_rewrite_in_progress")
     });
     assert_eq!(p.roundtrip(&resp(&[b"DEBUG", b"LOADAOF"]), 1), b"+OK\r\n");
     for i in 0..masters {

@@ -21,13 +21,19 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-#[test]
-fn manual_failover_is_invisible() {
-    let cluster = Cluster::start(3, 1);
-    let proxy = Respire::start_args(&["--cluster", &cluster.seeds()]);
-    let (replica, master) = cluster.a_replica();
-    let load = Load::start(proxy.port, 8);
-    std::thread::sleep(Duration::from_millis(500));
+/// The replica of master `m`.
+fn replica_of(cluster: &Cluster, m: usize) -> usize {
+    (0..cluster.nodes.len())
+        .find(|&i| {
+            cluster
+                .cli(i, &["INFO", "replication"])
+                .contains(&format!("master_port:{}", cluster.nodes[m].port))
+        })
+        .unwrap()
+}
+
+/// `CLUSTER FAILOVER` on `replica`, until it is the master and `master` is not.
+fn fail_over(cluster: &Cluster, replica: usize, master: usize) {
     assert!(
         cluster
             .cli(replica, &["CLUSTER", "FAILOVER"])
@@ -36,6 +42,16 @@ fn manual_failover_is_invisible() {
     wait_until("the replica's promotion", Duration::from_secs(20), || {
         cluster.is_master(replica) && !cluster.is_master(master)
     });
+}
+
+#[test]
+fn manual_failover_is_invisible() {
+    let cluster = Cluster::start(3, 1);
+    let proxy = Respire::start_args(&["--cluster", &cluster.seeds()]);
+    let (replica, master) = cluster.a_replica();
+    let load = Load::start(proxy.port, 8);
+    std::thread::sleep(Duration::from_millis(500));
+    fail_over(&cluster, replica, master);
     std::thread::sleep(Duration::from_millis(1000));
     let report = load.stop();
     eprintln!("{}", report.summary("CLUSTER FAILOVER"));
@@ -287,25 +303,9 @@ fn subscribers_keep_receiving_across_failover_and_resharding() {
         .filter(|&i| cluster.is_master(i))
         .min_by_key(|&i| cluster.nodes[i].port)
         .unwrap();
-    let replica_of = |cluster: &Cluster, m: usize| {
-        (0..cluster.nodes.len())
-            .find(|&i| {
-                cluster
-                    .cli(i, &["INFO", "replication"])
-                    .contains(&format!("master_port:{}", cluster.nodes[m].port))
-            })
-            .unwrap()
-    };
     // 1. A manual failover of that master.
     let replica = replica_of(&cluster, hub_master);
-    assert!(
-        cluster
-            .cli(replica, &["CLUSTER", "FAILOVER"])
-            .contains("OK")
-    );
-    wait_until("promotion", Duration::from_secs(20), || {
-        cluster.is_master(replica) && !cluster.is_master(hub_master)
-    });
+    fail_over(&cluster, replica, hub_master);
     expect("after-failover", &mut publisher, &mut sub);
     // 2. Resharding (once every node agrees on the new configuration, as redis-cli requires).
     cluster.wait_healthy(Duration::from_secs(30));
@@ -426,21 +426,7 @@ fn keyspace_notifications_follow_failovers() {
         ("the subscription's master", hub),
         ("another master", other),
     ] {
-        let replica = (0..cluster.nodes.len())
-            .find(|&i| {
-                cluster
-                    .cli(i, &["INFO", "replication"])
-                    .contains(&format!("master_port:{}", cluster.nodes[master].port))
-            })
-            .unwrap();
-        assert!(
-            cluster
-                .cli(replica, &["CLUSTER", "FAILOVER"])
-                .contains("OK")
-        );
-        wait_until("promotion", Duration::from_secs(20), || {
-            cluster.is_master(replica) && !cluster.is_master(master)
-        });
+        fail_over(&cluster, replica_of(&cluster, master), master);
         cluster.wait_healthy(Duration::from_secs(30));
         // respire learns of the new master from the first redirection (what a write in the
         // failover's moment publishes can be missed, as by any client subscribed on the
