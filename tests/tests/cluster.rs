@@ -881,15 +881,21 @@ print("ok")
     );
 }
 
-#[test]
-fn standalone_shards_place_keys_by_slot() {
-    let mut shards: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
+/// Three standalone Redis servers, and respire in front of them as shards.
+fn three_shards() -> (Vec<RedisServer>, Respire) {
+    let shards: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
     let list = shards
         .iter()
         .map(|s| s.addr())
         .collect::<Vec<_>>()
         .join(",");
     let proxy = Respire::start_args(&["--shards", &list]);
+    (shards, proxy)
+}
+
+#[test]
+fn standalone_shards_place_keys_by_slot() {
+    let (mut shards, proxy) = three_shards();
     let mut con = proxy.conn();
     for i in 0..300 {
         let _: () = con.set(format!("s:{i}"), i).unwrap();
@@ -1269,13 +1275,7 @@ fn keyspace_notifications_over_a_cluster_and_over_shards() {
         .collect();
     keyspace_notifications_from_every_master(&proxy, &cluster.master_ports(), owners.len());
 
-    let shards: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
-    let list = shards
-        .iter()
-        .map(|s| s.addr())
-        .collect::<Vec<_>>()
-        .join(",");
-    let proxy = Respire::start_args(&["--shards", &list]);
+    let (shards, proxy) = three_shards();
     let owners: HashSet<usize> = (0..30)
         .map(|i| respire::topology::key_slot(format!("ks:{i}").as_bytes()) as usize * 3 / 16384)
         .collect();
