@@ -3727,7 +3727,7 @@ impl Session {
         // What the session sent before goes out first.
         self.flush_group();
         let addr = self.node_addr(node);
-        let pinned = self.in_multi || self.watching;
+        let pinned = self.pinned();
         if let Some(ex) = &self.exclusive {
             if ex.addr == addr && ex.key == key && (pinned || ex.conn.is_alive()) {
                 return Ok(ex.conn.clone());
@@ -3776,11 +3776,17 @@ impl Session {
         }
     }
 
+    /// Whether the exclusive connection holds a transaction or a watch. A transaction whose
+    /// `MULTI` respire has not sent yet (its node is chosen by its first keyed command) holds
+    /// nothing on it.
+    fn pinned(&self) -> bool {
+        (self.in_multi && !self.multi_deferred) || self.watching
+    }
+
     /// Gives the exclusive connection back to the pool when it is clean, or drops it (closing it).
     fn release_exclusive(&mut self, session_ending: bool) {
         if let Some(ex) = self.exclusive.take() {
-            let clean =
-                self.waiting == 0 && !self.in_multi && !self.watching && !self.exclusive_dirty;
+            let clean = self.waiting == 0 && !self.pinned() && !self.exclusive_dirty;
             if clean {
                 self.worker.pool(&ex.addr).checkin(ex.key, ex.conn);
             }
@@ -3966,23 +3972,16 @@ impl Session {
     fn run_held(&mut self, cmd: Command, node: usize) {
         // The exclusive connection of an earlier transaction (or blocking command) on another
         // node or database: nothing of this transaction went on it, so once nothing is owed on
-        // it, it goes back to its pool and this transaction takes one of its node's.
+        // it, `exclusive_on` gives it back and takes one of this node's.
         let (addr, key) = (self.node_addr(node), self.key());
-        if self
-            .exclusive
-            .as_ref()
-            .is_some_and(|ex| ex.addr != addr || ex.key != key)
+        if self.waiting > 0
+            && self
+                .exclusive
+                .as_ref()
+                .is_some_and(|ex| ex.addr != addr || ex.key != key)
         {
-            if self.waiting > 0 {
-                self.stalled = Some(cmd);
-                return;
-            }
-            if let Some(ex) = self.exclusive.take()
-                && !self.exclusive_dirty
-            {
-                self.worker.pool(&ex.addr).checkin(ex.key, ex.conn);
-            }
-            self.exclusive_dirty = false;
+            self.stalled = Some(cmd);
+            return;
         }
         // Commands sent before on shared connections run first: their replies come before the
         // transaction starts (a write on one connection and a command on another may reach
