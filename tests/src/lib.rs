@@ -964,6 +964,17 @@ impl Raw {
         self.s.read(buf)
     }
 
+    /// What arrives within `t`, if anything (the peer closing counts): for "nothing more
+    /// than expected".
+    pub fn more_within(&mut self, t: Duration) -> Option<String> {
+        self.set_timeout(t);
+        let mut tmp = [0u8; 4096];
+        self.s
+            .read(&mut tmp)
+            .ok()
+            .map(|n| String::from_utf8_lossy(&tmp[..n]).into_owned())
+    }
+
     /// Sets how long reads wait.
     pub fn set_timeout(&mut self, t: Duration) {
         self.s.set_read_timeout(Some(t)).expect("timeout");
