@@ -842,7 +842,11 @@ fn relay(hub: &Hub, addr: &Arc<str>, conn: &HubConn, rbuf: &mut BytesMut) -> Res
                 }
             }
             (b"pmessage", Some(pattern)) => {
-                if third_text(&frame).is_some_and(|c| is_keyspace_channel(&c)) {
+                // With one connection, its sessions are all there are: no need to read the
+                // channel.
+                if hub.conns.borrow().len() > 1
+                    && third_text(&frame).is_some_and(|c| is_keyspace_channel(&c))
+                {
                     keyspace_out(hub, SubKind::Pattern, pattern, &frame);
                 } else {
                     fan_out(conn, SubKind::Pattern, pattern, &frame);
