@@ -6,10 +6,11 @@
 //! on a lock; entries that no longer matter (a bucket that has refilled, a counter past its
 //! time to live) are swept out as a shard is used.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::{BuildHasher, Hasher};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use hashbrown::HashTable;
 
 const SHARDS: usize = 16;
 /// A shard is swept once per this many operations on it.
@@ -35,10 +36,89 @@ struct Counter {
     expires: Option<Instant>,
 }
 
+/// A plugin's entry, by its parts: the plugin, the limiter's name ("" for counters), the key.
+#[derive(Clone, Copy)]
+struct Key<'a> {
+    plugin: &'a str,
+    name: &'a str,
+    key: &'a str,
+}
+
+impl Key<'_> {
+    /// Whether `stored` (as [`Key::joined`] makes it) is this key.
+    fn matches(&self, stored: &str) -> bool {
+        let (p, n, k) = (self.plugin, self.name, self.key);
+        stored.len() == p.len() + n.len() + k.len() + 2
+            && stored.starts_with(p)
+            && stored.as_bytes()[p.len()] == 0
+            && stored[p.len() + 1..].starts_with(n)
+            && stored.as_bytes()[p.len() + 1 + n.len()] == 0
+            && stored.ends_with(k)
+    }
+
+    /// `plugin \0 name \0 key`, as kept in the map.
+    fn joined(&self) -> Box<str> {
+        let mut s = String::with_capacity(self.plugin.len() + self.name.len() + self.key.len() + 2);
+        s.push_str(self.plugin);
+        s.push('\0');
+        s.push_str(self.name);
+        s.push('\0');
+        s.push_str(self.key);
+        s.into_boxed_str()
+    }
+}
+
+/// An entry of a shard: the joined key with its hash, so that a lookup hashes the parts once
+/// (for the shard and the table alike) and allocates nothing unless the entry is new.
+struct Entry<V> {
+    hash: u64,
+    key: Box<str>,
+    value: V,
+}
+
+/// A shard's map of one kind of entry.
+struct Map<V>(HashTable<Entry<V>>);
+
+impl<V> Default for Map<V> {
+    fn default() -> Self {
+        Map(HashTable::new())
+    }
+}
+
+impl<V> Map<V> {
+    fn get(&self, hash: u64, k: Key<'_>) -> Option<&V> {
+        self.0
+            .find(hash, |e| k.matches(&e.key))
+            .map(|e| &e.value)
+    }
+
+    fn get_mut(&mut self, hash: u64, k: Key<'_>) -> Option<&mut V> {
+        self.0
+            .find_mut(hash, |e| k.matches(&e.key))
+            .map(|e| &mut e.value)
+    }
+
+    fn get_or_insert(&mut self, hash: u64, k: Key<'_>, new: impl FnOnce() -> V) -> &mut V {
+        let entry = self
+            .0
+            .entry(hash, |e| k.matches(&e.key), |e| e.hash)
+            .or_insert_with(|| Entry {
+                hash,
+                key: k.joined(),
+                value: new(),
+            });
+        &mut entry.into_mut().value
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
 #[derive(Default)]
 struct Shard {
-    buckets: HashMap<String, Bucket>,
-    counters: HashMap<String, Counter>,
+    buckets: Map<Bucket>,
+    counters: Map<Counter>,
     ops: u32,
 }
 
@@ -50,12 +130,13 @@ impl Shard {
         }
         self.ops = 0;
         // A full bucket behaves exactly like a missing one.
-        self.buckets.retain(|_, b| {
-            b.refill(now);
-            b.tokens < b.burst
+        self.buckets.0.retain(|e| {
+            e.value.refill(now);
+            e.value.tokens < e.value.burst
         });
         self.counters
-            .retain(|_, c| c.expires.is_none_or(|e| e > now));
+            .0
+            .retain(|e| e.value.expires.is_none_or(|x| x > now));
     }
 }
 
@@ -71,32 +152,33 @@ pub struct Rule {
 /// Buckets and counters of every plugin.
 pub struct SharedState {
     shards: Box<[Mutex<Shard>]>,
-    hasher: RandomState,
+    /// Seeded at random: keys may come from clients (a key prefix, an address).
+    hasher: foldhash::fast::RandomState,
 }
 
 impl Default for SharedState {
     fn default() -> Self {
         SharedState {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            hasher: RandomState::new(),
+            hasher: foldhash::fast::RandomState::default(),
         }
     }
 }
 
-/// The map key of a plugin's entry: `plugin \0 name \0 key`.
-fn entry_key(plugin: &str, name: &str, key: &str) -> String {
-    let mut k = String::with_capacity(plugin.len() + name.len() + key.len() + 2);
-    k.push_str(plugin);
-    k.push('\0');
-    k.push_str(name);
-    k.push('\0');
-    k.push_str(key);
-    k
-}
-
 impl SharedState {
-    fn shard(&self, key: &str) -> std::sync::MutexGuard<'_, Shard> {
-        let i = (self.hasher.hash_one(key) as usize) % self.shards.len();
+    fn hash(&self, k: Key<'_>) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        h.write(k.plugin.as_bytes());
+        h.write_u8(0);
+        h.write(k.name.as_bytes());
+        h.write_u8(0);
+        h.write(k.key.as_bytes());
+        h.finish()
+    }
+
+    /// The shard of a key's hash (bits the table does not use for its slots and tags).
+    fn shard(&self, hash: u64) -> std::sync::MutexGuard<'_, Shard> {
+        let i = ((hash >> 32) as usize) % self.shards.len();
         // A poisoned lock only means another thread panicked mid-update of plain numbers.
         self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -123,8 +205,13 @@ impl SharedState {
         cost: u32,
         now: Instant,
     ) -> Result<u32, u64> {
-        let k = entry_key(plugin, limiter, key);
-        let mut shard = self.shard(&k);
+        let k = Key {
+            plugin,
+            name: limiter,
+            key,
+        };
+        let hash = self.hash(k);
+        let mut shard = self.shard(hash);
         shard.tick(now);
         let burst = f64::from(rule.burst);
         let rate = if rule.rate.is_finite() {
@@ -132,7 +219,7 @@ impl SharedState {
         } else {
             0.0
         };
-        let b = shard.buckets.entry(k).or_insert(Bucket {
+        let b = shard.buckets.get_or_insert(hash, k, || Bucket {
             tokens: burst,
             at: now,
             rate,
@@ -156,9 +243,14 @@ impl SharedState {
     /// Gives back tokens taken by [`SharedState::take`] (when a later take of the same
     /// command failed).
     pub fn refund(&self, plugin: &str, limiter: &str, key: &str, cost: u32) {
-        let k = entry_key(plugin, limiter, key);
-        let mut shard = self.shard(&k);
-        if let Some(b) = shard.buckets.get_mut(&k) {
+        let k = Key {
+            plugin,
+            name: limiter,
+            key,
+        };
+        let hash = self.hash(k);
+        let mut shard = self.shard(hash);
+        if let Some(b) = shard.buckets.get_mut(hash, k) {
             b.tokens = (b.tokens + f64::from(cost)).min(b.burst);
         }
     }
@@ -177,10 +269,15 @@ impl SharedState {
         ttl: Duration,
         now: Instant,
     ) -> i64 {
-        let k = entry_key(plugin, "", key);
-        let mut shard = self.shard(&k);
+        let k = Key {
+            plugin,
+            name: "",
+            key,
+        };
+        let hash = self.hash(k);
+        let mut shard = self.shard(hash);
         shard.tick(now);
-        let c = shard.counters.entry(k).or_insert(Counter {
+        let c = shard.counters.get_or_insert(hash, k, || Counter {
             value: 0,
             expires: None,
         });
@@ -202,9 +299,14 @@ impl SharedState {
     }
 
     fn counter_get_at(&self, plugin: &str, key: &str, now: Instant) -> i64 {
-        let k = entry_key(plugin, "", key);
-        let shard = self.shard(&k);
-        match shard.counters.get(&k) {
+        let k = Key {
+            plugin,
+            name: "",
+            key,
+        };
+        let hash = self.hash(k);
+        let shard = self.shard(hash);
+        match shard.counters.get(hash, k) {
             Some(c) if c.expires.is_none_or(|e| e > now) => c.value,
             _ => 0,
         }
@@ -214,14 +316,19 @@ impl SharedState {
     /// largest values, largest first (ties by key). Walks every shard.
     pub fn counter_top(&self, plugin: &str, prefix: &str, count: usize) -> Vec<(String, i64)> {
         let now = Instant::now();
-        let full = entry_key(plugin, "", prefix);
+        let full = Key {
+            plugin,
+            name: "",
+            key: prefix,
+        }
+        .joined();
         let head = full.len() - prefix.len();
         let mut found: Vec<(String, i64)> = Vec::new();
         for shard in self.shards.iter() {
             let s = shard.lock().unwrap_or_else(|p| p.into_inner());
-            for (k, c) in &s.counters {
-                if k.starts_with(&full) && c.expires.is_none_or(|e| e > now) {
-                    found.push((k[head..].to_string(), c.value));
+            for e in s.counters.0.iter() {
+                if e.key.starts_with(&*full) && e.value.expires.is_none_or(|x| x > now) {
+                    found.push((e.key[head..].to_string(), e.value.value));
                 }
             }
         }
