@@ -12,7 +12,7 @@
 //!   leave an old value behind once the writer has its answer).
 //! - A write by anyone else is reported by Redis itself: [`crate::invalidation`] keeps a connection per
 //!   node with `CLIENT TRACKING on BCAST` (over the plugins' prefixes) and drops what it
-//!   names. The cache serves only while every node's tracking connection is up; when one
+//!   names. The cache serves only while every master's tracking connection is up; when one
 //!   drops, everything is flushed before the next lookup.
 //! - A miss puts a *pending* entry in place before the request goes to Redis; an
 //!   invalidation removes it, and the reply is then passed on but not kept. So a write that
@@ -165,7 +165,7 @@ pub struct Cache {
     shards: Box<[Mutex<Shard>]>,
     hasher: RandomState,
     next_id: AtomicU64,
-    /// Serving: a plugin uses the cache and every node's tracking connection is up.
+    /// Serving: a plugin uses the cache and every master's tracking connection is up.
     active: AtomicBool,
     /// Replies are kept only for keys under these prefixes (empty: every key).
     prefixes: ArcSwap<Vec<Bytes>>,

@@ -1,7 +1,7 @@
 //! The tracking connections: Redis's own reports of changed keys, for the response cache
 //! and for respire's clients' `CLIENT TRACKING`.
 //!
-//! A thread keeps one connection per backend node with `CLIENT TRACKING on BCAST [PREFIX …]`
+//! A thread keeps one connection per master with `CLIENT TRACKING on BCAST [PREFIX …]`
 //! over RESP3: over the plugins' prefixes while only the cache needs them, over every key
 //! while a client tracks. Their invalidation pushes drop cached replies
 //! ([`crate::cache::Cache::invalidate`]) and reach tracking clients
@@ -170,7 +170,7 @@ pub fn sync(shared: &Shared) {
 
 /// Keeps the tracking connections (runs on its own thread while respire runs). They are
 /// open while a plugin uses the cache (over its prefixes) or a client tracks keys (over
-/// every key). The cache serves only while every node has one; a lost connection flushes
+/// every key). The cache serves only while every master has one; a lost connection flushes
 /// the cache, and tells tracking clients to drop everything, at once; a change of what is
 /// wanted starts over with new connections and an empty cache.
 pub fn track(shared: Arc<Shared>) {
@@ -239,14 +239,22 @@ pub fn track(shared: Arc<Shared>) {
             };
             let epoch = cache.epoch();
             let topo = shared.topology.load();
+            // Masters only: a replica reports the keys its master's writes change too, so a
+            // connection to it would tell every change twice (and respire reads from masters).
+            // A promoted replica gets one when the topology shows it as a master; a demoted
+            // master's goes.
+            let masters: Vec<Arc<str>> = topo
+                .masters()
+                .filter_map(|m| topo.nodes.get(m).cloned())
+                .collect();
             trackers.retain(|addr, (_, _, h)| {
-                let keep = topo.nodes.contains(addr);
+                let keep = masters.contains(addr);
                 if !keep {
                     h.abort();
                 }
                 keep
             });
-            for addr in &topo.nodes {
+            for addr in &masters {
                 if trackers.get(addr).is_some_and(|(_, _, h)| !h.is_finished()) {
                     continue;
                 }

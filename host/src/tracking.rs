@@ -15,7 +15,7 @@
 //! - **`FLUSHALL` / `FLUSHDB`:** every tracking client gets `invalidate` with a null.
 //!
 //! What changed is learnt from Redis itself: while any client tracks, the tracking thread
-//! (`crate::cache::track`) keeps a `CLIENT TRACKING on BCAST` connection to every node,
+//! (`crate::cache::track`) keeps a `CLIENT TRACKING on BCAST` connection to every master,
 //! over every key, and hands its pushes to [`Tracking::changed`]. Writes by anyone (other
 //! proxies, expiry, eviction) are seen. `CLIENT TRACKING on` is answered once those
 //! connections are up; if one is lost, every tracking client is told to drop everything

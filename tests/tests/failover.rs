@@ -437,6 +437,73 @@ fn keyspace_notifications_follow_failovers() {
     }
 }
 
+/// `CLIENT TRACKING` over a cluster with replicas: a `BCAST` client, redirected to a RESP2
+/// subscriber as Redis's own test suite does it, is told of each change once (a replica reports
+/// its master's writes too, so respire's connections to replicas told every change twice), and
+/// still once after a failover turned a master into a replica.
+#[test]
+fn tracking_clients_are_told_of_each_change_once_across_a_failover() {
+    let cluster = Cluster::start(3, 1);
+    let proxy = Respire::start_args(&["--cluster", &cluster.seeds()]);
+    let mut target = Raw::connect(proxy.port);
+    let id = String::from_utf8_lossy(&target.roundtrip(&resp(&[b"CLIENT", b"ID"]), 1))
+        .trim_start_matches(':')
+        .trim()
+        .to_string();
+    assert!(
+        target
+            .roundtrip(&resp(&[b"SUBSCRIBE", b"__redis__:invalidate"]), 1)
+            .starts_with(b"*3\r\n$9\r\nsubscribe")
+    );
+    let mut tracker = Raw::connect(proxy.port);
+    assert_eq!(
+        tracker.roundtrip(
+            &resp(&[b"CLIENT", b"TRACKING", b"on", b"BCAST", b"REDIRECT", id.as_bytes()]),
+            1
+        ),
+        b"+OK\r\n"
+    );
+    let keys: Vec<String> = (0..12).map(|i| format!("tracked:{i}")).collect();
+    let owners: std::collections::HashSet<u16> =
+        keys.iter().map(|k| cluster.owner_port(k)).collect();
+    assert_eq!(owners.len(), 3, "the keys live on every master");
+    let message = |k: &str| {
+        format!(
+            "*3\r\n$7\r\nmessage\r\n$20\r\n__redis__:invalidate\r\n*1\r\n${}\r\n{k}\r\n",
+            k.len()
+        )
+    };
+    // Each write's message, once: the writer's answer comes after it.
+    let round = |what: &str, target: &mut Raw| {
+        let mut writer = Raw::connect(proxy.port);
+        for k in &keys {
+            assert_eq!(
+                writer.roundtrip(&resp(&[b"SET", k.as_bytes(), b"v"]), 1),
+                b"+OK\r\n",
+                "{what}"
+            );
+            target.set_timeout(Duration::from_secs(5));
+            let got = String::from_utf8_lossy(&target.read_replies(1)).into_owned();
+            assert_eq!(got, message(k), "{what}");
+        }
+        let extra = target.more_within(Duration::from_millis(500));
+        assert_eq!(extra, None, "{what}: a change told more than once");
+    };
+    round("before", &mut target);
+    let (replica, master) = cluster.a_replica();
+    fail_over(&cluster, replica, master);
+    cluster.wait_healthy(Duration::from_secs(30));
+    // respire learns of the new master from the first redirection; meanwhile tracking clients
+    // are told to drop everything (a null), since changes may have gone unseen.
+    let mut reader = Raw::connect(proxy.port);
+    for k in &keys {
+        reader.roundtrip(&resp(&[b"GET", k.as_bytes()]), 1);
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    while target.more_within(Duration::from_millis(300)).is_some() {}
+    round("after a failover", &mut target);
+}
+
 /// A standalone Redis down for a while: the subscriber waits it out on the same connection
 /// (respire subscribes again once Redis is back), and respire's log says the outage once, not
 /// at every reconnection attempt.
