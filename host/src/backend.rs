@@ -300,6 +300,13 @@ pub const CLIENTS_NAME: &str = "respire";
 /// what they send is not a client's, and `MONITOR` through respire leaves it out.
 pub const INTERNAL_NAME: &str = "respire-internal";
 
+/// The health check of an idle client connection to Redis: a `PING` with an argument of its
+/// own, so that `MONITOR` through respire can leave it out (it is not a client's).
+pub const HEALTH_PING: &[u8] = b"*2\r\n$4\r\nPING\r\n$14\r\nrespire-health\r\n";
+
+/// How [`HEALTH_PING`] shows in `MONITOR`, after the client's address.
+pub const HEALTH_PING_LINE: &[u8] = b"] \"PING\" \"respire-health\"\r\n";
+
 /// [`connect`] for one of respire's own connections (named [`INTERNAL_NAME`]).
 pub async fn connect_internal(node: &NodeSettings, key: ConnKey) -> Result<Stream, String> {
     connect_named(node, key, INTERNAL_NAME)
@@ -881,7 +888,7 @@ async fn serve(
                 ping.as_mut().reset(Instant::now() + HEALTH_INTERVAL);
                 if !used && inflight.is_empty() && pending.is_none() {
                     let (reply, _) = reply_channel();
-                    pending = Some(Request { data: Bytes::from_static(b"*1\r\n$4\r\nPING\r\n"), skip: 0, blocking: false, reply: Sink::One(reply) });
+                    pending = Some(Request { data: Bytes::from_static(HEALTH_PING), skip: 0, blocking: false, reply: Sink::One(reply) });
                 }
                 used = false;
             }

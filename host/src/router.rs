@@ -780,7 +780,122 @@ const ADDED_UP: &[&str] = &[
     "keyspace_misses",
     "total_reads_processed",
     "total_writes_processed",
+    "lazyfreed_objects",
+    "total_forks",
+    "expire_cycle_cpu_milliseconds",
+    "dump_payload_sanitizations",
 ];
+
+/// Fields of other sections that add up over several masters, by section: each master's
+/// changes since its last save, and the memory of its share of the keyspace (a client
+/// watching `used_memory` after writing or freeing keys sees its own keys' memory).
+const ADDED_UP_IN: &[(&str, &[&str])] = &[
+    ("stats", ADDED_UP),
+    ("persistence", &["rdb_changes_since_last_save"]),
+    (
+        "memory",
+        &[
+            "used_memory",
+            "used_memory_rss",
+            "used_memory_peak",
+            "used_memory_overhead",
+            "used_memory_dataset",
+            "lazyfree_pending_objects",
+        ],
+    ),
+];
+
+/// `INFO memory`'s human-readable fields, made again from the sums they show.
+const HUMAN: &[(&str, &str)] = &[
+    ("used_memory_human", "used_memory"),
+    ("used_memory_rss_human", "used_memory_rss"),
+    ("used_memory_peak_human", "used_memory_peak"),
+];
+
+/// Sections that list one line per command (or error code): over several masters, every
+/// master's lines, those of one name merged.
+const PER_NAME: &[&str] = &["commandstats", "errorstats", "latencystats"];
+
+/// Redis's human-readable byte count (`bytesToHuman`): `1023B`, `1.50K`, `2.00M` …
+fn bytes_to_human(n: i64) -> String {
+    let n = n.max(0) as f64;
+    const UNITS: [(f64, &str); 6] = [
+        (1024.0, "K"),
+        (1024.0 * 1024.0, "M"),
+        (1024.0 * 1024.0 * 1024.0, "G"),
+        (1024.0 * 1024.0 * 1024.0 * 1024.0, "T"),
+        (1024.0 * 1024.0 * 1024.0 * 1024.0 * 1024.0, "P"),
+        (1024.0 * 1024.0 * 1024.0 * 1024.0 * 1024.0 * 1024.0, "E"),
+    ];
+    if n < 1024.0 {
+        return format!("{n}B");
+    }
+    let mut out = String::new();
+    for (i, (size, unit)) in UNITS.iter().enumerate() {
+        let next = UNITS.get(i + 1).map_or(f64::INFINITY, |u| u.0);
+        if n < next {
+            out = format!("{:.2}{unit}", n / size);
+            break;
+        }
+    }
+    out
+}
+
+/// One command's (or error code's) line of a [`PER_NAME`] section over several masters: its
+/// fields in the order first seen, counts added up, latency percentiles the highest, and the
+/// mean time per call made again from the sums.
+#[derive(Default)]
+struct PerName {
+    fields: Vec<(String, f64, bool)>,
+}
+
+impl PerName {
+    /// Adds one master's fields (`calls=3,usec=40,…`).
+    fn add(&mut self, fields: &str, section: &str) {
+        for f in fields.split(',') {
+            let Some((k, v)) = f.split_once('=') else {
+                continue;
+            };
+            let Ok(v) = v.trim().parse::<f64>() else {
+                continue;
+            };
+            let integer = !f.contains('.');
+            match self.fields.iter_mut().find(|(n, _, _)| n == k) {
+                Some((_, total, _)) if section == "latencystats" => *total = total.max(v),
+                Some((_, total, _)) => *total += v,
+                None => self.fields.push((k.to_string(), v, integer)),
+            }
+        }
+    }
+
+    fn render(&self) -> String {
+        let value = |k: &str| {
+            self.fields
+                .iter()
+                .find(|(n, _, _)| n == k)
+                .map_or(0.0, |f| f.1)
+        };
+        self.fields
+            .iter()
+            .map(|(k, v, integer)| {
+                if k == "usec_per_call" {
+                    let calls = value("calls");
+                    let per = if calls > 0.0 {
+                        value("usec") / calls
+                    } else {
+                        0.0
+                    };
+                    format!("{k}={per:.2}")
+                } else if *integer {
+                    format!("{k}={}", *v as i64)
+                } else {
+                    format!("{k}={v:.3}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
 
 /// `INFO` over several nodes (see [`Merge::Info`]): the first node's text, with the
 /// `# Keyspace` lines (`db0:keys=1,expires=0,avg_ttl=0`) and the [`ADDED_UP`] counters of
@@ -798,43 +913,65 @@ fn merge_info(replies: &[Bytes], ours: &str, replaced: &[String]) -> Option<Byte
     let mut dbs: std::collections::BTreeMap<u32, [i64; 3]> = Default::default();
     let mut sums: std::collections::HashMap<&str, i64> = Default::default();
     let mut highs: std::collections::HashMap<&str, i64> = Default::default();
+    // The PER_NAME sections' lines of every master, by section, in the order first seen.
+    let mut per_name: Vec<(String, Vec<(String, PerName)>)> = Vec::new();
     for (_, t) in &texts {
         let text = String::from_utf8_lossy(t);
-        let (mut in_stats, mut in_persistence) = (false, false);
+        let mut section = String::new();
         for line in text.lines() {
-            if let Some(section) = line.strip_prefix("# ") {
-                in_stats = section.trim().eq_ignore_ascii_case("stats");
-                in_persistence = section.trim().eq_ignore_ascii_case("persistence");
+            if let Some(name) = line.strip_prefix("# ") {
+                section = name.trim().to_ascii_lowercase();
                 continue;
             }
-            if in_stats {
-                if let Some((k, v)) = line.split_once(':') {
-                    if let (Some(name), Ok(v)) =
-                        (ADDED_UP.iter().find(|n| **n == k), v.trim().parse::<i64>())
-                    {
-                        *sums.entry(*name).or_default() += v;
+            let Some((k, v)) = line.split_once(':') else {
+                continue;
+            };
+            if let Some(name) = ADDED_UP_IN
+                .iter()
+                .find(|(s, _)| *s == section)
+                .and_then(|(_, fields)| fields.iter().find(|n| **n == k))
+            {
+                if let Ok(v) = v.trim().parse::<i64>() {
+                    *sums.entry(*name).or_default() += v;
+                }
+                continue;
+            }
+            if section == "persistence" {
+                if let (Some(name), Ok(v)) = (
+                    IN_PROGRESS.iter().find(|n| **n == k),
+                    v.trim().parse::<i64>(),
+                ) {
+                    let h = highs.entry(*name).or_default();
+                    *h = (*h).max(v);
+                }
+                continue;
+            }
+            if PER_NAME.contains(&section.as_str()) {
+                let at = match per_name.iter().position(|(s, _)| *s == section) {
+                    Some(i) => i,
+                    None => {
+                        per_name.push((section.clone(), Vec::new()));
+                        per_name.len() - 1
+                    }
+                };
+                let lines = &mut per_name[at].1;
+                match lines.iter_mut().find(|(n, _)| n == k) {
+                    Some((_, p)) => p.add(v, &section),
+                    None => {
+                        let mut p = PerName::default();
+                        p.add(v, &section);
+                        lines.push((k.to_string(), p));
                     }
                 }
                 continue;
             }
-            if in_persistence {
-                if let Some((k, v)) = line.split_once(':') {
-                    if let (Some(name), Ok(v)) = (
-                        IN_PROGRESS.iter().find(|n| **n == k),
-                        v.trim().parse::<i64>(),
-                    ) {
-                        let h = highs.entry(*name).or_default();
-                        *h = (*h).max(v);
-                    }
-                }
+            if section != "keyspace" {
                 continue;
             }
-            let Some(rest) = line.strip_prefix("db") else {
+            let Some(n) = k.strip_prefix("db") else {
                 continue;
             };
-            let Some((n, fields)) = rest.split_once(':') else {
-                continue;
-            };
+            let fields = v;
             let Ok(n) = n.parse::<u32>() else { continue };
             let e = dbs.entry(n).or_default();
             for f in fields.split(',') {
@@ -893,26 +1030,35 @@ fn merge_info(replies: &[Bytes], ours: &str, replaced: &[String]) -> Option<Byte
             }
         }
     };
-    let (mut in_stats, mut in_persistence) = (false, false);
+    let mut section = String::new();
     for line in text.split("\r\n") {
         if line.is_empty() {
             flush(&mut out, &mut current, &mut merging);
         }
         // A counter that adds up over masters: the sum, as if the first master had said it;
         // work in progress (a rewrite, a save, loading): in progress if it is on any master.
-        let summed = if in_stats || in_persistence {
-            let over = if in_stats { &sums } else { &highs };
-            line.split_once(':')
-                .and_then(|(k, _)| over.get(k).map(|v| format!("{k}:{v}")))
-        } else {
+        let summed = line.split_once(':').and_then(|(k, _)| {
+            if ADDED_UP_IN
+                .iter()
+                .any(|(s, fields)| *s == section && fields.contains(&k))
+            {
+                return sums.get(k).map(|v| format!("{k}:{v}"));
+            }
+            if section == "persistence" {
+                return highs.get(k).map(|v| format!("{k}:{v}"));
+            }
+            if section == "memory" {
+                let (_, from) = HUMAN.iter().find(|(h, _)| *h == k)?;
+                return sums
+                    .get(from)
+                    .map(|v| format!("{k}:{}", bytes_to_human(*v)));
+            }
             None
-        };
+        });
         let line = summed.as_deref().unwrap_or(line);
-        if let Some(section) = line.strip_prefix("# ") {
+        if let Some(name) = line.strip_prefix("# ") {
             flush(&mut out, &mut current, &mut merging);
-            let section = section.trim().to_ascii_lowercase();
-            in_stats = section == "stats";
-            in_persistence = section == "persistence";
+            section = name.trim().to_ascii_lowercase();
             current = merging.iter().position(|(n, _)| *n == section);
             in_keyspace = section == "keyspace";
             if in_keyspace && !placed {
@@ -926,9 +1072,18 @@ fn merge_info(replies: &[Bytes], ours: &str, replaced: &[String]) -> Option<Byte
                     out.push_str(&format!("db{n}:keys={k},expires={e},avg_ttl={t}\r\n"));
                 }
             }
+            // Every master's lines, merged, instead of the first master's.
+            if let Some((_, lines)) = per_name.iter().find(|(s, _)| *s == section) {
+                for (name, p) in lines {
+                    out.push_str(&format!("{name}:{}\r\n", p.render()));
+                }
+            }
             continue;
         }
         if in_keyspace && line.starts_with("db") {
+            continue;
+        }
+        if !line.is_empty() && PER_NAME.contains(&section.as_str()) {
             continue;
         }
         let ours_line = current
@@ -1438,6 +1593,45 @@ mod tests {
             text.contains("# Stats\r\ntotal_error_replies:8\r\nexpired_keys:2\r\nrespire_error_replies:4\r\n\r\n# Keyspace"),
             "{text}"
         );
+    }
+
+    /// Over several masters, `INFO`'s per-command sections list every master's commands
+    /// (calls, times and errors added up, the mean made again, latency percentiles the
+    /// highest), and the changes since the last save and the memory are added up.
+    #[test]
+    fn info_command_stats_dirty_and_memory_are_added_up() {
+        let node = |body: &str| {
+            let mut o = BytesMut::new();
+            resp::bulk(&mut o, body.as_bytes());
+            o.freeze()
+        };
+        let a = node(
+            "# Memory\r\nused_memory:1000\r\nused_memory_human:1000B\r\nmaxmemory:0\r\n\r\n# Persistence\r\nrdb_changes_since_last_save:2\r\n\r\n# Commandstats\r\ncmdstat_set:calls=2,usec=10,usec_per_call=5.00,rejected_calls=0,failed_calls=0\r\n\r\n# Errorstats\r\n\r\n# Latencystats\r\nlatency_percentiles_usec_set:p50=5.001,p99=9.001,p99.9=9.001\r\n\r\n# Keyspace\r\n",
+        );
+        let b = node(
+            "# Memory\r\nused_memory:2000000\r\nused_memory_human:1.91M\r\nmaxmemory:0\r\n\r\n# Persistence\r\nrdb_changes_since_last_save:3\r\n\r\n# Commandstats\r\ncmdstat_geoadd:calls=1,usec=40,usec_per_call=40.00,rejected_calls=0,failed_calls=1\r\ncmdstat_set:calls=1,usec=20,usec_per_call=20.00,rejected_calls=1,failed_calls=0\r\n\r\n# Errorstats\r\nerrorstat_ERR:count=1\r\n\r\n# Latencystats\r\nlatency_percentiles_usec_set:p50=20.001,p99=20.001,p99.9=20.001\r\n\r\n# Keyspace\r\n",
+        );
+        let r = merge(
+            &Merge::Info {
+                ours: Arc::from(""),
+                replaced: Vec::new(),
+            },
+            &[a, b],
+            &[],
+        );
+        let text = String::from_utf8_lossy(&r);
+        for want in [
+            "used_memory:2001000\r\nused_memory_human:1.91M\r\nmaxmemory:0\r\n",
+            "rdb_changes_since_last_save:5\r\n",
+            "# Commandstats\r\ncmdstat_set:calls=3,usec=30,usec_per_call=10.00,rejected_calls=1,failed_calls=0\r\ncmdstat_geoadd:calls=1,usec=40,usec_per_call=40.00,rejected_calls=0,failed_calls=1\r\n\r\n",
+            "# Errorstats\r\nerrorstat_ERR:count=1\r\n\r\n",
+            "# Latencystats\r\nlatency_percentiles_usec_set:p50=20.001,p99=20.001,p99.9=20.001\r\n\r\n",
+        ] {
+            assert!(text.contains(want), "{want:?} in {text}");
+        }
+        assert_eq!(bytes_to_human(1023), "1023B");
+        assert_eq!(bytes_to_human(1536), "1.50K");
+        assert_eq!(bytes_to_human(3 * 1024 * 1024 * 1024), "3.00G");
     }
 
     /// Over several masters, the counters of `INFO stats` are added up (respire's `+n` on

@@ -714,6 +714,8 @@ pub struct Session {
     /// Keyless commands queued (respire said `QUEUED`) before that first keyed command: they
     /// go with it, after `MULTI`, to its node (or with `EXEC` to any master).
     tx_held: Vec<Bytes>,
+    /// The client's `MULTI` of a deferred transaction, sent ahead of it.
+    multi_cmd: Option<Command>,
     /// A command queued in the transaction was refused by respire: EXEC must abort.
     tx_poisoned: bool,
     watching: bool,
@@ -845,6 +847,7 @@ pub async fn run(worker: Rc<Worker>, stream: Stream, info: Arc<ClientInfo>) {
         in_multi: false,
         multi_deferred: false,
         tx_held: Vec::new(),
+        multi_cmd: None,
         tx_poisoned: false,
         watching: false,
         reply_mode: ReplyMode::On,
@@ -3040,6 +3043,7 @@ impl Session {
         self.info.set_flag(flag::MULTI, on);
         if !on {
             self.multi_deferred = false;
+            self.multi_cmd = None;
             self.tx_poisoned = false;
             self.tx_pause = None;
         }
@@ -3818,9 +3822,11 @@ impl Session {
             }
             return;
         }
-        // Over shards the node is chosen by the transaction's first keyed command.
+        // Over shards the node is chosen by the transaction's first keyed command; the
+        // client's own `MULTI` goes first then (`MONITOR` shows it as the client wrote it).
         self.set_multi(true);
         self.multi_deferred = true;
+        self.multi_cmd = Some(cmd);
         self.reply_ok();
     }
 
@@ -3867,7 +3873,14 @@ impl Session {
                     self.run_held(cmd, node);
                 } else if self.multi_deferred {
                     // Nothing was sent to Redis: an empty transaction, or only keyless
-                    // commands, which DISCARD drops.
+                    // commands, which DISCARD drops. MONITOR shows what Redis would.
+                    if self.worker.shared.monitors.active() {
+                        for c in self.multi_cmd.iter().chain(std::iter::once(&cmd)) {
+                            let line =
+                                crate::clients::monitor_line(self.db, &self.info.addr, c.iter());
+                            self.worker.shared.monitors.feed(line);
+                        }
+                    }
                     self.set_multi(false);
                     self.watching = false;
                     if exec {
@@ -4003,7 +4016,10 @@ impl Session {
             return self.reply_error(CROSSSLOT);
         };
         let mut data = BytesMut::new();
-        resp::encode_args(&mut data, &["MULTI"]);
+        match self.multi_cmd.take() {
+            Some(multi) => multi.encode_into(&mut data),
+            None => resp::encode_args(&mut data, &["MULTI"]),
+        }
         for held in &self.tx_held {
             data.extend_from_slice(held);
         }

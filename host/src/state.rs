@@ -87,9 +87,7 @@ impl<V> Default for Map<V> {
 
 impl<V> Map<V> {
     fn get(&self, hash: u64, k: Key<'_>) -> Option<&V> {
-        self.0
-            .find(hash, |e| k.matches(&e.key))
-            .map(|e| &e.value)
+        self.0.find(hash, |e| k.matches(&e.key)).map(|e| &e.value)
     }
 
     fn get_mut(&mut self, hash: u64, k: Key<'_>) -> Option<&mut V> {

@@ -788,6 +788,99 @@ fn monitor_shows_the_commands_run_on_every_master() {
         );
     }
     assert!(!lines.contains("+OK"), "{lines}");
+    // A transaction over a cluster goes to its first key's master: MONITOR shows the client's
+    // own MULTI and EXEC (as it wrote them), and those of one that never reached Redis.
+    let tx = |cmds: &[&[&[u8]]], client: &mut Raw| {
+        let mut out = Vec::new();
+        for c in cmds {
+            out.extend(resp(c));
+        }
+        client.roundtrip(&out, cmds.len());
+    };
+    let key = keys[1].as_bytes();
+    tx(
+        &[&[b"multi"], &[b"set", key, b"v"], &[b"exec"]],
+        &mut client,
+    );
+    tx(&[&[b"Multi"], &[b"Exec"]], &mut client);
+    tx(&[&[b"multi"], &[b"discard"]], &mut client);
+    let lines = String::from_utf8_lossy(&monitor.read_replies(7)).into_owned();
+    let names: Vec<&str> = lines
+        .lines()
+        .filter_map(|l| l.split_once("] ").map(|(_, c)| c))
+        .collect();
+    let set = format!("\"set\" \"{}\" \"v\"", keys[1]);
+    assert_eq!(
+        names,
+        [
+            "\"multi\"",
+            set.as_str(),
+            "\"exec\"",
+            "\"Multi\"",
+            "\"Exec\"",
+            "\"multi\"",
+            "\"discard\""
+        ],
+        "{lines}"
+    );
+    // Nothing of respire's own: its idle connections check their node every 2 s.
+    assert_eq!(monitor.more_within(Duration::from_millis(4500)), None);
+}
+
+/// `INFO` over a cluster speaks for every master: each master's commands in `commandstats`
+/// (and its errors in `errorstats`), and the changes since the last save added up.
+#[test]
+fn info_counts_the_commands_of_every_master() {
+    let cluster = Cluster::start(3, 0);
+    let proxy = Respire::start_args(&["--cluster", &cluster.seeds()]);
+    let mut c = Raw::connect(proxy.port);
+    let info = |c: &mut Raw, section: &str| {
+        String::from_utf8_lossy(&c.roundtrip(&resp(&[b"INFO", section.as_bytes()]), 1)).into_owned()
+    };
+    let field = |text: &str, name: &str| -> String {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .unwrap_or("")
+            .trim()
+            .to_string()
+    };
+    assert_eq!(
+        c.roundtrip(&resp(&[b"CONFIG", b"RESETSTAT"]), 1),
+        b"+OK\r\n"
+    );
+    let dirty: i64 = field(&info(&mut c, "persistence"), "rdb_changes_since_last_save")
+        .parse()
+        .unwrap();
+    let keys: Vec<String> = (0..12).map(|i| format!("stat:{i}")).collect();
+    let owners: HashSet<u16> = keys.iter().map(|k| cluster.owner_port(k)).collect();
+    assert_eq!(owners.len(), 3, "the keys live on every master");
+    for k in &keys {
+        assert_eq!(
+            c.roundtrip(&resp(&[b"GEOADD", k.as_bytes(), b"0", b"0", b"m"]), 1),
+            b":1\r\n"
+        );
+        assert!(
+            c.roundtrip(&resp(&[b"GEOADD", k.as_bytes(), b"x", b"0", b"m"]), 1)
+                .starts_with(b"-ERR")
+        );
+    }
+    let stats = info(&mut c, "commandstats");
+    assert!(
+        field(&stats, "cmdstat_geoadd").starts_with("calls=24,"),
+        "{stats}"
+    );
+    assert!(
+        field(&stats, "cmdstat_geoadd").ends_with(",rejected_calls=0,failed_calls=12"),
+        "{stats}"
+    );
+    assert_eq!(
+        field(&info(&mut c, "errorstats"), "errorstat_ERR"),
+        "count=12"
+    );
+    let now: i64 = field(&info(&mut c, "persistence"), "rdb_changes_since_last_save")
+        .parse()
+        .unwrap();
+    assert_eq!(now - dirty, 12, "one change per key, on every master");
 }
 
 #[test]

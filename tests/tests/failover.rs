@@ -458,7 +458,14 @@ fn tracking_clients_are_told_of_each_change_once_across_a_failover() {
     let mut tracker = Raw::connect(proxy.port);
     assert_eq!(
         tracker.roundtrip(
-            &resp(&[b"CLIENT", b"TRACKING", b"on", b"BCAST", b"REDIRECT", id.as_bytes()]),
+            &resp(&[
+                b"CLIENT",
+                b"TRACKING",
+                b"on",
+                b"BCAST",
+                b"REDIRECT",
+                id.as_bytes()
+            ]),
             1
         ),
         b"+OK\r\n"

@@ -367,7 +367,8 @@ impl Session {
 
 /// Whether a `MONITOR` line is respire's own: a connection's handshake (`HELLO … SETNAME
 /// respire`, then `SELECT` or `READONLY` from the same connection; `greeting`: connections
-/// seen saying hello whose first other command has not come yet), or anything from one of
+/// seen saying hello whose first other command has not come yet), an idle connection's
+/// health check ([`backend::HEALTH_PING`]), or anything from one of
 /// respire's internal connections (named `respire-internal`: topology, command table, probes;
 /// `internal`: those seen, the latest few hundred).
 fn own_line(
@@ -386,7 +387,7 @@ fn own_line(
         return false;
     };
     let rest = &line[close..];
-    if internal.iter().any(|a| a == addr) {
+    if internal.iter().any(|a| a == addr) || rest == backend::HEALTH_PING_LINE {
         return true;
     }
     if line.ends_with(INTERNAL_HELLO_END) && rest.starts_with(b"] \"HELLO\"") {
