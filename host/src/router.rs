@@ -780,7 +780,6 @@ const ADDED_UP: &[&str] = &[
     "keyspace_misses",
     "total_reads_processed",
     "total_writes_processed",
-    "lazyfreed_objects",
     "total_forks",
     "expire_cycle_cpu_milliseconds",
     "dump_payload_sanitizations",
@@ -801,6 +800,7 @@ const ADDED_UP_IN: &[(&str, &[&str])] = &[
             "used_memory_overhead",
             "used_memory_dataset",
             "lazyfree_pending_objects",
+            "lazyfreed_objects",
         ],
     ),
 ];

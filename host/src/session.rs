@@ -2765,6 +2765,22 @@ impl Session {
             .collect()
     }
 
+    /// `CONFIG SET` for the replicas too, its replies not waited for (the client gets the
+    /// masters'): a replica a failover promotes then has the settings made through respire
+    /// (`notify-keyspace-events`, `maxmemory-policy` …). A replica that is down misses it.
+    fn config_to_replicas(&self, data: &Bytes) {
+        let key = ConnKey::new(0, self.proto);
+        for shard in &self.topo.shards {
+            for &r in &shard.replicas {
+                let conn = self
+                    .worker
+                    .pool(&self.node_addr(r))
+                    .shared(key, self.info.id);
+                drop(conn.send(data.clone(), 0, false));
+            }
+        }
+    }
+
     /// A command for every master, each on a connection of its own (a shared one may be
     /// waiting behind what the command is about), the replies merged by `merge`:
     /// - `SCRIPT KILL` / `FUNCTION KILL` over several masters: the script runs on one of
@@ -3145,6 +3161,11 @@ impl Session {
                 self.send_parts(cmd, res, merge, parts, targets, Some(all))
             }
             Plan::FanOut(merge) => {
+                if cmd.name().eq_ignore_ascii_case(b"config")
+                    && cmd.arg(1).is_some_and(|s| s.eq_ignore_ascii_case(b"set"))
+                {
+                    self.config_to_replicas(cmd.raw());
+                }
                 let targets = self.fan_out_targets(cmd.to_resp());
                 self.send_parts(cmd, res, merge, Vec::new(), targets, None)
             }

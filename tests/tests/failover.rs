@@ -361,15 +361,24 @@ fn subscribers_keep_receiving_across_failover_and_resharding() {
 #[test]
 fn keyspace_notifications_follow_failovers() {
     let cluster = Cluster::start(3, 1);
-    // Set on every node, replicas too (CONFIG SET is not replicated; redis.conf would do it).
-    for i in 0..cluster.nodes.len() {
-        assert!(
-            cluster
-                .cli(i, &["CONFIG", "SET", "notify-keyspace-events", "KEA"])
-                .contains("OK")
-        );
-    }
     let proxy = Respire::start_args(&["--cluster", &cluster.seeds()]);
+    // Set through respire: Redis does not replicate CONFIG SET, respire sends it to the
+    // replicas too, so that the ones promoted below publish notifications as well.
+    let mut admin = Raw::connect(proxy.port);
+    assert_eq!(
+        admin.roundtrip(
+            &resp(&[b"CONFIG", b"SET", b"notify-keyspace-events", b"KEA"]),
+            1
+        ),
+        b"+OK\r\n"
+    );
+    wait_until("every node has the setting", Duration::from_secs(5), || {
+        (0..cluster.nodes.len()).all(|i| {
+            cluster
+                .cli(i, &["CONFIG", "GET", "notify-keyspace-events"])
+                .contains("AKE")
+        })
+    });
     let mut sub = Raw::connect(proxy.port);
     assert!(
         sub.roundtrip(&resp(&[b"SUBSCRIBE", b"__keyevent@0__:incrby"]), 1)
