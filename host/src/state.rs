@@ -174,11 +174,20 @@ impl SharedState {
         h.finish()
     }
 
-    /// The shard of a key's hash (bits the table does not use for its slots and tags).
-    fn shard(&self, hash: u64) -> std::sync::MutexGuard<'_, Shard> {
+    /// An entry's key, its hash, and its shard, locked.
+    fn locate<'k>(
+        &self,
+        plugin: &'k str,
+        name: &'k str,
+        key: &'k str,
+    ) -> (Key<'k>, u64, std::sync::MutexGuard<'_, Shard>) {
+        let k = Key { plugin, name, key };
+        let hash = self.hash(k);
+        // The shard from bits the table does not use for its slots and tags.
         let i = ((hash >> 32) as usize) % self.shards.len();
         // A poisoned lock only means another thread panicked mid-update of plain numbers.
-        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
+        let shard = self.shards[i].lock().unwrap_or_else(|p| p.into_inner());
+        (k, hash, shard)
     }
 
     /// Takes `cost` tokens from bucket `key` of `limiter`: the tokens left, or the
@@ -203,13 +212,7 @@ impl SharedState {
         cost: u32,
         now: Instant,
     ) -> Result<u32, u64> {
-        let k = Key {
-            plugin,
-            name: limiter,
-            key,
-        };
-        let hash = self.hash(k);
-        let mut shard = self.shard(hash);
+        let (k, hash, mut shard) = self.locate(plugin, limiter, key);
         shard.tick(now);
         let burst = f64::from(rule.burst);
         let rate = if rule.rate.is_finite() {
@@ -241,13 +244,7 @@ impl SharedState {
     /// Gives back tokens taken by [`SharedState::take`] (when a later take of the same
     /// command failed).
     pub fn refund(&self, plugin: &str, limiter: &str, key: &str, cost: u32) {
-        let k = Key {
-            plugin,
-            name: limiter,
-            key,
-        };
-        let hash = self.hash(k);
-        let mut shard = self.shard(hash);
+        let (k, hash, mut shard) = self.locate(plugin, limiter, key);
         if let Some(b) = shard.buckets.get_mut(hash, k) {
             b.tokens = (b.tokens + f64::from(cost)).min(b.burst);
         }
@@ -267,13 +264,7 @@ impl SharedState {
         ttl: Duration,
         now: Instant,
     ) -> i64 {
-        let k = Key {
-            plugin,
-            name: "",
-            key,
-        };
-        let hash = self.hash(k);
-        let mut shard = self.shard(hash);
+        let (k, hash, mut shard) = self.locate(plugin, "", key);
         shard.tick(now);
         let c = shard.counters.get_or_insert(hash, k, || Counter {
             value: 0,
@@ -297,13 +288,7 @@ impl SharedState {
     }
 
     fn counter_get_at(&self, plugin: &str, key: &str, now: Instant) -> i64 {
-        let k = Key {
-            plugin,
-            name: "",
-            key,
-        };
-        let hash = self.hash(k);
-        let shard = self.shard(hash);
+        let (k, hash, shard) = self.locate(plugin, "", key);
         match shard.counters.get(hash, k) {
             Some(c) if c.expires.is_none_or(|e| e > now) => c.value,
             _ => 0,
