@@ -728,6 +728,8 @@ pub struct Session {
     subs: HashSet<(SubKind, Bytes)>,
     /// The plugin chain is not empty (checked once per batch).
     has_plugins: bool,
+    /// Commands in the last batch for the plugins (see `process_input`).
+    batch_hint: usize,
     /// The last command looked up in the command table (see [`commands::LastCommand`]).
     last_command: commands::LastCommand,
     /// The client as plugins see it (rebuilt when it changes).
@@ -855,6 +857,7 @@ pub async fn run(worker: Rc<Worker>, stream: Stream, info: Arc<ClientInfo>) {
         last_cmd: commands::NO_DISPLAY_ID,
         subs: HashSet::new(),
         has_plugins: false,
+        batch_hint: 1,
         last_command: commands::LastCommand::default(),
         plugin_client: None,
         client_generation: 0,
@@ -1358,12 +1361,15 @@ impl Session {
             // With plugins, a pipelined batch goes through the chain together: one call per
             // plugin for all of it. A command that changes what plugins see of the client
             // (AUTH, SELECT, CLIENT SETNAME …) ends the batch.
-            let mut batch: Vec<crate::stage::ResolvedCommand> = Vec::new();
+            // Sized as the last batch was (a pipelining client sends runs of one length):
+            // growing them copied the commands over and over.
+            let hint = self.batch_hint.clamp(1, MAX_PLUGIN_BATCH);
+            let mut batch: Vec<crate::stage::ResolvedCommand> = Vec::with_capacity(hint);
             // Whether the plugins see each command, found with its kind in the same lookup
             // (which then goes with the command to the stage and to `handle_with`); and, while
             // no command of the batch needs a request hook, their decisions (see `run_batch`).
-            let mut seen: Vec<bool> = Vec::new();
-            let mut pre: Option<Vec<PreDecision>> = Some(Vec::new());
+            let mut seen: Vec<bool> = Vec::with_capacity(hint);
+            let mut pre: Option<Vec<PreDecision>> = Some(Vec::with_capacity(hint));
             let mut bytes = 0;
             let table = self.worker.shared.commands;
             let set = self.worker.plugin_set();
@@ -1431,6 +1437,7 @@ impl Session {
             if batch.is_empty() {
                 break;
             }
+            self.batch_hint = batch.len();
             self.run_batch(batch, seen, pre);
         }
         self.held_back =
