@@ -559,6 +559,57 @@ fn over_a_cluster_every_node_reports_its_writes() {
     assert_eq!(masters_written.len(), 3);
 }
 
+/// A failover under a cached key: a write made straight on the promoted master afterwards
+/// still drops the cached reply (respire follows the new master with a tracking connection of
+/// its own, and empties the cache while it has none), and the cache serves again.
+#[test]
+fn the_cache_follows_a_failover() {
+    let cluster = Cluster::start(3, 1);
+    let (proxy, mport, _dir) = cached_proxy_args(&["--cluster", &cluster.seeds()], USERS, "2");
+    let mut p = Raw::connect(proxy.port);
+    let key = "user:failover";
+    assert_eq!(text(&mut p, &[b"SET", key.as_bytes(), b"old"]), "+OK\r\n");
+    until_cached(&mut p, mport, &[b"GET", key.as_bytes()], "$3\r\nold\r\n");
+    let master_port = cluster.owner_port(key);
+    let master = cluster
+        .nodes
+        .iter()
+        .position(|n| n.port == master_port)
+        .unwrap();
+    let replica = (0..cluster.nodes.len())
+        .find(|&i| {
+            cluster
+                .cli(i, &["INFO", "replication"])
+                .contains(&format!("master_port:{master_port}"))
+        })
+        .unwrap();
+    assert!(
+        cluster
+            .cli(replica, &["CLUSTER", "FAILOVER"])
+            .contains("OK")
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(cluster.is_master(replica) && !cluster.is_master(master)) {
+        assert!(Instant::now() < deadline, "the replica was not promoted");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cluster.wait_healthy(Duration::from_secs(30));
+    // A write through respire to the key's slot makes it meet the new master (a redirection).
+    assert_eq!(
+        text(&mut p, &[b"SET", b"{user:failover}.other", b"x"]),
+        "+OK\r\n"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let mut direct = Raw::connect(cluster.nodes[replica].port);
+    assert_eq!(
+        text(&mut direct, &[b"SET", key.as_bytes(), b"new"]),
+        "+OK\r\n"
+    );
+    until(&mut p, &[b"GET", key.as_bytes()], "$3\r\nnew\r\n");
+    // Served from the cache again, fresh.
+    until_cached(&mut p, mport, &[b"GET", key.as_bytes()], "$3\r\nnew\r\n");
+}
+
 #[test]
 fn empty_replies_are_cached_only_when_asked_and_settings_reload_live() {
     let redis = RedisServer::start();
