@@ -1602,19 +1602,32 @@ impl Session {
     /// Writes the reply of slot `seq`, after the response hooks owed for it.
     fn emit(&mut self, seq: u64, bytes: Bytes) {
         let error = matches!(bytes.first(), Some(b'-') | Some(b'!'));
-        self.emit_with(seq, bytes, u64::from(error), 1);
+        self.emit_with(seq, bytes, u64::from(error), 1, &[]);
     }
 
     /// [`Session::emit`] for a slot whose reply may be the replies of a group of `count`
     /// commands: bit i of `errors` says whether the reply of its command i is an error.
-    fn emit_with(&mut self, seq: u64, bytes: Bytes, errors: u64, count: u8) {
+    /// `ends`: where each reply ends in `bytes`, when the backend said (else found again).
+    fn emit_with(&mut self, seq: u64, bytes: Bytes, errors: u64, count: u8, ends: &[u32]) {
         // Hooks of slots that had no reply to show (CLIENT REPLY OFF/SKIP) are dropped.
         while self.hooks.front().is_some_and(|(s, _, _)| *s < seq) {
             self.hooks.pop_front();
         }
         if count > 1 && self.hooks.front().is_some_and(|(s, _, _)| *s == seq) {
             // Some of the group's replies owe hooks: one by one, each with its own.
-            let frames = split_frames(&bytes, usize::from(count));
+            let frames = if ends.len() == usize::from(count) {
+                let mut start = 0;
+                ends.iter()
+                    .map(|&end| {
+                        let end = (end as usize).clamp(start, bytes.len());
+                        let f = bytes.slice(start..end);
+                        start = end;
+                        f
+                    })
+                    .collect()
+            } else {
+                split_frames(&bytes, usize::from(count))
+            };
             return self.emit_frames(seq, frames, errors);
         }
         if !self.after.is_empty() {
@@ -1778,7 +1791,7 @@ impl Session {
         if let [GroupPart { reply, .. }] = g.parts.as_mut_slice()
             && let Some(Ok(f)) = reply.take_if(|r| r.is_ok())
         {
-            return self.emit_with(seq, f.bytes, f.errors, g.count);
+            return self.emit_with(seq, f.bytes, f.errors, g.count, &f.ends);
         }
         let (frames, errors) = frames_of(g.replies().into_iter());
         self.emit_frames(seq, frames, errors);
@@ -3696,9 +3709,9 @@ impl Session {
         let Some(g) = self.open.take() else {
             return;
         };
-        // Where each reply ends is needed to put several parts' replies back in order, and
-        // to follow one of them.
-        let ends = g.managed || g.parts.len() > 1;
+        // Where each reply ends is needed to put several parts' replies back in order, to
+        // follow one of them, and, with plugins, to run a reply's hooks on it alone.
+        let ends = g.managed || g.parts.len() > 1 || self.has_plugins;
         let at = g.seq.checked_sub(self.popped).map(|i| i as usize);
         let mut slot = match at.and_then(|at| self.queue.get_mut(at)) {
             Some(Slot::Group(gs)) => {
