@@ -161,6 +161,10 @@ pub(super) struct TrafficCache {
     /// packed or looked up.
     last: Option<LastLabels>,
     last_series: Rc<[Option<u32>]>,
+    /// `last_series` as the updates a reply makes: each series with what it records.
+    plan: Vec<(u32, TrafficValue)>,
+    /// Some update of `plan` records the command's size.
+    plan_request_bytes: bool,
 }
 
 /// What labelled a reply (see [`TrafficCache::pack`]), kept to compare the next one with.
@@ -283,18 +287,31 @@ impl TrafficCache {
                 }
                 (p, kept) => *kept = p.map(<[u8]>::to_vec),
             }
+            self.plan.clear();
+            self.plan.extend(
+                t.defs
+                    .iter()
+                    .zip(series.iter())
+                    .filter_map(|(def, s)| s.map(|s| (s, def.value))),
+            );
+            self.plan_request_bytes = self
+                .plan
+                .iter()
+                .any(|(_, v)| matches!(v, TrafficValue::RequestBytes));
             self.last_series = series;
         }
-        let mut request_bytes = None;
-        for (def, series) in t.defs.iter().zip(self.last_series.iter()) {
-            let Some(series) = *series else { continue };
-            let value = match def.value {
+        let request_bytes = if self.plan_request_bytes {
+            command_bytes(f.cmd) as f64
+        } else {
+            0.0
+        };
+        let reply_bytes = f.reply.len() as f64;
+        for &(series, what) in &self.plan {
+            let value = match what {
                 TrafficValue::Count => 1.0,
                 TrafficValue::Latency => f.seconds,
-                TrafficValue::ReplyBytes => f.reply.len() as f64,
-                TrafficValue::RequestBytes => {
-                    *request_bytes.get_or_insert_with(|| command_bytes(f.cmd)) as f64
-                }
+                TrafficValue::ReplyBytes => reply_bytes,
+                TrafficValue::RequestBytes => request_bytes,
             };
             ctx.apply_one(local, series, value);
         }
