@@ -1,7 +1,8 @@
 //! The tracking connections: Redis's own reports of changed keys, for the response cache
 //! and for respire's clients' `CLIENT TRACKING`.
 //!
-//! A thread keeps one connection per master with `CLIENT TRACKING on BCAST [PREFIX …]`
+//! A thread keeps one connection per master (and per replica when reads may go to replicas)
+//! with `CLIENT TRACKING on BCAST [PREFIX …]`
 //! over RESP3: over the plugins' prefixes while only the cache needs them, over every key
 //! while a client tracks. Their invalidation pushes drop cached replies
 //! ([`crate::cache::Cache::invalidate`]) and reach tracking clients
@@ -188,6 +189,7 @@ pub fn track(shared: Arc<Shared>) {
         let mut trackers: HashMap<Arc<str>, Handle> = HashMap::new();
         let mut current: Option<Want> = None;
         let cache = shared.cache.clone();
+        let replica_reads = shared.config.backend.read_from != crate::config::ReadFrom::Master;
         // A fence round under way: when it started, its number.
         let mut fence: Option<(Instant, u64)> = None;
         let mut round = 0u64;
@@ -239,22 +241,27 @@ pub fn track(shared: Arc<Shared>) {
             };
             let epoch = cache.epoch();
             let topo = shared.topology.load();
-            // Masters only: a replica reports the keys its master's writes change too, so a
-            // connection to it would tell every change twice (and respire reads from masters).
-            // A promoted replica gets one when the topology shows it as a master; a demoted
-            // master's goes.
-            let masters: Vec<Arc<str>> = topo
-                .masters()
-                .filter_map(|m| topo.nodes.get(m).cloned())
-                .collect();
+            // Masters only, while reads go to masters: a replica reports the keys its
+            // master's writes change too, so a connection to it would tell every change
+            // twice. A promoted replica gets one when the topology shows it as a master; a
+            // demoted master's goes. When reads may go to replicas, the replicas are tracked
+            // too: a read there can come after the master's invalidation and before the
+            // replica applied the write, and only the replica's own report follows it.
+            let tracked: Vec<Arc<str>> = if replica_reads {
+                topo.nodes.clone()
+            } else {
+                topo.masters()
+                    .filter_map(|m| topo.nodes.get(m).cloned())
+                    .collect()
+            };
             trackers.retain(|addr, (_, _, h)| {
-                let keep = masters.contains(addr);
+                let keep = tracked.contains(addr);
                 if !keep {
                     h.abort();
                 }
                 keep
             });
-            for addr in &masters {
+            for addr in &tracked {
                 if trackers.get(addr).is_some_and(|(_, _, h)| !h.is_finished()) {
                     continue;
                 }

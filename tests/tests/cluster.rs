@@ -1128,6 +1128,17 @@ fn reads_go_to_replicas_when_asked() {
             assert_eq!(flags.contains('r'), replica, "{line}");
         }
     }
+    // A client that tracks keys: reads go to replicas, so respire learns of changes from the
+    // replicas too (a read there may follow the master's invalidation).
+    let _tracking = Raw::tracking(proxy.port);
+    for i in 0..cluster.nodes.len() {
+        assert!(
+            respire_connection_flags(&cluster, i)
+                .iter()
+                .any(|(flags, _)| flags.contains('B')),
+            "node {i} has no tracking connection"
+        );
+    }
 }
 
 #[test]

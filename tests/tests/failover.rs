@@ -479,6 +479,14 @@ fn tracking_clients_are_told_of_each_change_once_across_a_failover() {
         ),
         b"+OK\r\n"
     );
+    // Reads go to masters: respire learns of changes from them only.
+    for i in 0..cluster.nodes.len() {
+        let tracked = cluster
+            .cli(i, &["CLIENT", "LIST"])
+            .lines()
+            .any(|l| l.contains("name=respire") && l.contains("flags=tB"));
+        assert_eq!(tracked, cluster.is_master(i), "node {i}");
+    }
     let keys: Vec<String> = (0..12).map(|i| format!("tracked:{i}")).collect();
     let owners: std::collections::HashSet<u16> =
         keys.iter().map(|k| cluster.owner_port(k)).collect();
