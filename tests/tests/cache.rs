@@ -589,7 +589,8 @@ fn the_cache_follows_a_failover() {
             .contains("OK")
     );
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !(cluster.is_master(replica) && !cluster.is_master(master)) {
+    let promoted = || cluster.is_master(replica) && !cluster.is_master(master);
+    while !promoted() {
         assert!(Instant::now() < deadline, "the replica was not promoted");
         std::thread::sleep(Duration::from_millis(100));
     }
