@@ -1361,15 +1361,12 @@ impl Session {
             // With plugins, a pipelined batch goes through the chain together: one call per
             // plugin for all of it. A command that changes what plugins see of the client
             // (AUTH, SELECT, CLIENT SETNAME …) ends the batch.
-            // Sized as the last batch was (a pipelining client sends runs of one length):
-            // growing them copied the commands over and over.
-            let hint = self.batch_hint.clamp(1, MAX_PLUGIN_BATCH);
-            let mut batch: Vec<crate::stage::ResolvedCommand> = Vec::with_capacity(hint);
+            let mut batch: Vec<crate::stage::ResolvedCommand> = Vec::new();
             // Whether the plugins see each command, found with its kind in the same lookup
             // (which then goes with the command to the stage and to `handle_with`); and, while
             // no command of the batch needs a request hook, their decisions (see `run_batch`).
-            let mut seen: Vec<bool> = Vec::with_capacity(hint);
-            let mut pre: Option<Vec<PreDecision>> = Some(Vec::with_capacity(hint));
+            let mut seen: Vec<bool> = Vec::new();
+            let mut pre: Option<Vec<PreDecision>> = Some(Vec::new());
             let mut bytes = 0;
             let table = self.worker.shared.commands;
             let set = self.worker.plugin_set();
@@ -1381,6 +1378,17 @@ impl Session {
                     self.authenticated,
                 ) {
                     Ok(Some(cmd)) => {
+                        if batch.is_empty() {
+                            // Sized as the last batch was (a pipelining client sends runs of
+                            // one length): growing them copied the commands over and over.
+                            // Not before a command is there: most reads end with none.
+                            let hint = self.batch_hint.clamp(1, MAX_PLUGIN_BATCH);
+                            batch.reserve_exact(hint);
+                            seen.reserve_exact(hint);
+                            if let Some(p) = pre.as_mut() {
+                                p.reserve_exact(hint);
+                            }
+                        }
                         let res = table.resolve_again(&cmd, &mut self.last_command);
                         let kind = res.spec.kind;
                         if !self.plugins_see(res.spec) {
@@ -3711,7 +3719,7 @@ impl Session {
         };
         // Where each reply ends is needed to put several parts' replies back in order, to
         // follow one of them, and, with plugins, to run a reply's hooks on it alone.
-        let ends = g.managed || g.parts.len() > 1 || self.has_plugins;
+        let ends = g.managed || g.parts.len() > 1 || (self.has_plugins && g.count > 1);
         let at = g.seq.checked_sub(self.popped).map(|i| i as usize);
         let mut slot = match at.and_then(|at| self.queue.get_mut(at)) {
             Some(Slot::Group(gs)) => {
