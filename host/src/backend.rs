@@ -411,6 +411,10 @@ struct ConnState {
     /// The connection's client id on the server (0 until connected), for `CLIENT UNBLOCK`
     /// from any worker.
     id: Arc<AtomicI64>,
+    /// No client's state is on it — a shared connection, or an exclusive one waiting in its
+    /// pool — so an idle moment may be checked with [`HEALTH_PING`]. A checked-out one may hold
+    /// a client's `MULTI`, where Redis would queue the check into the transaction.
+    pooled: Cell<bool>,
     /// An exclusive connection's place among its pool's checkouts, until its first write
     /// after the checkout (see [`Turns`]).
     turn: Cell<Option<Turn>>,
@@ -503,6 +507,8 @@ impl BackendConn {
             connected: Cell::new(false),
             failing: RefCell::new(None),
             id: Arc::new(AtomicI64::new(0)),
+            // A spare (connected at once) waits in the pool; another exclusive one is taken.
+            pooled: Cell::new(mode == Mode::Shared || eager),
             turn: Cell::new(None),
             held_from: Cell::new(None),
         });
@@ -886,7 +892,7 @@ async fn serve(
             },
             _ = &mut ping => {
                 ping.as_mut().reset(Instant::now() + HEALTH_INTERVAL);
-                if !used && inflight.is_empty() && pending.is_none() {
+                if !used && inflight.is_empty() && pending.is_none() && state.pooled.get() {
                     let (reply, _) = reply_channel();
                     pending = Some(Request { data: Bytes::from_static(HEALTH_PING), skip: 0, blocking: false, reply: Sink::One(reply) });
                 }
@@ -1116,6 +1122,7 @@ impl Pool {
         while list.len() < SPARES.min(self.max_idle) {
             list.push(BackendConn::spawn_connected(self.node.clone(), key));
         }
+        conn.state.pooled.set(false);
         conn.state.turn.set(Some(self.turns.take()));
         conn
     }
@@ -1130,6 +1137,7 @@ impl Pool {
         let mut idle = self.idle.borrow_mut();
         let list = idle.entry(key).or_default();
         if list.len() < self.max_idle {
+            conn.state.pooled.set(true);
             list.push(conn);
         }
     }

@@ -296,6 +296,32 @@ fn select_is_isolated_between_clients_sharing_backend_connections() {
     assert_eq!(String::from_utf8_lossy(&got), "+OK\r\n+OK\r\n$3\r\ndb1\r\n");
 }
 
+/// A transaction left open for longer than respire's idle-connection health check (every two
+/// to four seconds): the check must not land inside it, where Redis would queue it and `EXEC`
+/// would answer it too. Over one Redis and over a cluster (the deferred `MULTI`).
+#[test]
+fn a_slow_transaction_gets_only_its_own_replies() {
+    let redis = RedisServer::start();
+    let proxy = Respire::start(&redis.addr(), &["--workers", "1"]);
+    let cluster = respire_tests::Cluster::start(3, 0);
+    let over_cluster = Respire::start_args(&["--cluster", &cluster.seeds()]);
+    let mut clients = [Raw::connect(proxy.port), Raw::connect(over_cluster.port)];
+    for c in &mut clients {
+        assert_eq!(c.roundtrip(&resp(&[b"MULTI"]), 1), b"+OK\r\n");
+        assert_eq!(
+            c.roundtrip(&resp(&[b"SET", b"slow", b"v"]), 1),
+            b"+QUEUED\r\n"
+        );
+    }
+    std::thread::sleep(std::time::Duration::from_millis(4500));
+    for c in &mut clients {
+        assert_eq!(
+            String::from_utf8_lossy(&c.roundtrip(&resp(&[b"EXEC"]), 1)),
+            "*1\r\n+OK\r\n"
+        );
+    }
+}
+
 #[test]
 fn transactions_and_watch() {
     let redis = RedisServer::start();
