@@ -909,6 +909,15 @@ impl Raw {
             .expect("SO_RCVBUF");
     }
 
+    /// The connection's `CLIENT ID`, as text.
+    pub fn client_id(&mut self) -> String {
+        let reply = self.roundtrip(&resp(&[b"CLIENT", b"ID"]), 1);
+        String::from_utf8_lossy(&reply)
+            .trim_start_matches(':')
+            .trim()
+            .to_string()
+    }
+
     /// Connects as a RESP3 client with `CLIENT TRACKING on` (default mode).
     pub fn tracking(port: u16) -> Raw {
         let mut t = Raw::connect(port);

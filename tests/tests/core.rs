@@ -483,10 +483,7 @@ fn client_unblock_and_script_kill_reach_the_blocked_command() {
     );
     assert_eq!(waiter.roundtrip(&resp(&[b"PING"]), 1), b"+PONG\r\n");
     // A client that is not blocked, an unknown one, and bad arguments, as Redis answers them.
-    let own = String::from_utf8_lossy(&waiter.roundtrip(&resp(&[b"CLIENT", b"ID"]), 1))
-        .trim_start_matches(':')
-        .trim()
-        .to_string();
+    let own = waiter.client_id();
     for id in [own.as_str(), "999999"] {
         assert_eq!(
             admin.roundtrip(&resp(&[b"CLIENT", b"UNBLOCK", id.as_bytes()]), 1),
@@ -1134,10 +1131,7 @@ fn client_commands_are_about_respire_clients() {
     // A client that kills itself gets its reply first, then is closed (as on Redis), in
     // both forms.
     let mut me = Raw::connect(proxy.port);
-    let id = String::from_utf8_lossy(&me.roundtrip(&resp(&[b"CLIENT", b"ID"]), 1))
-        .trim_start_matches(':')
-        .trim()
-        .to_string();
+    let id = me.client_id();
     assert_eq!(
         me.roundtrip(
             &resp(&[b"CLIENT", b"KILL", b"ID", id.as_bytes(), b"SKIPME", b"no"]),
@@ -1987,10 +1981,7 @@ fn tracking_scenario(port: u16) -> Vec<String> {
     }
     // BCAST over two prefixes, NOLOOP, redirected to a RESP2 subscriber.
     let mut r = Raw::connect(port);
-    let id = String::from_utf8_lossy(&r.roundtrip(&resp(&[b"CLIENT", b"ID"]), 1))
-        .trim_start_matches(':')
-        .trim_end()
-        .to_string();
+    let id = r.client_id();
     r.roundtrip(&resp(&[b"SUBSCRIBE", b"__redis__:invalidate"]), 1);
     let mut b = Raw::connect(port);
     note(b.roundtrip(

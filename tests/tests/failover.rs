@@ -455,10 +455,7 @@ fn tracking_clients_are_told_of_each_change_once_across_a_failover() {
     let cluster = Cluster::start(3, 1);
     let proxy = Respire::start_args(&["--cluster", &cluster.seeds()]);
     let mut target = Raw::connect(proxy.port);
-    let id = String::from_utf8_lossy(&target.roundtrip(&resp(&[b"CLIENT", b"ID"]), 1))
-        .trim_start_matches(':')
-        .trim()
-        .to_string();
+    let id = target.client_id();
     assert!(
         target
             .roundtrip(&resp(&[b"SUBSCRIBE", b"__redis__:invalidate"]), 1)
