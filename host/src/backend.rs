@@ -116,14 +116,19 @@ pub struct GroupFrames {
 impl GroupFrames {
     /// The frame of reply `i`, when the ends were asked for.
     pub fn frame(&self, i: usize) -> Option<Bytes> {
-        let end = *self.ends.get(i)? as usize;
-        let start = if i == 0 {
-            0
-        } else {
-            *self.ends.get(i - 1)? as usize
-        };
-        (start <= end && end <= self.bytes.len()).then(|| self.bytes.slice(start..end))
+        frame_at(&self.bytes, &self.ends, i)
     }
+}
+
+/// Reply `i` of replies lying back to back in `bytes`, where each ends at `ends`.
+pub fn frame_at(bytes: &Bytes, ends: &[u32], i: usize) -> Option<Bytes> {
+    let end = *ends.get(i)? as usize;
+    let start = if i == 0 {
+        0
+    } else {
+        *ends.get(i - 1)? as usize
+    };
+    (start <= end && end <= bytes.len()).then(|| bytes.slice(start..end))
 }
 
 /// Where a backend connection delivers a group's replies.

@@ -709,13 +709,13 @@ pub struct Session {
     /// The exclusive connection's state was changed in ways respire does not track; never reuse it.
     exclusive_dirty: bool,
     in_multi: bool,
-    /// MULTI acknowledged by respire but not sent yet: the node is chosen by the first keyed command.
-    multi_deferred: bool,
+    /// The client's `MULTI`, acknowledged by respire but not sent yet: the node is chosen by
+    /// the transaction's first keyed command, and it goes ahead of that (`MONITOR` shows it
+    /// as the client wrote it). See [`Session::multi_deferred`].
+    multi_cmd: Option<Command>,
     /// Keyless commands queued (respire said `QUEUED`) before that first keyed command: they
     /// go with it, after `MULTI`, to its node (or with `EXEC` to any master).
     tx_held: Vec<Bytes>,
-    /// The client's `MULTI` of a deferred transaction, sent ahead of it.
-    multi_cmd: Option<Command>,
     /// A command queued in the transaction was refused by respire: EXEC must abort.
     tx_poisoned: bool,
     watching: bool,
@@ -847,7 +847,6 @@ pub async fn run(worker: Rc<Worker>, stream: Stream, info: Arc<ClientInfo>) {
         exclusive: None,
         exclusive_dirty: false,
         in_multi: false,
-        multi_deferred: false,
         tx_held: Vec::new(),
         multi_cmd: None,
         tx_poisoned: false,
@@ -1623,19 +1622,10 @@ impl Session {
         }
         if count > 1 && self.hooks.front().is_some_and(|(s, _, _)| *s == seq) {
             // Some of the group's replies owe hooks: one by one, each with its own.
-            let frames = if ends.len() == usize::from(count) {
-                let mut start = 0;
-                ends.iter()
-                    .map(|&end| {
-                        let end = (end as usize).clamp(start, bytes.len());
-                        let f = bytes.slice(start..end);
-                        start = end;
-                        f
-                    })
-                    .collect()
-            } else {
-                split_frames(&bytes, usize::from(count))
-            };
+            let frames = (0..usize::from(count))
+                .map(|i| crate::backend::frame_at(&bytes, ends, i))
+                .collect::<Option<Vec<Bytes>>>()
+                .unwrap_or_else(|| split_frames(&bytes, usize::from(count)));
             return self.emit_frames(seq, frames, errors);
         }
         if !self.after.is_empty() {
@@ -2793,10 +2783,9 @@ impl Session {
             .collect()
     }
 
-    /// `CONFIG SET` for the replicas too, its replies not waited for (the client gets the
-    /// masters'): a replica a failover promotes then has the settings made through respire
-    /// (`notify-keyspace-events`, `maxmemory-policy` …). A replica that is down misses it.
-    fn config_to_replicas(&self, data: &Bytes) {
+    /// A fan-out command for the replicas too ([`router::replicas_too`]), their replies not
+    /// waited for (the client gets the masters'). A replica that is down misses it.
+    fn send_to_replicas(&self, data: &Bytes) {
         let key = ConnKey::new(0, self.proto);
         for shard in &self.topo.shards {
             for &r in &shard.replicas {
@@ -3086,7 +3075,6 @@ impl Session {
         self.tx_held.clear();
         self.info.set_flag(flag::MULTI, on);
         if !on {
-            self.multi_deferred = false;
             self.multi_cmd = None;
             self.tx_poisoned = false;
             self.tx_pause = None;
@@ -3189,10 +3177,8 @@ impl Session {
                 self.send_parts(cmd, res, merge, parts, targets, Some(all))
             }
             Plan::FanOut(merge) => {
-                if cmd.name().eq_ignore_ascii_case(b"config")
-                    && cmd.arg(1).is_some_and(|s| s.eq_ignore_ascii_case(b"set"))
-                {
-                    self.config_to_replicas(cmd.raw());
+                if router::replicas_too(&cmd) {
+                    self.send_to_replicas(cmd.raw());
                 }
                 let targets = self.fan_out_targets(cmd.to_resp());
                 self.send_parts(cmd, res, merge, Vec::new(), targets, None)
@@ -3833,7 +3819,7 @@ impl Session {
     /// `MULTI` respire has not sent yet (its node is chosen by its first keyed command) holds
     /// nothing on it.
     fn pinned(&self) -> bool {
-        (self.in_multi && !self.multi_deferred) || self.watching
+        (self.in_multi && !self.multi_deferred()) || self.watching
     }
 
     /// Gives the exclusive connection back to the pool when it is clean, or drops it (closing it).
@@ -3856,6 +3842,11 @@ impl Session {
 
     // ---- transactions -----------------------------------------------------
 
+    /// `MULTI` was acknowledged by respire and not sent yet (see `multi_cmd`).
+    fn multi_deferred(&self) -> bool {
+        self.multi_cmd.is_some()
+    }
+
     fn multi(&mut self, cmd: Command) {
         if self.watching || !self.cluster_mode() {
             // The connection is known: the watched one, or the only node's.
@@ -3871,10 +3862,8 @@ impl Session {
             }
             return;
         }
-        // Over shards the node is chosen by the transaction's first keyed command; the
-        // client's own `MULTI` goes first then (`MONITOR` shows it as the client wrote it).
+        // Over shards the node is chosen by the transaction's first keyed command.
         self.set_multi(true);
-        self.multi_deferred = true;
         self.multi_cmd = Some(cmd);
         self.reply_ok();
     }
@@ -3909,7 +3898,7 @@ impl Session {
             }
             Kind::EndTransaction => {
                 let exec = cmd.name().eq_ignore_ascii_case(b"exec");
-                if self.multi_deferred && exec && !self.tx_held.is_empty() {
+                if self.multi_deferred() && exec && !self.tx_held.is_empty() {
                     // Keyless commands only: the transaction runs on any master.
                     let node = match self.node_for(None) {
                         Ok(n) => n,
@@ -3920,14 +3909,12 @@ impl Session {
                         }
                     };
                     self.run_held(cmd, node);
-                } else if self.multi_deferred {
+                } else if self.multi_deferred() {
                     // Nothing was sent to Redis: an empty transaction, or only keyless
                     // commands, which DISCARD drops. MONITOR shows what Redis would.
                     if self.worker.shared.monitors.active() {
                         for c in self.multi_cmd.iter().chain(std::iter::once(&cmd)) {
-                            let line =
-                                crate::clients::monitor_line(self.db, &self.info.addr, c.iter());
-                            self.worker.shared.monitors.feed(line);
+                            self.monitor_own(c.iter());
                         }
                     }
                     self.set_multi(false);
@@ -3988,7 +3975,7 @@ impl Session {
                         return self.reply_error(e);
                     }
                 };
-                if self.multi_deferred {
+                if self.multi_deferred() {
                     // A keyless command waits for the first keyed one, which decides the
                     // node (Redis checks a command's arity when it queues it: so does respire).
                     let keyless = matches!(
@@ -4078,7 +4065,6 @@ impl Session {
         self.tx_held.clear();
         let retry = self.topo.managed.then(|| data.clone());
         let rx = conn.send(data, skip, false);
-        self.multi_deferred = false;
         if !exec {
             return self.push_waiting(rx, retry, true, false, node, None, false);
         }

@@ -352,16 +352,22 @@ impl Session {
             Local::Client => !admin_client(),
             _ => !res.has(commands::flags::ADMIN),
         };
-        if shown {
-            let line = if matches!(which, Local::Auth | Local::Hello) {
-                let mut args = cmd.to_args();
-                crate::stats::redact(&mut args);
-                crate::clients::monitor_line(self.db, &self.info.addr, args.iter().map(|a| &a[..]))
-            } else {
-                crate::clients::monitor_line(self.db, &self.info.addr, cmd.iter())
-            };
-            self.worker.shared.monitors.feed(line);
+        if !shown {
+            return;
         }
+        if matches!(which, Local::Auth | Local::Hello) {
+            let mut args = cmd.to_args();
+            crate::stats::redact(&mut args);
+            self.monitor_own(args.iter().map(|a| &a[..]));
+        } else {
+            self.monitor_own(cmd.iter());
+        }
+    }
+
+    /// Shows a command respire answered for Redis to `MONITOR`, as Redis would show it.
+    pub(super) fn monitor_own<'a>(&self, args: impl Iterator<Item = &'a [u8]>) {
+        let line = crate::clients::monitor_line(self.db, &self.info.addr, args);
+        self.worker.shared.monitors.feed(line);
     }
 }
 
