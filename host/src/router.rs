@@ -126,6 +126,13 @@ fn eq(a: &[u8], b: &str) -> bool {
     a.eq_ignore_ascii_case(b.as_bytes())
 }
 
+/// Whether a command every master runs goes to the replicas too, their replies not waited
+/// for: `CONFIG SET`, so that a replica a failover promotes has the settings made through
+/// respire (Redis does not replicate them).
+pub fn replicas_too<A: Args + ?Sized>(args: &A) -> bool {
+    args.argv(0).is_some_and(|n| eq(n, "config")) && args.argv(1).is_some_and(|s| eq(s, "set"))
+}
+
 /// The merge of a keyless command that every master must run, if it is one.
 fn fan_out(name: &[u8], sub: &[u8]) -> Option<Merge> {
     if eq(name, "dbsize") {
@@ -805,6 +812,14 @@ const ADDED_UP_IN: &[(&str, &[&str])] = &[
     ),
 ];
 
+/// The name of field `k` of `section` if it adds up over masters ([`ADDED_UP_IN`]).
+fn added_up(section: &str, k: &str) -> Option<&'static str> {
+    ADDED_UP_IN
+        .iter()
+        .find(|(s, _)| *s == section)
+        .and_then(|(_, fields)| fields.iter().find(|n| **n == k).copied())
+}
+
 /// `INFO memory`'s human-readable fields, made again from the sums they show.
 const HUMAN: &[(&str, &str)] = &[
     ("used_memory_human", "used_memory"),
@@ -819,26 +834,15 @@ const PER_NAME: &[&str] = &["commandstats", "errorstats", "latencystats"];
 /// Redis's human-readable byte count (`bytesToHuman`): `1023B`, `1.50K`, `2.00M` …
 fn bytes_to_human(n: i64) -> String {
     let n = n.max(0) as f64;
-    const UNITS: [(f64, &str); 6] = [
-        (1024.0, "K"),
-        (1024.0 * 1024.0, "M"),
-        (1024.0 * 1024.0 * 1024.0, "G"),
-        (1024.0 * 1024.0 * 1024.0 * 1024.0, "T"),
-        (1024.0 * 1024.0 * 1024.0 * 1024.0 * 1024.0, "P"),
-        (1024.0 * 1024.0 * 1024.0 * 1024.0 * 1024.0 * 1024.0, "E"),
-    ];
-    if n < 1024.0 {
-        return format!("{n}B");
+    // The largest unit not above `n`: 1024 to the power of its place.
+    let units = ["K", "M", "G", "T", "P", "E"];
+    match (1..=units.len())
+        .rev()
+        .find(|&p| n >= 1024f64.powi(p as i32))
+    {
+        Some(p) => format!("{:.2}{}", n / 1024f64.powi(p as i32), units[p - 1]),
+        None => format!("{n}B"),
     }
-    let mut out = String::new();
-    for (i, (size, unit)) in UNITS.iter().enumerate() {
-        let next = UNITS.get(i + 1).map_or(f64::INFINITY, |u| u.0);
-        if n < next {
-            out = format!("{:.2}{unit}", n / size);
-            break;
-        }
-    }
-    out
 }
 
 /// One command's (or error code's) line of a [`PER_NAME`] section over several masters: its
@@ -846,7 +850,7 @@ fn bytes_to_human(n: i64) -> String {
 /// mean time per call made again from the sums.
 #[derive(Default)]
 struct PerName {
-    fields: Vec<(String, f64, bool)>,
+    fields: Vec<(String, f64)>,
 }
 
 impl PerName {
@@ -859,26 +863,29 @@ impl PerName {
             let Ok(v) = v.trim().parse::<f64>() else {
                 continue;
             };
-            let integer = !f.contains('.');
-            match self.fields.iter_mut().find(|(n, _, _)| n == k) {
-                Some((_, total, _)) if section == "latencystats" => *total = total.max(v),
-                Some((_, total, _)) => *total += v,
-                None => self.fields.push((k.to_string(), v, integer)),
+            match self.fields.iter_mut().find(|(n, _)| n == k) {
+                Some((_, total)) if section == "latencystats" => *total = total.max(v),
+                Some((_, total)) => *total += v,
+                None => self.fields.push((k.to_string(), v)),
             }
         }
     }
 
-    fn render(&self) -> String {
+    /// The line's fields as Redis writes them: latency percentiles with three decimals, the
+    /// mean per call with two, counts whole.
+    fn render(&self, section: &str) -> String {
         let value = |k: &str| {
             self.fields
                 .iter()
-                .find(|(n, _, _)| n == k)
+                .find(|(n, _)| n == k)
                 .map_or(0.0, |f| f.1)
         };
         self.fields
             .iter()
-            .map(|(k, v, integer)| {
-                if k == "usec_per_call" {
+            .map(|(k, v)| {
+                if section == "latencystats" {
+                    format!("{k}={v:.3}")
+                } else if k == "usec_per_call" {
                     let calls = value("calls");
                     let per = if calls > 0.0 {
                         value("usec") / calls
@@ -886,10 +893,8 @@ impl PerName {
                         0.0
                     };
                     format!("{k}={per:.2}")
-                } else if *integer {
-                    format!("{k}={}", *v as i64)
                 } else {
-                    format!("{k}={v:.3}")
+                    format!("{k}={}", *v as i64)
                 }
             })
             .collect::<Vec<_>>()
@@ -926,13 +931,9 @@ fn merge_info(replies: &[Bytes], ours: &str, replaced: &[String]) -> Option<Byte
             let Some((k, v)) = line.split_once(':') else {
                 continue;
             };
-            if let Some(name) = ADDED_UP_IN
-                .iter()
-                .find(|(s, _)| *s == section)
-                .and_then(|(_, fields)| fields.iter().find(|n| **n == k))
-            {
+            if let Some(name) = added_up(&section, k) {
                 if let Ok(v) = v.trim().parse::<i64>() {
-                    *sums.entry(*name).or_default() += v;
+                    *sums.entry(name).or_default() += v;
                 }
                 continue;
             }
@@ -1038,10 +1039,7 @@ fn merge_info(replies: &[Bytes], ours: &str, replaced: &[String]) -> Option<Byte
         // A counter that adds up over masters: the sum, as if the first master had said it;
         // work in progress (a rewrite, a save, loading): in progress if it is on any master.
         let summed = line.split_once(':').and_then(|(k, _)| {
-            if ADDED_UP_IN
-                .iter()
-                .any(|(s, fields)| *s == section && fields.contains(&k))
-            {
+            if added_up(&section, k).is_some() {
                 return sums.get(k).map(|v| format!("{k}:{v}"));
             }
             if section == "persistence" {
@@ -1075,7 +1073,7 @@ fn merge_info(replies: &[Bytes], ours: &str, replaced: &[String]) -> Option<Byte
             // Every master's lines, merged, instead of the first master's.
             if let Some((_, lines)) = per_name.iter().find(|(s, _)| *s == section) {
                 for (name, p) in lines {
-                    out.push_str(&format!("{name}:{}\r\n", p.render()));
+                    out.push_str(&format!("{name}:{}\r\n", p.render(&section)));
                 }
             }
             continue;
@@ -1193,6 +1191,12 @@ mod tests {
             plan(&t, &args("DBSIZE"), &topo),
             Plan::FanOut(Merge::SumInt)
         ));
+        // CONFIG SET goes to the replicas as well; other fan-out commands do not.
+        assert!(replicas_too(&args(
+            "CONFIG SET maxmemory-policy noeviction"
+        )));
+        assert!(!replicas_too(&args("CONFIG RESETSTAT")));
+        assert!(!replicas_too(&args("FLUSHALL")));
         // Persistence: every master saves its own keys.
         for (cmd, merge) in [
             ("BGSAVE", Merge::First),

@@ -163,8 +163,6 @@ pub(super) struct TrafficCache {
     last_series: Rc<[Option<u32>]>,
     /// `last_series` as the updates a reply makes: each series with what it records.
     plan: Vec<(u32, TrafficValue)>,
-    /// Some update of `plan` records the command's size.
-    plan_request_bytes: bool,
 }
 
 /// What labelled a reply (see [`TrafficCache::pack`]), kept to compare the next one with.
@@ -294,24 +292,17 @@ impl TrafficCache {
                     .zip(series.iter())
                     .filter_map(|(def, s)| s.map(|s| (s, def.value))),
             );
-            self.plan_request_bytes = self
-                .plan
-                .iter()
-                .any(|(_, v)| matches!(v, TrafficValue::RequestBytes));
             self.last_series = series;
         }
-        let request_bytes = if self.plan_request_bytes {
-            command_bytes(f.cmd) as f64
-        } else {
-            0.0
-        };
-        let reply_bytes = f.reply.len() as f64;
+        let mut request_bytes = None;
         for &(series, what) in &self.plan {
             let value = match what {
                 TrafficValue::Count => 1.0,
                 TrafficValue::Latency => f.seconds,
-                TrafficValue::ReplyBytes => reply_bytes,
-                TrafficValue::RequestBytes => request_bytes,
+                TrafficValue::ReplyBytes => f.reply.len() as f64,
+                TrafficValue::RequestBytes => {
+                    *request_bytes.get_or_insert_with(|| command_bytes(f.cmd) as f64)
+                }
             };
             ctx.apply_one(local, series, value);
         }
