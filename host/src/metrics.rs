@@ -10,6 +10,9 @@ use prometheus::{
 };
 use tracing::{info, warn};
 
+mod histogram;
+pub use histogram::{HistogramFamily, LocalHistogram, SharedHistogram};
+
 /// The process's registry.
 pub fn registry() -> &'static Registry {
     static R: LazyLock<Registry> = LazyLock::new(Registry::new);
@@ -221,7 +224,7 @@ pub enum MetricKind {
 enum Collectors {
     Counter(prometheus::CounterVec),
     Gauge(prometheus::GaugeVec),
-    Histogram(HistogramVec),
+    Histogram(HistogramFamily),
 }
 
 /// One registered plugin metric.
@@ -241,7 +244,7 @@ pub enum Series {
     /// Sets.
     Gauge(prometheus::Gauge),
     /// Observes.
-    Histogram(prometheus::Histogram),
+    Histogram(Arc<SharedHistogram>),
 }
 
 impl PluginMetric {
@@ -264,7 +267,7 @@ impl PluginMetric {
         let made = match &self.collectors {
             Collectors::Counter(c) => c.get_metric_with_label_values(&l).map(Series::Counter),
             Collectors::Gauge(g) => g.get_metric_with_label_values(&l).map(Series::Gauge),
-            Collectors::Histogram(h) => h.get_metric_with_label_values(&l).map(Series::Histogram),
+            Collectors::Histogram(h) => Ok(Series::Histogram(h.series(labels))),
         };
         let Ok(made) = made else {
             self.dropped.inc();
@@ -358,16 +361,9 @@ pub fn plugin_metrics(plugin: &str, defs: &[MetricDef]) -> Result<Vec<Arc<Plugin
             }
             MetricKind::Gauge => prometheus::GaugeVec::new(opts, &labels).map(Collectors::Gauge),
             MetricKind::Histogram => {
-                let buckets = if d.buckets.is_empty() {
-                    LATENCY_BUCKETS.to_vec()
-                } else {
-                    d.buckets.clone()
-                };
-                HistogramVec::new(
-                    HistogramOpts::new(full.clone(), help).buckets(buckets),
-                    &labels,
-                )
-                .map(Collectors::Histogram)
+                HistogramFamily::new(&full, &help, &d.labels, &d.buckets, LATENCY_BUCKETS)
+                    .map(Collectors::Histogram)
+                    .map_err(prometheus::Error::Msg)
             }
         }
         .map_err(|e| format!("metric {:?}: {e}", d.name))?;

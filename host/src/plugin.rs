@@ -232,7 +232,7 @@ const MAX_SERIES_IDS: usize = 1 << 16;
 /// A worker's handle on one series, updated without atomics and flushed after each batch.
 enum LocalSeries {
     Counter(prometheus::local::LocalCounter),
-    Histogram(prometheus::local::LocalHistogram),
+    Histogram(crate::metrics::LocalHistogram),
     Gauge(prometheus::Gauge),
     /// Cannot be updated (its labels did not fit, or its metric is full).
     Dropped,
@@ -352,31 +352,23 @@ impl PluginCtx {
         self.apply_slow(local, series, value);
     }
 
-    /// [`PluginCtx::apply_one`] for the rest: a series seen for the first time, a gauge, a
-    /// value that cannot be applied.
-    #[inline(never)]
-    fn apply_slow(&self, local: &mut LocalMetrics, series: u32, value: f64) {
-        let i = series as usize;
+    /// This worker's handle on series `id`, made when first needed (`None` past the most
+    /// series numbers a plugin gets).
+    fn local_series<'l>(
+        &self,
+        local: &'l mut LocalMetrics,
+        id: u32,
+    ) -> Option<&'l mut LocalSeries> {
+        let i = id as usize;
         if local.series.len() <= i {
             if i >= MAX_SERIES_IDS {
-                plugin_stats()
-                    .dropped_updates
-                    .with_label_values(&[&*self.name])
-                    .inc();
-                return;
+                return None;
             }
             local.series.resize_with(i + 1, || None);
             local.dirty.resize(i + 1, false);
         }
-        if value.is_nan() {
-            // A gauge set to NaN: the series goes (and is made again if set later).
-            if let Some((m, labels)) = self.series_labels(series) {
-                m.remove(&labels);
-            }
-            local.series[i] = None;
-            return;
-        }
-        let entry = local.series[i].get_or_insert_with(|| match self.series_labels(series) {
+        let slot = local.series.get_mut(i)?;
+        Some(slot.get_or_insert_with(|| match self.series_labels(id) {
             Some((m, labels)) => match m.series(&labels) {
                 Some(crate::metrics::Series::Counter(c)) => LocalSeries::Counter(c.local()),
                 Some(crate::metrics::Series::Histogram(h)) => LocalSeries::Histogram(h.local()),
@@ -384,7 +376,31 @@ impl PluginCtx {
                 None => LocalSeries::Dropped,
             },
             None => LocalSeries::Dropped,
-        });
+        }))
+    }
+
+    /// [`PluginCtx::apply_one`] for the rest: a series seen for the first time, a gauge, a
+    /// value that cannot be applied.
+    #[inline(never)]
+    fn apply_slow(&self, local: &mut LocalMetrics, series: u32, value: f64) {
+        let i = series as usize;
+        if value.is_nan() {
+            // A gauge set to NaN: the series goes (and is made again if set later).
+            if let Some((m, labels)) = self.series_labels(series) {
+                m.remove(&labels);
+            }
+            if let Some(s) = local.series.get_mut(i) {
+                *s = None;
+            }
+            return;
+        }
+        let Some(entry) = self.local_series(local, series) else {
+            plugin_stats()
+                .dropped_updates
+                .with_label_values(&[&*self.name])
+                .inc();
+            return;
+        };
         let ok = value.is_finite();
         match entry {
             LocalSeries::Counter(c) if ok && value >= 0.0 => c.inc_by(value),
@@ -495,6 +511,24 @@ impl PluginCtx {
 }
 
 impl LocalMetrics {
+    /// Adds `value` `n` times to a counter or histogram this worker already has a handle on
+    /// (see [`PluginCtx::local_series`]); false for any other series.
+    fn add_n(&mut self, series: u32, value: f64, n: u64) -> bool {
+        let i = series as usize;
+        match self.series.get_mut(i) {
+            Some(Some(LocalSeries::Counter(c))) => c.inc_by(value * n as f64),
+            Some(Some(LocalSeries::Histogram(h))) => h.observe_n(value, n),
+            _ => return false,
+        }
+        if let Some(d) = self.dirty.get_mut(i)
+            && !*d
+        {
+            *d = true;
+            self.touched.push(series);
+        }
+        true
+    }
+
     /// Moves what this worker counted since the last flush into the shared series.
     fn flush(&mut self) {
         for id in self.touched.drain(..) {
@@ -2617,7 +2651,8 @@ impl WorkerPlugins {
                     .first()
                     .and_then(|&(i, _)| chain.cmd.arg(i as usize + 1)),
                 reply,
-                seconds: now.saturating_duration_since(chain.start).as_secs_f64(),
+                start: chain.start,
+                end: now,
             });
             let Some(generation) = self.generation(&chain.set) else {
                 return;
@@ -2641,6 +2676,7 @@ impl WorkerPlugins {
             .flatten()
         {
             for slot in &mut generation.instances {
+                slot.traffic.settle(&mut slot.metrics);
                 slot.metrics.flush();
             }
         }

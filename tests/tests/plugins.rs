@@ -1178,6 +1178,15 @@ fn traffic_metrics_are_recorded_by_respire_without_a_call() {
             b"$6\r\nabcdef\r\n"
         );
     }
+    // A long pipeline of like replies, then one where sizes alternate: each reply counts once,
+    // with its own size.
+    let mut long = resp(&[b"GET", b"shop:2"]).repeat(40);
+    for _ in 0..5 {
+        long.extend(resp(&[b"GET", b"shop:1"]));
+        long.extend(resp(&[b"GET", b"shop:2"]));
+    }
+    let got = a.roundtrip(&long, 50);
+    assert_eq!(got.len(), 45 * 12 + 5 * 9);
     // Recorded metrics are flushed at the end of the event-loop turn: a later command on each
     // connection (each worker) comes after that.
     for c in [&mut a, &mut b] {
@@ -1191,7 +1200,7 @@ fn traffic_metrics_are_recorded_by_respire_without_a_call() {
         ))
     };
     assert_eq!(c("set", "shop", "ok"), Some(2.0), "{body}");
-    assert_eq!(c("get", "shop", "ok"), Some(4.0), "{body}");
+    assert_eq!(c("get", "shop", "ok"), Some(54.0), "{body}");
     assert_eq!(c("lpush", "shop", "error"), Some(1.0), "{body}");
     assert_eq!(
         c("echo", "", "ok"),
@@ -1221,9 +1230,25 @@ fn traffic_metrics_are_recorded_by_respire_without_a_call() {
     );
     assert_eq!(
         v("respire_plugin_t_t_latency_seconds_count{command=\"get\"}"),
-        Some(6.0),
+        Some(56.0),
         "{body}"
     );
+    assert_eq!(
+        v("respire_plugin_t_t_latency_seconds_bucket{command=\"get\",le=\"+Inf\"}"),
+        Some(56.0),
+        "{body}"
+    );
+    // Cumulative buckets never decrease, and a GET on loopback takes less than 10 s.
+    let buckets: Vec<f64> = body
+        .lines()
+        .filter(|l| l.starts_with("respire_plugin_t_t_latency_seconds_bucket{command=\"get\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert!(buckets.len() > 10, "{body}");
+    assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{body}");
+    assert_eq!(buckets[buckets.len() - 2], 56.0, "{body}");
+    let sum = v("respire_plugin_t_t_latency_seconds_sum{command=\"get\"}").unwrap_or(-1.0);
+    assert!(sum > 0.0 && sum < 56.0 * 10.0, "{body}");
     // Sizes: SET shop:1 abc is 3 + 6 + 3 bytes of name and arguments, SET shop:2 abcdef 15; the
     // replies to the four GETs of shop:2 are `$6\r\nabcdef\r\n` (12 bytes) and to GET shop:1 9.
     assert_eq!(
@@ -1233,7 +1258,7 @@ fn traffic_metrics_are_recorded_by_respire_without_a_call() {
     );
     assert_eq!(
         v("respire_plugin_t_t_reply_bytes_sum{command=\"get\"}"),
-        Some(9.0 + 3.0 * 12.0 + 2.0 * 5.0),
+        Some(9.0 + 3.0 * 12.0 + 2.0 * 5.0 + 45.0 * 12.0 + 5.0 * 9.0),
         "{body}"
     );
     // The plugin was never called.

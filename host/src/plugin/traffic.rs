@@ -10,13 +10,14 @@
 use std::collections::HashSet;
 use std::rc::Rc;
 use std::sync::Mutex;
+use std::time::Instant;
 
 use rustc_hash::FxHashMap;
 
 use super::bindings::respire::plugin::types::{
     Manifest, MetricKind, TrafficLabel, TrafficMetric, TrafficValue,
 };
-use super::{LocalMetrics, PluginCtx};
+use super::{LocalMetrics, LocalSeries, PluginCtx};
 
 /// The label of key prefixes past the plugin's `max-key-prefixes`, and of commands respire
 /// does not know.
@@ -145,8 +146,9 @@ pub(super) struct ReplyFacts<'a> {
     pub first_key: Option<&'a [u8]>,
     /// The reply the client gets.
     pub reply: &'a [u8],
-    /// From reading the command to the reply.
-    pub seconds: f64,
+    /// When respire read the command (its latency starts there) and when the reply came.
+    pub start: Instant,
+    pub end: Instant,
 }
 
 /// A worker's series of one plugin's traffic metrics, by what labels them.
@@ -163,6 +165,24 @@ pub(super) struct TrafficCache {
     last_series: Rc<[Option<u32>]>,
     /// `last_series` as the updates a reply makes: each series with what it records.
     plan: Vec<(u32, TrafficValue)>,
+    /// The plan records a command's size (which is then worked out for each reply).
+    plan_sizes_request: bool,
+    /// Updates of the plan that cannot be applied (series past a cap), per reply, and where
+    /// they are counted.
+    plan_dropped: u64,
+    dropped: Option<prometheus::IntCounter>,
+    /// The last replies, not applied yet: they have the plan's labels and the same values.
+    pending: Option<Pending>,
+}
+
+/// Replies recorded and not applied yet, all alike: the replies of one pipeline mostly have
+/// the same labels, latency and sizes, so they are applied once, `n` times over.
+struct Pending {
+    start: Instant,
+    end: Instant,
+    reply_len: usize,
+    request_len: usize,
+    n: u64,
 }
 
 /// What labelled a reply (see [`TrafficCache::pack`]), kept to compare the next one with.
@@ -233,7 +253,8 @@ impl TrafficCache {
         }
     }
 
-    /// Records one reply's traffic metrics into the worker's series.
+    /// Records one reply's traffic metrics: kept with the last replies when it is like them,
+    /// otherwise those are applied to the worker's series and it starts a new run.
     pub(super) fn record(&mut self, ctx: &PluginCtx, local: &mut LocalMetrics, f: &ReplyFacts<'_>) {
         let t = &ctx.traffic;
         let code = error_code(f.reply);
@@ -255,6 +276,7 @@ impl TrafficCache {
                     && l.prefix.as_deref() == prefix
             });
         if !same {
+            self.settle(local);
             self.pack(t, f, code);
             let series = match self.known.get(self.scratch.as_slice()) {
                 Some(s) => s.clone(),
@@ -285,26 +307,78 @@ impl TrafficCache {
                 }
                 (p, kept) => *kept = p.map(<[u8]>::to_vec),
             }
-            self.plan.clear();
-            self.plan.extend(
-                t.defs
-                    .iter()
-                    .zip(series.iter())
-                    .filter_map(|(def, s)| s.map(|s| (s, def.value))),
-            );
+            self.make_plan(ctx, local, &series);
             self.last_series = series;
         }
-        let mut request_bytes = None;
+        let request_len = if self.plan_sizes_request {
+            command_bytes(f.cmd)
+        } else {
+            0
+        };
+        if let Some(p) = &mut self.pending
+            && p.start == f.start
+            && p.end == f.end
+            && p.reply_len == f.reply.len()
+            && p.request_len == request_len
+        {
+            p.n += 1;
+            return;
+        }
+        self.settle(local);
+        self.pending = Some(Pending {
+            start: f.start,
+            end: f.end,
+            reply_len: f.reply.len(),
+            request_len,
+            n: 1,
+        });
+    }
+
+    /// The updates a reply with these series makes, each series with a handle in `local`.
+    fn make_plan(&mut self, ctx: &PluginCtx, local: &mut LocalMetrics, series: &[Option<u32>]) {
+        self.plan.clear();
+        self.plan_dropped = 0;
+        for (def, s) in ctx.traffic.defs.iter().zip(series) {
+            let Some(s) = *s else {
+                continue;
+            };
+            match ctx.local_series(local, s) {
+                Some(LocalSeries::Counter(_) | LocalSeries::Histogram(_)) => {
+                    self.plan.push((s, def.value));
+                }
+                _ => self.plan_dropped += 1,
+            }
+        }
+        self.plan_sizes_request = self
+            .plan
+            .iter()
+            .any(|(_, v)| matches!(v, TrafficValue::RequestBytes));
+        if self.plan_dropped > 0 && self.dropped.is_none() {
+            self.dropped = Some(
+                super::plugin_stats()
+                    .dropped_updates
+                    .with_label_values(&[&*ctx.name]),
+            );
+        }
+    }
+
+    /// Applies the replies recorded and not applied yet to the worker's series.
+    pub(super) fn settle(&mut self, local: &mut LocalMetrics) {
+        let Some(p) = self.pending.take() else {
+            return;
+        };
+        let seconds = p.end.saturating_duration_since(p.start).as_secs_f64();
         for &(series, what) in &self.plan {
             let value = match what {
                 TrafficValue::Count => 1.0,
-                TrafficValue::Latency => f.seconds,
-                TrafficValue::ReplyBytes => f.reply.len() as f64,
-                TrafficValue::RequestBytes => {
-                    *request_bytes.get_or_insert_with(|| command_bytes(f.cmd) as f64)
-                }
+                TrafficValue::Latency => seconds,
+                TrafficValue::ReplyBytes => p.reply_len as f64,
+                TrafficValue::RequestBytes => p.request_len as f64,
             };
-            ctx.apply_one(local, series, value);
+            local.add_n(series, value, p.n);
+        }
+        if let Some(d) = self.dropped.as_ref().filter(|_| self.plan_dropped > 0) {
+            d.inc_by(self.plan_dropped * p.n);
         }
     }
 }
