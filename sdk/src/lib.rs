@@ -704,6 +704,11 @@ pub trait Plugin: Sized + 'static {
     ) -> ResponseAction {
         ResponseAction::Continue
     }
+
+    /// Runs once after each batch of `on_response` calls (the replies of one turn of a
+    /// respire worker), e.g. to apply in one go what the hook gathered over the batch, such as
+    /// one [`host::counter_add`] per key rather than per reply. Default: nothing.
+    fn after_responses(&mut self, _effects: &mut Effects) {}
 }
 
 /// The details of clients, cached by id and generation, so that hooks receive only a
@@ -787,9 +792,29 @@ pub mod host {
         h::log(level, message);
     }
 
-    /// Milliseconds since the Unix epoch.
+    thread_local! {
+        /// The time of the hook call under way, once asked (0: not yet).
+        static NOW_MS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+
+    /// Milliseconds since the Unix epoch. Within a hook call it is the time of the first ask:
+    /// one call covers a batch of commands (or replies) that arrived together, and asking
+    /// respire costs about as much as a call.
     pub fn now_ms() -> u64 {
-        h::now_ms()
+        NOW_MS.with(|n| match n.get() {
+            0 => {
+                let now = h::now_ms();
+                n.set(now);
+                now
+            }
+            now => now,
+        })
+    }
+
+    /// Forgets the time of the last hook call (at the start of each).
+    #[doc(hidden)]
+    pub fn new_call() {
+        NOW_MS.with(|n| n.set(0));
     }
 
     /// Changes a metric now (a counter adds, a gauge is set, a histogram observes).
@@ -1009,6 +1034,7 @@ macro_rules! export_plugin {
 
         impl $crate::bindings::Guest for __RespireExport {
             fn init(config: String) -> Result<$crate::Manifest, String> {
+                $crate::host::new_call();
                 let (state, manifest) = <$plugin as $crate::Plugin>::init(&config)?;
                 __RESPIRE_STATE.with(|s| *s.borrow_mut() = Some(state));
                 Ok(manifest)
@@ -1019,6 +1045,7 @@ macro_rules! export_plugin {
             ) -> $crate::bindings::respire::plugin::types::RequestResults {
                 let mut effects = $crate::Effects::default();
                 let mut decisions = Vec::new();
+                $crate::host::new_call();
                 __RESPIRE_STATE.with(|s| {
                     let mut state = s.borrow_mut();
                     let Some(p) = state.as_mut() else { return };
@@ -1042,6 +1069,7 @@ macro_rules! export_plugin {
             ) -> $crate::bindings::respire::plugin::types::ResponseResults {
                 let mut effects = $crate::Effects::default();
                 let mut replacements = Vec::new();
+                $crate::host::new_call();
                 __RESPIRE_STATE.with(|s| {
                     let mut state = s.borrow_mut();
                     let Some(p) = state.as_mut() else { return };
@@ -1057,6 +1085,7 @@ macro_rules! export_plugin {
                             replacements.push($crate::bindings::respire::plugin::types::Replacement { response: i as u32, reply });
                         }
                     }
+                    <$plugin as $crate::Plugin>::after_responses(p, &mut effects);
                 });
                 let (_, updates, _) = effects.into_parts();
                 $crate::bindings::respire::plugin::types::ResponseResults { replacements, updates }

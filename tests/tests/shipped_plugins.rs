@@ -560,7 +560,8 @@ fn hot_and_big_keys_across_workers() {
         dir.path(),
         &["--workers", "2", "--worker-affinity", "0"],
     );
-    // Two clients (one per worker): "hot" 4 times as often as "warm", "cold" once.
+    // Two clients (one per worker): "hot" 4 times as often as "warm", "cold" once; one client
+    // pipelines, so that the plugin sees both keys in one batch.
     let mut a = Raw::connect(proxy.port);
     let mut b = Raw::connect(proxy.port);
     assert_eq!(
@@ -570,12 +571,19 @@ fn hot_and_big_keys_across_workers() {
     assert_eq!(text(&mut a, &[b"GET", b"cold"]), "$-1\r\n");
     let start = std::time::Instant::now();
     while start.elapsed() < std::time::Duration::from_millis(1600) {
-        for c in [&mut a, &mut b] {
-            for _ in 0..4 {
-                assert_eq!(text(c, &[b"GET", b"hot"]), "$-1\r\n");
-            }
-            assert_eq!(text(c, &[b"GET", b"warm"]), "$-1\r\n");
+        for _ in 0..4 {
+            assert_eq!(text(&mut a, &[b"GET", b"hot"]), "$-1\r\n");
         }
+        assert_eq!(text(&mut a, &[b"GET", b"warm"]), "$-1\r\n");
+        let pipeline = [
+            resp(&[b"GET", b"hot"]),
+            resp(&[b"GET", b"hot"]),
+            resp(&[b"GET", b"warm"]),
+            resp(&[b"GET", b"hot"]),
+            resp(&[b"GET", b"hot"]),
+        ]
+        .concat();
+        assert_eq!(b.roundtrip(&pipeline, 5), b"$-1\r\n".repeat(5));
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
     let got = text(&mut b, &[b"METRICS.HOTKEYS", b"2"]);

@@ -108,17 +108,73 @@ pub struct KeyStats {
     window: u64,
     published_hot: Vec<String>,
     published_big: Vec<String>,
+    /// Sampled uses seen in the batch of replies under way, added to the shared counters
+    /// after it: the keys back to back in `keys`, each entry its end there and its weight.
+    keys: Vec<u8>,
+    uses: Vec<(usize, i64)>,
 }
 
 impl KeyStats {
-    /// Counts `weight` uses of `key`; at a window change, publishes the last window's tops.
-    fn count(&mut self, key: &[u8], weight: i64, fx: &mut Effects) {
+    /// Counts `weight` uses of `key` (in the shared counters after the batch).
+    fn count(&mut self, key: &[u8], weight: i64) {
+        // A pipeline's replies mostly come in runs of one key.
+        let last_start = self
+            .uses
+            .len()
+            .checked_sub(1)
+            .map(|i| start_of(&self.uses, i));
+        if let Some(start) = last_start
+            && self.keys.get(start..) == Some(key)
+            && let Some(last) = self.uses.last_mut()
+        {
+            last.1 += weight;
+            return;
+        }
+        self.keys.extend_from_slice(key);
+        self.uses.push((self.keys.len(), weight));
+    }
+
+    /// The batch's uses, one entry per key (sorted by key), and forgets them.
+    fn take_uses(&mut self) -> Vec<(String, i64)> {
+        let mut spans: Vec<(&[u8], i64)> = (0..self.uses.len())
+            .map(|i| {
+                let (end, weight) = self.uses[i];
+                let key = self
+                    .keys
+                    .get(start_of(&self.uses, i)..end)
+                    .unwrap_or_default();
+                (key, weight)
+            })
+            .collect();
+        spans.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let out = spans
+            .chunk_by(|a, b| a.0 == b.0)
+            .map(|same| {
+                (
+                    String::from_utf8_lossy(same[0].0).into_owned(),
+                    same.iter().map(|u| u.1).sum(),
+                )
+            })
+            .collect();
+        self.keys.clear();
+        self.uses.clear();
+        out
+    }
+
+    /// Adds the batch's uses to the shared counters, one addition per key, then, at a window
+    /// change, publishes the last window's tops.
+    fn flush(&mut self, fx: &mut Effects) {
+        if self.uses.is_empty() {
+            return;
+        }
         let window = host::now_ms() / self.window_ms;
-        host::counter_add(
-            &format!("{HOT}{window}:{}", String::from_utf8_lossy(key)),
-            weight,
-            self.window_ms * 3,
-        );
+        let mut name = format!("{HOT}{window}:");
+        let prefix = name.len();
+        for (key, uses) in self.take_uses() {
+            name.truncate(prefix);
+            name.push_str(&key);
+            host::counter_add(&name, uses, self.window_ms * 3);
+        }
         if window != self.window {
             self.window = window;
             self.publish(window, fx);
@@ -178,6 +234,14 @@ impl KeyStats {
         let size = i64::try_from(size).unwrap_or(i64::MAX);
         let was = host::counter_get(&k);
         host::counter_add(&k, size - was, BIG_TTL_MS);
+    }
+}
+
+/// Where entry `i` of `uses` starts in the keys (where the one before ends).
+fn start_of(uses: &[(usize, i64)], i: usize) -> usize {
+    match i.checked_sub(1) {
+        Some(before) => uses.get(before).map_or(0, |u| u.0),
+        None => 0,
     }
 }
 
@@ -284,6 +348,8 @@ impl Plugin for Metrics {
             window: 0,
             published_hot: Vec::new(),
             published_big: Vec::new(),
+            keys: Vec::new(),
+            uses: Vec::new(),
         };
         Ok((Metrics { hot }, manifest))
     }
@@ -321,7 +387,7 @@ impl Plugin for Metrics {
         _client: &Client,
         cmd: &Command,
         reply: &Reply,
-        fx: &mut Effects,
+        _fx: &mut Effects,
     ) -> ResponseAction {
         let Some((key, access)) = cmd.keys().next() else {
             return ResponseAction::Continue;
@@ -333,7 +399,7 @@ impl Plugin for Metrics {
                 || cmd.size() as u64 >= self.hot.big_bytes);
         if self.hot.hot_keys > 0 {
             self.hot
-                .count(key, if big { 1 } else { i64::from(self.hot.sample) }, fx);
+                .count(key, if big { 1 } else { i64::from(self.hot.sample) });
         }
         if big && !reply.is_error() {
             // A read's reply, or what a write sends (its arguments), tells the value's size.
@@ -348,7 +414,54 @@ impl Plugin for Metrics {
         }
         ResponseAction::Continue
     }
+
+    fn after_responses(&mut self, fx: &mut Effects) {
+        self.hot.flush(fx);
+    }
 }
 
 #[cfg(target_arch = "wasm32")]
 respire_sdk::export_plugin!(Metrics);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_of_uses_adds_up_per_key() {
+        let mut k = KeyStats {
+            hot_keys: 10,
+            sample: 16,
+            window_ms: 10_000,
+            big_keys: 0,
+            big_bytes: 1,
+            window: 0,
+            published_hot: Vec::new(),
+            published_big: Vec::new(),
+            keys: Vec::new(),
+            uses: Vec::new(),
+        };
+        for (key, weight) in [
+            ("a", 16),
+            ("a", 16),
+            ("b", 1),
+            ("a", 16),
+            ("ab", 16),
+            ("", 2),
+        ] {
+            k.count(key.as_bytes(), weight);
+        }
+        assert_eq!(
+            k.take_uses(),
+            vec![
+                (String::new(), 2),
+                ("a".to_string(), 48),
+                ("ab".to_string(), 16),
+                ("b".to_string(), 1)
+            ]
+        );
+        assert!(k.take_uses().is_empty(), "a batch is counted once");
+        k.count(b"c", 3);
+        assert_eq!(k.take_uses(), vec![("c".to_string(), 3)]);
+    }
+}
