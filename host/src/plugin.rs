@@ -1047,16 +1047,19 @@ impl Runtime {
             stats: HookStats::new(&file_name),
             traffic,
         });
+        let responds = manifest.on_response || !ctx.traffic.is_empty();
+        let all = manifest.categories.iter().any(|c| c == "all");
+        let unscoped =
+            manifest.key_prefixes.is_empty() || manifest.key_prefixes.iter().any(String::is_empty);
         Ok(LoadedPlugin {
-            responds: manifest.on_response || !ctx.traffic.is_empty(),
+            responds,
+            sees_every_command: all && unscoped && (manifest.on_request || responds),
             commands: manifest
                 .commands
                 .iter()
                 .map(|c| c.to_ascii_lowercase())
                 .collect(),
-            key_prefixes: if manifest.key_prefixes.is_empty()
-                || manifest.key_prefixes.iter().any(String::is_empty)
-            {
+            key_prefixes: if unscoped {
                 None
             } else {
                 Some(
@@ -1067,7 +1070,7 @@ impl Runtime {
                         .collect(),
                 )
             },
-            all: manifest.categories.iter().any(|c| c == "all"),
+            all,
             category_bits: manifest
                 .categories
                 .iter()
@@ -1157,6 +1160,8 @@ pub struct LoadedPlugin {
     ctx: Arc<PluginCtx>,
     /// It has a response side: a response hook or traffic metrics.
     responds: bool,
+    /// It sees every command the table knows: all categories, no key prefixes, some hook.
+    sees_every_command: bool,
 }
 
 /// Instantiates a plugin and runs its `init`: the instance and what `init` said.
@@ -1973,6 +1978,9 @@ impl PluginSet {
         let Some(info) = info else {
             return !self.plugins.is_empty();
         };
+        if self.plugins.iter().any(|p| p.sees_every_command) {
+            return true;
+        }
         let mut seen = false;
         self.for_each_seeing(cmd, info, |_, _| {
             seen = true;
