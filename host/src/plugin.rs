@@ -49,8 +49,8 @@ mod bindings {
 mod traffic;
 
 pub use bindings::respire::plugin::types::{
-    Client, Manifest, MetricKind as WitMetricKind, RequestAction, RequestBatch, RequestResults,
-    ResponseBatch, ResponseResults, Update, Updates,
+    Client, CounterChanges, Manifest, MetricKind as WitMetricKind, RequestAction, RequestBatch,
+    RequestResults, ResponseBatch, ResponseResults, Update, Updates,
 };
 use bindings::{Plugin, PluginPre};
 
@@ -311,6 +311,26 @@ impl PluginCtx {
                 .dropped_updates
                 .with_label_values(&[&*self.name])
                 .inc(),
+        }
+    }
+
+    /// Applies a hook's counter changes, in order (a key that is not a range of the keys'
+    /// bytes is skipped).
+    fn add_to_counters(&self, c: &CounterChanges) {
+        let mut start = 0;
+        let now = std::time::Instant::now();
+        for ((&end, &delta), &ttl) in c.key_ends.iter().zip(&c.deltas).zip(&c.ttls_ms) {
+            let end = end as usize;
+            if let Some(key) = c.keys.get(start..end) {
+                self.state.counter_add_at(
+                    &self.name,
+                    &String::from_utf8_lossy(key),
+                    delta,
+                    Duration::from_millis(ttl),
+                    now,
+                );
+            }
+            start = end;
         }
     }
 
@@ -1784,7 +1804,7 @@ fn note_failure(plugin: &LoadedPlugin, hook: &str, kind: &str, error: &str) {
 
 /// The version of the plugin contract this respire implements (`package respire:plugin@…` in
 /// `wit/plugin.wit`).
-const CONTRACT_VERSION: &str = "0.4.0";
+const CONTRACT_VERSION: &str = "0.5.0";
 
 /// The contract version a component was built for, from the `respire:plugin/…@version`
 /// interfaces it imports (none when it imports none of them).
@@ -2332,6 +2352,7 @@ impl WorkerPlugins {
                 Some(r) => {
                     plugin.ctx.apply(&mut slot.metrics, &r.updates);
                     slot.metrics.flush();
+                    plugin.ctx.add_to_counters(&r.counters);
                     (r.decisions, r.takes, r.repeatable)
                 }
                 None => (Vec::new(), Vec::new(), Vec::new()),
@@ -2553,6 +2574,7 @@ impl WorkerPlugins {
                         plugin.ctx.stats.response_ok.inc_by(members.len() as u64);
                         plugin.ctx.apply(&mut slot.metrics, &r.updates);
                         slot.metrics.flush();
+                        plugin.ctx.add_to_counters(&r.counters);
                         // An observing hook's replacements are ignored (its replies went out already).
                         let replacements = if plugin.manifest.observe_responses {
                             Vec::new()

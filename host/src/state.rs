@@ -256,7 +256,8 @@ impl SharedState {
         self.counter_add_at(plugin, key, delta, ttl, Instant::now())
     }
 
-    fn counter_add_at(
+    /// [`SharedState::counter_add`] at a time the caller read (one clock read for many).
+    pub fn counter_add_at(
         &self,
         plugin: &str,
         key: &str,

@@ -475,7 +475,8 @@ impl Metric {
     }
 }
 
-/// Effects a hook asks respire to apply after it returns: token takes and metric changes.
+/// Effects a hook asks respire to apply after it returns: token takes, metric changes and
+/// counter additions.
 /// Returning them costs nothing extra; calling the host for each would cost a call each.
 #[derive(Default)]
 pub struct Effects {
@@ -487,9 +488,16 @@ pub struct Effects {
     series: Vec<u32>,
     values: Vec<f64>,
     repeatable: Vec<u32>,
+    /// How many counter changes there were when the current request began.
+    counters_before: usize,
+    /// Counter changes, as [`CounterChanges`] has them.
+    counter_keys: Vec<u8>,
+    counter_ends: Vec<u32>,
+    counter_deltas: Vec<i64>,
+    counter_ttls: Vec<u64>,
 }
 
-use bindings::respire::plugin::types::{Take, Updates};
+use bindings::respire::plugin::types::{CounterChanges, Take, Updates};
 
 impl Effects {
     /// Take `cost` tokens from bucket `key` of `limiter` before the command goes on; if the
@@ -527,13 +535,25 @@ impl Effects {
         self.values.push(value);
     }
 
+    /// Adds `delta` to respire's shared counter `key` after the hook returns (what
+    /// [`host::counter_add`] does at once, for the cost of a call each); the counter is forgotten
+    /// `ttl_ms` after its last change (0: never). Changes apply in order once the call returns.
+    pub fn counter_add(&mut self, key: &str, delta: i64, ttl_ms: u64) {
+        self.counter_keys.extend_from_slice(key.as_bytes());
+        self.counter_ends
+            .push(u32::try_from(self.counter_keys.len()).unwrap_or(u32::MAX));
+        self.counter_deltas.push(delta);
+        self.counter_ttls.push(ttl_ms);
+    }
+
     /// Says that this request's decision and takes depend only on the client (its details:
     /// address, user, database, name, protocol) and on the command's name and categories —
     /// not on its arguments (a container's subcommand is one), its keys, or anything that came
     /// before: respire may then apply them again, taking the tokens each time, to the client's
     /// later commands with the same name and categories without calling the hook, until the
     /// client's details change or the plugins reload. Ignored for a request whose handling
-    /// recorded a metric change or that is rewritten. Only request hooks can mark requests.
+    /// recorded a metric or counter change or that is rewritten. Only request hooks can mark
+    /// requests.
     ///
     /// For example an ACL verdict when the user's rules allow every key and channel, or a rate
     /// limit whose bucket is the client's address.
@@ -549,15 +569,17 @@ impl Effects {
     pub fn at(&mut self, index: u32) {
         self.current = index;
         self.updates_before = self.series.len();
+        self.counters_before = self.counter_deltas.len();
     }
 
     /// Ends the current request: its repeatable mark is dropped when it changed metrics or
-    /// the hook rewrote it.
+    /// counters, or the hook rewrote it.
     #[doc(hidden)]
     #[inline]
     pub fn done(&mut self, action: &RequestAction) {
         if self.repeatable.last() == Some(&self.current)
             && (self.series.len() != self.updates_before
+                || self.counter_deltas.len() != self.counters_before
                 || matches!(action, RequestAction::Rewrite(_)))
         {
             self.repeatable.pop();
@@ -565,7 +587,7 @@ impl Effects {
     }
 
     #[doc(hidden)]
-    pub fn into_parts(self) -> (Vec<Take>, Updates, Vec<u32>) {
+    pub fn into_parts(self) -> (Vec<Take>, Updates, Vec<u32>, CounterChanges) {
         (
             self.takes,
             Updates {
@@ -573,6 +595,12 @@ impl Effects {
                 values: self.values,
             },
             self.repeatable,
+            CounterChanges {
+                keys: self.counter_keys,
+                key_ends: self.counter_ends,
+                deltas: self.counter_deltas,
+                ttls_ms: self.counter_ttls,
+            },
         )
     }
 }
@@ -1060,8 +1088,8 @@ macro_rules! export_plugin {
                         }
                     }
                 });
-                let (takes, updates, repeatable) = effects.into_parts();
-                $crate::bindings::respire::plugin::types::RequestResults { decisions, takes, updates, repeatable }
+                let (takes, updates, repeatable, counters) = effects.into_parts();
+                $crate::bindings::respire::plugin::types::RequestResults { decisions, takes, updates, counters, repeatable }
             }
 
             fn on_responses(
@@ -1087,8 +1115,8 @@ macro_rules! export_plugin {
                     }
                     <$plugin as $crate::Plugin>::after_responses(p, &mut effects);
                 });
-                let (_, updates, _) = effects.into_parts();
-                $crate::bindings::respire::plugin::types::ResponseResults { replacements, updates }
+                let (_, updates, _, counters) = effects.into_parts();
+                $crate::bindings::respire::plugin::types::ResponseResults { replacements, updates, counters }
             }
         }
 
@@ -1127,7 +1155,19 @@ mod tests {
         fx.take(LimiterId(0), "10.0.0.1", 1);
         fx.repeatable();
         fx.done(&RequestAction::Deny("NOPERM no".into()));
-        let (takes, updates, repeatable) = fx.into_parts();
+        // 5: marked, but it added to a counter — dropped.
+        fx.at(5);
+        fx.repeatable();
+        fx.counter_add("hits:x", 2, 1000);
+        fx.done(&RequestAction::Continue);
+        fx.at(6);
+        fx.counter_add("", -1, 0);
+        fx.done(&RequestAction::Continue);
+        let (takes, updates, repeatable, counters) = fx.into_parts();
+        assert_eq!(counters.keys, b"hits:x");
+        assert_eq!(counters.key_ends, vec![6, 6]);
+        assert_eq!(counters.deltas, vec![2, -1]);
+        assert_eq!(counters.ttls_ms, vec![1000, 0]);
         assert_eq!(repeatable, vec![0, 4]);
         assert_eq!(updates.series, vec![3]);
         assert_eq!(takes.len(), 1);

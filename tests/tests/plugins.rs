@@ -148,7 +148,7 @@ fn plugin_check_prints_the_manifest_or_the_reason() {
     // A plugin built for another version of the contract is refused with the versions, not a
     // type mismatch: the same component with its `respire:plugin/…@` imports renamed.
     let mut old = std::fs::read(dir.path().join("hello.wasm")).unwrap();
-    let (ours, theirs) = (b"respire:plugin/types@0.4.0", b"respire:plugin/types@0.3.0");
+    let (ours, theirs) = (b"respire:plugin/types@0.5.0", b"respire:plugin/types@0.4.0");
     let mut renamed = 0;
     for i in 0..old.len().saturating_sub(ours.len()) {
         if old[i..].starts_with(ours) {
@@ -158,7 +158,7 @@ fn plugin_check_prints_the_manifest_or_the_reason() {
     }
     assert!(
         renamed > 0,
-        "the component imports respire:plugin/types@0.4.0"
+        "the component imports respire:plugin/types@0.5.0"
     );
     std::fs::write(dir.path().join("old.wasm"), &old).unwrap();
     let out = Command::new(respire_bin())
@@ -168,7 +168,7 @@ fn plugin_check_prints_the_manifest_or_the_reason() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("built for the plugin contract respire:plugin@0.3.0; this respire loads respire:plugin@0.4.0 plugins"), "{err}");
+    assert!(err.contains("built for the plugin contract respire:plugin@0.4.0; this respire loads respire:plugin@0.5.0 plugins"), "{err}");
 }
 
 fn misbehave_dir(settings: &str) -> tempfile::TempDir {
@@ -956,6 +956,14 @@ fn many_clients_at_once_each_get_their_own_decisions_and_replies() {
     let v: Option<String> =
         redis::Commands::get(&mut redis.client().get_connection().unwrap(), "ns:k3").unwrap();
     assert_eq!(v.as_deref(), Some("v3-49"));
+    // Counter additions returned as effects are applied after each call, none lost: one per
+    // command seen (the ECHO's own comes after its answer) and one per reply hooked (every
+    // one here, the plugin's own refusals and answers included).
+    let mut p = Raw::connect(proxy.port);
+    assert_eq!(echo_int(&mut p, "probe:t:requests"), 16 * 50 * 3);
+    assert_eq!(echo_int(&mut p, "probe:t:replies"), 16 * 50 * 3 + 1);
+    assert_eq!(echo_int(&mut p, "probe:t:requests"), 16 * 50 * 3 + 2);
+    assert_eq!(echo_int(&mut p, "probe:t:calls"), 16 * 50 * 3 + 4);
 }
 
 #[test]

@@ -134,8 +134,8 @@ impl KeyStats {
         self.uses.push((self.keys.len(), weight));
     }
 
-    /// The batch's uses, one entry per key (sorted by key), and forgets them.
-    fn take_uses(&mut self) -> Vec<(String, i64)> {
+    /// Calls `f` with the batch's uses, once per key (in key order), and forgets them.
+    fn drain_uses(&mut self, mut f: impl FnMut(&[u8], i64)) {
         let mut spans: Vec<(&[u8], i64)> = (0..self.uses.len())
             .map(|i| {
                 let (end, weight) = self.uses[i];
@@ -147,22 +147,15 @@ impl KeyStats {
             })
             .collect();
         spans.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        let out = spans
-            .chunk_by(|a, b| a.0 == b.0)
-            .map(|same| {
-                (
-                    String::from_utf8_lossy(same[0].0).into_owned(),
-                    same.iter().map(|u| u.1).sum(),
-                )
-            })
-            .collect();
+        for same in spans.chunk_by(|a, b| a.0 == b.0) {
+            f(same[0].0, same.iter().map(|u| u.1).sum());
+        }
         self.keys.clear();
         self.uses.clear();
-        out
     }
 
-    /// Adds the batch's uses to the shared counters, one addition per key, then, at a window
-    /// change, publishes the last window's tops.
+    /// Adds the batch's uses to the shared counters (effects of the call), one addition per
+    /// key, then, at a window change, publishes the last window's tops.
     fn flush(&mut self, fx: &mut Effects) {
         if self.uses.is_empty() {
             return;
@@ -170,11 +163,12 @@ impl KeyStats {
         let window = host::now_ms() / self.window_ms;
         let mut name = format!("{HOT}{window}:");
         let prefix = name.len();
-        for (key, uses) in self.take_uses() {
+        let ttl = self.window_ms * 3;
+        self.drain_uses(|key, uses| {
             name.truncate(prefix);
-            name.push_str(&key);
-            host::counter_add(&name, uses, self.window_ms * 3);
-        }
+            name.push_str(&String::from_utf8_lossy(key));
+            fx.counter_add(&name, uses, ttl);
+        });
         if window != self.window {
             self.window = window;
             self.publish(window, fx);
@@ -451,8 +445,13 @@ mod tests {
         ] {
             k.count(key.as_bytes(), weight);
         }
+        let drained = |k: &mut KeyStats| {
+            let mut out = Vec::new();
+            k.drain_uses(|key, n| out.push((String::from_utf8_lossy(key).into_owned(), n)));
+            out
+        };
         assert_eq!(
-            k.take_uses(),
+            drained(&mut k),
             vec![
                 (String::new(), 2),
                 ("a".to_string(), 48),
@@ -460,8 +459,8 @@ mod tests {
                 ("b".to_string(), 1)
             ]
         );
-        assert!(k.take_uses().is_empty(), "a batch is counted once");
+        assert!(drained(&mut k).is_empty(), "a batch is counted once");
         k.count(b"c", 3);
-        assert_eq!(k.take_uses(), vec![("c".to_string(), 3)]);
+        assert_eq!(drained(&mut k), vec![("c".to_string(), 3)]);
     }
 }

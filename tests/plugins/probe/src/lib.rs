@@ -24,8 +24,10 @@
 //! - `requests = false`: no request hook;
 //! - `bad_traffic = true`: a traffic metric that does not fit its metric (a latency on a counter).
 //!
-//! Every request-hook call adds 1 to the shared counter `calls` (a host call) and to the
-//! metric `calls_total{command}` (an effect). `ECHO probe:<tag>:calls` answers the counter.
+//! Every request-hook call adds 1 to the shared counter `calls` (a host call), and, unless
+//! `repeat`, to the metric `calls_total{command}` and the shared counter `requests` (effects,
+//! applied after the call); every response-hook call adds 1 to the shared counter `replies`
+//! (an effect). `ECHO probe:<tag>:calls` (`:requests`, `:replies`) answers the counter.
 use respire_sdk::{
     Category, Client, Command, Effects, KeyAccess, LimiterId, Manifest, Metric, MetricId, Plugin,
     Reply, RequestAction, ResponseAction, TrafficLabel, TrafficValue, host, reply,
@@ -183,10 +185,14 @@ impl Plugin for Probe {
         host::counter_add("calls", 1, 0);
         if !self.repeat {
             fx.inc(CALLS, &[cmd.name]);
+            fx.counter_add("requests", 1, 0);
         }
-        if cmd.name == "echo" && cmd.arg(0) == Some(format!("probe:{}:calls", self.tag).as_bytes())
-        {
-            return RequestAction::Respond(reply::int(host::counter_get("calls")));
+        if cmd.name == "echo" {
+            for counter in ["calls", "requests", "replies"] {
+                if cmd.arg(0) == Some(format!("probe:{}:{counter}", self.tag).as_bytes()) {
+                    return RequestAction::Respond(reply::int(host::counter_get(counter)));
+                }
+            }
         }
         if self.refuse_dangerous && cmd.is(Category::DANGEROUS) {
             if self.repeat {
@@ -243,6 +249,7 @@ impl Plugin for Probe {
             return ResponseAction::Continue;
         }
         fx.record(LATENCY, &[], r.elapsed_us() as f64 / 1e6);
+        fx.counter_add("replies", 1, 0);
         match r.value() {
             Some(reply::Value::Bulk(data)) => {
                 ResponseAction::Replace(reply::bulk(&[data, b"|", self.tag.as_bytes()].concat()))
