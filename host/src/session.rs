@@ -1360,12 +1360,12 @@ impl Session {
             // With plugins, a pipelined batch goes through the chain together: one call per
             // plugin for all of it. A command that changes what plugins see of the client
             // (AUTH, SELECT, CLIENT SETNAME …) ends the batch.
-            let mut batch: Vec<crate::stage::ResolvedCommand> = Vec::new();
-            // Whether the plugins see each command, found with its kind in the same lookup
-            // (which then goes with the command to the stage and to `handle_with`); and, while
-            // no command of the batch needs a request hook, their decisions (see `run_batch`).
-            let mut seen: Vec<bool> = Vec::new();
-            let mut pre: Option<Vec<PreDecision>> = Some(Vec::new());
+            // Each command with its decision when it needs no request hook (the plugins do
+            // not see it, or only their response side does: see `run_batch`), found with its
+            // kind in the same lookup (which then goes with the command to the stage and to
+            // `handle_with`); `None` for the stage to decide, once some command needs a hook.
+            let mut batch: crate::stage::Decided = Vec::new();
+            let mut to_stage = false;
             let mut bytes = 0;
             let table = self.worker.shared.commands;
             let set = self.worker.plugin_set();
@@ -1383,36 +1383,24 @@ impl Session {
                             // Not before a command is there: most reads end with none.
                             let hint = self.batch_hint.clamp(1, MAX_PLUGIN_BATCH);
                             batch.reserve_exact(hint);
-                            seen.reserve_exact(hint);
-                            if let Some(p) = pre.as_mut() {
-                                p.reserve_exact(hint);
-                            }
                         }
                         let res = table.resolve_again(&cmd, &mut self.last_command);
                         let kind = res.spec.kind;
-                        if !self.plugins_see(res.spec) {
-                            seen.push(false);
-                            if let Some(p) = pre.as_mut() {
-                                p.push(crate::stage::unseen());
-                            }
-                        } else if let Some(p) = pre.as_mut() {
-                            match crate::plugin::PluginSet::decide_without_chain(
+                        let decision = if !self.plugins_see(res.spec) {
+                            Some(crate::stage::unseen())
+                        } else if !to_stage {
+                            let d = crate::plugin::PluginSet::decide_without_chain(
                                 &set, &cmd, res.info, start,
-                            ) {
-                                Some(d) => {
-                                    seen.push(d.1.is_some());
-                                    p.push(d);
-                                }
-                                None => {
-                                    seen.push(true);
-                                    pre = None;
-                                }
-                            }
+                            );
+                            to_stage = d.is_none();
+                            d
+                        } else if set.any_sees(&cmd, res.info) {
+                            None
                         } else {
-                            seen.push(set.any_sees(&cmd, res.info));
-                        }
+                            Some(crate::stage::unseen())
+                        };
                         bytes += cmd.raw().len();
-                        batch.push((cmd, res));
+                        batch.push(((cmd, res), decision));
                         let ends = matches!(
                             kind,
                             Kind::Local(
@@ -1445,7 +1433,7 @@ impl Session {
                 break;
             }
             self.batch_hint = batch.len();
-            self.run_batch(batch, seen, pre);
+            self.run_batch(batch, to_stage);
         }
         self.held_back =
             self.pipeline_full() && (!self.inbuf.is_empty() || !self.deferred.is_empty());
@@ -1463,26 +1451,20 @@ impl Session {
     ///
     /// The hooks run in the worker's plugin stage, together with the other sessions' commands
     /// of this turn of the event loop: the session waits for the decisions (reading nothing
-    /// meanwhile), then handles the commands in order.
-    /// `seen`: whether the plugins see each command (see `plugins_see`); `pre`: every
-    /// command's decision when none needs a request hook (see
-    /// [`crate::plugin::PluginSet::decide_without_chain`]): the batch then goes on at once.
-    fn run_batch(
-        &mut self,
-        batch: Vec<crate::stage::ResolvedCommand>,
-        seen: Vec<bool>,
-        pre: Option<Vec<PreDecision>>,
-    ) {
+    /// meanwhile), then handles the commands in order. `to_stage`: some command has no
+    /// decision yet (its request hooks must run); otherwise the batch goes on at once (see
+    /// [`crate::plugin::PluginSet::decide_without_chain`]).
+    fn run_batch(&mut self, batch: crate::stage::Decided, to_stage: bool) {
         let worker = self.worker.clone();
-        if let Some(pre) = pre {
+        if !to_stage {
             self.pipelined = batch.len() > 1;
-            for (cmd, pre) in batch.into_iter().zip(pre) {
-                self.take_decided(cmd, Some(pre));
+            for (cmd, pre) in batch {
+                self.take_decided(cmd, pre);
             }
             return;
         }
         let client = self.plugin_client().clone();
-        self.verdicts = Some(worker.stage.submit_requests(client, batch, seen));
+        self.verdicts = Some(worker.stage.submit_requests(client, batch));
     }
 
     /// The plugin stage decided about a batch of this session's commands.

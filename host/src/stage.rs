@@ -48,15 +48,15 @@ pub fn unseen() -> PreDecision {
 /// A command read from a client with its entry in the command table, looked up once.
 pub type ResolvedCommand = (Command, Resolved<'static>);
 
-/// Commands back from the stage, each with the chain's decision when plugins saw it.
+/// A session's commands, each with its decision: made by the session when it needs no request
+/// hook, by the stage otherwise (`None` until then; one left `None` is decided when handled).
 pub type Decided = Vec<(ResolvedCommand, Option<PreDecision>)>;
 
-/// A session's commands for the request hooks, in order; `seen[i]`: whether plugins see
-/// command i (the others come back undecided).
+/// A session's commands for the request hooks, in order: those without a decision yet come
+/// back with the chain's (the others as they are).
 struct Requests {
     client: ClientHandle,
-    cmds: Vec<ResolvedCommand>,
-    seen: Vec<bool>,
+    cmds: Decided,
     done: Sender<Decided>,
 }
 
@@ -87,19 +87,11 @@ pub struct Stage {
 
 impl Stage {
     /// Hands commands over; their decisions (with the commands) arrive on the receiver.
-    pub fn submit_requests(
-        &self,
-        client: ClientHandle,
-        cmds: Vec<ResolvedCommand>,
-        seen: Vec<bool>,
-    ) -> Receiver<Decided> {
+    pub fn submit_requests(&self, client: ClientHandle, cmds: Decided) -> Receiver<Decided> {
         let (done, rx) = channel::oneshot();
-        self.requests.borrow_mut().push(Requests {
-            client,
-            cmds,
-            seen,
-            done,
-        });
+        self.requests
+            .borrow_mut()
+            .push(Requests { client, cmds, done });
         self.wake();
         rx
     }
@@ -187,46 +179,33 @@ pub async fn run(worker: Rc<Worker>) {
     }
 }
 
-fn run_requests(worker: &Rc<Worker>, subs: Vec<Requests>) {
+fn run_requests(worker: &Rc<Worker>, mut subs: Vec<Requests>) {
     let table = worker.shared.commands;
     let set = worker.plugin_set();
-    let mut decisions =
-        {
-            let batch: Vec<ChainRequest<'_>> =
-                subs.iter()
-                    .flat_map(|s| {
-                        s.cmds.iter().zip(&s.seen).filter(|(_, seen)| **seen).map(
-                            |((cmd, res), _)| ChainRequest {
-                                client: &s.client,
-                                cmd,
-                                info: res.info,
-                            },
-                        )
+    let decisions = {
+        let batch: Vec<ChainRequest<'_>> = subs
+            .iter()
+            .flat_map(|s| {
+                s.cmds
+                    .iter()
+                    .filter(|(_, d)| d.is_none())
+                    .map(|((cmd, res), _)| ChainRequest {
+                        client: &s.client,
+                        cmd,
+                        info: res.info,
                     })
-                    .collect();
-            worker
-                .plugins
-                .borrow_mut()
-                .on_requests(&set, table, &batch)
-                .into_iter()
-        };
-    for s in subs {
-        let out = s
-            .cmds
-            .into_iter()
-            .zip(s.seen)
-            .map(|(cmd, seen)| {
-                (
-                    cmd,
-                    if seen {
-                        decisions.next()
-                    } else {
-                        Some(unseen())
-                    },
-                )
             })
             .collect();
-        s.done.send(out);
+        worker.plugins.borrow_mut().on_requests(&set, table, &batch)
+    };
+    let mut decisions = decisions.into_iter();
+    for s in &mut subs {
+        for (_, d) in s.cmds.iter_mut().filter(|(_, d)| d.is_none()) {
+            *d = decisions.next();
+        }
+    }
+    for s in subs {
+        s.done.send(s.cmds);
     }
 }
 
