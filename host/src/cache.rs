@@ -167,8 +167,8 @@ pub struct Cache {
     next_id: AtomicU64,
     /// Serving: a plugin uses the cache and every master's tracking connection is up.
     active: AtomicBool,
-    /// Replies are kept only for keys under these prefixes (empty: every key).
-    prefixes: ArcSwap<Vec<Bytes>>,
+    /// Replies are kept only for keys under these prefixes (none: every key).
+    prefixes: ArcSwap<crate::prefixes::Prefixes>,
     max_memory: AtomicU64,
     /// Bumped each time a tracking connection is lost: the manager only turns serving on if no
     /// connection was lost since it found them all up.
@@ -182,7 +182,7 @@ impl Default for Cache {
             hasher: RandomState::new(),
             next_id: AtomicU64::new(1),
             active: AtomicBool::new(false),
-            prefixes: ArcSwap::from_pointee(Vec::new()),
+            prefixes: ArcSwap::from_pointee(crate::prefixes::Prefixes::default()),
             max_memory: AtomicU64::new(64 << 20),
             epoch: Mutex::new(0),
         }
@@ -190,8 +190,8 @@ impl Default for Cache {
 }
 
 /// Whether `key` is under one of `prefixes` (none: every key is).
-fn under(prefixes: &[Bytes], key: &[u8]) -> bool {
-    prefixes.is_empty() || prefixes.iter().any(|p| key.starts_with(p))
+fn under(prefixes: &crate::prefixes::Prefixes, key: &[u8]) -> bool {
+    prefixes.is_empty() || prefixes.covers(key)
 }
 
 /// Whether a reply counts as empty for `empty_ttl`.
@@ -455,7 +455,8 @@ impl Cache {
 
     /// Sets the prefixes replies are kept for and the memory bound.
     pub fn configure(&self, prefixes: Vec<Bytes>, max_memory: u64) {
-        self.prefixes.store(Arc::new(prefixes));
+        self.prefixes
+            .store(Arc::new(crate::prefixes::Prefixes::new(&prefixes)));
         self.max_memory.store(max_memory.max(1), Ordering::Relaxed);
     }
 

@@ -54,6 +54,7 @@ pub mod io;
 pub mod metrics;
 pub mod pause;
 pub mod plugin;
+pub mod prefixes;
 pub mod protocol;
 pub mod pubsub;
 pub mod router;

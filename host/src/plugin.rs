@@ -1079,7 +1079,8 @@ impl Runtime {
                 .iter()
                 .map(|c| c.to_ascii_lowercase())
                 .collect(),
-            key_prefixes: (!unscoped).then(|| KeyPrefixes::new(&manifest.key_prefixes)),
+            key_prefixes: (!unscoped)
+                .then(|| crate::prefixes::Prefixes::new(&manifest.key_prefixes)),
             all,
             category_bits: manifest
                 .categories
@@ -1157,7 +1158,7 @@ pub struct LoadedPlugin {
     pub manifest: Manifest,
     commands: rustc_hash::FxHashSet<String>,
     /// Only commands with a key under one of these (none: no filter).
-    key_prefixes: Option<KeyPrefixes>,
+    key_prefixes: Option<crate::prefixes::Prefixes>,
     all: bool,
     /// The categories it asked for, as bits.
     category_bits: u32,
@@ -1926,39 +1927,12 @@ impl InChain<'_> {
     }
 }
 
-/// A plugin's key prefixes (none empty), with the bytes they start with.
-struct KeyPrefixes {
-    list: Vec<Vec<u8>>,
-    /// Bit b: some prefix starts with byte b (most keys are ruled out by their first byte).
-    first: [u64; 4],
-}
-
-impl KeyPrefixes {
-    fn new(prefixes: &[String]) -> KeyPrefixes {
-        let mut first = [0u64; 4];
-        for p in prefixes {
-            if let Some(&b) = p.as_bytes().first() {
-                first[usize::from(b >> 6)] |= 1 << (b & 63);
-            }
-        }
-        KeyPrefixes {
-            list: prefixes.iter().map(|p| p.as_bytes().to_vec()).collect(),
-            first,
-        }
-    }
-
-    /// Whether `key` starts with one of the prefixes.
-    fn covers(&self, key: &[u8]) -> bool {
-        let Some(&b) = key.first() else {
-            return false;
-        };
-        self.first[usize::from(b >> 6)] & (1 << (b & 63)) != 0
-            && self.list.iter().any(|p| key.starts_with(p))
-    }
-}
-
 /// Whether one of a command's keys (as [`key_list`] numbers them) starts with one of `prefixes`.
-fn keys_under(prefixes: &KeyPrefixes, cmd: &crate::protocol::Command, keys: &[(u32, u8)]) -> bool {
+fn keys_under(
+    prefixes: &crate::prefixes::Prefixes,
+    cmd: &crate::protocol::Command,
+    keys: &[(u32, u8)],
+) -> bool {
     keys.iter()
         .any(|&(i, _)| cmd.arg(i as usize + 1).is_some_and(|k| prefixes.covers(k)))
 }
@@ -2733,22 +2707,6 @@ impl WorkerPlugins {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn key_prefixes_cover_the_keys_that_start_with_one() {
-        let p = super::KeyPrefixes::new(&["user:".into(), "u".into(), "\u{e9}t\u{e9}:".into()]);
-        for (key, covered) in [
-            (&b"user:1"[..], true),
-            (b"u", true),
-            (b"x", false),
-            (b"", false),
-            (b"\xc3\xa9t\xc3\xa9:1", true),
-            (b"\xc3\xa9", false),
-            (b"\xff", false),
-        ] {
-            assert_eq!(p.covers(key), covered, "{key:?}");
-        }
-    }
-
     #[test]
     fn the_contract_version_is_the_wit_package_version() {
         let wit = include_str!("../../wit/plugin.wit");
