@@ -1603,12 +1603,25 @@ impl Session {
             self.hooks.pop_front();
         }
         if count > 1 && self.hooks.front().is_some_and(|(s, _, _)| *s == seq) {
-            // Some of the group's replies owe hooks: one by one, each with its own.
-            let frames = (0..usize::from(count))
-                .map(|i| crate::backend::frame_at(&bytes, ends, i))
-                .collect::<Option<Vec<Bytes>>>()
-                .unwrap_or_else(|| split_frames(&bytes, usize::from(count)));
-            return self.emit_frames(seq, frames, errors);
+            // Some of the group's replies owe hooks: one by one, each with its own, cut where
+            // the backend counted them (or found again when it did not).
+            let ends = ends.get(..usize::from(count)).filter(|e| {
+                e.windows(2).all(|w| w[0] <= w[1])
+                    && e.last().is_some_and(|&l| l as usize <= bytes.len())
+            });
+            let Some(ends) = ends else {
+                let frames = split_frames(&bytes, usize::from(count));
+                return self.emit_frames(seq, frames, errors);
+            };
+            self.before_emitting(seq, errors);
+            let mut start = 0;
+            for (idx, &end) in ends.iter().enumerate() {
+                let end = end as usize;
+                let chain = self.hook_for(seq, idx);
+                self.emit_part(&bytes, start..end, chain);
+                start = end;
+            }
+            return;
         }
         if !self.after.is_empty() {
             self.run_after(seq, Some(&bytes));
@@ -1627,6 +1640,16 @@ impl Session {
     /// Writes the replies of a group's slot one by one, each after its response hooks.
     #[inline(never)]
     fn emit_frames(&mut self, seq: u64, frames: Vec<Bytes>, errors: u64) {
+        self.before_emitting(seq, errors);
+        for (idx, frame) in frames.into_iter().enumerate() {
+            let chain = self.hook_for(seq, idx);
+            self.emit_one(frame, chain);
+        }
+    }
+
+    /// What a slot's replies written one by one come after: its follow-ups and statistics,
+    /// and the hooks of earlier slots that had no reply to show.
+    fn before_emitting(&mut self, seq: u64, errors: u64) {
         if !self.after.is_empty() {
             self.run_after(seq, None);
         }
@@ -1636,17 +1659,18 @@ impl Session {
         while self.hooks.front().is_some_and(|(s, _, _)| *s < seq) {
             self.hooks.pop_front();
         }
-        for (idx, frame) in frames.into_iter().enumerate() {
-            let chain = if self
-                .hooks
-                .front()
-                .is_some_and(|(s, i, _)| *s == seq && usize::from(*i) == idx)
-            {
-                self.hooks.pop_front().map(|(_, _, c)| c)
-            } else {
-                None
-            };
-            self.emit_one(frame, chain);
+    }
+
+    /// The response hooks owed for reply `idx` of slot `seq`, if any.
+    fn hook_for(&mut self, seq: u64, idx: usize) -> Option<Box<ResponseChain>> {
+        if self
+            .hooks
+            .front()
+            .is_some_and(|(s, i, _)| *s == seq && usize::from(*i) == idx)
+        {
+            self.hooks.pop_front().map(|(_, _, c)| c)
+        } else {
+            None
         }
     }
 
@@ -1661,6 +1685,27 @@ impl Session {
             return;
         }
         self.out.extend_from_slice(&bytes);
+    }
+
+    /// [`Session::emit_one`] for the reply at `at` in a group's bytes (cut out only when it is
+    /// held or copied for a hook).
+    fn emit_part(
+        &mut self,
+        group: &Bytes,
+        at: std::ops::Range<usize>,
+        mut chain: Option<Box<ResponseChain>>,
+    ) {
+        let Some(reply) = group.get(at.clone()) else {
+            return;
+        };
+        if let Some(c) = chain.take() {
+            chain = self.triage_reply(c, reply, || group.slice(at.clone()));
+        }
+        if chain.is_some() || !self.staged.is_empty() || self.hooked.is_some() {
+            self.staged.push((group.slice(at), chain));
+            return;
+        }
+        self.out.extend_from_slice(reply);
     }
 
     /// A frame that is not a reply (a pub/sub message, a tracking invalidation): written
