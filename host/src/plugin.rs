@@ -1888,8 +1888,8 @@ fn key_list(
 /// A command on its way through the request chain.
 struct InChain<'a> {
     client: &'a ClientHandle,
-    /// Its lower-case name.
-    name: std::borrow::Cow<'a, str>,
+    /// Its lower-case name, once needed.
+    name: Option<std::borrow::Cow<'a, str>>,
     /// Boxed: rare, and an item of every batch carries the field.
     rewritten: Option<Box<crate::protocol::Command>>,
     original: &'a crate::protocol::Command,
@@ -1903,7 +1903,13 @@ struct InChain<'a> {
     keys: Option<SmallVec<[(u32, u8); 2]>>,
 }
 
-impl InChain<'_> {
+impl<'a> InChain<'a> {
+    /// Its lower-case name, found when first needed (once per run of like commands).
+    fn name(&mut self) -> &str {
+        let (cmd, info) = (self.original, self.info);
+        self.name.get_or_insert_with(|| lower_name(cmd, info))
+    }
+
     fn cmd(&self) -> &crate::protocol::Command {
         self.rewritten.as_deref().unwrap_or(self.original)
     }
@@ -2128,7 +2134,9 @@ fn apply_action<'a, B>(
                 let new = crate::protocol::Command::from_args(&new_args);
                 // The table outlives the batch: look the new command up there.
                 it.info = table.get(&new);
-                it.name = std::borrow::Cow::Owned(String::from_utf8_lossy(n).to_ascii_lowercase());
+                it.name = Some(std::borrow::Cow::Owned(
+                    String::from_utf8_lossy(n).to_ascii_lowercase(),
+                ));
                 it.rewritten = Some(Box::new(new));
                 it.keys = None;
             }
@@ -2184,7 +2192,7 @@ impl WorkerPlugins {
             .iter()
             .map(|r| InChain {
                 client: r.client,
-                name: lower_name(r.cmd, r.info),
+                name: None,
                 rewritten: None,
                 original: r.cmd,
                 info: r.info,
@@ -2226,9 +2234,11 @@ impl WorkerPlugins {
                 let (asks, serves) = match last {
                     Some((_, _, asks, serves)) if same => (asks, serves),
                     _ => {
+                        let categories = it.info.map_or(0, |i| i.category_bits);
+                        let name = it.name();
                         let serves = !plugin.manifest.serves.is_empty()
-                            && plugin.manifest.serves.iter().any(|v| *v == *it.name);
-                        let asks = plugin.wants(&it.name, it.info.map_or(0, |i| i.category_bits));
+                            && plugin.manifest.serves.iter().any(|v| *v == *name);
+                        let asks = plugin.wants(name, categories);
                         (asks, serves)
                     }
                 };
