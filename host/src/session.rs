@@ -2133,8 +2133,12 @@ impl Session {
             return;
         }
         let now = self.now();
-        // Commands of one batch share their start: their time is worked out once.
+        let threshold = self.worker.shared.slowlog.threshold();
+        let slow_from = (self.slowlog && threshold >= 0).then_some(threshold as u128);
+        // Commands of one batch share their start: their time is worked out once, and a run
+        // of one command that fared alike (a pipeline's) is counted at once.
         let mut last: Option<(Instant, Duration)> = None;
+        let mut run: Option<(u16, bool, Duration, u64)> = None;
         while self.stats.front().is_some_and(|s| s.seq <= seq) {
             let Some(s) = self.stats.pop_front() else {
                 break;
@@ -2148,11 +2152,20 @@ impl Session {
                     elapsed
                 }
             };
-            self.worker.stats.record(s.id, error, elapsed);
-            let threshold = self.worker.shared.slowlog.threshold();
-            if self.slowlog && threshold >= 0 && elapsed.as_micros() >= threshold as u128 {
+            match &mut run {
+                Some((id, e, d, n)) if *id == s.id && *e == error && *d == elapsed => *n += 1,
+                _ => {
+                    if let Some((id, e, d, n)) = run.replace((s.id, error, elapsed, 1)) {
+                        self.worker.stats.record_n(id, e, d, n);
+                    }
+                }
+            }
+            if slow_from.is_some_and(|from| elapsed.as_micros() >= from) {
                 self.log_slow(s, elapsed);
             }
+        }
+        if let Some((id, e, d, n)) = run {
+            self.worker.stats.record_n(id, e, d, n);
         }
     }
 

@@ -88,12 +88,17 @@ impl WorkerStats {
 
     /// Counts a reply to command `id` (its number in the command table, or [`OTHER`]).
     pub fn record(&self, id: u16, error: bool, elapsed: Duration) {
+        self.record_n(id, error, elapsed, 1);
+    }
+
+    /// Counts `n` replies to command `id` that took the same time.
+    pub fn record_n(&self, id: u16, error: bool, elapsed: Duration, n: u64) {
         let i = self.slot(id);
-        bump(&self.calls[i * 2 + usize::from(error)], 1);
+        bump(&self.calls[i * 2 + usize::from(error)], n);
         let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
-        bump(&self.sum_ns[i], ns);
+        bump(&self.sum_ns[i], ns.saturating_mul(n));
         let b = BOUNDS_NS.partition_point(|&bound| bound < ns);
-        bump(&self.buckets[i * (BOUNDS_NS.len() + 1) + b], 1);
+        bump(&self.buckets[i * (BOUNDS_NS.len() + 1) + b], n);
     }
 
     /// Counts bytes read from and written to clients.
