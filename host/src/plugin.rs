@@ -314,23 +314,11 @@ impl PluginCtx {
         }
     }
 
-    /// Applies a hook's counter changes, in order (a key that is not a range of the keys'
-    /// bytes is skipped).
+    /// Applies a hook's counter changes, in order.
     fn add_to_counters(&self, c: &CounterChanges) {
-        let mut start = 0;
         let now = std::time::Instant::now();
-        for ((&end, &delta), &ttl) in c.key_ends.iter().zip(&c.deltas).zip(&c.ttls_ms) {
-            let end = end as usize;
-            if let Some(key) = c.keys.get(start..end) {
-                self.state.counter_add_at(
-                    &self.name,
-                    &String::from_utf8_lossy(key),
-                    delta,
-                    Duration::from_millis(ttl),
-                    now,
-                );
-            }
-            start = end;
+        for (key, delta, ttl) in counter_changes(c) {
+            self.state.counter_add_at(&self.name, &key, delta, ttl, now);
         }
     }
 
@@ -562,6 +550,28 @@ impl LocalMetrics {
             }
         }
     }
+}
+
+/// A hook's counter changes as (key, delta, time to live). A key that is not a range of the
+/// keys' bytes is skipped; lists of different lengths are cut to the shortest.
+fn counter_changes(
+    c: &CounterChanges,
+) -> impl Iterator<Item = (std::borrow::Cow<'_, str>, i64, Duration)> {
+    let mut start = 0;
+    c.key_ends
+        .iter()
+        .zip(&c.deltas)
+        .zip(&c.ttls_ms)
+        .filter_map(move |((&end, &delta), &ttl)| {
+            let end = end as usize;
+            let key = c.keys.get(start..end);
+            start = end;
+            Some((
+                String::from_utf8_lossy(key?),
+                delta,
+                Duration::from_millis(ttl),
+            ))
+        })
 }
 
 /// The error a client gets when a bucket is empty (`wait`: ms until it has enough tokens;
@@ -2717,6 +2727,28 @@ impl WorkerPlugins {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn counter_changes_skip_what_does_not_fit() {
+        let c = super::CounterChanges {
+            keys: b"hits:ahits:b".to_vec(),
+            key_ends: vec![6, 3, 12, 99, 12],
+            deltas: vec![1, 2, 3, 4, 5, 6],
+            ttls_ms: vec![10, 20, 30, 40, 50],
+        };
+        let got: Vec<(String, i64, u128)> = super::counter_changes(&c)
+            .map(|(k, d, t)| (k.into_owned(), d, t.as_millis()))
+            .collect();
+        // 6..3 runs backwards and 12..99 past the end: skipped, and each next key starts where
+        // the skipped one said it ended (3..12, then 99..12: skipped); the sixth delta has no end.
+        assert_eq!(
+            got,
+            vec![
+                ("hits:a".to_string(), 1, 10),
+                ("s:ahits:b".to_string(), 3, 30)
+            ]
+        );
+    }
+
     #[test]
     fn the_contract_version_is_the_wit_package_version() {
         let wit = include_str!("../../wit/plugin.wit");
