@@ -4,8 +4,9 @@
 //! configuration and says what it wants to see (commands, categories, hooks) and
 //! what it records (metrics, token buckets); the hooks it does not override let
 //! every command through. Hooks return a decision and may add [`Effects`] (tokens
-//! to take, metric changes) that respire applies after the call, which is cheaper
-//! than calling the [`host`] once per effect. [`export_plugin!`] turns it into the
+//! to take, metric changes, additions to shared counters) that respire applies after
+//! the call, which is cheaper than calling the [`host`] once per effect; after a batch
+//! of replies, [`Plugin::after_responses`] may add what the hook gathered in one go. [`export_plugin!`] turns it into the
 //! component respire loads. Build it for `wasm32-wasip2` and drop the `.wasm`
 //! file into respire's plugin folder.
 //!
