@@ -295,6 +295,11 @@ impl RequestParser {
                         Inline::Command(cmd) => return Ok(Some(cmd)),
                     }
                 }
+                // Most requests arrive whole and plainly written: one pass over them.
+                if let Some((spans, end)) = plain_request(buf, limits, authenticated) {
+                    let raw = buf.split_to(end).freeze();
+                    return Ok(Some(Command { raw, spans }));
+                }
                 // Multibulk header.
                 let (count, eol) = match int_line(buf, 1) {
                     Line::Int(n, eol) => (n, eol),
@@ -383,6 +388,69 @@ impl RequestParser {
             }));
         }
     }
+}
+
+/// A request at the start of `buf` that has fully arrived and is plainly written: at most
+/// [`INLINE_ARGS`] arguments, every length canonical digits within the limits and below
+/// [`BIG_ARG`]. Its arguments' spans and its length; `None` for anything else, which the
+/// state machine of [`RequestParser::parse`] then reads (and refuses, when it must).
+#[inline]
+fn plain_request(
+    buf: &[u8],
+    limits: &RequestLimits,
+    authenticated: bool,
+) -> Option<(SmallVec<[Span; INLINE_ARGS]>, usize)> {
+    let (count, mut pos) = plain_number(buf, 1)?;
+    if count == 0
+        || count > INLINE_ARGS
+        || count > limits.max_args
+        || (count as i64 > UNAUTH_MAX_ARGS && !authenticated)
+    {
+        return None;
+    }
+    let mut spans = SmallVec::new();
+    for _ in 0..count {
+        if *buf.get(pos)? != b'$' {
+            return None;
+        }
+        let (len, start) = plain_number(buf, pos + 1)?;
+        if len >= BIG_ARG
+            || len > limits.max_bulk
+            || (len as i64 > UNAUTH_MAX_BULK && !authenticated)
+        {
+            return None;
+        }
+        let end = start + len;
+        // Like Redis, the two bytes after the payload are skipped unchecked.
+        if end + 2 > buf.len() || end + 2 > MAX_FRAME {
+            return None;
+        }
+        spans.push((start as u32, end as u32));
+        pos = end + 2;
+    }
+    Some((spans, pos))
+}
+
+/// A number of at most 9 canonical digits at `buf[from..]` ended by `\r\n`, and where the
+/// next line starts.
+#[inline(always)]
+fn plain_number(buf: &[u8], from: usize) -> Option<(usize, usize)> {
+    let digits = buf.get(from..)?;
+    let mut v = 0usize;
+    let mut i = 0;
+    while let Some(&c) = digits.get(i) {
+        if !c.is_ascii_digit() {
+            break;
+        }
+        v = v * 10 + usize::from(c - b'0');
+        i += 1;
+        if i > 9 {
+            return None;
+        }
+    }
+    let canonical = i > 0 && (digits[0] != b'0' || i == 1);
+    (canonical && digits.get(i) == Some(&b'\r') && digits.get(i + 1) == Some(&b'\n'))
+        .then_some((v, from + i + 2))
 }
 
 enum Inline {
