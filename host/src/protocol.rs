@@ -390,8 +390,11 @@ impl RequestParser {
     }
 }
 
+/// Most arguments a request read by [`plain_request`] has.
+const PLAIN_MAX_ARGS: usize = 1024;
+
 /// A request at the start of `buf` that has fully arrived and is plainly written: at most
-/// [`INLINE_ARGS`] arguments, every length canonical digits within the limits and below
+/// [`PLAIN_MAX_ARGS`] arguments, every length canonical digits within the limits and below
 /// [`BIG_ARG`]. Its arguments' spans and its length; `None` for anything else, which the
 /// state machine of [`RequestParser::parse`] then reads (and refuses, when it must).
 #[inline]
@@ -402,13 +405,20 @@ fn plain_request(
 ) -> Option<(SmallVec<[Span; INLINE_ARGS]>, usize)> {
     let (count, mut pos) = plain_number(buf, 1)?;
     if count == 0
-        || count > INLINE_ARGS
+        || count > PLAIN_MAX_ARGS
         || count > limits.max_args
         || (count as i64 > UNAUTH_MAX_ARGS && !authenticated)
     {
         return None;
     }
+    // A request cannot have more arguments than bytes left (each takes at least 6).
+    if count > buf.len() / 6 {
+        return None;
+    }
     let mut spans = SmallVec::new();
+    if count > INLINE_ARGS {
+        spans.reserve_exact(count);
+    }
     for _ in 0..count {
         if *buf.get(pos)? != b'$' {
             return None;
