@@ -1675,20 +1675,14 @@ impl Session {
     }
 
     /// Writes one reply after the response hooks owed for it (held while they run).
-    fn emit_one(&mut self, bytes: Bytes, mut chain: Option<Box<ResponseChain>>) {
-        if let Some(c) = chain.take() {
-            chain = self.triage_reply(c, &bytes, || bytes.clone());
-        }
-        if chain.is_some() || !self.staged.is_empty() || self.hooked.is_some() {
-            // Held until the replies ready now are all in, so the hooks run on them together.
-            self.staged.push((bytes, chain));
-            return;
-        }
-        self.out.extend_from_slice(&bytes);
+    fn emit_one(&mut self, bytes: Bytes, chain: Option<Box<ResponseChain>>) {
+        let all = 0..bytes.len();
+        self.emit_part(&bytes, all, chain);
     }
 
-    /// [`Session::emit_one`] for the reply at `at` in a group's bytes (cut out only when it is
-    /// held or copied for a hook).
+    /// Writes the reply at `at` in `group` after the response hooks owed for it (held while
+    /// they run, with the replies ready now, so that the hooks run on them together); the
+    /// reply is cut out of the group only when it is held or copied for a hook.
     fn emit_part(
         &mut self,
         group: &Bytes,
