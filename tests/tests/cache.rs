@@ -511,10 +511,21 @@ fn a_node_down_for_a_while_is_logged_once_and_cached_again_when_back() {
     );
     let mut p = Raw::connect(proxy.port);
     assert_eq!(text(&mut p, &[b"SET", b"user:back", b"v"]), "+OK\r\n");
-    assert_eq!(text(&mut p, &[b"GET", b"user:back"]), "$1\r\nv\r\n");
+    // The SET's own invalidation comes back on the tracking connection and may land after the
+    // next GET filled the cache (dropping that reply, as it should): a later GET is a hit.
     let hits = metric(mport, "respire_cache_hits_total");
-    assert_eq!(text(&mut p, &[b"GET", b"user:back"]), "$1\r\nv\r\n");
-    assert_eq!(metric(mport, "respire_cache_hits_total") - hits, 1.0);
+    let start = std::time::Instant::now();
+    while metric(mport, "respire_cache_hits_total") == hits
+        && start.elapsed() < Duration::from_secs(5)
+    {
+        assert_eq!(text(&mut p, &[b"GET", b"user:back"]), "$1\r\nv\r\n");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        metric(mport, "respire_cache_hits_total") > hits,
+        "never served from the cache again: {}",
+        proxy.log()
+    );
 }
 
 #[test]
