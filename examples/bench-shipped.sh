@@ -57,7 +57,7 @@ start_respire() { # VAR NAME [respire flags…] — starts respire, sets VAR to 
 start_respire plain_port plain
 start_respire all_port all --plugins "$work/all"
 start_respire cache_port cache --plugins "$work/cache"
-# The cache serves once its tracking connection is up.
+# The cache serves once its tracking connection is up (the first reads it is asked to keep open it).
 sleep 1
 
 declare -A results

@@ -13,7 +13,8 @@
 //! - A write by anyone else is reported by Redis itself: [`crate::invalidation`] keeps a connection per
 //!   node with `CLIENT TRACKING on BCAST` (over the plugins' prefixes) and drops what it
 //!   names. The cache serves only while every master's tracking connection is up; when one
-//!   drops, everything is flushed before the next lookup.
+//!   drops, everything is flushed before the next lookup. The connections are open only while
+//!   plugins ask the cache to keep reads ([`Cache::asked`], `response_cache_idle`).
 //! - A miss puts a *pending* entry in place before the request goes to Redis; an
 //!   invalidation removes it, and the reply is then passed on but not kept. So a write that
 //!   lands between a read and its reply never leaves the read's old value in the cache.
@@ -93,7 +94,7 @@ static STATS: LazyLock<Stats> = LazyLock::new(|| {
         ),
         active: int_gauge(
             "respire_cache_active",
-            "1 when the response cache serves (a plugin uses it and every tracking connection is up)",
+            "1 when the response cache serves (a plugin uses it, it was asked for within response_cache_idle, and every tracking connection is up)",
         ),
     }
 });
@@ -173,6 +174,9 @@ pub struct Cache {
     /// Bumped each time a tracking connection is lost: the manager only turns serving on if no
     /// connection was lost since it found them all up.
     epoch: Mutex<u64>,
+    /// A plugin asked to cache a read since the tracking manager last looked: the cache is in
+    /// use (see [`Cache::asked`]).
+    asked: AtomicBool,
 }
 
 impl Default for Cache {
@@ -185,6 +189,7 @@ impl Default for Cache {
             prefixes: ArcSwap::from_pointee(crate::prefixes::Prefixes::default()),
             max_memory: AtomicU64::new(64 << 20),
             epoch: Mutex::new(0),
+            asked: AtomicBool::new(false),
         }
     }
 }
@@ -431,6 +436,24 @@ impl Cache {
             self.flush();
             STATS.active.set(i64::from(on));
         }
+    }
+
+    /// A plugin asked to cache a read (served or not). The tracking connections are open only
+    /// while the cache is asked for (`response_cache_idle`): true when the cache is not serving
+    /// and this is the first ask since the manager last looked, so that the caller wakes it
+    /// rather than leaving it to its next round. One load of a flag shared by the workers, and
+    /// a store at most once per round.
+    pub fn asked(&self) -> bool {
+        if self.asked.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.asked.store(true, Ordering::Relaxed);
+        !self.is_active()
+    }
+
+    /// Whether the cache was asked for since the last call (the tracking manager's round).
+    pub fn take_asked(&self) -> bool {
+        self.asked.swap(false, Ordering::Relaxed)
     }
 
     /// The count of lost tracking connections so far.

@@ -81,6 +81,13 @@ pub struct Config {
     /// Where compiled plugins are kept so that restarts do not recompile them; `""` turns the
     /// cache off. Default: `$XDG_CACHE_HOME/respire/plugins` (or `~/.cache/respire/plugins`).
     pub plugin_cache: Option<PathBuf>,
+    /// How long the response cache (which plugins drive) stays on after a plugin last asked it
+    /// to cache a read. Then its tracking connections close, so that Redis stops matching every
+    /// write against the plugins' prefixes, and the cache empties; the next read a plugin asks
+    /// to cache opens them again (that read and those sent before they are up go to Redis
+    /// uncached). "0s": on from the start, while a plugin uses the cache. Default: "60s".
+    #[serde(with = "humantime_serde")]
+    pub response_cache_idle: Duration,
     /// Address of the HTTP endpoint serving `/metrics` (Prometheus) and `/health`. Default: none.
     pub metrics: Option<String>,
     /// Commands slower than this many microseconds (from respire reading them to their reply)
@@ -412,6 +419,7 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(10),
             plugins: None,
             plugin_cache: None,
+            response_cache_idle: Duration::from_secs(60),
             metrics: None,
             slowlog_log_slower_than: 10_000,
             slowlog_max_len: 128,

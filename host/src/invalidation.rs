@@ -4,7 +4,9 @@
 //! A thread keeps one connection per master (and per replica when reads may go to replicas)
 //! with `CLIENT TRACKING on BCAST [PREFIX …]`
 //! over RESP3: over the plugins' prefixes while only the cache needs them, over every key
-//! while a client tracks. Their invalidation pushes drop cached replies
+//! while a client tracks. The cache needs them while plugins ask it to keep reads: from the
+//! first such read until `response_cache_idle` passes without one (tracking makes Redis match
+//! every write against the prefixes, cached key or not). Their invalidation pushes drop cached replies
 //! ([`crate::cache::Cache::invalidate`]) and reach tracking clients
 //! ([`crate::tracking::Tracking::changed`]).
 //!
@@ -190,6 +192,11 @@ pub fn track(shared: Arc<Shared>) {
         let mut current: Option<Want> = None;
         let cache = shared.cache.clone();
         let replica_reads = shared.config.backend.read_from != crate::config::ReadFrom::Master;
+        let idle = shared.config.response_cache_idle;
+        // When a plugin last asked the cache to keep a read.
+        let mut last_asked: Option<Instant> = None;
+        // The cache went off for being idle (its coming back is not news).
+        let mut idled = false;
         // A fence round under way: when it started, its number.
         let mut fence: Option<(Instant, u64)> = None;
         let mut round = 0u64;
@@ -199,8 +206,17 @@ pub fn track(shared: Arc<Shared>) {
                 _ = shared.tracking.wake.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
-            let cache_want = crate::cache::wanted(&shared.plugins.load());
             let clients = shared.tracking.wanted();
+            let now = Instant::now();
+            if cache.take_asked() {
+                last_asked = Some(now);
+            }
+            // The cache is in use while plugins ask it to keep reads; while clients track, the
+            // connections cover every key anyway, and it rides on them.
+            let in_use = idle.is_zero()
+                || clients
+                || last_asked.is_some_and(|t| now.saturating_duration_since(t) < idle);
+            let cache_want = crate::cache::wanted(&shared.plugins.load()).filter(|_| in_use);
             let want = (cache_want.is_some() || clients).then_some(Want {
                 cache: cache_want,
                 clients,
@@ -218,12 +234,27 @@ pub fn track(shared: Arc<Shared>) {
                 if new_cache != old_cache {
                     if let Some((prefixes, max_memory)) = &new_cache {
                         cache.configure(prefixes.clone(), *max_memory);
-                        tracing::info!(
-                            prefixes = prefixes.len(),
-                            max_memory,
-                            "response cache on; opening tracking connections"
-                        );
+                        if idled {
+                            tracing::debug!("response cache asked for again; opening tracking connections");
+                        } else {
+                            tracing::info!(
+                                prefixes = prefixes.len(),
+                                max_memory,
+                                "response cache on; opening tracking connections"
+                            );
+                        }
+                    } else if old_cache.is_some() && !in_use {
+                        // Said once; it may come and go with the traffic.
+                        if std::mem::replace(&mut idled, true) {
+                            tracing::debug!("response cache idle; tracking connections closed");
+                        } else {
+                            tracing::info!(
+                                idle = ?idle,
+                                "response cache off until a plugin asks for it again (not asked for within response_cache_idle); tracking connections closed"
+                            );
+                        }
                     } else if old_cache.is_some() {
+                        idled = false;
                         tracing::info!("response cache off (no plugin uses it)");
                     }
                 }

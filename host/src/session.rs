@@ -2306,6 +2306,10 @@ impl Session {
         if self.worker.shared.tracking.clients() > 0 {
             self.track_write(&cmd, res);
         }
+        if cache_for.is_some() && self.worker.shared.cache.asked() {
+            // The cache is idle: its tracking connections open now, and reads after are cached.
+            self.worker.shared.tracking.wake.notify_one();
+        }
         if !self.worker.shared.cache.is_active() {
             return self.with_hook(chain, |s| s.dispatch_groupable(cmd, res));
         }

@@ -46,6 +46,10 @@ fn cached_proxy_args(
         "0",
     ]);
     let proxy = Respire::start_args(&args);
+    // The cache opens its tracking connections when a plugin first asks it to keep a read
+    // (`response_cache_idle`): that read goes to Redis uncached.
+    let mut p = Raw::connect(proxy.port);
+    assert_eq!(text(&mut p, &[b"GET", b"user:first-read"]), "$-1\r\n");
     wait_metric(
         port,
         "respire_cache_active",
@@ -53,6 +57,18 @@ fn cached_proxy_args(
         "the cache to start serving",
     );
     (proxy, port, dir)
+}
+
+/// The id of respire's tracking connection in Redis's `CLIENT LIST` (flag `t`), if any.
+fn tracking_client(direct: &mut Raw) -> Option<String> {
+    let list = text(direct, &[b"CLIENT", b"LIST"]);
+    list.lines()
+        .find(|l| {
+            l.split(' ')
+                .any(|f| f.starts_with("flags=") && f.contains('t'))
+        })
+        .and_then(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .map(str::to_string)
 }
 
 const USERS: &str = r#"
@@ -430,16 +446,7 @@ fn a_lost_tracking_connection_flushes_the_cache() {
     assert_eq!(text(&mut p, &[b"GET", b"user:t"]), "$2\r\nv1\r\n");
     let flushes = metric(mport, "respire_cache_flushes_total");
     // Kill respire's tracking connection (flag t in CLIENT LIST).
-    let list = text(&mut direct, &[b"CLIENT", b"LIST"]);
-    let id = list
-        .lines()
-        .find(|l| {
-            l.split(' ')
-                .any(|f| f.starts_with("flags=") && f.contains('t'))
-        })
-        .and_then(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
-        .unwrap_or_else(|| panic!("no tracking connection in {list}"))
-        .to_string();
+    let id = tracking_client(&mut direct).expect("respire's tracking connection on Redis");
     assert_eq!(
         text(&mut direct, &[b"CLIENT", b"KILL", b"ID", id.as_bytes()]),
         ":1\r\n"
@@ -510,7 +517,20 @@ fn a_node_down_for_a_while_is_logged_once_and_cached_again_when_back() {
         proxy.log()
     );
     let mut p = Raw::connect(proxy.port);
-    assert_eq!(text(&mut p, &[b"SET", b"user:back", b"v"]), "+OK\r\n");
+    // The data connections come back on their own backoff (the first read, made when respire
+    // started, opened them before the node went down): until then writes are refused.
+    let start = Instant::now();
+    loop {
+        let got = text(&mut p, &[b"SET", b"user:back", b"v"]);
+        if got == "+OK\r\n" {
+            break;
+        }
+        assert!(
+            got.starts_with("-ERR respire: backend") && start.elapsed() < Duration::from_secs(10),
+            "{got}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // The SET's own invalidation comes back on the tracking connection and may land after the
     // next GET filled the cache (dropping that reply, as it should): a later GET is a hit.
     let hits = metric(mport, "respire_cache_hits_total");
@@ -680,4 +700,100 @@ fn empty_replies_are_cached_only_when_asked_and_settings_reload_live() {
     // Redis now reports writes under the new prefix.
     assert_eq!(text(&mut direct, &[b"SET", b"item:1", b"j"]), "+OK\r\n");
     until(&mut p, &[b"GET", b"item:1"], "$1\r\nj\r\n");
+}
+
+/// Tracking costs Redis on every write (it matches each written key against the cached
+/// prefixes): while no plugin asks the cache to keep a read, respire holds no tracking
+/// connection. The first such read opens them, the cache serves while reads come, and after
+/// `response_cache_idle` without one they close and the cache empties — so a write Redis could
+/// not report meanwhile is never hidden by an old reply.
+#[test]
+fn an_idle_cache_holds_no_tracking_connection_and_opens_one_when_asked() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        shipped_plugin("cache_policy"),
+        dir.path().join("cache-policy.wasm"),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("cache-policy.toml"), USERS).unwrap();
+    let cfg = dir.path().join("respire.toml");
+    std::fs::write(&cfg, "response_cache_idle = \"1500ms\"\n").unwrap();
+    let mport = respire_tests::free_port();
+    let metrics = format!("127.0.0.1:{mport}");
+    let proxy = Respire::start_args(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--backend",
+        &redis.addr(),
+        "--plugins",
+        dir.path().to_str().unwrap(),
+        "--metrics",
+        &metrics,
+    ]);
+    let mut p = Raw::connect(proxy.port);
+    let mut direct = Raw::connect(redis.port);
+    // Writes and reads the plugin does not cache leave it off.
+    for _ in 0..20 {
+        assert_eq!(text(&mut p, &[b"SET", b"user:1", b"v1"]), "+OK\r\n");
+        assert_eq!(text(&mut p, &[b"GET", b"other"]), "$-1\r\n");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(metric(mport, "respire_cache_active"), 0.0);
+    assert_eq!(tracking_client(&mut direct), None);
+
+    // A read the plugin caches is answered (by Redis) and turns the cache on.
+    assert_eq!(text(&mut p, &[b"GET", b"user:1"]), "$2\r\nv1\r\n");
+    wait_metric(
+        mport,
+        "respire_cache_active",
+        |v| v == 1.0,
+        "the cache to start serving",
+    );
+    assert!(tracking_client(&mut direct).is_some());
+    until_cached(&mut p, mport, &[b"GET", b"user:1"], "$2\r\nv1\r\n");
+
+    // Reads keep it on past the idle time.
+    for _ in 0..30 {
+        assert_eq!(text(&mut p, &[b"GET", b"user:1"]), "$2\r\nv1\r\n");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(metric(mport, "respire_cache_active"), 1.0);
+
+    // Without them it goes off, and Redis no longer tracks for it.
+    let hits = metric(mport, "respire_cache_hits_total");
+    wait_metric(
+        mport,
+        "respire_cache_active",
+        |v| v == 0.0,
+        "the idle cache to go off",
+    );
+    let start = Instant::now();
+    while tracking_client(&mut direct).is_some() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "respire's tracking connection is still open on Redis"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(metric(mport, "respire_cache_entries"), 0.0);
+    // A write respire cannot hear of now: the next read is Redis's answer, not the old reply.
+    assert_eq!(text(&mut direct, &[b"SET", b"user:1", b"v2"]), "+OK\r\n");
+    assert_eq!(text(&mut p, &[b"GET", b"user:1"]), "$2\r\nv2\r\n");
+    assert_eq!(metric(mport, "respire_cache_hits_total"), hits);
+    // That read turned it on again.
+    wait_metric(
+        mport,
+        "respire_cache_active",
+        |v| v == 1.0,
+        "the cache to serve again",
+    );
+    until_cached(&mut p, mport, &[b"GET", b"user:1"], "$2\r\nv2\r\n");
+    let log = proxy.log();
+    assert_eq!(
+        log.matches("response cache off until a plugin asks for it again")
+            .count(),
+        1,
+        "{log}"
+    );
 }
