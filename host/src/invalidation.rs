@@ -162,8 +162,19 @@ impl Link {
 /// Reads, on the calling thread, what every tracking connection that serves clients holds:
 /// a session calls it before handing a write's reply to its client (see the module's doc).
 pub fn sync(shared: &Shared) {
+    drain_where(shared, |want| want.clients);
+}
+
+/// Reads, on the calling thread, what the cache's tracking connections hold: a session calls
+/// it before its first lookup after the cache came on, once the replies of what it sent before
+/// (writes the cache did not follow) are in — their invalidations are then in these sockets.
+pub fn sync_cache(shared: &Shared) {
+    drain_where(shared, |want| want.cache.is_some());
+}
+
+fn drain_where(shared: &Shared, serves: impl Fn(&Want) -> bool) {
     let links = shared.tracking.links();
-    for link in links.iter().filter(|l| l.want.clients) {
+    for link in links.iter().filter(|l| serves(&l.want)) {
         let _ = link.drain(shared, None);
         if link.tls {
             link.rearm.notify_one();

@@ -757,6 +757,9 @@ pub struct Session {
     /// Writes in `after` not answered yet: reads bypass the cache meanwhile (a client must
     /// see its own writes, even pipelined).
     writes_in_flight: usize,
+    /// Slots up to this sequence number hold commands sent while the cache was off (writes it
+    /// did not drop keys for): 0 once they are answered and their invalidations read.
+    uncached_until: u64,
     /// Cache work owed for the stalled command.
     stalled_after: Option<After>,
     /// Keys written by the commands queued in the current transaction.
@@ -862,6 +865,7 @@ pub async fn run(worker: Rc<Worker>, stream: Stream, info: Arc<ClientInfo>) {
         client_generation: 0,
         pushed: 0,
         popped: 0,
+        uncached_until: 0,
         hooks: VecDeque::new(),
         stalled_hook: None,
         deferred: VecDeque::new(),
@@ -2311,7 +2315,10 @@ impl Session {
             self.worker.shared.tracking.wake.notify_one();
         }
         if !self.worker.shared.cache.is_active() {
-            return self.with_hook(chain, |s| s.dispatch_groupable(cmd, res));
+            self.with_hook(chain, |s| s.dispatch_groupable(cmd, res));
+            // Sent without the cache following it (see `cache_read`).
+            self.uncached_until = self.pushed;
+            return;
         }
         let mut after = self.cache_write(&cmd, res);
         if let (Some(how), None) = (cache_for, &after) {
@@ -2471,6 +2478,17 @@ impl Session {
         let cache = self.worker.shared.cache.clone();
         if !cache.covers(&keys) {
             return CacheRead::Pass;
+        }
+        if self.uncached_until != 0 {
+            // This client sent commands while the cache was off: its writes among them were not
+            // followed, and only Redis's invalidations tell the cache of them. Once their replies
+            // are in, so are those invalidations (Redis sends them first): read them, then use
+            // the cache. Until then, it does not (a client sees its own writes).
+            if self.popped < self.uncached_until {
+                return CacheRead::Pass;
+            }
+            crate::invalidation::sync_cache(&self.worker.shared);
+            self.uncached_until = 0;
         }
         // Waiting for another client's request is possible when this one would go to one
         // node (so that it can still be sent if that client goes away) and nothing of this

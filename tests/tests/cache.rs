@@ -797,3 +797,71 @@ fn an_idle_cache_holds_no_tracking_connection_and_opens_one_when_asked() {
         "{log}"
     );
 }
+
+/// A write sent while the cache was off, answered once it is on: the cache did not follow it,
+/// so only Redis's invalidation tells it. Its writer must still see it on its next read, even
+/// when that invalidation is long to apply (here 50,000 keys in one push) and another client
+/// filled the cache with the old value meanwhile.
+#[test]
+fn a_write_sent_before_the_cache_came_on_is_seen_by_its_writer() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        shipped_plugin("cache_policy"),
+        dir.path().join("cache-policy.wasm"),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("cache-policy.toml"), USERS).unwrap();
+    let mport = respire_tests::free_port();
+    let metrics = format!("127.0.0.1:{mport}");
+    // Two workers, connections spread: the writer and the reader each have their own backend
+    // connection (the paused write holds up only the writer's).
+    let proxy = Respire::start_args(&[
+        "--backend",
+        &redis.addr(),
+        "--plugins",
+        dir.path().to_str().unwrap(),
+        "--metrics",
+        &metrics,
+        "--workers",
+        "2",
+        "--worker-affinity",
+        "0",
+    ]);
+    let mut writer = Raw::connect(proxy.port);
+    let mut reader = Raw::connect(proxy.port);
+    let mut direct = Raw::connect(redis.port);
+    assert_eq!(text(&mut direct, &[b"SET", b"user:last", b"v1"]), "+OK\r\n");
+    assert_eq!(metric(mport, "respire_cache_active"), 0.0);
+
+    // Redis holds writes; the writer's MSET goes out while the cache is off.
+    assert_eq!(
+        text(&mut direct, &[b"CLIENT", b"PAUSE", b"10000", b"WRITE"]),
+        "+OK\r\n"
+    );
+    let keys: Vec<Vec<u8>> = (0..50_000)
+        .map(|i| format!("user:{i}").into_bytes())
+        .collect();
+    let mut mset: Vec<&[u8]> = vec![b"MSET"];
+    for k in &keys {
+        mset.push(k);
+        mset.push(b"x");
+    }
+    mset.push(b"user:last");
+    mset.push(b"v2");
+    writer.send(&resp(&mset));
+    // The reader's read turns the cache on and leaves the old value in it.
+    until_cached(&mut reader, mport, &[b"GET", b"user:last"], "$2\r\nv1\r\n");
+
+    // Read behind its own unanswered write (the cache is on now): never the old value.
+    writer.send(&resp(&[b"GET", b"user:last"]));
+    assert_eq!(text(&mut direct, &[b"CLIENT", b"UNPAUSE"]), "+OK\r\n");
+    assert_eq!(
+        String::from_utf8_lossy(&writer.read_replies(2)),
+        "+OK\r\n$2\r\nv2\r\n"
+    );
+    // Nor right after its answer, while the invalidation of 50,000 keys may still be on its way.
+    assert_eq!(text(&mut writer, &[b"GET", b"user:last"]), "$2\r\nv2\r\n");
+    // And the cache keeps serving, the new value.
+    until_cached(&mut reader, mport, &[b"GET", b"user:last"], "$2\r\nv2\r\n");
+}
