@@ -78,8 +78,8 @@ Try:
   redis-cli -p $RESPIRE_PORT cluster slots        # respire presents itself as one node
   redis-cli -p <a replica's port> cluster failover   # respire keeps serving through it
   redis-cli -p $RESPIRE_PORT flushall             # refused by the acl plugin (-NOPERM)
-  redis-cli -p $RESPIRE_PORT set user:1 alice && redis-cli -p $RESPIRE_PORT get user:1 && redis-cli -p $RESPIRE_PORT get user:1
-  curl -s 127.0.0.1:$METRICS_PORT/metrics | grep respire_cache_    # the second GET was a cache hit
+  redis-cli -p $RESPIRE_PORT set user:1 alice && for i in 1 2 3; do redis-cli -p $RESPIRE_PORT get user:1; done
+  curl -s 127.0.0.1:$METRICS_PORT/metrics | grep respire_cache_    # the 1st GET turned the cache on, the 2nd filled it, the 3rd was a hit
   redis-cli -p $RESPIRE_PORT metrics.hotkeys      # the most used keys (metrics plugin)
   redis-cli -p $RESPIRE_PORT info stats             # respire's own sections, with Redis's
   redis-cli -p $RESPIRE_PORT slowlog get            # respire's end-to-end slow log

@@ -445,6 +445,20 @@ fn the_demo_starts_serves_and_stops_cleanly() {
     );
     assert!(text(&mut p, &[b"FLUSHALL"]).starts_with("-NOPERM"));
     assert_eq!(text(&mut p, &[b"SET", b"user:1", b"alice"]), "+OK\r\n");
+    // The cache: its first read turns it on, a later one is a hit.
+    let start = Instant::now();
+    loop {
+        assert_eq!(text(&mut p, &[b"GET", b"user:1"]), "$5\r\nalice\r\n");
+        let (_, body) = http_get(mport, "/metrics");
+        if metric_value(&body, "respire_cache_hits_total").unwrap_or(0.0) >= 1.0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no cache hit for the demo's GET user:1: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let (_, body) = http_get(mport, "/metrics");
     assert!(
         body.contains("respire_commands_total{command=\"mset\",result=\"ok\"} 1"),
