@@ -24,28 +24,10 @@ fn cached_proxy_args(
     settings: &str,
     workers: &str,
 ) -> (Respire, u16, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        shipped_plugin("cache_policy"),
-        dir.path().join("cache-policy.wasm"),
-    )
-    .unwrap();
-    std::fs::write(dir.path().join("cache-policy.toml"), settings).unwrap();
-    let port = respire_tests::free_port();
+    // Connections spread over the workers: the cache is the process's, not a worker's.
     let mut args = backend.to_vec();
-    let metrics = format!("127.0.0.1:{port}");
-    args.extend([
-        "--plugins",
-        dir.path().to_str().unwrap(),
-        "--metrics",
-        &metrics,
-        "--workers",
-        workers,
-        // Connections spread over the workers: the cache is the process's, not a worker's.
-        "--worker-affinity",
-        "0",
-    ]);
-    let proxy = Respire::start_args(&args);
+    args.extend(["--workers", workers, "--worker-affinity", "0"]);
+    let (proxy, port, dir) = start_cached(&args, settings);
     // The cache opens its tracking connections when a plugin first asks it to keep a read
     // (`response_cache_idle`): that read goes to Redis uncached.
     let mut p = Raw::connect(proxy.port);
@@ -57,6 +39,28 @@ fn cached_proxy_args(
         "the cache to start serving",
     );
     (proxy, port, dir)
+}
+
+/// respire started with `args` and cache-policy loaded with these settings (the cache is off
+/// until a read asks for it), its metrics port, and the plugins' folder.
+fn start_cached(args: &[&str], settings: &str) -> (Respire, u16, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        shipped_plugin("cache_policy"),
+        dir.path().join("cache-policy.wasm"),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("cache-policy.toml"), settings).unwrap();
+    let port = respire_tests::free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    let mut args = args.to_vec();
+    args.extend([
+        "--plugins",
+        dir.path().to_str().unwrap(),
+        "--metrics",
+        &metrics,
+    ]);
+    (Respire::start_args(&args), port, dir)
 }
 
 /// The id of respire's tracking connection in Redis's `CLIENT LIST` (flag `t`), if any.
@@ -710,27 +714,17 @@ fn empty_replies_are_cached_only_when_asked_and_settings_reload_live() {
 #[test]
 fn an_idle_cache_holds_no_tracking_connection_and_opens_one_when_asked() {
     let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        shipped_plugin("cache_policy"),
-        dir.path().join("cache-policy.wasm"),
-    )
-    .unwrap();
-    std::fs::write(dir.path().join("cache-policy.toml"), USERS).unwrap();
-    let cfg = dir.path().join("respire.toml");
-    std::fs::write(&cfg, "response_cache_idle = \"1500ms\"\n").unwrap();
-    let mport = respire_tests::free_port();
-    let metrics = format!("127.0.0.1:{mport}");
-    let proxy = Respire::start_args(&[
-        "--config",
-        cfg.to_str().unwrap(),
-        "--backend",
-        &redis.addr(),
-        "--plugins",
-        dir.path().to_str().unwrap(),
-        "--metrics",
-        &metrics,
-    ]);
+    let cfg = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(cfg.path(), "response_cache_idle = \"1500ms\"\n").unwrap();
+    let (proxy, mport, _dir) = start_cached(
+        &[
+            "--config",
+            cfg.path().to_str().unwrap(),
+            "--backend",
+            &redis.addr(),
+        ],
+        USERS,
+    );
     let mut p = Raw::connect(proxy.port);
     let mut direct = Raw::connect(redis.port);
     // Writes and reads the plugin does not cache leave it off.
@@ -805,29 +799,19 @@ fn an_idle_cache_holds_no_tracking_connection_and_opens_one_when_asked() {
 #[test]
 fn a_write_sent_before_the_cache_came_on_is_seen_by_its_writer() {
     let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        shipped_plugin("cache_policy"),
-        dir.path().join("cache-policy.wasm"),
-    )
-    .unwrap();
-    std::fs::write(dir.path().join("cache-policy.toml"), USERS).unwrap();
-    let mport = respire_tests::free_port();
-    let metrics = format!("127.0.0.1:{mport}");
     // Two workers, connections spread: the writer and the reader each have their own backend
     // connection (the paused write holds up only the writer's).
-    let proxy = Respire::start_args(&[
-        "--backend",
-        &redis.addr(),
-        "--plugins",
-        dir.path().to_str().unwrap(),
-        "--metrics",
-        &metrics,
-        "--workers",
-        "2",
-        "--worker-affinity",
-        "0",
-    ]);
+    let (proxy, mport, _dir) = start_cached(
+        &[
+            "--backend",
+            &redis.addr(),
+            "--workers",
+            "2",
+            "--worker-affinity",
+            "0",
+        ],
+        USERS,
+    );
     let mut writer = Raw::connect(proxy.port);
     let mut reader = Raw::connect(proxy.port);
     let mut direct = Raw::connect(redis.port);
