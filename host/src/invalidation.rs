@@ -134,6 +134,8 @@ impl Link {
                         apply_push(shared, &self.want, &frame);
                     } else if let Some(r) = conn.pings.pop_front() {
                         self.ping.answered.store(r, Ordering::Relaxed);
+                        // The manager sees the round complete now, not at its next tick.
+                        shared.tracking.wake.notify_one();
                     }
                 }
                 Ok(None) => break,
@@ -162,19 +164,8 @@ impl Link {
 /// Reads, on the calling thread, what every tracking connection that serves clients holds:
 /// a session calls it before handing a write's reply to its client (see the module's doc).
 pub fn sync(shared: &Shared) {
-    drain_where(shared, |want| want.clients);
-}
-
-/// Reads, on the calling thread, what the cache's tracking connections hold: a session calls
-/// it before its first lookup after the cache came on, once the replies of what it sent before
-/// (writes the cache did not follow) are in — their invalidations are then in these sockets.
-pub fn sync_cache(shared: &Shared) {
-    drain_where(shared, |want| want.cache.is_some());
-}
-
-fn drain_where(shared: &Shared, serves: impl Fn(&Want) -> bool) {
     let links = shared.tracking.links();
-    for link in links.iter().filter(|l| serves(&l.want)) {
+    for link in links.iter().filter(|l| l.want.clients) {
         let _ = link.drain(shared, None);
         if link.tls {
             link.rearm.notify_one();
@@ -239,7 +230,9 @@ pub fn track(shared: Arc<Shared>) {
                 }
                 shared.tracking.set_links(Vec::new());
                 shared.tracking.set_up(false, &shared.clients);
-                fence = None;
+                if let Some((_, r)) = fence.take() {
+                    cache.fence_ended(r, false);
+                }
                 let old_cache = current.as_ref().and_then(|w| w.cache.clone());
                 let new_cache = want.as_ref().and_then(|w| w.cache.clone());
                 if new_cache != old_cache {
@@ -339,12 +332,21 @@ pub fn track(shared: Arc<Shared>) {
                         .expire_waiters("the tracking connections to Redis are not up");
                 }
             }
-            // NOLOOP writes wait for their invalidations only until a fence round shows
-            // that every invalidation made before it has arrived.
+            // A fence round shows that every invalidation Redis made before it has arrived:
+            // NOLOOP writes wait for their invalidations only until one completes, and a
+            // session that sent commands while the cache was off uses it only after one.
+            let fenced = want.clients || want.cache.is_some();
             match fence {
-                _ if !(all_up && want.clients) => fence = None,
-                None if shared.tracking.has_own_writes() => {
+                Some((_, r)) if !(all_up && fenced) => {
+                    cache.fence_ended(r, false);
+                    fence = None;
+                }
+                _ if !(all_up && fenced) => {}
+                None if (want.clients && shared.tracking.has_own_writes())
+                    || (want.cache.is_some() && cache.fence_wanted()) =>
+                {
                     round += 1;
+                    cache.fence_started(round);
                     for (_, ping, _) in trackers.values() {
                         ping.round.store(round, Ordering::Relaxed);
                         ping.notify.notify_one();
@@ -356,10 +358,14 @@ pub fn track(shared: Arc<Shared>) {
                         .values()
                         .all(|(_, p, _)| p.answered.load(Ordering::Relaxed) >= r)
                     {
-                        shared.tracking.fence(start);
+                        if want.clients {
+                            shared.tracking.fence(start);
+                        }
+                        cache.fence_ended(r, true);
                         fence = None;
                     } else if start.elapsed() > Duration::from_secs(2) {
                         // A connection was replaced meanwhile: start a new round.
+                        cache.fence_ended(r, false);
                         fence = None;
                     }
                 }

@@ -760,6 +760,8 @@ pub struct Session {
     /// Slots up to this sequence number hold commands sent while the cache was off (writes it
     /// did not drop keys for): 0 once they are answered and their invalidations read.
     uncached_until: u64,
+    /// The fence round after which those commands' invalidations are applied (0: none owed).
+    cache_fence: u64,
     /// Cache work owed for the stalled command.
     stalled_after: Option<After>,
     /// Keys written by the commands queued in the current transaction.
@@ -866,6 +868,7 @@ pub async fn run(worker: Rc<Worker>, stream: Stream, info: Arc<ClientInfo>) {
         pushed: 0,
         popped: 0,
         uncached_until: 0,
+        cache_fence: 0,
         hooks: VecDeque::new(),
         stalled_hook: None,
         deferred: VecDeque::new(),
@@ -2479,16 +2482,24 @@ impl Session {
         if !cache.covers(&keys) {
             return CacheRead::Pass;
         }
-        if self.uncached_until != 0 {
+        if self.uncached_until != 0 || self.cache_fence != 0 {
             // This client sent commands while the cache was off: its writes among them were not
-            // followed, and only Redis's invalidations tell the cache of them. Once their replies
-            // are in, so are those invalidations (Redis sends them first): read them, then use
-            // the cache. Until then, it does not (a client sees its own writes).
+            // followed, and only Redis's invalidations tell the cache of them. It uses the cache
+            // again once their replies are in and then a fence round on the tracking
+            // connections has shown every invalidation made so far applied; until then its
+            // reads go to Redis (a client sees its own writes).
             if self.popped < self.uncached_until {
                 return CacheRead::Pass;
             }
-            crate::invalidation::sync_cache(&self.worker.shared);
-            self.uncached_until = 0;
+            if self.uncached_until != 0 {
+                self.uncached_until = 0;
+                self.cache_fence = cache.fence_after_now();
+                self.worker.shared.tracking.wake.notify_one();
+            }
+            if !cache.fenced(self.cache_fence) {
+                return CacheRead::Pass;
+            }
+            self.cache_fence = 0;
         }
         // Waiting for another client's request is possible when this one would go to one
         // node (so that it can still be sent if that client goes away) and nothing of this
