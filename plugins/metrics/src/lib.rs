@@ -182,7 +182,11 @@ impl KeyStats {
         let ttl = self.window_ms * 3;
         self.drain_uses(|key, uses| {
             name.truncate(prefix);
-            name.push_str(&String::from_utf8_lossy(key));
+            // (`from_utf8` checks a word at a time; the lossy form goes by characters.)
+            match std::str::from_utf8(key) {
+                Ok(k) => name.push_str(k),
+                Err(_) => name.push_str(&String::from_utf8_lossy(key)),
+            }
             fx.counter_add(&name, uses, ttl);
         });
         if window != self.window {
