@@ -1089,6 +1089,9 @@ impl Runtime {
                 .iter()
                 .map(|c| c.to_ascii_lowercase())
                 .collect(),
+            named: (0..NAMED_IDS)
+                .map(|_| std::sync::atomic::AtomicU8::new(0))
+                .collect(),
             key_prefixes: (!unscoped)
                 .then(|| crate::prefixes::Prefixes::new(&manifest.key_prefixes)),
             all,
@@ -1167,6 +1170,9 @@ pub struct LoadedPlugin {
     /// What it asked for.
     pub manifest: Manifest,
     commands: rustc_hash::FxHashSet<String>,
+    /// Whether `commands` names a command of the table, by its number, once looked up (0: not
+    /// yet, 1: no, 2: yes): a command's name is hashed once per plugin, not per command.
+    named: Box<[std::sync::atomic::AtomicU8]>,
     /// Only commands with a key under one of these (none: no filter).
     key_prefixes: Option<crate::prefixes::Prefixes>,
     all: bool,
@@ -1238,10 +1244,37 @@ fn new_instance(
     Ok((Instance { store, plugin }, manifest))
 }
 
+/// Command numbers whose lookup in a plugin's command names is remembered (the table numbers
+/// its commands from 0; beyond this, they are looked up each time).
+const NAMED_IDS: usize = 1024;
+
 impl LoadedPlugin {
     /// Whether the plugin asked for this command (by name or category bits).
     pub fn wants(&self, lower_name: &str, category_bits: u32) -> bool {
         self.all || category_bits & self.category_bits != 0 || self.commands.contains(lower_name)
+    }
+
+    /// [`LoadedPlugin::wants`] for a command of the table: its name is looked up once per
+    /// command number and remembered.
+    fn wants_info(&self, info: &crate::commands::CommandInfo) -> bool {
+        if self.all || info.category_bits & self.category_bits != 0 {
+            return true;
+        }
+        if self.commands.is_empty() {
+            return false;
+        }
+        let Some(memo) = self.named.get(usize::from(info.id)) else {
+            return self.commands.contains(info.command_name());
+        };
+        match memo.load(Ordering::Relaxed) {
+            1 => false,
+            2 => true,
+            _ => {
+                let named = self.commands.contains(info.command_name());
+                memo.store(1 + u8::from(named), Ordering::Relaxed);
+                named
+            }
+        }
     }
 
     /// A fresh instance with `init` run.
@@ -1973,7 +2006,7 @@ impl PluginSet {
                 }
                 continue;
             }
-            if !(p.manifest.on_request || p.responds) || !p.wants(&name, info.category_bits) {
+            if !(p.manifest.on_request || p.responds) || !p.wants_info(info) {
                 continue;
             }
             let in_scope = match &p.key_prefixes {
@@ -2244,11 +2277,14 @@ impl WorkerPlugins {
                 let (asks, serves) = match last {
                     Some((_, _, asks, serves)) if same => (asks, serves),
                     _ => {
-                        let categories = it.info.map_or(0, |i| i.category_bits);
-                        let name = it.name();
-                        let serves = !plugin.manifest.serves.is_empty()
-                            && plugin.manifest.serves.iter().any(|v| *v == *name);
-                        let asks = plugin.wants(name, categories);
+                        let asks = match it.info {
+                            Some(info) => plugin.wants_info(info),
+                            None => plugin.wants(it.name(), 0),
+                        };
+                        let serves = !plugin.manifest.serves.is_empty() && {
+                            let name = it.name();
+                            plugin.manifest.serves.iter().any(|v| *v == *name)
+                        };
                         (asks, serves)
                     }
                 };
