@@ -1374,6 +1374,8 @@ impl Session {
             let mut batch: crate::stage::Decided = Vec::new();
             let mut to_stage = false;
             let mut bytes = 0;
+            // The input holds no whole command any more.
+            let mut drained = false;
             let table = self.worker.shared.commands;
             let set = self.worker.plugin_set();
             let start = self.batch_start.into_std();
@@ -1406,8 +1408,6 @@ impl Session {
                         } else {
                             Some(crate::stage::unseen())
                         };
-                        bytes += cmd.raw().len();
-                        batch.push(((cmd, res), decision));
                         let ends = matches!(
                             kind,
                             Kind::Local(
@@ -1420,6 +1420,18 @@ impl Session {
                             ) | Kind::Stream
                                 | Kind::Replica
                         );
+                        if batch.is_empty() && decision.is_some() {
+                            // Decided already and nothing before it waits for the stage: handled
+                            // now, as without plugins (not moved into a batch and out again).
+                            self.pipelined = !self.inbuf.is_empty();
+                            self.handle_with(cmd, res, decision);
+                            if ends || !self.can_take() {
+                                break;
+                            }
+                            continue;
+                        }
+                        bytes += cmd.raw().len();
+                        batch.push(((cmd, res), decision));
                         if ends
                             || batch.len() >= MAX_PLUGIN_BATCH
                             || bytes >= MAX_PLUGIN_BATCH_BYTES
@@ -1427,17 +1439,26 @@ impl Session {
                             break;
                         }
                     }
-                    Ok(None) => break,
+                    Ok(None) => {
+                        drained = true;
+                        break;
+                    }
                     // Answered after the commands before it (parsing it again gives the same error).
                     Err(e) if batch.is_empty() => {
                         self.protocol_error(e);
+                        drained = true;
                         break;
                     }
                     Err(_) => break,
                 }
             }
             if batch.is_empty() {
-                break;
+                // Everything read was handled as it came: read on, unless the input holds no
+                // whole command.
+                if drained {
+                    break;
+                }
+                continue;
             }
             self.batch_hint = batch.len();
             self.run_batch(batch, to_stage);
