@@ -177,11 +177,6 @@ pub struct Cache {
     /// A plugin asked to cache a read since the tracking manager last looked: the cache is in
     /// use (see [`Cache::asked`]).
     asked: AtomicBool,
-    /// Fence rounds on the tracking connections (see [`Cache::fence_after_now`]): the last one
-    /// a session needs, the last one started, the last one completed.
-    fence_wanted: AtomicU64,
-    fence_started: AtomicU64,
-    fence_done: AtomicU64,
 }
 
 impl Default for Cache {
@@ -195,9 +190,6 @@ impl Default for Cache {
             max_memory: AtomicU64::new(64 << 20),
             epoch: Mutex::new(0),
             asked: AtomicBool::new(false),
-            fence_wanted: AtomicU64::new(0),
-            fence_started: AtomicU64::new(0),
-            fence_done: AtomicU64::new(0),
         }
     }
 }
@@ -462,41 +454,6 @@ impl Cache {
     /// Whether the cache was asked for since the last call (the tracking manager's round).
     pub fn take_asked(&self) -> bool {
         self.asked.swap(false, Ordering::Relaxed)
-    }
-
-    /// A fence round that starts from now on: once it completes ([`Cache::fenced`]), every
-    /// invalidation Redis made for a command it ran before now has been applied (a `PING` on
-    /// each tracking connection, answered after them). The tracking manager is to be woken.
-    pub fn fence_after_now(&self) -> u64 {
-        let need = self.fence_started.load(Ordering::Acquire) + 1;
-        self.fence_wanted.fetch_max(need, Ordering::AcqRel);
-        need
-    }
-
-    /// Whether fence round `round` completed.
-    pub fn fenced(&self, round: u64) -> bool {
-        self.fence_done.load(Ordering::Acquire) >= round
-    }
-
-    /// For the tracking manager: whether a session waits for a round not started yet.
-    pub fn fence_wanted(&self) -> bool {
-        self.fence_wanted.load(Ordering::Acquire) > self.fence_started.load(Ordering::Acquire)
-    }
-
-    /// For the tracking manager: round `round` starts (its `PING`s go after this).
-    pub fn fence_started(&self, round: u64) {
-        self.fence_started.store(round, Ordering::Release);
-    }
-
-    /// For the tracking manager: round `round` completed, or (`false`) was given up (a
-    /// connection went meanwhile): the rounds wanted since start again.
-    pub fn fence_ended(&self, round: u64, completed: bool) {
-        if completed {
-            self.fence_done.fetch_max(round, Ordering::AcqRel);
-        } else {
-            self.fence_started
-                .store(self.fence_done.load(Ordering::Acquire), Ordering::Release);
-        }
     }
 
     /// The count of lost tracking connections so far.

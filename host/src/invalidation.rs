@@ -46,8 +46,58 @@ impl Want {
     }
 }
 
+/// Fence rounds over all the tracking connections, numbered from 1: a round sends a `PING` on
+/// each, and completes when every `PONG` is back — after every invalidation Redis made before
+/// the round started. The tracking thread runs them for NOLOOP writes
+/// ([`crate::tracking::Tracking::fence`]) and for sessions that wait for one
+/// ([`Fences::after_now`]).
+#[derive(Default)]
+pub struct Fences {
+    /// The last round a session waits for, the last one started, the last one completed.
+    wanted: AtomicU64,
+    started: AtomicU64,
+    done: AtomicU64,
+}
+
+impl Fences {
+    /// A round that starts from now on: once it completes ([`Fences::passed`]), every
+    /// invalidation Redis made for a command it ran before now has been applied. The tracking
+    /// thread is to be woken.
+    pub fn after_now(&self) -> u64 {
+        let need = self.started.load(Ordering::Acquire) + 1;
+        self.wanted.fetch_max(need, Ordering::AcqRel);
+        need
+    }
+
+    /// Whether round `round` completed.
+    pub fn passed(&self, round: u64) -> bool {
+        self.done.load(Ordering::Acquire) >= round
+    }
+
+    /// Whether a session waits for a round not started yet.
+    fn wanted(&self) -> bool {
+        self.wanted.load(Ordering::Acquire) > self.started.load(Ordering::Acquire)
+    }
+
+    /// Round `round` starts (its `PING`s go after this).
+    fn start(&self, round: u64) {
+        self.started.store(round, Ordering::Release);
+    }
+
+    /// Round `round` completed, or (`false`) was given up (a connection went meanwhile): the
+    /// rounds wanted since start again.
+    fn end(&self, round: u64, completed: bool) {
+        if completed {
+            self.done.fetch_max(round, Ordering::AcqRel);
+        } else {
+            self.started
+                .store(self.done.load(Ordering::Acquire), Ordering::Release);
+        }
+    }
+}
+
 /// Fence rounds on one tracking connection: a `PING` whose `PONG` comes after every
-/// invalidation Redis made before it (see [`crate::tracking::Tracking::fence`]).
+/// invalidation Redis made before it (see [`Fences`]).
 #[derive(Default)]
 struct Ping {
     notify: tokio::sync::Notify,
@@ -193,6 +243,7 @@ pub fn track(shared: Arc<Shared>) {
         let mut trackers: HashMap<Arc<str>, Handle> = HashMap::new();
         let mut current: Option<Want> = None;
         let cache = shared.cache.clone();
+        let fences = &shared.tracking.fences;
         let replica_reads = shared.config.backend.read_from != crate::config::ReadFrom::Master;
         let idle = shared.config.response_cache_idle;
         // When a plugin last asked the cache to keep a read.
@@ -231,7 +282,7 @@ pub fn track(shared: Arc<Shared>) {
                 shared.tracking.set_links(Vec::new());
                 shared.tracking.set_up(false, &shared.clients);
                 if let Some((_, r)) = fence.take() {
-                    cache.fence_ended(r, false);
+                    fences.end(r, false);
                 }
                 let old_cache = current.as_ref().and_then(|w| w.cache.clone());
                 let new_cache = want.as_ref().and_then(|w| w.cache.clone());
@@ -335,18 +386,17 @@ pub fn track(shared: Arc<Shared>) {
             // A fence round shows that every invalidation Redis made before it has arrived:
             // NOLOOP writes wait for their invalidations only until one completes, and a
             // session that sent commands while the cache was off uses it only after one.
-            let fenced = want.clients || want.cache.is_some();
             match fence {
-                Some((_, r)) if !(all_up && fenced) => {
-                    cache.fence_ended(r, false);
+                Some((_, r)) if !all_up => {
+                    fences.end(r, false);
                     fence = None;
                 }
-                _ if !(all_up && fenced) => {}
+                _ if !all_up => {}
                 None if (want.clients && shared.tracking.has_own_writes())
-                    || (want.cache.is_some() && cache.fence_wanted()) =>
+                    || (want.cache.is_some() && fences.wanted()) =>
                 {
                     round += 1;
-                    cache.fence_started(round);
+                    fences.start(round);
                     for (_, ping, _) in trackers.values() {
                         ping.round.store(round, Ordering::Relaxed);
                         ping.notify.notify_one();
@@ -361,11 +411,11 @@ pub fn track(shared: Arc<Shared>) {
                         if want.clients {
                             shared.tracking.fence(start);
                         }
-                        cache.fence_ended(r, true);
+                        fences.end(r, true);
                         fence = None;
                     } else if start.elapsed() > Duration::from_secs(2) {
                         // A connection was replaced meanwhile: start a new round.
-                        cache.fence_ended(r, false);
+                        fences.end(r, false);
                         fence = None;
                     }
                 }

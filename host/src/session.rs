@@ -2512,12 +2512,13 @@ impl Session {
             if self.popped < self.uncached_until {
                 return CacheRead::Pass;
             }
+            let tracking = &self.worker.shared.tracking;
             if self.uncached_until != 0 {
                 self.uncached_until = 0;
-                self.cache_fence = cache.fence_after_now();
-                self.worker.shared.tracking.wake.notify_one();
+                self.cache_fence = tracking.fences.after_now();
+                tracking.wake.notify_one();
             }
-            if !cache.fenced(self.cache_fence) {
+            if !tracking.fences.passed(self.cache_fence) {
                 return CacheRead::Pass;
             }
             self.cache_fence = 0;

@@ -188,6 +188,8 @@ pub struct Tracking {
     pub wake: tokio::sync::Notify,
     /// The tracking connections' read sides (see [`crate::invalidation::sync`]).
     links: Mutex<Arc<Vec<Arc<crate::invalidation::Link>>>>,
+    /// Fence rounds on the tracking connections.
+    pub fences: crate::invalidation::Fences,
 }
 
 impl Default for Tracking {
@@ -201,6 +203,7 @@ impl Default for Tracking {
             linger: Mutex::new(Linger::Never),
             wake: tokio::sync::Notify::new(),
             links: Mutex::default(),
+            fences: crate::invalidation::Fences::default(),
         }
     }
 }
