@@ -1249,13 +1249,14 @@ fn new_instance(
 const NAMED_IDS: usize = 1024;
 
 impl LoadedPlugin {
-    /// Whether the plugin asked for this command (by name or category bits).
-    pub fn wants(&self, lower_name: &str, category_bits: u32) -> bool {
-        self.all || category_bits & self.category_bits != 0 || self.commands.contains(lower_name)
+    /// Whether the plugin asked for a command the table does not know (by its name; such a
+    /// command has no categories).
+    fn wants_unknown(&self, lower_name: &str) -> bool {
+        self.all || self.commands.contains(lower_name)
     }
 
-    /// [`LoadedPlugin::wants`] for a command of the table: its name is looked up once per
-    /// command number and remembered.
+    /// Whether the plugin asked for this command of the table (by name or category): its name
+    /// is looked up once per command number and remembered.
     fn wants_info(&self, info: &crate::commands::CommandInfo) -> bool {
         if self.all || info.category_bits & self.category_bits != 0 {
             return true;
@@ -2279,7 +2280,7 @@ impl WorkerPlugins {
                     _ => {
                         let asks = match it.info {
                             Some(info) => plugin.wants_info(info),
-                            None => plugin.wants(it.name(), 0),
+                            None => plugin.wants_unknown(it.name()),
                         };
                         let serves = !plugin.manifest.serves.is_empty() && {
                             let name = it.name();
