@@ -32,12 +32,7 @@ fn cached_proxy_args(
     // (`response_cache_idle`): that read goes to Redis uncached.
     let mut p = Raw::connect(proxy.port);
     assert_eq!(text(&mut p, &[b"GET", b"user:first-read"]), "$-1\r\n");
-    wait_metric(
-        port,
-        "respire_cache_active",
-        |v| v == 1.0,
-        "the cache to start serving",
-    );
+    wait_active(port, true, "the cache to start serving");
     (proxy, port, dir)
 }
 
@@ -102,6 +97,12 @@ fn wait_metric(port: u16, series: &str, ok: impl Fn(f64) -> bool, what: &str) ->
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Waits until the cache serves (`on`) or does not (`respire_cache_active`).
+fn wait_active(port: u16, on: bool, what: &str) {
+    let want = if on { 1.0 } else { 0.0 };
+    wait_metric(port, "respire_cache_active", |v| v == want, what);
 }
 
 fn text(p: &mut Raw, cmd: &[&[u8]]) -> String {
@@ -465,12 +466,7 @@ fn a_lost_tracking_connection_flushes_the_cache() {
     assert_eq!(text(&mut direct, &[b"SET", b"user:t", b"v2"]), "+OK\r\n");
     assert_eq!(text(&mut p, &[b"GET", b"user:t"]), "$2\r\nv2\r\n");
     // The connection comes back and the cache serves again.
-    wait_metric(
-        mport,
-        "respire_cache_active",
-        |v| v == 1.0,
-        "the cache to serve again",
-    );
+    wait_active(mport, true, "the cache to serve again");
     // (This client read while the cache was off: it uses the cache again after a fence round.)
     until_cached(&mut p, mport, &[b"GET", b"user:t"], "$2\r\nv2\r\n");
     assert!(
@@ -486,19 +482,9 @@ fn a_lost_tracking_connection_flushes_the_cache() {
 fn a_node_down_for_a_while_is_logged_once_and_cached_again_when_back() {
     let mut redis = RedisServer::start();
     let (proxy, mport, _dir) = cached_proxy(&redis, USERS, "1");
-    wait_metric(
-        mport,
-        "respire_cache_active",
-        |v| v == 1.0,
-        "the cache to serve",
-    );
+    wait_active(mport, true, "the cache to serve");
     redis.kill();
-    wait_metric(
-        mport,
-        "respire_cache_active",
-        |v| v == 0.0,
-        "the cache to stop serving",
-    );
+    wait_active(mport, false, "the cache to stop serving");
     // Reconnection attempts went on meanwhile (every 100 ms before they backed off).
     std::thread::sleep(Duration::from_secs(3));
     let said = proxy
@@ -507,12 +493,7 @@ fn a_node_down_for_a_while_is_logged_once_and_cached_again_when_back() {
         .count();
     assert_eq!(said, 1, "{}", proxy.log());
     redis.restart();
-    wait_metric(
-        mport,
-        "respire_cache_active",
-        |v| v == 1.0,
-        "the cache to serve again",
-    );
+    wait_active(mport, true, "the cache to serve again");
     assert!(
         proxy.log().contains("tracking connection up again"),
         "{}",
@@ -680,12 +661,7 @@ fn empty_replies_are_cached_only_when_asked_and_settings_reload_live() {
         |v| v > flushes,
         "the cache to restart with the new settings",
     );
-    wait_metric(
-        mport,
-        "respire_cache_active",
-        |v| v == 1.0,
-        "the cache to serve again",
-    );
+    wait_active(mport, true, "the cache to serve again");
     assert_eq!(text(&mut direct, &[b"SET", b"item:1", b"i"]), "+OK\r\n");
     // item:1 is cached now (it becomes a hit) …
     until_cached(&mut p, mport, &[b"GET", b"item:1"], "$1\r\ni\r\n");
@@ -736,12 +712,7 @@ fn an_idle_cache_holds_no_tracking_connection_and_opens_one_when_asked() {
 
     // A read the plugin caches is answered (by Redis) and turns the cache on.
     assert_eq!(text(&mut p, &[b"GET", b"user:1"]), "$2\r\nv1\r\n");
-    wait_metric(
-        mport,
-        "respire_cache_active",
-        |v| v == 1.0,
-        "the cache to start serving",
-    );
+    wait_active(mport, true, "the cache to start serving");
     assert!(tracking_client(&mut direct).is_some());
     until_cached(&mut p, mport, &[b"GET", b"user:1"], "$2\r\nv1\r\n");
 
@@ -754,12 +725,7 @@ fn an_idle_cache_holds_no_tracking_connection_and_opens_one_when_asked() {
 
     // Without them it goes off, and Redis no longer tracks for it.
     let hits = metric(mport, "respire_cache_hits_total");
-    wait_metric(
-        mport,
-        "respire_cache_active",
-        |v| v == 0.0,
-        "the idle cache to go off",
-    );
+    wait_active(mport, false, "the idle cache to go off");
     let start = Instant::now();
     while tracking_client(&mut direct).is_some() {
         assert!(
@@ -774,12 +740,7 @@ fn an_idle_cache_holds_no_tracking_connection_and_opens_one_when_asked() {
     assert_eq!(text(&mut p, &[b"GET", b"user:1"]), "$2\r\nv2\r\n");
     assert_eq!(metric(mport, "respire_cache_hits_total"), hits);
     // That read turned it on again.
-    wait_metric(
-        mport,
-        "respire_cache_active",
-        |v| v == 1.0,
-        "the cache to serve again",
-    );
+    wait_active(mport, true, "the cache to serve again");
     until_cached(&mut p, mport, &[b"GET", b"user:1"], "$2\r\nv2\r\n");
     let log = proxy.log();
     assert_eq!(
