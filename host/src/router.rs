@@ -22,7 +22,7 @@ use bytes::{Bytes, BytesMut};
 use smallvec::SmallVec;
 
 use crate::commands::CommandInfo;
-use crate::protocol::{self as resp, Args, Value, parse_i64, reply_len};
+use crate::protocol::{self as resp, Args, Value, parse_i64, reply_len_fast};
 use crate::topology::{Topology, key_slot};
 
 /// Redis Cluster's error for keys in different slots.
@@ -246,12 +246,14 @@ pub fn plan<A: Args + ?Sized>(args: &A, info: Option<&CommandInfo>, topo: &Topol
     let name = args.argv(0).unwrap_or_default();
     let masters = topo.shards.len();
     // Key-based routing: the common case, decided from the key positions alone.
-    let mut keys: SmallVec<[(usize, u16); 8]> = SmallVec::new();
+    // Sixteen inline: an `MGET` or `DEL` of ten keys needs no allocation.
+    let mut keys: SmallVec<[(usize, u16); 16]> = SmallVec::new();
     let mut same = true;
     if let Some(info) = info {
+        let mut first = None;
         info.for_each_key(args, |p, _| {
             let slot = key_slot(args.argv(p).unwrap_or_default());
-            same &= keys.first().is_none_or(|&(_, f)| f == slot);
+            same &= *first.get_or_insert(slot) == slot;
             keys.push((p, slot));
         });
     }
@@ -291,15 +293,12 @@ pub fn plan<A: Args + ?Sized>(args: &A, info: Option<&CommandInfo>, topo: &Topol
     Plan::Single(None)
 }
 
-/// Keys going into one sub-command: the group (a slot or a shard), the slot the sub-command is
-/// routed by, and the keys' indexes.
-type Group = (u32, u16, SmallVec<[u32; 8]>);
-
 /// Groups keys (each followed by `width - 1` values) into sub-commands: one per slot over a
 /// Redis Cluster (which refuses keys of several slots in one command, even on one node), one
 /// per shard over standalone servers (which do not care about slots: fewer commands for
 /// Redis to run and fewer replies to merge). `keys` are the keys' positions and slots.
-/// Every sub-command is encoded into one buffer and split off it (one allocation).
+/// Every sub-command is encoded into one buffer and split off it (one allocation); the parts
+/// are built in place, with their data filled in once it is encoded.
 fn split_keys<A: Args + ?Sized>(
     args: &A,
     keys: &[(usize, u16)],
@@ -309,50 +308,56 @@ fn split_keys<A: Args + ?Sized>(
 ) -> Plan {
     let arg = |i: usize| args.argv(i).unwrap_or_default();
     let by_slot = topo.kind == crate::topology::BackendKind::Cluster;
-    // Room for every group at once (growing 4, 8, 16 moved them twice): at most one per key,
-    // and over standalone servers one per server.
+    // The group of a slot: over a cluster the slot, with the shard above it (sorted by it,
+    // a shard's parts come together); over standalone servers the shard.
+    let group_of = |slot: u16| -> u32 {
+        let shard = topo.slots.get(usize::from(slot)).copied();
+        if by_slot {
+            u32::from(shard.unwrap_or(u16::MAX)) << 16 | u32::from(slot)
+        } else {
+            shard.map_or(u32::from(slot) | 1 << 20, u32::from)
+        }
+    };
+    // Room for every part at once: at most one per key, and over standalone servers one per
+    // server.
     let most = if by_slot {
         keys.len()
     } else {
         keys.len().min(topo.shards.len() + 1)
     };
-    let mut groups: SmallVec<[Group; 4]> = SmallVec::with_capacity(most);
-    for (i, &(_, slot)) in keys.iter().enumerate() {
-        let group = if by_slot {
-            // The shard above the slot: sorted by it, a shard's parts come together.
-            let shard = topo
-                .slots
-                .get(usize::from(slot))
-                .copied()
-                .unwrap_or(u16::MAX);
-            u32::from(shard) << 16 | u32::from(slot)
-        } else {
-            topo.slots
-                .get(slot as usize)
-                .map_or(u32::from(slot) | 1 << 20, |&s| u32::from(s))
-        };
-        match groups.iter_mut().find(|g| g.0 == group) {
-            Some(g) => g.2.push(i as u32),
-            None => groups.push((group, slot, SmallVec::from_slice(&[i as u32]))),
+    let mut parts: Vec<Part> = Vec::with_capacity(most);
+    let mut groups: SmallVec<[u32; 16]> = SmallVec::new();
+    let mut size = 0;
+    for (i, &(p, slot)) in keys.iter().enumerate() {
+        size += (0..width).map(|w| arg(p + w).len() + 16).sum::<usize>();
+        let group = group_of(slot);
+        match groups
+            .iter()
+            .position(|&g| g == group)
+            .and_then(|at| parts.get_mut(at))
+        {
+            Some(part) => part.positions.push(i as u32),
+            None => {
+                groups.push(group);
+                parts.push(Part {
+                    slot,
+                    data: Bytes::new(),
+                    positions: SmallVec::from_slice(&[i as u32]),
+                });
+            }
         }
     }
-    // Over a cluster, a shard's slots one after another: its parts then go as one request.
     if by_slot {
-        groups.sort_unstable_by_key(|g| g.0);
+        parts.sort_unstable_by_key(|part| group_of(part.slot));
     }
     let name = arg(0);
-    let size: usize = groups.len() * (name.len() + 32)
-        + keys
-            .iter()
-            .map(|&(p, _)| (0..width).map(|w| arg(p + w).len() + 16).sum::<usize>())
-            .sum::<usize>();
-    let mut out = BytesMut::with_capacity(size);
-    let mut ends: SmallVec<[usize; 8]> = SmallVec::with_capacity(groups.len());
-    for (_, _, idx) in &groups {
-        resp::array_header(&mut out, 1 + idx.len() * width);
+    let mut out = BytesMut::with_capacity(size + parts.len() * (name.len() + 32));
+    let mut ends: SmallVec<[usize; 16]> = SmallVec::with_capacity(parts.len());
+    for part in &parts {
+        resp::array_header(&mut out, 1 + part.positions.len() * width);
         resp::bulk(&mut out, name);
-        for &i in idx {
-            let p = keys[i as usize].0;
+        for &i in &part.positions {
+            let p = keys.get(i as usize).map_or(0, |k| k.0);
             for w in 0..width {
                 resp::bulk(&mut out, arg(p + w));
             }
@@ -361,19 +366,10 @@ fn split_keys<A: Args + ?Sized>(
     }
     let all = out.freeze();
     let mut start = 0;
-    let parts = groups
-        .into_iter()
-        .zip(ends)
-        .map(|((_, slot, idx), end)| {
-            let data = all.slice(start..end);
-            start = end;
-            Part {
-                slot,
-                data,
-                positions: idx,
-            }
-        })
-        .collect();
+    for (part, end) in parts.iter_mut().zip(ends) {
+        part.data = all.slice(start..end);
+        start = end;
+    }
     Plan::Split(merge, parts, all)
 }
 
@@ -428,7 +424,7 @@ pub fn elements(frame: &Bytes) -> Option<(u8, Vec<Bytes>)> {
     let mut out = Vec::with_capacity(n.max(0) as usize);
     let mut pos = eol + 2;
     for _ in 0..n.max(0) {
-        let len = reply_len(&frame[pos..]).ok()??;
+        let len = reply_len_fast(&frame[pos..]).ok()??;
         out.push(frame.slice(pos..pos + len));
         pos += len;
     }
@@ -478,7 +474,9 @@ pub fn merge(how: &Merge, replies: &[Bytes], parts: &[Part]) -> Bytes {
                     return bad();
                 };
                 for &k in &part.positions {
-                    let Some(len) = reply_len(r.get(pos..).unwrap_or_default()).ok().flatten()
+                    let Some(len) = reply_len_fast(r.get(pos..).unwrap_or_default())
+                        .ok()
+                        .flatten()
                     else {
                         return bad();
                     };
