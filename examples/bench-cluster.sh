@@ -5,7 +5,8 @@
 #   - three standalone shards behind respire (--shards) and behind twemproxy;
 #   - MGET of 10 keys spread over the masters through respire (over the cluster: one
 #     sub-command per slot, as Redis Cluster requires; over standalone shards: one per
-#     server), versus MGET of the same 10 keys on one standalone Redis.
+#     server), and through twemproxy over the same shards, versus MGET of the same 10
+#     keys on one standalone Redis.
 # SET and GET, 50 clients, 32-byte values, pipeline 16. Everything on 127.0.0.1.
 #
 #   bash examples/bench-cluster.sh
@@ -71,6 +72,27 @@ wait_port "$respire_cluster"; wait_port "$respire_shards"; wait_port "$twem"
 
 # Keys for MGET: 10 keys, spread over every shard.
 mget_keys=$(for i in $(seq 0 9); do printf 'mget:%s ' "$i"; done)
+# twemproxy places keys by its own hash (ketama), which puts all of the keys above on one
+# server: its MGET gets 10 keys of its own, chosen through it as they land: 6, 2 and 2 on the
+# three servers, as respire places the keys above by slot (the shards are empty until those
+# are set below).
+twem_keys=""
+declare -A twem_per=()
+for i in $(seq 0 999); do
+  k="mget:$((i + 10))"
+  redis-cli -p "$twem" set "$k" xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx >/dev/null
+  for s in 0 1 2; do
+    [ "$(redis-cli -p "${shard_ports[$s]}" exists "$k")" = 1 ] && break
+  done
+  want=$([ "$s" = 0 ] && echo 6 || echo 2)
+  if [ "${twem_per[$s]:-0}" -lt "$want" ]; then
+    twem_keys+="$k "; twem_per[$s]=$(( ${twem_per[$s]:-0} + 1 ))
+  else
+    redis-cli -p "$twem" del "$k" >/dev/null
+  fi
+  [ "$(echo $twem_keys | wc -w)" -eq 10 ] && break
+done
+[ "$(echo $twem_keys | wc -w)" -eq 10 ] || echo "warning: twemproxy's MGET has only these keys: $twem_keys" >&2
 for port in "$respire_cluster" "$respire_shards" "$single"; do
   for k in $mget_keys; do redis-cli -p "$port" set "$k" xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx >/dev/null; done
 done
@@ -93,6 +115,7 @@ for round in $(seq "$ROUNDS"); do
   bench "mget-single" -p "$single" -- MGET $mget_keys
   bench "mget-respire" -p "$respire_cluster" -- MGET $mget_keys
   bench "mget-shards" -p "$respire_shards" -- MGET $mget_keys
+  bench "mget-twemproxy" -p "$twem" -- MGET $twem_keys
   echo "round $round of $ROUNDS done" >&2
 done
 
@@ -102,7 +125,8 @@ for t in set get; do
   cd_=$(m "cluster-direct,$t"); cr=$(m "cluster-respire,$t"); sr=$(m "shards-respire,$t"); st=$(m "shards-twemproxy,$t")
   printf '%-4s %15.0f %15.0f %9.2f %15.0f %17.0f %9.2f\n' "$t" "$cd_" "$cr" "$(echo "$cr / $cd_" | bc -l)" "$sr" "$st" "$(echo "$st / $sr" | bc -l)"
 done
-ms=$(m mget-single); mr=$(m mget-respire); mh=$(m mget-shards)
-printf '\nMGET of 10 keys: one Redis %.0f ops/s; respire over a 3-master cluster %.0f ops/s (%.2f); over 3 standalone shards %.0f ops/s (%.2f)\n' \
-  "$ms" "$mr" "$(echo "$mr / $ms" | bc -l)" "$mh" "$(echo "$mh / $ms" | bc -l)"
+ms=$(m mget-single); mr=$(m mget-respire); mh=$(m mget-shards); mt=$(m mget-twemproxy)
+printf '\nMGET of 10 keys: one Redis %.0f ops/s; respire over a 3-master cluster %.0f ops/s (%.2f); over 3 standalone shards %.0f ops/s (%.2f); twemproxy over the same shards %.0f ops/s (%.2f)\n' \
+  "$ms" "$mr" "$(echo "$mr / $ms" | bc -l)" "$mh" "$(echo "$mh / $ms" | bc -l)" "$mt" "$(echo "$mt / $ms" | bc -l)"
+echo "(the 10 keys are 6, 2 and 2 on the three shards, for respire and for twemproxy)"
 echo "machine: $(nproc) cores; $REQUESTS requests x $ROUNDS rounds, $CLIENTS clients, pipeline $PIPELINE, 32-byte values; respire workers=$WORKERS"
