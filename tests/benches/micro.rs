@@ -1,5 +1,6 @@
 //! Micro-benchmarks of the request path: framing, slot hashing, the command table,
-//! routing a multi-key command, and plugin hook calls (one plugin, a chain, a response).
+//! routing a multi-key command and merging its replies, and plugin hook calls (one plugin,
+//! a chain, a response).
 //!
 //!   cargo bench -p respire-tests --bench micro
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -105,6 +106,33 @@ fn routing(c: &mut Criterion) {
             ))
         })
     });
+    // The shards' replies to that plan's parts (32-byte values), merged into the client's.
+    let respire::router::Plan::Split(how, parts, _) =
+        respire::router::plan(&mget, table.get(&mget), &topo)
+    else {
+        panic!("MGET of 10 keys over 3 shards is not split");
+    };
+    let value = format!("$32\r\n{}\r\n", "x".repeat(32));
+    let replies: Vec<bytes::Bytes> = parts
+        .iter()
+        .map(|p| {
+            format!(
+                "*{}\r\n{}",
+                p.positions.len(),
+                value.repeat(p.positions.len())
+            )
+            .into()
+        })
+        .collect();
+    c.bench_function(
+        "merge the replies of an MGET of 10 keys over 3 shards",
+        |b| {
+            b.iter(|| {
+                let merged = respire::router::merge(&how, std::hint::black_box(&replies), &parts);
+                assert_eq!(merged.len(), 5 + 10 * value.len());
+            })
+        },
+    );
 }
 
 /// Runs the request chain on one command.
