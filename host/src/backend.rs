@@ -1003,7 +1003,7 @@ fn take_group(
         let rest = rbuf
             .get(off..)
             .ok_or(protocol::ProtocolError::InvalidReply)?;
-        let Some(n) = protocol::reply_len(rest)? else {
+        let Some(n) = protocol::reply_len_fast(rest)? else {
             g.scanned = off;
             return Ok(None);
         };

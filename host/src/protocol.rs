@@ -793,8 +793,8 @@ pub fn reply_len(buf: &[u8]) -> Result<Option<usize>, ProtocolError> {
     Ok(Some(pos))
 }
 
-/// [`reply_len`], with bulk strings (most replies, and most elements of an array reply) read
-/// inline: the call and the general loop's set-up cost more than the header itself.
+/// [`reply_len`], with bulk strings, nil and `+OK` (most replies, and most elements of an
+/// array reply) read inline: the call and the general loop's set-up cost more than the header itself.
 #[inline(always)]
 pub fn reply_len_fast(buf: &[u8]) -> Result<Option<usize>, ProtocolError> {
     if buf.first() == Some(&b'$') {
@@ -803,7 +803,13 @@ pub fn reply_len_fast(buf: &[u8]) -> Result<Option<usize>, ProtocolError> {
                 let end = eol + 4 + n as usize;
                 return Ok((end <= buf.len()).then_some(end));
             }
+            if n == -1 {
+                // The nil bulk string (a missing key).
+                return Ok(Some(eol + 2));
+            }
         }
+    } else if buf.starts_with(b"+OK\r\n") {
+        return Ok(Some(5));
     }
     reply_len(buf)
 }
@@ -1244,6 +1250,9 @@ mod tests {
             b"$12345678901234567890123\r\n",
             b"$3x\r\nfoo\r\n",
             b"$32\r\nxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\r\n+OK\r\n",
+            b"+OK\r\n$-1\r\n",
+            b"+OKAY\r\n",
+            b"+OK\n",
         ] {
             for cut in 0..=frame.len() {
                 let f = &frame[..cut];

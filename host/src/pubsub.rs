@@ -953,7 +953,7 @@ fn head(frame: &Bytes) -> Option<(Bytes, Option<Bytes>)> {
     }
     let (n, mut pos) = resp::count_line(frame, 1)?;
     let element = |pos: &mut usize| -> Option<Bytes> {
-        let len = resp::reply_len(frame.get(*pos..)?).ok()??;
+        let len = resp::reply_len_fast(frame.get(*pos..)?).ok()??;
         let e = frame.slice(*pos..*pos + len);
         *pos += len;
         Some(e)
@@ -980,9 +980,9 @@ fn third_text(frame: &Bytes) -> Option<Bytes> {
         return None;
     }
     for _ in 0..2 {
-        pos += resp::reply_len(frame.get(pos..)?).ok()??;
+        pos += resp::reply_len_fast(frame.get(pos..)?).ok()??;
     }
-    let len = resp::reply_len(frame.get(pos..)?).ok()??;
+    let len = resp::reply_len_fast(frame.get(pos..)?).ok()??;
     bulk_text(&frame.slice(pos..pos + len))
 }
 

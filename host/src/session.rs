@@ -431,7 +431,7 @@ fn split_frames(bytes: &Bytes, max: usize) -> Vec<Bytes> {
     let mut out = Vec::new();
     let mut off = 0;
     while off < bytes.len() && out.len() < max {
-        let n = match resp::reply_len(&bytes[off..]) {
+        let n = match resp::reply_len_fast(&bytes[off..]) {
             Ok(Some(n)) => n,
             _ => bytes.len() - off,
         };
