@@ -326,19 +326,28 @@ fn split_keys<A: Args + ?Sized>(
         keys.len().min(topo.shards.len() + 1)
     };
     let mut parts: Vec<Part> = Vec::with_capacity(most);
+    // Each group's part: found by a scan among a few, through a map among many (over a
+    // cluster an `MGET` of thousands of keys has thousands of slots).
     let mut groups: SmallVec<[u32; 16]> = SmallVec::new();
+    let mut index: Option<std::collections::HashMap<u32, usize>> =
+        (most > 32).then(|| std::collections::HashMap::with_capacity(most));
     let mut size = 0;
     for (i, &(p, slot)) in keys.iter().enumerate() {
         size += (0..width).map(|w| arg(p + w).len() + 16).sum::<usize>();
         let group = group_of(slot);
-        match groups
-            .iter()
-            .position(|&g| g == group)
-            .and_then(|at| parts.get_mut(at))
-        {
+        let at = match &index {
+            Some(map) => map.get(&group).copied(),
+            None => groups.iter().position(|&g| g == group),
+        };
+        match at.and_then(|at| parts.get_mut(at)) {
             Some(part) => part.positions.push(i as u32),
             None => {
-                groups.push(group);
+                match &mut index {
+                    Some(map) => {
+                        map.insert(group, parts.len());
+                    }
+                    None => groups.push(group),
+                }
                 parts.push(Part {
                     slot,
                     data: Bytes::new(),
@@ -1247,6 +1256,62 @@ mod tests {
             plan(&t, &args("latency histogram set"), &topo),
             Plan::FanOut(Merge::LatencyHistogram)
         ));
+    }
+
+    #[test]
+    fn a_split_of_many_keys_puts_each_key_in_the_one_part_of_its_slot_or_shard() {
+        // Beyond 32 keys the parts are found through a map: the same grouping as the scan.
+        let t = CommandTable::builtin();
+        // Forty hash tags: forty slots of a dozen keys each, interleaved.
+        let keys: Vec<String> = (0..500).map(|i| format!("{{t{}}}:{i}", i % 40)).collect();
+        let cmd = format!(
+            "MSET {}",
+            keys.iter()
+                .map(|k| format!("{k} v-{k}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let mut topo = three();
+        for cluster in [false, true] {
+            if cluster {
+                topo.kind = crate::topology::BackendKind::Cluster;
+            }
+            let Plan::Split(Merge::AllOk, parts, _) = plan(&t, &args(&cmd), &topo) else {
+                panic!("not split")
+            };
+            let group = |k: &str| {
+                let slot = key_slot(k.as_bytes());
+                if cluster {
+                    u32::from(slot)
+                } else {
+                    u32::from(topo.slots[slot as usize])
+                }
+            };
+            let mut seen: Vec<u32> = Vec::new();
+            let mut groups = std::collections::BTreeSet::new();
+            for p in &parts {
+                let first = group(&keys[p.positions[0] as usize]);
+                assert!(groups.insert(first), "two parts for one group");
+                let mut expect = vec!["MSET".to_string()];
+                for &i in &p.positions {
+                    assert_eq!(group(&keys[i as usize]), first);
+                    expect.push(keys[i as usize].clone());
+                    expect.push(format!("v-{}", keys[i as usize]));
+                }
+                let mut want = BytesMut::new();
+                resp::encode_args(&mut want, &expect);
+                assert_eq!(p.data, want.freeze());
+                seen.extend(p.positions.iter());
+            }
+            seen.sort();
+            assert_eq!(seen, (0..500).collect::<Vec<u32>>());
+            let distinct: std::collections::BTreeSet<u32> = keys.iter().map(|k| group(k)).collect();
+            assert_eq!(parts.len(), distinct.len());
+            if cluster {
+                let shards: Vec<u16> = parts.iter().map(|p| topo.slots[p.slot as usize]).collect();
+                assert!(shards.is_sorted(), "a shard's parts one after another");
+            }
+        }
     }
 
     #[test]

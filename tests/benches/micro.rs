@@ -106,6 +106,22 @@ fn routing(c: &mut Criterion) {
             ))
         })
     });
+    // A big MGET over a Redis Cluster: a part per slot, thousands of them.
+    let mut cluster = topo.clone();
+    cluster.kind = respire::topology::BackendKind::Cluster;
+    let many: Vec<String> = std::iter::once("MGET".to_string())
+        .chain((0..10_000).map(|i| format!("key:{i}")))
+        .collect();
+    let big = Command::from_args(&many);
+    c.bench_function("plan MGET of 10,000 keys over a 3-master cluster", |b| {
+        b.iter(|| {
+            std::hint::black_box(respire::router::plan(
+                std::hint::black_box(&big),
+                table.get(&big),
+                &cluster,
+            ))
+        })
+    });
     // The shards' replies to that plan's parts (32-byte values), merged into the client's.
     let respire::router::Plan::Split(how, parts, _) =
         respire::router::plan(&mget, table.get(&mget), &topo)
