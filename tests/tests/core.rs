@@ -1407,6 +1407,65 @@ fn blocking_commands_follow_select() {
     );
 }
 
+/// The count in each (un)subscribe reply, as Redis gives it: channels and patterns together,
+/// shard channels on their own; names repeated or not subscribed; a command of many names.
+#[test]
+fn subscribe_replies_count_as_redis_does() {
+    let redis = RedisServer::start();
+    let proxy = Respire::start(&redis.addr(), &["--workers", "1"]);
+    let many: Vec<Vec<u8>> = (0..300)
+        .map(|i| format!("m{}", i % 250).into_bytes())
+        .collect();
+    let mut many_sub: Vec<&[u8]> = vec![b"SUBSCRIBE"];
+    many_sub.extend(many.iter().map(|m| m.as_slice()));
+    let mut many_unsub: Vec<&[u8]> = vec![b"UNSUBSCRIBE"];
+    many_unsub.extend(many.iter().take(120).map(|m| m.as_slice()));
+    let steps: Vec<(Vec<&[u8]>, usize)> = vec![
+        (vec![b"SUBSCRIBE", b"a", b"b", b"a", b"c"], 4),
+        (vec![b"PSUBSCRIBE", b"p*", b"a*", b"p*"], 3),
+        (vec![b"UNSUBSCRIBE", b"b", b"x"], 2),
+        (vec![b"SSUBSCRIBE", b"s1"], 1),
+        (vec![b"SSUBSCRIBE", b"s1"], 1),
+        (many_sub.clone(), 300),
+        (many_unsub.clone(), 120),
+        (vec![b"PUNSUBSCRIBE", b"a*", b"zz*"], 2),
+        (vec![b"SUNSUBSCRIBE", b"s1", b"s1"], 2),
+    ];
+    let run = |port: u16| -> (Vec<String>, Vec<String>) {
+        let mut c = Raw::connect(port);
+        let mut replies = Vec::new();
+        for (args, n) in &steps {
+            let got = c.roundtrip(&resp(args), *n);
+            replies.push(String::from_utf8_lossy(&got).into_owned());
+        }
+        // Leaving all the channels: Redis names them in its own order, so the names are
+        // compared as a set and the counts in order.
+        let left = c.roundtrip(&resp(&[b"UNSUBSCRIBE"]), 2 + 250 - 120);
+        let mut names = Vec::new();
+        let mut counts = Vec::new();
+        let mut at = 0;
+        while let Ok(Some(len)) = respire::protocol::reply_len(&left[at..]) {
+            let frame = String::from_utf8_lossy(&left[at..at + len]).into_owned();
+            at += len;
+            let lines: Vec<&str> = frame.split("\r\n").collect();
+            names.push(lines[4].to_string());
+            counts.push(lines[5].to_string());
+        }
+        names.sort();
+        replies.push(format!("{names:?} {counts:?}"));
+        let last = c.roundtrip(&resp(&[b"PUNSUBSCRIBE"]), 1);
+        replies.push(String::from_utf8_lossy(&last).into_owned());
+        (replies, counts)
+    };
+    let (direct, counts) = run(redis.port);
+    let (through, _) = run(proxy.port);
+    assert_eq!(counts.len(), 2 + 250 - 120, "{direct:?}");
+    for (i, (d, t)) in direct.iter().zip(&through).enumerate() {
+        assert_eq!(d, t, "step {i}");
+    }
+    assert_eq!(direct.len(), through.len());
+}
+
 #[test]
 fn a_thousand_subscribers_share_a_few_backend_connections() {
     let redis = RedisServer::start();

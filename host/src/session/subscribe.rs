@@ -89,8 +89,12 @@ impl Session {
         let verb = crate::commands::display_name(cmd.name());
         let mut frames = BytesMut::new();
         let mut waits = Vec::new();
+        // Each reply carries the count after its channel: counted once, then kept up to date
+        // (counting the set for each of thousands of channels made a big SUBSCRIBE quadratic).
+        let mut count = self.sub_count(kind);
         for name in &args[1..] {
             if self.subs.insert((kind, name.clone())) {
+                count += 1;
                 let sub = Subscriber {
                     sid: self.info.id,
                     tx: tx.clone(),
@@ -101,7 +105,6 @@ impl Session {
                         .subscribe(&settings, kind, name.clone(), sub),
                 );
             }
-            let count = self.sub_count(kind);
             resp::push_header(&mut frames, 3, self.proto);
             resp::bulk(&mut frames, verb.as_bytes());
             resp::bulk(&mut frames, name);
@@ -148,8 +151,9 @@ impl Session {
             all
         };
         let mut frames = BytesMut::new();
+        // Counted once, then kept up to date (see `subscribe`).
+        let mut count = self.sub_count(kind);
         if names.is_empty() {
-            let count = self.sub_count(kind);
             resp::push_header(&mut frames, 3, self.proto);
             resp::bulk(&mut frames, verb.as_bytes());
             resp::null(&mut frames, self.proto);
@@ -157,10 +161,10 @@ impl Session {
         }
         for name in names {
             if self.subs.remove(&(kind, name.clone())) {
+                count -= 1;
                 self.worker.hub.unsubscribe(kind, &name, self.info.id);
                 self.note_left();
             }
-            let count = self.sub_count(kind);
             resp::push_header(&mut frames, 3, self.proto);
             resp::bulk(&mut frames, verb.as_bytes());
             resp::bulk(&mut frames, &name);
