@@ -771,6 +771,17 @@ fn a_write_sent_before_the_cache_came_on_is_seen_by_its_writer() {
         ],
         USERS,
     );
+    // A connection holds its seat on a worker until its session ends: once respire's start-up
+    // probes are gone, the writer and the reader are placed on different workers. (On a loaded
+    // machine a probe still open put both on one, and the reader's read then waited behind
+    // the paused write.)
+    wait_metric(
+        mport,
+        "respire_client_connections",
+        |v| v == 0.0,
+        "the start-up connections to close",
+    );
+    std::thread::sleep(Duration::from_millis(50));
     let mut writer = Raw::connect(proxy.port);
     let mut reader = Raw::connect(proxy.port);
     let mut direct = Raw::connect(redis.port);
