@@ -21,13 +21,6 @@ work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
-start_redis() { # port [extra args…]
-  local port=$1; shift
-  mkdir -p "$work/$port"
-  redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no --dir "$work/$port" --logfile "$work/$port/log" "$@" &
-  pids+=($!)
-  wait_port "$port" || { cat "$work/$port/log" >&2; return 1; }
-}
 
 single=$(free_port); start_redis "$single"
 cluster_ports=()

@@ -105,6 +105,16 @@ start_cluster_node() {
 # Where cargo builds (CARGO_TARGET_DIR when set).
 target_dir=${CARGO_TARGET_DIR:-target}
 
+# start_redis PORT [ARGS…]: a Redis on 127.0.0.1:PORT (no persistence, its files and log in
+# $work/PORT, extra server ARGS passed on), added to `pids`; returns once it listens.
+start_redis() {
+  local port=$1; shift
+  mkdir -p "$work/$port"
+  redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no --dir "$work/$port" --logfile "$work/$port/log" "$@" &
+  pids+=($!)
+  wait_port "$port" || { cat "$work/$port/log" >&2; return 1; }
+}
+
 # start_redis_and_respire DIR: one Redis (DEBUG enabled, as test suites want it) and respire
 # with WORKERS workers (default 2) in front of it, logs in DIR; sets `rport` and `pport` and
 # adds both to `pids`.
