@@ -794,7 +794,8 @@ pub fn reply_len(buf: &[u8]) -> Result<Option<usize>, ProtocolError> {
 }
 
 /// [`reply_len`], with bulk strings, nil and `+OK` (most replies, and most elements of an
-/// array reply) read inline: the call and the general loop's set-up cost more than the header itself.
+/// array reply) read inline: the call and the general loop's set-up cost more than the
+/// header itself.
 #[inline(always)]
 pub fn reply_len_fast(buf: &[u8]) -> Result<Option<usize>, ProtocolError> {
     if buf.first() == Some(&b'$') {

@@ -93,35 +93,35 @@ fn routing(c: &mut Criterion) {
         shard("127.0.0.1:7003"),
     ])
     .unwrap();
-    let names: Vec<String> = std::iter::once("MGET".to_string())
-        .chain((0..10).map(|i| format!("key:{i}")))
-        .collect();
-    let mget = Command::from_args(&names);
-    c.bench_function("plan MGET of 10 keys over 3 shards", |b| {
-        b.iter(|| {
-            std::hint::black_box(respire::router::plan(
-                std::hint::black_box(&mget),
-                table.get(&mget),
-                &topo,
-            ))
-        })
-    });
+    // An MGET of `n` keys, and the benchmark of planning it over `topo`.
+    let mget_of = |n: usize| {
+        let names: Vec<String> = std::iter::once("MGET".to_string())
+            .chain((0..n).map(|i| format!("key:{i}")))
+            .collect();
+        Command::from_args(&names)
+    };
+    let bench_plan = |c: &mut Criterion, name: &str, cmd: &Command, topo: &Topology| {
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                std::hint::black_box(respire::router::plan(
+                    std::hint::black_box(cmd),
+                    table.get(cmd),
+                    topo,
+                ))
+            })
+        });
+    };
+    let mget = mget_of(10);
+    bench_plan(c, "plan MGET of 10 keys over 3 shards", &mget, &topo);
     // A big MGET over a Redis Cluster: a part per slot, thousands of them.
     let mut cluster = topo.clone();
     cluster.kind = respire::topology::BackendKind::Cluster;
-    let many: Vec<String> = std::iter::once("MGET".to_string())
-        .chain((0..10_000).map(|i| format!("key:{i}")))
-        .collect();
-    let big = Command::from_args(&many);
-    c.bench_function("plan MGET of 10,000 keys over a 3-master cluster", |b| {
-        b.iter(|| {
-            std::hint::black_box(respire::router::plan(
-                std::hint::black_box(&big),
-                table.get(&big),
-                &cluster,
-            ))
-        })
-    });
+    bench_plan(
+        c,
+        "plan MGET of 10,000 keys over a 3-master cluster",
+        &mget_of(10_000),
+        &cluster,
+    );
     // The shards' replies to that plan's parts (32-byte values), merged into the client's.
     let respire::router::Plan::Split(how, parts, _) =
         respire::router::plan(&mget, table.get(&mget), &topo)
