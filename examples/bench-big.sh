@@ -23,13 +23,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 single=$(free_port); start_redis "$single"
-cluster_ports=()
-for _ in 1 2 3; do p=$(free_port); start_redis "$p" --cluster-enabled yes --cluster-config-file nodes.conf --cluster-port "$(free_port)"; cluster_ports+=("$p"); done
-redis-cli --cluster create "${cluster_ports[@]/#/127.0.0.1:}" --cluster-yes >/dev/null
-for _ in $(seq 100); do
-  [ "$(redis-cli -p "${cluster_ports[0]}" cluster info | tr -d '\r' | grep cluster_state)" = cluster_state:ok ] && break
-  sleep 0.1
-done
+start_masters 3
 over_single=$(free_port)
 RUST_LOG=warn "$target_dir"/release/respire --listen "127.0.0.1:$over_single" --backend "127.0.0.1:$single" --workers 1 2>"$work/r1.log" &
 pids+=($!)

@@ -39,15 +39,8 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-
 # The cluster.
-cluster_ports=()
-for _ in 1 2 3; do p=$(free_port); start_redis "$p" --cluster-enabled yes --cluster-config-file nodes.conf --cluster-port "$(free_port)"; cluster_ports+=("$p"); done
-redis-cli --cluster create $(for p in "${cluster_ports[@]}"; do echo "127.0.0.1:$p"; done) --cluster-yes >/dev/null
-for _ in $(seq 100); do
-  ok=1; for p in "${cluster_ports[@]}"; do redis-cli -p "$p" cluster info | grep -q cluster_state:ok || ok=0; done
-  [ $ok = 1 ] && break; sleep 0.1
-done
+start_masters 3
 # Standalone shards and a single Redis.
 shard_ports=()
 for _ in 1 2 3; do p=$(free_port); start_redis "$p"; shard_ports+=("$p"); done

@@ -115,6 +115,26 @@ start_redis() {
   wait_port "$port" || { cat "$work/$port/log" >&2; return 1; }
 }
 
+# start_masters N: a Redis Cluster of N masters and no replicas (each node by start_redis),
+# slots spread by `redis-cli --cluster create`; returns once every node says the cluster is
+# ok. Sets `cluster_ports`.
+start_masters() {
+  local n=$1 p ok
+  cluster_ports=()
+  for _ in $(seq "$n"); do
+    p=$(free_port)
+    start_redis "$p" --cluster-enabled yes --cluster-config-file nodes.conf --cluster-port "$(free_port)"
+    cluster_ports+=("$p")
+  done
+  redis-cli --cluster create $(for p in "${cluster_ports[@]}"; do echo "127.0.0.1:$p"; done) --cluster-yes >/dev/null
+  for _ in $(seq 100); do
+    ok=1
+    for p in "${cluster_ports[@]}"; do redis-cli -p "$p" cluster info | grep -q cluster_state:ok || ok=0; done
+    [ $ok = 1 ] && break
+    sleep 0.1
+  done
+}
+
 # start_redis_and_respire DIR: one Redis (DEBUG enabled, as test suites want it) and respire
 # with WORKERS workers (default 2) in front of it, logs in DIR; sets `rport` and `pport` and
 # adds both to `pids`.
