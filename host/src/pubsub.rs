@@ -33,7 +33,11 @@
 //! as the clients it serves.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+/// Hash maps of names clients chose: a seeded fast hasher (SipHash was a fifth of a
+/// `SUBSCRIBE` of many channels).
+pub(crate) type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+/// A set of such names.
+pub(crate) type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -41,7 +45,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::backend::{self, ConnKey, NodeSettings};
@@ -277,16 +281,22 @@ struct HubConn {
     registry: RefCell<Registry>,
     /// Echoes of subscriptions held on another node (see the module's documentation).
     echoes: RefCell<HashMap<(SubKind, Bytes), Echo>>,
-    commands: mpsc::UnboundedSender<Bytes>,
+    /// Commands for the connection's task to write, encoded back to back (a `SUBSCRIBE` of
+    /// thousands of channels queues a command for each: one buffer, one write).
+    out: RefCell<BytesMut>,
+    /// Wakes the task when `out` gains its first bytes, or the connection is retired.
+    wake: Notify,
     /// Nothing is held here any more: the connection closes (Redis then drops what it held).
     retired: std::cell::Cell<bool>,
 }
 
 impl HubConn {
     fn send(&self, cmd: &str, name: &[u8]) {
-        let mut out = BytesMut::new();
+        let mut out = self.out.borrow_mut();
+        if out.is_empty() {
+            self.wake.notify_one();
+        }
         resp::encode_args(&mut out, &[cmd.as_bytes(), name]);
-        let _ = self.commands.send(out.freeze());
     }
 }
 
@@ -351,14 +361,14 @@ impl Hub {
         if let Some(c) = self.conns.borrow().get(&node.addr) {
             return c.clone();
         }
-        let (tx, rx) = mpsc::unbounded_channel();
         let conn = Rc::new(HubConn {
             registry: RefCell::default(),
             echoes: RefCell::default(),
-            commands: tx,
+            out: RefCell::default(),
+            wake: Notify::new(),
             retired: std::cell::Cell::new(false),
         });
-        tokio::task::spawn_local(run(self.clone(), node.clone(), conn.clone(), rx));
+        tokio::task::spawn_local(run(self.clone(), node.clone(), conn.clone()));
         self.conns
             .borrow_mut()
             .insert(node.addr.clone(), conn.clone());
@@ -421,7 +431,7 @@ impl Hub {
         }
         conn.retired.set(true);
         // Wakes its task, which closes the connection.
-        let _ = conn.commands.send(Bytes::new());
+        conn.wake.notify_one();
         true
     }
 
@@ -624,7 +634,7 @@ impl Hub {
         }
         let conns = listed(self);
         // The subscriptions that want echoes.
-        let mut wanted: std::collections::HashSet<(SubKind, Bytes)> = Default::default();
+        let mut wanted: HashSet<(SubKind, Bytes)> = Default::default();
         for (_, c) in &conns {
             for key in c.registry.borrow().entries.keys() {
                 if may_carry_keyspace(key.0, &key.1) {
@@ -657,9 +667,8 @@ impl Hub {
 
     /// Removes a session from `name` (wherever it is held); the backend subscription ends with its last session.
     pub fn unsubscribe(&self, kind: SubKind, name: &Bytes, sid: u64) {
-        let conns: Vec<Rc<HubConn>> = self.conns.borrow().values().cloned().collect();
         let key = (kind, name.clone());
-        for conn in conns {
+        for conn in self.conns.borrow().values() {
             let mut reg = conn.registry.borrow_mut();
             let Some(entry) = reg.entries.get_mut(&key) else {
                 continue;
@@ -702,12 +711,7 @@ impl Hub {
 }
 
 /// The subscriber connection's task: (re)connect, subscribe to everything registered, relay messages.
-async fn run(
-    hub: Hub,
-    node: Rc<NodeSettings>,
-    conn: Rc<HubConn>,
-    mut commands: mpsc::UnboundedReceiver<Bytes>,
-) {
+async fn run(hub: Hub, node: Rc<NodeSettings>, conn: Rc<HubConn>) {
     let key = ConnKey::new(0, 3);
     let mut backoff = node.reconnect_min;
     // Attempts in a row that failed: the first is a warning, the others debug lines.
@@ -731,7 +735,7 @@ async fn run(
                 let delay = backoff.mul_f64(0.5 + fastrand::f64());
                 backoff = (backoff * 2).min(node.reconnect_max);
                 tokio::time::sleep(delay).await;
-                if commands.is_closed() {
+                if conn.retired.get() {
                     return;
                 }
                 continue;
@@ -742,7 +746,7 @@ async fn run(
         }
         backoff = node.reconnect_min;
         // Subscribe to everything registered (after a reconnect, again); queued commands are now redundant.
-        while commands.try_recv().is_ok() {}
+        conn.out.borrow_mut().clear();
         let mut wbuf = BytesMut::new();
         {
             let mut reg = conn.registry.borrow_mut();
@@ -776,10 +780,15 @@ async fn run(
                     IoEvent::Wrote | IoEvent::Readable => {}
                     IoEvent::Closed(e) => break e.map(|e| e.to_string()).unwrap_or_else(|| "closed by the server".into()),
                 },
-                c = commands.recv() => match c {
-                    Some(c) => wbuf.extend_from_slice(&c),
-                    None => return,
-                },
+                () = conn.wake.notified() => {
+                    let mut out = conn.out.borrow_mut();
+                    if wbuf.is_empty() {
+                        std::mem::swap(&mut wbuf, &mut out);
+                    } else {
+                        wbuf.extend_from_slice(&out);
+                        out.clear();
+                    }
+                }
             }
         };
         warn!(backend = %node.addr, %reason, "subscriber connection lost; resubscribing");

@@ -29,7 +29,7 @@ mod stream;
 mod subscribe;
 mod tracking;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -58,7 +58,7 @@ use crate::plugin::{
     ResponseChain,
 };
 use crate::protocol::{self as resp, Command, RequestParser, parse_i64};
-use crate::pubsub::SubKind;
+use crate::pubsub::{HashSet, SubKind};
 use crate::router::{self, CROSSSLOT, Merge, Plan};
 
 /// Most keyless commands a transaction holds before its first keyed one (its node unknown
@@ -859,7 +859,7 @@ pub async fn run(worker: Rc<Worker>, stream: Stream, info: Arc<ClientInfo>) {
         reply_mode: ReplyMode::On,
         closing: false,
         last_cmd: commands::NO_DISPLAY_ID,
-        subs: HashSet::new(),
+        subs: HashSet::default(),
         has_plugins: false,
         batch_hint: 1,
         last_command: commands::LastCommand::default(),
