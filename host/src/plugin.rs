@@ -2251,7 +2251,7 @@ impl WorkerPlugins {
         // The batch of the last call, for the next plugin that sees the same commands: built
         // again only when the members differ or a plugin rewrote a command since.
         let mut built: Option<(Vec<usize>, RequestBatch, Vec<Arc<Client>>)> = None;
-        let mut hits: Vec<(usize, std::rc::Rc<Repeat>)> = Vec::new();
+        let mut hits: Vec<(usize, std::rc::Rc<Repeat>)> = Vec::with_capacity(items.len());
         for (pi, plugin) in set.plugins.iter().enumerate() {
             let Some(slot) = generation.instances.get_mut(pi) else {
                 continue;
@@ -2439,12 +2439,18 @@ impl WorkerPlugins {
             }
             // Tokens first, per command and in the batch's order, all or nothing: a refusal
             // stops that command. The repeated decisions' takes are taken again with the call's.
-            let hit_takes: Vec<&bindings::respire::plugin::types::Take> =
-                hits.iter().flat_map(|(_, r)| r.takes.iter()).collect();
-            let mut groups: Vec<(usize, &[&bindings::respire::plugin::types::Take])> = order
-                .chunk_by(|a, b| a.request == b.request)
-                .filter_map(|g| Some((*members.get(g[0].request as usize)?, g)))
-                .collect();
+            // (Sized up front: these are built for every batch, and growing them was a
+            // reallocation or two each.)
+            let mut hit_takes: Vec<&bindings::respire::plugin::types::Take> =
+                Vec::with_capacity(hits.iter().map(|(_, r)| r.takes.len()).sum());
+            hit_takes.extend(hits.iter().flat_map(|(_, r)| r.takes.iter()));
+            let mut groups: Vec<(usize, &[&bindings::respire::plugin::types::Take])> =
+                Vec::with_capacity(order.len() + hits.len());
+            groups.extend(
+                order
+                    .chunk_by(|a, b| a.request == b.request)
+                    .filter_map(|g| Some((*members.get(g[0].request as usize)?, g))),
+            );
             if !hit_takes.is_empty() {
                 let mut at = 0;
                 for (i, r) in &hits {
