@@ -260,7 +260,49 @@ pub struct Message {
 struct Entry {
     sessions: Vec<Subscriber>,
     confirmed: bool,
-    waiters: Vec<oneshot::Sender<()>>,
+    waiters: Vec<Waiter>,
+}
+
+/// A wait for confirmations, shared by everything one command waits for (a `SUBSCRIBE` of
+/// thousands of channels waits once, not once per channel): each [`Waiter`] of it stands for
+/// one confirmation, given by dropping it — when it arrives, or when what it waited for is
+/// gone (then nothing will come; the command goes on). The receiver fires once all are.
+pub struct Waiter(Rc<Wait>);
+
+struct Wait {
+    left: std::cell::Cell<usize>,
+    done: std::cell::Cell<Option<oneshot::Sender<()>>>,
+}
+
+impl Waiter {
+    /// A wait held open by the returned waiter (its owner drops it once every confirmation it
+    /// waits for has a waiter of its own).
+    pub fn new() -> (Waiter, oneshot::Receiver<()>) {
+        let (tx, rx) = oneshot::channel();
+        let wait = Wait {
+            left: std::cell::Cell::new(1),
+            done: std::cell::Cell::new(Some(tx)),
+        };
+        (Waiter(Rc::new(wait)), rx)
+    }
+
+    /// One more confirmation to wait for.
+    pub fn another(&self) -> Waiter {
+        self.0.left.set(self.0.left.get() + 1);
+        Waiter(self.0.clone())
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        let left = self.0.left.get().saturating_sub(1);
+        self.0.left.set(left);
+        if left == 0
+            && let Some(tx) = self.0.done.take()
+        {
+            let _ = tx.send(());
+        }
+    }
 }
 
 #[derive(Default)]
@@ -273,7 +315,7 @@ struct Registry {
 #[derive(Default)]
 struct Echo {
     confirmed: bool,
-    waiters: Vec<oneshot::Sender<()>>,
+    waiters: Vec<Waiter>,
 }
 
 /// One shared subscriber connection to a node.
@@ -419,7 +461,7 @@ impl Hub {
             debug!(channel = %String::from_utf8_lossy(&name), from = %addr, %to, "subscription moved");
             let node = self.node(to);
             for s in entry.sessions {
-                drop(self.subscribe(&node, kind, name.clone(), s));
+                self.subscribe(&node, kind, name.clone(), s, None);
             }
         }
         if !conn.registry.borrow().entries.is_empty() || !conn.echoes.borrow().is_empty() {
@@ -458,7 +500,7 @@ impl Hub {
                 let node = hub.node(owner);
                 for s in sessions {
                     // The sessions already count this subscription: no confirmation to wait for.
-                    drop(hub.subscribe(&node, SubKind::Shard, name.clone(), s));
+                    hub.subscribe(&node, SubKind::Shard, name.clone(), s, None);
                 }
                 return;
             }
@@ -473,14 +515,16 @@ impl Hub {
         });
     }
 
-    /// Adds a session to `name`; the receiver fires once the backend has confirmed the subscription.
+    /// Adds a session to `name`; `wait`, when given, waits for the backend to confirm the
+    /// subscription.
     pub fn subscribe(
         &self,
         node: &Rc<NodeSettings>,
         kind: SubKind,
         name: Bytes,
         sub: Subscriber,
-    ) -> oneshot::Receiver<()> {
+        wait: Option<&Waiter>,
+    ) {
         let conn = self.conn(node);
         // Redis holds one subscription per name and connection: an echo here becomes this one.
         if conn
@@ -491,7 +535,14 @@ impl Hub {
         {
             self.shared.census.echo_change(&node.addr, kind, &name, -1);
         }
-        let (tx, rx) = oneshot::channel();
+        let keyspace = may_carry_keyspace(kind, &name);
+        // A name that may carry keyspace notifications waits for its echoes too (below).
+        let (inner, entry_done) = if keyspace {
+            let (w, rx) = Waiter::new();
+            (Some(w), Some(rx))
+        } else {
+            (None, None)
+        };
         let mut reg = conn.registry.borrow_mut();
         let entry = reg.entries.entry((kind, name.clone())).or_default();
         let first = entry.sessions.is_empty() && !entry.confirmed && entry.waiters.is_empty();
@@ -502,48 +553,43 @@ impl Hub {
         self.shared
             .census
             .change(kind, &name, i64::from(new), i64::from(first));
-        if entry.confirmed {
-            let _ = tx.send(());
-        } else {
-            entry.waiters.push(tx);
+        if !entry.confirmed
+            && let Some(w) = inner.as_ref().or(wait)
+        {
+            entry.waiters.push(w.another());
         }
         if first {
             conn.send(kind.subscribe_cmd(), &name);
         }
         drop(reg);
-        if !may_carry_keyspace(kind, &name) {
-            return rx;
-        }
+        let (Some(inner), Some(entry_done)) = (inner, entry_done) else {
+            return;
+        };
         // Confirmed once the echoes are too, so that no notification after the reply is
         // missed; but a master that cannot be reached for now holds the reply up for at most
         // the connect timeout (its echo follows when it is back, or the watch moves it).
-        let echoes = self.add_echoes(kind, &name);
+        let (echoes, echoes_done) = Waiter::new();
+        self.add_echoes(kind, &name, Some(&echoes));
+        drop(echoes);
         self.watch();
-        if echoes.is_empty() {
-            return rx;
-        }
-        let (tx, all) = oneshot::channel();
+        drop(inner);
+        let Some(hold) = wait.map(Waiter::another) else {
+            return;
+        };
         let patience = node.connect_timeout;
         tokio::task::spawn_local(async move {
-            let _ = rx.await;
-            let _ = tokio::time::timeout(patience, async {
-                for w in echoes {
-                    let _ = w.await;
-                }
-            })
-            .await;
-            let _ = tx.send(());
+            let _ = entry_done.await;
+            let _ = tokio::time::timeout(patience, echoes_done).await;
+            drop(hold);
         });
-        all
     }
 
-    /// Echoes `name` on every master of several that does not hold a subscription to it; the
-    /// receivers fire once they are confirmed.
-    fn add_echoes(&self, kind: SubKind, name: &Bytes) -> Vec<oneshot::Receiver<()>> {
+    /// Echoes `name` on every master of several that does not hold a subscription to it;
+    /// `wait`, when given, waits for them to be confirmed.
+    fn add_echoes(&self, kind: SubKind, name: &Bytes, wait: Option<&Waiter>) {
         let topo = self.shared.topology.load();
-        let mut waits = Vec::new();
         if topo.shards.len() < 2 {
-            return waits;
+            return;
         }
         for m in topo.masters() {
             let Some(addr) = topo.nodes.get(m) else {
@@ -564,13 +610,12 @@ impl Hub {
                 self.shared.census.echo_change(addr, kind, name, 1);
                 Echo::default()
             });
-            if !echo.confirmed {
-                let (tx, rx) = oneshot::channel();
-                echo.waiters.push(tx);
-                waits.push(rx);
+            if !echo.confirmed
+                && let Some(w) = wait
+            {
+                echo.waiters.push(w.another());
             }
         }
-        waits
     }
 
     /// Starts the task that keeps echoes on the current masters, unless it runs: it looks at
@@ -660,7 +705,7 @@ impl Hub {
         }
         if several {
             for (kind, name) in &wanted {
-                drop(self.add_echoes(*kind, name));
+                self.add_echoes(*kind, name, None);
             }
         }
     }
@@ -697,7 +742,7 @@ impl Hub {
                 .any(|(_, c)| c.registry.borrow().entries.contains_key(&key))
             {
                 // Sessions elsewhere still want this node's notifications.
-                drop(self.add_echoes(kind, name));
+                self.add_echoes(kind, name, None);
                 return;
             }
             for (addr, conn) in conns {
@@ -827,15 +872,11 @@ fn relay(hub: &Hub, addr: &Arc<str>, conn: &HubConn, rbuf: &mut BytesMut) -> Res
                 let key = (k, name);
                 if let Some(e) = conn.registry.borrow_mut().entries.get_mut(&key) {
                     e.confirmed = true;
-                    for w in e.waiters.drain(..) {
-                        let _ = w.send(());
-                    }
+                    e.waiters.clear();
                 }
                 if let Some(e) = conn.echoes.borrow_mut().get_mut(&key) {
                     e.confirmed = true;
-                    for w in e.waiters.drain(..) {
-                        let _ = w.send(());
-                    }
+                    e.waiters.clear();
                 }
             }
             (b"message" | b"smessage", Some(channel)) => {

@@ -1466,6 +1466,57 @@ fn subscribe_replies_count_as_redis_does() {
     assert_eq!(direct.len(), through.len());
 }
 
+/// A subscription is in Redis before its reply, as when connected to Redis itself: while
+/// Redis is busy (`DEBUG SLEEP`), the replies to a `SUBSCRIBE` of 2,000 new channels wait for
+/// it; right after them, a message published to Redis directly reaches the client. A second
+/// client subscribing to the same channels (held already) gets its replies at once, and the
+/// messages too.
+#[test]
+fn a_subscribe_reply_comes_once_the_subscription_is_in_redis() {
+    let redis = RedisServer::start();
+    let proxy = Respire::start(&redis.addr(), &["--workers", "1"]);
+    let names: Vec<Vec<u8>> = (0..2000).map(|i| format!("fresh:{i}").into_bytes()).collect();
+    let mut subscribe: Vec<&[u8]> = vec![b"SUBSCRIBE"];
+    subscribe.extend(names.iter().map(|n| n.as_slice()));
+    let subscribe = resp(&subscribe);
+    let mut first = Raw::connect(proxy.port);
+    let mut publisher = Raw::connect(redis.port);
+    let mut sleeper = Raw::connect(redis.port);
+    sleeper.send(&resp(&[b"DEBUG", b"SLEEP", b"0.5"]));
+    std::thread::sleep(Duration::from_millis(50));
+    let started = std::time::Instant::now();
+    first.send(&subscribe);
+    let replies = first.read_frames(names.len());
+    let waited = started.elapsed();
+    assert_eq!(sleeper.read_replies(1), b"+OK\r\n");
+    assert!(
+        waited >= Duration::from_millis(300),
+        "the replies came after {waited:?}, while Redis slept"
+    );
+    let last = String::from_utf8_lossy(&replies[names.len() - 1]).into_owned();
+    assert!(last.contains("fresh:1999") && last.ends_with(":2000\r\n"), "{last}");
+    let publish = |p: &mut Raw, channel: &[u8], msg: &[u8]| -> Vec<u8> {
+        p.roundtrip(&resp(&[b"PUBLISH", channel, msg]), 1)
+    };
+    // Redis counts respire's one shared connection.
+    assert_eq!(publish(&mut publisher, b"fresh:1999", b"one"), b":1\r\n");
+    assert_eq!(publish(&mut publisher, b"fresh:0", b"two"), b":1\r\n");
+    let got = first.read_frames(2);
+    assert!(String::from_utf8_lossy(&got[0]).contains("fresh:1999\r\n$3\r\none"));
+    assert!(String::from_utf8_lossy(&got[1]).contains("fresh:0\r\n$3\r\ntwo"));
+
+    let mut second = Raw::connect(proxy.port);
+    let started = std::time::Instant::now();
+    let replies = second.roundtrip(&subscribe, names.len());
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(String::from_utf8_lossy(&replies).ends_with("fresh:1999\r\n:2000\r\n"));
+    assert_eq!(publish(&mut publisher, b"fresh:7", b"three"), b":1\r\n");
+    for c in [&mut first, &mut second] {
+        let got = c.read_frames(1);
+        assert!(String::from_utf8_lossy(&got[0]).contains("fresh:7\r\n$5\r\nthree"));
+    }
+}
+
 #[test]
 fn a_thousand_subscribers_share_a_few_backend_connections() {
     let redis = RedisServer::start();

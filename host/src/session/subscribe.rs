@@ -88,7 +88,8 @@ impl Session {
         let tx = self.push_sender();
         let verb = crate::commands::display_name(cmd.name());
         let mut frames = BytesMut::new();
-        let mut waits = Vec::new();
+        // One wait for every confirmation the command needs (see `crate::pubsub::Waiter`).
+        let (wait, confirmed) = crate::pubsub::Waiter::new();
         // Each reply carries the count after its channel: counted once, then kept up to date
         // (counting the set for each of thousands of channels made a big SUBSCRIBE quadratic).
         let mut count = self.sub_count(kind);
@@ -99,11 +100,9 @@ impl Session {
                     sid: self.info.id,
                     tx: tx.clone(),
                 };
-                waits.push(
-                    self.worker
-                        .hub
-                        .subscribe(&settings, kind, name.clone(), sub),
-                );
+                self.worker
+                    .hub
+                    .subscribe(&settings, kind, name.clone(), sub, Some(&wait));
             }
             resp::push_header(&mut frames, 3, self.proto);
             resp::bulk(&mut frames, verb.as_bytes());
@@ -113,15 +112,16 @@ impl Session {
         self.info.set_flag(flag::PUBSUB, true);
         self.show_subscriptions();
         let frames = frames.freeze();
-        if waits.is_empty() {
+        drop(wait);
+        let mut confirmed = confirmed;
+        if confirmed.try_recv().is_ok() {
+            // Nothing to wait for: every name was held and confirmed already.
             return self.reply_push(|o, _| o.extend_from_slice(&frames));
         }
         // Reply once the backend has confirmed, so no message published after the reply is missed.
         let (done, rx) = crate::backend::reply_channel();
         tokio::task::spawn_local(async move {
-            for w in waits {
-                let _ = w.await;
-            }
+            let _ = confirmed.await;
             done.send(Ok(frames));
         });
         // A push: delivered even under `CLIENT REPLY OFF` (the mode still moves on).
