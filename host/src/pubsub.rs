@@ -323,22 +323,54 @@ struct HubConn {
     registry: RefCell<Registry>,
     /// Echoes of subscriptions held on another node (see the module's documentation).
     echoes: RefCell<HashMap<(SubKind, Bytes), Echo>>,
-    /// Commands for the connection's task to write, encoded back to back (a `SUBSCRIBE` of
-    /// thousands of channels queues a command for each: one buffer, one write).
-    out: RefCell<BytesMut>,
-    /// Wakes the task when `out` gains its first bytes, or the connection is retired.
+    /// (Un)subscriptions for the connection's task to send, in order: it sends a run of them
+    /// as one command (a `SUBSCRIBE` of thousands of channels is one command to Redis too).
+    out: RefCell<Vec<(&'static str, Bytes)>>,
+    /// Wakes the task when `out` gains its first name, or the connection is retired.
     wake: Notify,
     /// Nothing is held here any more: the connection closes (Redis then drops what it held).
     retired: std::cell::Cell<bool>,
 }
 
 impl HubConn {
-    fn send(&self, cmd: &str, name: &[u8]) {
+    fn send(&self, cmd: &'static str, name: &Bytes) {
         let mut out = self.out.borrow_mut();
         if out.is_empty() {
             self.wake.notify_one();
         }
-        resp::encode_args(&mut out, &[cmd.as_bytes(), name]);
+        out.push((cmd, name.clone()));
+    }
+}
+
+/// The most names respire puts in one (un)subscribe command.
+const NAMES_PER_COMMAND: usize = 1024;
+
+/// Whether `cmd` is about shard channels (of one slot per command).
+fn is_shard_cmd(cmd: &str) -> bool {
+    matches!(cmd, "SSUBSCRIBE" | "SUNSUBSCRIBE")
+}
+
+/// Encodes (un)subscriptions as commands: each run of one verb is one command of up to
+/// [`NAMES_PER_COMMAND`] names, and shard channels only with others of their slot (Redis
+/// refuses an `SSUBSCRIBE` across slots). Redis answers each name as it would alone.
+fn encode_subscriptions(names: &[(&'static str, Bytes)], out: &mut BytesMut) {
+    let mut rest = names;
+    while let Some(&(cmd, ref first)) = rest.first() {
+        let shard = is_shard_cmd(cmd);
+        let slot = shard.then(|| key_slot(first));
+        let n = rest
+            .iter()
+            .take(NAMES_PER_COMMAND)
+            .take_while(|(c, name)| *c == cmd && (!shard || Some(key_slot(name)) == slot))
+            .count()
+            .max(1);
+        let (run, after) = rest.split_at(n.min(rest.len()));
+        resp::array_header(out, run.len() + 1);
+        resp::bulk(out, cmd.as_bytes());
+        for (_, name) in run {
+            resp::bulk(out, name);
+        }
+        rest = after;
     }
 }
 
@@ -794,15 +826,19 @@ async fn run(hub: Hub, node: Rc<NodeSettings>, conn: Rc<HubConn>) {
         conn.out.borrow_mut().clear();
         let mut wbuf = BytesMut::new();
         {
+            let mut all = Vec::new();
             let mut reg = conn.registry.borrow_mut();
             for ((kind, name), entry) in reg.entries.iter_mut() {
                 entry.confirmed = false;
-                resp::encode_args(&mut wbuf, &[kind.subscribe_cmd().as_bytes(), name]);
+                all.push((kind.subscribe_cmd(), name.clone()));
             }
             for ((kind, name), echo) in conn.echoes.borrow_mut().iter_mut() {
                 echo.confirmed = false;
-                resp::encode_args(&mut wbuf, &[kind.subscribe_cmd().as_bytes(), name]);
+                all.push((kind.subscribe_cmd(), name.clone()));
             }
+            // A run of one verb goes as one command: by kind, and shard channels by slot.
+            all.sort_by_cached_key(|(cmd, name)| (*cmd, is_shard_cmd(cmd).then(|| key_slot(name))));
+            encode_subscriptions(&all, &mut wbuf);
         }
         let mut rbuf = BytesMut::with_capacity(16 * 1024);
         let reason = loop {
@@ -827,12 +863,8 @@ async fn run(hub: Hub, node: Rc<NodeSettings>, conn: Rc<HubConn>) {
                 },
                 () = conn.wake.notified() => {
                     let mut out = conn.out.borrow_mut();
-                    if wbuf.is_empty() {
-                        std::mem::swap(&mut wbuf, &mut out);
-                    } else {
-                        wbuf.extend_from_slice(&out);
-                        out.clear();
-                    }
+                    encode_subscriptions(&out, &mut wbuf);
+                    out.clear();
                 }
             }
         };
@@ -1074,6 +1106,69 @@ fn bulk_text(frame: &Bytes) -> Option<Bytes> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The commands `encode_subscriptions` makes, as lists of arguments.
+    fn commands_of(names: &[(&'static str, &str)]) -> Vec<Vec<String>> {
+        let names: Vec<(&'static str, Bytes)> = names
+            .iter()
+            .map(|(c, n)| (*c, Bytes::copy_from_slice(n.as_bytes())))
+            .collect();
+        let mut out = BytesMut::new();
+        encode_subscriptions(&names, &mut out);
+        let mut parser = crate::protocol::RequestParser::new();
+        let limits = crate::protocol::RequestLimits::default();
+        let mut commands = Vec::new();
+        while let Ok(Some(c)) = parser.parse(&mut out, &limits, true) {
+            commands.push(
+                c.to_args()
+                    .iter()
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect(),
+            );
+        }
+        assert!(out.is_empty(), "every byte is part of a command");
+        commands
+    }
+
+    #[test]
+    fn runs_of_one_verb_go_as_one_command_and_shard_channels_by_slot() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        // `{a}x` and `{a}y` share a slot; `b` is in another.
+        assert_ne!(key_slot(b"{a}x"), key_slot(b"b"));
+        let got = commands_of(&[
+            ("SUBSCRIBE", "c1"),
+            ("SUBSCRIBE", "c2"),
+            ("PSUBSCRIBE", "p*"),
+            ("UNSUBSCRIBE", "c1"),
+            ("SUBSCRIBE", "c1"),
+            ("SSUBSCRIBE", "{a}x"),
+            ("SSUBSCRIBE", "{a}y"),
+            ("SSUBSCRIBE", "b"),
+            ("SUNSUBSCRIBE", "{a}x"),
+        ]);
+        assert_eq!(
+            got,
+            vec![
+                s(&["SUBSCRIBE", "c1", "c2"]),
+                s(&["PSUBSCRIBE", "p*"]),
+                s(&["UNSUBSCRIBE", "c1"]),
+                s(&["SUBSCRIBE", "c1"]),
+                s(&["SSUBSCRIBE", "{a}x", "{a}y"]),
+                s(&["SSUBSCRIBE", "b"]),
+                s(&["SUNSUBSCRIBE", "{a}x"]),
+            ]
+        );
+        // At most NAMES_PER_COMMAND names a command, none lost.
+        let many: Vec<String> = (0..2500).map(|i| format!("m{i}")).collect();
+        let names: Vec<(&'static str, &str)> =
+            many.iter().map(|m| ("SUBSCRIBE", m.as_str())).collect();
+        let got = commands_of(&names);
+        let sizes: Vec<usize> = got.iter().map(|c| c.len() - 1).collect();
+        assert_eq!(sizes, vec![1024, 1024, 452]);
+        let all: Vec<&String> = got.iter().flat_map(|c| c.iter().skip(1)).collect();
+        assert_eq!(all, many.iter().collect::<Vec<_>>());
+        assert!(commands_of(&[]).is_empty());
+    }
 
     /// A frame's length and its first two elements' text.
     type Read = (usize, Option<(Bytes, Option<Bytes>)>);
