@@ -1475,7 +1475,9 @@ fn subscribe_replies_count_as_redis_does() {
 fn a_subscribe_reply_comes_once_the_subscription_is_in_redis() {
     let redis = RedisServer::start();
     let proxy = Respire::start(&redis.addr(), &["--workers", "1"]);
-    let names: Vec<Vec<u8>> = (0..2000).map(|i| format!("fresh:{i}").into_bytes()).collect();
+    let names: Vec<Vec<u8>> = (0..2000)
+        .map(|i| format!("fresh:{i}").into_bytes())
+        .collect();
     let mut subscribe: Vec<&[u8]> = vec![b"SUBSCRIBE"];
     subscribe.extend(names.iter().map(|n| n.as_slice()));
     let subscribe = resp(&subscribe);
@@ -1494,7 +1496,10 @@ fn a_subscribe_reply_comes_once_the_subscription_is_in_redis() {
         "the replies came after {waited:?}, while Redis slept"
     );
     let last = String::from_utf8_lossy(&replies[names.len() - 1]).into_owned();
-    assert!(last.contains("fresh:1999") && last.ends_with(":2000\r\n"), "{last}");
+    assert!(
+        last.contains("fresh:1999") && last.ends_with(":2000\r\n"),
+        "{last}"
+    );
     let publish = |p: &mut Raw, channel: &[u8], msg: &[u8]| -> Vec<u8> {
         p.roundtrip(&resp(&[b"PUBLISH", channel, msg]), 1)
     };

@@ -526,8 +526,8 @@ fn tracking_clients_are_told_of_each_change_once_across_a_failover() {
 }
 
 /// A standalone Redis down for a while: the subscriber waits it out on the same connection
-/// (respire subscribes again once Redis is back), and respire's log says the outage once, not
-/// at every reconnection attempt.
+/// (respire subscribes again once Redis is back: channels, patterns and shard channels, many
+/// of them), and respire's log says the outage once, not at every reconnection attempt.
 #[test]
 fn a_subscriber_waits_out_a_redis_restart_and_the_log_says_it_once() {
     let mut redis = RedisServer::start();
@@ -535,6 +535,13 @@ fn a_subscriber_waits_out_a_redis_restart_and_the_log_says_it_once() {
     let mut sub = Raw::connect(proxy.port);
     let got = sub.roundtrip(&resp(&[b"SUBSCRIBE", b"news"]), 1);
     assert!(String::from_utf8_lossy(&got).contains("news"), "{got:?}");
+    let many: Vec<Vec<u8>> = (0..1500).map(|i| format!("c:{i}").into_bytes()).collect();
+    let mut subscribe: Vec<&[u8]> = vec![b"SUBSCRIBE"];
+    subscribe.extend(many.iter().map(|c| c.as_slice()));
+    sub.roundtrip(&resp(&subscribe), many.len());
+    sub.roundtrip(&resp(&[b"PSUBSCRIBE", b"p:*"]), 1);
+    sub.roundtrip(&resp(&[b"SSUBSCRIBE", b"{s}1", b"{s}2"]), 2);
+    sub.roundtrip(&resp(&[b"SSUBSCRIBE", b"t"]), 1);
     redis.kill();
     // Reconnection attempts go on meanwhile (backing off from 50 ms).
     std::thread::sleep(Duration::from_secs(3));
@@ -559,6 +566,63 @@ fn a_subscriber_waits_out_a_redis_restart_and_the_log_says_it_once() {
             "the subscription was not made again: {}",
             proxy.log()
         );
+    }
+    // Everything else was subscribed again too (it may come in after `news`).
+    let mut direct = Raw::connect(redis.port);
+    for (publish, channel, expect) in [
+        (
+            &b"PUBLISH"[..],
+            &b"c:1499"[..],
+            "message\r\n$6\r\nc:1499\r\n$2\r\nm1\r\n",
+        ),
+        (b"PUBLISH", b"c:0", "message\r\n$3\r\nc:0\r\n$2\r\nm2\r\n"),
+        (
+            b"PUBLISH",
+            b"p:x",
+            "pmessage\r\n$3\r\np:*\r\n$3\r\np:x\r\n$2\r\nm3\r\n",
+        ),
+        (
+            b"SPUBLISH",
+            b"{s}2",
+            "smessage\r\n$4\r\n{s}2\r\n$2\r\nm4\r\n",
+        ),
+        (b"SPUBLISH", b"t", "smessage\r\n$1\r\nt\r\n$2\r\nm5\r\n"),
+    ] {
+        let msg = expect
+            .rsplit("\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .as_bytes()
+            .to_vec();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        // Redis counts respire's one subscriber connection.
+        while direct.roundtrip(&resp(&[publish, channel, &msg]), 1) != b":1\r\n" {
+            assert!(
+                Instant::now() < deadline,
+                "{} not subscribed again",
+                String::from_utf8_lossy(channel)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // (A `back` published while the subscription was being made again may come late.)
+        let got = loop {
+            let mut frames: Vec<String> = sub
+                .read_frames(1)
+                .iter()
+                .map(|f| String::from_utf8_lossy(f).into_owned())
+                .collect();
+            assert!(
+                !frames.is_empty(),
+                "no message on {}",
+                String::from_utf8_lossy(channel)
+            );
+            frames.retain(|f| !f.ends_with("news\r\n$4\r\nback\r\n"));
+            if !frames.is_empty() {
+                break frames;
+            }
+        };
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(got[0].ends_with(expect), "{got:?}");
     }
     assert!(
         proxy.log().contains("subscriber connection up again"),
