@@ -6,7 +6,10 @@
 //! A channel is subscribed on the backend once, when its first local
 //! subscriber arrives, and unsubscribed when its last one leaves; every message
 //! is copied to the worker's subscribed sessions. 10,000 subscribed clients
-//! cost a handful of backend connections instead of 10,000.
+//! cost a handful of backend connections instead of 10,000. What a worker
+//! (un)subscribes in one turn of its event loop goes out in one write, a run of
+//! one verb as one command (`SUBSCRIBE a b c …`), and a client's `SUBSCRIBE`
+//! is answered once Redis has confirmed every channel it added.
 //!
 //! Messages reach sessions as complete RESP frames: RESP3 push frames, or the
 //! same frames with a RESP2 array header for RESP2 clients (the only
