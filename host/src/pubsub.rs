@@ -353,18 +353,29 @@ fn is_shard_cmd(cmd: &str) -> bool {
     matches!(cmd, "SSUBSCRIBE" | "SUNSUBSCRIBE")
 }
 
+/// The most bytes of names respire puts in one (un)subscribe command beyond its first name
+/// (Redis closes a connection whose command outgrows its query buffer limit).
+const NAME_BYTES_PER_COMMAND: usize = 256 * 1024;
+
 /// Encodes (un)subscriptions as commands: each run of one verb is one command of up to
-/// [`NAMES_PER_COMMAND`] names, and shard channels only with others of their slot (Redis
-/// refuses an `SSUBSCRIBE` across slots). Redis answers each name as it would alone.
+/// [`NAMES_PER_COMMAND`] names and [`NAME_BYTES_PER_COMMAND`] bytes of them, and shard
+/// channels only with others of their slot (Redis refuses an `SSUBSCRIBE` across slots).
+/// Redis answers each name as it would alone.
 fn encode_subscriptions(names: &[(&'static str, Bytes)], out: &mut BytesMut) {
     let mut rest = names;
     while let Some(&(cmd, ref first)) = rest.first() {
         let shard = is_shard_cmd(cmd);
         let slot = shard.then(|| key_slot(first));
+        let mut bytes = 0;
         let n = rest
             .iter()
             .take(NAMES_PER_COMMAND)
-            .take_while(|(c, name)| *c == cmd && (!shard || Some(key_slot(name)) == slot))
+            .take_while(|(c, name)| {
+                bytes += name.len();
+                *c == cmd
+                    && (!shard || Some(key_slot(name)) == slot)
+                    && (bytes == name.len() || bytes <= NAME_BYTES_PER_COMMAND)
+            })
             .count()
             .max(1);
         let (run, after) = rest.split_at(n.min(rest.len()));
@@ -1171,6 +1182,30 @@ mod tests {
         let all: Vec<&String> = got.iter().flat_map(|c| c.iter().skip(1)).collect();
         assert_eq!(all, many.iter().collect::<Vec<_>>());
         assert!(commands_of(&[]).is_empty());
+        // And at most NAME_BYTES_PER_COMMAND bytes of names after the first; a bigger name
+        // goes alone.
+        let big = "x".repeat(100 * 1024);
+        let huge = "y".repeat(300 * 1024);
+        let got = commands_of(&[
+            ("SUBSCRIBE", &big),
+            ("SUBSCRIBE", &big),
+            ("SUBSCRIBE", &big),
+            ("SUBSCRIBE", &huge),
+            ("SUBSCRIBE", "small"),
+        ]);
+        let sizes: Vec<Vec<usize>> = got
+            .iter()
+            .map(|c| c.iter().skip(1).map(String::len).collect())
+            .collect();
+        assert_eq!(
+            sizes,
+            vec![
+                vec![100 * 1024, 100 * 1024],
+                vec![100 * 1024],
+                vec![300 * 1024],
+                vec![5]
+            ]
+        );
     }
 
     /// A frame's length and its first two elements' text.
