@@ -1484,15 +1484,26 @@ fn a_subscribe_reply_comes_once_the_subscription_is_in_redis() {
     let mut first = Raw::connect(proxy.port);
     let mut publisher = Raw::connect(redis.port);
     let mut sleeper = Raw::connect(redis.port);
-    sleeper.send(&resp(&[b"DEBUG", b"SLEEP", b"0.5"]));
-    std::thread::sleep(Duration::from_millis(50));
+    let mut probe = Raw::connect(redis.port);
+    sleeper.send(&resp(&[b"DEBUG", b"SLEEP", b"1"]));
+    // Redis is asleep once a PING goes unanswered for 100 ms (a loaded machine may take a
+    // while to get there).
+    let mut asleep = false;
+    for _ in 0..50 {
+        probe.send(&resp(&[b"PING"]));
+        if probe.more_within(Duration::from_millis(100)).is_none() {
+            asleep = true;
+            break;
+        }
+    }
+    assert!(asleep, "Redis did not go to sleep");
     let started = std::time::Instant::now();
     first.send(&subscribe);
     let replies = first.read_frames(names.len());
     let waited = started.elapsed();
     assert_eq!(sleeper.read_replies(1), b"+OK\r\n");
     assert!(
-        waited >= Duration::from_millis(300),
+        waited >= Duration::from_millis(200),
         "the replies came after {waited:?}, while Redis slept"
     );
     let last = String::from_utf8_lossy(&replies[names.len() - 1]).into_owned();
