@@ -36,11 +36,6 @@
 //! as the clients it serves.
 
 use std::cell::RefCell;
-/// Hash maps of names clients chose: a seeded fast hasher (SipHash was a fifth of a
-/// `SUBSCRIBE` of many channels).
-pub(crate) type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
-/// A set of such names.
-pub(crate) type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -56,6 +51,12 @@ use crate::io::{IoEvent, poll_io, write_now};
 use crate::protocol::{self as resp, next_reply};
 use crate::server::Shared;
 use crate::topology::key_slot;
+
+/// Hash maps of names clients chose: a seeded fast hasher (SipHash was a fifth of a
+/// `SUBSCRIBE` of many channels).
+pub(crate) type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+/// A set of such names.
+pub(crate) type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
 /// The three subscription namespaces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
