@@ -329,8 +329,8 @@ fn split_keys<A: Args + ?Sized>(
     // Each group's part: found by a scan among a few, through a map among many (over a
     // cluster an `MGET` of thousands of keys has thousands of slots).
     let mut groups: SmallVec<[u32; 16]> = SmallVec::new();
-    let mut index: Option<std::collections::HashMap<u32, usize>> =
-        (most > 32).then(|| std::collections::HashMap::with_capacity(most));
+    let mut index: Option<rustc_hash::FxHashMap<u32, usize>> = (most > 32)
+        .then(|| rustc_hash::FxHashMap::with_capacity_and_hasher(most, Default::default()));
     let mut size = 0;
     for (i, &(p, slot)) in keys.iter().enumerate() {
         size += (0..width).map(|w| arg(p + w).len() + 16).sum::<usize>();
