@@ -329,30 +329,46 @@ struct HubConn {
     echoes: RefCell<HashMap<(SubKind, Bytes), Echo>>,
     /// (Un)subscriptions for the connection's task to send, in order: it sends a run of them
     /// as one command (a `SUBSCRIBE` of thousands of channels is one command to Redis too).
-    out: RefCell<Vec<(&'static str, Bytes)>>,
+    out: RefCell<Vec<Change>>,
     /// Wakes the task when `out` gains its first name, or the connection is retired.
     wake: Notify,
     /// Nothing is held here any more: the connection closes (Redis then drops what it held).
     retired: std::cell::Cell<bool>,
 }
 
+/// A subscription (`subscribe`) or an unsubscription of `name`, for Redis.
+struct Change {
+    kind: SubKind,
+    subscribe: bool,
+    name: Bytes,
+}
+
+impl Change {
+    fn cmd(&self) -> &'static str {
+        if self.subscribe {
+            self.kind.subscribe_cmd()
+        } else {
+            self.kind.unsubscribe_cmd()
+        }
+    }
+}
+
 impl HubConn {
-    fn send(&self, cmd: &'static str, name: &Bytes) {
+    fn send(&self, kind: SubKind, subscribe: bool, name: &Bytes) {
         let mut out = self.out.borrow_mut();
         if out.is_empty() {
             self.wake.notify_one();
         }
-        out.push((cmd, name.clone()));
+        out.push(Change {
+            kind,
+            subscribe,
+            name: name.clone(),
+        });
     }
 }
 
 /// The most names respire puts in one (un)subscribe command.
 const NAMES_PER_COMMAND: usize = 1024;
-
-/// Whether `cmd` is about shard channels (of one slot per command).
-fn is_shard_cmd(cmd: &str) -> bool {
-    matches!(cmd, "SSUBSCRIBE" | "SUNSUBSCRIBE")
-}
 
 /// The most bytes of names respire puts in one (un)subscribe command beyond its first name
 /// (Redis closes a connection whose command outgrows its query buffer limit).
@@ -362,28 +378,29 @@ const NAME_BYTES_PER_COMMAND: usize = 256 * 1024;
 /// [`NAMES_PER_COMMAND`] names and [`NAME_BYTES_PER_COMMAND`] bytes of them, and shard
 /// channels only with others of their slot (Redis refuses an `SSUBSCRIBE` across slots).
 /// Redis answers each name as it would alone.
-fn encode_subscriptions(names: &[(&'static str, Bytes)], out: &mut BytesMut) {
-    let mut rest = names;
-    while let Some(&(cmd, ref first)) = rest.first() {
-        let shard = is_shard_cmd(cmd);
-        let slot = shard.then(|| key_slot(first));
+fn encode_subscriptions(changes: &[Change], out: &mut BytesMut) {
+    let mut rest = changes;
+    while let Some(first) = rest.first() {
+        let shard = first.kind == SubKind::Shard;
+        let slot = shard.then(|| key_slot(&first.name));
         let mut bytes = 0;
         let n = rest
             .iter()
             .take(NAMES_PER_COMMAND)
-            .take_while(|(c, name)| {
-                bytes += name.len();
-                *c == cmd
-                    && (!shard || Some(key_slot(name)) == slot)
-                    && (bytes == name.len() || bytes <= NAME_BYTES_PER_COMMAND)
+            .take_while(|c| {
+                bytes += c.name.len();
+                c.kind == first.kind
+                    && c.subscribe == first.subscribe
+                    && (!shard || Some(key_slot(&c.name)) == slot)
+                    && (bytes == c.name.len() || bytes <= NAME_BYTES_PER_COMMAND)
             })
             .count()
             .max(1);
         let (run, after) = rest.split_at(n.min(rest.len()));
         resp::array_header(out, run.len() + 1);
-        resp::bulk(out, cmd.as_bytes());
-        for (_, name) in run {
-            resp::bulk(out, name);
+        resp::bulk(out, first.cmd().as_bytes());
+        for c in run {
+            resp::bulk(out, &c.name);
         }
         rest = after;
     }
@@ -582,14 +599,9 @@ impl Hub {
         {
             self.shared.census.echo_change(&node.addr, kind, &name, -1);
         }
-        let keyspace = may_carry_keyspace(kind, &name);
-        // A name that may carry keyspace notifications waits for its echoes too (below).
-        let (inner, entry_done) = if keyspace {
-            let (w, rx) = Waiter::new();
-            (Some(w), Some(rx))
-        } else {
-            (None, None)
-        };
+        // A name that may carry keyspace notifications waits for its echoes too (below), so
+        // its own confirmation is waited for apart.
+        let inner = may_carry_keyspace(kind, &name).then(Waiter::new);
         let mut reg = conn.registry.borrow_mut();
         let entry = reg.entries.entry((kind, name.clone())).or_default();
         let first = entry.sessions.is_empty() && !entry.confirmed && entry.waiters.is_empty();
@@ -601,15 +613,15 @@ impl Hub {
             .census
             .change(kind, &name, i64::from(new), i64::from(first));
         if !entry.confirmed
-            && let Some(w) = inner.as_ref().or(wait)
+            && let Some(w) = inner.as_ref().map(|(w, _)| w).or(wait)
         {
             entry.waiters.push(w.another());
         }
         if first {
-            conn.send(kind.subscribe_cmd(), &name);
+            conn.send(kind, true, &name);
         }
         drop(reg);
-        let (Some(inner), Some(entry_done)) = (inner, entry_done) else {
+        let Some((inner, entry_done)) = inner else {
             return;
         };
         // Confirmed once the echoes are too, so that no notification after the reply is
@@ -653,7 +665,7 @@ impl Hub {
             }
             let mut echoes = conn.echoes.borrow_mut();
             let echo = echoes.entry((kind, name.clone())).or_insert_with(|| {
-                conn.send(kind.subscribe_cmd(), name);
+                conn.send(kind, true, name);
                 self.shared.census.echo_change(addr, kind, name, 1);
                 Echo::default()
             });
@@ -742,7 +754,7 @@ impl Hub {
                 // Redis holds one subscription per name and connection: one that this
                 // connection now holds for sessions of its own stays.
                 if !keep && !held {
-                    c.send(key.0.unsubscribe_cmd(), &key.1);
+                    c.send(key.0, false, &key.1);
                 }
                 if !keep {
                     self.shared.census.echo_change(addr, key.0, &key.1, -1);
@@ -774,7 +786,7 @@ impl Hub {
                 .change(kind, name, -(gone as i64), -i64::from(last));
             if last {
                 reg.entries.remove(&key);
-                conn.send(kind.unsubscribe_cmd(), name);
+                conn.send(kind, false, name);
             }
         }
         if may_carry_keyspace(kind, name) {
@@ -794,7 +806,7 @@ impl Hub {
             }
             for (addr, conn) in conns {
                 if conn.echoes.borrow_mut().remove(&key).is_some() {
-                    conn.send(kind.unsubscribe_cmd(), name);
+                    conn.send(kind, false, name);
                     self.shared.census.echo_change(&addr, kind, name, -1);
                 }
             }
@@ -843,16 +855,22 @@ async fn run(hub: Hub, node: Rc<NodeSettings>, conn: Rc<HubConn>) {
         {
             let mut all = Vec::new();
             let mut reg = conn.registry.borrow_mut();
-            for ((kind, name), entry) in reg.entries.iter_mut() {
-                entry.confirmed = false;
-                all.push((kind.subscribe_cmd(), name.clone()));
-            }
-            for ((kind, name), echo) in conn.echoes.borrow_mut().iter_mut() {
-                echo.confirmed = false;
-                all.push((kind.subscribe_cmd(), name.clone()));
+            let mut echoes = conn.echoes.borrow_mut();
+            let held = reg.entries.iter_mut().map(|(k, e)| (k, &mut e.confirmed));
+            let echoed = echoes.iter_mut().map(|(k, e)| (k, &mut e.confirmed));
+            for ((kind, name), confirmed) in held.chain(echoed) {
+                *confirmed = false;
+                all.push(Change {
+                    kind: *kind,
+                    subscribe: true,
+                    name: name.clone(),
+                });
             }
             // A run of one verb goes as one command: by kind, and shard channels by slot.
-            all.sort_by_cached_key(|(cmd, name)| (*cmd, is_shard_cmd(cmd).then(|| key_slot(name))));
+            all.sort_by_cached_key(|c| {
+                let shard = c.kind == SubKind::Shard;
+                (c.kind.index(), shard.then(|| key_slot(&c.name)))
+            });
             encode_subscriptions(&all, &mut wbuf);
         }
         let mut rbuf = BytesMut::with_capacity(16 * 1024);
@@ -1122,14 +1140,24 @@ fn bulk_text(frame: &Bytes) -> Option<Bytes> {
 mod tests {
     use super::*;
 
-    /// The commands `encode_subscriptions` makes, as lists of arguments.
-    fn commands_of(names: &[(&'static str, &str)]) -> Vec<Vec<String>> {
-        let names: Vec<(&'static str, Bytes)> = names
+    /// The commands `encode_subscriptions` makes of (un)subscriptions given by verb and name,
+    /// as lists of arguments.
+    fn commands_of(names: &[(&str, &str)]) -> Vec<Vec<String>> {
+        let changes: Vec<Change> = names
             .iter()
-            .map(|(c, n)| (*c, Bytes::copy_from_slice(n.as_bytes())))
+            .map(|(verb, name)| {
+                let kind = kind_of_verb(verb);
+                let change = Change {
+                    kind,
+                    subscribe: !verb.contains("UNSUB"),
+                    name: Bytes::copy_from_slice(name.as_bytes()),
+                };
+                assert_eq!(change.cmd(), *verb);
+                change
+            })
             .collect();
         let mut out = BytesMut::new();
-        encode_subscriptions(&names, &mut out);
+        encode_subscriptions(&changes, &mut out);
         let mut parser = crate::protocol::RequestParser::new();
         let limits = crate::protocol::RequestLimits::default();
         let mut commands = Vec::new();
@@ -1143,6 +1171,14 @@ mod tests {
         }
         assert!(out.is_empty(), "every byte is part of a command");
         commands
+    }
+
+    fn kind_of_verb(verb: &str) -> SubKind {
+        match verb {
+            "PSUBSCRIBE" | "PUNSUBSCRIBE" => SubKind::Pattern,
+            "SSUBSCRIBE" | "SUNSUBSCRIBE" => SubKind::Shard,
+            _ => SubKind::Channel,
+        }
     }
 
     #[test]
@@ -1175,8 +1211,7 @@ mod tests {
         );
         // At most NAMES_PER_COMMAND names a command, none lost.
         let many: Vec<String> = (0..2500).map(|i| format!("m{i}")).collect();
-        let names: Vec<(&'static str, &str)> =
-            many.iter().map(|m| ("SUBSCRIBE", m.as_str())).collect();
+        let names: Vec<(&str, &str)> = many.iter().map(|m| ("SUBSCRIBE", m.as_str())).collect();
         let got = commands_of(&names);
         let sizes: Vec<usize> = got.iter().map(|c| c.len() - 1).collect();
         assert_eq!(sizes, vec![1024, 1024, 452]);

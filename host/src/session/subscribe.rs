@@ -89,7 +89,7 @@ impl Session {
         let verb = crate::commands::display_name(cmd.name());
         let mut frames = BytesMut::new();
         // One wait for every confirmation the command needs (see `crate::pubsub::Waiter`).
-        let (wait, confirmed) = crate::pubsub::Waiter::new();
+        let (wait, mut confirmed) = crate::pubsub::Waiter::new();
         // Each reply carries the count after its channel: counted once, then kept up to date
         // (counting the set for each of thousands of channels made a big SUBSCRIBE quadratic).
         let mut count = self.sub_count(kind);
@@ -113,7 +113,6 @@ impl Session {
         self.show_subscriptions();
         let frames = frames.freeze();
         drop(wait);
-        let mut confirmed = confirmed;
         if confirmed.try_recv().is_ok() {
             // Nothing to wait for: every name was held and confirmed already.
             return self.reply_push(|o, _| o.extend_from_slice(&frames));
