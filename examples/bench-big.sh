@@ -17,10 +17,7 @@ source examples/common.sh
 ensure_commands redis-server:redis-server redis-cli:redis-tools python3:python3
 cargo build --release --locked -p respire >/dev/null
 
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
+start_work
 
 single=$(free_port); start_redis "$single"
 start_masters 3

@@ -34,10 +34,7 @@ ensure_commands redis-server:redis-server redis-benchmark:redis-tools nutcracker
 cargo build --release --locked -p respire >/dev/null
 
 
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
+start_work
 
 # The cluster.
 start_masters 3

@@ -27,10 +27,7 @@ cargo build --release --locked -p respire >/dev/null
 cargo build --release --locked --target wasm32-wasip2 \
   -p respire-plugin-acl -p respire-plugin-rate-limit -p respire-plugin-metrics -p respire-plugin-cache-policy >/dev/null
 
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
+start_work
 
 # All four, with their sample settings (the rate limit raised out of the way).
 copy_shipped_plugins "$work/all"

@@ -105,6 +105,19 @@ start_cluster_node() {
 # Where cargo builds (CARGO_TARGET_DIR when set).
 target_dir=${CARGO_TARGET_DIR:-target}
 
+# start_work: a scratch directory `work` and a list `pids` of the processes the script starts;
+# on exit they are stopped and the directory removed.
+start_work() {
+  work=$(mktemp -d)
+  pids=()
+  trap stop_work EXIT
+}
+stop_work() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+
 # start_redis PORT [ARGS…]: a Redis on 127.0.0.1:PORT (no persistence, its files and log in
 # $work/PORT, extra server ARGS passed on), added to `pids`; returns once it listens.
 start_redis() {

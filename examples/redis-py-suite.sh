@@ -21,10 +21,7 @@ source examples/common.sh
 ensure_commands redis-server:redis-server redis-cli:redis-tools
 cargo build --release --locked -p respire >/dev/null
 
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
+start_work
 
 version=${REDIS_PY:-5.2.1}
 python3 -m venv "$work/venv"

@@ -17,10 +17,7 @@ source examples/common.sh
 ensure_commands redis-server:redis-server redis-cli:redis-tools tclsh:tcl
 cargo build --release --locked -p respire >/dev/null
 
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
+start_work
 
 # The source of the Redis that is installed (its tests match its behaviour).
 version=$(dpkg-query -W -f '${source:Version}' redis-server 2>/dev/null || true)
